@@ -1,0 +1,129 @@
+"""marco-agent: command line, start-up and shutdown of the node daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Sequence
+
+from tornado.ioloop import PeriodicCallback
+
+from . import __version__
+from .announce import Announcement, Announcer, choose_mdns_interfaces
+from .app import make_app
+from .config import DEFAULT_CONFIG_FILE, AgentConfig, agent_options
+from .errors import ConfigError
+from .context import AgentContext
+from .settings import ConfigSource, add_options, merge_settings, read_config_file
+from .tokens import DEFAULT_SECRET_FILE, create_secret, load_secret
+
+log = logging.getLogger("marco.agent")
+EXPIRE_INTERVAL = 60.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="marco-agent",
+        description="Marco node agent: runs commands and file transfers as the token's user "
+                    "and streams their output live. Settings come from the config file, then "
+                    "MARCO_* environment variables, then these flags.",
+        epilog="Create the cluster secret first: marco-agent init-secret "
+               "(the same secret file goes to the controller and every agent).")
+    parser.add_argument("--version", action="version", version=f"marco-agent {__version__}")
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"TOML config file (default {DEFAULT_CONFIG_FILE} if present) "
+                             "[env MARCO_CONFIG]")
+    add_options(parser, agent_options())
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    init = commands.add_parser("init-secret", help="create a new cluster secret file (0600)")
+    init.add_argument("--secret-file", dest="init_secret_file", metavar="PATH",
+                      help=f"where to write it (default: $MARCO_SECRET_FILE or {DEFAULT_SECRET_FILE})")
+    init.add_argument("--force", action="store_true", help="replace an existing secret")
+    return parser
+
+
+def load_config(args: argparse.Namespace, environ: dict[str, str]) -> AgentConfig:
+    path, required = ConfigSource("MARCO_CONFIG", DEFAULT_CONFIG_FILE).resolve(args.config, environ)
+    values = merge_settings(agent_options(), args, environ, read_config_file(path, required),
+                            file_name=path or "config file")
+    return AgentConfig(**values)
+
+
+def init_secret(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    path = args.init_secret_file or environ.get("MARCO_SECRET_FILE") or DEFAULT_SECRET_FILE
+    created = create_secret(path, overwrite=args.force)
+    print(f"created {created} (mode 0600); copy it to the controller and every agent")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    environ = dict(os.environ)
+    try:
+        if args.command == "init-secret":
+            return init_secret(args, environ)
+        config = load_config(args, environ)
+        secret = load_secret(config.secret_file)
+    except ConfigError as error:
+        print(f"marco-agent: {error.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config, secret))
+    except ConfigError as error:
+        print(f"marco-agent: {error.message}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"marco-agent: cannot listen on {config.bind}:{config.port}: {error.strerror}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+async def serve(config: AgentConfig, secret: bytes) -> None:
+    """Run the agent until SIGTERM or SIGINT, then unannounce, stop executions and exit."""
+    ctx = AgentContext.build(config, secret)
+    ctx.executions.load()
+    server = make_app(ctx).listen(config.port, config.bind, xheaders=False)
+    log.info("marco-agent %s serving node %s on %s:%d as %s", __version__, config.node_name,
+             config.bind, config.port, "root (runs executions as each token's user)"
+             if ctx.resolver.can_switch_user else f"uid {os.geteuid()} (serves only that user)")
+    announcer = None
+    if config.announce:
+        interfaces = choose_mdns_interfaces(config.bind, config.mdns_interface)
+        if interfaces:
+            announcer = Announcer(Announcement(
+                node=config.node_name, port=config.port, addresses=tuple(interfaces),
+                groups=tuple(config.groups)), interfaces)
+        else:
+            log.warning("not announcing: --bind %s is a wildcard and no --mdns-interface is set",
+                        config.bind)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    expiry = PeriodicCallback(ctx.executions.expire, EXPIRE_INTERVAL * 1000)
+    expiry.start()
+    try:
+        if announcer is not None:
+            await announcer.start()
+            log.info("announced %s on %s", config.node_name, ", ".join(interfaces))
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        expiry.stop()
+        if announcer is not None:
+            await announcer.stop()
+        server.stop()
+        await ctx.executions.shutdown()
+        ctx.status.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The agent's routes: one Tornado application over an `AgentContext`."""
+
+from __future__ import annotations
+
+import tornado.web
+
+from .context import AgentContext
+from .handlers import (ExecutionHandler, ExecutionsHandler, FilesHandler, HealthHandler,
+                       NotFoundHandler, OutputHandler, StatusHandler)
+from .protocol import API_PREFIX
+from .stream import StreamSocket
+
+EXECUTION_ID = r"([0-9a-f]{32})"
+
+
+def make_app(ctx: AgentContext) -> tornado.web.Application:
+    """Build the /v1 API application (no debug mode, no cookies, JSON everywhere)."""
+    routes = [
+        (r"/v1/health", HealthHandler),
+        (r"/v1/executions", ExecutionsHandler),
+        (rf"/v1/executions/{EXECUTION_ID}", ExecutionHandler),
+        (rf"/v1/executions/{EXECUTION_ID}/output", OutputHandler),
+        (r"/v1/files", FilesHandler),
+        (r"/v1/status", StatusHandler),
+        (r"/v1/stream", StreamSocket),
+    ]
+    assert all(path.startswith(API_PREFIX) for path, _ in routes)
+    return tornado.web.Application(
+        [(path, handler, {"ctx": ctx}) for path, handler in routes],
+        default_handler_class=NotFoundHandler, default_handler_args={"ctx": ctx},
+        websocket_ping_interval=30, websocket_ping_timeout=60,
+        websocket_max_message_size=1024 * 1024,
+    )

@@ -1,0 +1,385 @@
+"""Clients of the agent API: `AgentClient` (sync, kept-alive; for Ansible workers and the CLI)
+and `AsyncAgentClient` (Tornado; for the controller), plus `AgentStream` for /v1/stream.
+
+Both raise the typed errors of `agent.errors`: an agent that cannot be reached raises
+`AgentUnreachable`, an error answer raises the class the agent named (401 ->
+`AuthenticationError`/`TokenExpired`, 403 -> `PermissionDenied`, 404, 409, ...).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import shutil
+import socket
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable, Iterable
+from urllib.parse import urlencode
+
+from tornado import httpclient, websocket
+from tornado.httputil import url_concat
+
+from . import protocol
+from .errors import (AgentUnreachable, AuthenticationError, MarcoError, PermissionDenied,
+                     ProtocolError, error_from_response)
+
+UPLOAD_CHUNK = 1024 * 1024
+DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """The outcome of a finished execution run with `wait`."""
+
+    id: str
+    rc: int | None
+    stdout: bytes
+    stderr: bytes
+    duration: float
+    signal: str | None = None
+    timed_out: bool = False
+    stopped: bool = False
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ExecutionResult":
+        return cls(id=data["id"], rc=data["rc"], stdout=base64.b64decode(data["stdout"]),
+                   stderr=base64.b64decode(data["stderr"]), duration=data["duration"],
+                   signal=data.get("signal"), timed_out=data.get("timed_out", False),
+                   stopped=data.get("stopped", False))
+
+
+def execution_body(command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
+                   env: dict[str, str] | None = None, label: str = "",
+                   timeout: float | None = None) -> dict[str, Any]:
+    """The JSON body of POST /v1/executions for an argv list or a shell string."""
+    body: dict[str, Any] = {"argv": command} if isinstance(command, list) else {"shell": command}
+    if stdin:
+        body["stdin"] = base64.b64encode(stdin).decode("ascii")
+    if cwd:
+        body["cwd"] = cwd
+    if env:
+        body["env"] = env
+    if label:
+        body["label"] = label
+    if timeout:
+        body["timeout"] = timeout
+    return body
+
+
+def _raise_for(status: int, body: bytes) -> None:
+    if status < 400:
+        return
+    try:
+        data = json.loads(body)
+        code, message = data.get("error"), data.get("message", "")
+    except (ValueError, AttributeError):
+        code, message = None, body[:200].decode("utf-8", "replace")
+    raise error_from_response(status, code, message)
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ProtocolError("agent answered something that is not JSON") from None
+
+
+class AgentClient:
+    """Synchronous client on one kept-alive HTTP connection (not thread-safe)."""
+
+    def __init__(self, host: str, port: int = protocol.DEFAULT_PORT, token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.host, self.port, self.token, self.timeout = host, port, token, timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def __enter__(self) -> "AgentClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- transport ----------------------------------------------------------------------------
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers.update(extra or {})
+        return headers
+
+    def _send(self, method: str, path: str, body: Any = None,
+              headers: dict[str, str] | None = None, timeout: float | None = None,
+              retry: bool = True) -> http.client.HTTPResponse:
+        """Send one request; reconnect once if a kept-alive connection went stale."""
+        reused = self._conn is not None
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout,
+                                                    blocksize=UPLOAD_CHUNK)
+        try:
+            self._conn.timeout = timeout or self.timeout
+            if self._conn.sock is not None:
+                self._conn.sock.settimeout(self._conn.timeout)
+            self._conn.request(method, path, body=body, headers=self._headers(headers))
+            return self._conn.getresponse()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # The agent may have answered early (e.g. 409) and stopped reading an upload.
+            early = self._early_response() if not retry else None
+            if early is not None:
+                return early
+            self.close()
+            if reused and retry:
+                return self._send(method, path, body, headers, timeout, retry=False)
+            raise AgentUnreachable(f"agent {self.host}:{self.port} closed the connection: {exc}") from None
+        except http.client.RemoteDisconnected as exc:
+            self.close()
+            if reused and retry:
+                return self._send(method, path, body, headers, timeout, retry=False)
+            raise AgentUnreachable(f"agent {self.host}:{self.port} closed the connection: {exc}") from None
+        except (socket.timeout, TimeoutError):
+            self.close()
+            raise AgentUnreachable(f"agent {self.host}:{self.port} timed out") from None
+        except OSError as exc:
+            self.close()
+            raise AgentUnreachable(
+                f"cannot reach agent {self.host}:{self.port}: {exc.strerror or exc}") from None
+
+    def _early_response(self) -> http.client.HTTPResponse | None:
+        try:
+            return self._conn.getresponse() if self._conn is not None else None
+        except (OSError, http.client.HTTPException):
+            return None
+
+    def _request(self, method: str, path: str, json_body: Any = None,
+                 timeout: float | None = None) -> Any:
+        body = None if json_body is None else json.dumps(json_body).encode()
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        response = self._send(method, path, body, headers, timeout)
+        try:
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise AgentUnreachable(f"agent {self.host}:{self.port} broke off: {exc}") from None
+        _raise_for(response.status, data)
+        return _json(data)
+
+    # -- API ----------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/health")
+
+    def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
+            env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
+            wait_timeout: float | None = None) -> ExecutionResult:
+        """Run a command to completion in one round trip and return rc, stdout, stderr."""
+        body = execution_body(command, stdin, cwd, env, label, timeout)
+        data = self._request("POST", "/v1/executions?wait=1", body,
+                             timeout=wait_timeout or (timeout + self.timeout if timeout else 24 * 3600))
+        return ExecutionResult.from_json(data)
+
+    def start(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
+              env: dict[str, str] | None = None, label: str = "",
+              timeout: float | None = None) -> str:
+        """Start a command and return its execution id at once."""
+        body = execution_body(command, stdin, cwd, env, label, timeout)
+        return self._request("POST", "/v1/executions", body)["id"]
+
+    def executions(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/executions")["executions"]
+
+    def execution(self, execution_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/executions/{execution_id}")
+
+    def output(self, execution_id: str, since: int = 0, limit: int | None = None) -> dict[str, Any]:
+        query = {"since": since, **({"limit": limit} if limit else {})}
+        return self._request("GET", f"/v1/executions/{execution_id}/output?{urlencode(query)}")
+
+    def stop(self, execution_id: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/v1/executions/{execution_id}")
+
+    def status(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/status")
+
+    def put_file(self, source: BinaryIO, path: str, mode: int | None = None,
+                 overwrite: bool = True, size: int | None = None) -> dict[str, Any]:
+        """Stream `source` to `path` on the node (never read whole into memory)."""
+        query: dict[str, Any] = {"path": path, "overwrite": "true" if overwrite else "false"}
+        if mode is not None:
+            query["mode"] = f"{mode:04o}"
+        headers = {"Content-Type": "application/octet-stream"}
+        body: Any = source
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        else:
+            body = _chunks(source)  # no length: http.client sends it chunked
+        response = self._send("PUT", f"/v1/files?{urlencode(query)}", body, headers,
+                              timeout=None, retry=False)
+        data = response.read()
+        _raise_for(response.status, data)
+        return _json(data)
+
+    def get_file(self, path: str, destination: BinaryIO) -> int:
+        """Stream the node's file at `path` into `destination`; return the byte count."""
+        response = self._send("GET", f"/v1/files?{urlencode({'path': path})}")
+        if response.status >= 400:
+            _raise_for(response.status, response.read())
+        expected = int(response.headers.get("Content-Length", "-1"))
+        try:
+            shutil.copyfileobj(response, destination, UPLOAD_CHUNK)
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise AgentUnreachable(f"download from {self.host} broke off: {exc}") from None
+        written = destination.tell() if destination.seekable() else expected
+        if expected >= 0 and destination.seekable() and written < expected:
+            raise AgentUnreachable(f"download from {self.host} ended early")
+        return expected
+
+
+def _chunks(source: BinaryIO) -> Iterable[bytes]:
+    while chunk := source.read(UPLOAD_CHUNK):
+        yield chunk
+
+
+class AsyncAgentClient:
+    """Asynchronous client (Tornado's HTTP client) for the controller and async tools."""
+
+    def __init__(self, host: str, port: int = protocol.DEFAULT_PORT, token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.host, self.port, self.token, self.timeout = host, port, token, timeout
+        self.base = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+        self._http = httpclient.AsyncHTTPClient()
+
+    async def _fetch(self, method: str, path: str, body: bytes | None = None,
+                     request_timeout: float | None = None, **kwargs: Any) -> httpclient.HTTPResponse:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers.update(kwargs.pop("headers", {}))
+        try:
+            return await self._http.fetch(
+                self.base + path, method=method, body=body, headers=headers,
+                connect_timeout=self.timeout, request_timeout=request_timeout or self.timeout,
+                raise_error=False, allow_nonstandard_methods=True, **kwargs)
+        except (OSError, httpclient.HTTPClientError) as exc:
+            raise AgentUnreachable(f"cannot reach agent {self.host}:{self.port}: {exc}") from None
+
+    async def _request(self, method: str, path: str, json_body: Any = None,
+                       request_timeout: float | None = None) -> Any:
+        body = None if json_body is None else json.dumps(json_body).encode()
+        response = await self._fetch(method, path, body, request_timeout)
+        if response.code == 599:
+            raise AgentUnreachable(f"cannot reach agent {self.host}:{self.port}: {response.error}")
+        _raise_for(response.code, response.body or b"")
+        return _json(response.body)
+
+    async def health(self) -> dict[str, Any]:
+        return await self._request("GET", "/v1/health")
+
+    async def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
+                  env: dict[str, str] | None = None, label: str = "",
+                  timeout: float | None = None) -> ExecutionResult:
+        body = execution_body(command, stdin, cwd, env, label, timeout)
+        data = await self._request("POST", "/v1/executions?wait=1", body,
+                                   request_timeout=(timeout or 24 * 3600) + self.timeout)
+        return ExecutionResult.from_json(data)
+
+    async def start(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
+                    env: dict[str, str] | None = None, label: str = "",
+                    timeout: float | None = None) -> str:
+        body = execution_body(command, stdin, cwd, env, label, timeout)
+        return (await self._request("POST", "/v1/executions", body))["id"]
+
+    async def executions(self) -> list[dict[str, Any]]:
+        return (await self._request("GET", "/v1/executions"))["executions"]
+
+    async def execution(self, execution_id: str) -> dict[str, Any]:
+        return await self._request("GET", f"/v1/executions/{execution_id}")
+
+    async def output(self, execution_id: str, since: int = 0) -> dict[str, Any]:
+        return await self._request("GET", f"/v1/executions/{execution_id}/output?since={since}")
+
+    async def stop(self, execution_id: str) -> dict[str, Any]:
+        return await self._request("DELETE", f"/v1/executions/{execution_id}")
+
+    async def status(self) -> dict[str, Any]:
+        return await self._request("GET", "/v1/status")
+
+    async def put_file(self, read_chunk: Callable[[], Any], path: str, mode: int | None = None,
+                       overwrite: bool = True) -> dict[str, Any]:
+        """Upload from `read_chunk` (sync or async callable returning b"" at the end)."""
+        query: dict[str, Any] = {"path": path, "overwrite": "true" if overwrite else "false"}
+        if mode is not None:
+            query["mode"] = f"{mode:04o}"
+
+        async def producer(write: Callable[[bytes], Any]) -> None:
+            while True:
+                chunk = read_chunk()
+                if hasattr(chunk, "__await__"):
+                    chunk = await chunk
+                if not chunk:
+                    return
+                await write(chunk)
+
+        response = await self._fetch("PUT", url_concat("/v1/files", query),
+                                     body_producer=producer, request_timeout=24 * 3600,
+                                     headers={"Content-Type": "application/octet-stream"})
+        if response.code == 599:
+            raise AgentUnreachable(f"upload to {self.host}:{self.port} failed: {response.error}")
+        _raise_for(response.code, response.body or b"")
+        return _json(response.body)
+
+    def stream(self) -> "AgentStream":
+        """A /v1/stream connection; `await stream.connect()` authenticates it."""
+        return AgentStream(self.base.replace("http", "ws", 1) + "/v1/stream", self.token)
+
+
+class AgentStream:
+    """The per-user WebSocket: events of the user's executions, status, replay, stop."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url, self.token = url, token
+        self._ws: websocket.WebSocketClientConnection | None = None
+        self.hello: dict[str, Any] | None = None
+
+    async def connect(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        """Open, authenticate and return the agent's `hello` message."""
+        try:
+            self._ws = await websocket.websocket_connect(
+                httpclient.HTTPRequest(self.url, connect_timeout=timeout, request_timeout=timeout),
+                max_message_size=256 * 1024 * 1024)
+        except (OSError, httpclient.HTTPClientError) as exc:
+            raise AgentUnreachable(f"cannot open {self.url}: {exc}") from None
+        await self.send({"type": "auth", "token": self.token or ""})
+        hello = await self.read()
+        if hello is None or hello.get("type") != "hello":
+            raise ProtocolError(f"expected hello, got {hello!r}")
+        self.hello = hello
+        return hello
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self._ws is not None
+        await self._ws.write_message(protocol.encode(message))
+
+    async def read(self) -> dict[str, Any] | None:
+        """The next event, or None when the agent closed the socket normally."""
+        assert self._ws is not None
+        message = await self._ws.read_message()
+        if message is None:
+            code, reason = self._ws.close_code, self._ws.close_reason or ""
+            if code == protocol.CLOSE_UNAUTHORIZED:
+                raise AuthenticationError(reason or "token refused")
+            if code == protocol.CLOSE_FORBIDDEN:
+                raise PermissionDenied(reason or "forbidden")
+            if code not in (None, 1000, 1001, 1005):
+                raise MarcoError(f"stream closed by agent ({code}): {reason}")
+            return None
+        return json.loads(message)
+
+    @property
+    def close_code(self) -> int | None:
+        return self._ws.close_code if self._ws else None
+
+    def close(self) -> None:
+        if self._ws is not None:
+            self._ws.close()

@@ -1,0 +1,85 @@
+"""The agent's settings: option list, defaults, and the `AgentConfig` they produce."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .protocol import DEFAULT_PORT
+from .settings import Option
+from .tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
+
+DEFAULT_CONFIG_FILE = "/etc/marco/agent.toml"
+
+
+def default_state_dir() -> str:
+    """/var/lib/marco-agent for root, the XDG state dir otherwise."""
+    if os.geteuid() == 0:
+        return "/var/lib/marco-agent"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "marco-agent")
+
+
+def default_helper_python() -> str:
+    """A Python every user can execute (runs the file helper as the user)."""
+    return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+def agent_options() -> list[Option]:
+    """Every agent setting, in --help order."""
+    return [
+        Option("bind", "127.0.0.1", "address to listen on", metavar="ADDR"),
+        Option("port", DEFAULT_PORT, "TCP port to listen on", kind=int),
+        Option("secret_file", DEFAULT_SECRET_FILE, "cluster secret file (0600)", metavar="PATH"),
+        Option("state_dir", default_state_dir(), "where execution output is spooled",
+               metavar="DIR"),
+        Option("node_name", socket.gethostname().split(".")[0], "node name announced",
+               metavar="NAME"),
+        Option("groups", [], "inventory groups of this node (comma separated)", repeatable=True,
+               metavar="A,B"),
+        Option("mdns_interface", [], "address of an interface to announce on (repeatable); "
+               "default: the bind address unless it is a wildcard", repeatable=True,
+               metavar="ADDR"),
+        Option("announce", True, "announce the agent by zeroconf", flag=True),
+        Option("token_max_age", DEFAULT_MAX_AGE, "seconds a token stays valid", kind=int),
+        Option("retention", 24 * 3600, "seconds finished executions' output is kept", kind=int),
+        Option("retention_count", 200, "finished executions kept per user", kind=int),
+        Option("spool_max_bytes", 64 * 1024 * 1024, "output kept on disk per execution (bytes)",
+               kind=int),
+        Option("stop_grace", 5.0, "seconds between SIGTERM and SIGKILL on stop", kind=float),
+        Option("allowed_origins", [], "browser origins allowed to open /v1/stream "
+               "(default: any; the socket is authenticated by token, not cookie)",
+               repeatable=True, metavar="URL"),
+        Option("helper_python", default_helper_python(),
+               "Python used to run file operations as the user", metavar="PATH"),
+        Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
+    ]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Resolved agent settings."""
+
+    bind: str
+    port: int
+    secret_file: str
+    state_dir: str
+    node_name: str
+    groups: list[str]
+    mdns_interface: list[str]
+    announce: bool
+    token_max_age: int
+    retention: int
+    retention_count: int
+    spool_max_bytes: int
+    stop_grace: float
+    allowed_origins: list[str]
+    helper_python: str
+    log_level: str
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)

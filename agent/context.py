@@ -1,0 +1,63 @@
+"""The agent's services, built once from its config and shared by every handler."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from . import __version__, protocol
+from .config import AgentConfig
+from .executions import ExecutionManager
+from .files import FileService
+from .hub import StreamHub
+from .status import StatusPublisher, StatusSampler
+from .tokens import TokenSigner
+from .users import UserIdentity, UserResolver
+
+
+@dataclass
+class AgentContext:
+    """Everything a request handler needs; no module-level state anywhere."""
+
+    config: AgentConfig
+    signer: TokenSigner
+    resolver: UserResolver
+    hub: StreamHub
+    executions: ExecutionManager
+    files: FileService
+    status: StatusPublisher
+
+    @classmethod
+    def build(cls, config: AgentConfig, secret: bytes) -> "AgentContext":
+        resolver = UserResolver()
+        hub = StreamHub()
+        executions = ExecutionManager(
+            resolver, hub, config.state_path, spool_max_bytes=config.spool_max_bytes,
+            stop_grace=config.stop_grace, retention=config.retention,
+            retention_count=config.retention_count)
+        return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
+                   resolver=resolver, hub=hub, executions=executions,
+                   files=FileService(resolver, config.helper_python),
+                   status=StatusPublisher(StatusSampler(config.node_name)))
+
+    def authenticate(self, token: str | None) -> UserIdentity:
+        """The identity a token grants on this node (raises 401 or 403 by cause)."""
+        return self.resolver.resolve(self.signer.verify(token))
+
+    def origin_allowed(self, origin: str) -> bool:
+        """Browser origins allowed on /v1/stream: all unless the admin listed some.
+
+        The stream is authenticated by a token in its first message, never by a cookie, so a
+        foreign page gains nothing by opening it; the list lets admins narrow it anyway.
+        """
+        allowed = self.config.allowed_origins
+        if not allowed:
+            return True
+        parts = urlsplit(origin)
+        return f"{parts.scheme}://{parts.netloc}".lower() in {o.lower().rstrip("/") for o in allowed}
+
+    def health(self) -> dict[str, object]:
+        return {"node": self.config.node_name, "version": __version__,
+                "proto": protocol.PROTOCOL_VERSION, "os": platform.system().lower(),
+                "user_switching": self.resolver.can_switch_user}

@@ -1,0 +1,484 @@
+"""Executions: spawn a command as the token's user, stream its output, stop it, keep its record.
+
+Each execution runs in its own session (process group) with the user's uid, gid, supplementary
+groups and a clean environment. The working directory is entered by `env -C` *after* the switch
+to the user, so the kernel checks the user's own right to enter it. Output is read from pipes
+by an asyncio protocol (no coroutine per read), split into lines, batched for a few
+milliseconds, numbered with a per-execution `seq`, appended to the on-disk spool and published
+to the owner's sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Protocol
+
+from . import protocol
+from .errors import BadRequest, NotFound
+from .lines import LineSplitter
+from .spool import ExecutionSpool
+from .users import UserIdentity, UserResolver
+
+log = logging.getLogger(__name__)
+
+STDOUT, STDERR = 1, 2
+STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
+BATCH_DELAY = 0.005          # seconds a batch may wait for more lines
+BATCH_MAX_BYTES = 256 * 1024  # a batch this large goes out at once
+PIPE_SIZE = 1024 * 1024      # bigger pipes let a chatty child run ahead of the reader
+EXIT_LINGER = 2.0            # seconds to wait for pipe EOF after the process itself exited
+CAPTURE_MEMORY = 8 * 1024 * 1024
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+ID_LENGTH = 32
+
+
+class EventSink(Protocol):
+    """Where encoded events of a user's executions go (the per-user socket table)."""
+
+    def publish(self, username: str, message: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ExecutionRequest:
+    """A validated `POST /v1/executions` body."""
+
+    argv: list[str] | None
+    shell: str | None
+    cwd: str | None
+    env: dict[str, str]
+    stdin: bytes
+    label: str
+    timeout: float | None
+
+    @classmethod
+    def from_json(cls, body: Any) -> "ExecutionRequest":
+        if not isinstance(body, dict):
+            raise BadRequest("body must be a JSON object")
+        argv, shell = body.get("argv"), body.get("shell")
+        if (argv is None) == (shell is None):
+            raise BadRequest("give exactly one of 'argv' (list of strings) or 'shell' (string)")
+        if argv is not None and (not isinstance(argv, list) or not argv
+                                 or not all(isinstance(a, str) for a in argv)):
+            raise BadRequest("'argv' must be a non-empty list of strings")
+        if shell is not None and not isinstance(shell, str):
+            raise BadRequest("'shell' must be a string")
+        for text in (argv or []) + ([shell] if shell is not None else []):
+            if "\0" in text:
+                raise BadRequest("command contains a NUL byte")
+        env = body.get("env") or {}
+        if not isinstance(env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and "=" not in k
+                and "\0" not in k + v for k, v in env.items()):
+            raise BadRequest("'env' must map variable names to strings")
+        cwd = body.get("cwd")
+        if cwd is not None and (not isinstance(cwd, str) or not cwd or "\0" in cwd):
+            raise BadRequest("'cwd' must be a non-empty string")
+        try:
+            stdin = base64.b64decode(body.get("stdin") or "", validate=True)
+        except (binascii.Error, TypeError):
+            raise BadRequest("'stdin' must be base64") from None
+        label = body.get("label") or ""
+        if not isinstance(label, str) or len(label) > 1000:
+            raise BadRequest("'label' must be a string of at most 1000 characters")
+        timeout = body.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise BadRequest("'timeout' must be a positive number of seconds")
+        return cls(argv, shell, cwd, env, stdin, label, timeout)
+
+    @property
+    def command(self) -> list[str] | str:
+        return self.argv if self.argv is not None else self.shell  # type: ignore[return-value]
+
+
+class OutputCapture:
+    """The raw bytes of stdout and stderr, for `?wait=1` callers (spills to disk when large)."""
+
+    def __init__(self, tmp_dir: Path) -> None:
+        self.streams: dict[int, BinaryIO] = {
+            fd: tempfile.SpooledTemporaryFile(max_size=CAPTURE_MEMORY, dir=tmp_dir)  # type: ignore[misc]
+            for fd in (STDOUT, STDERR)}
+
+    def write(self, fd: int, data: bytes) -> None:
+        self.streams[fd].write(data)
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
+
+
+@dataclass
+class Execution:
+    """One command run for one user: its state, its output batching, its record on disk."""
+
+    id: str
+    user: str
+    label: str
+    command: list[str] | str
+    cwd: str
+    started: float
+    spool: ExecutionSpool
+    sink: EventSink
+    capture: OutputCapture | None = None
+    state: str = "running"          # running | exited | killed | lost
+    ended: float | None = None
+    rc: int | None = None
+    signal: str | None = None
+    timed_out: bool = False
+    stopped: bool = False
+    next_seq: int = 0
+    pid: int | None = None
+    done: asyncio.Future[None] | None = None
+    _splitters: dict[int, LineSplitter] = field(default_factory=lambda: {
+        STDOUT: LineSplitter(), STDERR: LineSplitter()})
+    _batch_fd: int = STDOUT
+    _batch_lines: list[str] = field(default_factory=list)
+    _batch_bytes: int = 0
+    _flush_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def duration(self) -> float | None:
+        end = self.ended if self.ended is not None else (time.time() if self.running else None)
+        return None if end is None else round(end - self.started, 6)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON shape of an execution in listings and meta.json."""
+        return {"id": self.id, "user": self.user, "label": self.label, "command": self.command,
+                "cwd": self.cwd, "started": self.started, "ended": self.ended,
+                "state": self.state, "rc": self.rc, "signal": self.signal,
+                "duration": self.duration, "timed_out": self.timed_out,
+                "stopped": self.stopped, "next_seq": self.next_seq,
+                "truncated_seq": self.spool.truncated_seq}
+
+    # -- output path: pipe bytes -> lines -> batch -> spool + sockets -----------------------
+
+    def on_output(self, fd: int, data: bytes) -> None:
+        if self.capture is not None:
+            self.capture.write(fd, data)
+        lines = self._splitters[fd].feed(data)
+        if lines:
+            self._add_lines(fd, lines, len(data))
+
+    def _add_lines(self, fd: int, lines: list[str], nbytes: int) -> None:
+        if self._batch_lines and fd != self._batch_fd:
+            self.flush_batch()
+        self._batch_fd = fd
+        self._batch_lines.extend(lines)
+        self._batch_bytes += nbytes
+        if self._batch_bytes >= BATCH_MAX_BYTES:
+            self.flush_batch()
+        elif self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(
+                BATCH_DELAY, self.flush_batch)
+
+    def flush_batch(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._batch_lines:
+            return
+        lines, self._batch_lines, self._batch_bytes = self._batch_lines, [], 0
+        seq, self.next_seq = self.next_seq, self.next_seq + len(lines)
+        message = protocol.encode(protocol.output_event(
+            self.id, STREAM_NAMES[self._batch_fd], seq, lines))
+        self.spool.append(message, seq, len(lines))
+        self.sink.publish(self.user, message)
+
+    def flush_partial_lines(self) -> None:
+        for fd, splitter in self._splitters.items():
+            rest = splitter.flush()
+            if rest:
+                self._add_lines(fd, rest, 0)
+        self.flush_batch()
+
+    def publish(self, event: dict[str, Any]) -> None:
+        self.sink.publish(self.user, protocol.encode(event))
+
+    def save_meta(self) -> None:
+        try:
+            self.spool.write_meta(self.summary())
+        except OSError:
+            log.exception("cannot write meta of execution %s", self.id)
+
+
+class _ChildProtocol(asyncio.SubprocessProtocol):
+    """Feeds pipe data into the execution and tells the runner when the child is gone."""
+
+    def __init__(self, execution: Execution, on_started: Callable[[asyncio.SubprocessTransport], None],
+                 on_finished: Callable[[], None]) -> None:
+        self.execution = execution
+        self.on_started = on_started
+        self.on_finished = on_finished
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.open_pipes = {STDOUT, STDERR}
+        self.exited = False
+        self.finished = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called before any pipe data is delivered: the `started` event goes out first.
+        self.transport = transport  # type: ignore[assignment]
+        self.on_started(self.transport)  # type: ignore[arg-type]
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self.execution.on_output(fd, data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self.open_pipes.discard(fd)
+        self._maybe_finished()
+
+    def process_exited(self) -> None:
+        self.exited = True
+        if self.open_pipes:
+            # A background grandchild may hold the pipes open forever: do not wait forever.
+            self._linger = asyncio.get_running_loop().call_later(EXIT_LINGER, self._give_up_pipes)
+        self._maybe_finished()
+
+    def _give_up_pipes(self) -> None:
+        for fd in list(self.open_pipes):
+            pipe = self.transport.get_pipe_transport(fd) if self.transport else None
+            if pipe is not None:
+                pipe.close()
+        self.open_pipes.clear()
+        self._maybe_finished()
+
+    def _maybe_finished(self) -> None:
+        if self.exited and not self.open_pipes and not self.finished:
+            self.finished = True
+            if self._linger is not None:
+                self._linger.cancel()
+            self.on_finished()
+
+
+class ExecutionManager:
+    """Starts, tracks, stops and forgets executions; one per agent."""
+
+    def __init__(self, resolver: UserResolver, sink: EventSink, state_dir: Path,
+                 spool_max_bytes: int, stop_grace: float, retention: float,
+                 retention_count: int) -> None:
+        self.resolver = resolver
+        self.sink = sink
+        self.spool_root = state_dir / "executions"
+        self.tmp_dir = state_dir / "tmp"
+        self.spool_max_bytes = spool_max_bytes
+        self.stop_grace = stop_grace
+        self.retention = retention
+        self.retention_count = retention_count
+        self._executions: dict[str, Execution] = {}
+        self._transports: dict[str, asyncio.SubprocessTransport] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Create the state dirs and reload finished executions kept from an earlier run."""
+        for directory in (self.spool_root, self.tmp_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+        for directory in sorted(self.spool_root.iterdir()):
+            try:
+                meta = ExecutionSpool.read_meta(directory)
+            except (OSError, ValueError):
+                log.warning("ignoring unreadable execution record %s", directory)
+                continue
+            spool = ExecutionSpool.open_existing(directory, self.spool_max_bytes)
+            spool.truncated_seq = meta.get("truncated_seq")
+            execution = Execution(meta["id"], meta["user"], meta["label"], meta["command"],
+                                  meta["cwd"], meta["started"], spool, self.sink,
+                                  state=meta["state"], ended=meta.get("ended"),
+                                  rc=meta.get("rc"), signal=meta.get("signal"),
+                                  timed_out=meta.get("timed_out", False),
+                                  stopped=meta.get("stopped", False),
+                                  next_seq=meta.get("next_seq", 0))
+            if execution.running:  # the agent died under it: its fate is unknown
+                execution.state, execution.ended = "lost", execution.ended or time.time()
+                execution.save_meta()
+            self._executions[execution.id] = execution
+        self.expire()
+
+    async def shutdown(self) -> None:
+        """Stop every running execution (agent shutdown) and wait for them to end."""
+        running = [e for e in self._executions.values() if e.running]
+        for execution in running:
+            self._signal_group(execution, signal.SIGTERM)
+        waits = [asyncio.shield(e.done) for e in running if e.done is not None]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=self.stop_grace)
+            if pending:
+                for execution in running:
+                    self._signal_group(execution, signal.SIGKILL)
+                await asyncio.wait(waits, timeout=EXIT_LINGER + 1)
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def get(self, username: str, execution_id: str) -> Execution:
+        """The user's execution; another user's id is indistinguishable from a missing one."""
+        execution = self._executions.get(execution_id)
+        if execution is None or execution.user != username:
+            raise NotFound("no such execution")
+        return execution
+
+    def list(self, username: str) -> list[Execution]:
+        return sorted((e for e in self._executions.values() if e.user == username),
+                      key=lambda e: e.started)
+
+    def read_output(self, username: str, execution_id: str, since: int,
+                    max_lines: int) -> tuple[Execution, list[dict[str, Any]]]:
+        execution = self.get(username, execution_id)
+        if since < 0:
+            raise BadRequest("'since' must be >= 0")
+        return execution, execution.spool.read(since, max_lines)
+
+    # -- actions ------------------------------------------------------------------------------
+
+    async def start(self, user: UserIdentity, request: ExecutionRequest,
+                    capture: bool = False) -> Execution:
+        execution_id = secrets.token_hex(ID_LENGTH // 2)
+        cwd = user.expand(request.cwd) if request.cwd else user.home
+        spool = ExecutionSpool.create(self.spool_root / execution_id, self.spool_max_bytes)
+        loop = asyncio.get_running_loop()
+        execution = Execution(execution_id, user.name, request.label, request.command, cwd,
+                              time.time(), spool, self.sink,
+                              capture=OutputCapture(self.tmp_dir) if capture else None,
+                              done=loop.create_future())
+        argv = request.argv if request.argv is not None else ["/bin/sh", "-c", request.shell]
+        env = user.clean_environment()
+        env.update(request.env)
+        env["MARCO_EXECUTION_ID"] = execution_id
+        protocol_ = _ChildProtocol(execution, lambda t: self._started(execution, t),
+                                   lambda: self._finished(execution))
+        self._executions[execution_id] = execution
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: protocol_, "/usr/bin/env", "-C", cwd, "--", *argv,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
+                close_fds=True, **self.resolver.popen_identity(user))
+        except OSError as exc:
+            del self._executions[execution_id]
+            spool.remove()
+            if execution.capture:
+                execution.capture.close()
+            raise BadRequest(f"cannot start the command: {exc.strerror}") from None
+        self._feed_stdin(transport, request.stdin)
+        if request.timeout:
+            loop.call_later(request.timeout, self._timeout, execution)
+        log.info("execution %s started for %s: %s", execution_id, user.name,
+                 _short(execution.command))
+        return execution
+
+    def stop(self, username: str, execution_id: str) -> Execution:
+        """SIGTERM the execution's process group now, SIGKILL it after the grace period."""
+        execution = self.get(username, execution_id)
+        if execution.running:
+            execution.stopped = True
+            self._terminate(execution)
+        return execution
+
+    def expire(self) -> None:
+        """Forget finished executions older than the retention time or beyond the count."""
+        now = time.time()
+        finished: dict[str, list[Execution]] = {}
+        for execution in self._executions.values():
+            if not execution.running:
+                finished.setdefault(execution.user, []).append(execution)
+        for executions in finished.values():
+            executions.sort(key=lambda e: e.ended or e.started, reverse=True)
+            for rank, execution in enumerate(executions):
+                if rank >= self.retention_count or now - (execution.ended or now) > self.retention:
+                    del self._executions[execution.id]
+                    execution.spool.remove()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _terminate(self, execution: Execution) -> None:
+        self._signal_group(execution, signal.SIGTERM)
+        asyncio.get_running_loop().call_later(
+            self.stop_grace, self._signal_group, execution, signal.SIGKILL)
+
+    def _timeout(self, execution: Execution) -> None:
+        if execution.running:
+            execution.timed_out = True
+            self._terminate(execution)
+
+    def _signal_group(self, execution: Execution, signum: signal.Signals) -> None:
+        if not execution.running or execution.pid is None:
+            return
+        try:
+            os.killpg(execution.pid, signum)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            log.warning("cannot signal execution %s", execution.id)
+
+    @staticmethod
+    def _enlarge_pipes(transport: asyncio.SubprocessTransport) -> None:
+        for fd in (STDOUT, STDERR):
+            pipe = transport.get_pipe_transport(fd)
+            handle = pipe.get_extra_info("pipe") if pipe else None
+            if handle is not None:
+                try:
+                    fcntl.fcntl(handle.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
+                except (OSError, ValueError):
+                    pass  # over pipe-max-size, or already closed: keep the default
+
+    @staticmethod
+    def _feed_stdin(transport: asyncio.SubprocessTransport, data: bytes) -> None:
+        stdin = transport.get_pipe_transport(0)
+        if stdin is None:
+            return
+        try:
+            if data:
+                stdin.write(data)  # type: ignore[attr-defined]
+            stdin.write_eof()  # type: ignore[attr-defined]
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the command does not read its stdin: fine
+
+    def _started(self, execution: Execution, transport: asyncio.SubprocessTransport) -> None:
+        self._transports[execution.id] = transport
+        execution.pid = transport.get_pid()
+        self._enlarge_pipes(transport)
+        execution.publish(protocol.started_event(execution.id, execution.label, execution.command,
+                                                 execution.cwd, execution.started, 0))
+        execution.save_meta()
+
+    def _finished(self, execution: Execution) -> None:
+        transport = self._transports.pop(execution.id, None)
+        returncode = transport.get_returncode() if transport else None
+        if transport is not None:
+            transport.close()
+        execution.flush_partial_lines()
+        execution.ended = time.time()
+        if returncode is not None and returncode < 0:
+            execution.state, execution.signal = "killed", signal.Signals(-returncode).name
+        else:
+            execution.state, execution.rc = "exited", returncode
+        execution.spool.close()
+        execution.save_meta()
+        execution.publish(protocol.exit_event(
+            execution.id, execution.rc, execution.signal, execution.duration or 0.0,
+            execution.next_seq, execution.timed_out, execution.stopped))
+        log.info("execution %s of %s ended: rc=%s signal=%s in %.3fs", execution.id,
+                 execution.user, execution.rc, execution.signal, execution.duration or 0.0)
+        if execution.done is not None and not execution.done.done():
+            execution.done.set_result(None)
+        self.expire()
+
+
+def _short(command: list[str] | str, limit: int = 200) -> str:
+    text = command if isinstance(command, str) else " ".join(command)
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -1,0 +1,151 @@
+"""File operations run *as the user*: the agent starts this script with the user's identity.
+
+It is passed to ``python3 -I -S -c`` as source text, so it uses the standard library only and
+imports nothing of Marco. The kernel, not the agent, decides what the user may read or write.
+
+Protocol (stdout): one JSON status line first, ``{"ok": true, ...}`` or
+``{"ok": false, "status": 403, "error": "..."}``; for `read`, the file's bytes follow it.
+`write` reads its data from stdin as frames (4-byte big-endian length + bytes); a zero-length
+frame commits. EOF before the commit frame aborts and leaves nothing behind.
+
+    write PATH MODE|- OVERWRITE(0|1)
+    read PATH
+"""
+
+import errno
+import json
+import os
+import stat
+import struct
+import sys
+
+STATUS_BY_ERRNO = {
+    errno.EACCES: 403, errno.EPERM: 403, errno.EROFS: 403, errno.ENOENT: 404,
+    errno.ENOTDIR: 400, errno.EISDIR: 409, errno.EEXIST: 409, errno.ENOSPC: 507,
+    errno.EDQUOT: 507, errno.ELOOP: 400, errno.ENAMETOOLONG: 400,
+}
+CHUNK = 1024 * 1024
+
+
+def report(**fields):
+    sys.stdout.buffer.write(json.dumps(fields).encode() + b"\n")
+    sys.stdout.buffer.flush()
+
+
+def fail(status, message):
+    report(ok=False, status=status, error=message)
+    sys.exit(1)
+
+
+def fail_os(exc, what):
+    fail(STATUS_BY_ERRNO.get(exc.errno, 500), "%s: %s" % (what, exc.strerror))
+
+
+def read_exact(fd, size):
+    parts = []
+    while size:
+        data = os.read(fd, min(size, CHUNK))
+        if not data:
+            return None
+        parts.append(data)
+        size -= len(data)
+    return b"".join(parts)
+
+
+def write(path, mode_text, overwrite):
+    directory = os.path.dirname(path) or "/"
+    name = os.path.basename(path)
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        fail_os(exc, path)
+    if existing is not None:
+        if stat.S_ISDIR(existing.st_mode):
+            fail(409, "%s is a directory" % path)
+        if not overwrite:
+            fail(409, "%s exists and overwrite is false" % path)
+    if mode_text != "-":
+        mode = int(mode_text, 8)
+    elif existing is not None and stat.S_ISREG(existing.st_mode):
+        mode = stat.S_IMODE(existing.st_mode)
+    else:
+        mode = 0o644
+    tmp = os.path.join(directory, ".%s.marco-%d.tmp" % (name[:200], os.getpid()))
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        fail_os(exc, directory)
+    try:
+        report(ok=True, ready=True)
+        size = 0
+        while True:
+            header = read_exact(0, 4)
+            if header is None:
+                raise EOFError
+            length = struct.unpack(">I", header)[0]
+            if length == 0:
+                break
+            data = read_exact(0, length)
+            if data is None:
+                raise EOFError
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            size += length
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # atomic "create unless it exists"
+            os.unlink(tmp)
+        tmp = None
+    except EOFError:
+        fail(400, "upload ended before it was complete; nothing was written")
+    except OSError as exc:
+        fail_os(exc, path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    report(ok=True, path=path, size=size, mode="%04o" % mode)
+
+
+def read(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        info = os.fstat(fd)
+    except OSError as exc:
+        fail_os(exc, path)
+    if not stat.S_ISREG(info.st_mode):
+        fail(400, "%s is not a regular file" % path)
+    report(ok=True, size=info.st_size, mode="%04o" % stat.S_IMODE(info.st_mode),
+           mtime=info.st_mtime)
+    out = sys.stdout.fileno()
+    offset = 0
+    while True:
+        sent = os.sendfile(out, fd, offset, CHUNK)
+        if sent == 0:
+            break
+        offset += sent
+
+
+def main(argv):
+    if argv[:1] == ["write"] and len(argv) == 4:
+        write(argv[1], argv[2], argv[3] == "1")
+    elif argv[:1] == ["read"] and len(argv) == 2:
+        read(argv[1])
+    else:
+        fail(400, "usage: write PATH MODE OVERWRITE | read PATH")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,246 @@
+"""HTTP handlers of the agent API (/v1): executions, output replay, files, status, health.
+
+Handlers are thin: they authenticate, parse, call a service and translate typed errors into
+JSON error answers at this boundary.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any
+
+import tornado.web
+
+from .context import AgentContext
+from .errors import AuthenticationError, BadRequest, MarcoError
+from .executions import Execution, ExecutionRequest
+from .files import FileReader, FileWriter, parse_mode, validate_path
+from .users import UserIdentity
+
+log = logging.getLogger(__name__)
+
+MAX_REPLAY_LINES = 100_000
+MAX_UPLOAD_BYTES = 1 << 40
+B64_CHUNK = 3 * 256 * 1024  # a multiple of 3, so chunks encode without padding in between
+
+
+class ApiHandler(tornado.web.RequestHandler):
+    """Base: bearer-token authentication and JSON errors."""
+
+    ctx: AgentContext
+
+    def initialize(self, ctx: AgentContext) -> None:
+        self.ctx = ctx
+
+    def authenticate(self) -> UserIdentity:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError("missing 'Authorization: Bearer <token>' header")
+        return self.ctx.authenticate(token.strip())
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data))
+
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(error, MarcoError):
+            status_code = error.status
+        super().send_error(status_code, **kwargs)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(error, MarcoError):
+            body = {"error": error.code, "message": error.message}
+        elif isinstance(error, tornado.web.HTTPError):
+            body = {"error": "http", "message": error.log_message or self._reason}
+        else:
+            body = {"error": "internal", "message": "internal error (see the agent's log)"}
+        if status_code == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="marco"')
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, MarcoError):
+            log.info("%s %s -> %s: %s", self.request.method, self.request.path,
+                     value.status, value.message)
+        else:
+            super().log_exception(typ, value, tb)
+
+    def int_argument(self, name: str, default: int) -> int:
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise BadRequest(f"'{name}' must be an integer") from None
+
+    def bool_argument(self, name: str, default: bool) -> bool:
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            return default
+        if raw.lower() in {"1", "true", "yes"}:
+            return True
+        if raw.lower() in {"0", "false", "no"}:
+            return False
+        raise BadRequest(f"'{name}' must be true or false")
+
+
+class NotFoundHandler(ApiHandler):
+    def prepare(self) -> None:
+        self.write_json({"error": "not_found", "message": "no such endpoint"}, 404)
+
+
+class HealthHandler(ApiHandler):
+    """GET /v1/health: node name and version, no authentication."""
+
+    def get(self) -> None:
+        self.write_json(self.ctx.health())
+
+
+class ExecutionsHandler(ApiHandler):
+    """GET: the user's executions. POST: start one (201 at once, or the result with ?wait=1)."""
+
+    def get(self) -> None:
+        user = self.authenticate()
+        self.write_json({"executions": [e.summary() for e in self.ctx.executions.list(user.name)]})
+
+    async def post(self) -> None:
+        user = self.authenticate()
+        try:
+            body = json.loads(self.request.body or b"null")
+        except ValueError:
+            raise BadRequest("body is not valid JSON") from None
+        request = ExecutionRequest.from_json(body)
+        wait = self.bool_argument("wait", False)
+        execution = await self.ctx.executions.start(user, request, capture=wait)
+        if not wait:
+            self.write_json({"id": execution.id, "pid": execution.pid}, 201)
+            return
+        try:
+            assert execution.done is not None
+            await execution.done
+            await self._write_result(execution)
+        finally:
+            if execution.capture is not None:
+                execution.capture.close()
+
+    async def _write_result(self, execution: Execution) -> None:
+        """Stream {"id","rc","signal","duration",...,"stdout","stderr"} with base64 bodies."""
+        assert execution.capture is not None
+        head = {"id": execution.id, "rc": execution.rc, "signal": execution.signal,
+                "duration": execution.duration, "timed_out": execution.timed_out,
+                "stopped": execution.stopped}
+        self.set_header("Content-Type", "application/json")
+        self.write(json.dumps(head)[:-1])
+        for key, fd in (("stdout", 1), ("stderr", 2)):
+            stream = execution.capture.streams[fd]
+            stream.seek(0)
+            self.write(f',"{key}":"')
+            while chunk := stream.read(B64_CHUNK):
+                self.write(base64.b64encode(chunk))
+                if len(chunk) == B64_CHUNK:
+                    await self.flush()
+            self.write('"')
+        self.finish("}")
+
+
+class ExecutionHandler(ApiHandler):
+    """GET: one execution's state. DELETE: stop it (SIGTERM, then SIGKILL after a grace)."""
+
+    def get(self, execution_id: str) -> None:
+        user = self.authenticate()
+        self.write_json(self.ctx.executions.get(user.name, execution_id).summary())
+
+    def delete(self, execution_id: str) -> None:
+        user = self.authenticate()
+        self.write_json(self.ctx.executions.stop(user.name, execution_id).summary(), 202)
+
+
+class OutputHandler(ApiHandler):
+    """GET /v1/executions/{id}/output?since=SEQ&limit=N: replay stored output events."""
+
+    def get(self, execution_id: str) -> None:
+        user = self.authenticate()
+        since = self.int_argument("since", 0)
+        limit = min(max(self.int_argument("limit", MAX_REPLAY_LINES), 1), MAX_REPLAY_LINES)
+        execution, events = self.ctx.executions.read_output(user.name, execution_id, since, limit)
+        next_seq = events[-1]["seq"] + len(events[-1]["lines"]) if events else since
+        self.write_json({"execution": execution.summary(), "events": events, "next": next_seq,
+                         "truncated_seq": execution.spool.truncated_seq})
+
+
+class StatusHandler(ApiHandler):
+    """GET /v1/status: one psutil snapshot of the node."""
+
+    async def get(self) -> None:
+        self.authenticate()
+        self.write_json(await self.ctx.status.current())
+
+
+@tornado.web.stream_request_body
+class FilesHandler(ApiHandler):
+    """PUT /v1/files?path=P&mode=0644&overwrite=true streams the body into place, as the user.
+
+    GET /v1/files?path=P streams a file back. Both run the file helper with the user's identity.
+    """
+
+    writer: FileWriter | None = None
+    failure: MarcoError | None = None
+
+    async def prepare(self) -> None:
+        if self.request.method != "PUT":
+            return
+        self.request.connection.set_max_body_size(MAX_UPLOAD_BYTES)  # type: ignore[union-attr]
+        try:
+            user = self.authenticate()
+            path = validate_path(user, self.get_query_argument("path", None))
+            mode = parse_mode(self.get_query_argument("mode", None))
+            overwrite = self.bool_argument("overwrite", True)
+            self.writer = await self.ctx.files.open_writer(user, path, mode, overwrite)
+        except MarcoError as error:
+            # Answer now; the rest of the body is read and dropped by data_received.
+            self.failure = error
+            self.send_error(error.status, exc_info=(type(error), error, None))
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self.writer is not None and self.failure is None:
+            try:
+                await self.writer.write(chunk)
+            except MarcoError as error:
+                self.failure = error
+
+    async def put(self) -> None:
+        if self.failure is not None:
+            if not self._finished:
+                raise self.failure
+            return
+        assert self.writer is not None
+        result = await self.writer.commit()
+        self.writer = None
+        self.write_json(result, 201)
+
+    def on_connection_close(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    async def get(self) -> None:
+        user = self.authenticate()
+        path = validate_path(user, self.get_query_argument("path", None))
+        reader: FileReader = await self.ctx.files.open_reader(user, path)
+        try:
+            self.set_header("Content-Type", "application/octet-stream")
+            self.set_header("Content-Length", str(reader.size))
+            self.set_header("X-Marco-Mode", reader.mode)
+            async for chunk in reader.chunks():
+                self.write(chunk)
+                await self.flush()
+            self.finish()
+        finally:
+            reader.abort()

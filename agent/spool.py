@@ -1,0 +1,132 @@
+"""The bounded on-disk record of one execution: `meta.json` plus its output events.
+
+Every output event the owner's sockets receive is appended here first (one JSON object a line),
+so a late or reconnecting viewer can replay from any `seq` without a gap, also after an agent
+restart. Past `max_bytes` the spool stops storing output and records the first seq it dropped
+(`truncated_seq`): replay then says so instead of silently skipping lines.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+META_FILE = "meta.json"
+OUTPUT_FILE = "output.jsonl"
+
+
+class ExecutionSpool:
+    """Appends output events of one execution and reads them back from a seq."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.truncated_seq: int | None = None
+        self._size = 0
+        self._fd: int | None = None
+        self._starts: list[int] = []    # first seq of each stored event
+        self._offsets: list[int] = []   # byte offset of each stored event
+        self._indexed = False
+
+    @classmethod
+    def create(cls, directory: Path, max_bytes: int) -> "ExecutionSpool":
+        directory.mkdir(mode=0o700, parents=True)
+        spool = cls(directory, max_bytes)
+        spool._fd = os.open(directory / OUTPUT_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        spool._indexed = True
+        return spool
+
+    @classmethod
+    def open_existing(cls, directory: Path, max_bytes: int) -> "ExecutionSpool":
+        """A finished execution's spool found on disk at start-up (indexed on first read)."""
+        spool = cls(directory, max_bytes)
+        try:
+            spool._size = (directory / OUTPUT_FILE).stat().st_size
+        except FileNotFoundError:
+            spool._size = 0
+        return spool
+
+    def append(self, encoded_event: str, first_seq: int, line_count: int) -> None:
+        """Store one output event (already JSON-encoded) covering `line_count` lines."""
+        if self.truncated_seq is not None or self._fd is None:
+            return
+        data = (encoded_event + "\n").encode("utf-8")
+        if self._size + len(data) > self.max_bytes:
+            self.truncated_seq = first_seq
+            return
+        try:
+            os.write(self._fd, data)
+        except OSError:
+            # Disk full or similar: keep the execution going, stop storing, say where.
+            self.truncated_seq = first_seq
+            return
+        self._starts.append(first_seq)
+        self._offsets.append(self._size)
+        self._size += len(data)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        """Replace meta.json atomically."""
+        tmp = self.directory / (META_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(meta, handle)
+        os.replace(tmp, self.directory / META_FILE)
+
+    @staticmethod
+    def read_meta(directory: Path) -> dict[str, Any]:
+        with open(directory / META_FILE, encoding="utf-8") as handle:
+            return json.load(handle)
+
+    def read(self, since: int, max_lines: int) -> list[dict[str, Any]]:
+        """Output events holding lines with seq >= since, the first one trimmed to start there."""
+        self._ensure_index()
+        index = bisect.bisect_right(self._starts, since) - 1
+        index = max(index, 0)
+        if not self._offsets or index >= len(self._offsets):
+            return []
+        events: list[dict[str, Any]] = []
+        total = 0
+        with open(self.directory / OUTPUT_FILE, "rb") as handle:
+            handle.seek(self._offsets[index])
+            for raw in handle:
+                event = json.loads(raw)
+                lines = event["lines"]
+                end = event["seq"] + len(lines)
+                if end <= since:
+                    continue
+                if event["seq"] < since:
+                    event["lines"] = lines[since - event["seq"]:]
+                    event["seq"] = since
+                events.append(event)
+                total += len(event["lines"])
+                if total >= max_lines:
+                    break
+        return events
+
+    def _ensure_index(self) -> None:
+        if self._indexed:
+            return
+        offset = 0
+        try:
+            with open(self.directory / OUTPUT_FILE, "rb") as handle:
+                for raw in handle:
+                    if not raw.endswith(b"\n"):
+                        break  # torn last write of a crashed agent
+                    self._starts.append(json.loads(raw)["seq"])
+                    self._offsets.append(offset)
+                    offset += len(raw)
+        except FileNotFoundError:
+            pass
+        self._indexed = True
+
+    def remove(self) -> None:
+        self.close()
+        shutil.rmtree(self.directory, ignore_errors=True)

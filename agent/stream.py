@@ -1,0 +1,172 @@
+"""The per-user WebSocket /v1/stream: live events of the user's executions, status, replay.
+
+The first client message must be ``{"type": "auth", "token": ...}``; until then nothing is
+sent. A bad, expired or missing token closes the socket with 4401. Every later message that
+acts re-checks the token's age. Sending never blocks: a socket that falls more than
+`MAX_PENDING_BYTES` behind is closed with 4408 and can reconnect and replay from its last seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import tornado.websocket
+
+from . import protocol
+from .context import AgentContext
+from .errors import MarcoError
+from .handlers import MAX_REPLAY_LINES
+from .users import UserIdentity
+
+log = logging.getLogger(__name__)
+
+AUTH_TIMEOUT = 10.0
+MAX_PENDING_BYTES = 32 * 1024 * 1024
+
+
+class StreamSocket(tornado.websocket.WebSocketHandler):
+    """One browser or client connection of one user."""
+
+    ctx: AgentContext
+
+    def initialize(self, ctx: AgentContext) -> None:
+        self.ctx = ctx
+        self.user: UserIdentity | None = None
+        self.token: str | None = None
+        self.pending_bytes = 0
+        self.closed = False
+        self.status_subscribed = False
+        self._auth_timer: asyncio.TimerHandle | None = None
+
+    def check_origin(self, origin: str) -> bool:
+        return self.ctx.origin_allowed(origin)
+
+    def open(self) -> None:  # type: ignore[override]
+        self.set_nodelay(True)
+        self._auth_timer = asyncio.get_running_loop().call_later(
+            AUTH_TIMEOUT, self.close, protocol.CLOSE_UNAUTHORIZED, "authentication timed out")
+
+    def on_message(self, message: str | bytes) -> None:
+        try:
+            data = json.loads(message)
+            if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+                raise ValueError("not a message object")
+        except ValueError:
+            self.close(protocol.CLOSE_BAD_MESSAGE, "messages must be JSON objects with a type")
+            return
+        if self.user is None:
+            self._authenticate(data)
+            return
+        try:
+            self.ctx.signer.verify(self.token)  # every acting message re-checks max_age
+        except MarcoError as error:
+            self.close(protocol.CLOSE_UNAUTHORIZED, error.message)
+            return
+        try:
+            self._dispatch(data)
+        except MarcoError as error:
+            self.send(protocol.encode({"type": "error", "error": error.code,
+                                       "message": error.message, "request": data.get("type")}))
+
+    def _authenticate(self, data: dict[str, Any]) -> None:
+        if data.get("type") != "auth":
+            self.close(protocol.CLOSE_UNAUTHORIZED, "authenticate first")
+            return
+        token = data.get("token")
+        try:
+            user = self.ctx.authenticate(token if isinstance(token, str) else None)
+        except MarcoError as error:
+            code = protocol.CLOSE_FORBIDDEN if error.status == 403 else protocol.CLOSE_UNAUTHORIZED
+            self.close(code, error.message[:120])
+            return
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        self.user, self.token = user, token  # type: ignore[assignment]
+        self.ctx.hub.add(user.name, self)
+        executions = [e.summary() for e in self.ctx.executions.list(user.name)]
+        self.send(protocol.encode({"type": "hello", "user": user.name,
+                                   "node": self.ctx.config.node_name,
+                                   "proto": protocol.PROTOCOL_VERSION,
+                                   "executions": executions}))
+
+    def _dispatch(self, data: dict[str, Any]) -> None:
+        assert self.user is not None
+        kind = data["type"]
+        if kind == "subscribe":
+            self._subscribe_status(bool(data.get("status")))
+        elif kind == "replay":
+            self._replay(str(data.get("id", "")), data.get("since", 0))
+        elif kind == "stop":
+            self.ctx.executions.stop(self.user.name, str(data.get("id", "")))
+        elif kind == "ping":
+            self.send(protocol.encode({"type": "pong", "data": data.get("data")}))
+        else:
+            self.send(protocol.encode({"type": "error", "error": "bad_request",
+                                       "message": f"unknown message type {kind!r}"}))
+
+    def _subscribe_status(self, wanted: bool) -> None:
+        if wanted and not self.status_subscribed:
+            self.ctx.status.subscribe(self.send)
+        elif not wanted and self.status_subscribed:
+            self.ctx.status.unsubscribe(self.send)
+        self.status_subscribed = wanted
+
+    def _replay(self, execution_id: str, since: Any) -> None:
+        """Send stored output from `since`, then a `replayed` marker with the next seq.
+
+        Runs in one go on the event loop, so no live event of the same execution can slip in
+        between: live events that follow carry seqs >= `next`.
+        """
+        assert self.user is not None
+        if not isinstance(since, int) or isinstance(since, bool):
+            since = 0
+        execution, events = self.ctx.executions.read_output(
+            self.user.name, execution_id, since, MAX_REPLAY_LINES)
+        for event in events:
+            self.send(protocol.encode(event))
+        next_seq = events[-1]["seq"] + len(events[-1]["lines"]) if events else since
+        self.send(protocol.encode({"type": "replayed", "id": execution_id, "next": next_seq,
+                                   "complete": next_seq >= execution.next_seq,
+                                   "execution": execution.summary()}))
+
+    def send(self, message: str) -> None:
+        """Queue one message without blocking; close the socket when it falls too far behind."""
+        if self.closed:
+            return
+        if self.pending_bytes > MAX_PENDING_BYTES:
+            log.warning("closing a slow socket of %s (%d bytes pending)",
+                        self.user.name if self.user else "?", self.pending_bytes)
+            self.close(protocol.CLOSE_SLOW_CONSUMER, "too slow: reconnect and replay from seq")
+            self._forget()
+            return
+        try:
+            future = self.write_message(message)
+        except tornado.websocket.WebSocketClosedError:
+            self._forget()
+            return
+        size = len(message)
+        self.pending_bytes += size
+        future.add_done_callback(lambda f, size=size: self._written(f, size))
+
+    def _written(self, future: "asyncio.Future[None]", size: int) -> None:
+        self.pending_bytes -= size
+        if not future.cancelled() and future.exception() is not None:
+            self._forget()
+
+    def on_close(self) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        if self.user is not None:
+            self.ctx.hub.remove(self.user.name, self)
+        if self.status_subscribed:
+            self.ctx.status.unsubscribe(self.send)
+            self.status_subscribed = False

@@ -1,0 +1,86 @@
+"""User tokens and the cluster secret.
+
+A token is ``URLSafeTimedSerializer(secret, salt="marco-user-token").dumps(username)``: the
+controller issues it after a PAM login, agents verify it with ``max_age`` on every request. The
+secret is the stripped content of a file readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+
+from .errors import AuthenticationError, ConfigError, TokenExpired
+
+TOKEN_SALT = "marco-user-token"
+DEFAULT_MAX_AGE = 12 * 3600
+MIN_SECRET_BYTES = 32
+DEFAULT_SECRET_FILE = "/etc/marco/secret"
+
+
+class TokenSigner:
+    """Issues and verifies user tokens with one secret and one salt."""
+
+    def __init__(self, secret: bytes, max_age: int = DEFAULT_MAX_AGE,
+                 salt: str = TOKEN_SALT) -> None:
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(f"secret is shorter than {MIN_SECRET_BYTES} bytes")
+        self._serializer = URLSafeTimedSerializer(secret, salt=salt)
+        self.max_age = max_age
+
+    def issue(self, username: str) -> str:
+        """Return a new signed, timestamped token for `username`."""
+        return self._serializer.dumps(username)
+
+    def verify(self, token: str | None) -> str:
+        """Return the username a valid, unexpired token carries; raise by cause otherwise."""
+        if not token:
+            raise AuthenticationError("no token given")
+        try:
+            username = self._serializer.loads(token, max_age=self.max_age)
+        except SignatureExpired as exc:
+            raise TokenExpired("token expired: log in again (marco login)") from exc
+        except BadSignature as exc:
+            raise AuthenticationError("invalid token") from exc
+        if not isinstance(username, str) or not username:
+            raise AuthenticationError("invalid token")
+        return username
+
+
+def load_secret(path: str | os.PathLike[str]) -> bytes:
+    """Read the cluster secret, refusing a missing, short or world-accessible file."""
+    path = Path(path)
+    try:
+        info = path.stat()
+        data = path.read_bytes().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"secret file {path} does not exist "
+                          f"(create one with: marco-agent init-secret --secret-file {path})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+    if info.st_mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ConfigError(f"secret file {path} is accessible to every user "
+                          f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}")
+    if len(data) < MIN_SECRET_BYTES:
+        raise ConfigError(f"secret file {path} holds {len(data)} bytes; "
+                          f"at least {MIN_SECRET_BYTES} are needed")
+    return data
+
+
+def create_secret(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Write a fresh random secret to `path` with mode 0600 (parents created 0700)."""
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"secret file {path} already exists (use --force to replace it)") from None
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(secrets.token_urlsafe(48) + "\n")
+    return path

@@ -1,0 +1,191 @@
+"""Executions over HTTP against a real root agent, as real Unix users."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import time
+
+import pytest
+
+from agent.client import AgentClient
+from agent.errors import AuthenticationError, BadRequest, NotFound, PermissionDenied
+from agent.tokens import TokenSigner
+from agent.users import UserResolver
+from tests.support.agent_process import AgentProcess
+from tests.support.users import UnixUser
+
+
+def client(agent: AgentProcess, signer: TokenSigner, user: str) -> AgentClient:
+    return AgentClient(agent.host, agent.port, signer.issue(user), timeout=60)
+
+
+def wait_until(predicate, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_runs_as_the_token_user(shared_agent: AgentProcess, signer: TokenSigner,
+                                alice: UnixUser) -> None:
+    with client(shared_agent, signer, alice.name) as c:
+        result = c.run("id -un; id -gn; id -G; pwd; touch made-by-agent; stat -c %U:%G made-by-agent")
+    assert result.rc == 0, result.stderr
+    name, group, groups, cwd, owner = result.stdout.decode().splitlines()
+    assert name == alice.name
+    assert group == alice.name
+    assert {int(g) for g in groups.split()} == set(os.getgrouplist(alice.name, alice.gid))
+    assert len(groups.split()) == 3  # primary + marcotest-g1 + marcotest-g2, never root's 0
+    assert cwd == alice.home
+    assert owner == f"{alice.name}:{alice.name}"
+    assert os.stat(os.path.join(alice.home, "made-by-agent")).st_uid == alice.uid
+
+
+def test_environment_is_clean(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(env={"AGENT_ONLY_SECRET": "leak"})
+    with client(agent, signer, alice.name) as c:
+        result = c.run(["env"], env={"EXTRA": "given"})
+    env = dict(line.split("=", 1) for line in result.stdout.decode().splitlines())
+    assert "AGENT_ONLY_SECRET" not in env
+    assert env["HOME"] == alice.home and env["USER"] == env["LOGNAME"] == alice.name
+    assert env["SHELL"] == "/bin/bash" and env["PATH"].startswith("/usr/local/bin")
+    assert env["EXTRA"] == "given"
+    assert set(env) <= {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "EXTRA", "MARCO_EXECUTION_ID",
+                        "PWD", "SHLVL", "_", "OLDPWD"}
+
+
+def test_cwd_is_entered_as_the_user(shared_agent: AgentProcess, signer: TokenSigner,
+                                    alice: UnixUser, bob: UnixUser) -> None:
+    os.makedirs(os.path.join(alice.home, "sub"), exist_ok=True)
+    with client(shared_agent, signer, alice.name) as c:
+        assert c.run(["pwd"], cwd="~/sub").stdout.decode().strip() == alice.home + "/sub"
+        denied = c.run(["pwd"], cwd=bob.home)
+    # bob's home is 0750: alice may not enter it, and the kernel says so.
+    assert denied.rc == 125 and b"Permission denied" in denied.stderr
+
+
+def test_seq_million_lines_via_wait(shared_agent: AgentProcess, signer: TokenSigner,
+                                    alice: UnixUser) -> None:
+    with client(shared_agent, signer, alice.name) as c:
+        result = c.run(["seq", "1", "1000000"])
+    assert result.rc == 0
+    assert result.stdout == "".join(f"{i}\n" for i in range(1, 1_000_001)).encode()
+
+
+def test_binary_stdin_stdout_round_trip(shared_agent: AgentProcess, signer: TokenSigner,
+                                        alice: UnixUser) -> None:
+    data = os.urandom(3 * 1024 * 1024) + bytes(range(256)) + b"\x00\xff\n\r"
+    with client(shared_agent, signer, alice.name) as c:
+        result = c.run(["cat"], stdin=data)
+        again = c.run("cat >&2", stdin=b"\xff\xfe\x00")
+    assert result.stdout == data and result.stderr == b""
+    assert again.stderr == b"\xff\xfe\x00"
+
+
+def test_exit_codes_signals_and_timeout(shared_agent: AgentProcess, signer: TokenSigner,
+                                        alice: UnixUser) -> None:
+    with client(shared_agent, signer, alice.name) as c:
+        assert c.run("exit 7").rc == 7
+        killed = c.run("kill -KILL $$")
+        assert killed.rc is None and killed.signal == "SIGKILL"
+        started = time.monotonic()
+        slow = c.run(["sleep", "60"], timeout=0.5)
+    assert slow.timed_out and slow.signal == "SIGTERM"
+    assert time.monotonic() - started < 30
+    missing = client(shared_agent, signer, alice.name).run(["no-such-command-here"])
+    assert missing.rc == 127 and b"No such file" in missing.stderr
+
+
+def _grandchild_pid(c: AgentClient, execution_id: str) -> int:
+    def first_line():  # type: ignore[no-untyped-def]
+        events = c.output(execution_id)["events"]
+        return events[0]["lines"][0] if events else None
+    return int(wait_until(first_line))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stop_kills_the_whole_process_group(shared_agent: AgentProcess, signer: TokenSigner,
+                                            alice: UnixUser) -> None:
+    with client(shared_agent, signer, alice.name) as c:
+        execution_id = c.start("sleep 600 & echo $!; sleep 600; wait")
+        grandchild = _grandchild_pid(c, execution_id)
+        assert _alive(grandchild) and pwd.getpwuid(os.stat(f"/proc/{grandchild}").st_uid).pw_name == alice.name
+        c.stop(execution_id)
+        state = wait_until(lambda: (s := c.execution(execution_id))["state"] != "running" and s)
+    assert state["state"] == "killed" and state["signal"] == "SIGTERM" and state["stopped"]
+    wait_until(lambda: not _alive(grandchild))
+
+
+def test_stop_escalates_to_sigkill(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(extra_args=["--stop-grace", "0.5"])
+    with client(agent, signer, alice.name) as c:
+        execution_id = c.start("trap '' TERM; echo ready; while :; do sleep 0.1; done")
+        wait_until(lambda: c.output(execution_id)["events"])
+        c.stop(execution_id)
+        state = wait_until(lambda: (s := c.execution(execution_id))["state"] != "running" and s)
+    assert state["signal"] == "SIGKILL"
+
+
+def test_other_users_executions_do_not_exist_for_them(shared_agent: AgentProcess,
+                                                      signer: TokenSigner, alice: UnixUser,
+                                                      bob: UnixUser) -> None:
+    alices = client(shared_agent, signer, alice.name)
+    bobs = client(shared_agent, signer, bob.name)
+    execution_id = alices.start(["sleep", "30"], label="alice's")
+    try:
+        for action in (bobs.execution, bobs.stop, bobs.output):
+            with pytest.raises(NotFound):
+                action(execution_id)
+        assert execution_id not in {e["id"] for e in bobs.executions()}
+        assert alices.execution(execution_id)["state"] == "running"  # bob's stop did nothing
+    finally:
+        alices.stop(execution_id)
+
+
+def test_replay_by_seq(shared_agent: AgentProcess, signer: TokenSigner, alice: UnixUser) -> None:
+    with client(shared_agent, signer, alice.name) as c:
+        execution_id = c.start("seq 1 5000; seq 1 3 >&2")
+        wait_until(lambda: c.execution(execution_id)["state"] == "exited")
+        full = c.output(execution_id)
+        part = c.output(execution_id, since=4990)
+    stdout = [line for e in full["events"] if e["stream"] == "stdout" for line in e["lines"]]
+    stderr = [line for e in full["events"] if e["stream"] == "stderr" for line in e["lines"]]
+    assert stdout == [str(i) for i in range(1, 5001)] and stderr == ["1", "2", "3"]
+    assert part["events"][0]["seq"] == 4990 and part["next"] == 5003
+    lines = [line for e in part["events"] for line in e["lines"]]
+    assert lines == [str(i) for i in range(4991, 5001)] + ["1", "2", "3"]
+
+
+def test_bad_requests_get_clear_errors(shared_agent: AgentProcess, signer: TokenSigner,
+                                       alice: UnixUser) -> None:
+    c = client(shared_agent, signer, alice.name)
+    with pytest.raises(BadRequest, match="exactly one of"):
+        c._request("POST", "/v1/executions", {"label": "nothing to run"})
+    with pytest.raises(BadRequest, match="base64"):
+        c._request("POST", "/v1/executions", {"argv": ["true"], "stdin": "%%%"})
+    with pytest.raises(NotFound):
+        c.execution("0" * 32)
+    with pytest.raises(AuthenticationError, match="Bearer"):
+        AgentClient(shared_agent.host, shared_agent.port, None).executions()
+    with pytest.raises(PermissionDenied, match="does not exist on this node"):
+        client(shared_agent, signer, "no-such-user-here").executions()
+
+
+def test_non_root_agent_serves_only_its_own_user(alice: UnixUser, bob: UnixUser) -> None:
+    """The rule a non-root agent applies (resolver given alice's uid, as when run by alice)."""
+    resolver = UserResolver(agent_uid=alice.uid)
+    assert resolver.resolve(alice.name).uid == alice.uid
+    assert resolver.popen_identity(resolver.resolve(alice.name)) == {}
+    with pytest.raises(PermissionDenied, match="serves only its own user"):
+        resolver.resolve(bob.name)

@@ -1,0 +1,88 @@
+"""Tokens and the secret file: what is accepted, what is refused and why."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+
+from agent.errors import AuthenticationError, ConfigError, TokenExpired
+from agent.tokens import TOKEN_SALT, TokenSigner, create_secret, load_secret
+
+SECRET = b"s" * 40
+
+
+class _PastSigner(TimestampSigner):
+    """Signs with a timestamp 13 hours old, to make expired tokens."""
+
+    def get_timestamp(self) -> int:
+        return int(time.time()) - 13 * 3600
+
+
+def expired_token(secret: bytes, username: str) -> str:
+    return URLSafeTimedSerializer(secret, salt=TOKEN_SALT, signer=_PastSigner).dumps(username)
+
+
+def wrong_salt_token(secret: bytes, username: str) -> str:
+    return URLSafeTimedSerializer(secret, salt="marco-other-purpose").dumps(username)
+
+
+def tampered_token(token: str) -> str:
+    payload, _, rest = token.partition(".")
+    return payload[:-1] + ("A" if payload[-1] != "A" else "B") + "." + rest
+
+
+def test_round_trip_and_format() -> None:
+    signer = TokenSigner(SECRET)
+    token = signer.issue("alice")
+    assert signer.verify(token) == "alice"
+    # The format every part of Marco agrees on:
+    assert URLSafeTimedSerializer(SECRET, salt=TOKEN_SALT).loads(token, max_age=60) == "alice"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TokenSigner(b"x" * 40).issue("alice"),            # forged: another secret
+    lambda: tampered_token(TokenSigner(SECRET).issue("alice")),
+    lambda: wrong_salt_token(SECRET, "alice"),
+    lambda: "",
+    lambda: "not.a.token",
+])
+def test_refused_tokens(make) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(AuthenticationError):
+        TokenSigner(SECRET).verify(make())
+
+
+def test_expired_token_has_its_own_error() -> None:
+    with pytest.raises(TokenExpired, match="log in again"):
+        TokenSigner(SECRET).verify(expired_token(SECRET, "alice"))
+    # ... and a longer max_age accepts the same token.
+    assert TokenSigner(SECRET, max_age=14 * 3600).verify(expired_token(SECRET, "alice")) == "alice"
+
+
+def test_create_secret_is_private_and_not_overwritten(tmp_path: Path) -> None:
+    path = create_secret(tmp_path / "etc" / "secret")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert len(load_secret(path)) >= 32
+    with pytest.raises(ConfigError, match="already exists"):
+        create_secret(path)
+    before = path.read_bytes()
+    create_secret(path, overwrite=True)
+    assert path.read_bytes() != before
+
+
+def test_secret_file_refusals(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_secret(tmp_path / "missing")
+    short = tmp_path / "short"
+    short.write_text("too short\n")
+    short.chmod(0o600)
+    with pytest.raises(ConfigError, match="at least 32"):
+        load_secret(short)
+    public = tmp_path / "public"
+    public.write_text("p" * 64)
+    public.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_secret(public)

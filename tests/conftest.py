@@ -1,0 +1,68 @@
+"""Fixtures: a cluster secret, real Unix users (alice, bob), real agent processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from agent.tokens import TokenSigner, create_secret, load_secret
+from tests.support.agent_process import AgentProcess
+from tests.support.users import UnixUser, create_user, remove_user
+
+ALICE, BOB = "marcotest-alice", "marcotest-bob"
+
+
+@pytest.fixture(scope="session")
+def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secret") / "secret"
+    create_secret(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def signer(secret_file: Path) -> TokenSigner:
+    return TokenSigner(load_secret(secret_file))
+
+
+@pytest.fixture(scope="session")
+def alice() -> Iterator[UnixUser]:
+    user = create_user(ALICE, groups=["marcotest-g1", "marcotest-g2"])
+    yield user
+    remove_user(ALICE)
+
+
+@pytest.fixture(scope="session")
+def bob() -> Iterator[UnixUser]:
+    user = create_user(BOB)
+    yield user
+    remove_user(BOB)
+
+
+@pytest.fixture
+def start_agent(secret_file: Path, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Factory: start real agent processes; all are stopped (SIGTERM) at the end of the test."""
+    started: list[AgentProcess] = []
+
+    def start(node_name: str = "test-node", **kwargs: object) -> AgentProcess:
+        state = tmp_path / f"state-{node_name}-{len(started)}"
+        agent = AgentProcess(secret_file, state, node_name=node_name, **kwargs)  # type: ignore[arg-type]
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_agent(secret_file: Path, tmp_path_factory: pytest.TempPathFactory,
+                 alice: UnixUser, bob: UnixUser) -> Iterator[AgentProcess]:
+    """One root agent for the many tests that need nothing special of it."""
+    os.chmod(tmp_path_factory.getbasetemp(), 0o755)
+    agent = AgentProcess(secret_file, tmp_path_factory.mktemp("shared") / "state",
+                         node_name="shared")
+    yield agent
+    agent.stop()

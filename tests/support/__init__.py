@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: real Unix users, real agent processes."""
