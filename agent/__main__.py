@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -122,6 +123,8 @@ async def serve(config: AgentConfig, secret: bytes) -> None:
             await announcer.stop()
         server.stop()
         await ctx.executions.shutdown()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(server.close_all_connections(), timeout=5)
         ctx.status.close()
 
 

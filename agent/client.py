@@ -113,8 +113,11 @@ class AgentClient:
 
     def _send(self, method: str, path: str, body: Any = None,
               headers: dict[str, str] | None = None, timeout: float | None = None,
-              retry: bool = True) -> http.client.HTTPResponse:
-        """Send one request; reconnect once if a kept-alive connection went stale."""
+              rewind: int | None = None) -> http.client.HTTPResponse:
+        """Send one request; resend once if a kept-alive connection turned out stale.
+
+        A body that is a stream is resent only when it can be rewound to `rewind`.
+        """
         reused = self._conn is not None
         if self._conn is None:
             self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout,
@@ -125,19 +128,13 @@ class AgentClient:
                 self._conn.sock.settimeout(self._conn.timeout)
             self._conn.request(method, path, body=body, headers=self._headers(headers))
             return self._conn.getresponse()
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            # The agent may have answered early (e.g. 409) and stopped reading an upload.
-            early = self._early_response() if not retry else None
-            if early is not None:
-                return early
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
             self.close()
-            if reused and retry:
-                return self._send(method, path, body, headers, timeout, retry=False)
-            raise AgentUnreachable(f"agent {self.host}:{self.port} closed the connection: {exc}") from None
-        except http.client.RemoteDisconnected as exc:
-            self.close()
-            if reused and retry:
-                return self._send(method, path, body, headers, timeout, retry=False)
+            resendable = body is None or isinstance(body, bytes) or rewind is not None
+            if reused and resendable:
+                if rewind is not None:
+                    body.seek(rewind)
+                return self._send(method, path, body, headers, timeout)
             raise AgentUnreachable(f"agent {self.host}:{self.port} closed the connection: {exc}") from None
         except (socket.timeout, TimeoutError):
             self.close()
@@ -146,12 +143,6 @@ class AgentClient:
             self.close()
             raise AgentUnreachable(
                 f"cannot reach agent {self.host}:{self.port}: {exc.strerror or exc}") from None
-
-    def _early_response(self) -> http.client.HTTPResponse | None:
-        try:
-            return self._conn.getresponse() if self._conn is not None else None
-        except (OSError, http.client.HTTPException):
-            return None
 
     def _request(self, method: str, path: str, json_body: Any = None,
                  timeout: float | None = None) -> Any:
@@ -211,12 +202,13 @@ class AgentClient:
             query["mode"] = f"{mode:04o}"
         headers = {"Content-Type": "application/octet-stream"}
         body: Any = source
+        rewind = source.tell() if source.seekable() else None
         if size is not None:
             headers["Content-Length"] = str(size)
         else:
-            body = _chunks(source)  # no length: http.client sends it chunked
+            body, rewind = _chunks(source), None  # no length: http.client sends it chunked
         response = self._send("PUT", f"/v1/files?{urlencode(query)}", body, headers,
-                              timeout=None, retry=False)
+                              rewind=rewind)
         data = response.read()
         _raise_for(response.status, data)
         return _json(data)

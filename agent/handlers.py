@@ -72,6 +72,17 @@ class ApiHandler(tornado.web.RequestHandler):
         else:
             super().log_exception(typ, value, tb)
 
+    def path_argument(self) -> str | None:
+        """The raw `path` query argument: Tornado's getters would turn control characters
+        such as NUL into spaces, silently naming another file; we refuse them instead."""
+        values = self.request.query_arguments.get("path")
+        if not values:
+            return None
+        try:
+            return values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("path is not valid UTF-8") from None
+
     def int_argument(self, name: str, default: int) -> int:
         raw = self.get_query_argument(name, None)
         if raw is None:
@@ -193,6 +204,7 @@ class FilesHandler(ApiHandler):
 
     writer: FileWriter | None = None
     failure: MarcoError | None = None
+    client_gone = False
 
     async def prepare(self) -> None:
         if self.request.method != "PUT":
@@ -200,13 +212,17 @@ class FilesHandler(ApiHandler):
         self.request.connection.set_max_body_size(MAX_UPLOAD_BYTES)  # type: ignore[union-attr]
         try:
             user = self.authenticate()
-            path = validate_path(user, self.get_query_argument("path", None))
+            path = validate_path(user, self.path_argument())
             mode = parse_mode(self.get_query_argument("mode", None))
             overwrite = self.bool_argument("overwrite", True)
             self.writer = await self.ctx.files.open_writer(user, path, mode, overwrite)
+            if self.client_gone:  # the client left while the helper was starting
+                self.writer.abort()
         except MarcoError as error:
-            # Answer now; the rest of the body is read and dropped by data_received.
+            # Answer now, before the body moves; Tornado reads and drops the rest of the body,
+            # then closes the connection, so tell the client not to reuse it.
             self.failure = error
+            self.set_header("Connection", "close")
             self.send_error(error.status, exc_info=(type(error), error, None))
 
     async def data_received(self, chunk: bytes) -> None:
@@ -227,12 +243,13 @@ class FilesHandler(ApiHandler):
         self.write_json(result, 201)
 
     def on_connection_close(self) -> None:
+        self.client_gone = True
         if self.writer is not None:
             self.writer.abort()
 
     async def get(self) -> None:
         user = self.authenticate()
-        path = validate_path(user, self.get_query_argument("path", None))
+        path = validate_path(user, self.path_argument())
         reader: FileReader = await self.ctx.files.open_reader(user, path)
         try:
             self.set_header("Content-Type", "application/octet-stream")

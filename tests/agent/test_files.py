@@ -1,0 +1,128 @@
+"""File upload and download as the user: the kernel decides, nothing partial is left."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+
+import pytest
+
+from agent.client import AgentClient
+from agent.errors import BadRequest, Conflict, NotFound, PermissionDenied
+from agent.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
+from tests.support.users import UnixUser
+
+
+@pytest.fixture
+def alice_client(shared_agent: AgentProcess, signer: TokenSigner, alice: UnixUser) -> AgentClient:
+    return AgentClient(shared_agent.host, shared_agent.port, signer.issue(alice.name))
+
+
+def test_upload_download_round_trip_owned_by_user(alice_client: AgentClient,
+                                                  alice: UnixUser) -> None:
+    data = os.urandom(256 * 1024) + "ünïcödé ✓".encode()
+    assert alice_client.run(["mkdir", "-p", "dir-ü"]).rc == 0
+    result = alice_client.put_file(io.BytesIO(data), "~/dir-ü/fïle ✓.bin", mode=0o640,
+                                   size=len(data))
+    path = os.path.join(alice.home, "dir-ü", "fïle ✓.bin")
+    assert result["path"] == path and result["size"] == len(data)
+    info = os.stat(path)
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (alice.uid, alice.gid, 0o640)
+    out = io.BytesIO()
+    alice_client.get_file("dir-ü/fïle ✓.bin", out)
+    assert out.getvalue() == data
+
+
+def test_empty_and_chunked_uploads(alice_client: AgentClient, alice: UnixUser) -> None:
+    alice_client.put_file(io.BytesIO(b""), "empty", size=0)
+    assert os.path.getsize(os.path.join(alice.home, "empty")) == 0
+    alice_client.put_file(io.BytesIO(b"x" * 3_000_000), "chunked")  # no length: chunked
+    assert os.path.getsize(os.path.join(alice.home, "chunked")) == 3_000_000
+    out = io.BytesIO()
+    alice_client.get_file("empty", out)
+    assert out.getvalue() == b""
+
+
+def test_large_file_streams(alice_client: AgentClient, alice: UnixUser, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    source = tmp_path / "big"
+    with open(source, "wb") as handle:
+        for _ in range(64):
+            handle.write(os.urandom(1024 * 1024))
+    with open(source, "rb") as handle:
+        alice_client.put_file(handle, "big", size=source.stat().st_size)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    with open(os.path.join(alice.home, "big"), "rb") as handle:
+        assert hashlib.sha256(handle.read()).hexdigest() == digest
+    back = tmp_path / "back"
+    with open(back, "wb") as handle:
+        alice_client.get_file("~/big", handle)
+    assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
+
+
+def test_no_overwrite_is_409_and_keeps_the_file(alice_client: AgentClient, alice: UnixUser) -> None:
+    alice_client.put_file(io.BytesIO(b"first"), "keep.txt", size=5)
+    with pytest.raises(Conflict, match="exists"):
+        alice_client.put_file(io.BytesIO(b"second"), "keep.txt", overwrite=False, size=6)
+    with open(os.path.join(alice.home, "keep.txt"), "rb") as handle:
+        assert handle.read() == b"first"
+    alice_client.put_file(io.BytesIO(b"third"), "keep.txt", overwrite=True, size=5)
+    with open(os.path.join(alice.home, "keep.txt"), "rb") as handle:
+        assert handle.read() == b"third"
+
+
+def test_kernel_refuses_what_the_user_may_not_write(alice_client: AgentClient, alice: UnixUser,
+                                                    bob: UnixUser) -> None:
+    with pytest.raises(PermissionDenied):
+        alice_client.put_file(io.BytesIO(b"evil"), "/etc/marcotest-x", size=4)
+    assert not os.path.exists("/etc/marcotest-x")
+    with pytest.raises(PermissionDenied):
+        alice_client.put_file(io.BytesIO(b"evil"), os.path.join(bob.home, "x"), size=4)
+    assert not os.path.exists(os.path.join(bob.home, "x"))
+    with pytest.raises(PermissionDenied):
+        alice_client.get_file("/etc/shadow", io.BytesIO())
+    # A symlink in alice's home pointing into bob's home does not help her either.
+    link = os.path.join(alice.home, "to-bob")
+    if not os.path.islink(link):
+        os.symlink(bob.home, link)
+    with pytest.raises(PermissionDenied):
+        alice_client.put_file(io.BytesIO(b"evil"), "to-bob/x", size=4)
+    assert not os.path.exists(os.path.join(bob.home, "x"))
+    leftovers = [n for n in os.listdir(alice.home) if n.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_bad_paths_are_4xx(alice_client: AgentClient) -> None:
+    with pytest.raises(BadRequest, match=r"\.\."):
+        alice_client.put_file(io.BytesIO(b"x"), "../marcotest-bob/x", size=1)
+    with pytest.raises(BadRequest, match=r"\.\."):
+        alice_client.get_file("~/a/../../etc/passwd", io.BytesIO())
+    with pytest.raises(BadRequest, match="NUL"):
+        alice_client.get_file("a\0b", io.BytesIO())
+    with pytest.raises(NotFound):
+        alice_client.get_file("does-not-exist", io.BytesIO())
+    with pytest.raises(NotFound):
+        alice_client.put_file(io.BytesIO(b"x"), "no/such/dir/file", size=1)
+    with pytest.raises(BadRequest, match="octal"):
+        alice_client._request("PUT", "/v1/files?path=m&mode=rwx")
+    with pytest.raises(BadRequest, match="not a regular file"):
+        alice_client.get_file("~", io.BytesIO())
+
+
+def test_interrupted_upload_leaves_nothing(shared_agent: AgentProcess, signer: TokenSigner,
+                                           alice: UnixUser) -> None:
+    token = signer.issue(alice.name)
+    with socket.create_connection((shared_agent.host, shared_agent.port)) as sock:
+        sock.sendall(f"PUT /v1/files?path=partial HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {token}\r\nContent-Length: 1000000\r\n\r\n"
+                     .encode() + b"y" * 1000)
+    client = AgentClient(shared_agent.host, shared_agent.port, token)
+    # The next request on the same agent sees no file and no temp file left behind.
+    for _ in range(50):
+        if not any(".marco-" in name for name in os.listdir(alice.home)):
+            break
+        client.health()
+    assert not os.path.exists(os.path.join(alice.home, "partial"))
+    assert not any(".marco-" in name for name in os.listdir(alice.home))
