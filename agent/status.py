@@ -1,0 +1,451 @@
+"""Node status snapshots (psutil) and their once-per-second publication to subscribers.
+
+`StatusSampler.snapshot()` returns one JSON-serialisable dict; its keys are stable:
+
+==============  ==================================================================================
+key             value
+==============  ==================================================================================
+``time``        epoch seconds (float) when the snapshot was taken
+``node``        the agent's node name
+``hostname``    ``socket.gethostname()``
+``addresses``   ``[{"interface", "address", "family": "ipv4"|"ipv6"}]``, non-loopback first
+``uptime``      seconds since boot (float)
+``kernel``      ``platform.release()``
+``os``          distribution name (os-release ``PRETTY_NAME``), else ``platform.system()``
+``cpu``         ``{"percent": total %, "per_core": [% per logical core], "count": n}``
+``load``        ``[1, 5, 15]`` minute load averages
+``memory``      ``{"total", "available", "used", "buffers", "cached"}`` bytes and ``"percent"``
+``swap``        ``{"total", "used"}`` bytes and ``"percent"``
+``temperature`` highest current reading of ``psutil.sensors_temperatures()`` in °C, or null
+``network``     ``{"rx_bytes", "tx_bytes"}`` totals over non-loopback interfaces (int) and
+                ``{"rx_rate", "tx_rate"}`` bytes/s since the previous snapshot (0 on the first)
+``processes``   top N by CPU: ``[{"pid", "user", "name", "cpu", "rss"}]``; ``cpu`` is % of one
+                core since the previous snapshot (may exceed 100 for multi-threaded processes),
+                ``rss`` bytes
+==============  ==================================================================================
+
+CPU percentages are computed from the sampler's own previous counters (not psutil's module-wide
+state), so the first snapshot reports 0 and ranks processes by their accumulated CPU time.
+Hostname, addresses, kernel and os are re-read every `StatusSampler.static_ttl` seconds, the
+temperature every `StatusSampler.temperature_ttl` seconds, a top process's user and name every
+`StatusSampler.details_ttl` seconds; everything else at every snapshot.
+
+Cost: reading every process's CPU time is most of a snapshot. On Linux the sampler reads it (and
+RSS) straight from ``/proc/<pid>/stat``, one read per process and no psutil.Process objects,
+which halves the cost; elsewhere (or with ``fast_procfs = False``) it uses
+``psutil.Process.cpu_times()``. Only the top N get psutil.Process objects. See bench/README.md.
+
+`StatusPublisher` takes one snapshot per interval, only while at least one subscriber is
+present, and sends the same encoded ``{"type": "status", "status": ...}`` message to all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import platform
+import socket
+import sys
+import time
+from typing import Any, Callable
+
+import psutil
+
+from .protocol import encode
+
+try:
+    import pwd
+except ImportError:  # pragma: no cover - non-POSIX
+    pwd = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+_GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
+
+
+class _ProcState:
+    """What the sampler remembers about one pid between snapshots."""
+
+    __slots__ = ("pid", "ident", "cpu_total", "cpu_percent", "rss", "user", "name", "details_at",
+                 "_proc")
+
+    def __init__(self, pid: int, ident: object = None) -> None:
+        self.pid = pid
+        self.ident = ident  # start time, to tell a reused pid from the process seen before
+        self.cpu_total = 0.0  # user + system seconds
+        self.cpu_percent = 0.0
+        self.rss: int | None = None  # bytes, when the scan read it anyway (procfs)
+        self.user = ""
+        self.name = ""
+        self.details_at = float("-inf")  # clock time user and name were read
+        self._proc: psutil.Process | None = None
+
+    @property
+    def proc(self) -> psutil.Process:
+        """The psutil.Process, created on first use (top processes and the fallback need it)."""
+        if self._proc is None:
+            self._proc = psutil.Process(self.pid)
+        return self._proc
+
+
+class StatusSampler:
+    """Takes psutil snapshots; keeps previous counters to compute rates and per-process CPU %."""
+
+    #: Seconds the hostname, addresses, kernel and os stay cached.
+    static_ttl = 30.0
+    #: Seconds a temperature reading stays cached (reading every hwmon sensor is costly).
+    temperature_ttl = 5.0
+    #: Seconds a top process's user and name stay cached (its CPU % and RSS are always fresh).
+    details_ttl = 5.0
+    #: Monotonic clock (seconds) for rates and cache ages; replaceable per instance, e.g. by a
+    #: benchmark that simulates one snapshot per second without sleeping.
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    #: On Linux, read each process's CPU ticks from /proc/<pid>/stat directly: half the cost of
+    #: psutil.Process.cpu_times(), which is most of a snapshot. False (or no /proc) = psutil.
+    fast_procfs = True
+
+    def __init__(self, node_name: str, top_n: int = 10) -> None:
+        self.node_name = node_name
+        self.top_n = top_n
+        self._static: dict[str, Any] = {}
+        self._static_at = float("-inf")
+        self._loopback_ifaces: frozenset[str] = frozenset({"lo"})
+        self._boot_time = 0.0
+        self._temperature: float | None = None
+        self._temperature_at = float("-inf")
+        self._usernames: dict[int, str] = {}
+        self._procs: dict[int, _ProcState] = {}
+        self._procfs = sys.platform.startswith("linux") and os.path.exists("/proc/self/stat")
+        self._clock_ticks = os.sysconf("SC_CLK_TCK") if self._procfs else 100
+        self._page_size = os.sysconf("SC_PAGE_SIZE") if self._procfs else 4096
+        self._cpu_prev: list[tuple[float, float]] | None = None  # (busy, total) per core
+        self._net_prev: tuple[float, int, int] | None = None  # (monotonic, rx, tx)
+        self._procs_at: float | None = None  # monotonic time of the last process scan
+
+    @property
+    def primed(self) -> bool:
+        """True once CPU and process counters have been read at least once."""
+        return self._procs_at is not None
+
+    def prime(self) -> None:
+        """Read the CPU and process counters so the next snapshot has meaningful percentages."""
+        self._cpu()
+        self._scan_processes()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Take one status snapshot (synchronous, a few milliseconds)."""
+        now = time.time()
+        mono = self.clock()
+        static = self._static_info(mono)
+        cpu_percent, per_core = self._cpu()
+        vm = psutil.virtual_memory()
+        sw = psutil.swap_memory()
+        return {
+            "time": now,
+            "node": self.node_name,
+            "hostname": static["hostname"],
+            "addresses": static["addresses"],
+            "uptime": round(now - self._boot_time, 1),
+            "kernel": static["kernel"],
+            "os": static["os"],
+            "cpu": {"percent": cpu_percent, "per_core": per_core, "count": len(per_core)},
+            "load": [round(x, 2) for x in psutil.getloadavg()],
+            "memory": {"total": vm.total, "available": vm.available, "used": vm.used,
+                       "buffers": getattr(vm, "buffers", 0), "cached": getattr(vm, "cached", 0),
+                       "percent": vm.percent},
+            "swap": {"total": sw.total, "used": sw.used, "percent": sw.percent},
+            "temperature": self._temperature_reading(mono),
+            "network": self._network(mono),
+            "processes": self._top_processes(self._scan_processes()),
+        }
+
+    # -- cached, slowly changing facts -------------------------------------------------------
+
+    def _static_info(self, mono: float) -> dict[str, Any]:
+        if mono - self._static_at >= self.static_ttl:
+            addresses, loopback = _addresses()
+            self._loopback_ifaces = frozenset(loopback | {"lo"})
+            self._boot_time = psutil.boot_time()
+            self._static = {"hostname": socket.gethostname(), "addresses": addresses,
+                            "kernel": platform.release(), "os": _os_name()}
+            self._static_at = mono
+        return self._static
+
+    def _temperature_reading(self, mono: float) -> float | None:
+        if mono - self._temperature_at >= self.temperature_ttl:
+            self._temperature = _highest_temperature()
+            self._temperature_at = mono
+        return self._temperature
+
+    # -- counters ----------------------------------------------------------------------------
+
+    def _cpu(self) -> tuple[float, list[float]]:
+        """(total %, per-core %) busy since the previous call (all 0 on the first)."""
+        current = [_busy_total(t) for t in psutil.cpu_times(percpu=True)]
+        prev, self._cpu_prev = self._cpu_prev, current
+        if prev is None or len(prev) != len(current):
+            return 0.0, [0.0] * len(current)
+        per_core = [_percent(b - b0, t - t0) for (b, t), (b0, t0) in zip(current, prev)]
+        busy = sum(b for b, _ in current) - sum(b for b, _ in prev)
+        total = sum(t for _, t in current) - sum(t for _, t in prev)
+        return _percent(busy, total), per_core
+
+    def _network(self, mono: float) -> dict[str, Any]:
+        rx = tx = 0
+        skip = self._loopback_ifaces
+        for name, c in psutil.net_io_counters(pernic=True).items():
+            if name not in skip:
+                rx += c.bytes_recv
+                tx += c.bytes_sent
+        prev, self._net_prev = self._net_prev, (mono, rx, tx)
+        rx_rate = tx_rate = 0.0
+        if prev is not None and mono > prev[0]:
+            dt = mono - prev[0]
+            rx_rate = round(max(0, rx - prev[1]) / dt, 1)
+            tx_rate = round(max(0, tx - prev[2]) / dt, 1)
+        return {"rx_bytes": rx, "tx_bytes": tx, "rx_rate": rx_rate, "tx_rate": tx_rate}
+
+    def _scan_processes(self) -> list[_ProcState]:
+        """Read every process's CPU time once; update each one's CPU % since the last scan."""
+        mono = self.clock()
+        dt = mono - self._procs_at if self._procs_at is not None else 0.0
+        self._procs_at = mono
+        read = self._read_procfs if self.fast_procfs and self._procfs else self._read_psutil
+        old = self._procs
+        new: dict[int, _ProcState] = {}
+        for pid in psutil.pids():
+            state = old.get(pid)
+            seen = state is not None
+            if state is None:
+                state = _ProcState(pid)
+            try:
+                total, ident, rss = read(state)
+            except (OSError, IndexError, ValueError, *_GONE):
+                continue  # vanished or unreadable
+            if not seen:
+                state.ident = ident
+            elif ident != state.ident or total < state.cpu_total:
+                state = _ProcState(pid, ident)  # the pid was reused by a new process
+            # A process that appeared since the last scan used all its CPU time within `dt`.
+            delta = total - state.cpu_total
+            state.cpu_total = total
+            state.rss = rss
+            state.cpu_percent = round(delta / dt * 100.0, 1) if dt > 0 else 0.0
+            new[pid] = state
+        self._procs = new
+        return list(new.values())
+
+    def _read_procfs(self, state: _ProcState) -> tuple[float, object, int | None]:
+        """(user + system seconds, start ticks, rss bytes) from /proc/<pid>/stat."""
+        fd = os.open(f"/proc/{state.pid}/stat", os.O_RDONLY)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        # Fields after the parenthesised name (which may hold spaces and parentheses): state is
+        # [0], utime [11], stime [12], starttime [19], rss pages [21] (man 5 proc numbers - 3).
+        fields = data[data.rfind(b")") + 2:].split(maxsplit=22)
+        return ((int(fields[11]) + int(fields[12])) / self._clock_ticks, fields[19],
+                int(fields[21]) * self._page_size)
+
+    @staticmethod
+    def _read_psutil(state: _ProcState) -> tuple[float, object, int | None]:
+        """(user + system seconds, create time, None) through psutil (any platform)."""
+        proc = state.proc
+        ct = proc.cpu_times()
+        return ct.user + ct.system, proc.create_time(), None  # create_time() is cached
+
+    def _top_processes(self, states: list[_ProcState]) -> list[dict[str, Any]]:
+        """Details (user, name, rss) of the top N by CPU %, ties broken by accumulated CPU."""
+        states.sort(key=lambda s: (s.cpu_percent, s.cpu_total), reverse=True)
+        mono = self.clock()
+        top = []
+        for state in states:
+            if len(top) >= self.top_n:
+                break
+            try:
+                proc = state.proc
+                if mono - state.details_at >= self.details_ttl:
+                    state.user, state.name = self._username(proc), proc.name()
+                    state.details_at = mono
+                rss = state.rss if state.rss is not None else proc.memory_info().rss
+            except _GONE:
+                continue
+            top.append({"pid": proc.pid, "user": state.user, "name": state.name,
+                        "cpu": state.cpu_percent, "rss": rss})
+        return top
+
+    def _username(self, proc: psutil.Process) -> str:
+        if pwd is None:  # pragma: no cover - non-POSIX
+            return proc.username()
+        uid = proc.uids().real
+        name = self._usernames.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = str(uid)
+            self._usernames[uid] = name
+        return name
+
+
+def _busy_total(t: Any) -> tuple[float, float]:
+    """(busy, total) seconds of one cpu_times() tuple, counted the way psutil.cpu_percent does."""
+    total = sum(t)
+    # On Linux user/nice already include guest/guest_nice.
+    total -= getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
+    idle = t.idle + getattr(t, "iowait", 0.0)
+    return total - idle, total
+
+
+def _percent(busy: float, total: float) -> float:
+    return round(min(100.0, max(0.0, busy / total * 100.0)), 1) if total > 0 else 0.0
+
+
+def _addresses() -> tuple[list[dict[str, str]], set[str]]:
+    """IPv4/IPv6 addresses, non-loopback first, and the names of loopback interfaces."""
+    families = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+    rows: list[tuple[bool, str, str, str]] = []
+    loopback: set[str] = set()
+    for iface, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            family = families.get(a.family)
+            if family is None:
+                continue
+            address = a.address.split("%", 1)[0]
+            try:
+                is_loop = ipaddress.ip_address(address).is_loopback
+            except ValueError:
+                continue
+            if is_loop:
+                loopback.add(iface)
+            rows.append((is_loop, family, iface, address))
+    rows.sort(key=lambda r: (r[0], r[1], r[2]))  # stable: keeps each interface's own order
+    return ([{"interface": iface, "address": addr, "family": fam}
+             for _, fam, iface, addr in rows], loopback)
+
+
+def _os_name() -> str:
+    try:
+        return platform.freedesktop_os_release().get("PRETTY_NAME") or platform.system()
+    except (OSError, AttributeError):
+        return platform.system()
+
+
+def _highest_temperature() -> float | None:
+    reader = getattr(psutil, "sensors_temperatures", None)
+    if reader is None:
+        return None
+    try:
+        sensors = reader()
+    except (OSError, RuntimeError):
+        return None
+    readings = [e.current for entries in sensors.values() for e in entries
+                if e.current is not None]
+    return round(max(readings), 1) if readings else None
+
+
+class StatusPublisher:
+    """One collection per `interval` shared by all subscribers; runs only while >= 1 subscriber.
+
+    `subscribe` must be called from the event loop's thread while the loop runs (any Tornado
+    handler does): the periodic task starts on the first subscriber and stops with the last.
+    """
+
+    #: Seconds `current()` waits between priming the CPU counters and sampling.
+    prime_delay = 0.25
+
+    def __init__(self, sampler: StatusSampler, interval: float = 1.0) -> None:
+        self.sampler = sampler
+        self.interval = interval
+        self._subscribers: list[Callable[[str], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._last: dict[str, Any] | None = None
+        self._last_at = float("-inf")  # monotonic
+        self._lock = asyncio.Lock()
+
+    @property
+    def subscriber_count(self) -> int:
+        """How many `send` callables currently receive status messages."""
+        return len(self._subscribers)
+
+    def subscribe(self, send: Callable[[str], None]) -> None:
+        """Send every future status message to `send`; starts the periodic task if needed."""
+        loop = asyncio.get_running_loop()  # RuntimeError outside the event loop
+        if send not in self._subscribers:
+            self._subscribers.append(send)
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run())
+
+    def unsubscribe(self, send: Callable[[str], None]) -> None:
+        """Stop sending to `send`; stops the periodic task when nobody is left."""
+        try:
+            self._subscribers.remove(send)
+        except ValueError:
+            pass
+        if not self._subscribers:
+            self._stop()
+
+    async def current(self) -> dict[str, Any]:
+        """The last snapshot if younger than `interval`, else a fresh one (primed if needed)."""
+        async with self._lock:
+            if time.monotonic() - self._last_at < self.interval and self._last is not None:
+                return self._last
+            if not self.sampler.primed:
+                self.sampler.prime()
+                await asyncio.sleep(min(self.prime_delay, self.interval))
+            return self._take()
+
+    def close(self) -> None:
+        """Stop the periodic task and forget every subscriber."""
+        self._subscribers.clear()
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def _take(self) -> dict[str, Any]:
+        snap = self.sampler.snapshot()
+        self._last, self._last_at = snap, time.monotonic()
+        return snap
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        if not self.sampler.primed:
+            self.sampler.prime()
+            await asyncio.sleep(min(self.prime_delay, self.interval))
+        next_at = loop.time()
+        while self._subscribers:
+            # A snapshot `current()` took moments ago is reused rather than resampled over a
+            # tiny window (which would give noisy percentages).
+            if time.monotonic() - self._last_at < self.interval / 2 and self._last is not None:
+                self._broadcast(self._last)
+            else:
+                try:
+                    snap = self._take()
+                except Exception:  # keep publishing: the next tick may well succeed
+                    log.exception("status snapshot failed")
+                else:
+                    self._broadcast(snap)
+            next_at += self.interval
+            now = loop.time()
+            if next_at < now:  # fell behind (slow loop): skip the missed ticks
+                next_at = now
+            await asyncio.sleep(next_at - now)
+        if self._task is asyncio.current_task():
+            self._task = None
+
+    def _broadcast(self, snap: dict[str, Any]) -> None:
+        """Encode once; send to every subscriber, dropping those whose `send` raises."""
+        message = encode({"type": "status", "status": snap})
+        for send in list(self._subscribers):
+            try:
+                send(message)
+            except Exception:
+                log.exception("status subscriber %r failed; dropping it", send)
+                if send in self._subscribers:
+                    self._subscribers.remove(send)
