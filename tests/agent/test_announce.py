@@ -1,0 +1,271 @@
+"""Tests of agent.announce: the interface policy, the TXT record, and real zeroconf on loopback.
+
+The discovery test runs two real marco-agent processes (distinct zeroconf instances
+sharing UDP 5353 on 127.0.0.1, as on a real host running several agents), browses from the test
+process with QM questions, and stops one agent with SIGTERM to check its goodbye is seen.
+No `ip link set lo multicast` is needed: zeroconf sets IP_MULTICAST_IF/IP_ADD_MEMBERSHIP on
+127.0.0.1 explicitly, which Linux honours without the MULTICAST flag on lo.
+The clash test keeps other zeroconf processes on 127.0.0.1:5353, where zeroconf's own QU probes
+miss the defender's unicast answer; Announcer's QM check must still catch the clash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from agent import __version__
+from agent.announce import Announcement, Announcer, choose_mdns_interfaces, dns_label
+from agent.errors import ConfigError
+from agent.protocol import PROTOCOL_VERSION, SERVICE_TYPE
+
+REPO = Path(__file__).resolve().parents[2]
+WAIT = 10.0  # bound of every wait on the network
+
+# One agent process: announce until SIGTERM/SIGINT, the way the agent's main() wires it.
+AGENT = r"""
+import asyncio, signal, sys
+from agent.announce import Announcement, Announcer
+
+async def main() -> None:
+    node, port, tls = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    announcement = Announcement(node=node, port=port, addresses=(), groups=("lab", "web"),
+                                tls=tls)
+    async with Announcer(announcement, ["127.0.0.1"]):
+        print("READY", flush=True)
+        await stop.wait()
+    print("BYE", flush=True)
+
+asyncio.run(main())
+"""
+
+# Other mDNS stacks sharing UDP 5353 on this host: idle zeroconf instances until killed.
+BYSTANDER = r"""
+import asyncio
+from zeroconf.asyncio import AsyncZeroconf
+
+async def main() -> None:
+    instances = [AsyncZeroconf(interfaces=["127.0.0.1"]) for _ in range(4)]
+    print("READY", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+# --- pure policy and record tests ---------------------------------------------------------------
+
+def test_configured_addresses_win_over_bind() -> None:
+    assert choose_mdns_interfaces("127.0.0.1", ["10.0.0.5", "10.0.0.5", "fd00::1"]) == [
+        "10.0.0.5", "fd00::1"]
+    assert choose_mdns_interfaces("0.0.0.0", ["192.168.1.2"]) == ["192.168.1.2"]
+
+
+def test_specific_bind_is_used_and_wildcards_announce_nowhere() -> None:
+    assert choose_mdns_interfaces("127.0.0.1", []) == ["127.0.0.1"]
+    assert choose_mdns_interfaces("192.168.1.2", ()) == ["192.168.1.2"]
+    assert choose_mdns_interfaces("[fd00::1]", []) == ["fd00::1"]
+    for wildcard in ("0.0.0.0", "::", "", "[::]"):
+        assert choose_mdns_interfaces(wildcard, []) == []
+    assert choose_mdns_interfaces("node1.example", []) == []
+
+
+@pytest.mark.parametrize("bad", ["0.0.0.0", "::", "eth0", "224.0.0.251"])
+def test_configured_wildcards_and_names_are_config_errors(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        choose_mdns_interfaces("127.0.0.1", [bad])
+
+
+def test_txt_record() -> None:
+    txt = Announcement("node-01", 7370, ("127.0.0.1",), groups=["lab", "gpu"], tls=True).txt()
+    assert set(txt) == {"proto", "version", "node", "os", "arch", "cpus", "groups", "tls"}
+    assert txt["proto"] == str(PROTOCOL_VERSION)
+    assert txt["version"] == __version__
+    assert txt["node"] == "node-01"
+    assert txt["arch"] == platform.machine().lower()
+    assert txt["cpus"] == str(os.cpu_count())
+    assert txt["groups"] == "lab,gpu"
+    assert txt["tls"] == "1"
+    assert txt["os"] and len(txt["os"]) <= 32 and txt["os"] == txt["os"].lower()
+    if Path("/etc/os-release").exists():
+        assert txt["os"] == platform.freedesktop_os_release()["ID"]
+    plain = Announcement("n", 1, ()).txt()
+    assert (plain["groups"], plain["tls"]) == ("", "0")
+
+
+def test_names_are_sanitised_and_bad_values_refused() -> None:
+    item = Announcement("Web_01.lab", 7370, ())
+    assert item.service_name() == f"web-01-lab.{SERVICE_TYPE}"
+    assert item.server_name() == "web-01-lab.local."
+    assert dns_label("x" * 100) == "x" * 63
+    with pytest.raises(ConfigError):
+        Announcement("...", 7370, ())
+    with pytest.raises(ConfigError):
+        Announcement("n", 0, ())
+    with pytest.raises(ConfigError):
+        Announcement("n", 7370, (), groups=("a,b",))
+    with pytest.raises(ConfigError):
+        Announcement("n", 7370, ("0.0.0.0",))
+    with pytest.raises(ConfigError):
+        Announcement("n", 7370, (), groups=("g" * 300,)).txt()
+
+
+def test_announcer_refuses_no_interface_or_a_wildcard() -> None:
+    item = Announcement("n", 7370, ())
+    with pytest.raises(ConfigError):
+        Announcer(item, [])
+    with pytest.raises(ConfigError):
+        Announcer(item, ["0.0.0.0"])
+
+
+# --- real zeroconf on loopback ------------------------------------------------------------------
+
+def test_address_not_on_this_host_is_a_config_error() -> None:
+    async def scenario() -> None:
+        # 192.0.2.0/24 is TEST-NET-1 (RFC 5737): never an address of this host.
+        announcer = Announcer(Announcement(f"t{os.getpid()}-bad", 7370, ()), ["192.0.2.1"])
+        try:
+            with pytest.raises(ConfigError, match="192.0.2.1"):
+                await asyncio.wait_for(announcer.start(), WAIT)
+            assert not announcer.running
+        finally:
+            await announcer.stop()
+            await announcer.stop()  # idempotent
+
+    asyncio.run(scenario())
+
+
+def test_name_clash_is_a_config_error_even_with_other_mdns_stacks_here() -> None:
+    async def scenario() -> None:
+        node = f"t{os.getpid()}-clash"
+        # Other zeroconf instances on 127.0.0.1:5353 (another process, like avahi or the
+        # controller) receive the unicast answers to zeroconf's QU probes, which hid the clash
+        # before Announcer added its QM check.
+        bystander = await _spawn(BYSTANDER)
+        first = Announcer(Announcement(node, 7371, ()), ["127.0.0.1"])
+        second = Announcer(Announcement(node.upper(), 7372, ()), ["127.0.0.1"])
+        try:
+            assert await _read_line(bystander) == "READY"
+            await asyncio.wait_for(first.start(), WAIT)
+            # mDNS does not multicast a record again within a second of announcing it; the clash
+            # this guards against is with an agent that is already running.
+            await asyncio.sleep(1.2)
+            with pytest.raises(ConfigError, match="already announced"):
+                await asyncio.wait_for(second.start(), WAIT)
+            assert first.running and not second.running
+        finally:
+            await second.stop()
+            await first.stop()
+            bystander.kill()
+            await bystander.wait()
+
+    asyncio.run(scenario())
+
+
+def test_stop_during_start_cancels_it() -> None:
+    async def scenario() -> None:
+        for delay in (0.0, 0.5, 2.0):  # before, in the QM clash check, while probing
+            announcer = Announcer(Announcement(f"t{os.getpid()}-race", 7373, ()), ["127.0.0.1"])
+            starting = asyncio.create_task(announcer.start())
+            await asyncio.sleep(delay)
+            await asyncio.wait_for(announcer.stop(), WAIT)
+            with pytest.raises(asyncio.CancelledError):
+                await starting
+            assert not announcer.running
+            await announcer.stop()
+
+    asyncio.run(scenario())
+
+
+async def _spawn(script: str, *args: str) -> asyncio.subprocess.Process:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
+                                                                   os.environ.get("PYTHONPATH")])))
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, *args, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE)
+
+
+async def _read_line(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stdout is not None
+    return (await asyncio.wait_for(proc.stdout.readline(), WAIT)).decode().strip()
+
+
+def test_browser_on_loopback_finds_two_agents_and_sees_one_leave(start_agent) -> None:  # type: ignore[no-untyped-def]
+    """Two real marco-agent processes announce on 127.0.0.1; a QM browser finds both."""
+    tag = f"t{os.getpid()}"
+    started = time.monotonic()
+    agents = {node: start_agent(node_name=node, announce=True,
+                                extra_args=["--groups", "lab,web"])
+              for node in (f"{tag}-a", f"{tag}-b")}
+    ports = {node: agent.port for node, agent in agents.items()}
+    names = {f"{node}.{SERVICE_TYPE}": node for node in ports}
+
+    async def scenario() -> None:
+        zc: AsyncZeroconf | None = None
+        browser: AsyncServiceBrowser | None = None
+        events: asyncio.Queue[tuple[str, ServiceStateChange, float]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def on_change(zeroconf: Zeroconf, service_type: str, name: str,
+                      state_change: ServiceStateChange) -> None:
+            if name in names:  # other Marco tests may announce on this loopback too
+                loop.call_soon_threadsafe(events.put_nowait, (name, state_change, time.monotonic()))
+
+        async def wait_for(wanted: set[str], change: ServiceStateChange) -> float:
+            deadline = time.monotonic() + WAIT
+            while wanted:
+                name, seen, at = await asyncio.wait_for(events.get(), deadline - time.monotonic())
+                assert (name, seen) != (f"{tag}-b.{SERVICE_TYPE}", ServiceStateChange.Removed)
+                if seen == change:
+                    wanted.discard(name)
+            return at
+
+        try:
+            begin = time.monotonic()
+            zc = AsyncZeroconf(interfaces=["127.0.0.1"])
+            browser = AsyncServiceBrowser(zc.zeroconf, SERVICE_TYPE, handlers=[on_change],
+                                          question_type=DNSQuestionType.QM)
+            found = await wait_for(set(names), ServiceStateChange.Added) - begin
+            for name, node in names.items():
+                info = AsyncServiceInfo(SERVICE_TYPE, name)
+                assert await info.async_request(zc.zeroconf, WAIT * 1000,
+                                                question_type=DNSQuestionType.QM), name
+                assert info.port == ports[node]
+                assert info.server == f"{node}.local."
+                assert info.parsed_addresses() == ["127.0.0.1"]
+                txt = info.decoded_properties
+                assert txt["node"] == node
+                assert txt["proto"] == str(PROTOCOL_VERSION)
+                assert txt["version"] == __version__
+                assert txt["groups"] == "lab,web"
+                assert txt["tls"] == "0"
+                assert txt["cpus"] == str(os.cpu_count())
+                assert txt["arch"] and txt["os"]
+            resolved = time.monotonic() - begin
+
+            stop_at = time.monotonic()
+            rc = await loop.run_in_executor(None, agents[f"{tag}-a"].stop)
+            removed = await wait_for({f"{tag}-a.{SERVICE_TYPE}"}, ServiceStateChange.Removed)
+            assert rc == 0
+            print(f"\nannounce timings: agents started {begin - started:.2f}s before browsing; "
+                  f"browser found both in {found:.3f}s, resolved both in {resolved:.3f}s; "
+                  f"goodbye seen {removed - stop_at:.3f}s after SIGTERM")
+        finally:
+            if browser is not None:
+                await browser.async_cancel()
+            if zc is not None:
+                await zc.async_close()
+
+    asyncio.run(scenario())
