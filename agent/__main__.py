@@ -14,11 +14,12 @@ from typing import Sequence
 from tornado.ioloop import PeriodicCallback
 
 from . import __version__
-from .announce import Announcement, Announcer, choose_mdns_interfaces
+from .announce import Announcement, Announcer
 from .app import make_app
 from .config import DEFAULT_CONFIG_FILE, AgentConfig, agent_options
 from .errors import ConfigError
 from .context import AgentContext
+from .protocol import choose_mdns_interfaces
 from .settings import ConfigSource, add_options, merge_settings, read_config_file
 from .tokens import DEFAULT_SECRET_FILE, create_secret, load_secret
 

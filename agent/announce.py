@@ -1,7 +1,7 @@
 """Announce this agent on the LAN by zeroconf (mDNS / DNS-SD), on chosen interfaces only.
 
-`choose_mdns_interfaces` decides where to announce (never every network by default),
-`Announcement` says what (the `_marco._tcp.local.` service and its TXT record), and `Announcer`
+`choose_mdns_interfaces` (agent.protocol, shared with the controller's browser) decides where to
+announce (never every network by default), `Announcement` says what (the `_marco._tcp.local.` service and its TXT record), and `Announcer`
 registers it and withdraws it with goodbye packets. The agent's `main()` owns the signal
 handlers: on SIGTERM/SIGINT it awaits `Announcer.stop()` (or leaves `async with Announcer(...)`).
 """
@@ -9,7 +9,6 @@ handlers: on SIGTERM/SIGINT it awaits `Announcer.stop()` (or leaves `async with 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import platform
@@ -24,7 +23,7 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from . import __version__
 from .errors import ConfigError
-from .protocol import PROTOCOL_VERSION, SERVICE_TYPE
+from .protocol import PROTOCOL_VERSION, SERVICE_TYPE, choose_mdns_interfaces, specific_address
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,6 @@ CLASH_CHECK_SECONDS = 0.5
 
 _MAX_LABEL = 63      # bytes in one DNS label (RFC 1035), also the DNS-SD instance name limit
 _MAX_TXT_ITEM = 255  # bytes in one TXT "key=value" string (RFC 6763 6.1)
-_WILDCARDS = {"", "0.0.0.0", "::", "*"}
 
 
 def dns_label(node: str) -> str:
@@ -62,34 +60,6 @@ def _os_id() -> str:
     return system
 
 
-def _specific_address(value: str, what: str) -> str:
-    """`value` as a normalised specific IP address, or ConfigError (wildcards refused)."""
-    text = value.strip().strip("[]")
-    if text in _WILDCARDS:
-        raise ConfigError(f"{what} {value!r} is a wildcard: list the addresses to announce on")
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        raise ConfigError(f"{what} {value!r} is not an IP address") from None
-    if address.is_unspecified or address.is_multicast:
-        raise ConfigError(f"{what} {value!r} is not a unicast address of this host")
-    return str(address)
-
-
-def choose_mdns_interfaces(bind: str, configured: Sequence[str]) -> list[str]:
-    """Where to announce. Configured addresses win; else the bind address when it is a specific
-    address (default bind 127.0.0.1 -> loopback only); a wildcard or host-name bind with nothing
-    configured gives [] (the caller warns and does not announce, rather than leaking mDNS onto
-    every network)."""
-    if configured:
-        chosen = [_specific_address(item, "mDNS interface address") for item in configured]
-        return list(dict.fromkeys(chosen))
-    try:
-        return [_specific_address(bind, "bind address")]
-    except ConfigError:
-        return []
-
-
 @dataclass(frozen=True)
 class Announcement:
     """What one agent announces; empty `addresses` means "the interface addresses"."""
@@ -107,7 +77,7 @@ class Announcement:
         if not 0 < self.port < 65536:
             raise ConfigError(f"announced port {self.port} is not a TCP port")
         for address in self.addresses:
-            _specific_address(address, "announced address")
+            specific_address(address, "announced address")
         for group in self.groups:
             if not group or re.search(r"[\s,=]", group):
                 raise ConfigError(f"group name {group!r} is empty or has a comma, '=' or space")
@@ -145,7 +115,7 @@ class Announcer:
                  clash_check: float = CLASH_CHECK_SECONDS) -> None:
         self.announcement = announcement
         self.clash_check = clash_check  # seconds; 0 trusts zeroconf's own (QU) probes alone
-        self.interfaces = [_specific_address(item, "mDNS interface address") for item in interfaces]
+        self.interfaces = [specific_address(item, "mDNS interface address") for item in interfaces]
         if not self.interfaces:
             raise ConfigError("no mDNS interface address to announce on")
         self._zc: AsyncZeroconf | None = None

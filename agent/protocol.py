@@ -5,8 +5,11 @@ The protocol is documented in docs/protocol.md; this module is its single source
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from typing import Any
+from typing import Any, Sequence
+
+from .errors import ConfigError
 
 PROTOCOL_VERSION = 1
 API_PREFIX = "/v1"
@@ -18,6 +21,8 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_SLOW_CONSUMER = 4408
 CLOSE_BAD_MESSAGE = 4400
+
+_WILDCARDS = {"", "0.0.0.0", "::", "*"}
 
 
 def encode(message: dict[str, Any]) -> str:
@@ -42,3 +47,31 @@ def exit_event(execution_id: str, rc: int | None, signal: str | None, duration: 
     """The `exit` event: `rc` for a normal exit, `signal` (e.g. "SIGTERM") when killed."""
     return {"type": "exit", "id": execution_id, "rc": rc, "signal": signal,
             "duration": duration, "seq": seq, "timed_out": timed_out, "stopped": stopped}
+
+
+def specific_address(value: str, what: str) -> str:
+    """`value` as a normalised specific IP address, or ConfigError (wildcards refused)."""
+    text = value.strip().strip("[]")
+    if text in _WILDCARDS:
+        raise ConfigError(f"{what} {value!r} is a wildcard: list the addresses to announce on")
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{what} {value!r} is not an IP address") from None
+    if address.is_unspecified or address.is_multicast:
+        raise ConfigError(f"{what} {value!r} is not a unicast address of this host")
+    return str(address)
+
+
+def choose_mdns_interfaces(bind: str, configured: Sequence[str]) -> list[str]:
+    """Where to announce (agent) or browse (controller). Configured addresses win; else the bind address when it is a specific
+    address (default bind 127.0.0.1 -> loopback only); a wildcard or host-name bind with nothing
+    configured gives [] (the caller warns and does not announce, rather than leaking mDNS onto
+    every network)."""
+    if configured:
+        chosen = [specific_address(item, "mDNS interface address") for item in configured]
+        return list(dict.fromkeys(chosen))
+    try:
+        return [specific_address(bind, "bind address")]
+    except ConfigError:
+        return []

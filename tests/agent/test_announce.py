@@ -24,7 +24,8 @@ from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from agent import __version__
-from agent.announce import Announcement, Announcer, choose_mdns_interfaces, dns_label
+from agent.announce import Announcement, Announcer, dns_label
+from agent.protocol import choose_mdns_interfaces
 from agent.errors import ConfigError
 from agent.protocol import PROTOCOL_VERSION, SERVICE_TYPE
 
