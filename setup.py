@@ -9,6 +9,7 @@ setup(
     "playbooks on a LAN with live output in the browser.",
     python_requires=">=3.11",
     packages=find_packages(include=["agent", "agent.*", "controller", "controller.*"]),
+    package_data={"controller": ["templates/*.html", "static/*"]},
     install_requires=[
         "tornado>=6.3",
         "itsdangerous>=2.1",
@@ -18,11 +19,12 @@ setup(
         "ansible-core>=2.16",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "playwright>=1.40"],
     },
     entry_points={
         "console_scripts": [
             "marco-agent=agent.__main__:main",
+            "marco-controller=controller.__main__:main",
         ],
     },
 )

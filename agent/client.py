@@ -313,8 +313,10 @@ class AsyncAgentClient:
                     return
                 await write(chunk)
 
+        # Expect: 100-continue lets the agent refuse (403, 404, 409) before any byte moves.
         response = await self._fetch("PUT", url_concat("/v1/files", query),
                                      body_producer=producer, request_timeout=24 * 3600,
+                                     expect_100_continue=True,
                                      headers={"Content-Type": "application/octet-stream"})
         if response.code == 599:
             raise AgentUnreachable(f"upload to {self.host}:{self.port} failed: {response.error}")

@@ -1,0 +1,107 @@
+"""marco-controller: command line, start-up and shutdown of the web controller."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from typing import Sequence
+
+from agent.errors import ConfigError
+from agent.protocol import choose_mdns_interfaces
+from agent.settings import ConfigSource, add_options, merge_settings, read_config_file
+from agent.tokens import load_secret
+
+from . import __version__
+from .app import make_app
+from .config import DEFAULT_CONFIG_FILE, ControllerConfig, controller_options
+from .context import ControllerContext
+from .discovery import ZeroconfBrowser
+
+log = logging.getLogger("marco.controller")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="marco-controller",
+        description="Marco controller: PAM login, live discovery of agents, Ansible inventory "
+                    "and the web page with live output. Settings come from the config file, "
+                    "then MARCO_* environment variables, then these flags.")
+    parser.add_argument("--version", action="version", version=f"marco-controller {__version__}")
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"TOML config file (default {DEFAULT_CONFIG_FILE} if present) "
+                             "[env MARCO_CONFIG]")
+    add_options(parser, controller_options())
+    return parser
+
+
+def load_config(args: argparse.Namespace, environ: dict[str, str]) -> ControllerConfig:
+    path, required = ConfigSource("MARCO_CONFIG", DEFAULT_CONFIG_FILE).resolve(args.config, environ)
+    values = merge_settings(controller_options(), args, environ,
+                            read_config_file(path, required), file_name=path or "config file")
+    return ControllerConfig(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args, dict(os.environ))
+        secret = load_secret(config.secret_file)
+        ctx = ControllerContext.build(config, secret)
+    except ConfigError as error:
+        print(f"marco-controller: {error.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(ctx))
+    except ConfigError as error:
+        print(f"marco-controller: {error.message}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"marco-controller: cannot listen on {config.bind}:{config.port}: "
+              f"{error.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def serve(ctx: ControllerContext) -> None:
+    """Serve until SIGTERM/SIGINT: the web app, the zeroconf browser and the health probes."""
+    config = ctx.config
+    server = make_app(ctx).listen(config.port, config.bind)
+    log.info("marco-controller %s on http://%s:%d (PAM service %r)", __version__, config.bind,
+             config.port, config.pam_service)
+    browser = None
+    if config.discovery:
+        interfaces = choose_mdns_interfaces(config.bind, config.mdns_interface)
+        if interfaces:
+            browser = ZeroconfBrowser(ctx.registry, interfaces)
+        else:
+            log.warning("not browsing: --bind %s is a wildcard and no --mdns-interface is set",
+                        config.bind)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        if browser is not None:
+            await browser.start()
+        ctx.health.start()
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        ctx.health.stop()
+        if browser is not None:
+            await browser.stop()
+        server.stop()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(server.close_all_connections(), timeout=5)
+        ctx.authenticator.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

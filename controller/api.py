@@ -1,0 +1,103 @@
+"""JSON API: session token for the page, nodes, Ansible inventory, tokens for the CLI, run."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from agent.client import AsyncAgentClient
+from agent.errors import BadRequest, MarcoError
+
+from .inventory import build_inventory, host_vars
+from .session import ApiHandler
+
+
+class SessionApi(ApiHandler):
+    """GET /api/session: the logged-in user's token, so the page can open agent sockets."""
+
+    def get(self) -> None:
+        user = self.require_user()
+        self.set_header("Cache-Control", "no-store")
+        self.write_json({"user": user, "token": self.token(),
+                         "max_age": self.ctx.config.token_max_age})
+
+
+class TokenApi(ApiHandler):
+    """POST /api/token {"user", "password"} -> {"token"}: login for command-line tools."""
+
+    def check_xsrf_cookie(self) -> None:
+        pass  # no cookie is involved: the password itself authenticates this request
+
+    async def post(self) -> None:
+        body = self.json_body()
+        if not isinstance(body, dict):
+            raise BadRequest("expected {\"user\": ..., \"password\": ...}")
+        user = await self.ctx.authenticator.login(str(body.get("user", "")),
+                                                  str(body.get("password", "")),
+                                                  self.request.remote_ip or "?")
+        self.set_header("Cache-Control", "no-store")
+        self.write_json({"user": user, "token": self.ctx.signer.issue(user),
+                         "max_age": self.ctx.config.token_max_age})
+
+
+class NodesApi(ApiHandler):
+    """GET /api/nodes: every known node, alive or not."""
+
+    def get(self) -> None:
+        self.require_user()
+        self.write_json({"nodes": [n.summary() for n in self.ctx.registry.all()]})
+
+
+class InventoryApi(ApiHandler):
+    """GET /api/inventory (`--list`), or ?host=NAME (`--host`): served from the live registry."""
+
+    def get(self) -> None:
+        self.require_user()
+        host = self.get_query_argument("host", None)
+        if host is None:
+            self.write_json(build_inventory(self.ctx.registry.alive()))
+            return
+        node = self.ctx.registry.get(host)
+        self.write_json(host_vars(node) if node is not None and node.alive else {})
+
+
+def chosen_nodes(ctx: Any, names: list[str]) -> list[Any]:
+    """The alive nodes named, or a clear 400 naming the unknown or down ones."""
+    if not names:
+        raise BadRequest("choose at least one node")
+    nodes, missing = [], []
+    for name in dict.fromkeys(names):
+        node = ctx.registry.get(name)
+        if node is None or not node.alive:
+            missing.append(name)
+        else:
+            nodes.append(node)
+    if missing:
+        raise BadRequest(f"unknown or unreachable node(s): {', '.join(missing)}")
+    return nodes
+
+
+class RunApi(ApiHandler):
+    """POST /api/run {"nodes": [...], "command": "...", "cwd": "~", "label": "..."}: start the
+    command on every chosen node at once; output goes to the user's sockets on each agent."""
+
+    async def post(self) -> None:
+        user = self.require_user()
+        body = self.json_body()
+        if not isinstance(body, dict) or not isinstance(body.get("command"), str) \
+                or not body["command"].strip():
+            raise BadRequest("give a command to run")
+        nodes = chosen_nodes(self.ctx, list(body.get("nodes") or []))
+        token = self.token()
+
+        async def start(node: Any) -> dict[str, Any]:
+            client = AsyncAgentClient(node.host, node.port, token)
+            try:
+                execution_id = await client.start(body["command"], cwd=body.get("cwd") or None,
+                                                  label=str(body.get("label") or "shell"))
+                return {"ok": True, "id": execution_id}
+            except MarcoError as error:
+                return {"ok": False, "error": error.code, "message": error.message}
+
+        results = await asyncio.gather(*(start(node) for node in nodes))
+        self.write_json({"user": user, "results": {n.name: r for n, r in zip(nodes, results)}})

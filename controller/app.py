@@ -1,0 +1,38 @@
+"""The controller's routes: one Tornado application over a `ControllerContext`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tornado.web
+
+from .api import InventoryApi, NodesApi, RunApi, SessionApi, TokenApi
+from .context import ControllerContext
+from .deploy import DeployApi
+from .pages import IndexPage, LoginPage, LogoutPage
+from .relay import RelaySocket
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_app(ctx: ControllerContext) -> tornado.web.Application:
+    """Build the web app: XSRF on, signed cookies, no debug mode, assets served locally."""
+    routes = [
+        (r"/", IndexPage),
+        (r"/login", LoginPage),
+        (r"/logout", LogoutPage),
+        (r"/api/session", SessionApi),
+        (r"/api/token", TokenApi),
+        (r"/api/nodes", NodesApi),
+        (r"/api/inventory", InventoryApi),
+        (r"/api/run", RunApi),
+        (r"/api/deploy", DeployApi),
+        (r"/relay/([^/]+)", RelaySocket),
+    ]
+    return tornado.web.Application(
+        [(path, handler, {"ctx": ctx}) for path, handler in routes],
+        template_path=str(HERE / "templates"), static_path=str(HERE / "static"),
+        cookie_secret=ctx.cookie_secret, xsrf_cookies=True, login_url="/login",
+        xsrf_cookie_kwargs={"samesite": "Strict"},
+        websocket_ping_interval=30, websocket_max_message_size=1024 * 1024,
+    )

@@ -1,0 +1,52 @@
+"""The controller's settings: option list, defaults, and the `ControllerConfig` they produce."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.settings import Option
+from agent.tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
+
+DEFAULT_CONFIG_FILE = "/etc/marco/controller.toml"
+DEFAULT_PORT = 7380
+
+
+def controller_options() -> list[Option]:
+    """Every controller setting, in --help order."""
+    return [
+        Option("bind", "127.0.0.1", "address to listen on", metavar="ADDR"),
+        Option("port", DEFAULT_PORT, "TCP port to listen on", kind=int),
+        Option("secret_file", DEFAULT_SECRET_FILE, "cluster secret file (0600), shared with "
+               "the agents", metavar="PATH"),
+        Option("pam_service", "login", "PAM service used to check passwords", metavar="NAME"),
+        Option("mdns_interface", [], "address of an interface to browse for agents on "
+               "(repeatable); default: the bind address unless it is a wildcard",
+               repeatable=True, metavar="ADDR"),
+        Option("node", [], "a static node HOST:PORT or NAME=HOST:PORT (repeatable), for "
+               "networks mDNS does not reach", repeatable=True, metavar="HOST:PORT"),
+        Option("discovery", True, "browse for agents by zeroconf", flag=True),
+        Option("token_max_age", DEFAULT_MAX_AGE, "seconds a login stays valid", kind=int),
+        Option("health_interval", 2.0, "seconds between health checks of each agent", kind=float),
+        Option("login_max_failures", 5, "failed logins allowed per user and per client address "
+               "within the lockout window", kind=int),
+        Option("login_lockout", 300, "lockout window in seconds", kind=int),
+        Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
+    ]
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Resolved controller settings."""
+
+    bind: str
+    port: int
+    secret_file: str
+    pam_service: str
+    mdns_interface: list[str]
+    node: list[str]
+    discovery: bool
+    token_max_age: int
+    health_interval: float
+    login_max_failures: int
+    login_lockout: int
+    log_level: str

@@ -1,0 +1,38 @@
+"""The controller's services, built once from its config and shared by every handler."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from agent.tokens import TokenSigner
+
+from .auth import LoginRateLimiter, PamAuthenticator
+from .config import ControllerConfig
+from .discovery import HealthMonitor, NodeRegistry, parse_static_node
+
+
+@dataclass
+class ControllerContext:
+    """Everything a handler needs; no module-level state."""
+
+    config: ControllerConfig
+    signer: TokenSigner
+    authenticator: PamAuthenticator
+    registry: NodeRegistry
+    health: HealthMonitor
+    cookie_secret: str
+
+    @classmethod
+    def build(cls, config: ControllerConfig, secret: bytes) -> "ControllerContext":
+        registry = NodeRegistry()
+        for spec in config.node:
+            registry.upsert(parse_static_node(spec))
+        limiter = LoginRateLimiter(config.login_max_failures, config.login_lockout)
+        # The cookie key is derived from the cluster secret for this one purpose.
+        cookie_secret = hmac.new(secret, b"marco-controller-cookie", hashlib.sha256).hexdigest()
+        return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
+                   authenticator=PamAuthenticator(config.pam_service, limiter),
+                   registry=registry, health=HealthMonitor(registry, config.health_interval),
+                   cookie_secret=cookie_secret)

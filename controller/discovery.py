@@ -1,0 +1,237 @@
+"""Live discovery of agents: a zeroconf browser feeding a registry, checked by health probes.
+
+`NodeRegistry` holds what is known (name, address, port, TXT fields, first/last seen, alive).
+`ZeroconfBrowser` adds and updates nodes as agents announce themselves and drops them on a
+goodbye. `HealthMonitor` probes every node's `/v1/health`: an agent that died without a goodbye
+(SIGKILL, cable) is marked down and leaves the inventory; it comes back when a probe or a new
+announcement succeeds. Static nodes from the config are probed the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from agent.client import AsyncAgentClient
+from agent.errors import ConfigError, MarcoError
+from agent.protocol import DEFAULT_PORT, SERVICE_TYPE
+
+log = logging.getLogger(__name__)
+
+RESOLVE_TIMEOUT_MS = 3000
+HEALTH_TIMEOUT = 2.0
+
+
+@dataclass
+class Node:
+    """One agent as the controller knows it."""
+
+    name: str
+    host: str
+    port: int
+    txt: dict[str, str] = field(default_factory=dict)
+    source: str = "mdns"            # mdns | static
+    service: str | None = None      # the mDNS service name, for goodbyes
+    first_seen: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    alive: bool = True
+    error: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "host": self.host, "port": self.port, "txt": self.txt,
+                "source": self.source, "first_seen": self.first_seen,
+                "last_seen": self.last_seen, "alive": self.alive, "error": self.error,
+                "groups": [g for g in self.txt.get("groups", "").split(",") if g]}
+
+
+def parse_static_node(spec: str) -> Node:
+    """`HOST:PORT`, `HOST` or `NAME=HOST:PORT` from the config."""
+    name, _, address = spec.rpartition("=")
+    host, sep, port_text = address.rpartition(":") if ":" in address else (address, "", "")
+    if not sep:
+        host, port_text = address, str(DEFAULT_PORT)
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"static node {spec!r}: port must be a number") from None
+    if not host or not 0 < port < 65536:
+        raise ConfigError(f"static node {spec!r}: expected HOST:PORT or NAME=HOST:PORT")
+    return Node(name=name or host, host=host, port=port, source="static")
+
+
+class NodeRegistry:
+    """Every known node by name; listeners hear about each change."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, Node] = {}
+        self._listeners: list[Callable[[Node], None]] = []
+
+    def on_change(self, listener: Callable[[Node], None]) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self, node: Node) -> None:
+        for listener in self._listeners:
+            try:
+                listener(node)
+            except Exception:
+                log.exception("node listener failed")
+
+    def all(self) -> list[Node]:
+        return sorted(self._nodes.values(), key=lambda n: n.name)
+
+    def alive(self) -> list[Node]:
+        return [n for n in self.all() if n.alive]
+
+    def get(self, name: str) -> Node | None:
+        return self._nodes.get(name)
+
+    def upsert(self, node: Node) -> Node:
+        """Add a node, or refresh a known one (a new announcement means it is alive)."""
+        known = self._nodes.get(node.name)
+        if known is None:
+            self._nodes[node.name] = node
+            log.info("node %s found at %s:%d (%s)", node.name, node.host, node.port, node.source)
+            self._changed(node)
+            return node
+        changed = (known.host, known.port, known.txt, known.alive) != (
+            node.host, node.port, node.txt or known.txt, True)
+        known.host, known.port, known.service = node.host, node.port, node.service or known.service
+        known.txt = node.txt or known.txt
+        known.last_seen, known.alive, known.error = time.time(), True, None
+        if changed:
+            log.info("node %s is up at %s:%d", known.name, known.host, known.port)
+            self._changed(known)
+        return known
+
+    def set_health(self, name: str, alive: bool, error: str | None = None,
+                   details: dict[str, Any] | None = None) -> None:
+        node = self._nodes.get(name)
+        if node is None:
+            return
+        was = node.alive
+        node.alive, node.error = alive, error
+        if alive:
+            node.last_seen = time.time()
+            if details and node.source == "static":
+                node.txt = {**node.txt, "node": str(details.get("node", "")),
+                            "version": str(details.get("version", "")),
+                            "proto": str(details.get("proto", "")),
+                            "os": str(details.get("os", ""))}
+        if was != alive:
+            log.info("node %s is %s%s", name, "up" if alive else "down",
+                     f": {error}" if error else "")
+            self._changed(node)
+
+    def remove_service(self, service: str) -> None:
+        """An agent said goodbye: forget it (static nodes stay)."""
+        for name, node in list(self._nodes.items()):
+            if node.service == service and node.source == "mdns":
+                del self._nodes[name]
+                node.alive = False
+                log.info("node %s left", name)
+                self._changed(node)
+
+
+class ZeroconfBrowser:
+    """Browses `_marco._tcp.local.` with QM questions on the given interface addresses."""
+
+    def __init__(self, registry: NodeRegistry, interfaces: Sequence[str]) -> None:
+        self.registry = registry
+        self.interfaces = list(interfaces)
+        self._zc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._zc = AsyncZeroconf(interfaces=self.interfaces)
+        except OSError as exc:
+            raise ConfigError(f"cannot browse mDNS on {', '.join(self.interfaces)}: "
+                              f"{exc.strerror or exc}") from None
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE,
+                                            handlers=[self._on_change],
+                                            question_type=DNSQuestionType.QM)
+        log.info("browsing for agents on %s", ", ".join(self.interfaces))
+
+    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
+                   state_change: ServiceStateChange) -> None:
+        # zeroconf calls handlers on its own loop thread in some versions: hop to ours.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._handle, name, state_change)
+
+    def _handle(self, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is ServiceStateChange.Removed:
+            self.registry.remove_service(name)
+            return
+        task = asyncio.ensure_future(self._resolve(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, name: str) -> None:
+        if self._zc is None:
+            return
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(self._zc.zeroconf, RESOLVE_TIMEOUT_MS,
+                                        question_type=DNSQuestionType.QM):
+            log.warning("could not resolve %s", name)
+            return
+        addresses = info.parsed_scoped_addresses()
+        if not addresses or info.port is None:
+            return
+        txt = {k: v or "" for k, v in info.decoded_properties.items()}
+        label = name[: -len(SERVICE_TYPE) - 1]
+        self.registry.upsert(Node(name=txt.get("node") or label, host=addresses[0],
+                                  port=info.port, txt=txt, source="mdns", service=name))
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        if self._zc is not None:
+            await self._zc.async_close()
+        self._browser = self._zc = None
+
+
+class HealthMonitor:
+    """Probes every node's /v1/health each `interval` seconds, all nodes concurrently."""
+
+    def __init__(self, registry: NodeRegistry, interval: float) -> None:
+        self.registry = registry
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self.interval)
+
+    async def check_all(self) -> None:
+        nodes = self.registry.all()
+        if nodes:
+            await asyncio.gather(*(self.check(node) for node in nodes))
+
+    async def check(self, node: Node) -> None:
+        client = AsyncAgentClient(node.host, node.port, timeout=HEALTH_TIMEOUT)
+        try:
+            details = await client.health()
+        except MarcoError as error:
+            self.registry.set_health(node.name, False, error.message)
+        else:
+            self.registry.set_health(node.name, True, details=details)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

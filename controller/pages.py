@@ -1,0 +1,44 @@
+"""HTML pages: login, logout and the single-page app (nodes, run/deploy, output viewer)."""
+
+from __future__ import annotations
+
+import tornado.web
+
+from agent.errors import AuthenticationError
+
+from .auth import TooManyAttempts
+from .session import COOKIE, BaseHandler
+
+
+class LoginPage(BaseHandler):
+    """GET shows the form; POST checks the password with PAM and sets the login cookie."""
+
+    def get(self) -> None:
+        if self.current_user:
+            self.redirect("/")
+            return
+        self.render("login.html", error=None, username="")
+
+    async def post(self) -> None:
+        username = self.get_body_argument("username", "").strip()
+        password = self.get_body_argument("password", "")
+        try:
+            user = await self.ctx.authenticator.login(username, password, self.request.remote_ip or "?")
+        except (AuthenticationError, TooManyAttempts) as error:
+            self.set_status(error.status)
+            self.render("login.html", error=error.message, username=username)
+            return
+        self.set_login_cookie(self.ctx.signer.issue(user))
+        self.redirect("/")
+
+
+class LogoutPage(BaseHandler):
+    def post(self) -> None:
+        self.clear_cookie(COOKIE)
+        self.redirect("/login")
+
+
+class IndexPage(BaseHandler):
+    @tornado.web.authenticated
+    def get(self) -> None:
+        self.render("index.html", user=self.current_user)

@@ -1,0 +1,83 @@
+"""WebSocket relay /relay/NODE for agents the browser cannot reach directly.
+
+The browser authenticates to the relay with its login cookie (same origin: Tornado's default
+`check_origin` stays on); the relay opens the agent's /v1/stream with the user's token and
+passes messages both ways unchanged. The browser's own `auth` message is not forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import tornado.websocket
+
+from agent.client import AgentStream, AsyncAgentClient
+from agent.errors import MarcoError
+from agent.protocol import CLOSE_UNAUTHORIZED, encode
+
+from .context import ControllerContext
+from .session import BaseHandler
+
+log = logging.getLogger(__name__)
+
+
+class RelaySocket(tornado.websocket.WebSocketHandler):
+    """One browser socket relayed to one agent for the logged-in user."""
+
+    ctx: ControllerContext
+
+    def initialize(self, ctx: ControllerContext) -> None:
+        self.ctx = ctx
+        self.upstream: AgentStream | None = None
+        self._pump: asyncio.Task[None] | None = None
+
+    # The cookie-based user lookup of the page handlers.
+    get_current_user = BaseHandler.get_current_user  # type: ignore[assignment]
+    token = BaseHandler.token  # type: ignore[assignment]
+    bearer_token = BaseHandler.bearer_token  # type: ignore[assignment]
+
+    async def open(self, node_name: str) -> None:  # type: ignore[override]
+        user = self.current_user
+        node = self.ctx.registry.get(node_name)
+        if not user:
+            self.close(CLOSE_UNAUTHORIZED, "log in first")
+            return
+        if node is None:
+            self.close(4404, "no such node")
+            return
+        self.upstream = AsyncAgentClient(node.host, node.port, self.token()).stream()
+        try:
+            hello = await self.upstream.connect()
+        except MarcoError as error:
+            self.close(4502, f"agent unreachable: {error.message}"[:120])
+            return
+        self.write_message(encode(hello))
+        self._pump = asyncio.ensure_future(self._relay_down())
+
+    async def _relay_down(self) -> None:
+        assert self.upstream is not None
+        try:
+            while (event := await self.upstream.read()) is not None:
+                await self.write_message(encode(event))
+        except (MarcoError, tornado.websocket.WebSocketClosedError) as error:
+            log.info("relay closed: %s", error)
+        finally:
+            self.close()
+
+    async def on_message(self, message: str | bytes) -> None:
+        if self.upstream is None:
+            return
+        try:
+            data = json.loads(message)
+        except ValueError:
+            return
+        if isinstance(data, dict) and data.get("type") != "auth":
+            await self.upstream.send(data)
+
+    def on_close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        if self.upstream is not None:
+            self.upstream.close()

@@ -1,0 +1,115 @@
+"""Who is asking: the signed HttpOnly cookie of a browser login, or a Bearer token.
+
+Both carry the agents' token; the user is always derived from it (checked with max_age).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import tornado.web
+
+from agent.errors import AuthenticationError, BadRequest, MarcoError
+
+from .context import ControllerContext
+
+log = logging.getLogger(__name__)
+
+COOKIE = "marco_token"
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """Authentication helpers and JSON errors shared by pages and API handlers."""
+
+    ctx: ControllerContext
+
+    def initialize(self, ctx: ControllerContext) -> None:
+        self.ctx = ctx
+
+    def set_default_headers(self) -> None:
+        # Agents live on other ports/hosts: the page may open WebSockets to them (connect-src).
+        self.set_header("Content-Security-Policy",
+                        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+                        "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "same-origin")
+
+    def bearer_token(self) -> str | None:
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+    def token(self) -> str | None:
+        """The caller's token: Bearer header first, else the signed cookie."""
+        bearer = self.bearer_token()
+        if bearer:
+            return bearer
+        raw = self.get_signed_cookie(COOKIE, max_age_days=self.ctx.config.token_max_age / 86400 + 1)
+        return raw.decode() if raw else None
+
+    def get_current_user(self) -> str | None:
+        token = self.token()
+        if not token:
+            return None
+        try:
+            return self.ctx.signer.verify(token)
+        except AuthenticationError:
+            return None
+
+    def check_xsrf_cookie(self) -> None:
+        # A Bearer header cannot be sent cross-site by a browser without CORS: no CSRF there.
+        if self.bearer_token():
+            return
+        super().check_xsrf_cookie()
+
+    def set_login_cookie(self, token: str) -> None:
+        self.set_signed_cookie(COOKIE, token, expires_days=None, httponly=True,
+                               samesite="Strict", secure=self.request.protocol == "https")
+
+    def require_user(self) -> str:
+        user = self.current_user
+        if not user:
+            raise AuthenticationError("log in first")
+        return user  # type: ignore[no-any-return]
+
+
+class ApiHandler(BaseHandler):
+    """JSON in, JSON out, typed errors translated to status codes."""
+
+    def prepare(self) -> None:
+        self.set_header("Content-Type", "application/json")
+
+    def json_body(self) -> Any:
+        try:
+            return json.loads(self.request.body or b"null")
+        except ValueError:
+            raise BadRequest("body is not valid JSON") from None
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data))
+
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(error, MarcoError):
+            status_code = error.status
+        super().send_error(status_code, **kwargs)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(error, MarcoError):
+            body = {"error": error.code, "message": error.message}
+        elif isinstance(error, tornado.web.HTTPError):
+            body = {"error": "http", "message": error.log_message or self._reason}
+        else:
+            body = {"error": "internal", "message": "internal error (see the controller's log)"}
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, MarcoError):
+            log.info("%s %s -> %s", self.request.method, self.request.path, value.message)
+        else:
+            super().log_exception(typ, value, tb)

@@ -1,0 +1,442 @@
+// Marco's page: nodes with live status, shell and deploy on chosen nodes, live output viewer.
+// The page opens each agent's per-user WebSocket directly with the user's token (from
+// /api/session) and falls back to the controller's relay when the agent cannot be reached.
+"use strict";
+
+const MAX_LINES_SHOWN = 5000;      // per execution; older lines are dropped from the page
+const REPLAY_EXECUTIONS = 20;      // per node, on (re)connect
+const DIRECT_TIMEOUT_MS = 2500;
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const el = (tag, cls, text) => {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+};
+const cssId = (s) => String(s).replace(/[^A-Za-z0-9_-]/g, "_");
+
+function xsrfToken() {
+  const m = document.cookie.match(/(?:^|; )_xsrf=([^;]*)/);
+  return m ? decodeURIComponent(m[1]) : "";
+}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({ "X-XSRFToken": xsrfToken() }, options.headers || {});
+  const response = await fetch(path, Object.assign({ credentials: "same-origin" }, options, { headers }));
+  if (response.status === 401 || response.status === 403 && path === "/api/session") {
+    window.location = "/login";
+    throw new Error("logged out");
+  }
+  let data = {};
+  try { data = await response.json(); } catch (e) { /* empty body */ }
+  if (!response.ok) throw new Error(data.message || `HTTP ${response.status}`);
+  return data;
+}
+
+function fmtBytes(n) {
+  if (n === null || n === undefined) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(n < 10 && i ? 1 : 0)} ${units[i]}`;
+}
+const fmtRate = (n) => fmtBytes(n) + "/s";
+const fmtTime = (t) => new Date(t * 1000).toLocaleTimeString();
+
+// ---------------------------------------------------------------------------------------------
+// Small canvas chart: a line of the last 60 values (0..100).
+class Sparkline {
+  constructor(canvas) { this.canvas = canvas; this.values = []; }
+  push(v) {
+    this.values.push(v);
+    if (this.values.length > 60) this.values.shift();
+    this.draw();
+  }
+  draw() {
+    const c = this.canvas, ctx = c.getContext("2d"), w = c.width, h = c.height;
+    ctx.clearRect(0, 0, w, h);
+    ctx.strokeStyle = "#2a7"; ctx.lineWidth = 1.5; ctx.beginPath();
+    this.values.forEach((v, i) => {
+      const x = (i / 59) * w, y = h - (Math.min(v, 100) / 100) * (h - 2) - 1;
+      if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+    });
+    ctx.stroke();
+  }
+}
+
+function bar(label, percent, text) {
+  const row = el("div", "bar");
+  row.appendChild(el("span", "bar-label", label));
+  const track = el("span", "bar-track");
+  const fill = el("span", "bar-fill");
+  fill.style.width = `${Math.max(0, Math.min(100, percent || 0)).toFixed(1)}%`;
+  if (percent > 85) fill.classList.add("hot");
+  track.appendChild(fill);
+  row.appendChild(track);
+  row.appendChild(el("span", "bar-text", text));
+  return row;
+}
+
+// ---------------------------------------------------------------------------------------------
+// One node: its card (status), its output pane, its socket.
+class NodeView {
+  constructor(app, node) {
+    this.app = app;
+    this.node = node;
+    this.executions = new Map();   // id -> {block, nextSeq, states, lines, dropped}
+    this.socket = null;
+    this.viaRelay = false;
+    this.closed = false;
+    this.buildCard();
+    this.buildPane();
+  }
+
+  buildCard() {
+    const card = el("div", "node");
+    card.id = "node-" + cssId(this.node.name);
+    card.dataset.node = this.node.name;
+    const head = el("label", "node-head");
+    this.checkbox = el("input");
+    this.checkbox.type = "checkbox";
+    this.checkbox.className = "node-select";
+    this.checkbox.value = this.node.name;
+    head.appendChild(this.checkbox);
+    head.appendChild(el("b", "node-name", this.node.name));
+    this.badge = el("span", "badge", "");
+    head.appendChild(this.badge);
+    card.appendChild(head);
+    this.meta = el("div", "node-meta", "");
+    card.appendChild(this.meta);
+    const cpuRow = el("div", "cpu-row");
+    this.cpuText = el("span", "cpu-total", "CPU –");
+    cpuRow.appendChild(this.cpuText);
+    const canvas = el("canvas", "spark");
+    canvas.width = 120; canvas.height = 28;
+    this.spark = new Sparkline(canvas);
+    cpuRow.appendChild(canvas);
+    card.appendChild(cpuRow);
+    this.cores = el("div", "cores");
+    card.appendChild(this.cores);
+    this.bars = el("div", "bars");
+    card.appendChild(this.bars);
+    this.facts = el("div", "facts");
+    card.appendChild(this.facts);
+    const details = el("details", "procs");
+    details.appendChild(el("summary", "", "top processes"));
+    this.procs = el("table", "proc-table");
+    details.appendChild(this.procs);
+    card.appendChild(details);
+    this.card = card;
+    this.update(this.node);
+  }
+
+  buildPane() {
+    const pane = el("div", "pane");
+    pane.id = "pane-" + cssId(this.node.name);
+    pane.dataset.node = this.node.name;
+    const head = el("div", "pane-head");
+    head.appendChild(el("b", "", this.node.name));
+    this.link = el("span", "link-state", "connecting…");
+    head.appendChild(this.link);
+    pane.appendChild(head);
+    this.list = el("div", "executions");
+    pane.appendChild(this.list);
+    this.pane = pane;
+  }
+
+  update(node) {
+    this.node = node;
+    this.card.classList.toggle("down", !node.alive);
+    this.badge.textContent = node.alive ? (node.txt.os || "up") : "down";
+    const groups = node.groups.length ? ` · groups ${node.groups.join(", ")}` : "";
+    this.meta.textContent = `${node.host}:${node.port}${groups}`;
+    if (node.alive && !this.socket && !this.closed) this.connect();
+  }
+
+  setLink(text, ok) {
+    this.link.textContent = text;
+    this.link.classList.toggle("bad", !ok);
+  }
+
+  // -- socket ----------------------------------------------------------------------------------
+  connect() {
+    const direct = `ws://${this.node.host.includes(":") ? "[" + this.node.host + "]" : this.node.host}:${this.node.port}/v1/stream`;
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const relay = `${scheme}//${location.host}/relay/${encodeURIComponent(this.node.name)}`;
+    const url = this.viaRelay ? relay : direct;
+    let opened = false;
+    const socket = new WebSocket(url);
+    this.socket = socket;
+    const timer = setTimeout(() => { if (!opened) socket.close(); }, DIRECT_TIMEOUT_MS);
+    socket.onopen = () => {
+      opened = true;
+      clearTimeout(timer);
+      socket.send(JSON.stringify({ type: "auth", token: this.app.token }));
+    };
+    socket.onmessage = (message) => this.onEvent(JSON.parse(message.data));
+    socket.onclose = (event) => {
+      clearTimeout(timer);
+      this.socket = null;
+      if (this.closed) return;
+      if (event.code === 4401) { window.location = "/login"; return; }
+      if (!opened && !this.viaRelay) { this.viaRelay = true; }   // not reachable: use the relay
+      this.setLink(`disconnected (${event.code}); retrying`, false);
+      setTimeout(() => { if (this.node.alive && !this.socket && !this.closed) this.connect(); }, 1500);
+    };
+  }
+
+  send(message) {
+    if (this.socket && this.socket.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(message));
+  }
+
+  onEvent(event) {
+    switch (event.type) {
+      case "hello":
+        this.setLink(this.viaRelay ? "live (via controller)" : "live", true);
+        this.send({ type: "subscribe", status: true });
+        event.executions.slice(-REPLAY_EXECUTIONS).forEach((summary) => {
+          const view = this.execution(summary.id, summary);
+          view.setSummary(summary);
+          this.send({ type: "replay", id: summary.id, since: view.nextSeq });
+        });
+        break;
+      case "started": this.execution(event.id, event).setSummary(Object.assign({ state: "running" }, event)); break;
+      case "output": this.execution(event.id).output(event); break;
+      case "exit": this.execution(event.id).exit(event); break;
+      case "replayed": this.execution(event.id, event.execution).setSummary(event.execution); break;
+      case "status": this.status(event.status); break;
+      case "error": this.app.notice(`${this.node.name}: ${event.message}`); break;
+      default: break;
+    }
+  }
+
+  execution(id, summary) {
+    let view = this.executions.get(id);
+    if (!view) {
+      view = new ExecutionView(this, id, summary || {});
+      this.executions.set(id, view);
+      this.list.appendChild(view.block);
+      this.app.follow(this.list);
+    }
+    return view;
+  }
+
+  status(s) {
+    this.cpuText.textContent = `CPU ${s.cpu.percent.toFixed(0)}%`;
+    this.cpuText.dataset.value = s.cpu.percent;
+    this.spark.push(s.cpu.percent);
+    this.cores.replaceChildren(...s.cpu.per_core.map((p, i) => {
+      const core = el("span", "core");
+      core.title = `core ${i}: ${p.toFixed(0)}%`;
+      const fill = el("span", "core-fill");
+      fill.style.height = `${Math.min(100, p).toFixed(0)}%`;
+      core.appendChild(fill);
+      return core;
+    }));
+    const m = s.memory, sw = s.swap;
+    this.bars.replaceChildren(
+      bar("mem", m.percent, `${fmtBytes(m.used)} / ${fmtBytes(m.total)}`),
+      bar("swap", sw.percent, sw.total ? `${fmtBytes(sw.used)} / ${fmtBytes(sw.total)}` : "none"));
+    const temp = s.temperature === null ? "–" : `${s.temperature.toFixed(0)} °C`;
+    this.facts.replaceChildren(
+      el("span", "fact", `load ${s.load.map((l) => l.toFixed(2)).join(" ")}`),
+      el("span", "fact", `temp ${temp}`),
+      el("span", "fact net", `↓ ${fmtRate(s.network.rx_rate)} ↑ ${fmtRate(s.network.tx_rate)}`),
+      el("span", "fact", `up ${(s.uptime / 3600).toFixed(1)} h`));
+    const rows = [["pid", "user", "name", "cpu", "rss"]].concat(
+      s.processes.map((p) => [p.pid, p.user, p.name, `${p.cpu.toFixed(1)}%`, fmtBytes(p.rss)]));
+    this.procs.replaceChildren(...rows.map((r, i) => {
+      const tr = el("tr");
+      r.forEach((cell) => tr.appendChild(el(i ? "td" : "th", "", String(cell))));
+      return tr;
+    }));
+    this.card.dataset.statusTime = s.time;
+  }
+
+  stop() { this.closed = true; if (this.socket) this.socket.close(); }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One execution: a block with its header, its lines (stdout and stderr styled apart), stop.
+class ExecutionView {
+  constructor(nodeView, id, summary) {
+    this.nodeView = nodeView;
+    this.id = id;
+    this.nextSeq = 0;
+    this.shown = 0;
+    this.ansi = { stdout: Ansi.newState(), stderr: Ansi.newState() };
+    const block = el("div", "execution");
+    block.dataset.id = id;
+    const head = el("div", "exec-head");
+    this.label = el("span", "exec-label", "");
+    this.command = el("code", "exec-command", "");
+    this.started = el("span", "exec-started", "");
+    this.state = el("span", "exec-state state-running", "running");
+    this.stopButton = el("button", "stop", "stop");
+    this.stopButton.onclick = () => nodeView.send({ type: "stop", id });
+    [this.label, this.command, this.started, this.state, this.stopButton].forEach((e) => head.appendChild(e));
+    block.appendChild(head);
+    this.out = el("pre", "lines");
+    block.appendChild(this.out);
+    this.block = block;
+    this.setSummary(summary);
+  }
+
+  setSummary(s) {
+    if (s.label !== undefined) this.label.textContent = s.label || "(no label)";
+    if (s.command !== undefined) this.command.textContent = Array.isArray(s.command) ? s.command.join(" ") : s.command;
+    if (s.started) this.started.textContent = fmtTime(s.started);
+    if (s.state && s.state !== "running") this.finish(s.state, s.rc, s.signal);
+  }
+
+  output(event) {
+    let lines = event.lines, seq = event.seq;
+    if (seq + lines.length <= this.nextSeq) return;                 // already shown (replay overlap)
+    if (seq > this.nextSeq) {                                        // a gap: ask for it, then continue
+      this.nodeView.send({ type: "replay", id: this.id, since: this.nextSeq });
+      return;
+    }
+    lines = lines.slice(this.nextSeq - seq);
+    this.nextSeq = seq + event.lines.length;
+    const state = this.ansi[event.stream] || this.ansi.stdout;
+    const fragment = document.createDocumentFragment();
+    for (const line of lines) {
+      const span = el("span", `line ${event.stream}`);
+      Ansi.render(span, line, state);
+      fragment.appendChild(span);
+    }
+    this.out.appendChild(fragment);
+    this.shown += lines.length;
+    while (this.shown > MAX_LINES_SHOWN && this.out.firstChild) {
+      this.out.removeChild(this.out.firstChild);
+      this.shown--;
+      this.block.classList.add("clipped");
+    }
+    this.nodeView.app.follow(this.out);
+    this.nodeView.app.follow(this.nodeView.list);
+  }
+
+  exit(event) {
+    this.finish(event.signal ? "killed" : "exited", event.rc, event.signal);
+  }
+
+  finish(state, rc, signal) {
+    const text = signal ? `${state} (${signal})` : (rc === null || rc === undefined ? state : `rc=${rc}`);
+    this.state.textContent = text;
+    this.state.className = "exec-state " + (rc === 0 ? "state-ok" : "state-failed");
+    this.block.dataset.state = state;
+    this.stopButton.disabled = true;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+class App {
+  constructor() {
+    this.views = new Map();
+    this.token = null;
+  }
+
+  async start() {
+    const session = await api("/api/session");
+    this.token = session.token;
+    this.bindForms();
+    await this.refreshNodes();
+    setInterval(() => this.refreshNodes().catch((e) => this.notice(e.message)), 2000);
+    // Tokens expire: fetch a fresh one well before (the cookie carries the login).
+    setInterval(async () => { try { this.token = (await api("/api/session")).token; } catch (e) { /* redirected */ } }, 600000);
+  }
+
+  async refreshNodes() {
+    const { nodes } = await api("/api/nodes");
+    $("#no-nodes").classList.toggle("hidden", nodes.length > 0);
+    $("#node-count").textContent = `${nodes.filter((n) => n.alive).length} up / ${nodes.length}`;
+    const seen = new Set();
+    for (const node of nodes) {
+      seen.add(node.name);
+      let view = this.views.get(node.name);
+      if (!view) {
+        view = new NodeView(this, node);
+        this.views.set(node.name, view);
+        $("#nodes").appendChild(view.card);
+        $("#panes").appendChild(view.pane);
+      } else {
+        view.update(node);
+      }
+    }
+    for (const [name, view] of this.views) {
+      if (!seen.has(name)) { view.stop(); view.card.remove(); view.pane.remove(); this.views.delete(name); }
+    }
+  }
+
+  chosen() {
+    return [...document.querySelectorAll(".node-select:checked")].map((c) => c.value);
+  }
+
+  follow(element) {
+    if ($("#follow").checked) element.scrollTop = element.scrollHeight;
+  }
+
+  notice(text, ok = false) {
+    const p = el("p", ok ? "ok" : "error", text);
+    $("#run-results").prepend(p);
+    while ($("#run-results").children.length > 8) $("#run-results").lastChild.remove();
+  }
+
+  showResults(title, results) {
+    const box = el("div", "result");
+    box.appendChild(el("b", "", title));
+    for (const [node, r] of Object.entries(results)) {
+      const text = r.ok ? `${node}: ${r.command_error ? "copied; command failed: " + r.command_error : "done"}`
+        : `${node}: ${r.message}`;
+      box.appendChild(el("div", r.ok && !r.command_error ? "ok" : "error", text));
+    }
+    $("#run-results").prepend(box);
+  }
+
+  bindForms() {
+    document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click", () => {
+      document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t === tab));
+      document.querySelectorAll(".tabpane").forEach((p) => p.classList.toggle("hidden", p.dataset.pane !== tab.dataset.tab));
+    }));
+    $("#select-all").onclick = (e) => { e.preventDefault(); document.querySelectorAll(".node-select").forEach((c) => { c.checked = true; }); };
+    $("#select-none").onclick = (e) => { e.preventDefault(); document.querySelectorAll(".node-select").forEach((c) => { c.checked = false; }); };
+
+    $("#shell-form").addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const nodes = this.chosen();
+      if (!nodes.length) { this.notice("Tick at least one node first."); return; }
+      try {
+        const body = { nodes, command: $("#shell-command").value, cwd: $("#shell-cwd").value || null, label: "shell" };
+        const { results } = await api("/api/run", { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } });
+        const failed = Object.entries(results).filter(([, r]) => !r.ok);
+        if (failed.length) this.showResults("Run", results);
+      } catch (err) { this.notice(err.message); }
+    });
+
+    const fileInput = $("#deploy-file"), zone = $("#drop-zone");
+    const setFile = (file) => { this.file = file; $("#drop-label").textContent = file ? `${file.name} (${fmtBytes(file.size)})` : "Drop a file here or click to choose"; };
+    fileInput.addEventListener("change", () => setFile(fileInput.files[0]));
+    zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+    zone.addEventListener("drop", (e) => { e.preventDefault(); zone.classList.remove("over"); setFile(e.dataTransfer.files[0]); });
+
+    $("#deploy-form").addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const nodes = this.chosen();
+      if (!nodes.length) { this.notice("Tick at least one node first."); return; }
+      if (!this.file) { this.notice("Choose a file to deploy."); return; }
+      const query = new URLSearchParams({
+        nodes: nodes.join(","), folder: $("#deploy-folder").value || "~", name: this.file.name,
+        overwrite: $("#deploy-overwrite").checked ? "1" : "0", command: $("#deploy-command").value,
+      });
+      try {
+        this.notice(`Deploying ${this.file.name} to ${nodes.length} node(s)…`, true);
+        const { results } = await api(`/api/deploy?${query}`, { method: "PUT", body: this.file, headers: { "Content-Type": "application/octet-stream" } });
+        this.showResults(`Deploy ${this.file.name}`, results);
+      } catch (err) { this.notice(err.message); }
+    });
+  }
+}
+
+window.addEventListener("DOMContentLoaded", () => { new App().start().catch((e) => console.error(e)); });
