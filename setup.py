@@ -25,6 +25,7 @@ setup(
         "console_scripts": [
             "marco-agent=agent.__main__:main",
             "marco-controller=controller.__main__:main",
+            "marco-inventory=controller.inventory_script:main",
         ],
     },
 )

@@ -10,9 +10,13 @@ import pytest
 
 from agent.tokens import TokenSigner, create_secret, load_secret
 from tests.support.agent_process import AgentProcess
+from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser, create_user, remove_user
 
 ALICE, BOB = "marcotest-alice", "marcotest-bob"
+PAM_TEST_SERVICE = "marco-test"
+PAM_TEST_STACK = ("# Marco tests only: pam_unix without the delay on failure, removed after the run.\n"
+                  "auth required pam_unix.so nodelay\naccount required pam_unix.so\n")
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +70,38 @@ def shared_agent(secret_file: Path, tmp_path_factory: pytest.TempPathFactory,
                          node_name="shared")
     yield agent
     agent.stop()
+
+
+@pytest.fixture(scope="session")
+def pam_service() -> Iterator[str]:
+    """A test-only PAM service: real pam_unix password checks, no 2-3 s delay on failure."""
+    path = Path("/etc/pam.d") / PAM_TEST_SERVICE
+    path.write_text(PAM_TEST_STACK)
+    yield PAM_TEST_SERVICE
+    path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def start_controller(secret_file: Path, tmp_path: Path,
+                     pam_service: str) -> Iterator[Callable[..., ControllerProcess]]:
+    """Factory: real controller processes (PAM service marco-test), stopped after the test."""
+    started: list[ControllerProcess] = []
+
+    def start(**kwargs: object) -> ControllerProcess:
+        kwargs.setdefault("pam_service", pam_service)
+        controller = ControllerProcess(secret_file, tmp_path, **kwargs)  # type: ignore[arg-type]
+        started.append(controller)
+        return controller
+
+    yield start
+    for controller in started:
+        controller.stop()
+
+
+_names = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def unique_name() -> Callable[[str], str]:
+    """Node names unique across tests and concurrent runs (they share the loopback's mDNS)."""
+    return lambda prefix: f"{prefix}-{os.getpid()}-{next(_names)}"

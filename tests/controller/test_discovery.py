@@ -1,0 +1,160 @@
+"""Live discovery against real agents: loopback, network namespaces, deaths without goodbye."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from agent.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
+from tests.support.controller_process import ControllerProcess
+from tests.support.netns import NamespaceNetwork
+from tests.support.users import UnixUser
+
+WAIT = 20.0
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def inventory_hosts(controller: ControllerProcess, token: str) -> dict[str, Any]:
+    return controller.get_json("/api/inventory", token)["_meta"]["hostvars"]
+
+
+def test_finds_agents_on_loopback_and_drops_a_killed_one(start_agent, start_controller,  # type: ignore[no-untyped-def]
+                                                         signer: TokenSigner, alice: UnixUser,
+                                                         unique_name) -> None:
+    token = signer.issue(alice.name)
+    controller = start_controller()
+    names = [unique_name("loop"), unique_name("loop")]
+    agents = [start_agent(node_name=name, announce=True, extra_args=["--groups", "web,db"])
+              for name in names]
+    hosts = wait_for(lambda: (h := inventory_hosts(controller, token)) and set(names) <= set(h) and h,
+                     what="both agents in the inventory")
+    for name, agent in zip(names, agents):
+        assert hosts[name]["ansible_host"] == "127.0.0.1"
+        assert hosts[name]["ansible_port"] == agent.port
+        assert hosts[name]["ansible_connection"] == "marco"
+        assert hosts[name]["marco_groups"] == "web,db"
+    inventory = controller.get_json("/api/inventory", token)
+    assert set(names) <= set(inventory["web"]["hosts"]) and set(names) <= set(inventory["db"]["hosts"])
+    assert set(names) <= set(inventory["debian"]["hosts"] if "debian" in inventory else names)
+
+    # SIGKILL: no goodbye. The health probe notices; the node leaves the inventory.
+    agents[0].stop(signal.SIGKILL)
+    wait_for(lambda: names[0] not in inventory_hosts(controller, token), what="dead agent to leave")
+    nodes = {n["name"]: n for n in controller.get_json("/api/nodes", token)["nodes"]}
+    assert nodes[names[0]]["alive"] is False and nodes[names[1]]["alive"] is True
+
+    # It comes back when it returns (same port, announced again).
+    revived = AgentProcess(agents[0].secret_file, agents[0].state_dir, node_name=names[0],
+                           port=agents[0].port, announce=True)
+    try:
+        wait_for(lambda: names[0] in inventory_hosts(controller, token), what="agent to return")
+    finally:
+        revived.stop()
+    # A goodbye (SIGTERM) removes it at once.
+    wait_for(lambda: names[0] not in inventory_hosts(controller, token), what="goodbye")
+
+
+def test_static_nodes_need_no_mdns(start_agent, start_controller, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                   alice: UnixUser) -> None:
+    agent = start_agent(node_name="static-one")
+    controller = start_controller(extra_args=["--no-discovery", "--node",
+                                              f"rack1={agent.host}:{agent.port}"])
+    token = signer.issue(alice.name)
+    hosts = wait_for(lambda: (h := inventory_hosts(controller, token)).get("rack1", {}).get(
+        "marco_version") and h, what="static node probed")
+    assert hosts["rack1"]["ansible_port"] == agent.port and hosts["rack1"]["marco_node"] == "static-one"
+    agent.stop(signal.SIGKILL)
+    wait_for(lambda: "rack1" not in inventory_hosts(controller, token), what="static node down")
+
+
+def test_inventory_needs_a_login(start_controller) -> None:  # type: ignore[no-untyped-def]
+    controller = start_controller()
+    with pytest.raises(Exception) as caught:
+        controller.get_json("/api/inventory", "forged-token")
+    assert "401" in str(caught.value)
+
+
+@pytest.fixture
+def network() -> Any:
+    net = NamespaceNetwork(3).create()
+    yield net
+    net.destroy()
+
+
+def test_agents_in_network_namespaces_on_a_bridge(network: NamespaceNetwork, secret_file: Path,
+                                                  tmp_path: Path, start_controller,  # type: ignore[no-untyped-def]
+                                                  signer: TokenSigner, alice: UnixUser) -> None:
+    token = signer.issue(alice.name)
+    controller = start_controller(bind=network.gateway, mdns_interfaces=[network.gateway])
+    agents = []
+    try:
+        for index, host in enumerate(network.hosts):
+            agents.append(AgentProcess(secret_file, tmp_path / f"ns{index}" / "state",
+                                       node_name=f"nshost{index + 1}", bind=host.address,
+                                       announce=True, netns=host.name,
+                                       extra_args=["--groups", "lab"]))
+        started = time.monotonic()
+        wanted = {"nshost1", "nshost2", "nshost3"}
+        hosts = wait_for(lambda: wanted <= set(h := inventory_hosts(controller, token)) and h,
+                         what="three namespace agents")
+        print(f"\nthree namespace agents in the inventory {time.monotonic() - started:.2f}s "
+              "after they were healthy")
+        assert {hosts[f"nshost{i + 1}"]["ansible_host"] for i in range(3)} == {
+            h.address for h in network.hosts}
+        # Pull one host's cable: it leaves, the others stay.
+        network.cut(network.hosts[1])
+        wait_for(lambda: "nshost2" not in inventory_hosts(controller, token), what="cut host")
+        assert {"nshost1", "nshost3"} <= set(inventory_hosts(controller, token))
+        network.reconnect(network.hosts[1])
+        wait_for(lambda: "nshost2" in inventory_hosts(controller, token), what="host back")
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+def test_ansible_inventory_reads_the_controller(start_agent, start_controller,  # type: ignore[no-untyped-def]
+                                                signer: TokenSigner, alice: UnixUser,
+                                                unique_name, tmp_path: Path) -> None:
+    """The real `ansible-inventory` CLI through the `marco-inventory` script."""
+    import shutil
+    import sys
+    script = Path(sys.executable).parent / "marco-inventory"
+    assert script.exists(), "marco-inventory is installed with the package (pip install -e .)"
+    controller = start_controller()
+    name = unique_name("inv")
+    start_agent(node_name=name, announce=True, extra_args=["--groups", "web"])
+    token = signer.issue(alice.name)
+    wait_for(lambda: name in inventory_hosts(controller, token), what="agent")
+    env = {"MARCO_CONTROLLER": controller.url, "MARCO_TOKEN": token,
+           "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
+           "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp")}
+    ansible_inventory = shutil.which("ansible-inventory", path=env["PATH"])
+    assert ansible_inventory
+    listed = subprocess.run([ansible_inventory, "-i", str(script), "--list"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    import json
+    data = json.loads(listed.stdout)
+    assert name in data["web"]["hosts"]
+    assert data["_meta"]["hostvars"][name]["ansible_connection"] == "marco"
+    graph = subprocess.run([ansible_inventory, "-i", str(script), "--graph"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert graph.returncode == 0 and f"@web:" in graph.stdout and name in graph.stdout
+    bad = subprocess.run([str(script), "--list"], env={**env, "MARCO_TOKEN": "forged"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "401" in bad.stderr and "marco login" in bad.stderr
