@@ -118,6 +118,7 @@ async def serve(config: AgentConfig, secret: bytes) -> None:
             log.info("announced %s on %s", config.node_name, ", ".join(interfaces))
         await stop.wait()
         log.info("stopping")
+        ctx.executions.closing = True  # no new executions from kept-alive connections
     finally:
         expiry.stop()
         if announcer is not None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import select
 import shutil
 import socket
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO, Callable
 from urllib.parse import urlencode
 
 from tornado import httpclient, websocket
@@ -25,6 +26,7 @@ from .errors import (AgentUnreachable, AuthenticationError, MarcoError, Permissi
                      ProtocolError, error_from_response)
 
 UPLOAD_CHUNK = 1024 * 1024
+CONTINUE_WAIT = 2.0  # seconds to wait for `100 Continue` before sending a body anyway
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -40,13 +42,17 @@ class ExecutionResult:
     signal: str | None = None
     timed_out: bool = False
     stopped: bool = False
+    stdout_truncated: bool = False   # over the agent's capture limit: the rest is in the spool
+    stderr_truncated: bool = False
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ExecutionResult":
         return cls(id=data["id"], rc=data["rc"], stdout=base64.b64decode(data["stdout"]),
                    stderr=base64.b64decode(data["stderr"]), duration=data["duration"],
                    signal=data.get("signal"), timed_out=data.get("timed_out", False),
-                   stopped=data.get("stopped", False))
+                   stopped=data.get("stopped", False),
+                   stdout_truncated=data.get("stdout_truncated", False),
+                   stderr_truncated=data.get("stderr_truncated", False))
 
 
 def execution_body(command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
@@ -111,38 +117,87 @@ class AgentClient:
         headers.update(extra or {})
         return headers
 
-    def _send(self, method: str, path: str, body: Any = None,
-              headers: dict[str, str] | None = None, timeout: float | None = None,
-              rewind: int | None = None) -> http.client.HTTPResponse:
-        """Send one request; resend once if a kept-alive connection turned out stale.
+    def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
+        """The kept-alive connection, replaced first if the agent closed it while idle.
 
-        A body that is a stream is resent only when it can be rewound to `rewind`.
+        Checking before sending (an idle socket that is readable has been closed by the peer)
+        means a request is never sent into a dead connection, so nothing needs resending after
+        a failure: a POST is sent at most once.
         """
-        reused = self._conn is not None
-        if self._conn is None:
-            self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout,
-                                                    blocksize=UPLOAD_CHUNK)
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            try:
+                readable = select.select([conn.sock], [], [], 0)[0]
+            except (OSError, ValueError):
+                readable = [conn.sock]
+            if readable:
+                self.close()
+                conn = None
+        if conn is None:
+            conn = self._conn = http.client.HTTPConnection(
+                self.host, self.port, timeout=self.timeout, blocksize=UPLOAD_CHUNK)
+        conn.timeout = timeout or self.timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(conn.timeout)
+        return conn
+
+    def _unreachable(self, exc: BaseException) -> AgentUnreachable:
+        self.close()
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            return AgentUnreachable(f"agent {self.host}:{self.port} timed out")
+        detail = getattr(exc, "strerror", None) or exc
+        return AgentUnreachable(f"cannot reach agent {self.host}:{self.port}: {detail}")
+
+    def _send(self, method: str, path: str, body: bytes | None = None,
+              headers: dict[str, str] | None = None,
+              timeout: float | None = None) -> http.client.HTTPResponse:
+        """Send one request and return the response (its body still to be read)."""
+        conn = self._connection(timeout)
         try:
-            self._conn.timeout = timeout or self.timeout
-            if self._conn.sock is not None:
-                self._conn.sock.settimeout(self._conn.timeout)
-            self._conn.request(method, path, body=body, headers=self._headers(headers))
-            return self._conn.getresponse()
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-            self.close()
-            resendable = body is None or isinstance(body, bytes) or rewind is not None
-            if reused and resendable:
-                if rewind is not None:
-                    body.seek(rewind)
-                return self._send(method, path, body, headers, timeout)
-            raise AgentUnreachable(f"agent {self.host}:{self.port} closed the connection: {exc}") from None
-        except (socket.timeout, TimeoutError):
-            self.close()
-            raise AgentUnreachable(f"agent {self.host}:{self.port} timed out") from None
-        except OSError as exc:
-            self.close()
-            raise AgentUnreachable(
-                f"cannot reach agent {self.host}:{self.port}: {exc.strerror or exc}") from None
+            conn.request(method, path, body=body, headers=self._headers(headers))
+            return conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
+
+    def _upload(self, path: str, source: BinaryIO, size: int | None) -> http.client.HTTPResponse:
+        """PUT a stream with `Expect: 100-continue`: an agent that refuses the upload (403,
+        404, 409) answers before any byte of the body moves."""
+        conn = self._connection(None)
+        try:
+            conn.putrequest("PUT", path)
+            for key, value in self._headers({"Content-Type": "application/octet-stream",
+                                             "Expect": "100-continue"}).items():
+                conn.putheader(key, value)
+            conn.putheader(*(("Content-Length", str(size)) if size is not None
+                             else ("Transfer-Encoding", "chunked")))
+            conn.endheaders()
+            if self._early_answer(conn):
+                return conn.getresponse()
+            while chunk := source.read(UPLOAD_CHUNK):
+                conn.send(chunk if size is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            if size is None:
+                conn.send(b"0\r\n\r\n")
+            return conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
+
+    @staticmethod
+    def _early_answer(conn: http.client.HTTPConnection) -> bool:
+        """Wait for `100 Continue` (consumed here) or a final answer (left for getresponse)."""
+        sock = conn.sock
+        assert sock is not None
+        if not select.select([sock], [], [], CONTINUE_WAIT)[0]:
+            return False  # no interim answer in time: send the body anyway
+        head = sock.recv(16, socket.MSG_PEEK)
+        if not head.startswith(b"HTTP/1.1 100") and not head.startswith(b"HTTP/1.0 100"):
+            return True
+        seen = b""
+        while not seen.endswith(b"\r\n\r\n"):
+            byte = sock.recv(1)
+            if not byte:
+                raise ConnectionResetError("agent closed the connection")
+            seen += byte
+        return False
 
     def _request(self, method: str, path: str, json_body: Any = None,
                  timeout: float | None = None) -> Any:
@@ -152,8 +207,7 @@ class AgentClient:
         try:
             data = response.read()
         except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise AgentUnreachable(f"agent {self.host}:{self.port} broke off: {exc}") from None
+            raise self._unreachable(exc) from None
         _raise_for(response.status, data)
         return _json(data)
 
@@ -200,16 +254,11 @@ class AgentClient:
         query: dict[str, Any] = {"path": path, "overwrite": "true" if overwrite else "false"}
         if mode is not None:
             query["mode"] = f"{mode:04o}"
-        headers = {"Content-Type": "application/octet-stream"}
-        body: Any = source
-        rewind = source.tell() if source.seekable() else None
-        if size is not None:
-            headers["Content-Length"] = str(size)
-        else:
-            body, rewind = _chunks(source), None  # no length: http.client sends it chunked
-        response = self._send("PUT", f"/v1/files?{urlencode(query)}", body, headers,
-                              rewind=rewind)
-        data = response.read()
+        response = self._upload(f"/v1/files?{urlencode(query)}", source, size)
+        try:
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
         _raise_for(response.status, data)
         return _json(data)
 
@@ -222,17 +271,11 @@ class AgentClient:
         try:
             shutil.copyfileobj(response, destination, UPLOAD_CHUNK)
         except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise AgentUnreachable(f"download from {self.host} broke off: {exc}") from None
+            raise self._unreachable(exc) from None
         written = destination.tell() if destination.seekable() else expected
         if expected >= 0 and destination.seekable() and written < expected:
             raise AgentUnreachable(f"download from {self.host} ended early")
         return expected
-
-
-def _chunks(source: BinaryIO) -> Iterable[bytes]:
-    while chunk := source.read(UPLOAD_CHUNK):
-        yield chunk
 
 
 class AsyncAgentClient:

@@ -67,6 +67,13 @@ class PayloadTooLarge(MarcoError):
     code = "too_large"
 
 
+class ShuttingDown(MarcoError):
+    """The agent is shutting down."""
+
+    status = 503
+    code = "shutting_down"
+
+
 class AgentUnreachable(MarcoError):
     """The agent cannot be reached (connection refused, reset or timed out)."""
 
@@ -93,7 +100,7 @@ _BY_STATUS: dict[int, type[MarcoError]] = {
 }
 _BY_CODE: dict[str, type[MarcoError]] = {
     cls.code: cls for cls in (BadRequest, AuthenticationError, TokenExpired, PermissionDenied,
-                              NotFound, Conflict, PayloadTooLarge)
+                              NotFound, Conflict, PayloadTooLarge, ShuttingDown)
 }
 
 

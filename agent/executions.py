@@ -17,7 +17,9 @@ import fcntl
 import logging
 import os
 import secrets
+import shutil
 import signal
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Protocol
 
 from . import protocol
-from .errors import BadRequest, NotFound
+from .errors import BadRequest, ConfigError, NotFound, ShuttingDown
 from .lines import LineSplitter
 from .spool import ExecutionSpool
 from .users import UserIdentity, UserResolver
@@ -41,6 +43,8 @@ EXIT_LINGER = 2.0            # seconds to wait for pipe EOF after the process it
 CAPTURE_MEMORY = 8 * 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 ID_LENGTH = 32
+MAX_TIMEOUT = 366 * 24 * 3600
+CAPTURE_MAX = 256 * 1024 * 1024  # bytes of stdout (and of stderr) a `wait` caller gets back
 
 
 class EventSink(Protocol):
@@ -84,17 +88,20 @@ class ExecutionRequest:
         cwd = body.get("cwd")
         if cwd is not None and (not isinstance(cwd, str) or not cwd or "\0" in cwd):
             raise BadRequest("'cwd' must be a non-empty string")
+        if argv is not None and "=" in argv[0]:
+            raise BadRequest("the program name (argv[0]) must not contain '='")
         try:
             stdin = base64.b64decode(body.get("stdin") or "", validate=True)
-        except (binascii.Error, TypeError):
+        except (binascii.Error, TypeError, ValueError):
             raise BadRequest("'stdin' must be base64") from None
         label = body.get("label") or ""
         if not isinstance(label, str) or len(label) > 1000:
             raise BadRequest("'label' must be a string of at most 1000 characters")
         timeout = body.get("timeout")
         if timeout is not None and (isinstance(timeout, bool)
-                                    or not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise BadRequest("'timeout' must be a positive number of seconds")
+                                    or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout <= MAX_TIMEOUT):
+            raise BadRequest(f"'timeout' must be a number of seconds in (0, {MAX_TIMEOUT}]")
         return cls(argv, shell, cwd, env, stdin, label, timeout)
 
     @property
@@ -105,13 +112,23 @@ class ExecutionRequest:
 class OutputCapture:
     """The raw bytes of stdout and stderr, for `?wait=1` callers (spills to disk when large)."""
 
-    def __init__(self, tmp_dir: Path) -> None:
+    def __init__(self, tmp_dir: Path, limit: int = CAPTURE_MAX) -> None:
+        self.limit = limit
         self.streams: dict[int, BinaryIO] = {
             fd: tempfile.SpooledTemporaryFile(max_size=CAPTURE_MEMORY, dir=tmp_dir)  # type: ignore[misc]
             for fd in (STDOUT, STDERR)}
+        self.sizes = {STDOUT: 0, STDERR: 0}
+        self.truncated = {STDOUT: False, STDERR: False}
 
     def write(self, fd: int, data: bytes) -> None:
-        self.streams[fd].write(data)
+        """Keep at most `limit` bytes per stream; the rest is only streamed and spooled."""
+        room = self.limit - self.sizes[fd]
+        if len(data) > room:
+            self.truncated[fd] = True
+            data = data[:max(room, 0)]
+        if data:
+            self.streams[fd].write(data)
+            self.sizes[fd] += len(data)
 
     def close(self) -> None:
         for stream in self.streams.values():
@@ -140,6 +157,7 @@ class Execution:
     next_seq: int = 0
     pid: int | None = None
     done: asyncio.Future[None] | None = None
+    timeout_handle: asyncio.TimerHandle | None = None
     _splitters: dict[int, LineSplitter] = field(default_factory=lambda: {
         STDOUT: LineSplitter(), STDERR: LineSplitter()})
     _batch_fd: int = STDOUT
@@ -281,17 +299,23 @@ class ExecutionManager:
         self.retention_count = retention_count
         self._executions: dict[str, Execution] = {}
         self._transports: dict[str, asyncio.SubprocessTransport] = {}
+        self.closing = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def load(self) -> None:
         """Create the state dirs and reload finished executions kept from an earlier run."""
-        for directory in (self.spool_root, self.tmp_dir):
+        for directory in (self.spool_root.parent, self.spool_root, self.tmp_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(directory, 0o700)
+            check_private_dir(directory)
+        for tmp in self.tmp_dir.iterdir():  # captures of a previous run
+            tmp.unlink(missing_ok=True)
         for directory in sorted(self.spool_root.iterdir()):
             try:
                 meta = ExecutionSpool.read_meta(directory)
+            except FileNotFoundError:  # died before its first record: nothing to keep
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
             except (OSError, ValueError):
                 log.warning("ignoring unreadable execution record %s", directory)
                 continue
@@ -312,6 +336,7 @@ class ExecutionManager:
 
     async def shutdown(self) -> None:
         """Stop every running execution (agent shutdown) and wait for them to end."""
+        self.closing = True
         running = [e for e in self._executions.values() if e.running]
         for execution in running:
             self._signal_group(execution, signal.SIGTERM)
@@ -336,17 +361,19 @@ class ExecutionManager:
         return sorted((e for e in self._executions.values() if e.user == username),
                       key=lambda e: e.started)
 
-    def read_output(self, username: str, execution_id: str, since: int,
-                    max_lines: int) -> tuple[Execution, list[dict[str, Any]]]:
+    def read_output(self, username: str, execution_id: str, since: int, max_lines: int,
+                    max_bytes: int) -> tuple[Execution, list[dict[str, Any]]]:
         execution = self.get(username, execution_id)
         if since < 0:
             raise BadRequest("'since' must be >= 0")
-        return execution, execution.spool.read(since, max_lines)
+        return execution, execution.spool.read(since, max_lines, max_bytes)
 
     # -- actions ------------------------------------------------------------------------------
 
     async def start(self, user: UserIdentity, request: ExecutionRequest,
                     capture: bool = False) -> Execution:
+        if self.closing:
+            raise ShuttingDown("the agent is shutting down; try again when it is back")
         execution_id = secrets.token_hex(ID_LENGTH // 2)
         cwd = user.expand(request.cwd) if request.cwd else user.home
         spool = ExecutionSpool.create(self.spool_root / execution_id, self.spool_max_bytes)
@@ -376,7 +403,7 @@ class ExecutionManager:
             raise BadRequest(f"cannot start the command: {exc.strerror}") from None
         self._feed_stdin(transport, request.stdin)
         if request.timeout:
-            loop.call_later(request.timeout, self._timeout, execution)
+            execution.timeout_handle = loop.call_later(request.timeout, self._timeout, execution)
         log.info("execution %s started for %s: %s", execution_id, user.name,
                  _short(execution.command))
         return execution
@@ -457,6 +484,8 @@ class ExecutionManager:
         execution.save_meta()
 
     def _finished(self, execution: Execution) -> None:
+        if execution.timeout_handle is not None:
+            execution.timeout_handle.cancel()
         transport = self._transports.pop(execution.id, None)
         returncode = transport.get_returncode() if transport else None
         if transport is not None:
@@ -477,6 +506,19 @@ class ExecutionManager:
         if execution.done is not None and not execution.done.done():
             execution.done.set_result(None)
         self.expire()
+
+
+def check_private_dir(directory: Path) -> None:
+    """Refuse a state directory another user could swap or read (a symlink, a foreign owner,
+    group/other access): the agent writes there as root."""
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"state directory {directory} is not a directory (a symlink?)")
+    if info.st_uid != os.geteuid():
+        raise ConfigError(f"state directory {directory} belongs to uid {info.st_uid}, "
+                          f"not to the agent (uid {os.geteuid()})")
+    if info.st_mode & 0o077:
+        os.chmod(directory, 0o700, follow_symlinks=False)
 
 
 def _short(command: list[str] | str, limit: int = 200) -> str:

@@ -121,20 +121,22 @@ def write(path, mode_text, overwrite):
 
 def read(path):
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; cleared once it is a file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         info = os.fstat(fd)
     except OSError as exc:
         fail_os(exc, path)
     if not stat.S_ISREG(info.st_mode):
         fail(400, "%s is not a regular file" % path)
+    os.set_blocking(fd, True)
     report(ok=True, size=info.st_size, mode="%04o" % stat.S_IMODE(info.st_mode),
            mtime=info.st_mtime)
     out = sys.stdout.fileno()
     offset = 0
-    while True:
-        sent = os.sendfile(out, fd, offset, CHUNK)
+    while offset < info.st_size:  # exactly the size announced, even if the file grows
+        sent = os.sendfile(out, fd, offset, min(CHUNK, info.st_size - offset))
         if sent == 0:
-            break
+            break  # it shrank: the agent sees fewer bytes than announced and says so
         offset += sent
 
 

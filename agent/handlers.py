@@ -13,6 +13,7 @@ from typing import Any
 
 import tornado.web
 
+from . import protocol
 from .context import AgentContext
 from .errors import AuthenticationError, BadRequest, MarcoError
 from .executions import Execution, ExecutionRequest
@@ -22,6 +23,7 @@ from .users import UserIdentity
 log = logging.getLogger(__name__)
 
 MAX_REPLAY_LINES = 100_000
+MAX_REPLAY_BYTES = 16 * 1024 * 1024
 MAX_UPLOAD_BYTES = 1 << 40
 B64_CHUNK = 3 * 256 * 1024  # a multiple of 3, so chunks encode without padding in between
 
@@ -125,7 +127,7 @@ class ExecutionsHandler(ApiHandler):
     async def post(self) -> None:
         user = self.authenticate()
         try:
-            body = json.loads(self.request.body or b"null")
+            body = protocol.decode(self.request.body or b"null")
         except ValueError:
             raise BadRequest("body is not valid JSON") from None
         request = ExecutionRequest.from_json(body)
@@ -145,9 +147,11 @@ class ExecutionsHandler(ApiHandler):
     async def _write_result(self, execution: Execution) -> None:
         """Stream {"id","rc","signal","duration",...,"stdout","stderr"} with base64 bodies."""
         assert execution.capture is not None
+        capture = execution.capture
         head = {"id": execution.id, "rc": execution.rc, "signal": execution.signal,
                 "duration": execution.duration, "timed_out": execution.timed_out,
-                "stopped": execution.stopped}
+                "stopped": execution.stopped, "stdout_truncated": capture.truncated[1],
+                "stderr_truncated": capture.truncated[2]}
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps(head)[:-1])
         for key, fd in (("stdout", 1), ("stderr", 2)):
@@ -181,7 +185,8 @@ class OutputHandler(ApiHandler):
         user = self.authenticate()
         since = self.int_argument("since", 0)
         limit = min(max(self.int_argument("limit", MAX_REPLAY_LINES), 1), MAX_REPLAY_LINES)
-        execution, events = self.ctx.executions.read_output(user.name, execution_id, since, limit)
+        execution, events = self.ctx.executions.read_output(user.name, execution_id, since, limit,
+                                                            MAX_REPLAY_BYTES)
         next_seq = events[-1]["seq"] + len(events[-1]["lines"]) if events else since
         self.write_json({"execution": execution.summary(), "events": events, "next": next_seq,
                          "truncated_seq": execution.spool.truncated_seq})
@@ -203,6 +208,7 @@ class FilesHandler(ApiHandler):
     """
 
     writer: FileWriter | None = None
+    reader: FileReader | None = None
     failure: MarcoError | None = None
     client_gone = False
 
@@ -219,11 +225,15 @@ class FilesHandler(ApiHandler):
             if self.client_gone:  # the client left while the helper was starting
                 self.writer.abort()
         except MarcoError as error:
-            # Answer now, before the body moves; Tornado reads and drops the rest of the body,
-            # then closes the connection, so tell the client not to reuse it.
+            # Answer now, before the body moves (clients that sent `Expect: 100-continue` never
+            # send it); Tornado then closes the connection, which write_error announces.
             self.failure = error
-            self.set_header("Connection", "close")
             self.send_error(error.status, exc_info=(type(error), error, None))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if self.request.method == "PUT":  # the body was not read: this connection is done
+            self.set_header("Connection", "close")
+        super().write_error(status_code, **kwargs)
 
     async def data_received(self, chunk: bytes) -> None:
         if self.writer is not None and self.failure is None:
@@ -246,11 +256,17 @@ class FilesHandler(ApiHandler):
         self.client_gone = True
         if self.writer is not None:
             self.writer.abort()
+        if self.reader is not None:
+            self.reader.abort()
 
     async def get(self) -> None:
         user = self.authenticate()
         path = validate_path(user, self.path_argument())
-        reader: FileReader = await self.ctx.files.open_reader(user, path)
+        self.reader = await self.ctx.files.open_reader(user, path)
+        reader = self.reader
+        if self.client_gone:
+            reader.abort()
+            return
         try:
             self.set_header("Content-Type", "application/octet-stream")
             self.set_header("Content-Length", str(reader.size))

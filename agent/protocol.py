@@ -30,6 +30,15 @@ def encode(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode(text: str | bytes) -> Any:
+    """Parse one JSON message strictly: NaN and Infinity (which Python accepts) are refused."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
 def started_event(execution_id: str, label: str, command: list[str] | str, cwd: str,
                   started: float, seq: int) -> dict[str, Any]:
     """The `started` event sent to the owner's sockets when an execution begins."""

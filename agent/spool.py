@@ -59,10 +59,17 @@ class ExecutionSpool:
             self.truncated_seq = first_seq
             return
         try:
-            os.write(self._fd, data)
+            written = os.write(self._fd, data)
         except OSError:
-            # Disk full or similar: keep the execution going, stop storing, say where.
+            written = -1
+        if written != len(data):
+            # Disk full or similar: keep the execution going, stop storing, say where, and
+            # cut a torn last line so the record stays readable.
             self.truncated_seq = first_seq
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
             return
         self._starts.append(first_seq)
         self._offsets.append(self._size)
@@ -85,18 +92,22 @@ class ExecutionSpool:
         with open(directory / META_FILE, encoding="utf-8") as handle:
             return json.load(handle)
 
-    def read(self, since: int, max_lines: int) -> list[dict[str, Any]]:
-        """Output events holding lines with seq >= since, the first one trimmed to start there."""
+    def read(self, since: int, max_lines: int, max_bytes: int = 1 << 62) -> list[dict[str, Any]]:
+        """Output events holding lines with seq >= since, the first one trimmed to start there;
+        at most about `max_lines` lines and `max_bytes` bytes of stored events (at least one)."""
         self._ensure_index()
         index = bisect.bisect_right(self._starts, since) - 1
         index = max(index, 0)
         if not self._offsets or index >= len(self._offsets):
             return []
         events: list[dict[str, Any]] = []
-        total = 0
+        total = size = 0
         with open(self.directory / OUTPUT_FILE, "rb") as handle:
             handle.seek(self._offsets[index])
             for raw in handle:
+                if events and size + len(raw) > max_bytes:
+                    break
+                size += len(raw)
                 event = json.loads(raw)
                 lines = event["lines"]
                 end = event["seq"] + len(lines)

@@ -9,15 +9,15 @@ acts re-checks the token's age. Sending never blocks: a socket that falls more t
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import time
 from typing import Any
 
 import tornado.websocket
 
 from . import protocol
 from .context import AgentContext
-from .errors import MarcoError
+from .errors import BadRequest, MarcoError
 from .handlers import MAX_REPLAY_LINES
 from .users import UserIdentity
 
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 AUTH_TIMEOUT = 10.0
 MAX_PENDING_BYTES = 32 * 1024 * 1024
+REPLAY_BYTES = 4 * 1024 * 1024  # per replay request; the client asks again from `next`
 
 
 class StreamSocket(tornado.websocket.WebSocketHandler):
@@ -51,7 +52,7 @@ class StreamSocket(tornado.websocket.WebSocketHandler):
 
     def on_message(self, message: str | bytes) -> None:
         try:
-            data = json.loads(message)
+            data = protocol.decode(message)
             if not isinstance(data, dict) or not isinstance(data.get("type"), str):
                 raise ValueError("not a message object")
         except ValueError:
@@ -84,6 +85,10 @@ class StreamSocket(tornado.websocket.WebSocketHandler):
             return
         if self._auth_timer is not None:
             self._auth_timer.cancel()
+        # The socket lives no longer than its token: it closes (4401) when the token expires.
+        expires_in = self.ctx.signer.expires_at(token) - time.time()  # type: ignore[arg-type]
+        self._auth_timer = asyncio.get_running_loop().call_later(
+            max(expires_in, 0), self.close, protocol.CLOSE_UNAUTHORIZED, "token expired")
         self.user, self.token = user, token  # type: ignore[assignment]
         self.ctx.hub.add(user.name, self)
         executions = [e.summary() for e in self.ctx.executions.list(user.name)]
@@ -96,7 +101,9 @@ class StreamSocket(tornado.websocket.WebSocketHandler):
         assert self.user is not None
         kind = data["type"]
         if kind == "subscribe":
-            self._subscribe_status(bool(data.get("status")))
+            if not isinstance(data.get("status"), bool):
+                raise BadRequest("'status' must be true or false")
+            self._subscribe_status(data["status"])
         elif kind == "replay":
             self._replay(str(data.get("id", "")), data.get("since", 0))
         elif kind == "stop":
@@ -118,13 +125,14 @@ class StreamSocket(tornado.websocket.WebSocketHandler):
         """Send stored output from `since`, then a `replayed` marker with the next seq.
 
         Runs in one go on the event loop, so no live event of the same execution can slip in
-        between: live events that follow carry seqs >= `next`.
+        between: live events that follow carry seqs >= `next`. At most REPLAY_BYTES go out per
+        request (`complete` false): the client asks again from `next`.
         """
         assert self.user is not None
         if not isinstance(since, int) or isinstance(since, bool):
             since = 0
         execution, events = self.ctx.executions.read_output(
-            self.user.name, execution_id, since, MAX_REPLAY_LINES)
+            self.user.name, execution_id, since, MAX_REPLAY_LINES, REPLAY_BYTES)
         for event in events:
             self.send(protocol.encode(event))
         next_seq = events[-1]["seq"] + len(events[-1]["lines"]) if events else since

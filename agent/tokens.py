@@ -36,6 +36,11 @@ class TokenSigner:
         """Return a new signed, timestamped token for `username`."""
         return self._serializer.dumps(username)
 
+    def expires_at(self, token: str) -> float:
+        """When a valid token stops being valid (epoch seconds)."""
+        _, issued = self._serializer.loads(token, max_age=self.max_age, return_timestamp=True)
+        return issued.timestamp() + self.max_age
+
     def verify(self, token: str | None) -> str:
         """Return the username a valid, unexpired token carries; raise by cause otherwise."""
         if not token:
@@ -62,9 +67,12 @@ def load_secret(path: str | os.PathLike[str]) -> bytes:
                           f"(create one with: marco-agent init-secret --secret-file {path})") from None
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
-    if info.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise ConfigError(f"secret file {path} is accessible to every user "
+    if info.st_mode & 0o077:
+        raise ConfigError(f"secret file {path} is accessible to other users "
                           f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}")
+    if info.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(f"secret file {path} belongs to uid {info.st_uid}, who could forge "
+                          f"tokens for any user; it must belong to root or to this process")
     if len(data) < MIN_SECRET_BYTES:
         raise ConfigError(f"secret file {path} holds {len(data)} bytes; "
                           f"at least {MIN_SECRET_BYTES} are needed")

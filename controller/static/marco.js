@@ -198,13 +198,19 @@ class NodeView {
         event.executions.slice(-REPLAY_EXECUTIONS).forEach((summary) => {
           const view = this.execution(summary.id, summary);
           view.setSummary(summary);
+          // Only the last lines the page keeps anyway are worth fetching.
+          const since = Math.max(view.nextSeq, summary.next_seq - MAX_LINES_SHOWN);
+          if (since > view.nextSeq) { view.nextSeq = since; view.block.classList.add("clipped"); }
           this.send({ type: "replay", id: summary.id, since: view.nextSeq });
         });
         break;
       case "started": this.execution(event.id, event).setSummary(Object.assign({ state: "running" }, event)); break;
       case "output": this.execution(event.id).output(event); break;
       case "exit": this.execution(event.id).exit(event); break;
-      case "replayed": this.execution(event.id, event.execution).setSummary(event.execution); break;
+      case "replayed":
+        this.execution(event.id, event.execution).setSummary(event.execution);
+        if (!event.complete) this.send({ type: "replay", id: event.id, since: event.next });   // more to come
+        break;
       case "status": this.status(event.status); break;
       case "error": this.app.notice(`${this.node.name}: ${event.message}`); break;
       default: break;

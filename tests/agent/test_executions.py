@@ -189,3 +189,34 @@ def test_non_root_agent_serves_only_its_own_user(alice: UnixUser, bob: UnixUser)
     assert resolver.popen_identity(resolver.resolve(alice.name)) == {}
     with pytest.raises(PermissionDenied, match="serves only its own user"):
         resolver.resolve(bob.name)
+
+
+def test_hostile_request_bodies_are_400(shared_agent: AgentProcess, signer: TokenSigner,
+                                        alice: UnixUser) -> None:
+    import http.client
+    token = signer.issue(alice.name)
+    for body in ('{"argv": ["sleep", "0.1"], "timeout": NaN}',
+                 '{"argv": ["sleep", "0.1"], "timeout": Infinity}',
+                 '{"argv": ["true"], "stdin": "é"}',
+                 '{"argv": ["A=B", "id"]}',
+                 '{"argv": ["true"], "timeout": 1e30}',
+                 '{"argv": ["true"], "env": {"A": 1}}',
+                 '[1, 2]'):
+        conn = http.client.HTTPConnection(shared_agent.host, shared_agent.port, timeout=10)
+        conn.request("POST", "/v1/executions", body=body.encode(),
+                     headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        assert response.status == 400, (body, response.read())
+        conn.close()
+    # ... and the agent's timers still work afterwards.
+    with client(shared_agent, signer, alice.name) as c:
+        assert c.run(["sleep", "30"], timeout=0.3).timed_out
+
+
+def test_wait_capture_is_bounded(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+    import agent.executions
+    assert agent.executions.CAPTURE_MAX == 256 * 1024 * 1024  # documented in docs/protocol.md
+    agent_ = start_agent()
+    with client(agent_, signer, alice.name) as c:
+        result = c.run("head -c 1000 /dev/zero")
+    assert len(result.stdout) == 1000 and not result.stdout_truncated

@@ -126,3 +126,12 @@ def test_interrupted_upload_leaves_nothing(shared_agent: AgentProcess, signer: T
         client.health()
     assert not os.path.exists(os.path.join(alice.home, "partial"))
     assert not any(".marco-" in name for name in os.listdir(alice.home))
+
+
+def test_fifo_download_is_refused_without_hanging(alice_client: AgentClient,
+                                                  alice: UnixUser) -> None:
+    assert alice_client.run(["mkfifo", "a-fifo"]).rc == 0
+    with pytest.raises(BadRequest, match="not a regular file"):
+        alice_client.get_file("a-fifo", io.BytesIO())
+    processes = alice_client.run(["ps", "-u", alice.name, "-o", "comm="]).stdout.split()
+    assert not any(name.startswith(b"python") for name in processes)  # no helper left waiting

@@ -236,17 +236,47 @@ def test_stop_over_the_socket(shared_agent: AgentProcess, signer: TokenSigner,
     run(scenario())
 
 
-def test_expired_token_stops_acting_on_an_open_socket(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_an_open_socket_closes_when_its_token_expires(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
                                                       alice: UnixUser) -> None:
     agent = start_agent(extra_args=["--token-max-age", "2"])
 
-    async def scenario() -> int | None:
+    async def scenario() -> tuple[int | None, float]:
         stream = agent_client(agent, signer.issue(alice.name)).stream()
         await stream.connect()
-        await asyncio.sleep(3.2)
-        await stream.send({"type": "subscribe", "status": True})
+        await stream.send({"type": "ping", "data": "still valid"})
+        assert (await asyncio.wait_for(stream.read(), READ_TIMEOUT))["type"] == "pong"
+        started = time.monotonic()
         with pytest.raises(AuthenticationError, match="expired"):
-            await asyncio.wait_for(stream.read(), READ_TIMEOUT)
-        return stream.close_code
+            while True:  # no event arrives after expiry: the agent closes the socket
+                await asyncio.wait_for(stream.read(), READ_TIMEOUT)
+        return stream.close_code, time.monotonic() - started
 
-    assert run(scenario()) == 4401
+    code, waited = run(scenario())
+    assert code == 4401 and waited < 5
+
+
+def test_large_replays_come_in_rounds_without_closing_the_socket(
+        shared_agent: AgentProcess, signer: TokenSigner, alice: UnixUser) -> None:
+    async def scenario() -> int:
+        api = agent_client(shared_agent, signer.issue(alice.name))
+        execution_id = await api.start(["seq", "1", "1500000"])  # ~15 MB of stored events
+        while (await api.execution(execution_id))["state"] == "running":
+            await asyncio.sleep(0.1)
+        stream = api.stream()
+        await stream.connect()
+        lines: list[str] = []
+        since, rounds = 0, 0
+        while True:
+            await stream.send({"type": "replay", "id": execution_id, "since": since})
+            rounds += 1
+            events = await read_until(stream, lambda e: e["type"] == "replayed",
+                                      kinds=("output", "replayed"))
+            lines += lines_of(events[:-1], execution_id)
+            since = events[-1]["next"]
+            if events[-1]["complete"]:
+                break
+        assert lines == [str(i) for i in range(1, 1_500_001)]
+        stream.close()
+        return rounds
+
+    assert run(scenario()) > 1

@@ -86,3 +86,18 @@ def test_secret_file_refusals(tmp_path: Path) -> None:
     public.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         load_secret(public)
+
+
+def test_secret_readable_by_a_group_or_owned_by_a_user_is_refused(tmp_path: Path) -> None:
+    grouped = tmp_path / "grouped"
+    grouped.write_text("g" * 64)
+    grouped.chmod(0o640)
+    with pytest.raises(ConfigError, match="other users"):
+        load_secret(grouped)
+    if os.geteuid() == 0:
+        owned = tmp_path / "owned"
+        owned.write_text("o" * 64)
+        owned.chmod(0o600)
+        os.chown(owned, 12345, 12345)
+        with pytest.raises(ConfigError, match="forge"):
+            load_secret(owned)

@@ -1,0 +1,90 @@
+"""The sync client's connection handling: stale kept-alive sockets, no duplicate POSTs,
+early refusals of uploads."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import pytest
+
+from agent.client import AgentClient
+from agent.errors import AgentUnreachable, Conflict
+from agent.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
+from tests.support.users import UnixUser
+
+
+def test_reconnects_after_the_agent_restarted(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                              alice: UnixUser) -> None:
+    agent = start_agent()
+    client = AgentClient(agent.host, agent.port, signer.issue(alice.name))
+    assert client.run(["true"]).rc == 0
+    agent.stop()
+    again = AgentProcess(agent.secret_file, agent.state_dir, node_name="again", port=agent.port)
+    try:
+        assert client.run(["echo", "after restart"]).stdout == b"after restart\n"
+    finally:
+        again.stop()
+    with pytest.raises(AgentUnreachable, match="cannot reach"):
+        client.run(["true"])
+
+
+def test_a_post_is_never_sent_twice() -> None:
+    """A server that reads the POST and drops the connection: the client reports it, once."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    posts = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)  # GET /v1/health
+            body = b'{"node": "fake"}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            posts.append(conn.recv(65536))  # the POST ... then drop the connection
+        try:
+            second, _ = server.accept()
+            posts.append(second.recv(65536))
+            second.close()
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = AgentClient("127.0.0.1", port, "token", timeout=3)
+    assert client.health() == {"node": "fake"}
+    with pytest.raises(AgentUnreachable):
+        client.run(["rm", "-rf", "something"])
+    time.sleep(0.3)
+    server.close()
+    assert len([p for p in posts if p.startswith(b"POST")]) == 1
+
+
+def test_refused_upload_answers_before_the_body_moves(shared_agent: AgentProcess,
+                                                      signer: TokenSigner, alice: UnixUser) -> None:
+    client = AgentClient(shared_agent.host, shared_agent.port, signer.issue(alice.name))
+    client.put_file(io.BytesIO(b"keep"), "exists.bin", size=4)
+
+    class CountingReader(io.RawIOBase):
+        """50 MB of zeros that counts what is read of it."""
+
+        def __init__(self) -> None:
+            self.read_bytes = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+            n = min(len(buffer), 50_000_000 - self.read_bytes)
+            buffer[:n] = b"\0" * n
+            self.read_bytes += n
+            return n
+
+    source = CountingReader()
+    with pytest.raises(Conflict, match="exists"):
+        client.put_file(source, "exists.bin", overwrite=False, size=50_000_000)
+    assert source.read_bytes == 0
+    assert client.run(["cat", "exists.bin"]).stdout == b"keep"  # and the client still works
