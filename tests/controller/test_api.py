@@ -1,0 +1,167 @@
+"""The controller's HTTP API and relay without a browser: tokens, run, deploy fan-out, relay."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import json
+import os
+import re
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tornado import httpclient, websocket
+
+from agent.tokens import TokenSigner
+from tests.controller.test_discovery import wait_for
+from tests.support.controller_process import ControllerProcess
+from tests.support.users import UnixUser
+
+
+def call(controller: ControllerProcess, method: str, path: str, body: Any = None,
+         token: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection(controller.host, controller.port, timeout=60)
+    all_headers = dict(headers or {})
+    if token:
+        all_headers["Authorization"] = f"Bearer {token}"
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    conn.request(method, path, body=body, headers=all_headers)
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    try:
+        return response.status, json.loads(data)
+    except ValueError:
+        return response.status, data
+
+
+@pytest.fixture
+def cluster(start_controller, start_agent, signer: TokenSigner, alice: UnixUser,  # type: ignore[no-untyped-def]
+            unique_name) -> tuple[ControllerProcess, list[str]]:
+    controller = start_controller()
+    names = [unique_name("api"), unique_name("api")]
+    for name in names:
+        start_agent(node_name=name, announce=True)
+    token = signer.issue(alice.name)
+    wait_for(lambda: set(names) <= set(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]),
+             what="agents")
+    return controller, names
+
+
+def test_token_for_the_command_line(cluster, alice: UnixUser, signer: TokenSigner) -> None:  # type: ignore[no-untyped-def]
+    controller, _ = cluster
+    status, body = call(controller, "POST", "/api/token", {"user": alice.name, "password": alice.password})
+    assert status == 200 and signer.verify(body["token"]) == alice.name
+    status, body = call(controller, "POST", "/api/token", {"user": alice.name, "password": "nope"})
+    assert status == 401 and body == {"error": "unauthenticated", "message": "wrong user name or password"}
+    status, body = call(controller, "POST", "/api/token", b"not json")
+    assert status == 400
+
+
+def test_run_on_chosen_nodes(cluster, alice: UnixUser, signer: TokenSigner) -> None:  # type: ignore[no-untyped-def]
+    controller, names = cluster
+    token = signer.issue(alice.name)
+    status, body = call(controller, "POST", "/api/run", {"nodes": names, "command": "id -un"}, token)
+    assert status == 200 and set(body["results"]) == set(names)
+    assert all(r["ok"] and len(r["id"]) == 32 for r in body["results"].values())
+    status, body = call(controller, "POST", "/api/run", {"nodes": ["no-such-node"], "command": "id"}, token)
+    assert status == 400 and "no-such-node" in body["message"]
+    status, _ = call(controller, "POST", "/api/run", {"nodes": names, "command": "id"})
+    assert status in (401, 403)  # no login, no cookie: refused (403 is the XSRF check)
+
+
+def test_deploy_fans_out_and_reports_per_node(cluster, alice: UnixUser, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                              tmp_path: Path) -> None:
+    controller, names = cluster
+    token = signer.issue(alice.name)
+    payload = os.urandom(20 * 1024 * 1024)
+    query = urllib.parse.urlencode({"nodes": ",".join(names), "folder": "~", "name": "fan.bin",
+                                    "command": "sha256sum fan.bin"})
+    status, body = call(controller, "PUT", f"/api/deploy?{query}", payload, token)
+    assert status == 200, body
+    assert body["size"] == len(payload)
+    assert all(r["ok"] and r["size"] == len(payload) for r in body["results"].values())
+    assert all(len(r["execution"]) == 32 for r in body["results"].values())
+    assert hashlib.sha256((Path(alice.home) / "fan.bin").read_bytes()).digest() == \
+        hashlib.sha256(payload).digest()
+    # A folder alice may not write: every node says so, nothing is created.
+    query = urllib.parse.urlencode({"nodes": ",".join(names), "folder": "/etc", "name": "marcotest-x"})
+    status, body = call(controller, "PUT", f"/api/deploy?{query}", b"x" * 100_000, token)
+    assert status == 200
+    assert {r["error"] for r in body["results"].values()} == {"forbidden"}
+    assert not Path("/etc/marcotest-x").exists()
+    status, body = call(controller, "PUT", "/api/deploy?nodes=&name=x", b"x", token)
+    assert status == 400
+
+
+def login_cookie(controller: ControllerProcess, user: UnixUser) -> str:
+    """Log in through the form as a browser would; return the Cookie header."""
+    conn = http.client.HTTPConnection(controller.host, controller.port, timeout=30)
+    conn.request("GET", "/login")
+    response = conn.getresponse()
+    response.read()
+    xsrf = re.search(r"_xsrf=([^;]+)", response.getheader("Set-Cookie") or "").group(1)
+    form = urllib.parse.urlencode({"_xsrf": xsrf, "username": user.name, "password": user.password})
+    conn.request("POST", "/login", body=form, headers={
+        "Content-Type": "application/x-www-form-urlencoded", "Cookie": f"_xsrf={xsrf}"})
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 302, response.status
+    cookies = [c.split(";")[0] for c in response.headers.get_all("Set-Cookie")]
+    login = [c for c in cookies if c.startswith("marco_token=")]
+    assert login and "HttpOnly" in str(response.headers) and "SameSite=Strict" in str(response.headers)
+    return "; ".join(login + [f"_xsrf={xsrf}"])
+
+
+def test_relay_socket_for_agents_the_browser_cannot_reach(cluster, alice: UnixUser,  # type: ignore[no-untyped-def]
+                                                          signer: TokenSigner) -> None:
+    controller, names = cluster
+    cookie = login_cookie(controller, alice)
+    url = f"ws://{controller.host}:{controller.port}/relay/{names[0]}"
+
+    async def scenario() -> None:
+        ws = await websocket.websocket_connect(httpclient.HTTPRequest(url, headers={"Cookie": cookie}))
+        hello = json.loads(await ws.read_message())
+        assert hello["type"] == "hello" and hello["user"] == alice.name
+        token = signer.issue(alice.name)
+        status, body = call(controller, "POST", "/api/run", {"nodes": [names[0]], "command": "echo via-relay"}, token)
+        execution_id = body["results"][names[0]]["id"]
+        lines = []
+        while True:
+            event = json.loads(await asyncio.wait_for(ws.read_message(), 20))
+            if event.get("id") == execution_id and event["type"] == "output":
+                lines += event["lines"]
+            if event.get("id") == execution_id and event["type"] == "exit":
+                break
+        assert lines == ["via-relay"]
+        ws.close()
+        # No login cookie: refused. A foreign page's origin: refused (cookie-authenticated socket).
+        ws = await websocket.websocket_connect(url)
+        assert await ws.read_message() is None and ws.close_code == 4401
+        with pytest.raises(httpclient.HTTPClientError) as refused:
+            await websocket.websocket_connect(httpclient.HTTPRequest(
+                url, headers={"Cookie": cookie, "Origin": "http://evil.example"}))
+        assert refused.value.code == 403
+
+    asyncio.run(scenario())
+
+
+def test_pages_refuse_debugging_and_set_safe_headers(cluster) -> None:  # type: ignore[no-untyped-def]
+    controller, _ = cluster
+    conn = http.client.HTTPConnection(controller.host, controller.port, timeout=30)
+    conn.request("GET", "/login")
+    response = conn.getresponse()
+    page = response.read().decode()
+    assert "default-src 'self'" in response.getheader("Content-Security-Policy")
+    assert 'name="_xsrf"' in page
+    conn.request("GET", "/")
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 302 and response.getheader("Location").startswith("/login")
+    conn.request("GET", "/nope-" + "x" * 10)
+    response = conn.getresponse()
+    assert response.status == 404 and b"Traceback" not in response.read()
