@@ -57,9 +57,9 @@ def test_controller_uses_only_the_agents_public_modules() -> None:
     for path in sources("controller"):
         names = imports_of(path)
         bad = {n for n in names if top(n) in {"ansible_plugins", "ansible"}}
-        private = {n for n in names if top(n) == "agent"
-                   and not any(n == p or n.startswith(p + ".") for p in AGENT_PUBLIC - {"agent"})
-                   and n != "agent"}
+        private = {n for n in names if top(n) == "agent" and n.count(".") >= 1
+                   and (ROOT / "agent" / f"{n.split('.')[1]}.py").exists()
+                   and ".".join(n.split(".")[:2]) not in AGENT_PUBLIC}
         assert not bad and not private, f"{path.relative_to(ROOT)} imports {sorted(bad | private)}"
 
 
@@ -76,6 +76,9 @@ def test_the_dependency_checker_sees_violations(tmp_path: Path) -> None:
     fake.write_text("from controller import app\nfrom ..controller import x\n")
     try:
         assert {"controller", "controller.app"} <= imports_of(fake)
+        fake.write_text("from agent.executions import ExecutionManager\n")
+        names = imports_of(fake)
+        assert "agent.executions" in names and "agent.executions" not in AGENT_PUBLIC
     finally:
         fake.unlink()
 
