@@ -25,6 +25,7 @@ from .tokens import DEFAULT_SECRET_FILE, create_secret, load_secret
 
 log = logging.getLogger("marco.agent")
 EXPIRE_INTERVAL = 60.0
+BODY_CHUNK = 1024 * 1024  # request bodies (uploads) reach handlers in chunks this large
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +93,8 @@ async def serve(config: AgentConfig, secret: bytes) -> None:
     """Run the agent until SIGTERM or SIGINT, then unannounce, stop executions and exit."""
     ctx = AgentContext.build(config, secret)
     ctx.executions.load()
-    server = make_app(ctx).listen(config.port, config.bind, xheaders=False)
+    server = make_app(ctx).listen(config.port, config.bind, xheaders=False,
+                                        chunk_size=BODY_CHUNK)
     log.info("marco-agent %s serving node %s on %s:%d as %s", __version__, config.node_name,
              config.bind, config.port, "root (runs executions as each token's user)"
              if ctx.resolver.can_switch_user else f"uid {os.geteuid()} (serves only that user)")

@@ -52,6 +52,23 @@ def read_exact(fd, size):
     return b"".join(parts)
 
 
+def copy_frame(fd, length):
+    """Move `length` bytes from stdin (a pipe) into the file: splice(2) where it works (no copy
+    through user space), else read and write."""
+    while length:
+        try:
+            moved = os.splice(0, fd, length)
+        except (AttributeError, OSError):
+            data = os.read(0, min(length, CHUNK))
+            moved = len(data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        if moved == 0:
+            raise EOFError
+        length -= moved
+
+
 def write(path, mode_text, overwrite):
     directory = os.path.dirname(path) or "/"
     name = os.path.basename(path)
@@ -87,12 +104,7 @@ def write(path, mode_text, overwrite):
             length = struct.unpack(">I", header)[0]
             if length == 0:
                 break
-            data = read_exact(0, length)
-            if data is None:
-                raise EOFError
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            copy_frame(fd, length)
             size += length
         os.fchmod(fd, mode)
         os.fsync(fd)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import http.client
 import json
@@ -31,21 +30,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tornado.web  # noqa: E402
-
 from agent.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
-from tests.support.agent_process import AgentProcess, free_port  # noqa: E402
+from tests.support.agent_process import AgentProcess  # noqa: E402
 from tests.support.controller_process import ControllerProcess  # noqa: E402
 
 RESPONDERS = r"""
-import asyncio, json, sys, tornado.web
+import asyncio, sys, tornado.httpserver, tornado.netutil, tornado.web
 class Health(tornado.web.RequestHandler):
     def get(self):
-        self.write({"node": self.settings["node"], "version": "0.1.0", "proto": 1, "os": "linux"})
+        self.write({"node": "fake", "version": "0.1.0", "proto": 1, "os": "linux"})
 async def main():
-    for port in map(int, sys.argv[1:]):
-        tornado.web.Application([(r"/v1/health", Health)], node=f"fake{port}").listen(port, "127.0.0.1")
-    print("ready", flush=True)
+    ports = []
+    for _ in range(int(sys.argv[1])):
+        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+        tornado.httpserver.HTTPServer(tornado.web.Application([(r"/v1/health", Health)])).add_sockets(sockets)
+        ports.append(sockets[0].getsockname()[1])
+    print(" ".join(map(str, ports)), flush=True)
     await asyncio.Event().wait()
 asyncio.run(main())
 """
@@ -80,10 +80,10 @@ def discovery(secret: Path, work: Path, controller: ControllerProcess, token: st
 
 
 def inventory_scaling(secret: Path, work: Path, token: str) -> dict[str, tuple[float, float]]:
-    ports = [free_port() for _ in range(100)]
-    responders = subprocess.Popen([sys.executable, "-c", RESPONDERS, *map(str, ports)],
+    responders = subprocess.Popen([sys.executable, "-c", RESPONDERS, "100"],
                                   stdout=subprocess.PIPE, text=True)
-    assert responders.stdout is not None and responders.stdout.readline().strip() == "ready"
+    assert responders.stdout is not None
+    ports = [int(port) for port in responders.stdout.readline().split()]
     results = {}
     try:
         for count in (1, 100):
@@ -104,7 +104,8 @@ def inventory_scaling(secret: Path, work: Path, token: str) -> dict[str, tuple[f
 
 def deploy(controller: ControllerProcess, nodes: list[str], source: Path, folder: Path, token: str) -> float:
     query = urllib.parse.urlencode({"nodes": ",".join(nodes), "folder": str(folder), "name": "payload"})
-    conn = http.client.HTTPConnection(controller.host, controller.port, timeout=600)
+    conn = http.client.HTTPConnection(controller.host, controller.port, timeout=600,
+                                      blocksize=1024 * 1024)
     started = time.perf_counter()
     with open(source, "rb") as body:
         conn.request("PUT", f"/api/deploy?{query}", body=body,
@@ -124,6 +125,12 @@ def local_copies(source: Path, folder: Path, count: int) -> float:
         with open(target, "rb+") as handle:
             os.fsync(handle.fileno())  # the agents fsync too
     return time.perf_counter() - started
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and of its reaped children (the file helpers)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -151,12 +158,17 @@ def fanout(secret: Path, work: Path, token: str, agents_count: int, size_mb: int
                 while len(json.loads(get(controller, "/api/inventory", token)[1])["_meta"]["hostvars"]) < agents_count:
                     time.sleep(0.05)
                 rss_before = peak_rss_mb(controller.process.pid)
+                cpu_before = (cpu_seconds(controller.process.pid),
+                              sum(cpu_seconds(a.process.pid) for a in agents))
                 marco = [deploy(controller, [a.node_name for a in agents], source, folder, token)
                          for _ in range(runs)]
+                cpu_controller = (cpu_seconds(controller.process.pid) - cpu_before[0]) / runs
+                cpu_agents = (sum(cpu_seconds(a.process.pid) for a in agents) - cpu_before[1]) / runs
                 local = [local_copies(source, folder, agents_count) for _ in range(runs)]
                 out[f"{mb} MB"] = {"marco_s": statistics.median(marco), "local_s": statistics.median(local),
                                    "rss_start_mb": rss_before,
-                                   "rss_peak_mb": peak_rss_mb(controller.process.pid)}
+                                   "rss_peak_mb": peak_rss_mb(controller.process.pid),
+                                   "cpu_controller_s": cpu_controller, "cpu_agents_s": cpu_agents}
             finally:
                 controller.stop()
             shutil.rmtree(folder)
@@ -194,12 +206,14 @@ def main() -> None:
             print(f"| {label} | {p50:.2f} | {p99:.2f} |")
 
         print(f"\n## Deploy fan-out to {args.agents} agents (median of {args.runs})\n")
-        print("| file | marco /api/deploy s | local copies s | ratio | controller RSS start -> peak MB |")
-        print("|---|---:|---:|---:|---:|")
+        print("| file | marco /api/deploy s | local copies s | ratio | controller RSS start -> peak MB "
+              "| CPU s per deploy: controller / agents+helpers |")
+        print("|---|---:|---:|---:|---:|---:|")
         for label, r in fanout(secret, work, token, args.agents, args.size_mb, args.runs).items():
             ratio = r["marco_s"] / r["local_s"]  # type: ignore[operator]
             print(f"| {label} | {r['marco_s']:.2f} | {r['local_s']:.2f} | {ratio:.2f}x | "
-                  f"{r['rss_start_mb']:.0f} -> {r['rss_peak_mb']:.0f} |")
+                  f"{r['rss_start_mb']:.0f} -> {r['rss_peak_mb']:.0f} | "
+                  f"{r['cpu_controller_s']:.2f} / {r['cpu_agents_s']:.2f} |")
 
 
 if __name__ == "__main__":

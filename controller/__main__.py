@@ -23,6 +23,7 @@ from .context import ControllerContext
 from .discovery import ZeroconfBrowser
 
 log = logging.getLogger("marco.controller")
+BODY_CHUNK = 1024 * 1024  # uploads reach the deploy handler in chunks this large
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def serve(ctx: ControllerContext) -> None:
     """Serve until SIGTERM/SIGINT: the web app, the zeroconf browser and the health probes."""
     config = ctx.config
-    server = make_app(ctx).listen(config.port, config.bind)
+    server = make_app(ctx).listen(config.port, config.bind, chunk_size=BODY_CHUNK)
     log.info("marco-controller %s on http://%s:%d (PAM service %r)", __version__, config.bind,
              config.port, config.pam_service)
     browser = None

@@ -23,7 +23,7 @@ from .session import ApiHandler
 
 log = logging.getLogger(__name__)
 
-QUEUE_CHUNKS = 8
+QUEUE_CHUNKS = 2
 MAX_DEPLOY_BYTES = 1 << 40
 
 
