@@ -1,8 +1,9 @@
-"""Marco's demo on this machine: a fresh secret, three agents on loopback, a command on all of
-them with every line printed live as it happens. The controller, its web viewer and the example
-playbook join this demo as they are built (see the README's status section).
+"""Marco's demo on this machine: a fresh secret, three agents on loopback, the controller that
+discovers them by zeroconf, a command started on all of them through the controller with every
+line printed live as it happens, and the web viewer's URL. (The example playbook joins the demo
+with the Ansible plugins.)
 
-    scripts/demo [--once] [--agents 3] [--command "..."]
+    scripts/demo [--once] [--agents 3] [--port 7380] [--command "..."]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import json
 import urllib.request
 from pathlib import Path
 
@@ -38,6 +40,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the controller does
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def demo_user() -> str:
@@ -89,15 +101,65 @@ class LocalAgents:
                 process.kill()
 
 
-async def run_everywhere(nodes: list[tuple[str, int]], token: str, command: str) -> dict[str, int | None]:
-    """Start `command` on every node and print each line live, prefixed by its node."""
+class LocalController:
+    """marco-controller on 127.0.0.1, browsing for the agents on loopback."""
+
+    def __init__(self, workdir: Path, secret: Path, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = workdir / "controller.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "controller", "--bind", "127.0.0.1", "--port", str(port),
+             "--secret-file", str(secret), "--mdns-interface", "127.0.0.1"],
+            cwd=ROOT, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+
+    def api(self, path: str, token: str, body: object = None) -> dict:
+        request = urllib.request.Request(
+            self.url + path, data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.load(reply)
+
+    def wait_for_nodes(self, token: str, names: set[str], timeout: float = 30) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.process.poll() is not None:
+                raise SystemExit(f"the controller exited; see {self.log}")
+            try:
+                if names <= set(self.api("/api/inventory", token)["_meta"]["hostvars"]):
+                    return time.monotonic() - started
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit(f"the controller did not discover the agents; see {self.log}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+async def run_everywhere(controller: LocalController, nodes: list[tuple[str, int]], token: str,
+                         command: str) -> dict[str, int | None]:
+    """Start `command` on every node through the controller; print each line live, prefixed."""
     width = max(len(name) for name, _ in nodes)
+    streams = {}
+    for name, port in nodes:  # subscribe first: no line can be missed
+        streams[name] = AsyncAgentClient("127.0.0.1", port, token).stream()
+        await streams[name].connect()
+    loop = asyncio.get_running_loop()
+    started = await loop.run_in_executor(None, lambda: controller.api(
+        "/api/run", token, {"nodes": [n for n, _ in nodes], "command": command,
+                            "label": "marco demo"}))
+    ids = {name: result.get("id") for name, result in started["results"].items()}
 
     async def one(index: int, name: str, port: int) -> int | None:
-        api = AsyncAgentClient("127.0.0.1", port, token)
-        stream = api.stream()
-        await stream.connect()
-        execution_id = await api.start(command, label="marco demo")
+        stream, execution_id = streams[name], ids[name]
+        if execution_id is None:
+            print(f"{name}: {started['results'][name].get('message')}")
+            return None
         prefix = f"{COLOURS[index % len(COLOURS)]}{name:<{width}}{RESET}"
         try:
             while (event := await stream.read()) is not None:
@@ -125,6 +187,7 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=3, help="how many local agents (3)")
     parser.add_argument("--command", default=DEMO_COMMAND, help="shell command to run everywhere")
     parser.add_argument("--keep", action="store_true", help="keep the temporary state dir")
+    parser.add_argument("--port", type=int, default=7380, help="controller port (7380)")
     args = parser.parse_args()
     if not sys.stdout.isatty():
         global COLOURS, RED, RESET
@@ -136,6 +199,7 @@ def main() -> int:
     user = demo_user()
     token = TokenSigner(load_secret(secret)).issue(user)
     agents = LocalAgents(workdir, secret, args.agents)
+    controller: LocalController | None = None
     print(f"Marco demo: state in {workdir}; commands run as {user!r}"
           + ("" if os.geteuid() == 0 else " (agents run as you: they serve only you)"))
     try:
@@ -143,15 +207,19 @@ def main() -> int:
         nodes = [(name, port) for name, port, _ in agents.nodes]
         for name, port in nodes:
             print(f"  agent {name} on http://127.0.0.1:{port} (announced as {name}._marco._tcp.local.)")
-        print(f"\nRunning on {len(nodes)} nodes, live:\n")
-        results = asyncio.run(run_everywhere(nodes, token, args.command))
+        port = args.port if port_free(args.port) else free_port()
+        controller = LocalController(workdir, secret, port)
+        took = controller.wait_for_nodes(token, {name for name, _ in nodes})
+        print(f"  controller on {controller.url} discovered all {len(nodes)} agents by zeroconf "
+              f"in {took:.1f} s")
+        print(f"\nRunning on {len(nodes)} nodes through the controller, live:\n")
+        results = asyncio.run(run_everywhere(controller, nodes, token, args.command))
         print("\nexit codes: " + ", ".join(f"{name}={rc}" for name, rc in results.items()))
         ok = all(rc == 0 for rc in results.values())
+        print(f"\nViewer: {controller.url}/  (log in with a Unix account of this machine that has "
+              f"a password, e.g. {user!r}; set one with: sudo passwd {user})")
         if not args.once:
-            print("\nThe agents keep running. Try, in another terminal:\n"
-                  f"  export MARCO_TOKEN={token}\n"
-                  f"  curl -H \"Authorization: Bearer $MARCO_TOKEN\" "
-                  f"'http://127.0.0.1:{nodes[0][1]}/v1/executions?wait=1' -d '{{\"argv\": [\"id\"]}}'\n"
+            print("Everything keeps running; the output above is in the viewer too. "
                   "Press Ctrl-C to stop.")
             try:
                 signal.pause()
@@ -159,6 +227,8 @@ def main() -> int:
                 pass
         return 0 if ok else 1
     finally:
+        if controller is not None:
+            controller.stop()
         agents.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,22 @@
+"""The README's first command in its --once mode: agents, controller, discovery, live output."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_once_runs_marcos_main_job() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--once"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"discovered all 3 agents by zeroconf", out.stdout)
+    for node in ("demo-1", "demo-2", "demo-3"):
+        assert f"{node} | step 5 of 5" in out.stdout
+        assert f"{node} ! a warning on stderr" in out.stdout
+    assert "exit codes: demo-1=0, demo-2=0, demo-3=0" in out.stdout
+    assert re.search(r"Viewer: http://127\.0\.0\.1:\d+/", out.stdout)
