@@ -23,7 +23,7 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from . import __version__
 from .errors import ConfigError
-from .protocol import PROTOCOL_VERSION, SERVICE_TYPE, choose_mdns_interfaces, specific_address
+from .protocol import PROTOCOL_VERSION, SERVICE_TYPE, specific_address
 
 log = logging.getLogger(__name__)
 

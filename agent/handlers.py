@@ -17,6 +17,7 @@ from . import protocol
 from .context import AgentContext
 from .errors import AuthenticationError, BadRequest, MarcoError
 from .executions import Execution, ExecutionRequest
+from .jsonapi import JsonApiMixin
 from .files import FileReader, FileWriter, parse_mode, validate_path
 from .users import UserIdentity
 
@@ -28,10 +29,11 @@ MAX_UPLOAD_BYTES = 1 << 40
 B64_CHUNK = 3 * 256 * 1024  # a multiple of 3, so chunks encode without padding in between
 
 
-class ApiHandler(tornado.web.RequestHandler):
+class ApiHandler(JsonApiMixin, tornado.web.RequestHandler):
     """Base: bearer-token authentication and JSON errors."""
 
     ctx: AgentContext
+    service_name = "agent"
 
     def initialize(self, ctx: AgentContext) -> None:
         self.ctx = ctx
@@ -42,37 +44,6 @@ class ApiHandler(tornado.web.RequestHandler):
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError("missing 'Authorization: Bearer <token>' header")
         return self.ctx.authenticate(token.strip())
-
-    def write_json(self, data: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(data))
-
-    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
-        error = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(error, MarcoError):
-            status_code = error.status
-        super().send_error(status_code, **kwargs)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        error = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(error, MarcoError):
-            body = {"error": error.code, "message": error.message}
-        elif isinstance(error, tornado.web.HTTPError):
-            body = {"error": "http", "message": error.log_message or self._reason}
-        else:
-            body = {"error": "internal", "message": "internal error (see the agent's log)"}
-        if status_code == 401:
-            self.set_header("WWW-Authenticate", 'Bearer realm="marco"')
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(body))
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, MarcoError):
-            log.info("%s %s -> %s: %s", self.request.method, self.request.path,
-                     value.status, value.message)
-        else:
-            super().log_exception(typ, value, tb)
 
     def path_argument(self) -> str | None:
         """The raw `path` query argument: Tornado's getters would turn control characters

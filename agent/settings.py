@@ -7,7 +7,6 @@ parser from it and merges the layers. The controller reuses this for its own opt
 from __future__ import annotations
 
 import argparse
-import os
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence

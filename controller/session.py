@@ -5,17 +5,16 @@ Both carry the agents' token; the user is always derived from it (checked with m
 
 from __future__ import annotations
 
-import json
-import logging
 from typing import Any
 
 import tornado.web
 
-from agent.errors import AuthenticationError, BadRequest, MarcoError
+from agent.errors import AuthenticationError, BadRequest
+from agent.jsonapi import JsonApiMixin
+from agent.protocol import decode
 
 from .context import ControllerContext
 
-log = logging.getLogger(__name__)
 
 COOKIE = "marco_token"
 
@@ -74,42 +73,16 @@ class BaseHandler(tornado.web.RequestHandler):
         return user  # type: ignore[no-any-return]
 
 
-class ApiHandler(BaseHandler):
+class ApiHandler(JsonApiMixin, BaseHandler):
     """JSON in, JSON out, typed errors translated to status codes."""
+
+    service_name = "controller"
 
     def prepare(self) -> None:
         self.set_header("Content-Type", "application/json")
 
     def json_body(self) -> Any:
         try:
-            return json.loads(self.request.body or b"null")
+            return decode(self.request.body or b"null")
         except ValueError:
             raise BadRequest("body is not valid JSON") from None
-
-    def write_json(self, data: Any, status: int = 200) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(data))
-
-    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
-        error = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(error, MarcoError):
-            status_code = error.status
-        super().send_error(status_code, **kwargs)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        error = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(error, MarcoError):
-            body = {"error": error.code, "message": error.message}
-        elif isinstance(error, tornado.web.HTTPError):
-            body = {"error": "http", "message": error.log_message or self._reason}
-        else:
-            body = {"error": "internal", "message": "internal error (see the controller's log)"}
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(body))
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, MarcoError):
-            log.info("%s %s -> %s", self.request.method, self.request.path, value.message)
-        else:
-            super().log_exception(typ, value, tb)

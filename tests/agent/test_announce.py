@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
-import signal
 import sys
 import time
 from pathlib import Path

@@ -14,20 +14,11 @@ from agent.tokens import TokenSigner
 from agent.users import UserResolver
 from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
 
 
 def client(agent: AgentProcess, signer: TokenSigner, user: str) -> AgentClient:
     return AgentClient(agent.host, agent.port, signer.issue(user), timeout=60)
-
-
-def wait_until(predicate, timeout: float = 20.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_runs_as_the_token_user(shared_agent: AgentProcess, signer: TokenSigner,
@@ -104,7 +95,7 @@ def _grandchild_pid(c: AgentClient, execution_id: str) -> int:
     def first_line():  # type: ignore[no-untyped-def]
         events = c.output(execution_id)["events"]
         return events[0]["lines"][0] if events else None
-    return int(wait_until(first_line))
+    return int(wait_for(first_line))
 
 
 def _alive(pid: int) -> bool:
@@ -122,18 +113,18 @@ def test_stop_kills_the_whole_process_group(shared_agent: AgentProcess, signer: 
         grandchild = _grandchild_pid(c, execution_id)
         assert _alive(grandchild) and pwd.getpwuid(os.stat(f"/proc/{grandchild}").st_uid).pw_name == alice.name
         c.stop(execution_id)
-        state = wait_until(lambda: (s := c.execution(execution_id))["state"] != "running" and s)
+        state = wait_for(lambda: (s := c.execution(execution_id))["state"] != "running" and s)
     assert state["state"] == "killed" and state["signal"] == "SIGTERM" and state["stopped"]
-    wait_until(lambda: not _alive(grandchild))
+    wait_for(lambda: not _alive(grandchild))
 
 
 def test_stop_escalates_to_sigkill(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
     agent = start_agent(extra_args=["--stop-grace", "0.5"])
     with client(agent, signer, alice.name) as c:
         execution_id = c.start("trap '' TERM; echo ready; while :; do sleep 0.1; done")
-        wait_until(lambda: c.output(execution_id)["events"])
+        wait_for(lambda: c.output(execution_id)["events"])
         c.stop(execution_id)
-        state = wait_until(lambda: (s := c.execution(execution_id))["state"] != "running" and s)
+        state = wait_for(lambda: (s := c.execution(execution_id))["state"] != "running" and s)
     assert state["signal"] == "SIGKILL"
 
 
@@ -156,7 +147,7 @@ def test_other_users_executions_do_not_exist_for_them(shared_agent: AgentProcess
 def test_replay_by_seq(shared_agent: AgentProcess, signer: TokenSigner, alice: UnixUser) -> None:
     with client(shared_agent, signer, alice.name) as c:
         execution_id = c.start("seq 1 5000; seq 1 3 >&2")
-        wait_until(lambda: c.execution(execution_id)["state"] == "exited")
+        wait_for(lambda: c.execution(execution_id)["state"] == "exited")
         full = c.output(execution_id)
         part = c.output(execution_id, since=4990)
     stdout = [line for e in full["events"] if e["stream"] == "stdout" for line in e["lines"]]

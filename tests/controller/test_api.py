@@ -16,7 +16,6 @@ import pytest
 from tornado import httpclient, websocket
 
 from agent.tokens import TokenSigner
-from tests.controller.test_discovery import wait_for
 from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser
 
@@ -37,19 +36,6 @@ def call(controller: ControllerProcess, method: str, path: str, body: Any = None
         return response.status, json.loads(data)
     except ValueError:
         return response.status, data
-
-
-@pytest.fixture
-def cluster(start_controller, start_agent, signer: TokenSigner, alice: UnixUser,  # type: ignore[no-untyped-def]
-            unique_name) -> tuple[ControllerProcess, list[str]]:
-    controller = start_controller()
-    names = [unique_name("api"), unique_name("api")]
-    for name in names:
-        start_agent(node_name=name, announce=True)
-    token = signer.issue(alice.name)
-    wait_for(lambda: set(names) <= set(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]),
-             what="agents")
-    return controller, names
 
 
 def test_token_for_the_command_line(cluster, alice: UnixUser, signer: TokenSigner) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -15,19 +15,7 @@ from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
 from tests.support.netns import NamespaceNetwork
 from tests.support.users import UnixUser
-
-WAIT = 20.0
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
+from tests.support.waiting import wait_for
 
 def inventory_hosts(controller: ControllerProcess, token: str) -> dict[str, Any]:
     return controller.get_json("/api/inventory", token)["_meta"]["hostvars"]
@@ -154,7 +142,7 @@ def test_ansible_inventory_reads_the_controller(start_agent, start_controller,  
     assert data["_meta"]["hostvars"][name]["ansible_connection"] == "marco"
     graph = subprocess.run([ansible_inventory, "-i", str(script), "--graph"], env=env,
                            capture_output=True, text=True, timeout=120)
-    assert graph.returncode == 0 and f"@web:" in graph.stdout and name in graph.stdout
+    assert graph.returncode == 0 and "@web:" in graph.stdout and name in graph.stdout
     bad = subprocess.run([str(script), "--list"], env={**env, "MARCO_TOKEN": "forged"},
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "401" in bad.stderr and "marco login" in bad.stderr

@@ -11,8 +11,7 @@ from typing import Any, Iterator
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from agent.tokens import TokenSigner
-from tests.controller.test_discovery import wait_for
+from tests.support.waiting import wait_for
 from tests.support.browser import launch
 from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser
@@ -26,19 +25,6 @@ def browser() -> Iterator[Any]:
         chromium = launch(playwright)
         yield chromium
         chromium.close()
-
-
-@pytest.fixture
-def cluster(start_controller, start_agent, signer: TokenSigner, alice: UnixUser,  # type: ignore[no-untyped-def]
-            unique_name) -> tuple[ControllerProcess, list[str]]:
-    controller = start_controller()
-    names = [unique_name("web"), unique_name("web")]
-    for name in names:
-        start_agent(node_name=name, announce=True, extra_args=["--groups", "lab"])
-    token = signer.issue(alice.name)
-    wait_for(lambda: set(names) <= {n["name"] for n in controller.get_json("/api/nodes", token)["nodes"]},
-             what="agents discovered")
-    return controller, names
 
 
 def log_in(page: Page, controller: ControllerProcess, user: UnixUser) -> None:
