@@ -8,7 +8,8 @@ setup(
     description="Zero-config agents, a web controller and Ansible plugins for running "
     "playbooks on a LAN with live output in the browser.",
     python_requires=">=3.11",
-    packages=find_packages(include=["agent", "agent.*", "controller", "controller.*"]),
+    packages=find_packages(include=["agent", "agent.*", "controller", "controller.*",
+                                    "ansible_plugins", "ansible_plugins.core"]),
     package_data={"controller": ["templates/*.html", "static/*"]},
     install_requires=[
         "tornado>=6.3",
@@ -26,6 +27,7 @@ setup(
             "marco-agent=agent.__main__:main",
             "marco-controller=controller.__main__:main",
             "marco-inventory=controller.inventory_script:main",
+            "marco=controller.cli:main",
         ],
     },
 )

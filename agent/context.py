@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -60,4 +61,6 @@ class AgentContext:
     def health(self) -> dict[str, object]:
         return {"node": self.config.node_name, "version": __version__,
                 "proto": protocol.PROTOCOL_VERSION, "os": platform.system().lower(),
+                "arch": platform.machine(), "cpus": os.cpu_count() or 1,
+                "groups": ",".join(self.config.groups),
                 "user_switching": self.resolver.can_switch_user}

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_MS = 3000
 HEALTH_TIMEOUT = 2.0
+STATIC_FACTS = ("node", "version", "proto", "os", "arch", "cpus", "groups")
 
 
 @dataclass
@@ -119,11 +120,9 @@ class NodeRegistry:
         node.alive, node.error = alive, error
         if alive:
             node.last_seen = time.time()
-            if details and node.source == "static":
-                node.txt = {**node.txt, "node": str(details.get("node", "")),
-                            "version": str(details.get("version", "")),
-                            "proto": str(details.get("proto", "")),
-                            "os": str(details.get("os", ""))}
+            if details and node.source == "static":  # no TXT record: take the same facts
+                node.txt = {**node.txt, **{key: str(details[key]) for key in STATIC_FACTS
+                                           if key in details}}
         if was != alive:
             log.info("node %s is %s%s", name, "up" if alive else "down",
                      f": {error}" if error else "")
@@ -235,3 +234,19 @@ class HealthMonitor:
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+async def browse_once(interfaces: Sequence[str], wait: float = 2.0,
+                      check_health: bool = True) -> list[Node]:
+    """Browse for agents for `wait` seconds and return those found (and answering, unless
+    `check_health` is false): discovery without a controller, e.g. for the inventory plugin."""
+    registry = NodeRegistry()
+    browser = ZeroconfBrowser(registry, interfaces)
+    await browser.start()
+    try:
+        await asyncio.sleep(wait)
+    finally:
+        await browser.stop()
+    if check_health:
+        await HealthMonitor(registry, wait).check_all()
+    return registry.alive()

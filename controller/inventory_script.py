@@ -15,25 +15,13 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Sequence
 
+from agent.errors import AuthenticationError
+
+from .credentials import find_token
+
 DEFAULT_CONTROLLER = "http://127.0.0.1:7380"
-
-
-def stored_token_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    return Path(base) / "marco" / "token"
-
-
-def find_token(environ: dict[str, str]) -> str | None:
-    if environ.get("MARCO_TOKEN"):
-        return environ["MARCO_TOKEN"].strip()
-    path = Path(environ["MARCO_TOKEN_FILE"]) if environ.get("MARCO_TOKEN_FILE") else stored_token_path()
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
 
 
 def fetch(url: str, token: str | None) -> object:
@@ -54,7 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.host:
         url += "?" + urllib.parse.urlencode({"host": args.host})
     try:
-        data = fetch(url, find_token(dict(os.environ)))
+        token = find_token()
+    except AuthenticationError as error:
+        print(f"marco-inventory: {error.message}", file=sys.stderr)
+        return 1
+    try:
+        data = fetch(url, token)
     except urllib.error.HTTPError as error:
         hint = " (log in again: marco login)" if error.code == 401 else ""
         print(f"marco-inventory: {args.controller} answered {error.code}{hint}", file=sys.stderr)

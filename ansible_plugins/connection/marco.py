@@ -1,0 +1,83 @@
+# Marco connection plugin: a thin shim; the logic is in ansible_plugins.core.connection.
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+name: marco
+short_description: Run tasks through Marco agents (HTTP) instead of SSH
+description:
+  - Runs each task's commands on a node's Marco agent, as the Unix user named by your Marco
+    token, in one HTTP round trip per command; files travel streamed.
+  - Every command's output streams live to the Marco viewer while it runs.
+  - Get a token with C(marco login), or set C(MARCO_TOKEN).
+author: Marco developers
+version_added: "0.1"
+options:
+  remote_addr:
+    description: Address of the node's agent.
+    default: inventory_hostname
+    type: string
+    vars:
+      - name: inventory_hostname
+      - name: ansible_host
+      - name: marco_host
+  port:
+    description: The agent's TCP port.
+    type: int
+    default: 7370
+    vars:
+      - name: ansible_port
+      - name: marco_port
+    env:
+      - name: MARCO_PORT
+  marco_token:
+    description: The Marco token (from C(marco login) or the controller's C(/api/token)).
+    type: string
+    vars:
+      - name: marco_token
+    env:
+      - name: MARCO_TOKEN
+  marco_token_file:
+    description:
+      - A file holding the token, used when C(marco_token) is not set.
+      - Without either, the token C(marco login) stored (C(~/.config/marco/token)) is used.
+    type: path
+    vars:
+      - name: marco_token_file
+    env:
+      - name: MARCO_TOKEN_FILE
+  timeout:
+    description: Seconds to wait to connect to the agent and for each HTTP exchange.
+    type: int
+    default: 30
+    ini:
+      - section: defaults
+        key: timeout
+    env:
+      - name: ANSIBLE_TIMEOUT
+    vars:
+      - name: ansible_timeout
+      - name: marco_timeout
+  command_timeout:
+    description: Seconds a single command may run before the agent stops it (0 = no limit).
+    type: int
+    default: 0
+    vars:
+      - name: marco_command_timeout
+    env:
+      - name: MARCO_COMMAND_TIMEOUT
+  pipelining:
+    description: Send modules as stdin (one round trip per task). On by default for Marco.
+    type: boolean
+    default: true
+    vars:
+      - name: ansible_pipelining
+      - name: marco_pipelining
+    env:
+      - name: MARCO_PIPELINING
+"""
+
+from ansible_plugins.core.connection import MarcoConnection  # noqa: E402
+
+
+class Connection(MarcoConnection):
+    """Ansible finds plugins by this class name (and derives the plugin type from it)."""

@@ -1,0 +1,1 @@
+"""The logic behind Marco's Ansible plugins (importable, unlike the plugin files)."""

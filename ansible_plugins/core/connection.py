@@ -1,0 +1,150 @@
+"""The `marco` connection: Ansible tasks through a Marco agent instead of SSH.
+
+One HTTP round trip per command (`POST /v1/executions?wait=1`, module payload as stdin), files
+streamed with `PUT`/`GET /v1/files`. Every execution is labelled with play, task and host, so
+the live viewer groups it, and it runs as the token's user on the node.
+"""
+
+from __future__ import annotations
+
+import os
+import typing as t
+
+from ansible.errors import AnsibleError, AnsibleFileNotFound
+from ansible.module_utils.common.text.converters import to_bytes, to_text
+from ansible.plugins.connection import ConnectionBase
+from ansible.utils.display import Display
+
+from agent.client import AgentClient
+from agent.errors import AuthenticationError, MarcoError
+from controller.credentials import find_token
+
+from .errors import to_ansible
+
+display = Display()
+
+
+class MarcoConnection(ConnectionBase):
+    """Run commands and move files through a Marco agent."""
+
+    transport = "marco"
+    has_pipelining = True
+    has_tty = False
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._client: AgentClient | None = None
+        self._task_name = ""
+        self._play_name = ""
+        self._host_name = ""
+
+    # -- options and labels -------------------------------------------------------------------
+
+    def set_options(self, task_keys: dict[str, t.Any] | None = None,
+                    var_options: dict[str, t.Any] | None = None,
+                    direct: dict[str, t.Any] | None = None) -> None:
+        super().set_options(task_keys=task_keys, var_options=var_options, direct=direct)
+        if task_keys:
+            self._task_name = str(task_keys.get("name") or task_keys.get("action") or "")
+        if var_options:
+            self._play_name = str(var_options.get("ansible_play_name") or "")
+            self._host_name = str(var_options.get("inventory_hostname") or "")
+
+    def _label(self) -> str:
+        parts = [p for p in (self._play_name, self._task_name) if p]
+        label = " / ".join(parts) or "ansible"
+        return f"{label} @ {self._host_name}" if self._host_name else label
+
+    @property
+    def _host(self) -> str:
+        return str(self.get_option("remote_addr"))
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def _connect(self) -> "MarcoConnection":
+        if self._connected and self._client is not None:
+            return self
+        try:
+            token = find_token(self.get_option("marco_token"), self.get_option("marco_token_file"))
+        except AuthenticationError as error:
+            raise to_ansible(error, self._host, "login") from None
+        port = int(self.get_option("port"))
+        display.vvv(f"ESTABLISH MARCO CONNECTION TO {self._host}:{port}", host=self._host)
+        self._client = AgentClient(self._host, port, token, timeout=float(self.get_option("timeout")))
+        self._connected = True
+        return self
+
+    def exec_command(self, cmd: str, in_data: bytes | None = None,
+                     sudoable: bool = True) -> tuple[int, bytes, bytes]:
+        super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
+        self._connect()
+        assert self._client is not None
+        stdin = in_data or b""
+        if sudoable and self.become and self.become.expect_prompt():
+            # sudo -S reads the password as the first line of stdin, then the payload follows.
+            password = self.become.get_option("become_pass", playcontext=self._play_context)
+            stdin = to_bytes(password or "") + b"\n" + stdin
+        display.vvv(f"EXEC {to_text(cmd)}", host=self._host)
+        try:
+            result = self._client.run(to_text(cmd), stdin=stdin, label=self._label(),
+                                      timeout=self.get_option("command_timeout") or None)
+        except MarcoError as error:
+            raise to_ansible(error, self._host, "exec") from None
+        if result.timed_out:
+            raise AnsibleError(f"command on {self._host} ran longer than "
+                               f"{self.get_option('command_timeout')} s and was stopped")
+        rc = result.rc if result.rc is not None else 128 + _signal_number(result.signal)
+        stderr = result.stderr
+        if sudoable and self.become and self.become.expect_prompt() and rc != 0 \
+                and b"incorrect password" in stderr.lower() + result.stdout.lower():
+            raise AnsibleError(f"become on {self._host}: sudo refused the password")
+        return rc, result.stdout, stderr
+
+    def put_file(self, in_path: str, out_path: str) -> None:
+        super().put_file(in_path, out_path)
+        self._connect()
+        assert self._client is not None
+        display.vvv(f"PUT {in_path} TO {out_path}", host=self._host)
+        if not os.path.exists(to_bytes(in_path, errors="surrogate_or_strict")):
+            raise AnsibleFileNotFound(f"file or module does not exist: {in_path}")
+        try:
+            with open(to_bytes(in_path, errors="surrogate_or_strict"), "rb") as source:
+                self._client.put_file(source, to_text(out_path),
+                                      size=os.fstat(source.fileno()).st_size)
+        except MarcoError as error:
+            raise to_ansible(error, self._host, f"put {out_path}") from None
+
+    def fetch_file(self, in_path: str, out_path: str) -> None:
+        super().fetch_file(in_path, out_path)
+        self._connect()
+        assert self._client is not None
+        display.vvv(f"FETCH {in_path} TO {out_path}", host=self._host)
+        target = to_bytes(out_path, errors="surrogate_or_strict")
+        partial = target + b".marco-partial"
+        try:
+            with open(partial, "wb") as destination:
+                self._client.get_file(to_text(in_path), destination)
+            os.replace(partial, target)
+        except MarcoError as error:
+            raise to_ansible(error, self._host, f"fetch {in_path}") from None
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+
+    def reset(self) -> None:
+        self.close()
+        self._connect()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._connected = False
+
+
+def _signal_number(name: str | None) -> int:
+    import signal
+    try:
+        return int(signal.Signals[name]) if name else 0
+    except KeyError:
+        return 0

@@ -1,0 +1,82 @@
+"""`marco_deploy`: upload a file to a folder on the node, then run a command there directly on
+the agent, so its output streams line by line to the viewer while it runs. The result looks
+like the `command` module's."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import posixpath
+import shlex
+from typing import Any
+
+from agent.client import AgentClient
+from agent.errors import Conflict
+
+
+
+class DeployError(Exception):
+    """A problem with the task's arguments or source file (the task fails with this text)."""
+
+
+def parse_mode(mode: Any) -> int | None:
+    if mode is None or mode == "":
+        return None
+    if isinstance(mode, int):
+        return mode
+    try:
+        return int(str(mode), 8)
+    except ValueError:
+        raise DeployError(f"mode must be octal, e.g. '0755' (got {mode!r})") from None
+
+
+def deploy(client: AgentClient, src_path: str | None, dest: str, overwrite: bool,
+           mode: Any, command: str | None, chdir: str | None, creates: str | None,
+           label: str, check_mode: bool = False) -> dict[str, Any]:
+    """Do the task; return the result dict (failed on rc != 0 like `command`)."""
+    result: dict[str, Any] = {"changed": False}
+    folder = dest or "~"
+    if src_path:
+        if not os.path.isfile(src_path):
+            raise DeployError(f"src {src_path} is not a file")
+        target = posixpath.join(folder, os.path.basename(src_path))
+        result["dest"] = target
+        if not check_mode:
+            try:
+                with open(src_path, "rb") as source:
+                    uploaded = client.put_file(source, target, mode=parse_mode(mode),
+                                               overwrite=overwrite,
+                                               size=os.fstat(source.fileno()).st_size)
+                result.update(changed=True, size=uploaded["size"], path=uploaded["path"])
+            except Conflict:
+                result["msg"] = f"{target} exists and overwrite is false: kept"
+    if not command:
+        return result
+    workdir = chdir or folder
+    if creates:
+        probe = client.run(f"test -e {shlex.quote(creates)}", cwd=workdir, label=f"{label} (creates?)")
+        if probe.rc == 0:
+            result.update(cmd=command, rc=0, stdout=f"skipped, since {creates} exists",
+                          stderr="", stdout_lines=[f"skipped, since {creates} exists"],
+                          stderr_lines=[])
+            return result
+    if check_mode:
+        result.update(msg="command not run in check mode", cmd=command)
+        return result
+    start = datetime.datetime.now()
+    run = client.run(command, cwd=workdir, label=label)
+    end = datetime.datetime.now()
+    stdout = run.stdout.decode("utf-8", "replace").rstrip("\n")
+    stderr = run.stderr.decode("utf-8", "replace").rstrip("\n")
+    rc = run.rc if run.rc is not None else -1
+    result.update(changed=True, cmd=command, rc=rc, stdout=stdout, stderr=stderr,
+                  stdout_lines=stdout.splitlines(), stderr_lines=stderr.splitlines(),
+                  start=str(start), end=str(end), delta=str(end - start),
+                  execution=run.id)
+    if run.signal:
+        result["signal"] = run.signal
+    if rc != 0:
+        result.update(failed=True, msg="non-zero return code")
+    return result
+
+
