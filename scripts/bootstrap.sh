@@ -7,7 +7,7 @@ MARCO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${MARCO_VENV:-$MARCO_ROOT/.venv}
 # Debian's own Python: every user can execute it (the agent runs helpers as each user).
 PYTHON=${MARCO_PYTHON:-$(command -v /usr/bin/python3 || command -v python3)}
-DEBIAN_PACKAGES=(python3 python3-venv python3-pip iproute2 procps passwd coreutils login
+DEBIAN_PACKAGES=(python3 python3-venv python3-pip iproute2 procps passwd coreutils login sudo
                  libpam-modules ca-certificates)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

@@ -65,6 +65,12 @@ options:
       - name: marco_command_timeout
     env:
       - name: MARCO_COMMAND_TIMEOUT
+  play_name:
+    description:
+      - Set by Ansible (C(ansible_play_name)); labels each execution with its play in the viewer.
+    type: string
+    vars:
+      - name: ansible_play_name
   pipelining:
     description: Send modules as stdin (one round trip per task). On by default for Marco.
     type: boolean

@@ -47,8 +47,8 @@ class MarcoConnection(ConnectionBase):
         if task_keys:
             self._task_name = str(task_keys.get("name") or task_keys.get("action") or "")
         if var_options:
-            self._play_name = str(var_options.get("ansible_play_name") or "")
             self._host_name = str(var_options.get("inventory_hostname") or "")
+        self._play_name = str(self.get_option("play_name") or "")
 
     def _label(self) -> str:
         parts = [p for p in (self._play_name, self._task_name) if p]

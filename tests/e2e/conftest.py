@@ -1,0 +1,74 @@
+"""Three namespace hosts with agents, a controller on the bridge, and a way to run Ansible."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from agent.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
+from tests.support.controller_process import ControllerProcess
+from tests.support.netns import NamespaceNetwork
+from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAYBOOKS = ROOT / "playbooks"
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Fleet:
+    network: NamespaceNetwork
+    controller: ControllerProcess
+    agents: list[AgentProcess]
+    names: list[str]
+    workdir: Path
+
+    def env(self, token: str) -> dict[str, str]:
+        home = self.workdir / "home"
+        home.mkdir(exist_ok=True)
+        return {"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home),
+                "MARCO_CONTROLLER": self.controller.url, "MARCO_TOKEN": token,
+                "ANSIBLE_CONFIG": str(PLAYBOOKS / "ansible.cfg"), "LANG": "C.UTF-8",
+                "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"}
+
+    def ansible(self, token: str, *args: str, tool: str = "ansible-playbook",
+                timeout: float = 300, **popen: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / tool), *args], cwd=PLAYBOOKS, env=self.env(token),
+                              capture_output=True, text=True, timeout=timeout, **popen)  # type: ignore[call-overload]
+
+
+@pytest.fixture(scope="module")
+def fleet(secret_file: Path, signer: TokenSigner, alice: UnixUser, pam_service: str,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("fleet")
+    os.chmod(workdir, 0o755)
+    network = NamespaceNetwork(3, subnet="10.213.78", tag="e2e").create()
+    controller = None
+    agents: list[AgentProcess] = []
+    try:
+        controller = ControllerProcess(secret_file, workdir, pam_service=pam_service,
+                                       bind=network.gateway, mdns_interfaces=[network.gateway])
+        for index, host in enumerate(network.hosts, 1):
+            agents.append(AgentProcess(secret_file, workdir / f"h{index}" / "state",
+                                       node_name=f"e2e{index}", bind=host.address,
+                                       announce=True, netns=host.name,
+                                       extra_args=["--groups", "lab"]))
+        names = [a.node_name for a in agents]
+        token = signer.issue(alice.name)
+        wait_for(lambda: set(names) <= set(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]),
+                 what="three namespace agents in the inventory")
+        yield Fleet(network, controller, agents, names, workdir)
+    finally:
+        for agent in agents:
+            agent.stop()
+        if controller is not None:
+            controller.stop()
+        network.destroy()

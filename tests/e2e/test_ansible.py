@@ -1,0 +1,188 @@
+"""The real ansible-playbook / ansible / ansible-inventory / ansible-doc CLIs through Marco:
+three agents in network namespaces, found by zeroconf, users and tokens for real."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.client import AsyncAgentClient
+from agent.tokens import TokenSigner
+from tests.agent.test_tokens import expired_token
+from tests.e2e.conftest import BIN, PLAYBOOKS, Fleet
+from tests.support.users import UnixUser
+
+E2E_PLAY = Path(__file__).parent / "playbooks" / "e2e.yml"
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP lines -> {host: {ok, changed, unreachable, failed, ...}}."""
+    hosts: dict[str, dict[str, int]] = {}
+    for host, fields in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.M):
+        hosts[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", fields)}
+    return hosts
+
+
+def test_site_and_e2e_playbooks_on_three_hosts(fleet: Fleet, signer: TokenSigner,
+                                               alice: UnixUser, tmp_path: Path) -> None:
+    token = signer.issue(alice.name)
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(5 * 1024 * 1024) + b"\0\xff")
+    fetched = tmp_path / "fetched"
+    out = fleet.ansible(token, "site.yml", str(E2E_PLAY), "-e", f"binary_src={blob}",
+                        "-e", f"fetch_dir={fetched}", "-e", f"expected_user={alice.name}")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    result = recap(out.stdout)
+    assert set(fleet.names) <= set(result)
+    for name in fleet.names:
+        assert result[name]["failed"] == 0 and result[name]["unreachable"] == 0
+        assert (fetched / f"{name}.bin").read_bytes() == blob.read_bytes()
+        made = Path(alice.home) / "marco-e2e" / name / "dossier-é✓" / "fichier-ü.txt"
+        assert made.read_text() == "grüße, 世界 ✓\n"
+        assert made.stat().st_uid == alice.uid  # written as alice, not root
+        assert (Path(alice.home) / "marco-e2e" / name / "empty").stat().st_size == 0
+        assert (PLAYBOOKS / "fetched" / name / "hello.txt").read_text().startswith("héllo")
+
+
+async def _collect(fleet: Fleet, token: str, seconds: float, events: list[dict[str, Any]],
+                   started: asyncio.Event) -> None:
+    agent = fleet.agents[0]
+    stream = AsyncAgentClient(agent.host, agent.port, token).stream()
+    await stream.connect()
+    started.set()
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            try:
+                event = await asyncio.wait_for(stream.read(), max(deadline - time.monotonic(), 0.01))
+            except asyncio.TimeoutError:
+                break
+            if event is None:
+                break
+            event["received"] = time.monotonic()
+            events.append(event)
+    finally:
+        stream.close()
+
+
+def test_marco_deploy_lines_arrive_live_and_only_for_their_user(fleet: Fleet, signer: TokenSigner,
+                                                                alice: UnixUser, bob: UnixUser) -> None:
+    alice_events: list[dict[str, Any]] = []
+    bob_events: list[dict[str, Any]] = []
+
+    async def scenario() -> tuple[float, float]:
+        ready_a, ready_b = asyncio.Event(), asyncio.Event()
+        watchers = [asyncio.ensure_future(_collect(fleet, signer.issue(alice.name), 60, alice_events, ready_a)),
+                    asyncio.ensure_future(_collect(fleet, signer.issue(bob.name), 60, bob_events, ready_b))]
+        await ready_a.wait()
+        await ready_b.wait()
+        env = fleet.env(signer.issue(alice.name))
+        process = await asyncio.create_subprocess_exec(
+            str(BIN / "ansible-playbook"), "deploy.yml", "--limit", fleet.names[0],
+            "-e", "step_seconds=1", cwd=PLAYBOOKS,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await process.communicate()
+        finished = time.monotonic()
+        assert process.returncode == 0, output.decode()[-3000:]
+        await asyncio.sleep(0.5)
+        for watcher in watchers:
+            watcher.cancel()
+        first_step = next(e["received"] for e in alice_events if e["type"] == "output"
+                          and any(line.startswith("step: fetch") for line in e["lines"]))
+        return first_step, finished
+
+    first_step, finished = asyncio.run(scenario())
+    # The script takes 5 s; its first line reached alice's socket long before the task ended.
+    assert finished - first_step > 3.0
+    build_id = next(e["id"] for e in alice_events if e["type"] == "output"
+                    and "step: fetch" in e["lines"])
+    started = next(e for e in alice_events if e["type"] == "started" and e["id"] == build_id)
+    # Labelled with play, task and host, so the viewer groups it.
+    assert started["label"] == (f"Deploy and build / Upload the build script and run it "
+                                f"(live in the viewer) @ {fleet.names[0]}")
+    lines = [line for e in alice_events if e["type"] == "output" and e["id"] == build_id
+             for line in e["lines"]]
+    assert lines[-1] == "done" and "step: package" in lines
+    assert [e for e in bob_events if e["type"] in ("started", "output", "exit")] == []
+
+
+def test_killing_one_agent_mid_play_makes_only_that_host_unreachable(
+        fleet: Fleet, signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:
+    play = tmp_path / "slow.yml"
+    play.write_text("- hosts: all\n  gather_facts: false\n  tasks:\n"
+                    "    - command: echo one\n"
+                    "    - command: sleep 6\n"
+                    "    - command: echo three\n")
+    victim = fleet.agents[1]
+    process = subprocess.Popen([str(BIN / "ansible-playbook"), str(play)], cwd=PLAYBOOKS,
+                               env=fleet.env(signer.issue(alice.name)), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(3.5)  # inside the `sleep 6` task on every host
+        victim.stop(signal.SIGKILL)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    result = recap(output)
+    assert result[victim.node_name]["unreachable"] == 1, output
+    for agent in fleet.agents:
+        if agent is not victim:
+            assert result[agent.node_name]["failed"] == 0 and result[agent.node_name]["ok"] == 3
+    assert "UNREACHABLE" in output and "unreachable" in output.lower()
+    # Bring it back for the other tests.
+    fleet.agents[1] = type(victim)(victim.secret_file, victim.state_dir, node_name=victim.node_name,
+                                   bind=victim.host, announce=True, netns=victim.netns,
+                                   extra_args=["--groups", "lab"])
+
+
+def test_expired_token_fails_with_the_login_hint(fleet: Fleet, signer: TokenSigner,
+                                                 alice: UnixUser) -> None:
+    secret = signer._serializer.secret_keys[-1]
+    inventory = ",".join(f"{a.host}" for a in fleet.agents[:1]) + ","
+    out = fleet.ansible(expired_token(secret, alice.name), "-i", inventory, "all", "-m", "ping",
+                        "-c", "marco", tool="ansible")
+    assert out.returncode != 0
+    assert "UNREACHABLE" in out.stdout and "expired" in out.stdout and "marco login" in out.stdout
+
+
+def test_become_with_sudo(fleet: Fleet, signer: TokenSigner, alice: UnixUser, bob: UnixUser) -> None:
+    sudoers = Path("/etc/sudoers.d/marcotest")
+    sudoers.write_text(f"{alice.name} ALL=(ALL) NOPASSWD: ALL\n{bob.name} ALL=(ALL) ALL\n")
+    sudoers.chmod(0o440)
+    try:
+        inventory = f"{fleet.agents[0].host},"
+        common = ["-i", inventory, "all", "-c", "marco", "-b", "-m", "command", "-a", "id -un"]
+        ok = fleet.ansible(signer.issue(alice.name), *common, tool="ansible")
+        assert ok.returncode == 0 and "root" in ok.stdout, ok.stdout + ok.stderr
+        started = time.monotonic()
+        no_password = fleet.ansible(signer.issue(bob.name), *common, tool="ansible", timeout=120)
+        assert no_password.returncode != 0 and time.monotonic() - started < 60  # no hang
+        assert "password is required" in no_password.stdout or "password" in no_password.stdout.lower()
+        with_password = fleet.ansible(signer.issue(bob.name), *common, "-e",
+                                      f"ansible_become_password={bob.password}", tool="ansible")
+        assert with_password.returncode == 0 and "root" in with_password.stdout, with_password.stdout
+    finally:
+        sudoers.unlink()
+
+
+def test_ansible_doc_and_inventory_graph(fleet: Fleet, signer: TokenSigner, alice: UnixUser) -> None:
+    token = signer.issue(alice.name)
+    doc = fleet.ansible(token, "-t", "connection", "marco", tool="ansible-doc")
+    assert doc.returncode == 0 and "marco login" in doc.stdout and "marco_token" in doc.stdout
+    doc = fleet.ansible(token, "-t", "inventory", "marco", tool="ansible-doc")
+    assert doc.returncode == 0 and "keyed_groups" in doc.stdout
+    doc = fleet.ansible(token, "marco_deploy", tool="ansible-doc")
+    assert doc.returncode == 0 and "live" in doc.stdout
+    graph = fleet.ansible(token, "--graph", tool="ansible-inventory")
+    assert graph.returncode == 0, graph.stderr
+    assert "@lab:" in graph.stdout and all(name in graph.stdout for name in fleet.names)
+    assert "@arch_" in graph.stdout  # keyed_groups from inventory.marco.yml
+    listed = fleet.ansible(token, "-i", str(BIN / "marco-inventory"), "--list", tool="ansible-inventory")
+    assert listed.returncode == 0 and all(name in listed.stdout for name in fleet.names)
