@@ -1,7 +1,8 @@
 """Marco's demo on this machine: a fresh secret, three agents on loopback, the controller that
 discovers them by zeroconf, a command started on all of them through the controller with every
-line printed live as it happens, and the web viewer's URL. (The example playbook joins the demo
-with the Ansible plugins.)
+line printed live as it happens, the example playbook (playbooks/deploy.yml) run by the real
+`ansible-playbook` through the `marco` connection with its build output live, and the web
+viewer's URL.
 
     scripts/demo [--once] [--agents 3] [--port 7380] [--command "..."]
 """
@@ -181,6 +182,47 @@ async def run_everywhere(controller: LocalController, nodes: list[tuple[str, int
     return {name: rc for (name, _), rc in zip(nodes, results)}
 
 
+async def play_with_live_output(nodes: list[tuple[str, int]], token: str, controller_url: str,
+                                playbook: str) -> int:
+    """Run `ansible-playbook` through the marco connection; print Ansible's own output and,
+    live, the lines of the commands the play runs (Ansible's internal module runs, which go
+    through `/bin/sh -c`, are left to Ansible's report)."""
+    width = max(len(name) for name, _ in nodes)
+    streams = {}
+    for name, port in nodes:
+        streams[name] = AsyncAgentClient("127.0.0.1", port, token).stream()
+        await streams[name].connect()
+
+    async def follow(index: int, name: str) -> None:
+        shown: set[str] = set()
+        prefix = f"{COLOURS[index % len(COLOURS)]}{name:<{width}}{RESET}"
+        while (event := await streams[name].read()) is not None:
+            if event["type"] == "started" and isinstance(event["command"], str) \
+                    and not event["command"].startswith("/bin/sh -c"):
+                shown.add(event["id"])
+            elif event["type"] == "output" and event["id"] in shown:
+                mark = f"{RED}!" if event["stream"] == "stderr" else "|"
+                for line in event["lines"]:
+                    print(f"  {prefix} {mark} {line}{RESET}", flush=True)
+
+    followers = [asyncio.ensure_future(follow(i, name)) for i, (name, _) in enumerate(nodes)]
+    env = dict(os.environ, MARCO_CONTROLLER=controller_url, MARCO_TOKEN=token,
+               ANSIBLE_CONFIG=str(ROOT / "playbooks" / "ansible.cfg"))
+    env.pop("PYTHONUNBUFFERED", None)
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "ansible-playbook"), playbook, cwd=ROOT / "playbooks",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert process.stdout is not None
+    while line := await process.stdout.readline():
+        print(line.decode(errors="replace").rstrip(), flush=True)
+    rc = await process.wait()
+    for follower in followers:
+        follower.cancel()
+    for stream in streams.values():
+        stream.close()
+    return rc
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run Marco's demo on this machine.")
     parser.add_argument("--once", action="store_true", help="run the demo once and exit")
@@ -216,6 +258,11 @@ def main() -> int:
         results = asyncio.run(run_everywhere(controller, nodes, token, args.command))
         print("\nexit codes: " + ", ".join(f"{name}={rc}" for name, rc in results.items()))
         ok = all(rc == 0 for rc in results.values())
+        print("\nNow the example playbook, through the marco connection "
+              "(ansible-playbook playbooks/deploy.yml):\n")
+        played = asyncio.run(play_with_live_output(nodes, token, controller.url, "deploy.yml"))
+        print(f"\nansible-playbook exited with {played}")
+        ok = ok and played == 0
         print(f"\nViewer: {controller.url}/  (log in with a Unix account of this machine that has "
               f"a password, e.g. {user!r}; set one with: sudo passwd {user})")
         if not args.once:

@@ -1,0 +1,80 @@
+"""The `marco` CLI against a real controller and agents: login, nodes, status, run, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agent.client import AgentClient
+from agent.tokens import TokenSigner
+from tests.support.controller_process import ControllerProcess
+from tests.support.users import UnixUser
+
+MARCO = Path(sys.executable).parent / "marco"
+
+
+def marco(home: Path, controller: ControllerProcess, *args: str, stdin: str = "",
+          timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "MARCO_CONTROLLER": controller.url}
+    return subprocess.run([str(MARCO), *args], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_login_nodes_status_run(cluster, alice: UnixUser, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                tmp_path: Path) -> None:
+    controller, names = cluster
+    bad = marco(tmp_path, controller, "login", "--user", alice.name, "--password-stdin", stdin="nope\n")
+    assert bad.returncode == 1 and "wrong user name or password" in bad.stderr
+    assert not (tmp_path / ".config" / "marco" / "token").exists()
+    ok = marco(tmp_path, controller, "login", "--user", alice.name, "--password-stdin",
+               stdin=alice.password + "\n")
+    assert ok.returncode == 0, ok.stderr
+    token_file = tmp_path / ".config" / "marco" / "token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert token_file.parent.stat().st_mode & 0o777 == 0o700
+    assert signer.verify(token_file.read_text().strip()) == alice.name
+
+    nodes = marco(tmp_path, controller, "nodes")
+    assert nodes.returncode == 0 and all(name in nodes.stdout for name in names)
+    status = marco(tmp_path, controller, "status")
+    assert status.returncode == 0 and all(name in status.stdout for name in names)
+    assert "GiB" in status.stdout
+
+    run = marco(tmp_path, controller, "run", "--nodes", ",".join(names), "--",
+                "echo hi from $(id -un); echo oops >&2; exit 3")
+    assert run.returncode == 1
+    for name in names:
+        assert f"| hi from {alice.name}" in run.stdout and name in run.stdout
+        assert "! oops" in run.stderr
+    assert "FAILED" in run.stderr and all(f"{name}=3" in run.stderr for name in names)
+    nobody = marco(tmp_path, controller, "run", "--nodes", "no-such-node", "--", "true")
+    assert nobody.returncode == 1 and "no-such-node" in nobody.stderr
+
+
+def test_ctrl_c_stops_the_remote_executions(cluster, alice: UnixUser, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                            tmp_path: Path) -> None:
+    controller, names = cluster
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MARCO_CONTROLLER": controller.url,
+           "MARCO_TOKEN": signer.issue(alice.name), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([str(MARCO), "run", "--", "echo started; sleep 600"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    seen = 0
+    deadline = time.monotonic() + 30
+    while seen < len(names) and time.monotonic() < deadline:
+        if "started" in process.stdout.readline():
+            seen += 1
+    assert seen == len(names)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 1 and "SIGTERM" in err, err
+    inventory = controller.get_json("/api/inventory", signer.issue(alice.name))["_meta"]["hostvars"]
+    for name in names:
+        host = inventory[name]
+        with AgentClient(host["ansible_host"], host["ansible_port"], signer.issue(alice.name)) as client:
+            sleeping = [e for e in client.executions() if e["command"] == "echo started; sleep 600"]
+        assert sleeping and all(e["state"] == "killed" and e["stopped"] for e in sleeping)
