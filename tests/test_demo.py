@@ -22,5 +22,5 @@ def test_demo_once_runs_marcos_main_job() -> None:
     assert re.search(r"Viewer: http://127\.0\.0\.1:\d+/", out.stdout)
     # The example playbook ran through the marco connection, its build lines printed live.
     assert re.search(r"demo-1\s+\| step: compile", out.stdout)
-    assert re.search(r"demo-\d\s+ok=\d+\s+changed=\d+\s+unreachable=0\s+failed=0", out.stdout)
+    assert re.search(r"demo-\d\s+:\s+ok=\d+\s+changed=\d+\s+unreachable=0\s+failed=0", out.stdout)
     assert "ansible-playbook exited with 0" in out.stdout
