@@ -186,3 +186,30 @@ def test_ansible_doc_and_inventory_graph(fleet: Fleet, signer: TokenSigner, alic
     assert "@arch_" in graph.stdout  # keyed_groups from inventory.marco.yml
     listed = fleet.ansible(token, "-i", str(BIN / "marco-inventory"), "--list", tool="ansible-inventory")
     assert listed.returncode == 0 and all(name in listed.stdout for name in fleet.names)
+
+
+def test_marco_deploy_creates_overwrite_and_failures(fleet: Fleet, signer: TokenSigner,
+                                                     alice: UnixUser, tmp_path: Path) -> None:
+    token = signer.issue(alice.name)
+    target = f"{fleet.agents[0].host},"
+    source = tmp_path / "tool.sh"
+    source.write_text("#!/bin/sh\necho tool-v1\n")
+
+    def deploy(args: str) -> subprocess.CompletedProcess[str]:
+        return fleet.ansible(token, "-i", target, "all", "-c", "marco", "-m", "marco_deploy",
+                             "-a", args, tool="ansible")
+
+    folder = f"~/marco-e2e/deploy-{os.getpid()}"
+    assert fleet.ansible(token, "-i", target, "all", "-c", "marco", "-m", "file", "-a",
+                         f"path={folder} state=directory", tool="ansible").returncode == 0
+    first = deploy(f"src={source} dest={folder} mode=0755 command=./tool.sh")
+    assert first.returncode == 0 and "tool-v1" in first.stdout and "CHANGED" in first.stdout
+    source.write_text("#!/bin/sh\necho tool-v2\n")
+    kept = deploy(f"src={source} dest={folder} overwrite=false command=./tool.sh")
+    assert kept.returncode == 0 and "tool-v1" in kept.stdout and "kept" in kept.stdout
+    skipped = deploy(f"dest={folder} command='echo never' creates=tool.sh")
+    assert skipped.returncode == 0 and "skipped, since tool.sh exists" in skipped.stdout
+    failed = deploy(f"dest={folder} command='echo bad >&2; exit 4'")
+    assert failed.returncode != 0 and '"rc": 4' in failed.stdout and "non-zero return code" in failed.stdout
+    missing = deploy(f"src={tmp_path / 'nope.sh'} dest={folder}")
+    assert missing.returncode != 0 and "nope.sh" in missing.stdout
