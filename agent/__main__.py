@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from typing import Sequence
 
@@ -20,6 +18,7 @@ from .config import DEFAULT_CONFIG_FILE, AgentConfig, agent_options
 from .errors import ConfigError
 from .context import AgentContext
 from .protocol import choose_mdns_interfaces
+from .serving import close_server, stop_event_on_signals
 from .settings import ConfigSource, add_options, merge_settings, read_config_file
 from .tokens import DEFAULT_SECRET_FILE, create_secret, load_secret
 
@@ -108,10 +107,7 @@ async def serve(config: AgentConfig, secret: bytes) -> None:
         else:
             log.warning("not announcing: --bind %s is a wildcard and no --mdns-interface is set",
                         config.bind)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_event_on_signals()
     expiry = PeriodicCallback(ctx.executions.expire, EXPIRE_INTERVAL * 1000)
     expiry.start()
     try:
@@ -125,10 +121,9 @@ async def serve(config: AgentConfig, secret: bytes) -> None:
         expiry.stop()
         if announcer is not None:
             await announcer.stop()
-        server.stop()
+        server.stop()  # no new connections; running executions get their answers below
         await ctx.executions.shutdown()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(server.close_all_connections(), timeout=5)
+        await close_server(server)
         ctx.status.close()
 
 

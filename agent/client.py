@@ -203,7 +203,10 @@ class AgentClient:
                  timeout: float | None = None) -> Any:
         body = None if json_body is None else json.dumps(json_body).encode()
         headers = {"Content-Type": "application/json"} if body is not None else {}
-        response = self._send(method, path, body, headers, timeout)
+        return self._answer(self._send(method, path, body, headers, timeout))
+
+    def _answer(self, response: http.client.HTTPResponse) -> Any:
+        """Read a JSON answer; an error status raises its typed error."""
         try:
             data = response.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -254,13 +257,7 @@ class AgentClient:
         query: dict[str, Any] = {"path": path, "overwrite": "true" if overwrite else "false"}
         if mode is not None:
             query["mode"] = f"{mode:04o}"
-        response = self._upload(f"/v1/files?{urlencode(query)}", source, size)
-        try:
-            data = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise self._unreachable(exc) from None
-        _raise_for(response.status, data)
-        return _json(data)
+        return self._answer(self._upload(f"/v1/files?{urlencode(query)}", source, size))
 
     def get_file(self, path: str, destination: BinaryIO) -> int:
         """Stream the node's file at `path` into `destination`; return the byte count."""

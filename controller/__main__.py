@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from typing import Sequence
 
 from agent.errors import ConfigError
 from agent.protocol import choose_mdns_interfaces
+from agent.serving import close_server, stop_event_on_signals
 from agent.settings import ConfigSource, add_options, merge_settings, read_config_file
 from agent.tokens import load_secret
 
@@ -84,10 +83,7 @@ async def serve(ctx: ControllerContext) -> None:
         else:
             log.warning("not browsing: --bind %s is a wildcard and no --mdns-interface is set",
                         config.bind)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_event_on_signals()
     try:
         if browser is not None:
             await browser.start()
@@ -98,9 +94,7 @@ async def serve(ctx: ControllerContext) -> None:
         ctx.health.stop()
         if browser is not None:
             await browser.stop()
-        server.stop()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(server.close_all_connections(), timeout=5)
+        await close_server(server)
         ctx.authenticator.close()
 
 
