@@ -92,6 +92,7 @@ async def serve(config: AgentConfig, secret: bytes) -> None:
     """Run the agent until SIGTERM or SIGINT, then unannounce, stop executions and exit."""
     ctx = AgentContext.build(config, secret)
     ctx.executions.load()
+    ctx.audit.open()
     server = make_app(ctx).listen(config.port, config.bind, xheaders=False,
                                         chunk_size=BODY_CHUNK)
     log.info("marco-agent %s serving node %s on %s:%d as %s", __version__, config.node_name,
@@ -125,6 +126,7 @@ async def serve(config: AgentConfig, secret: bytes) -> None:
         await ctx.executions.shutdown()
         await close_server(server)
         ctx.status.close()
+        ctx.audit.close()
 
 
 if __name__ == "__main__":

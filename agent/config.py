@@ -53,6 +53,8 @@ def agent_options() -> list[Option]:
         Option("allowed_origins", [], "browser origins allowed to open /v1/stream "
                "(default: any; the socket is authenticated by token, not cookie)",
                repeatable=True, metavar="URL"),
+        Option("audit_log", "", "audit log file (JSON lines, 0600; default STATE_DIR/audit.log)",
+               metavar="PATH"),
         Option("helper_python", default_helper_python(),
                "Python used to run file operations as the user", metavar="PATH"),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
@@ -77,6 +79,7 @@ class AgentConfig:
     spool_max_bytes: int
     stop_grace: float
     allowed_origins: list[str]
+    audit_log: str
     helper_python: str
     log_level: str
 

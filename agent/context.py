@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import __version__, protocol
 from .config import AgentConfig
+from .audit import AuditLog
+from .errors import MarcoError
 from .executions import ExecutionManager
 from .files import FileService
 from .hub import StreamHub
@@ -28,23 +31,31 @@ class AgentContext:
     executions: ExecutionManager
     files: FileService
     status: StatusPublisher
+    audit: AuditLog
 
     @classmethod
     def build(cls, config: AgentConfig, secret: bytes) -> "AgentContext":
         resolver = UserResolver()
         hub = StreamHub()
+        audit = AuditLog(Path(config.audit_log or config.state_path / "audit.log"),
+                         config.node_name)
         executions = ExecutionManager(
             resolver, hub, config.state_path, spool_max_bytes=config.spool_max_bytes,
             stop_grace=config.stop_grace, retention=config.retention,
-            retention_count=config.retention_count)
+            retention_count=config.retention_count, audit=audit)
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    resolver=resolver, hub=hub, executions=executions,
                    files=FileService(resolver, config.helper_python),
-                   status=StatusPublisher(StatusSampler(config.node_name)))
+                   status=StatusPublisher(StatusSampler(config.node_name)), audit=audit)
 
-    def authenticate(self, token: str | None) -> UserIdentity:
-        """The identity a token grants on this node (raises 401 or 403 by cause)."""
-        return self.resolver.resolve(self.signer.verify(token))
+    def authenticate(self, token: str | None, client: str = "?") -> UserIdentity:
+        """The identity a token grants on this node (raises 401 or 403 by cause); refusals
+        are audited with the client's address."""
+        try:
+            return self.resolver.resolve(self.signer.verify(token))
+        except MarcoError as error:
+            self.audit.record("auth.refused", None, client=client, reason=error.message)
+            raise
 
     def origin_allowed(self, origin: str) -> bool:
         """Browser origins allowed on /v1/stream: all unless the admin listed some.

@@ -47,6 +47,12 @@ MAX_TIMEOUT = 366 * 24 * 3600
 CAPTURE_MAX = 256 * 1024 * 1024  # bytes of stdout (and of stderr) a `wait` caller gets back
 
 
+class AuditSink(Protocol):
+    """Where the manager records who ran what (agent.audit.AuditLog)."""
+
+    def record(self, event: str, user: str | None, **fields: Any) -> None: ...
+
+
 class EventSink(Protocol):
     """Where encoded events of a user's executions go (the per-user socket table)."""
 
@@ -288,7 +294,7 @@ class ExecutionManager:
 
     def __init__(self, resolver: UserResolver, sink: EventSink, state_dir: Path,
                  spool_max_bytes: int, stop_grace: float, retention: float,
-                 retention_count: int) -> None:
+                 retention_count: int, audit: "AuditSink | None" = None) -> None:
         self.resolver = resolver
         self.sink = sink
         self.spool_root = state_dir / "executions"
@@ -300,6 +306,7 @@ class ExecutionManager:
         self._executions: dict[str, Execution] = {}
         self._transports: dict[str, asyncio.SubprocessTransport] = {}
         self.closing = False
+        self.audit = audit
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -482,6 +489,10 @@ class ExecutionManager:
         execution.publish(protocol.started_event(execution.id, execution.label, execution.command,
                                                  execution.cwd, execution.started, 0))
         execution.save_meta()
+        if self.audit is not None:
+            self.audit.record("execution.start", execution.user, id=execution.id,
+                              command=execution.command, cwd=execution.cwd,
+                              label=execution.label, pid=execution.pid)
 
     def _finished(self, execution: Execution) -> None:
         if execution.timeout_handle is not None:
@@ -501,6 +512,10 @@ class ExecutionManager:
         execution.publish(protocol.exit_event(
             execution.id, execution.rc, execution.signal, execution.duration or 0.0,
             execution.next_seq, execution.timed_out, execution.stopped))
+        if self.audit is not None:
+            self.audit.record("execution.end", execution.user, id=execution.id, rc=execution.rc,
+                              signal=execution.signal, duration=execution.duration,
+                              stopped=execution.stopped, timed_out=execution.timed_out)
         log.info("execution %s of %s ended: rc=%s signal=%s in %.3fs", execution.id,
                  execution.user, execution.rc, execution.signal, execution.duration or 0.0)
         if execution.done is not None and not execution.done.done():

@@ -43,7 +43,7 @@ class ApiHandler(JsonApiMixin, tornado.web.RequestHandler):
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError("missing 'Authorization: Bearer <token>' header")
-        return self.ctx.authenticate(token.strip())
+        return self.ctx.authenticate(token.strip(), self.request.remote_ip or "?")
 
     def path_argument(self) -> str | None:
         """The raw `path` query argument: Tornado's getters would turn control characters
@@ -189,6 +189,7 @@ class FilesHandler(ApiHandler):
         self.request.connection.set_max_body_size(MAX_UPLOAD_BYTES)  # type: ignore[union-attr]
         try:
             user = self.authenticate()
+            self.current_user = user.name
             path = validate_path(user, self.path_argument())
             mode = parse_mode(self.get_query_argument("mode", None))
             overwrite = self.bool_argument("overwrite", True)
@@ -221,6 +222,9 @@ class FilesHandler(ApiHandler):
         assert self.writer is not None
         result = await self.writer.commit()
         self.writer = None
+        self.ctx.audit.record("file.write", self.current_user, path=result.get("path"),
+                              size=result.get("size"), mode=result.get("mode"),
+                              client=self.request.remote_ip)
         self.write_json(result, 201)
 
     def on_connection_close(self) -> None:
@@ -235,6 +239,8 @@ class FilesHandler(ApiHandler):
         path = validate_path(user, self.path_argument())
         self.reader = await self.ctx.files.open_reader(user, path)
         reader = self.reader
+        self.ctx.audit.record("file.read", user.name, path=path, size=reader.size,
+                              client=self.request.remote_ip)
         if self.client_gone:
             reader.abort()
             return

@@ -78,7 +78,8 @@ class StreamSocket(tornado.websocket.WebSocketHandler):
             return
         token = data.get("token")
         try:
-            user = self.ctx.authenticate(token if isinstance(token, str) else None)
+            user = self.ctx.authenticate(token if isinstance(token, str) else None,
+                                         self.request.remote_ip or "?")
         except MarcoError as error:
             code = protocol.CLOSE_FORBIDDEN if error.status == 403 else protocol.CLOSE_UNAUTHORIZED
             self.close(code, error.message[:120])
