@@ -49,6 +49,10 @@ def agent_options() -> list[Option]:
         Option("retention_count", 200, "finished executions kept per user", kind=int),
         Option("spool_max_bytes", 64 * 1024 * 1024, "output kept on disk per execution (bytes)",
                kind=int),
+        Option("spool_max_bytes_per_user", 1024 ** 3, "output kept on disk per user; the "
+               "oldest finished executions go first (bytes)", kind=int),
+        Option("max_running_per_user", 64, "executions one user may run at once", kind=int),
+        Option("max_upload_bytes", 64 * 1024 ** 3, "largest file upload (bytes)", kind=int),
         Option("stop_grace", 5.0, "seconds between SIGTERM and SIGKILL on stop", kind=float),
         Option("allowed_origins", [], "browser origins allowed to open /v1/stream "
                "(default: any; the socket is authenticated by token, not cookie)",
@@ -77,6 +81,9 @@ class AgentConfig:
     retention: int
     retention_count: int
     spool_max_bytes: int
+    spool_max_bytes_per_user: int
+    max_running_per_user: int
+    max_upload_bytes: int
     stop_grace: float
     allowed_origins: list[str]
     audit_log: str

@@ -42,7 +42,9 @@ class AgentContext:
         executions = ExecutionManager(
             resolver, hub, config.state_path, spool_max_bytes=config.spool_max_bytes,
             stop_grace=config.stop_grace, retention=config.retention,
-            retention_count=config.retention_count, audit=audit)
+            retention_count=config.retention_count, audit=audit,
+            max_running_per_user=config.max_running_per_user,
+            spool_max_bytes_per_user=config.spool_max_bytes_per_user)
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    resolver=resolver, hub=hub, executions=executions,
                    files=FileService(resolver, config.helper_python),

@@ -67,6 +67,13 @@ class PayloadTooLarge(MarcoError):
     code = "too_large"
 
 
+class TooManyExecutions(MarcoError):
+    """Too many executions of this user are running."""
+
+    status = 429
+    code = "too_many_executions"
+
+
 class ShuttingDown(MarcoError):
     """The agent is shutting down."""
 
@@ -96,11 +103,12 @@ class ConfigError(MarcoError):
 
 _BY_STATUS: dict[int, type[MarcoError]] = {
     400: BadRequest, 401: AuthenticationError, 403: PermissionDenied, 404: NotFound,
-    409: Conflict, 413: PayloadTooLarge,
+    409: Conflict, 413: PayloadTooLarge, 429: TooManyExecutions,
 }
 _BY_CODE: dict[str, type[MarcoError]] = {
     cls.code: cls for cls in (BadRequest, AuthenticationError, TokenExpired, PermissionDenied,
-                              NotFound, Conflict, PayloadTooLarge, ShuttingDown)
+                              NotFound, Conflict, PayloadTooLarge, ShuttingDown,
+                              TooManyExecutions)
 }
 
 

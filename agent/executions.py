@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Protocol
 
 from . import protocol
-from .errors import BadRequest, ConfigError, NotFound, ShuttingDown
+from .errors import BadRequest, ConfigError, NotFound, ShuttingDown, TooManyExecutions
 from .lines import LineSplitter
 from .spool import ExecutionSpool
 from .users import UserIdentity, UserResolver
@@ -294,7 +294,8 @@ class ExecutionManager:
 
     def __init__(self, resolver: UserResolver, sink: EventSink, state_dir: Path,
                  spool_max_bytes: int, stop_grace: float, retention: float,
-                 retention_count: int, audit: "AuditSink | None" = None) -> None:
+                 retention_count: int, audit: "AuditSink | None" = None,
+                 max_running_per_user: int = 64, spool_max_bytes_per_user: int = 1 << 30) -> None:
         self.resolver = resolver
         self.sink = sink
         self.spool_root = state_dir / "executions"
@@ -307,6 +308,8 @@ class ExecutionManager:
         self._transports: dict[str, asyncio.SubprocessTransport] = {}
         self.closing = False
         self.audit = audit
+        self.max_running_per_user = max_running_per_user
+        self.spool_max_bytes_per_user = spool_max_bytes_per_user
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -381,6 +384,10 @@ class ExecutionManager:
                     capture: bool = False) -> Execution:
         if self.closing:
             raise ShuttingDown("the agent is shutting down; try again when it is back")
+        running = sum(1 for e in self._executions.values() if e.user == user.name and e.running)
+        if running >= self.max_running_per_user:
+            raise TooManyExecutions(f"{running} of your executions are running on this node "
+                                    f"(the limit is {self.max_running_per_user}); stop some or wait")
         execution_id = secrets.token_hex(ID_LENGTH // 2)
         cwd = user.expand(request.cwd) if request.cwd else user.home
         spool = ExecutionSpool.create(self.spool_root / execution_id, self.spool_max_bytes)
@@ -424,18 +431,32 @@ class ExecutionManager:
         return execution
 
     def expire(self) -> None:
-        """Forget finished executions older than the retention time or beyond the count."""
+        """Forget finished executions older than the retention time, beyond the count, or
+        (oldest first) beyond the user's spool budget. Running executions are never dropped:
+        their own spool is bounded by `spool_max_bytes` and says where it was truncated."""
         now = time.time()
-        finished: dict[str, list[Execution]] = {}
+        by_user: dict[str, list[Execution]] = {}
         for execution in self._executions.values():
-            if not execution.running:
-                finished.setdefault(execution.user, []).append(execution)
-        for executions in finished.values():
-            executions.sort(key=lambda e: e.ended or e.started, reverse=True)
-            for rank, execution in enumerate(executions):
-                if rank >= self.retention_count or now - (execution.ended or now) > self.retention:
-                    del self._executions[execution.id]
-                    execution.spool.remove()
+            by_user.setdefault(execution.user, []).append(execution)
+        for executions in by_user.values():
+            used = sum(e.spool.size for e in executions)
+            finished = sorted((e for e in executions if not e.running),
+                              key=lambda e: e.ended or e.started, reverse=True)
+            for rank, execution in enumerate(finished):
+                too_old = now - (execution.ended or now) > self.retention
+                if rank >= self.retention_count or too_old:
+                    used -= self._forget(execution)
+            for execution in reversed(finished):  # oldest first
+                if used <= self.spool_max_bytes_per_user:
+                    break
+                if execution.id in self._executions:
+                    used -= self._forget(execution)
+
+    def _forget(self, execution: Execution) -> int:
+        size = execution.spool.size
+        del self._executions[execution.id]
+        execution.spool.remove()
+        return size
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import tornado.web
 
 from . import protocol
 from .context import AgentContext
-from .errors import AuthenticationError, BadRequest, MarcoError
+from .errors import AuthenticationError, BadRequest, MarcoError, PayloadTooLarge
 from .executions import Execution, ExecutionRequest
 from .jsonapi import JsonApiMixin
 from .files import FileReader, FileWriter, parse_mode, validate_path
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 MAX_REPLAY_LINES = 100_000
 MAX_REPLAY_BYTES = 16 * 1024 * 1024
-MAX_UPLOAD_BYTES = 1 << 40
+OVERFLOW_GRACE = 64 * 1024 * 1024  # bytes read and dropped past the limit, before hanging up
 B64_CHUNK = 3 * 256 * 1024  # a multiple of 3, so chunks encode without padding in between
 
 
@@ -186,8 +186,16 @@ class FilesHandler(ApiHandler):
     async def prepare(self) -> None:
         if self.request.method != "PUT":
             return
-        self.request.connection.set_max_body_size(MAX_UPLOAD_BYTES)  # type: ignore[union-attr]
+        limit = self.ctx.config.max_upload_bytes
+        # Past Tornado's own limit the connection is dropped; up to it, an over-limit chunked
+        # body is read and dropped so the client gets a clear 413.
+        self.request.connection.set_max_body_size(limit + OVERFLOW_GRACE)  # type: ignore[union-attr]
+        self.received = 0
         try:
+            declared = int(self.request.headers.get("Content-Length", "0") or 0)
+            if declared > limit:
+                raise PayloadTooLarge(f"the upload is {declared} bytes; this node accepts at "
+                                      f"most {limit}")
             user = self.authenticate()
             self.current_user = user.name
             path = validate_path(user, self.path_argument())
@@ -209,9 +217,16 @@ class FilesHandler(ApiHandler):
 
     async def data_received(self, chunk: bytes) -> None:
         if self.writer is not None and self.failure is None:
+            self.received += len(chunk)
             try:
+                if self.received > self.ctx.config.max_upload_bytes:  # chunked: no length given
+                    self.writer.abort()
+                    raise PayloadTooLarge(f"the upload passed {self.ctx.config.max_upload_bytes}"
+                                          " bytes, the most this node accepts; nothing was written")
                 await self.writer.write(chunk)
             except MarcoError as error:
+                # Answered once the body has been read (and dropped): Tornado hangs up on a
+                # request answered early, and the client would see a reset, not the reason.
                 self.failure = error
 
     async def put(self) -> None:

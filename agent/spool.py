@@ -75,6 +75,11 @@ class ExecutionSpool:
         self._offsets.append(self._size)
         self._size += len(data)
 
+    @property
+    def size(self) -> int:
+        """Bytes of output stored."""
+        return self._size
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
