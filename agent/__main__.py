@@ -20,7 +20,7 @@ from .context import AgentContext
 from .protocol import choose_mdns_interfaces
 from .serving import close_server, stop_event_on_signals
 from .settings import ConfigSource, add_options, merge_settings, read_config_file
-from .tokens import DEFAULT_SECRET_FILE, create_secret, load_secret
+from .tokens import DEFAULT_SECRET_FILE, create_secret, load_secret, rotate_secret
 
 log = logging.getLogger("marco.agent")
 EXPIRE_INTERVAL = 60.0
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--secret-file", dest="init_secret_file", metavar="PATH",
                       help=f"where to write it (default: $MARCO_SECRET_FILE or {DEFAULT_SECRET_FILE})")
     init.add_argument("--force", action="store_true", help="replace an existing secret")
+    init.add_argument("--rotate", action="store_true",
+                      help="append a new secret to the existing file: it signs from now on, "
+                           "the old ones still verify until you delete their lines")
     return parser
 
 
@@ -57,6 +60,12 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> AgentConfi
 
 def init_secret(args: argparse.Namespace, environ: dict[str, str]) -> int:
     path = args.init_secret_file or environ.get("MARCO_SECRET_FILE") or DEFAULT_SECRET_FILE
+    if args.rotate:
+        rotate_secret(path)
+        print(f"added a new secret to {path}; copy the file to the controller and every agent, "
+              "restart them, and delete the old first line once tokens signed with it have "
+              "expired (--token-max-age)")
+        return 0
     created = create_secret(path, overwrite=args.force)
     print(f"created {created} (mode 0600); copy it to the controller and every agent")
     return 0
@@ -88,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-async def serve(config: AgentConfig, secret: bytes) -> None:
+async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
     """Run the agent until SIGTERM or SIGINT, then unannounce, stop executions and exit."""
     ctx = AgentContext.build(config, secret)
     ctx.executions.load()

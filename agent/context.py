@@ -16,7 +16,7 @@ from .executions import ExecutionManager
 from .files import FileService
 from .hub import StreamHub
 from .status import StatusPublisher, StatusSampler
-from .tokens import TokenSigner
+from .tokens import SecretKeys, TokenSigner
 from .users import UserIdentity, UserResolver
 
 
@@ -34,7 +34,7 @@ class AgentContext:
     audit: AuditLog
 
     @classmethod
-    def build(cls, config: AgentConfig, secret: bytes) -> "AgentContext":
+    def build(cls, config: AgentConfig, secret: SecretKeys) -> "AgentContext":
         resolver = UserResolver()
         hub = StreamHub()
         audit = AuditLog(Path(config.audit_log or config.state_path / "audit.log"),

@@ -2,7 +2,9 @@
 
 A token is ``URLSafeTimedSerializer(secret, salt="marco-user-token").dumps(username)``: the
 controller issues it after a PAM login, agents verify it with ``max_age`` on every request. The
-secret is the stripped content of a file readable by its owner only.
+secret file holds one secret per line, readable by its owner only; the last line is the newest:
+it signs, and every line verifies, so a secret can be rotated without logging everyone out
+(`marco-agent init-secret --rotate`, then drop the old line after the token lifetime).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Sequence
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
@@ -22,14 +25,18 @@ MIN_SECRET_BYTES = 32
 DEFAULT_SECRET_FILE = "/etc/marco/secret"
 
 
-class TokenSigner:
-    """Issues and verifies user tokens with one secret and one salt."""
+SecretKeys = tuple[bytes, ...]  # oldest first; the last one signs
 
-    def __init__(self, secret: bytes, max_age: int = DEFAULT_MAX_AGE,
+
+class TokenSigner:
+    """Issues and verifies user tokens with one salt; the newest secret signs, all verify."""
+
+    def __init__(self, secret: bytes | Sequence[bytes], max_age: int = DEFAULT_MAX_AGE,
                  salt: str = TOKEN_SALT) -> None:
-        if len(secret) < MIN_SECRET_BYTES:
-            raise ConfigError(f"secret is shorter than {MIN_SECRET_BYTES} bytes")
-        self._serializer = URLSafeTimedSerializer(secret, salt=salt)
+        keys = [secret] if isinstance(secret, bytes) else list(secret)
+        if not keys or any(len(key) < MIN_SECRET_BYTES for key in keys):
+            raise ConfigError(f"every secret must be at least {MIN_SECRET_BYTES} bytes")
+        self._serializer = URLSafeTimedSerializer(keys, salt=salt)
         self.max_age = max_age
 
     def issue(self, username: str) -> str:
@@ -56,8 +63,9 @@ class TokenSigner:
         return username
 
 
-def load_secret(path: str | os.PathLike[str]) -> bytes:
-    """Read the cluster secret, refusing a missing, short or world-accessible file."""
+def load_secret(path: str | os.PathLike[str]) -> SecretKeys:
+    """Read the cluster secrets (one a line, newest last), refusing a missing file, a short
+    secret, or a file other users could read."""
     path = Path(path)
     try:
         info = path.stat()
@@ -73,10 +81,23 @@ def load_secret(path: str | os.PathLike[str]) -> bytes:
     if info.st_uid not in (os.geteuid(), 0):
         raise ConfigError(f"secret file {path} belongs to uid {info.st_uid}, who could forge "
                           f"tokens for any user; it must belong to root or to this process")
-    if len(data) < MIN_SECRET_BYTES:
-        raise ConfigError(f"secret file {path} holds {len(data)} bytes; "
-                          f"at least {MIN_SECRET_BYTES} are needed")
-    return data
+    keys = tuple(line.strip() for line in data.splitlines() if line.strip())
+    short = [len(key) for key in keys if len(key) < MIN_SECRET_BYTES]
+    if not keys or short:
+        raise ConfigError(f"secret file {path} holds a secret of {short[0] if short else 0} "
+                          f"bytes; at least {MIN_SECRET_BYTES} are needed")
+    return keys
+
+
+def rotate_secret(path: str | os.PathLike[str]) -> Path:
+    """Append a new secret to an existing secret file: it signs from now on, the old ones
+    still verify until they are removed from the file."""
+    path = Path(path)
+    load_secret(path)  # refuse to extend a file that would not load
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    with os.fdopen(fd, "a") as handle:
+        handle.write(secrets.token_urlsafe(48) + "\n")
+    return path
 
 
 def create_secret(path: str | os.PathLike[str], overwrite: bool = False) -> Path:

@@ -6,7 +6,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from agent.tokens import TokenSigner
+from agent.tokens import SecretKeys, TokenSigner
 
 from .auth import LoginRateLimiter, PamAuthenticator
 from .config import ControllerConfig
@@ -25,13 +25,14 @@ class ControllerContext:
     cookie_secret: str
 
     @classmethod
-    def build(cls, config: ControllerConfig, secret: bytes) -> "ControllerContext":
+    def build(cls, config: ControllerConfig, secret: SecretKeys) -> "ControllerContext":
         registry = NodeRegistry()
         for spec in config.node:
             registry.upsert(parse_static_node(spec))
         limiter = LoginRateLimiter(config.login_max_failures, config.login_lockout)
         # The cookie key is derived from the cluster secret for this one purpose.
-        cookie_secret = hmac.new(secret, b"marco-controller-cookie", hashlib.sha256).hexdigest()
+        # (from the newest secret: rotating the secret logs browser sessions out)
+        cookie_secret = hmac.new(secret[-1], b"marco-controller-cookie", hashlib.sha256).hexdigest()
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    authenticator=PamAuthenticator(config.pam_service, limiter),
                    registry=registry, health=HealthMonitor(registry, config.health_interval),

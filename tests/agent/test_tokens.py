@@ -65,7 +65,7 @@ def test_expired_token_has_its_own_error() -> None:
 def test_create_secret_is_private_and_not_overwritten(tmp_path: Path) -> None:
     path = create_secret(tmp_path / "etc" / "secret")
     assert os.stat(path).st_mode & 0o777 == 0o600
-    assert len(load_secret(path)) >= 32
+    assert len(load_secret(path)) == 1 and len(load_secret(path)[0]) >= 32
     with pytest.raises(ConfigError, match="already exists"):
         create_secret(path)
     before = path.read_bytes()
@@ -101,3 +101,20 @@ def test_secret_readable_by_a_group_or_owned_by_a_user_is_refused(tmp_path: Path
         os.chown(owned, 12345, 12345)
         with pytest.raises(ConfigError, match="forge"):
             load_secret(owned)
+
+
+def test_rotation_newest_signs_all_verify(tmp_path: Path) -> None:
+    from agent.tokens import rotate_secret
+    path = create_secret(tmp_path / "secret")
+    old_token = TokenSigner(load_secret(path)).issue("alice")
+    rotate_secret(path)
+    keys = load_secret(path)
+    assert len(keys) == 2 and os.stat(path).st_mode & 0o777 == 0o600
+    rotated = TokenSigner(keys)
+    assert rotated.verify(old_token) == "alice"            # old tokens still work
+    new_token = rotated.issue("alice")
+    assert TokenSigner(keys[-1:]).verify(new_token) == "alice"  # signed by the newest
+    with pytest.raises(AuthenticationError):
+        TokenSigner(keys[:1]).verify(new_token)
+    with pytest.raises(AuthenticationError):
+        TokenSigner(keys[-1:]).verify(old_token)            # once the old line is gone
