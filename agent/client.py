@@ -305,8 +305,10 @@ class AsyncAgentClient:
         _raise_for(response.code, response.body or b"")
         return _json(response.body)
 
-    async def health(self) -> dict[str, Any]:
-        return await self._request("GET", "/v1/health")
+    async def health(self, challenge: str | None = None) -> dict[str, Any]:
+        """Node facts; with `challenge`, the agent's proof that it holds the cluster secret."""
+        path = "/v1/health" + (f"?{urlencode({'challenge': challenge})}" if challenge else "")
+        return await self._request("GET", path)
 
     async def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
                   env: dict[str, str] | None = None, label: str = "",

@@ -16,7 +16,7 @@ from .executions import ExecutionManager
 from .files import FileService
 from .hub import StreamHub
 from .status import StatusPublisher, StatusSampler
-from .tokens import SecretKeys, TokenSigner
+from .tokens import SecretKeys, TokenSigner, health_proof
 from .users import UserIdentity, UserResolver
 
 
@@ -32,6 +32,7 @@ class AgentContext:
     files: FileService
     status: StatusPublisher
     audit: AuditLog
+    secret: SecretKeys
 
     @classmethod
     def build(cls, config: AgentConfig, secret: SecretKeys) -> "AgentContext":
@@ -48,7 +49,8 @@ class AgentContext:
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    resolver=resolver, hub=hub, executions=executions,
                    files=FileService(resolver, config.helper_python),
-                   status=StatusPublisher(StatusSampler(config.node_name)), audit=audit)
+                   status=StatusPublisher(StatusSampler(config.node_name)), audit=audit,
+                   secret=secret)
 
     def authenticate(self, token: str | None, client: str = "?") -> UserIdentity:
         """The identity a token grants on this node (raises 401 or 403 by cause); refusals
@@ -71,7 +73,14 @@ class AgentContext:
         parts = urlsplit(origin)
         return f"{parts.scheme}://{parts.netloc}".lower() in {o.lower().rstrip("/") for o in allowed}
 
-    def health(self) -> dict[str, object]:
+    def health(self, challenge: str | None = None) -> dict[str, object]:
+        """Node facts; with a `challenge`, also the proof that this agent holds the secret."""
+        facts = self._facts()
+        if challenge:
+            facts["proof"] = health_proof(self.secret[-1], challenge[:128], self.config.node_name)
+        return facts
+
+    def _facts(self) -> dict[str, object]:
         return {"node": self.config.node_name, "version": __version__,
                 "proto": protocol.PROTOCOL_VERSION, "os": platform.system().lower(),
                 "arch": platform.machine(), "cpus": os.cpu_count() or 1,

@@ -85,7 +85,7 @@ class HealthHandler(ApiHandler):
     """GET /v1/health: node name and version, no authentication."""
 
     def get(self) -> None:
-        self.write_json(self.ctx.health())
+        self.write_json(self.ctx.health(self.get_query_argument("challenge", None)))
 
 
 class ExecutionsHandler(ApiHandler):

@@ -9,6 +9,8 @@ it signs, and every line verifies, so a secret can be rotated without logging ev
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 import stat
@@ -113,3 +115,20 @@ def create_secret(path: str | os.PathLike[str], overwrite: bool = False) -> Path
         os.fchmod(handle.fileno(), 0o600)
         handle.write(secrets.token_urlsafe(48) + "\n")
     return path
+
+
+HEALTH_PROOF_SALT = b"marco-health-proof"
+
+
+def health_proof(key: bytes, nonce: str, node: str) -> str:
+    """An agent's answer to a controller's challenge: only holders of the cluster secret can
+    give it, so a machine that merely announces itself on the LAN cannot pose as a node."""
+    message = HEALTH_PROOF_SALT + b"\0" + nonce.encode() + b"\0" + node.encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def verify_health_proof(keys: Sequence[bytes], nonce: str, node: str, proof: object) -> bool:
+    """True when `proof` was made with one of `keys` for this nonce and node name."""
+    if not isinstance(proof, str):
+        return False
+    return any(hmac.compare_digest(health_proof(key, nonce, node), proof) for key in keys)

@@ -79,7 +79,7 @@ async def serve(ctx: ControllerContext) -> None:
     if config.discovery:
         interfaces = choose_mdns_interfaces(config.bind, config.mdns_interface)
         if interfaces:
-            browser = ZeroconfBrowser(ctx.registry, interfaces)
+            browser = ZeroconfBrowser(ctx.registry, interfaces, verify=ctx.health.verify)
         else:
             log.warning("not browsing: --bind %s is a wildcard and no --mdns-interface is set",
                         config.bind)

@@ -35,5 +35,6 @@ class ControllerContext:
         cookie_secret = hmac.new(secret[-1], b"marco-controller-cookie", hashlib.sha256).hexdigest()
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    authenticator=PamAuthenticator(config.pam_service, limiter),
-                   registry=registry, health=HealthMonitor(registry, config.health_interval),
+                   registry=registry,
+                   health=HealthMonitor(registry, config.health_interval, keys=secret),
                    cookie_secret=cookie_secret)

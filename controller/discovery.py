@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
@@ -21,6 +22,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from agent.client import AsyncAgentClient
 from agent.errors import ConfigError, MarcoError
 from agent.protocol import DEFAULT_PORT, SERVICE_TYPE
+from agent.tokens import verify_health_proof
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,25 @@ class NodeRegistry:
         return self._nodes.get(name)
 
     def upsert(self, node: Node) -> Node:
-        """Add a node, or refresh a known one (a new announcement means it is alive)."""
+        """Add a node, or refresh a known one (a new announcement means it is alive).
+
+        An announcement never takes over a name from the config, nor one that another live
+        service holds (first come, first kept; a warning is logged); a service that announces a
+        new name drops its old one.
+        """
         known = self._nodes.get(node.name)
+        if known is not None and node.source == "mdns" and (
+                known.source == "static" or (known.service != node.service and known.alive)):
+            log.warning("ignoring %s: it announces the node name %r, which %s already has",
+                        node.service, node.name, known.service or "the config")
+            return known
+        if node.service:
+            for other in [n for n in self._nodes.values()
+                          if n.service == node.service and n.name != node.name]:
+                del self._nodes[other.name]
+                other.alive = False
+                log.info("node %s is now called %s", other.name, node.name)
+                self._changed(other)
         if known is None:
             self._nodes[node.name] = node
             log.info("node %s found at %s:%d (%s)", node.name, node.host, node.port, node.source)
@@ -141,9 +160,11 @@ class NodeRegistry:
 class ZeroconfBrowser:
     """Browses `_marco._tcp.local.` with QM questions on the given interface addresses."""
 
-    def __init__(self, registry: NodeRegistry, interfaces: Sequence[str]) -> None:
+    def __init__(self, registry: NodeRegistry, interfaces: Sequence[str],
+                 verify: Callable[[Node], Awaitable[bool]] | None = None) -> None:
         self.registry = registry
         self.interfaces = list(interfaces)
+        self.verify = verify
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -188,8 +209,11 @@ class ZeroconfBrowser:
             return
         txt = {k: v or "" for k, v in info.decoded_properties.items()}
         label = name[: -len(SERVICE_TYPE) - 1]
-        self.registry.upsert(Node(name=txt.get("node") or label, host=addresses[0],
-                                  port=info.port, txt=txt, source="mdns", service=name))
+        node = Node(name=txt.get("node") or label, host=addresses[0], port=info.port, txt=txt,
+                    source="mdns", service=name)
+        if self.verify is not None and not await self.verify(node):
+            return  # anyone can announce on a LAN; only agents holding the secret are nodes
+        self.registry.upsert(node)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -202,11 +226,18 @@ class ZeroconfBrowser:
 
 
 class HealthMonitor:
-    """Probes every node's /v1/health each `interval` seconds, all nodes concurrently."""
+    """Probes every node's /v1/health each `interval` seconds, all nodes concurrently.
 
-    def __init__(self, registry: NodeRegistry, interval: float) -> None:
+    With the cluster's secret keys, every probe carries a fresh challenge that only an agent
+    holding the secret can answer: a machine posing as a node on the LAN fails it and is
+    never offered users' tokens.
+    """
+
+    def __init__(self, registry: NodeRegistry, interval: float,
+                 keys: Sequence[bytes] | None = None) -> None:
         self.registry = registry
         self.interval = interval
+        self.keys = list(keys or [])
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -222,14 +253,33 @@ class HealthMonitor:
         if nodes:
             await asyncio.gather(*(self.check(node) for node in nodes))
 
-    async def check(self, node: Node) -> None:
+    async def probe(self, node: Node) -> tuple[bool, str | None, dict[str, Any] | None]:
+        """(alive, error, details) of one node, the secret proof checked when keys are set."""
         client = AsyncAgentClient(node.host, node.port, timeout=HEALTH_TIMEOUT)
+        nonce = secrets.token_hex(16) if self.keys else None
         try:
-            details = await client.health()
+            details = await client.health(nonce)
         except MarcoError as error:
-            self.registry.set_health(node.name, False, error.message)
-        else:
-            self.registry.set_health(node.name, True, details=details)
+            return False, error.message, None
+        reported = str(details.get("node", ""))
+        if nonce is not None and not verify_health_proof(self.keys, nonce, reported,
+                                                         details.get("proof")):
+            log.warning("%s:%d answers as node %s without proof of the cluster secret: ignored",
+                        node.host, node.port, node.name)
+            return False, "failed the cluster-secret proof (not a Marco agent of this cluster?)", None
+        if node.source == "mdns" and reported != node.name:
+            log.warning("%s announces node %s but its agent is %s: ignored", node.service,
+                        node.name, reported)
+            return False, f"the agent there is {reported!r}", None
+        return True, None, details
+
+    async def verify(self, node: Node) -> bool:
+        """For the browser: is this newly announced node a real agent of this cluster?"""
+        return (await self.probe(node))[0]
+
+    async def check(self, node: Node) -> None:
+        alive, error, details = await self.probe(node)
+        self.registry.set_health(node.name, alive, error, details=details)
 
     def stop(self) -> None:
         if self._task is not None:
@@ -239,7 +289,10 @@ class HealthMonitor:
 async def browse_once(interfaces: Sequence[str], wait: float = 2.0,
                       check_health: bool = True) -> list[Node]:
     """Browse for agents for `wait` seconds and return those found (and answering, unless
-    `check_health` is false): discovery without a controller, e.g. for the inventory plugin."""
+    `check_health` is false): discovery without a controller, e.g. for the inventory plugin.
+
+    Without the cluster secret this cannot tell a real agent from a machine posing as one
+    (mDNS is unauthenticated): prefer the controller, which checks a secret proof."""
     registry = NodeRegistry()
     browser = ZeroconfBrowser(registry, interfaces)
     await browser.start()

@@ -15,10 +15,15 @@ class InventoryNode(Protocol):
     txt: dict[str, str]
 
 
+RESERVED_GROUPS = {"_meta", "all", "ungrouped"}
+
+
 def group_name(raw: str) -> str:
-    """A valid Ansible group name (letters, digits, underscores; not starting with a digit)."""
+    """A valid Ansible group name (letters, digits, underscores; not starting with a digit),
+    never one of the names the inventory format reserves (a node could announce `-meta`)."""
     name = _GROUP_UNSAFE.sub("_", raw.strip())
-    return f"_{name}" if name[:1].isdigit() else name
+    name = f"_{name}" if name[:1].isdigit() else name
+    return f"group{name}" if name in RESERVED_GROUPS else name
 
 
 def host_vars(node: InventoryNode) -> dict[str, Any]:
@@ -33,7 +38,7 @@ def node_groups(node: InventoryNode) -> list[str]:
     groups = [g for g in (node.txt.get("groups") or "").split(",") if g.strip()]
     if node.txt.get("os"):
         groups.append(node.txt["os"])
-    return [group_name(g) for g in groups if group_name(g) not in {"all", "ungrouped"}]
+    return [group_name(g) for g in groups if group_name(g)]
 
 
 def build_inventory(nodes: Iterable[InventoryNode]) -> dict[str, Any]:

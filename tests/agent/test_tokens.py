@@ -118,3 +118,13 @@ def test_rotation_newest_signs_all_verify(tmp_path: Path) -> None:
         TokenSigner(keys[:1]).verify(new_token)
     with pytest.raises(AuthenticationError):
         TokenSigner(keys[-1:]).verify(old_token)            # once the old line is gone
+
+
+def test_health_proof_binds_secret_nonce_and_node() -> None:
+    from agent.tokens import health_proof, verify_health_proof
+    proof = health_proof(SECRET, "nonce-1", "n1")
+    assert verify_health_proof([b"o" * 40, SECRET], "nonce-1", "n1", proof)
+    assert not verify_health_proof([SECRET], "nonce-2", "n1", proof)
+    assert not verify_health_proof([SECRET], "nonce-1", "n2", proof)
+    assert not verify_health_proof([b"x" * 40], "nonce-1", "n1", proof)
+    assert not verify_health_proof([SECRET], "nonce-1", "n1", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -146,3 +147,65 @@ def test_ansible_inventory_reads_the_controller(start_agent, start_controller,  
     bad = subprocess.run([str(script), "--list"], env={**env, "MARCO_TOKEN": "forged"},
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "401" in bad.stderr and "marco login" in bad.stderr
+
+
+def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                            alice: UnixUser, unique_name) -> None:
+    """Anyone can announce `_marco._tcp`: without proof of the cluster secret it gets no name,
+    and in particular cannot take over a real node's name (and the tokens sent to it)."""
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from zeroconf import ServiceInfo
+    from zeroconf.asyncio import AsyncZeroconf
+
+    from agent.protocol import SERVICE_TYPE
+
+    class FakeAgent(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            body = b'{"node": "whatever", "version": "0.1.0", "proto": 1, "proof": "00"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    fake = ThreadingHTTPServer(("127.0.0.1", 0), FakeAgent)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    token = signer.issue(alice.name)
+    victim = unique_name("victim")
+    real = start_agent(node_name=victim, announce=True)
+    static = start_agent(node_name="static-victim")
+    controller = start_controller(extra_args=["--node", f"rack9={static.host}:{static.port}"])
+    wait_for(lambda: victim in inventory_hosts(controller, token), what="the real agent")
+    newcomer = unique_name("newcomer")
+
+    async def impostors() -> None:
+        zc = AsyncZeroconf(interfaces=["127.0.0.1"])
+        infos = [ServiceInfo(SERVICE_TYPE, f"{label}-{os.getpid()}.{SERVICE_TYPE}",
+                             port=fake.server_address[1], properties={"node": claimed, "proto": "1"},
+                             server=f"{label}-{os.getpid()}.local.", parsed_addresses=["127.0.0.1"])
+                 for label, claimed in (("evil1", victim), ("evil2", "rack9"), ("evil3", newcomer))]
+        try:
+            for info in infos:
+                await zc.async_register_service(info)
+            await asyncio.sleep(4)  # several health rounds (0.5 s) and browse answers
+            hosts = inventory_hosts(controller, token)
+            assert hosts[victim]["ansible_port"] == real.port
+            assert hosts["rack9"]["ansible_port"] == static.port
+            assert newcomer not in hosts
+            nodes = {n["name"] for n in controller.get_json("/api/nodes", token)["nodes"]}
+            assert newcomer not in nodes
+        finally:
+            for info in infos:
+                await zc.async_unregister_service(info)
+            await zc.async_close()
+
+    try:
+        asyncio.run(impostors())
+    finally:
+        fake.shutdown()
+    assert "without proof of the cluster secret" in controller.log()

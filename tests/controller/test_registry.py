@@ -1,0 +1,36 @@
+"""The node registry's rules for announcements (pure, no network)."""
+
+from __future__ import annotations
+
+from controller.discovery import Node, NodeRegistry
+from controller.inventory import build_inventory, group_name
+
+
+def test_announcements_do_not_take_names_from_the_config_or_a_live_service() -> None:
+    registry = NodeRegistry()
+    registry.upsert(Node("rack1", "10.0.0.5", 7370, source="static"))
+    registry.upsert(Node("web1", "10.0.0.6", 7370, service="web1._marco._tcp.local."))
+    registry.upsert(Node("rack1", "10.0.0.66", 7370, service="evil._marco._tcp.local."))
+    registry.upsert(Node("web1", "10.0.0.66", 7370, service="evil._marco._tcp.local."))
+    assert registry.get("rack1").host == "10.0.0.5"
+    assert registry.get("web1").host == "10.0.0.6"
+    # A dead holder's name may be taken by another (verified) service.
+    registry.set_health("web1", False, "gone")
+    registry.upsert(Node("web1", "10.0.0.7", 7370, service="web1-new._marco._tcp.local."))
+    assert registry.get("web1").host == "10.0.0.7" and registry.get("web1").alive
+
+
+def test_a_renamed_service_drops_its_old_name() -> None:
+    registry = NodeRegistry()
+    registry.upsert(Node("old", "10.0.0.6", 7370, service="s._marco._tcp.local."))
+    registry.upsert(Node("new", "10.0.0.6", 7370, service="s._marco._tcp.local."))
+    assert registry.get("old") is None and registry.get("new") is not None
+
+
+def test_reserved_group_names_are_renamed() -> None:
+    for raw in ("-meta", "_meta", "all", "ungrouped"):
+        assert group_name(raw) not in {"_meta", "all", "ungrouped"}
+    node = Node("evil", "10.0.0.9", 7370, txt={"groups": "-meta,web"})
+    inventory = build_inventory([node])
+    assert inventory["_meta"]["hostvars"]["evil"]["ansible_connection"] == "marco"
+    assert "evil" in inventory["web"]["hosts"]
