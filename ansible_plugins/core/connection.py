@@ -34,6 +34,7 @@ class MarcoConnection(ConnectionBase):
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
         self._client: AgentClient | None = None
+        self._sudo_needs_password: bool | None = None
         self._task_name = ""
         self._play_name = ""
         self._host_name = ""
@@ -80,7 +81,7 @@ class MarcoConnection(ConnectionBase):
         self._connect()
         assert self._client is not None
         stdin = in_data or b""
-        if sudoable and self.become and self.become.expect_prompt():
+        if sudoable and self.become and self.become.expect_prompt() and self._sudo_wants_password():
             # sudo -S reads the password as the first line of stdin, then the payload follows.
             password = self.become.get_option("become_pass", playcontext=self._play_context)
             stdin = to_bytes(password or "") + b"\n" + stdin
@@ -99,6 +100,24 @@ class MarcoConnection(ConnectionBase):
                 and b"incorrect password" in stderr.lower() + result.stdout.lower():
             raise AnsibleError(f"become on {self._host}: sudo refused the password")
         return rc, result.stdout, stderr
+
+    def _sudo_wants_password(self) -> bool:
+        """Will sudo ask for the password? Only then may it go first on stdin: with a NOPASSWD
+        rule sudo never reads it, and the module would read the password as its code."""
+        assert self._client is not None and self.become is not None
+        method = getattr(self.become, "name", "")
+        if method.rsplit(".", 1)[-1] != "sudo":
+            raise AnsibleError(f"become method {method!r} needs a terminal to answer its password "
+                               "prompt, which the marco connection does not have; use sudo")
+        if self._sudo_needs_password is None:
+            user = self.become.get_option("become_user") or "root"
+            try:
+                probe = self._client.run(["sudo", "-n", "-u", str(user), "true"],
+                                         label=f"{self._label()} (sudo -n probe)")
+            except MarcoError as error:
+                raise to_ansible(error, self._host, "sudo probe") from None
+            self._sudo_needs_password = probe.rc != 0
+        return self._sudo_needs_password
 
     def put_file(self, in_path: str, out_path: str) -> None:
         super().put_file(in_path, out_path)

@@ -161,6 +161,11 @@ def test_become_with_sudo(fleet: Fleet, signer: TokenSigner, alice: UnixUser, bo
         common = ["-i", inventory, "all", "-c", "marco", "-b", "-m", "command", "-a", "id -un"]
         ok = fleet.ansible(signer.issue(alice.name), *common, tool="ansible")
         assert ok.returncode == 0 and "root" in ok.stdout, ok.stdout + ok.stderr
+        # A password given where sudo does not ask for one must not reach the module as code.
+        spare = fleet.ansible(signer.issue(alice.name), *common, "-e",
+                              "ansible_become_password=Secret-pass-42", tool="ansible")
+        assert spare.returncode == 0 and "root" in spare.stdout, spare.stdout + spare.stderr
+        assert "Secret-pass-42" not in spare.stdout + spare.stderr
         started = time.monotonic()
         no_password = fleet.ansible(signer.issue(bob.name), *common, tool="ansible", timeout=120)
         assert no_password.returncode != 0 and time.monotonic() - started < 60  # no hang
