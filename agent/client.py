@@ -361,6 +361,8 @@ class AsyncAgentClient:
                                      expect_100_continue=True,
                                      headers={"Content-Type": "application/octet-stream"})
         if response.code == 599:
+            if isinstance(response.error, MarcoError):  # the body producer gave up: say why
+                raise response.error
             raise AgentUnreachable(f"upload to {self.host}:{self.port} failed: {response.error}")
         _raise_for(response.code, response.body or b"")
         return _json(response.body)

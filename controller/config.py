@@ -27,6 +27,8 @@ def controller_options() -> list[Option]:
         Option("discovery", True, "browse for agents by zeroconf", flag=True),
         Option("token_max_age", DEFAULT_MAX_AGE, "seconds a login stays valid", kind=int),
         Option("health_interval", 2.0, "seconds between health checks of each agent", kind=float),
+        Option("deploy_stall_timeout", 30.0, "seconds an agent may take no data during a "
+               "deploy before it is dropped (the others go on)", kind=float),
         Option("login_max_failures", 5, "failed logins allowed per user and per client address "
                "within the lockout window", kind=int),
         Option("login_lockout", 300, "lockout window in seconds", kind=int),
@@ -47,6 +49,7 @@ class ControllerConfig:
     discovery: bool
     token_max_age: int
     health_interval: float
+    deploy_stall_timeout: float
     login_max_failures: int
     login_lockout: int
     log_level: str

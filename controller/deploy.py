@@ -27,31 +27,71 @@ QUEUE_CHUNKS = 2
 MAX_DEPLOY_BYTES = 1 << 40
 
 
+class UploadAborted(MarcoError):
+    """The upload was abandoned (the browser left, or the agent stopped taking data)."""
+
+    status = 504
+    code = "stalled"
+
+
 class AgentUpload:
-    """One agent's side of a fan-out: a bounded queue feeding a streamed PUT."""
+    """One agent's side of a fan-out: a bounded queue feeding a streamed PUT.
+
+    An agent that takes no data for `stall_timeout` seconds is dropped (reported as failed) so
+    it cannot hold up the others; aborting pushes an exception through the queue, which makes
+    the body producer fail and the HTTP client close its connection (the agent then removes
+    its partial file).
+    """
 
     def __init__(self, name: str, client: AsyncAgentClient, path: str, mode: int | None,
-                 overwrite: bool) -> None:
+                 overwrite: bool, stall_timeout: float) -> None:
         self.name = name
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_CHUNKS)
+        self.stall_timeout = stall_timeout
+        self.queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue(QUEUE_CHUNKS)
         self.task = asyncio.ensure_future(
-            client.put_file(self.queue.get, path, mode=mode, overwrite=overwrite))
+            client.put_file(self._next_chunk, path, mode=mode, overwrite=overwrite))
+        self.failure: MarcoError | None = None
+
+    async def _next_chunk(self) -> bytes:
+        chunk = await self.queue.get()
+        if isinstance(chunk, BaseException):
+            raise chunk
+        return chunk
 
     async def feed(self, chunk: bytes) -> None:
-        """Queue a chunk unless this upload already ended (failed early)."""
-        if self.task.done():
+        """Queue a chunk unless this upload already ended (failed early, or dropped)."""
+        if self.task.done() or self.failure is not None:
             return
         put = asyncio.ensure_future(self.queue.put(chunk))
-        await asyncio.wait({put, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({put, self.task}, timeout=self.stall_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
         if not put.done():
             put.cancel()
+        if not done:
+            self.abort(UploadAborted(f"the agent took no data for {self.stall_timeout:.0f} s; "
+                                     "dropped so the other nodes could go on"))
+
+    def abort(self, reason: MarcoError) -> None:
+        """Give up this upload: its producer raises `reason`, its connection closes."""
+        if self.failure is None:
+            self.failure = reason
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(reason)
 
     async def result(self) -> dict[str, Any]:
         await self.feed(b"")  # end of body
         try:
-            return {"ok": True, **(await self.task)}
+            outcome = {"ok": True, **(await asyncio.wait_for(self.task, self.stall_timeout))}
+        except asyncio.TimeoutError:
+            self.abort(UploadAborted(f"the agent did not finish within {self.stall_timeout:.0f} s"))
+            outcome = {}
         except MarcoError as error:
-            return {"ok": False, "error": error.code, "message": error.message}
+            outcome = {"ok": False, "error": error.code, "message": error.message}
+        if self.failure is not None:  # dropped: its own error says why
+            self.task.cancel()
+            return {"ok": False, "error": self.failure.code, "message": self.failure.message}
+        return outcome
 
 
 class FanOut:
@@ -71,7 +111,7 @@ class FanOut:
 
     def abort(self) -> None:
         for upload in self.uploads:
-            upload.task.cancel()
+            upload.abort(UploadAborted("the upload was abandoned by the browser"))
 
 
 def target_path(folder: str, name: str) -> str:
@@ -109,8 +149,9 @@ class DeployApi(ApiHandler):
         overwrite = self.get_query_argument("overwrite", "1") in {"1", "true", "yes"}
         token = self.token()
         self.nodes = nodes
+        stall = self.ctx.config.deploy_stall_timeout
         self.fanout = FanOut([AgentUpload(n.name, AsyncAgentClient(n.host, n.port, token), path,
-                                          mode, overwrite) for n in nodes])
+                                          mode, overwrite, stall) for n in nodes])
 
     async def data_received(self, chunk: bytes) -> None:
         if self.fanout is not None:

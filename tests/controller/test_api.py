@@ -151,3 +151,59 @@ def test_pages_refuse_debugging_and_set_safe_headers(cluster) -> None:  # type: 
     conn.request("GET", "/nope-" + "x" * 10)
     response = conn.getresponse()
     assert response.status == 404 and b"Traceback" not in response.read()
+
+
+def _static_cluster(start_agent, start_controller, *extra: str):  # type: ignore[no-untyped-def]
+    agents = [start_agent(node_name=f"st{i}") for i in range(2)]
+    nodes = [arg for a in agents for arg in ("--node", f"{a.node_name}={a.host}:{a.port}")]
+    return agents, start_controller(extra_args=["--no-discovery", *nodes, *extra])
+
+
+def _temp_files(home: str) -> list[str]:
+    return [name for name in os.listdir(home) if ".marco-" in name]
+
+
+def test_a_stalled_agent_is_dropped_and_the_others_finish(start_agent, start_controller,  # type: ignore[no-untyped-def]
+                                                           alice: UnixUser, signer: TokenSigner) -> None:
+    import signal
+    import threading
+    from tests.support.waiting import wait_for
+    agents, controller = _static_cluster(start_agent, start_controller, "--deploy-stall-timeout", "2")
+    token = signer.issue(alice.name)
+    wait_for(lambda: len(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]) == 2,
+             what="static nodes up")
+    payload = os.urandom(1024 * 1024) * 300  # 300 MiB: still flowing when one agent freezes
+    query = urllib.parse.urlencode({"nodes": "st0,st1", "folder": "~", "name": "stall.bin"})
+    answer: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: answer.update(
+        zip(("status", "body"), call(controller, "PUT", f"/api/deploy?{query}", payload, token))))
+    thread.start()
+    import time
+    time.sleep(0.5)
+    agents[1].process.send_signal(signal.SIGSTOP)
+    try:
+        thread.join(120)
+    finally:
+        agents[1].process.send_signal(signal.SIGCONT)
+    assert answer["status"] == 200, answer
+    results = answer["body"]["results"]
+    assert results["st0"]["ok"] and results["st0"]["size"] == len(payload)
+    assert not results["st1"]["ok"] and results["st1"]["error"] == "stalled"
+    wait_for(lambda: not _temp_files(alice.home), what="the dropped upload's temp file removed")
+
+
+def test_a_browser_leaving_mid_deploy_leaves_nothing_behind(start_agent, start_controller,  # type: ignore[no-untyped-def]
+                                                            alice: UnixUser, signer: TokenSigner) -> None:
+    import socket
+    from tests.support.waiting import wait_for
+    agents, controller = _static_cluster(start_agent, start_controller)
+    token = signer.issue(alice.name)
+    wait_for(lambda: len(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]) == 2,
+             what="static nodes up")
+    query = urllib.parse.urlencode({"nodes": "st0,st1", "folder": "~", "name": "left.bin"})
+    with socket.create_connection((controller.host, controller.port)) as sock:
+        sock.sendall(f"PUT /api/deploy?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                     f"Content-Length: 100000000\r\n\r\n".encode() + os.urandom(5_000_000))
+        wait_for(lambda: _temp_files(alice.home), what="uploads under way")
+    wait_for(lambda: not _temp_files(alice.home), timeout=20, what="temp files removed")
+    assert not (Path(alice.home) / "left.bin").exists()
