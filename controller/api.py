@@ -61,8 +61,10 @@ class InventoryApi(ApiHandler):
         self.write_json(host_vars(node) if node is not None and node.alive else {})
 
 
-def chosen_nodes(ctx: Any, names: list[str]) -> list[Any]:
+def chosen_nodes(ctx: Any, names: Any) -> list[Any]:
     """The alive nodes named, or a clear 400 naming the unknown or down ones."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise BadRequest("'nodes' must be a list of node names")
     if not names:
         raise BadRequest("choose at least one node")
     nodes, missing = [], []
@@ -87,7 +89,7 @@ class RunApi(ApiHandler):
         if not isinstance(body, dict) or not isinstance(body.get("command"), str) \
                 or not body["command"].strip():
             raise BadRequest("give a command to run")
-        nodes = chosen_nodes(self.ctx, list(body.get("nodes") or []))
+        nodes = chosen_nodes(self.ctx, body.get("nodes") or [])
         token = self.token()
 
         async def start(node: Any) -> dict[str, Any]:

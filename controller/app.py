@@ -32,7 +32,8 @@ def make_app(ctx: ControllerContext) -> tornado.web.Application:
     return tornado.web.Application(
         [(path, handler, {"ctx": ctx}) for path, handler in routes],
         template_path=str(HERE / "templates"), static_path=str(HERE / "static"),
-        cookie_secret=ctx.cookie_secret, xsrf_cookies=True, login_url="/login",
+        cookie_secret=ctx.cookie_secret, key_version=max(ctx.cookie_secret), xsrf_cookies=True,
+        login_url="/login",
         xsrf_cookie_kwargs={"samesite": "Strict"},
         websocket_ping_interval=30, websocket_max_message_size=1024 * 1024,
     )

@@ -40,36 +40,67 @@ def check_pam_service(service: str) -> str:
 
 
 class LoginRateLimiter:
-    """At most `max_failures` failed logins per key (user, client address) per `window` s."""
+    """At most `max_failures` failed logins per key (user, client address) per `window` s.
+
+    Attempts still waiting for PAM count as failures until they succeed, so a burst of
+    parallel guesses cannot slip past the limit; expired entries are swept out so the table
+    stays small however many names are tried.
+    """
+
+    SWEEP_EVERY = 1024
 
     def __init__(self, max_failures: int, window: float) -> None:
         self.max_failures, self.window = max_failures, window
         self._failures: dict[str, deque[float]] = {}
+        self._pending: dict[str, int] = {}
+        self._since_sweep = 0
 
-    def _recent(self, key: str, now: float) -> deque[float]:
-        failures = self._failures.setdefault(key, deque())
+    def _recent(self, key: str, now: float) -> int:
+        failures = self._failures.get(key)
         while failures and now - failures[0] > self.window:
             failures.popleft()
-        if not failures:
+        if failures is not None and not failures:
             del self._failures[key]
-            return deque()
-        return failures
+            failures = None
+        return len(failures or ()) + self._pending.get(key, 0)
 
-    def check(self, *keys: str) -> None:
+    def begin(self, *keys: str) -> None:
+        """Reserve an attempt for each key, or raise TooManyAttempts (nothing reserved)."""
         now = time.monotonic()
         for key in keys:
-            recent = self._recent(key, now)
-            if len(recent) >= self.max_failures:
-                wait = int(self.window - (now - recent[0])) + 1
+            if self._recent(key, now) >= self.max_failures:
+                oldest = self._failures.get(key)
+                wait = int(self.window - (now - oldest[0])) + 1 if oldest else int(self.window)
                 raise TooManyAttempts(f"too many failed logins; try again in {wait} s")
+        for key in keys:
+            self._pending[key] = self._pending.get(key, 0) + 1
 
-    def failed(self, *keys: str) -> None:
+    def end(self, *keys: str, failed: bool) -> None:
+        """Close the attempts `begin` reserved: record them as failures, or forget them."""
         now = time.monotonic()
         for key in keys:
-            self._failures.setdefault(key, deque()).append(now)
+            left = self._pending.get(key, 1) - 1
+            if left:
+                self._pending[key] = left
+            else:
+                self._pending.pop(key, None)
+            if failed:
+                self._failures.setdefault(key, deque()).append(now)
+        self._since_sweep += 1
+        if self._since_sweep >= self.SWEEP_EVERY:
+            self.sweep(now)
 
     def succeeded(self, user_key: str) -> None:
         self._failures.pop(user_key, None)
+
+    def sweep(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for key in list(self._failures):
+            self._recent(key, now)
+        self._since_sweep = 0
+
+    def __len__(self) -> int:
+        return len(self._failures)
 
 
 class PamAuthenticator:
@@ -91,11 +122,14 @@ class PamAuthenticator:
                 or "\0" in username + password:
             raise AuthenticationError("user name and password are required")
         keys = (f"user:{username}", f"addr:{client}")
-        self.limiter.check(*keys)
-        ok, reason = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._check, username, password)
+        self.limiter.begin(*keys)
+        ok = False
+        try:
+            ok, reason = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._check, username, password)
+        finally:
+            self.limiter.end(*keys, failed=not ok)
         if not ok:
-            self.limiter.failed(*keys)
             log.warning("failed login for %r from %s: %s", username, client, reason)
             raise AuthenticationError("wrong user name or password")
         self.limiter.succeeded(keys[0])

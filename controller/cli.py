@@ -28,6 +28,7 @@ from agent.errors import AuthenticationError, MarcoError
 from .credentials import find_token, store_token, stored_token_path
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:7380"
+STOP_WAIT = 10.0  # seconds to wait for the exits after Ctrl-C (the agents' grace is 5 s)
 
 
 class CliError(Exception):
@@ -171,7 +172,9 @@ async def run_live(nodes: list[dict[str, Any]], token: str, command: str, cwd: s
             ids[node["name"]] = await api.start(command, cwd=cwd, label="marco run")
         except MarcoError as error:
             results[node["name"]] = f"error: {error.message}"
-            streams.pop(node["name"], None)
+            stream = streams.pop(node["name"], None)
+            if stream is not None:
+                stream.close()
 
     async def follow(name: str) -> None:
         stream, execution_id = streams[name], ids[name]
@@ -193,22 +196,32 @@ async def run_live(nodes: list[dict[str, Any]], token: str, command: str, cwd: s
             stream.close()
 
     loop = asyncio.get_running_loop()
+    following = asyncio.gather(*(follow(name) for name in streams))
     stopping = False
 
     def interrupt() -> None:
+        """First Ctrl-C: stop the remote executions and wait a little for their exits.
+        Second Ctrl-C (or no answer in time): stop waiting."""
         nonlocal stopping
         if stopping:
+            following.cancel()
             return
         stopping = True
-        err.write("\nstopping the remote executions (Ctrl-C)…\n")
+        err.write("\nstopping the remote executions (Ctrl-C again to stop waiting)…\n")
         for name, stream in streams.items():
             asyncio.ensure_future(stream.send({"type": "stop", "id": ids[name]}))
+        loop.call_later(STOP_WAIT, following.cancel)
 
     loop.add_signal_handler(signal.SIGINT, interrupt)
     try:
-        await asyncio.gather(*(follow(name) for name in streams))
+        await following
+    except asyncio.CancelledError:
+        for name in streams:
+            results.setdefault(name, "still running?")
     finally:
         loop.remove_signal_handler(signal.SIGINT)
+        for stream in streams.values():
+            stream.close()
     return results
 
 

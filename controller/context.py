@@ -22,7 +22,7 @@ class ControllerContext:
     authenticator: PamAuthenticator
     registry: NodeRegistry
     health: HealthMonitor
-    cookie_secret: str
+    cookie_secret: dict[int, str]
 
     @classmethod
     def build(cls, config: ControllerConfig, secret: SecretKeys) -> "ControllerContext":
@@ -31,8 +31,11 @@ class ControllerContext:
             registry.upsert(parse_static_node(spec))
         limiter = LoginRateLimiter(config.login_max_failures, config.login_lockout)
         # The cookie key is derived from the cluster secret for this one purpose.
-        # (from the newest secret: rotating the secret logs browser sessions out)
-        cookie_secret = hmac.new(secret[-1], b"marco-controller-cookie", hashlib.sha256).hexdigest()
+        # One cookie key per secret (versions 0..n-1): the newest signs, older cookies still
+        # verify, so rotating the secret does not log browser sessions out.
+        cookie_secret = {version: hmac.new(key, b"marco-controller-cookie",
+                                           hashlib.sha256).hexdigest()
+                         for version, key in enumerate(secret)}
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    authenticator=PamAuthenticator(config.pam_service, limiter),
                    registry=registry,

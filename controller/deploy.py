@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import posixpath
+import urllib.parse
 from typing import Any
 
 import tornado.web
@@ -122,7 +123,7 @@ def target_path(folder: str, name: str) -> str:
 
 @tornado.web.stream_request_body
 class DeployApi(ApiHandler):
-    """PUT /api/deploy?nodes=a,b&folder=~/x&name=f&overwrite=1&mode=0644&command=...
+    """PUT /api/deploy?nodes=a,b&folder=~/x&name=f&overwrite=1&mode=0644 (+ X-Marco-Command)
 
     Streams the body to every chosen node, then starts `command` (if any) in `folder` on each
     node that received the file. Answers per node: done, or the agent's error.
@@ -160,7 +161,7 @@ class DeployApi(ApiHandler):
     async def put(self) -> None:
         assert self.fanout is not None
         results = await self.fanout.finish()
-        command = self.get_query_argument("command", "").strip()
+        command = self.command_argument()
         if command:
             token = self.token()
             label = f"deploy {self.get_query_argument('name', '')}"
@@ -179,6 +180,14 @@ class DeployApi(ApiHandler):
         log.info("deploy of %d bytes by %s: %s", self.fanout.size, self.current_user,
                  {name: r["ok"] for name, r in results.items()})
         self.write_json({"size": self.fanout.size, "results": results})
+
+    def command_argument(self) -> str:
+        """The command to run after the copy: the `X-Marco-Command` header (URL-encoded UTF-8,
+        kept out of access logs), or the `command` query argument."""
+        header = self.request.headers.get("X-Marco-Command")
+        if header is not None:
+            return urllib.parse.unquote(header).strip()
+        return self.get_query_argument("command", "").strip()
 
     def on_connection_close(self) -> None:
         if self.fanout is not None:

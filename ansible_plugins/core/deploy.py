@@ -41,7 +41,9 @@ def deploy(client: AgentClient, src_path: str | None, dest: str, overwrite: bool
             raise DeployError(f"src {src_path} is not a file")
         target = posixpath.join(folder, os.path.basename(src_path))
         result["dest"] = target
-        if not check_mode:
+        if check_mode:
+            result["changed"] = True  # would upload (the agent cannot compare contents yet)
+        else:
             try:
                 with open(src_path, "rb") as source:
                     uploaded = client.put_file(source, target, mode=parse_mode(mode),

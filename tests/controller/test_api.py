@@ -207,3 +207,35 @@ def test_a_browser_leaving_mid_deploy_leaves_nothing_behind(start_agent, start_c
         wait_for(lambda: _temp_files(alice.home), what="uploads under way")
     wait_for(lambda: not _temp_files(alice.home), timeout=20, what="temp files removed")
     assert not (Path(alice.home) / "left.bin").exists()
+
+
+def test_bad_node_lists_are_400(cluster, alice: UnixUser, signer: TokenSigner) -> None:  # type: ignore[no-untyped-def]
+    controller, _ = cluster
+    token = signer.issue(alice.name)
+    for nodes in ([1], [[1]], "node", {"a": 1}):
+        status, body = call(controller, "POST", "/api/run", {"nodes": nodes, "command": "id"}, token)
+        assert status == 400 and "list of node names" in body["message"], (nodes, body)
+
+
+def test_browser_sessions_survive_a_secret_rotation(cluster, alice: UnixUser,  # type: ignore[no-untyped-def]
+                                                    secret_file: Path, tmp_path: Path) -> None:
+    """A cookie signed before the rotation still logs in after it (versioned cookie keys)."""
+    import shutil
+    from agent.tokens import rotate_secret
+    from tests.support.controller_process import ControllerProcess
+    controller, _ = cluster
+    cookie = login_cookie(controller, alice)
+    rotated = tmp_path / "rotated-secret"
+    shutil.copy(secret_file, rotated)
+    rotated.chmod(0o600)
+    rotate_secret(rotated)
+    after = ControllerProcess(rotated, tmp_path, pam_service="marco-test",
+                              extra_args=["--no-discovery"])
+    try:
+        conn = http.client.HTTPConnection(after.host, after.port, timeout=30)
+        conn.request("GET", "/api/session", headers={"Cookie": cookie})
+        response = conn.getresponse()
+        body = json.loads(response.read())
+        assert response.status == 200 and body["user"] == alice.name
+    finally:
+        after.stop()

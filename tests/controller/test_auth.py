@@ -67,3 +67,26 @@ def test_the_default_login_service_works(alice: UnixUser) -> None:
     """The configured default, `login`, with its stock Debian stack (as deployed)."""
     auth = PamAuthenticator("login", LoginRateLimiter(5, 60))
     assert login(auth, alice.name, alice.password) == alice.name
+
+
+def test_parallel_guesses_cannot_slip_past_the_limit(pam_service: str, alice: UnixUser) -> None:
+    auth = PamAuthenticator(pam_service, LoginRateLimiter(3, 60))
+
+    async def burst() -> list[str]:
+        attempts = [auth.login(alice.name, f"guess-{i}", "10.0.0.50") for i in range(20)]
+        outcomes = await asyncio.gather(*attempts, return_exceptions=True)
+        return [type(o).__name__ for o in outcomes]
+
+    outcomes = asyncio.run(burst())
+    assert outcomes.count("AuthenticationError") == 3  # only 3 reached PAM
+    assert outcomes.count("TooManyAttempts") == 17
+
+
+def test_the_limiter_forgets_expired_entries() -> None:
+    limiter = LoginRateLimiter(5, 0.01)
+    for i in range(3000):
+        limiter.begin(f"user:u{i}")
+        limiter.end(f"user:u{i}", failed=True)
+    time.sleep(0.02)
+    limiter.sweep()
+    assert len(limiter) == 0
