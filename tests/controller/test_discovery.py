@@ -209,3 +209,15 @@ def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signe
     finally:
         fake.shutdown()
     assert "without proof of the cluster secret" in controller.log()
+
+
+def test_controller_restart_rebuilds_the_registry_and_keeps_tokens(  # type: ignore[no-untyped-def]
+        start_agent, start_controller, signer: TokenSigner, alice: UnixUser, unique_name) -> None:
+    token = signer.issue(alice.name)
+    name = unique_name("restart")
+    start_agent(node_name=name, announce=True)
+    first = start_controller()
+    wait_for(lambda: name in inventory_hosts(first, token), what="agent")
+    first.stop()
+    second = start_controller()
+    wait_for(lambda: name in inventory_hosts(second, token), what="agent after the restart")
