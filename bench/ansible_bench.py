@@ -34,7 +34,7 @@ TASKS = 30
 
 def playbooks(work: Path) -> dict[str, Path]:
     books = {
-        "30 x command": "".join(f"    - command: /bin/true\n" for _ in range(TASKS)),
+        "30 x command": "    - command: /bin/true\n" * TASKS,
         "30 x copy": "".join(f"    - copy: content='file {i}\\n' dest=~/marco-bench/{{{{ inventory_hostname }}}}-{i}\n"
                              for i in range(TASKS)),
         "200k lines": "    - shell: seq 1 200000\n      register: out\n"

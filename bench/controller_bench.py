@@ -28,7 +28,8 @@ import time
 import urllib.parse
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from agent.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
 from tests.support.agent_process import AgentProcess  # noqa: E402
@@ -36,9 +37,15 @@ from tests.support.controller_process import ControllerProcess  # noqa: E402
 
 RESPONDERS = r"""
 import asyncio, sys, tornado.httpserver, tornado.netutil, tornado.web
+from agent.tokens import health_proof, load_secret
+KEY = load_secret(sys.argv[2])[-1]
 class Health(tornado.web.RequestHandler):
     def get(self):
-        self.write({"node": "fake", "version": "0.1.0", "proto": 1, "os": "linux"})
+        facts = {"node": "fake", "version": "0.1.0", "proto": 1, "os": "linux"}
+        challenge = self.get_query_argument("challenge", None)
+        if challenge:  # like a real agent: prove we hold the cluster secret
+            facts["proof"] = health_proof(KEY, challenge, "fake")
+        self.write(facts)
 async def main():
     ports = []
     for _ in range(int(sys.argv[1])):
@@ -49,6 +56,14 @@ async def main():
     await asyncio.Event().wait()
 asyncio.run(main())
 """
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"benchmark stuck: {what} did not happen within {timeout:.0f} s")
+        time.sleep(0.02)
 
 
 def get(controller: ControllerProcess, path: str, token: str) -> tuple[float, bytes]:
@@ -72,16 +87,16 @@ def discovery(secret: Path, work: Path, controller: ControllerProcess, token: st
         name = f"bench-disc-{os.getpid()}-{run}"
         started = time.perf_counter()
         agent = AgentProcess(secret, work / f"disc{run}" / "state", node_name=name, announce=True)
-        while name not in json.loads(get(controller, "/api/inventory", token)[1])["_meta"]["hostvars"]:
-            time.sleep(0.02)
+        wait_until(lambda: name in json.loads(get(controller, "/api/inventory", token)[1])["_meta"]["hostvars"],
+                   f"{name} in the inventory")
         times.append(time.perf_counter() - started)
         agent.stop()
     return times
 
 
 def inventory_scaling(secret: Path, work: Path, token: str) -> dict[str, tuple[float, float]]:
-    responders = subprocess.Popen([sys.executable, "-c", RESPONDERS, "100"],
-                                  stdout=subprocess.PIPE, text=True)
+    responders = subprocess.Popen([sys.executable, "-c", RESPONDERS, "100", str(secret)],
+                                  stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert responders.stdout is not None
     ports = [int(port) for port in responders.stdout.readline().split()]
     results = {}
@@ -90,8 +105,8 @@ def inventory_scaling(secret: Path, work: Path, token: str) -> dict[str, tuple[f
             nodes = [arg for port in ports[:count] for arg in ("--node", f"n{port}=127.0.0.1:{port}")]
             controller = ControllerProcess(secret, work, extra_args=["--no-discovery", *nodes])
             try:
-                while len(json.loads(get(controller, "/api/inventory", token)[1])["_meta"]["hostvars"]) < count:
-                    time.sleep(0.05)
+                wait_until(lambda: len(json.loads(get(controller, "/api/inventory", token)[1])
+                                       ["_meta"]["hostvars"]) >= count, f"{count} nodes up")
                 results[f"/api/inventory, {count} node(s)"] = latency_ms(controller, "/api/inventory", token)
                 if count == 100:
                     results["/api/session (baseline)"] = latency_ms(controller, "/api/session", token)
@@ -155,8 +170,8 @@ def fanout(secret: Path, work: Path, token: str, agents_count: int, size_mb: int
             folder.mkdir(exist_ok=True)
             controller = ControllerProcess(secret, work, extra_args=["--no-discovery", *nodes])
             try:
-                while len(json.loads(get(controller, "/api/inventory", token)[1])["_meta"]["hostvars"]) < agents_count:
-                    time.sleep(0.05)
+                wait_until(lambda: len(json.loads(get(controller, "/api/inventory", token)[1])
+                                       ["_meta"]["hostvars"]) >= agents_count, "agents up")
                 rss_before = peak_rss_mb(controller.process.pid)
                 cpu_before = (cpu_seconds(controller.process.pid),
                               sum(cpu_seconds(a.process.pid) for a in agents))
