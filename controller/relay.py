@@ -18,25 +18,18 @@ from agent.errors import MarcoError
 from agent.protocol import CLOSE_UNAUTHORIZED, encode
 
 from .context import ControllerContext
-from .session import BaseHandler
+from .session import SessionMixin
 
 log = logging.getLogger(__name__)
 
 
-class RelaySocket(tornado.websocket.WebSocketHandler):
+class RelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
     """One browser socket relayed to one agent for the logged-in user."""
 
-    ctx: ControllerContext
-
     def initialize(self, ctx: ControllerContext) -> None:
-        self.ctx = ctx
+        super().initialize(ctx)
         self.upstream: AgentStream | None = None
         self._pump: asyncio.Task[None] | None = None
-
-    # The cookie-based user lookup of the page handlers.
-    get_current_user = BaseHandler.get_current_user  # type: ignore[assignment]
-    token = BaseHandler.token  # type: ignore[assignment]
-    bearer_token = BaseHandler.bearer_token  # type: ignore[assignment]
 
     async def open(self, node_name: str) -> None:  # type: ignore[override]
         user = self.current_user

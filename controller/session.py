@@ -19,21 +19,14 @@ from .context import ControllerContext
 COOKIE = "marco_token"
 
 
-class BaseHandler(tornado.web.RequestHandler):
-    """Authentication helpers and JSON errors shared by pages and API handlers."""
+class SessionMixin(tornado.web.RequestHandler):
+    """The caller's token and user, from a Bearer header or the signed login cookie; shared by
+    the HTTP handlers and the relay WebSocket."""
 
     ctx: ControllerContext
 
     def initialize(self, ctx: ControllerContext) -> None:
         self.ctx = ctx
-
-    def set_default_headers(self) -> None:
-        # Agents live on other ports/hosts: the page may open WebSockets to them (connect-src).
-        self.set_header("Content-Security-Policy",
-                        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
-                        "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
-        self.set_header("X-Content-Type-Options", "nosniff")
-        self.set_header("Referrer-Policy", "same-origin")
 
     def bearer_token(self) -> str | None:
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
@@ -55,6 +48,18 @@ class BaseHandler(tornado.web.RequestHandler):
             return self.ctx.signer.verify(token)
         except AuthenticationError:
             return None
+
+
+class BaseHandler(SessionMixin):
+    """Authentication helpers and JSON errors shared by pages and API handlers."""
+
+    def set_default_headers(self) -> None:
+        # Agents live on other ports/hosts: the page may open WebSockets to them (connect-src).
+        self.set_header("Content-Security-Policy",
+                        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+                        "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "same-origin")
 
     def check_xsrf_cookie(self) -> None:
         # A Bearer header cannot be sent cross-site by a browser without CORS: no CSRF there.
