@@ -101,6 +101,7 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
     """Run the agent until SIGTERM or SIGINT, then unannounce, stop executions and exit."""
     ctx = AgentContext.build(config, secret)
     ctx.executions.load()
+    ctx.revocations.load()
     ctx.audit.open()
     server = make_app(ctx).listen(config.port, config.bind, xheaders=False,
                                         chunk_size=BODY_CHUNK)

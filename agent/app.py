@@ -6,7 +6,8 @@ import tornado.web
 
 from .context import AgentContext
 from .handlers import (ExecutionHandler, ExecutionsHandler, FilesHandler, HealthHandler,
-                       NotFoundHandler, OutputHandler, StatusHandler)
+                       NotFoundHandler, OutputHandler, RevocationsHandler,
+                       StatusHandler)
 from .protocol import API_PREFIX
 from .stream import StreamSocket
 
@@ -22,6 +23,7 @@ def make_app(ctx: AgentContext) -> tornado.web.Application:
         (rf"/v1/executions/{EXECUTION_ID}/output", OutputHandler),
         (r"/v1/files", FilesHandler),
         (r"/v1/status", StatusHandler),
+        (r"/v1/revocations", RevocationsHandler),
         (r"/v1/stream", StreamSocket),
     ]
     assert all(path.startswith(API_PREFIX) for path, _ in routes)

@@ -339,6 +339,11 @@ class AsyncAgentClient:
     async def status(self) -> dict[str, Any]:
         return await self._request("GET", "/v1/status")
 
+    async def push_revocations(self, table: dict[str, float]) -> dict[str, Any]:
+        """Controller only (this client's token must be a service token): per-user not-before
+        times the agent then enforces."""
+        return await self._request("PUT", "/v1/revocations", {"revocations": table})
+
     async def put_file(self, read_chunk: Callable[[], Any], path: str, mode: int | None = None,
                        overwrite: bool = True) -> dict[str, Any]:
         """Upload from `read_chunk` (sync or async callable returning b"" at the end)."""

@@ -11,12 +11,13 @@ from urllib.parse import urlsplit
 from . import __version__, protocol
 from .config import AgentConfig
 from .audit import AuditLog
-from .errors import MarcoError
+from .errors import AuthenticationError, MarcoError
 from .executions import ExecutionManager
 from .files import FileService
 from .hub import StreamHub
 from .status import StatusPublisher, StatusSampler
-from .tokens import SecretKeys, TokenSigner, health_proof
+from .revocations import Revocations
+from .tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner, health_proof
 from .users import UserIdentity, UserResolver
 
 
@@ -33,6 +34,8 @@ class AgentContext:
     status: StatusPublisher
     audit: AuditLog
     secret: SecretKeys
+    revocations: Revocations
+    service_signer: TokenSigner
 
     @classmethod
     def build(cls, config: AgentConfig, secret: SecretKeys) -> "AgentContext":
@@ -50,16 +53,26 @@ class AgentContext:
                    resolver=resolver, hub=hub, executions=executions,
                    files=FileService(resolver, config.helper_python),
                    status=StatusPublisher(StatusSampler(config.node_name)), audit=audit,
-                   secret=secret)
+                   secret=secret, revocations=Revocations(config.state_path / "revocations.json"),
+                   service_signer=TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT))
 
     def authenticate(self, token: str | None, client: str = "?") -> UserIdentity:
         """The identity a token grants on this node (raises 401 or 403 by cause); refusals
         are audited with the client's address."""
         try:
-            return self.resolver.resolve(self.signer.verify(token))
+            return self.resolver.resolve(self.verify(token))
         except MarcoError as error:
             self.audit.record("auth.refused", None, client=client, reason=error.message)
             raise
+
+    def verify(self, token: str | None) -> str:
+        """The token's user, honouring max_age and the revocations pushed by the controller."""
+        return self.signer.verify(token, self.revocations.not_before)
+
+    def verify_service(self, token: str | None) -> None:
+        """Accept only the controller's own short-lived service token (a salt of its own)."""
+        if self.service_signer.verify(token) != "controller":
+            raise AuthenticationError("not a controller token")
 
     def origin_allowed(self, origin: str) -> bool:
         """Browser origins allowed on /v1/stream: all unless the admin listed some.

@@ -39,6 +39,12 @@ class TokenExpired(AuthenticationError):
     code = "token_expired"
 
 
+class TokenRevoked(AuthenticationError):
+    """The token was revoked (its user logged out everywhere); log in again."""
+
+    code = "token_revoked"
+
+
 class PermissionDenied(MarcoError):
     """The user may not do this."""
 
@@ -106,7 +112,8 @@ _BY_STATUS: dict[int, type[MarcoError]] = {
     409: Conflict, 413: PayloadTooLarge, 429: TooManyExecutions,
 }
 _BY_CODE: dict[str, type[MarcoError]] = {
-    cls.code: cls for cls in (BadRequest, AuthenticationError, TokenExpired, PermissionDenied,
+    cls.code: cls for cls in (BadRequest, AuthenticationError, TokenExpired, TokenRevoked,
+                              PermissionDenied,
                               NotFound, Conflict, PayloadTooLarge, ShuttingDown,
                               TooManyExecutions)
 }

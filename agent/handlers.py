@@ -163,6 +163,36 @@ class OutputHandler(ApiHandler):
                          "truncated_seq": execution.spool.truncated_seq})
 
 
+class RevocationsHandler(ApiHandler):
+    """PUT /v1/revocations {"revocations": {user: epoch}} from the controller (service token):
+    tokens of those users issued before that time are refused from now on, sockets included.
+    GET answers the table (service token too)."""
+
+    def _service(self) -> None:
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        self.ctx.verify_service(token.strip() if scheme.lower() == "bearer" else None)
+
+    def get(self) -> None:
+        self._service()
+        self.write_json({"revocations": self.ctx.revocations.table()})
+
+    def put(self) -> None:
+        self._service()
+        try:
+            body = protocol.decode(self.request.body or b"null")
+        except ValueError:
+            raise BadRequest("body is not valid JSON") from None
+        moved = self.ctx.revocations.update((body or {}).get("revocations") if isinstance(body, dict) else None)
+        for user in moved:
+            self.ctx.audit.record("tokens.revoked", user, not_before=self.ctx.revocations.not_before(user),
+                                  client=self.request.remote_ip)
+            for socket in self.ctx.hub.sockets(user):
+                revoke = getattr(socket, "revoke", None)
+                if revoke is not None:
+                    revoke()
+        self.write_json({"updated": moved})
+
+
 class StatusHandler(ApiHandler):
     """GET /v1/status: one psutil snapshot of the node."""
 

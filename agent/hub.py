@@ -35,6 +35,9 @@ class StreamHub:
         if not sockets:
             del self._sockets[username]
 
+    def sockets(self, username: str) -> list[EventSocket]:
+        return list(self._sockets.get(username, ()))
+
     def count(self, username: str) -> int:
         return len(self._sockets.get(username, ()))
 

@@ -62,7 +62,7 @@ class StreamSocket(tornado.websocket.WebSocketHandler):
             self._authenticate(data)
             return
         try:
-            self.ctx.signer.verify(self.token)  # every acting message re-checks max_age
+            self.ctx.verify(self.token)  # every acting message re-checks max_age and revocation
         except MarcoError as error:
             self.close(protocol.CLOSE_UNAUTHORIZED, error.message)
             return
@@ -140,6 +140,14 @@ class StreamSocket(tornado.websocket.WebSocketHandler):
         self.send(protocol.encode({"type": "replayed", "id": execution_id, "next": next_seq,
                                    "complete": next_seq >= execution.next_seq,
                                    "execution": execution.summary()}))
+
+    def revoke(self) -> None:
+        """Its user logged out everywhere: close if this socket's token is now refused."""
+        try:
+            self.ctx.verify(self.token)
+        except MarcoError as error:
+            self.close(protocol.CLOSE_UNAUTHORIZED, error.message[:120])
+            self._forget()
 
     def send(self, message: str) -> None:
         """Queue one message without blocking; close the socket when it falls too far behind."""

@@ -15,13 +15,15 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from .errors import AuthenticationError, ConfigError, TokenExpired
+from .errors import AuthenticationError, ConfigError, TokenExpired, TokenRevoked
 
 TOKEN_SALT = "marco-user-token"
+SERVICE_SALT = "marco-controller-service"  # the controller's own short-lived tokens
+SERVICE_MAX_AGE = 300
 DEFAULT_MAX_AGE = 12 * 3600
 MIN_SECRET_BYTES = 32
 DEFAULT_SECRET_FILE = "/etc/marco/secret"
@@ -50,18 +52,23 @@ class TokenSigner:
         _, issued = self._serializer.loads(token, max_age=self.max_age, return_timestamp=True)
         return issued.timestamp() + self.max_age
 
-    def verify(self, token: str | None) -> str:
-        """Return the username a valid, unexpired token carries; raise by cause otherwise."""
+    def verify(self, token: str | None,
+               not_before: Callable[[str], float | None] | None = None) -> str:
+        """Return the username a valid, unexpired, unrevoked token carries; raise by cause."""
         if not token:
             raise AuthenticationError("no token given")
         try:
-            username = self._serializer.loads(token, max_age=self.max_age)
+            username, issued = self._serializer.loads(token, max_age=self.max_age,
+                                                      return_timestamp=True)
         except SignatureExpired as exc:
             raise TokenExpired("token expired: log in again (marco login)") from exc
         except BadSignature as exc:
             raise AuthenticationError("invalid token") from exc
         if not isinstance(username, str) or not username:
             raise AuthenticationError("invalid token")
+        cutoff = not_before(username) if not_before is not None else None
+        if cutoff is not None and issued.timestamp() < cutoff:
+            raise TokenRevoked("token revoked (logged out everywhere): log in again (marco login)")
         return username
 
 

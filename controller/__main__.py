@@ -83,6 +83,8 @@ async def serve(ctx: ControllerContext) -> None:
         else:
             log.warning("not browsing: --bind %s is a wildcard and no --mdns-interface is set",
                         config.bind)
+    ctx.revocations.load()
+    ctx.pusher.watch()
     stop = stop_event_on_signals()
     try:
         if browser is not None:

@@ -103,3 +103,14 @@ class RunApi(ApiHandler):
 
         results = await asyncio.gather(*(start(node) for node in nodes))
         self.write_json({"user": user, "results": {n.name: r for n, r in zip(nodes, results)}})
+
+
+class RevokeApi(ApiHandler):
+    """POST /api/revoke: log out everywhere; every token of the caller issued before now is
+    refused by the controller and, once pushed, by every agent."""
+
+    async def post(self) -> None:
+        user = self.require_user()
+        result = await self.ctx.pusher.revoke(user)
+        self.clear_cookie("marco_token")
+        self.write_json({"user": user, **result})

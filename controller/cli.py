@@ -2,6 +2,7 @@
 many nodes with every line live.
 
     marco login [--controller URL] [--user NAME]
+    marco logout [--everywhere]
     marco nodes
     marco status [NODE ...]
     marco run [--nodes a,b] [--group web] [--cwd DIR] -- COMMAND ...
@@ -113,6 +114,20 @@ def cmd_login(args: argparse.Namespace) -> int:
     hours = reply.get("max_age", 0) / 3600
     print(f"logged in as {reply['user']} at {url}; token stored in {path} "
           f"(valid {hours:.0f} h)")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    """Forget the stored token; with --everywhere, void all of your tokens on every node."""
+    if args.everywhere:
+        url = controller_url(args.controller)
+        reply = call_controller(url, "/api/revoke", find_token(), body={})
+        missed = [name for name, r in reply["nodes"].items() if not r["ok"]]
+        print(f"every token of {reply['user']} issued before now is refused"
+              + (f" (not yet told: {', '.join(missed)}; they learn it when they come back)"
+                 if missed else ""))
+    stored_token_path().unlink(missing_ok=True)
+    print("logged out")
     return 0
 
 
@@ -251,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     login.add_argument("--password-stdin", action="store_true",
                        help="read the password from stdin instead of prompting")
     login.set_defaults(func=cmd_login)
+    logout = commands.add_parser("logout", help="forget your stored token")
+    logout.add_argument("--everywhere", action="store_true",
+                        help="also void every token of yours on every node (other browsers, "
+                             "running Ansible)")
+    logout.set_defaults(func=cmd_logout)
     nodes = commands.add_parser("nodes", help="list the nodes the controller knows")
     nodes.add_argument("--json", action="store_true", help="print JSON")
     nodes.set_defaults(func=cmd_nodes)

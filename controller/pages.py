@@ -33,7 +33,13 @@ class LoginPage(BaseHandler):
 
 
 class LogoutPage(BaseHandler):
-    def post(self) -> None:
+    """POST /logout clears the login cookie; with `everywhere=1` it also voids every token of
+    the user on every agent (other browsers, `marco login` tokens, Ansible runs)."""
+
+    async def post(self) -> None:
+        user = self.current_user
+        if user and self.get_body_argument("everywhere", "") == "1":
+            await self.ctx.pusher.revoke(user)
         self.clear_cookie(COOKIE)
         self.redirect("/login")
 

@@ -45,7 +45,7 @@ class SessionMixin(tornado.web.RequestHandler):
         if not token:
             return None
         try:
-            return self.ctx.signer.verify(token)
+            return self.ctx.signer.verify(token, self.ctx.revocations.not_before)
         except AuthenticationError:
             return None
 

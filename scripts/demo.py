@@ -110,7 +110,8 @@ class LocalController:
         self.log = workdir / "controller.log"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "controller", "--bind", "127.0.0.1", "--port", str(port),
-             "--secret-file", str(secret), "--mdns-interface", "127.0.0.1"],
+             "--secret-file", str(secret), "--mdns-interface", "127.0.0.1",
+             "--state-dir", str(workdir / "controller-state")],
             cwd=ROOT, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
 
     def api(self, path: str, token: str, body: object = None) -> dict:

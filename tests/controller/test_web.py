@@ -178,3 +178,18 @@ def test_deploy_a_file_to_two_nodes_and_run_a_command(browser, cluster, alice: U
         expect(newest.locator(".error", has_text=f"{name}:")).to_contain_text("exists",
                                                                                 timeout=TIMEOUT_MS)
     page.close()
+
+
+def test_log_out_everywhere_button(browser, cluster, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+    controller, _ = cluster
+    first = browser.new_context().new_page()
+    second = browser.new_context().new_page()
+    log_in(first, controller, alice)
+    log_in(second, controller, alice)
+    time.sleep(1.1)  # tokens carry whole seconds
+    second.click("#logout-everywhere")
+    expect(second).to_have_url(re.compile(r"/login"))
+    first.reload()  # the other browser's session is over too
+    expect(first).to_have_url(re.compile(r"/login"), timeout=TIMEOUT_MS)
+    first.context.close()
+    second.context.close()

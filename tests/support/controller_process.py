@@ -19,6 +19,7 @@ class ControllerProcess(DaemonProcess):
                  mdns_interfaces: Sequence[str] = ("127.0.0.1",)) -> None:
         port = free_port(bind)
         args = ["--bind", bind, "--port", str(port), "--secret-file", str(secret_file),
+                "--state-dir", str(log_dir / f"controller-state-{port}"),
                 "--pam-service", pam_service, "--log-level", "debug", "--health-interval", "0.5",
                 *[arg for address in mdns_interfaces for arg in ("--mdns-interface", address)],
                 *extra_args]

@@ -1,0 +1,111 @@
+"""Log out everywhere: a user's older tokens are refused by the controller and every agent,
+also agents that were down when it happened, and across agent restarts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.client import AgentClient
+from agent.errors import AuthenticationError, TokenRevoked
+from agent.tokens import SERVICE_SALT, TokenSigner
+from tests.controller.test_api import call, login_cookie
+from tests.support.agent_process import AgentProcess
+from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
+
+
+def test_log_out_everywhere(start_agent, start_controller, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                            alice: UnixUser, bob: UnixUser, tmp_path: Path) -> None:
+    up = start_agent(node_name="rv-up")
+    down = start_agent(node_name="rv-down")
+    nodes = [arg for a in (up, down) for arg in ("--node", f"{a.node_name}={a.host}:{a.port}")]
+    controller = start_controller(extra_args=["--no-discovery", *nodes])
+    old = signer.issue(alice.name)
+    bobs = signer.issue(bob.name)
+    wait_for(lambda: len(controller.get_json("/api/inventory", old)["_meta"]["hostvars"]) == 2,
+             what="nodes up")
+    down.stop()  # this one misses the revocation
+    time.sleep(1.1)  # tokens carry whole seconds: the revocation is for tokens before this one
+
+    status, body = call(controller, "POST", "/api/revoke", {}, old)
+    assert status == 200 and body["user"] == alice.name
+    assert body["nodes"]["rv-up"]["ok"] is True
+    # Old tokens: refused by the agent (with a clear reason) and by the controller.
+    with pytest.raises(TokenRevoked, match="log in again"):
+        AgentClient(up.host, up.port, old).executions()
+    status, _ = call(controller, "GET", "/api/nodes", token=old)
+    assert status == 401
+    # New logins work; other users are not touched.
+    time.sleep(1.1)
+    fresh = signer.issue(alice.name)
+    assert AgentClient(up.host, up.port, fresh).run(["true"]).rc == 0
+    assert AgentClient(up.host, up.port, bobs).run(["true"]).rc == 0
+
+    # The agent that was down learns it when it comes back.
+    back = AgentProcess(down.secret_file, down.state_dir, node_name=down.node_name, port=down.port)
+    try:
+        def refused() -> bool:
+            try:
+                AgentClient(back.host, back.port, old).executions()
+            except TokenRevoked:
+                return True
+            return False
+        wait_for(refused, what="the returning agent to refuse the old token")
+    finally:
+        back.stop()
+    # ... and keeps it across its own restart.
+    again = AgentProcess(down.secret_file, down.state_dir, node_name=down.node_name, port=down.port)
+    try:
+        with pytest.raises(TokenRevoked):
+            AgentClient(again.host, again.port, old).executions()
+    finally:
+        again.stop()
+
+
+def test_only_the_controller_can_push_revocations(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                                  alice: UnixUser) -> None:
+    import http.client
+    import json
+    agent = start_agent()
+    secret = signer._serializer.secret_keys
+    forged = [signer.issue(alice.name),                              # a user token
+              TokenSigner(b"z" * 40, salt=SERVICE_SALT).issue("controller"),  # another secret
+              TokenSigner(secret, salt=SERVICE_SALT).issue("alice")]  # service salt, wrong name
+    for token in forged:
+        conn = http.client.HTTPConnection(agent.host, agent.port, timeout=10)
+        conn.request("PUT", "/v1/revocations", body=json.dumps({"revocations": {alice.name: 4e9}}),
+                     headers={"Authorization": f"Bearer {token}"})
+        assert conn.getresponse().status == 401
+        conn.close()
+    assert AgentClient(agent.host, agent.port, signer.issue(alice.name)).run(["true"]).rc == 0
+
+
+def test_page_and_cli_log_out_everywhere(start_agent, start_controller, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                         alice: UnixUser, tmp_path: Path) -> None:
+    agent = start_agent(node_name="rv-cli")
+    controller = start_controller(extra_args=["--no-discovery", "--node",
+                                              f"rv-cli={agent.host}:{agent.port}"])
+    home = tmp_path / "home"
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "MARCO_CONTROLLER": controller.url}
+    marco = str(Path(sys.executable).parent / "marco")
+    login = subprocess.run([marco, "login", "--user", alice.name, "--password-stdin"],
+                           input=alice.password + "\n", env=env, capture_output=True, text=True)
+    assert login.returncode == 0, login.stderr
+    stored = (home / ".config" / "marco" / "token").read_text().strip()
+    cookie = login_cookie(controller, alice)
+    time.sleep(1.1)
+    out = subprocess.run([marco, "logout", "--everywhere"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "refused" in out.stdout, out.stderr
+    assert not (home / ".config" / "marco" / "token").exists()
+    with pytest.raises(AuthenticationError):
+        AgentClient(agent.host, agent.port, stored).executions()
+    import http.client
+    conn = http.client.HTTPConnection(controller.host, controller.port, timeout=10)
+    conn.request("GET", "/api/session", headers={"Cookie": cookie})
+    assert conn.getresponse().status == 401  # the browser session ended too
