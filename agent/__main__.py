@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .context import AgentContext
 from .protocol import choose_mdns_interfaces
 from .serving import close_server, stop_event_on_signals
-from .settings import ConfigSource, add_options, merge_settings, read_config_file
+from .settings import add_config_argument, add_options, load_settings
 from .tokens import DEFAULT_SECRET_FILE, create_secret, load_secret, rotate_secret
 
 log = logging.getLogger("marco.agent")
@@ -36,9 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Create the cluster secret first: marco-agent init-secret "
                "(the same secret file goes to the controller and every agent).")
     parser.add_argument("--version", action="version", version=f"marco-agent {__version__}")
-    parser.add_argument("--config", metavar="PATH",
-                        help=f"TOML config file (default {DEFAULT_CONFIG_FILE} if present) "
-                             "[env MARCO_CONFIG]")
+    add_config_argument(parser, DEFAULT_CONFIG_FILE)
     add_options(parser, agent_options())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     init = commands.add_parser("init-secret", help="create a new cluster secret file (0600)")
@@ -52,10 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace, environ: dict[str, str]) -> AgentConfig:
-    path, required = ConfigSource("MARCO_CONFIG", DEFAULT_CONFIG_FILE).resolve(args.config, environ)
-    values = merge_settings(agent_options(), args, environ, read_config_file(path, required),
-                            file_name=path or "config file")
-    return AgentConfig(**values)
+    return AgentConfig(**load_settings(agent_options(), args, environ, DEFAULT_CONFIG_FILE))
 
 
 def init_secret(args: argparse.Namespace, environ: dict[str, str]) -> int:

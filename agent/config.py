@@ -9,18 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .protocol import DEFAULT_PORT
-from .settings import Option
+from .settings import Option, default_state_dir
 from .tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
 
 DEFAULT_CONFIG_FILE = "/etc/marco/agent.toml"
-
-
-def default_state_dir() -> str:
-    """/var/lib/marco-agent for root, the XDG state dir otherwise."""
-    if os.geteuid() == 0:
-        return "/var/lib/marco-agent"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "marco-agent")
 
 
 def default_helper_python() -> str:
@@ -34,7 +26,8 @@ def agent_options() -> list[Option]:
         Option("bind", "127.0.0.1", "address to listen on", metavar="ADDR"),
         Option("port", DEFAULT_PORT, "TCP port to listen on", kind=int),
         Option("secret_file", DEFAULT_SECRET_FILE, "cluster secret file (0600)", metavar="PATH"),
-        Option("state_dir", default_state_dir(), "where execution output is spooled",
+        Option("state_dir", default_state_dir("marco-agent"),
+               "where execution output is spooled",
                metavar="DIR"),
         Option("node_name", socket.gethostname().split(".")[0], "node name announced",
                metavar="NAME"),

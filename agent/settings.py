@@ -7,8 +7,9 @@ parser from it and merges the layers. The controller reuses this for its own opt
 from __future__ import annotations
 
 import argparse
+import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import ConfigError
@@ -122,18 +123,27 @@ def merge_settings(options: Sequence[Option], args: argparse.Namespace,
     return values
 
 
-@dataclass
-class ConfigSource:
-    """Where the config file comes from: --config, an environment variable, or a default path."""
+def add_config_argument(parser: argparse.ArgumentParser, default_path: str) -> None:
+    """The --config flag every Marco daemon has."""
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"TOML config file (default {default_path} if present) "
+                             "[env MARCO_CONFIG]")
 
-    env_name: str
-    default_path: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def resolve(self, given: str | None, environ: Mapping[str, str]) -> tuple[str | None, bool]:
-        """Return (path, required): a named file must exist, the default one may not."""
-        if given:
-            return given, True
-        if environ.get(self.env_name):
-            return environ[self.env_name], True
-        return self.default_path, False
+def load_settings(options: Sequence[Option], args: argparse.Namespace,
+                  environ: Mapping[str, str], default_path: str) -> dict[str, Any]:
+    """Read the config file (--config, else $MARCO_CONFIG, else `default_path` if it exists:
+    a file named explicitly must exist) and merge every layer."""
+    path = args.config or environ.get("MARCO_CONFIG") or None
+    required = path is not None
+    path = path or default_path
+    return merge_settings(options, args, environ, read_config_file(path, required),
+                          file_name=path)
+
+
+def default_state_dir(name: str) -> str:
+    """/var/lib/NAME for root, the XDG state dir otherwise."""
+    if os.geteuid() == 0:
+        return f"/var/lib/{name}"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, name)

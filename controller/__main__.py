@@ -12,7 +12,7 @@ from typing import Sequence
 from agent.errors import ConfigError
 from agent.protocol import choose_mdns_interfaces
 from agent.serving import close_server, stop_event_on_signals
-from agent.settings import ConfigSource, add_options, merge_settings, read_config_file
+from agent.settings import add_config_argument, add_options, load_settings
 from agent.tokens import load_secret
 
 from . import __version__
@@ -32,18 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "and the web page with live output. Settings come from the config file, "
                     "then MARCO_* environment variables, then these flags.")
     parser.add_argument("--version", action="version", version=f"marco-controller {__version__}")
-    parser.add_argument("--config", metavar="PATH",
-                        help=f"TOML config file (default {DEFAULT_CONFIG_FILE} if present) "
-                             "[env MARCO_CONFIG]")
+    add_config_argument(parser, DEFAULT_CONFIG_FILE)
     add_options(parser, controller_options())
     return parser
 
 
 def load_config(args: argparse.Namespace, environ: dict[str, str]) -> ControllerConfig:
-    path, required = ConfigSource("MARCO_CONFIG", DEFAULT_CONFIG_FILE).resolve(args.config, environ)
-    values = merge_settings(controller_options(), args, environ,
-                            read_config_file(path, required), file_name=path or "config file")
-    return ControllerConfig(**values)
+    return ControllerConfig(**load_settings(controller_options(), args, environ, DEFAULT_CONFIG_FILE))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

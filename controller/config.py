@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from agent.settings import Option
+from agent.settings import Option, default_state_dir
 from agent.tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
 
 DEFAULT_CONFIG_FILE = "/etc/marco/controller.toml"
 DEFAULT_PORT = 7380
-
-
-def default_state_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/marco-controller"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "marco-controller")
 
 
 def controller_options() -> list[Option]:
@@ -40,7 +32,8 @@ def controller_options() -> list[Option]:
         Option("login_max_failures", 5, "failed logins allowed per user and per client address "
                "within the lockout window", kind=int),
         Option("login_lockout", 300, "lockout window in seconds", kind=int),
-        Option("state_dir", default_state_dir(), "where revocations are kept", metavar="DIR"),
+        Option("state_dir", default_state_dir("marco-controller"), "where revocations are kept",
+               metavar="DIR"),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
     ]
 

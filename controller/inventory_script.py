@@ -15,19 +15,33 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Sequence
+from typing import Any, Sequence
 
-from agent.errors import AuthenticationError
+from agent.errors import AgentUnreachable, AuthenticationError, MarcoError
 
 from .credentials import find_token
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:7380"
 
 
-def fetch(url: str, token: str | None) -> object:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as reply:
-        return json.load(reply)
+def fetch_inventory(controller: str, token: str, host: str | None = None,
+                    timeout: float = 30.0) -> Any:
+    """The controller's `--list` JSON (or one host's variables), errors typed by cause."""
+    url = controller.rstrip("/") + "/api/inventory"
+    if host is not None:
+        url += "?" + urllib.parse.urlencode({"host": host})
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return json.load(reply)
+    except urllib.error.HTTPError as error:
+        if error.code == 401:
+            raise AuthenticationError(f"{controller} answered 401: it refused the token; "
+                                      "log in again: marco login") from None
+        raise MarcoError(f"{controller} answered {error.code}") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise AgentUnreachable(f"cannot reach the controller at {controller}: "
+                               f"{getattr(error, 'reason', error)}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,23 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--controller", default=os.environ.get("MARCO_CONTROLLER", DEFAULT_CONTROLLER),
                         help=f"controller URL [env MARCO_CONTROLLER] (default {DEFAULT_CONTROLLER})")
     args = parser.parse_args(argv)
-    url = args.controller.rstrip("/") + "/api/inventory"
-    if args.host:
-        url += "?" + urllib.parse.urlencode({"host": args.host})
     try:
-        token = find_token()
-    except AuthenticationError as error:
+        data = fetch_inventory(args.controller, find_token(), args.host)
+    except MarcoError as error:
         print(f"marco-inventory: {error.message}", file=sys.stderr)
-        return 1
-    try:
-        data = fetch(url, token)
-    except urllib.error.HTTPError as error:
-        hint = " (log in again: marco login)" if error.code == 401 else ""
-        print(f"marco-inventory: {args.controller} answered {error.code}{hint}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError) as error:
-        print(f"marco-inventory: cannot reach the controller at {args.controller}: "
-              f"{getattr(error, 'reason', error)}", file=sys.stderr)
         return 1
     json.dump(data, sys.stdout)
     sys.stdout.write("\n")

@@ -62,8 +62,9 @@ from ansible.errors import AnsibleParserError  # noqa: E402
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable  # noqa: E402
 
 from agent.errors import MarcoError  # noqa: E402
-from ansible_plugins.core.inventory import from_controller, from_zeroconf  # noqa: E402
+from ansible_plugins.core.inventory import from_zeroconf  # noqa: E402
 from controller.credentials import find_token  # noqa: E402
+from controller.inventory_script import fetch_inventory  # noqa: E402
 
 
 class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
@@ -77,7 +78,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         try:
             if controller:
                 token = find_token(self.get_option("marco_token"), self.get_option("marco_token_file"))
-                return from_controller(controller, token)
+                return fetch_inventory(controller, token)
             return from_zeroconf(self.get_option("mdns_interfaces"), self.get_option("browse_seconds"))
         except MarcoError as error:
             raise AnsibleParserError(f"marco inventory: {error.message}") from None
