@@ -17,13 +17,15 @@ from .app import make_app
 from .config import DEFAULT_CONFIG_FILE, AgentConfig, agent_options
 from .errors import ConfigError
 from .context import AgentContext
-from .protocol import choose_mdns_interfaces
+from .protocol import choose_mdns_interfaces, require_loopback
 from .serving import close_server, stop_event_on_signals
 from .settings import add_config_argument, add_options, load_settings
+from .tls import ServerTlsReloader
 from .tokens import DEFAULT_SECRET_FILE, create_secret, load_secret, rotate_secret
 
 log = logging.getLogger("marco.agent")
 EXPIRE_INTERVAL = 60.0
+TLS_RELOAD_INTERVAL = 5.0
 BODY_CHUNK = 1024 * 1024  # request bodies (uploads) reach handlers in chunks this large
 
 
@@ -75,6 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return init_secret(args, environ)
         config = load_config(args, environ)
         secret = load_secret(config.secret_file)
+        tls = config.tls_files()
+        if tls is None:
+            require_loopback(config.bind)
+            for address in config.mdns_interface:
+                require_loopback(address, "--dev (announcing on --mdns-interface)")
+        else:
+            tls.context()  # refuse to start with missing or broken TLS files
     except ConfigError as error:
         print(f"marco-agent: {error.message}", file=sys.stderr)
         return 2
@@ -98,18 +107,28 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
     ctx.executions.load()
     ctx.revocations.load()
     ctx.audit.open()
+    tls = config.tls_files()
     server = make_app(ctx).listen(config.port, config.bind, xheaders=False,
-                                        chunk_size=BODY_CHUNK)
-    log.info("marco-agent %s serving node %s on %s:%d as %s", __version__, config.node_name,
-             config.bind, config.port, "root (runs executions as each token's user)"
+                                  chunk_size=BODY_CHUNK,
+                                  ssl_options=tls.context() if tls else None)
+    log.info("marco-agent %s serving node %s on %s://%s:%d as %s", __version__,
+             config.node_name, "https" if tls else "http", config.bind, config.port,
+             "root (runs executions as each token's user)"
              if ctx.resolver.can_switch_user else f"uid {os.geteuid()} (serves only that user)")
+    if tls is None:
+        log.warning("DEVELOPMENT MODE (--dev): plain HTTP without TLS on loopback only; "
+                    "tokens and output are not encrypted. Never use this on a network.")
+    reloader = ServerTlsReloader(server, tls) if tls else None
+    tls_watch = PeriodicCallback(reloader.check, TLS_RELOAD_INTERVAL * 1000) if reloader else None
+    if tls_watch:
+        tls_watch.start()
     announcer = None
     if config.announce:
         interfaces = choose_mdns_interfaces(config.bind, config.mdns_interface)
         if interfaces:
             announcer = Announcer(Announcement(
                 node=config.node_name, port=config.port, addresses=tuple(interfaces),
-                groups=tuple(config.groups)), interfaces)
+                groups=tuple(config.groups), tls=tls is not None), interfaces)
         else:
             log.warning("not announcing: --bind %s is a wildcard and no --mdns-interface is set",
                         config.bind)
@@ -125,6 +144,8 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
         ctx.executions.closing = True  # no new executions from kept-alive connections
     finally:
         expiry.stop()
+        if tls_watch:
+            tls_watch.stop()
         if announcer is not None:
             await announcer.stop()
         server.stop()  # no new connections; running executions get their answers below

@@ -14,6 +14,7 @@ import json
 import select
 import shutil
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable
 from urllib.parse import urlencode
@@ -24,6 +25,7 @@ from tornado.httputil import url_concat
 from . import protocol
 from .errors import (AgentUnreachable, AuthenticationError, MarcoError, PermissionDenied,
                      ProtocolError, error_from_response)
+from .tls import ClientTls, describe_tls_error
 
 UPLOAD_CHUNK = 1024 * 1024
 CONTINUE_WAIT = 2.0  # seconds to wait for `100 Continue` before sending a body anyway
@@ -91,12 +93,34 @@ def _json(body: bytes) -> Any:
         raise ProtocolError("agent answered something that is not JSON") from None
 
 
+def base_url(host: str, port: int, tls: bool) -> str:
+    """http(s)://host:port, IPv6 addresses in brackets."""
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{'https' if tls else 'http'}://{netloc}"
+
+
+def _transport_error(exc: BaseException, what: str) -> AgentUnreachable:
+    """A failed connection as a typed error: TLS refusals say why, the rest is unreachable."""
+    refused = describe_tls_error(exc, what)
+    if refused is not None:
+        return refused
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return AgentUnreachable(f"{what} timed out")
+    detail = getattr(exc, "strerror", None) or exc
+    return AgentUnreachable(f"cannot reach {what}: {detail}")
+
+
 class AgentClient:
-    """Synchronous client on one kept-alive HTTP connection (not thread-safe)."""
+    """Synchronous client on one kept-alive HTTP(S) connection (not thread-safe).
+
+    With `tls`, the connection is mutual TLS and the agent's certificate must name `node`
+    (the node name from the inventory; default: `host`)."""
 
     def __init__(self, host: str, port: int = protocol.DEFAULT_PORT, token: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, tls: ClientTls | None = None,
+                 node: str | None = None) -> None:
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
+        self.tls, self.node = tls, node or host
         self._conn: http.client.HTTPConnection | None = None
 
     def __enter__(self) -> "AgentClient":
@@ -134,26 +158,33 @@ class AgentClient:
                 self.close()
                 conn = None
         if conn is None:
-            conn = self._conn = http.client.HTTPConnection(
-                self.host, self.port, timeout=self.timeout, blocksize=UPLOAD_CHUNK)
+            if self.tls is not None:
+                conn = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout, blocksize=UPLOAD_CHUNK,
+                    context=self.tls.context_for(self.node))
+            else:
+                conn = http.client.HTTPConnection(
+                    self.host, self.port, timeout=self.timeout, blocksize=UPLOAD_CHUNK)
+            self._conn = conn
+        if conn.sock is None:  # connect (and handshake) within the short timeout
+            conn.timeout = self.timeout
+            conn.connect()
         conn.timeout = timeout or self.timeout
-        if conn.sock is not None:
-            conn.sock.settimeout(conn.timeout)
+        assert conn.sock is not None
+        conn.sock.settimeout(conn.timeout)
         return conn
 
     def _unreachable(self, exc: BaseException) -> AgentUnreachable:
         self.close()
-        if isinstance(exc, (socket.timeout, TimeoutError)):
-            return AgentUnreachable(f"agent {self.host}:{self.port} timed out")
-        detail = getattr(exc, "strerror", None) or exc
-        return AgentUnreachable(f"cannot reach agent {self.host}:{self.port}: {detail}")
+        return _transport_error(exc, f"agent {self.node} ({self.host}:{self.port})"
+                                if self.node != self.host else f"agent {self.host}:{self.port}")
 
     def _send(self, method: str, path: str, body: bytes | None = None,
               headers: dict[str, str] | None = None,
               timeout: float | None = None) -> http.client.HTTPResponse:
         """Send one request and return the response (its body still to be read)."""
-        conn = self._connection(timeout)
         try:
+            conn = self._connection(timeout)
             conn.request(method, path, body=body, headers=self._headers(headers))
             return conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
@@ -162,8 +193,8 @@ class AgentClient:
     def _upload(self, path: str, source: BinaryIO, size: int | None) -> http.client.HTTPResponse:
         """PUT a stream with `Expect: 100-continue`: an agent that refuses the upload (403,
         404, 409) answers before any byte of the body moves."""
-        conn = self._connection(None)
         try:
+            conn = self._connection(None)
             conn.putrequest("PUT", path)
             for key, value in self._headers({"Content-Type": "application/octet-stream",
                                              "Expect": "100-continue"}).items():
@@ -171,8 +202,11 @@ class AgentClient:
             conn.putheader(*(("Content-Length", str(size)) if size is not None
                              else ("Transfer-Encoding", "chunked")))
             conn.endheaders()
-            if self._early_answer(conn):
-                return conn.getresponse()
+            early = self._early_answer(conn)
+            if early is not None:  # refused before the body: the connection is not reusable
+                self.close()
+                _raise_for(*early)
+                raise ProtocolError(f"agent answered {early[0]} before the upload")
             while chunk := source.read(UPLOAD_CHUNK):
                 conn.send(chunk if size is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk))
             if size is None:
@@ -182,22 +216,48 @@ class AgentClient:
             raise self._unreachable(exc) from None
 
     @staticmethod
-    def _early_answer(conn: http.client.HTTPConnection) -> bool:
-        """Wait for `100 Continue` (consumed here) or a final answer (left for getresponse)."""
+    def _early_answer(conn: http.client.HTTPConnection) -> tuple[int, bytes] | None:
+        """Wait up to CONTINUE_WAIT for `100 Continue` (None: send the body) or a final answer
+        (its status and body). Read byte by byte so nothing past the interim answer is
+        consumed; works the same over TLS (no MSG_PEEK there)."""
         sock = conn.sock
         assert sock is not None
-        if not select.select([sock], [], [], CONTINUE_WAIT)[0]:
-            return False  # no interim answer in time: send the body anyway
-        head = sock.recv(16, socket.MSG_PEEK)
-        if not head.startswith(b"HTTP/1.1 100") and not head.startswith(b"HTTP/1.0 100"):
-            return True
-        seen = b""
-        while not seen.endswith(b"\r\n\r\n"):
-            byte = sock.recv(1)
-            if not byte:
-                raise ConnectionResetError("agent closed the connection")
-            seen += byte
-        return False
+        previous = sock.gettimeout()
+        sock.settimeout(CONTINUE_WAIT)
+        head = b""
+        try:
+            while not head.endswith(b"\r\n\r\n"):
+                byte = sock.recv(1)
+                if not byte:
+                    raise ConnectionResetError("agent closed the connection")
+                head += byte
+                if len(head) > 65536:
+                    raise ProtocolError("agent sent an oversized answer head")
+        except (socket.timeout, TimeoutError):
+            if head:
+                raise
+            return None  # no interim answer in time: send the body anyway
+        finally:
+            sock.settimeout(previous)
+        status_line, _, header_text = head.partition(b"\r\n")
+        try:
+            status = int(status_line.split()[1])
+        except (IndexError, ValueError):
+            raise ProtocolError(f"agent answered {status_line[:80]!r}") from None
+        if status == 100:
+            return None
+        length = 0
+        for line in header_text.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip() or 0)
+        body = b""
+        while len(body) < min(length, 1024 * 1024):
+            chunk = sock.recv(length - len(body))
+            if not chunk:
+                break
+            body += chunk
+        return status, body
 
     def _request(self, method: str, path: str, json_body: Any = None,
                  timeout: float | None = None) -> Any:
@@ -276,12 +336,18 @@ class AgentClient:
 
 
 class AsyncAgentClient:
-    """Asynchronous client (Tornado's HTTP client) for the controller and async tools."""
+    """Asynchronous client (Tornado's HTTP client) for the controller and async tools; `tls`
+    and `node` as for `AgentClient`."""
 
     def __init__(self, host: str, port: int = protocol.DEFAULT_PORT, token: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, tls: ClientTls | None = None,
+                 node: str | None = None) -> None:
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
-        self.base = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+        self.node = node or host
+        self.ssl_context = tls.context_for(self.node) if tls is not None else None
+        self.base = base_url(host, port, tls is not None)
+        self.what = (f"agent {self.node} ({host}:{port})" if self.node != host
+                     else f"agent {host}:{port}")
         self._http = httpclient.AsyncHTTPClient()
 
     async def _fetch(self, method: str, path: str, body: bytes | None = None,
@@ -289,19 +355,23 @@ class AsyncAgentClient:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         headers.update(kwargs.pop("headers", {}))
         try:
-            return await self._http.fetch(
+            response = await self._http.fetch(
                 self.base + path, method=method, body=body, headers=headers,
                 connect_timeout=self.timeout, request_timeout=request_timeout or self.timeout,
-                raise_error=False, allow_nonstandard_methods=True, **kwargs)
+                raise_error=False, allow_nonstandard_methods=True,
+                ssl_options=self.ssl_context, **kwargs)
         except (OSError, httpclient.HTTPClientError) as exc:
-            raise AgentUnreachable(f"cannot reach agent {self.host}:{self.port}: {exc}") from None
+            raise _transport_error(exc, self.what) from None
+        if response.code == 599 and isinstance(response.error, ssl.SSLError):
+            raise _transport_error(response.error, self.what)
+        return response
 
     async def _request(self, method: str, path: str, json_body: Any = None,
                        request_timeout: float | None = None) -> Any:
         body = None if json_body is None else json.dumps(json_body).encode()
         response = await self._fetch(method, path, body, request_timeout)
         if response.code == 599:
-            raise AgentUnreachable(f"cannot reach agent {self.host}:{self.port}: {response.error}")
+            raise _transport_error(response.error or OSError("no answer"), self.what)
         _raise_for(response.code, response.body or b"")
         return _json(response.body)
 
@@ -368,20 +438,23 @@ class AsyncAgentClient:
         if response.code == 599:
             if isinstance(response.error, MarcoError):  # the body producer gave up: say why
                 raise response.error
-            raise AgentUnreachable(f"upload to {self.host}:{self.port} failed: {response.error}")
+            raise _transport_error(response.error or OSError("no answer"), self.what)
         _raise_for(response.code, response.body or b"")
         return _json(response.body)
 
     def stream(self) -> "AgentStream":
         """A /v1/stream connection; `await stream.connect()` authenticates it."""
-        return AgentStream(self.base.replace("http", "ws", 1) + "/v1/stream", self.token)
+        return AgentStream(self.base.replace("http", "ws", 1) + "/v1/stream", self.token,
+                           self.ssl_context, self.what)
 
 
 class AgentStream:
     """The per-user WebSocket: events of the user's executions, status, replay, stop."""
 
-    def __init__(self, url: str, token: str | None) -> None:
-        self.url, self.token = url, token
+    def __init__(self, url: str, token: str | None, ssl_context: ssl.SSLContext | None = None,
+                 what: str | None = None) -> None:
+        self.url, self.token, self.ssl_context = url, token, ssl_context
+        self.what = what or url
         self._ws: websocket.WebSocketClientConnection | None = None
         self.hello: dict[str, Any] | None = None
 
@@ -389,10 +462,11 @@ class AgentStream:
         """Open, authenticate and return the agent's `hello` message."""
         try:
             self._ws = await websocket.websocket_connect(
-                httpclient.HTTPRequest(self.url, connect_timeout=timeout, request_timeout=timeout),
+                httpclient.HTTPRequest(self.url, connect_timeout=timeout, request_timeout=timeout,
+                                       ssl_options=self.ssl_context),
                 max_message_size=256 * 1024 * 1024)
         except (OSError, httpclient.HTTPClientError) as exc:
-            raise AgentUnreachable(f"cannot open {self.url}: {exc}") from None
+            raise _transport_error(exc, self.what) from None
         await self.send({"type": "auth", "token": self.token or ""})
         hello = await self.read()
         if hello is None or hello.get("type") != "hello":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .protocol import DEFAULT_PORT
 from .settings import Option, default_state_dir
+from .tls import DEFAULT_TLS_DIR, ServerTlsFiles
 from .tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
 
 DEFAULT_CONFIG_FILE = "/etc/marco/agent.toml"
@@ -26,6 +27,16 @@ def agent_options() -> list[Option]:
         Option("bind", "127.0.0.1", "address to listen on", metavar="ADDR"),
         Option("port", DEFAULT_PORT, "TCP port to listen on", kind=int),
         Option("secret_file", DEFAULT_SECRET_FILE, "cluster secret file (0600)", metavar="PATH"),
+        Option("tls_cert", f"{DEFAULT_TLS_DIR}/agent.pem", "this node's certificate (from "
+               "`marco-controller issue-agent NODE`)", metavar="PATH"),
+        Option("tls_key", f"{DEFAULT_TLS_DIR}/agent.key", "its private key (0600)",
+               metavar="PATH"),
+        Option("tls_ca", f"{DEFAULT_TLS_DIR}/ca.pem", "the cluster CA: clients must present a "
+               "certificate it issued", metavar="PATH"),
+        Option("tls_crl", f"{DEFAULT_TLS_DIR}/crl.pem", "the CA's revocation list (reloaded "
+               "when it changes)", metavar="PATH"),
+        Option("dev", False, "development mode: plain HTTP without TLS, only on a loopback "
+               "address", flag=True),
         Option("state_dir", default_state_dir("marco-agent"),
                "where execution output is spooled",
                metavar="DIR"),
@@ -65,6 +76,11 @@ class AgentConfig:
     bind: str
     port: int
     secret_file: str
+    tls_cert: str
+    tls_key: str
+    tls_ca: str
+    tls_crl: str
+    dev: bool
     state_dir: str
     node_name: str
     groups: list[str]
@@ -86,3 +102,9 @@ class AgentConfig:
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir)
+
+    def tls_files(self) -> ServerTlsFiles | None:
+        """The TLS setup to serve with, or None in development mode."""
+        if self.dev:
+            return None
+        return ServerTlsFiles(self.tls_cert, self.tls_key, self.tls_ca, self.tls_crl)

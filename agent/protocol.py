@@ -84,3 +84,15 @@ def choose_mdns_interfaces(bind: str, configured: Sequence[str]) -> list[str]:
         return [specific_address(bind, "bind address")]
     except ConfigError:
         return []
+
+
+def require_loopback(bind: str, what: str = "--dev") -> None:
+    """Plain HTTP only where nothing leaves the machine: `bind` must be a loopback address."""
+    try:
+        loopback = ipaddress.ip_address(bind.strip().strip("[]")).is_loopback
+    except ValueError:
+        loopback = bind.strip() == "localhost"
+    if not loopback:
+        raise ConfigError(f"{what} serves plain HTTP, so it only binds a loopback address "
+                          f"(127.0.0.1 or ::1), not {bind!r}; for anything else set up TLS "
+                          "(marco-controller init / issue-agent)")

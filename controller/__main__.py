@@ -6,23 +6,30 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Sequence
 
+from tornado.ioloop import PeriodicCallback
+
 from agent.errors import ConfigError
-from agent.protocol import choose_mdns_interfaces
+from agent.protocol import choose_mdns_interfaces, require_loopback
 from agent.serving import close_server, stop_event_on_signals
 from agent.settings import add_config_argument, add_options, load_settings
-from agent.tokens import load_secret
+from agent.tls import ServerTlsReloader
+from agent.tokens import create_secret, load_secret
 
 from . import __version__
 from .app import make_app
 from .config import DEFAULT_CONFIG_FILE, ControllerConfig, controller_options
 from .context import ControllerContext
 from .discovery import ZeroconfBrowser
+from .pki import ClusterPki
 
 log = logging.getLogger("marco.controller")
 BODY_CHUNK = 1024 * 1024  # uploads reach the deploy handler in chunks this large
+TLS_RELOAD_MS = 5000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +41,59 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"marco-controller {__version__}")
     add_config_argument(parser, DEFAULT_CONFIG_FILE)
     add_options(parser, controller_options())
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    init = commands.add_parser(
+        "init", help="create the cluster: secret (if missing), CA, controller certificate, CRL")
+    init.add_argument("--name", dest="san", action="append", default=[], metavar="NAME",
+                      help="another DNS name or IP address users reach the controller by "
+                           "(repeatable; the host name, localhost and 127.0.0.1 are included)")
+    issue = commands.add_parser("issue-agent", help="issue a node's certificate: writes a "
+                                "bundle directory to copy to the node's /etc/marco/")
+    issue.add_argument("node", metavar="NODE", help="the node name (as the agent announces it)")
+    issue.add_argument("--out", metavar="DIR", help="bundle directory (default ./NODE.marco)")
+    issue.add_argument("--days", type=float, help="validity in days (default 825)")
+    client = commands.add_parser("issue-client", help="issue a long-lived client certificate "
+                                 "(for automation; users get short-lived ones at `marco login`)")
+    client.add_argument("node", metavar="NAME")
+    client.add_argument("--out", metavar="DIR", help="bundle directory (default ./NAME.marco)")
+    client.add_argument("--days", type=float, help="validity in days (default 825)")
+    revoke = commands.add_parser("revoke-cert", help="revoke certificates by name or serial "
+                                 "and rewrite the CRL (copy crl.pem to the agents)")
+    revoke.add_argument("which", metavar="NAME|SERIAL")
+    commands.add_parser("list-certs", help="the certificates this CA issued")
     return parser
+
+
+def admin(args: argparse.Namespace, config: ControllerConfig) -> int:
+    """The cluster admin's commands (init, issue-*, revoke-cert, list-certs)."""
+    pki = ClusterPki(config.pki_dir)
+    if args.command == "init":
+        if not os.path.exists(config.secret_file):
+            print(f"created {create_secret(config.secret_file)} (the cluster secret, 0600)")
+        pki.init(args.san)
+        print(f"created the cluster CA and the controller's certificate in {pki.dir}\n"
+              f"  give every node a bundle: marco-controller issue-agent NODE\n"
+              f"  browsers: trust {pki.ca_file} or accept the controller's certificate once")
+    elif args.command in ("issue-agent", "issue-client"):
+        kind = "agent" if args.command == "issue-agent" else "client"
+        out = Path(args.out or f"{args.node}.marco")
+        bundle = pki.issue(args.node, kind, days=args.days, out_dir=out)
+        if kind == "agent":
+            shutil.copyfile(config.secret_file, out / "secret")
+            os.chmod(out / "secret", 0o600)
+        print(f"wrote {out}/ (serial {bundle.serial}, valid until "
+              f"{bundle.not_after:%Y-%m-%d}): "
+              + ("copy its files to /etc/marco/ on the node (keep agent.key and secret 0600)"
+                 if kind == "agent" else "point MARCO_TLS_CERT/KEY/CA at its files"))
+    elif args.command == "revoke-cert":
+        serials = pki.revoke(args.which)
+        print(f"revoked {', '.join(map(str, serials))}; copy {pki.crl_file} to every agent's "
+              "/etc/marco/crl.pem (they reload it within seconds)")
+    elif args.command == "list-certs":
+        for serial, record in sorted(pki.issued().items(), key=lambda item: item[1]["name"]):
+            state = "revoked" if record.get("revoked") else f"until {record['not_after'][:10]}"
+            print(f"{record['name']:<24} {record['kind']:<10} {state:<17} {serial}")
+    return 0
 
 
 def load_config(args: argparse.Namespace, environ: dict[str, str]) -> ControllerConfig:
@@ -45,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args, dict(os.environ))
+        if args.command:
+            return admin(args, config)
+        if config.dev:
+            require_loopback(config.bind)
         secret = load_secret(config.secret_file)
         ctx = ControllerContext.build(config, secret)
     except ConfigError as error:
@@ -67,9 +130,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def serve(ctx: ControllerContext) -> None:
     """Serve until SIGTERM/SIGINT: the web app, the zeroconf browser and the health probes."""
     config = ctx.config
-    server = make_app(ctx).listen(config.port, config.bind, chunk_size=BODY_CHUNK)
-    log.info("marco-controller %s on http://%s:%d (PAM service %r)", __version__, config.bind,
-             config.port, config.pam_service)
+    tls = ctx.web_tls
+    server = make_app(ctx).listen(config.port, config.bind, chunk_size=BODY_CHUNK,
+                                  ssl_options=tls.context() if tls else None)
+    log.info("marco-controller %s on %s://%s:%d (PAM service %r)", __version__,
+             "https" if tls else "http", config.bind, config.port, config.pam_service)
+    if tls is None:
+        log.warning("DEVELOPMENT MODE (--dev): plain HTTP on loopback, agents without TLS. "
+                    "Never use this on a network.")
+    reload = PeriodicCallback(ServerTlsReloader(server, tls).check, TLS_RELOAD_MS) if tls else None
+    if reload:
+        reload.start()
     browser = None
     if config.discovery:
         interfaces = choose_mdns_interfaces(config.bind, config.mdns_interface)
@@ -88,6 +159,8 @@ async def serve(ctx: ControllerContext) -> None:
         await stop.wait()
         log.info("stopping")
     finally:
+        if reload:
+            reload.stop()
         ctx.health.stop()
         if browser is not None:
             await browser.stop()

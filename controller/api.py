@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from agent.client import AsyncAgentClient
 from agent.errors import BadRequest, MarcoError
 
 from .inventory import build_inventory, host_vars
@@ -23,7 +22,9 @@ class SessionApi(ApiHandler):
 
 
 class TokenApi(ApiHandler):
-    """POST /api/token {"user", "password"} -> {"token"}: login for command-line tools."""
+    """POST /api/token {"user", "password", "csr"?} -> {"token", "certificate"?, "ca"?, "crl"?}:
+    login for command-line tools. With a CSR (the tool's own new key), the answer carries a
+    client certificate for the agents' mutual TLS, valid as long as the token."""
 
     def check_xsrf_cookie(self) -> None:
         pass  # no cookie is involved: the password itself authenticates this request
@@ -36,8 +37,15 @@ class TokenApi(ApiHandler):
                                                   str(body.get("password", "")),
                                                   self.request.remote_ip or "?")
         self.set_header("Cache-Control", "no-store")
-        self.write_json({"user": user, "token": self.ctx.signer.issue(user),
-                         "max_age": self.ctx.config.token_max_age})
+        answer: dict[str, Any] = {"user": user, "token": self.ctx.signer.issue(user),
+                                  "max_age": self.ctx.config.token_max_age}
+        pki = self.ctx.pki
+        if pki is not None and isinstance(body.get("csr"), str):
+            answer["certificate"] = pki.sign_user_request(body["csr"], user,
+                                                          self.ctx.config.token_max_age)
+            answer["ca"] = pki.ca_file.read_text()
+            answer["crl"] = pki.crl_file.read_text()
+        self.write_json(answer)
 
 
 class NodesApi(ApiHandler):
@@ -93,7 +101,7 @@ class RunApi(ApiHandler):
         token = self.token()
 
         async def start(node: Any) -> dict[str, Any]:
-            client = AsyncAgentClient(node.host, node.port, token)
+            client = self.ctx.connector.client(node, token)
             try:
                 execution_id = await client.start(body["command"], cwd=body.get("cwd") or None,
                                                   label=str(body.get("label") or "shell"))

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from agent.client import AgentClient, AsyncAgentClient
-from agent.errors import AuthenticationError, MarcoError
+from agent.errors import MarcoError
 
-from .credentials import find_token, store_token, stored_token_path
+from .credentials import (controller_context, find_token, forget_tls, node_tls, store_tls,
+                          store_token, stored_token_path)
+from .pki import make_user_request
 
-DEFAULT_CONTROLLER = "http://127.0.0.1:7380"
+DEFAULT_CONTROLLER = "https://127.0.0.1:7380"
 STOP_WAIT = 10.0  # seconds to wait for the exits after Ctrl-C (the agents' grace is 5 s)
 
 
@@ -52,14 +54,16 @@ def controller_url(given: str | None) -> str:
         return DEFAULT_CONTROLLER
 
 
-def call_controller(url: str, path: str, token: str | None = None, body: Any = None) -> Any:
+def call_controller(url: str, path: str, token: str | None = None, body: Any = None,
+                    ca: str | None = None) -> Any:
+    context = controller_context(url, ca)
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url + path, headers=headers,
                                      data=None if body is None else json.dumps(body).encode())
     try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
+        with urllib.request.urlopen(request, timeout=30, context=context) as reply:
             return json.load(reply)
     except urllib.error.HTTPError as error:
         try:
@@ -108,12 +112,19 @@ def cmd_login(args: argparse.Namespace) -> int:
         password = sys.stdin.readline().rstrip("\n")
     else:
         password = getpass.getpass(f"Password for {user} at {url}: ")
-    reply = call_controller(url, "/api/token", body={"user": user, "password": password})
+    key, request = make_user_request(user)
+    reply = call_controller(url, "/api/token", ca=args.ca,
+                            body={"user": user, "password": password, "csr": request})
     path = store_token(reply["token"])
+    if reply.get("certificate"):
+        store_tls(reply["certificate"], key, reply["ca"], reply.get("crl"))
+    else:
+        forget_tls()  # a --dev controller: no certificate
     controller_path().write_text(url + "\n")
     hours = reply.get("max_age", 0) / 3600
-    print(f"logged in as {reply['user']} at {url}; token stored in {path} "
-          f"(valid {hours:.0f} h)")
+    print(f"logged in as {reply['user']} at {url}; token"
+          f"{' and client certificate' if reply.get('certificate') else ''} stored in "
+          f"{path.parent} (valid {hours:.0f} h)")
     return 0
 
 
@@ -127,6 +138,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
               + (f" (not yet told: {', '.join(missed)}; they learn it when they come back)"
                  if missed else ""))
     stored_token_path().unlink(missing_ok=True)
+    forget_tls()
     print("logged out")
     return 0
 
@@ -155,7 +167,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     failed = False
     for node in nodes:
         try:
-            with AgentClient(node["host"], node["port"], token) as client:
+            with AgentClient(node["host"], node["port"], token, node=node["name"],
+                             tls=node_tls(node["txt"].get("tls") == "1")) as client:
                 s = client.status()
         except MarcoError as error:
             rows.append([node["name"], "-", "-", "-", "-", "-", f"error: {error.message}"])
@@ -180,8 +193,9 @@ async def run_live(nodes: list[dict[str, Any]], token: str, command: str, cwd: s
     streams, ids = {}, {}
     results: dict[str, int | str | None] = {}
     for node in nodes:
-        api = AsyncAgentClient(node["host"], node["port"], token)
         try:
+            api = AsyncAgentClient(node["host"], node["port"], token, node=node["name"],
+                                   tls=node_tls(node["txt"].get("tls") == "1"))
             streams[node["name"]] = api.stream()
             await streams[node["name"]].connect()  # subscribe first: no line is missed
             ids[node["name"]] = await api.start(command, cwd=cwd, label="marco run")
@@ -263,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="name", metavar="COMMAND", required=True)
     login = commands.add_parser("login", help="log in and store your token (0600)")
     login.add_argument("--user", help="Unix user name (default: you)")
+    login.add_argument("--ca", metavar="FILE", help="the cluster CA to trust the controller "
+                       "with [env MARCO_TLS_CA] (default: /etc/marco/ca.pem if readable)")
     login.add_argument("--password-stdin", action="store_true",
                        help="read the password from stdin instead of prompting")
     login.set_defaults(func=cmd_login)
@@ -293,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command = args.command[1:]
     try:
         return int(args.func(args))
-    except AuthenticationError as error:
+    except MarcoError as error:
         print(f"marco: {error.message}", file=sys.stderr)
         return 1
     except CliError as error:

@@ -18,6 +18,13 @@ def controller_options() -> list[Option]:
         Option("port", DEFAULT_PORT, "TCP port to listen on", kind=int),
         Option("secret_file", DEFAULT_SECRET_FILE, "cluster secret file (0600), shared with "
                "the agents", metavar="PATH"),
+        Option("pki_dir", "/etc/marco/pki", "the cluster CA and the controller's certificate "
+               "(made by `marco-controller init`)", metavar="DIR"),
+        Option("web_cert", "", "certificate for the web page (default: the controller's "
+               "certificate from the cluster CA)", metavar="PATH"),
+        Option("web_key", "", "its private key", metavar="PATH"),
+        Option("dev", False, "development mode: plain HTTP to browsers and agents, only on a "
+               "loopback address", flag=True),
         Option("pam_service", "login", "PAM service used to check passwords", metavar="NAME"),
         Option("mdns_interface", [], "address of an interface to browse for agents on "
                "(repeatable); default: the bind address unless it is a wildcard",
@@ -45,6 +52,10 @@ class ControllerConfig:
     bind: str
     port: int
     secret_file: str
+    pki_dir: str
+    web_cert: str
+    web_key: str
+    dev: bool
     pam_service: str
     mdns_interface: list[str]
     node: list[str]

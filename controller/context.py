@@ -7,12 +7,16 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.errors import ConfigError
 from agent.revocations import Revocations
+from agent.tls import ClientTls, ServerTlsFiles
 from agent.tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner
 
 from .auth import LoginRateLimiter, PamAuthenticator
 from .config import ControllerConfig
+from .connector import AgentConnector
 from .discovery import HealthMonitor, NodeRegistry, parse_static_node
+from .pki import ClusterPki
 from .revoke import RevocationPusher
 
 
@@ -28,6 +32,9 @@ class ControllerContext:
     cookie_secret: dict[int, str]
     revocations: Revocations
     pusher: RevocationPusher
+    connector: AgentConnector
+    pki: ClusterPki | None          # None in development mode
+    web_tls: ServerTlsFiles | None  # None in development mode
 
     @classmethod
     def build(cls, config: ControllerConfig, secret: SecretKeys) -> "ControllerContext":
@@ -42,10 +49,25 @@ class ControllerContext:
                                            hashlib.sha256).hexdigest()
                          for version, key in enumerate(secret)}
         revocations = Revocations(Path(config.state_dir) / "revocations.json")
+        pki, web_tls, agent_tls = None, None, None
+        if not config.dev:
+            pki = ClusterPki(config.pki_dir)
+            if not pki.exists():
+                raise ConfigError(f"no cluster CA in {config.pki_dir}: run `marco-controller "
+                                  "init` (or start with --dev for a loopback-only trial)")
+            agent_tls = ClientTls(str(pki.ca_file), str(pki.controller_cert),
+                                  str(pki.controller_key), str(pki.crl_file))
+            web_tls = ServerTlsFiles(config.web_cert or str(pki.controller_cert),
+                                     config.web_key or str(pki.controller_key),
+                                     str(pki.ca_file), require_client_cert=False)
+        connector = AgentConnector(agent_tls)
         pusher = RevocationPusher(revocations, registry,
-                                  TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT))
+                                  TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT),
+                                  connector)
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    authenticator=PamAuthenticator(config.pam_service, limiter),
                    registry=registry,
-                   health=HealthMonitor(registry, config.health_interval, keys=secret),
-                   cookie_secret=cookie_secret, revocations=revocations, pusher=pusher)
+                   health=HealthMonitor(registry, config.health_interval, keys=secret,
+                                        tls=agent_tls),
+                   cookie_secret=cookie_secret, revocations=revocations, pusher=pusher,
+                   connector=connector, pki=pki, web_tls=web_tls)

@@ -151,7 +151,7 @@ class DeployApi(ApiHandler):
         token = self.token()
         self.nodes = nodes
         stall = self.ctx.config.deploy_stall_timeout
-        self.fanout = FanOut([AgentUpload(n.name, AsyncAgentClient(n.host, n.port, token), path,
+        self.fanout = FanOut([AgentUpload(n.name, self.ctx.connector.client(n, token), path,
                                           mode, overwrite, stall) for n in nodes])
 
     async def data_received(self, chunk: bytes) -> None:
@@ -171,7 +171,7 @@ class DeployApi(ApiHandler):
                 if not result["ok"]:
                     return
                 try:
-                    result["execution"] = await AsyncAgentClient(node.host, node.port, token).start(
+                    result["execution"] = await self.ctx.connector.client(node, token).start(
                         command, cwd=self.folder, label=label)
                 except MarcoError as error:
                     result["command_error"] = error.message

@@ -20,6 +20,7 @@ from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from agent.client import AsyncAgentClient
+from agent.tls import ClientTls
 from agent.errors import ConfigError, MarcoError
 from agent.protocol import DEFAULT_PORT, SERVICE_TYPE
 from agent.tokens import verify_health_proof
@@ -234,7 +235,8 @@ class HealthMonitor:
     """
 
     def __init__(self, registry: NodeRegistry, interval: float,
-                 keys: Sequence[bytes] | None = None) -> None:
+                 keys: Sequence[bytes] | None = None, tls: ClientTls | None = None) -> None:
+        self.tls = tls
         self.registry = registry
         self.interval = interval
         self.keys = list(keys or [])
@@ -255,7 +257,8 @@ class HealthMonitor:
 
     async def probe(self, node: Node) -> tuple[bool, str | None, dict[str, Any] | None]:
         """(alive, error, details) of one node, the secret proof checked when keys are set."""
-        client = AsyncAgentClient(node.host, node.port, timeout=HEALTH_TIMEOUT)
+        client = AsyncAgentClient(node.host, node.port, timeout=HEALTH_TIMEOUT, tls=self.tls,
+                                  node=node.name if self.tls is not None else None)
         nonce = secrets.token_hex(16) if self.keys else None
         try:
             details = await client.health(nonce)
@@ -287,12 +290,13 @@ class HealthMonitor:
 
 
 async def browse_once(interfaces: Sequence[str], wait: float = 2.0,
-                      check_health: bool = True) -> list[Node]:
+                      check_health: bool = True, tls: ClientTls | None = None) -> list[Node]:
     """Browse for agents for `wait` seconds and return those found (and answering, unless
     `check_health` is false): discovery without a controller, e.g. for the inventory plugin.
 
-    Without the cluster secret this cannot tell a real agent from a machine posing as one
-    (mDNS is unauthenticated): prefer the controller, which checks a secret proof."""
+    With `tls` (a client certificate), each probe is mutual TLS and the agent's certificate must
+    name the node it announced. Without it, this cannot tell a real agent from a machine posing
+    as one (mDNS is unauthenticated)."""
     registry = NodeRegistry()
     browser = ZeroconfBrowser(registry, interfaces)
     await browser.start()
@@ -301,5 +305,5 @@ async def browse_once(interfaces: Sequence[str], wait: float = 2.0,
     finally:
         await browser.stop()
     if check_health:
-        await HealthMonitor(registry, wait).check_all()
+        await HealthMonitor(registry, wait, tls=tls).check_all()
     return registry.alive()

@@ -19,9 +19,9 @@ from typing import Any, Sequence
 
 from agent.errors import AgentUnreachable, AuthenticationError, MarcoError
 
-from .credentials import find_token
+from .credentials import controller_context, find_token
 
-DEFAULT_CONTROLLER = "http://127.0.0.1:7380"
+DEFAULT_CONTROLLER = "https://127.0.0.1:7380"
 
 
 def fetch_inventory(controller: str, token: str, host: str | None = None,
@@ -32,7 +32,8 @@ def fetch_inventory(controller: str, token: str, host: str | None = None,
         url += "?" + urllib.parse.urlencode({"host": host})
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
+        with urllib.request.urlopen(request, timeout=timeout,
+                                    context=controller_context(controller)) as reply:
             return json.load(reply)
     except urllib.error.HTTPError as error:
         if error.code == 401:

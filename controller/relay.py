@@ -13,7 +13,7 @@ import logging
 
 import tornado.websocket
 
-from agent.client import AgentStream, AsyncAgentClient
+from agent.client import AgentStream
 from agent.errors import MarcoError
 from agent.protocol import CLOSE_UNAUTHORIZED, encode
 
@@ -40,7 +40,7 @@ class RelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         if node is None:
             self.close(4404, "no such node")
             return
-        self.upstream = AsyncAgentClient(node.host, node.port, self.token()).stream()
+        self.upstream = self.ctx.connector.client(node, self.token()).stream()
         try:
             hello = await self.upstream.connect()
         except MarcoError as error:

@@ -14,11 +14,11 @@ import math
 import time
 from typing import Any
 
-from agent.client import AsyncAgentClient
 from agent.errors import MarcoError
 from agent.revocations import Revocations
 from agent.tokens import TokenSigner
 
+from .connector import AgentConnector
 from .discovery import Node, NodeRegistry
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ class RevocationPusher:
     """Keeps the revocations and brings every agent up to date."""
 
     def __init__(self, revocations: Revocations, registry: NodeRegistry,
-                 service_signer: TokenSigner) -> None:
+                 service_signer: TokenSigner, connector: AgentConnector) -> None:
+        self.connector = connector
         self.revocations = revocations
         self.registry = registry
         self.service_signer = service_signer
@@ -54,7 +55,7 @@ class RevocationPusher:
         return {"not_before": cutoff, "nodes": {n.name: r for n, r in zip(nodes, results)}}
 
     async def _push(self, node: Node, table: dict[str, float]) -> dict[str, Any]:
-        client = AsyncAgentClient(node.host, node.port, self.service_signer.issue("controller"))
+        client = self.connector.client(node, self.service_signer.issue("controller"))
         try:
             await client.push_revocations(table)
             return {"ok": True}

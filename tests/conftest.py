@@ -11,6 +11,7 @@ import pytest
 from agent.tokens import TokenSigner, create_secret, load_secret
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
+from tests.support.pki import TestPki
 from tests.support.users import UnixUser, create_user, remove_user
 
 ALICE, BOB = "marcotest-alice", "marcotest-bob"
@@ -24,6 +25,12 @@ def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("secret") / "secret"
     create_secret(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    """The cluster CA every test agent and controller uses (mutual TLS by default)."""
+    return TestPki(tmp_path_factory.mktemp("pki") / "pki")
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +53,14 @@ def bob() -> Iterator[UnixUser]:
 
 
 @pytest.fixture
-def start_agent(secret_file: Path, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    """Factory: start real agent processes; all are stopped (SIGTERM) at the end of the test."""
+def start_agent(secret_file: Path, tmp_path: Path,
+                pki: TestPki) -> Iterator[Callable[..., AgentProcess]]:
+    """Factory: start real agent processes (mutual TLS unless `pki=None`, which means --dev);
+    all are stopped (SIGTERM) at the end of the test."""
     started: list[AgentProcess] = []
 
     def start(node_name: str = "test-node", **kwargs: object) -> AgentProcess:
+        kwargs.setdefault("pki", pki)
         state = tmp_path / f"state-{node_name}-{len(started)}"
         agent = AgentProcess(secret_file, state, node_name=node_name, **kwargs)  # type: ignore[arg-type]
         started.append(agent)
@@ -63,11 +73,11 @@ def start_agent(secret_file: Path, tmp_path: Path) -> Iterator[Callable[..., Age
 
 @pytest.fixture(scope="session")
 def shared_agent(secret_file: Path, tmp_path_factory: pytest.TempPathFactory,
-                 alice: UnixUser, bob: UnixUser) -> Iterator[AgentProcess]:
+                 alice: UnixUser, bob: UnixUser, pki: TestPki) -> Iterator[AgentProcess]:
     """One root agent for the many tests that need nothing special of it."""
     os.chmod(tmp_path_factory.getbasetemp(), 0o755)
     agent = AgentProcess(secret_file, tmp_path_factory.mktemp("shared") / "state",
-                         node_name="shared")
+                         node_name="shared", pki=pki)
     yield agent
     agent.stop()
 
@@ -82,13 +92,15 @@ def pam_service() -> Iterator[str]:
 
 
 @pytest.fixture
-def start_controller(secret_file: Path, tmp_path: Path,
-                     pam_service: str) -> Iterator[Callable[..., ControllerProcess]]:
-    """Factory: real controller processes (PAM service marco-test), stopped after the test."""
+def start_controller(secret_file: Path, tmp_path: Path, pam_service: str,
+                     pki: TestPki) -> Iterator[Callable[..., ControllerProcess]]:
+    """Factory: real controller processes (PAM service marco-test, HTTPS and mutual TLS to
+    agents unless `pki=None`), stopped after the test."""
     started: list[ControllerProcess] = []
 
     def start(**kwargs: object) -> ControllerProcess:
         kwargs.setdefault("pam_service", pam_service)
+        kwargs.setdefault("pki", pki)
         controller = ControllerProcess(secret_file, tmp_path, **kwargs)  # type: ignore[arg-type]
         started.append(controller)
         return controller

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 name: marco
-short_description: Run tasks through Marco agents (HTTP) instead of SSH
+short_description: Run tasks through Marco agents (mutual TLS) instead of SSH
 description:
   - Runs each task's commands on a node's Marco agent, as the Unix user named by your Marco
     token, in one HTTP round trip per command; files travel streamed.
   - Every command's output streams live to the Marco viewer while it runs.
-  - Get a token with C(marco login), or set C(MARCO_TOKEN).
+  - Get a token and a client certificate with C(marco login), or set C(MARCO_TOKEN) and
+    C(MARCO_TLS_CERT)/C(MARCO_TLS_KEY)/C(MARCO_TLS_CA).
+  - The agent must present a certificate from the cluster CA naming the node; anything else
+    (a rogue agent, an expired or revoked certificate) makes the host UNREACHABLE.
 author: Marco developers
 version_added: "0.1"
 options:
@@ -20,6 +23,43 @@ options:
       - name: inventory_hostname
       - name: ansible_host
       - name: marco_host
+  node_name:
+    description: The node name the agent's certificate must carry.
+    type: string
+    vars:
+      - name: inventory_hostname
+      - name: marco_node
+  tls:
+    description:
+      - Mutual TLS to the agent. The Marco inventory sets it from what the agent announces
+        (off only for agents in C(--dev) mode on loopback).
+    type: boolean
+    default: true
+    vars:
+      - name: marco_tls
+    env:
+      - name: MARCO_TLS
+  tls_ca:
+    description: The cluster CA file (default; the one C(marco login) stored, else /etc/marco/ca.pem).
+    type: path
+    vars:
+      - name: marco_tls_ca
+    env:
+      - name: MARCO_TLS_CA
+  tls_cert:
+    description: Client certificate (default; the one C(marco login) stored).
+    type: path
+    vars:
+      - name: marco_tls_cert
+    env:
+      - name: MARCO_TLS_CERT
+  tls_key:
+    description: Its private key.
+    type: path
+    vars:
+      - name: marco_tls_key
+    env:
+      - name: MARCO_TLS_KEY
   port:
     description: The agent's TCP port.
     type: int

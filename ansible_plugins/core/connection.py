@@ -17,7 +17,7 @@ from ansible.utils.display import Display
 
 from agent.client import AgentClient
 from agent.errors import AuthenticationError, MarcoError
-from controller.credentials import find_token
+from controller.credentials import find_token, node_tls
 
 from .errors import to_ansible
 
@@ -65,13 +65,24 @@ class MarcoConnection(ConnectionBase):
     def _connect(self) -> "MarcoConnection":
         if self._connected and self._client is not None:
             return self
+        environ = dict(os.environ)
+        for option, variable in (("tls_ca", "MARCO_TLS_CA"), ("tls_cert", "MARCO_TLS_CERT"),
+                                 ("tls_key", "MARCO_TLS_KEY")):
+            if self.get_option(option):
+                environ[variable] = str(self.get_option(option))
         try:
             token = find_token(self.get_option("marco_token"), self.get_option("marco_token_file"))
+            tls = node_tls(bool(self.get_option("tls")), environ)
         except AuthenticationError as error:
             raise to_ansible(error, self._host, "login") from None
+        except MarcoError as error:
+            raise to_ansible(error, self._host, "connect") from None
         port = int(self.get_option("port"))
-        display.vvv(f"ESTABLISH MARCO CONNECTION TO {self._host}:{port}", host=self._host)
-        self._client = AgentClient(self._host, port, token, timeout=float(self.get_option("timeout")))
+        node = str(self.get_option("node_name") or self._host)
+        display.vvv(f"ESTABLISH MARCO CONNECTION TO {node} at {self._host}:{port} "
+                    f"({'mutual TLS' if tls else 'plain HTTP, --dev agent'})", host=self._host)
+        self._client = AgentClient(self._host, port, token, node=node, tls=tls,
+                                   timeout=float(self.get_option("timeout")))
         self._connected = True
         return self
 

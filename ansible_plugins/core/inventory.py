@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from agent.errors import MarcoError
 from agent.protocol import choose_mdns_interfaces
+from controller.credentials import find_client_tls
 from controller.discovery import browse_once
 from controller.inventory import build_inventory
 
@@ -21,4 +22,6 @@ def from_zeroconf(interfaces: Sequence[str], wait: float) -> dict[str, Any]:
     if not chosen:
         raise MarcoError("browsing needs `mdns_interfaces` (addresses of this machine's "
                          "interfaces on the nodes' network), or set `controller`")
-    return build_inventory(asyncio.run(browse_once(chosen, wait)))
+    # With the user's client certificate, each answer is checked over mutual TLS: only agents
+    # with a certificate from the cluster CA naming the announced node are listed.
+    return build_inventory(asyncio.run(browse_once(chosen, wait, tls=find_client_tls())))

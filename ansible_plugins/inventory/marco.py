@@ -50,7 +50,7 @@ options:
 EXAMPLES = r"""
 # inventory.marco.yml
 plugin: marco
-controller: http://marco.example.org:7380
+controller: https://marco.example.org:7380
 keyed_groups:
   - key: marco_arch
     prefix: arch

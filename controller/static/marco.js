@@ -161,6 +161,9 @@ class NodeView {
 
   // -- socket ----------------------------------------------------------------------------------
   connect() {
+    // Agents with TLS want a client certificate the browser does not have: go through the
+    // controller's relay (the browser trusts one certificate, the controller's).
+    if (this.node.txt.tls === "1") this.viaRelay = true;
     const direct = `ws://${this.node.host.includes(":") ? "[" + this.node.host + "]" : this.node.host}:${this.node.port}/v1/stream`;
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const relay = `${scheme}//${location.host}/relay/${encodeURIComponent(this.node.name)}`;

@@ -250,7 +250,7 @@ def test_browser_on_loopback_finds_two_agents_and_sees_one_leave(start_agent) ->
                 assert txt["proto"] == str(PROTOCOL_VERSION)
                 assert txt["version"] == __version__
                 assert txt["groups"] == "lab,web"
-                assert txt["tls"] == "0"
+                assert txt["tls"] == "1"  # agents serve mutual TLS (not --dev)
                 assert txt["cpus"] == str(os.cpu_count())
                 assert txt["arch"] and txt["os"]
             resolved = time.monotonic() - begin

@@ -9,7 +9,6 @@ import stat
 
 import pytest
 
-from agent.client import AgentClient
 from agent.errors import AuthenticationError
 from agent.tokens import TokenSigner
 from tests.support.users import UnixUser
@@ -18,12 +17,12 @@ from tests.support.users import UnixUser
 def test_audit_log_records_who_did_what(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
                                         alice: UnixUser) -> None:
     agent = start_agent()
-    with AgentClient(agent.host, agent.port, signer.issue(alice.name)) as client:
+    with agent.client(signer.issue(alice.name)) as client:
         result = client.run("echo audited; exit 5", cwd="~", label="audit test")
         client.put_file(io.BytesIO(b"payload"), "audited.txt", size=7, mode=0o600)
         client.get_file("audited.txt", io.BytesIO())
     with pytest.raises(AuthenticationError):
-        AgentClient(agent.host, agent.port, "forged.token.value").executions()
+        agent.client("forged.token.value").executions()
     agent.stop()
 
     log_path = agent.state_dir / "audit.log"

@@ -20,10 +20,11 @@ from tests.support.users import UnixUser
 def test_reconnects_after_the_agent_restarted(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
                                               alice: UnixUser) -> None:
     agent = start_agent()
-    client = AgentClient(agent.host, agent.port, signer.issue(alice.name))
+    client = agent.client(signer.issue(alice.name))
     assert client.run(["true"]).rc == 0
     agent.stop()
-    again = AgentProcess(agent.secret_file, agent.state_dir, node_name="again", port=agent.port)
+    again = AgentProcess(agent.secret_file, agent.state_dir, node_name=agent.node_name,
+                         port=agent.port, pki=agent.pki)
     try:
         assert client.run(["echo", "after restart"]).stdout == b"after restart\n"
     finally:
@@ -65,7 +66,7 @@ def test_a_post_is_never_sent_twice() -> None:
 
 def test_refused_upload_answers_before_the_body_moves(shared_agent: AgentProcess,
                                                       signer: TokenSigner, alice: UnixUser) -> None:
-    client = AgentClient(shared_agent.host, shared_agent.port, signer.issue(alice.name))
+    client = shared_agent.client(signer.issue(alice.name))
     client.put_file(io.BytesIO(b"keep"), "exists.bin", size=4)
 
     class CountingReader(io.RawIOBase):

@@ -18,7 +18,7 @@ from tests.support.waiting import wait_for
 
 
 def client(agent: AgentProcess, signer: TokenSigner, user: str) -> AgentClient:
-    return AgentClient(agent.host, agent.port, signer.issue(user), timeout=60)
+    return agent.client(signer.issue(user), timeout=60)
 
 
 def test_runs_as_the_token_user(shared_agent: AgentProcess, signer: TokenSigner,
@@ -168,7 +168,7 @@ def test_bad_requests_get_clear_errors(shared_agent: AgentProcess, signer: Token
     with pytest.raises(NotFound):
         c.execution("0" * 32)
     with pytest.raises(AuthenticationError, match="Bearer"):
-        AgentClient(shared_agent.host, shared_agent.port, None).executions()
+        shared_agent.client(None).executions()
     with pytest.raises(PermissionDenied, match="does not exist on this node"):
         client(shared_agent, signer, "no-such-user-here").executions()
 
@@ -184,7 +184,6 @@ def test_non_root_agent_serves_only_its_own_user(alice: UnixUser, bob: UnixUser)
 
 def test_hostile_request_bodies_are_400(shared_agent: AgentProcess, signer: TokenSigner,
                                         alice: UnixUser) -> None:
-    import http.client
     token = signer.issue(alice.name)
     for body in ('{"argv": ["sleep", "0.1"], "timeout": NaN}',
                  '{"argv": ["sleep", "0.1"], "timeout": Infinity}',
@@ -193,7 +192,7 @@ def test_hostile_request_bodies_are_400(shared_agent: AgentProcess, signer: Toke
                  '{"argv": ["true"], "timeout": 1e30}',
                  '{"argv": ["true"], "env": {"A": 1}}',
                  '[1, 2]'):
-        conn = http.client.HTTPConnection(shared_agent.host, shared_agent.port, timeout=10)
+        conn = shared_agent.connection(timeout=10)
         conn.request("POST", "/v1/executions", body=body.encode(),
                      headers={"Authorization": f"Bearer {token}"})
         response = conn.getresponse()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Iterator
 
 import pytest
 
-from agent.client import AgentClient
 from agent.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser
@@ -21,20 +19,20 @@ from tests.support.waiting import wait_for
 
 def restart(agent: AgentProcess) -> AgentProcess:
     return AgentProcess(agent.secret_file, agent.state_dir, node_name=agent.node_name,
-                        port=agent.port, extra_args=agent.extra_args)
+                        port=agent.port, extra_args=agent.extra_args, pki=agent.pki)
 
 
 def test_sigkill_mid_execution_keeps_every_record(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
                                                    alice: UnixUser) -> None:
     agent = start_agent()
-    client = AgentClient(agent.host, agent.port, signer.issue(alice.name))
+    client = agent.client(signer.issue(alice.name))
     finished = client.run(["seq", "1", "3000"]).id
     running = client.start("seq 1 500; sleep 600")
     wait_for(lambda: client.output(running)["next"] >= 500, what="output before the kill")
     agent.stop(signal.SIGKILL)
     again = restart(agent)
     try:
-        client = AgentClient(again.host, again.port, signer.issue(alice.name))
+        client = again.client(signer.issue(alice.name))
         replayed = client.output(finished)
         lines = [line for e in replayed["events"] for line in e["lines"]]
         assert lines == [str(i) for i in range(1, 3001)]
@@ -52,7 +50,7 @@ def test_sigkill_mid_upload_leaves_no_file(start_agent, signer: TokenSigner,  # 
                                            alice: UnixUser) -> None:
     agent = start_agent()
     token = signer.issue(alice.name)
-    with socket.create_connection((agent.host, agent.port)) as sock:
+    with agent.open_socket() as sock:
         sock.sendall(f"PUT /v1/files?path=half.bin HTTP/1.1\r\nHost: x\r\n"
                      f"Authorization: Bearer {token}\r\nContent-Length: 50000000\r\n\r\n".encode()
                      + os.urandom(4_000_000))
@@ -75,10 +73,10 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_full_spool_disk_degrades_cleanly(tiny_disk: Path, secret_file: Path, signer: TokenSigner,
-                                          alice: UnixUser) -> None:
-    agent = AgentProcess(secret_file, tiny_disk / "state", node_name="tiny")
+                                          alice: UnixUser, pki) -> None:  # type: ignore[no-untyped-def]
+    agent = AgentProcess(secret_file, tiny_disk / "state", node_name="tiny", pki=pki)
     try:
-        client = AgentClient(agent.host, agent.port, signer.issue(alice.name))
+        client = agent.client(signer.issue(alice.name))
         result = client.run(["seq", "1", "1000000"])  # ~7 MB of output, 2 MB of disk
         assert result.rc == 0
         assert result.stdout == "".join(f"{i}\n" for i in range(1, 1_000_001)).encode()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import socket
 
 import pytest
 
@@ -18,7 +17,7 @@ from tests.support.users import UnixUser
 
 @pytest.fixture
 def alice_client(shared_agent: AgentProcess, signer: TokenSigner, alice: UnixUser) -> AgentClient:
-    return AgentClient(shared_agent.host, shared_agent.port, signer.issue(alice.name))
+    return shared_agent.client(signer.issue(alice.name))
 
 
 def test_upload_download_round_trip_owned_by_user(alice_client: AgentClient,
@@ -114,11 +113,11 @@ def test_bad_paths_are_4xx(alice_client: AgentClient) -> None:
 def test_interrupted_upload_leaves_nothing(shared_agent: AgentProcess, signer: TokenSigner,
                                            alice: UnixUser) -> None:
     token = signer.issue(alice.name)
-    with socket.create_connection((shared_agent.host, shared_agent.port)) as sock:
+    with shared_agent.open_socket() as sock:
         sock.sendall(f"PUT /v1/files?path=partial HTTP/1.1\r\nHost: x\r\n"
                      f"Authorization: Bearer {token}\r\nContent-Length: 1000000\r\n\r\n"
                      .encode() + b"y" * 1000)
-    client = AgentClient(shared_agent.host, shared_agent.port, token)
+    client = shared_agent.client(token)
     # The next request on the same agent sees no file and no temp file left behind.
     for _ in range(50):
         if not any(".marco-" in name for name in os.listdir(alice.home)):

@@ -17,8 +17,8 @@ from tests.support.waiting import wait_for
 def test_running_executions_per_user(start_agent, signer: TokenSigner, alice: UnixUser,  # type: ignore[no-untyped-def]
                                      bob: UnixUser) -> None:
     agent = start_agent(extra_args=["--max-running-per-user", "2"])
-    alices = AgentClient(agent.host, agent.port, signer.issue(alice.name))
-    bobs = AgentClient(agent.host, agent.port, signer.issue(bob.name))
+    alices = agent.client(signer.issue(alice.name))
+    bobs = agent.client(signer.issue(bob.name))
     running = [alices.start(["sleep", "60"]) for _ in range(2)]
     with pytest.raises(TooManyExecutions, match="limit is 2"):
         alices.start(["true"])
@@ -31,7 +31,7 @@ def test_running_executions_per_user(start_agent, signer: TokenSigner, alice: Un
 
 def test_upload_size_limit(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
     agent = start_agent(extra_args=["--max-upload-bytes", "1000"])
-    client = AgentClient(agent.host, agent.port, signer.issue(alice.name))
+    client = agent.client(signer.issue(alice.name))
     client.put_file(io.BytesIO(b"x" * 1000), "at-limit", size=1000)
     with pytest.raises(PayloadTooLarge, match="at most 1000"):
         client.put_file(io.BytesIO(b"x" * 2000), "too-big", size=2000)
@@ -45,7 +45,7 @@ def test_upload_size_limit(start_agent, signer: TokenSigner, alice: UnixUser) ->
 def test_spool_budget_per_user_drops_the_oldest_finished(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
                                                          alice: UnixUser) -> None:
     agent = start_agent(extra_args=["--spool-max-bytes-per-user", "300000"])
-    client = AgentClient(agent.host, agent.port, signer.issue(alice.name))
+    client = agent.client(signer.issue(alice.name))
     ids = [client.run(["seq", "1", "20000"]).id for _ in range(5)]  # ~130 KB of events each
     kept = [i for i in ids if _exists(client, i)]
     assert kept == ids[-len(kept):] and 1 <= len(kept) <= 2  # the newest survive

@@ -23,7 +23,7 @@ def run(coro: Awaitable[Any]) -> Any:
 
 
 def agent_client(agent: AgentProcess, token: str) -> AsyncAgentClient:
-    return AsyncAgentClient(agent.host, agent.port, token)
+    return agent.async_client(token)
 
 
 async def read_until(stream: AgentStream, done: Callable[[dict[str, Any]], bool],
@@ -102,8 +102,9 @@ def test_unknown_user_is_forbidden_on_the_socket(shared_agent: AgentProcess,
 def test_first_message_must_be_auth(shared_agent: AgentProcess) -> None:
     async def scenario() -> int | None:
         stream = agent_client(shared_agent, None).stream()  # type: ignore[arg-type]
-        from tornado import websocket
-        stream._ws = await websocket.websocket_connect(stream.url)
+        from tornado import httpclient, websocket
+        stream._ws = await websocket.websocket_connect(
+            httpclient.HTTPRequest(stream.url, ssl_options=stream.ssl_context))
         await stream.send({"type": "subscribe", "status": True})
         with pytest.raises(AuthenticationError, match="authenticate first"):
             await stream.read()

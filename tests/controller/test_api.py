@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from tests.support.users import UnixUser
 
 def call(controller: ControllerProcess, method: str, path: str, body: Any = None,
          token: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection(controller.host, controller.port, timeout=60)
+    conn = controller.connection(timeout=60)
     all_headers = dict(headers or {})
     if token:
         all_headers["Authorization"] = f"Bearer {token}"
@@ -86,7 +85,7 @@ def test_deploy_fans_out_and_reports_per_node(cluster, alice: UnixUser, signer: 
 
 def login_cookie(controller: ControllerProcess, user: UnixUser) -> str:
     """Log in through the form as a browser would; return the Cookie header."""
-    conn = http.client.HTTPConnection(controller.host, controller.port, timeout=30)
+    conn = controller.connection(timeout=30)
     conn.request("GET", "/login")
     response = conn.getresponse()
     response.read()
@@ -138,7 +137,7 @@ def test_relay_socket_for_agents_the_browser_cannot_reach(cluster, alice: UnixUs
 
 def test_pages_refuse_debugging_and_set_safe_headers(cluster) -> None:  # type: ignore[no-untyped-def]
     controller, _ = cluster
-    conn = http.client.HTTPConnection(controller.host, controller.port, timeout=30)
+    conn = controller.connection(timeout=30)
     conn.request("GET", "/login")
     response = conn.getresponse()
     page = response.read().decode()
@@ -194,14 +193,13 @@ def test_a_stalled_agent_is_dropped_and_the_others_finish(start_agent, start_con
 
 def test_a_browser_leaving_mid_deploy_leaves_nothing_behind(start_agent, start_controller,  # type: ignore[no-untyped-def]
                                                             alice: UnixUser, signer: TokenSigner) -> None:
-    import socket
     from tests.support.waiting import wait_for
     agents, controller = _static_cluster(start_agent, start_controller)
     token = signer.issue(alice.name)
     wait_for(lambda: len(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]) == 2,
              what="static nodes up")
     query = urllib.parse.urlencode({"nodes": "st0,st1", "folder": "~", "name": "left.bin"})
-    with socket.create_connection((controller.host, controller.port)) as sock:
+    with controller.open_socket() as sock:
         sock.sendall(f"PUT /api/deploy?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
                      f"Content-Length: 100000000\r\n\r\n".encode() + os.urandom(5_000_000))
         wait_for(lambda: _temp_files(alice.home), what="uploads under way")
@@ -232,7 +230,7 @@ def test_browser_sessions_survive_a_secret_rotation(cluster, alice: UnixUser,  #
     after = ControllerProcess(rotated, tmp_path, pam_service="marco-test",
                               extra_args=["--no-discovery"])
     try:
-        conn = http.client.HTTPConnection(after.host, after.port, timeout=30)
+        conn = after.connection(timeout=30)
         conn.request("GET", "/api/session", headers={"Cookie": cookie})
         response = conn.getresponse()
         body = json.loads(response.read())

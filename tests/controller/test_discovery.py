@@ -49,7 +49,7 @@ def test_finds_agents_on_loopback_and_drops_a_killed_one(start_agent, start_cont
 
     # It comes back when it returns (same port, announced again).
     revived = AgentProcess(agents[0].secret_file, agents[0].state_dir, node_name=names[0],
-                           port=agents[0].port, announce=True)
+                           port=agents[0].port, announce=True, pki=agents[0].pki)
     try:
         wait_for(lambda: names[0] in inventory_hosts(controller, token), what="agent to return")
     finally:
@@ -96,7 +96,7 @@ def test_agents_in_network_namespaces_on_a_bridge(network: NamespaceNetwork, sec
             agents.append(AgentProcess(secret_file, tmp_path / f"ns{index}" / "state",
                                        node_name=f"nshost{index + 1}", bind=host.address,
                                        announce=True, netns=host.name,
-                                       extra_args=["--groups", "lab"]))
+                                       extra_args=["--groups", "lab"], pki=controller.pki))
         started = time.monotonic()
         wanted = {"nshost1", "nshost2", "nshost3"}
         hosts = wait_for(lambda: wanted <= set(h := inventory_hosts(controller, token)) and h,

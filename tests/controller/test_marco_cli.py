@@ -20,6 +20,8 @@ MARCO = Path(sys.executable).parent / "marco"
 def marco(home: Path, controller: ControllerProcess, *args: str, stdin: str = "",
           timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "MARCO_CONTROLLER": controller.url}
+    if controller.pki is not None:  # the CA is public: users get it with their install
+        env["MARCO_TLS_CA"] = str(controller.pki.ca_file)
     return subprocess.run([str(MARCO), *args], input=stdin, capture_output=True, text=True,
                           env=env, timeout=timeout)
 
@@ -37,6 +39,12 @@ def test_login_nodes_status_run(cluster, alice: UnixUser, signer: TokenSigner,  
     assert token_file.stat().st_mode & 0o777 == 0o600
     assert token_file.parent.stat().st_mode & 0o777 == 0o700
     assert signer.verify(token_file.read_text().strip()) == alice.name
+    # login also made a key here and got a short-lived client certificate for it
+    key_file = token_file.parent / "client.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert "CN=" + alice.name in subprocess.run(
+        ["openssl", "x509", "-noout", "-subject", "-in", str(token_file.parent / "client.pem")],
+        capture_output=True, text=True).stdout.replace(" ", "")
 
     nodes = marco(tmp_path, controller, "nodes")
     assert nodes.returncode == 0 and all(name in nodes.stdout for name in names)
@@ -56,7 +64,7 @@ def test_login_nodes_status_run(cluster, alice: UnixUser, signer: TokenSigner,  
 
 
 def test_ctrl_c_stops_the_remote_executions(cluster, alice: UnixUser, signer: TokenSigner,  # type: ignore[no-untyped-def]
-                                            tmp_path: Path) -> None:
+                                            tmp_path: Path, pki) -> None:
     controller, names = cluster
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MARCO_CONTROLLER": controller.url,
            "MARCO_TOKEN": signer.issue(alice.name), "PYTHONUNBUFFERED": "1"}
@@ -75,6 +83,7 @@ def test_ctrl_c_stops_the_remote_executions(cluster, alice: UnixUser, signer: To
     inventory = controller.get_json("/api/inventory", signer.issue(alice.name))["_meta"]["hostvars"]
     for name in names:
         host = inventory[name]
-        with AgentClient(host["ansible_host"], host["ansible_port"], signer.issue(alice.name)) as client:
+        with AgentClient(host["ansible_host"], host["ansible_port"], signer.issue(alice.name),
+                         tls=pki.client_tls(), node=name) as client:
             sleeping = [e for e in client.executions() if e["command"] == "echo started; sleep 600"]
         assert sleeping and all(e["state"] == "killed" and e["stopped"] for e in sleeping)

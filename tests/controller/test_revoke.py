@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import AgentClient
 from agent.errors import AuthenticationError, TokenRevoked
 from agent.tokens import SERVICE_SALT, TokenSigner
 from tests.controller.test_api import call, login_cookie
@@ -38,21 +37,22 @@ def test_log_out_everywhere(start_agent, start_controller, signer: TokenSigner, 
     assert body["nodes"]["rv-up"]["ok"] is True
     # Old tokens: refused by the agent (with a clear reason) and by the controller.
     with pytest.raises(TokenRevoked, match="log in again"):
-        AgentClient(up.host, up.port, old).executions()
+        up.client(old).executions()
     status, _ = call(controller, "GET", "/api/nodes", token=old)
     assert status == 401
     # New logins work; other users are not touched.
     time.sleep(1.1)
     fresh = signer.issue(alice.name)
-    assert AgentClient(up.host, up.port, fresh).run(["true"]).rc == 0
-    assert AgentClient(up.host, up.port, bobs).run(["true"]).rc == 0
+    assert up.client(fresh).run(["true"]).rc == 0
+    assert up.client(bobs).run(["true"]).rc == 0
 
     # The agent that was down learns it when it comes back.
-    back = AgentProcess(down.secret_file, down.state_dir, node_name=down.node_name, port=down.port)
+    back = AgentProcess(down.secret_file, down.state_dir, node_name=down.node_name, port=down.port,
+                        pki=down.pki)
     try:
         def refused() -> bool:
             try:
-                AgentClient(back.host, back.port, old).executions()
+                back.client(old).executions()
             except TokenRevoked:
                 return True
             return False
@@ -60,17 +60,17 @@ def test_log_out_everywhere(start_agent, start_controller, signer: TokenSigner, 
     finally:
         back.stop()
     # ... and keeps it across its own restart.
-    again = AgentProcess(down.secret_file, down.state_dir, node_name=down.node_name, port=down.port)
+    again = AgentProcess(down.secret_file, down.state_dir, node_name=down.node_name,
+                         port=down.port, pki=down.pki)
     try:
         with pytest.raises(TokenRevoked):
-            AgentClient(again.host, again.port, old).executions()
+            again.client(old).executions()
     finally:
         again.stop()
 
 
 def test_only_the_controller_can_push_revocations(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
                                                   alice: UnixUser) -> None:
-    import http.client
     import json
     agent = start_agent()
     secret = signer._serializer.secret_keys
@@ -78,12 +78,12 @@ def test_only_the_controller_can_push_revocations(start_agent, signer: TokenSign
               TokenSigner(b"z" * 40, salt=SERVICE_SALT).issue("controller"),  # another secret
               TokenSigner(secret, salt=SERVICE_SALT).issue("alice")]  # service salt, wrong name
     for token in forged:
-        conn = http.client.HTTPConnection(agent.host, agent.port, timeout=10)
+        conn = agent.connection(timeout=10)
         conn.request("PUT", "/v1/revocations", body=json.dumps({"revocations": {alice.name: 4e9}}),
                      headers={"Authorization": f"Bearer {token}"})
         assert conn.getresponse().status == 401
         conn.close()
-    assert AgentClient(agent.host, agent.port, signer.issue(alice.name)).run(["true"]).rc == 0
+    assert agent.client(signer.issue(alice.name)).run(["true"]).rc == 0
 
 
 def test_page_and_cli_log_out_everywhere(start_agent, start_controller, signer: TokenSigner,  # type: ignore[no-untyped-def]
@@ -104,8 +104,7 @@ def test_page_and_cli_log_out_everywhere(start_agent, start_controller, signer: 
     assert out.returncode == 0 and "refused" in out.stdout, out.stderr
     assert not (home / ".config" / "marco" / "token").exists()
     with pytest.raises(AuthenticationError):
-        AgentClient(agent.host, agent.port, stored).executions()
-    import http.client
-    conn = http.client.HTTPConnection(controller.host, controller.port, timeout=10)
+        agent.client(stored).executions()
+    conn = controller.connection(timeout=10)
     conn.request("GET", "/api/session", headers={"Cookie": cookie})
     assert conn.getresponse().status == 401  # the browser session ended too

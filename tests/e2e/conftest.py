@@ -15,6 +15,7 @@ from agent.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
 from tests.support.netns import NamespaceNetwork
+from tests.support.pki import TestPki
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
@@ -30,6 +31,7 @@ class Fleet:
     agents: list[AgentProcess]
     names: list[str]
     workdir: Path
+    pki: TestPki
 
     def env(self, token: str) -> dict[str, str]:
         home = self.workdir / "home"
@@ -37,7 +39,7 @@ class Fleet:
         return {"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home),
                 "MARCO_CONTROLLER": self.controller.url, "MARCO_TOKEN": token,
                 "ANSIBLE_CONFIG": str(PLAYBOOKS / "ansible.cfg"), "LANG": "C.UTF-8",
-                "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"}
+                "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1", **self.pki.client_env()}
 
     def ansible(self, token: str, *args: str, tool: str = "ansible-playbook",
                 timeout: float = 300, **popen: object) -> subprocess.CompletedProcess[str]:
@@ -47,7 +49,7 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(secret_file: Path, signer: TokenSigner, alice: UnixUser, pam_service: str,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+          tmp_path_factory: pytest.TempPathFactory, pki: TestPki) -> Iterator[Fleet]:
     workdir = tmp_path_factory.mktemp("fleet")
     os.chmod(workdir, 0o755)
     network = NamespaceNetwork(3, subnet="10.213.78", tag="e2e").create()
@@ -55,17 +57,18 @@ def fleet(secret_file: Path, signer: TokenSigner, alice: UnixUser, pam_service: 
     agents: list[AgentProcess] = []
     try:
         controller = ControllerProcess(secret_file, workdir, pam_service=pam_service,
-                                       bind=network.gateway, mdns_interfaces=[network.gateway])
+                                       bind=network.gateway, mdns_interfaces=[network.gateway],
+                                       pki=pki)
         for index, host in enumerate(network.hosts, 1):
             agents.append(AgentProcess(secret_file, workdir / f"h{index}" / "state",
                                        node_name=f"e2e{index}", bind=host.address,
                                        announce=True, netns=host.name,
-                                       extra_args=["--groups", "lab"]))
+                                       extra_args=["--groups", "lab"], pki=pki))
         names = [a.node_name for a in agents]
         token = signer.issue(alice.name)
         wait_for(lambda: set(names) <= set(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]),
                  what="three namespace agents in the inventory")
-        yield Fleet(network, controller, agents, names, workdir)
+        yield Fleet(network, controller, agents, names, workdir, pki)
     finally:
         for agent in agents:
             agent.stop()

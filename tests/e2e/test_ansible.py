@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.client import AsyncAgentClient
 from agent.tokens import TokenSigner
 from tests.agent.test_tokens import expired_token
 from tests.e2e.conftest import BIN, PLAYBOOKS, Fleet
@@ -53,7 +52,7 @@ def test_site_and_e2e_playbooks_on_three_hosts(fleet: Fleet, signer: TokenSigner
 async def _collect(fleet: Fleet, token: str, seconds: float, events: list[dict[str, Any]],
                    started: asyncio.Event) -> None:
     agent = fleet.agents[0]
-    stream = AsyncAgentClient(agent.host, agent.port, token).stream()
+    stream = agent.async_client(token).stream()
     await stream.connect()
     started.set()
     deadline = time.monotonic() + seconds

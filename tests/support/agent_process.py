@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+from agent.client import AgentClient, AsyncAgentClient
 from tests.support.daemon import DaemonProcess, free_port
+from tests.support.pki import TestPki
 
 __all__ = ["AgentProcess", "free_port"]
 
 
 class AgentProcess(DaemonProcess):
-    """One agent; announce off unless asked, debug logs next to its state dir."""
+    """One agent; announce off unless asked, debug logs next to its state dir. With `pki` it
+    serves mutual TLS with a certificate for its node name; without, it runs in --dev mode."""
 
     module = "agent"
     health_path = "/v1/health"
@@ -19,14 +22,27 @@ class AgentProcess(DaemonProcess):
     def __init__(self, secret_file: Path, state_dir: Path, node_name: str = "test-node",
                  extra_args: Sequence[str] = (), bind: str = "127.0.0.1",
                  port: int | None = None, announce: bool = False,
-                 env: dict[str, str] | None = None, netns: str | None = None) -> None:
+                 env: dict[str, str] | None = None, netns: str | None = None,
+                 pki: TestPki | None = None) -> None:
         self.node_name = node_name
         self.secret_file, self.state_dir, self.extra_args = secret_file, state_dir, extra_args
-        self.announce = announce
+        self.announce, self.pki = announce, pki
+        self.tls = pki.client_tls() if pki is not None else None
         port = port or (free_port(bind) if netns is None else 7370)
         args = ["--bind", bind, "--port", str(port), "--secret-file", str(secret_file),
                 "--state-dir", str(state_dir), "--node-name", node_name, "--log-level", "debug",
-                "--announce" if announce else "--no-announce", *extra_args]
+                "--announce" if announce else "--no-announce",
+                *(pki.agent_args(node_name) if pki is not None else ["--dev"]), *extra_args]
         state_dir.parent.mkdir(parents=True, exist_ok=True)
         super().__init__(args, state_dir.parent / f"{node_name}-{port}.log", bind, port, env=env,
-                         netns=netns)
+                         netns=netns,
+                         ssl_context=self.tls.context_for(node_name) if self.tls else None)
+
+    def client(self, token: str | None, **kwargs: Any) -> AgentClient:
+        """A sync client to this agent (mutual TLS as the test client when it serves TLS)."""
+        return AgentClient(self.host, self.port, token, tls=self.tls, node=self.node_name,
+                           **kwargs)
+
+    def async_client(self, token: str | None, **kwargs: Any) -> AsyncAgentClient:
+        return AsyncAgentClient(self.host, self.port, token, tls=self.tls, node=self.node_name,
+                                **kwargs)

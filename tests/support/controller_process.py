@@ -7,26 +7,39 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
+from agent.tls import server_trust_context
 from tests.support.daemon import DaemonProcess, free_port
+from tests.support.pki import TestPki
 
 
 class ControllerProcess(DaemonProcess):
+    """With `pki`: HTTPS for the web and API, mutual TLS to agents; without: --dev."""
+
     module = "controller"
     health_path = "/login"
 
     def __init__(self, secret_file: Path, log_dir: Path, pam_service: str = "marco-test",
                  extra_args: Sequence[str] = (), bind: str = "127.0.0.1",
-                 mdns_interfaces: Sequence[str] = ("127.0.0.1",)) -> None:
+                 mdns_interfaces: Sequence[str] = ("127.0.0.1",),
+                 pki: TestPki | None = None) -> None:
         port = free_port(bind)
+        self.pki = pki
         args = ["--bind", bind, "--port", str(port), "--secret-file", str(secret_file),
                 "--state-dir", str(log_dir / f"controller-state-{port}"),
                 "--pam-service", pam_service, "--log-level", "debug", "--health-interval", "0.5",
                 *[arg for address in mdns_interfaces for arg in ("--mdns-interface", address)],
+                *(["--pki-dir", str(pki.dir)] if pki is not None else ["--dev"]),
                 *extra_args]
-        super().__init__(args, log_dir / f"controller-{port}.log", bind, port)
+        context = server_trust_context(str(pki.ca_file)) if pki is not None else None
+        super().__init__(args, log_dir / f"controller-{port}.log", bind, port,
+                         ssl_context=context)
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http", "ws", 1)
 
     def get_json(self, path: str, token: str) -> Any:
         request = urllib.request.Request(self.url + path,
                                          headers={"Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10, context=self.ssl_context) as response:
             return json.load(response)

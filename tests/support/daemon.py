@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -29,8 +31,9 @@ class DaemonProcess:
 
     def __init__(self, args: Sequence[str], log_path: Path, host: str, port: int,
                  env: dict[str, str] | None = None, netns: str | None = None,
-                 user: int | None = None) -> None:
+                 user: int | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port, self.log_path = host, port, log_path
+        self.ssl_context = ssl_context
         command = [sys.executable, "-m", self.module, *args]
         if netns:
             command = ["ip", "netns", "exec", netns, *command]
@@ -42,7 +45,22 @@ class DaemonProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def connection(self, timeout: float = 30) -> http.client.HTTPConnection:
+        """An http.client connection to the daemon (HTTPS, as the test client, with TLS)."""
+        if self.ssl_context is None:
+            return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                           context=self.ssl_context)
+
+    def open_socket(self, timeout: float = 30) -> socket.socket:
+        """A raw stream to the daemon (inside TLS when it serves TLS), for hand-made requests."""
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        if self.ssl_context is not None:
+            return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+        return sock
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -50,7 +68,8 @@ class DaemonProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.module} exited with {self.process.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(self.url + self.health_path, timeout=1):
+                with urllib.request.urlopen(self.url + self.health_path, timeout=1,
+                                            context=self.ssl_context):
                     return
             except OSError:
                 time.sleep(0.05)

@@ -1,0 +1,72 @@
+"""A real cluster CA for the tests (made with `controller.pki`, the code `marco-controller
+init` runs), and the certificates each agent, controller and user needs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from agent.tls import ClientTls
+from controller.pki import ClusterPki
+
+
+#: The bridge addresses of the tests' network namespaces, where controllers listen in the
+#: netns tests (like `marco-controller init --name ADDRESS` on a real install).
+NETNS_GATEWAYS = ("10.213.77.1", "10.213.78.1")
+
+
+class TestPki(ClusterPki):
+    """The CA plus a cache of issued bundles: one per node name, one test client."""
+
+    __test__ = False  # not a test class, whatever its name says
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        if not self.exists():
+            self.init(controller_names=NETNS_GATEWAYS)
+        os.chmod(self.dir, 0o755)  # only the key files inside are secret (0600)
+        self._client: ClientTls | None = None
+
+    def agent_bundle(self, node: str) -> Path:
+        """The bundle `marco-controller issue-agent NODE` writes (issued once per name)."""
+        out = self.dir / "agents" / node
+        if not (out / "agent.pem").exists():
+            self.issue(node, "agent", out_dir=out)
+        return out
+
+    def agent_args(self, node: str) -> list[str]:
+        out = self.agent_bundle(node)
+        return ["--tls-cert", str(out / "agent.pem"), "--tls-key", str(out / "agent.key"),
+                "--tls-ca", str(out / "ca.pem"), "--tls-crl", str(self.crl_file)]
+
+    def client_tls(self) -> ClientTls:
+        """The test process's own client identity (like an automation certificate)."""
+        if self._client is None:
+            out = self.dir / "clients" / "tester"
+            if not (out / "client.pem").exists():
+                self.issue("tester", "client", out_dir=out)
+            self._client = ClientTls(str(self.ca_file), str(out / "client.pem"),
+                                     str(out / "client.key"), str(self.crl_file))
+        return self._client
+
+    def client_env(self) -> dict[str, str]:
+        """The test client's files as the MARCO_TLS_* variables the CLI and plugins read."""
+        tls = self.client_tls()
+        return {"MARCO_TLS_CERT": tls.cert_file, "MARCO_TLS_KEY": tls.key_file,
+                "MARCO_TLS_CA": tls.ca_file}
+
+    def user_env(self, name: str, home: Path, uid: int, gid: int) -> dict[str, str]:
+        """A client certificate for a process run as a Unix user (files owned by that user),
+        as the MARCO_TLS_* variables the CLI and plugins read."""
+        out = home / f"tls-{name}"
+        if not (out / "client.pem").exists():
+            self.issue(name, "client", out_dir=out)
+            for path in [out, *out.iterdir()]:
+                os.chown(path, uid, gid)
+        return {"MARCO_TLS_CERT": str(out / "client.pem"), "MARCO_TLS_KEY": str(out / "client.key"),
+                "MARCO_TLS_CA": str(out / "ca.pem")}
+
+    def copy_ca(self, destination: Path) -> Path:
+        shutil.copyfile(self.ca_file, destination)
+        return destination
