@@ -20,7 +20,7 @@ from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from agent.client import AsyncAgentClient
-from agent.tls import ClientTls
+from agent.tls import CertificateRefused, ClientTls
 from agent.errors import ConfigError, MarcoError
 from agent.protocol import DEFAULT_PORT, SERVICE_TYPE
 from agent.tokens import verify_health_proof
@@ -262,6 +262,10 @@ class HealthMonitor:
         nonce = secrets.token_hex(16) if self.keys else None
         try:
             details = await client.health(nonce)
+        except CertificateRefused as error:
+            log.warning("refusing %s at %s:%d: %s", node.name, node.host, node.port,
+                        error.message)
+            return False, error.message, None
         except MarcoError as error:
             return False, error.message, None
         reported = str(details.get("node", ""))

@@ -106,10 +106,12 @@ def test_relay_socket_for_agents_the_browser_cannot_reach(cluster, alice: UnixUs
                                                           signer: TokenSigner) -> None:
     controller, names = cluster
     cookie = login_cookie(controller, alice)
-    url = f"ws://{controller.host}:{controller.port}/relay/{names[0]}"
+    url = f"{controller.ws_url}/relay/{names[0]}"
+    tls = controller.ssl_context
 
     async def scenario() -> None:
-        ws = await websocket.websocket_connect(httpclient.HTTPRequest(url, headers={"Cookie": cookie}))
+        ws = await websocket.websocket_connect(httpclient.HTTPRequest(url, headers={"Cookie": cookie},
+                                                                      ssl_options=tls))
         hello = json.loads(await ws.read_message())
         assert hello["type"] == "hello" and hello["user"] == alice.name
         token = signer.issue(alice.name)
@@ -125,11 +127,11 @@ def test_relay_socket_for_agents_the_browser_cannot_reach(cluster, alice: UnixUs
         assert lines == ["via-relay"]
         ws.close()
         # No login cookie: refused. A foreign page's origin: refused (cookie-authenticated socket).
-        ws = await websocket.websocket_connect(url)
+        ws = await websocket.websocket_connect(httpclient.HTTPRequest(url, ssl_options=tls))
         assert await ws.read_message() is None and ws.close_code == 4401
         with pytest.raises(httpclient.HTTPClientError) as refused:
             await websocket.websocket_connect(httpclient.HTTPRequest(
-                url, headers={"Cookie": cookie, "Origin": "http://evil.example"}))
+                url, headers={"Cookie": cookie, "Origin": "https://evil.example"}, ssl_options=tls))
         assert refused.value.code == 403
 
     asyncio.run(scenario())

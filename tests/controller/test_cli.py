@@ -24,9 +24,54 @@ def test_help_lists_the_options() -> None:
 
 
 def test_refuses_su_and_a_missing_secret(secret_file: Path, tmp_path: Path) -> None:
-    out = controller_cli("--secret-file", str(secret_file), "--pam-service", "su")
+    out = controller_cli("--secret-file", str(secret_file), "--pam-service", "su", "--dev")
     assert out.returncode == 2 and "lets root in" in out.stderr and out.stderr.count("\n") == 1
     out = controller_cli("--secret-file", str(tmp_path / "none"))
     assert out.returncode == 2 and "does not exist" in out.stderr
-    out = controller_cli("--secret-file", str(secret_file), "--node", "host:notaport")
+    out = controller_cli("--secret-file", str(secret_file), "--node", "host:notaport", "--dev")
     assert out.returncode == 2 and "port must be a number" in out.stderr
+
+
+def test_no_cluster_ca_and_dev_mode_off_loopback_are_refused(secret_file: Path,
+                                                             tmp_path: Path) -> None:
+    out = controller_cli("--secret-file", str(secret_file), "--pki-dir", str(tmp_path / "none"))
+    assert out.returncode == 2 and "marco-controller init" in out.stderr
+    out = controller_cli("--secret-file", str(secret_file), "--dev", "--bind", "0.0.0.0")
+    assert out.returncode == 2 and "loopback" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_admin_commands_make_a_cluster_issue_and_revoke(tmp_path: Path) -> None:
+    """init -> CA, secret, controller certificate; issue-agent -> a bundle an agent starts
+    with; revoke-cert -> the serial is in the CRL; list-certs shows it."""
+    pki, secret = tmp_path / "pki", tmp_path / "secret"
+    common = ("--pki-dir", str(pki), "--secret-file", str(secret))
+    out = controller_cli(*common, "init", "--name", "192.0.2.7")
+    assert out.returncode == 0, out.stderr
+    assert secret.stat().st_mode & 0o777 == 0o600 and (pki / "ca.key").stat().st_mode & 0o777 == 0o600
+    san = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in",
+                          str(pki / "controller.pem")], capture_output=True, text=True).stdout
+    assert "192.0.2.7" in san and "127.0.0.1" in san
+    again = controller_cli(*common, "init")
+    assert again.returncode == 2 and "already holds a CA" in again.stderr
+
+    bundle = tmp_path / "web1.marco"
+    out = controller_cli(*common, "issue-agent", "web1", "--out", str(bundle))
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in bundle.iterdir()) == ["agent.key", "agent.pem", "ca.pem",
+                                                        "crl.pem", "secret"]
+    assert (bundle / "agent.key").stat().st_mode & 0o777 == 0o600
+    verified = subprocess.run(["openssl", "verify", "-CAfile", str(pki / "ca.pem"),
+                               str(bundle / "agent.pem")], capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    bad = controller_cli(*common, "issue-agent", "../etc", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "letters, digits" in bad.stderr
+
+    out = controller_cli(*common, "revoke-cert", "web1")
+    assert out.returncode == 0, out.stderr
+    crl = subprocess.run(["openssl", "crl", "-noout", "-text", "-in", str(pki / "crl.pem")],
+                         capture_output=True, text=True).stdout
+    serial = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in",
+                             str(bundle / "agent.pem")], capture_output=True, text=True).stdout
+    assert serial.split("=")[1].strip().lstrip("0") in crl.replace(" ", "").upper()
+    listing = controller_cli(*common, "list-certs").stdout
+    assert "web1" in listing and "revoked" in listing and "marco-controller" in listing

@@ -60,13 +60,19 @@ def test_finds_agents_on_loopback_and_drops_a_killed_one(start_agent, start_cont
 
 def test_static_nodes_need_no_mdns(start_agent, start_controller, signer: TokenSigner,  # type: ignore[no-untyped-def]
                                    alice: UnixUser) -> None:
-    agent = start_agent(node_name="static-one")
-    controller = start_controller(extra_args=["--no-discovery", "--node",
-                                              f"rack1={agent.host}:{agent.port}"])
+    agent = start_agent(node_name="rack1")
+    # The second entry names a node whose certificate the agent does not have: over mutual
+    # TLS the controller checks the name, so that entry stays down with the reason.
+    controller = start_controller(extra_args=["--no-discovery",
+                                              "--node", f"rack1={agent.host}:{agent.port}",
+                                              "--node", f"rack9={agent.host}:{agent.port}"])
     token = signer.issue(alice.name)
     hosts = wait_for(lambda: (h := inventory_hosts(controller, token)).get("rack1", {}).get(
         "marco_version") and h, what="static node probed")
-    assert hosts["rack1"]["ansible_port"] == agent.port and hosts["rack1"]["marco_node"] == "static-one"
+    assert hosts["rack1"]["ansible_port"] == agent.port and hosts["rack1"]["marco_node"] == "rack1"
+    assert "rack9" not in hosts
+    nodes = {n["name"]: n for n in controller.get_json("/api/nodes", token)["nodes"]}
+    assert not nodes["rack9"]["alive"] and "not valid for 'rack9'" in nodes["rack9"]["error"]
     agent.stop(signal.SIGKILL)
     wait_for(lambda: "rack1" not in inventory_hosts(controller, token), what="static node down")
 
@@ -130,6 +136,7 @@ def test_ansible_inventory_reads_the_controller(start_agent, start_controller,  
     token = signer.issue(alice.name)
     wait_for(lambda: name in inventory_hosts(controller, token), what="agent")
     env = {"MARCO_CONTROLLER": controller.url, "MARCO_TOKEN": token,
+           "MARCO_TLS_CA": str(controller.pki.ca_file),  # to trust the controller's HTTPS
            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp")}
     ansible_inventory = shutil.which("ansible-inventory", path=env["PATH"])
@@ -150,10 +157,14 @@ def test_ansible_inventory_reads_the_controller(start_agent, start_controller,  
 
 
 def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signer: TokenSigner,  # type: ignore[no-untyped-def]
-                                            alice: UnixUser, unique_name) -> None:
-    """Anyone can announce `_marco._tcp`: without proof of the cluster secret it gets no name,
-    and in particular cannot take over a real node's name (and the tokens sent to it)."""
+                                            alice: UnixUser, unique_name, pki,
+                                            tmp_path: Path) -> None:
+    """Anyone can announce `_marco._tcp`. A rogue agent with a certificate from another CA
+    (claiming a real node's name) fails the TLS check; one with a stolen certificate of this
+    CA but without the cluster secret fails the secret proof. Neither gets a name, and in
+    particular neither takes over a real node's name (and the tokens sent to it)."""
     import asyncio
+    import ssl
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -161,10 +172,13 @@ def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signe
     from zeroconf.asyncio import AsyncZeroconf
 
     from agent.protocol import SERVICE_TYPE
+    from agent.tls import ServerTlsFiles
+    from controller.pki import ClusterPki
 
     class FakeAgent(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            body = b'{"node": "whatever", "version": "0.1.0", "proto": 1, "proof": "00"}'
+            body = b'{"node": "%s", "version": "0.1.0", "proto": 1, "proof": "00"}' % (
+                self.server.claimed.encode())  # type: ignore[attr-defined]
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -173,22 +187,38 @@ def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signe
         def log_message(self, *args: object) -> None:
             pass
 
-    fake = ThreadingHTTPServer(("127.0.0.1", 0), FakeAgent)
-    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    def fake_agent(ca: ClusterPki, claimed: str) -> ThreadingHTTPServer:
+        bundle = ca.issue(claimed, "agent", out_dir=tmp_path / f"{claimed}-bundle")
+        server = ThreadingHTTPServer(("127.0.0.1", 0), FakeAgent)
+        server.claimed = claimed  # type: ignore[attr-defined]
+        context = ServerTlsFiles(str(bundle.cert_file), str(bundle.key_file), str(ca.ca_file),
+                                 require_client_cert=False).context()
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
     token = signer.issue(alice.name)
     victim = unique_name("victim")
+    newcomer = unique_name("newcomer")
+    foreign = ClusterPki(tmp_path / "foreign-ca")
+    foreign.init()
+    rogue = fake_agent(foreign, victim)        # the right name, another CA
+    rogue_static = fake_agent(foreign, "rack9")
+    stolen = fake_agent(pki, newcomer)          # this CA's certificate, no cluster secret
     real = start_agent(node_name=victim, announce=True)
-    static = start_agent(node_name="static-victim")
+    static = start_agent(node_name="rack9")
     controller = start_controller(extra_args=["--node", f"rack9={static.host}:{static.port}"])
     wait_for(lambda: victim in inventory_hosts(controller, token), what="the real agent")
-    newcomer = unique_name("newcomer")
 
     async def impostors() -> None:
         zc = AsyncZeroconf(interfaces=["127.0.0.1"])
         infos = [ServiceInfo(SERVICE_TYPE, f"{label}-{os.getpid()}.{SERVICE_TYPE}",
-                             port=fake.server_address[1], properties={"node": claimed, "proto": "1"},
+                             port=server.server_address[1],
+                             properties={"node": claimed, "proto": "1", "tls": "1"},
                              server=f"{label}-{os.getpid()}.local.", parsed_addresses=["127.0.0.1"])
-                 for label, claimed in (("evil1", victim), ("evil2", "rack9"), ("evil3", newcomer))]
+                 for label, claimed, server in (("evil1", victim, rogue),
+                                                ("evil2", "rack9", rogue_static),
+                                                ("evil3", newcomer, stolen))]
         try:
             for info in infos:
                 await zc.async_register_service(info)
@@ -207,8 +237,11 @@ def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signe
     try:
         asyncio.run(impostors())
     finally:
-        fake.shutdown()
-    assert "without proof of the cluster secret" in controller.log()
+        for server in (rogue, rogue_static, stolen):
+            server.shutdown()
+    log = controller.log()
+    assert "without proof of the cluster secret" in log
+    assert "not issued by this cluster's CA" in log
 
 
 def test_controller_restart_rebuilds_the_registry_and_keeps_tokens(  # type: ignore[no-untyped-def]

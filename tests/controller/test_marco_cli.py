@@ -67,7 +67,8 @@ def test_ctrl_c_stops_the_remote_executions(cluster, alice: UnixUser, signer: To
                                             tmp_path: Path, pki) -> None:
     controller, names = cluster
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MARCO_CONTROLLER": controller.url,
-           "MARCO_TOKEN": signer.issue(alice.name), "PYTHONUNBUFFERED": "1"}
+           "MARCO_TOKEN": signer.issue(alice.name), "PYTHONUNBUFFERED": "1",
+           **pki.client_env()}
     process = subprocess.Popen([str(MARCO), "run", "--", "echo started; sleep 600"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout is not None

@@ -94,7 +94,8 @@ def test_page_and_cli_log_out_everywhere(start_agent, start_controller, signer: 
     home = tmp_path / "home"
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "MARCO_CONTROLLER": controller.url}
     marco = str(Path(sys.executable).parent / "marco")
-    login = subprocess.run([marco, "login", "--user", alice.name, "--password-stdin"],
+    login = subprocess.run([marco, "login", "--user", alice.name, "--password-stdin",
+                            "--ca", str(controller.pki.ca_file)],
                            input=alice.password + "\n", env=env, capture_output=True, text=True)
     assert login.returncode == 0, login.stderr
     stored = (home / ".config" / "marco" / "token").read_text().strip()

@@ -17,12 +17,15 @@ from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser
 
 TIMEOUT_MS = 20_000
+# Agents speak mutual TLS, which a browser has no client certificate for: the page goes
+# through the controller's relay (one certificate for the browser to trust).
+LIVE = "live (via controller)"
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def browser(pki) -> Iterator[Any]:  # type: ignore[no-untyped-def]
     with sync_playwright() as playwright:
-        chromium = launch(playwright)
+        chromium = launch(playwright, trust=pki.controller_cert)
         yield chromium
         chromium.close()
 
@@ -69,7 +72,7 @@ def test_nodes_status_and_live_output_on_two_nodes(browser, cluster, alice: Unix
     log_in(page, controller, alice)
     for name in names:
         expect(node_card(page, name)).to_be_visible(timeout=TIMEOUT_MS)
-        expect(pane(page, name).locator(".link-state")).to_have_text("live", timeout=TIMEOUT_MS)
+        expect(pane(page, name).locator(".link-state")).to_have_text(LIVE, timeout=TIMEOUT_MS)
     # Status numbers arrive and change every second.
     card = node_card(page, names[0])
     expect(card.locator(".cpu-total")).to_have_text(re.compile(r"CPU \d+%"), timeout=TIMEOUT_MS)
@@ -109,7 +112,7 @@ def test_stop_button_ends_a_long_command(browser, cluster, alice: UnixUser) -> N
     controller, names = cluster
     page = browser.new_page()
     log_in(page, controller, alice)
-    expect(pane(page, names[0]).locator(".link-state")).to_have_text("live", timeout=TIMEOUT_MS)
+    expect(pane(page, names[0]).locator(".link-state")).to_have_text(LIVE, timeout=TIMEOUT_MS)
     run_on(page, [names[0]], "echo sleeping; sleep 600")
     block = pane(page, names[0]).locator(".execution").last
     expect(block.locator(".line", has_text="sleeping")).to_be_visible(timeout=TIMEOUT_MS)
@@ -128,7 +131,7 @@ def test_a_second_user_sees_none_of_the_first_users_output(browser, cluster, ali
     log_in(alice_page, controller, alice)
     log_in(bob_page, controller, bob)
     for page in (alice_page, bob_page):
-        expect(pane(page, names[0]).locator(".link-state")).to_have_text("live", timeout=TIMEOUT_MS)
+        expect(pane(page, names[0]).locator(".link-state")).to_have_text(LIVE, timeout=TIMEOUT_MS)
     run_on(alice_page, [names[0]], "echo alice-private-$((6*7)); id -un")
     alice_block = pane(alice_page, names[0]).locator(".execution").last
     expect(alice_block.locator(".line", has_text="alice-private-42")).to_be_visible(timeout=TIMEOUT_MS)
@@ -153,7 +156,7 @@ def test_deploy_a_file_to_two_nodes_and_run_a_command(browser, cluster, alice: U
     page = browser.new_page()
     log_in(page, controller, alice)
     for name in names:
-        expect(pane(page, name).locator(".link-state")).to_have_text("live", timeout=TIMEOUT_MS)
+        expect(pane(page, name).locator(".link-state")).to_have_text(LIVE, timeout=TIMEOUT_MS)
         node_card(page, name).locator(".node-select").check()
     source = tmp_path / "payload-ü.txt"
     source.write_text("deployed by the browser\n")
