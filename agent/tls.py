@@ -210,12 +210,18 @@ def describe_tls_error(exc: BaseException, peer: str) -> CertificateRefused | No
                 "self-signed certificate in certificate chain": ": not issued by this "
                 "cluster's CA (a rogue or foreign agent?)"}.get(reason, "")
         return CertificateRefused(f"{peer} presented a certificate we refuse: {reason}{hint}")
+    if isinstance(exc, ssl.SSLEOFError) or (isinstance(exc, ssl.SSLError)
+                                            and exc.reason == "UNEXPECTED_EOF_WHILE_READING"):
+        # TLS 1.3 checks the client certificate after our side of the handshake is done; the
+        # peer's alert can be lost when it closes on a request we already sent.
+        return CertificateRefused(f"{peer} closed the TLS connection at once: it most likely "
+                                  "refused our client certificate (revoked, expired or from "
+                                  "another CA; its log says which)")
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or ""
         if reason in _REFUSED_BY_PEER:
             return CertificateRefused(f"{peer} refused the connection: {_REFUSED_BY_PEER[reason]}")
-        if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNEXPECTED_EOF_WHILE_READING") \
-                or "WRONG_VERSION" in reason:
+        if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE") or "WRONG_VERSION" in reason:
             return CertificateRefused(f"{peer} does not speak TLS (an agent in --dev mode?)")
         return CertificateRefused(f"TLS with {peer} failed: {reason or exc}")
     return None

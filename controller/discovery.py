@@ -295,8 +295,9 @@ class HealthMonitor:
 
 async def browse_once(interfaces: Sequence[str], wait: float = 2.0,
                       check_health: bool = True, tls: ClientTls | None = None) -> list[Node]:
-    """Browse for agents for `wait` seconds and return those found (and answering, unless
-    `check_health` is false): discovery without a controller, e.g. for the inventory plugin.
+    """Browse for agents for `wait` seconds and return those found, each probed unless
+    `check_health` is false (`alive` and `error` tell the outcome): discovery without a
+    controller, e.g. for the inventory plugin.
 
     With `tls` (a client certificate), each probe is mutual TLS and the agent's certificate must
     name the node it announced. Without it, this cannot tell a real agent from a machine posing
@@ -310,4 +311,5 @@ async def browse_once(interfaces: Sequence[str], wait: float = 2.0,
         await browser.stop()
     if check_health:
         await HealthMonitor(registry, wait, tls=tls).check_all()
+        return registry.all()  # each with `alive` and, when refused, `error`
     return registry.alive()

@@ -1,5 +1,6 @@
-"""Marco's demo on this machine: a fresh secret, three agents on loopback, the controller that
-discovers them by zeroconf, a command started on all of them through the controller with every
+"""Marco's demo on this machine: a fresh cluster (`marco-controller init`: secret, CA), three
+agents on loopback with their certificates (`issue-agent`), the controller that discovers them
+by zeroconf, every hop mutual TLS, a command started on all of them through the controller with every
 line printed live as it happens, the example playbook (playbooks/deploy.yml) run by the real
 `ansible-playbook` through the `marco` connection with its build output live, and the web
 viewer's URL.
@@ -28,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.client import AsyncAgentClient  # noqa: E402
-from agent.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
+from agent.tls import ClientTls, server_trust_context  # noqa: E402
+from agent.tokens import TokenSigner, load_secret  # noqa: E402
 
 DEMO_COMMAND = ("echo \"hello from $(hostname) as $(id -un) in $PWD\"; "
                 "for i in 1 2 3 4 5; do echo \"step $i of 5\"; sleep 0.3; done; "
@@ -59,20 +61,34 @@ def demo_user() -> str:
         else getpass.getuser()
 
 
-class LocalAgents:
-    """N marco-agent processes on 127.0.0.1, each with its own port, state dir and log."""
+def admin(workdir: Path, *args: str) -> None:
+    """One `marco-controller` admin command on the demo's cluster (as an admin would)."""
+    done = subprocess.run([sys.executable, "-m", "controller", "--pki-dir", str(workdir / "pki"),
+                           "--secret-file", str(workdir / "secret"), *args], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"marco-controller {args[0]} failed: {done.stderr.strip()}")
 
-    def __init__(self, workdir: Path, secret: Path, count: int) -> None:
-        self.workdir, self.secret, self.count = workdir, secret, count
+
+class LocalAgents:
+    """N marco-agent processes on 127.0.0.1, each with its own port, state dir, log and
+    certificate bundle (`marco-controller issue-agent`)."""
+
+    def __init__(self, workdir: Path, secret: Path, count: int, tls: ClientTls) -> None:
+        self.workdir, self.secret, self.count, self.tls = workdir, secret, count, tls
         self.nodes: list[tuple[str, int, subprocess.Popen[bytes]]] = []
 
     def start(self) -> None:
         for index in range(1, self.count + 1):
             name, port = f"demo-{index}", free_port()
+            bundle = self.workdir / f"{name}.marco"
+            admin(self.workdir, "issue-agent", name, "--out", str(bundle))
             log = open(self.workdir / f"{name}.log", "wb")
             process = subprocess.Popen(
                 [sys.executable, "-m", "agent", "--bind", "127.0.0.1", "--port", str(port),
-                 "--secret-file", str(self.secret), "--state-dir", str(self.workdir / name),
+                 "--secret-file", str(bundle / "secret"), "--state-dir", str(self.workdir / name),
+                 "--tls-cert", str(bundle / "agent.pem"), "--tls-key", str(bundle / "agent.key"),
+                 "--tls-ca", str(bundle / "ca.pem"), "--tls-crl", str(bundle / "crl.pem"),
                  "--node-name", name, "--groups", "demo", "--mdns-interface", "127.0.0.1"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             self.nodes.append((name, port, process))
@@ -85,7 +101,8 @@ class LocalAgents:
             if process.poll() is not None:
                 raise SystemExit(f"agent {name} exited; see {self.workdir / (name + '.log')}")
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=1).close()
+                urllib.request.urlopen(f"https://127.0.0.1:{port}/v1/health", timeout=1,
+                                       context=self.tls.context_for(name)).close()
                 return
             except OSError:
                 time.sleep(0.1)
@@ -106,19 +123,20 @@ class LocalController:
     """marco-controller on 127.0.0.1, browsing for the agents on loopback."""
 
     def __init__(self, workdir: Path, secret: Path, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"https://127.0.0.1:{port}"
         self.log = workdir / "controller.log"
+        self.trust = server_trust_context(str(workdir / "pki" / "ca.pem"))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "controller", "--bind", "127.0.0.1", "--port", str(port),
              "--secret-file", str(secret), "--mdns-interface", "127.0.0.1",
-             "--state-dir", str(workdir / "controller-state")],
+             "--pki-dir", str(workdir / "pki"), "--state-dir", str(workdir / "controller-state")],
             cwd=ROOT, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
 
     def api(self, path: str, token: str, body: object = None) -> dict:
         request = urllib.request.Request(
             self.url + path, data=None if body is None else json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as reply:
+        with urllib.request.urlopen(request, timeout=30, context=self.trust) as reply:
             return json.load(reply)
 
     def wait_for_nodes(self, token: str, names: set[str], timeout: float = 30) -> float:
@@ -144,12 +162,12 @@ class LocalController:
 
 
 async def run_everywhere(controller: LocalController, nodes: list[tuple[str, int]], token: str,
-                         command: str) -> dict[str, int | None]:
+                         command: str, tls: ClientTls) -> dict[str, int | None]:
     """Start `command` on every node through the controller; print each line live, prefixed."""
     width = max(len(name) for name, _ in nodes)
     streams = {}
     for name, port in nodes:  # subscribe first: no line can be missed
-        streams[name] = AsyncAgentClient("127.0.0.1", port, token).stream()
+        streams[name] = AsyncAgentClient("127.0.0.1", port, token, tls=tls, node=name).stream()
         await streams[name].connect()
     loop = asyncio.get_running_loop()
     started = await loop.run_in_executor(None, lambda: controller.api(
@@ -184,14 +202,14 @@ async def run_everywhere(controller: LocalController, nodes: list[tuple[str, int
 
 
 async def play_with_live_output(nodes: list[tuple[str, int]], token: str, controller_url: str,
-                                playbook: str) -> int:
+                                playbook: str, tls: ClientTls) -> int:
     """Run `ansible-playbook` through the marco connection; print Ansible's own output and,
     live, the lines of the commands the play runs (Ansible's internal module runs, which go
     through `/bin/sh -c`, are left to Ansible's report)."""
     width = max(len(name) for name, _ in nodes)
     streams = {}
     for name, port in nodes:
-        streams[name] = AsyncAgentClient("127.0.0.1", port, token).stream()
+        streams[name] = AsyncAgentClient("127.0.0.1", port, token, tls=tls, node=name).stream()
         await streams[name].connect()
 
     async def follow(index: int, name: str) -> None:
@@ -208,6 +226,7 @@ async def play_with_live_output(nodes: list[tuple[str, int]], token: str, contro
 
     followers = [asyncio.ensure_future(follow(i, name)) for i, (name, _) in enumerate(nodes)]
     env = dict(os.environ, MARCO_CONTROLLER=controller_url, MARCO_TOKEN=token,
+               MARCO_TLS_CERT=tls.cert_file, MARCO_TLS_KEY=tls.key_file, MARCO_TLS_CA=tls.ca_file,
                ANSIBLE_CONFIG=str(ROOT / "playbooks" / "ansible.cfg"))
     env.pop("PYTHONUNBUFFERED", None)
     process = await asyncio.create_subprocess_exec(
@@ -238,10 +257,14 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="marco-demo-"))
     os.chmod(workdir, 0o700)
-    secret = create_secret(workdir / "secret")
+    secret = workdir / "secret"
+    admin(workdir, "init")  # the secret, the CA and the controller's certificate
+    admin(workdir, "issue-client", "marco-demo", "--out", str(workdir / "client"))
+    tls = ClientTls(str(workdir / "client" / "ca.pem"), str(workdir / "client" / "client.pem"),
+                    str(workdir / "client" / "client.key"))
     user = demo_user()
     token = TokenSigner(load_secret(secret)).issue(user)
-    agents = LocalAgents(workdir, secret, args.agents)
+    agents = LocalAgents(workdir, secret, args.agents, tls)
     controller: LocalController | None = None
     print(f"Marco demo: state in {workdir}; commands run as {user!r}"
           + ("" if os.geteuid() == 0 else " (agents run as you: they serve only you)"))
@@ -249,23 +272,27 @@ def main() -> int:
         agents.start()
         nodes = [(name, port) for name, port, _ in agents.nodes]
         for name, port in nodes:
-            print(f"  agent {name} on http://127.0.0.1:{port} (announced as {name}._marco._tcp.local.)")
+            print(f"  agent {name} on https://127.0.0.1:{port} (mutual TLS; announced as "
+                  f"{name}._marco._tcp.local.)")
         port = args.port if port_free(args.port) else free_port()
         controller = LocalController(workdir, secret, port)
         took = controller.wait_for_nodes(token, {name for name, _ in nodes})
         print(f"  controller on {controller.url} discovered all {len(nodes)} agents by zeroconf "
               f"in {took:.1f} s")
         print(f"\nRunning on {len(nodes)} nodes through the controller, live:\n")
-        results = asyncio.run(run_everywhere(controller, nodes, token, args.command))
+        results = asyncio.run(run_everywhere(controller, nodes, token, args.command, tls))
         print("\nexit codes: " + ", ".join(f"{name}={rc}" for name, rc in results.items()))
         ok = all(rc == 0 for rc in results.values())
         print("\nNow the example playbook, through the marco connection "
               "(ansible-playbook playbooks/deploy.yml):\n")
-        played = asyncio.run(play_with_live_output(nodes, token, controller.url, "deploy.yml"))
+        played = asyncio.run(play_with_live_output(nodes, token, controller.url, "deploy.yml",
+                                                   tls))
         print(f"\nansible-playbook exited with {played}")
         ok = ok and played == 0
         print(f"\nViewer: {controller.url}/  (log in with a Unix account of this machine that has "
-              f"a password, e.g. {user!r}; set one with: sudo passwd {user})")
+              f"a password, e.g. {user!r}; set one with: sudo passwd {user}).\n"
+              f"Its certificate comes from the demo's own CA ({workdir / 'pki' / 'ca.pem'}): "
+              "accept it once in the browser, or import that CA.")
         if not args.once:
             print("Everything keeps running; the output above is in the viewer too. "
                   "Press Ctrl-C to stop.")

@@ -19,7 +19,8 @@ def test_demo_once_runs_marcos_main_job() -> None:
         assert f"{node} | step 5 of 5" in out.stdout
         assert f"{node} ! a warning on stderr" in out.stdout
     assert "exit codes: demo-1=0, demo-2=0, demo-3=0" in out.stdout
-    assert re.search(r"Viewer: http://127\.0\.0\.1:\d+/", out.stdout)
+    assert re.search(r"Viewer: https://127\.0\.0\.1:\d+/", out.stdout)
+    assert "mutual TLS" in out.stdout
     # The example playbook ran through the marco connection, its build lines printed live.
     assert re.search(r"demo-1\s+\| step: compile", out.stdout)
     assert re.search(r"demo-\d\s+:\s+ok=\d+\s+changed=\d+\s+unreachable=0\s+failed=0", out.stdout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Sequence
 
-from agent.errors import MarcoError
+from agent.errors import AuthenticationError, MarcoError
 from agent.protocol import choose_mdns_interfaces
 from controller.credentials import find_client_tls
 from controller.discovery import browse_once
@@ -24,4 +24,11 @@ def from_zeroconf(interfaces: Sequence[str], wait: float) -> dict[str, Any]:
                          "interfaces on the nodes' network), or set `controller`")
     # With the user's client certificate, each answer is checked over mutual TLS: only agents
     # with a certificate from the cluster CA naming the announced node are listed.
-    return build_inventory(asyncio.run(browse_once(chosen, wait, tls=find_client_tls())))
+    tls = find_client_tls()
+    nodes = asyncio.run(browse_once(chosen, wait, tls=tls))
+    alive = [node for node in nodes if node.alive]
+    if tls is None and not alive and any(n.txt.get("tls") == "1" for n in nodes):
+        raise AuthenticationError(
+            f"found {len(nodes)} agent(s) speaking mutual TLS, but you have no client "
+            "certificate: run `marco login` (or set MARCO_TLS_CERT, MARCO_TLS_KEY, MARCO_TLS_CA)")
+    return build_inventory(alive)

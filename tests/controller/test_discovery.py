@@ -164,7 +164,6 @@ def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signe
     CA but without the cluster secret fails the secret proof. Neither gets a name, and in
     particular neither takes over a real node's name (and the tokens sent to it)."""
     import asyncio
-    import ssl
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

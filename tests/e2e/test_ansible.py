@@ -15,6 +15,8 @@ from typing import Any
 from agent.tokens import TokenSigner
 from tests.agent.test_tokens import expired_token
 from tests.e2e.conftest import BIN, PLAYBOOKS, Fleet
+from tests.support.agent_process import AgentProcess
+from tests.support.pki import TestPki
 from tests.support.users import UnixUser
 
 E2E_PLAY = Path(__file__).parent / "playbooks" / "e2e.yml"
@@ -138,7 +140,7 @@ def test_killing_one_agent_mid_play_makes_only_that_host_unreachable(
     # Bring it back for the other tests.
     fleet.agents[1] = type(victim)(victim.secret_file, victim.state_dir, node_name=victim.node_name,
                                    bind=victim.host, announce=True, netns=victim.netns,
-                                   extra_args=["--groups", "lab"])
+                                   extra_args=["--groups", "lab"], pki=victim.pki)
 
 
 def test_expired_token_fails_with_the_login_hint(fleet: Fleet, signer: TokenSigner,
@@ -146,7 +148,8 @@ def test_expired_token_fails_with_the_login_hint(fleet: Fleet, signer: TokenSign
     secret = signer._serializer.secret_keys[-1]
     inventory = ",".join(f"{a.host}" for a in fleet.agents[:1]) + ","
     out = fleet.ansible(expired_token(secret, alice.name), "-i", inventory, "all", "-m", "ping",
-                        "-c", "marco", tool="ansible")
+                        "-c", "marco", "-e", f"marco_node={fleet.agents[0].node_name}",
+                        tool="ansible")
     assert out.returncode != 0
     assert "UNREACHABLE" in out.stdout and "expired" in out.stdout and "marco login" in out.stdout
 
@@ -157,7 +160,8 @@ def test_become_with_sudo(fleet: Fleet, signer: TokenSigner, alice: UnixUser, bo
     sudoers.chmod(0o440)
     try:
         inventory = f"{fleet.agents[0].host},"
-        common = ["-i", inventory, "all", "-c", "marco", "-b", "-m", "command", "-a", "id -un"]
+        common = ["-i", inventory, "all", "-c", "marco", "-b", "-m", "command", "-a", "id -un",
+                  "-e", f"marco_node={fleet.agents[0].node_name}"]
         ok = fleet.ansible(signer.issue(alice.name), *common, tool="ansible")
         assert ok.returncode == 0 and "root" in ok.stdout, ok.stdout + ok.stderr
         # A password given where sudo does not ask for one must not reach the module as code.
@@ -196,15 +200,16 @@ def test_marco_deploy_creates_overwrite_and_failures(fleet: Fleet, signer: Token
                                                      alice: UnixUser, tmp_path: Path) -> None:
     token = signer.issue(alice.name)
     target = f"{fleet.agents[0].host},"
+    pin = ["-e", f"marco_node={fleet.agents[0].node_name}"]  # the name its certificate carries
     source = tmp_path / "tool.sh"
     source.write_text("#!/bin/sh\necho tool-v1\n")
 
     def deploy(args: str) -> subprocess.CompletedProcess[str]:
-        return fleet.ansible(token, "-i", target, "all", "-c", "marco", "-m", "marco_deploy",
+        return fleet.ansible(token, "-i", target, "all", "-c", "marco", *pin, "-m", "marco_deploy",
                              "-a", args, tool="ansible")
 
     folder = f"~/marco-e2e/deploy-{os.getpid()}"
-    assert fleet.ansible(token, "-i", target, "all", "-c", "marco", "-m", "file", "-a",
+    assert fleet.ansible(token, "-i", target, "all", "-c", "marco", *pin, "-m", "file", "-a",
                          f"path={folder} state=directory", tool="ansible").returncode == 0
     first = deploy(f"src={source} dest={folder} mode=0755 command=./tool.sh")
     assert first.returncode == 0 and "tool-v1" in first.stdout and "CHANGED" in first.stdout
@@ -217,3 +222,33 @@ def test_marco_deploy_creates_overwrite_and_failures(fleet: Fleet, signer: Token
     assert failed.returncode != 0 and '"rc": 4' in failed.stdout and "non-zero return code" in failed.stdout
     missing = deploy(f"src={tmp_path / 'nope.sh'} dest={folder}")
     assert missing.returncode != 0 and "nope.sh" in missing.stdout
+
+
+def test_the_plugin_refuses_a_rogue_agent_and_foreign_client_certificates(
+        fleet: Fleet, signer: TokenSigner, alice: UnixUser, secret_file: Path,
+        tmp_path: Path) -> None:
+    """A machine that runs a real agent with a certificate from another CA and claims a real
+    node's name gets no task (and no token past the handshake); a client certificate from
+    another CA is refused by the real agents. Both: UNREACHABLE with the reason."""
+    token = signer.issue(alice.name)
+    foreign = TestPki(tmp_path / "foreign-ca")
+    victim = fleet.agents[0].node_name
+    rogue = AgentProcess(secret_file, tmp_path / "rogue" / "state", node_name=victim, pki=foreign)
+    try:
+        out = fleet.ansible(token, "-i", "127.0.0.1,", "all", "-c", "marco", "-m", "command",
+                            "-a", "echo should-not-run", "-e", f"ansible_port={rogue.port}",
+                            "-e", f"marco_node={victim}", tool="ansible")
+        assert out.returncode != 0 and "UNREACHABLE" in out.stdout, out.stdout
+        assert "not issued by this cluster's CA" in out.stdout
+        assert "should-not-run" not in rogue.log()
+    finally:
+        rogue.stop()
+
+    # The cluster's CA is trusted, but the client's certificate comes from the other one.
+    outsider = {**foreign.client_env(), "MARCO_TLS_CA": str(fleet.pki.ca_file)}
+    out = subprocess.run([str(BIN / "ansible"), "-i", f"{fleet.agents[0].host},", "all",
+                          "-c", "marco", "-m", "ping", "-e", f"marco_node={victim}"],
+                         cwd=PLAYBOOKS, env={**fleet.env(token), **outsider},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "UNREACHABLE" in out.stdout, out.stdout
+    assert "client certificate" in out.stdout

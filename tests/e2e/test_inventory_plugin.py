@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def ansible_inventory(source: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+def ansible_inventory(source: Path, tmp_path: Path, *args: str,
+                      tls: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**(tls or {}),"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
            "ANSIBLE_CONFIG": str(ROOT / "playbooks" / "ansible.cfg"),
            "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(tmp_path / "cache")}
     return subprocess.run([str(BIN / "ansible-inventory"), "-i", str(source), *args], env=env,
@@ -29,7 +30,7 @@ def plain(value: object) -> object:
 
 
 def test_zeroconf_source_with_constructed_groups_and_cache(start_agent, unique_name,  # type: ignore[no-untyped-def]
-                                                           tmp_path: Path) -> None:
+                                                           tmp_path: Path, pki) -> None:
     names = [unique_name("inv"), unique_name("inv")]
     start_agent(node_name=names[0], announce=True, extra_args=["--groups", "web"])
     start_agent(node_name=names[1], announce=True, extra_args=["--groups", "db,web"])
@@ -42,7 +43,11 @@ def test_zeroconf_source_with_constructed_groups_and_cache(start_agent, unique_n
         "groups:\n  databases: \"'db' in marco_groups.split(',')\"\n"
         "keyed_groups:\n  - key: marco_arch\n    prefix: arch\n"
         "cache: true\ncache_plugin: jsonfile\n")
-    listed = ansible_inventory(source, tmp_path, "--list")
+    # Without a client certificate the agents (mutual TLS) cannot be checked: a clear error.
+    refused = ansible_inventory(source, tmp_path, "--list")
+    assert "no client certificate" in refused.stderr + refused.stdout
+    # With one, each agent's certificate must name the node it announced.
+    listed = ansible_inventory(source, tmp_path, "--list", tls=pki.client_env())
     assert listed.returncode == 0, listed.stderr
     data = json.loads(listed.stdout)
     hostvars = {host: {k: plain(v) for k, v in variables.items()}

@@ -1,0 +1,138 @@
+"""Mutual TLS on a real agent: who gets in and who does not, with the errors people see."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.client import AgentClient
+from agent.tls import CertificateRefused, ClientTls, describe_tls_error
+from agent.tokens import TokenSigner
+from controller.pki import ClusterPki
+from tests.support.agent_process import AgentProcess
+from tests.support.daemon import ROOT
+from tests.support.pki import TestPki
+from tests.support.users import UnixUser
+
+
+def handshake(agent: AgentProcess, context: ssl.SSLContext) -> bytes:
+    """Open TLS with `context` and ask for /v1/health; the agent's answer, or the error."""
+    with socket.create_connection((agent.host, agent.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=agent.node_name) as sock:
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return sock.recv(65536)  # TLS 1.3: a refused client certificate shows up here
+
+
+def trusting(pki: ClusterPki) -> ssl.SSLContext:
+    """A client context that trusts the cluster CA and presents no certificate."""
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    return context
+
+
+def test_clients_without_a_good_certificate_are_refused(shared_agent: AgentProcess, pki: TestPki,
+                                                        tmp_path: Path) -> None:
+    # The test client's own certificate works.
+    assert handshake(shared_agent, pki.client_tls().context_for("shared")).startswith(b"HTTP/1.1 200")
+
+    # No certificate at all.
+    with pytest.raises(ssl.SSLError) as none:
+        handshake(shared_agent, trusting(pki))
+    assert "requires a client certificate" in describe_tls_error(none.value, "agent").message
+
+    # A certificate from another CA (a foreign cluster, or self-made).
+    foreign = ClusterPki(tmp_path / "foreign")
+    foreign.init()
+    bundle = foreign.issue("intruder", "client", out_dir=tmp_path / "intruder")
+    context = trusting(pki)
+    context.load_cert_chain(bundle.cert_file, bundle.key_file)
+    with pytest.raises(ssl.SSLError) as other_ca:
+        handshake(shared_agent, context)
+    assert "not from its CA" in describe_tls_error(other_ca.value, "agent").message
+
+    # An agent's certificate is not a client certificate (extended key usage).
+    node = pki.agent_bundle("shared")
+    context = trusting(pki)
+    context.load_cert_chain(node / "agent.pem", node / "agent.key")
+    with pytest.raises(ssl.SSLError):
+        handshake(shared_agent, context)
+
+
+def test_expired_client_certificates_are_refused_by_both_sides(shared_agent: AgentProcess,
+                                                               pki: TestPki, tmp_path: Path) -> None:
+    bundle = pki.issue("short-lived", "client", days=2 / 86400, out_dir=tmp_path / "short")
+    time.sleep(3)
+    # Our own client checks first and says what to do.
+    with pytest.raises(CertificateRefused, match=r"client certificate .* expired on .*marco login"):
+        ClientTls(str(pki.ca_file), str(bundle.cert_file), str(bundle.key_file))
+    # An agent refuses it too (a client that did not check).
+    context = trusting(pki)
+    context.load_cert_chain(bundle.cert_file, bundle.key_file)
+    with pytest.raises(ssl.SSLError) as expired:
+        handshake(shared_agent, context)
+    assert "expired" in describe_tls_error(expired.value, "agent").message
+
+
+def test_a_revoked_client_certificate_is_refused_once_the_crl_changes(
+        start_agent, pki: TestPki, signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(node_name="crl-node")
+    bundle = pki.issue("laptop-7", "client", out_dir=tmp_path / "laptop")
+    laptop = ClientTls(str(pki.ca_file), str(bundle.cert_file), str(bundle.key_file))
+    client = AgentClient(agent.host, agent.port, signer.issue(alice.name), tls=laptop,
+                         node="crl-node")
+    assert client.run(["true"]).rc == 0
+    client.close()
+    pki.revoke("laptop-7")  # rewrites crl.pem; the agent reloads it within 5 s
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            AgentClient(agent.host, agent.port, "t", tls=laptop, node="crl-node").health()
+        except CertificateRefused as refused:
+            # the agent's alert says "revoked", unless it was lost in the TLS 1.3 race
+            assert "revoked" in refused.message or "refused our client certificate" in \
+                refused.message, refused.message
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the revoked certificate was still accepted after 15 s")
+    assert "TLS files changed" in agent.log()
+    # Everyone else still gets in.
+    assert agent.client(signer.issue(alice.name)).run(["true"]).rc == 0
+
+
+def test_clients_refuse_an_expired_or_misnamed_agent(start_agent, pki: TestPki,  # type: ignore[no-untyped-def]
+                                                     tmp_path: Path) -> None:
+    agent = start_agent(node_name="named-right")
+    with pytest.raises(CertificateRefused, match="not valid for 'someone-else'"):
+        AgentClient(agent.host, agent.port, "t", tls=pki.client_tls(), node="someone-else").health()
+
+    bundle = pki.issue("fading", "agent", days=4 / 86400, out_dir=tmp_path / "fading")
+    fading = start_agent(node_name="fading", extra_args=[
+        "--tls-cert", str(bundle.cert_file), "--tls-key", str(bundle.key_file)])
+    time.sleep(5)
+    with pytest.raises(CertificateRefused, match="certificate has expired"):
+        fading.client("t").health()
+
+
+def test_an_agent_needs_its_certificate_unless_in_loopback_dev_mode(secret_file: Path,
+                                                                    tmp_path: Path) -> None:
+    def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent", "--secret-file", str(secret_file),
+                               "--state-dir", str(tmp_path / "state"), "--no-announce", *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    out = agent_cli("--tls-cert", str(tmp_path / "missing.pem"))
+    assert out.returncode == 2 and "missing.pem does not exist" in out.stderr
+    out = agent_cli("--dev", "--bind", "0.0.0.0")
+    assert out.returncode == 2 and "only binds a loopback address" in out.stderr
+
+
+def test_dev_mode_says_so_loudly(start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(node_name="dev-node", pki=None)
+    assert agent.url.startswith("http://")
+    assert "DEVELOPMENT MODE" in agent.log()
