@@ -84,7 +84,7 @@ def admin(args: argparse.Namespace, config: ControllerConfig) -> int:
         print(f"wrote {out}/ (serial {bundle.serial}, valid until "
               f"{bundle.not_after:%Y-%m-%d}): "
               + ("copy its files to /etc/marco/ on the node (keep agent.key and secret 0600)"
-                 if kind == "agent" else "point MARCO_TLS_CERT/KEY/CA at its files"))
+                 if kind == "agent" else "point MARCO_CLIENT_CERT/KEY/CA at its files"))
     elif args.command == "revoke-cert":
         serials = pki.revoke(args.which)
         print(f"revoked {', '.join(map(str, serials))}; copy {pki.crl_file} to every agent's "

@@ -72,15 +72,15 @@ def find_ca(given: str | None = None, environ: Mapping[str, str] | None = None) 
 
 
 def find_client_tls(environ: Mapping[str, str] | None = None) -> ClientTls | None:
-    """The user's TLS identity: $MARCO_TLS_CERT/$MARCO_TLS_KEY (+ $MARCO_TLS_CA, $MARCO_TLS_CRL),
+    """The user's TLS identity: $MARCO_CLIENT_CERT/$MARCO_CLIENT_KEY (+ $MARCO_TLS_CA, $MARCO_TLS_CRL),
     else the certificate `marco login` stored; None if there is none."""
     environ = os.environ if environ is None else environ
     base = stored_token_path(environ).parent
-    cert = environ.get("MARCO_TLS_CERT") or str(base / CLIENT_CERT)
-    key = environ.get("MARCO_TLS_KEY") or str(base / CLIENT_KEY)
+    cert = environ.get("MARCO_CLIENT_CERT") or str(base / CLIENT_CERT)
+    key = environ.get("MARCO_CLIENT_KEY") or str(base / CLIENT_KEY)
     if not os.path.exists(cert):
-        if environ.get("MARCO_TLS_CERT"):
-            raise ConfigError(f"MARCO_TLS_CERT {cert} does not exist")
+        if environ.get("MARCO_CLIENT_CERT"):
+            raise ConfigError(f"MARCO_CLIENT_CERT {cert} does not exist")
         return None
     ca = find_ca(None, environ)
     if ca is None:
@@ -94,7 +94,7 @@ def require_client_tls(environ: Mapping[str, str] | None = None) -> ClientTls:
     found = find_client_tls(environ)
     if found is None:
         raise AuthenticationError("no Marco client certificate: run `marco login` (or set "
-                                  "MARCO_TLS_CERT, MARCO_TLS_KEY and MARCO_TLS_CA)")
+                                  "MARCO_CLIENT_CERT, MARCO_CLIENT_KEY and MARCO_TLS_CA)")
     return found
 
 

@@ -37,7 +37,6 @@ DEFAULT_PKI_DIR = "/etc/marco/pki"
 CA_DAYS = 3650
 AGENT_DAYS = 825
 CONTROLLER_DAYS = 825
-CRL_DAYS = 30
 NAME_RULE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 KINDS = ("agent", "controller", "client", "user")
 
@@ -282,12 +281,14 @@ class ClusterPki:
         return serials
 
     def write_crl(self) -> Path:
-        """Sign a fresh CRL of every revoked serial (valid CRL_DAYS; re-run to refresh)."""
+        """Sign a CRL of every revoked serial. Agents get it copied rather than fetching it,
+        so it is valid until the CA expires: an expired CRL would lock everyone out (OpenSSL
+        refuses every certificate when the CRL it must check is out of date)."""
         ca, key = self._ca()
         now = _now()
         builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
                    .last_update(now - datetime.timedelta(minutes=5))
-                   .next_update(now + datetime.timedelta(days=CRL_DAYS)))
+                   .next_update(ca.not_valid_after_utc))
         for serial, record in sorted(self.issued().items()):
             if record.get("revoked"):
                 builder = builder.add_revoked_certificate(

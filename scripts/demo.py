@@ -226,7 +226,7 @@ async def play_with_live_output(nodes: list[tuple[str, int]], token: str, contro
 
     followers = [asyncio.ensure_future(follow(i, name)) for i, (name, _) in enumerate(nodes)]
     env = dict(os.environ, MARCO_CONTROLLER=controller_url, MARCO_TOKEN=token,
-               MARCO_TLS_CERT=tls.cert_file, MARCO_TLS_KEY=tls.key_file, MARCO_TLS_CA=tls.ca_file,
+               MARCO_CLIENT_CERT=tls.cert_file, MARCO_CLIENT_KEY=tls.key_file, MARCO_TLS_CA=tls.ca_file,
                ANSIBLE_CONFIG=str(ROOT / "playbooks" / "ansible.cfg"))
     env.pop("PYTHONUNBUFFERED", None)
     process = await asyncio.create_subprocess_exec(

@@ -9,7 +9,7 @@ description:
     token, in one HTTP round trip per command; files travel streamed.
   - Every command's output streams live to the Marco viewer while it runs.
   - Get a token and a client certificate with C(marco login), or set C(MARCO_TOKEN) and
-    C(MARCO_TLS_CERT)/C(MARCO_TLS_KEY)/C(MARCO_TLS_CA).
+    C(MARCO_CLIENT_CERT)/C(MARCO_CLIENT_KEY)/C(MARCO_TLS_CA).
   - The agent must present a certificate from the cluster CA naming the node; anything else
     (a rogue agent, an expired or revoked certificate) makes the host UNREACHABLE.
 author: Marco developers
@@ -52,14 +52,14 @@ options:
     vars:
       - name: marco_tls_cert
     env:
-      - name: MARCO_TLS_CERT
+      - name: MARCO_CLIENT_CERT
   tls_key:
     description: Its private key.
     type: path
     vars:
       - name: marco_tls_key
     env:
-      - name: MARCO_TLS_KEY
+      - name: MARCO_CLIENT_KEY
   port:
     description: The agent's TCP port.
     type: int

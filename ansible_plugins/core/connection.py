@@ -66,8 +66,8 @@ class MarcoConnection(ConnectionBase):
         if self._connected and self._client is not None:
             return self
         environ = dict(os.environ)
-        for option, variable in (("tls_ca", "MARCO_TLS_CA"), ("tls_cert", "MARCO_TLS_CERT"),
-                                 ("tls_key", "MARCO_TLS_KEY")):
+        for option, variable in (("tls_ca", "MARCO_TLS_CA"), ("tls_cert", "MARCO_CLIENT_CERT"),
+                                 ("tls_key", "MARCO_CLIENT_KEY")):
             if self.get_option(option):
                 environ[variable] = str(self.get_option(option))
         try:

@@ -30,5 +30,5 @@ def from_zeroconf(interfaces: Sequence[str], wait: float) -> dict[str, Any]:
     if tls is None and not alive and any(n.txt.get("tls") == "1" for n in nodes):
         raise AuthenticationError(
             f"found {len(nodes)} agent(s) speaking mutual TLS, but you have no client "
-            "certificate: run `marco login` (or set MARCO_TLS_CERT, MARCO_TLS_KEY, MARCO_TLS_CA)")
+            "certificate: run `marco login` (or set MARCO_CLIENT_CERT, MARCO_CLIENT_KEY, MARCO_TLS_CA)")
     return build_inventory(alive)

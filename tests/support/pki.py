@@ -51,20 +51,20 @@ class TestPki(ClusterPki):
         return self._client
 
     def client_env(self) -> dict[str, str]:
-        """The test client's files as the MARCO_TLS_* variables the CLI and plugins read."""
+        """The test client's files as the MARCO_CLIENT_* variables the CLI and plugins read."""
         tls = self.client_tls()
-        return {"MARCO_TLS_CERT": tls.cert_file, "MARCO_TLS_KEY": tls.key_file,
+        return {"MARCO_CLIENT_CERT": tls.cert_file, "MARCO_CLIENT_KEY": tls.key_file,
                 "MARCO_TLS_CA": tls.ca_file}
 
     def user_env(self, name: str, home: Path, uid: int, gid: int) -> dict[str, str]:
         """A client certificate for a process run as a Unix user (files owned by that user),
-        as the MARCO_TLS_* variables the CLI and plugins read."""
+        as the MARCO_CLIENT_* variables the CLI and plugins read."""
         out = home / f"tls-{name}"
         if not (out / "client.pem").exists():
             self.issue(name, "client", out_dir=out)
             for path in [out, *out.iterdir()]:
                 os.chown(path, uid, gid)
-        return {"MARCO_TLS_CERT": str(out / "client.pem"), "MARCO_TLS_KEY": str(out / "client.key"),
+        return {"MARCO_CLIENT_CERT": str(out / "client.pem"), "MARCO_CLIENT_KEY": str(out / "client.key"),
                 "MARCO_TLS_CA": str(out / "ca.pem")}
 
     def copy_ca(self, destination: Path) -> Path:
