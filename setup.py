@@ -20,7 +20,7 @@ setup(
         "ansible-core>=2.16",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "playwright>=1.40"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "playwright>=1.40", "hypothesis>=6.100"],
     },
     entry_points={
         "console_scripts": [

@@ -19,6 +19,7 @@ from . import protocol
 from .context import AgentContext
 from .errors import BadRequest, MarcoError
 from .handlers import MAX_REPLAY_LINES
+from .jsonapi import JsonApiMixin
 from .users import UserIdentity
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,12 @@ MAX_PENDING_BYTES = 32 * 1024 * 1024
 REPLAY_BYTES = 4 * 1024 * 1024  # per replay request; the client asks again from `next`
 
 
-class StreamSocket(tornado.websocket.WebSocketHandler):
-    """One browser or client connection of one user."""
+class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
+    """One browser or client connection of one user (errors before the upgrade are JSON, like
+    the rest of the API)."""
 
     ctx: AgentContext
+    service_name = "agent"
 
     def initialize(self, ctx: AgentContext) -> None:
         self.ctx = ctx
@@ -44,6 +47,11 @@ class StreamSocket(tornado.websocket.WebSocketHandler):
 
     def check_origin(self, origin: str) -> bool:
         return self.ctx.origin_allowed(origin)
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        if self.request.headers.get("Upgrade", "").lower() != "websocket":
+            raise BadRequest("/v1/stream is a WebSocket: send an Upgrade request")
+        await super().get(*args, **kwargs)
 
     def open(self) -> None:  # type: ignore[override]
         self.set_nodelay(True)
