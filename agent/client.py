@@ -480,6 +480,12 @@ class AgentStream:
 
     async def read(self) -> dict[str, Any] | None:
         """The next event, or None when the agent closed the socket normally."""
+        text = await self.read_text()
+        return None if text is None else json.loads(text)
+
+    async def read_text(self) -> str | None:
+        """The next event as the agent sent it (JSON text, for relays), or None at a normal
+        close; an error close raises as for `read`."""
         assert self._ws is not None
         message = await self._ws.read_message()
         if message is None:
@@ -491,7 +497,7 @@ class AgentStream:
             if code not in (None, 1000, 1001, 1005):
                 raise MarcoError(f"stream closed by agent ({code}): {reason}")
             return None
-        return json.loads(message)
+        return message if isinstance(message, str) else message.decode("utf-8", "replace")
 
     @property
     def close_code(self) -> int | None:

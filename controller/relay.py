@@ -1,8 +1,11 @@
-"""WebSocket relay /relay/NODE for agents the browser cannot reach directly.
+"""WebSocket relay /relay/NODE: the browser's way to the agents' live output (agents speak
+mutual TLS with client certificates a browser does not have; this way the browser trusts one
+certificate, the controller's).
 
 The browser authenticates to the relay with its login cookie (same origin: Tornado's default
 `check_origin` stays on); the relay opens the agent's /v1/stream with the user's token and
-passes messages both ways unchanged. The browser's own `auth` message is not forwarded.
+passes messages both ways unchanged (agent events as the agent's own text, not re-encoded).
+The browser's own `auth` message is not forwarded.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ class RelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
     async def _relay_down(self) -> None:
         assert self.upstream is not None
         try:
-            while (event := await self.upstream.read()) is not None:
-                await self.write_message(encode(event))
+            while (event := await self.upstream.read_text()) is not None:
+                await self.write_message(event)
         except (MarcoError, tornado.websocket.WebSocketClosedError) as error:
             log.info("relay closed: %s", error)
         finally:
