@@ -119,6 +119,7 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
         log.warning("DEVELOPMENT MODE (--dev): plain HTTP without TLS on loopback only; "
                     "tokens and output are not encrypted. Never use this on a network.")
     reloader = ServerTlsReloader(server, tls) if tls else None
+    ctx.on_tls_change = reloader.check if reloader else None
     tls_watch = PeriodicCallback(reloader.check, TLS_RELOAD_INTERVAL * 1000) if reloader else None
     if tls_watch:
         tls_watch.start()

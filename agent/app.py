@@ -5,7 +5,7 @@ from __future__ import annotations
 import tornado.web
 
 from .context import AgentContext
-from .handlers import (ExecutionHandler, ExecutionsHandler, FilesHandler, HealthHandler,
+from .handlers import (CrlHandler, ExecutionHandler, ExecutionsHandler, FilesHandler, HealthHandler,
                        NotFoundHandler, OutputHandler, RevocationsHandler,
                        StatusHandler)
 from .protocol import API_PREFIX
@@ -24,6 +24,7 @@ def make_app(ctx: AgentContext) -> tornado.web.Application:
         (r"/v1/files", FilesHandler),
         (r"/v1/status", StatusHandler),
         (r"/v1/revocations", RevocationsHandler),
+        (r"/v1/crl", CrlHandler),
         (r"/v1/stream", StreamSocket),
     ]
     assert all(path.startswith(API_PREFIX) for path, _ in routes)

@@ -414,6 +414,15 @@ class AsyncAgentClient:
         times the agent then enforces."""
         return await self._request("PUT", "/v1/revocations", {"revocations": table})
 
+    async def push_crl(self, pem: bytes) -> dict[str, Any]:
+        """Controller only (service token): the cluster CA's current revocation list."""
+        response = await self._fetch("PUT", "/v1/crl", pem,
+                                     headers={"Content-Type": "application/pkix-crl"})
+        if response.code == 599:
+            raise _transport_error(response.error or OSError("no answer"), self.what)
+        _raise_for(response.code, response.body or b"")
+        return _json(response.body)
+
     async def put_file(self, read_chunk: Callable[[], Any], path: str, mode: int | None = None,
                        overwrite: bool = True) -> dict[str, Any]:
         """Upload from `read_chunk` (sync or async callable returning b"" at the end)."""

@@ -6,6 +6,7 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 from . import __version__, protocol
@@ -16,6 +17,7 @@ from .executions import ExecutionManager
 from .files import FileService
 from .hub import StreamHub
 from .status import StatusPublisher, StatusSampler
+from .crl import CrlStore
 from .revocations import Revocations
 from .tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner, health_proof
 from .users import UserIdentity, UserResolver
@@ -36,6 +38,8 @@ class AgentContext:
     secret: SecretKeys
     revocations: Revocations
     service_signer: TokenSigner
+    crl: CrlStore | None = None                       # None in --dev mode (no TLS)
+    on_tls_change: Callable[[], object] | None = None  # set by the server: reload TLS now
 
     @classmethod
     def build(cls, config: AgentConfig, secret: SecretKeys) -> "AgentContext":
@@ -54,7 +58,8 @@ class AgentContext:
                    files=FileService(resolver, config.helper_python),
                    status=StatusPublisher(StatusSampler(config.node_name)), audit=audit,
                    secret=secret, revocations=Revocations(config.state_path / "revocations.json"),
-                   service_signer=TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT))
+                   service_signer=TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT),
+                   crl=None if config.dev else CrlStore(config.tls_crl, config.tls_ca))
 
     def authenticate(self, token: str | None, client: str = "?") -> UserIdentity:
         """The identity a token grants on this node (raises 401 or 403 by cause); refusals

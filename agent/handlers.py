@@ -15,7 +15,8 @@ import tornado.web
 
 from . import protocol
 from .context import AgentContext
-from .errors import AuthenticationError, BadRequest, MarcoError, PayloadTooLarge
+from .errors import (AuthenticationError, BadRequest, Conflict, MarcoError, NotFound,
+                     PayloadTooLarge)
 from .executions import Execution, ExecutionRequest
 from .jsonapi import JsonApiMixin
 from .files import FileReader, FileWriter, parse_mode, validate_path
@@ -191,6 +192,25 @@ class RevocationsHandler(ApiHandler):
                 if revoke is not None:
                     revoke()
         self.write_json({"updated": moved})
+
+
+class CrlHandler(RevocationsHandler):
+    """PUT /v1/crl (the CA's CRL, PEM) from the controller (service token): installed when the
+    cluster CA signed it and it is not older than ours; TLS reloads at once."""
+
+    def get(self) -> None:
+        raise NotFound("PUT only")
+
+    def put(self) -> None:
+        self._service()
+        if self.ctx.crl is None:
+            raise Conflict("this agent runs without TLS (--dev): it has no CRL")
+        changed = self.ctx.crl.accept(self.request.body or b"")
+        if changed:
+            self.ctx.audit.record("crl.updated", None, client=self.request.remote_ip)
+            if self.ctx.on_tls_change is not None:
+                self.ctx.on_tls_change()
+        self.write_json({"updated": changed})
 
 
 class StatusHandler(ApiHandler):

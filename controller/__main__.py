@@ -138,7 +138,14 @@ async def serve(ctx: ControllerContext) -> None:
     if tls is None:
         log.warning("DEVELOPMENT MODE (--dev): plain HTTP on loopback, agents without TLS. "
                     "Never use this on a network.")
-    reload = PeriodicCallback(ServerTlsReloader(server, tls).check, TLS_RELOAD_MS) if tls else None
+    reloader = ServerTlsReloader(server, tls) if tls else None
+
+    async def tls_files_changed() -> None:
+        if reloader is not None:
+            reloader.check()
+        await ctx.pusher.check_crl()
+
+    reload = PeriodicCallback(tls_files_changed, TLS_RELOAD_MS) if tls else None
     if reload:
         reload.start()
     browser = None

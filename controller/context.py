@@ -63,7 +63,7 @@ class ControllerContext:
         connector = AgentConnector(agent_tls)
         pusher = RevocationPusher(revocations, registry,
                                   TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT),
-                                  connector)
+                                  connector, crl_file=pki.crl_file if pki else None)
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    authenticator=PamAuthenticator(config.pam_service, limiter),
                    registry=registry,

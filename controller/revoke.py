@@ -1,9 +1,12 @@
-"""Log out everywhere: a per-user "not before" time, kept by the controller and pushed to every
-agent, which then refuse that user's older tokens (and close their sockets).
+"""Revocations, pushed to every agent: users' "not before" times (log out everywhere: agents
+then refuse that user's older tokens and close their sockets) and the cluster CA's CRL (revoked
+certificates: agents then refuse them in the TLS handshake).
 
-Agents that are down when it happens get the whole table when they come back: every time a
-node turns alive, it is pushed again. Pushes are authenticated by a short-lived service token
-(its own salt, so no user token can pass for one).
+Agents that are down when it happens get both when they come back: every time a node turns
+alive, they are pushed again. The CRL file is watched, so `marco-controller revoke-cert` run
+beside a running controller reaches every agent within seconds. Pushes are authenticated by
+a short-lived service token (its own salt, so no user token can pass for one) over the
+controller's mutual TLS.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from agent.errors import MarcoError
@@ -28,8 +33,11 @@ class RevocationPusher:
     """Keeps the revocations and brings every agent up to date."""
 
     def __init__(self, revocations: Revocations, registry: NodeRegistry,
-                 service_signer: TokenSigner, connector: AgentConnector) -> None:
+                 service_signer: TokenSigner, connector: AgentConnector,
+                 crl_file: Path | None = None) -> None:
         self.connector = connector
+        self.crl_file = crl_file
+        self._crl_mtime = self._crl_stamp()
         self.revocations = revocations
         self.registry = registry
         self.service_signer = service_signer
@@ -41,9 +49,44 @@ class RevocationPusher:
 
     def _node_changed(self, node: Node) -> None:
         if node.alive and self.revocations.table():
-            task = asyncio.ensure_future(self._push(node, self.revocations.table()))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._push(node, self.revocations.table()))
+        if node.alive and self.crl_file is not None:
+            self._spawn(self._push_crl(node))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _crl_stamp(self) -> float:
+        try:
+            return os.stat(self.crl_file).st_mtime if self.crl_file else -1.0
+        except OSError:
+            return -1.0
+
+    async def check_crl(self) -> dict[str, Any] | None:
+        """If the CRL file changed (a `revoke-cert`), push it to every live node now."""
+        stamp = self._crl_stamp()
+        if stamp == self._crl_mtime:
+            return None
+        self._crl_mtime = stamp
+        nodes = self.registry.alive()
+        results = await asyncio.gather(*(self._push_crl(node) for node in nodes))
+        log.info("pushed the new CRL to %d node(s)", len(nodes))
+        return {n.name: r for n, r in zip(nodes, results)}
+
+    async def _push_crl(self, node: Node) -> dict[str, Any]:
+        assert self.crl_file is not None
+        try:
+            pem = self.crl_file.read_bytes()
+            client = self.connector.client(node, self.service_signer.issue("controller"))
+            return {"ok": True, **await client.push_crl(pem)}
+        except OSError as error:
+            log.error("cannot read %s: %s", self.crl_file, error.strerror)
+            return {"ok": False, "message": str(error)}
+        except MarcoError as error:
+            log.warning("could not push the CRL to %s: %s", node.name, error.message)
+            return {"ok": False, "message": error.message}
 
     async def revoke(self, user: str) -> dict[str, Any]:
         """Void every token of `user` issued before this second, on every live node now."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 import subprocess
@@ -87,7 +88,8 @@ def test_a_revoked_client_certificate_is_refused_once_the_crl_changes(
                          node="crl-node")
     assert client.run(["true"]).rc == 0
     client.close()
-    pki.revoke("laptop-7")  # rewrites crl.pem; the agent reloads it within 5 s
+    pki.revoke("laptop-7")  # rewrites the CA's crl.pem; an admin copies it to the node,
+    shutil.copyfile(pki.crl_file, pki.agent_bundle("crl-node") / "crl.pem")  # reloaded in 5 s
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:
@@ -136,3 +138,34 @@ def test_dev_mode_says_so_loudly(start_agent) -> None:  # type: ignore[no-untype
     agent = start_agent(node_name="dev-node", pki=None)
     assert agent.url.startswith("http://")
     assert "DEVELOPMENT MODE" in agent.log()
+
+
+def test_crl_pushes_need_the_controller_and_the_cluster_ca(shared_agent: AgentProcess,
+                                                           pki: TestPki, signer: TokenSigner,
+                                                           alice: UnixUser, tmp_path: Path) -> None:
+    import asyncio
+
+    from agent.errors import AuthenticationError, BadRequest, Conflict
+    from agent.tokens import SERVICE_MAX_AGE, SERVICE_SALT, load_secret
+
+    service = TokenSigner(load_secret(shared_agent.secret_file), SERVICE_MAX_AGE,
+                          salt=SERVICE_SALT).issue("controller")
+    foreign = ClusterPki(tmp_path / "foreign")
+    foreign.init()
+
+    async def push(token: str, pem: bytes) -> dict:  # type: ignore[type-arg]
+        return await shared_agent.async_client(token).push_crl(pem)
+
+    ours = pki.crl_file.read_bytes()
+    with pytest.raises(AuthenticationError):  # a user's token is not the controller's
+        asyncio.run(push(signer.issue(alice.name), ours))
+    with pytest.raises(BadRequest, match="not signed by this cluster's CA"):
+        asyncio.run(push(service, foreign.crl_file.read_bytes()))
+    with pytest.raises(BadRequest, match="not a PEM"):
+        asyncio.run(push(service, b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n"))
+    time.sleep(1.1)  # CRL times have one-second precision
+    newer = pki.write_crl().read_bytes()
+    assert asyncio.run(push(service, newer))["updated"] is True
+    assert asyncio.run(push(service, newer))["updated"] is False
+    with pytest.raises(Conflict):
+        asyncio.run(push(service, ours))  # an older CRL never replaces a newer one

@@ -109,3 +109,40 @@ def test_page_and_cli_log_out_everywhere(start_agent, start_controller, signer: 
     conn = controller.connection(timeout=10)
     conn.request("GET", "/api/session", headers={"Cookie": cookie})
     assert conn.getresponse().status == 401  # the browser session ended too
+
+
+def test_revoke_cert_reaches_agents_through_the_controller(start_agent, start_controller,  # type: ignore[no-untyped-def]
+                                                          signer: TokenSigner, alice: UnixUser,
+                                                          pki, tmp_path: Path,
+                                                          secret_file: Path) -> None:
+    """`marco-controller revoke-cert NAME` beside a running controller: the controller pushes
+    the new CRL to every agent, which refuses that certificate within seconds; nobody copies
+    files by hand."""
+    from agent.client import AgentClient
+    from agent.tls import CertificateRefused, ClientTls
+
+    agent = start_agent(node_name="crl-push")
+    controller = start_controller(extra_args=["--no-discovery", "--node",
+                                              f"crl-push={agent.host}:{agent.port}"])
+    bundle = pki.issue("stolen-laptop", "client", out_dir=tmp_path / "laptop")
+    laptop = ClientTls(str(pki.ca_file), str(bundle.cert_file), str(bundle.key_file))
+    token = signer.issue(alice.name)
+    assert AgentClient(agent.host, agent.port, token, tls=laptop, node="crl-push").run(
+        ["true"]).rc == 0
+    wait_for(lambda: controller.get_json("/api/nodes", token)["nodes"][0]["alive"],
+             what="node up")
+    out = subprocess.run([sys.executable, "-m", "controller", "--pki-dir", str(pki.dir),
+                          "--secret-file", str(secret_file), "revoke-cert",
+                          "stolen-laptop"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+    def refused() -> bool:
+        try:
+            AgentClient(agent.host, agent.port, token, tls=laptop, node="crl-push").health()
+        except CertificateRefused:
+            return True
+        return False
+
+    wait_for(refused, timeout=20, what="the agent refusing the revoked certificate")
+    assert "pushed the new CRL to 1 node" in controller.log()
+    assert agent.client(token).run(["true"]).rc == 0  # other certificates still work

@@ -38,7 +38,7 @@ class TestPki(ClusterPki):
     def agent_args(self, node: str) -> list[str]:
         out = self.agent_bundle(node)
         return ["--tls-cert", str(out / "agent.pem"), "--tls-key", str(out / "agent.key"),
-                "--tls-ca", str(out / "ca.pem"), "--tls-crl", str(self.crl_file)]
+                "--tls-ca", str(out / "ca.pem"), "--tls-crl", str(out / "crl.pem")]
 
     def client_tls(self) -> ClientTls:
         """The test process's own client identity (like an automation certificate)."""
