@@ -3,7 +3,8 @@
     sudo .venv/bin/python bench/ansible_bench.py [--nodes 1 10] [--runs 3] [--runs-many 1]
 
 Playbooks: 30 x `command: /bin/true`, 30 x `copy`, one task printing 200,000 lines. Nodes are
-inventory hosts on this machine: N marco agents on loopback ports, N aliases of one sshd on
+inventory hosts on this machine: N marco agents on loopback ports (mutual TLS, as installed;
+and N more in `--dev` mode, plain HTTP, to show what TLS costs), N aliases of one sshd on
 loopback (pipelining and ControlPersist on), N `local` hosts. PYTHONUNBUFFERED is unset for
 every transport alike. Wall time, median of the runs; the table gives ratios to `local`.
 Needs root, openssh-server and openssh-client (installed by apt when missing).
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
 from tests.support.agent_process import AgentProcess, free_port  # noqa: E402
+from tests.support.pki import TestPki  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TASKS = 30
@@ -79,11 +81,17 @@ class Sshd:
         self.process.wait()
 
 
-def inventory(work: Path, connection: str, nodes: int, agents: list[AgentProcess], sshd: Sshd) -> Path:
+def inventory(work: Path, connection: str, nodes: int, agents: dict[str, list[AgentProcess]],
+              sshd: Sshd) -> Path:
     lines = []
     for i in range(nodes):
-        if connection == "marco":
-            lines.append(f"m{i} ansible_connection=marco ansible_host=127.0.0.1 ansible_port={agents[i].port}")
+        if connection == "marco":  # mutual TLS, as installed
+            agent = agents["tls"][i]
+            lines.append(f"m{i} ansible_connection=marco ansible_host=127.0.0.1 "
+                         f"ansible_port={agent.port} marco_node={agent.node_name}")
+        elif connection == "marco-dev":  # plain HTTP (--dev): what TLS costs
+            lines.append(f"d{i} ansible_connection=marco ansible_host=127.0.0.1 "
+                         f"ansible_port={agents['dev'][i].port} marco_tls=false")
         elif connection == "ssh":
             lines.append(f"s{i} ansible_connection=ssh ansible_host=127.0.0.1 ansible_port={sshd.port} "
                          f"ansible_user=root ansible_ssh_private_key_file={sshd.key}")
@@ -113,8 +121,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="marco-ansible-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         secret = create_secret(work / "secret")
-        agents = [AgentProcess(secret, work / f"a{i}" / "state", node_name=f"bench{i}",
-                               extra_args=["--log-level", "warning"]) for i in range(max(args.nodes))]
+        pki = TestPki(work / "pki")
+        agents = {
+            "tls": [AgentProcess(secret, work / f"a{i}" / "state", node_name=f"bench{i}",
+                                 extra_args=["--log-level", "warning"], pki=pki)
+                    for i in range(max(args.nodes))],
+            "dev": [AgentProcess(secret, work / f"d{i}" / "state", node_name=f"dev{i}",
+                                 extra_args=["--log-level", "warning"])
+                    for i in range(max(args.nodes))]}
         sshd = Sshd(work)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
         env.update(MARCO_TOKEN=TokenSigner(load_secret(secret)).issue(getpass.getuser()),
@@ -122,7 +136,7 @@ def main() -> None:
                    ANSIBLE_PIPELINING="True", ANSIBLE_HOST_KEY_CHECKING="False",
                    ANSIBLE_SSH_CONTROL_PATH_DIR=str(work / "cp"), ANSIBLE_SSH_ARGS=
                    "-C -o ControlMaster=auto -o ControlPersist=60s -o UserKnownHostsFile=/dev/null",
-                   ANSIBLE_NOCOLOR="1")
+                   ANSIBLE_NOCOLOR="1", **pki.client_env())
         books = playbooks(work)
         results: dict[tuple[str, int], dict[str, float]] = {}
         try:
@@ -131,22 +145,24 @@ def main() -> None:
                 for name, book in books.items():
                     cell: dict[str, list[float]] = {}
                     for _ in range(runs):  # interleave transports so drift hits all alike
-                        for connection in ("local", "marco", "ssh"):
+                        for connection in ("local", "marco", "marco-dev", "ssh"):
                             hosts = inventory(work, connection, nodes, agents, sshd)
                             cell.setdefault(connection, []).append(run(book, hosts, env))
                     results[(name, nodes)] = {c: statistics.median(t) for c, t in cell.items()}
                     r = results[(name, nodes)]
                     print(f"{name}, {nodes} node(s): local {r['local']:.2f}s  marco {r['marco']:.2f}s  "
-                          f"ssh {r['ssh']:.2f}s", flush=True)
+                          f"marco --dev {r['marco-dev']:.2f}s  ssh {r['ssh']:.2f}s", flush=True)
         finally:
             sshd.stop()
-            for agent in agents:
+            for agent in agents["tls"] + agents["dev"]:
                 agent.stop()
-    print("\n| playbook | nodes | local s | marco s | ssh s | marco / local | ssh / local |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| playbook | nodes | local s | marco (mTLS) s | marco --dev s | ssh s | marco / local "
+          "| marco --dev / local | ssh / local |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (name, nodes), r in results.items():
-        print(f"| {name} | {nodes} | {r['local']:.2f} | {r['marco']:.2f} | {r['ssh']:.2f} | "
-              f"{r['marco'] / r['local']:.2f}x | {r['ssh'] / r['local']:.2f}x |")
+        print(f"| {name} | {nodes} | {r['local']:.2f} | {r['marco']:.2f} | {r['marco-dev']:.2f} | "
+              f"{r['ssh']:.2f} | {r['marco'] / r['local']:.2f}x | "
+              f"{r['marco-dev'] / r['local']:.2f}x | {r['ssh'] / r['local']:.2f}x |")
 
 
 if __name__ == "__main__":

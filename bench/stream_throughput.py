@@ -30,6 +30,7 @@ from tornado.iostream import StreamClosedError  # noqa: E402
 from agent.client import AsyncAgentClient  # noqa: E402
 from agent.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
 from tests.support.agent_process import AgentProcess, free_port  # noqa: E402
+from tests.support.pki import TestPki  # noqa: E402
 
 SPARSE_COMMAND = ("import time,sys\n"
                   "for i in range({n}):\n"
@@ -121,21 +122,31 @@ def percentile(values: list[float], fraction: float) -> float:
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="marco-bench-") as tmp:
         secret = create_secret(Path(tmp) / "secret")
+        token = TokenSigner(load_secret(secret)).issue(getpass.getuser())
+        pki = TestPki(Path(tmp) / "pki")
         agent = AgentProcess(secret, Path(tmp) / "state", node_name="bench",
-                             extra_args=["--log-level", "warning"])
+                             extra_args=["--log-level", "warning"], pki=pki)
+        dev = AgentProcess(secret, Path(tmp) / "state-dev", node_name="bench-dev",
+                           extra_args=["--log-level", "warning"])
         try:
-            api = AsyncAgentClient(agent.host, agent.port,
-                                   TokenSigner(load_secret(secret)).issue(getpass.getuser()))
+            api = agent.async_client(token)
+            plain = dev.async_client(token)
             marco = [await marco_lines_per_second(api, args.lines) for _ in range(args.runs)]
+            marco_dev = [await marco_lines_per_second(plain, args.lines) for _ in range(args.runs)]
             naive = [await naive_lines_per_second(args.lines) for _ in range(args.runs)]
             delays = await sparse_latency_ms(api, args.sparse)
         finally:
             agent.stop()
+            dev.stop()
     best_marco, best_naive = statistics.median(marco), statistics.median(naive)
+    best_dev = statistics.median(marco_dev)
     print(f"| method | lines/s (median of {args.runs}) | ratio |")
     print("|---|---:|---:|")
-    print(f"| marco agent, batched messages | {best_marco:,.0f} | {best_marco / best_naive:.1f}x |")
-    print(f"| naive: one message per line | {best_naive:,.0f} | 1.0x |")
+    print(f"| marco agent, batched messages, mutual TLS | {best_marco:,.0f} | "
+          f"{best_marco / best_naive:.1f}x |")
+    print(f"| marco agent, batched messages, --dev (plain) | {best_dev:,.0f} | "
+          f"{best_dev / best_naive:.1f}x |")
+    print(f"| naive: one message per line, plain | {best_naive:,.0f} | 1.0x |")
     print()
     print(f"sparse output ({args.sparse} lines, one every 10 ms): latency p50 "
           f"{percentile(delays, 0.5):.1f} ms, p99 {percentile(delays, 0.99):.1f} ms, "
