@@ -106,6 +106,7 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
     ctx = AgentContext.build(config, secret)
     ctx.executions.load()
     ctx.revocations.load()
+    ctx.denied.load()
     ctx.audit.open()
     tls = config.tls_files()
     server = make_app(ctx).listen(config.port, config.bind, xheaders=False,

@@ -99,11 +99,13 @@ def base_url(host: str, port: int, tls: bool) -> str:
     return f"{'https' if tls else 'http'}://{netloc}"
 
 
-def _transport_error(exc: BaseException, what: str) -> AgentUnreachable:
-    """A failed connection as a typed error: TLS refusals say why, the rest is unreachable."""
+def _transport_error(exc: BaseException, what: str,
+                     tls: ClientTls | None = None) -> AgentUnreachable:
+    """A failed connection as a typed error: TLS refusals say why (our own expired certificate
+    first), the rest is unreachable."""
     refused = describe_tls_error(exc, what)
     if refused is not None:
-        return refused
+        return (tls.expired() if tls is not None else None) or refused
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return AgentUnreachable(f"{what} timed out")
     detail = getattr(exc, "strerror", None) or exc
@@ -177,7 +179,8 @@ class AgentClient:
     def _unreachable(self, exc: BaseException) -> AgentUnreachable:
         self.close()
         return _transport_error(exc, f"agent {self.node} ({self.host}:{self.port})"
-                                if self.node != self.host else f"agent {self.host}:{self.port}")
+                                if self.node != self.host else f"agent {self.host}:{self.port}",
+                                self.tls)
 
     def _send(self, method: str, path: str, body: bytes | None = None,
               headers: dict[str, str] | None = None,
@@ -343,7 +346,7 @@ class AsyncAgentClient:
                  timeout: float = DEFAULT_TIMEOUT, tls: ClientTls | None = None,
                  node: str | None = None) -> None:
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
-        self.node = node or host
+        self.node, self.tls = node or host, tls
         self.ssl_context = tls.context_for(self.node) if tls is not None else None
         self.base = base_url(host, port, tls is not None)
         self.what = (f"agent {self.node} ({host}:{port})" if self.node != host
@@ -361,9 +364,9 @@ class AsyncAgentClient:
                 raise_error=False, allow_nonstandard_methods=True,
                 ssl_options=self.ssl_context, **kwargs)
         except (OSError, httpclient.HTTPClientError) as exc:
-            raise _transport_error(exc, self.what) from None
+            raise _transport_error(exc, self.what, self.tls) from None
         if response.code == 599 and isinstance(response.error, ssl.SSLError):
-            raise _transport_error(response.error, self.what)
+            raise _transport_error(response.error, self.what, self.tls)
         return response
 
     async def _request(self, method: str, path: str, json_body: Any = None,
@@ -371,7 +374,7 @@ class AsyncAgentClient:
         body = None if json_body is None else json.dumps(json_body).encode()
         response = await self._fetch(method, path, body, request_timeout)
         if response.code == 599:
-            raise _transport_error(response.error or OSError("no answer"), self.what)
+            raise _transport_error(response.error or OSError("no answer"), self.what, self.tls)
         _raise_for(response.code, response.body or b"")
         return _json(response.body)
 
@@ -409,17 +412,19 @@ class AsyncAgentClient:
     async def status(self) -> dict[str, Any]:
         return await self._request("GET", "/v1/status")
 
-    async def push_revocations(self, table: dict[str, float]) -> dict[str, Any]:
+    async def push_revocations(self, table: dict[str, float],
+                               tokens: dict[str, float] | None = None) -> dict[str, Any]:
         """Controller only (this client's token must be a service token): per-user not-before
-        times the agent then enforces."""
-        return await self._request("PUT", "/v1/revocations", {"revocations": table})
+        times and logged-out tokens (SHA-256 digest -> expiry) the agent then enforces."""
+        return await self._request("PUT", "/v1/revocations",
+                                   {"revocations": table, "tokens": tokens or {}})
 
     async def push_crl(self, pem: bytes) -> dict[str, Any]:
         """Controller only (service token): the cluster CA's current revocation list."""
         response = await self._fetch("PUT", "/v1/crl", pem,
                                      headers={"Content-Type": "application/pkix-crl"})
         if response.code == 599:
-            raise _transport_error(response.error or OSError("no answer"), self.what)
+            raise _transport_error(response.error or OSError("no answer"), self.what, self.tls)
         _raise_for(response.code, response.body or b"")
         return _json(response.body)
 
@@ -447,22 +452,22 @@ class AsyncAgentClient:
         if response.code == 599:
             if isinstance(response.error, MarcoError):  # the body producer gave up: say why
                 raise response.error
-            raise _transport_error(response.error or OSError("no answer"), self.what)
+            raise _transport_error(response.error or OSError("no answer"), self.what, self.tls)
         _raise_for(response.code, response.body or b"")
         return _json(response.body)
 
     def stream(self) -> "AgentStream":
         """A /v1/stream connection; `await stream.connect()` authenticates it."""
         return AgentStream(self.base.replace("http", "ws", 1) + "/v1/stream", self.token,
-                           self.ssl_context, self.what)
+                           self.ssl_context, self.what, self.tls)
 
 
 class AgentStream:
     """The per-user WebSocket: events of the user's executions, status, replay, stop."""
 
     def __init__(self, url: str, token: str | None, ssl_context: ssl.SSLContext | None = None,
-                 what: str | None = None) -> None:
-        self.url, self.token, self.ssl_context = url, token, ssl_context
+                 what: str | None = None, tls: ClientTls | None = None) -> None:
+        self.url, self.token, self.ssl_context, self.tls = url, token, ssl_context, tls
         self.what = what or url
         self._ws: websocket.WebSocketClientConnection | None = None
         self.hello: dict[str, Any] | None = None
@@ -475,7 +480,7 @@ class AgentStream:
                                        ssl_options=self.ssl_context),
                 max_message_size=256 * 1024 * 1024)
         except (OSError, httpclient.HTTPClientError) as exc:
-            raise _transport_error(exc, self.what) from None
+            raise _transport_error(exc, self.what, self.tls) from None
         await self.send({"type": "auth", "token": self.token or ""})
         hello = await self.read()
         if hello is None or hello.get("type") != "hello":

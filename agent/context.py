@@ -12,13 +12,13 @@ from urllib.parse import urlsplit
 from . import __version__, protocol
 from .config import AgentConfig
 from .audit import AuditLog
-from .errors import AuthenticationError, MarcoError
+from .errors import AuthenticationError, MarcoError, TokenRevoked
 from .executions import ExecutionManager
 from .files import FileService
 from .hub import StreamHub
 from .status import StatusPublisher, StatusSampler
 from .crl import CrlStore
-from .revocations import Revocations
+from .revocations import DeniedTokens, Revocations
 from .tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner, health_proof
 from .users import UserIdentity, UserResolver
 
@@ -38,6 +38,7 @@ class AgentContext:
     secret: SecretKeys
     revocations: Revocations
     service_signer: TokenSigner
+    denied: DeniedTokens
     crl: CrlStore | None = None                       # None in --dev mode (no TLS)
     on_tls_change: Callable[[], object] | None = None  # set by the server: reload TLS now
 
@@ -59,6 +60,7 @@ class AgentContext:
                    status=StatusPublisher(StatusSampler(config.node_name)), audit=audit,
                    secret=secret, revocations=Revocations(config.state_path / "revocations.json"),
                    service_signer=TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT),
+                   denied=DeniedTokens(config.state_path / "denied-tokens.json"),
                    crl=None if config.dev else CrlStore(config.tls_crl, config.tls_ca))
 
     def authenticate(self, token: str | None, client: str = "?") -> UserIdentity:
@@ -72,7 +74,10 @@ class AgentContext:
 
     def verify(self, token: str | None) -> str:
         """The token's user, honouring max_age and the revocations pushed by the controller."""
-        return self.signer.verify(token, self.revocations.not_before)
+        user = self.signer.verify(token, self.revocations.not_before)
+        if self.denied.denied(token):  # type: ignore[arg-type]
+            raise TokenRevoked("token revoked (logged out): log in again (marco login)")
+        return user
 
     def verify_service(self, token: str | None) -> None:
         """Accept only the controller's own short-lived service token (a salt of its own)."""

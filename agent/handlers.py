@@ -165,9 +165,10 @@ class OutputHandler(ApiHandler):
 
 
 class RevocationsHandler(ApiHandler):
-    """PUT /v1/revocations {"revocations": {user: epoch}} from the controller (service token):
-    tokens of those users issued before that time are refused from now on, sockets included.
-    GET answers the table (service token too)."""
+    """PUT /v1/revocations {"revocations": {user: epoch}, "tokens": {sha256: until}} from the
+    controller (service token): tokens of those users issued before that time, and the single
+    tokens named by digest (plain logouts), are refused from now on, sockets included.
+    GET answers both tables (service token too)."""
 
     def _service(self) -> None:
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
@@ -175,7 +176,8 @@ class RevocationsHandler(ApiHandler):
 
     def get(self) -> None:
         self._service()
-        self.write_json({"revocations": self.ctx.revocations.table()})
+        self.write_json({"revocations": self.ctx.revocations.table(),
+                         "tokens": self.ctx.denied.table()})
 
     def put(self) -> None:
         self._service()
@@ -183,7 +185,17 @@ class RevocationsHandler(ApiHandler):
             body = protocol.decode(self.request.body or b"null")
         except ValueError:
             raise BadRequest("body is not valid JSON") from None
-        moved = self.ctx.revocations.update((body or {}).get("revocations") if isinstance(body, dict) else None)
+        if not isinstance(body, dict):
+            raise BadRequest("expected {\"revocations\": ..., \"tokens\": ...}")
+        moved = self.ctx.revocations.update(body.get("revocations", {}))
+        denied = self.ctx.denied.update(body.get("tokens", {}))
+        if denied:
+            self.ctx.audit.record("tokens.denied", None, count=len(denied),
+                                  client=self.request.remote_ip)
+            for socket in self.ctx.hub.all_sockets():
+                revoke = getattr(socket, "revoke", None)
+                if revoke is not None:
+                    revoke()
         for user in moved:
             self.ctx.audit.record("tokens.revoked", user, not_before=self.ctx.revocations.not_before(user),
                                   client=self.request.remote_ip)
@@ -191,7 +203,7 @@ class RevocationsHandler(ApiHandler):
                 revoke = getattr(socket, "revoke", None)
                 if revoke is not None:
                     revoke()
-        self.write_json({"updated": moved})
+        self.write_json({"updated": moved, "denied": len(denied)})
 
 
 class CrlHandler(RevocationsHandler):

@@ -38,6 +38,9 @@ class StreamHub:
     def sockets(self, username: str) -> list[EventSocket]:
         return list(self._sockets.get(username, ()))
 
+    def all_sockets(self) -> list[EventSocket]:
+        return [socket for sockets in self._sockets.values() for socket in sockets]
+
     def count(self, username: str) -> int:
         return len(self._sockets.get(username, ()))
 

@@ -1,4 +1,5 @@
-"""Per-user "not before" times: tokens issued earlier are refused ("log out everywhere").
+"""Per-user "not before" times: tokens issued earlier are refused ("log out everywhere"); and
+single tokens voided by a plain logout (`DeniedTokens`).
 
 The controller pushes the table to every agent (`PUT /v1/revocations`, authenticated by a
 short-lived service token of its own salt); each agent keeps it on disk, so a revocation
@@ -7,9 +8,11 @@ survives restarts, and takes the later time when two disagree.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +51,7 @@ class Revocations:
         return moved
 
     def _save(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self._table, handle)
-        os.replace(tmp, self.path)
+        _save_json(self.path, self._table)
 
     @staticmethod
     def _checked(table: Any) -> dict[str, float]:
@@ -66,3 +64,61 @@ class Revocations:
                 raise BadRequest("revocations must map user names to epoch seconds")
             out[user] = float(when)
         return out
+
+
+def token_digest(token: str) -> str:
+    """How a logged-out token is named in deny lists: never the token itself."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class DeniedTokens:
+    """Single tokens voided by a plain logout: SHA-256 digest -> when the token would have
+    expired anyway (entries are dropped after that, so the list stays small)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._table: dict[str, float] = {}
+
+    def load(self) -> None:
+        try:
+            self._table = self._checked(json.loads(self.path.read_text()))
+        except FileNotFoundError:
+            return
+
+    def denied(self, token: str) -> bool:
+        return token_digest(token) in self._table
+
+    def table(self) -> dict[str, float]:
+        return dict(self._table)
+
+    def update(self, table: Any) -> list[str]:
+        """Add entries, drop expired ones, persist; return the digests that are new."""
+        now = time.time()
+        added = [digest for digest, until in self._checked(table).items()
+                 if until > now and digest not in self._table]
+        for digest in added:
+            self._table[digest] = self._checked(table)[digest]
+        expired = [digest for digest, until in self._table.items() if until <= now]
+        for digest in expired:
+            del self._table[digest]
+        if added or expired:
+            _save_json(self.path, self._table)
+        return added
+
+    @staticmethod
+    def _checked(table: Any) -> dict[str, float]:
+        if not isinstance(table, dict) or not all(
+                isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)
+                and isinstance(u, (int, float)) and not isinstance(u, bool) and math.isfinite(u)
+                for d, u in table.items()):
+            raise BadRequest("denied tokens must map SHA-256 hex digests to epoch seconds")
+        return {d: float(u) for d, u in table.items()}
+
+
+def _save_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+    os.replace(tmp, path)

@@ -157,6 +157,7 @@ async def serve(ctx: ControllerContext) -> None:
             log.warning("not browsing: --bind %s is a wildcard and no --mdns-interface is set",
                         config.bind)
     ctx.revocations.load()
+    ctx.denied.load()
     ctx.pusher.watch()
     stop = stop_event_on_signals()
     try:

@@ -113,6 +113,17 @@ class RunApi(ApiHandler):
         self.write_json({"user": user, "results": {n.name: r for n, r in zip(nodes, results)}})
 
 
+class LogoutApi(ApiHandler):
+    """POST /api/logout: void the token this request carries (`marco logout`), on the
+    controller at once and on every live node before answering."""
+
+    async def post(self) -> None:
+        user = self.require_user()
+        result = await self.ctx.pusher.deny(self.token())
+        self.clear_cookie("marco_token")
+        self.write_json({"user": user, **result})
+
+
 class RevokeApi(ApiHandler):
     """POST /api/revoke: log out everywhere; every token of the caller issued before now is
     refused by the controller and, once pushed, by every agent."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import tornado.web
 
-from .api import InventoryApi, NodesApi, RevokeApi, RunApi, SessionApi, TokenApi
+from .api import InventoryApi, LogoutApi, NodesApi, RevokeApi, RunApi, SessionApi, TokenApi
 from .context import ControllerContext
 from .deploy import DeployApi
 from .pages import IndexPage, LoginPage, LogoutPage
@@ -27,6 +27,7 @@ def make_app(ctx: ControllerContext) -> tornado.web.Application:
         (r"/api/inventory", InventoryApi),
         (r"/api/run", RunApi),
         (r"/api/revoke", RevokeApi),
+        (r"/api/logout", LogoutApi),
         (r"/api/deploy", DeployApi),
         (r"/relay/([^/]+)", RelaySocket),
     ]

@@ -129,14 +129,24 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
-    """Forget the stored token; with --everywhere, void all of your tokens on every node."""
+    """Void the stored token on the controller and the nodes, then forget it; with
+    --everywhere, void all of your tokens on every node."""
+    url = controller_url(args.controller)
     if args.everywhere:
-        url = controller_url(args.controller)
         reply = call_controller(url, "/api/revoke", find_token(), body={})
         missed = [name for name, r in reply["nodes"].items() if not r["ok"]]
         print(f"every token of {reply['user']} issued before now is refused"
               + (f" (not yet told: {', '.join(missed)}; they learn it when they come back)"
                  if missed else ""))
+    else:
+        try:
+            reply = call_controller(url, "/api/logout", find_token(), body={})
+            missed = [name for name, r in reply["nodes"].items() if not r["ok"]]
+            print("your token is void" + (f" (not yet told: {', '.join(missed)}; they learn "
+                                          "it when they come back)" if missed else ""))
+        except (MarcoError, CliError) as error:
+            print(f"marco: could not void the token at {url} ({error}); it stays valid on the "
+                  "nodes until it expires", file=sys.stderr)
     stored_token_path().unlink(missing_ok=True)
     forget_tls()
     print("logged out")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ConfigError
-from agent.revocations import Revocations
+from agent.revocations import DeniedTokens, Revocations
 from agent.tls import ClientTls, ServerTlsFiles
 from agent.tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner
 
@@ -31,6 +31,7 @@ class ControllerContext:
     health: HealthMonitor
     cookie_secret: dict[int, str]
     revocations: Revocations
+    denied: DeniedTokens
     pusher: RevocationPusher
     connector: AgentConnector
     pki: ClusterPki | None          # None in development mode
@@ -49,6 +50,7 @@ class ControllerContext:
                                            hashlib.sha256).hexdigest()
                          for version, key in enumerate(secret)}
         revocations = Revocations(Path(config.state_dir) / "revocations.json")
+        denied = DeniedTokens(Path(config.state_dir) / "denied-tokens.json")
         pki, web_tls, agent_tls = None, None, None
         if not config.dev:
             pki = ClusterPki(config.pki_dir)
@@ -61,10 +63,12 @@ class ControllerContext:
                                      config.web_key or str(pki.controller_key),
                                      str(pki.ca_file), require_client_cert=False)
         connector = AgentConnector(agent_tls)
+        signer = TokenSigner(secret, config.token_max_age)
         pusher = RevocationPusher(revocations, registry,
                                   TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT),
-                                  connector, crl_file=pki.crl_file if pki else None)
-        return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
+                                  connector, crl_file=pki.crl_file if pki else None,
+                                  denied=denied, signer=signer)
+        return cls(config=config, signer=signer, denied=denied,
                    authenticator=PamAuthenticator(config.pam_service, limiter),
                    registry=registry,
                    health=HealthMonitor(registry, config.health_interval, keys=secret,

@@ -33,13 +33,16 @@ class LoginPage(BaseHandler):
 
 
 class LogoutPage(BaseHandler):
-    """POST /logout clears the login cookie; with `everywhere=1` it also voids every token of
-    the user on every agent (other browsers, `marco login` tokens, Ansible runs)."""
+    """POST /logout voids this session's token (here at once, on the agents as soon as it is
+    pushed) and clears the cookie; with `everywhere=1` it voids every token of the user on
+    every agent (other browsers, `marco login` tokens, Ansible runs)."""
 
     async def post(self) -> None:
         user = self.current_user
         if user and self.get_body_argument("everywhere", "") == "1":
             await self.ctx.pusher.revoke(user)
+        elif user:
+            self.ctx.pusher.deny_soon(self.token())
         self.clear_cookie(COOKIE)
         self.redirect("/login")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import MarcoError
-from agent.revocations import Revocations
+from agent.revocations import DeniedTokens, Revocations, token_digest
 from agent.tokens import TokenSigner
 
 from .connector import AgentConnector
@@ -34,8 +34,10 @@ class RevocationPusher:
 
     def __init__(self, revocations: Revocations, registry: NodeRegistry,
                  service_signer: TokenSigner, connector: AgentConnector,
-                 crl_file: Path | None = None) -> None:
+                 crl_file: Path | None = None, denied: DeniedTokens | None = None,
+                 signer: TokenSigner | None = None) -> None:
         self.connector = connector
+        self.denied, self.signer = denied, signer
         self.crl_file = crl_file
         self._crl_mtime = self._crl_stamp()
         self.revocations = revocations
@@ -48,8 +50,9 @@ class RevocationPusher:
         self.registry.on_change(self._node_changed)
 
     def _node_changed(self, node: Node) -> None:
-        if node.alive and self.revocations.table():
-            self._spawn(self._push(node, self.revocations.table()))
+        tokens = self.denied.table() if self.denied is not None else {}
+        if node.alive and (self.revocations.table() or tokens):
+            self._spawn(self._push(node, self.revocations.table(), tokens))
         if node.alive and self.crl_file is not None:
             self._spawn(self._push_crl(node))
 
@@ -88,6 +91,20 @@ class RevocationPusher:
             log.warning("could not push the CRL to %s: %s", node.name, error.message)
             return {"ok": False, "message": error.message}
 
+    async def deny(self, token: str) -> dict[str, Any]:
+        """Void one token (a plain logout) here and, once pushed, on every live node."""
+        assert self.denied is not None and self.signer is not None
+        until = self.signer.expires_at(token)
+        self.denied.update({token_digest(token): until})
+        nodes = self.registry.alive()
+        table = {token_digest(token): until}
+        results = await asyncio.gather(*(self._push(node, {}, table) for node in nodes))
+        return {"nodes": {n.name: r for n, r in zip(nodes, results)}}
+
+    def deny_soon(self, token: str) -> None:
+        """`deny` without waiting for the nodes (the page's logout redirects at once)."""
+        self._spawn(self.deny(token))
+
     async def revoke(self, user: str) -> dict[str, Any]:
         """Void every token of `user` issued before this second, on every live node now."""
         cutoff = float(math.floor(time.time()))
@@ -97,10 +114,11 @@ class RevocationPusher:
         log.info("%s logged out everywhere (tokens before %s refused)", user, cutoff)
         return {"not_before": cutoff, "nodes": {n.name: r for n, r in zip(nodes, results)}}
 
-    async def _push(self, node: Node, table: dict[str, float]) -> dict[str, Any]:
+    async def _push(self, node: Node, table: dict[str, float],
+                    tokens: dict[str, float] | None = None) -> dict[str, Any]:
         client = self.connector.client(node, self.service_signer.issue("controller"))
         try:
-            await client.push_revocations(table)
+            await client.push_revocations(table, tokens or {})
             return {"ok": True}
         except MarcoError as error:
             log.warning("could not push revocations to %s: %s", node.name, error.message)

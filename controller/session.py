@@ -9,7 +9,7 @@ from typing import Any
 
 import tornado.web
 
-from agent.errors import AuthenticationError, BadRequest
+from agent.errors import AuthenticationError, BadRequest, TokenRevoked
 from agent.jsonapi import JsonApiMixin
 from agent.protocol import decode
 
@@ -45,7 +45,10 @@ class SessionMixin(tornado.web.RequestHandler):
         if not token:
             return None
         try:
-            return self.ctx.signer.verify(token, self.ctx.revocations.not_before)
+            user = self.ctx.signer.verify(token, self.ctx.revocations.not_before)
+            if self.ctx.denied.denied(token):
+                raise TokenRevoked("token revoked (logged out): log in again")
+            return user
         except AuthenticationError:
             return None
 

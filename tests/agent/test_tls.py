@@ -68,9 +68,10 @@ def test_expired_client_certificates_are_refused_by_both_sides(shared_agent: Age
                                                                pki: TestPki, tmp_path: Path) -> None:
     bundle = pki.issue("short-lived", "client", days=2 / 86400, out_dir=tmp_path / "short")
     time.sleep(3)
-    # Our own client checks first and says what to do.
+    # Our own client, refused, looks at its certificate and says what to do.
+    stale = ClientTls(str(pki.ca_file), str(bundle.cert_file), str(bundle.key_file))
     with pytest.raises(CertificateRefused, match=r"client certificate .* expired on .*marco login"):
-        ClientTls(str(pki.ca_file), str(bundle.cert_file), str(bundle.key_file))
+        AgentClient(shared_agent.host, shared_agent.port, "t", tls=stale, node="shared").health()
     # An agent refuses it too (a client that did not check).
     context = trusting(pki)
     context.load_cert_chain(bundle.cert_file, bundle.key_file)

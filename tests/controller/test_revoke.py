@@ -111,6 +111,56 @@ def test_page_and_cli_log_out_everywhere(start_agent, start_controller, signer: 
     assert conn.getresponse().status == 401  # the browser session ended too
 
 
+def test_plain_logout_voids_that_token_only(start_agent, start_controller,  # type: ignore[no-untyped-def]
+                                           signer: TokenSigner, alice: UnixUser,
+                                           tmp_path: Path) -> None:
+    """`marco logout` and the page's logout void the token they hold (on the controller and
+    pushed to agents, kept across an agent restart); the user's other tokens keep working."""
+    agent = start_agent(node_name="lo-cli")
+    controller = start_controller(extra_args=["--no-discovery", "--node",
+                                              f"lo-cli={agent.host}:{agent.port}"])
+    home = tmp_path / "home"
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "MARCO_CONTROLLER": controller.url,
+           "MARCO_TLS_CA": str(controller.pki.ca_file)}
+    marco = str(Path(sys.executable).parent / "marco")
+    login = subprocess.run([marco, "login", "--user", alice.name, "--password-stdin"],
+                           input=alice.password + "\n", env=env, capture_output=True, text=True)
+    assert login.returncode == 0, login.stderr
+    stored = (home / ".config" / "marco" / "token").read_text().strip()
+    other = signer.issue(alice.name)
+    wait_for(lambda: controller.get_json("/api/nodes", other)["nodes"][0]["alive"], what="node up")
+    assert agent.client(stored).run(["true"]).rc == 0
+    out = subprocess.run([marco, "logout"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "your token is void" in out.stdout, out.stdout + out.stderr
+    assert not (home / ".config" / "marco" / "token").exists()
+    assert not (home / ".config" / "marco" / "client.key").exists()
+    with pytest.raises(TokenRevoked, match="logged out"):
+        agent.client(stored).executions()
+    status, _ = call(controller, "GET", "/api/nodes", token=stored)
+    assert status == 401
+    assert agent.client(other).run(["true"]).rc == 0  # only that token
+    # The page's logout: that session's cookie stops working, the other token does not.
+    cookie = login_cookie(controller, alice)
+    conn = controller.connection(timeout=10)
+    xsrf = cookie.split("_xsrf=")[1]
+    conn.request("POST", "/logout", body=f"_xsrf={xsrf}",
+                 headers={"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"})
+    assert conn.getresponse().status == 302
+    conn = controller.connection(timeout=10)
+    conn.request("GET", "/api/session", headers={"Cookie": cookie})
+    assert conn.getresponse().status == 401
+    # An agent restarted later still refuses the logged-out token (kept on disk).
+    agent.stop()
+    again = AgentProcess(agent.secret_file, agent.state_dir, node_name=agent.node_name,
+                         port=agent.port, pki=agent.pki)
+    try:
+        with pytest.raises(TokenRevoked):
+            again.client(stored).executions()
+        assert again.client(other).run(["true"]).rc == 0
+    finally:
+        again.stop()
+
+
 def test_revoke_cert_reaches_agents_through_the_controller(start_agent, start_controller,  # type: ignore[no-untyped-def]
                                                           signer: TokenSigner, alice: UnixUser,
                                                           pki, tmp_path: Path,

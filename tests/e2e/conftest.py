@@ -54,7 +54,8 @@ def fleet(secret_file: Path, signer: TokenSigner, alice: UnixUser, pam_service: 
     os.chmod(workdir, 0o755)
     network = NamespaceNetwork(3, subnet="10.213.78", tag="e2e").create()
     controller = None
-    agents: list[AgentProcess] = []
+    agents: list[AgentProcess] = []  # tests may replace members (restarts): stopped all the same
+    fleet = None
     try:
         controller = ControllerProcess(secret_file, workdir, pam_service=pam_service,
                                        bind=network.gateway, mdns_interfaces=[network.gateway],
@@ -68,10 +69,11 @@ def fleet(secret_file: Path, signer: TokenSigner, alice: UnixUser, pam_service: 
         token = signer.issue(alice.name)
         wait_for(lambda: set(names) <= set(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]),
                  what="three namespace agents in the inventory")
-        yield Fleet(network, controller, agents, names, workdir, pki)
+        fleet = Fleet(network, controller, agents, names, workdir, pki)
+        yield fleet
     finally:
         for agent in agents:
             agent.stop()
-        if controller is not None:
-            controller.stop()
+        for daemon in {id(c): c for c in (controller, fleet and fleet.controller) if c}.values():
+            daemon.stop()  # the fixture's and any a test restarted
         network.destroy()
