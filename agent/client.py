@@ -253,7 +253,10 @@ class AgentClient:
         for line in header_text.split(b"\r\n"):
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-length":
-                length = int(value.strip() or 0)
+                try:
+                    length = int(value.strip() or 0)
+                except ValueError:
+                    raise ProtocolError("agent sent a bad Content-Length") from None
         body = b""
         while len(body) < min(length, 1024 * 1024):
             chunk = sock.recv(length - len(body))

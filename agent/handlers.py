@@ -16,7 +16,7 @@ import tornado.web
 from . import protocol
 from .context import AgentContext
 from .errors import (AuthenticationError, BadRequest, Conflict, MarcoError, NotFound,
-                     PayloadTooLarge)
+                     PayloadTooLarge, PermissionDenied)
 from .executions import Execution, ExecutionRequest
 from .jsonapi import JsonApiMixin
 from .files import FileReader, FileWriter, parse_mode, validate_path
@@ -164,6 +164,15 @@ class OutputHandler(ApiHandler):
                          "truncated_seq": execution.spool.truncated_seq})
 
 
+def is_controller(peer: Any) -> bool:
+    """Whether a peer certificate (as `getpeercert()` gives it) is the controller's: issued by
+    the cluster CA (the handshake checked that) with OU=controller."""
+    if not isinstance(peer, dict):
+        return False
+    fields = [pair for rdn in peer.get("subject", ()) for pair in rdn]
+    return ("organizationalUnitName", "controller") in fields
+
+
 class RevocationsHandler(ApiHandler):
     """PUT /v1/revocations {"revocations": {user: epoch}, "tokens": {sha256: until}} from the
     controller (service token): tokens of those users issued before that time, and the single
@@ -173,6 +182,10 @@ class RevocationsHandler(ApiHandler):
     def _service(self) -> None:
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
         self.ctx.verify_service(token.strip() if scheme.lower() == "bearer" else None)
+        if self.ctx.crl is not None and not is_controller(self.request.get_ssl_certificate()):
+            # Every node holds the secret that signs service tokens; only the controller holds
+            # the controller's certificate.
+            raise PermissionDenied("only the controller's certificate may change revocations")
 
     def get(self) -> None:
         self._service()

@@ -123,12 +123,12 @@ class ServerTlsReloader:
         seen = self.files.mtimes()
         if seen == self._seen:
             return False
-        self._seen = seen
         try:
             self.server.ssl_options = self.files.context()
-        except ConfigError as error:
+        except ConfigError as error:  # half-copied files: try again next time
             log.error("keeping the previous TLS setup: %s", error.message)
             return False
+        self._seen = seen
         log.info("TLS files changed: reloaded %s", self.files.cert_file)
         return True
 
@@ -145,7 +145,7 @@ class ClientTls:
         self.ca_file, self.cert_file, self.key_file, self.crl_file = (
             ca_file, cert_file, key_file, crl_file)
         self._contexts: dict[str, ssl.SSLContext] = {}
-        self._crl_mtime = self._crl_stamp()
+        self._files_stamp = self._stamp()
 
     def expired(self) -> CertificateRefused | None:
         """If our own certificate has expired: the error that says so and what to do."""
@@ -159,19 +159,23 @@ class ClientTls:
                                   f"{expiry:%Y-%m-%d %H:%M} UTC; get a new one: marco login "
                                   "(or marco-controller issue-client)")
 
-    def _crl_stamp(self) -> float:
-        try:
-            return os.stat(self.crl_file).st_mtime if self.crl_file else -1.0
-        except OSError:
-            return -1.0
+    def _stamp(self) -> tuple[float, ...]:
+        stamps = []
+        for path in (self.crl_file, self.cert_file, self.key_file, self.ca_file):
+            try:
+                stamps.append(os.stat(path).st_mtime if path else -1.0)
+            except OSError:
+                stamps.append(-1.0)
+        return tuple(stamps)
 
     def context_for(self, node_name: str) -> ssl.SSLContext:
         """A context that presents our certificate and accepts only a certificate from the
-        cluster CA naming `node_name` (cached per name; a changed CRL starts afresh)."""
-        stamp = self._crl_stamp()
-        if stamp != self._crl_mtime:
+        cluster CA naming `node_name` (cached per name; changed files start afresh: a new CRL,
+        a renewed certificate)."""
+        stamp = self._stamp()
+        if stamp != self._files_stamp:
             self._contexts.clear()
-            self._crl_mtime = stamp
+            self._files_stamp = stamp
         context = self._contexts.get(node_name)
         if context is None:
             context = PinnedNameContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -202,6 +206,8 @@ _REFUSED_BY_PEER = {
     "TLSV1_ALERT_UNKNOWN_CA": "our client certificate is not from its CA",
     "SSLV3_ALERT_BAD_CERTIFICATE": "it refused our client certificate",
     "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "it refused our client certificate",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "our certificate is not a client certificate "
+                                           "(an agent's or the wrong kind)",
     "TLSV1_ALERT_DECRYPT_ERROR": "it refused our client certificate",
 }
 
@@ -216,7 +222,9 @@ def describe_tls_error(exc: BaseException, peer: str) -> CertificateRefused | No
                 "unable to get local issuer certificate": ": not issued by this cluster's CA "
                 "(a rogue or foreign agent?)",
                 "self-signed certificate in certificate chain": ": not issued by this "
-                "cluster's CA (a rogue or foreign agent?)"}.get(reason, "")
+                "cluster's CA (a rogue or foreign agent?)",
+                "unsuitable certificate purpose": ": not an agent's certificate (a client "
+                "certificate posing as an agent?)"}.get(reason, "")
         return CertificateRefused(f"{peer} presented a certificate we refuse: {reason}{hint}")
     if isinstance(exc, ssl.SSLEOFError) or (isinstance(exc, ssl.SSLError)
                                             and exc.reason == "UNEXPECTED_EOF_WHILE_READING"):

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from agent.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
 from tests.support.agent_process import AgentProcess  # noqa: E402
 from tests.support.controller_process import ControllerProcess  # noqa: E402
+from tests.support.pki import TestPki  # noqa: E402
 
 RESPONDERS = r"""
 import asyncio, sys, tornado.httpserver, tornado.netutil, tornado.web
@@ -67,7 +68,7 @@ def wait_until(predicate, what: str, timeout: float = 60.0) -> None:  # type: ig
 
 
 def get(controller: ControllerProcess, path: str, token: str) -> tuple[float, bytes]:
-    conn = http.client.HTTPConnection(controller.host, controller.port, timeout=30)
+    conn = controller.connection(timeout=30)
     started = time.perf_counter()
     conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
     body = conn.getresponse().read()
@@ -81,12 +82,14 @@ def latency_ms(controller: ControllerProcess, path: str, token: str, count: int 
     return statistics.median(samples), samples[int(0.99 * len(samples)) - 1]
 
 
-def discovery(secret: Path, work: Path, controller: ControllerProcess, token: str, runs: int) -> list[float]:
+def discovery(secret: Path, work: Path, controller: ControllerProcess, token: str, runs: int,
+              pki: TestPki) -> list[float]:
     times = []
     for run in range(runs):
         name = f"bench-disc-{os.getpid()}-{run}"
         started = time.perf_counter()
-        agent = AgentProcess(secret, work / f"disc{run}" / "state", node_name=name, announce=True)
+        agent = AgentProcess(secret, work / f"disc{run}" / "state", node_name=name, announce=True,
+                             pki=pki)
         wait_until(lambda: name in json.loads(get(controller, "/api/inventory", token)[1])["_meta"]["hostvars"],
                    f"{name} in the inventory")
         times.append(time.perf_counter() - started)
@@ -119,8 +122,8 @@ def inventory_scaling(secret: Path, work: Path, token: str) -> dict[str, tuple[f
 
 def deploy(controller: ControllerProcess, nodes: list[str], source: Path, folder: Path, token: str) -> float:
     query = urllib.parse.urlencode({"nodes": ",".join(nodes), "folder": str(folder), "name": "payload"})
-    conn = http.client.HTTPConnection(controller.host, controller.port, timeout=600,
-                                      blocksize=1024 * 1024)
+    conn = http.client.HTTPSConnection(controller.host, controller.port, timeout=600,
+                                       blocksize=1024 * 1024, context=controller.ssl_context)
     started = time.perf_counter()
     with open(source, "rb") as body:
         conn.request("PUT", f"/api/deploy?{query}", body=body,
@@ -155,8 +158,9 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def fanout(secret: Path, work: Path, token: str, agents_count: int, size_mb: int, runs: int) -> dict[str, object]:
-    agents = [AgentProcess(secret, work / f"fan{i}" / "state", node_name=f"fan{i}")
+def fanout(secret: Path, work: Path, token: str, agents_count: int, size_mb: int, runs: int,
+           pki: TestPki) -> dict[str, object]:
+    agents = [AgentProcess(secret, work / f"fan{i}" / "state", node_name=f"fan{i}", pki=pki)
               for i in range(agents_count)]
     nodes = [arg for a in agents for arg in ("--node", f"{a.node_name}={a.host}:{a.port}")]
     out: dict[str, object] = {}
@@ -168,7 +172,8 @@ def fanout(secret: Path, work: Path, token: str, agents_count: int, size_mb: int
                     handle.write(os.urandom(1024 * 1024))
             folder = work / f"deployed-{mb}"
             folder.mkdir(exist_ok=True)
-            controller = ControllerProcess(secret, work, extra_args=["--no-discovery", *nodes])
+            controller = ControllerProcess(secret, work, extra_args=["--no-discovery", *nodes],
+                                           pki=pki)
             try:
                 wait_until(lambda: len(json.loads(get(controller, "/api/inventory", token)[1])
                                        ["_meta"]["hostvars"]) >= agents_count, "agents up")
@@ -205,17 +210,19 @@ def main() -> None:
         work = Path(tmp)
         secret = create_secret(work / "secret")
         token = TokenSigner(load_secret(secret)).issue(user)
+        pki = TestPki(work / "pki")
 
-        controller = ControllerProcess(secret, work)
+        controller = ControllerProcess(secret, work, pki=pki)
         try:
-            times = discovery(secret, work, controller, token, 5)
+            times = discovery(secret, work, controller, token, 5, pki)
         finally:
             controller.stop()
         print("## Discovery\n")
         print(f"agent start -> in /api/inventory: median {statistics.median(times):.2f} s, "
               f"max {max(times):.2f} s over {len(times)} starts (target <= 2 s)\n")
 
-        print("## /api/inventory latency\n")
+        print("## /api/inventory latency (controller in --dev mode: the 100 fake agents speak "
+              "plain HTTP, and a TLS handshake per request would hide what is measured)\n")
         print("| endpoint | p50 ms | p99 ms |\n|---|---:|---:|")
         for label, (p50, p99) in inventory_scaling(secret, work, token).items():
             print(f"| {label} | {p50:.2f} | {p99:.2f} |")
@@ -224,7 +231,8 @@ def main() -> None:
         print("| file | marco /api/deploy s | local copies s | ratio | controller RSS start -> peak MB "
               "| CPU s per deploy: controller / agents+helpers |")
         print("|---|---:|---:|---:|---:|---:|")
-        for label, r in fanout(secret, work, token, args.agents, args.size_mb, args.runs).items():
+        for label, r in fanout(secret, work, token, args.agents, args.size_mb, args.runs,
+                               pki).items():
             ratio = r["marco_s"] / r["local_s"]  # type: ignore[operator]
             print(f"| {label} | {r['marco_s']:.2f} | {r['local_s']:.2f} | {ratio:.2f}x | "
                   f"{r['rss_start_mb']:.0f} -> {r['rss_peak_mb']:.0f} | "

@@ -6,14 +6,13 @@ import argparse
 import asyncio
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from tornado.ioloop import PeriodicCallback
 
-from agent.errors import ConfigError
+from agent.errors import MarcoError
 from agent.protocol import choose_mdns_interfaces, require_loopback
 from agent.serving import close_server, stop_event_on_signals
 from agent.settings import add_config_argument, add_options, load_settings
@@ -24,8 +23,8 @@ from . import __version__
 from .app import make_app
 from .config import DEFAULT_CONFIG_FILE, ControllerConfig, controller_options
 from .context import ControllerContext
-from .discovery import ZeroconfBrowser
-from .pki import ClusterPki
+from .discovery import ZeroconfBrowser, parse_static_node
+from .pki import ClusterPki, write_secret_copy
 
 log = logging.getLogger("marco.controller")
 BODY_CHUNK = 1024 * 1024  # uploads reach the deploy handler in chunks this large
@@ -57,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("node", metavar="NAME")
     client.add_argument("--out", metavar="DIR", help="bundle directory (default ./NAME.marco)")
     client.add_argument("--days", type=float, help="validity in days (default 825)")
+    renew = commands.add_parser("renew-controller", help="a new certificate for the controller "
+                                "(same names, plus --name ...); the running one reloads it")
+    renew.add_argument("--name", dest="san", action="append", default=[], metavar="NAME")
     revoke = commands.add_parser("revoke-cert", help="revoke certificates by name or serial "
                                  "and rewrite the CRL (copy crl.pem to the agents)")
     revoke.add_argument("which", metavar="NAME|SERIAL")
@@ -79,12 +81,15 @@ def admin(args: argparse.Namespace, config: ControllerConfig) -> int:
         out = Path(args.out or f"{args.node}.marco")
         bundle = pki.issue(args.node, kind, days=args.days, out_dir=out)
         if kind == "agent":
-            shutil.copyfile(config.secret_file, out / "secret")
-            os.chmod(out / "secret", 0o600)
+            write_secret_copy(config.secret_file, out / "secret")
         print(f"wrote {out}/ (serial {bundle.serial}, valid until "
               f"{bundle.not_after:%Y-%m-%d}): "
               + ("copy its files to /etc/marco/ on the node (keep agent.key and secret 0600)"
                  if kind == "agent" else "point MARCO_CLIENT_CERT/KEY/CA at its files"))
+    elif args.command == "renew-controller":
+        bundle = pki.renew_controller(args.san)
+        print(f"renewed {bundle.cert_file} (serial {bundle.serial}, valid until "
+              f"{bundle.not_after:%Y-%m-%d}); a running controller uses it within 5 s")
     elif args.command == "revoke-cert":
         serials = pki.revoke(args.which)
         print(f"revoked {', '.join(map(str, serials))}; copy {pki.crl_file} to every agent's "
@@ -108,16 +113,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             return admin(args, config)
         if config.dev:
             require_loopback(config.bind)
+            for address in config.mdns_interface:
+                require_loopback(address, "--dev (browsing on --mdns-interface)")
+            for spec in config.node:
+                require_loopback(parse_static_node(spec).host, "--dev (static --node)")
         secret = load_secret(config.secret_file)
         ctx = ControllerContext.build(config, secret)
-    except ConfigError as error:
+    except MarcoError as error:
         print(f"marco-controller: {error.message}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"marco-controller: {error.filename or ''}: {error.strerror or error}",
+              file=sys.stderr)
+        return 1
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(ctx))
-    except ConfigError as error:
+    except MarcoError as error:
         print(f"marco-controller: {error.message}", file=sys.stderr)
         return 2
     except OSError as error:

@@ -49,11 +49,13 @@ class TokenApi(ApiHandler):
 
 
 class NodesApi(ApiHandler):
-    """GET /api/nodes: every known node, alive or not."""
+    """GET /api/nodes: every known node, alive or not; `tls` is how clients must reach it (the
+    controller's own mode, never what the node announced)."""
 
     def get(self) -> None:
         self.require_user()
-        self.write_json({"nodes": [n.summary() for n in self.ctx.registry.all()]})
+        self.write_json({"nodes": [{**n.summary(), "tls": self.agents_tls}
+                                   for n in self.ctx.registry.all()]})
 
 
 class InventoryApi(ApiHandler):
@@ -63,10 +65,11 @@ class InventoryApi(ApiHandler):
         self.require_user()
         host = self.get_query_argument("host", None)
         if host is None:
-            self.write_json(build_inventory(self.ctx.registry.alive()))
+            self.write_json(build_inventory(self.ctx.registry.alive(), self.agents_tls))
             return
         node = self.ctx.registry.get(host)
-        self.write_json(host_vars(node) if node is not None and node.alive else {})
+        self.write_json(host_vars(node, self.agents_tls) if node is not None and node.alive
+                        else {})
 
 
 def chosen_nodes(ctx: Any, names: Any) -> list[Any]:

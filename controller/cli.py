@@ -178,7 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for node in nodes:
         try:
             with AgentClient(node["host"], node["port"], token, node=node["name"],
-                             tls=node_tls(node["txt"].get("tls") == "1")) as client:
+                             tls=node_tls(node.get("tls", True), node["host"])) as client:
                 s = client.status()
         except MarcoError as error:
             rows.append([node["name"], "-", "-", "-", "-", "-", f"error: {error.message}"])
@@ -205,7 +205,7 @@ async def run_live(nodes: list[dict[str, Any]], token: str, command: str, cwd: s
     for node in nodes:
         try:
             api = AsyncAgentClient(node["host"], node["port"], token, node=node["name"],
-                                   tls=node_tls(node["txt"].get("tls") == "1"))
+                                   tls=node_tls(node.get("tls", True), node["host"]))
             streams[node["name"]] = api.stream()
             await streams[node["name"]].connect()  # subscribe first: no line is missed
             ids[node["name"]] = await api.start(command, cwd=cwd, label="marco run")

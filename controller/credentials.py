@@ -4,6 +4,7 @@ file, or the one `marco login` stored, 0600 under the user's config dir) and the
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import ssl
 from pathlib import Path
@@ -98,10 +99,20 @@ def require_client_tls(environ: Mapping[str, str] | None = None) -> ClientTls:
     return found
 
 
-def node_tls(node_says_tls: bool, environ: Mapping[str, str] | None = None) -> ClientTls | None:
-    """The TLS identity for a node: required when the (controller-verified) inventory says the
-    node speaks TLS, none for a --dev agent."""
-    return require_client_tls(environ) if node_says_tls else None
+def node_tls(tls: bool, host: str, environ: Mapping[str, str] | None = None) -> ClientTls | None:
+    """The TLS identity to reach a node with. Plain HTTP (an agent in --dev mode) is allowed
+    only to a loopback address, whatever an inventory says: a token never crosses a network
+    in clear."""
+    if tls:
+        return require_client_tls(environ)
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ConfigError(f"refusing plain HTTP to {host}: only agents on this machine may run "
+                          "without TLS (--dev); set marco_tls / MARCO_TLS back to true")
+    return None
 
 
 def controller_context(url: str, ca: str | None = None,

@@ -17,6 +17,11 @@ class InventoryNode(Protocol):
 
 RESERVED_GROUPS = {"_meta", "all", "ungrouped"}
 
+#: The announced facts that become `marco_*` host variables. Only descriptive ones: anything
+#: that steers the connection (address, port, node name, TLS, token, files) is set here from
+#: what the controller checked, never from what a machine on the LAN announced.
+ANNOUNCED_FACTS = ("os", "arch", "cpus", "groups", "version", "proto")
+
 
 def group_name(raw: str) -> str:
     """A valid Ansible group name (letters, digits, underscores; not starting with a digit),
@@ -26,11 +31,15 @@ def group_name(raw: str) -> str:
     return f"group{name}" if name in RESERVED_GROUPS else name
 
 
-def host_vars(node: InventoryNode) -> dict[str, Any]:
+def host_vars(node: InventoryNode, tls: bool = True) -> dict[str, Any]:
+    """One host's variables. `tls` is the inventory source's own mode (mutual TLS unless it
+    runs in --dev), whatever the node announced."""
     variables: dict[str, Any] = {"ansible_host": node.host, "ansible_port": node.port,
-                                 "ansible_connection": "marco"}
-    for key, value in sorted(node.txt.items()):
-        variables[f"marco_{group_name(key)}"] = value
+                                 "ansible_connection": "marco", "marco_node": node.name,
+                                 "marco_tls": tls}
+    for key in ANNOUNCED_FACTS:
+        if key in node.txt:
+            variables[f"marco_{key}"] = node.txt[key]
     return variables
 
 
@@ -41,12 +50,12 @@ def node_groups(node: InventoryNode) -> list[str]:
     return [group_name(g) for g in groups if group_name(g)]
 
 
-def build_inventory(nodes: Iterable[InventoryNode]) -> dict[str, Any]:
+def build_inventory(nodes: Iterable[InventoryNode], tls: bool = True) -> dict[str, Any]:
     """The `--list` JSON: `all`, one group per TXT group and per OS, `_meta.hostvars`."""
     hostvars: dict[str, dict[str, Any]] = {}
     groups: dict[str, list[str]] = {}
     for node in sorted(nodes, key=lambda n: n.name):
-        hostvars[node.name] = host_vars(node)
+        hostvars[node.name] = host_vars(node, tls)
         for group in node_groups(node):
             groups.setdefault(group, []).append(node.name)
     inventory: dict[str, Any] = {

@@ -14,16 +14,17 @@ Keys are ECDSA P-256: fast to make and to verify, small certificates.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import ipaddress
 import json
 import os
 import re
-import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -163,6 +164,21 @@ class ClusterPki:
         self.issue("marco-controller", "controller", extra_names=names,
                    cert_file=self.controller_cert, key_file=self.controller_key)
 
+    def renew_controller(self, extra_names: Iterable[str] = ()) -> IssuedBundle:
+        """A new key and certificate for the controller with the names of the old one (and any
+        new ones); the running controller picks them up within seconds."""
+        names: list[str] = []
+        try:
+            old = x509.load_pem_x509_certificate(self.controller_cert.read_bytes())
+            san = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = [str(v) for v in san.get_values_for_type(x509.DNSName)]
+            names += [str(v) for v in san.get_values_for_type(x509.IPAddress)]
+        except (OSError, ValueError, x509.ExtensionNotFound):
+            host = socket.gethostname()
+            names = [host, host.split(".")[0], "localhost", "127.0.0.1", "::1"]
+        return self.issue("marco-controller", "controller", extra_names=[*names, *extra_names],
+                          cert_file=self.controller_cert, key_file=self.controller_key)
+
     def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         if not self.exists():
             raise ConfigError(f"no CA in {self.dir}: run `marco-controller init` first")
@@ -198,9 +214,20 @@ class ClusterPki:
         san_names = list(names)
         if san_names:
             builder = builder.add_extension(_san(san_names), critical=False)
-        certificate = builder.sign(ca_key, hashes.SHA256())
-        self._record(certificate.serial_number, subject, kind, certificate.not_valid_after_utc)
+        with self._locked():
+            certificate = builder.sign(ca_key, hashes.SHA256())
+            self._record(certificate.serial_number, subject, kind,
+                         certificate.not_valid_after_utc)
         return certificate
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer of issued.json and crl.pem at a time (issue and revoke-cert may run in
+        two processes at once; a lost revocation would un-revoke a certificate)."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def issue(self, name: str, kind: str, days: float | None = None,
               extra_names: Iterable[str] = (), out_dir: Path | None = None,
@@ -211,15 +238,16 @@ class ClusterPki:
             raise ConfigError(f"unknown certificate kind {kind!r}")
         valid_name(name, "node name" if kind == "agent" else "name")
         days = days or (AGENT_DAYS if kind in ("agent", "client") else CONTROLLER_DAYS)
+        if out_dir is not None:
+            bundle_dir(out_dir)  # refuse a bad place before anything is issued
         key = new_key()
         names = [name, *extra_names] if kind in ("agent", "controller") else []
         certificate = self._sign(name, key.public_key(), kind, days, names)
         if out_dir is not None:
-            out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             stem = "agent" if kind == "agent" else "client"
             cert_file, key_file = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
-            shutil.copyfile(self.ca_file, out_dir / CA_FILE)
-            shutil.copyfile(self.crl_file, out_dir / CRL_FILE)
+            _write(out_dir / CA_FILE, self.ca_file.read_bytes(), 0o644)
+            _write(out_dir / CRL_FILE, self.crl_file.read_bytes(), 0o644)
         assert cert_file is not None and key_file is not None
         _write(key_file, _key_pem(key), 0o600)
         _write(cert_file, _cert_pem(certificate), 0o644)
@@ -237,8 +265,9 @@ class ClusterPki:
         if not request.is_signature_valid:
             raise BadRequest("the certificate request's signature is invalid")
         public_key = request.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey):
-            raise BadRequest("the certificate request must be for an EC key")
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or \
+                not isinstance(public_key.curve, (ec.SECP256R1, ec.SECP384R1)):
+            raise BadRequest("the certificate request must be for a P-256 or P-384 EC key")
         certificate = self._sign(user, public_key, "user", lifetime / 86400, [])
         return _cert_pem(certificate).decode()
 
@@ -263,6 +292,10 @@ class ClusterPki:
     def revoke(self, which: str) -> list[int]:
         """Revoke by serial (decimal or hex) or by name (every certificate of that name) and
         rewrite the CRL. Returns the serials revoked."""
+        with self._locked():
+            return self._revoke(which)
+
+    def _revoke(self, which: str) -> list[int]:
         records = self.issued()
         serials = [int(s) for s, r in records.items() if r["name"] == which and not r["revoked"]]
         if not serials:
@@ -299,6 +332,23 @@ class ClusterPki:
         crl = builder.sign(key, hashes.SHA256())
         _write(self.crl_file, crl.public_bytes(serialization.Encoding.PEM), 0o644)
         return self.crl_file
+
+
+def bundle_dir(path: Path) -> Path:
+    """A directory for keys: created 0700, or an existing real directory (never a symlink) that
+    only its owner can enter."""
+    if path.is_symlink():
+        raise ConfigError(f"{path} is a symbolic link: give a real directory for the bundle")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise ConfigError(f"{path} must be yours and 0700 (it will hold a private key)")
+    return path
+
+
+def write_secret_copy(source: str | os.PathLike[str], destination: Path) -> None:
+    """The cluster secret into a bundle, 0600 from the first byte."""
+    _write(destination, Path(source).read_bytes(), 0o600)
 
 
 def make_user_request(user: str) -> tuple[bytes, str]:

@@ -40,6 +40,7 @@ class RevocationPusher:
         self.denied, self.signer = denied, signer
         self.crl_file = crl_file
         self._crl_mtime = self._crl_stamp()
+        self._crl_pending: set[str] = set()  # nodes a CRL push failed on: retried
         self.revocations = revocations
         self.registry = registry
         self.service_signer = service_signer
@@ -68,14 +69,23 @@ class RevocationPusher:
             return -1.0
 
     async def check_crl(self) -> dict[str, Any] | None:
-        """If the CRL file changed (a `revoke-cert`), push it to every live node now."""
+        """If the CRL file changed (a `revoke-cert`), push it to every live node now; retry
+        the live nodes an earlier push failed on."""
         stamp = self._crl_stamp()
-        if stamp == self._crl_mtime:
+        if stamp != self._crl_mtime:
+            self._crl_mtime = stamp
+            nodes = self.registry.alive()
+            log.info("pushing the new CRL to %d node(s)", len(nodes))
+        elif self._crl_pending:
+            nodes = [n for n in self.registry.alive() if n.name in self._crl_pending]
+        else:
             return None
-        self._crl_mtime = stamp
-        nodes = self.registry.alive()
         results = await asyncio.gather(*(self._push_crl(node) for node in nodes))
-        log.info("pushed the new CRL to %d node(s)", len(nodes))
+        for node, result in zip(nodes, results):
+            if result["ok"]:
+                self._crl_pending.discard(node.name)
+            else:
+                self._crl_pending.add(node.name)
         return {n.name: r for n, r in zip(nodes, results)}
 
     async def _push_crl(self, node: Node) -> dict[str, Any]:

@@ -89,6 +89,11 @@ class ApiHandler(JsonApiMixin, BaseHandler):
     def prepare(self) -> None:
         self.set_header("Content-Type", "application/json")
 
+    @property
+    def agents_tls(self) -> bool:
+        """Whether clients must reach the agents over mutual TLS: the controller's own mode."""
+        return self.ctx.connector.tls is not None
+
     def json_body(self) -> Any:
         try:
             return decode(self.request.body or b"null")

@@ -72,7 +72,7 @@ class MarcoConnection(ConnectionBase):
                 environ[variable] = str(self.get_option(option))
         try:
             token = find_token(self.get_option("marco_token"), self.get_option("marco_token_file"))
-            tls = node_tls(bool(self.get_option("tls")), environ)
+            tls = node_tls(bool(self.get_option("tls")), self._host, environ)
         except AuthenticationError as error:
             raise to_ansible(error, self._host, "login") from None
         except MarcoError as error:

@@ -31,4 +31,4 @@ def from_zeroconf(interfaces: Sequence[str], wait: float) -> dict[str, Any]:
         raise AuthenticationError(
             f"found {len(nodes)} agent(s) speaking mutual TLS, but you have no client "
             "certificate: run `marco login` (or set MARCO_CLIENT_CERT, MARCO_CLIENT_KEY, MARCO_TLS_CA)")
-    return build_inventory(alive)
+    return build_inventory(alive, tls=tls is not None)

@@ -146,7 +146,7 @@ def test_crl_pushes_need_the_controller_and_the_cluster_ca(shared_agent: AgentPr
                                                            alice: UnixUser, tmp_path: Path) -> None:
     import asyncio
 
-    from agent.errors import AuthenticationError, BadRequest, Conflict
+    from agent.errors import AuthenticationError, BadRequest, Conflict, PermissionDenied
     from agent.tokens import SERVICE_MAX_AGE, SERVICE_SALT, load_secret
 
     service = TokenSigner(load_secret(shared_agent.secret_file), SERVICE_MAX_AGE,
@@ -154,12 +154,16 @@ def test_crl_pushes_need_the_controller_and_the_cluster_ca(shared_agent: AgentPr
     foreign = ClusterPki(tmp_path / "foreign")
     foreign.init()
 
-    async def push(token: str, pem: bytes) -> dict:  # type: ignore[type-arg]
-        return await shared_agent.async_client(token).push_crl(pem)
+    controller = ClientTls(str(pki.ca_file), str(pki.controller_cert), str(pki.controller_key))
+
+    async def push(token: str, pem: bytes, tls: ClientTls = controller) -> dict:  # type: ignore[type-arg]
+        return await shared_agent.async_client(token, tls=tls).push_crl(pem)
 
     ours = pki.crl_file.read_bytes()
     with pytest.raises(AuthenticationError):  # a user's token is not the controller's
         asyncio.run(push(signer.issue(alice.name), ours))
+    with pytest.raises(PermissionDenied):  # nor is a node's or user's certificate
+        asyncio.run(push(service, ours, pki.client_tls()))
     with pytest.raises(BadRequest, match="not signed by this cluster's CA"):
         asyncio.run(push(service, foreign.crl_file.read_bytes()))
     with pytest.raises(BadRequest, match="not a PEM"):

@@ -75,3 +75,23 @@ def test_admin_commands_make_a_cluster_issue_and_revoke(tmp_path: Path) -> None:
     assert serial.split("=")[1].strip().lstrip("0") in crl.replace(" ", "").upper()
     listing = controller_cli(*common, "list-certs").stdout
     assert "web1" in listing and "revoked" in listing and "marco-controller" in listing
+
+    # The controller's certificate renews with its names kept.
+    before = (pki / "controller.pem").read_bytes()
+    out = controller_cli(*common, "renew-controller", "--name", "marco.example.org")
+    assert out.returncode == 0, out.stderr
+    assert (pki / "controller.pem").read_bytes() != before
+    san = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in",
+                          str(pki / "controller.pem")], capture_output=True, text=True).stdout
+    assert "192.0.2.7" in san and "marco.example.org" in san
+
+    # A bundle never goes through a symlink nor into a directory others can read.
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "trap").symlink_to(tmp_path / "elsewhere")
+    out = controller_cli(*common, "issue-agent", "web2", "--out", str(tmp_path / "trap"))
+    assert out.returncode == 2 and "symbolic link" in out.stderr
+    (tmp_path / "open").mkdir(mode=0o755)
+    (tmp_path / "open").chmod(0o755)
+    out = controller_cli(*common, "issue-agent", "web2", "--out", str(tmp_path / "open"))
+    assert out.returncode == 2 and "0700" in out.stderr
+    assert not any((tmp_path / "elsewhere").iterdir()) and not any((tmp_path / "open").iterdir())

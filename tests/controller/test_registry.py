@@ -34,3 +34,28 @@ def test_reserved_group_names_are_renamed() -> None:
     inventory = build_inventory([node])
     assert inventory["_meta"]["hostvars"]["evil"]["ansible_connection"] == "marco"
     assert "evil" in inventory["web"]["hosts"]
+
+
+def test_announced_keys_never_steer_the_connection() -> None:
+    """A machine on the LAN announces whatever it likes: only descriptive facts become host
+    variables; address, node name and TLS come from what the controller checked."""
+    txt = {"node": "web1", "os": "debian", "groups": "web", "tls": "0", "host": "203.0.113.9",
+           "node ": "evil", "token_file": "/etc/shadow", "tls_ca": "/tmp/x", "port": "1"}
+    node = Node(name="web1", host="192.0.2.10", port=7370, txt=txt)
+    variables = build_inventory([node])["_meta"]["hostvars"]["web1"]
+    assert variables["ansible_host"] == "192.0.2.10" and variables["ansible_port"] == 7370
+    assert variables["marco_node"] == "web1" and variables["marco_tls"] is True
+    assert variables["marco_os"] == "debian" and variables["marco_groups"] == "web"
+    assert not {"marco_host", "marco_token_file", "marco_tls_ca", "marco_port"} & set(variables)
+    assert build_inventory([node], tls=False)["_meta"]["hostvars"]["web1"]["marco_tls"] is False
+
+
+def test_plain_http_only_to_loopback() -> None:
+    import pytest
+
+    from agent.errors import ConfigError
+    from controller.credentials import node_tls
+
+    assert node_tls(False, "127.0.0.1") is None and node_tls(False, "::1") is None
+    with pytest.raises(ConfigError, match="refusing plain HTTP to 192.0.2.10"):
+        node_tls(False, "192.0.2.10")

@@ -83,6 +83,14 @@ def test_only_the_controller_can_push_revocations(start_agent, signer: TokenSign
                      headers={"Authorization": f"Bearer {token}"})
         assert conn.getresponse().status == 401
         conn.close()
+    # A real service token (any node holds the secret) from a certificate that is not the
+    # controller's: refused too.
+    conn = agent.connection(timeout=10)
+    conn.request("PUT", "/v1/revocations", body=json.dumps({"revocations": {alice.name: 4e9}}),
+                 headers={"Authorization": "Bearer "
+                          + TokenSigner(secret, salt=SERVICE_SALT).issue("controller")})
+    assert conn.getresponse().status == 403
+    conn.close()
     assert agent.client(signer.issue(alice.name)).run(["true"]).rc == 0
 
 
@@ -194,5 +202,5 @@ def test_revoke_cert_reaches_agents_through_the_controller(start_agent, start_co
         return False
 
     wait_for(refused, timeout=20, what="the agent refusing the revoked certificate")
-    assert "pushed the new CRL to 1 node" in controller.log()
+    assert "pushing the new CRL to 1 node" in controller.log()
     assert agent.client(token).run(["true"]).rc == 0  # other certificates still work

@@ -40,9 +40,9 @@ class AgentProcess(DaemonProcess):
 
     def client(self, token: str | None, **kwargs: Any) -> AgentClient:
         """A sync client to this agent (mutual TLS as the test client when it serves TLS)."""
-        return AgentClient(self.host, self.port, token, tls=self.tls, node=self.node_name,
-                           **kwargs)
+        kwargs.setdefault("tls", self.tls)
+        return AgentClient(self.host, self.port, token, node=self.node_name, **kwargs)
 
     def async_client(self, token: str | None, **kwargs: Any) -> AsyncAgentClient:
-        return AsyncAgentClient(self.host, self.port, token, tls=self.tls, node=self.node_name,
-                                **kwargs)
+        kwargs.setdefault("tls", self.tls)
+        return AsyncAgentClient(self.host, self.port, token, node=self.node_name, **kwargs)
