@@ -18,7 +18,8 @@ class SessionApi(ApiHandler):
         user = self.require_user()
         self.set_header("Cache-Control", "no-store")
         self.write_json({"user": user, "token": self.token(),
-                         "max_age": self.ctx.config.token_max_age})
+                         "max_age": self.ctx.config.token_max_age,
+                         "browser_direct": self.ctx.config.browser_direct})
 
 
 class TokenApi(ApiHandler):

@@ -161,10 +161,12 @@ class NodeView {
 
   // -- socket ----------------------------------------------------------------------------------
   connect() {
-    // Agents with TLS want a client certificate the browser does not have: go through the
-    // controller's relay (the browser trusts one certificate, the controller's).
-    if (this.node.txt.tls === "1") this.viaRelay = true;
-    const direct = `ws://${this.node.host.includes(":") ? "[" + this.node.host + "]" : this.node.host}:${this.node.port}/v1/stream`;
+    // Agents with TLS want a client certificate browsers do not have: go through the
+    // controller's relay (the browser trusts one certificate, the controller's), unless the
+    // admin set --browser-direct (browsers given a client certificate and the CA).
+    if (this.node.tls && !this.app.direct) this.viaRelay = true;
+    const host = this.node.host.includes(":") ? "[" + this.node.host + "]" : this.node.host;
+    const direct = `${this.node.tls ? "wss" : "ws"}://${host}:${this.node.port}/v1/stream`;
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const relay = `${scheme}//${location.host}/relay/${encodeURIComponent(this.node.name)}`;
     const url = this.viaRelay ? relay : direct;
@@ -349,6 +351,7 @@ class App {
   async start() {
     const session = await api("/api/session");
     this.token = session.token;
+    this.direct = session.browser_direct;
     this.bindForms();
     await this.refreshNodes();
     setInterval(() => this.refreshNodes().catch((e) => this.notice(e.message)), 2000);

@@ -196,3 +196,20 @@ def test_log_out_everywhere_button(browser, cluster, alice: UnixUser) -> None:  
     expect(first).to_have_url(re.compile(r"/login"), timeout=TIMEOUT_MS)
     first.context.close()
     second.context.close()
+
+
+def test_dev_mode_page_talks_to_the_agent_directly(browser, start_agent, start_controller,  # type: ignore[no-untyped-def]
+                                                   alice: UnixUser, unique_name) -> None:
+    """`--dev` on loopback: plain HTTP, and the page opens the agent's socket itself (the path
+    `--browser-direct` keeps for TLS agents when browsers hold a client certificate)."""
+    name = unique_name("dev")
+    start_agent(node_name=name, announce=True, pki=None)
+    controller = start_controller(pki=None)
+    assert controller.url.startswith("http://")
+    page = browser.new_page()
+    log_in(page, controller, alice)
+    expect(pane(page, name).locator(".link-state")).to_have_text("live", timeout=TIMEOUT_MS)
+    run_on(page, [name], "echo direct-$((20+22))")
+    expect(pane(page, name).locator(".line.stdout", has_text="direct-42")).to_be_visible(
+        timeout=TIMEOUT_MS)
+    page.close()
