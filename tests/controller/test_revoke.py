@@ -135,7 +135,9 @@ def test_plain_logout_voids_that_token_only(start_agent, start_controller,  # ty
                            input=alice.password + "\n", env=env, capture_output=True, text=True)
     assert login.returncode == 0, login.stderr
     stored = (home / ".config" / "marco" / "token").read_text().strip()
+    time.sleep(1.1)  # tokens of one user issued in the same second are the same token
     other = signer.issue(alice.name)
+    assert other != stored
     wait_for(lambda: controller.get_json("/api/nodes", other)["nodes"][0]["alive"], what="node up")
     assert agent.client(stored).run(["true"]).rc == 0
     out = subprocess.run([marco, "logout"], env=env, capture_output=True, text=True)
