@@ -14,6 +14,7 @@ from typing import Any
 import tornado.web
 
 from . import protocol
+from .chunks import Coalescer
 from .context import AgentContext
 from .errors import (AuthenticationError, BadRequest, Conflict, MarcoError, NotFound,
                      PayloadTooLarge, PermissionDenied)
@@ -266,6 +267,7 @@ class FilesHandler(ApiHandler):
         # body is read and dropped so the client gets a clear 413.
         self.request.connection.set_max_body_size(limit + OVERFLOW_GRACE)  # type: ignore[union-attr]
         self.received = 0
+        self.blocks = Coalescer()  # 1 MiB writes into the helper's pipe, whatever TLS hands us
         try:
             declared = int(self.request.headers.get("Content-Length", "0") or 0)
             if declared > limit:
@@ -298,7 +300,9 @@ class FilesHandler(ApiHandler):
                     self.writer.abort()
                     raise PayloadTooLarge(f"the upload passed {self.ctx.config.max_upload_bytes}"
                                           " bytes, the most this node accepts; nothing was written")
-                await self.writer.write(chunk)
+                block = self.blocks.add(chunk)
+                if block:
+                    await self.writer.write(block)
             except MarcoError as error:
                 # Answered once the body has been read (and dropped): Tornado hangs up on a
                 # request answered early, and the client would see a reset, not the reason.
@@ -310,6 +314,13 @@ class FilesHandler(ApiHandler):
                 raise self.failure
             return
         assert self.writer is not None
+        rest = self.blocks.flush()
+        if rest:
+            try:
+                await self.writer.write(rest)
+            except MarcoError:
+                self.writer.abort()
+                raise
         result = await self.writer.commit()
         self.writer = None
         self.ctx.audit.record("file.write", self.current_user, path=result.get("path"),

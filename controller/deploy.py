@@ -16,6 +16,7 @@ from typing import Any
 
 import tornado.web
 
+from agent.chunks import Coalescer
 from agent.client import AsyncAgentClient
 from agent.errors import BadRequest, MarcoError
 
@@ -101,12 +102,18 @@ class FanOut:
     def __init__(self, uploads: list[AgentUpload]) -> None:
         self.uploads = uploads
         self.size = 0
+        self._blocks = Coalescer()  # 1 MiB blocks, not 16 KiB TLS records, go to the agents
 
     async def feed(self, chunk: bytes) -> None:
         self.size += len(chunk)
-        await asyncio.gather(*(upload.feed(chunk) for upload in self.uploads))
+        block = self._blocks.add(chunk)
+        if block:
+            await asyncio.gather(*(upload.feed(block) for upload in self.uploads))
 
     async def finish(self) -> dict[str, dict[str, Any]]:
+        rest = self._blocks.flush()
+        if rest:
+            await asyncio.gather(*(upload.feed(rest) for upload in self.uploads))
         results = await asyncio.gather(*(upload.result() for upload in self.uploads))
         return {upload.name: result for upload, result in zip(self.uploads, results)}
 
