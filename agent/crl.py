@@ -4,9 +4,9 @@ written atomically where the TLS reloader picks it up."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from .atomic import write_atomic
 from .errors import BadRequest, ConfigError, Conflict
 
 MAX_CRL_BYTES = 4 * 1024 * 1024
@@ -40,12 +40,7 @@ class CrlStore:
                 return False
             if crl.last_update_utc < current.last_update_utc:
                 raise Conflict("the CRL is older than the one this agent has")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(crl.public_bytes(_pem()))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, crl.public_bytes(_pem()), 0o644)
         return True
 
     def _current(self):  # type: ignore[no-untyped-def]

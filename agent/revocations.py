@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic
 from .errors import BadRequest
 
 
@@ -117,8 +117,4 @@ class DeniedTokens:
 
 def _save_json(path: Path, data: Any) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data).encode(), 0o600)

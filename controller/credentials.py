@@ -10,6 +10,7 @@ import ssl
 from pathlib import Path
 from typing import Mapping
 
+from agent.atomic import write_atomic
 from agent.errors import AuthenticationError, ConfigError
 from agent.tls import CA_FILE, CRL_FILE, DEFAULT_TLS_DIR, ClientTls, server_trust_context
 
@@ -26,12 +27,7 @@ def stored_token_path(environ: Mapping[str, str] | None = None) -> Path:
 def _store(path: Path, text: str) -> Path:
     """Write a file readable by its owner only (directory 0700, file 0600), atomically."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)  # a leftover could carry looser permissions
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode(), 0o600)
     return path
 
 
