@@ -174,11 +174,8 @@ def is_controller(peer: Any) -> bool:
     return ("organizationalUnitName", "controller") in fields
 
 
-class RevocationsHandler(ApiHandler):
-    """PUT /v1/revocations {"revocations": {user: epoch}, "tokens": {sha256: until}} from the
-    controller (service token): tokens of those users issued before that time, and the single
-    tokens named by digest (plain logouts), are refused from now on, sockets included.
-    GET answers both tables (service token too)."""
+class ControllerOnlyHandler(ApiHandler):
+    """Endpoints only the controller may call: its service token and its certificate."""
 
     def _service(self) -> None:
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
@@ -187,6 +184,13 @@ class RevocationsHandler(ApiHandler):
             # Every node holds the secret that signs service tokens; only the controller holds
             # the controller's certificate.
             raise PermissionDenied("only the controller's certificate may change revocations")
+
+
+class RevocationsHandler(ControllerOnlyHandler):
+    """PUT /v1/revocations {"revocations": {user: epoch}, "tokens": {sha256: until}} from the
+    controller (service token): tokens of those users issued before that time, and the single
+    tokens named by digest (plain logouts), are refused from now on, sockets included.
+    GET answers both tables (service token too)."""
 
     def get(self) -> None:
         self._service()
@@ -220,7 +224,7 @@ class RevocationsHandler(ApiHandler):
         self.write_json({"updated": moved, "denied": len(denied)})
 
 
-class CrlHandler(RevocationsHandler):
+class CrlHandler(ControllerOnlyHandler):
     """PUT /v1/crl (the CA's CRL, PEM) from the controller (service token): installed when the
     cluster CA signed it and it is not older than ours; TLS reloads at once."""
 

@@ -94,10 +94,11 @@ class DeniedTokens:
     def update(self, table: Any) -> list[str]:
         """Add entries, drop expired ones, persist; return the digests that are new."""
         now = time.time()
-        added = [digest for digest, until in self._checked(table).items()
+        incoming = self._checked(table)
+        added = [digest for digest, until in incoming.items()
                  if until > now and digest not in self._table]
         for digest in added:
-            self._table[digest] = self._checked(table)[digest]
+            self._table[digest] = incoming[digest]
         expired = [digest for digest, until in self._table.items() if until <= now]
         for digest in expired:
             del self._table[digest]

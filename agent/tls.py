@@ -27,6 +27,18 @@ DEFAULT_TLS_DIR = "/etc/marco"
 CA_FILE, CRL_FILE = "ca.pem", "crl.pem"
 
 
+def file_stamps(*paths: str | os.PathLike[str] | None) -> tuple[float, ...]:
+    """Modification times of files (-1 for a missing or unnamed one): compare two snapshots to
+    know whether to reload."""
+    stamps = []
+    for path in paths:
+        try:
+            stamps.append(os.stat(path).st_mtime if path else -1.0)
+        except OSError:
+            stamps.append(-1.0)
+    return tuple(stamps)
+
+
 class CertificateRefused(AgentUnreachable):
     """The TLS handshake failed: a certificate was missing, foreign, expired or revoked."""
 
@@ -89,8 +101,7 @@ class ServerTlsFiles:
     require_client_cert: bool = True
 
     def mtimes(self) -> tuple[float, ...]:
-        return tuple(os.stat(path).st_mtime if os.path.exists(path) else -1.0
-                     for path in (self.cert_file, self.key_file, self.ca_file, self.crl_file or ""))
+        return file_stamps(self.cert_file, self.key_file, self.ca_file, self.crl_file)
 
     def context(self) -> ssl.SSLContext:
         """A server context: our certificate, TLS 1.2+, and (for agents) a client certificate
@@ -160,13 +171,7 @@ class ClientTls:
                                   "(or marco-controller issue-client)")
 
     def _stamp(self) -> tuple[float, ...]:
-        stamps = []
-        for path in (self.crl_file, self.cert_file, self.key_file, self.ca_file):
-            try:
-                stamps.append(os.stat(path).st_mtime if path else -1.0)
-            except OSError:
-                stamps.append(-1.0)
-        return tuple(stamps)
+        return file_stamps(self.crl_file, self.cert_file, self.key_file, self.ca_file)
 
     def context_for(self, node_name: str) -> ssl.SSLContext:
         """A context that presents our certificate and accepts only a certificate from the

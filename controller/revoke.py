@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from agent.errors import MarcoError
 from agent.revocations import DeniedTokens, Revocations, token_digest
+from agent.tls import file_stamps
 from agent.tokens import TokenSigner
 
 from .connector import AgentConnector
@@ -62,11 +62,8 @@ class RevocationPusher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _crl_stamp(self) -> float:
-        try:
-            return os.stat(self.crl_file).st_mtime if self.crl_file else -1.0
-        except OSError:
-            return -1.0
+    def _crl_stamp(self) -> tuple[float, ...]:
+        return file_stamps(self.crl_file)
 
     async def check_crl(self) -> dict[str, Any] | None:
         """If the CRL file changed (a `revoke-cert`), push it to every live node now; retry

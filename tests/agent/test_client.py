@@ -23,8 +23,7 @@ def test_reconnects_after_the_agent_restarted(start_agent, signer: TokenSigner, 
     client = agent.client(signer.issue(alice.name))
     assert client.run(["true"]).rc == 0
     agent.stop()
-    again = AgentProcess(agent.secret_file, agent.state_dir, node_name=agent.node_name,
-                         port=agent.port, pki=agent.pki)
+    again = agent.restarted()
     try:
         assert client.run(["echo", "after restart"]).stdout == b"after restart\n"
     finally:

@@ -17,11 +17,6 @@ from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
 
-def restart(agent: AgentProcess) -> AgentProcess:
-    return AgentProcess(agent.secret_file, agent.state_dir, node_name=agent.node_name,
-                        port=agent.port, extra_args=agent.extra_args, pki=agent.pki)
-
-
 def test_sigkill_mid_execution_keeps_every_record(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
                                                    alice: UnixUser) -> None:
     agent = start_agent()
@@ -30,7 +25,7 @@ def test_sigkill_mid_execution_keeps_every_record(start_agent, signer: TokenSign
     running = client.start("seq 1 500; sleep 600")
     wait_for(lambda: client.output(running)["next"] >= 500, what="output before the kill")
     agent.stop(signal.SIGKILL)
-    again = restart(agent)
+    again = agent.restarted()
     try:
         client = again.client(signer.issue(alice.name))
         replayed = client.output(finished)

@@ -48,8 +48,7 @@ def test_finds_agents_on_loopback_and_drops_a_killed_one(start_agent, start_cont
     assert nodes[names[0]]["alive"] is False and nodes[names[1]]["alive"] is True
 
     # It comes back when it returns (same port, announced again).
-    revived = AgentProcess(agents[0].secret_file, agents[0].state_dir, node_name=names[0],
-                           port=agents[0].port, announce=True, pki=agents[0].pki)
+    revived = agents[0].restarted()
     try:
         wait_for(lambda: names[0] in inventory_hosts(controller, token), what="agent to return")
     finally:

@@ -14,7 +14,6 @@ import pytest
 from agent.errors import AuthenticationError, TokenRevoked
 from agent.tokens import SERVICE_SALT, TokenSigner
 from tests.controller.test_api import call, login_cookie
-from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
@@ -47,8 +46,7 @@ def test_log_out_everywhere(start_agent, start_controller, signer: TokenSigner, 
     assert up.client(bobs).run(["true"]).rc == 0
 
     # The agent that was down learns it when it comes back.
-    back = AgentProcess(down.secret_file, down.state_dir, node_name=down.node_name, port=down.port,
-                        pki=down.pki)
+    back = down.restarted()
     try:
         def refused() -> bool:
             try:
@@ -60,8 +58,7 @@ def test_log_out_everywhere(start_agent, start_controller, signer: TokenSigner, 
     finally:
         back.stop()
     # ... and keeps it across its own restart.
-    again = AgentProcess(down.secret_file, down.state_dir, node_name=down.node_name,
-                         port=down.port, pki=down.pki)
+    again = down.restarted()
     try:
         with pytest.raises(TokenRevoked):
             again.client(old).executions()
@@ -161,8 +158,7 @@ def test_plain_logout_voids_that_token_only(start_agent, start_controller,  # ty
     assert conn.getresponse().status == 401
     # An agent restarted later still refuses the logged-out token (kept on disk).
     agent.stop()
-    again = AgentProcess(agent.secret_file, agent.state_dir, node_name=agent.node_name,
-                         port=agent.port, pki=agent.pki)
+    again = agent.restarted()
     try:
         with pytest.raises(TokenRevoked):
             again.client(stored).executions()

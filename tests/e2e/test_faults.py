@@ -12,7 +12,6 @@ from pathlib import Path
 
 from agent.tokens import TokenSigner
 from tests.e2e.conftest import Fleet
-from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
@@ -42,9 +41,7 @@ def test_agent_killed_mid_execution_and_mid_upload_then_restarted(
     wait_for(lambda: not any(".marco-" in n for n in os.listdir(alice.home)), what="temp file gone")
     assert not (Path(alice.home) / f"half-{os.getpid()}.bin").exists()
 
-    again = AgentProcess(victim.secret_file, victim.state_dir, node_name=victim.node_name,
-                         bind=victim.host, announce=True, netns=victim.netns,
-                         extra_args=["--groups", "lab"], pki=victim.pki)
+    again = victim.restarted()
     fleet.agents[2] = again
     try:
         wait_for(lambda: victim.node_name in inventory(fleet.controller, token),

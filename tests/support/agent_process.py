@@ -24,11 +24,14 @@ class AgentProcess(DaemonProcess):
                  port: int | None = None, announce: bool = False,
                  env: dict[str, str] | None = None, netns: str | None = None,
                  pki: TestPki | None = None) -> None:
+        self._arguments = dict(node_name=node_name, extra_args=extra_args, bind=bind, port=port,
+                               announce=announce, env=env, netns=netns, pki=pki)
         self.node_name = node_name
         self.secret_file, self.state_dir, self.extra_args = secret_file, state_dir, extra_args
         self.announce, self.pki = announce, pki
         self.tls = pki.client_tls() if pki is not None else None
         port = port or (free_port(bind) if netns is None else 7370)
+        self._arguments["port"] = port
         args = ["--bind", bind, "--port", str(port), "--secret-file", str(secret_file),
                 "--state-dir", str(state_dir), "--node-name", node_name, "--log-level", "debug",
                 "--announce" if announce else "--no-announce",
@@ -37,6 +40,11 @@ class AgentProcess(DaemonProcess):
         super().__init__(args, state_dir.parent / f"{node_name}-{port}.log", bind, port, env=env,
                          netns=netns,
                          ssl_context=self.tls.context_for(node_name) if self.tls else None)
+
+    def restarted(self) -> "AgentProcess":
+        """A new process with everything this one had: state dir, port, name, certificate
+        (for restarts after `stop()`, including SIGKILL)."""
+        return AgentProcess(self.secret_file, self.state_dir, **self._arguments)  # type: ignore[arg-type]
 
     def client(self, token: str | None, **kwargs: Any) -> AgentClient:
         """A sync client to this agent (mutual TLS as the test client when it serves TLS)."""

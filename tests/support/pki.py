@@ -4,7 +4,6 @@ init` runs), and the certificates each agent, controller and user needs."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from agent.tls import ClientTls
@@ -55,18 +54,3 @@ class TestPki(ClusterPki):
         tls = self.client_tls()
         return {"MARCO_CLIENT_CERT": tls.cert_file, "MARCO_CLIENT_KEY": tls.key_file,
                 "MARCO_TLS_CA": tls.ca_file}
-
-    def user_env(self, name: str, home: Path, uid: int, gid: int) -> dict[str, str]:
-        """A client certificate for a process run as a Unix user (files owned by that user),
-        as the MARCO_CLIENT_* variables the CLI and plugins read."""
-        out = home / f"tls-{name}"
-        if not (out / "client.pem").exists():
-            self.issue(name, "client", out_dir=out)
-            for path in [out, *out.iterdir()]:
-                os.chown(path, uid, gid)
-        return {"MARCO_CLIENT_CERT": str(out / "client.pem"), "MARCO_CLIENT_KEY": str(out / "client.key"),
-                "MARCO_TLS_CA": str(out / "ca.pem")}
-
-    def copy_ca(self, destination: Path) -> Path:
-        shutil.copyfile(self.ca_file, destination)
-        return destination
