@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous.encoding import base64_decode, base64_encode
 
 from .errors import AuthenticationError, ConfigError, TokenExpired, TokenRevoked
 
@@ -57,6 +58,9 @@ class TokenSigner:
         """Return the username a valid, unexpired, unrevoked token carries; raise by cause."""
         if not token:
             raise AuthenticationError("no token given")
+        if not is_canonical(token):
+            # Another spelling of a valid token would dodge deny lists keyed on its digest.
+            raise AuthenticationError("invalid token")
         try:
             username, issued = self._serializer.loads(token, max_age=self.max_age,
                                                       return_timestamp=True)
@@ -70,6 +74,21 @@ class TokenSigner:
         if cutoff is not None and issued.timestamp() < cutoff:
             raise TokenRevoked("token revoked (logged out everywhere): log in again (marco login)")
         return username
+
+
+def is_canonical(token: str) -> bool:
+    """Whether `token` is the one spelling of its decoded parts.
+
+    Unpadded base64 leaves unused bits in the last character of each part, which the decoder
+    ignores: without this check one signed token has several spellings that all verify.
+    """
+    body = token[1:] if token.startswith(".") else token  # a leading "." marks zlib
+    parts = body.split(".")
+    try:
+        return all(base64_encode(base64_decode(part)).decode("ascii") == part
+                   for part in parts)
+    except (BadSignature, UnicodeError, ValueError):
+        return False
 
 
 def load_secret(path: str | os.PathLike[str]) -> SecretKeys:

@@ -38,7 +38,7 @@ class TokenApi(ApiHandler):
                                                   str(body.get("password", "")),
                                                   self.request.remote_ip or "?")
         self.set_header("Cache-Control", "no-store")
-        answer: dict[str, Any] = {"user": user, "token": self.ctx.signer.issue(user),
+        answer: dict[str, Any] = {"user": user, "token": await self.ctx.issue_token(user),
                                   "max_age": self.ctx.config.token_max_age}
         pki = self.ctx.pki
         if pki is not None and isinstance(body.get("csr"), str):
@@ -129,8 +129,8 @@ class LogoutApi(ApiHandler):
 
 
 class RevokeApi(ApiHandler):
-    """POST /api/revoke: log out everywhere; every token of the caller issued before now is
-    refused by the controller and, once pushed, by every agent."""
+    """POST /api/revoke: log out everywhere; every token of the caller issued up to now (this
+    second included) is refused by the controller and, once pushed, by every agent."""
 
     async def post(self) -> None:
         user = self.require_user()

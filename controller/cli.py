@@ -135,7 +135,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
     if args.everywhere:
         reply = call_controller(url, "/api/revoke", find_token(), body={})
         missed = [name for name, r in reply["nodes"].items() if not r["ok"]]
-        print(f"every token of {reply['user']} issued before now is refused"
+        print(f"every token of {reply['user']} issued up to now is refused"
               + (f" (not yet told: {', '.join(missed)}; they learn it when they come back)"
                  if missed else ""))
     else:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,3 +77,12 @@ class ControllerContext:
                                         tls=agent_tls),
                    cookie_secret=cookie_secret, revocations=revocations, pusher=pusher,
                    connector=connector, pki=pki, web_tls=web_tls)
+
+    async def issue_token(self, user: str) -> str:
+        """A new token for `user` after a PAM login. Tokens carry whole seconds and "log out
+        everywhere" voids every token of its own second, so a login in that second waits for
+        the next one rather than get a token that is void already."""
+        cutoff = self.revocations.not_before(user)
+        if cutoff is not None and time.time() < cutoff:
+            await asyncio.sleep(cutoff - time.time())
+        return self.signer.issue(user)

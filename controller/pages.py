@@ -28,7 +28,7 @@ class LoginPage(BaseHandler):
             self.set_status(error.status)
             self.render("login.html", error=error.message, username=username)
             return
-        self.set_login_cookie(self.ctx.signer.issue(user))
+        self.set_login_cookie(await self.ctx.issue_token(user))
         self.redirect("/")
 
 

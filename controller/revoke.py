@@ -113,8 +113,10 @@ class RevocationPusher:
         self._spawn(self.deny(token))
 
     async def revoke(self, user: str) -> dict[str, Any]:
-        """Void every token of `user` issued before this second, on every live node now."""
-        cutoff = float(math.floor(time.time()))
+        """Void every token of `user` issued up to now, on every live node now. Tokens carry
+        whole seconds: the cutoff is the next second, so tokens of this very second (the
+        caller's own among them) are void too."""
+        cutoff = float(math.floor(time.time()) + 1)
         self.revocations.update({user: cutoff})
         nodes = self.registry.alive()
         results = await asyncio.gather(*(self._push(node, {user: cutoff}) for node in nodes))

@@ -23,7 +23,7 @@ from tornado import httpclient, websocket
 from agent.lines import LineSplitter
 from agent.protocol import CLOSE_BAD_MESSAGE, CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
 from agent.tokens import TokenSigner
-from tests.agent.test_tokens import expired_token
+from tests.agent.test_tokens import equivalent_spellings, expired_token
 from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser
 
@@ -49,13 +49,16 @@ class Tokens:
         self.expired = expired_token(signer._serializer.secret_keys[-1], user)
 
     def strategy(self) -> st.SearchStrategy[tuple[str | None, bool]]:
-        """(token or None, is_valid)."""
+        """(token or None, is_valid). A tampered token may be another spelling of the valid one
+        (unused bits in a part's last base64 character): it must be refused too, since deny
+        lists name the one canonical spelling."""
         tampered = st.integers(0, len(self.valid) - 1).flatmap(
             lambda i: st.sampled_from("AbZ09-_.").filter(lambda c: c != self.valid[i]).map(
                 lambda c: self.valid[:i] + c + self.valid[i + 1:]))
         forged = st.one_of(st.none(), st.text(max_size=80), tampered,
                            st.just(self.other_key), st.just(self.expired),
-                           st.just(self.valid + "x"), st.just(self.valid.upper()))
+                           st.just(self.valid + "x"), st.just(self.valid.upper()),
+                           st.sampled_from(equivalent_spellings(self.valid)))
         return st.one_of(st.just((self.valid, True)), forged.map(lambda t: (t, False)))
 
 

@@ -35,6 +35,29 @@ def tampered_token(token: str) -> str:
     return payload[:-1] + ("A" if payload[-1] != "A" else "B") + "." + rest
 
 
+BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def equivalent_spellings(token: str) -> list[str]:
+    """Every other spelling of `token` that decodes to the same parts: the last character of
+    an unpadded base64 part carries bits the decoder ignores."""
+    from itsdangerous.encoding import base64_decode
+    from itsdangerous.exc import BadData
+    parts = token.split(".")
+    spellings = []
+    for index, part in enumerate(parts):
+        decoded = base64_decode(part)
+        for char in BASE64URL:
+            other = part[:-1] + char
+            try:
+                same = other != part and base64_decode(other) == decoded
+            except BadData:
+                same = False
+            if same:
+                spellings.append(".".join(parts[:index] + [other] + parts[index + 1:]))
+    return spellings
+
+
 def test_round_trip_and_format() -> None:
     signer = TokenSigner(SECRET)
     token = signer.issue("alice")
@@ -53,6 +76,20 @@ def test_round_trip_and_format() -> None:
 def test_refused_tokens(make) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(AuthenticationError):
         TokenSigner(SECRET).verify(make())
+
+
+def test_other_spellings_of_a_valid_token_are_refused() -> None:
+    """One token, one spelling: deny lists key on it, so an equivalent spelling must not verify
+    (it revived logged-out tokens)."""
+    signer = TokenSigner(SECRET)
+    for user in ("alice", "bob", "marcotest-alice", "x" * 31):
+        token = signer.issue(user)
+        spellings = equivalent_spellings(token)
+        assert spellings, token  # each part ends in a character with unused bits
+        assert signer.verify(token) == user
+        for spelling in spellings:
+            with pytest.raises(AuthenticationError, match="invalid token"):
+                signer.verify(spelling)
 
 
 def test_expired_token_has_its_own_error() -> None:

@@ -202,3 +202,60 @@ def test_revoke_cert_reaches_agents_through_the_controller(start_agent, start_co
     wait_for(refused, timeout=20, what="the agent refusing the revoked certificate")
     assert "pushing the new CRL to 1 node" in controller.log()
     assert agent.client(token).run(["true"]).rc == 0  # other certificates still work
+
+
+def test_another_spelling_of_a_logged_out_token_stays_refused(start_agent, start_controller,  # type: ignore[no-untyped-def]
+                                                              signer: TokenSigner,
+                                                              alice: UnixUser) -> None:
+    """A logged-out token respelled (its last base64 characters changed to ones that decode the
+    same) is refused by the controller's API and the agent's HTTP API and stream."""
+    import asyncio
+
+    from tests.agent.test_tokens import equivalent_spellings
+    agent = start_agent(node_name="lo-spell")
+    controller = start_controller(extra_args=["--no-discovery", "--node",
+                                              f"lo-spell={agent.host}:{agent.port}"])
+    token = signer.issue(alice.name)
+    wait_for(lambda: controller.get_json("/api/nodes", token)["nodes"][0]["alive"],
+             what="node up")
+    status, body = call(controller, "POST", "/api/logout", {}, token)
+    assert status == 200 and body["nodes"]["lo-spell"]["ok"] is True, body
+    spellings = equivalent_spellings(token)
+    assert spellings
+    for spelling in [token, *spellings]:
+        assert call(controller, "GET", "/api/session", token=spelling)[0] == 401, spelling
+        status, _ = call(controller, "POST", "/api/run",
+                         {"nodes": ["lo-spell"], "command": "true"}, spelling)
+        assert status == 401, spelling
+        with pytest.raises(AuthenticationError):
+            agent.client(spelling).executions()
+
+        async def stream(spelling: str = spelling) -> None:
+            await agent.async_client(spelling).stream().connect()
+        with pytest.raises(AuthenticationError):
+            asyncio.run(stream())
+
+
+def test_log_out_everywhere_voids_tokens_of_the_same_second(start_agent, start_controller,  # type: ignore[no-untyped-def]
+                                                            signer: TokenSigner,
+                                                            alice: UnixUser) -> None:
+    """Tokens carry whole seconds: "log out everywhere" voids those issued in its own second
+    (the caller's among them), and a login in that second still gets a working token."""
+    agent = start_agent(node_name="rv-same")
+    controller = start_controller(extra_args=["--no-discovery", "--node",
+                                              f"rv-same={agent.host}:{agent.port}"])
+    probe = signer.issue(alice.name)
+    wait_for(lambda: controller.get_json("/api/nodes", probe)["nodes"][0]["alive"],
+             what="node up")
+    time.sleep(1.05 - time.time() % 1)  # just past a second boundary: the next steps share it
+    token = signer.issue(alice.name)
+    status, body = call(controller, "POST", "/api/revoke", {}, token)
+    assert status == 200 and body["nodes"]["rv-same"]["ok"] is True, body
+    assert call(controller, "GET", "/api/nodes", token=token)[0] == 401
+    with pytest.raises(TokenRevoked):
+        agent.client(token).executions()
+    status, fresh = call(controller, "POST", "/api/token",
+                         {"user": alice.name, "password": alice.password})
+    assert status == 200
+    assert agent.client(fresh["token"]).run(["true"]).rc == 0
+    assert call(controller, "GET", "/api/nodes", token=fresh["token"])[0] == 200
