@@ -1,4 +1,4 @@
-"""JSON API: session token for the page, nodes, Ansible inventory, tokens for the CLI, run."""
+"""JSON API: the page's session, nodes, Ansible inventory, tokens for the CLI, run."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from .session import ApiHandler
 
 
 class SessionApi(ApiHandler):
-    """GET /api/session: the logged-in user's token, so the page can open agent sockets."""
+    """GET /api/session: who is logged in and until when. Never the token itself: the page
+    reaches agents through the relay, which authenticates upstream, so an XSS could not
+    carry the token away."""
 
     def get(self) -> None:
         user = self.require_user()
         self.set_header("Cache-Control", "no-store")
-        self.write_json({"user": user, "token": self.token(),
-                         "max_age": self.ctx.config.token_max_age,
-                         "browser_direct": self.ctx.config.browser_direct})
+        self.write_json({"user": user, "expires": self.ctx.signer.expires_at(self.token())})
 
 
 class TokenApi(ApiHandler):

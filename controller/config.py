@@ -25,9 +25,6 @@ def controller_options() -> list[Option]:
         Option("web_key", "", "its private key", metavar="PATH"),
         Option("dev", False, "development mode: plain HTTP to browsers and agents, only on a "
                "loopback address", flag=True),
-        Option("browser_direct", False, "let pages open the agents' WSS directly (browsers "
-               "then need a client certificate of the cluster CA and to trust the CA); default: "
-               "through the controller's relay", flag=True),
         Option("pam_service", "login", "PAM service used to check passwords", metavar="NAME"),
         Option("mdns_interface", [], "address of an interface to browse for agents on "
                "(repeatable); default: the bind address unless it is a wildcard",
@@ -59,7 +56,6 @@ class ControllerConfig:
     web_cert: str
     web_key: str
     dev: bool
-    browser_direct: bool
     pam_service: str
     mdns_interface: list[str]
     node: list[str]

@@ -57,9 +57,9 @@ class BaseHandler(SessionMixin):
     """Authentication helpers and JSON errors shared by pages and API handlers."""
 
     def set_default_headers(self) -> None:
-        # Agents live on other ports/hosts: the page may open WebSockets to them (connect-src).
+        # The page talks to this controller only (API and relay sockets): connect-src 'self'.
         self.set_header("Content-Security-Policy",
-                        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+                        "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
                         "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Referrer-Policy", "same-origin")

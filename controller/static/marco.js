@@ -1,11 +1,10 @@
 // Marco's page: nodes with live status, shell and deploy on chosen nodes, live output viewer.
-// The page opens each agent's per-user WebSocket directly with the user's token (from
-// /api/session) and falls back to the controller's relay when the agent cannot be reached.
+// The page reaches each agent's per-user WebSocket through the controller's relay (/relay/NODE),
+// authenticated by the HttpOnly login cookie: it never holds the agents' token.
 "use strict";
 
 const MAX_LINES_SHOWN = 5000;      // per execution; older lines are dropped from the page
 const REPLAY_EXECUTIONS = 20;      // per node, on (re)connect
-const DIRECT_TIMEOUT_MS = 2500;
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const el = (tag, cls, text) => {
@@ -86,7 +85,6 @@ class NodeView {
     this.node = node;
     this.executions = new Map();   // id -> {block, nextSeq, states, lines, dropped}
     this.socket = null;
-    this.viaRelay = false;
     this.closed = false;
     this.buildCard();
     this.buildPane();
@@ -161,31 +159,17 @@ class NodeView {
 
   // -- socket ----------------------------------------------------------------------------------
   connect() {
-    // Agents with TLS want a client certificate browsers do not have: go through the
-    // controller's relay (the browser trusts one certificate, the controller's), unless the
-    // admin set --browser-direct (browsers given a client certificate and the CA).
-    if (this.node.tls && !this.app.direct) this.viaRelay = true;
-    const host = this.node.host.includes(":") ? "[" + this.node.host + "]" : this.node.host;
-    const direct = `${this.node.tls ? "wss" : "ws"}://${host}:${this.node.port}/v1/stream`;
+    // Always through the controller's relay: the browser trusts one certificate (the
+    // controller's), the login cookie authenticates the socket, and the agents' token never
+    // reaches page JavaScript (the relay authenticates upstream).
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const relay = `${scheme}//${location.host}/relay/${encodeURIComponent(this.node.name)}`;
-    const url = this.viaRelay ? relay : direct;
-    let opened = false;
-    const socket = new WebSocket(url);
+    const socket = new WebSocket(`${scheme}//${location.host}/relay/${encodeURIComponent(this.node.name)}`);
     this.socket = socket;
-    const timer = setTimeout(() => { if (!opened) socket.close(); }, DIRECT_TIMEOUT_MS);
-    socket.onopen = () => {
-      opened = true;
-      clearTimeout(timer);
-      socket.send(JSON.stringify({ type: "auth", token: this.app.token }));
-    };
     socket.onmessage = (message) => this.onEvent(JSON.parse(message.data));
     socket.onclose = (event) => {
-      clearTimeout(timer);
       this.socket = null;
       if (this.closed) return;
       if (event.code === 4401) { window.location = "/login"; return; }
-      if (!opened && !this.viaRelay) { this.viaRelay = true; }   // not reachable: use the relay
       this.setLink(`disconnected (${event.code}); retrying`, false);
       setTimeout(() => { if (this.node.alive && !this.socket && !this.closed) this.connect(); }, 1500);
     };
@@ -198,7 +182,7 @@ class NodeView {
   onEvent(event) {
     switch (event.type) {
       case "hello":
-        this.setLink(this.viaRelay ? "live (via controller)" : "live", true);
+        this.setLink("live", true);
         this.send({ type: "subscribe", status: true });
         event.executions.slice(-REPLAY_EXECUTIONS).forEach((summary) => {
           const view = this.execution(summary.id, summary);
@@ -345,18 +329,13 @@ class ExecutionView {
 class App {
   constructor() {
     this.views = new Map();
-    this.token = null;
   }
 
   async start() {
-    const session = await api("/api/session");
-    this.token = session.token;
-    this.direct = session.browser_direct;
+    await api("/api/session");  // redirects to the login page when the session is over
     this.bindForms();
     await this.refreshNodes();
     setInterval(() => this.refreshNodes().catch((e) => this.notice(e.message)), 2000);
-    // Tokens expire: fetch a fresh one well before (the cookie carries the login).
-    setInterval(async () => { try { this.token = (await api("/api/session")).token; } catch (e) { /* redirected */ } }, 600000);
   }
 
   async refreshNodes() {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -239,3 +240,22 @@ def test_browser_sessions_survive_a_secret_rotation(cluster, alice: UnixUser,  #
         assert response.status == 200 and body["user"] == alice.name
     finally:
         after.stop()
+
+
+def test_the_page_never_receives_the_agents_token(cluster, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+    """The login cookie is HttpOnly; nothing the page's JavaScript can fetch may carry the token
+    it holds (an XSS would otherwise take a 12 h agent token away)."""
+    controller, _ = cluster
+    cookie = login_cookie(controller, alice)
+    signed = urllib.parse.unquote(cookie.split("marco_token=")[1].split(";")[0]).strip('"')
+    token = base64.b64decode(signed.split("|")[4].split(":")[1]).decode()  # Tornado's v2 value
+    assert token.count(".") == 2
+    for path in ("/api/session", "/api/nodes", "/"):
+        conn = controller.connection(timeout=30)
+        conn.request("GET", path, headers={"Cookie": cookie})
+        response = conn.getresponse()
+        text = response.read().decode()
+        assert response.status == 200, path
+        assert token not in text and token.split(".")[2] not in text, path
+    csp = response.getheader("Content-Security-Policy") or ""
+    assert "connect-src 'self';" in csp, csp
