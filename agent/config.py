@@ -58,6 +58,9 @@ def agent_options() -> list[Option]:
         Option("max_running_per_user", 64, "executions one user may run at once", kind=int),
         Option("max_upload_bytes", 64 * 1024 ** 3, "largest file upload (bytes)", kind=int),
         Option("stop_grace", 5.0, "seconds between SIGTERM and SIGKILL on stop", kind=float),
+        Option("login_shells", [], "shells that count as login shells: accounts with another "
+               "shell are refused (default: those listed in /etc/shells; never nologin or "
+               "false)", repeatable=True, metavar="PATH"),
         Option("allowed_origins", [], "browser origins allowed to open /v1/stream "
                "(default: any; the socket is authenticated by token, not cookie)",
                repeatable=True, metavar="URL"),
@@ -94,6 +97,7 @@ class AgentConfig:
     max_running_per_user: int
     max_upload_bytes: int
     stop_grace: float
+    login_shells: list[str]
     allowed_origins: list[str]
     audit_log: str
     helper_python: str

@@ -20,7 +20,7 @@ from .status import StatusPublisher, StatusSampler
 from .crl import CrlStore
 from .revocations import DeniedTokens, Revocations
 from .tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner, health_proof
-from .users import UserIdentity, UserResolver
+from .users import LoginShells, UserIdentity, UserResolver
 
 
 @dataclass
@@ -44,7 +44,7 @@ class AgentContext:
 
     @classmethod
     def build(cls, config: AgentConfig, secret: SecretKeys) -> "AgentContext":
-        resolver = UserResolver()
+        resolver = UserResolver(shells=LoginShells(config.login_shells))
         hub = StreamHub()
         audit = AuditLog(Path(config.audit_log or config.state_path / "audit.log"),
                          config.node_name)

@@ -5,12 +5,50 @@ from __future__ import annotations
 import os
 import pwd
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 from .errors import PermissionDenied
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SHELLS_FILE = "/etc/shells"
+NO_LOGIN_SHELLS = frozenset({"nologin", "false"})  # by basename, whatever /etc/shells says
+
+
+class LoginShells:
+    """Which accounts may use Marco at all: those whose shell is a login shell.
+
+    Marco gives whoever logs in a shell on every node, so an account an admin closed with
+    `/usr/sbin/nologin` or `/bin/false` must not get one through Marco either. A login shell
+    is one listed in `allowed` when the admin set that list, else one listed in /etc/shells
+    (read once at start); `nologin` and `false` never are.
+    """
+
+    def __init__(self, allowed: Sequence[str] = (), shells_file: str = SHELLS_FILE) -> None:
+        self.allowed = frozenset(allowed) if allowed else _read_shells(Path(shells_file))
+
+    def permits(self, shell: str) -> bool:
+        if not shell or os.path.basename(shell) in NO_LOGIN_SHELLS:
+            return False
+        return self.allowed is None or shell in self.allowed
+
+    def check(self, username: str, shell: str) -> None:
+        """Raise PermissionDenied (with the reason) unless `shell` is a login shell."""
+        if not self.permits(shell):
+            raise PermissionDenied(
+                f"account {username!r} has no login shell ({shell or 'none'}), so it may not "
+                "use Marco; an admin can allow that shell with the login_shells setting")
+
+
+def _read_shells(path: Path) -> frozenset[str] | None:
+    """The shells /etc/shells lists, or None (only nologin and false refused) without one."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    return frozenset(line.strip() for line in lines
+                     if line.strip() and not line.lstrip().startswith("#"))
 
 
 @dataclass(frozen=True)
@@ -48,12 +86,14 @@ class UserIdentity:
 class UserResolver:
     """Maps a token's username to the identity this agent may act as.
 
-    A root agent may act as any local account; an agent running as a normal user may act only
-    as that user (it could not switch identity anyway), so everyone else gets 403.
+    A root agent may act as any local account with a login shell; an agent running as a normal
+    user may act only as that user (it could not switch identity anyway), so everyone else
+    gets 403.
     """
 
-    def __init__(self, agent_uid: int | None = None) -> None:
+    def __init__(self, agent_uid: int | None = None, shells: LoginShells | None = None) -> None:
         self.agent_uid = os.geteuid() if agent_uid is None else agent_uid
+        self.shells = shells or LoginShells()
 
     @property
     def can_switch_user(self) -> bool:
@@ -67,6 +107,7 @@ class UserResolver:
         if not self.can_switch_user and entry.pw_uid != self.agent_uid:
             raise PermissionDenied(
                 f"this agent runs as uid {self.agent_uid} and serves only its own user")
+        self.shells.check(entry.pw_name, entry.pw_shell)
         groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
         return UserIdentity(entry.pw_name, entry.pw_uid, entry.pw_gid, groups,
                             entry.pw_dir or "/", entry.pw_shell)

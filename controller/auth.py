@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pwd
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pam
 
 from agent.errors import AuthenticationError, ConfigError, MarcoError
+from agent.users import LoginShells
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +108,11 @@ class LoginRateLimiter:
 class PamAuthenticator:
     """Checks a user's password with PAM in worker threads, one PAM handle per attempt."""
 
-    def __init__(self, service: str, limiter: LoginRateLimiter, workers: int = 4) -> None:
+    def __init__(self, service: str, limiter: LoginRateLimiter,
+                 shells: LoginShells | None = None, workers: int = 4) -> None:
         self.service = check_pam_service(service)
         self.limiter = limiter
+        self.shells = shells or LoginShells()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pam")
 
     def _check(self, username: str, password: str) -> tuple[bool, str]:
@@ -133,6 +137,14 @@ class PamAuthenticator:
             log.warning("failed login for %r from %s: %s", username, client, reason)
             raise AuthenticationError("wrong user name or password")
         self.limiter.succeeded(keys[0])
+        try:
+            shell = pwd.getpwnam(username).pw_shell
+        except KeyError:  # PAM knows the account, the name service does not
+            shell = ""
+        if not self.shells.permits(shell):
+            log.warning("login refused for %r from %s: shell %r is not a login shell",
+                        username, client, shell)
+        self.shells.check(username, shell)
         log.info("login: %s from %s", username, client)
         return username
 

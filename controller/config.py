@@ -26,6 +26,9 @@ def controller_options() -> list[Option]:
         Option("dev", False, "development mode: plain HTTP to browsers and agents, only on a "
                "loopback address", flag=True),
         Option("pam_service", "login", "PAM service used to check passwords", metavar="NAME"),
+        Option("login_shells", [], "shells that count as login shells: accounts with another "
+               "shell cannot log in (default: those listed in /etc/shells; never nologin or "
+               "false)", repeatable=True, metavar="PATH"),
         Option("mdns_interface", [], "address of an interface to browse for agents on "
                "(repeatable); default: the bind address unless it is a wildcard",
                repeatable=True, metavar="ADDR"),
@@ -57,6 +60,7 @@ class ControllerConfig:
     web_key: str
     dev: bool
     pam_service: str
+    login_shells: list[str]
     mdns_interface: list[str]
     node: list[str]
     discovery: bool

@@ -13,6 +13,7 @@ from agent.errors import ConfigError
 from agent.revocations import DeniedTokens, Revocations
 from agent.tls import ClientTls, ServerTlsFiles
 from agent.tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner
+from agent.users import LoginShells
 
 from .auth import LoginRateLimiter, PamAuthenticator
 from .config import ControllerConfig
@@ -71,7 +72,8 @@ class ControllerContext:
                                   connector, crl_file=pki.crl_file if pki else None,
                                   denied=denied, signer=signer)
         return cls(config=config, signer=signer, denied=denied,
-                   authenticator=PamAuthenticator(config.pam_service, limiter),
+                   authenticator=PamAuthenticator(config.pam_service, limiter,
+                                                  LoginShells(config.login_shells)),
                    registry=registry,
                    health=HealthMonitor(registry, config.health_interval, keys=secret,
                                         tls=agent_tls),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tornado.web
 
-from agent.errors import AuthenticationError
+from agent.errors import AuthenticationError, PermissionDenied
 
 from .auth import TooManyAttempts
 from .session import COOKIE, BaseHandler
@@ -24,7 +24,7 @@ class LoginPage(BaseHandler):
         password = self.get_body_argument("password", "")
         try:
             user = await self.ctx.authenticator.login(username, password, self.request.remote_ip or "?")
-        except (AuthenticationError, TooManyAttempts) as error:
+        except (AuthenticationError, PermissionDenied, TooManyAttempts) as error:
             self.set_status(error.status)
             self.render("login.html", error=error.message, username=username)
             return

@@ -1,0 +1,68 @@
+"""Accounts without a login shell (nologin, false, or a shell not in /etc/shells) get nothing
+from Marco: no login at the controller, no execution on an agent; the `login_shells` setting
+admits other shells. Real users, real PAM, real agent and controller processes."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from typing import Iterator
+
+import pytest
+
+from agent.errors import PermissionDenied
+from agent.tokens import TokenSigner
+from tests.controller.test_api import call
+from tests.support.users import UnixUser, create_user, remove_user
+
+CAROL = "marcotest-carol"
+ODD_SHELL = "/usr/local/bin/marcotest-shell"  # not in /etc/shells
+
+
+@pytest.fixture
+def carol() -> Iterator[UnixUser]:
+    user = create_user(CAROL)
+    yield user
+    remove_user(CAROL)
+
+
+def set_shell(user: UnixUser, shell: str) -> None:
+    subprocess.run(["usermod", "--shell", shell, user.name], check=True)
+
+
+@pytest.mark.parametrize("shell", ["/usr/sbin/nologin", "/bin/false", ODD_SHELL])
+def test_no_login_shell_no_login_and_no_execution(start_agent, start_controller,  # type: ignore[no-untyped-def]
+                                                  signer: TokenSigner, carol: UnixUser,
+                                                  shell: str) -> None:
+    agent = start_agent(node_name="nologin")
+    controller = start_controller(extra_args=["--no-discovery"])
+    token = signer.issue(carol.name)
+    assert agent.client(token).run(["true"]).rc == 0  # a login shell: served
+    set_shell(carol, shell)
+    status, body = call(controller, "POST", "/api/token",
+                        {"user": carol.name, "password": carol.password})
+    assert status == 403 and "no login shell" in body["message"], body
+    with pytest.raises(PermissionDenied, match="no login shell"):
+        agent.client(token).run(["true"])
+
+    async def stream() -> None:
+        await agent.async_client(token).stream().connect()
+    with pytest.raises(PermissionDenied, match="no login shell"):
+        asyncio.run(stream())
+
+
+def test_login_shells_setting_admits_a_shell(start_agent, start_controller,  # type: ignore[no-untyped-def]
+                                             signer: TokenSigner, carol: UnixUser) -> None:
+    set_shell(carol, ODD_SHELL)
+    agent = start_agent(node_name="oddshell", extra_args=["--login-shells", ODD_SHELL])
+    controller = start_controller(extra_args=["--no-discovery", "--login-shells", ODD_SHELL])
+    status, body = call(controller, "POST", "/api/token",
+                        {"user": carol.name, "password": carol.password})
+    assert status == 200, body
+    # Executions run argv directly (or /bin/sh -c), never the account's shell.
+    assert agent.client(body["token"]).run(["id", "-un"]).stdout.strip() == carol.name.encode()
+    # nologin and false stay refused whatever the list says.
+    set_shell(carol, "/usr/sbin/nologin")
+    nologin = start_agent(node_name="nologin2", extra_args=["--login-shells", "/usr/sbin/nologin"])
+    with pytest.raises(PermissionDenied, match="no login shell"):
+        nologin.client(body["token"]).run(["true"])
