@@ -59,8 +59,9 @@ class ExecutionResult:
 
 def execution_body(command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
                    env: dict[str, str] | None = None, label: str = "",
-                   timeout: float | None = None) -> dict[str, Any]:
-    """The JSON body of POST /v1/executions for an argv list or a shell string."""
+                   timeout: float | None = None, no_log: bool = False) -> dict[str, Any]:
+    """The JSON body of POST /v1/executions for an argv list or a shell string; `no_log`
+    asks the agent to keep and stream nothing of it (only a `wait` caller gets the output)."""
     body: dict[str, Any] = {"argv": command} if isinstance(command, list) else {"shell": command}
     if stdin:
         body["stdin"] = base64.b64encode(stdin).decode("ascii")
@@ -72,6 +73,8 @@ def execution_body(command: list[str] | str, stdin: bytes = b"", cwd: str | None
         body["label"] = label
     if timeout:
         body["timeout"] = timeout
+    if no_log:
+        body["no_log"] = True
     return body
 
 
@@ -287,9 +290,9 @@ class AgentClient:
 
     def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
             env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
-            wait_timeout: float | None = None) -> ExecutionResult:
+            wait_timeout: float | None = None, no_log: bool = False) -> ExecutionResult:
         """Run a command to completion in one round trip and return rc, stdout, stderr."""
-        body = execution_body(command, stdin, cwd, env, label, timeout)
+        body = execution_body(command, stdin, cwd, env, label, timeout, no_log)
         data = self._request("POST", "/v1/executions?wait=1", body,
                              timeout=wait_timeout or (timeout + self.timeout if timeout else 24 * 3600))
         return ExecutionResult.from_json(data)
@@ -388,8 +391,8 @@ class AsyncAgentClient:
 
     async def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
                   env: dict[str, str] | None = None, label: str = "",
-                  timeout: float | None = None) -> ExecutionResult:
-        body = execution_body(command, stdin, cwd, env, label, timeout)
+                  timeout: float | None = None, no_log: bool = False) -> ExecutionResult:
+        body = execution_body(command, stdin, cwd, env, label, timeout, no_log)
         data = await self._request("POST", "/v1/executions?wait=1", body,
                                    request_timeout=(timeout or 24 * 3600) + self.timeout)
         return ExecutionResult.from_json(data)

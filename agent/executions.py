@@ -45,6 +45,7 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 ID_LENGTH = 32
 MAX_TIMEOUT = 366 * 24 * 3600
 CAPTURE_MAX = 256 * 1024 * 1024  # bytes of stdout (and of stderr) a `wait` caller gets back
+CENSORED = "(hidden: no_log)"  # what listings, records and the audit log show of a no_log command
 
 
 class AuditSink(Protocol):
@@ -70,6 +71,7 @@ class ExecutionRequest:
     stdin: bytes
     label: str
     timeout: float | None
+    no_log: bool = False
 
     @classmethod
     def from_json(cls, body: Any) -> "ExecutionRequest":
@@ -108,7 +110,10 @@ class ExecutionRequest:
                                     or not isinstance(timeout, (int, float))
                                     or not 0 < timeout <= MAX_TIMEOUT):
             raise BadRequest(f"'timeout' must be a number of seconds in (0, {MAX_TIMEOUT}]")
-        return cls(argv, shell, cwd, env, stdin, label, timeout)
+        no_log = body.get("no_log", False)
+        if not isinstance(no_log, bool):
+            raise BadRequest("'no_log' must be true or false")
+        return cls(argv, shell, cwd, env, stdin, label, timeout, no_log)
 
     @property
     def command(self) -> list[str] | str:
@@ -164,6 +169,7 @@ class Execution:
     pid: int | None = None
     done: asyncio.Future[None] | None = None
     timeout_handle: asyncio.TimerHandle | None = None
+    no_log: bool = False            # output only for a `wait` caller: never spooled or streamed
     _splitters: dict[int, LineSplitter] = field(default_factory=lambda: {
         STDOUT: LineSplitter(), STDERR: LineSplitter()})
     _batch_fd: int = STDOUT
@@ -187,13 +193,15 @@ class Execution:
                 "state": self.state, "rc": self.rc, "signal": self.signal,
                 "duration": self.duration, "timed_out": self.timed_out,
                 "stopped": self.stopped, "next_seq": self.next_seq,
-                "truncated_seq": self.spool.truncated_seq}
+                "truncated_seq": self.spool.truncated_seq, "no_log": self.no_log}
 
     # -- output path: pipe bytes -> lines -> batch -> spool + sockets -----------------------
 
     def on_output(self, fd: int, data: bytes) -> None:
         if self.capture is not None:
             self.capture.write(fd, data)
+        if self.no_log:
+            return
         lines = self._splitters[fd].feed(data)
         if lines:
             self._add_lines(fd, lines, len(data))
@@ -337,7 +345,8 @@ class ExecutionManager:
                                   rc=meta.get("rc"), signal=meta.get("signal"),
                                   timed_out=meta.get("timed_out", False),
                                   stopped=meta.get("stopped", False),
-                                  next_seq=meta.get("next_seq", 0))
+                                  next_seq=meta.get("next_seq", 0),
+                                  no_log=meta.get("no_log", False))
             if execution.running:  # the agent died under it: its fate is unknown
                 execution.state, execution.ended = "lost", execution.ended or time.time()
                 execution.save_meta()
@@ -392,10 +401,13 @@ class ExecutionManager:
         cwd = user.expand(request.cwd) if request.cwd else user.home
         spool = ExecutionSpool.create(self.spool_root / execution_id, self.spool_max_bytes)
         loop = asyncio.get_running_loop()
-        execution = Execution(execution_id, user.name, request.label, request.command, cwd,
+        # A no_log command (an Ansible task marked no_log) may carry secrets in its arguments:
+        # it is kept nowhere, and its output reaches only the `wait` caller.
+        command = CENSORED if request.no_log else request.command
+        execution = Execution(execution_id, user.name, request.label, command, cwd,
                               time.time(), spool, self.sink,
                               capture=OutputCapture(self.tmp_dir) if capture else None,
-                              done=loop.create_future())
+                              done=loop.create_future(), no_log=request.no_log)
         argv = request.argv if request.argv is not None else ["/bin/sh", "-c", request.shell]
         env = user.clean_environment()
         env.update(request.env)
@@ -508,12 +520,14 @@ class ExecutionManager:
         execution.pid = transport.get_pid()
         self._enlarge_pipes(transport)
         execution.publish(protocol.started_event(execution.id, execution.label, execution.command,
-                                                 execution.cwd, execution.started, 0))
+                                                 execution.cwd, execution.started, 0,
+                                                 execution.no_log))
         execution.save_meta()
         if self.audit is not None:
             self.audit.record("execution.start", execution.user, id=execution.id,
                               command=execution.command, cwd=execution.cwd,
-                              label=execution.label, pid=execution.pid)
+                              label=execution.label, pid=execution.pid,
+                              no_log=execution.no_log)
 
     def _finished(self, execution: Execution) -> None:
         if execution.timeout_handle is not None:

@@ -40,10 +40,11 @@ def decode(text: str | bytes) -> Any:
 
 
 def started_event(execution_id: str, label: str, command: list[str] | str, cwd: str,
-                  started: float, seq: int) -> dict[str, Any]:
-    """The `started` event sent to the owner's sockets when an execution begins."""
+                  started: float, seq: int, no_log: bool = False) -> dict[str, Any]:
+    """The `started` event sent to the owner's sockets when an execution begins; a `no_log`
+    execution's command is censored and no `output` event follows."""
     return {"type": "started", "id": execution_id, "label": label, "command": command,
-            "cwd": cwd, "started": started, "seq": seq}
+            "cwd": cwd, "started": started, "seq": seq, "no_log": no_log}
 
 
 def output_event(execution_id: str, stream: str, seq: int, lines: list[str]) -> dict[str, Any]:

@@ -98,8 +98,11 @@ class MarcoConnection(ConnectionBase):
             stdin = to_bytes(password or "") + b"\n" + stdin
         display.vvv(f"EXEC {to_text(cmd)}", host=self._host)
         try:
+            # A no_log task's module result carries its arguments: the agent keeps and streams
+            # nothing of it, and only this caller gets the output.
             result = self._client.run(to_text(cmd), stdin=stdin, label=self._label(),
-                                      timeout=self.get_option("command_timeout") or None)
+                                      timeout=self.get_option("command_timeout") or None,
+                                      no_log=bool(self._play_context.no_log))
         except MarcoError as error:
             raise to_ansible(error, self._host, "exec") from None
         if result.timed_out:

@@ -282,6 +282,11 @@ class ExecutionView {
     if (s.label !== undefined) this.label.textContent = s.label || "(no label)";
     if (s.command !== undefined) this.command.textContent = Array.isArray(s.command) ? s.command.join(" ") : s.command;
     if (s.started) this.started.textContent = fmtTime(s.started);
+    if (s.no_log && !this.block.classList.contains("no-log")) {
+      // The agent keeps and streams nothing of a no_log task: say so instead of an empty box.
+      this.block.classList.add("no-log");
+      this.out.appendChild(el("span", "line notice", "output hidden: no_log"));
+    }
     if (s.state && s.state !== "running") this.finish(s.state, s.rc, s.signal);
   }
 

@@ -4,6 +4,7 @@ three agents in network namespaces, found by zeroconf, users and tokens for real
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -252,3 +253,63 @@ def test_the_plugin_refuses_a_rogue_agent_and_foreign_client_certificates(
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "UNREACHABLE" in out.stdout, out.stdout
     assert "client certificate" in out.stdout
+
+
+def test_no_log_tasks_leave_nothing_on_the_agent_or_the_sockets(fleet: Fleet, signer: TokenSigner,
+                                                               alice: UnixUser,
+                                                               tmp_path: Path) -> None:
+    """A `no_log: true` task's result (its stdout, its module_args) reaches the playbook and
+    nothing else: no spool, no meta.json, no socket event, no audit line; the audit log and
+    listings show the command censored. A task without no_log, in the same play, is stored
+    and streamed (so this test can see a leak when there is one)."""
+    import secrets
+    secret = "nolog-" + secrets.token_hex(8)
+    visible = "visible-" + secrets.token_hex(8)
+    play = tmp_path / "nolog.yml"
+    play.write_text(
+        "- hosts: all\n  gather_facts: false\n  tasks:\n"
+        f"    - name: Secret command\n      ansible.builtin.command: echo {secret}-cmd\n"
+        "      no_log: true\n"
+        f"    - name: Secret deploy\n      marco_deploy:\n        command: echo {secret}-deploy\n"
+        "      no_log: true\n"
+        f"    - name: Ordinary command\n      ansible.builtin.command: echo {visible}\n")
+    events: list[dict[str, Any]] = []
+    agent = fleet.agents[0]
+
+    async def scenario() -> str:
+        ready = asyncio.Event()
+        watcher = asyncio.ensure_future(_collect(fleet, signer.issue(alice.name), 120, events,
+                                                 ready))
+        await ready.wait()
+        process = await asyncio.create_subprocess_exec(
+            str(BIN / "ansible-playbook"), str(play), "--limit", agent.node_name, cwd=PLAYBOOKS,
+            env=fleet.env(signer.issue(alice.name)), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        output, _ = await process.communicate()
+        # The ordinary task's line is the positive event: once it arrived, all before it did.
+        deadline = time.monotonic() + 20
+        while not any(visible in json.dumps(e) for e in events) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        watcher.cancel()
+        assert process.returncode == 0, output.decode()[-3000:]
+        return output.decode()
+
+    output = asyncio.run(scenario())
+    assert secret not in output
+    assert any(visible in json.dumps(e) for e in events)
+    assert not [e for e in events if secret in json.dumps(e)]
+    hidden = [e for e in events if e["type"] == "started" and e.get("no_log")]
+    assert len(hidden) >= 2 and all(e["command"] == "(hidden: no_log)" for e in hidden)
+    assert not [e for e in events if e["type"] == "output" and e["id"] in {h["id"] for h in hidden}]
+    # Nothing on the agent's disk: spools, meta.json, audit log, captures.
+    stored = [p for p in agent.state_dir.rglob("*") if p.is_file()]
+    assert any(visible.encode() in p.read_bytes() for p in stored)
+    leaks = [str(p) for p in stored if secret.encode() in p.read_bytes()]
+    assert leaks == [] and secret not in agent.log()
+    audit = [json.loads(line) for line in (agent.state_dir / "audit.log").read_text().splitlines()]
+    censored = [e for e in audit if e["event"] == "execution.start" and e.get("no_log")]
+    assert len(censored) >= 2 and all(e["command"] == "(hidden: no_log)" for e in censored)
+    client = agent.client(signer.issue(alice.name))
+    for started in hidden:
+        assert client.execution(started["id"])["command"] == "(hidden: no_log)"
+        assert client.output(started["id"])["events"] == []
