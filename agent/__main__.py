@@ -18,7 +18,7 @@ from .config import DEFAULT_CONFIG_FILE, AgentConfig, agent_options
 from .errors import ConfigError
 from .context import AgentContext
 from .protocol import choose_mdns_interfaces, require_loopback
-from .serving import close_server, stop_event_on_signals
+from .serving import close_server, listen, stop_event_on_signals
 from .settings import add_config_argument, add_options, load_settings
 from .tls import ServerTlsReloader
 from .tokens import DEFAULT_SECRET_FILE, create_secret, load_secret, rotate_secret
@@ -109,9 +109,9 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
     ctx.denied.load()
     ctx.audit.open()
     tls = config.tls_files()
-    server = make_app(ctx).listen(config.port, config.bind, xheaders=False,
-                                  chunk_size=BODY_CHUNK,
-                                  ssl_options=tls.context() if tls else None)
+    server = listen(make_app(ctx), config.port, config.bind, config.connection_limits(),
+                    xheaders=False, chunk_size=BODY_CHUNK,
+                    ssl_options=tls.context() if tls else None)
     log.info("marco-agent %s serving node %s on %s://%s:%d as %s", __version__,
              config.node_name, "https" if tls else "http", config.bind, config.port,
              "root (runs executions as each token's user)"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .protocol import DEFAULT_PORT
+from .serving import ConnectionLimits
 from .settings import Option, default_state_dir
 from .tls import DEFAULT_TLS_DIR, ServerTlsFiles
 from .tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
@@ -57,6 +58,12 @@ def agent_options() -> list[Option]:
                "oldest finished executions go first (bytes)", kind=int),
         Option("max_running_per_user", 64, "executions one user may run at once", kind=int),
         Option("max_upload_bytes", 64 * 1024 ** 3, "largest file upload (bytes)", kind=int),
+        Option("handshake_timeout", ConnectionLimits.handshake_timeout, "seconds a new "
+               "connection has for its TLS handshake and first request's headers before it is "
+               "closed", kind=float),
+        Option("max_pending_connections_per_address", ConnectionLimits.max_pending_per_address,
+               "connections one source address may hold open before their first request "
+               "(more are closed at once)", kind=int),
         Option("stop_grace", 5.0, "seconds between SIGTERM and SIGKILL on stop", kind=float),
         Option("login_shells", [], "shells that count as login shells: accounts with another "
                "shell are refused (default: those listed in /etc/shells; never nologin or "
@@ -96,6 +103,8 @@ class AgentConfig:
     spool_max_bytes_per_user: int
     max_running_per_user: int
     max_upload_bytes: int
+    handshake_timeout: float
+    max_pending_connections_per_address: int
     stop_grace: float
     login_shells: list[str]
     allowed_origins: list[str]
@@ -106,6 +115,12 @@ class AgentConfig:
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir)
+
+    def __post_init__(self) -> None:
+        self.connection_limits()  # refuse bad limits at start-up (ConfigError)
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address)
 
     def tls_files(self) -> ServerTlsFiles | None:
         """The TLS setup to serve with, or None in development mode."""

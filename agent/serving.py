@@ -1,14 +1,25 @@
-"""Daemon lifecycle shared by marco-agent and marco-controller: wait for SIGTERM/SIGINT, then
-close the HTTP server's connections within a bound."""
+"""Daemon lifecycle shared by marco-agent and marco-controller: an HTTP server that bounds
+connections which have not sent a request yet, waiting for SIGTERM/SIGINT, then closing the
+server's connections within a bound."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
+import ssl
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
+from tornado import httputil
 from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.web import Application
 
+from .errors import ConfigError
+
+log = logging.getLogger("marco.serving")
 CLOSE_TIMEOUT = 5.0
 
 
@@ -26,3 +37,155 @@ async def close_server(server: HTTPServer) -> None:
     server.stop()
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(server.close_all_connections(), timeout=CLOSE_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Bounds on connections that have not sent a request yet (no certificate needed to open
+    one): each gets `handshake_timeout` seconds from accept for the TLS handshake and its
+    first request's headers, and one source address may hold `max_pending_per_address`."""
+
+    handshake_timeout: float = 10.0
+    max_pending_per_address: int = 512
+
+    def __post_init__(self) -> None:
+        if not self.handshake_timeout > 0:
+            raise ConfigError(f"handshake_timeout must be positive, not {self.handshake_timeout}")
+        if self.max_pending_per_address < 1:
+            raise ConfigError("max_pending_connections_per_address must be at least 1, not "
+                              f"{self.max_pending_per_address}")
+
+
+class _Pending:
+    """One accepted connection that has not sent its first request's headers yet."""
+
+    __slots__ = ("address", "timer")
+
+    def __init__(self, address: str, timer: asyncio.TimerHandle) -> None:
+        self.address, self.timer = address, timer
+
+
+class _FirstRequest(httputil.HTTPMessageDelegate):
+    """Passes a connection's first request through, telling the server when its headers are
+    in: from then on the connection is no longer pending."""
+
+    def __init__(self, delegate: httputil.HTTPMessageDelegate, admitted: Callable[[], None]) -> None:
+        self.delegate, self.admitted = delegate, admitted
+
+    def headers_received(self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+                         headers: httputil.HTTPHeaders) -> Awaitable[None] | None:
+        self.admitted()
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        self.delegate.on_connection_close()
+
+
+class GuardedHTTPServer(HTTPServer):
+    """An HTTPServer that bounds unauthenticated connections (see `ConnectionLimits`).
+
+    A connection is pending from accept until its first request's headers have arrived
+    (plain HTTP in --dev mode too); one timer per connection covers the TLS handshake and
+    those headers, so a peer that sends nothing, a TLS record header, or a handshake and then
+    nothing is closed after `handshake_timeout`. Later requests on a kept-alive connection
+    are bounded by Tornado's own `idle_connection_timeout`."""
+
+    def initialize(self, *args: Any, limits: ConnectionLimits = ConnectionLimits(),
+                   **kwargs: Any) -> None:
+        super().initialize(*args, **kwargs)
+        self.limits = limits
+        self._pending: dict[IOStream, _Pending] = {}
+        self._pending_per_address: dict[str, int] = {}
+        self._warned: set[str] = set()  # addresses already warned about in this burst
+
+    async def handle_stream(self, stream: IOStream, address: Any) -> None:  # type: ignore[override]
+        peer = _peer_address(address)
+        if self._pending_per_address.get(peer, 0) >= self.limits.max_pending_per_address:
+            # Logged once per burst: a flood would otherwise turn into a flood of log lines.
+            if peer not in self._warned:
+                self._warned.add(peer)
+                log.warning("refusing connections from %s: %d already pending (limit "
+                            "max_pending_connections_per_address)", peer,
+                            self.limits.max_pending_per_address)
+            else:
+                log.debug("refused a connection from %s: too many pending", peer)
+            stream.close()
+            return
+        timer = asyncio.get_running_loop().call_later(
+            self.limits.handshake_timeout, self._expire, stream)
+        self._pending[stream] = _Pending(peer, timer)
+        self._pending_per_address[peer] = self._pending_per_address.get(peer, 0) + 1
+        if isinstance(stream, SSLIOStream):
+            try:
+                await stream.wait_for_handshake()
+            except (StreamClosedError, ssl.SSLError, OSError):
+                pass  # a failed handshake closed the stream (Tornado logs the TLS error)
+            if stream.closed():
+                self._release(stream)
+                return
+        super().handle_stream(stream, address)
+
+    def start_request(self, server_conn: object,
+                      request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        stream = getattr(server_conn, "stream", None)
+        if stream is not None and stream in self._pending:
+            return _FirstRequest(delegate, lambda: self._release(stream))
+        return delegate
+
+    def on_close(self, server_conn: object) -> None:
+        stream = getattr(server_conn, "stream", None)
+        if stream is not None:
+            self._release(stream)
+        super().on_close(server_conn)
+
+    async def close_all_connections(self) -> None:
+        """Close pending connections too (those still in their handshake are not Tornado's
+        connections yet), then the others."""
+        for stream in list(self._pending):
+            stream.close()
+            self._release(stream)
+        await super().close_all_connections()
+
+    def _expire(self, stream: IOStream) -> None:
+        entry = self._pending.get(stream)
+        if entry is not None:
+            log.debug("closing a connection from %s: no request within %g s", entry.address,
+                      self.limits.handshake_timeout)
+        self._release(stream)
+        stream.close()
+
+    def _release(self, stream: IOStream) -> None:
+        """Stop counting `stream` as pending (idempotent)."""
+        entry = self._pending.pop(stream, None)
+        if entry is None:
+            return
+        entry.timer.cancel()
+        left = self._pending_per_address[entry.address] - 1
+        if left:
+            self._pending_per_address[entry.address] = left
+        else:
+            del self._pending_per_address[entry.address]
+            self._warned.discard(entry.address)
+
+
+def _peer_address(address: Any) -> str:
+    """The source IP of an accepted connection (Unix sockets all count as one source)."""
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return "local"
+
+
+def listen(app: Application, port: int, address: str, limits: ConnectionLimits,
+           **kwargs: Any) -> GuardedHTTPServer:
+    """Serve `app` on address:port with `limits` on unauthenticated connections; `kwargs` go
+    to Tornado's HTTPServer (ssl_options, chunk_size, xheaders, ...)."""
+    server = GuardedHTTPServer(app, limits=limits, **kwargs)
+    server.listen(port, address)
+    return server

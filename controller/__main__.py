@@ -14,7 +14,7 @@ from tornado.ioloop import PeriodicCallback
 
 from agent.errors import MarcoError
 from agent.protocol import choose_mdns_interfaces, require_loopback
-from agent.serving import close_server, stop_event_on_signals
+from agent.serving import close_server, listen, stop_event_on_signals
 from agent.settings import add_config_argument, add_options, load_settings
 from agent.tls import ServerTlsReloader
 from agent.tokens import create_secret, load_secret
@@ -144,8 +144,8 @@ async def serve(ctx: ControllerContext) -> None:
     """Serve until SIGTERM/SIGINT: the web app, the zeroconf browser and the health probes."""
     config = ctx.config
     tls = ctx.web_tls
-    server = make_app(ctx).listen(config.port, config.bind, chunk_size=BODY_CHUNK,
-                                  ssl_options=tls.context() if tls else None)
+    server = listen(make_app(ctx), config.port, config.bind, config.connection_limits(),
+                    chunk_size=BODY_CHUNK, ssl_options=tls.context() if tls else None)
     log.info("marco-controller %s on %s://%s:%d (PAM service %r)", __version__,
              "https" if tls else "http", config.bind, config.port, config.pam_service)
     if tls is None:

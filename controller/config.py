@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.serving import ConnectionLimits
 from agent.settings import Option, default_state_dir
 from agent.tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
 
@@ -42,6 +43,12 @@ def controller_options() -> list[Option]:
         Option("login_max_failures", 5, "failed logins allowed per user and per client address "
                "within the lockout window", kind=int),
         Option("login_lockout", 300, "lockout window in seconds", kind=int),
+        Option("handshake_timeout", ConnectionLimits.handshake_timeout, "seconds a new "
+               "connection has for its TLS handshake and first request's headers before it is "
+               "closed", kind=float),
+        Option("max_pending_connections_per_address", ConnectionLimits.max_pending_per_address,
+               "connections one source address may hold open before their first request "
+               "(more are closed at once)", kind=int),
         Option("state_dir", default_state_dir("marco-controller"), "where revocations are kept",
                metavar="DIR"),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
@@ -69,5 +76,13 @@ class ControllerConfig:
     deploy_stall_timeout: float
     login_max_failures: int
     login_lockout: int
+    handshake_timeout: float
+    max_pending_connections_per_address: int
     state_dir: str
     log_level: str
+
+    def __post_init__(self) -> None:
+        self.connection_limits()  # refuse bad limits at start-up (ConfigError)
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address)

@@ -1,0 +1,25 @@
+"""Connections that never become requests (no TLS handshake, a TLS record header and then
+nothing, a handshake and then nothing, half a request line in --dev) are closed after
+--handshake-timeout, and one source address holds at most
+--max-pending-connections-per-address of them."""
+
+from __future__ import annotations
+
+from agent.tokens import TokenSigner
+from tests.support.connections import check_pending_limits
+from tests.support.users import UnixUser
+
+LIMIT = 5
+LIMITS = ["--handshake-timeout", "3", "--max-pending-connections-per-address", str(LIMIT)]
+
+
+def test_agent_bounds_connections_without_a_request(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                                    alice: UnixUser) -> None:
+    agent = start_agent(extra_args=LIMITS)
+    client = agent.client(signer.issue(alice.name))
+    check_pending_limits(agent, LIMIT, "/v1/health", client.executions)
+
+
+def test_dev_agent_bounds_connections_without_a_request(start_agent) -> None:  # type: ignore[no-untyped-def]
+    agent = start_agent(pki=None, extra_args=LIMITS)
+    check_pending_limits(agent, LIMIT, "/v1/health", agent.client(None).health)
