@@ -24,7 +24,7 @@ from tornado.httputil import url_concat
 
 from . import protocol
 from .errors import (AgentUnreachable, AuthenticationError, MarcoError, PermissionDenied,
-                     ProtocolError, error_from_response)
+                     ProtocolError, TooManySockets, error_from_response)
 from .tls import ClientTls, describe_tls_error
 
 UPLOAD_CHUNK = 1024 * 1024
@@ -514,6 +514,8 @@ class AgentStream:
                 raise AuthenticationError(reason or "token refused")
             if code == protocol.CLOSE_FORBIDDEN:
                 raise PermissionDenied(reason or "forbidden")
+            if code == protocol.CLOSE_TOO_MANY_SOCKETS:
+                raise TooManySockets(reason or "too many sockets")
             if code not in (None, 1000, 1001, 1005):
                 raise MarcoError(f"stream closed by agent ({code}): {reason}")
             return None

@@ -57,6 +57,13 @@ def agent_options() -> list[Option]:
         Option("spool_max_bytes_per_user", 1024 ** 3, "output kept on disk per user; the "
                "oldest finished executions go first (bytes)", kind=int),
         Option("max_running_per_user", 64, "executions one user may run at once", kind=int),
+        Option("max_command_bytes", 256 * 1024, "largest command: argv or shell, env and cwd "
+               "together (bytes; more gets 413, send data as stdin or a file)", kind=int),
+        Option("max_sockets_per_user", 32, "WebSockets (/v1/stream) one user may hold open at "
+               "once (more are closed with 4429)", kind=int),
+        Option("max_socket_pending_bytes", 32 * 1024 * 1024, "bytes queued for one socket "
+               "before it counts as too slow and is closed with 4408 (it reconnects and replays)",
+               kind=int),
         Option("max_upload_bytes", 64 * 1024 ** 3, "largest file upload (bytes)", kind=int),
         Option("handshake_timeout", ConnectionLimits.handshake_timeout, "seconds a new "
                "connection has for its TLS handshake and first request's headers before it is "
@@ -102,6 +109,9 @@ class AgentConfig:
     spool_max_bytes: int
     spool_max_bytes_per_user: int
     max_running_per_user: int
+    max_command_bytes: int
+    max_sockets_per_user: int
+    max_socket_pending_bytes: int
     max_upload_bytes: int
     handshake_timeout: float
     max_pending_connections_per_address: int

@@ -80,6 +80,13 @@ class TooManyExecutions(MarcoError):
     code = "too_many_executions"
 
 
+class TooManySockets(MarcoError):
+    """Too many sockets of this user are open on this node."""
+
+    status = 429
+    code = "too_many_sockets"
+
+
 class ShuttingDown(MarcoError):
     """The agent is shutting down."""
 
@@ -115,7 +122,7 @@ _BY_CODE: dict[str, type[MarcoError]] = {
     cls.code: cls for cls in (BadRequest, AuthenticationError, TokenExpired, TokenRevoked,
                               PermissionDenied,
                               NotFound, Conflict, PayloadTooLarge, ShuttingDown,
-                              TooManyExecutions)
+                              TooManyExecutions, TooManySockets)
 }
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Protocol
 
 from . import protocol
-from .errors import BadRequest, ConfigError, NotFound, ShuttingDown, TooManyExecutions
+from .errors import (BadRequest, ConfigError, NotFound, PayloadTooLarge, ShuttingDown,
+                     TooManyExecutions)
 from .lines import LineSplitter
 from .spool import ExecutionSpool
 from .users import UserIdentity, UserResolver
@@ -46,6 +47,7 @@ ID_LENGTH = 32
 MAX_TIMEOUT = 366 * 24 * 3600
 CAPTURE_MAX = 256 * 1024 * 1024  # bytes of stdout (and of stderr) a `wait` caller gets back
 CENSORED = "(hidden: no_log)"  # what listings, records and the audit log show of a no_log command
+LISTED_COMMAND_CHARS = 1000  # commands longer than this are shortened in listings and `hello`
 
 
 class AuditSink(Protocol):
@@ -74,7 +76,9 @@ class ExecutionRequest:
     no_log: bool = False
 
     @classmethod
-    def from_json(cls, body: Any) -> "ExecutionRequest":
+    def from_json(cls, body: Any, max_command_bytes: int = 256 * 1024) -> "ExecutionRequest":
+        """Validate a request body; argv or shell, env and cwd together may take at most
+        `max_command_bytes` (they are kept in memory, in listings and on disk)."""
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object")
         argv, shell = body.get("argv"), body.get("shell")
@@ -113,6 +117,12 @@ class ExecutionRequest:
         no_log = body.get("no_log", False)
         if not isinstance(no_log, bool):
             raise BadRequest("'no_log' must be true or false")
+        size = sum(len(text.encode("utf-8", "surrogatepass")) + 1 for text in (
+            *(argv or []), shell or "", cwd or "", *(k + "=" + v for k, v in env.items())))
+        if size > max_command_bytes:
+            raise PayloadTooLarge(f"the command, its environment and cwd take {size} bytes; this "
+                                  f"node accepts at most {max_command_bytes} (send large data "
+                                  "as stdin or as a file)")
         return cls(argv, shell, cwd, env, stdin, label, timeout, no_log)
 
     @property
@@ -186,9 +196,16 @@ class Execution:
         end = self.ended if self.ended is not None else (time.time() if self.running else None)
         return None if end is None else round(end - self.started, 6)
 
-    def summary(self) -> dict[str, Any]:
-        """The JSON shape of an execution in listings and meta.json."""
-        return {"id": self.id, "user": self.user, "label": self.label, "command": self.command,
+    def summary(self, short: bool = False) -> dict[str, Any]:
+        """The JSON shape of an execution in meta.json and `GET /v1/executions/{id}`; `short`
+        (listings, `hello`) cuts a long command to LISTED_COMMAND_CHARS, so many sockets of
+        a user holding many executions hold little (`command_shortened` says so)."""
+        command = self.command
+        shortened = short and _length(command) > LISTED_COMMAND_CHARS
+        if shortened:
+            command = _short(command, LISTED_COMMAND_CHARS)
+        return {"id": self.id, "user": self.user, "label": self.label, "command": command,
+                "command_shortened": shortened,
                 "cwd": self.cwd, "started": self.started, "ended": self.ended,
                 "state": self.state, "rc": self.rc, "signal": self.signal,
                 "duration": self.duration, "timed_out": self.timed_out,
@@ -569,6 +586,10 @@ def check_private_dir(directory: Path) -> None:
                           f"not to the agent (uid {os.geteuid()})")
     if info.st_mode & 0o077:
         os.chmod(directory, 0o700, follow_symlinks=False)
+
+
+def _length(command: list[str] | str) -> int:
+    return len(command) if isinstance(command, str) else sum(len(a) + 1 for a in command)
 
 
 def _short(command: list[str] | str, limit: int = 200) -> str:

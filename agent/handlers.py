@@ -19,8 +19,8 @@ from .context import AgentContext
 from .errors import (AuthenticationError, BadRequest, Conflict, MarcoError, NotFound,
                      PayloadTooLarge, PermissionDenied)
 from .executions import Execution, ExecutionRequest
-from .jsonapi import JsonApiMixin
 from .files import FileReader, FileWriter, parse_mode, validate_path
+from .jsonapi import JsonApiMixin
 from .users import UserIdentity
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ class ExecutionsHandler(ApiHandler):
 
     def get(self) -> None:
         user = self.authenticate()
-        self.write_json({"executions": [e.summary() for e in self.ctx.executions.list(user.name)]})
+        self.write_json({"executions": [e.summary(short=True)
+                                        for e in self.ctx.executions.list(user.name)]})
 
     async def post(self) -> None:
         user = self.authenticate()
@@ -103,7 +104,7 @@ class ExecutionsHandler(ApiHandler):
             body = protocol.decode(self.request.body or b"null")
         except ValueError:
             raise BadRequest("body is not valid JSON") from None
-        request = ExecutionRequest.from_json(body)
+        request = ExecutionRequest.from_json(body, self.ctx.config.max_command_bytes)
         wait = self.bool_argument("wait", False)
         execution = await self.ctx.executions.start(user, request, capture=wait)
         if not wait:
@@ -148,7 +149,7 @@ class ExecutionHandler(ApiHandler):
 
     def delete(self, execution_id: str) -> None:
         user = self.authenticate()
-        self.write_json(self.ctx.executions.stop(user.name, execution_id).summary(), 202)
+        self.write_json(self.ctx.executions.stop(user.name, execution_id).summary(short=True), 202)
 
 
 class OutputHandler(ApiHandler):
@@ -161,7 +162,8 @@ class OutputHandler(ApiHandler):
         execution, events = self.ctx.executions.read_output(user.name, execution_id, since, limit,
                                                             MAX_REPLAY_BYTES)
         next_seq = events[-1]["seq"] + len(events[-1]["lines"]) if events else since
-        self.write_json({"execution": execution.summary(), "events": events, "next": next_seq,
+        self.write_json({"execution": execution.summary(short=True), "events": events,
+                         "next": next_seq,
                          "truncated_seq": execution.spool.truncated_seq})
 
 

@@ -1,9 +1,10 @@
 """The per-user WebSocket /v1/stream: live events of the user's executions, status, replay.
 
 The first client message must be ``{"type": "auth", "token": ...}``; until then nothing is
-sent. A bad, expired or missing token closes the socket with 4401. Every later message that
-acts re-checks the token's age. Sending never blocks: a socket that falls more than
-`MAX_PENDING_BYTES` behind is closed with 4408 and can reconnect and replay from its last seq.
+sent. A bad, expired or missing token closes the socket with 4401; a user who already has
+`max_sockets_per_user` sockets open gets 4429. Every later message that acts re-checks the
+token's age. Sending never blocks: a socket whose queue would pass `max_socket_pending_bytes`
+with the next message is closed with 4408 and can reconnect and replay from its last seq.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from .users import UserIdentity
 log = logging.getLogger(__name__)
 
 AUTH_TIMEOUT = 10.0
-MAX_PENDING_BYTES = 32 * 1024 * 1024
 REPLAY_BYTES = 4 * 1024 * 1024  # per replay request; the client asks again from `next`
 
 
@@ -98,9 +98,14 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         expires_in = self.ctx.signer.expires_at(token) - time.time()  # type: ignore[arg-type]
         self._auth_timer = asyncio.get_running_loop().call_later(
             max(expires_in, 0), self.close, protocol.CLOSE_UNAUTHORIZED, "token expired")
+        open_sockets, cap = self.ctx.hub.count(user.name), self.ctx.config.max_sockets_per_user
+        if open_sockets >= cap:
+            self.close(protocol.CLOSE_TOO_MANY_SOCKETS,
+                       f"{open_sockets} of your sockets are open here (the limit is {cap})")
+            return
         self.user, self.token = user, token  # type: ignore[assignment]
         self.ctx.hub.add(user.name, self)
-        executions = [e.summary() for e in self.ctx.executions.list(user.name)]
+        executions = [e.summary(short=True) for e in self.ctx.executions.list(user.name)]
         self.send(protocol.encode({"type": "hello", "user": user.name,
                                    "node": self.ctx.config.node_name,
                                    "proto": protocol.PROTOCOL_VERSION,
@@ -147,7 +152,7 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         next_seq = events[-1]["seq"] + len(events[-1]["lines"]) if events else since
         self.send(protocol.encode({"type": "replayed", "id": execution_id, "next": next_seq,
                                    "complete": next_seq >= execution.next_seq,
-                                   "execution": execution.summary()}))
+                                   "execution": execution.summary(short=True)}))
 
     def revoke(self) -> None:
         """Its user logged out everywhere: close if this socket's token is now refused."""
@@ -161,9 +166,11 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         """Queue one message without blocking; close the socket when it falls too far behind."""
         if self.closed:
             return
-        if self.pending_bytes > MAX_PENDING_BYTES:
-            log.warning("closing a slow socket of %s (%d bytes pending)",
-                        self.user.name if self.user else "?", self.pending_bytes)
+        size = len(message)
+        if self.pending_bytes + size > self.ctx.config.max_socket_pending_bytes:
+            # Counted with the message being added: one huge message cannot overshoot the bound.
+            log.warning("closing a slow socket of %s (%d bytes pending, %d more to send)",
+                        self.user.name if self.user else "?", self.pending_bytes, size)
             self.close(protocol.CLOSE_SLOW_CONSUMER, "too slow: reconnect and replay from seq")
             self._forget()
             return
@@ -172,7 +179,6 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         except tornado.websocket.WebSocketClosedError:
             self._forget()
             return
-        size = len(message)
         self.pending_bytes += size
         future.add_done_callback(lambda f, size=size: self._written(f, size))
 

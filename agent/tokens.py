@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import Callable, Sequence
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadData, BadSignature, SignatureExpired, URLSafeTimedSerializer
 from itsdangerous.encoding import base64_decode, base64_encode
 
 from .errors import AuthenticationError, ConfigError, TokenExpired, TokenRevoked
@@ -87,7 +87,7 @@ def is_canonical(token: str) -> bool:
     try:
         return all(base64_encode(base64_decode(part)).decode("ascii") == part
                    for part in parts)
-    except (BadSignature, UnicodeError, ValueError):
+    except (BadData, UnicodeError, ValueError):  # not base64 at all
         return False
 
 

@@ -5,50 +5,13 @@ from __future__ import annotations
 import os
 import pwd
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import PermissionDenied
+from .shells import LoginShells
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-SHELLS_FILE = "/etc/shells"
-NO_LOGIN_SHELLS = frozenset({"nologin", "false"})  # by basename, whatever /etc/shells says
-
-
-class LoginShells:
-    """Which accounts may use Marco at all: those whose shell is a login shell.
-
-    Marco gives whoever logs in a shell on every node, so an account an admin closed with
-    `/usr/sbin/nologin` or `/bin/false` must not get one through Marco either. A login shell
-    is one listed in `allowed` when the admin set that list, else one listed in /etc/shells
-    (read once at start); `nologin` and `false` never are.
-    """
-
-    def __init__(self, allowed: Sequence[str] = (), shells_file: str = SHELLS_FILE) -> None:
-        self.allowed = frozenset(allowed) if allowed else _read_shells(Path(shells_file))
-
-    def permits(self, shell: str) -> bool:
-        if not shell or os.path.basename(shell) in NO_LOGIN_SHELLS:
-            return False
-        return self.allowed is None or shell in self.allowed
-
-    def check(self, username: str, shell: str) -> None:
-        """Raise PermissionDenied (with the reason) unless `shell` is a login shell."""
-        if not self.permits(shell):
-            raise PermissionDenied(
-                f"account {username!r} has no login shell ({shell or 'none'}), so it may not "
-                "use Marco; an admin can allow that shell with the login_shells setting")
-
-
-def _read_shells(path: Path) -> frozenset[str] | None:
-    """The shells /etc/shells lists, or None (only nologin and false refused) without one."""
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return None
-    return frozenset(line.strip() for line in lines
-                     if line.strip() and not line.lstrip().startswith("#"))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ class SessionApi(ApiHandler):
     def get(self) -> None:
         user = self.require_user()
         self.set_header("Cache-Control", "no-store")
-        self.write_json({"user": user, "expires": self.ctx.signer.expires_at(self.token())})
+        token = self.token()
+        assert token is not None  # require_user verified it
+        self.write_json({"user": user, "expires": self.ctx.signer.expires_at(token)})
 
 
 class TokenApi(ApiHandler):

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pam
 
 from agent.errors import AuthenticationError, ConfigError, MarcoError
-from agent.users import LoginShells
+from agent.shells import LoginShells
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from agent.errors import ConfigError
 from agent.revocations import DeniedTokens, Revocations
+from agent.shells import LoginShells
 from agent.tls import ClientTls, ServerTlsFiles
 from agent.tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner
-from agent.users import LoginShells
 
 from .auth import LoginRateLimiter, PamAuthenticator
 from .config import ControllerConfig

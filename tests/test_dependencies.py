@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 AGENT_PUBLIC = {"agent", "agent.protocol", "agent.tokens", "agent.client", "agent.errors",
                 "agent.settings", "agent.jsonapi", "agent.serving", "agent.revocations",
-                "agent.tls", "agent.chunks", "agent.atomic"}
+                "agent.tls", "agent.chunks", "agent.atomic", "agent.shells"}
 ZEROCONF_USERS = {"agent/announce.py", "controller/discovery.py"}
 
 

@@ -138,10 +138,19 @@ def test_http_api_fuzz(fuzz_agent: AgentProcess, signer: TokenSigner, alice: Uni
             raw = token.encode("utf-8").decode("latin-1")
             headers["Authorization"] = "Bearer " + "".join(c for c in raw if c not in "\r\n\0")
         target = path + ("&" if "?" in path else "?") + urlencode(params) if params else path
-        status, data, kind = connection.request(method, target, body, headers)
+        malformed = any(ord(c) < 32 or ord(c) == 127 for c in headers.get("Authorization", ""))
+        try:
+            status, data, kind = connection.request(method, target, body, headers)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                ssl.SSLEOFError):
+            if not malformed:
+                raise
+            # Tornado answers malformed HTTP with a bare 400 and hangs up; with a request body
+            # left unread, the hang-up can be a reset that overtakes the 400.
+            seen["cases"] += 1
+            return
         seen["cases"] += 1
         assert status < 500 or status == 503, (method, target, body, status, data[:300])
-        malformed = any(ord(c) < 32 or ord(c) == 127 for c in headers.get("Authorization", ""))
         if status >= 400 and not malformed:  # (tornado answers bad HTTP with a bare 400)
             assert "json" in kind and "error" in json.loads(data), (status, data[:200])
         if not valid and 200 <= status < 300 and not path.startswith("/v1/health"):

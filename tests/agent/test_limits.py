@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import pytest
@@ -58,3 +59,105 @@ def _exists(client: AgentClient, execution_id: str) -> bool:
         return True
     except NotFound:
         return False
+
+
+def test_command_size_is_capped(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+    """argv, shell, env and cwd are held in memory, listings and meta.json: capped, with 413."""
+    agent = start_agent(extra_args=["--max-command-bytes", "10000"])
+    client = agent.client(signer.issue(alice.name))
+    assert client.run(["echo", "x" * 9000]).rc == 0
+    for too_big in (dict(command=["echo", "x" * 20_000]), dict(command="echo " + "y" * 20_000),
+                    dict(command=["true"], env={"BIG": "z" * 20_000})):
+        with pytest.raises(PayloadTooLarge, match="at most 10000"):
+            client.run(**too_big)  # type: ignore[arg-type]
+    assert [e for e in client.executions() if "y" * 100 in str(e["command"])] == []
+
+
+def test_listings_and_hello_shorten_long_commands(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                                  alice: UnixUser) -> None:
+    """Every socket's `hello` carries every kept execution: long commands go out shortened
+    there and in listings, whole on request."""
+    import asyncio
+    agent = start_agent()
+    token = signer.issue(alice.name)
+    client = agent.client(token)
+    long = "echo " + "w" * 100_000
+    execution = client.run(long).id
+    listed = next(e for e in client.executions() if e["id"] == execution)
+    assert listed["command_shortened"] is True and len(listed["command"]) <= 1001
+    assert client.execution(execution)["command"] == long  # the whole command on request
+
+    async def hello() -> dict:  # type: ignore[type-arg]
+        stream = agent.async_client(token).stream()
+        try:
+            return await stream.connect()
+        finally:
+            stream.close()
+    greeting = asyncio.run(hello())
+    shown = next(e for e in greeting["executions"] if e["id"] == execution)
+    assert shown["command_shortened"] is True and len(shown["command"]) <= 1001
+    assert len(json.dumps(greeting)) < 10_000
+
+
+def test_sockets_per_user_are_capped(start_agent, signer: TokenSigner, alice: UnixUser,  # type: ignore[no-untyped-def]
+                                     bob: UnixUser) -> None:
+    import asyncio
+
+    from agent.errors import TooManySockets
+    agent = start_agent(extra_args=["--max-sockets-per-user", "3"])
+
+    async def scenario() -> None:
+        alices = [agent.async_client(signer.issue(alice.name)).stream() for _ in range(4)]
+        for stream in alices[:3]:
+            await stream.connect()
+        with pytest.raises(TooManySockets, match="limit is 3"):
+            await alices[3].connect()
+        bobs = agent.async_client(signer.issue(bob.name)).stream()
+        await bobs.connect()  # per user
+        alices[0].close()
+        async def reconnect() -> bool:
+            try:
+                await agent.async_client(signer.issue(alice.name)).stream().connect()
+                return True
+            except TooManySockets:
+                await asyncio.sleep(0.1)
+                return False
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await reconnect():  # a closed socket frees its place
+            assert asyncio.get_running_loop().time() < deadline
+        for stream in [*alices, bobs]:
+            stream.close()
+    asyncio.run(scenario())
+
+
+def test_slow_consumer_bound_counts_the_message_being_added(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                                            alice: UnixUser) -> None:
+    """A message larger than the socket's bound is not queued on top of an empty queue: the
+    socket is closed (4408) and the client replays instead."""
+    import asyncio
+
+    from agent.errors import MarcoError
+    from agent.protocol import CLOSE_SLOW_CONSUMER
+    agent = start_agent(extra_args=["--max-socket-pending-bytes", "8192"])
+    token = signer.issue(alice.name)
+
+    async def scenario() -> tuple[int | None, list[str]]:
+        stream = agent.async_client(token).stream()
+        await stream.connect()
+        client = agent.async_client(token)
+        small = await client.start("echo small")
+        kinds = []
+        while True:  # the positive event first: small messages pass
+            event = await asyncio.wait_for(stream.read(), 20)
+            assert event is not None
+            kinds.append(event["type"])
+            if event["type"] == "exit" and event["id"] == small:
+                break
+        big = await client.start("head -c 50000 /dev/zero | tr '\\0' a; echo")
+        with pytest.raises(MarcoError, match="4408"):
+            while (event := await asyncio.wait_for(stream.read(), 20)) is not None:
+                kinds.append(event["type"] + (" big" if event["id"] == big else ""))
+        return stream.close_code, kinds
+    code, kinds = asyncio.run(scenario())
+    assert code == CLOSE_SLOW_CONSUMER and "output" in kinds
+    assert "output big" not in kinds  # never queued: the socket closed instead

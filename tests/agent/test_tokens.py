@@ -72,6 +72,8 @@ def test_round_trip_and_format() -> None:
     lambda: wrong_salt_token(SECRET, "alice"),
     lambda: "",
     lambda: "not.a.token",
+    lambda: "0",                                              # not base64 at all
+    lambda: "a.b",
 ])
 def test_refused_tokens(make) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(AuthenticationError):
