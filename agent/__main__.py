@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -108,6 +109,7 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
     ctx.revocations.load()
     ctx.denied.load()
     ctx.audit.open()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, ctx.audit.reopen)  # logrotate
     tls = config.tls_files()
     server = listen(make_app(ctx), config.port, config.bind, config.connection_limits(),
                     xheaders=False, chunk_size=BODY_CHUNK,

@@ -54,8 +54,9 @@ def agent_options() -> list[Option]:
         Option("retention_count", 200, "finished executions kept per user", kind=int),
         Option("spool_max_bytes", 64 * 1024 * 1024, "output kept on disk per execution (bytes)",
                kind=int),
-        Option("spool_max_bytes_per_user", 1024 ** 3, "output kept on disk per user; the "
-               "oldest finished executions go first (bytes)", kind=int),
+        Option("spool_max_bytes_per_user", 1024 ** 3, "disk one user's executions may use: "
+               "output spools, their records and ?wait=1 captures, running ones included; the "
+               "oldest finished executions go first, then new ones get 507 (bytes)", kind=int),
         Option("max_running_per_user", 64, "executions one user may run at once", kind=int),
         Option("max_command_bytes", 256 * 1024, "largest command: argv or shell, env and cwd "
                "together (bytes; more gets 413, send data as stdin or a file)", kind=int),
@@ -80,6 +81,11 @@ def agent_options() -> list[Option]:
                repeatable=True, metavar="URL"),
         Option("audit_log", "", "audit log file (JSON lines, 0600; default STATE_DIR/audit.log)",
                metavar="PATH"),
+        Option("audit_max_bytes", 64 * 1024 * 1024, "size at which the audit log is rotated to "
+               "AUDIT_LOG.1 (0: never; reopen it with SIGHUP after an external logrotate)",
+               kind=int),
+        Option("audit_backups", 4, "rotated audit logs kept (AUDIT_LOG.1 is the newest)",
+               kind=int),
         Option("helper_python", default_helper_python(),
                "Python used to run file operations as the user", metavar="PATH"),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
@@ -119,6 +125,8 @@ class AgentConfig:
     login_shells: list[str]
     allowed_origins: list[str]
     audit_log: str
+    audit_max_bytes: int
+    audit_backups: int
     helper_python: str
     log_level: str
 

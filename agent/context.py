@@ -47,7 +47,7 @@ class AgentContext:
         resolver = UserResolver(shells=LoginShells(config.login_shells))
         hub = StreamHub()
         audit = AuditLog(Path(config.audit_log or config.state_path / "audit.log"),
-                         config.node_name)
+                         config.node_name, config.audit_max_bytes, config.audit_backups)
         executions = ExecutionManager(
             resolver, hub, config.state_path, spool_max_bytes=config.spool_max_bytes,
             stop_grace=config.stop_grace, retention=config.retention,

@@ -87,6 +87,19 @@ class TooManySockets(MarcoError):
     code = "too_many_sockets"
 
 
+class InsufficientStorage(MarcoError):
+    """No space left on the node's disk."""
+
+    status = 507
+    code = "no_space"
+
+
+class DiskBudgetExhausted(InsufficientStorage):
+    """This user's disk budget on this node is used up."""
+
+    code = "disk_budget"
+
+
 class ShuttingDown(MarcoError):
     """The agent is shutting down."""
 
@@ -116,13 +129,14 @@ class ConfigError(MarcoError):
 
 _BY_STATUS: dict[int, type[MarcoError]] = {
     400: BadRequest, 401: AuthenticationError, 403: PermissionDenied, 404: NotFound,
-    409: Conflict, 413: PayloadTooLarge, 429: TooManyExecutions,
+    409: Conflict, 413: PayloadTooLarge, 429: TooManyExecutions, 507: InsufficientStorage,
 }
 _BY_CODE: dict[str, type[MarcoError]] = {
     cls.code: cls for cls in (BadRequest, AuthenticationError, TokenExpired, TokenRevoked,
                               PermissionDenied,
                               NotFound, Conflict, PayloadTooLarge, ShuttingDown,
-                              TooManyExecutions, TooManySockets)
+                              TooManyExecutions, TooManySockets, InsufficientStorage,
+                              DiskBudgetExhausted)
 }
 
 

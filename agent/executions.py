@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Protocol
 
 from . import protocol
-from .errors import (BadRequest, ConfigError, NotFound, PayloadTooLarge, ShuttingDown,
-                     TooManyExecutions)
+from .budget import Account, DiskBudget
+from .errors import (BadRequest, ConfigError, DiskBudgetExhausted, NotFound, PayloadTooLarge,
+                     ShuttingDown, TooManyExecutions)
 from .lines import LineSplitter
 from .spool import ExecutionSpool
 from .users import UserIdentity, UserResolver
@@ -133,8 +134,10 @@ class ExecutionRequest:
 class OutputCapture:
     """The raw bytes of stdout and stderr, for `?wait=1` callers (spills to disk when large)."""
 
-    def __init__(self, tmp_dir: Path, limit: int = CAPTURE_MAX) -> None:
+    def __init__(self, tmp_dir: Path, limit: int = CAPTURE_MAX,
+                 account: Account | None = None) -> None:
         self.limit = limit
+        self.account = account  # the owner's disk budget: a capture may spill to disk
         self.streams: dict[int, BinaryIO] = {
             fd: tempfile.SpooledTemporaryFile(max_size=CAPTURE_MEMORY, dir=tmp_dir)  # type: ignore[misc]
             for fd in (STDOUT, STDERR)}
@@ -147,6 +150,9 @@ class OutputCapture:
         if len(data) > room:
             self.truncated[fd] = True
             data = data[:max(room, 0)]
+        if data and self.account is not None and not self.account.try_charge(len(data)):
+            self.truncated[fd] = True
+            data = b""
         if data:
             self.streams[fd].write(data)
             self.sizes[fd] += len(data)
@@ -154,6 +160,9 @@ class OutputCapture:
     def close(self) -> None:
         for stream in self.streams.values():
             stream.close()
+        if self.account is not None:
+            self.account.release(sum(self.sizes.values()))
+            self.account = None
 
 
 @dataclass
@@ -334,7 +343,9 @@ class ExecutionManager:
         self.closing = False
         self.audit = audit
         self.max_running_per_user = max_running_per_user
-        self.spool_max_bytes_per_user = spool_max_bytes_per_user
+        # Everything a user makes this agent write (spools, meta.json, captures) counts here;
+        # when full, that user's oldest finished executions go first.
+        self.budget = DiskBudget(spool_max_bytes_per_user, self._make_room)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -354,7 +365,8 @@ class ExecutionManager:
             except (OSError, ValueError):
                 log.warning("ignoring unreadable execution record %s", directory)
                 continue
-            spool = ExecutionSpool.open_existing(directory, self.spool_max_bytes)
+            spool = ExecutionSpool.open_existing(directory, self.spool_max_bytes,
+                                                 self.budget.account(meta["user"]))
             spool.truncated_seq = meta.get("truncated_seq")
             execution = Execution(meta["id"], meta["user"], meta["label"], meta["command"],
                                   meta["cwd"], meta["started"], spool, self.sink,
@@ -414,16 +426,25 @@ class ExecutionManager:
         if running >= self.max_running_per_user:
             raise TooManyExecutions(f"{running} of your executions are running on this node "
                                     f"(the limit is {self.max_running_per_user}); stop some or wait")
+        while self.budget.exhausted(user.name):
+            if not self._make_room(user.name):
+                raise DiskBudgetExhausted(
+                    f"your output on this node takes {self.budget.used(user.name)} bytes, all of "
+                    f"your disk budget (spool_max_bytes_per_user = {self.budget.limit}); stop "
+                    "or wait for your running executions, whose output fills it")
         execution_id = secrets.token_hex(ID_LENGTH // 2)
         cwd = user.expand(request.cwd) if request.cwd else user.home
-        spool = ExecutionSpool.create(self.spool_root / execution_id, self.spool_max_bytes)
+        account = self.budget.account(user.name)
+        spool = ExecutionSpool.create(self.spool_root / execution_id, self.spool_max_bytes,
+                                      account)
         loop = asyncio.get_running_loop()
         # A no_log command (an Ansible task marked no_log) may carry secrets in its arguments:
         # it is kept nowhere, and its output reaches only the `wait` caller.
         command = CENSORED if request.no_log else request.command
         execution = Execution(execution_id, user.name, request.label, command, cwd,
                               time.time(), spool, self.sink,
-                              capture=OutputCapture(self.tmp_dir) if capture else None,
+                              capture=OutputCapture(self.tmp_dir, account=account)
+                              if capture else None,
                               done=loop.create_future(), no_log=request.no_log)
         argv = request.argv if request.argv is not None else ["/bin/sh", "-c", request.shell]
         env = user.clean_environment()
@@ -461,31 +482,34 @@ class ExecutionManager:
 
     def expire(self) -> None:
         """Forget finished executions older than the retention time, beyond the count, or
-        (oldest first) beyond the user's spool budget. Running executions are never dropped:
-        their own spool is bounded by `spool_max_bytes` and says where it was truncated."""
+        (oldest first) beyond the user's disk budget. Running executions are never dropped:
+        their spool stops storing (and says where) when the budget or `spool_max_bytes` is
+        reached, and the user's new executions are refused until there is room."""
         now = time.time()
         by_user: dict[str, list[Execution]] = {}
         for execution in self._executions.values():
             by_user.setdefault(execution.user, []).append(execution)
-        for executions in by_user.values():
-            used = sum(e.spool.size for e in executions)
+        for user, executions in by_user.items():
             finished = sorted((e for e in executions if not e.running),
                               key=lambda e: e.ended or e.started, reverse=True)
             for rank, execution in enumerate(finished):
                 too_old = now - (execution.ended or now) > self.retention
                 if rank >= self.retention_count or too_old:
-                    used -= self._forget(execution)
-            for execution in reversed(finished):  # oldest first
-                if used <= self.spool_max_bytes_per_user:
-                    break
-                if execution.id in self._executions:
-                    used -= self._forget(execution)
+                    self._forget(execution)
+            while self.budget.used(user) > self.budget.limit and self._make_room(user):
+                pass
 
-    def _forget(self, execution: Execution) -> int:
-        size = execution.spool.size
+    def _make_room(self, user: str) -> bool:
+        """Forget the user's oldest finished execution; False when none is left."""
+        finished = [e for e in self._executions.values() if e.user == user and not e.running]
+        if not finished:
+            return False
+        self._forget(min(finished, key=lambda e: e.ended or e.started))
+        return True
+
+    def _forget(self, execution: Execution) -> None:
         del self._executions[execution.id]
         execution.spool.remove()
-        return size
 
     # -- internals ----------------------------------------------------------------------------
 

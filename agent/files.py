@@ -16,7 +16,8 @@ import struct
 from importlib import resources
 from typing import Any, AsyncIterator
 
-from .errors import BadRequest, Conflict, MarcoError, NotFound, PermissionDenied
+from .errors import (BadRequest, Conflict, InsufficientStorage, MarcoError, NotFound,
+                     PermissionDenied)
 from .users import UserIdentity, UserResolver
 
 READ_CHUNK = 256 * 1024
@@ -24,13 +25,6 @@ PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _STATUS_ERRORS: dict[int, type[MarcoError]] = {
     400: BadRequest, 403: PermissionDenied, 404: NotFound, 409: Conflict}
-
-
-class InsufficientStorage(MarcoError):
-    """No space left on the node's disk."""
-
-    status = 507
-    code = "no_space"
 
 
 def validate_path(user: UserIdentity, raw: str | None) -> str:

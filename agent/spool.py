@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .budget import Account
+
 META_FILE = "meta.json"
 OUTPUT_FILE = "output.jsonl"
 
@@ -22,10 +24,13 @@ OUTPUT_FILE = "output.jsonl"
 class ExecutionSpool:
     """Appends output events of one execution and reads them back from a seq."""
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, account: Account | None = None) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.truncated_seq: int | None = None
+        # The owner's disk budget: output the budget refuses is cut like output past max_bytes.
+        self.account = account
+        self._meta_size = 0
         self._size = 0
         self._fd: int | None = None
         self._starts: list[int] = []    # first seq of each stored event
@@ -33,21 +38,31 @@ class ExecutionSpool:
         self._indexed = False
 
     @classmethod
-    def create(cls, directory: Path, max_bytes: int) -> "ExecutionSpool":
+    def create(cls, directory: Path, max_bytes: int,
+               account: Account | None = None) -> "ExecutionSpool":
         directory.mkdir(mode=0o700, parents=True)
-        spool = cls(directory, max_bytes)
+        spool = cls(directory, max_bytes, account)
         spool._fd = os.open(directory / OUTPUT_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         spool._indexed = True
         return spool
 
     @classmethod
-    def open_existing(cls, directory: Path, max_bytes: int) -> "ExecutionSpool":
-        """A finished execution's spool found on disk at start-up (indexed on first read)."""
-        spool = cls(directory, max_bytes)
-        try:
-            spool._size = (directory / OUTPUT_FILE).stat().st_size
-        except FileNotFoundError:
-            spool._size = 0
+    def open_existing(cls, directory: Path, max_bytes: int,
+                      account: Account | None = None) -> "ExecutionSpool":
+        """A finished execution's spool found on disk at start-up (indexed on first read),
+        charged to its owner's budget."""
+        spool = cls(directory, max_bytes, account)
+        for name in (OUTPUT_FILE, META_FILE):
+            try:
+                size = (directory / name).stat().st_size
+            except FileNotFoundError:
+                size = 0
+            if name == OUTPUT_FILE:
+                spool._size = size
+            else:
+                spool._meta_size = size
+        if account is not None:
+            account.charge(spool.disk_bytes)
         return spool
 
     def append(self, encoded_event: str, first_seq: int, line_count: int) -> None:
@@ -55,7 +70,8 @@ class ExecutionSpool:
         if self.truncated_seq is not None or self._fd is None:
             return
         data = (encoded_event + "\n").encode("utf-8")
-        if self._size + len(data) > self.max_bytes:
+        if self._size + len(data) > self.max_bytes or (
+                self.account is not None and not self.account.try_charge(len(data))):
             self.truncated_seq = first_seq
             return
         try:
@@ -65,6 +81,8 @@ class ExecutionSpool:
         if written != len(data):
             # Disk full or similar: keep the execution going, stop storing, say where, and
             # cut a torn last line so the record stays readable.
+            if self.account is not None:
+                self.account.release(len(data))
             self.truncated_seq = first_seq
             try:
                 os.ftruncate(self._fd, self._size)
@@ -80,17 +98,27 @@ class ExecutionSpool:
         """Bytes of output stored."""
         return self._size
 
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes on disk: output and meta.json."""
+        return self._size + self._meta_size
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        """Replace meta.json atomically."""
+        """Replace meta.json atomically (charged to the owner's budget: commands are capped,
+        so it is small, and always written)."""
+        data = json.dumps(meta).encode("utf-8")
         tmp = self.directory / (META_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(meta, handle)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, self.directory / META_FILE)
+        if self.account is not None:
+            self.account.charge(len(data) - self._meta_size)
+        self._meta_size = len(data)
 
     @staticmethod
     def read_meta(directory: Path) -> dict[str, Any]:
@@ -146,3 +174,6 @@ class ExecutionSpool:
     def remove(self) -> None:
         self.close()
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self.account is not None:
+            self.account.release(self.disk_bytes)
+        self._size = self._meta_size = 0

@@ -161,3 +161,51 @@ def test_slow_consumer_bound_counts_the_message_being_added(start_agent, signer:
     code, kinds = asyncio.run(scenario())
     assert code == CLOSE_SLOW_CONSUMER and "output" in kinds
     assert "output big" not in kinds  # never queued: the socket closed instead
+
+
+def test_wait_captures_and_running_spools_count_in_the_user_budget(  # type: ignore[no-untyped-def]
+        start_agent, signer: TokenSigner, alice: UnixUser, bob: UnixUser) -> None:
+    """`?wait=1` captures (unlinked temp files `du` does not see) and the spools of running
+    executions are the user's disk too: bounded by the budget, then 507 instead of a full
+    disk; other users are not touched."""
+    from agent.errors import InsufficientStorage
+    agent = start_agent(extra_args=["--spool-max-bytes-per-user", "1000000"])
+    alices = agent.client(signer.issue(alice.name))
+    big = alices.run("head -c 3000000 /dev/zero | tr '\\0' a; echo")
+    assert big.stdout_truncated and 0 < len(big.stdout) < 1_000_000, len(big.stdout)
+    # A running execution that filled the budget: its spool stops storing (and says where) ...
+    flood = alices.start("seq 1 400000; sleep 60")
+    wait_for(lambda: alices.execution(flood)["truncated_seq"] is not None,
+             what="the running execution's spool to reach the budget")
+    # ... and the user's next execution is refused with a clear reason, nothing written.
+    with pytest.raises(InsufficientStorage, match="disk budget"):
+        alices.start(["true"])
+    assert agent.client(signer.issue(bob.name)).run(["true"]).rc == 0  # per user
+    alices.stop(flood)
+    wait_for(lambda: alices.execution(flood)["state"] != "running", what="stop")
+    assert alices.run(["true"]).rc == 0  # the finished flood makes room
+    spools = sum(f.stat().st_size for f in (agent.state_dir / "executions").rglob("*")
+                 if f.is_file())
+    assert spools <= 1_000_000 + 64 * 1024, spools
+
+
+def test_audit_log_rotates_and_reopens_on_sighup(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                                 alice: UnixUser) -> None:
+    import signal
+    agent = start_agent(extra_args=["--audit-max-bytes", "20000", "--audit-backups", "2"])
+    client = agent.client(signer.issue(alice.name))
+    for index in range(60):
+        client.run(["echo", f"{index:03d}" + "x" * 600])
+    audit = agent.state_dir / "audit.log"
+    rotated = sorted(p.name for p in agent.state_dir.glob("audit.log.*"))
+    assert rotated == ["audit.log.1", "audit.log.2"], rotated
+    assert all(p.stat().st_size < 20000 + 2000 for p in agent.state_dir.glob("audit.log*"))
+    assert "059" + "x" * 600 in audit.read_text()  # the newest events in the live file
+    # logrotate's way: rename, then SIGHUP; the agent writes to a new file at the old path.
+    moved = agent.state_dir / "audit.log.logrotate"
+    audit.rename(moved)
+    agent.process.send_signal(signal.SIGHUP)
+    wait_for(audit.exists, what="the agent to reopen its audit log")
+    client.run(["echo", "after-hup"])
+    assert "after-hup" in audit.read_text() and "after-hup" not in moved.read_text()
+    assert agent.process.poll() is None and (audit.stat().st_mode & 0o777) == 0o600
