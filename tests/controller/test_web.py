@@ -213,3 +213,33 @@ def test_dev_mode_page_goes_through_the_relay(browser, start_agent, start_contro
     expect(pane(page, name).locator(".line.stdout", has_text="direct-42")).to_be_visible(
         timeout=TIMEOUT_MS)
     page.close()
+
+
+def test_no_log_execution_shows_that_its_output_is_hidden(browser, start_agent, start_controller,  # type: ignore[no-untyped-def]
+                                                          signer, alice: UnixUser,
+                                                          unique_name) -> None:
+    """What an Ansible `no_log` task runs reaches the page as a block that says its output is
+    hidden: no line, no command text."""
+    name = unique_name("nolog")
+    agent = start_agent(node_name=name)
+    controller = start_controller(extra_args=["--no-discovery", "--node",
+                                              f"{name}={agent.host}:{agent.port}"])
+    page = browser.new_page()
+    log_in(page, controller, alice)
+    expect(pane(page, name).locator(".link-state")).to_have_text(LIVE, timeout=TIMEOUT_MS)
+    client = agent.client(signer.issue(alice.name))
+    assert client.run("echo hidden-s3cret", label="secret task", no_log=True).stdout == \
+        b"hidden-s3cret\n"
+    client.run("echo shown-line", label="plain task")
+    plain = pane(page, name).locator(".execution", has_text="plain task")
+    expect(plain.locator(".line.stdout", has_text="shown-line")).to_be_visible(timeout=TIMEOUT_MS)
+    secret = pane(page, name).locator(".execution", has_text="secret task")
+    expect(secret.locator(".line.notice")).to_have_text("output hidden: no_log")
+    expect(secret.locator(".exec-command")).to_have_text("(hidden: no_log)")
+    assert "hidden-s3cret" not in page.content()
+    page.reload()  # the replay after a reload hides it the same way
+    secret = pane(page, name).locator(".execution", has_text="secret task")
+    expect(secret.locator(".line.notice")).to_have_text("output hidden: no_log",
+                                                        timeout=TIMEOUT_MS)
+    assert "hidden-s3cret" not in page.content()
+    page.close()
