@@ -147,6 +147,7 @@ def test_plain_logout_voids_that_token_only(start_agent, start_controller,  # ty
     assert status == 401
     assert agent.client(other).run(["true"]).rc == 0  # only that token
     # The page's logout: that session's cookie stops working, the other token does not.
+    time.sleep(1.1)  # a login in the second `other` was issued in would get that same token
     cookie = login_cookie(controller, alice)
     conn = controller.connection(timeout=10)
     xsrf = cookie.split("_xsrf=")[1]
