@@ -58,6 +58,16 @@ def agent_options() -> list[Option]:
                "output spools, their records and ?wait=1 captures, running ones included; the "
                "oldest finished executions go first, then new ones get 507 (bytes)", kind=int),
         Option("max_running_per_user", 64, "executions one user may run at once", kind=int),
+        Option("cgroups", "auto", "a cgroup v2 per execution, killed whole on stop: auto (when "
+               "the agent's cgroup is delegated and writable), on (refuse to start without) or "
+               "off (a child subreaper finds each execution's processes instead)",
+               metavar="MODE"),
+        Option("max_pids_per_user", 4096, "processes and threads one user's executions may "
+               "have at once (pids.max of the user's cgroup, else RLIMIT_NPROC, which counts "
+               "all of the user's processes on the node); 0: no limit", kind=int),
+        Option("max_memory_per_user", 0, "memory one user's executions may use together "
+               "(bytes, memory.max of the user's cgroup; needs the cgroup v2 memory "
+               "controller); 0: no limit", kind=int),
         Option("max_command_bytes", 256 * 1024, "largest command: argv or shell, env and cwd "
                "together (bytes; more gets 413, send data as stdin or a file)", kind=int),
         Option("max_sockets_per_user", 32, "WebSockets (/v1/stream) one user may hold open at "
@@ -115,6 +125,9 @@ class AgentConfig:
     spool_max_bytes: int
     spool_max_bytes_per_user: int
     max_running_per_user: int
+    cgroups: str
+    max_pids_per_user: int
+    max_memory_per_user: int
     max_command_bytes: int
     max_sockets_per_user: int
     max_socket_pending_bytes: int

@@ -14,6 +14,7 @@ from .config import AgentConfig
 from .audit import AuditLog
 from .errors import AuthenticationError, MarcoError, TokenRevoked
 from .executions import ExecutionManager
+from .isolation import Isolation, IsolationSettings
 from .files import FileService
 from .hub import StreamHub
 from .status import StatusPublisher, StatusSampler
@@ -53,7 +54,10 @@ class AgentContext:
             stop_grace=config.stop_grace, retention=config.retention,
             retention_count=config.retention_count, audit=audit,
             max_running_per_user=config.max_running_per_user,
-            spool_max_bytes_per_user=config.spool_max_bytes_per_user)
+            spool_max_bytes_per_user=config.spool_max_bytes_per_user,
+            isolation=Isolation(IsolationSettings(config.cgroups, config.max_pids_per_user,
+                                                  config.max_memory_per_user),
+                                resolver.can_switch_user))
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    resolver=resolver, hub=hub, executions=executions,
                    files=FileService(resolver, config.helper_python),
@@ -108,4 +112,5 @@ class AgentContext:
                 "proto": protocol.PROTOCOL_VERSION, "os": platform.system().lower(),
                 "arch": platform.machine(), "cpus": os.cpu_count() or 1,
                 "groups": ",".join(self.config.groups),
-                "user_switching": self.resolver.can_switch_user}
+                "user_switching": self.resolver.can_switch_user,
+                "isolation": self.executions.isolation.mode}

@@ -127,6 +127,12 @@ class ConfigError(MarcoError):
     code = "config"
 
 
+class IsolationUnavailable(ConfigError):
+    """Executions cannot get cgroups of their own on this node (the reason says why)."""
+
+    code = "isolation_unavailable"
+
+
 _BY_STATUS: dict[int, type[MarcoError]] = {
     400: BadRequest, 401: AuthenticationError, 403: PermissionDenied, 404: NotFound,
     409: Conflict, 413: PayloadTooLarge, 429: TooManyExecutions, 507: InsufficientStorage,

@@ -20,6 +20,7 @@ import secrets
 import shutil
 import signal
 import stat
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from . import protocol
 from .budget import Account, DiskBudget
 from .errors import (BadRequest, ConfigError, DiskBudgetExhausted, NotFound, PayloadTooLarge,
                      ShuttingDown, TooManyExecutions)
+from .isolation import Isolation
 from .lines import LineSplitter
 from .spool import ExecutionSpool
 from .users import UserIdentity, UserResolver
@@ -329,8 +331,10 @@ class ExecutionManager:
     def __init__(self, resolver: UserResolver, sink: EventSink, state_dir: Path,
                  spool_max_bytes: int, stop_grace: float, retention: float,
                  retention_count: int, audit: "AuditSink | None" = None,
-                 max_running_per_user: int = 64, spool_max_bytes_per_user: int = 1 << 30) -> None:
+                 max_running_per_user: int = 64, spool_max_bytes_per_user: int = 1 << 30,
+                 isolation: Isolation | None = None) -> None:
         self.resolver = resolver
+        self.isolation = isolation or Isolation()  # each execution's processes: cgroup or subreaper
         self.sink = sink
         self.spool_root = state_dir / "executions"
         self.tmp_dir = state_dir / "tmp"
@@ -354,6 +358,7 @@ class ExecutionManager:
         for directory in (self.spool_root.parent, self.spool_root, self.tmp_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             check_private_dir(directory)
+        self.isolation.start()
         for tmp in self.tmp_dir.iterdir():  # captures of a previous run
             tmp.unlink(missing_ok=True)
         for directory in sorted(self.spool_root.iterdir()):
@@ -395,6 +400,7 @@ class ExecutionManager:
                 for execution in running:
                     self._signal_group(execution, signal.SIGKILL)
                 await asyncio.wait(waits, timeout=EXIT_LINGER + 1)
+        await self.isolation.close()  # kills what executions left behind, removes cgroups
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -454,17 +460,19 @@ class ExecutionManager:
                                    lambda: self._finished(execution))
         self._executions[execution_id] = execution
         try:
-            transport, _ = await loop.subprocess_exec(
-                lambda: protocol_, "/usr/bin/env", "-C", cwd, "--", *argv,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
-                close_fds=True, **self.resolver.popen_identity(user))
-        except OSError as exc:
+            with self.isolation.spawning(execution_id, user) as isolation_args:
+                transport, _ = await loop.subprocess_exec(
+                    lambda: protocol_, "/usr/bin/env", "-C", cwd, "--", *argv,
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
+                    close_fds=True, **self.resolver.popen_identity(user), **isolation_args)
+        except (OSError, subprocess.SubprocessError) as exc:
             del self._executions[execution_id]
             spool.remove()
             if execution.capture:
                 execution.capture.close()
-            raise BadRequest(f"cannot start the command: {exc.strerror}") from None
+            reason = exc.strerror if isinstance(exc, OSError) else "its cgroup could not be joined"
+            raise BadRequest(f"cannot start the command: {reason}") from None
         self._feed_stdin(transport, request.stdin)
         if request.timeout:
             execution.timeout_handle = loop.call_later(request.timeout, self._timeout, execution)
@@ -473,10 +481,13 @@ class ExecutionManager:
         return execution
 
     def stop(self, username: str, execution_id: str) -> Execution:
-        """SIGTERM the execution's process group now, SIGKILL it after the grace period."""
+        """SIGTERM the execution's processes now, SIGKILL them after the grace period; a
+        finished execution's leftovers (a `setsid cmd &`) get the same."""
         execution = self.get(username, execution_id)
         if execution.running:
             execution.stopped = True
+            self._terminate(execution)
+        elif self.isolation.alive(execution.id):
             self._terminate(execution)
         return execution
 
@@ -524,6 +535,8 @@ class ExecutionManager:
             self._terminate(execution)
 
     def _signal_group(self, execution: Execution, signum: signal.Signals) -> None:
+        # Also after the main process ended: processes that left its group (setsid) remain.
+        self.isolation.signal(execution.id, signum)
         if not execution.running or execution.pid is None:
             return
         try:
@@ -559,6 +572,7 @@ class ExecutionManager:
     def _started(self, execution: Execution, transport: asyncio.SubprocessTransport) -> None:
         self._transports[execution.id] = transport
         execution.pid = transport.get_pid()
+        self.isolation.started(execution.id, execution.pid)
         self._enlarge_pipes(transport)
         execution.publish(protocol.started_event(execution.id, execution.label, execution.command,
                                                  execution.cwd, execution.started, 0,
@@ -577,6 +591,7 @@ class ExecutionManager:
         returncode = transport.get_returncode() if transport else None
         if transport is not None:
             transport.close()
+        self.isolation.finished(execution.id)  # leftovers keep running until stopped
         execution.flush_partial_lines()
         execution.ended = time.time()
         if returncode is not None and returncode < 0:
