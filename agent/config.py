@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .protocol import DEFAULT_PORT
-from .serving import ConnectionLimits
+from .serving import ConnectionLimits, connection_limit_options
+from .shells import login_shells_option
 from .settings import Option, default_state_dir
 from .tls import DEFAULT_TLS_DIR, ServerTlsFiles
 from .tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
@@ -76,16 +77,9 @@ def agent_options() -> list[Option]:
                "before it counts as too slow and is closed with 4408 (it reconnects and replays)",
                kind=int),
         Option("max_upload_bytes", 64 * 1024 ** 3, "largest file upload (bytes)", kind=int),
-        Option("handshake_timeout", ConnectionLimits.handshake_timeout, "seconds a new "
-               "connection has for its TLS handshake and first request's headers before it is "
-               "closed", kind=float),
-        Option("max_pending_connections_per_address", ConnectionLimits.max_pending_per_address,
-               "connections one source address may hold open before their first request "
-               "(more are closed at once)", kind=int),
+        *connection_limit_options(),
         Option("stop_grace", 5.0, "seconds between SIGTERM and SIGKILL on stop", kind=float),
-        Option("login_shells", [], "shells that count as login shells: accounts with another "
-               "shell are refused (default: those listed in /etc/shells; never nologin or "
-               "false)", repeatable=True, metavar="PATH"),
+        login_shells_option(),
         Option("allowed_origins", [], "browser origins allowed to open /v1/stream "
                "(default: any; the socket is authenticated by token, not cookie)",
                repeatable=True, metavar="URL"),

@@ -18,6 +18,7 @@ from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.web import Application
 
 from .errors import ConfigError
+from .settings import Option
 
 log = logging.getLogger("marco.serving")
 CLOSE_TIMEOUT = 5.0
@@ -54,6 +55,18 @@ class ConnectionLimits:
         if self.max_pending_per_address < 1:
             raise ConfigError("max_pending_connections_per_address must be at least 1, not "
                               f"{self.max_pending_per_address}")
+
+
+def connection_limit_options() -> list[Option]:
+    """The settings behind `ConnectionLimits`, the same for the agent and the controller."""
+    return [
+        Option("handshake_timeout", ConnectionLimits.handshake_timeout, "seconds a new "
+               "connection has for its TLS handshake and first request's headers before it is "
+               "closed", kind=float),
+        Option("max_pending_connections_per_address", ConnectionLimits.max_pending_per_address,
+               "connections one source address may hold open before their first request "
+               "(more are closed at once)", kind=int),
+    ]
 
 
 class _Pending:

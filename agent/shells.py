@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import PermissionDenied
+from .settings import Option
 
 SHELLS_FILE = "/etc/shells"
 NO_LOGIN_SHELLS = frozenset({"nologin", "false"})  # by basename, whatever /etc/shells says
@@ -35,6 +36,13 @@ class LoginShells:
             raise PermissionDenied(
                 f"account {username!r} has no login shell ({shell or 'none'}), so it may not "
                 "use Marco; an admin can allow that shell with the login_shells setting")
+
+
+def login_shells_option() -> Option:
+    """The `login_shells` setting, the same for the agent and the controller."""
+    return Option("login_shells", [], "shells that count as login shells: accounts with another "
+                  "shell are refused (default: those listed in /etc/shells; never nologin or "
+                  "false)", repeatable=True, metavar="PATH")
 
 
 def _read_shells(path: Path) -> frozenset[str] | None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.serving import ConnectionLimits
+from agent.serving import ConnectionLimits, connection_limit_options
 from agent.settings import Option, default_state_dir
+from agent.shells import login_shells_option
 from agent.tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
 
 DEFAULT_CONFIG_FILE = "/etc/marco/controller.toml"
@@ -27,9 +28,7 @@ def controller_options() -> list[Option]:
         Option("dev", False, "development mode: plain HTTP to browsers and agents, only on a "
                "loopback address", flag=True),
         Option("pam_service", "login", "PAM service used to check passwords", metavar="NAME"),
-        Option("login_shells", [], "shells that count as login shells: accounts with another "
-               "shell cannot log in (default: those listed in /etc/shells; never nologin or "
-               "false)", repeatable=True, metavar="PATH"),
+        login_shells_option(),
         Option("mdns_interface", [], "address of an interface to browse for agents on "
                "(repeatable); default: the bind address unless it is a wildcard",
                repeatable=True, metavar="ADDR"),
@@ -43,12 +42,7 @@ def controller_options() -> list[Option]:
         Option("login_max_failures", 5, "failed logins allowed per user and per client address "
                "within the lockout window", kind=int),
         Option("login_lockout", 300, "lockout window in seconds", kind=int),
-        Option("handshake_timeout", ConnectionLimits.handshake_timeout, "seconds a new "
-               "connection has for its TLS handshake and first request's headers before it is "
-               "closed", kind=float),
-        Option("max_pending_connections_per_address", ConnectionLimits.max_pending_per_address,
-               "connections one source address may hold open before their first request "
-               "(more are closed at once)", kind=int),
+        *connection_limit_options(),
         Option("state_dir", default_state_dir("marco-controller"), "where revocations are kept",
                metavar="DIR"),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
