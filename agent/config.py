@@ -128,6 +128,8 @@ class AgentConfig:
     max_upload_bytes: int
     handshake_timeout: float
     max_pending_connections_per_address: int
+    idle_timeout: float
+    max_connections_per_address: int
     stop_grace: float
     login_shells: list[str]
     allowed_origins: list[str]
@@ -145,7 +147,8 @@ class AgentConfig:
         self.connection_limits()  # refuse bad limits at start-up (ConfigError)
 
     def connection_limits(self) -> ConnectionLimits:
-        return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address)
+        return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address,
+                                self.idle_timeout, self.max_connections_per_address)
 
     def tls_files(self) -> ServerTlsFiles | None:
         """The TLS setup to serve with, or None in development mode."""

@@ -48,13 +48,20 @@ class ConnectionLimits:
 
     handshake_timeout: float = 10.0
     max_pending_per_address: int = 512
+    idle_timeout: float = 120.0             # a kept-alive connection between requests
+    max_connections_per_address: int = 2048  # open at once, pending or not
 
     def __post_init__(self) -> None:
         if not self.handshake_timeout > 0:
             raise ConfigError(f"handshake_timeout must be positive, not {self.handshake_timeout}")
+        if not self.idle_timeout > 0:
+            raise ConfigError(f"idle_timeout must be positive, not {self.idle_timeout}")
         if self.max_pending_per_address < 1:
             raise ConfigError("max_pending_connections_per_address must be at least 1, not "
                               f"{self.max_pending_per_address}")
+        if self.max_connections_per_address < self.max_pending_per_address:
+            raise ConfigError("max_connections_per_address must be at least "
+                              "max_pending_connections_per_address")
 
 
 def connection_limit_options() -> list[Option]:
@@ -66,6 +73,11 @@ def connection_limit_options() -> list[Option]:
         Option("max_pending_connections_per_address", ConnectionLimits.max_pending_per_address,
                "connections one source address may hold open before their first request "
                "(more are closed at once)", kind=int),
+        Option("idle_timeout", ConnectionLimits.idle_timeout, "seconds a kept-alive connection "
+               "may wait for its next request's headers before it is closed", kind=float),
+        Option("max_connections_per_address", ConnectionLimits.max_connections_per_address,
+               "connections one source address may hold open at once, with or without a "
+               "request (more are closed at once)", kind=int),
     ]
 
 
@@ -107,7 +119,9 @@ class GuardedHTTPServer(HTTPServer):
     (plain HTTP in --dev mode too); one timer per connection covers the TLS handshake and
     those headers, so a peer that sends nothing, a TLS record header, or a handshake and then
     nothing is closed after `handshake_timeout`. Later requests on a kept-alive connection
-    are bounded by Tornado's own `idle_connection_timeout`."""
+    wait at most `idle_timeout` (Tornado's `idle_connection_timeout`), and one address holds
+    at most `max_connections_per_address` connections of any kind, so admitted connections
+    left idle or feeding a body slowly cannot pile up either."""
 
     def initialize(self, *args: Any, limits: ConnectionLimits = ConnectionLimits(),
                    **kwargs: Any) -> None:
@@ -115,11 +129,14 @@ class GuardedHTTPServer(HTTPServer):
         self.limits = limits
         self._pending: dict[IOStream, _Pending] = {}
         self._pending_per_address: dict[str, int] = {}
+        self._open: dict[IOStream, str] = {}  # every accepted connection -> its source address
+        self._open_per_address: dict[str, int] = {}
         self._warned: set[str] = set()  # addresses already warned about in this burst
 
     async def handle_stream(self, stream: IOStream, address: Any) -> None:  # type: ignore[override]
         peer = _peer_address(address)
-        if self._pending_per_address.get(peer, 0) >= self.limits.max_pending_per_address:
+        if self._pending_per_address.get(peer, 0) >= self.limits.max_pending_per_address or \
+                self._open_per_address.get(peer, 0) >= self.limits.max_connections_per_address:
             # Logged once per burst: a flood would otherwise turn into a flood of log lines.
             if peer not in self._warned:
                 self._warned.add(peer)
@@ -130,6 +147,11 @@ class GuardedHTTPServer(HTTPServer):
                 log.debug("refused a connection from %s: too many pending", peer)
             stream.close()
             return
+        self._open[stream] = peer
+        self._open_per_address[peer] = self._open_per_address.get(peer, 0) + 1
+        # Until Tornado's connection takes the stream over (and calls on_close), a close
+        # before the first request is seen here.
+        stream.set_close_callback(lambda: self._closed(stream))
         timer = asyncio.get_running_loop().call_later(
             self.limits.handshake_timeout, self._expire, stream)
         self._pending[stream] = _Pending(peer, timer)
@@ -140,7 +162,7 @@ class GuardedHTTPServer(HTTPServer):
             except (StreamClosedError, ssl.SSLError, OSError):
                 pass  # a failed handshake closed the stream (Tornado logs the TLS error)
             if stream.closed():
-                self._release(stream)
+                self._closed(stream)
                 return
         super().handle_stream(stream, address)
 
@@ -155,7 +177,7 @@ class GuardedHTTPServer(HTTPServer):
     def on_close(self, server_conn: object) -> None:
         stream = getattr(server_conn, "stream", None)
         if stream is not None:
-            self._release(stream)
+            self._closed(stream)
         super().on_close(server_conn)
 
     async def close_all_connections(self) -> None:
@@ -163,7 +185,7 @@ class GuardedHTTPServer(HTTPServer):
         connections yet), then the others."""
         for stream in list(self._pending):
             stream.close()
-            self._release(stream)
+            self._closed(stream)
         await super().close_all_connections()
 
     def _expire(self, stream: IOStream) -> None:
@@ -173,6 +195,18 @@ class GuardedHTTPServer(HTTPServer):
                       self.limits.handshake_timeout)
         self._release(stream)
         stream.close()
+
+    def _closed(self, stream: IOStream) -> None:
+        """Stop counting a closed connection against its address (idempotent)."""
+        self._release(stream)
+        peer = self._open.pop(stream, None)
+        if peer is None:
+            return
+        left = self._open_per_address[peer] - 1
+        if left:
+            self._open_per_address[peer] = left
+        else:
+            del self._open_per_address[peer]
 
     def _release(self, stream: IOStream) -> None:
         """Stop counting `stream` as pending (idempotent)."""
@@ -199,6 +233,7 @@ def listen(app: Application, port: int, address: str, limits: ConnectionLimits,
            **kwargs: Any) -> GuardedHTTPServer:
     """Serve `app` on address:port with `limits` on unauthenticated connections; `kwargs` go
     to Tornado's HTTPServer (ssl_options, chunk_size, xheaders, ...)."""
+    kwargs.setdefault("idle_connection_timeout", limits.idle_timeout)
     server = GuardedHTTPServer(app, limits=limits, **kwargs)
     server.listen(port, address)
     return server

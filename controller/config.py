@@ -72,6 +72,8 @@ class ControllerConfig:
     login_lockout: int
     handshake_timeout: float
     max_pending_connections_per_address: int
+    idle_timeout: float
+    max_connections_per_address: int
     state_dir: str
     log_level: str
 
@@ -79,4 +81,5 @@ class ControllerConfig:
         self.connection_limits()  # refuse bad limits at start-up (ConfigError)
 
     def connection_limits(self) -> ConnectionLimits:
-        return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address)
+        return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address,
+                                self.idle_timeout, self.max_connections_per_address)
