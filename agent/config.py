@@ -71,6 +71,9 @@ def agent_options() -> list[Option]:
                "controller); 0: no limit", kind=int),
         Option("max_command_bytes", 256 * 1024, "largest command: argv or shell, env and cwd "
                "together (bytes; more gets 413, send data as stdin or a file)", kind=int),
+        Option("max_stdin_bytes", 16 * 1024 * 1024, "largest stdin of one execution, held in "
+               "memory until the command reads it (bytes; more gets 413, send a file)",
+               kind=int),
         Option("max_sockets_per_user", 32, "WebSockets (/v1/stream) one user may hold open at "
                "once (more are closed with 4429)", kind=int),
         Option("max_socket_pending_bytes", 32 * 1024 * 1024, "bytes queued for one socket "
@@ -123,6 +126,7 @@ class AgentConfig:
     max_pids_per_user: int
     max_memory_per_user: int
     max_command_bytes: int
+    max_stdin_bytes: int
     max_sockets_per_user: int
     max_socket_pending_bytes: int
     max_upload_bytes: int

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import fcntl
+import hashlib
 import logging
 import os
 import secrets
@@ -51,6 +52,8 @@ MAX_TIMEOUT = 366 * 24 * 3600
 CAPTURE_MAX = 256 * 1024 * 1024  # bytes of stdout (and of stderr) a `wait` caller gets back
 CENSORED = "(hidden: no_log)"  # what listings, records and the audit log show of a no_log command
 LISTED_COMMAND_CHARS = 1000  # commands longer than this are shortened in listings and `hello`
+PATH_MAX = 4096  # bytes: the kernel refuses longer paths, so a longer cwd is refused up front
+AUDITED_COMMAND_CHARS = 4096  # the audit log keeps this much of a command, and its SHA-256
 
 
 class AuditSink(Protocol):
@@ -79,9 +82,11 @@ class ExecutionRequest:
     no_log: bool = False
 
     @classmethod
-    def from_json(cls, body: Any, max_command_bytes: int = 256 * 1024) -> "ExecutionRequest":
+    def from_json(cls, body: Any, max_command_bytes: int = 256 * 1024,
+                  max_stdin_bytes: int = 16 * 1024 * 1024) -> "ExecutionRequest":
         """Validate a request body; argv or shell, env and cwd together may take at most
-        `max_command_bytes` (they are kept in memory, in listings and on disk)."""
+        `max_command_bytes` (they are kept in memory, in listings and on disk), stdin at most
+        `max_stdin_bytes` (held in memory until the command reads it)."""
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object")
         argv, shell = body.get("argv"), body.get("shell")
@@ -103,10 +108,18 @@ class ExecutionRequest:
         cwd = body.get("cwd")
         if cwd is not None and (not isinstance(cwd, str) or not cwd or "\0" in cwd):
             raise BadRequest("'cwd' must be a non-empty string")
+        if cwd is not None and len(cwd.encode("utf-8", "surrogatepass")) >= PATH_MAX:
+            raise BadRequest(f"'cwd' must be shorter than {PATH_MAX} bytes (PATH_MAX)")
         if argv is not None and "=" in argv[0]:
             raise BadRequest("the program name (argv[0]) must not contain '='")
+        encoded = body.get("stdin") or ""
+        stdin_size = (len(encoded) // 4 * 3 - encoded[-2:].count("=")
+                      if isinstance(encoded, str) else 0)
+        if stdin_size > max_stdin_bytes:
+            raise PayloadTooLarge(f"stdin takes {stdin_size} bytes; this node accepts at most "
+                                  f"{max_stdin_bytes} (send large data as a file)")
         try:
-            stdin = base64.b64decode(body.get("stdin") or "", validate=True)
+            stdin = base64.b64decode(encoded, validate=True)
         except (binascii.Error, TypeError, ValueError):
             raise BadRequest("'stdin' must be base64") from None
         label = body.get("label") or ""
@@ -148,6 +161,8 @@ class OutputCapture:
 
     def write(self, fd: int, data: bytes) -> None:
         """Keep at most `limit` bytes per stream; the rest is only streamed and spooled."""
+        if self.truncated[fd]:
+            return  # nothing after a cut, or the caller would get output with a hole in it
         room = self.limit - self.sizes[fd]
         if len(data) > room:
             self.truncated[fd] = True
@@ -521,6 +536,9 @@ class ExecutionManager:
     def _forget(self, execution: Execution) -> None:
         del self._executions[execution.id]
         execution.spool.remove()
+        if self.isolation.alive(execution.id):
+            # What it left running could never be stopped by id again: it goes with the record.
+            self.isolation.signal(execution.id, signal.SIGKILL)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -579,9 +597,13 @@ class ExecutionManager:
                                                  execution.no_log))
         execution.save_meta()
         if self.audit is not None:
+            # Bounded, so one user's long commands cannot rotate everyone's history away.
+            command = execution.command
+            shortened = _length(command) > AUDITED_COMMAND_CHARS
             self.audit.record("execution.start", execution.user, id=execution.id,
-                              command=execution.command, cwd=execution.cwd,
-                              label=execution.label, pid=execution.pid,
+                              command=_short(command, AUDITED_COMMAND_CHARS) if shortened
+                              else command, command_sha256=_digest(command) if shortened else None,
+                              cwd=execution.cwd, label=execution.label, pid=execution.pid,
                               no_log=execution.no_log)
 
     def _finished(self, execution: Execution) -> None:
@@ -625,6 +647,11 @@ def check_private_dir(directory: Path) -> None:
                           f"not to the agent (uid {os.geteuid()})")
     if info.st_mode & 0o077:
         os.chmod(directory, 0o700, follow_symlinks=False)
+
+
+def _digest(command: list[str] | str) -> str:
+    text = command if isinstance(command, str) else "\0".join(command)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _length(command: list[str] | str) -> int:

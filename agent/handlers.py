@@ -104,7 +104,8 @@ class ExecutionsHandler(ApiHandler):
             body = protocol.decode(self.request.body or b"null")
         except ValueError:
             raise BadRequest("body is not valid JSON") from None
-        request = ExecutionRequest.from_json(body, self.ctx.config.max_command_bytes)
+        request = ExecutionRequest.from_json(body, self.ctx.config.max_command_bytes,
+                                             self.ctx.config.max_stdin_bytes)
         wait = self.bool_argument("wait", False)
         execution = await self.ctx.executions.start(user, request, capture=wait)
         if not wait:

@@ -111,9 +111,12 @@ class ExecutionSpool:
     def write_meta(self, meta: dict[str, Any]) -> None:
         """Replace meta.json atomically (charged to the owner's budget: commands are capped,
         so it is small, and always written)."""
-        data = json.dumps(meta).encode("utf-8")
+        try:  # UTF-8 as it is (escaped text can take 6 bytes a character, 12 an emoji) ...
+            data = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # ... unless a lone surrogate needs escaping
+            data = json.dumps(meta).encode("ascii")
         tmp = self.directory / (META_FILE + ".tmp")
-        with open(tmp, "wb") as handle:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
             handle.write(data)
         os.replace(tmp, self.directory / META_FILE)
         if self.account is not None:

@@ -166,7 +166,7 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         """Queue one message without blocking; close the socket when it falls too far behind."""
         if self.closed:
             return
-        size = len(message)
+        size = len(message) if message.isascii() else len(message.encode("utf-8", "replace"))
         if self.pending_bytes + size > self.ctx.config.max_socket_pending_bytes:
             # Counted with the message being added: one huge message cannot overshoot the bound.
             log.warning("closing a slow socket of %s (%d bytes pending, %d more to send)",

@@ -105,6 +105,27 @@ def test_leftovers_run_on_until_their_execution_is_stopped(
     wait_for(lambda: not no_processes_left(), timeout=15, what="no process of the execution")
 
 
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_leftovers_go_with_their_forgotten_execution(
+        start_agent: Callable[..., AgentProcess], signer: TokenSigner, alice: UnixUser,
+        no_processes_left: Callable[[], list[int]], mode: str) -> None:
+    """Once retention forgets an execution, nothing could stop its leftovers by id: they are
+    killed with the record."""
+    if mode == "on" and not _cgroups_usable():
+        pytest.skip("no cgroup v2 on this machine")
+    agent = start_agent(extra_args=["--cgroups", mode, "--retention-count", "1"])
+    with _client(agent, signer, alice.name) as c:
+        execution_id = c.start(ESCAPING)
+        grandchild = int(_first_line(c, execution_id))
+        wait_for(lambda: c.execution(execution_id)["state"] == "exited", what="the shell's exit")
+        assert _alive(grandchild)
+        c.run(["true"])
+        c.run(["true"])  # retention keeps one finished execution: the first is forgotten
+        assert execution_id not in {e["id"] for e in c.executions()}
+        wait_for(lambda: not _alive(grandchild), timeout=15, what="the leftover to be killed")
+    wait_for(lambda: not no_processes_left(), timeout=15, what="no process of the execution")
+
+
 def test_fork_bomb_leaves_the_agent_serving_others(
         start_agent: Callable[..., AgentProcess], signer: TokenSigner, alice: UnixUser,
         bob: UnixUser, no_processes_left: Callable[[], list[int]]) -> None:

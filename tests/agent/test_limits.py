@@ -209,3 +209,38 @@ def test_audit_log_rotates_and_reopens_on_sighup(start_agent, signer: TokenSigne
     client.run(["echo", "after-hup"])
     assert "after-hup" in audit.read_text() and "after-hup" not in moved.read_text()
     assert agent.process.poll() is None and (audit.stat().st_mode & 0o777) == 0o600
+
+
+def test_stdin_and_cwd_are_capped(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+    """stdin waits in the agent's memory until the command reads it, a cwd is in every
+    listing: both are bounded with a clear error."""
+    from agent.errors import BadRequest
+    agent = start_agent(extra_args=["--max-stdin-bytes", "100000"])
+    client = agent.client(signer.issue(alice.name))
+    assert client.run(["wc", "-c"], stdin=b"x" * 100_000).stdout.strip() == b"100000"
+    with pytest.raises(PayloadTooLarge, match="at most 100000"):
+        client.run(["sleep", "60"], stdin=b"x" * 200_000)
+    with pytest.raises(BadRequest, match="PATH_MAX"):
+        client.run(["true"], cwd="/" + "d" * 5000)
+
+
+def test_slow_consumer_bound_counts_bytes_not_characters(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+                                                         alice: UnixUser) -> None:
+    """Output of 4-byte characters: 3,000 characters are 12,000 bytes, past an 8 KiB bound."""
+    import asyncio
+
+    from agent.errors import MarcoError
+    agent = start_agent(extra_args=["--max-socket-pending-bytes", "8192"])
+    token = signer.issue(alice.name)
+
+    async def scenario() -> list[str]:
+        stream = agent.async_client(token).stream()
+        await stream.connect()
+        emoji = await agent.async_client(token).start(
+            "python3 -c \"print(chr(0x1F600) * 3000)\"")
+        seen = []
+        with pytest.raises(MarcoError, match="4408"):
+            while (event := await asyncio.wait_for(stream.read(), 20)) is not None:
+                seen.append(event["type"] + (" emoji" if event.get("id") == emoji else ""))
+        return seen
+    assert "output emoji" not in asyncio.run(scenario())
