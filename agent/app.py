@@ -9,6 +9,7 @@ from .handlers import (CrlHandler, ExecutionHandler, ExecutionsHandler, FilesHan
                        NotFoundHandler, OutputHandler, RevocationsHandler,
                        StatusHandler)
 from .protocol import API_PREFIX
+from .serving import log_request
 from .stream import StreamSocket
 
 EXECUTION_ID = r"([0-9a-f]{32})"
@@ -32,5 +33,5 @@ def make_app(ctx: AgentContext) -> tornado.web.Application:
         [(path, handler, {"ctx": ctx}) for path, handler in routes],
         default_handler_class=NotFoundHandler, default_handler_args={"ctx": ctx},
         websocket_ping_interval=30, websocket_ping_timeout=60,
-        websocket_max_message_size=1024 * 1024,
+        websocket_max_message_size=1024 * 1024, log_function=log_request,
     )

@@ -44,7 +44,7 @@ class ExecutionResult:
     signal: str | None = None
     timed_out: bool = False
     stopped: bool = False
-    stdout_truncated: bool = False   # over the agent's capture limit: the rest is in the spool
+    stdout_truncated: bool = False   # cut by the capture limit or the user's disk budget
     stderr_truncated: bool = False
 
     @classmethod

@@ -100,6 +100,13 @@ class DiskBudgetExhausted(InsufficientStorage):
     code = "disk_budget"
 
 
+class TryAgain(MarcoError):
+    """The service cannot answer this now; try again in a moment."""
+
+    status = 503
+    code = "try_again"
+
+
 class ShuttingDown(MarcoError):
     """The agent is shutting down."""
 
@@ -142,7 +149,7 @@ _BY_CODE: dict[str, type[MarcoError]] = {
                               PermissionDenied,
                               NotFound, Conflict, PayloadTooLarge, ShuttingDown,
                               TooManyExecutions, TooManySockets, InsufficientStorage,
-                              DiskBudgetExhausted)
+                              DiskBudgetExhausted, TryAgain)
 }
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import tornado.web
 
+from agent.serving import log_request
+
 from .api import InventoryApi, LogoutApi, NodesApi, RevokeApi, RunApi, SessionApi, TokenApi
 from .context import ControllerContext
 from .deploy import DeployApi
@@ -38,4 +40,5 @@ def make_app(ctx: ControllerContext) -> tornado.web.Application:
         login_url="/login",
         xsrf_cookie_kwargs={"samesite": "Strict"},
         websocket_ping_interval=30, websocket_max_message_size=1024 * 1024,
+        log_function=log_request,
     )

@@ -131,22 +131,24 @@ class PamAuthenticator:
         try:
             ok, reason = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._check, username, password)
+            if ok and not self._has_login_shell(username):
+                # Answered like a wrong password: a distinct answer would tell whoever tries
+                # that the password of this (closed) account is right.
+                ok, reason = False, "the account has no login shell (see login_shells)"
         finally:
             self.limiter.end(*keys, failed=not ok)
         if not ok:
             log.warning("failed login for %r from %s: %s", username, client, reason)
             raise AuthenticationError("wrong user name or password")
         self.limiter.succeeded(keys[0])
-        try:
-            shell = pwd.getpwnam(username).pw_shell
-        except KeyError:  # PAM knows the account, the name service does not
-            shell = ""
-        if not self.shells.permits(shell):
-            log.warning("login refused for %r from %s: shell %r is not a login shell",
-                        username, client, shell)
-        self.shells.check(username, shell)
         log.info("login: %s from %s", username, client)
         return username
+
+    def _has_login_shell(self, username: str) -> bool:
+        try:
+            return self.shells.permits(pwd.getpwnam(username).pw_shell)
+        except KeyError:  # PAM knows the account, the name service does not: nothing to run as
+            return False
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

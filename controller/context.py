@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, TryAgain
 from agent.revocations import DeniedTokens, Revocations
 from agent.shells import LoginShells
 from agent.tls import ClientTls, ServerTlsFiles
@@ -85,6 +85,9 @@ class ControllerContext:
         everywhere" voids every token of its own second, so a login in that second waits for
         the next one rather than get a token that is void already."""
         cutoff = self.revocations.not_before(user)
-        if cutoff is not None and time.time() < cutoff:
-            await asyncio.sleep(cutoff - time.time())
+        deadline = time.monotonic() + 2  # the cutoff is at most 1 s ahead; a clock step back
+        while cutoff is not None and int(time.time()) < cutoff:  # ends here, not in a hang
+            if time.monotonic() > deadline:
+                raise TryAgain("the clock went back past a logout; try again in a moment")
+            await asyncio.sleep(min(cutoff - time.time(), 0.1) + 0.001)
         return self.signer.issue(user)

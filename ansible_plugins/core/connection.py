@@ -108,6 +108,11 @@ class MarcoConnection(ConnectionBase):
         if result.timed_out:
             raise AnsibleError(f"command on {self._host} ran longer than "
                                f"{self.get_option('command_timeout')} s and was stopped")
+        if result.stdout_truncated or result.stderr_truncated:
+            # A cut module result would fail later as unreadable JSON, or pass as a wrong one.
+            raise AnsibleError(f"the output of the command on {self._host} was cut by the agent "
+                               "(its capture limit, or your disk budget on that node is used "
+                               "up by running executions): the result is not complete")
         rc = result.rc if result.rc is not None else 128 + _signal_number(result.signal)
         stderr = result.stderr
         if sudoable and self.become and self.become.expect_prompt() and rc != 0 \

@@ -65,3 +65,15 @@ def test_admitted_connections_are_bounded_too(start_controller) -> None:  # type
         for sock in slow:
             sock.close()
     idle.close()
+
+
+def test_long_uris_are_cut_in_the_access_log(start_controller) -> None:  # type: ignore[no-untyped-def]
+    """Anyone can send a long URI: the access log keeps the first 200 characters."""
+    controller = start_controller(extra_args=["--no-discovery"])
+    conn = controller.connection(timeout=10)
+    conn.request("GET", "/login?" + "q" * 60_000)
+    conn.getresponse().read()
+    from tests.support.waiting import wait_for
+    line = wait_for(lambda: next((x for x in controller.log().splitlines()
+                                  if "GET /login?qqq" in x), None), what="the access log line")
+    assert len(line) < 400 and "(+59" in line, line[:300]
