@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import ssl
@@ -239,10 +240,21 @@ class GuardedHTTPServer(HTTPServer):
 
 
 def _peer_address(address: Any) -> str:
-    """The source IP of an accepted connection (Unix sockets all count as one source)."""
-    if isinstance(address, tuple) and address:
+    """The source an accepted connection counts against: its IPv4 address, or its IPv6 /64
+    (one host usually holds a whole /64, so single addresses would give it endless quotas);
+    Unix sockets all count as one source."""
+    if not (isinstance(address, tuple) and address):
+        return "local"
+    try:
+        ip = ipaddress.ip_address(str(address[0]).split("%")[0])
+    except ValueError:
         return str(address[0])
-    return "local"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if not ip.is_loopback:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def listen(app: Application, port: int, address: str, limits: ConnectionLimits,

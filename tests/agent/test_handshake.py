@@ -23,3 +23,13 @@ def test_agent_bounds_connections_without_a_request(start_agent, signer: TokenSi
 def test_dev_agent_bounds_connections_without_a_request(start_agent) -> None:  # type: ignore[no-untyped-def]
     agent = start_agent(pki=None, extra_args=LIMITS)
     check_pending_limits(agent, LIMIT, "/v1/health", agent.client(None).health)
+
+
+def test_connections_count_against_an_ipv4_address_or_an_ipv6_64() -> None:
+    """One IPv6 host holds a whole /64: counting single addresses would give it endless quotas."""
+    from agent.serving import _peer_address
+    assert _peer_address(("2001:db8::1", 7370, 0, 0)) == _peer_address(("2001:db8::ff:1", 1)) \
+        == "2001:db8::/64"
+    assert _peer_address(("2001:db8:0:1::1", 1)) != "2001:db8::/64"
+    assert _peer_address(("::ffff:10.0.0.1", 1)) == _peer_address(("10.0.0.1", 1)) == "10.0.0.1"
+    assert _peer_address(("127.0.0.2", 1)) != _peer_address(("127.0.0.1", 1))
