@@ -8,8 +8,8 @@ setup(
     description="Zero-config agents, a web controller and Ansible plugins for running "
     "playbooks on a LAN with live output in the browser.",
     python_requires=">=3.11",
-    packages=find_packages(include=["agent", "agent.*", "controller", "controller.*",
-                                    "ansible_plugins", "ansible_plugins.core"]),
+    packages=find_packages(include=["marco", "marco.*", "agent", "agent.*", "controller",
+                                    "controller.*", "ansible_plugins", "ansible_plugins.core"]),
     package_data={"controller": ["templates/*.html", "static/*"]},
     install_requires=[
         "tornado>=6.3",
@@ -26,8 +26,8 @@ setup(
         "console_scripts": [
             "marco-agent=agent.__main__:main",
             "marco-controller=controller.__main__:main",
-            "marco-inventory=controller.inventory_script:main",
-            "marco=controller.cli:main",
+            "marco-inventory=marco.inventory_script:main",
+            "marco=marco.cli:main",
         ],
     },
 )

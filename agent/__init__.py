@@ -1,3 +1,5 @@
 """marco-agent: the node daemon that runs executions as the token's user and streams them."""
 
-__version__ = "0.1.0"
+from marco import __version__
+
+__all__ = ["__version__"]

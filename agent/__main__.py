@@ -12,17 +12,17 @@ from typing import Sequence
 
 from tornado.ioloop import PeriodicCallback
 
-from . import __version__
+from marco import __version__
 from .announce import Announcement, Announcer
 from .app import make_app
 from .config import DEFAULT_CONFIG_FILE, AgentConfig, agent_options
-from .errors import ConfigError
+from marco.errors import ConfigError
 from .context import AgentContext
-from .protocol import choose_mdns_interfaces, require_loopback
-from .serving import close_server, listen, stop_event_on_signals
-from .settings import add_config_argument, add_options, load_settings
-from .tls import ServerTlsReloader
-from .tokens import DEFAULT_SECRET_FILE, create_secret, load_secret, rotate_secret
+from marco.protocol import choose_mdns_interfaces, require_loopback
+from marco.serving import close_server, listen, stop_event_on_signals
+from marco.settings import add_config_argument, add_options, load_settings
+from marco.tls import ServerTlsReloader
+from marco.tokens import DEFAULT_SECRET_FILE, create_secret, load_secret, rotate_secret
 
 log = logging.getLogger("marco.agent")
 EXPIRE_INTERVAL = 60.0

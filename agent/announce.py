@@ -1,6 +1,6 @@
 """Announce this agent on the LAN by zeroconf (mDNS / DNS-SD), on chosen interfaces only.
 
-`choose_mdns_interfaces` (agent.protocol, shared with the controller's browser) decides where to
+`choose_mdns_interfaces` (marco.protocol, shared with the controller's browser) decides where to
 announce (never every network by default), `Announcement` says what (the `_marco._tcp.local.` service and its TXT record), and `Announcer`
 registers it and withdraws it with goodbye packets. The agent's `main()` owns the signal
 handlers: on SIGTERM/SIGINT it awaits `Announcer.stop()` (or leaves `async with Announcer(...)`).
@@ -21,9 +21,9 @@ from zeroconf import (BadTypeInNameException, DNSQuestionType, NonUniqueNameExce
                       ServiceNameAlreadyRegistered)
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from . import __version__
-from .errors import ConfigError
-from .protocol import PROTOCOL_VERSION, SERVICE_TYPE, specific_address
+from marco import __version__
+from marco.errors import ConfigError
+from marco.protocol import PROTOCOL_VERSION, SERVICE_TYPE, specific_address
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from .context import AgentContext
 from .handlers import (CrlHandler, ExecutionHandler, ExecutionsHandler, FilesHandler, HealthHandler,
                        NotFoundHandler, OutputHandler, RevocationsHandler,
                        StatusHandler)
-from .protocol import API_PREFIX
-from .serving import log_request
+from marco.protocol import API_PREFIX
+from marco.serving import log_request
 from .stream import StreamSocket
 
 EXECUTION_ID = r"([0-9a-f]{32})"

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import IsolationUnavailable
+from marco.errors import IsolationUnavailable
 from .users import UserIdentity
 
 log = logging.getLogger(__name__)

@@ -8,12 +8,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .protocol import DEFAULT_PORT
-from .serving import ConnectionLimits, connection_limit_options
-from .shells import login_shells_option
-from .settings import Option, default_state_dir
-from .tls import DEFAULT_TLS_DIR, ServerTlsFiles
-from .tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
+from marco.protocol import DEFAULT_PORT
+from marco.serving import ConnectionLimits, connection_limit_options
+from marco.shells import login_shells_option
+from marco.settings import Option, default_state_dir
+from marco.tls import DEFAULT_TLS_DIR, ServerTlsFiles
+from marco.tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
 
 DEFAULT_CONFIG_FILE = "/etc/marco/agent.toml"
 

@@ -9,18 +9,18 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
-from . import __version__, protocol
+from marco import __version__, protocol
 from .config import AgentConfig
 from .audit import AuditLog
-from .errors import AuthenticationError, MarcoError, TokenRevoked
+from marco.errors import AuthenticationError, MarcoError, TokenRevoked
 from .executions import ExecutionManager
 from .isolation import Isolation, IsolationSettings
 from .files import FileService
 from .hub import StreamHub
 from .status import StatusPublisher, StatusSampler
 from .crl import CrlStore
-from .revocations import DeniedTokens, Revocations
-from .tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner, health_proof
+from marco.revocations import DeniedTokens, Revocations
+from marco.tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner, health_proof
 from .users import LoginShells, UserIdentity, UserResolver
 
 

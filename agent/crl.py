@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import write_atomic
-from .errors import BadRequest, ConfigError, Conflict
+from marco.atomic import write_atomic
+from marco.errors import BadRequest, ConfigError, Conflict
 
 MAX_CRL_BYTES = 4 * 1024 * 1024
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Protocol
 
-from . import protocol
+from marco import protocol
 from .budget import Account, DiskBudget
-from .errors import (BadRequest, ConfigError, DiskBudgetExhausted, NotFound, PayloadTooLarge,
+from marco.errors import (BadRequest, ConfigError, DiskBudgetExhausted, NotFound, PayloadTooLarge,
                      ShuttingDown, TooManyExecutions)
 from .isolation import Isolation
 from .lines import LineSplitter

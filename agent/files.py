@@ -16,7 +16,7 @@ import struct
 from importlib import resources
 from typing import Any, AsyncIterator
 
-from .errors import (BadRequest, Conflict, InsufficientStorage, MarcoError, NotFound,
+from marco.errors import (BadRequest, Conflict, InsufficientStorage, MarcoError, NotFound,
                      PermissionDenied)
 from .users import UserIdentity, UserResolver
 

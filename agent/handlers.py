@@ -13,14 +13,14 @@ from typing import Any
 
 import tornado.web
 
-from . import protocol
-from .chunks import Coalescer
+from marco import protocol
+from marco.chunks import Coalescer
 from .context import AgentContext
-from .errors import (AuthenticationError, BadRequest, Conflict, MarcoError, NotFound,
+from marco.errors import (AuthenticationError, BadRequest, Conflict, MarcoError, NotFound,
                      PayloadTooLarge, PermissionDenied)
 from .executions import Execution, ExecutionRequest
 from .files import FileReader, FileWriter, parse_mode, validate_path
-from .jsonapi import JsonApiMixin
+from marco.jsonapi import JsonApiMixin
 from .users import UserIdentity
 
 log = logging.getLogger(__name__)

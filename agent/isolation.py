@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ContextManager, Iterator, Protocol
 
 from .cgroups import CgroupBackend
-from .errors import ConfigError, IsolationUnavailable
+from marco.errors import ConfigError, IsolationUnavailable
 from .subreaper import SubreaperBackend
 from .users import UserIdentity
 

@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 import psutil
 
-from .protocol import encode
+from marco.protocol import encode
 
 try:
     import pwd

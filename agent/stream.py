@@ -16,11 +16,11 @@ from typing import Any
 
 import tornado.websocket
 
-from . import protocol
+from marco import protocol
 from .context import AgentContext
-from .errors import BadRequest, MarcoError
+from marco.errors import BadRequest, MarcoError
 from .handlers import MAX_REPLAY_LINES
-from .jsonapi import JsonApiMixin
+from marco.jsonapi import JsonApiMixin
 from .users import UserIdentity
 
 log = logging.getLogger(__name__)

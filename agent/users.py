@@ -7,8 +7,8 @@ import pwd
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PermissionDenied
-from .shells import LoginShells
+from marco.errors import PermissionDenied
+from marco.shells import LoginShells
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
+from marco.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
 from tests.support.agent_process import AgentProcess, free_port  # noqa: E402
 from tests.support.pki import TestPki  # noqa: E402
 

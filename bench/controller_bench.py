@@ -31,14 +31,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
+from marco.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
 from tests.support.agent_process import AgentProcess  # noqa: E402
 from tests.support.controller_process import ControllerProcess  # noqa: E402
 from tests.support.pki import TestPki  # noqa: E402
 
 RESPONDERS = r"""
 import asyncio, sys, tornado.httpserver, tornado.netutil, tornado.web
-from agent.tokens import health_proof, load_secret
+from marco.tokens import health_proof, load_secret
 KEY = load_secret(sys.argv[2])[-1]
 class Health(tornado.web.RequestHandler):
     def get(self):

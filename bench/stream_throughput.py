@@ -27,8 +27,8 @@ import tornado.web  # noqa: E402
 import tornado.websocket  # noqa: E402
 from tornado.iostream import StreamClosedError  # noqa: E402
 
-from agent.client import AsyncAgentClient  # noqa: E402
-from agent.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
+from marco.client import AsyncAgentClient  # noqa: E402
+from marco.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
 from tests.support.agent_process import AgentProcess, free_port  # noqa: E402
 from tests.support.pki import TestPki  # noqa: E402
 

@@ -12,18 +12,18 @@ from typing import Sequence
 
 from tornado.ioloop import PeriodicCallback
 
-from agent.errors import MarcoError
-from agent.protocol import choose_mdns_interfaces, require_loopback
-from agent.serving import close_server, listen, stop_event_on_signals
-from agent.settings import add_config_argument, add_options, load_settings
-from agent.tls import ServerTlsReloader
-from agent.tokens import create_secret, load_secret
+from marco.errors import MarcoError
+from marco.protocol import choose_mdns_interfaces, require_loopback
+from marco.serving import close_server, listen, stop_event_on_signals
+from marco.settings import add_config_argument, add_options, load_settings
+from marco.tls import ServerTlsReloader
+from marco.tokens import create_secret, load_secret
 
 from . import __version__
 from .app import make_app
 from .config import DEFAULT_CONFIG_FILE, ControllerConfig, controller_options
 from .context import ControllerContext
-from .discovery import ZeroconfBrowser, parse_static_node
+from marco.discovery import ZeroconfBrowser, parse_static_node
 from .pki import ClusterPki, write_secret_copy
 
 log = logging.getLogger("marco.controller")

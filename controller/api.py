@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from agent.errors import BadRequest, MarcoError
+from marco.errors import BadRequest, MarcoError
 
-from .inventory import build_inventory, host_vars
+from marco.inventory import build_inventory, host_vars
 from .session import ApiHandler
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import tornado.web
 
-from agent.serving import log_request
+from marco.serving import log_request
 
 from .api import InventoryApi, LogoutApi, NodesApi, RevokeApi, RunApi, SessionApi, TokenApi
 from .context import ControllerContext

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pam
 
-from agent.errors import AuthenticationError, ConfigError, MarcoError
-from agent.shells import LoginShells
+from marco.errors import AuthenticationError, ConfigError, MarcoError
+from marco.shells import LoginShells
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.serving import ConnectionLimits, connection_limit_options
-from agent.settings import Option, default_state_dir
-from agent.shells import login_shells_option
-from agent.tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
+from marco.serving import ConnectionLimits, connection_limit_options
+from marco.settings import Option, default_state_dir
+from marco.shells import login_shells_option
+from marco.tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
 
 DEFAULT_CONFIG_FILE = "/etc/marco/controller.toml"
 DEFAULT_PORT = 7380

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from agent.client import DEFAULT_TIMEOUT, AsyncAgentClient
-from agent.tls import ClientTls
+from marco.client import DEFAULT_TIMEOUT, AsyncAgentClient
+from marco.tls import ClientTls
 
 
 class Reachable(Protocol):

@@ -9,16 +9,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ConfigError, TryAgain
-from agent.revocations import DeniedTokens, Revocations
-from agent.shells import LoginShells
-from agent.tls import ClientTls, ServerTlsFiles
-from agent.tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner
+from marco.errors import ConfigError, TryAgain
+from marco.revocations import DeniedTokens, Revocations
+from marco.shells import LoginShells
+from marco.tls import ClientTls, ServerTlsFiles
+from marco.tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner
 
 from .auth import LoginRateLimiter, PamAuthenticator
 from .config import ControllerConfig
 from .connector import AgentConnector
-from .discovery import HealthMonitor, NodeRegistry, parse_static_node
+from marco.discovery import HealthMonitor, NodeRegistry, parse_static_node
 from .pki import ClusterPki
 from .revoke import RevocationPusher
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import tornado.web
 
-from agent.chunks import Coalescer
-from agent.client import AsyncAgentClient
-from agent.errors import BadRequest, MarcoError
+from marco.chunks import Coalescer
+from marco.client import AsyncAgentClient
+from marco.errors import BadRequest, MarcoError
 
 from .api import chosen_nodes
 from .session import ApiHandler

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tornado.web
 
-from agent.errors import AuthenticationError, PermissionDenied
+from marco.errors import AuthenticationError, PermissionDenied
 
 from .auth import TooManyAttempts
 from .session import COOKIE, BaseHandler

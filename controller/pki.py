@@ -31,9 +31,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.atomic import write_atomic as _write
-from agent.errors import BadRequest, ConfigError
-from agent.tls import CA_FILE, CRL_FILE
+from marco.atomic import write_atomic as _write
+from marco.errors import BadRequest, ConfigError
+from marco.keys import key_pem, new_key
+from marco.tls import CA_FILE, CRL_FILE
 
 DEFAULT_PKI_DIR = "/etc/marco/pki"
 CA_DAYS = 3650
@@ -55,17 +56,8 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
 def _cert_pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
-
-
-def new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
 
 
 def _san(names: Iterable[str]) -> x509.SubjectAlternativeName:
@@ -147,7 +139,7 @@ class ClusterPki:
               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                              critical=False)
               .sign(key, hashes.SHA256()))
-        _write(self.ca_key_file, _key_pem(key), 0o600)
+        _write(self.ca_key_file, key_pem(key), 0o600)
         _write(self.ca_file, _cert_pem(ca), 0o644)
         self.write_crl()
         host = socket.gethostname()
@@ -241,7 +233,7 @@ class ClusterPki:
             _write(out_dir / CA_FILE, self.ca_file.read_bytes(), 0o644)
             _write(out_dir / CRL_FILE, self.crl_file.read_bytes(), 0o644)
         assert cert_file is not None and key_file is not None
-        _write(key_file, _key_pem(key), 0o600)
+        _write(key_file, key_pem(key), 0o600)
         _write(cert_file, _cert_pem(certificate), 0o644)
         return IssuedBundle(cert_file.parent, cert_file, key_file, certificate.serial_number,
                             certificate.not_valid_after_utc)
@@ -341,12 +333,3 @@ def bundle_dir(path: Path) -> Path:
 def write_secret_copy(source: str | os.PathLike[str], destination: Path) -> None:
     """The cluster secret into a bundle, 0600 from the first byte."""
     _write(destination, Path(source).read_bytes(), 0o600)
-
-
-def make_user_request(user: str) -> tuple[bytes, str]:
-    """For `marco login`: a new private key (PEM) and a CSR (PEM text) naming `user`."""
-    key = new_key()
-    request = (x509.CertificateSigningRequestBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user or "user")]))
-               .sign(key, hashes.SHA256()))
-    return _key_pem(key), request.public_bytes(serialization.Encoding.PEM).decode()

@@ -16,9 +16,9 @@ import logging
 
 import tornado.websocket
 
-from agent.client import AgentStream
-from agent.errors import MarcoError
-from agent.protocol import CLOSE_UNAUTHORIZED, encode
+from marco.client import AgentStream
+from marco.errors import MarcoError
+from marco.protocol import CLOSE_UNAUTHORIZED, encode
 
 from .context import ControllerContext
 from .session import SessionMixin

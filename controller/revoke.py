@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.errors import MarcoError
-from agent.revocations import DeniedTokens, Revocations, token_digest
-from agent.tls import file_stamps
-from agent.tokens import TokenSigner
+from marco.errors import MarcoError
+from marco.revocations import DeniedTokens, Revocations, token_digest
+from marco.tls import file_stamps
+from marco.tokens import TokenSigner
 
 from .connector import AgentConnector
-from .discovery import Node, NodeRegistry
+from marco.discovery import Node, NodeRegistry
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import tornado.web
 
-from agent.errors import AuthenticationError, BadRequest, TokenRevoked
-from agent.jsonapi import JsonApiMixin
-from agent.protocol import decode
+from marco.errors import AuthenticationError, BadRequest, TokenRevoked
+from marco.jsonapi import JsonApiMixin
+from marco.protocol import decode
 
 from .context import ControllerContext
 

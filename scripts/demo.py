@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.client import AsyncAgentClient  # noqa: E402
-from agent.tls import ClientTls, server_trust_context  # noqa: E402
-from agent.tokens import TokenSigner, load_secret  # noqa: E402
+from marco.client import AsyncAgentClient  # noqa: E402
+from marco.tls import ClientTls, server_trust_context  # noqa: E402
+from marco.tokens import TokenSigner, load_secret  # noqa: E402
 
 DEMO_COMMAND = ("echo \"hello from $(hostname) as $(id -un) in $PWD\"; "
                 "for i in 1 2 3 4 5; do echo \"step $i of 5\"; sleep 0.3; done; "

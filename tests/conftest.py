@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from agent.tokens import TokenSigner, create_secret, load_secret
+from marco.tokens import TokenSigner, create_secret, load_secret
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
 from tests.support.pki import TestPki

@@ -10,8 +10,8 @@ from typing import Iterator
 
 import pytest
 
-from agent.errors import PermissionDenied
-from agent.tokens import TokenSigner
+from marco.errors import PermissionDenied
+from marco.tokens import TokenSigner
 from tests.controller.test_api import call
 from tests.support.users import UnixUser, create_user, remove_user
 

@@ -5,7 +5,7 @@ from ansible.errors import AnsibleActionFail, AnsibleError
 from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.plugins.action import ActionBase
 
-from agent.errors import MarcoError
+from marco.errors import MarcoError
 from ansible_plugins.core.deploy import DeployError, deploy
 from ansible_plugins.core.errors import to_ansible
 

@@ -15,9 +15,9 @@ from ansible.module_utils.common.text.converters import to_bytes, to_text
 from ansible.plugins.connection import ConnectionBase
 from ansible.utils.display import Display
 
-from agent.client import AgentClient
-from agent.errors import AuthenticationError, MarcoError
-from controller.credentials import find_token, node_tls
+from marco.client import AgentClient
+from marco.errors import AuthenticationError, MarcoError
+from marco.credentials import find_token, node_tls
 
 from .errors import to_ansible
 

@@ -10,8 +10,8 @@ import posixpath
 import shlex
 from typing import Any
 
-from agent.client import AgentClient
-from agent.errors import Conflict
+from marco.client import AgentClient
+from marco.errors import Conflict
 
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ansible.errors import (AnsibleAuthenticationFailure, AnsibleConnectionFailure, AnsibleError,
                             AnsibleFileNotFound)
 
-from agent.errors import (AgentUnreachable, AuthenticationError, MarcoError, NotFound,
+from marco.errors import (AgentUnreachable, AuthenticationError, MarcoError, NotFound,
                           ShuttingDown, TokenExpired)
 
 LOGIN_HINT = "run `marco login` (or set MARCO_TOKEN / marco_token)"

@@ -1,7 +1,7 @@
 """The `marco` inventory source without a controller: a zeroconf browse (with a controller,
-the plugin reads /api/inventory through `controller.inventory_script.fetch_inventory`).
+the plugin reads /api/inventory through `marco.inventory_script.fetch_inventory`).
 
-Returns the same `--list` JSON either way (`controller.inventory.build_inventory`); the plugin
+Returns the same `--list` JSON either way (`marco.inventory.build_inventory`); the plugin
 shim feeds it to Ansible's inventory and applies `compose`, `groups` and `keyed_groups`.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Sequence
 
-from agent.errors import AuthenticationError, MarcoError
-from agent.protocol import choose_mdns_interfaces
-from controller.credentials import find_client_tls
-from controller.discovery import browse_once
-from controller.inventory import build_inventory
+from marco.errors import AuthenticationError, MarcoError
+from marco.protocol import choose_mdns_interfaces
+from marco.credentials import find_client_tls
+from marco.discovery import browse_once
+from marco.inventory import build_inventory
 
 
 def from_zeroconf(interfaces: Sequence[str], wait: float) -> dict[str, Any]:

@@ -61,10 +61,10 @@ groups:
 from ansible.errors import AnsibleParserError  # noqa: E402
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable  # noqa: E402
 
-from agent.errors import MarcoError  # noqa: E402
+from marco.errors import MarcoError  # noqa: E402
 from ansible_plugins.core.inventory import from_zeroconf  # noqa: E402
-from controller.credentials import find_token  # noqa: E402
-from controller.inventory_script import fetch_inventory  # noqa: E402
+from marco.credentials import find_token  # noqa: E402
+from marco.inventory_script import fetch_inventory  # noqa: E402
 
 
 class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):

@@ -24,9 +24,9 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from agent import __version__
 from agent.announce import Announcement, Announcer, dns_label
-from agent.protocol import choose_mdns_interfaces
-from agent.errors import ConfigError
-from agent.protocol import PROTOCOL_VERSION, SERVICE_TYPE
+from marco.protocol import choose_mdns_interfaces
+from marco.errors import ConfigError
+from marco.protocol import PROTOCOL_VERSION, SERVICE_TYPE
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT = 10.0  # bound of every wait on the network

@@ -9,8 +9,8 @@ import stat
 
 import pytest
 
-from agent.errors import AuthenticationError
-from agent.tokens import TokenSigner
+from marco.errors import AuthenticationError
+from marco.tokens import TokenSigner
 from tests.support.users import UnixUser
 
 

@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 import pytest
 
 from agent.cgroups import cgroup2_mount
-from agent.client import AgentClient
-from agent.tokens import TokenSigner
+from marco.client import AgentClient
+from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for

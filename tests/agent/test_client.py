@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from agent.client import AgentClient
-from agent.errors import AgentUnreachable, Conflict
-from agent.tokens import TokenSigner
+from marco.client import AgentClient
+from marco.errors import AgentUnreachable, Conflict
+from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser
 

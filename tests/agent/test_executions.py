@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from agent.client import AgentClient
-from agent.errors import AuthenticationError, BadRequest, NotFound, PermissionDenied
-from agent.tokens import TokenSigner
+from marco.client import AgentClient
+from marco.errors import AuthenticationError, BadRequest, NotFound, PermissionDenied
+from marco.tokens import TokenSigner
 from agent.users import UserResolver
 from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser

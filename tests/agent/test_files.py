@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from agent.client import AgentClient
-from agent.errors import BadRequest, Conflict, NotFound, PermissionDenied
-from agent.tokens import TokenSigner
+from marco.client import AgentClient
+from marco.errors import BadRequest, Conflict, NotFound, PermissionDenied
+from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser
 

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from tornado import httpclient, websocket
 
 from agent.lines import LineSplitter
-from agent.protocol import CLOSE_BAD_MESSAGE, CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
-from agent.tokens import TokenSigner
+from marco.protocol import CLOSE_BAD_MESSAGE, CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
+from marco.tokens import TokenSigner
 from tests.agent.test_tokens import equivalent_spellings, expired_token
 from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser
@@ -283,7 +283,7 @@ def test_file_path_fuzz(fuzz_agent: AgentProcess, signer: TokenSigner, alice: Un
     def case(path: str, overwrite: bool, mode: int | None) -> None:
         import io
 
-        from agent.errors import MarcoError
+        from marco.errors import MarcoError
         seen["cases"] += 1
         try:
             answer = client.put_file(io.BytesIO(b"fuzz\n"), path, mode=mode, overwrite=overwrite,
@@ -348,7 +348,7 @@ def test_forged_tokens_never_verify(signer: TokenSigner, alice: UnixUser) -> Non
         if valid:
             assert signer.verify(token) == alice.name
             return
-        from agent.errors import AuthenticationError
+        from marco.errors import AuthenticationError
         with pytest.raises(AuthenticationError):
             signer.verify(token)  # type: ignore[arg-type]
 

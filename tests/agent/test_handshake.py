@@ -5,7 +5,7 @@ nothing, a handshake and then nothing, half a request line in --dev) are closed 
 
 from __future__ import annotations
 
-from agent.tokens import TokenSigner
+from marco.tokens import TokenSigner
 from tests.support.connections import check_pending_limits
 from tests.support.users import UnixUser
 
@@ -27,7 +27,7 @@ def test_dev_agent_bounds_connections_without_a_request(start_agent) -> None:  #
 
 def test_connections_count_against_an_ipv4_address_or_an_ipv6_64() -> None:
     """One IPv6 host holds a whole /64: counting single addresses would give it endless quotas."""
-    from agent.serving import _peer_address
+    from marco.serving import _peer_address
     assert _peer_address(("2001:db8::1", 7370, 0, 0)) == _peer_address(("2001:db8::ff:1", 1)) \
         == "2001:db8::/64"
     assert _peer_address(("2001:db8:0:1::1", 1)) != "2001:db8::/64"

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from agent.client import AgentClient
-from agent.errors import NotFound, PayloadTooLarge, TooManyExecutions
-from agent.tokens import TokenSigner
+from marco.client import AgentClient
+from marco.errors import NotFound, PayloadTooLarge, TooManyExecutions
+from marco.tokens import TokenSigner
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
@@ -103,7 +103,7 @@ def test_sockets_per_user_are_capped(start_agent, signer: TokenSigner, alice: Un
                                      bob: UnixUser) -> None:
     import asyncio
 
-    from agent.errors import TooManySockets
+    from marco.errors import TooManySockets
     agent = start_agent(extra_args=["--max-sockets-per-user", "3"])
 
     async def scenario() -> None:
@@ -136,8 +136,8 @@ def test_slow_consumer_bound_counts_the_message_being_added(start_agent, signer:
     socket is closed (4408) and the client replays instead."""
     import asyncio
 
-    from agent.errors import MarcoError
-    from agent.protocol import CLOSE_SLOW_CONSUMER
+    from marco.errors import MarcoError
+    from marco.protocol import CLOSE_SLOW_CONSUMER
     agent = start_agent(extra_args=["--max-socket-pending-bytes", "8192"])
     token = signer.issue(alice.name)
 
@@ -168,7 +168,7 @@ def test_wait_captures_and_running_spools_count_in_the_user_budget(  # type: ign
     """`?wait=1` captures (unlinked temp files `du` does not see) and the spools of running
     executions are the user's disk too: bounded by the budget, then 507 instead of a full
     disk; other users are not touched."""
-    from agent.errors import InsufficientStorage
+    from marco.errors import InsufficientStorage
     agent = start_agent(extra_args=["--spool-max-bytes-per-user", "1000000"])
     alices = agent.client(signer.issue(alice.name))
     big = alices.run("head -c 3000000 /dev/zero | tr '\\0' a; echo")
@@ -214,7 +214,7 @@ def test_audit_log_rotates_and_reopens_on_sighup(start_agent, signer: TokenSigne
 def test_stdin_and_cwd_are_capped(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
     """stdin waits in the agent's memory until the command reads it, a cwd is in every
     listing: both are bounded with a clear error."""
-    from agent.errors import BadRequest
+    from marco.errors import BadRequest
     agent = start_agent(extra_args=["--max-stdin-bytes", "100000"])
     client = agent.client(signer.issue(alice.name))
     assert client.run(["wc", "-c"], stdin=b"x" * 100_000).stdout.strip() == b"100000"
@@ -229,7 +229,7 @@ def test_slow_consumer_bound_counts_bytes_not_characters(start_agent, signer: To
     """Output of 4-byte characters: 3,000 characters are 12,000 bytes, past an 8 KiB bound."""
     import asyncio
 
-    from agent.errors import MarcoError
+    from marco.errors import MarcoError
     agent = start_agent(extra_args=["--max-socket-pending-bytes", "8192"])
     token = signer.issue(alice.name)
 

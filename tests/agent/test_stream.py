@@ -8,9 +8,9 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from agent.client import AgentStream, AsyncAgentClient
-from agent.errors import AuthenticationError, PermissionDenied
-from agent.tokens import TokenSigner
+from marco.client import AgentStream, AsyncAgentClient
+from marco.errors import AuthenticationError, PermissionDenied
+from marco.tokens import TokenSigner
 from tests.agent.test_tokens import expired_token, tampered_token, wrong_salt_token
 from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser

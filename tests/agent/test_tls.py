@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import AgentClient
-from agent.tls import CertificateRefused, ClientTls, describe_tls_error
-from agent.tokens import TokenSigner
+from marco.client import AgentClient
+from marco.tls import CertificateRefused, ClientTls, describe_tls_error
+from marco.tokens import TokenSigner
 from controller.pki import ClusterPki
 from tests.support.agent_process import AgentProcess
 from tests.support.daemon import ROOT
@@ -146,8 +146,8 @@ def test_crl_pushes_need_the_controller_and_the_cluster_ca(shared_agent: AgentPr
                                                            alice: UnixUser, tmp_path: Path) -> None:
     import asyncio
 
-    from agent.errors import AuthenticationError, BadRequest, Conflict, PermissionDenied
-    from agent.tokens import SERVICE_MAX_AGE, SERVICE_SALT, load_secret
+    from marco.errors import AuthenticationError, BadRequest, Conflict, PermissionDenied
+    from marco.tokens import SERVICE_MAX_AGE, SERVICE_SALT, load_secret
 
     service = TokenSigner(load_secret(shared_agent.secret_file), SERVICE_MAX_AGE,
                           salt=SERVICE_SALT).issue("controller")

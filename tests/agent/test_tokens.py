@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
-from agent.errors import AuthenticationError, ConfigError, TokenExpired
-from agent.tokens import TOKEN_SALT, TokenSigner, create_secret, load_secret
+from marco.errors import AuthenticationError, ConfigError, TokenExpired
+from marco.tokens import TOKEN_SALT, TokenSigner, create_secret, load_secret
 
 SECRET = b"s" * 40
 
@@ -143,7 +143,7 @@ def test_secret_readable_by_a_group_or_owned_by_a_user_is_refused(tmp_path: Path
 
 
 def test_rotation_newest_signs_all_verify(tmp_path: Path) -> None:
-    from agent.tokens import rotate_secret
+    from marco.tokens import rotate_secret
     path = create_secret(tmp_path / "secret")
     old_token = TokenSigner(load_secret(path)).issue("alice")
     rotate_secret(path)
@@ -160,7 +160,7 @@ def test_rotation_newest_signs_all_verify(tmp_path: Path) -> None:
 
 
 def test_health_proof_binds_secret_nonce_and_node() -> None:
-    from agent.tokens import health_proof, verify_health_proof
+    from marco.tokens import health_proof, verify_health_proof
     proof = health_proof(SECRET, "nonce-1", "n1")
     assert verify_health_proof([b"o" * 40, SECRET], "nonce-1", "n1", proof)
     assert not verify_health_proof([SECRET], "nonce-2", "n1", proof)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.tokens import TokenSigner
+from marco.tokens import TokenSigner
 from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from tornado import httpclient, websocket
 
-from agent.tokens import TokenSigner
+from marco.tokens import TokenSigner
 from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser
 
@@ -222,7 +222,7 @@ def test_browser_sessions_survive_a_secret_rotation(cluster, alice: UnixUser,  #
                                                     secret_file: Path, tmp_path: Path) -> None:
     """A cookie signed before the rotation still logs in after it (versioned cookie keys)."""
     import shutil
-    from agent.tokens import rotate_secret
+    from marco.tokens import rotate_secret
     from tests.support.controller_process import ControllerProcess
     controller, _ = cluster
     cookie = login_cookie(controller, alice)

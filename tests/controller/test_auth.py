@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agent.errors import AuthenticationError, ConfigError
+from marco.errors import AuthenticationError, ConfigError
 from controller.auth import LoginRateLimiter, PamAuthenticator, TooManyAttempts, check_pam_service
 from tests.support.users import UnixUser
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.tokens import TokenSigner
+from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
 from tests.support.netns import NamespaceNetwork
@@ -169,8 +169,8 @@ def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signe
     from zeroconf import ServiceInfo
     from zeroconf.asyncio import AsyncZeroconf
 
-    from agent.protocol import SERVICE_TYPE
-    from agent.tls import ServerTlsFiles
+    from marco.protocol import SERVICE_TYPE
+    from marco.tls import ServerTlsFiles
     from controller.pki import ClusterPki
 
     class FakeAgent(BaseHTTPRequestHandler):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ssl
 
-from agent.tokens import TokenSigner
+from marco.tokens import TokenSigner
 from tests.support.connections import check_pending_limits
 from tests.support.users import UnixUser
 

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from agent.client import AgentClient
-from agent.tokens import TokenSigner
+from marco.client import AgentClient
+from marco.tokens import TokenSigner
 from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from controller.discovery import Node, NodeRegistry
-from controller.inventory import build_inventory, group_name
+from marco.discovery import Node, NodeRegistry
+from marco.inventory import build_inventory, group_name
 
 
 def test_announcements_do_not_take_names_from_the_config_or_a_live_service() -> None:
@@ -53,8 +53,8 @@ def test_announced_keys_never_steer_the_connection() -> None:
 def test_plain_http_only_to_loopback() -> None:
     import pytest
 
-    from agent.errors import ConfigError
-    from controller.credentials import node_tls
+    from marco.errors import ConfigError
+    from marco.credentials import node_tls
 
     assert node_tls(False, "127.0.0.1") is None and node_tls(False, "::1") is None
     with pytest.raises(ConfigError, match="refusing plain HTTP to 192.0.2.10"):

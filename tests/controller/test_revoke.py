@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import AuthenticationError, TokenRevoked
-from agent.tokens import SERVICE_SALT, TokenSigner
+from marco.errors import AuthenticationError, TokenRevoked
+from marco.tokens import SERVICE_SALT, TokenSigner
 from tests.controller.test_api import call, login_cookie
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
@@ -175,8 +175,8 @@ def test_revoke_cert_reaches_agents_through_the_controller(start_agent, start_co
     """`marco-controller revoke-cert NAME` beside a running controller: the controller pushes
     the new CRL to every agent, which refuses that certificate within seconds; nobody copies
     files by hand."""
-    from agent.client import AgentClient
-    from agent.tls import CertificateRefused, ClientTls
+    from marco.client import AgentClient
+    from marco.tls import CertificateRefused, ClientTls
 
     agent = start_agent(node_name="crl-push")
     controller = start_controller(extra_args=["--no-discovery", "--node",

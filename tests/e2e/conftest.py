@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from agent.tokens import TokenSigner
+from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
 from tests.support.netns import NamespaceNetwork

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.tokens import TokenSigner
+from marco.tokens import TokenSigner
 from tests.agent.test_tokens import expired_token
 from tests.e2e.conftest import BIN, PLAYBOOKS, Fleet
 from tests.support.agent_process import AgentProcess

@@ -10,7 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from agent.tokens import TokenSigner
+from marco.tokens import TokenSigner
 from tests.e2e.conftest import Fleet
 from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser

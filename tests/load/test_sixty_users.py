@@ -19,7 +19,7 @@ import psutil
 import pytest
 from tornado import httpclient, websocket
 
-from agent.tokens import TokenSigner
+from marco.tokens import TokenSigner
 from tests.controller.test_api import login_cookie
 from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser, create_user, remove_user

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from agent.client import AgentClient, AsyncAgentClient
+from marco.client import AgentClient, AsyncAgentClient
 from tests.support.daemon import DaemonProcess, free_port
 from tests.support.pki import TestPki
 

@@ -7,7 +7,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
-from agent.tls import server_trust_context
+from marco.tls import server_trust_context
 from tests.support.daemon import DaemonProcess, free_port
 from tests.support.pki import TestPki
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent.tls import ClientTls
+from marco.tls import ClientTls
 from controller.pki import ClusterPki
 
 

@@ -1,7 +1,7 @@
 """Clients of the agent API: `AgentClient` (sync, kept-alive; for Ansible workers and the CLI)
 and `AsyncAgentClient` (Tornado; for the controller), plus `AgentStream` for /v1/stream.
 
-Both raise the typed errors of `agent.errors`: an agent that cannot be reached raises
+Both raise the typed errors of `marco.errors`: an agent that cannot be reached raises
 `AgentUnreachable`, an error answer raises the class the agent named (401 ->
 `AuthenticationError`/`TokenExpired`, 403 -> `PermissionDenied`, 404, 409, ...).
 """

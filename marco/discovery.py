@@ -19,11 +19,11 @@ from typing import Any, Awaitable, Callable, Sequence
 from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from agent.client import AsyncAgentClient
-from agent.tls import CertificateRefused, ClientTls
-from agent.errors import ConfigError, MarcoError
-from agent.protocol import DEFAULT_PORT, SERVICE_TYPE
-from agent.tokens import verify_health_proof
+from marco.client import AsyncAgentClient
+from marco.tls import CertificateRefused, ClientTls
+from marco.errors import ConfigError, MarcoError
+from marco.protocol import DEFAULT_PORT, SERVICE_TYPE
+from marco.tokens import verify_health_proof
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """JSON answers and typed-error translation for Tornado handlers (agent and controller alike).
 
-A handler raises an `agent.errors.MarcoError`; this mixin turns it into its HTTP status and a
+A handler raises a `marco.errors.MarcoError`; this mixin turns it into its HTTP status and a
 `{"error": code, "message": text}` body, logs it as an ordinary outcome rather than a crash,
 and hides anything unexpected behind a generic 500 (the traceback goes to the log only).
 """

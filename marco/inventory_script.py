@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Sequence
 
-from agent.errors import AgentUnreachable, AuthenticationError, MarcoError
+from marco.errors import AgentUnreachable, AuthenticationError, MarcoError
 
 from .credentials import controller_context, find_token
 

@@ -10,9 +10,9 @@ import ssl
 from pathlib import Path
 from typing import Mapping
 
-from agent.atomic import write_atomic
-from agent.errors import AuthenticationError, ConfigError
-from agent.tls import CA_FILE, CRL_FILE, DEFAULT_TLS_DIR, ClientTls, server_trust_context
+from marco.atomic import write_atomic
+from marco.errors import AuthenticationError, ConfigError
+from marco.tls import CA_FILE, CRL_FILE, DEFAULT_TLS_DIR, ClientTls, server_trust_context
 
 CLIENT_CERT, CLIENT_KEY = "client.pem", "client.key"
 

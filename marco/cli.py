@@ -23,12 +23,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from agent.client import AgentClient, AsyncAgentClient
-from agent.errors import MarcoError
+from marco.client import AgentClient, AsyncAgentClient
+from marco.errors import MarcoError
 
 from .credentials import (controller_context, find_token, forget_tls, node_tls, store_tls,
                           store_token, stored_token_path)
-from .pki import make_user_request
+from .keys import make_user_request
 
 DEFAULT_CONTROLLER = "https://127.0.0.1:7380"
 STOP_WAIT = 10.0  # seconds to wait for the exits after Ctrl-C (the agents' grace is 5 s)
