@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(same names, plus --name ...); the running one reloads it")
     renew.add_argument("--name", dest="san", action="append", default=[], metavar="NAME")
     revoke = commands.add_parser("revoke-cert", help="revoke certificates by name or serial "
-                                 "and rewrite the CRL (copy crl.pem to the agents)")
+                                 "and rewrite the CRL (a running controller pushes it to every "
+                                 "agent)")
     revoke.add_argument("which", metavar="NAME|SERIAL")
     commands.add_parser("list-certs", help="the certificates this CA issued")
     return parser
@@ -92,8 +93,9 @@ def admin(args: argparse.Namespace, config: ControllerConfig) -> int:
               f"{bundle.not_after:%Y-%m-%d}); a running controller uses it within 5 s")
     elif args.command == "revoke-cert":
         serials = pki.revoke(args.which)
-        print(f"revoked {', '.join(map(str, serials))}; copy {pki.crl_file} to every agent's "
-              "/etc/marco/crl.pem (they reload it within seconds)")
+        print(f"revoked {', '.join(map(str, serials))}; a running controller pushes "
+              f"{pki.crl_file} to every live agent within seconds (agents that are down get it "
+              "when they come back); without one, copy it to each agent's /etc/marco/crl.pem")
     elif args.command == "list-certs":
         for serial, record in sorted(pki.issued().items(), key=lambda item: item[1]["name"]):
             state = "revoked" if record.get("revoked") else f"until {record['not_after'][:10]}"

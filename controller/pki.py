@@ -6,7 +6,7 @@ secret:
 
     ca.pem  ca.key          the CA (the key never leaves this directory)
     controller.pem/.key     the controller: TLS server for the web page, client to agents
-    crl.pem                 revoked serials, signed by the CA (copy to agents; they reload it)
+    crl.pem                 revoked serials, signed by the CA (pushed to agents; they reload it)
     issued.json             serial -> name, kind, expiry (for `revoke-cert NAME` and `list-certs`)
 
 Keys are ECDSA P-256: fast to make and to verify, small certificates.

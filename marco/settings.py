@@ -1,7 +1,8 @@
 """Layered settings: built-in defaults < TOML config file < MARCO_* environment < command line.
 
-One `Option` list describes a program's settings once; `parse_settings` builds the argparse
-parser from it and merges the layers. The controller reuses this for its own options.
+One `Option` list describes a program's settings once: `add_options` builds the argparse
+parser from it and `load_settings` merges the layers. The controller reuses this for its own
+options.
 """
 
 from __future__ import annotations
