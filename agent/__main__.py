@@ -123,7 +123,11 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
                     "tokens and output are not encrypted. Never use this on a network.")
     reloader = ServerTlsReloader(server, tls) if tls else None
     ctx.on_tls_change = reloader.check if reloader else None
-    tls_watch = PeriodicCallback(reloader.check, TLS_RELOAD_INTERVAL * 1000) if reloader else None
+    tls_watch = None
+    if reloader is not None:
+        def check_tls() -> None:
+            reloader.check()
+        tls_watch = PeriodicCallback(check_tls, TLS_RELOAD_INTERVAL * 1000)
     if tls_watch:
         tls_watch.start()
     announcer = None

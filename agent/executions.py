@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from marco import protocol
 from .budget import Account, DiskBudget
@@ -153,8 +153,8 @@ class OutputCapture:
                  account: Account | None = None) -> None:
         self.limit = limit
         self.account = account  # the owner's disk budget: a capture may spill to disk
-        self.streams: dict[int, BinaryIO] = {
-            fd: tempfile.SpooledTemporaryFile(max_size=CAPTURE_MEMORY, dir=tmp_dir)  # type: ignore[misc]
+        self.streams: dict[int, tempfile.SpooledTemporaryFile[bytes]] = {
+            fd: tempfile.SpooledTemporaryFile(max_size=CAPTURE_MEMORY, mode="w+b", dir=str(tmp_dir))
             for fd in (STDOUT, STDERR)}
         self.sizes = {STDOUT: 0, STDERR: 0}
         self.truncated = {STDOUT: False, STDERR: False}
@@ -426,7 +426,7 @@ class ExecutionManager:
             raise NotFound("no such execution")
         return execution
 
-    def list(self, username: str) -> list[Execution]:
+    def of_user(self, username: str) -> list[Execution]:
         return sorted((e for e in self._executions.values() if e.user == username),
                       key=lambda e: e.started)
 

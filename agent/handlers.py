@@ -96,7 +96,7 @@ class ExecutionsHandler(ApiHandler):
     def get(self) -> None:
         user = self.authenticate()
         self.write_json({"executions": [e.summary(short=True)
-                                        for e in self.ctx.executions.list(user.name)]})
+                                        for e in self.ctx.executions.of_user(user.name)]})
 
     async def post(self) -> None:
         user = self.authenticate()

@@ -261,7 +261,7 @@ class StatusSampler:
         """Details (user, name, rss) of the top N by CPU %, ties broken by accumulated CPU."""
         states.sort(key=lambda s: (s.cpu_percent, s.cpu_total), reverse=True)
         mono = self.clock()
-        top = []
+        top: list[dict[str, Any]] = []
         for state in states:
             if len(top) >= self.top_n:
                 break

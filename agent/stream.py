@@ -10,6 +10,7 @@ with the next message is closed with 4408 and can reconnect and replay from its 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -105,7 +106,7 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
             return
         self.user, self.token = user, token  # type: ignore[assignment]
         self.ctx.hub.add(user.name, self)
-        executions = [e.summary(short=True) for e in self.ctx.executions.list(user.name)]
+        executions = [e.summary(short=True) for e in self.ctx.executions.of_user(user.name)]
         self.send(protocol.encode({"type": "hello", "user": user.name,
                                    "node": self.ctx.config.node_name,
                                    "proto": protocol.PROTOCOL_VERSION,
@@ -180,9 +181,9 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
             self._forget()
             return
         self.pending_bytes += size
-        future.add_done_callback(lambda f, size=size: self._written(f, size))
+        future.add_done_callback(functools.partial(self._written, size=size))
 
-    def _written(self, future: "asyncio.Future[None]", size: int) -> None:
+    def _written(self, future: "asyncio.Future[None]", *, size: int) -> None:
         self.pending_bytes -= size
         if not future.cancelled() and future.exception() is not None:
             self._forget()

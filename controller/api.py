@@ -125,7 +125,9 @@ class LogoutApi(ApiHandler):
 
     async def post(self) -> None:
         user = self.require_user()
-        result = await self.ctx.pusher.deny(self.token())
+        token = self.token()
+        assert token is not None  # require_user verified it
+        result = await self.ctx.pusher.deny(token)
         self.clear_cookie("marco_token")
         self.write_json({"user": user, **result})
 

@@ -41,8 +41,8 @@ class LogoutPage(BaseHandler):
         user = self.current_user
         if user and self.get_body_argument("everywhere", "") == "1":
             await self.ctx.pusher.revoke(user)
-        elif user:
-            self.ctx.pusher.deny_soon(self.token())
+        elif user and (token := self.token()):
+            self.ctx.pusher.deny_soon(token)
         self.clear_cookie(COOKIE)
         self.redirect("/login")
 

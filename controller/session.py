@@ -5,7 +5,7 @@ Both carry the agents' token; the user is always derived from it (checked with m
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Awaitable
 
 import tornado.web
 
@@ -86,8 +86,9 @@ class ApiHandler(JsonApiMixin, BaseHandler):
 
     service_name = "controller"
 
-    def prepare(self) -> None:
+    def prepare(self) -> Awaitable[None] | None:  # subclasses may prepare asynchronously
         self.set_header("Content-Type", "application/json")
+        return None
 
     @property
     def agents_tls(self) -> bool:
