@@ -87,10 +87,10 @@ def inventory(work: Path, connection: str, nodes: int, agents: dict[str, list[Ag
     for i in range(nodes):
         if connection == "marco":  # mutual TLS, as installed
             agent = agents["tls"][i]
-            lines.append(f"m{i} ansible_connection=marco ansible_host=127.0.0.1 "
+            lines.append(f"m{i} ansible_connection=marco.fleet.marco ansible_host=127.0.0.1 "
                          f"ansible_port={agent.port} marco_node={agent.node_name}")
         elif connection == "marco-dev":  # plain HTTP (--dev): what TLS costs
-            lines.append(f"d{i} ansible_connection=marco ansible_host=127.0.0.1 "
+            lines.append(f"d{i} ansible_connection=marco.fleet.marco ansible_host=127.0.0.1 "
                          f"ansible_port={agents['dev'][i].port} marco_tls=false")
         elif connection == "ssh":
             lines.append(f"s{i} ansible_connection=ssh ansible_host=127.0.0.1 ansible_port={sshd.port} "

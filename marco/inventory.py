@@ -17,6 +17,9 @@ class InventoryNode(Protocol):
 
 RESERVED_GROUPS = {"_meta", "all", "ungrouped"}
 
+#: The connection plugin every node is reached through (the collection marco.fleet).
+CONNECTION = "marco.fleet.marco"
+
 #: The announced facts that become `marco_*` host variables. Only descriptive ones: anything
 #: that steers the connection (address, port, node name, TLS, token, files) is set here from
 #: what the controller checked, never from what a machine on the LAN announced.
@@ -35,7 +38,7 @@ def host_vars(node: InventoryNode, tls: bool = True) -> dict[str, Any]:
     """One host's variables. `tls` is the inventory source's own mode (mutual TLS unless it
     runs in --dev), whatever the node announced."""
     variables: dict[str, Any] = {"ansible_host": node.host, "ansible_port": node.port,
-                                 "ansible_connection": "marco", "marco_node": node.name,
+                                 "ansible_connection": CONNECTION, "marco_node": node.name,
                                  "marco_tls": tls}
     for key in ANNOUNCED_FACTS:
         if key in node.txt:

@@ -27,7 +27,7 @@ display = Display()
 class MarcoConnection(ConnectionBase):
     """Run commands and move files through a Marco agent."""
 
-    transport = "marco"
+    transport = "marco.fleet.marco"
     has_pipelining = True
     has_tty = False
 

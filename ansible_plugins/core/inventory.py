@@ -1,20 +1,25 @@
-"""The `marco` inventory source without a controller: a zeroconf browse (with a controller,
-the plugin reads /api/inventory through `marco.inventory_script.fetch_inventory`).
+"""The `marco.fleet.marco` inventory plugin: the controller's /api/inventory (through
+`marco.inventory_script.fetch_inventory`) or, without a controller, a zeroconf browse.
 
-Returns the same `--list` JSON either way (`marco.inventory.build_inventory`); the plugin
-shim feeds it to Ansible's inventory and applies `compose`, `groups` and `keyed_groups`.
+Both give the same `--list` JSON (`marco.inventory.build_inventory`); `MarcoInventory` feeds it
+to Ansible's inventory and applies `compose`, `groups` and `keyed_groups`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from marco.errors import AuthenticationError, MarcoError
-from marco.protocol import choose_mdns_interfaces
-from marco.credentials import find_client_tls
+from ansible.errors import AnsibleParserError
+from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
+
+from marco.credentials import find_client_tls, find_token
 from marco.discovery import browse_once
+from marco.errors import AuthenticationError, MarcoError
 from marco.inventory import build_inventory
+from marco.inventory_script import fetch_inventory
+from marco.protocol import choose_mdns_interfaces
 
 
 def from_zeroconf(interfaces: Sequence[str], wait: float) -> dict[str, Any]:
@@ -30,5 +35,64 @@ def from_zeroconf(interfaces: Sequence[str], wait: float) -> dict[str, Any]:
     if tls is None and not alive and any(n.txt.get("tls") == "1" for n in nodes):
         raise AuthenticationError(
             f"found {len(nodes)} agent(s) speaking mutual TLS, but you have no client "
-            "certificate: run `marco login` (or set MARCO_CLIENT_CERT, MARCO_CLIENT_KEY, MARCO_TLS_CA)")
+            "certificate: run `marco login` (or set MARCO_CLIENT_CERT, MARCO_CLIENT_KEY, "
+            "MARCO_TLS_CA)")
     return build_inventory(alive, tls=tls is not None)
+
+
+class MarcoInventory(BaseInventoryPlugin, Constructable, Cacheable):
+    """The nodes of a Marco controller (`/api/inventory`), or found by zeroconf."""
+
+    NAME = "marco.fleet.marco"
+
+    def verify_file(self, path):
+        return super().verify_file(path) and path.endswith((".marco.yml", ".marco.yaml"))
+
+    def _fetch(self):
+        controller = self.get_option("controller")
+        try:
+            if controller:
+                token = find_token(self.get_option("marco_token"),
+                                   self.get_option("marco_token_file"))
+                return fetch_inventory(controller, token)
+            return from_zeroconf(self.get_option("mdns_interfaces"),
+                                 self.get_option("browse_seconds"))
+        except MarcoError as error:
+            raise AnsibleParserError(f"marco inventory: {error}") from None
+
+    def parse(self, inventory, loader, path, cache=True):
+        super().parse(inventory, loader, path, cache)
+        self._read_config_data(path)
+        cache_key = self.get_cache_key(path)
+        use_cache = self.get_option("cache") and cache
+        data = None
+        if use_cache:
+            try:
+                data = self._cache[cache_key]
+            except KeyError:
+                pass
+        if data is None:
+            data = self._fetch()
+            if self.get_option("cache"):
+                self._cache[cache_key] = data
+        self._populate(data)
+
+    def _populate(self, data):
+        strict = self.get_option("strict")
+        hostvars = data.get("_meta", {}).get("hostvars", {})
+        for group, body in data.items():
+            if group in ("_meta", "all"):
+                continue
+            self.inventory.add_group(group)
+            for host in body.get("hosts", []):
+                self.inventory.add_host(host, group=group)
+        for host, variables in hostvars.items():
+            self.inventory.add_host(host)
+            for key, value in variables.items():
+                self.inventory.set_variable(host, key, value)
+            self._set_composite_vars(self.get_option("compose"), variables, host,
+                                     strict=strict)
+            self._add_host_to_composed_groups(self.get_option("groups"), variables, host,
+                                              strict=strict)
+            self._add_host_to_keyed_groups(self.get_option("keyed_groups"), variables, host,
+                                           strict=strict)

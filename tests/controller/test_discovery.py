@@ -35,7 +35,7 @@ def test_finds_agents_on_loopback_and_drops_a_killed_one(start_agent, start_cont
     for name, agent in zip(names, agents):
         assert hosts[name]["ansible_host"] == "127.0.0.1"
         assert hosts[name]["ansible_port"] == agent.port
-        assert hosts[name]["ansible_connection"] == "marco"
+        assert hosts[name]["ansible_connection"] == "marco.fleet.marco"
         assert hosts[name]["marco_groups"] == "web,db"
     inventory = controller.get_json("/api/inventory", token)
     assert set(names) <= set(inventory["web"]["hosts"]) and set(names) <= set(inventory["db"]["hosts"])
@@ -146,7 +146,7 @@ def test_ansible_inventory_reads_the_controller(start_agent, start_controller,  
     import json
     data = json.loads(listed.stdout)
     assert name in data["web"]["hosts"]
-    assert data["_meta"]["hostvars"][name]["ansible_connection"] == "marco"
+    assert data["_meta"]["hostvars"][name]["ansible_connection"] == "marco.fleet.marco"
     graph = subprocess.run([ansible_inventory, "-i", str(script), "--graph"], env=env,
                            capture_output=True, text=True, timeout=120)
     assert graph.returncode == 0 and "@web:" in graph.stdout and name in graph.stdout

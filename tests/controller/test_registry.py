@@ -32,7 +32,7 @@ def test_reserved_group_names_are_renamed() -> None:
         assert group_name(raw) not in {"_meta", "all", "ungrouped"}
     node = Node("evil", "10.0.0.9", 7370, txt={"groups": "-meta,web"})
     inventory = build_inventory([node])
-    assert inventory["_meta"]["hostvars"]["evil"]["ansible_connection"] == "marco"
+    assert inventory["_meta"]["hostvars"]["evil"]["ansible_connection"] == "marco.fleet.marco"
     assert "evil" in inventory["web"]["hosts"]
 
 

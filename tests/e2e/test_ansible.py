@@ -149,7 +149,7 @@ def test_expired_token_fails_with_the_login_hint(fleet: Fleet, signer: TokenSign
     secret = signer._serializer.secret_keys[-1]
     inventory = ",".join(f"{a.host}" for a in fleet.agents[:1]) + ","
     out = fleet.ansible(expired_token(secret, alice.name), "-i", inventory, "all", "-m", "ping",
-                        "-c", "marco", "-e", f"marco_node={fleet.agents[0].node_name}",
+                        "-c", "marco.fleet.marco", "-e", f"marco_node={fleet.agents[0].node_name}",
                         tool="ansible")
     assert out.returncode != 0
     assert "UNREACHABLE" in out.stdout and "expired" in out.stdout and "marco login" in out.stdout
@@ -161,7 +161,7 @@ def test_become_with_sudo(fleet: Fleet, signer: TokenSigner, alice: UnixUser, bo
     sudoers.chmod(0o440)
     try:
         inventory = f"{fleet.agents[0].host},"
-        common = ["-i", inventory, "all", "-c", "marco", "-b", "-m", "command", "-a", "id -un",
+        common = ["-i", inventory, "all", "-c", "marco.fleet.marco", "-b", "-m", "command", "-a", "id -un",
                   "-e", f"marco_node={fleet.agents[0].node_name}"]
         ok = fleet.ansible(signer.issue(alice.name), *common, tool="ansible")
         assert ok.returncode == 0 and "root" in ok.stdout, ok.stdout + ok.stderr
@@ -183,11 +183,11 @@ def test_become_with_sudo(fleet: Fleet, signer: TokenSigner, alice: UnixUser, bo
 
 def test_ansible_doc_and_inventory_graph(fleet: Fleet, signer: TokenSigner, alice: UnixUser) -> None:
     token = signer.issue(alice.name)
-    doc = fleet.ansible(token, "-t", "connection", "marco", tool="ansible-doc")
+    doc = fleet.ansible(token, "-t", "connection", "marco.fleet.marco", tool="ansible-doc")
     assert doc.returncode == 0 and "marco login" in doc.stdout and "marco_token" in doc.stdout
-    doc = fleet.ansible(token, "-t", "inventory", "marco", tool="ansible-doc")
+    doc = fleet.ansible(token, "-t", "inventory", "marco.fleet.marco", tool="ansible-doc")
     assert doc.returncode == 0 and "keyed_groups" in doc.stdout
-    doc = fleet.ansible(token, "marco_deploy", tool="ansible-doc")
+    doc = fleet.ansible(token, "marco.fleet.marco_deploy", tool="ansible-doc")
     assert doc.returncode == 0 and "live" in doc.stdout
     graph = fleet.ansible(token, "--graph", tool="ansible-inventory")
     assert graph.returncode == 0, graph.stderr
@@ -206,11 +206,11 @@ def test_marco_deploy_creates_overwrite_and_failures(fleet: Fleet, signer: Token
     source.write_text("#!/bin/sh\necho tool-v1\n")
 
     def deploy(args: str) -> subprocess.CompletedProcess[str]:
-        return fleet.ansible(token, "-i", target, "all", "-c", "marco", *pin, "-m", "marco_deploy",
+        return fleet.ansible(token, "-i", target, "all", "-c", "marco.fleet.marco", *pin, "-m", "marco.fleet.marco_deploy",
                              "-a", args, tool="ansible")
 
     folder = f"~/marco-e2e/deploy-{os.getpid()}"
-    assert fleet.ansible(token, "-i", target, "all", "-c", "marco", *pin, "-m", "file", "-a",
+    assert fleet.ansible(token, "-i", target, "all", "-c", "marco.fleet.marco", *pin, "-m", "file", "-a",
                          f"path={folder} state=directory", tool="ansible").returncode == 0
     first = deploy(f"src={source} dest={folder} mode=0755 command=./tool.sh")
     assert first.returncode == 0 and "tool-v1" in first.stdout and "CHANGED" in first.stdout
@@ -236,7 +236,7 @@ def test_the_plugin_refuses_a_rogue_agent_and_foreign_client_certificates(
     victim = fleet.agents[0].node_name
     rogue = AgentProcess(secret_file, tmp_path / "rogue" / "state", node_name=victim, pki=foreign)
     try:
-        out = fleet.ansible(token, "-i", "127.0.0.1,", "all", "-c", "marco", "-m", "command",
+        out = fleet.ansible(token, "-i", "127.0.0.1,", "all", "-c", "marco.fleet.marco", "-m", "command",
                             "-a", "echo should-not-run", "-e", f"ansible_port={rogue.port}",
                             "-e", f"marco_node={victim}", tool="ansible")
         assert out.returncode != 0 and "UNREACHABLE" in out.stdout, out.stdout
@@ -248,7 +248,7 @@ def test_the_plugin_refuses_a_rogue_agent_and_foreign_client_certificates(
     # The cluster's CA is trusted, but the client's certificate comes from the other one.
     outsider = {**foreign.client_env(), "MARCO_TLS_CA": str(fleet.pki.ca_file)}
     out = subprocess.run([str(BIN / "ansible"), "-i", f"{fleet.agents[0].host},", "all",
-                          "-c", "marco", "-m", "ping", "-e", f"marco_node={victim}"],
+                          "-c", "marco.fleet.marco", "-m", "ping", "-e", f"marco_node={victim}"],
                          cwd=PLAYBOOKS, env={**fleet.env(token), **outsider},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "UNREACHABLE" in out.stdout, out.stdout
@@ -270,7 +270,7 @@ def test_no_log_tasks_leave_nothing_on_the_agent_or_the_sockets(fleet: Fleet, si
         "- hosts: all\n  gather_facts: false\n  tasks:\n"
         f"    - name: Secret command\n      ansible.builtin.command: echo {secret}-cmd\n"
         "      no_log: true\n"
-        f"    - name: Secret deploy\n      marco_deploy:\n        command: echo {secret}-deploy\n"
+        f"    - name: Secret deploy\n      marco.fleet.marco_deploy:\n        command: echo {secret}-deploy\n"
         "      no_log: true\n"
         f"    - name: Ordinary command\n      ansible.builtin.command: echo {visible}\n")
     events: list[dict[str, Any]] = []

@@ -36,7 +36,7 @@ def test_zeroconf_source_with_constructed_groups_and_cache(start_agent, unique_n
     start_agent(node_name=names[1], announce=True, extra_args=["--groups", "db,web"])
     source = tmp_path / "lan.marco.yml"
     source.write_text(
-        "plugin: marco\n"
+        "plugin: marco.fleet.marco\n"
         "mdns_interfaces: [127.0.0.1]\n"
         "browse_seconds: 3\n"
         "compose:\n  node_label: marco_node ~ '@' ~ marco_os\n"
@@ -53,7 +53,7 @@ def test_zeroconf_source_with_constructed_groups_and_cache(start_agent, unique_n
     hostvars = {host: {k: plain(v) for k, v in variables.items()}
                 for host, variables in data["_meta"]["hostvars"].items()}
     assert set(names) <= set(hostvars)
-    assert hostvars[names[0]]["ansible_connection"] == "marco"
+    assert hostvars[names[0]]["ansible_connection"] == "marco.fleet.marco"
     assert hostvars[names[0]]["node_label"] == f"{names[0]}@{hostvars[names[0]]['marco_os']}"
     assert set(names) <= set(data["web"]["hosts"])
     assert data["databases"]["hosts"] == [names[1]]
@@ -64,6 +64,6 @@ def test_zeroconf_source_with_constructed_groups_and_cache(start_agent, unique_n
 
 def test_clear_error_without_a_source(tmp_path: Path) -> None:
     source = tmp_path / "nothing.marco.yml"
-    source.write_text("plugin: marco\n")
+    source.write_text("plugin: marco.fleet.marco\n")
     out = ansible_inventory(source, tmp_path, "--list")
     assert "mdns_interfaces" in out.stderr or "controller" in out.stderr

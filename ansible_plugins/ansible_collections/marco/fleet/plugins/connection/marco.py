@@ -1,4 +1,5 @@
-# Marco connection plugin: a thin shim; the logic is in ansible_plugins.core.connection.
+# marco.fleet.marco, the connection: a thin shim (the documentation for ansible-doc); the logic
+# is ansible_plugins.core.connection, in the Python package marco (pip install 'marco[ansible]').
 from __future__ import annotations
 
 DOCUMENTATION = r"""
@@ -40,7 +41,8 @@ options:
     env:
       - name: MARCO_TLS
   tls_ca:
-    description: The cluster CA file (default; the one C(marco login) stored, else /etc/marco/ca.pem).
+    description:
+      - The cluster CA file (default; the one C(marco login) stored, else /etc/marco/ca.pem).
     type: path
     vars:
       - name: marco_tls_ca
@@ -120,6 +122,19 @@ options:
       - name: marco_pipelining
     env:
       - name: MARCO_PIPELINING
+"""
+
+EXAMPLES = r"""
+# Usually set by the marco.fleet.marco inventory for every node; by hand:
+#   ansible -i 192.0.2.11, all -c marco.fleet.marco -e marco_node=web1 -m ansible.builtin.ping
+- name: Through the Marco agents
+  hosts: web
+  vars:
+    ansible_connection: marco.fleet.marco
+  tasks:
+    - name: Who am I on the node
+      ansible.builtin.command: id -un
+      changed_when: false
 """
 
 from ansible_plugins.core.connection import MarcoConnection  # noqa: E402

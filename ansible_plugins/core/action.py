@@ -1,4 +1,6 @@
-# Marco deploy action: a thin shim; the logic is in ansible_plugins.core.deploy.
+"""The `marco.fleet.marco_deploy` action: upload `src` to `dest` and run `command` directly on
+the node's agent (`deploy.deploy`), so its lines stream to the viewer while it runs."""
+
 from __future__ import annotations
 
 from ansible.errors import AnsibleActionFail, AnsibleError
@@ -6,11 +8,13 @@ from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.plugins.action import ActionBase
 
 from marco.errors import MarcoError
-from ansible_plugins.core.deploy import DeployError, deploy
-from ansible_plugins.core.errors import to_ansible
+
+from .connection import MarcoConnection
+from .deploy import DeployError, deploy
+from .errors import to_ansible
 
 
-class ActionModule(ActionBase):
+class MarcoDeployAction(ActionBase):
     """Upload `src` to `dest` and run `command` on the agent, its output live in the viewer."""
 
     TRANSFERS_FILES = True
@@ -20,8 +24,9 @@ class ActionModule(ActionBase):
         result = super().run(tmp, task_vars)
         del tmp
         args = self._task.args
-        if self._connection.transport != "marco":
-            raise AnsibleActionFail("marco_deploy needs the marco connection (ansible_connection=marco)")
+        if not isinstance(self._connection, MarcoConnection):
+            raise AnsibleActionFail("marco_deploy needs the marco connection "
+                                    "(ansible_connection: marco.fleet.marco)")
         if not args.get("src") and not args.get("command"):
             raise AnsibleActionFail("give src, command, or both")
         src = self._find_needle("files", args["src"]) if args.get("src") else None

@@ -1,5 +1,5 @@
 #!/usr/bin/python
-# Documentation stub: marco_deploy is an action plugin (ansible_plugins/action/marco_deploy.py)
+# Documentation stub: marco.fleet.marco_deploy is an action plugin (plugins/action/marco_deploy.py)
 # that works on the controller side; this file only carries its documentation for ansible-doc.
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ description:
   - Unlike ordinary modules, which report only at their end, the command's output streams
     line by line to the Marco viewer (and every socket of your user) while it runs.
   - The result looks like M(ansible.builtin.command)'s.
-  - Needs the C(marco) connection.
+  - "Needs the P(marco.fleet.marco#connection) connection
+    (C(ansible_connection: marco.fleet.marco))."
 version_added: "0.1"
 author: Marco developers
 options:
@@ -45,7 +46,7 @@ notes:
 
 EXAMPLES = r"""
 - name: Build the project, output live in the viewer
-  marco_deploy:
+  marco.fleet.marco_deploy:
     src: build.sh
     dest: ~/project
     mode: "0755"
@@ -87,6 +88,6 @@ if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps({"failed": True, "msg": "marco_deploy runs as an action plugin; "
-                      "use the playbooks/ansible.cfg that points action_plugins at Marco's"}))
+    print(json.dumps({"failed": True, "msg": "marco_deploy runs as an action plugin: call it as "
+                      "marco.fleet.marco_deploy with the collection marco.fleet installed"}))
     sys.exit(1)
