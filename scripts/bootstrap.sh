@@ -36,7 +36,7 @@ ensure_venv() {
         "$PYTHON" -m venv "$VENV"
     fi
     local stamp="$VENV/.marco-installed"
-    if [ ! -f "$stamp" ] || [ "$MARCO_ROOT/setup.py" -nt "$stamp" ]; then
+    if [ ! -f "$stamp" ] || [ "$MARCO_ROOT/pyproject.toml" -nt "$stamp" ]; then
         say "installing Marco and its Python dependencies into $VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip
         "$VENV/bin/python" -m pip install -q -e "$MARCO_ROOT[test]"
