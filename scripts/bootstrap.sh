@@ -39,7 +39,10 @@ ensure_venv() {
     if [ ! -f "$stamp" ] || [ "$MARCO_ROOT/pyproject.toml" -nt "$stamp" ]; then
         say "installing Marco and its Python dependencies into $VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -e "$MARCO_ROOT[test]"
+        # (setuptools warns on every editable install that folders named like the packages
+        # take precedence: here they are the packages.)
+        PYTHONWARNINGS="ignore:Editable installation" \
+            "$VENV/bin/python" -m pip install -q -e "$MARCO_ROOT[test]"
         touch "$stamp"
     fi
     # Other users must reach the venv's Python (file helpers and tests run as them).
