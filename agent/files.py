@@ -16,6 +16,7 @@ import struct
 from importlib import resources
 from typing import Any, AsyncIterator
 
+from marco import modes
 from marco.errors import (BadRequest, Conflict, InsufficientStorage, MarcoError, NotFound,
                      PermissionDenied)
 from .users import UserIdentity, UserResolver
@@ -47,15 +48,8 @@ def validate_path(user: UserIdentity, raw: str | None) -> str:
 
 def parse_mode(raw: str | None) -> str:
     """The octal mode text given to the helper, or "-" for the default."""
-    if raw is None or raw == "":
-        return "-"
-    try:
-        mode = int(raw, 8)
-    except ValueError:
-        raise BadRequest("'mode' must be octal, e.g. 0644") from None
-    if not 0 <= mode <= 0o7777:
-        raise BadRequest("'mode' must be between 0000 and 7777")
-    return f"{mode:04o}"
+    mode = modes.parse_mode(raw)
+    return "-" if mode is None else modes.format_mode(mode)
 
 
 def _error(status: dict[str, Any]) -> MarcoError:

@@ -21,6 +21,7 @@ from marco.errors import (AuthenticationError, BadRequest, Conflict, MarcoError,
 from .executions import Execution, ExecutionRequest
 from .files import FileReader, FileWriter, parse_mode, validate_path
 from marco.jsonapi import JsonApiMixin
+from marco.tokens import bearer_token
 from .users import UserIdentity
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,10 @@ class ApiHandler(JsonApiMixin, tornado.web.RequestHandler):
         self.ctx = ctx
 
     def authenticate(self) -> UserIdentity:
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(self.request.headers.get("Authorization"))
+        if token is None:
             raise AuthenticationError("missing 'Authorization: Bearer <token>' header")
-        return self.ctx.authenticate(token.strip(), self.request.remote_ip or "?")
+        return self.ctx.authenticate(token, self.request.remote_ip or "?")
 
     def path_argument(self) -> str | None:
         """The raw `path` query argument: Tornado's getters would turn control characters
@@ -181,8 +181,7 @@ class ControllerOnlyHandler(ApiHandler):
     """Endpoints only the controller may call: its service token and its certificate."""
 
     def _service(self) -> None:
-        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
-        self.ctx.verify_service(token.strip() if scheme.lower() == "bearer" else None)
+        self.ctx.verify_service(bearer_token(self.request.headers.get("Authorization")))
         if self.ctx.crl is not None and not is_controller(self.request.get_ssl_certificate()):
             # Every node holds the secret that signs service tokens; only the controller holds
             # the controller's certificate.

@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from marco.atomic import write_atomic
+
 from .budget import Account
 
 META_FILE = "meta.json"
@@ -115,10 +117,7 @@ class ExecutionSpool:
             data = json.dumps(meta, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:  # ... unless a lone surrogate needs escaping
             data = json.dumps(meta).encode("ascii")
-        tmp = self.directory / (META_FILE + ".tmp")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, self.directory / META_FILE)
+        write_atomic(self.directory / META_FILE, data, 0o600)
         if self.account is not None:
             self.account.charge(len(data) - self._meta_size)
         self._meta_size = len(data)

@@ -19,6 +19,7 @@ import tornado.web
 from marco.chunks import Coalescer
 from marco.client import AsyncAgentClient
 from marco.errors import BadRequest, MarcoError
+from marco.modes import parse_mode
 
 from .api import chosen_nodes
 from .session import ApiHandler
@@ -149,11 +150,7 @@ class DeployApi(ApiHandler):
         nodes = chosen_nodes(self.ctx, names)
         self.folder = self.get_query_argument("folder", "~") or "~"
         path = target_path(self.folder, self.get_query_argument("name", ""))
-        mode_text = self.get_query_argument("mode", "")
-        try:
-            mode = int(mode_text, 8) if mode_text else None
-        except ValueError:
-            raise BadRequest("mode must be octal, e.g. 0644") from None
+        mode = parse_mode(self.get_query_argument("mode", ""))
         overwrite = self.get_query_argument("overwrite", "1") in {"1", "true", "yes"}
         token = self.token()
         self.nodes = nodes

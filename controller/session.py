@@ -12,6 +12,7 @@ import tornado.web
 from marco.errors import AuthenticationError, BadRequest, TokenRevoked
 from marco.jsonapi import JsonApiMixin
 from marco.protocol import decode
+from marco.tokens import bearer_token
 
 from .context import ControllerContext
 
@@ -29,8 +30,7 @@ class SessionMixin(tornado.web.RequestHandler):
         self.ctx = ctx
 
     def bearer_token(self) -> str | None:
-        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
-        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+        return bearer_token(self.request.headers.get("Authorization"))
 
     def token(self) -> str | None:
         """The caller's token: Bearer header first, else the signed cookie."""

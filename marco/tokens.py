@@ -158,3 +158,15 @@ def verify_health_proof(keys: Sequence[bytes], nonce: str, node: str, proof: obj
     if not isinstance(proof, str):
         return False
     return any(hmac.compare_digest(health_proof(key, nonce, node), proof) for key in keys)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), or None
+    when the header is absent, of another scheme or empty."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def bearer_header(token: str | None) -> dict[str, str]:
+    """The header that carries `token` (none without a token)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}

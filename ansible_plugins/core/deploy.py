@@ -10,8 +10,9 @@ import posixpath
 import shlex
 from typing import Any
 
+from marco import modes
 from marco.client import AgentClient
-from marco.errors import Conflict
+from marco.errors import BadRequest, Conflict
 
 
 
@@ -20,14 +21,11 @@ class DeployError(Exception):
 
 
 def parse_mode(mode: Any) -> int | None:
-    if mode is None or mode == "":
-        return None
-    if isinstance(mode, int):
-        return mode
+    """The task's `mode` (octal text or YAML's int), checked as the agent checks it."""
     try:
-        return int(str(mode), 8)
-    except ValueError:
-        raise DeployError(f"mode must be octal, e.g. '0755' (got {mode!r})") from None
+        return modes.parse_mode(mode)
+    except BadRequest as error:
+        raise DeployError(error.message) from None
 
 
 def deploy(client: AgentClient, src_path: str | None, dest: str, overwrite: bool,
