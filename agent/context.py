@@ -20,7 +20,8 @@ from .hub import StreamHub
 from .status import StatusPublisher, StatusSampler
 from .crl import CrlStore
 from marco.revocations import DeniedTokens, Revocations
-from marco.tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner, health_proof
+from marco.tokens import (LOG_IN_AGAIN, SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner,
+                          health_proof)
 from .users import LoginShells, UserIdentity, UserResolver
 
 
@@ -80,7 +81,7 @@ class AgentContext:
         """The token's user, honouring max_age and the revocations pushed by the controller."""
         user = self.signer.verify(token, self.revocations.not_before)
         if self.denied.denied(token):  # type: ignore[arg-type]
-            raise TokenRevoked("token revoked (logged out): log in again (marco login)")
+            raise TokenRevoked("token revoked (logged out)", hint=LOG_IN_AGAIN)
         return user
 
     def verify_service(self, token: str | None) -> None:

@@ -19,7 +19,7 @@ import tornado.websocket
 
 from marco import protocol
 from .context import AgentContext
-from marco.errors import BadRequest, MarcoError
+from marco.errors import BadRequest, MarcoError, to_body
 from .handlers import MAX_REPLAY_LINES
 from marco.jsonapi import JsonApiMixin
 from .users import UserIdentity
@@ -73,13 +73,13 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         try:
             self.ctx.verify(self.token)  # every acting message re-checks max_age and revocation
         except MarcoError as error:
-            self.close(protocol.CLOSE_UNAUTHORIZED, error.message)
+            self.close(protocol.CLOSE_UNAUTHORIZED, str(error)[:120])
             return
         try:
             self._dispatch(data)
         except MarcoError as error:
-            self.send(protocol.encode({"type": "error", "error": error.code,
-                                       "message": error.message, "request": data.get("type")}))
+            self.send(protocol.encode({"type": "error", **to_body(error),
+                                       "request": data.get("type")}))
 
     def _authenticate(self, data: dict[str, Any]) -> None:
         if data.get("type") != "auth":
@@ -91,7 +91,7 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
                                          self.request.remote_ip or "?")
         except MarcoError as error:
             code = protocol.CLOSE_FORBIDDEN if error.status == 403 else protocol.CLOSE_UNAUTHORIZED
-            self.close(code, error.message[:120])
+            self.close(code, str(error)[:120])
             return
         if self._auth_timer is not None:
             self._auth_timer.cancel()
@@ -160,7 +160,7 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         try:
             self.ctx.verify(self.token)
         except MarcoError as error:
-            self.close(protocol.CLOSE_UNAUTHORIZED, error.message[:120])
+            self.close(protocol.CLOSE_UNAUTHORIZED, str(error)[:120])
             self._forget()
 
     def send(self, message: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from marco.errors import BadRequest, MarcoError
+from marco.errors import BadRequest, MarcoError, to_body
 
 from marco.inventory import build_inventory, host_vars
 from .session import ApiHandler
@@ -113,7 +113,7 @@ class RunApi(ApiHandler):
                                                   label=str(body.get("label") or "shell"))
                 return {"ok": True, "id": execution_id}
             except MarcoError as error:
-                return {"ok": False, "error": error.code, "message": error.message}
+                return {"ok": False, **to_body(error)}
 
         results = await asyncio.gather(*(start(node) for node in nodes))
         self.write_json({"user": user, "results": {n.name: r for n, r in zip(nodes, results)}})

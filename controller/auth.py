@@ -15,20 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pam
 
-from marco.errors import AuthenticationError, ConfigError, MarcoError
+from marco.errors import AuthenticationError, ConfigError, TooManyAttempts
 from marco.shells import LoginShells
 
 log = logging.getLogger(__name__)
 
 #: PAM services that let root (or anyone already privileged) through without a password check.
 UNSAFE_PAM_SERVICES = {"su", "su-l", "sudo", "sudo-i", "runuser", "runuser-l", "other"}
-
-
-class TooManyAttempts(MarcoError):
-    """Too many failed logins: wait and try again."""
-
-    status = 429
-    code = "too_many_attempts"
 
 
 def check_pam_service(service: str) -> str:

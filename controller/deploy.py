@@ -18,7 +18,7 @@ import tornado.web
 
 from marco.chunks import Coalescer
 from marco.client import AsyncAgentClient
-from marco.errors import BadRequest, MarcoError
+from marco.errors import BadRequest, MarcoError, UploadAborted, to_body
 from marco.modes import parse_mode
 
 from .api import chosen_nodes
@@ -28,13 +28,6 @@ log = logging.getLogger(__name__)
 
 QUEUE_CHUNKS = 2
 MAX_DEPLOY_BYTES = 1 << 40
-
-
-class UploadAborted(MarcoError):
-    """The upload was abandoned (the browser left, or the agent stopped taking data)."""
-
-    status = 504
-    code = "stalled"
 
 
 class AgentUpload:
@@ -90,10 +83,10 @@ class AgentUpload:
             self.abort(UploadAborted(f"the agent did not finish within {self.stall_timeout:.0f} s"))
             outcome = {}
         except MarcoError as error:
-            outcome = {"ok": False, "error": error.code, "message": error.message}
+            outcome = {"ok": False, **to_body(error)}
         if self.failure is not None:  # dropped: its own error says why
             self.task.cancel()
-            return {"ok": False, "error": self.failure.code, "message": self.failure.message}
+            return {"ok": False, **to_body(self.failure)}
         return outcome
 
 

@@ -90,8 +90,9 @@ def require_client_tls(environ: Mapping[str, str] | None = None) -> ClientTls:
     """Like `find_client_tls`, but no certificate is a clear error."""
     found = find_client_tls(environ)
     if found is None:
-        raise AuthenticationError("no Marco client certificate: run `marco login` (or set "
-                                  "MARCO_CLIENT_CERT, MARCO_CLIENT_KEY and MARCO_TLS_CA)")
+        raise AuthenticationError("no Marco client certificate",
+                                  hint="run `marco login` (or set MARCO_CLIENT_CERT, "
+                                       "MARCO_CLIENT_KEY and MARCO_TLS_CA)")
     return found
 
 
@@ -141,9 +142,9 @@ def find_token(token: str | None = None, token_file: str | None = None,
         if path:
             found = read_token_file(path)
             if found is None:
-                raise AuthenticationError(f"no token in {path}; run: marco login")
+                raise AuthenticationError(f"no token in {path}", hint="run: marco login")
             return found
     found = read_token_file(stored_token_path(environ))
     if found is None:
-        raise AuthenticationError("no Marco token: run `marco login` (or set MARCO_TOKEN)")
+        raise AuthenticationError("no Marco token", hint="run `marco login` (or set MARCO_TOKEN)")
     return found

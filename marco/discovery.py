@@ -20,8 +20,8 @@ from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from marco.client import AsyncAgentClient
-from marco.tls import CertificateRefused, ClientTls
-from marco.errors import ConfigError, MarcoError
+from marco.errors import CertificateRefused, ConfigError, MarcoError
+from marco.tls import ClientTls
 from marco.protocol import DEFAULT_PORT, SERVICE_TYPE
 from marco.tokens import verify_health_proof
 
@@ -265,9 +265,9 @@ class HealthMonitor:
         except CertificateRefused as error:
             log.warning("refusing %s at %s:%d: %s", node.name, node.host, node.port,
                         error.message)
-            return False, error.message, None
+            return False, str(error), None
         except MarcoError as error:
-            return False, error.message, None
+            return False, str(error), None
         reported = str(details.get("node", ""))
         if nonce is not None and not verify_health_proof(self.keys, nonce, reported,
                                                          details.get("proof")):

@@ -1,22 +1,43 @@
-"""Typed errors of the agent and its clients, one class per cause.
+"""Marco's one exception ladder: every error any part raises or answers, one class per cause.
 
-Each error knows its HTTP status so the agent's handlers translate them at the boundary, and the
-client maps statuses back to the same classes. Callers (controller, Ansible plugins) translate
-them again into their own vocabulary (e.g. AgentUnreachable -> AnsibleConnectionFailure).
+Each class has its HTTP `status` and its wire `code`; a handler answers an error as
+`{"error": code, "message": ..., "hint": ...}` (`to_body`), and a client rebuilds the same class
+from that answer (`error_from_response`). Every subclass registers its code when it is defined,
+so no code goes on the wire that a client cannot map back. Callers decide by type and by the
+structured fields, never by message text; they translate into their own vocabulary at their
+boundary (e.g. AgentUnreachable -> AnsibleConnectionFailure).
 """
 
 from __future__ import annotations
 
+import json
+from typing import Any, ClassVar
+
+_BY_CODE: dict[str, type[MarcoError]] = {}
+
 
 class MarcoError(Exception):
-    """Base of every Marco error; `status` is the HTTP status it maps to."""
+    """Internal error."""
 
-    status = 500
-    code = "internal"
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
 
-    def __init__(self, message: str = "") -> None:
-        super().__init__(message or self.__class__.__doc__ or self.code)
+    def __init__(self, message: str = "", hint: str | None = None) -> None:
+        """`message` says what went wrong, `hint` (if any) what the user can do about it."""
         self.message = message or (self.__class__.__doc__ or self.code).strip()
+        self.hint = hint or None
+        super().__init__(f"{self.message}; {self.hint}" if self.hint else self.message)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} needs a wire code of its own")
+        if cls.code in _BY_CODE:
+            raise TypeError(f"{cls.__name__}: code {cls.code!r} is {_BY_CODE[cls.code].__name__}'s")
+        _BY_CODE[cls.code] = cls
+
+
+_BY_CODE[MarcoError.code] = MarcoError
 
 
 class BadRequest(MarcoError):
@@ -87,6 +108,13 @@ class TooManySockets(MarcoError):
     code = "too_many_sockets"
 
 
+class TooManyAttempts(MarcoError):
+    """Too many failed logins: wait and try again."""
+
+    status = 429
+    code = "too_many_attempts"
+
+
 class InsufficientStorage(MarcoError):
     """No space left on the node's disk."""
 
@@ -115,10 +143,23 @@ class ShuttingDown(MarcoError):
 
 
 class AgentUnreachable(MarcoError):
-    """The agent cannot be reached (connection refused, reset or timed out)."""
+    """The agent (or the controller) cannot be reached (refused, reset or timed out)."""
 
     status = 503
     code = "unreachable"
+
+
+class CertificateRefused(AgentUnreachable):
+    """The TLS handshake failed: a certificate was missing, foreign, expired or revoked."""
+
+    code = "certificate"
+
+
+class UploadAborted(MarcoError):
+    """The upload was abandoned (the browser left, or the agent stopped taking data)."""
+
+    status = 504
+    code = "stalled"
 
 
 class ProtocolError(MarcoError):
@@ -140,20 +181,43 @@ class IsolationUnavailable(ConfigError):
     code = "isolation_unavailable"
 
 
+# An answer without a known code (an older or foreign server, a proxy): the class by status.
 _BY_STATUS: dict[int, type[MarcoError]] = {
     400: BadRequest, 401: AuthenticationError, 403: PermissionDenied, 404: NotFound,
     409: Conflict, 413: PayloadTooLarge, 429: TooManyExecutions, 507: InsufficientStorage,
 }
-_BY_CODE: dict[str, type[MarcoError]] = {
-    cls.code: cls for cls in (BadRequest, AuthenticationError, TokenExpired, TokenRevoked,
-                              PermissionDenied,
-                              NotFound, Conflict, PayloadTooLarge, ShuttingDown,
-                              TooManyExecutions, TooManySockets, InsufficientStorage,
-                              DiskBudgetExhausted, TryAgain)
-}
 
 
-def error_from_response(status: int, code: str | None, message: str) -> MarcoError:
-    """Rebuild the typed error an agent answered with (used by the client)."""
-    cls = _BY_CODE.get(code or "") or _BY_STATUS.get(status) or ProtocolError
-    return cls(message or f"agent answered HTTP {status}")
+def to_body(error: MarcoError) -> dict[str, str]:
+    """The JSON body of an error answer (`hint` only when there is one)."""
+    body = {"error": error.code, "message": error.message}
+    if error.hint:
+        body["hint"] = error.hint
+    return body
+
+
+def error_class(status: int, code: str | None = None) -> type[MarcoError]:
+    """The class an answer names by `code`, else the one its status implies."""
+    return _BY_CODE.get(code or "") or _BY_STATUS.get(status) or ProtocolError
+
+
+def error_from_response(status: int, code: str | None, message: str,
+                        hint: str | None = None) -> MarcoError:
+    """Rebuild the typed error a server answered with (used by the clients)."""
+    return error_class(status, code)(message or f"answered HTTP {status}", hint)
+
+
+def error_from_answer(status: int, body: bytes) -> MarcoError:
+    """The typed error an error answer's JSON body names (a body that is not ours: by status)."""
+    try:
+        data = json.loads(body)
+        code, message, hint = data.get("error"), data.get("message", ""), data.get("hint")
+    except (ValueError, AttributeError):
+        code, message, hint = None, body[:200].decode("utf-8", "replace"), None
+    return error_from_response(status, code if isinstance(code, str) else None, str(message),
+                               hint if isinstance(hint, str) else None)
+
+
+def wire_errors() -> dict[str, type[MarcoError]]:
+    """Every registered code and its class (for tests and docs)."""
+    return dict(_BY_CODE)

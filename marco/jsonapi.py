@@ -1,8 +1,9 @@
 """JSON answers and typed-error translation for Tornado handlers (agent and controller alike).
 
 A handler raises a `marco.errors.MarcoError`; this mixin turns it into its HTTP status and a
-`{"error": code, "message": text}` body, logs it as an ordinary outcome rather than a crash,
-and hides anything unexpected behind a generic 500 (the traceback goes to the log only).
+`{"error": code, "message": text, "hint": what to do}` body (`marco.errors.to_body`), logs it
+as an ordinary outcome rather than a crash, and hides anything unexpected behind a generic 500
+(the traceback goes to the log only).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import tornado.web
 
-from .errors import MarcoError
+from .errors import MarcoError, to_body
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ class JsonApiMixin(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None, None))[1]
+        body: dict[str, str]
         if isinstance(error, MarcoError):
-            body = {"error": error.code, "message": error.message}
+            body = to_body(error)
         elif isinstance(error, tornado.web.HTTPError):
             body = {"error": "http", "message": error.log_message or self._reason}
         else:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AgentUnreachable, ConfigError
+from .errors import CertificateRefused, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,6 @@ def file_stamps(*paths: str | os.PathLike[str] | None) -> tuple[float, ...]:
         except OSError:
             stamps.append(-1.0)
     return tuple(stamps)
-
-
-class CertificateRefused(AgentUnreachable):
-    """The TLS handshake failed: a certificate was missing, foreign, expired or revoked."""
-
-    code = "certificate"
 
 
 class PinnedNameContext(ssl.SSLContext):
@@ -167,8 +161,9 @@ class ClientTls:
         if expiry > datetime.datetime.now(datetime.timezone.utc):
             return None
         return CertificateRefused(f"your client certificate {self.cert_file} expired on "
-                                  f"{expiry:%Y-%m-%d %H:%M} UTC; get a new one: marco login "
-                                  "(or marco-controller issue-client)")
+                                  f"{expiry:%Y-%m-%d %H:%M} UTC",
+                                  hint="get a new one: marco login (or marco-controller "
+                                       "issue-client)")
 
     def _stamp(self) -> tuple[float, ...]:
         return file_stamps(self.crl_file, self.cert_file, self.key_file, self.ca_file)

@@ -28,6 +28,7 @@ SERVICE_MAX_AGE = 300
 DEFAULT_MAX_AGE = 12 * 3600
 MIN_SECRET_BYTES = 32
 DEFAULT_SECRET_FILE = "/etc/marco/secret"
+LOG_IN_AGAIN = "log in again (marco login)"  # the hint of an expired or revoked token
 
 
 SecretKeys = tuple[bytes, ...]  # oldest first; the last one signs
@@ -65,14 +66,14 @@ class TokenSigner:
             username, issued = self._serializer.loads(token, max_age=self.max_age,
                                                       return_timestamp=True)
         except SignatureExpired as exc:
-            raise TokenExpired("token expired: log in again (marco login)") from exc
+            raise TokenExpired("token expired", hint=LOG_IN_AGAIN) from exc
         except BadSignature as exc:
             raise AuthenticationError("invalid token") from exc
         if not isinstance(username, str) or not username:
             raise AuthenticationError("invalid token")
         cutoff = not_before(username) if not_before is not None else None
         if cutoff is not None and issued.timestamp() < cutoff:
-            raise TokenRevoked("token revoked (logged out everywhere): log in again (marco login)")
+            raise TokenRevoked("token revoked (logged out everywhere)", hint=LOG_IN_AGAIN)
         return username
 
 

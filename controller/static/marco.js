@@ -20,6 +20,11 @@ function xsrfToken() {
   return m ? decodeURIComponent(m[1]) : "";
 }
 
+// An error's text for people: what went wrong, then what to do about it (its hint), if any.
+function withHint(error) {
+  return error.hint ? `${error.message}; ${error.hint}` : error.message;
+}
+
 async function api(path, options = {}) {
   const headers = Object.assign({ "X-XSRFToken": xsrfToken() }, options.headers || {});
   const response = await fetch(path, Object.assign({ credentials: "same-origin" }, options, { headers }));
@@ -29,7 +34,7 @@ async function api(path, options = {}) {
   }
   let data = {};
   try { data = await response.json(); } catch (e) { /* empty body */ }
-  if (!response.ok) throw new Error(data.message || `HTTP ${response.status}`);
+  if (!response.ok) throw new Error(withHint(data) || `HTTP ${response.status}`);
   return data;
 }
 
@@ -201,7 +206,7 @@ class NodeView {
         if (!event.complete) this.send({ type: "replay", id: event.id, since: event.next });   // more to come
         break;
       case "status": this.status(event.status); break;
-      case "error": this.app.notice(`${this.node.name}: ${event.message}`); break;
+      case "error": this.app.notice(`${this.node.name}: ${withHint(event)}`); break;
       default: break;
     }
   }
@@ -384,7 +389,7 @@ class App {
     box.appendChild(el("b", "", title));
     for (const [node, r] of Object.entries(results)) {
       const text = r.ok ? `${node}: ${r.command_error ? "copied; command failed: " + r.command_error : "done"}`
-        : `${node}: ${r.message}`;
+        : `${node}: ${withHint(r)}`;
       box.appendChild(el("div", r.ok && !r.command_error ? "ok" : "error", text));
     }
     $("#run-results").prepend(box);
