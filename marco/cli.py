@@ -18,16 +18,14 @@ import os
 import shlex
 import signal
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from marco.client import AgentClient, AsyncAgentClient
-from marco.errors import MarcoError
-
-from .credentials import (controller_context, find_token, forget_tls, node_tls, store_tls,
-                          store_token, stored_token_path)
+from .client import AgentClient, AsyncAgentClient
+from .controller_client import call_controller
+from .credentials import (find_token, forget_tls, node_tls, store_tls, store_token,
+                          stored_token_path)
+from .errors import MarcoError
 from .keys import make_user_request
 
 DEFAULT_CONTROLLER = "https://127.0.0.1:7380"
@@ -54,35 +52,13 @@ def controller_url(given: str | None) -> str:
         return DEFAULT_CONTROLLER
 
 
-def call_controller(url: str, path: str, token: str | None = None, body: Any = None,
-                    ca: str | None = None) -> Any:
-    context = controller_context(url, ca)
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url + path, headers=headers,
-                                     data=None if body is None else json.dumps(body).encode())
-    try:
-        with urllib.request.urlopen(request, timeout=30, context=context) as reply:
-            return json.load(reply)
-    except urllib.error.HTTPError as error:
-        try:
-            message = json.load(error).get("message", "")
-        except ValueError:
-            message = ""
-        if error.code == 401 and token:
-            raise CliError(f"the controller refused your token ({message}); run: marco login") from None
-        raise CliError(f"{url} answered {error.code}: {message or error.reason}") from None
-    except (urllib.error.URLError, OSError) as error:
-        raise CliError(f"cannot reach the controller at {url}: "
-                       f"{getattr(error, 'reason', error)}") from None
-
-
 def fetch_nodes(url: str, token: str) -> list[dict[str, Any]]:
-    return call_controller(url, "/api/nodes", token)["nodes"]
+    nodes: list[dict[str, Any]] = call_controller(url, "/api/nodes", token)["nodes"]
+    return nodes
 
 
-def choose(nodes: list[dict[str, Any]], names: list[str], group: str | None) -> list[dict[str, Any]]:
+def choose(nodes: list[dict[str, Any]], names: list[str],
+           group: str | None) -> list[dict[str, Any]]:
     alive = [n for n in nodes if n["alive"]]
     if names:
         by_name = {n["name"]: n for n in alive}
@@ -181,7 +157,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                              tls=node_tls(node.get("tls", True), node["host"])) as client:
                 s = client.status()
         except MarcoError as error:
-            rows.append([node["name"], "-", "-", "-", "-", "-", f"error: {error.message}"])
+            rows.append([node["name"], "-", "-", "-", "-", "-", f"error: {error}"])
             failed = True
             continue
         top = s["processes"][0] if s["processes"] else None
@@ -210,7 +186,7 @@ async def run_live(nodes: list[dict[str, Any]], token: str, command: str, cwd: s
             await streams[node["name"]].connect()  # subscribe first: no line is missed
             ids[node["name"]] = await api.start(command, cwd=cwd, label="marco run")
         except MarcoError as error:
-            results[node["name"]] = f"error: {error.message}"
+            results[node["name"]] = f"error: {error}"
             stream = streams.pop(node["name"], None)
             if stream is not None:
                 stream.close()
@@ -230,7 +206,7 @@ async def run_live(nodes: list[dict[str, Any]], token: str, command: str, cwd: s
                     results[name] = event["rc"] if event["rc"] is not None else event["signal"]
                     return
         except MarcoError as error:
-            results[name] = f"error: {error.message}"
+            results[name] = f"error: {error}"
         finally:
             stream.close()
 
@@ -320,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except MarcoError as error:
-        print(f"marco: {error.message}", file=sys.stderr)
+        print(f"marco: {error}", file=sys.stderr)
         return 1
     except CliError as error:
         print(f"marco: {error}", file=sys.stderr)

@@ -1,105 +1,40 @@
 """Clients of the agent API: `AgentClient` (sync, kept-alive; for Ansible workers and the CLI)
 and `AsyncAgentClient` (Tornado; for the controller), plus `AgentStream` for /v1/stream.
 
-Both raise the typed errors of `marco.errors`: an agent that cannot be reached raises
-`AgentUnreachable`, an error answer raises the class the agent named (401 ->
-`AuthenticationError`/`TokenExpired`, 403 -> `PermissionDenied`, 404, 409, ...).
+Both are thin transports under one request layer (`marco.agent_api`: what each call sends, how
+its answer reads), so they have the same methods, defaults and timeouts. Both raise the typed
+errors of `marco.errors`: an agent that cannot be reached raises `AgentUnreachable`, an error
+answer raises the class the agent named (401 -> `AuthenticationError`/`TokenExpired`, 403 ->
+`PermissionDenied`, 404, 409, ...).
 """
 
 from __future__ import annotations
 
-import base64
 import http.client
+import inspect
 import json
 import select
-import shutil
 import socket
 import ssl
-from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable
-from urllib.parse import urlencode
+from typing import Any, BinaryIO, Callable, TypeVar
 
 from tornado import httpclient, websocket
-from tornado.httputil import url_concat
+from tornado.httputil import HTTPHeaders, parse_response_start_line
 
 from . import protocol
+from .agent_api import (DEFAULT_TIMEOUT, NO_LIMIT, AgentRequests, Download, ExecutionResult,
+                        Request, base_url, describe, execution_body, parse_answer,
+                        raise_for_status)
 from .errors import (AgentUnreachable, AuthenticationError, MarcoError, PermissionDenied,
-                     ProtocolError, TooManySockets, error_from_response)
+                     ProtocolError, TooManySockets)
 from .tls import ClientTls, describe_tls_error
 
+__all__ = ["DEFAULT_TIMEOUT", "AgentClient", "AgentStream", "AsyncAgentClient",
+           "ExecutionResult", "base_url", "execution_body"]
+
+T = TypeVar("T")
 UPLOAD_CHUNK = 1024 * 1024
 CONTINUE_WAIT = 2.0  # seconds to wait for `100 Continue` before sending a body anyway
-DEFAULT_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class ExecutionResult:
-    """The outcome of a finished execution run with `wait`."""
-
-    id: str
-    rc: int | None
-    stdout: bytes
-    stderr: bytes
-    duration: float
-    signal: str | None = None
-    timed_out: bool = False
-    stopped: bool = False
-    stdout_truncated: bool = False   # cut by the capture limit or the user's disk budget
-    stderr_truncated: bool = False
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ExecutionResult":
-        return cls(id=data["id"], rc=data["rc"], stdout=base64.b64decode(data["stdout"]),
-                   stderr=base64.b64decode(data["stderr"]), duration=data["duration"],
-                   signal=data.get("signal"), timed_out=data.get("timed_out", False),
-                   stopped=data.get("stopped", False),
-                   stdout_truncated=data.get("stdout_truncated", False),
-                   stderr_truncated=data.get("stderr_truncated", False))
-
-
-def execution_body(command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
-                   env: dict[str, str] | None = None, label: str = "",
-                   timeout: float | None = None, no_log: bool = False) -> dict[str, Any]:
-    """The JSON body of POST /v1/executions for an argv list or a shell string; `no_log`
-    asks the agent to keep and stream nothing of it (only a `wait` caller gets the output)."""
-    body: dict[str, Any] = {"argv": command} if isinstance(command, list) else {"shell": command}
-    if stdin:
-        body["stdin"] = base64.b64encode(stdin).decode("ascii")
-    if cwd:
-        body["cwd"] = cwd
-    if env:
-        body["env"] = env
-    if label:
-        body["label"] = label
-    if timeout:
-        body["timeout"] = timeout
-    if no_log:
-        body["no_log"] = True
-    return body
-
-
-def _raise_for(status: int, body: bytes) -> None:
-    if status < 400:
-        return
-    try:
-        data = json.loads(body)
-        code, message = data.get("error"), data.get("message", "")
-    except (ValueError, AttributeError):
-        code, message = None, body[:200].decode("utf-8", "replace")
-    raise error_from_response(status, code, message)
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise ProtocolError("agent answered something that is not JSON") from None
-
-
-def base_url(host: str, port: int, tls: bool) -> str:
-    """http(s)://host:port, IPv6 addresses in brackets."""
-    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return f"{'https' if tls else 'http'}://{netloc}"
 
 
 def _transport_error(exc: BaseException, what: str,
@@ -126,6 +61,7 @@ class AgentClient:
                  node: str | None = None) -> None:
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
         self.tls, self.node = tls, node or host
+        self.what = describe(host, port, self.node)
         self._conn: http.client.HTTPConnection | None = None
 
     def __enter__(self) -> "AgentClient":
@@ -139,14 +75,85 @@ class AgentClient:
             self._conn.close()
             self._conn = None
 
+    # -- API (what each call sends and reads is in marco.agent_api) ---------------------------
+
+    def health(self, challenge: str | None = None) -> dict[str, Any]:
+        """Node facts; with `challenge`, the agent's proof that it holds the cluster secret."""
+        return self._call(self._api.health(challenge))
+
+    def executions(self) -> list[dict[str, Any]]:
+        return self._call(self._api.executions())
+
+    def execution(self, execution_id: str) -> dict[str, Any]:
+        return self._call(self._api.execution(execution_id))
+
+    def output(self, execution_id: str, since: int = 0, limit: int | None = None) -> dict[str, Any]:
+        return self._call(self._api.output(execution_id, since, limit))
+
+    def start(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
+              env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
+              no_log: bool = False) -> str:
+        """Start a command and return its execution id at once."""
+        return self._call(self._api.start(command, stdin, cwd, env, label, timeout, no_log))
+
+    def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
+            env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
+            wait_timeout: float | None = None, no_log: bool = False) -> ExecutionResult:
+        """Run a command to completion in one round trip and return rc, stdout, stderr."""
+        return self._call(self._api.run(command, stdin, cwd, env, label, timeout, wait_timeout,
+                                        no_log))
+
+    def stop(self, execution_id: str) -> dict[str, Any]:
+        return self._call(self._api.stop(execution_id))
+
+    def status(self) -> dict[str, Any]:
+        return self._call(self._api.status())
+
+    def push_revocations(self, table: dict[str, float],
+                         tokens: dict[str, float] | None = None) -> dict[str, Any]:
+        """Controller only (this client's token must be a service token): per-user not-before
+        times and logged-out tokens (SHA-256 digest -> expiry) the agent then enforces."""
+        return self._call(self._api.push_revocations(table, tokens))
+
+    def push_crl(self, pem: bytes) -> dict[str, Any]:
+        """Controller only (service token): the cluster CA's current revocation list."""
+        return self._call(self._api.push_crl(pem))
+
+    def put_file(self, source: BinaryIO | Callable[[], bytes], path: str, mode: int | None = None,
+                 overwrite: bool = True, size: int | None = None) -> dict[str, Any]:
+        """Stream `source` (a binary file, or a callable returning the next chunk and b"" at
+        the end) to `path` on the node, never whole in memory; chunked without `size`."""
+        request = self._api.put_file(path, mode, overwrite, size)
+        response = self._upload(request, source)
+        return parse_answer(request, response.status, self._read(response))
+
+    def get_file(self, path: str, destination: BinaryIO) -> int:
+        """Stream the node's file at `path` into `destination`; return the byte count."""
+        response = self._send(self._api.get_file(path))
+        download = Download(destination)
+        download.start(response.status, response.headers.get("Content-Length"))
+        try:
+            while chunk := response.read(UPLOAD_CHUNK):
+                download.feed(chunk)
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
+        return download.finish(self.what)
+
     # -- transport ----------------------------------------------------------------------------
 
-    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        headers.update(extra or {})
-        return headers
+    @property
+    def _api(self) -> AgentRequests:
+        return AgentRequests(self.token, self.timeout)
 
-    def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
+    def _call(self, request: Request[T]) -> T:
+        response = self._send(request)
+        return parse_answer(request, response.status, self._read(response))
+
+    def _request(self, method: str, path: str, json_body: Any = None) -> Any:
+        """Any JSON call (tests send malformed ones with it)."""
+        return self._call(self._api.call(method, path, json_body))
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
         """The kept-alive connection, replaced first if the agent closed it while idle.
 
         Checking before sending (an idle socket that is readable has been closed by the peer)
@@ -171,51 +178,56 @@ class AgentClient:
                 conn = http.client.HTTPConnection(
                     self.host, self.port, timeout=self.timeout, blocksize=UPLOAD_CHUNK)
             self._conn = conn
-        if conn.sock is None:  # connect (and handshake) within the short timeout
+        if conn.sock is None:  # connect (and handshake) within the client's timeout
             conn.timeout = self.timeout
             conn.connect()
-        conn.timeout = timeout or self.timeout
+        conn.timeout = timeout
         assert conn.sock is not None
-        conn.sock.settimeout(conn.timeout)
+        conn.sock.settimeout(timeout)
         return conn
 
     def _unreachable(self, exc: BaseException) -> AgentUnreachable:
         self.close()
-        return _transport_error(exc, f"agent {self.node} ({self.host}:{self.port})"
-                                if self.node != self.host else f"agent {self.host}:{self.port}",
-                                self.tls)
+        return _transport_error(exc, self.what, self.tls)
 
-    def _send(self, method: str, path: str, body: bytes | None = None,
-              headers: dict[str, str] | None = None,
-              timeout: float | None = None) -> http.client.HTTPResponse:
+    def _send(self, request: Request[Any]) -> http.client.HTTPResponse:
         """Send one request and return the response (its body still to be read)."""
         try:
-            conn = self._connection(timeout)
-            conn.request(method, path, body=body, headers=self._headers(headers))
+            conn = self._connection(request.timeout)
+            conn.request(request.method, request.path, body=request.body,
+                         headers=request.headers)
             return conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             raise self._unreachable(exc) from None
 
-    def _upload(self, path: str, source: BinaryIO, size: int | None) -> http.client.HTTPResponse:
-        """PUT a stream with `Expect: 100-continue`: an agent that refuses the upload (403,
-        404, 409) answers before any byte of the body moves."""
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
         try:
-            conn = self._connection(None)
-            conn.putrequest("PUT", path)
-            for key, value in self._headers({"Content-Type": "application/octet-stream",
-                                             "Expect": "100-continue"}).items():
+            return response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
+
+    def _upload(self, request: Request[Any],
+                source: BinaryIO | Callable[[], bytes]) -> http.client.HTTPResponse:
+        """Send an upload's head, wait for `100 Continue` (an agent that refuses answers before
+        any byte of the body moves), then stream the body."""
+        read = source if callable(source) else (lambda: source.read(UPLOAD_CHUNK))
+        chunked = "Content-Length" not in request.headers
+        try:
+            conn = self._connection(request.timeout)
+            conn.putrequest(request.method, request.path)
+            for key, value in request.headers.items():
                 conn.putheader(key, value)
-            conn.putheader(*(("Content-Length", str(size)) if size is not None
-                             else ("Transfer-Encoding", "chunked")))
+            if chunked:
+                conn.putheader("Transfer-Encoding", "chunked")
             conn.endheaders()
             early = self._early_answer(conn)
             if early is not None:  # refused before the body: the connection is not reusable
                 self.close()
-                _raise_for(*early)
+                raise_for_status(*early)
                 raise ProtocolError(f"agent answered {early[0]} before the upload")
-            while chunk := source.read(UPLOAD_CHUNK):
-                conn.send(chunk if size is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            if size is None:
+            while chunk := read():
+                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if chunked:
                 conn.send(b"0\r\n\r\n")
             return conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
@@ -268,85 +280,10 @@ class AgentClient:
             body += chunk
         return status, body
 
-    def _request(self, method: str, path: str, json_body: Any = None,
-                 timeout: float | None = None) -> Any:
-        body = None if json_body is None else json.dumps(json_body).encode()
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        return self._answer(self._send(method, path, body, headers, timeout))
-
-    def _answer(self, response: http.client.HTTPResponse) -> Any:
-        """Read a JSON answer; an error status raises its typed error."""
-        try:
-            data = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise self._unreachable(exc) from None
-        _raise_for(response.status, data)
-        return _json(data)
-
-    # -- API ----------------------------------------------------------------------------------
-
-    def health(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/health")
-
-    def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
-            env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
-            wait_timeout: float | None = None, no_log: bool = False) -> ExecutionResult:
-        """Run a command to completion in one round trip and return rc, stdout, stderr."""
-        body = execution_body(command, stdin, cwd, env, label, timeout, no_log)
-        data = self._request("POST", "/v1/executions?wait=1", body,
-                             timeout=wait_timeout or (timeout + self.timeout if timeout else 24 * 3600))
-        return ExecutionResult.from_json(data)
-
-    def start(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
-              env: dict[str, str] | None = None, label: str = "",
-              timeout: float | None = None) -> str:
-        """Start a command and return its execution id at once."""
-        body = execution_body(command, stdin, cwd, env, label, timeout)
-        return self._request("POST", "/v1/executions", body)["id"]
-
-    def executions(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/v1/executions")["executions"]
-
-    def execution(self, execution_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/executions/{execution_id}")
-
-    def output(self, execution_id: str, since: int = 0, limit: int | None = None) -> dict[str, Any]:
-        query = {"since": since, **({"limit": limit} if limit else {})}
-        return self._request("GET", f"/v1/executions/{execution_id}/output?{urlencode(query)}")
-
-    def stop(self, execution_id: str) -> dict[str, Any]:
-        return self._request("DELETE", f"/v1/executions/{execution_id}")
-
-    def status(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/status")
-
-    def put_file(self, source: BinaryIO, path: str, mode: int | None = None,
-                 overwrite: bool = True, size: int | None = None) -> dict[str, Any]:
-        """Stream `source` to `path` on the node (never read whole into memory)."""
-        query: dict[str, Any] = {"path": path, "overwrite": "true" if overwrite else "false"}
-        if mode is not None:
-            query["mode"] = f"{mode:04o}"
-        return self._answer(self._upload(f"/v1/files?{urlencode(query)}", source, size))
-
-    def get_file(self, path: str, destination: BinaryIO) -> int:
-        """Stream the node's file at `path` into `destination`; return the byte count."""
-        response = self._send("GET", f"/v1/files?{urlencode({'path': path})}")
-        if response.status >= 400:
-            _raise_for(response.status, response.read())
-        expected = int(response.headers.get("Content-Length", "-1"))
-        try:
-            shutil.copyfileobj(response, destination, UPLOAD_CHUNK)
-        except (OSError, http.client.HTTPException) as exc:
-            raise self._unreachable(exc) from None
-        written = destination.tell() if destination.seekable() else expected
-        if expected >= 0 and destination.seekable() and written < expected:
-            raise AgentUnreachable(f"download from {self.host} ended early")
-        return expected
-
 
 class AsyncAgentClient:
-    """Asynchronous client (Tornado's HTTP client) for the controller and async tools; `tls`
-    and `node` as for `AgentClient`."""
+    """Asynchronous client (Tornado's HTTP client) for the controller and async tools; the
+    same methods as `AgentClient`, awaited; `tls` and `node` as there."""
 
     def __init__(self, host: str, port: int = protocol.DEFAULT_PORT, token: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, tls: ClientTls | None = None,
@@ -355,117 +292,123 @@ class AsyncAgentClient:
         self.node, self.tls = node or host, tls
         self.ssl_context = tls.context_for(self.node) if tls is not None else None
         self.base = base_url(host, port, tls is not None)
-        self.what = (f"agent {self.node} ({host}:{port})" if self.node != host
-                     else f"agent {host}:{port}")
+        self.what = describe(host, port, self.node)
         self._http = httpclient.AsyncHTTPClient()
 
-    async def _fetch(self, method: str, path: str, body: bytes | None = None,
-                     request_timeout: float | None = None, **kwargs: Any) -> httpclient.HTTPResponse:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        headers.update(kwargs.pop("headers", {}))
-        try:
-            response = await self._http.fetch(
-                self.base + path, method=method, body=body, headers=headers,
-                connect_timeout=self.timeout, request_timeout=request_timeout or self.timeout,
-                raise_error=False, allow_nonstandard_methods=True,
-                ssl_options=self.ssl_context, **kwargs)
-        except (OSError, httpclient.HTTPClientError) as exc:
-            raise _transport_error(exc, self.what, self.tls) from None
-        if response.code == 599 and isinstance(response.error, ssl.SSLError):
-            raise _transport_error(response.error, self.what, self.tls)
-        return response
-
-    async def _request(self, method: str, path: str, json_body: Any = None,
-                       request_timeout: float | None = None) -> Any:
-        body = None if json_body is None else json.dumps(json_body).encode()
-        response = await self._fetch(method, path, body, request_timeout)
-        if response.code == 599:
-            raise _transport_error(response.error or OSError("no answer"), self.what, self.tls)
-        _raise_for(response.code, response.body or b"")
-        return _json(response.body)
+    # -- API (what each call sends and reads is in marco.agent_api) ---------------------------
 
     async def health(self, challenge: str | None = None) -> dict[str, Any]:
         """Node facts; with `challenge`, the agent's proof that it holds the cluster secret."""
-        path = "/v1/health" + (f"?{urlencode({'challenge': challenge})}" if challenge else "")
-        return await self._request("GET", path)
+        return await self._call(self._api.health(challenge))
 
-    async def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
-                  env: dict[str, str] | None = None, label: str = "",
-                  timeout: float | None = None, no_log: bool = False) -> ExecutionResult:
-        body = execution_body(command, stdin, cwd, env, label, timeout, no_log)
-        data = await self._request("POST", "/v1/executions?wait=1", body,
-                                   request_timeout=(timeout or 24 * 3600) + self.timeout)
-        return ExecutionResult.from_json(data)
+    async def executions(self) -> list[dict[str, Any]]:
+        return await self._call(self._api.executions())
+
+    async def execution(self, execution_id: str) -> dict[str, Any]:
+        return await self._call(self._api.execution(execution_id))
+
+    async def output(self, execution_id: str, since: int = 0,
+                     limit: int | None = None) -> dict[str, Any]:
+        return await self._call(self._api.output(execution_id, since, limit))
 
     async def start(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
                     env: dict[str, str] | None = None, label: str = "",
-                    timeout: float | None = None) -> str:
-        body = execution_body(command, stdin, cwd, env, label, timeout)
-        return (await self._request("POST", "/v1/executions", body))["id"]
+                    timeout: float | None = None, no_log: bool = False) -> str:
+        """Start a command and return its execution id at once."""
+        return await self._call(self._api.start(command, stdin, cwd, env, label, timeout, no_log))
 
-    async def executions(self) -> list[dict[str, Any]]:
-        return (await self._request("GET", "/v1/executions"))["executions"]
-
-    async def execution(self, execution_id: str) -> dict[str, Any]:
-        return await self._request("GET", f"/v1/executions/{execution_id}")
-
-    async def output(self, execution_id: str, since: int = 0) -> dict[str, Any]:
-        return await self._request("GET", f"/v1/executions/{execution_id}/output?since={since}")
+    async def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
+                  env: dict[str, str] | None = None, label: str = "",
+                  timeout: float | None = None, wait_timeout: float | None = None,
+                  no_log: bool = False) -> ExecutionResult:
+        """Run a command to completion in one round trip and return rc, stdout, stderr."""
+        return await self._call(self._api.run(command, stdin, cwd, env, label, timeout,
+                                              wait_timeout, no_log))
 
     async def stop(self, execution_id: str) -> dict[str, Any]:
-        return await self._request("DELETE", f"/v1/executions/{execution_id}")
+        return await self._call(self._api.stop(execution_id))
 
     async def status(self) -> dict[str, Any]:
-        return await self._request("GET", "/v1/status")
+        return await self._call(self._api.status())
 
     async def push_revocations(self, table: dict[str, float],
                                tokens: dict[str, float] | None = None) -> dict[str, Any]:
         """Controller only (this client's token must be a service token): per-user not-before
         times and logged-out tokens (SHA-256 digest -> expiry) the agent then enforces."""
-        return await self._request("PUT", "/v1/revocations",
-                                   {"revocations": table, "tokens": tokens or {}})
+        return await self._call(self._api.push_revocations(table, tokens))
 
     async def push_crl(self, pem: bytes) -> dict[str, Any]:
         """Controller only (service token): the cluster CA's current revocation list."""
-        response = await self._fetch("PUT", "/v1/crl", pem,
-                                     headers={"Content-Type": "application/pkix-crl"})
-        if response.code == 599:
-            raise _transport_error(response.error or OSError("no answer"), self.what, self.tls)
-        _raise_for(response.code, response.body or b"")
-        return _json(response.body)
+        return await self._call(self._api.push_crl(pem))
 
-    async def put_file(self, read_chunk: Callable[[], Any], path: str, mode: int | None = None,
-                       overwrite: bool = True) -> dict[str, Any]:
-        """Upload from `read_chunk` (sync or async callable returning b"" at the end)."""
-        query: dict[str, Any] = {"path": path, "overwrite": "true" if overwrite else "false"}
-        if mode is not None:
-            query["mode"] = f"{mode:04o}"
+    async def put_file(self, source: BinaryIO | Callable[[], Any], path: str,
+                       mode: int | None = None, overwrite: bool = True,
+                       size: int | None = None) -> dict[str, Any]:
+        """Stream `source` (a binary file, or a sync or async callable returning the next chunk
+        and b"" at the end) to `path` on the node; chunked without `size`."""
+        request = self._api.put_file(path, mode, overwrite, size)
+        read = source if callable(source) else (lambda: source.read(UPLOAD_CHUNK))
 
         async def producer(write: Callable[[bytes], Any]) -> None:
             while True:
-                chunk = read_chunk()
-                if hasattr(chunk, "__await__"):
+                chunk = read()
+                if inspect.isawaitable(chunk):
                     chunk = await chunk
                 if not chunk:
                     return
                 await write(chunk)
 
-        # Expect: 100-continue lets the agent refuse (403, 404, 409) before any byte moves.
-        response = await self._fetch("PUT", url_concat("/v1/files", query),
-                                     body_producer=producer, request_timeout=24 * 3600,
-                                     expect_100_continue=True,
-                                     headers={"Content-Type": "application/octet-stream"})
-        if response.code == 599:
-            if isinstance(response.error, MarcoError):  # the body producer gave up: say why
-                raise response.error
-            raise _transport_error(response.error or OSError("no answer"), self.what, self.tls)
-        _raise_for(response.code, response.body or b"")
-        return _json(response.body)
+        response = await self._fetch(request, body_producer=producer, expect_100_continue=True)
+        return parse_answer(request, response.code, response.body or b"")
+
+    async def get_file(self, path: str, destination: BinaryIO) -> int:
+        """Stream the node's file at `path` into `destination`; return the byte count."""
+        download = Download(destination)
+        head: list[str] = []
+
+        def header_line(line: str) -> None:
+            if line.startswith("HTTP/"):
+                head.clear()
+            head.append(line)
+            if not line.strip():  # the end of the head: the status says where the body goes
+                download.start(parse_response_start_line(head[0].strip()).code,
+                               HTTPHeaders.parse("".join(head[1:])).get("Content-Length"))
+
+        await self._fetch(self._api.get_file(path), header_callback=header_line,
+                          streaming_callback=download.feed)
+        return download.finish(self.what)
 
     def stream(self) -> "AgentStream":
         """A /v1/stream connection; `await stream.connect()` authenticates it."""
         return AgentStream(self.base.replace("http", "ws", 1) + "/v1/stream", self.token,
                            self.ssl_context, self.what, self.tls)
+
+    # -- transport ----------------------------------------------------------------------------
+
+    @property
+    def _api(self) -> AgentRequests:
+        return AgentRequests(self.token, self.timeout)
+
+    async def _call(self, request: Request[T]) -> T:
+        response = await self._fetch(request)
+        return parse_answer(request, response.code, response.body or b"")
+
+    async def _fetch(self, request: Request[Any], **kwargs: Any) -> httpclient.HTTPResponse:
+        """Send one request; every transport failure becomes its typed error here."""
+        try:
+            response = await self._http.fetch(
+                self.base + request.path, method=request.method, body=request.body,
+                headers=request.headers, connect_timeout=self.timeout,
+                request_timeout=NO_LIMIT if request.streamed else request.timeout,
+                raise_error=False, allow_nonstandard_methods=True,
+                ssl_options=self.ssl_context, **kwargs)
+        except MarcoError:
+            raise  # a body producer gave up and says why
+        except (OSError, httpclient.HTTPClientError) as exc:
+            raise _transport_error(exc, self.what, self.tls) from None
+        if response.code == 599:  # a failure answered rather than raised
+            raise _transport_error(response.error or OSError("no answer"), self.what, self.tls)
+        return response
 
 
 class AgentStream:
