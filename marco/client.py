@@ -374,8 +374,10 @@ class AsyncAgentClient:
                 download.start(parse_response_start_line(head[0].strip()).code,
                                HTTPHeaders.parse("".join(head[1:])).get("Content-Length"))
 
-        await self._fetch(self._api.get_file(path), header_callback=header_line,
-                          streaming_callback=download.feed)
+        response = await self._fetch(self._api.get_file(path), header_callback=header_line,
+                                     streaming_callback=download.feed)
+        if not download.status:  # no head seen (never with Tornado's HTTP/1 client)
+            download.start(response.code, response.headers.get("Content-Length"))
         return download.finish(self.what)
 
     def stream(self) -> "AgentStream":

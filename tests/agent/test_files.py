@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
+import stat
 
 import pytest
 
@@ -134,3 +136,32 @@ def test_fifo_download_is_refused_without_hanging(alice_client: AgentClient,
         alice_client.get_file("a-fifo", io.BytesIO())
     processes = alice_client.run(["ps", "-u", alice.name, "-o", "comm="]).stdout.split()
     assert not any(name.startswith(b"python") for name in processes)  # no helper left waiting
+
+
+def test_the_async_client_moves_files_like_the_sync_one(shared_agent: AgentProcess,
+                                                          signer: TokenSigner,
+                                                          alice: UnixUser) -> None:
+    """Same calls through Tornado: a file or a chunk callable up, a stream down, typed errors
+    (the body of an error answer never lands in the destination)."""
+    token = signer.issue(alice.name)
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    chunks = [b"callable ", b"chunks", b""]
+
+    async def scenario() -> tuple[int, bytes, bytes]:
+        client = shared_agent.async_client(token)
+        await client.put_file(io.BytesIO(data), "async.bin", mode=0o600, size=len(data))
+        await client.put_file(lambda: chunks.pop(0), "async.txt")
+        out, text = io.BytesIO(), io.BytesIO()
+        count = await client.get_file("async.bin", out)
+        await client.get_file("~/async.txt", text)
+        missing = io.BytesIO()
+        with pytest.raises(NotFound):
+            await client.get_file("no-such-file", missing)
+        assert missing.getvalue() == b""
+        with pytest.raises(Conflict):
+            await client.put_file(io.BytesIO(b"x"), "async.txt", overwrite=False, size=1)
+        return count, out.getvalue(), text.getvalue()
+
+    count, body, text = asyncio.run(scenario())
+    assert count == len(data) and body == data and text == b"callable chunks"
+    assert stat.S_IMODE(os.stat(os.path.join(alice.home, "async.bin")).st_mode) == 0o600
