@@ -8,21 +8,22 @@ import logging
 import os
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from tornado.ioloop import PeriodicCallback
 
 from marco import __version__
-from .announce import Announcement, Announcer
-from .app import make_app
-from .config import DEFAULT_CONFIG_FILE, AgentConfig, agent_options
 from marco.errors import ConfigError
-from .context import AgentContext
 from marco.protocol import choose_mdns_interfaces, require_loopback
 from marco.serving import close_server, listen, stop_event_on_signals
 from marco.settings import add_config_argument, add_options, load_settings
 from marco.tls import ServerTlsReloader
 from marco.tokens import DEFAULT_SECRET_FILE, create_secret, load_secret, rotate_secret
+
+from .announce import Announcement, Announcer
+from .app import make_app
+from .config import DEFAULT_CONFIG_FILE, AgentConfig, agent_options
+from .context import AgentContext
 
 log = logging.getLogger("marco.agent")
 EXPIRE_INTERVAL = 60.0
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     init = commands.add_parser("init-secret", help="create a new cluster secret file (0600)")
     init.add_argument("--secret-file", dest="init_secret_file", metavar="PATH",
-                      help=f"where to write it (default: $MARCO_SECRET_FILE or {DEFAULT_SECRET_FILE})")
+                      help="where to write it (default: $MARCO_SECRET_FILE or "
+                           f"{DEFAULT_SECRET_FILE})")
     init.add_argument("--force", action="store_true", help="replace an existing secret")
     init.add_argument("--rotate", action="store_true",
                       help="append a new secret to the existing file: it signs from now on, "

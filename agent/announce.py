@@ -1,7 +1,8 @@
 """Announce this agent on the LAN by zeroconf (mDNS / DNS-SD), on chosen interfaces only.
 
 `choose_mdns_interfaces` (marco.protocol, shared with the controller's browser) decides where to
-announce (never every network by default), `Announcement` says what (the `_marco._tcp.local.` service and its TXT record), and `Announcer`
+announce (never every network by default), `Announcement` says what (the `_marco._tcp.local.`
+service and its TXT record), and `Announcer`
 registers it and withdraws it with goodbye packets. The agent's `main()` owns the signal
 handlers: on SIGTERM/SIGINT it awaits `Announcer.stop()` (or leaves `async with Announcer(...)`).
 """
@@ -13,12 +14,16 @@ import logging
 import os
 import platform
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Sequence
 
-from zeroconf import (BadTypeInNameException, DNSQuestionType, NonUniqueNameException,
-                      ServiceNameAlreadyRegistered)
+from zeroconf import (
+    BadTypeInNameException,
+    DNSQuestionType,
+    NonUniqueNameException,
+    ServiceNameAlreadyRegistered,
+)
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from marco import __version__

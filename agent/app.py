@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import tornado.web
 
-from .context import AgentContext
-from .handlers import (CrlHandler, ExecutionHandler, ExecutionsHandler, FilesHandler, HealthHandler,
-                       NotFoundHandler, OutputHandler, RevocationsHandler,
-                       StatusHandler)
 from marco.protocol import API_PREFIX
 from marco.serving import log_request
+
+from .context import AgentContext
+from .handlers import (
+    CrlHandler,
+    ExecutionHandler,
+    ExecutionsHandler,
+    FilesHandler,
+    HealthHandler,
+    NotFoundHandler,
+    OutputHandler,
+    RevocationsHandler,
+    StatusHandler,
+)
 from .stream import StreamSocket
 
 EXECUTION_ID = r"([0-9a-f]{32})"

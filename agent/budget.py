@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class DiskBudget:
@@ -24,7 +24,7 @@ class DiskBudget:
         """Whether `user` is at the limit, or was refused bytes and has freed none since."""
         return user in self._refused or self.used(user) >= self.limit
 
-    def account(self, user: str) -> "Account":
+    def account(self, user: str) -> Account:
         return Account(self, user)
 
     def try_charge(self, user: str, size: int) -> bool:

@@ -27,11 +27,12 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from marco.errors import IsolationUnavailable
+
 from .users import UserIdentity
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,8 @@ class CgroupBackend:
         probe = self.base / "probe"
         probe.mkdir(exist_ok=True)
         fd = os.open(probe / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-        identity = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if os.geteuid() == 0 else {}
+        identity = ({"user": NOBODY, "group": NOBODY, "extra_groups": []}
+                    if os.geteuid() == 0 else {})
         try:
             subprocess.run(["true"], preexec_fn=lambda: _join(fd), check=True,  # type: ignore[call-overload]
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

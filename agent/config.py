@@ -10,8 +10,8 @@ from pathlib import Path
 
 from marco.protocol import DEFAULT_PORT
 from marco.serving import ConnectionLimits, connection_limit_options
-from marco.shells import login_shells_option
 from marco.settings import Option, default_state_dir
+from marco.shells import login_shells_option
 from marco.tls import DEFAULT_TLS_DIR, ServerTlsFiles
 from marco.tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
 

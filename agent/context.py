@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
 from marco import __version__, protocol
-from .config import AgentConfig
-from .audit import AuditLog
 from marco.errors import AuthenticationError, MarcoError, TokenRevoked
+from marco.revocations import DeniedTokens, Revocations
+from marco.tokens import (
+    LOG_IN_AGAIN,
+    SERVICE_MAX_AGE,
+    SERVICE_SALT,
+    SecretKeys,
+    TokenSigner,
+    health_proof,
+)
+
+from .audit import AuditLog
+from .config import AgentConfig
+from .crl import CrlStore
 from .executions import ExecutionManager
-from .isolation import Isolation, IsolationSettings
 from .files import FileService
 from .hub import StreamHub
+from .isolation import Isolation, IsolationSettings
 from .status import StatusPublisher, StatusSampler
-from .crl import CrlStore
-from marco.revocations import DeniedTokens, Revocations
-from marco.tokens import (LOG_IN_AGAIN, SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner,
-                          health_proof)
 from .users import LoginShells, UserIdentity, UserResolver
 
 
@@ -45,7 +52,7 @@ class AgentContext:
     on_tls_change: Callable[[], object] | None = None  # set by the server: reload TLS now
 
     @classmethod
-    def build(cls, config: AgentConfig, secret: SecretKeys) -> "AgentContext":
+    def build(cls, config: AgentConfig, secret: SecretKeys) -> AgentContext:
         resolver = UserResolver(shells=LoginShells(config.login_shells))
         hub = StreamHub()
         audit = AuditLog(Path(config.audit_log or config.state_path / "audit.log"),
@@ -99,7 +106,8 @@ class AgentContext:
         if not allowed:
             return True
         parts = urlsplit(origin)
-        return f"{parts.scheme}://{parts.netloc}".lower() in {o.lower().rstrip("/") for o in allowed}
+        wanted = {o.lower().rstrip("/") for o in allowed}
+        return f"{parts.scheme}://{parts.netloc}".lower() in wanted
 
     def health(self, challenge: str | None = None) -> dict[str, object]:
         """Node facts; with a `challenge`, also the proof that this agent holds the secret."""

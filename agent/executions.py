@@ -24,14 +24,23 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from marco import protocol
+from marco.errors import (
+    BadRequest,
+    ConfigError,
+    DiskBudgetExhausted,
+    NotFound,
+    PayloadTooLarge,
+    ShuttingDown,
+    TooManyExecutions,
+)
+
 from .budget import Account, DiskBudget
-from marco.errors import (BadRequest, ConfigError, DiskBudgetExhausted, NotFound, PayloadTooLarge,
-                     ShuttingDown, TooManyExecutions)
 from .isolation import Isolation
 from .lines import LineSplitter
 from .spool import ExecutionSpool
@@ -83,7 +92,7 @@ class ExecutionRequest:
 
     @classmethod
     def from_json(cls, body: Any, max_command_bytes: int = 256 * 1024,
-                  max_stdin_bytes: int = 16 * 1024 * 1024) -> "ExecutionRequest":
+                  max_stdin_bytes: int = 16 * 1024 * 1024) -> ExecutionRequest:
         """Validate a request body; argv or shell, env and cwd together may take at most
         `max_command_bytes` (they are kept in memory, in listings and on disk), stdin at most
         `max_stdin_bytes` (held in memory until the command reads it)."""
@@ -294,7 +303,8 @@ class Execution:
 class _ChildProtocol(asyncio.SubprocessProtocol):
     """Feeds pipe data into the execution and tells the runner when the child is gone."""
 
-    def __init__(self, execution: Execution, on_started: Callable[[asyncio.SubprocessTransport], None],
+    def __init__(self, execution: Execution,
+                 on_started: Callable[[asyncio.SubprocessTransport], None],
                  on_finished: Callable[[], None]) -> None:
         self.execution = execution
         self.on_started = on_started
@@ -345,7 +355,7 @@ class ExecutionManager:
 
     def __init__(self, resolver: UserResolver, sink: EventSink, state_dir: Path,
                  spool_max_bytes: int, stop_grace: float, retention: float,
-                 retention_count: int, audit: "AuditSink | None" = None,
+                 retention_count: int, audit: AuditSink | None = None,
                  max_running_per_user: int = 64, spool_max_bytes_per_user: int = 1 << 30,
                  isolation: Isolation | None = None) -> None:
         self.resolver = resolver
@@ -446,7 +456,8 @@ class ExecutionManager:
         running = sum(1 for e in self._executions.values() if e.user == user.name and e.running)
         if running >= self.max_running_per_user:
             raise TooManyExecutions(f"{running} of your executions are running on this node "
-                                    f"(the limit is {self.max_running_per_user}); stop some or wait")
+                                    f"(the limit is {self.max_running_per_user}); "
+                                    "stop some or wait")
         while self.budget.exhausted(user.name):
             if not self._make_room(user.name):
                 raise DiskBudgetExhausted(

@@ -38,7 +38,7 @@ def fail(status, message):
 
 
 def fail_os(exc, what):
-    fail(STATUS_BY_ERRNO.get(exc.errno, 500), "%s: %s" % (what, exc.strerror))
+    fail(STATUS_BY_ERRNO.get(exc.errno, 500), f"{what}: {exc.strerror}")
 
 
 def read_exact(fd, size):
@@ -80,16 +80,16 @@ def write(path, mode_text, overwrite):
         fail_os(exc, path)
     if existing is not None:
         if stat.S_ISDIR(existing.st_mode):
-            fail(409, "%s is a directory" % path)
+            fail(409, f"{path} is a directory")
         if not overwrite:
-            fail(409, "%s exists and overwrite is false" % path)
+            fail(409, f"{path} exists and overwrite is false")
     if mode_text != "-":
         mode = int(mode_text, 8)
     elif existing is not None and stat.S_ISREG(existing.st_mode):
         mode = stat.S_IMODE(existing.st_mode)
     else:
         mode = 0o644
-    tmp = os.path.join(directory, ".%s.marco-%d.tmp" % (name[:200], os.getpid()))
+    tmp = os.path.join(directory, f".{name[:200]}.marco-{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
@@ -128,7 +128,7 @@ def write(path, mode_text, overwrite):
                 os.unlink(tmp)
             except OSError:
                 pass
-    report(ok=True, path=path, size=size, mode="%04o" % mode)
+    report(ok=True, path=path, size=size, mode=f"{mode:04o}")
 
 
 def read(path):
@@ -139,9 +139,9 @@ def read(path):
     except OSError as exc:
         fail_os(exc, path)
     if not stat.S_ISREG(info.st_mode):
-        fail(400, "%s is not a regular file" % path)
+        fail(400, f"{path} is not a regular file")
     os.set_blocking(fd, True)
-    report(ok=True, size=info.st_size, mode="%04o" % stat.S_IMODE(info.st_mode),
+    report(ok=True, size=info.st_size, mode=f"{stat.S_IMODE(info.st_mode):04o}",
            mtime=info.st_mtime)
     out = sys.stdout.fileno()
     offset = 0

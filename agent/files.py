@@ -13,12 +13,20 @@ import fcntl
 import json
 import os
 import struct
+from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any
 
 from marco import modes
-from marco.errors import (BadRequest, Conflict, InsufficientStorage, MarcoError, NotFound,
-                     PermissionDenied)
+from marco.errors import (
+    BadRequest,
+    Conflict,
+    InsufficientStorage,
+    MarcoError,
+    NotFound,
+    PermissionDenied,
+)
+
 from .users import UserIdentity, UserResolver
 
 READ_CHUNK = 256 * 1024
@@ -82,7 +90,7 @@ class FileService:
             limit=READ_CHUNK, **self.resolver.popen_identity(user))
 
     async def open_writer(self, user: UserIdentity, path: str, mode: str,
-                          overwrite: bool) -> "FileWriter":
+                          overwrite: bool) -> FileWriter:
         """Start an upload; raises the helper's error (403, 404, 409) before any data moves."""
         process = await self._spawn(user, "write", path, mode, "1" if overwrite else "0",
                                     stdin=asyncio.subprocess.PIPE)
@@ -91,7 +99,7 @@ class FileService:
         await writer.ready()
         return writer
 
-    async def open_reader(self, user: UserIdentity, path: str) -> "FileReader":
+    async def open_reader(self, user: UserIdentity, path: str) -> FileReader:
         process = await self._spawn(user, "read", path, stdin=asyncio.subprocess.DEVNULL)
         reader = FileReader(process)
         await reader.ready()
@@ -115,7 +123,8 @@ async def _status_line(process: asyncio.subprocess.Process) -> dict[str, Any]:
         await process.wait()
         assert process.stderr is not None
         detail = (await process.stderr.read()).decode("utf-8", "replace").strip()
-        raise MarcoError(f"file helper failed: {detail.splitlines()[-1] if detail else 'no output'}")
+        last = detail.splitlines()[-1] if detail else "no output"
+        raise MarcoError(f"file helper failed: {last}")
     return json.loads(line)
 
 

@@ -15,13 +15,21 @@ import tornado.web
 
 from marco import protocol
 from marco.chunks import Coalescer
-from .context import AgentContext
-from marco.errors import (AuthenticationError, BadRequest, Conflict, MarcoError, NotFound,
-                     PayloadTooLarge, PermissionDenied)
-from .executions import Execution, ExecutionRequest
-from .files import FileReader, FileWriter, parse_mode, validate_path
+from marco.errors import (
+    AuthenticationError,
+    BadRequest,
+    Conflict,
+    MarcoError,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+)
 from marco.jsonapi import JsonApiMixin
 from marco.tokens import bearer_token
+
+from .context import AgentContext
+from .executions import Execution, ExecutionRequest
+from .files import FileReader, FileWriter, parse_mode, validate_path
 from .users import UserIdentity
 
 log = logging.getLogger(__name__)
@@ -217,7 +225,8 @@ class RevocationsHandler(ControllerOnlyHandler):
                 if revoke is not None:
                     revoke()
         for user in moved:
-            self.ctx.audit.record("tokens.revoked", user, not_before=self.ctx.revocations.not_before(user),
+            self.ctx.audit.record("tokens.revoked", user,
+                                  not_before=self.ctx.revocations.not_before(user),
                                   client=self.request.remote_ip)
             for socket in self.ctx.hub.sockets(user):
                 revoke = getattr(socket, "revoke", None)

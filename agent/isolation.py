@@ -17,12 +17,14 @@ import functools
 import logging
 import os
 import resource
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, ContextManager, Iterator, Protocol
+from typing import Any, Protocol
+
+from marco.errors import ConfigError, IsolationUnavailable
 
 from .cgroups import CgroupBackend
-from marco.errors import ConfigError, IsolationUnavailable
 from .subreaper import SubreaperBackend
 from .users import UserIdentity
 
@@ -46,7 +48,8 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    def spawning(self, execution_id: str, user: UserIdentity) -> ContextManager[int | None]: ...
+    def spawning(self, execution_id: str,
+                 user: UserIdentity) -> AbstractContextManager[int | None]: ...
 
     def started(self, execution_id: str, pid: int) -> None: ...
 

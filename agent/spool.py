@@ -41,7 +41,7 @@ class ExecutionSpool:
 
     @classmethod
     def create(cls, directory: Path, max_bytes: int,
-               account: Account | None = None) -> "ExecutionSpool":
+               account: Account | None = None) -> ExecutionSpool:
         directory.mkdir(mode=0o700, parents=True)
         spool = cls(directory, max_bytes, account)
         spool._fd = os.open(directory / OUTPUT_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -50,7 +50,7 @@ class ExecutionSpool:
 
     @classmethod
     def open_existing(cls, directory: Path, max_bytes: int,
-                      account: Account | None = None) -> "ExecutionSpool":
+                      account: Account | None = None) -> ExecutionSpool:
         """A finished execution's spool found on disk at start-up (indexed on first read),
         charged to its owner's budget."""
         spool = cls(directory, max_bytes, account)

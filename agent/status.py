@@ -49,7 +49,8 @@ import platform
 import socket
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 
@@ -187,7 +188,8 @@ class StatusSampler:
         prev, self._cpu_prev = self._cpu_prev, current
         if prev is None or len(prev) != len(current):
             return 0.0, [0.0] * len(current)
-        per_core = [_percent(b - b0, t - t0) for (b, t), (b0, t0) in zip(current, prev)]
+        per_core = [_percent(b - b0, t - t0)
+                    for (b, t), (b0, t0) in zip(current, prev, strict=True)]
         busy = sum(b for b, _ in current) - sum(b for b, _ in prev)
         total = sum(t for _, t in current) - sum(t for _, t in prev)
         return _percent(busy, total), per_core

@@ -18,10 +18,11 @@ from typing import Any
 import tornado.websocket
 
 from marco import protocol
-from .context import AgentContext
 from marco.errors import BadRequest, MarcoError, to_body
-from .handlers import MAX_REPLAY_LINES
 from marco.jsonapi import JsonApiMixin
+
+from .context import AgentContext
+from .handlers import MAX_REPLAY_LINES
 from .users import UserIdentity
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         self.pending_bytes += size
         future.add_done_callback(functools.partial(self._written, size=size))
 
-    def _written(self, future: "asyncio.Future[None]", *, size: int) -> None:
+    def _written(self, future: asyncio.Future[None], *, size: int) -> None:
         self.pending_bytes -= size
         if not future.cancelled() and future.exception() is not None:
             self._forget()

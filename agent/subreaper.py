@@ -15,9 +15,9 @@ import logging
 import os
 import signal
 from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 from .users import UserIdentity
 

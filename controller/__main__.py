@@ -7,11 +7,12 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tornado.ioloop import PeriodicCallback
 
+from marco.discovery import ZeroconfBrowser, parse_static_node
 from marco.errors import MarcoError
 from marco.protocol import choose_mdns_interfaces, require_loopback
 from marco.serving import close_server, listen, stop_event_on_signals
@@ -23,7 +24,6 @@ from . import __version__
 from .app import make_app
 from .config import DEFAULT_CONFIG_FILE, ControllerConfig, controller_options
 from .context import ControllerContext
-from marco.discovery import ZeroconfBrowser, parse_static_node
 from .pki import ClusterPki, write_secret_copy
 
 log = logging.getLogger("marco.controller")
@@ -104,7 +104,8 @@ def admin(args: argparse.Namespace, config: ControllerConfig) -> int:
 
 
 def load_config(args: argparse.Namespace, environ: dict[str, str]) -> ControllerConfig:
-    return ControllerConfig(**load_settings(controller_options(), args, environ, DEFAULT_CONFIG_FILE))
+    return ControllerConfig(**load_settings(controller_options(), args, environ,
+                                            DEFAULT_CONFIG_FILE))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

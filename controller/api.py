@@ -6,8 +6,8 @@ import asyncio
 from typing import Any
 
 from marco.errors import BadRequest, MarcoError, to_body
-
 from marco.inventory import build_inventory, host_vars
+
 from .session import ApiHandler
 
 
@@ -116,7 +116,8 @@ class RunApi(ApiHandler):
                 return {"ok": False, **to_body(error)}
 
         results = await asyncio.gather(*(start(node) for node in nodes))
-        self.write_json({"user": user, "results": {n.name: r for n, r in zip(nodes, results)}})
+        answers = {n.name: r for n, r in zip(nodes, results, strict=True)}
+        self.write_json({"user": user, "results": answers})
 
 
 class LogoutApi(ApiHandler):

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from marco.discovery import HealthMonitor, NodeRegistry, parse_static_node
 from marco.errors import ConfigError, TryAgain
 from marco.revocations import DeniedTokens, Revocations
 from marco.shells import LoginShells
@@ -18,7 +19,6 @@ from marco.tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner
 from .auth import LoginRateLimiter, PamAuthenticator
 from .config import ControllerConfig
 from .connector import AgentConnector
-from marco.discovery import HealthMonitor, NodeRegistry, parse_static_node
 from .pki import ClusterPki
 from .revoke import RevocationPusher
 
@@ -41,7 +41,7 @@ class ControllerContext:
     web_tls: ServerTlsFiles | None  # None in development mode
 
     @classmethod
-    def build(cls, config: ControllerConfig, secret: SecretKeys) -> "ControllerContext":
+    def build(cls, config: ControllerConfig, secret: SecretKeys) -> ControllerContext:
         registry = NodeRegistry()
         for spec in config.node:
             registry.upsert(parse_static_node(spec))

@@ -79,7 +79,7 @@ class AgentUpload:
         await self.feed(b"")  # end of body
         try:
             outcome = {"ok": True, **(await asyncio.wait_for(self.task, self.stall_timeout))}
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.abort(UploadAborted(f"the agent did not finish within {self.stall_timeout:.0f} s"))
             outcome = {}
         except MarcoError as error:
@@ -109,7 +109,7 @@ class FanOut:
         if rest:
             await asyncio.gather(*(upload.feed(rest) for upload in self.uploads))
         results = await asyncio.gather(*(upload.result() for upload in self.uploads))
-        return {upload.name: result for upload, result in zip(self.uploads, results)}
+        return {upload.name: result for upload, result in zip(self.uploads, results, strict=True)}
 
     def abort(self) -> None:
         for upload in self.uploads:

@@ -23,7 +23,8 @@ class LoginPage(BaseHandler):
         username = self.get_body_argument("username", "").strip()
         password = self.get_body_argument("password", "")
         try:
-            user = await self.ctx.authenticator.login(username, password, self.request.remote_ip or "?")
+            user = await self.ctx.authenticator.login(username, password,
+                                                      self.request.remote_ip or "?")
         except (AuthenticationError, PermissionDenied, TooManyAttempts) as error:
             self.set_status(error.status)
             self.render("login.html", error=error.message, username=username)

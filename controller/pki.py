@@ -22,9 +22,10 @@ import json
 import os
 import re
 import socket
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -53,7 +54,7 @@ def valid_name(name: str, what: str = "name") -> str:
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _cert_pem(certificate: x509.Certificate) -> bytes:
@@ -311,7 +312,7 @@ class ClusterPki:
                 builder = builder.add_revoked_certificate(
                     x509.RevokedCertificateBuilder().serial_number(int(serial))
                     .revocation_date(datetime.datetime.fromtimestamp(record["revoked"],
-                                                                     datetime.timezone.utc))
+                                                                     datetime.UTC))
                     .build())
         crl = builder.sign(key, hashes.SHA256())
         _write(self.crl_file, crl.public_bytes(serialization.Encoding.PEM), 0o644)

@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from marco.discovery import Node, NodeRegistry
 from marco.errors import MarcoError
 from marco.revocations import DeniedTokens, Revocations, token_digest
 from marco.tls import file_stamps
 from marco.tokens import TokenSigner
 
 from .connector import AgentConnector
-from marco.discovery import Node, NodeRegistry
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,12 @@ class RevocationPusher:
         else:
             return None
         results = await asyncio.gather(*(self._push_crl(node) for node in nodes))
-        for node, result in zip(nodes, results):
+        for node, result in zip(nodes, results, strict=True):
             if result["ok"]:
                 self._crl_pending.discard(node.name)
             else:
                 self._crl_pending.add(node.name)
-        return {n.name: r for n, r in zip(nodes, results)}
+        return {n.name: r for n, r in zip(nodes, results, strict=True)}
 
     async def _push_crl(self, node: Node) -> dict[str, Any]:
         assert self.crl_file is not None
@@ -106,7 +106,7 @@ class RevocationPusher:
         nodes = self.registry.alive()
         table = {token_digest(token): until}
         results = await asyncio.gather(*(self._push(node, {}, table) for node in nodes))
-        return {"nodes": {n.name: r for n, r in zip(nodes, results)}}
+        return {"nodes": {n.name: r for n, r in zip(nodes, results, strict=True)}}
 
     def deny_soon(self, token: str) -> None:
         """`deny` without waiting for the nodes (the page's logout redirects at once)."""
@@ -121,7 +121,8 @@ class RevocationPusher:
         nodes = self.registry.alive()
         results = await asyncio.gather(*(self._push(node, {user: cutoff}) for node in nodes))
         log.info("%s logged out everywhere (tokens before %s refused)", user, cutoff)
-        return {"not_before": cutoff, "nodes": {n.name: r for n, r in zip(nodes, results)}}
+        answers = {n.name: r for n, r in zip(nodes, results, strict=True)}
+        return {"not_before": cutoff, "nodes": answers}
 
     async def _push(self, node: Node, table: dict[str, float],
                     tokens: dict[str, float] | None = None) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Both carry the agents' token; the user is always derived from it (checked with m
 
 from __future__ import annotations
 
-from typing import Any, Awaitable
+from collections.abc import Awaitable
+from typing import Any
 
 import tornado.web
 
@@ -15,7 +16,6 @@ from marco.protocol import decode
 from marco.tokens import bearer_token
 
 from .context import ControllerContext
-
 
 COOKIE = "marco_token"
 

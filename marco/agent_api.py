@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Generic, TypeVar
+from typing import Any, BinaryIO, Generic, TypeVar
 from urllib.parse import urlencode
 
 from .errors import AgentUnreachable, ProtocolError, error_from_answer
@@ -38,7 +39,7 @@ class ExecutionResult:
     stderr_truncated: bool = False
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ExecutionResult":
+    def from_json(cls, data: dict[str, Any]) -> ExecutionResult:
         return cls(id=data["id"], rc=data["rc"], stdout=base64.b64decode(data["stdout"]),
                    stderr=base64.b64decode(data["stderr"]), duration=data["duration"],
                    signal=data.get("signal"), timed_out=data.get("timed_out", False),

@@ -18,13 +18,13 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 from .client import AgentClient, AsyncAgentClient
 from .controller_client import call_controller
-from .credentials import (find_token, forget_tls, node_tls, store_tls, store_token,
-                          stored_token_path)
+from .credentials import find_token, forget_tls, node_tls, store_tls, store_token, stored_token_path
 from .errors import MarcoError
 from .keys import make_user_request
 
@@ -76,7 +76,8 @@ def choose(nodes: list[dict[str, Any]], names: list[str],
 def table(rows: list[list[str]], out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        out.write("  ".join(cells).rstrip() + "\n")
 
 
 # -- commands ----------------------------------------------------------------------------------

@@ -16,17 +16,34 @@ import json
 import select
 import socket
 import ssl
-from typing import Any, BinaryIO, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar
 
 from tornado import httpclient, websocket
 from tornado.httputil import HTTPHeaders, parse_response_start_line
 
 from . import protocol
-from .agent_api import (DEFAULT_TIMEOUT, NO_LIMIT, AgentRequests, Download, ExecutionResult,
-                        Request, base_url, describe, execution_body, parse_answer,
-                        raise_for_status)
-from .errors import (AgentUnreachable, AuthenticationError, MarcoError, PermissionDenied,
-                     ProtocolError, TooManySockets)
+from .agent_api import (
+    DEFAULT_TIMEOUT,
+    NO_LIMIT,
+    AgentRequests,
+    Download,
+    ExecutionResult,
+    Request,
+    base_url,
+    describe,
+    execution_body,
+    parse_answer,
+    raise_for_status,
+)
+from .errors import (
+    AgentUnreachable,
+    AuthenticationError,
+    MarcoError,
+    PermissionDenied,
+    ProtocolError,
+    TooManySockets,
+)
 from .tls import ClientTls, describe_tls_error
 
 __all__ = ["DEFAULT_TIMEOUT", "AgentClient", "AgentStream", "AsyncAgentClient",
@@ -64,7 +81,7 @@ class AgentClient:
         self.what = describe(host, port, self.node)
         self._conn: http.client.HTTPConnection | None = None
 
-    def __enter__(self) -> "AgentClient":
+    def __enter__(self) -> AgentClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -251,7 +268,7 @@ class AgentClient:
                 head += byte
                 if len(head) > 65536:
                     raise ProtocolError("agent sent an oversized answer head")
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             if head:
                 raise
             return None  # no interim answer in time: send the body anyway
@@ -380,7 +397,7 @@ class AsyncAgentClient:
             download.start(response.code, response.headers.get("Content-Length"))
         return download.finish(self.what)
 
-    def stream(self) -> "AgentStream":
+    def stream(self) -> AgentStream:
         """A /v1/stream connection; `await stream.connect()` authenticates it."""
         return AgentStream(self.base.replace("http", "ws", 1) + "/v1/stream", self.token,
                            self.ssl_context, self.what, self.tls)

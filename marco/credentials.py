@@ -7,8 +7,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from marco.atomic import write_atomic
 from marco.errors import AuthenticationError, ConfigError
@@ -69,8 +69,8 @@ def find_ca(given: str | None = None, environ: Mapping[str, str] | None = None) 
 
 
 def find_client_tls(environ: Mapping[str, str] | None = None) -> ClientTls | None:
-    """The user's TLS identity: $MARCO_CLIENT_CERT/$MARCO_CLIENT_KEY (+ $MARCO_TLS_CA, $MARCO_TLS_CRL),
-    else the certificate `marco login` stored; None if there is none."""
+    """The user's TLS identity: $MARCO_CLIENT_CERT/$MARCO_CLIENT_KEY (+ $MARCO_TLS_CA,
+    $MARCO_TLS_CRL), else the certificate `marco login` stored; None if there is none."""
     environ = os.environ if environ is None else environ
     base = stored_token_path(environ).parent
     cert = environ.get("MARCO_CLIENT_CERT") or str(base / CLIENT_CERT)

@@ -13,16 +13,17 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from marco.client import AsyncAgentClient
 from marco.errors import CertificateRefused, ConfigError, MarcoError
-from marco.tls import ClientTls
 from marco.protocol import DEFAULT_PORT, SERVICE_TYPE
+from marco.tls import ClientTls
 from marco.tokens import verify_health_proof
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,8 @@ class HealthMonitor:
                                                          details.get("proof")):
             log.warning("%s:%d answers as node %s without proof of the cluster secret: ignored",
                         node.host, node.port, node.name)
-            return False, "failed the cluster-secret proof (not a Marco agent of this cluster?)", None
+            return (False, "failed the cluster-secret proof (not a Marco agent of this cluster?)",
+                    None)
         if node.source == "mdns" and reported != node.name:
             log.warning("%s announces node %s but its agent is %s: ignored", node.service,
                         node.name, reported)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 _GROUP_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 

@@ -14,7 +14,8 @@ import json
 import os
 import sys
 import urllib.parse
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .agent_api import DEFAULT_TIMEOUT
 from .controller_client import call_controller

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import ConfigError
 
@@ -75,8 +76,9 @@ def specific_address(value: str, what: str) -> str:
 
 
 def choose_mdns_interfaces(bind: str, configured: Sequence[str]) -> list[str]:
-    """Where to announce (agent) or browse (controller). Configured addresses win; else the bind address when it is a specific
-    address (default bind 127.0.0.1 -> loopback only); a wildcard or host-name bind with nothing
+    """Where to announce (agent) or browse (controller). Configured addresses win; else the bind
+    address when it is a specific address (default bind 127.0.0.1 -> loopback only); a wildcard
+    or host-name bind with nothing
     configured gives [] (the caller warns and does not announce, rather than leaking mDNS onto
     every network)."""
     if configured:

@@ -10,8 +10,9 @@ import ipaddress
 import logging
 import signal
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
@@ -111,7 +112,8 @@ class _FirstRequest(httputil.HTTPMessageDelegate):
     """Passes a connection's first request through, telling the server when its headers are
     in: from then on the connection is no longer pending."""
 
-    def __init__(self, delegate: httputil.HTTPMessageDelegate, admitted: Callable[[], None]) -> None:
+    def __init__(self, delegate: httputil.HTTPMessageDelegate,
+                 admitted: Callable[[], None]) -> None:
         self.delegate, self.admitted = delegate, admitted
 
     def headers_received(self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine,

@@ -45,11 +45,11 @@ class PinnedNameContext(ssl.SSLContext):
 
     expected_name = ""
 
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs["server_hostname"] = self.expected_name or kwargs.get("server_hostname")
         return super().wrap_socket(sock, *args, **kwargs)
 
-    def wrap_bio(self, incoming: Any, outgoing: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def wrap_bio(self, incoming: Any, outgoing: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs["server_hostname"] = self.expected_name or kwargs.get("server_hostname")
         return super().wrap_bio(incoming, outgoing, *args, **kwargs)
 
@@ -61,7 +61,8 @@ def certificate_not_after(path: str | os.PathLike[str]) -> datetime.datetime:
     try:
         certificate = x509.load_pem_x509_certificate(Path(path).read_bytes())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read certificate {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"cannot read certificate {path}: {reason}") from None
     return certificate.not_valid_after_utc
 
 
@@ -158,7 +159,7 @@ class ClientTls:
             expiry = certificate_not_after(self.cert_file)
         except ConfigError:
             return None
-        if expiry > datetime.datetime.now(datetime.timezone.utc):
+        if expiry > datetime.datetime.now(datetime.UTC):
             return None
         return CertificateRefused(f"your client certificate {self.cert_file} expired on "
                                   f"{expiry:%Y-%m-%d %H:%M} UTC",

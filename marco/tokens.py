@@ -14,8 +14,8 @@ import hmac
 import os
 import secrets
 import stat
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from itsdangerous import BadData, BadSignature, SignatureExpired, URLSafeTimedSerializer
 from itsdangerous.encoding import base64_decode, base64_encode
@@ -52,7 +52,7 @@ class TokenSigner:
     def expires_at(self, token: str) -> float:
         """When a valid token stops being valid (epoch seconds)."""
         _, issued = self._serializer.loads(token, max_age=self.max_age, return_timestamp=True)
-        return issued.timestamp() + self.max_age
+        return float(issued.timestamp()) + self.max_age
 
     def verify(self, token: str | None,
                not_before: Callable[[str], float | None] | None = None) -> str:
@@ -101,7 +101,8 @@ def load_secret(path: str | os.PathLike[str]) -> SecretKeys:
         data = path.read_bytes().strip()
     except FileNotFoundError:
         raise ConfigError(f"secret file {path} does not exist "
-                          f"(create one with: marco-agent init-secret --secret-file {path})") from None
+                          "(create one with: marco-agent init-secret --secret-file "
+                          f"{path})") from None
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
     if info.st_mode & 0o077:
@@ -137,7 +138,8 @@ def create_secret(path: str | os.PathLike[str], overwrite: bool = False) -> Path
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
-        raise ConfigError(f"secret file {path} already exists (use --force to replace it)") from None
+        raise ConfigError(f"secret file {path} already exists "
+                          "(use --force to replace it)") from None
     with os.fdopen(fd, "w") as handle:
         os.fchmod(handle.fileno(), 0o600)
         handle.write(secrets.token_urlsafe(48) + "\n")

@@ -1,8 +1,9 @@
 """Marco's demo on this machine: a fresh cluster (`marco-controller init`: secret, CA), three
 agents on loopback with their certificates (`issue-agent`), the controller that discovers them
-by zeroconf, every hop mutual TLS, a command started on all of them through the controller with every
-line printed live as it happens, the example playbook (playbooks/deploy.yml) run by the real
-`ansible-playbook` through the `marco` connection with its build output live, and the web
+by zeroconf, every hop mutual TLS, a command started on all of them through the controller with
+every line printed live as it happens, the example playbook (playbooks/deploy.yml) run by the
+real `ansible-playbook` through the `marco.fleet.marco` connection with its build output live,
+and the web
 viewer's URL.
 
     scripts/demo [--once] [--agents 3] [--port 7380] [--command "..."]
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -21,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import json
 import urllib.request
 from pathlib import Path
 
@@ -198,7 +199,7 @@ async def run_everywhere(controller: LocalController, nodes: list[tuple[str, int
         return None
 
     results = await asyncio.gather(*(one(i, name, port) for i, (name, port) in enumerate(nodes)))
-    return {name: rc for (name, _), rc in zip(nodes, results)}
+    return {name: rc for (name, _), rc in zip(nodes, results, strict=True)}
 
 
 async def play_with_live_output(nodes: list[tuple[str, int]], token: str, controller_url: str,
@@ -226,7 +227,8 @@ async def play_with_live_output(nodes: list[tuple[str, int]], token: str, contro
 
     followers = [asyncio.ensure_future(follow(i, name)) for i, (name, _) in enumerate(nodes)]
     env = dict(os.environ, MARCO_CONTROLLER=controller_url, MARCO_TOKEN=token,
-               MARCO_CLIENT_CERT=tls.cert_file, MARCO_CLIENT_KEY=tls.key_file, MARCO_TLS_CA=tls.ca_file,
+               MARCO_CLIENT_CERT=tls.cert_file, MARCO_CLIENT_KEY=tls.key_file,
+               MARCO_TLS_CA=tls.ca_file,
                ANSIBLE_CONFIG=str(ROOT / "playbooks" / "ansible.cfg"))
     env.pop("PYTHONUNBUFFERED", None)
     process = await asyncio.create_subprocess_exec(

@@ -26,8 +26,8 @@ import tarfile
 import tempfile
 import tomllib
 import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from collections.abc import Iterator
 
 import pytest
 
@@ -46,7 +46,7 @@ PLUGINS = {("connection", "marco.fleet.marco"), ("inventory", "marco.fleet.marco
 pytestmark = pytest.mark.timeout(240)
 
 
-def run(args: list[str | Path], timeout: float = 180, check: bool = True,
+def run(args: Sequence[str | Path], timeout: float = 180, check: bool = True,
         **kwargs: object) -> subprocess.CompletedProcess[str]:
     out = subprocess.run([str(a) for a in args], capture_output=True, text=True,
                          timeout=timeout, **kwargs)  # type: ignore[call-overload]
@@ -186,9 +186,9 @@ def test_collection_from_the_installed_package_documents_every_plugin(
     # what it lacks.
     source = workdir / "nothing.marco.yml"
     source.write_text("plugin: marco.fleet.marco\n")
-    out = run([ansible_venv / "bin" / "ansible-inventory", "-i", source, "--list"],
-              check=False, cwd=workdir, env=env)
-    assert "mdns_interfaces" in out.stderr, out.stderr
+    inventory = run([ansible_venv / "bin" / "ansible-inventory", "-i", source, "--list"],
+                    check=False, cwd=workdir, env=env)
+    assert "mdns_interfaces" in inventory.stderr, inventory.stderr
 
 
 def test_example_playbook_runs_outside_the_checkout(

@@ -16,8 +16,8 @@ from ansible.plugins.connection import ConnectionBase
 from ansible.utils.display import Display
 
 from marco.client import AgentClient
-from marco.errors import AuthenticationError, MarcoError
 from marco.credentials import find_token, node_tls
+from marco.errors import AuthenticationError, MarcoError
 
 from .errors import to_ansible
 
@@ -29,6 +29,7 @@ class MarcoConnection(ConnectionBase):
 
     transport = "marco.fleet.marco"
     has_pipelining = True
+    _connected: bool  # ConnectionBase's, untyped there
     has_tty = False
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
@@ -62,7 +63,7 @@ class MarcoConnection(ConnectionBase):
 
     # -- connection ---------------------------------------------------------------------------
 
-    def _connect(self) -> "MarcoConnection":
+    def _connect(self) -> MarcoConnection:
         if self._connected and self._client is not None:
             return self
         environ = dict(os.environ)

@@ -15,7 +15,6 @@ from marco.client import AgentClient
 from marco.errors import BadRequest, Conflict
 
 
-
 class DeployError(Exception):
     """A problem with the task's arguments or source file (the task fails with this text)."""
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from ansible.errors import (AnsibleAuthenticationFailure, AnsibleConnectionFailure, AnsibleError,
-                            AnsibleFileNotFound)
+from ansible.errors import (
+    AnsibleAuthenticationFailure,
+    AnsibleConnectionFailure,
+    AnsibleError,
+    AnsibleFileNotFound,
+)
 
-from marco.errors import (AgentUnreachable, AuthenticationError, MarcoError, NotFound,
-                          ShuttingDown, TokenExpired)
+from marco.errors import (
+    AgentUnreachable,
+    AuthenticationError,
+    MarcoError,
+    NotFound,
+    ShuttingDown,
+    TokenExpired,
+)
 
 LOGIN_HINT = "run `marco login` (or set MARCO_TOKEN / marco_token)"
 

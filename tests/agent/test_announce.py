@@ -24,9 +24,8 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from agent import __version__
 from agent.announce import Announcement, Announcer, dns_label
-from marco.protocol import choose_mdns_interfaces
 from marco.errors import ConfigError
-from marco.protocol import PROTOCOL_VERSION, SERVICE_TYPE
+from marco.protocol import PROTOCOL_VERSION, SERVICE_TYPE, choose_mdns_interfaces
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT = 10.0  # bound of every wait on the network
@@ -90,7 +89,7 @@ def test_configured_wildcards_and_names_are_config_errors(bad: str) -> None:
 
 
 def test_txt_record() -> None:
-    txt = Announcement("node-01", 7370, ("127.0.0.1",), groups=["lab", "gpu"], tls=True).txt()
+    txt = Announcement("node-01", 7370, ("127.0.0.1",), groups=("lab", "gpu"), tls=True).txt()
     assert set(txt) == {"proto", "version", "node", "os", "arch", "cpus", "groups", "tls"}
     assert txt["proto"] == str(PROTOCOL_VERSION)
     assert txt["version"] == __version__

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import stat
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ def test_audit_log_records_who_did_what(start_agent, signer: TokenSigner,  # typ
     info = os.stat(log_path)
     assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.geteuid()
     events = [json.loads(line) for line in log_path.read_text().splitlines()]
-    by_kind = {}
+    by_kind: dict[str, list[dict[str, Any]]] = {}
     for event in events:
         by_kind.setdefault(event["event"], []).append(event)
     start = next(e for e in by_kind["execution.start"] if e["id"] == result.id)

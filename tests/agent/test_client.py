@@ -7,6 +7,7 @@ import io
 import socket
 import threading
 import time
+from typing import BinaryIO, cast
 
 import pytest
 
@@ -85,6 +86,6 @@ def test_refused_upload_answers_before_the_body_moves(shared_agent: AgentProcess
 
     source = CountingReader()
     with pytest.raises(Conflict, match="exists"):
-        client.put_file(source, "exists.bin", overwrite=False, size=50_000_000)
+        client.put_file(cast(BinaryIO, source), "exists.bin", overwrite=False, size=50_000_000)
     assert source.read_bytes == 0
     assert client.run(["cat", "exists.bin"]).stdout == b"keep"  # and the client still works

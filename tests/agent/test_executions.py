@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from agent.users import UserResolver
 from marco.client import AgentClient
 from marco.errors import AuthenticationError, BadRequest, NotFound, PermissionDenied
 from marco.tokens import TokenSigner
-from agent.users import UserResolver
 from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for

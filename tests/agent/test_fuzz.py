@@ -11,8 +11,8 @@ import json
 import os
 import shutil
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote, urlencode
 
 import pytest
@@ -89,7 +89,8 @@ class Connection:
                 return response.status, data, response.getheader("Content-Type") or ""
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                     ssl.SSLEOFError):
-                self.conn.close()
+                if self.conn is not None:
+                    self.conn.close()
                 self.conn = None
                 if attempt == 2:
                     raise

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -205,7 +206,7 @@ def test_status_subscription(shared_agent: AgentProcess, signer: TokenSigner,
         stream = agent_client(shared_agent, signer.issue(alice.name)).stream()
         await stream.connect()
         await stream.send({"type": "subscribe", "status": True})
-        snapshots = []
+        snapshots: list[dict[str, Any]] = []
         while len(snapshots) < 3:
             event = await asyncio.wait_for(stream.read(), READ_TIMEOUT)
             if event and event["type"] == "status":
@@ -215,7 +216,8 @@ def test_status_subscription(shared_agent: AgentProcess, signer: TokenSigner,
         assert snapshots[-1]["memory"]["total"] > 0 and "per_core" in snapshots[-1]["cpu"]
         await stream.send({"type": "subscribe", "status": False})
         await stream.send({"type": "ping", "data": 1})
-        while (event := await asyncio.wait_for(stream.read(), READ_TIMEOUT))["type"] != "pong":
+        while ((event := await asyncio.wait_for(stream.read(), READ_TIMEOUT)) or {}).get("type") \
+                != "pong":
             pass
         started = time.monotonic()
         await stream.send({"type": "ping", "data": 2})
@@ -223,9 +225,9 @@ def test_status_subscription(shared_agent: AgentProcess, signer: TokenSigner,
         while time.monotonic() - started < 2.5:
             try:
                 event = await asyncio.wait_for(stream.read(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
-            extra.append(event["type"])
+            extra.append((event or {}).get("type"))
         assert "status" not in extra
         stream.close()
 
@@ -261,7 +263,7 @@ def test_an_open_socket_closes_when_its_token_expires(start_agent, signer: Token
         stream = agent_client(agent, signer.issue(alice.name)).stream()
         await stream.connect()
         await stream.send({"type": "ping", "data": "still valid"})
-        assert (await asyncio.wait_for(stream.read(), READ_TIMEOUT))["type"] == "pong"
+        assert ((await asyncio.wait_for(stream.read(), READ_TIMEOUT)) or {}).get("type") == "pong"
         started = time.monotonic()
         with pytest.raises(AuthenticationError, match="expired"):
             while True:  # no event arrives after expiry: the agent closes the socket

@@ -12,14 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from marco.client import AgentClient
-from marco.tls import CertificateRefused, ClientTls, describe_tls_error
-from marco.tokens import TokenSigner
 from controller.pki import ClusterPki
+from marco.client import AgentClient
+from marco.errors import CertificateRefused
+from marco.tls import ClientTls, describe_tls_error
+from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.daemon import ROOT
 from tests.support.pki import TestPki
 from tests.support.users import UnixUser
+
+
+def _described(error: ssl.SSLError, what: str) -> str:
+    refused = describe_tls_error(error, what)
+    assert refused is not None, f"{error!r} not recognised as a refusal"
+    return refused.message
 
 
 def handshake(agent: AgentProcess, context: ssl.SSLContext) -> bytes:
@@ -44,7 +51,7 @@ def test_clients_without_a_good_certificate_are_refused(shared_agent: AgentProce
     # No certificate at all.
     with pytest.raises(ssl.SSLError) as none:
         handshake(shared_agent, trusting(pki))
-    assert "requires a client certificate" in describe_tls_error(none.value, "agent").message
+    assert "requires a client certificate" in _described(none.value, "agent")
 
     # A certificate from another CA (a foreign cluster, or self-made).
     foreign = ClusterPki(tmp_path / "foreign")
@@ -54,7 +61,7 @@ def test_clients_without_a_good_certificate_are_refused(shared_agent: AgentProce
     context.load_cert_chain(bundle.cert_file, bundle.key_file)
     with pytest.raises(ssl.SSLError) as other_ca:
         handshake(shared_agent, context)
-    assert "not from its CA" in describe_tls_error(other_ca.value, "agent").message
+    assert "not from its CA" in _described(other_ca.value, "agent")
 
     # An agent's certificate is not a client certificate (extended key usage).
     node = pki.agent_bundle("shared")
@@ -77,7 +84,7 @@ def test_expired_client_certificates_are_refused_by_both_sides(shared_agent: Age
     context.load_cert_chain(bundle.cert_file, bundle.key_file)
     with pytest.raises(ssl.SSLError) as expired:
         handshake(shared_agent, context)
-    assert "expired" in describe_tls_error(expired.value, "agent").message
+    assert "expired" in _described(expired.value, "agent")
 
 
 def test_a_revoked_client_certificate_is_refused_once_the_crl_changes(

@@ -90,14 +90,16 @@ def login_cookie(controller: ControllerProcess, user: UnixUser) -> str:
     conn.request("GET", "/login")
     response = conn.getresponse()
     response.read()
-    xsrf = re.search(r"_xsrf=([^;]+)", response.getheader("Set-Cookie") or "").group(1)
+    found = re.search(r"_xsrf=([^;]+)", response.getheader("Set-Cookie") or "")
+    assert found is not None, "no _xsrf cookie"
+    xsrf = found.group(1)
     form = urllib.parse.urlencode({"_xsrf": xsrf, "username": user.name, "password": user.password})
     conn.request("POST", "/login", body=form, headers={
         "Content-Type": "application/x-www-form-urlencoded", "Cookie": f"_xsrf={xsrf}"})
     response = conn.getresponse()
     response.read()
     assert response.status == 302, response.status
-    cookies = [c.split(";")[0] for c in response.headers.get_all("Set-Cookie")]
+    cookies = [c.split(";")[0] for c in response.headers.get_all("Set-Cookie") or []]
     login = [c for c in cookies if c.startswith("marco_token=")]
     assert login and "HttpOnly" in str(response.headers) and "SameSite=Strict" in str(response.headers)
     return "; ".join(login + [f"_xsrf={xsrf}"])
@@ -113,14 +115,15 @@ def test_relay_socket_for_agents_the_browser_cannot_reach(cluster, alice: UnixUs
     async def scenario() -> None:
         ws = await websocket.websocket_connect(httpclient.HTTPRequest(url, headers={"Cookie": cookie},
                                                                       ssl_options=tls))
-        hello = json.loads(await ws.read_message())
+        hello = json.loads(await ws.read_message() or "null")
         assert hello["type"] == "hello" and hello["user"] == alice.name
         token = signer.issue(alice.name)
         status, body = call(controller, "POST", "/api/run", {"nodes": [names[0]], "command": "echo via-relay"}, token)
         execution_id = body["results"][names[0]]["id"]
         lines = []
         while True:
-            event = json.loads(await asyncio.wait_for(ws.read_message(), 20))
+            message = await asyncio.wait_for(ws.read_message(), 20)
+            event = json.loads(message or "null")
             if event.get("id") == execution_id and event["type"] == "output":
                 lines += event["lines"]
             if event.get("id") == execution_id and event["type"] == "exit":
@@ -169,6 +172,7 @@ def test_a_stalled_agent_is_dropped_and_the_others_finish(start_agent, start_con
                                                            alice: UnixUser, signer: TokenSigner) -> None:
     import signal
     import threading
+
     from tests.support.waiting import wait_for
     agents, controller = _static_cluster(start_agent, start_controller, "--deploy-stall-timeout", "2")
     token = signer.issue(alice.name)
@@ -178,7 +182,7 @@ def test_a_stalled_agent_is_dropped_and_the_others_finish(start_agent, start_con
     query = urllib.parse.urlencode({"nodes": "st0,st1", "folder": "~", "name": "stall.bin"})
     answer: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: answer.update(
-        zip(("status", "body"), call(controller, "PUT", f"/api/deploy?{query}", payload, token))))
+        zip(("status", "body"), call(controller, "PUT", f"/api/deploy?{query}", payload, token), strict=True)))
     thread.start()
     import time
     time.sleep(0.5)
@@ -222,6 +226,7 @@ def test_browser_sessions_survive_a_secret_rotation(cluster, alice: UnixUser,  #
                                                     secret_file: Path, tmp_path: Path) -> None:
     """A cookie signed before the rotation still logs in after it (versioned cookie keys)."""
     import shutil
+
     from marco.tokens import rotate_secret
     from tests.support.controller_process import ControllerProcess
     controller, _ = cluster

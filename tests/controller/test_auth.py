@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from marco.errors import AuthenticationError, ConfigError
 from controller.auth import LoginRateLimiter, PamAuthenticator, TooManyAttempts, check_pam_service
+from marco.errors import AuthenticationError, ConfigError
 from tests.support.users import UnixUser
 
 

@@ -18,6 +18,7 @@ from tests.support.netns import NamespaceNetwork
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
+
 def inventory_hosts(controller: ControllerProcess, token: str) -> dict[str, Any]:
     return controller.get_json("/api/inventory", token)["_meta"]["hostvars"]
 
@@ -32,7 +33,7 @@ def test_finds_agents_on_loopback_and_drops_a_killed_one(start_agent, start_cont
               for name in names]
     hosts = wait_for(lambda: (h := inventory_hosts(controller, token)) and set(names) <= set(h) and h,
                      what="both agents in the inventory")
-    for name, agent in zip(names, agents):
+    for name, agent in zip(names, agents, strict=True):
         assert hosts[name]["ansible_host"] == "127.0.0.1"
         assert hosts[name]["ansible_port"] == agent.port
         assert hosts[name]["ansible_connection"] == "marco.fleet.marco"
@@ -169,9 +170,9 @@ def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signe
     from zeroconf import ServiceInfo
     from zeroconf.asyncio import AsyncZeroconf
 
+    from controller.pki import ClusterPki
     from marco.protocol import SERVICE_TYPE
     from marco.tls import ServerTlsFiles
-    from controller.pki import ClusterPki
 
     class FakeAgent(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming

@@ -6,18 +6,24 @@ from marco.discovery import Node, NodeRegistry
 from marco.inventory import build_inventory, group_name
 
 
+def _get(registry: NodeRegistry, name: str) -> Node:
+    node = registry.get(name)
+    assert node is not None, f"{name} not in the registry"
+    return node
+
+
 def test_announcements_do_not_take_names_from_the_config_or_a_live_service() -> None:
     registry = NodeRegistry()
     registry.upsert(Node("rack1", "10.0.0.5", 7370, source="static"))
     registry.upsert(Node("web1", "10.0.0.6", 7370, service="web1._marco._tcp.local."))
     registry.upsert(Node("rack1", "10.0.0.66", 7370, service="evil._marco._tcp.local."))
     registry.upsert(Node("web1", "10.0.0.66", 7370, service="evil._marco._tcp.local."))
-    assert registry.get("rack1").host == "10.0.0.5"
-    assert registry.get("web1").host == "10.0.0.6"
+    assert _get(registry, "rack1").host == "10.0.0.5"
+    assert _get(registry, "web1").host == "10.0.0.6"
     # A dead holder's name may be taken by another (verified) service.
     registry.set_health("web1", False, "gone")
     registry.upsert(Node("web1", "10.0.0.7", 7370, service="web1-new._marco._tcp.local."))
-    assert registry.get("web1").host == "10.0.0.7" and registry.get("web1").alive
+    assert _get(registry, "web1").host == "10.0.0.7" and _get(registry, "web1").alive
 
 
 def test_a_renamed_service_drops_its_old_name() -> None:
@@ -53,8 +59,8 @@ def test_announced_keys_never_steer_the_connection() -> None:
 def test_plain_http_only_to_loopback() -> None:
     import pytest
 
-    from marco.errors import ConfigError
     from marco.credentials import node_tls
+    from marco.errors import ConfigError
 
     assert node_tls(False, "127.0.0.1") is None and node_tls(False, "::1") is None
     with pytest.raises(ConfigError, match="refusing plain HTTP to 192.0.2.10"):

@@ -176,7 +176,8 @@ def test_revoke_cert_reaches_agents_through_the_controller(start_agent, start_co
     the new CRL to every agent, which refuses that certificate within seconds; nobody copies
     files by hand."""
     from marco.client import AgentClient
-    from marco.tls import CertificateRefused, ClientTls
+    from marco.errors import CertificateRefused
+    from marco.tls import ClientTls
 
     agent = start_agent(node_name="crl-push")
     controller = start_controller(extra_args=["--no-discovery", "--node",

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.support.waiting import wait_for
 from tests.support.browser import launch
 from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
 
 TIMEOUT_MS = 20_000
 # Agents speak mutual TLS, which a browser has no client certificate for: the page goes

@@ -63,7 +63,7 @@ async def _collect(fleet: Fleet, token: str, seconds: float, events: list[dict[s
         while time.monotonic() < deadline:
             try:
                 event = await asyncio.wait_for(stream.read(), max(deadline - time.monotonic(), 0.01))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             if event is None:
                 break

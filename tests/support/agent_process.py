@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from marco.client import AgentClient, AsyncAgentClient
 from tests.support.daemon import DaemonProcess, free_port
@@ -41,7 +42,7 @@ class AgentProcess(DaemonProcess):
                          netns=netns,
                          ssl_context=self.tls.context_for(node_name) if self.tls else None)
 
-    def restarted(self) -> "AgentProcess":
+    def restarted(self) -> AgentProcess:
         """A new process with everything this one had: state dir, port, name, certificate
         (for restarts after `stop()`, including SIGKILL)."""
         return AgentProcess(self.secret_file, self.state_dir, **self._arguments)  # type: ignore[arg-type]

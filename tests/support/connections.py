@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
-from typing import Callable
+from collections.abc import Callable
 
 from tests.support.daemon import DaemonProcess
 from tests.support.waiting import wait_for

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from marco.tls import server_trust_context
 from tests.support.daemon import DaemonProcess, free_port

@@ -31,7 +31,7 @@ class NamespaceNetwork:
         self.hosts = [NamespaceHost(f"marco-{tag}-h{i}", f"{subnet}.{10 + i}") for i in range(1, count + 1)]
         self._veths: list[str] = []
 
-    def create(self) -> "NamespaceNetwork":
+    def create(self) -> NamespaceNetwork:
         self.destroy()
         ip("link", "add", self.bridge, "type", "bridge")
         ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)

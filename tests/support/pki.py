@@ -6,9 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from marco.tls import ClientTls
 from controller.pki import ClusterPki
-
+from marco.tls import ClientTls
 
 #: The bridge addresses of the tests' network namespaces, where controllers listen in the
 #: netns tests (like `marco-controller init --name ADDRESS` on a real install).

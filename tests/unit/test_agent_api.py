@@ -11,11 +11,23 @@ import json
 
 import pytest
 
-from marco.agent_api import (NO_LIMIT, AgentRequests, Download, ExecutionResult, parse_answer,
-                             raise_for_status)
+from marco.agent_api import (
+    NO_LIMIT,
+    AgentRequests,
+    Download,
+    ExecutionResult,
+    parse_answer,
+    raise_for_status,
+)
 from marco.client import AgentClient, AsyncAgentClient
-from marco.errors import (AgentUnreachable, BadRequest, InsufficientStorage, ProtocolError,
-                          to_body, wire_errors)
+from marco.errors import (
+    AgentUnreachable,
+    BadRequest,
+    InsufficientStorage,
+    ProtocolError,
+    to_body,
+    wire_errors,
+)
 from marco.modes import format_mode, parse_mode
 from marco.tokens import bearer_token
 
@@ -82,8 +94,10 @@ def test_answers_read_into_results() -> None:
         parse_answer(API.status(), 200, b"<html>")
 
 
-@pytest.mark.parametrize("cls", sorted(wire_errors().values(), key=lambda c: c.code),
-                         ids=lambda c: c.code)
+WIRE_ERRORS = sorted(wire_errors().values(), key=lambda c: c.code)
+
+
+@pytest.mark.parametrize("cls", WIRE_ERRORS, ids=[c.code for c in WIRE_ERRORS])
 def test_every_error_status_raises_its_class(cls) -> None:  # type: ignore[no-untyped-def]
     body = json.dumps(to_body(cls("no", hint="h"))).encode()
     with pytest.raises(cls) as raised:

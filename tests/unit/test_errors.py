@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 
 from marco import errors
-from marco.errors import (AuthenticationError, MarcoError, NotFound, ProtocolError, TokenExpired,
-                          error_from_answer, to_body, wire_errors)
+from marco.errors import (
+    AuthenticationError,
+    MarcoError,
+    NotFound,
+    ProtocolError,
+    TokenExpired,
+    error_from_answer,
+    to_body,
+    wire_errors,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,8 +54,10 @@ def test_every_error_class_lives_in_the_ladder_and_is_registered() -> None:
     assert {c for c in classes if c.__module__ == "marco.errors"} == set(wire_errors().values())
 
 
-@pytest.mark.parametrize("cls", sorted(wire_errors().values(), key=lambda c: c.code),
-                         ids=lambda c: c.code)
+WIRE_ERRORS = sorted(wire_errors().values(), key=lambda c: c.code)
+
+
+@pytest.mark.parametrize("cls", WIRE_ERRORS, ids=[c.code for c in WIRE_ERRORS])
 @pytest.mark.parametrize("hint", [None, "do this"])
 def test_each_error_round_trips(cls: type[MarcoError], hint: str | None) -> None:
     sent = cls("it went wrong", hint=hint)
