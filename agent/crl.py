@@ -5,9 +5,14 @@ written atomically where the TLS reloader picks it up."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from marco.atomic import write_atomic
 from marco.errors import BadRequest, ConfigError, Conflict
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
 
 MAX_CRL_BYTES = 4 * 1024 * 1024
 
@@ -32,6 +37,7 @@ class CrlStore:
             raise BadRequest("not a PEM certificate revocation list") from None
         except OSError as exc:
             raise ConfigError(f"cannot read the CA {self.ca_file}: {exc.strerror}") from None
+        # The cluster CA's key is EC; public_key()'s union also holds types no CRL is signed with.
         if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
             raise BadRequest("the CRL is not signed by this cluster's CA")
         current = self._current()
@@ -43,7 +49,7 @@ class CrlStore:
         write_atomic(self.path, crl.public_bytes(_pem()), 0o644)
         return True
 
-    def _current(self):  # type: ignore[no-untyped-def]
+    def _current(self) -> x509.CertificateRevocationList | None:
         from cryptography import x509
 
         try:
@@ -52,7 +58,7 @@ class CrlStore:
             return None
 
 
-def _pem():  # type: ignore[no-untyped-def]
+def _pem() -> serialization.Encoding:
     from cryptography.hazmat.primitives import serialization
 
     return serialization.Encoding.PEM

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from marco import protocol
 from marco.errors import (
@@ -152,7 +152,10 @@ class ExecutionRequest:
 
     @property
     def command(self) -> list[str] | str:
-        return self.argv if self.argv is not None else self.shell  # type: ignore[return-value]
+        if self.argv is not None:
+            return self.argv
+        assert self.shell is not None  # from_json requires exactly one of them
+        return self.shell
 
 
 class OutputCapture:
@@ -317,8 +320,8 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Called before any pipe data is delivered: the `started` event goes out first.
-        self.transport = transport  # type: ignore[assignment]
-        self.on_started(self.transport)  # type: ignore[arg-type]
+        self.transport = cast(asyncio.SubprocessTransport, transport)  # subprocess_exec's own
+        self.on_started(self.transport)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         self.execution.on_output(fd, data)
@@ -588,13 +591,14 @@ class ExecutionManager:
 
     @staticmethod
     def _feed_stdin(transport: asyncio.SubprocessTransport, data: bytes) -> None:
-        stdin = transport.get_pipe_transport(0)
-        if stdin is None:
+        pipe = transport.get_pipe_transport(0)
+        if pipe is None:
             return
+        stdin = cast(asyncio.WriteTransport, pipe)  # fd 0 of a subprocess: a write pipe
         try:
             if data:
-                stdin.write(data)  # type: ignore[attr-defined]
-            stdin.write_eof()  # type: ignore[attr-defined]
+                stdin.write(data)
+            stdin.write_eof()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the command does not read its stdin: fine
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from typing import Any
+from typing import Any, cast
 
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 
 from marco import protocol
 from marco.chunks import Coalescer
@@ -280,7 +281,7 @@ class FilesHandler(ApiHandler):
         limit = self.ctx.config.max_upload_bytes
         # Past Tornado's own limit the connection is dropped; up to it, an over-limit chunked
         # body is read and dropped so the client gets a clear 413.
-        self.request.connection.set_max_body_size(limit + OVERFLOW_GRACE)  # type: ignore[union-attr]
+        cast(HTTP1Connection, self.request.connection).set_max_body_size(limit + OVERFLOW_GRACE)
         self.received = 0
         self.blocks = Coalescer()  # 1 MiB writes into the helper's pipe, whatever TLS hands us
         try:

@@ -87,9 +87,9 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
             self.close(protocol.CLOSE_UNAUTHORIZED, "authenticate first")
             return
         token = data.get("token")
+        token = token if isinstance(token, str) else ""
         try:
-            user = self.ctx.authenticate(token if isinstance(token, str) else None,
-                                         self.request.remote_ip or "?")
+            user = self.ctx.authenticate(token, self.request.remote_ip or "?")
         except MarcoError as error:
             code = protocol.CLOSE_FORBIDDEN if error.status == 403 else protocol.CLOSE_UNAUTHORIZED
             self.close(code, str(error)[:120])
@@ -97,7 +97,7 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         if self._auth_timer is not None:
             self._auth_timer.cancel()
         # The socket lives no longer than its token: it closes (4401) when the token expires.
-        expires_in = self.ctx.signer.expires_at(token) - time.time()  # type: ignore[arg-type]
+        expires_in = self.ctx.signer.expires_at(token) - time.time()
         self._auth_timer = asyncio.get_running_loop().call_later(
             max(expires_in, 0), self.close, protocol.CLOSE_UNAUTHORIZED, "token expired")
         open_sockets, cap = self.ctx.hub.count(user.name), self.ctx.config.max_sockets_per_user
@@ -105,7 +105,7 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
             self.close(protocol.CLOSE_TOO_MANY_SOCKETS,
                        f"{open_sockets} of your sockets are open here (the limit is {cap})")
             return
-        self.user, self.token = user, token  # type: ignore[assignment]
+        self.user, self.token = user, token
         self.ctx.hub.add(user.name, self)
         executions = [e.summary(short=True) for e in self.ctx.executions.of_user(user.name)]
         self.send(protocol.encode({"type": "hello", "user": user.name,

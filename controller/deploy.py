@@ -12,9 +12,10 @@ import asyncio
 import logging
 import posixpath
 import urllib.parse
-from typing import Any
+from typing import Any, cast
 
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 
 from marco.chunks import Coalescer
 from marco.client import AsyncAgentClient
@@ -136,7 +137,7 @@ class DeployApi(ApiHandler):
         super().prepare()
         if self.request.method != "PUT":
             return
-        self.request.connection.set_max_body_size(MAX_DEPLOY_BYTES)  # type: ignore[union-attr]
+        cast(HTTP1Connection, self.request.connection).set_max_body_size(MAX_DEPLOY_BYTES)
         self.check_xsrf_cookie()
         self.require_user()
         names = [n for n in self.get_query_argument("nodes", "").split(",") if n]

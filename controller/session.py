@@ -78,7 +78,7 @@ class BaseHandler(SessionMixin):
         user = self.current_user
         if not user:
             raise AuthenticationError("log in first")
-        return user  # type: ignore[no-any-return]
+        return str(user)
 
 
 class ApiHandler(JsonApiMixin, BaseHandler):

@@ -38,7 +38,7 @@ class LoginShells:
         if name in NO_LOGIN_SHELLS:
             return False
         if self.explicit:
-            return shell in self.allowed  # type: ignore[operator]
+            return self.allowed is not None and shell in self.allowed
         return name not in RESTRICTED_SHELLS and (self.allowed is None or shell in self.allowed)
 
     def check(self, username: str, shell: str) -> None:
