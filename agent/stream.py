@@ -55,7 +55,7 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
             raise BadRequest("/v1/stream is a WebSocket: send an Upgrade request")
         await super().get(*args, **kwargs)
 
-    def open(self) -> None:  # type: ignore[override]
+    def open(self) -> None:
         self.set_nodelay(True)
         self._auth_timer = asyncio.get_running_loop().call_later(
             AUTH_TIMEOUT, self.close, protocol.CLOSE_UNAUTHORIZED, "authentication timed out")

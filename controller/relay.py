@@ -34,7 +34,7 @@ class RelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         self.upstream: AgentStream | None = None
         self._pump: asyncio.Task[None] | None = None
 
-    async def open(self, node_name: str) -> None:  # type: ignore[override]
+    async def open(self, node_name: str) -> None:
         user = self.current_user
         node = self.ctx.registry.get(node_name)
         if not user:

@@ -31,7 +31,7 @@ def set_shell(user: UnixUser, shell: str) -> None:
 
 
 @pytest.mark.parametrize("shell", ["/usr/sbin/nologin", "/bin/false", ODD_SHELL, "/bin/rbash"])
-def test_no_login_shell_no_login_and_no_execution(start_agent, start_controller,  # type: ignore[no-untyped-def]
+def test_no_login_shell_no_login_and_no_execution(start_agent, start_controller,
                                                   signer: TokenSigner, carol: UnixUser,
                                                   shell: str) -> None:
     agent = start_agent(node_name="nologin")
@@ -53,7 +53,7 @@ def test_no_login_shell_no_login_and_no_execution(start_agent, start_controller,
         asyncio.run(stream())
 
 
-def test_login_shells_setting_admits_a_shell(start_agent, start_controller,  # type: ignore[no-untyped-def]
+def test_login_shells_setting_admits_a_shell(start_agent, start_controller,
                                              signer: TokenSigner, carol: UnixUser) -> None:
     set_shell(carol, ODD_SHELL)
     agent = start_agent(node_name="oddshell", extra_args=["--login-shells", ODD_SHELL])

@@ -52,7 +52,7 @@ def run(args: Sequence[str | Path], timeout: float = 180, check: bool = True,
                          timeout=timeout, **kwargs)  # type: ignore[call-overload]
     if check:
         assert out.returncode == 0, f"{args}: {out.stdout[-3000:]}{out.stderr[-3000:]}"
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:

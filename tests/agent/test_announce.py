@@ -201,7 +201,7 @@ async def _read_line(proc: asyncio.subprocess.Process) -> str:
     return (await asyncio.wait_for(proc.stdout.readline(), WAIT)).decode().strip()
 
 
-def test_browser_on_loopback_finds_two_agents_and_sees_one_leave(start_agent) -> None:  # type: ignore[no-untyped-def]
+def test_browser_on_loopback_finds_two_agents_and_sees_one_leave(start_agent) -> None:
     """Two real marco-agent processes announce on 127.0.0.1; a QM browser finds both."""
     tag = f"t{os.getpid()}"
     started = time.monotonic()

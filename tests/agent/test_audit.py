@@ -15,7 +15,7 @@ from marco.tokens import TokenSigner
 from tests.support.users import UnixUser
 
 
-def test_audit_log_records_who_did_what(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_audit_log_records_who_did_what(start_agent, signer: TokenSigner,
                                         alice: UnixUser) -> None:
     agent = start_agent()
     with agent.client(signer.issue(alice.name)) as client:

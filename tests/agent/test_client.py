@@ -18,7 +18,7 @@ from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser
 
 
-def test_reconnects_after_the_agent_restarted(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_reconnects_after_the_agent_restarted(start_agent, signer: TokenSigner,
                                               alice: UnixUser) -> None:
     agent = start_agent()
     client = agent.client(signer.issue(alice.name))
@@ -78,7 +78,7 @@ def test_refused_upload_answers_before_the_body_moves(shared_agent: AgentProcess
         def readable(self) -> bool:
             return True
 
-        def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        def readinto(self, buffer) -> int:
             n = min(len(buffer), 50_000_000 - self.read_bytes)
             buffer[:n] = b"\0" * n
             self.read_bytes += n

@@ -36,7 +36,7 @@ def test_runs_as_the_token_user(shared_agent: AgentProcess, signer: TokenSigner,
     assert os.stat(os.path.join(alice.home, "made-by-agent")).st_uid == alice.uid
 
 
-def test_environment_is_clean(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+def test_environment_is_clean(start_agent, signer: TokenSigner, alice: UnixUser) -> None:
     agent = start_agent(env={"AGENT_ONLY_SECRET": "leak"})
     with client(agent, signer, alice.name) as c:
         result = c.run(["env"], env={"EXTRA": "given"})
@@ -92,7 +92,7 @@ def test_exit_codes_signals_and_timeout(shared_agent: AgentProcess, signer: Toke
 
 
 def _grandchild_pid(c: AgentClient, execution_id: str) -> int:
-    def first_line():  # type: ignore[no-untyped-def]
+    def first_line():
         events = c.output(execution_id)["events"]
         return events[0]["lines"][0] if events else None
     return int(wait_for(first_line))
@@ -118,7 +118,7 @@ def test_stop_kills_the_whole_process_group(shared_agent: AgentProcess, signer: 
     wait_for(lambda: not _alive(grandchild))
 
 
-def test_stop_escalates_to_sigkill(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+def test_stop_escalates_to_sigkill(start_agent, signer: TokenSigner, alice: UnixUser) -> None:
     agent = start_agent(extra_args=["--stop-grace", "0.5"])
     with client(agent, signer, alice.name) as c:
         execution_id = c.start("trap '' TERM; echo ready; while :; do sleep 0.1; done")
@@ -203,7 +203,7 @@ def test_hostile_request_bodies_are_400(shared_agent: AgentProcess, signer: Toke
         assert c.run(["sleep", "30"], timeout=0.3).timed_out
 
 
-def test_wait_capture_is_bounded(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+def test_wait_capture_is_bounded(start_agent, signer: TokenSigner, alice: UnixUser) -> None:
     import agent.executions
     assert agent.executions.CAPTURE_MAX == 256 * 1024 * 1024  # documented in docs/protocol.md
     agent_ = start_agent()

@@ -17,7 +17,7 @@ from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
 
-def test_sigkill_mid_execution_keeps_every_record(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_sigkill_mid_execution_keeps_every_record(start_agent, signer: TokenSigner,
                                                    alice: UnixUser) -> None:
     agent = start_agent()
     client = agent.client(signer.issue(alice.name))
@@ -41,7 +41,7 @@ def test_sigkill_mid_execution_keeps_every_record(start_agent, signer: TokenSign
         subprocess.run(["pkill", "-u", alice.name, "-f", "sleep 600"], check=False)
 
 
-def test_sigkill_mid_upload_leaves_no_file(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_sigkill_mid_upload_leaves_no_file(start_agent, signer: TokenSigner,
                                            alice: UnixUser) -> None:
     agent = start_agent()
     token = signer.issue(alice.name)
@@ -68,7 +68,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_full_spool_disk_degrades_cleanly(tiny_disk: Path, secret_file: Path, signer: TokenSigner,
-                                          alice: UnixUser, pki) -> None:  # type: ignore[no-untyped-def]
+                                          alice: UnixUser, pki) -> None:
     agent = AgentProcess(secret_file, tiny_disk / "state", node_name="tiny", pki=pki)
     try:
         client = agent.client(signer.issue(alice.name))

@@ -47,7 +47,7 @@ def test_empty_and_chunked_uploads(alice_client: AgentClient, alice: UnixUser) -
     assert out.getvalue() == b""
 
 
-def test_large_file_streams(alice_client: AgentClient, alice: UnixUser, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_large_file_streams(alice_client: AgentClient, alice: UnixUser, tmp_path) -> None:
     source = tmp_path / "big"
     with open(source, "wb") as handle:
         for _ in range(64):

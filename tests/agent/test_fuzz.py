@@ -63,7 +63,7 @@ class Tokens:
 
 
 @pytest.fixture
-def fuzz_agent(start_agent) -> AgentProcess:  # type: ignore[no-untyped-def]
+def fuzz_agent(start_agent) -> AgentProcess:
     return start_agent(node_name="fuzz", extra_args=["--max-running-per-user", "8"])
 
 
@@ -351,7 +351,7 @@ def test_forged_tokens_never_verify(signer: TokenSigner, alice: UnixUser) -> Non
             return
         from marco.errors import AuthenticationError
         with pytest.raises(AuthenticationError):
-            signer.verify(token)  # type: ignore[arg-type]
+            signer.verify(token)
 
     case()
     assert seen["cases"] >= CASES

@@ -13,14 +13,14 @@ LIMIT = 5
 LIMITS = ["--handshake-timeout", "3", "--max-pending-connections-per-address", str(LIMIT)]
 
 
-def test_agent_bounds_connections_without_a_request(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_agent_bounds_connections_without_a_request(start_agent, signer: TokenSigner,
                                                     alice: UnixUser) -> None:
     agent = start_agent(extra_args=LIMITS)
     client = agent.client(signer.issue(alice.name))
     check_pending_limits(agent, LIMIT, "/v1/health", client.executions)
 
 
-def test_dev_agent_bounds_connections_without_a_request(start_agent) -> None:  # type: ignore[no-untyped-def]
+def test_dev_agent_bounds_connections_without_a_request(start_agent) -> None:
     agent = start_agent(pki=None, extra_args=LIMITS)
     check_pending_limits(agent, LIMIT, "/v1/health", agent.client(None).health)
 

@@ -15,7 +15,7 @@ from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
 
-def test_running_executions_per_user(start_agent, signer: TokenSigner, alice: UnixUser,  # type: ignore[no-untyped-def]
+def test_running_executions_per_user(start_agent, signer: TokenSigner, alice: UnixUser,
                                      bob: UnixUser) -> None:
     agent = start_agent(extra_args=["--max-running-per-user", "2"])
     alices = agent.client(signer.issue(alice.name))
@@ -30,7 +30,7 @@ def test_running_executions_per_user(start_agent, signer: TokenSigner, alice: Un
     alices.stop(running[1])
 
 
-def test_upload_size_limit(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+def test_upload_size_limit(start_agent, signer: TokenSigner, alice: UnixUser) -> None:
     agent = start_agent(extra_args=["--max-upload-bytes", "1000"])
     client = agent.client(signer.issue(alice.name))
     client.put_file(io.BytesIO(b"x" * 1000), "at-limit", size=1000)
@@ -43,7 +43,7 @@ def test_upload_size_limit(start_agent, signer: TokenSigner, alice: UnixUser) ->
     assert not any(".marco-" in name for name in names)
 
 
-def test_spool_budget_per_user_drops_the_oldest_finished(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_spool_budget_per_user_drops_the_oldest_finished(start_agent, signer: TokenSigner,
                                                          alice: UnixUser) -> None:
     agent = start_agent(extra_args=["--spool-max-bytes-per-user", "300000"])
     client = agent.client(signer.issue(alice.name))
@@ -61,7 +61,7 @@ def _exists(client: AgentClient, execution_id: str) -> bool:
         return False
 
 
-def test_command_size_is_capped(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+def test_command_size_is_capped(start_agent, signer: TokenSigner, alice: UnixUser) -> None:
     """argv, shell, env and cwd are held in memory, listings and meta.json: capped, with 413."""
     agent = start_agent(extra_args=["--max-command-bytes", "10000"])
     client = agent.client(signer.issue(alice.name))
@@ -69,11 +69,11 @@ def test_command_size_is_capped(start_agent, signer: TokenSigner, alice: UnixUse
     for too_big in (dict(command=["echo", "x" * 20_000]), dict(command="echo " + "y" * 20_000),
                     dict(command=["true"], env={"BIG": "z" * 20_000})):
         with pytest.raises(PayloadTooLarge, match="at most 10000"):
-            client.run(**too_big)  # type: ignore[arg-type]
+            client.run(**too_big)
     assert [e for e in client.executions() if "y" * 100 in str(e["command"])] == []
 
 
-def test_listings_and_hello_shorten_long_commands(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_listings_and_hello_shorten_long_commands(start_agent, signer: TokenSigner,
                                                   alice: UnixUser) -> None:
     """Every socket's `hello` carries every kept execution: long commands go out shortened
     there and in listings, whole on request."""
@@ -87,7 +87,7 @@ def test_listings_and_hello_shorten_long_commands(start_agent, signer: TokenSign
     assert listed["command_shortened"] is True and len(listed["command"]) <= 1001
     assert client.execution(execution)["command"] == long  # the whole command on request
 
-    async def hello() -> dict:  # type: ignore[type-arg]
+    async def hello() -> dict:
         stream = agent.async_client(token).stream()
         try:
             return await stream.connect()
@@ -99,7 +99,7 @@ def test_listings_and_hello_shorten_long_commands(start_agent, signer: TokenSign
     assert len(json.dumps(greeting)) < 10_000
 
 
-def test_sockets_per_user_are_capped(start_agent, signer: TokenSigner, alice: UnixUser,  # type: ignore[no-untyped-def]
+def test_sockets_per_user_are_capped(start_agent, signer: TokenSigner, alice: UnixUser,
                                      bob: UnixUser) -> None:
     import asyncio
 
@@ -130,7 +130,7 @@ def test_sockets_per_user_are_capped(start_agent, signer: TokenSigner, alice: Un
     asyncio.run(scenario())
 
 
-def test_slow_consumer_bound_counts_the_message_being_added(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_slow_consumer_bound_counts_the_message_being_added(start_agent, signer: TokenSigner,
                                                             alice: UnixUser) -> None:
     """A message larger than the socket's bound is not queued on top of an empty queue: the
     socket is closed (4408) and the client replays instead."""
@@ -163,7 +163,7 @@ def test_slow_consumer_bound_counts_the_message_being_added(start_agent, signer:
     assert "output big" not in kinds  # never queued: the socket closed instead
 
 
-def test_wait_captures_and_running_spools_count_in_the_user_budget(  # type: ignore[no-untyped-def]
+def test_wait_captures_and_running_spools_count_in_the_user_budget(
         start_agent, signer: TokenSigner, alice: UnixUser, bob: UnixUser) -> None:
     """`?wait=1` captures (unlinked temp files `du` does not see) and the spools of running
     executions are the user's disk too: bounded by the budget, then 507 instead of a full
@@ -189,7 +189,7 @@ def test_wait_captures_and_running_spools_count_in_the_user_budget(  # type: ign
     assert spools <= 1_000_000 + 64 * 1024, spools
 
 
-def test_audit_log_rotates_and_reopens_on_sighup(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_audit_log_rotates_and_reopens_on_sighup(start_agent, signer: TokenSigner,
                                                  alice: UnixUser) -> None:
     import signal
     agent = start_agent(extra_args=["--audit-max-bytes", "20000", "--audit-backups", "2"])
@@ -211,7 +211,7 @@ def test_audit_log_rotates_and_reopens_on_sighup(start_agent, signer: TokenSigne
     assert agent.process.poll() is None and (audit.stat().st_mode & 0o777) == 0o600
 
 
-def test_stdin_and_cwd_are_capped(start_agent, signer: TokenSigner, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+def test_stdin_and_cwd_are_capped(start_agent, signer: TokenSigner, alice: UnixUser) -> None:
     """stdin waits in the agent's memory until the command reads it, a cwd is in every
     listing: both are bounded with a clear error."""
     from marco.errors import BadRequest
@@ -224,7 +224,7 @@ def test_stdin_and_cwd_are_capped(start_agent, signer: TokenSigner, alice: UnixU
         client.run(["true"], cwd="/" + "d" * 5000)
 
 
-def test_slow_consumer_bound_counts_bytes_not_characters(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_slow_consumer_bound_counts_bytes_not_characters(start_agent, signer: TokenSigner,
                                                          alice: UnixUser) -> None:
     """Output of 4-byte characters: 3,000 characters are 12,000 bytes, past an 8 KiB bound."""
     import asyncio

@@ -255,7 +255,7 @@ def test_stop_over_the_socket(shared_agent: AgentProcess, signer: TokenSigner,
     run(scenario())
 
 
-def test_an_open_socket_closes_when_its_token_expires(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_an_open_socket_closes_when_its_token_expires(start_agent, signer: TokenSigner,
                                                       alice: UnixUser) -> None:
     agent = start_agent(extra_args=["--token-max-age", "2"])
 

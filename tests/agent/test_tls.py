@@ -88,7 +88,7 @@ def test_expired_client_certificates_are_refused_by_both_sides(shared_agent: Age
 
 
 def test_a_revoked_client_certificate_is_refused_once_the_crl_changes(
-        start_agent, pki: TestPki, signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        start_agent, pki: TestPki, signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:
     agent = start_agent(node_name="crl-node")
     bundle = pki.issue("laptop-7", "client", out_dir=tmp_path / "laptop")
     laptop = ClientTls(str(pki.ca_file), str(bundle.cert_file), str(bundle.key_file))
@@ -115,7 +115,7 @@ def test_a_revoked_client_certificate_is_refused_once_the_crl_changes(
     assert agent.client(signer.issue(alice.name)).run(["true"]).rc == 0
 
 
-def test_clients_refuse_an_expired_or_misnamed_agent(start_agent, pki: TestPki,  # type: ignore[no-untyped-def]
+def test_clients_refuse_an_expired_or_misnamed_agent(start_agent, pki: TestPki,
                                                      tmp_path: Path) -> None:
     agent = start_agent(node_name="named-right")
     with pytest.raises(CertificateRefused, match="not valid for 'someone-else'"):
@@ -142,7 +142,7 @@ def test_an_agent_needs_its_certificate_unless_in_loopback_dev_mode(secret_file:
     assert out.returncode == 2 and "only binds a loopback address" in out.stderr
 
 
-def test_dev_mode_says_so_loudly(start_agent) -> None:  # type: ignore[no-untyped-def]
+def test_dev_mode_says_so_loudly(start_agent) -> None:
     agent = start_agent(node_name="dev-node", pki=None)
     assert agent.url.startswith("http://")
     assert "DEVELOPMENT MODE" in agent.log()
@@ -163,7 +163,7 @@ def test_crl_pushes_need_the_controller_and_the_cluster_ca(shared_agent: AgentPr
 
     controller = ClientTls(str(pki.ca_file), str(pki.controller_cert), str(pki.controller_key))
 
-    async def push(token: str, pem: bytes, tls: ClientTls = controller) -> dict:  # type: ignore[type-arg]
+    async def push(token: str, pem: bytes, tls: ClientTls = controller) -> dict:
         return await shared_agent.async_client(token, tls=tls).push_crl(pem)
 
     ours = pki.crl_file.read_bytes()

@@ -75,7 +75,7 @@ def test_round_trip_and_format() -> None:
     lambda: "0",                                              # not base64 at all
     lambda: "a.b",
 ])
-def test_refused_tokens(make) -> None:  # type: ignore[no-untyped-def]
+def test_refused_tokens(make) -> None:
     with pytest.raises(AuthenticationError):
         TokenSigner(SECRET).verify(make())
 

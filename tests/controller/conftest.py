@@ -11,7 +11,7 @@ from tests.support.waiting import wait_for
 
 
 @pytest.fixture
-def cluster(start_controller, start_agent, signer: TokenSigner, alice: UnixUser,  # type: ignore[no-untyped-def]
+def cluster(start_controller, start_agent, signer: TokenSigner, alice: UnixUser,
             unique_name) -> tuple[ControllerProcess, list[str]]:
     controller = start_controller()
     names = [unique_name("node"), unique_name("node")]

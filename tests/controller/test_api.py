@@ -38,7 +38,7 @@ def call(controller: ControllerProcess, method: str, path: str, body: Any = None
         return response.status, data
 
 
-def test_token_for_the_command_line(cluster, alice: UnixUser, signer: TokenSigner) -> None:  # type: ignore[no-untyped-def]
+def test_token_for_the_command_line(cluster, alice: UnixUser, signer: TokenSigner) -> None:
     controller, _ = cluster
     status, body = call(controller, "POST", "/api/token", {"user": alice.name, "password": alice.password})
     assert status == 200 and signer.verify(body["token"]) == alice.name
@@ -48,7 +48,7 @@ def test_token_for_the_command_line(cluster, alice: UnixUser, signer: TokenSigne
     assert status == 400
 
 
-def test_run_on_chosen_nodes(cluster, alice: UnixUser, signer: TokenSigner) -> None:  # type: ignore[no-untyped-def]
+def test_run_on_chosen_nodes(cluster, alice: UnixUser, signer: TokenSigner) -> None:
     controller, names = cluster
     token = signer.issue(alice.name)
     status, body = call(controller, "POST", "/api/run", {"nodes": names, "command": "id -un"}, token)
@@ -60,7 +60,7 @@ def test_run_on_chosen_nodes(cluster, alice: UnixUser, signer: TokenSigner) -> N
     assert status in (401, 403)  # no login, no cookie: refused (403 is the XSRF check)
 
 
-def test_deploy_fans_out_and_reports_per_node(cluster, alice: UnixUser, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_deploy_fans_out_and_reports_per_node(cluster, alice: UnixUser, signer: TokenSigner,
                                               tmp_path: Path) -> None:
     controller, names = cluster
     token = signer.issue(alice.name)
@@ -105,7 +105,7 @@ def login_cookie(controller: ControllerProcess, user: UnixUser) -> str:
     return "; ".join(login + [f"_xsrf={xsrf}"])
 
 
-def test_relay_socket_for_agents_the_browser_cannot_reach(cluster, alice: UnixUser,  # type: ignore[no-untyped-def]
+def test_relay_socket_for_agents_the_browser_cannot_reach(cluster, alice: UnixUser,
                                                           signer: TokenSigner) -> None:
     controller, names = cluster
     cookie = login_cookie(controller, alice)
@@ -141,7 +141,7 @@ def test_relay_socket_for_agents_the_browser_cannot_reach(cluster, alice: UnixUs
     asyncio.run(scenario())
 
 
-def test_pages_refuse_debugging_and_set_safe_headers(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_pages_refuse_debugging_and_set_safe_headers(cluster) -> None:
     controller, _ = cluster
     conn = controller.connection(timeout=30)
     conn.request("GET", "/login")
@@ -158,7 +158,7 @@ def test_pages_refuse_debugging_and_set_safe_headers(cluster) -> None:  # type: 
     assert response.status == 404 and b"Traceback" not in response.read()
 
 
-def _static_cluster(start_agent, start_controller, *extra: str):  # type: ignore[no-untyped-def]
+def _static_cluster(start_agent, start_controller, *extra: str):
     agents = [start_agent(node_name=f"st{i}") for i in range(2)]
     nodes = [arg for a in agents for arg in ("--node", f"{a.node_name}={a.host}:{a.port}")]
     return agents, start_controller(extra_args=["--no-discovery", *nodes, *extra])
@@ -168,7 +168,7 @@ def _temp_files(home: str) -> list[str]:
     return [name for name in os.listdir(home) if ".marco-" in name]
 
 
-def test_a_stalled_agent_is_dropped_and_the_others_finish(start_agent, start_controller,  # type: ignore[no-untyped-def]
+def test_a_stalled_agent_is_dropped_and_the_others_finish(start_agent, start_controller,
                                                            alice: UnixUser, signer: TokenSigner) -> None:
     import signal
     import threading
@@ -198,7 +198,7 @@ def test_a_stalled_agent_is_dropped_and_the_others_finish(start_agent, start_con
     wait_for(lambda: not _temp_files(alice.home), what="the dropped upload's temp file removed")
 
 
-def test_a_browser_leaving_mid_deploy_leaves_nothing_behind(start_agent, start_controller,  # type: ignore[no-untyped-def]
+def test_a_browser_leaving_mid_deploy_leaves_nothing_behind(start_agent, start_controller,
                                                             alice: UnixUser, signer: TokenSigner) -> None:
     from tests.support.waiting import wait_for
     agents, controller = _static_cluster(start_agent, start_controller)
@@ -214,7 +214,7 @@ def test_a_browser_leaving_mid_deploy_leaves_nothing_behind(start_agent, start_c
     assert not (Path(alice.home) / "left.bin").exists()
 
 
-def test_bad_node_lists_are_400(cluster, alice: UnixUser, signer: TokenSigner) -> None:  # type: ignore[no-untyped-def]
+def test_bad_node_lists_are_400(cluster, alice: UnixUser, signer: TokenSigner) -> None:
     controller, _ = cluster
     token = signer.issue(alice.name)
     for nodes in ([1], [[1]], "node", {"a": 1}):
@@ -222,7 +222,7 @@ def test_bad_node_lists_are_400(cluster, alice: UnixUser, signer: TokenSigner) -
         assert status == 400 and "list of node names" in body["message"], (nodes, body)
 
 
-def test_browser_sessions_survive_a_secret_rotation(cluster, alice: UnixUser,  # type: ignore[no-untyped-def]
+def test_browser_sessions_survive_a_secret_rotation(cluster, alice: UnixUser,
                                                     secret_file: Path, tmp_path: Path) -> None:
     """A cookie signed before the rotation still logs in after it (versioned cookie keys)."""
     import shutil
@@ -247,7 +247,7 @@ def test_browser_sessions_survive_a_secret_rotation(cluster, alice: UnixUser,  #
         after.stop()
 
 
-def test_the_page_never_receives_the_agents_token(cluster, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+def test_the_page_never_receives_the_agents_token(cluster, alice: UnixUser) -> None:
     """The login cookie is HttpOnly; nothing the page's JavaScript can fetch may carry the token
     it holds (an XSS would otherwise take a 12 h agent token away)."""
     controller, _ = cluster

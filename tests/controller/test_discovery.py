@@ -23,7 +23,7 @@ def inventory_hosts(controller: ControllerProcess, token: str) -> dict[str, Any]
     return controller.get_json("/api/inventory", token)["_meta"]["hostvars"]
 
 
-def test_finds_agents_on_loopback_and_drops_a_killed_one(start_agent, start_controller,  # type: ignore[no-untyped-def]
+def test_finds_agents_on_loopback_and_drops_a_killed_one(start_agent, start_controller,
                                                          signer: TokenSigner, alice: UnixUser,
                                                          unique_name) -> None:
     token = signer.issue(alice.name)
@@ -58,7 +58,7 @@ def test_finds_agents_on_loopback_and_drops_a_killed_one(start_agent, start_cont
     wait_for(lambda: names[0] not in inventory_hosts(controller, token), what="goodbye")
 
 
-def test_static_nodes_need_no_mdns(start_agent, start_controller, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_static_nodes_need_no_mdns(start_agent, start_controller, signer: TokenSigner,
                                    alice: UnixUser) -> None:
     agent = start_agent(node_name="rack1")
     # The second entry names a node whose certificate the agent does not have: over mutual
@@ -77,7 +77,7 @@ def test_static_nodes_need_no_mdns(start_agent, start_controller, signer: TokenS
     wait_for(lambda: "rack1" not in inventory_hosts(controller, token), what="static node down")
 
 
-def test_inventory_needs_a_login(start_controller) -> None:  # type: ignore[no-untyped-def]
+def test_inventory_needs_a_login(start_controller) -> None:
     controller = start_controller()
     with pytest.raises(Exception) as caught:
         controller.get_json("/api/inventory", "forged-token")
@@ -92,7 +92,7 @@ def network() -> Any:
 
 
 def test_agents_in_network_namespaces_on_a_bridge(network: NamespaceNetwork, secret_file: Path,
-                                                  tmp_path: Path, start_controller,  # type: ignore[no-untyped-def]
+                                                  tmp_path: Path, start_controller,
                                                   signer: TokenSigner, alice: UnixUser) -> None:
     token = signer.issue(alice.name)
     controller = start_controller(bind=network.gateway, mdns_interfaces=[network.gateway])
@@ -122,7 +122,7 @@ def test_agents_in_network_namespaces_on_a_bridge(network: NamespaceNetwork, sec
             agent.stop()
 
 
-def test_ansible_inventory_reads_the_controller(start_agent, start_controller,  # type: ignore[no-untyped-def]
+def test_ansible_inventory_reads_the_controller(start_agent, start_controller,
                                                 signer: TokenSigner, alice: UnixUser,
                                                 unique_name, tmp_path: Path) -> None:
     """The real `ansible-inventory` CLI through the `marco-inventory` script."""
@@ -156,7 +156,7 @@ def test_ansible_inventory_reads_the_controller(start_agent, start_controller,  
     assert bad.returncode == 1 and "401" in bad.stderr and "marco login" in bad.stderr
 
 
-def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signer: TokenSigner,
                                             alice: UnixUser, unique_name, pki,
                                             tmp_path: Path) -> None:
     """Anyone can announce `_marco._tcp`. A rogue agent with a certificate from another CA
@@ -243,7 +243,7 @@ def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signe
     assert "not issued by this cluster's CA" in log
 
 
-def test_controller_restart_rebuilds_the_registry_and_keeps_tokens(  # type: ignore[no-untyped-def]
+def test_controller_restart_rebuilds_the_registry_and_keeps_tokens(
         start_agent, start_controller, signer: TokenSigner, alice: UnixUser, unique_name) -> None:
     token = signer.issue(alice.name)
     name = unique_name("restart")

@@ -13,7 +13,7 @@ from tests.support.users import UnixUser
 LIMIT = 5
 
 
-def test_controller_bounds_connections_without_a_request(start_controller, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_controller_bounds_connections_without_a_request(start_controller, signer: TokenSigner,
                                                          alice: UnixUser) -> None:
     controller = start_controller(extra_args=[
         "--no-discovery", "--handshake-timeout", "3",
@@ -23,7 +23,7 @@ def test_controller_bounds_connections_without_a_request(start_controller, signe
                          lambda: controller.get_json("/api/inventory", token))
 
 
-def test_admitted_connections_are_bounded_too(start_controller) -> None:  # type: ignore[no-untyped-def]
+def test_admitted_connections_are_bounded_too(start_controller) -> None:
     """After its first request's headers a connection is no longer pending: a kept-alive one
     left idle is closed after --idle-timeout, and one address holds at most
     --max-connections-per-address of them, however slowly their bodies come."""
@@ -67,7 +67,7 @@ def test_admitted_connections_are_bounded_too(start_controller) -> None:  # type
     idle.close()
 
 
-def test_long_uris_are_cut_in_the_access_log(start_controller) -> None:  # type: ignore[no-untyped-def]
+def test_long_uris_are_cut_in_the_access_log(start_controller) -> None:
     """Anyone can send a long URI: the access log keeps the first 200 characters."""
     controller = start_controller(extra_args=["--no-discovery"])
     conn = controller.connection(timeout=10)

@@ -26,7 +26,7 @@ def marco(home: Path, controller: ControllerProcess, *args: str, stdin: str = ""
                           env=env, timeout=timeout)
 
 
-def test_login_nodes_status_run(cluster, alice: UnixUser, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_login_nodes_status_run(cluster, alice: UnixUser, signer: TokenSigner,
                                 tmp_path: Path) -> None:
     controller, names = cluster
     bad = marco(tmp_path, controller, "login", "--user", alice.name, "--password-stdin", stdin="nope\n")
@@ -63,7 +63,7 @@ def test_login_nodes_status_run(cluster, alice: UnixUser, signer: TokenSigner,  
     assert nobody.returncode == 1 and "no-such-node" in nobody.stderr
 
 
-def test_ctrl_c_stops_the_remote_executions(cluster, alice: UnixUser, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_ctrl_c_stops_the_remote_executions(cluster, alice: UnixUser, signer: TokenSigner,
                                             tmp_path: Path, pki) -> None:
     controller, names = cluster
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MARCO_CONTROLLER": controller.url,

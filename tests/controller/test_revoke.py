@@ -18,7 +18,7 @@ from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
 
-def test_log_out_everywhere(start_agent, start_controller, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_log_out_everywhere(start_agent, start_controller, signer: TokenSigner,
                             alice: UnixUser, bob: UnixUser, tmp_path: Path) -> None:
     up = start_agent(node_name="rv-up")
     down = start_agent(node_name="rv-down")
@@ -66,7 +66,7 @@ def test_log_out_everywhere(start_agent, start_controller, signer: TokenSigner, 
         again.stop()
 
 
-def test_only_the_controller_can_push_revocations(start_agent, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_only_the_controller_can_push_revocations(start_agent, signer: TokenSigner,
                                                   alice: UnixUser) -> None:
     import json
     agent = start_agent()
@@ -91,7 +91,7 @@ def test_only_the_controller_can_push_revocations(start_agent, signer: TokenSign
     assert agent.client(signer.issue(alice.name)).run(["true"]).rc == 0
 
 
-def test_page_and_cli_log_out_everywhere(start_agent, start_controller, signer: TokenSigner,  # type: ignore[no-untyped-def]
+def test_page_and_cli_log_out_everywhere(start_agent, start_controller, signer: TokenSigner,
                                          alice: UnixUser, tmp_path: Path) -> None:
     agent = start_agent(node_name="rv-cli")
     controller = start_controller(extra_args=["--no-discovery", "--node",
@@ -116,7 +116,7 @@ def test_page_and_cli_log_out_everywhere(start_agent, start_controller, signer: 
     assert conn.getresponse().status == 401  # the browser session ended too
 
 
-def test_plain_logout_voids_that_token_only(start_agent, start_controller,  # type: ignore[no-untyped-def]
+def test_plain_logout_voids_that_token_only(start_agent, start_controller,
                                            signer: TokenSigner, alice: UnixUser,
                                            tmp_path: Path) -> None:
     """`marco logout` and the page's logout void the token they hold (on the controller and
@@ -168,7 +168,7 @@ def test_plain_logout_voids_that_token_only(start_agent, start_controller,  # ty
         again.stop()
 
 
-def test_revoke_cert_reaches_agents_through_the_controller(start_agent, start_controller,  # type: ignore[no-untyped-def]
+def test_revoke_cert_reaches_agents_through_the_controller(start_agent, start_controller,
                                                           signer: TokenSigner, alice: UnixUser,
                                                           pki, tmp_path: Path,
                                                           secret_file: Path) -> None:
@@ -206,7 +206,7 @@ def test_revoke_cert_reaches_agents_through_the_controller(start_agent, start_co
     assert agent.client(token).run(["true"]).rc == 0  # other certificates still work
 
 
-def test_another_spelling_of_a_logged_out_token_stays_refused(start_agent, start_controller,  # type: ignore[no-untyped-def]
+def test_another_spelling_of_a_logged_out_token_stays_refused(start_agent, start_controller,
                                                               signer: TokenSigner,
                                                               alice: UnixUser) -> None:
     """A logged-out token respelled (its last base64 characters changed to ones that decode the
@@ -238,7 +238,7 @@ def test_another_spelling_of_a_logged_out_token_stays_refused(start_agent, start
             asyncio.run(stream())
 
 
-def test_log_out_everywhere_voids_tokens_of_the_same_second(start_agent, start_controller,  # type: ignore[no-untyped-def]
+def test_log_out_everywhere_voids_tokens_of_the_same_second(start_agent, start_controller,
                                                             signer: TokenSigner,
                                                             alice: UnixUser) -> None:
     """Tokens carry whole seconds: "log out everywhere" voids those issued in its own second

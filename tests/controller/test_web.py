@@ -24,7 +24,7 @@ LIVE = "live"
 
 
 @pytest.fixture(scope="module")
-def browser(pki) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+def browser(pki) -> Iterator[Any]:
     with sync_playwright() as playwright:
         chromium = launch(playwright, trust=pki.controller_cert)
         yield chromium
@@ -55,7 +55,7 @@ def run_on(page: Page, names: list[str], command: str) -> None:
     page.click("#shell-run")
 
 
-def test_wrong_password_shows_a_clear_error(browser, cluster, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_password_shows_a_clear_error(browser, cluster, alice: UnixUser) -> None:
     controller, _ = cluster
     page = browser.new_page()
     page.goto(controller.url + "/login")
@@ -67,7 +67,7 @@ def test_wrong_password_shows_a_clear_error(browser, cluster, alice: UnixUser) -
     page.close()
 
 
-def test_nodes_status_and_live_output_on_two_nodes(browser, cluster, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+def test_nodes_status_and_live_output_on_two_nodes(browser, cluster, alice: UnixUser) -> None:
     controller, names = cluster
     page = browser.new_page()
     log_in(page, controller, alice)
@@ -109,7 +109,7 @@ def test_nodes_status_and_live_output_on_two_nodes(browser, cluster, alice: Unix
     page.close()
 
 
-def test_stop_button_ends_a_long_command(browser, cluster, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+def test_stop_button_ends_a_long_command(browser, cluster, alice: UnixUser) -> None:
     controller, names = cluster
     page = browser.new_page()
     log_in(page, controller, alice)
@@ -124,7 +124,7 @@ def test_stop_button_ends_a_long_command(browser, cluster, alice: UnixUser) -> N
     page.close()
 
 
-def test_a_second_user_sees_none_of_the_first_users_output(browser, cluster, alice: UnixUser,  # type: ignore[no-untyped-def]
+def test_a_second_user_sees_none_of_the_first_users_output(browser, cluster, alice: UnixUser,
                                                            bob: UnixUser) -> None:
     controller, names = cluster
     alice_page = browser.new_context().new_page()
@@ -151,7 +151,7 @@ def test_a_second_user_sees_none_of_the_first_users_output(browser, cluster, ali
     bob_page.context.close()
 
 
-def test_deploy_a_file_to_two_nodes_and_run_a_command(browser, cluster, alice: UnixUser,  # type: ignore[no-untyped-def]
+def test_deploy_a_file_to_two_nodes_and_run_a_command(browser, cluster, alice: UnixUser,
                                                       tmp_path: Path) -> None:
     controller, names = cluster
     page = browser.new_page()
@@ -184,7 +184,7 @@ def test_deploy_a_file_to_two_nodes_and_run_a_command(browser, cluster, alice: U
     page.close()
 
 
-def test_log_out_everywhere_button(browser, cluster, alice: UnixUser) -> None:  # type: ignore[no-untyped-def]
+def test_log_out_everywhere_button(browser, cluster, alice: UnixUser) -> None:
     controller, _ = cluster
     first = browser.new_context().new_page()
     second = browser.new_context().new_page()
@@ -199,7 +199,7 @@ def test_log_out_everywhere_button(browser, cluster, alice: UnixUser) -> None:  
     second.context.close()
 
 
-def test_dev_mode_page_goes_through_the_relay(browser, start_agent, start_controller,  # type: ignore[no-untyped-def]
+def test_dev_mode_page_goes_through_the_relay(browser, start_agent, start_controller,
                                               alice: UnixUser, unique_name) -> None:
     """`--dev` on loopback: plain HTTP, and the page still reaches the agent through the
     controller's relay (it never holds a token to open the agent's socket itself)."""
@@ -216,7 +216,7 @@ def test_dev_mode_page_goes_through_the_relay(browser, start_agent, start_contro
     page.close()
 
 
-def test_no_log_execution_shows_that_its_output_is_hidden(browser, start_agent, start_controller,  # type: ignore[no-untyped-def]
+def test_no_log_execution_shows_that_its_output_is_hidden(browser, start_agent, start_controller,
                                                           signer, alice: UnixUser,
                                                           unique_name) -> None:
     """What an Ansible `no_log` task runs reaches the page as a block that says its output is

@@ -17,7 +17,7 @@ from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
 
-def inventory(controller: ControllerProcess, token: str) -> dict:  # type: ignore[type-arg]
+def inventory(controller: ControllerProcess, token: str) -> dict:
     return controller.get_json("/api/inventory", token)["_meta"]["hostvars"]
 
 

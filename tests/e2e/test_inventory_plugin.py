@@ -29,7 +29,7 @@ def plain(value: object) -> object:
     return value
 
 
-def test_zeroconf_source_with_constructed_groups_and_cache(start_agent, unique_name,  # type: ignore[no-untyped-def]
+def test_zeroconf_source_with_constructed_groups_and_cache(start_agent, unique_name,
                                                            tmp_path: Path, pki) -> None:
     names = [unique_name("inv"), unique_name("inv")]
     start_agent(node_name=names[0], announce=True, extra_args=["--groups", "web"])

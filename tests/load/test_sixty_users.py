@@ -63,7 +63,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def test_sixty_users_two_viewers_each_chatty_commands_on_three_agents(
-        start_agent, start_controller, crowd: list[UnixUser], signer: TokenSigner,  # type: ignore[no-untyped-def]
+        start_agent, start_controller, crowd: list[UnixUser], signer: TokenSigner,
         tmp_path: Path) -> None:
     agents = [start_agent(node_name=f"load{index}") for index in range(1, AGENTS + 1)]
     nodes = [agent.node_name for agent in agents]

@@ -24,7 +24,7 @@ def spki_pin(cert_file: Path) -> str:
     return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
-def launch(playwright, trust: Path | None = None):  # type: ignore[no-untyped-def]
+def launch(playwright, trust: Path | None = None):
     """Chromium; with `trust`, it accepts that one certificate's key (the controller's, which
     the cluster CA issued) the way a user who imported the CA would: every other
     certificate error still fails. Nothing else is relaxed."""

@@ -63,7 +63,7 @@ def test_json_calls_carry_the_token_and_a_json_body() -> None:
      "/v1/files?path=~%2Fa+b&overwrite=false&mode=0640"),
     (API.get_file("/etc/x"), "/v1/files?path=%2Fetc%2Fx"),
 ], ids=lambda value: getattr(value, "method", value))
-def test_each_call_names_its_endpoint(request_, path: str) -> None:  # type: ignore[no-untyped-def]
+def test_each_call_names_its_endpoint(request_, path: str) -> None:
     assert request_.path == path
     assert request_.headers["Authorization"] == "Bearer tok"
 
@@ -98,7 +98,7 @@ WIRE_ERRORS = sorted(wire_errors().values(), key=lambda c: c.code)
 
 
 @pytest.mark.parametrize("cls", WIRE_ERRORS, ids=[c.code for c in WIRE_ERRORS])
-def test_every_error_status_raises_its_class(cls) -> None:  # type: ignore[no-untyped-def]
+def test_every_error_status_raises_its_class(cls) -> None:
     body = json.dumps(to_body(cls("no", hint="h"))).encode()
     with pytest.raises(cls) as raised:
         parse_answer(API.status(), cls.status, body)

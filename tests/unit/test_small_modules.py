@@ -20,7 +20,7 @@ OPTIONS = [Option("port", 7370, "port", kind=int), Option("groups", [], "groups"
            Option("dev", False, "dev", flag=True)]
 
 
-def settings(argv: list[str], environ: dict[str, str], config: Path | None = None) -> dict:  # type: ignore[type-arg]
+def settings(argv: list[str], environ: dict[str, str], config: Path | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config")
     add_options(parser, OPTIONS)
