@@ -71,6 +71,8 @@ def agent_options() -> list[Option]:
                "controller); 0: no limit", kind=int),
         Option("max_command_bytes", 256 * 1024, "largest command: argv or shell, env and cwd "
                "together (bytes; more gets 413, send data as stdin or a file)", kind=int),
+        Option("max_capture_bytes", 256 * 1024 * 1024, "stdout (and stderr) a ?wait=1 caller "
+               "gets back, per stream; the rest is only streamed and spooled (bytes)", kind=int),
         Option("max_stdin_bytes", 16 * 1024 * 1024, "largest stdin of one execution, held in "
                "memory until the command reads it (bytes; more gets 413, send a file)",
                kind=int),
@@ -127,6 +129,7 @@ class AgentConfig:
     max_memory_per_user: int
     max_command_bytes: int
     max_stdin_bytes: int
+    max_capture_bytes: int
     max_sockets_per_user: int
     max_socket_pending_bytes: int
     max_upload_bytes: int

@@ -63,6 +63,7 @@ class AgentContext:
             retention_count=config.retention_count, audit=audit,
             max_running_per_user=config.max_running_per_user,
             spool_max_bytes_per_user=config.spool_max_bytes_per_user,
+            capture_max=config.max_capture_bytes,
             isolation=Isolation(IsolationSettings(config.cgroups, config.max_pids_per_user,
                                                   config.max_memory_per_user),
                                 resolver.can_switch_user))

@@ -360,13 +360,14 @@ class ExecutionManager:
                  spool_max_bytes: int, stop_grace: float, retention: float,
                  retention_count: int, audit: AuditSink | None = None,
                  max_running_per_user: int = 64, spool_max_bytes_per_user: int = 1 << 30,
-                 isolation: Isolation | None = None) -> None:
+                 isolation: Isolation | None = None, capture_max: int = CAPTURE_MAX) -> None:
         self.resolver = resolver
         self.isolation = isolation or Isolation()  # each execution's processes: cgroup or subreaper
         self.sink = sink
         self.spool_root = state_dir / "executions"
         self.tmp_dir = state_dir / "tmp"
         self.spool_max_bytes = spool_max_bytes
+        self.capture_max = capture_max
         self.stop_grace = stop_grace
         self.retention = retention
         self.retention_count = retention_count
@@ -478,7 +479,7 @@ class ExecutionManager:
         command = CENSORED if request.no_log else request.command
         execution = Execution(execution_id, user.name, request.label, command, cwd,
                               time.time(), spool, self.sink,
-                              capture=OutputCapture(self.tmp_dir, account=account)
+                              capture=OutputCapture(self.tmp_dir, self.capture_max, account)
                               if capture else None,
                               done=loop.create_future(), no_log=request.no_log)
         argv = request.argv if request.argv is not None else ["/bin/sh", "-c", request.shell]

@@ -204,9 +204,15 @@ def test_hostile_request_bodies_are_400(shared_agent: AgentProcess, signer: Toke
 
 
 def test_wait_capture_is_bounded(start_agent, signer: TokenSigner, alice: UnixUser) -> None:
-    import agent.executions
-    assert agent.executions.CAPTURE_MAX == 256 * 1024 * 1024  # documented in docs/protocol.md
-    agent_ = start_agent()
+    """A `?wait=1` answer holds at most --max-capture-bytes of each stream, says so, and the
+    rest is still streamed and spooled."""
+    agent_ = start_agent(extra_args=["--max-capture-bytes", "100000"])
     with client(agent_, signer, alice.name) as c:
-        result = c.run("head -c 1000 /dev/zero")
-    assert len(result.stdout) == 1000 and not result.stdout_truncated
+        within = c.run("head -c 100000 /dev/zero")
+        assert len(within.stdout) == 100_000 and not within.stdout_truncated
+        result = c.run("head -c 300000 /dev/zero | tr '\\0' a; echo; head -c 500 /dev/zero >&2")
+        assert result.stdout == b"a" * 100_000 and result.stdout_truncated
+        assert len(result.stderr) == 500 and not result.stderr_truncated  # each stream its own
+        spooled = sum(len(line) for e in c.output(result.id)["events"] if e["stream"] == "stdout"
+                      for line in e["lines"])
+        assert spooled == 300_000
