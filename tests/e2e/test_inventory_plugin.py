@@ -17,7 +17,9 @@ def ansible_inventory(source: Path, tmp_path: Path, *args: str,
                       tls: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {**(tls or {}),"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
            "ANSIBLE_CONFIG": str(ROOT / "playbooks" / "ansible.cfg"),
-           "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(tmp_path / "cache")}
+           "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(tmp_path / "cache"),
+           # A source the plugin refuses fails the command (by default Ansible warns, exits 0).
+           "ANSIBLE_INVENTORY_UNPARSED_FAILED": "1"}
     return subprocess.run([str(BIN / "ansible-inventory"), "-i", str(source), *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -45,7 +47,8 @@ def test_zeroconf_source_with_constructed_groups_and_cache(start_agent, unique_n
         "cache: true\ncache_plugin: jsonfile\n")
     # Without a client certificate the agents (mutual TLS) cannot be checked: a clear error.
     refused = ansible_inventory(source, tmp_path, "--list")
-    assert "no client certificate" in refused.stderr + refused.stdout
+    assert refused.returncode != 0
+    assert "you have no client certificate: run `marco login`" in refused.stderr, refused.stderr
     # With one, each agent's certificate must name the node it announced.
     listed = ansible_inventory(source, tmp_path, "--list", tls=pki.client_env())
     assert listed.returncode == 0, listed.stderr
@@ -66,4 +69,5 @@ def test_clear_error_without_a_source(tmp_path: Path) -> None:
     source = tmp_path / "nothing.marco.yml"
     source.write_text("plugin: marco.fleet.marco\n")
     out = ansible_inventory(source, tmp_path, "--list")
-    assert "mdns_interfaces" in out.stderr or "controller" in out.stderr
+    assert out.returncode != 0
+    assert "marco inventory: browsing needs `mdns_interfaces`" in out.stderr, out.stderr
