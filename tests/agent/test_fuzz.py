@@ -311,27 +311,39 @@ def test_file_path_fuzz(fuzz_agent: AgentProcess, signer: TokenSigner, alice: Un
     assert fuzz_agent.process.poll() is None
 
 
+def _feed_in_pieces(splitter: LineSplitter, data: bytes, cuts: list[int]) -> list[str]:
+    got: list[str] = []
+    start = 0
+    for cut in sorted({c for c in cuts if c <= len(data)}):
+        got += splitter.feed(data[start:cut])
+        start = cut
+    return got + splitter.feed(data[start:]) + splitter.flush()
+
+
 def test_line_splitter_fuzz() -> None:
-    """Any bytes in any chunking come out as the same lines, valid UTF-8, none over the cap."""
+    """Any bytes in any chunking come out as the input's lines (split on newline, invalid UTF-8
+    replaced), and with a small cap every character of valid text still comes out, in order,
+    in pieces no longer than the cap."""
     seen = {"cases": 0}
 
     @FUZZ
     @given(data=st.binary(max_size=3000) | st.text(max_size=1000).map(str.encode),
+           text=st.text(max_size=600) | st.text(min_size=65, max_size=400).map(
+               lambda t: t.replace("\n", "")),  # long lines: cut while they arrive
            cuts=st.lists(st.integers(0, 3000), max_size=20))
-    def case(data: bytes, cuts: list[int]) -> None:
+    def case(data: bytes, text: str, cuts: list[int]) -> None:
         seen["cases"] += 1
-        whole = LineSplitter()
-        expected = whole.feed(data) + whole.flush()
-        pieces = LineSplitter()
-        got: list[str] = []
-        start = 0
-        for cut in sorted(set(c for c in cuts if c <= len(data))):
-            got += pieces.feed(data[start:cut])
-            start = cut
-        got += pieces.feed(data[start:]) + pieces.flush()
+        # The input's own lines, computed without the splitter: no line here reaches the cap.
+        segments = data.split(b"\n")
+        if segments[-1] == b"":
+            segments.pop()
+        expected = [segment.decode("utf-8", "replace") for segment in segments]
+        got = _feed_in_pieces(LineSplitter(), data, cuts)
         assert got == expected
-        assert all("\n" not in line for line in got)
-        "".join(got).encode("utf-8")  # always encodable
+        # Past a 64-byte cap, lines are cut at character boundaries and nothing is lost.
+        small = _feed_in_pieces(LineSplitter(max_line=64), text.encode(), cuts)
+        assert all(len(line.encode()) <= 64 for line in small), small
+        assert "".join(small) == text.replace("\n", "")
 
     case()
     assert seen["cases"] >= CASES
