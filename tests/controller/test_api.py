@@ -56,8 +56,19 @@ def test_run_on_chosen_nodes(cluster, alice: UnixUser, signer: TokenSigner) -> N
     assert all(r["ok"] and len(r["id"]) == 32 for r in body["results"].values())
     status, body = call(controller, "POST", "/api/run", {"nodes": ["no-such-node"], "command": "id"}, token)
     assert status == 400 and "no-such-node" in body["message"]
-    status, _ = call(controller, "POST", "/api/run", {"nodes": names, "command": "id"})
-    assert status in (401, 403)  # no login, no cookie: refused (403 is the XSRF check)
+    run = {"nodes": names, "command": "id"}
+    # The XSRF check alone: a logged-in browser's POST without the XSRF header is refused ...
+    cookie = login_cookie(controller, alice)
+    xsrf = cookie.split("_xsrf=")[1]
+    assert call(controller, "POST", "/api/run", run, headers={"Cookie": cookie})[0] == 403
+    # ... and with it accepted.
+    status, body = call(controller, "POST", "/api/run", run,
+                        headers={"Cookie": cookie, "X-XSRFToken": xsrf})
+    assert status == 200 and set(body["results"]) == set(names), body
+    # The login check alone: a valid XSRF pair without a login is 401.
+    status, _ = call(controller, "POST", "/api/run", run,
+                     headers={"Cookie": f"_xsrf={xsrf}", "X-XSRFToken": xsrf})
+    assert status == 401
 
 
 def test_deploy_fans_out_and_reports_per_node(cluster, alice: UnixUser, signer: TokenSigner,
