@@ -91,6 +91,30 @@ def test_snapshot_fields_and_types(make_sampler):
         assert isinstance(p["cpu"], NUMBER)
 
 
+def test_snapshot_values_match_the_system(make_sampler):
+    """The numbers are this machine's, not just of the right type (psutil and the kernel read
+    independently, within what can change between the two reads)."""
+    import platform
+    import socket
+    sampler = make_sampler("node-v")
+    snap = sampler.snapshot()
+    assert snap["hostname"] == socket.gethostname()
+    assert snap["kernel"] == platform.release()
+    assert abs(snap["uptime"] - (time.time() - psutil.boot_time())) < 5
+    assert snap["cpu"]["count"] == psutil.cpu_count()
+    for ours, kernel in zip(snap["load"], os.getloadavg(), strict=True):
+        assert abs(ours - kernel) < 0.5 + kernel * 0.2
+    memory = psutil.virtual_memory()
+    assert snap["memory"]["total"] == memory.total
+    assert abs(snap["memory"]["available"] - memory.available) < max(memory.total * 0.05, 64 << 20)
+    assert snap["swap"]["total"] == psutil.swap_memory().total
+    counters = psutil.net_io_counters(pernic=True)
+    outside = [c for name, c in counters.items() if name != "lo"]
+    received = sum(c.bytes_recv for c in outside)
+    assert received <= snap["network"]["rx_bytes"] + (1 << 20) and \
+        snap["network"]["rx_bytes"] <= received + (1 << 20)
+
+
 def test_busy_child_raises_cpu_and_tops_the_process_list(make_sampler, busy_child):
     sampler = make_sampler()
     sampler.snapshot()
