@@ -224,7 +224,14 @@ def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signe
         try:
             for info in infos:
                 await zc.async_register_service(info)
-            await asyncio.sleep(4)  # several health rounds (0.5 s) and browse answers
+            # The positive events first: the controller saw and refused each impostor.
+            seen = (f"refusing {victim} at 127.0.0.1:{rogue.server_address[1]}",
+                    f"refusing rack9 at 127.0.0.1:{rogue_static.server_address[1]}",
+                    f"as node {newcomer} without proof of the cluster secret")
+            deadline = time.monotonic() + 30
+            while not all(text in controller.log() for text in seen):
+                assert time.monotonic() < deadline, f"refusals not all logged: {seen}"
+                await asyncio.sleep(0.2)
             hosts = inventory_hosts(controller, token)
             assert hosts[victim]["ansible_port"] == real.port
             assert hosts["rack9"]["ansible_port"] == static.port

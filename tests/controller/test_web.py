@@ -141,8 +141,12 @@ def test_a_second_user_sees_none_of_the_first_users_output(browser, cluster, ali
     bob_block = pane(bob_page, names[0]).locator(".execution").last
     expect(bob_block.locator(".line", has_text="bob-here")).to_be_visible(timeout=TIMEOUT_MS)
     expect(bob_block.locator(".line", has_text=bob.name)).to_be_visible()
-    time.sleep(1.0)
+    # Each page's socket delivers in order: once a user's own later line is shown, a leaked
+    # earlier line of the other user would be shown already.
     assert "alice-private" not in bob_page.content()
+    run_on(alice_page, [names[0]], "echo alice-after-bob")
+    expect(pane(alice_page, names[0]).locator(".line", has_text="alice-after-bob")).to_be_visible(
+        timeout=TIMEOUT_MS)
     assert "bob-here" not in alice_page.content()
     bob_page.reload()  # replay after a reload shows bob's own executions only
     expect(pane(bob_page, names[0]).locator(".line", has_text="bob-here")).to_be_visible(timeout=TIMEOUT_MS)
