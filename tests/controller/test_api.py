@@ -195,8 +195,8 @@ def test_a_stalled_agent_is_dropped_and_the_others_finish(start_agent, start_con
     thread = threading.Thread(target=lambda: answer.update(
         zip(("status", "body"), call(controller, "PUT", f"/api/deploy?{query}", payload, token), strict=True)))
     thread.start()
-    import time
-    time.sleep(0.5)
+    # Both uploads under way (each agent's file helper has its temp file), then one freezes.
+    wait_for(lambda: len(_temp_files(alice.home)) >= 2, what="both uploads started")
     agents[1].process.send_signal(signal.SIGSTOP)
     try:
         thread.join(120)

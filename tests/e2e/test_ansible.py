@@ -20,6 +20,7 @@ from tests.e2e.conftest import BIN, PLAYBOOKS, Fleet
 from tests.support.agent_process import AgentProcess
 from tests.support.pki import TestPki
 from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
 
 E2E_PLAY = Path(__file__).parent / "playbooks" / "e2e.yml"
 
@@ -122,14 +123,16 @@ def test_killing_one_agent_mid_play_makes_only_that_host_unreachable(
     play = tmp_path / "slow.yml"
     play.write_text("- hosts: all\n  gather_facts: false\n  tasks:\n"
                     "    - command: echo one\n"
-                    "    - command: sleep 6\n"
+                    "    - name: Slow\n      command: sleep 6\n"
                     "    - command: echo three\n")
     victim = fleet.agents[1]
     process = subprocess.Popen([str(BIN / "ansible-playbook"), str(play)], cwd=PLAYBOOKS,
                                env=fleet.env(signer.issue(alice.name)), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
+    watcher = victim.client(signer.issue(alice.name))
     try:
-        time.sleep(3.5)  # inside the `sleep 6` task on every host
+        wait_for(lambda: any("Slow" in e["label"] and e["state"] == "running"
+                             for e in watcher.executions()), what="the slow task on the victim")
         victim.stop(signal.SIGKILL)
         output, _ = process.communicate(timeout=120)
     finally:
