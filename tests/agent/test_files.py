@@ -15,6 +15,7 @@ from marco.errors import BadRequest, Conflict, NotFound, PermissionDenied
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -119,14 +120,12 @@ def test_interrupted_upload_leaves_nothing(shared_agent: AgentProcess, signer: T
         sock.sendall(f"PUT /v1/files?path=partial HTTP/1.1\r\nHost: x\r\n"
                      f"Authorization: Bearer {token}\r\nContent-Length: 1000000\r\n\r\n"
                      .encode() + b"y" * 1000)
-    client = shared_agent.client(token)
-    # The next request on the same agent sees no file and no temp file left behind.
-    for _ in range(50):
-        if not any(".marco-" in name for name in os.listdir(alice.home)):
-            break
-        client.health()
+        # The upload is under way first (its temp file exists), then the client goes away.
+        wait_for(lambda: any(name.startswith(".partial.marco-") for name in os.listdir(alice.home)),
+                 what="the upload's temp file")
+    wait_for(lambda: not any(".marco-" in name for name in os.listdir(alice.home)),
+             what="the interrupted upload's temp file removed")
     assert not os.path.exists(os.path.join(alice.home, "partial"))
-    assert not any(".marco-" in name for name in os.listdir(alice.home))
 
 
 def test_fifo_download_is_refused_without_hanging(alice_client: AgentClient,
