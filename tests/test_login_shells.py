@@ -12,7 +12,7 @@ import pytest
 
 from marco.errors import PermissionDenied
 from marco.tokens import TokenSigner
-from tests.controller.test_api import call
+from tests.support.http import call
 from tests.support.users import UnixUser, create_user, remove_user
 
 CAROL = "marcotest-carol"

@@ -34,11 +34,10 @@ import pytest
 import marco
 from marco.tokens import TokenSigner
 from tests.support.daemon import free_port
+from tests.support.paths import BIN, ROOT
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 COLLECTION = ROOT / "ansible_plugins" / "ansible_collections" / "marco" / "fleet"
 PLUGINS = {("connection", "marco.fleet.marco"), ("inventory", "marco.fleet.marco"),
            ("module", "marco.fleet.marco_deploy")}

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from agent.__main__ import build_parser, load_config
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.paths import ROOT
 
 
 def agent_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

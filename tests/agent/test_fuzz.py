@@ -23,8 +23,8 @@ from tornado import httpclient, websocket
 from agent.lines import LineSplitter
 from marco.protocol import CLOSE_BAD_MESSAGE, CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
 from marco.tokens import TokenSigner
-from tests.agent.test_tokens import equivalent_spellings, expired_token
 from tests.support.agent_process import AgentProcess
+from tests.support.tokens import equivalent_spellings, expired_token
 from tests.support.users import UnixUser
 
 CASES = 1000

@@ -12,8 +12,8 @@ import pytest
 from marco.client import AgentStream, AsyncAgentClient
 from marco.errors import AuthenticationError, PermissionDenied
 from marco.tokens import TokenSigner
-from tests.agent.test_tokens import expired_token, tampered_token, wrong_salt_token
 from tests.support.agent_process import AgentProcess
+from tests.support.tokens import expired_token, tampered_token, wrong_salt_token
 from tests.support.users import UnixUser
 
 READ_TIMEOUT = 30.0

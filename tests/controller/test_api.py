@@ -7,7 +7,6 @@ import base64
 import hashlib
 import json
 import os
-import re
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -17,25 +16,8 @@ from tornado import httpclient, websocket
 
 from marco.tokens import TokenSigner
 from tests.support.controller_process import ControllerProcess
+from tests.support.http import call, login_cookie
 from tests.support.users import UnixUser
-
-
-def call(controller: ControllerProcess, method: str, path: str, body: Any = None,
-         token: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    conn = controller.connection(timeout=60)
-    all_headers = dict(headers or {})
-    if token:
-        all_headers["Authorization"] = f"Bearer {token}"
-    if isinstance(body, (dict, list)):
-        body = json.dumps(body).encode()
-    conn.request(method, path, body=body, headers=all_headers)
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    try:
-        return response.status, json.loads(data)
-    except ValueError:
-        return response.status, data
 
 
 def test_token_for_the_command_line(cluster, alice: UnixUser, signer: TokenSigner) -> None:
@@ -93,27 +75,6 @@ def test_deploy_fans_out_and_reports_per_node(cluster, alice: UnixUser, signer: 
     assert not Path("/etc/marcotest-x").exists()
     status, body = call(controller, "PUT", "/api/deploy?nodes=&name=x", b"x", token)
     assert status == 400
-
-
-def login_cookie(controller: ControllerProcess, user: UnixUser) -> str:
-    """Log in through the form as a browser would; return the Cookie header."""
-    conn = controller.connection(timeout=30)
-    conn.request("GET", "/login")
-    response = conn.getresponse()
-    response.read()
-    found = re.search(r"_xsrf=([^;]+)", response.getheader("Set-Cookie") or "")
-    assert found is not None, "no _xsrf cookie"
-    xsrf = found.group(1)
-    form = urllib.parse.urlencode({"_xsrf": xsrf, "username": user.name, "password": user.password})
-    conn.request("POST", "/login", body=form, headers={
-        "Content-Type": "application/x-www-form-urlencoded", "Cookie": f"_xsrf={xsrf}"})
-    response = conn.getresponse()
-    response.read()
-    assert response.status == 302, response.status
-    cookies = [c.split(";")[0] for c in response.headers.get_all("Set-Cookie") or []]
-    login = [c for c in cookies if c.startswith("marco_token=")]
-    assert login and "HttpOnly" in str(response.headers) and "SameSite=Strict" in str(response.headers)
-    return "; ".join(login + [f"_xsrf={xsrf}"])
 
 
 def test_relay_socket_for_agents_the_browser_cannot_reach(cluster, alice: UnixUser,
@@ -239,7 +200,6 @@ def test_browser_sessions_survive_a_secret_rotation(cluster, alice: UnixUser,
     import shutil
 
     from marco.tokens import rotate_secret
-    from tests.support.controller_process import ControllerProcess
     controller, _ = cluster
     cookie = login_cookie(controller, alice)
     rotated = tmp_path / "rotated-secret"

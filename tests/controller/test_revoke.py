@@ -13,7 +13,7 @@ import pytest
 
 from marco.errors import AuthenticationError, TokenRevoked
 from marco.tokens import SERVICE_SALT, TokenSigner
-from tests.controller.test_api import call, login_cookie
+from tests.support.http import call, login_cookie
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
@@ -213,7 +213,7 @@ def test_another_spelling_of_a_logged_out_token_stays_refused(start_agent, start
     same) is refused by the controller's API and the agent's HTTP API and stream."""
     import asyncio
 
-    from tests.agent.test_tokens import equivalent_spellings
+    from tests.support.tokens import equivalent_spellings
     agent = start_agent(node_name="lo-spell")
     controller = start_controller(extra_args=["--no-discovery", "--node",
                                               f"lo-spell={agent.host}:{agent.port}"])

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from marco.tokens import TokenSigner
-from tests.agent.test_tokens import expired_token
 from tests.e2e.conftest import BIN, PLAYBOOKS, Fleet
 from tests.support.agent_process import AgentProcess
 from tests.support.pki import TestPki
+from tests.support.tokens import expired_token
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 

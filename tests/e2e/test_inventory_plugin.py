@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from tests.support.paths import BIN, ROOT
 
 
 def ansible_inventory(source: Path, tmp_path: Path, *args: str,

@@ -21,8 +21,8 @@ import pytest
 from tornado import httpclient, websocket
 
 from marco.tokens import TokenSigner
-from tests.controller.test_api import login_cookie
 from tests.support.controller_process import ControllerProcess
+from tests.support.http import login_cookie
 from tests.support.users import UnixUser, create_user, remove_user
 
 USERS = 60

@@ -8,7 +8,6 @@ import importlib
 import json
 import pkgutil
 import re
-from pathlib import Path
 
 import pytest
 
@@ -23,8 +22,7 @@ from marco.errors import (
     to_body,
     wire_errors,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.paths import ROOT
 
 
 def all_subclasses(cls: type[MarcoError]) -> set[type[MarcoError]]:
