@@ -117,3 +117,29 @@ _names = iter(range(1, 1_000_000))
 def unique_name() -> Callable[[str], str]:
     """Node names unique across tests and concurrent runs (they share the loopback's mDNS)."""
     return lambda prefix: f"{prefix}-{os.getpid()}-{next(_names)}"
+
+
+# Fixtures that need root (real users, PAM, daemons running as root), build network namespaces,
+# or drive a browser; and the places whose tests are slow on purpose.
+ROOT_FIXTURES = {"alice", "bob", "carol", "start_agent", "shared_agent", "start_controller",
+                 "pam_service", "cluster", "fleet", "network", "fuzz_agent"}
+NETNS_FIXTURES = {"fleet", "network"}
+SLOW_PLACES = ("tests/load/", "tests/e2e/", "tests/test_packaging.py", "tests/agent/test_fuzz.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by what it needs, so subsets can be chosen with -m."""
+    root = Path(__file__).resolve().parents[1]
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        place = item.path.resolve().relative_to(root).as_posix()
+        if place.startswith("tests/unit/"):
+            item.add_marker(pytest.mark.unit)
+        if fixtures & ROOT_FIXTURES:
+            item.add_marker(pytest.mark.root)
+        if fixtures & NETNS_FIXTURES:
+            item.add_marker(pytest.mark.netns)
+        if "browser" in fixtures:
+            item.add_marker(pytest.mark.browser)
+        if place.startswith(SLOW_PLACES):
+            item.add_marker(pytest.mark.slow)

@@ -6,7 +6,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.paths import ROOT
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]  # the demo makes a cluster as root
 
 
 def test_demo_once_runs_marcos_main_job() -> None:
