@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import signal
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -147,15 +148,15 @@ class GuardedHTTPServer(HTTPServer):
         super().initialize(*args, **kwargs)
         self.limits = limits
         self._pending: dict[IOStream, _Pending] = {}
-        self._pending_per_address: dict[str, int] = {}
+        self._pending_per_address: Counter[str] = Counter()
         self._open: dict[IOStream, str] = {}  # every accepted connection -> its source address
-        self._open_per_address: dict[str, int] = {}
+        self._open_per_address: Counter[str] = Counter()
         self._warned: set[str] = set()  # addresses already warned about in this burst
 
     async def handle_stream(self, stream: IOStream, address: Any) -> None:  # type: ignore[override]
         peer = _peer_address(address)
-        if self._pending_per_address.get(peer, 0) >= self.limits.max_pending_per_address or \
-                self._open_per_address.get(peer, 0) >= self.limits.max_connections_per_address:
+        if self._pending_per_address[peer] >= self.limits.max_pending_per_address or \
+                self._open_per_address[peer] >= self.limits.max_connections_per_address:
             # Logged once per burst: a flood would otherwise turn into a flood of log lines.
             if peer not in self._warned:
                 self._warned.add(peer)
@@ -167,14 +168,14 @@ class GuardedHTTPServer(HTTPServer):
             stream.close()
             return
         self._open[stream] = peer
-        self._open_per_address[peer] = self._open_per_address.get(peer, 0) + 1
+        self._open_per_address[peer] += 1
         # Until Tornado's connection takes the stream over (and calls on_close), a close
         # before the first request is seen here.
         stream.set_close_callback(lambda: self._closed(stream))
         timer = asyncio.get_running_loop().call_later(
             self.limits.handshake_timeout, self._expire, stream)
         self._pending[stream] = _Pending(peer, timer)
-        self._pending_per_address[peer] = self._pending_per_address.get(peer, 0) + 1
+        self._pending_per_address[peer] += 1
         if isinstance(stream, SSLIOStream):
             try:
                 await stream.wait_for_handshake()
@@ -219,13 +220,8 @@ class GuardedHTTPServer(HTTPServer):
         """Stop counting a closed connection against its address (idempotent)."""
         self._release(stream)
         peer = self._open.pop(stream, None)
-        if peer is None:
-            return
-        left = self._open_per_address[peer] - 1
-        if left:
-            self._open_per_address[peer] = left
-        else:
-            del self._open_per_address[peer]
+        if peer is not None:
+            _count_down(self._open_per_address, peer)
 
     def _release(self, stream: IOStream) -> None:
         """Stop counting `stream` as pending (idempotent)."""
@@ -233,12 +229,17 @@ class GuardedHTTPServer(HTTPServer):
         if entry is None:
             return
         entry.timer.cancel()
-        left = self._pending_per_address[entry.address] - 1
-        if left:
-            self._pending_per_address[entry.address] = left
-        else:
-            del self._pending_per_address[entry.address]
+        if _count_down(self._pending_per_address, entry.address):
             self._warned.discard(entry.address)
+
+
+def _count_down(counts: Counter[str], key: str) -> bool:
+    """One less for `key`; True when none is left (the key is dropped: tables stay small)."""
+    counts[key] -= 1
+    if counts[key] > 0:
+        return False
+    del counts[key]
+    return True
 
 
 def _peer_address(address: Any) -> str:
