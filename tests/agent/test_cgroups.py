@@ -16,6 +16,7 @@ from agent.cgroups import cgroup2_mount
 from marco.client import AgentClient
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
+from tests.support.processes import alive
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
@@ -32,14 +33,6 @@ def _client(agent: AgentProcess, signer: TokenSigner, user: str) -> AgentClient:
     return agent.client(signer.issue(user), timeout=60)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _first_line(c: AgentClient, execution_id: str) -> str:
     def line() -> str | None:
         events = c.output(execution_id)["events"]
@@ -50,7 +43,7 @@ def _first_line(c: AgentClient, execution_id: str) -> str:
 def _processes_of(user: str) -> list[int]:
     """The user's live processes (zombies are dead; reaping them is their parent's business)."""
     found = subprocess.run(["pgrep", "-u", user], capture_output=True, text=True).stdout
-    return [int(pid) for pid in found.split() if _alive(int(pid))]
+    return [int(pid) for pid in found.split() if alive(int(pid))]
 
 
 def _cgroups_usable() -> bool:
@@ -78,11 +71,11 @@ def test_stop_kills_a_grandchild_that_left_the_session(
         assert c.health()["isolation"] == ("cgroup" if mode == "on" else "subreaper")
         execution_id = c.start(ESCAPING + " sleep 1000")
         grandchild = int(_first_line(c, execution_id))
-        assert _alive(grandchild) and os.getsid(grandchild) == grandchild
+        assert alive(grandchild) and os.getsid(grandchild) == grandchild
         c.stop(execution_id)
         state = wait_for(lambda: (s := c.execution(execution_id))["state"] != "running" and s)
         assert state["stopped"]
-        wait_for(lambda: not _alive(grandchild), timeout=15, what="the grandchild to be killed")
+        wait_for(lambda: not alive(grandchild), timeout=15, what="the grandchild to be killed")
     wait_for(lambda: not no_processes_left(), timeout=15, what="no process of the execution")
 
 
@@ -99,9 +92,9 @@ def test_leftovers_run_on_until_their_execution_is_stopped(
         execution_id = c.start(ESCAPING)
         grandchild = int(_first_line(c, execution_id))
         wait_for(lambda: c.execution(execution_id)["state"] == "exited", what="the shell's exit")
-        assert _alive(grandchild)
+        assert alive(grandchild)
         c.stop(execution_id)
-        wait_for(lambda: not _alive(grandchild), timeout=15, what="the leftover to be killed")
+        wait_for(lambda: not alive(grandchild), timeout=15, what="the leftover to be killed")
     wait_for(lambda: not no_processes_left(), timeout=15, what="no process of the execution")
 
 
@@ -118,11 +111,11 @@ def test_leftovers_go_with_their_forgotten_execution(
         execution_id = c.start(ESCAPING)
         grandchild = int(_first_line(c, execution_id))
         wait_for(lambda: c.execution(execution_id)["state"] == "exited", what="the shell's exit")
-        assert _alive(grandchild)
+        assert alive(grandchild)
         c.run(["true"])
         c.run(["true"])  # retention keeps one finished execution: the first is forgotten
         assert execution_id not in {e["id"] for e in c.executions()}
-        wait_for(lambda: not _alive(grandchild), timeout=15, what="the leftover to be killed")
+        wait_for(lambda: not alive(grandchild), timeout=15, what="the leftover to be killed")
     wait_for(lambda: not no_processes_left(), timeout=15, what="no process of the execution")
 
 

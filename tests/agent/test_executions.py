@@ -13,6 +13,7 @@ from marco.client import AgentClient
 from marco.errors import AuthenticationError, BadRequest, NotFound, PermissionDenied
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
+from tests.support.processes import alive
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
@@ -98,24 +99,16 @@ def _grandchild_pid(c: AgentClient, execution_id: str) -> int:
     return int(wait_for(first_line))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_stop_kills_the_whole_process_group(shared_agent: AgentProcess, signer: TokenSigner,
                                             alice: UnixUser) -> None:
     with client(shared_agent, signer, alice.name) as c:
         execution_id = c.start("sleep 600 & echo $!; sleep 600; wait")
         grandchild = _grandchild_pid(c, execution_id)
-        assert _alive(grandchild) and pwd.getpwuid(os.stat(f"/proc/{grandchild}").st_uid).pw_name == alice.name
+        assert alive(grandchild) and pwd.getpwuid(os.stat(f"/proc/{grandchild}").st_uid).pw_name == alice.name
         c.stop(execution_id)
         state = wait_for(lambda: (s := c.execution(execution_id))["state"] != "running" and s)
     assert state["state"] == "killed" and state["signal"] == "SIGTERM" and state["stopped"]
-    wait_for(lambda: not _alive(grandchild))
+    wait_for(lambda: not alive(grandchild))
 
 
 def test_stop_escalates_to_sigkill(start_agent, signer: TokenSigner, alice: UnixUser) -> None:

@@ -7,15 +7,33 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from marco.errors import AuthenticationError, TokenRevoked
 from marco.tokens import SERVICE_SALT, TokenSigner
+from tests.support.agent_process import AgentProcess
+from tests.support.controller_process import ControllerProcess
 from tests.support.http import call, login_cookie
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
+
+
+def one_node(start_agent: Callable[..., AgentProcess],
+             start_controller: Callable[..., ControllerProcess],
+             name: str) -> tuple[AgentProcess, ControllerProcess]:
+    """An agent and a controller that knows it as a static node (no zeroconf)."""
+    agent = start_agent(node_name=name)
+    controller = start_controller(extra_args=["--no-discovery", "--node",
+                                              f"{name}={agent.host}:{agent.port}"])
+    return agent, controller
+
+
+def wait_until_up(controller: ControllerProcess, token: str) -> None:
+    wait_for(lambda: controller.get_json("/api/nodes", token)["nodes"][0]["alive"],
+             what="node up")
 
 
 def test_log_out_everywhere(start_agent, start_controller, signer: TokenSigner,
@@ -93,14 +111,12 @@ def test_only_the_controller_can_push_revocations(start_agent, signer: TokenSign
 
 def test_page_and_cli_log_out_everywhere(start_agent, start_controller, signer: TokenSigner,
                                          alice: UnixUser, tmp_path: Path) -> None:
-    agent = start_agent(node_name="rv-cli")
-    controller = start_controller(extra_args=["--no-discovery", "--node",
-                                              f"rv-cli={agent.host}:{agent.port}"])
+    agent, controller = one_node(start_agent, start_controller, "rv-cli")
     home = tmp_path / "home"
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "MARCO_CONTROLLER": controller.url}
     marco = str(Path(sys.executable).parent / "marco")
     login = subprocess.run([marco, "login", "--user", alice.name, "--password-stdin",
-                            "--ca", str(controller.pki.ca_file)],
+                            "--ca", str(controller.ca_file)],
                            input=alice.password + "\n", env=env, capture_output=True, text=True)
     assert login.returncode == 0, login.stderr
     stored = (home / ".config" / "marco" / "token").read_text().strip()
@@ -121,12 +137,10 @@ def test_plain_logout_voids_that_token_only(start_agent, start_controller,
                                            tmp_path: Path) -> None:
     """`marco logout` and the page's logout void the token they hold (on the controller and
     pushed to agents, kept across an agent restart); the user's other tokens keep working."""
-    agent = start_agent(node_name="lo-cli")
-    controller = start_controller(extra_args=["--no-discovery", "--node",
-                                              f"lo-cli={agent.host}:{agent.port}"])
+    agent, controller = one_node(start_agent, start_controller, "lo-cli")
     home = tmp_path / "home"
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "MARCO_CONTROLLER": controller.url,
-           "MARCO_TLS_CA": str(controller.pki.ca_file)}
+           "MARCO_TLS_CA": str(controller.ca_file)}
     marco = str(Path(sys.executable).parent / "marco")
     login = subprocess.run([marco, "login", "--user", alice.name, "--password-stdin"],
                            input=alice.password + "\n", env=env, capture_output=True, text=True)
@@ -135,7 +149,7 @@ def test_plain_logout_voids_that_token_only(start_agent, start_controller,
     time.sleep(1.1)  # tokens of one user issued in the same second are the same token
     other = signer.issue(alice.name)
     assert other != stored
-    wait_for(lambda: controller.get_json("/api/nodes", other)["nodes"][0]["alive"], what="node up")
+    wait_until_up(controller, other)
     assert agent.client(stored).run(["true"]).rc == 0
     out = subprocess.run([marco, "logout"], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "your token is void" in out.stdout, out.stdout + out.stderr
@@ -179,16 +193,13 @@ def test_revoke_cert_reaches_agents_through_the_controller(start_agent, start_co
     from marco.errors import CertificateRefused
     from marco.tls import ClientTls
 
-    agent = start_agent(node_name="crl-push")
-    controller = start_controller(extra_args=["--no-discovery", "--node",
-                                              f"crl-push={agent.host}:{agent.port}"])
+    agent, controller = one_node(start_agent, start_controller, "crl-push")
     bundle = pki.issue("stolen-laptop", "client", out_dir=tmp_path / "laptop")
     laptop = ClientTls(str(pki.ca_file), str(bundle.cert_file), str(bundle.key_file))
     token = signer.issue(alice.name)
     assert AgentClient(agent.host, agent.port, token, tls=laptop, node="crl-push").run(
         ["true"]).rc == 0
-    wait_for(lambda: controller.get_json("/api/nodes", token)["nodes"][0]["alive"],
-             what="node up")
+    wait_until_up(controller, token)
     out = subprocess.run([sys.executable, "-m", "controller", "--pki-dir", str(pki.dir),
                           "--secret-file", str(secret_file), "revoke-cert",
                           "stolen-laptop"], capture_output=True, text=True, timeout=60)
@@ -214,12 +225,9 @@ def test_another_spelling_of_a_logged_out_token_stays_refused(start_agent, start
     import asyncio
 
     from tests.support.tokens import equivalent_spellings
-    agent = start_agent(node_name="lo-spell")
-    controller = start_controller(extra_args=["--no-discovery", "--node",
-                                              f"lo-spell={agent.host}:{agent.port}"])
+    agent, controller = one_node(start_agent, start_controller, "lo-spell")
     token = signer.issue(alice.name)
-    wait_for(lambda: controller.get_json("/api/nodes", token)["nodes"][0]["alive"],
-             what="node up")
+    wait_until_up(controller, token)
     status, body = call(controller, "POST", "/api/logout", {}, token)
     assert status == 200 and body["nodes"]["lo-spell"]["ok"] is True, body
     spellings = equivalent_spellings(token)
@@ -243,12 +251,9 @@ def test_log_out_everywhere_voids_tokens_of_the_same_second(start_agent, start_c
                                                             alice: UnixUser) -> None:
     """Tokens carry whole seconds: "log out everywhere" voids those issued in its own second
     (the caller's among them), and a login in that second still gets a working token."""
-    agent = start_agent(node_name="rv-same")
-    controller = start_controller(extra_args=["--no-discovery", "--node",
-                                              f"rv-same={agent.host}:{agent.port}"])
+    agent, controller = one_node(start_agent, start_controller, "rv-same")
     probe = signer.issue(alice.name)
-    wait_for(lambda: controller.get_json("/api/nodes", probe)["nodes"][0]["alive"],
-             what="node up")
+    wait_until_up(controller, probe)
     time.sleep(1.05 - time.time() % 1)  # just past a second boundary: the next steps share it
     token = signer.issue(alice.name)
     status, body = call(controller, "POST", "/api/revoke", {}, token)

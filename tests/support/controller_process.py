@@ -39,6 +39,12 @@ class ControllerProcess(DaemonProcess):
     def ws_url(self) -> str:
         return self.url.replace("http", "ws", 1)
 
+    @property
+    def ca_file(self) -> Path:
+        """The CA clients trust to reach this controller (a --dev one has none)."""
+        assert self.pki is not None, "a --dev controller has no CA"
+        return self.pki.ca_file
+
     def get_json(self, path: str, token: str) -> Any:
         request = urllib.request.Request(self.url + path,
                                          headers={"Authorization": f"Bearer {token}"})
