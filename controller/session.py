@@ -10,7 +10,7 @@ from typing import Any
 
 import tornado.web
 
-from marco.errors import AuthenticationError, BadRequest, TokenRevoked
+from marco.errors import AuthenticationError, BadRequest
 from marco.jsonapi import JsonApiMixin
 from marco.protocol import decode
 from marco.tokens import bearer_token
@@ -45,10 +45,8 @@ class SessionMixin(tornado.web.RequestHandler):
         if not token:
             return None
         try:
-            user = self.ctx.signer.verify(token, self.ctx.revocations.not_before)
-            if self.ctx.denied.denied(token):
-                raise TokenRevoked("token revoked (logged out): log in again")
-            return user
+            return self.ctx.signer.verify(token, self.ctx.revocations.not_before,
+                                          self.ctx.denied.denied)
         except AuthenticationError:
             return None
 

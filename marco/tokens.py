@@ -55,8 +55,11 @@ class TokenSigner:
         return float(issued.timestamp()) + self.max_age
 
     def verify(self, token: str | None,
-               not_before: Callable[[str], float | None] | None = None) -> str:
-        """Return the username a valid, unexpired, unrevoked token carries; raise by cause."""
+               not_before: Callable[[str], float | None] | None = None,
+               denied: Callable[[str], bool] | None = None) -> str:
+        """Return the username a valid, unexpired, unrevoked token carries; raise by cause.
+        `not_before` gives a user's "log out everywhere" time, `denied` says whether this
+        (canonical) token was logged out on its own."""
         if not token:
             raise AuthenticationError("no token given")
         if not is_canonical(token):
@@ -74,6 +77,8 @@ class TokenSigner:
         cutoff = not_before(username) if not_before is not None else None
         if cutoff is not None and issued.timestamp() < cutoff:
             raise TokenRevoked("token revoked (logged out everywhere)", hint=LOG_IN_AGAIN)
+        if denied is not None and denied(token):
+            raise TokenRevoked("token revoked (logged out)", hint=LOG_IN_AGAIN)
         return username
 
 
