@@ -6,7 +6,7 @@ real `ansible-playbook` through the `marco.fleet.marco` connection with its buil
 and the web
 viewer's URL.
 
-    scripts/demo [--once] [--agents 3] [--port 7380] [--command "..."]
+    scripts/demo [--once] [--agents 3] [--port 7380] [--name-prefix demo] [--command "..."]
 """
 
 from __future__ import annotations
@@ -75,13 +75,15 @@ class LocalAgents:
     """N marco-agent processes on 127.0.0.1, each with its own port, state dir, log and
     certificate bundle (`marco-controller issue-agent`)."""
 
-    def __init__(self, workdir: Path, secret: Path, count: int, tls: ClientTls) -> None:
+    def __init__(self, workdir: Path, secret: Path, count: int, tls: ClientTls,
+                 prefix: str = "demo") -> None:
         self.workdir, self.secret, self.count, self.tls = workdir, secret, count, tls
+        self.prefix = prefix
         self.nodes: list[tuple[str, int, subprocess.Popen[bytes]]] = []
 
     def start(self) -> None:
         for index in range(1, self.count + 1):
-            name, port = f"demo-{index}", free_port()
+            name, port = f"{self.prefix}-{index}", free_port()
             bundle = self.workdir / f"{name}.marco"
             admin(self.workdir, "issue-agent", name, "--out", str(bundle))
             log = open(self.workdir / f"{name}.log", "wb")
@@ -252,6 +254,9 @@ def main() -> int:
     parser.add_argument("--command", default=DEMO_COMMAND, help="shell command to run everywhere")
     parser.add_argument("--keep", action="store_true", help="keep the temporary state dir")
     parser.add_argument("--port", type=int, default=7380, help="controller port (7380)")
+    parser.add_argument("--name-prefix", default="demo", metavar="PREFIX",
+                        help="agents are named PREFIX-1, PREFIX-2, ... (demo); zeroconf names "
+                             "are shared on the LAN, so two demos at once need two prefixes")
     args = parser.parse_args()
     if not sys.stdout.isatty():
         global COLOURS, RED, RESET
@@ -266,7 +271,7 @@ def main() -> int:
                     str(workdir / "client" / "client.key"))
     user = demo_user()
     token = TokenSigner(load_secret(secret)).issue(user)
-    agents = LocalAgents(workdir, secret, args.agents, tls)
+    agents = LocalAgents(workdir, secret, args.agents, tls, args.name_prefix)
     controller: LocalController | None = None
     print(f"Marco demo: state in {workdir}; commands run as {user!r}"
           + ("" if os.geteuid() == 0 else " (agents run as you: they serve only you)"))

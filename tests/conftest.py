@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,12 +13,20 @@ from marco.tokens import TokenSigner, create_secret, load_secret
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
 from tests.support.pki import TestPki
-from tests.support.users import UnixUser, create_user, remove_user
+from tests.support.run import RunNames, sweep_leftovers, this_run
+from tests.support.users import UnixUser, create_user, remove_user, require_root
 
-ALICE, BOB = "marcotest-alice", "marcotest-bob"
-PAM_TEST_SERVICE = "marco-test"
 PAM_TEST_STACK = ("# Marco tests only: pam_unix without the delay on failure, removed after the run.\n"
                   "auth required pam_unix.so nodelay\naccount required pam_unix.so\n")
+
+
+@pytest.fixture(scope="session")
+def run() -> RunNames:
+    """The names this run gives machine-global things (users, PAM service, namespaces, ...);
+    as root, first removes what runs that died left behind."""
+    if os.geteuid() == 0:
+        sweep_leftovers()
+    return this_run()
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +37,10 @@ def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
-    """The cluster CA every test agent and controller uses (mutual TLS by default)."""
-    return TestPki(tmp_path_factory.mktemp("pki") / "pki")
+def pki(tmp_path_factory: pytest.TempPathFactory, run: RunNames) -> TestPki:
+    """The cluster CA every test agent and controller uses (mutual TLS by default); the
+    controller's certificate names the run's namespace bridges, where netns tests reach it."""
+    return TestPki(tmp_path_factory.mktemp("pki") / "pki", controller_names=run.gateways())
 
 
 @pytest.fixture(scope="session")
@@ -39,17 +49,20 @@ def signer(secret_file: Path) -> TokenSigner:
 
 
 @pytest.fixture(scope="session")
-def alice() -> Iterator[UnixUser]:
-    user = create_user(ALICE, groups=["marcotest-g1", "marcotest-g2"])
+def alice(run: RunNames) -> Iterator[UnixUser]:
+    groups = [run.user("g1"), run.user("g2")]
+    user = create_user(run.user("alice"), groups=groups)
     yield user
-    remove_user(ALICE)
+    remove_user(user.name)
+    for group in groups:
+        subprocess.run(["groupdel", group], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="session")
-def bob() -> Iterator[UnixUser]:
-    user = create_user(BOB)
+def bob(run: RunNames) -> Iterator[UnixUser]:
+    user = create_user(run.user("bob"))
     yield user
-    remove_user(BOB)
+    remove_user(user.name)
 
 
 @pytest.fixture
@@ -83,18 +96,19 @@ def shared_agent(secret_file: Path, tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture(scope="session")
-def pam_service() -> Iterator[str]:
+def pam_service(run: RunNames) -> Iterator[str]:
     """A test-only PAM service: real pam_unix password checks, no 2-3 s delay on failure."""
-    path = Path("/etc/pam.d") / PAM_TEST_SERVICE
+    require_root()
+    path = Path("/etc/pam.d") / run.pam_service
     path.write_text(PAM_TEST_STACK)
-    yield PAM_TEST_SERVICE
+    yield run.pam_service
     path.unlink(missing_ok=True)
 
 
 @pytest.fixture
 def start_controller(secret_file: Path, tmp_path: Path, pam_service: str,
                      pki: TestPki) -> Iterator[Callable[..., ControllerProcess]]:
-    """Factory: real controller processes (PAM service marco-test, HTTPS and mutual TLS to
+    """Factory: real controller processes (the run's test PAM service, HTTPS and mutual TLS to
     agents unless `pki=None`), stopped after the test."""
     started: list[ControllerProcess] = []
 
@@ -122,7 +136,7 @@ def unique_name() -> Callable[[str], str]:
 # Fixtures that need root (real users, PAM, daemons running as root), build network namespaces,
 # or drive a browser; and the places whose tests are slow on purpose.
 ROOT_FIXTURES = {"alice", "bob", "carol", "start_agent", "shared_agent", "start_controller",
-                 "pam_service", "cluster", "fleet", "network", "fuzz_agent"}
+                 "pam_service", "crowd", "path_sandbox", "cluster", "fleet", "network", "fuzz_agent"}
 NETNS_FIXTURES = {"fleet", "network"}
 SLOW_PLACES = ("tests/load/", "tests/e2e/", "tests/test_packaging.py", "tests/agent/test_fuzz.py")
 

@@ -13,17 +13,17 @@ import pytest
 from marco.errors import PermissionDenied
 from marco.tokens import TokenSigner
 from tests.support.http import call
+from tests.support.run import RunNames, this_run
 from tests.support.users import UnixUser, create_user, remove_user
 
-CAROL = "marcotest-carol"
-ODD_SHELL = "/usr/local/bin/marcotest-shell"  # not in /etc/shells
+ODD_SHELL = str(this_run().local_bin("shell"))  # not in /etc/shells
 
 
 @pytest.fixture
-def carol() -> Iterator[UnixUser]:
-    user = create_user(CAROL)
+def carol(run: RunNames) -> Iterator[UnixUser]:
+    user = create_user(run.user("carol"))
     yield user
-    remove_user(CAROL)
+    remove_user(user.name)
 
 
 def set_shell(user: UnixUser, shell: str) -> None:

@@ -24,9 +24,11 @@ from agent.lines import LineSplitter
 from marco.protocol import CLOSE_BAD_MESSAGE, CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
+from tests.support.run import this_run
 from tests.support.tokens import equivalent_spellings, expired_token
 from tests.support.users import UnixUser
 
+FUZZ_ROOT = this_run().srv("fuzz-root")  # root's place, alice must never write there
 CASES = 1000
 FUZZ = settings(max_examples=CASES, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
@@ -227,7 +229,7 @@ def test_websocket_fuzz(fuzz_agent: AgentProcess, signer: TokenSigner, alice: Un
 @pytest.fixture
 def path_sandbox(alice: UnixUser, bob: UnixUser) -> Iterator[dict[str, Path]]:
     """Places alice must not write to, reachable by `..`, absolute paths and her symlinks."""
-    root_dir = Path("/srv/marco-fuzz-root")
+    root_dir = FUZZ_ROOT
     shutil.rmtree(root_dir, ignore_errors=True)
     root_dir.mkdir(mode=0o755, parents=True)
     (root_dir / "victim").write_text("root's\n")
@@ -271,7 +273,7 @@ def test_file_path_fuzz(fuzz_agent: AgentProcess, signer: TokenSigner, alice: Un
                                          "to-etc", "fuzz", "victim", "passwd", "x\x00y", "~bob",
                                          "%2e%2e", "...", "\\..\\"]),
                         st.text(min_size=1, max_size=12))
-    paths = st.tuples(st.sampled_from(["", "/", "~/", "~/fuzz/", "fuzz/", "/srv/marco-fuzz-root/",
+    paths = st.tuples(st.sampled_from(["", "/", "~/", "~/fuzz/", "fuzz/", f"{FUZZ_ROOT}/",
                                        str(path_sandbox["bob"]) + "/", "/etc/", "../"]),
                       st.lists(segment, min_size=0, max_size=5)).map(
         lambda parts: parts[0] + "/".join(parts[1]))

@@ -194,7 +194,7 @@ def test_bad_node_lists_are_400(cluster, alice: UnixUser, signer: TokenSigner) -
         assert status == 400 and "list of node names" in body["message"], (nodes, body)
 
 
-def test_browser_sessions_survive_a_secret_rotation(cluster, alice: UnixUser,
+def test_browser_sessions_survive_a_secret_rotation(cluster, alice: UnixUser, pam_service: str,
                                                     secret_file: Path, tmp_path: Path) -> None:
     """A cookie signed before the rotation still logs in after it (versioned cookie keys)."""
     import shutil
@@ -206,7 +206,7 @@ def test_browser_sessions_survive_a_secret_rotation(cluster, alice: UnixUser,
     shutil.copy(secret_file, rotated)
     rotated.chmod(0o600)
     rotate_secret(rotated)
-    after = ControllerProcess(rotated, tmp_path, pam_service="marco-test",
+    after = ControllerProcess(rotated, tmp_path, pam_service=pam_service,
                               extra_args=["--no-discovery"])
     try:
         conn = after.connection(timeout=30)

@@ -16,6 +16,7 @@ from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
 from tests.support.netns import NamespaceNetwork
+from tests.support.run import RunNames
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
@@ -88,8 +89,8 @@ def test_inventory_needs_a_login(start_controller) -> None:
 
 
 @pytest.fixture
-def network() -> Any:
-    net = NamespaceNetwork(3).create()
+def network(run: RunNames) -> Any:
+    net = NamespaceNetwork(3, run, network=0).create()
     yield net
     net.destroy()
 

@@ -16,6 +16,7 @@ from tests.support.controller_process import ControllerProcess
 from tests.support.netns import NamespaceNetwork
 from tests.support.paths import BIN, PLAYBOOKS
 from tests.support.pki import TestPki
+from tests.support.run import RunNames
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
@@ -45,10 +46,10 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(secret_file: Path, signer: TokenSigner, alice: UnixUser, pam_service: str,
-          tmp_path_factory: pytest.TempPathFactory, pki: TestPki) -> Iterator[Fleet]:
+          tmp_path_factory: pytest.TempPathFactory, pki: TestPki, run: RunNames) -> Iterator[Fleet]:
     workdir = tmp_path_factory.mktemp("fleet")
     os.chmod(workdir, 0o755)
-    network = NamespaceNetwork(3, subnet="10.213.78", tag="e2e").create()
+    network = NamespaceNetwork(3, run, network=1).create()
     controller = None
     agents: list[AgentProcess] = []  # tests may replace members (restarts): stopped all the same
     fleet = None

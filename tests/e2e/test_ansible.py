@@ -18,6 +18,7 @@ from marco.tokens import TokenSigner
 from tests.e2e.conftest import BIN, PLAYBOOKS, Fleet
 from tests.support.agent_process import AgentProcess
 from tests.support.pki import TestPki
+from tests.support.run import RunNames
 from tests.support.tokens import expired_token
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
@@ -161,8 +162,9 @@ def test_expired_token_fails_with_the_login_hint(fleet: Fleet, signer: TokenSign
     assert "UNREACHABLE" in out.stdout and "expired" in out.stdout and "marco login" in out.stdout
 
 
-def test_become_with_sudo(fleet: Fleet, signer: TokenSigner, alice: UnixUser, bob: UnixUser) -> None:
-    sudoers = Path("/etc/sudoers.d/marcotest")
+def test_become_with_sudo(fleet: Fleet, signer: TokenSigner, alice: UnixUser, bob: UnixUser,
+                          run: RunNames) -> None:
+    sudoers = run.sudoers
     sudoers.write_text(f"{alice.name} ALL=(ALL) NOPASSWD: ALL\n{bob.name} ALL=(ALL) ALL\n")
     sudoers.chmod(0o440)
     try:

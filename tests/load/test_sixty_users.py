@@ -23,6 +23,7 @@ from tornado import httpclient, websocket
 from marco.tokens import TokenSigner
 from tests.support.controller_process import ControllerProcess
 from tests.support.http import login_cookie
+from tests.support.run import RunNames
 from tests.support.users import UnixUser, create_user, remove_user
 
 USERS = 60
@@ -38,8 +39,8 @@ CHATTY = ("/usr/bin/python3 -I -S -c " + shlex.quote(
 
 
 @pytest.fixture(scope="module")
-def crowd() -> Iterator[list[UnixUser]]:
-    names = [f"marcoload-{index:02d}" for index in range(1, USERS + 1)]
+def crowd(run: RunNames) -> Iterator[list[UnixUser]]:
+    names = [run.load_user(index) for index in range(1, USERS + 1)]
     try:
         yield [create_user(name) for name in names]
     finally:

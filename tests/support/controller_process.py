@@ -19,7 +19,7 @@ class ControllerProcess(DaemonProcess):
     module = "controller"
     health_path = "/login"
 
-    def __init__(self, secret_file: Path, log_dir: Path, pam_service: str = "marco-test",
+    def __init__(self, secret_file: Path, log_dir: Path, pam_service: str,
                  extra_args: Sequence[str] = (), bind: str = "127.0.0.1",
                  mdns_interfaces: Sequence[str] = ("127.0.0.1",),
                  pki: TestPki | None = None) -> None:

@@ -1,13 +1,15 @@
 """Several test hosts on one machine: network namespaces on a bridge (needs root, iproute2).
 
 Each host is a namespace with one veth (`eth0`) plugged into a bridge in the root namespace.
-Addresses come from a private /24 used only by these namespaces; nothing leaves the machine.
+Addresses come from a private /24 of the run's (`RunNames.subnet`); nothing leaves the machine.
 """
 
 from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass
+
+from tests.support.run import RunNames
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -23,12 +25,14 @@ class NamespaceHost:
 class NamespaceNetwork:
     """A bridge with `count` namespace hosts: bridge .1, hosts .11, .12, ..."""
 
-    def __init__(self, count: int, subnet: str = "10.213.77", tag: str = "t") -> None:
-        # Fixed names: a run that died half-way leaves nothing the next run does not remove.
-        self.bridge = f"marcobr-{tag}"[:15]
-        self.subnet = subnet
-        self.gateway = f"{subnet}.1"
-        self.hosts = [NamespaceHost(f"marco-{tag}-h{i}", f"{subnet}.{10 + i}") for i in range(1, count + 1)]
+    def __init__(self, count: int, run: RunNames, network: int = 0) -> None:
+        # Names and subnet carry the run's tag: two runs on one machine never share them, and
+        # a run that died leaves nothing the next one trips on (tests.support.run sweeps it).
+        self.bridge = run.bridge(network)
+        self.subnet = run.subnet(network)
+        self.gateway = f"{self.subnet}.1"
+        self.hosts = [NamespaceHost(run.namespace(network, i), f"{self.subnet}.{10 + i}")
+                      for i in range(1, count + 1)]
         self._veths: list[str] = []
 
     def create(self) -> NamespaceNetwork:
@@ -37,7 +41,7 @@ class NamespaceNetwork:
         ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         ip("link", "set", self.bridge, "up", "multicast", "on")
         for index, host in enumerate(self.hosts, 1):
-            outer = f"{self.bridge}v{index}"[:15]
+            outer = f"{self.bridge}v{index}"
             ip("netns", "add", host.name)
             ip("link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", host.name)
             ip("link", "set", outer, "master", self.bridge, "up")

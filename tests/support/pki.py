@@ -9,20 +9,18 @@ from pathlib import Path
 from controller.pki import ClusterPki
 from marco.tls import ClientTls
 
-#: The bridge addresses of the tests' network namespaces, where controllers listen in the
-#: netns tests (like `marco-controller init --name ADDRESS` on a real install).
-NETNS_GATEWAYS = ("10.213.77.1", "10.213.78.1")
-
 
 class TestPki(ClusterPki):
     """The CA plus a cache of issued bundles: one per node name, one test client."""
 
     __test__ = False  # not a test class, whatever its name says
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, controller_names: tuple[str, ...] = ()) -> None:
+        """`controller_names`: addresses the controller's certificate names besides localhost,
+        like `marco-controller init --name ADDRESS` on a real install (the netns bridges)."""
         super().__init__(directory)
         if not self.exists():
-            self.init(controller_names=NETNS_GATEWAYS)
+            self.init(controller_names=controller_names)
         os.chmod(self.dir, 0o755)  # only the key files inside are secret (0600)
         self._client: ClientTls | None = None
 
