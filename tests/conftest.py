@@ -12,6 +12,7 @@ import pytest
 from marco.tokens import TokenSigner, create_secret, load_secret
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
+from tests.support.names import unique_node_name
 from tests.support.pki import TestPki
 from tests.support.run import RunNames, sweep_leftovers, this_run
 from tests.support.users import UnixUser, create_user, remove_user, require_root
@@ -124,13 +125,10 @@ def start_controller(secret_file: Path, tmp_path: Path, pam_service: str,
         controller.stop()
 
 
-_names = iter(range(1, 1_000_000))
-
-
 @pytest.fixture
 def unique_name() -> Callable[[str], str]:
     """Node names unique across tests and concurrent runs (they share the loopback's mDNS)."""
-    return lambda prefix: f"{prefix}-{os.getpid()}-{next(_names)}"
+    return unique_node_name
 
 
 # Fixtures that need root (real users, PAM, daemons running as root), build network namespaces,
@@ -139,10 +137,15 @@ ROOT_FIXTURES = {"alice", "bob", "carol", "start_agent", "shared_agent", "start_
                  "pam_service", "crowd", "path_sandbox", "cluster", "fleet", "network", "fuzz_agent"}
 NETNS_FIXTURES = {"fleet", "network"}
 SLOW_PLACES = ("tests/load/", "tests/e2e/", "tests/test_packaging.py", "tests/agent/test_fuzz.py")
+# Places whose tests share an expensive module or session fixture (the e2e fleet, the packaging
+# venvs, the browser): under pytest-xdist (`--dist loadgroup`) each runs on one worker.
+ONE_WORKER_PLACES = ("tests/e2e/", "tests/test_packaging.py", "tests/controller/test_web.py",
+                     "tests/load/")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test by what it needs, so subsets can be chosen with -m."""
+    """Mark each test by what it needs, so subsets can be chosen with -m, and keep tests that
+    share an expensive fixture on one pytest-xdist worker."""
     root = Path(__file__).resolve().parents[1]
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
@@ -157,3 +160,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.browser)
         if place.startswith(SLOW_PLACES):
             item.add_marker(pytest.mark.slow)
+        for shared in ONE_WORKER_PLACES:
+            if place.startswith(shared):
+                item.add_marker(pytest.mark.xdist_group(shared))

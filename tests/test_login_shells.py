@@ -30,7 +30,8 @@ def set_shell(user: UnixUser, shell: str) -> None:
     subprocess.run(["usermod", "--shell", shell, user.name], check=True)
 
 
-@pytest.mark.parametrize("shell", ["/usr/sbin/nologin", "/bin/false", ODD_SHELL, "/bin/rbash"])
+@pytest.mark.parametrize("shell", ["/usr/sbin/nologin", "/bin/false",
+                                   pytest.param(ODD_SHELL, id="not-in-etc-shells"), "/bin/rbash"])
 def test_no_login_shell_no_login_and_no_execution(start_agent, start_controller,
                                                   signer: TokenSigner, carol: UnixUser,
                                                   shell: str) -> None:

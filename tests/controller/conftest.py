@@ -1,23 +1,39 @@
-"""A controller with two agents it has discovered by zeroconf on loopback."""
+"""A controller with two agents it has discovered by zeroconf on loopback, shared by the tests
+of one module (they only read it or act as their own users: nobody logs out everywhere here)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from marco.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
+from tests.support.names import unique_node_name
+from tests.support.pki import TestPki
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
 
-@pytest.fixture
-def cluster(start_controller, start_agent, signer: TokenSigner, alice: UnixUser,
-            unique_name) -> tuple[ControllerProcess, list[str]]:
-    controller = start_controller()
-    names = [unique_name("node"), unique_name("node")]
-    for name in names:
-        start_agent(node_name=name, announce=True, extra_args=["--groups", "lab"])
-    token = signer.issue(alice.name)
-    wait_for(lambda: set(names) <= set(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]),
-             what="both agents discovered")
-    return controller, names
+@pytest.fixture(scope="module")
+def cluster(secret_file: Path, pki: TestPki, pam_service: str, signer: TokenSigner,
+            alice: UnixUser, tmp_path_factory: pytest.TempPathFactory,
+            ) -> Iterator[tuple[ControllerProcess, list[str]]]:
+    workdir = tmp_path_factory.mktemp("cluster")
+    names = [unique_node_name("node"), unique_node_name("node")]
+    daemons: list[AgentProcess | ControllerProcess] = []
+    try:
+        controller = ControllerProcess(secret_file, workdir, pam_service=pam_service, pki=pki)
+        daemons.append(controller)
+        for name in names:
+            daemons.append(AgentProcess(secret_file, workdir / name / "state", node_name=name,
+                                        announce=True, extra_args=["--groups", "lab"], pki=pki))
+        token = signer.issue(alice.name)
+        wait_for(lambda: set(names) <= set(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]),
+                 what="both agents discovered")
+        yield controller, names
+    finally:
+        for daemon in daemons:
+            daemon.stop()

@@ -44,7 +44,7 @@ class Fleet:
                               capture_output=True, text=True, timeout=timeout, **popen)  # type: ignore[call-overload]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fleet(secret_file: Path, signer: TokenSigner, alice: UnixUser, pam_service: str,
           tmp_path_factory: pytest.TempPathFactory, pki: TestPki, run: RunNames) -> Iterator[Fleet]:
     workdir = tmp_path_factory.mktemp("fleet")
