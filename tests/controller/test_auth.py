@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
+import re
 import time
+from typing import Any
 
 import pytest
 
 from controller.auth import LoginRateLimiter, PamAuthenticator, TooManyAttempts, check_pam_service
 from marco.errors import AuthenticationError, ConfigError
+from marco.tokens import TokenSigner
+from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser
 
 
@@ -90,3 +96,48 @@ def test_the_limiter_forgets_expired_entries() -> None:
     time.sleep(0.02)
     limiter.sweep()
     assert len(limiter) == 0
+
+
+def test_a_right_password_clears_the_users_failures(pam_service: str, alice: UnixUser) -> None:
+    """A success forgets the user's earlier failures (not the address's): two wrong passwords
+    with a success between them, each from its own address, lock nothing at a limit of 2."""
+    auth = PamAuthenticator(pam_service, LoginRateLimiter(2, 60))
+    with pytest.raises(AuthenticationError):
+        login(auth, alice.name, "bad", client="10.0.1.1")
+    assert login(auth, alice.name, alice.password, client="10.0.1.2") == alice.name
+    with pytest.raises(AuthenticationError):
+        login(auth, alice.name, "bad", client="10.0.1.3")
+    assert login(auth, alice.name, alice.password, client="10.0.1.4") == alice.name
+
+
+def token_call(controller: ControllerProcess, user: str, password: str,
+               source: str = "127.0.0.1") -> tuple[int, Any]:
+    """POST /api/token from `source`: every 127/8 address reaches the loopback controller,
+    so each one is a client address of its own."""
+    conn = http.client.HTTPSConnection(controller.host, controller.port, timeout=30,
+                                       context=controller.ssl_context, source_address=(source, 0))
+    conn.request("POST", "/api/token", body=json.dumps({"user": user, "password": password}))
+    response = conn.getresponse()
+    body = json.loads(response.read())
+    conn.close()
+    return response.status, body
+
+
+def test_lockout_over_http_is_per_user_and_per_address(start_controller, alice: UnixUser,
+                                                       bob: UnixUser, signer: TokenSigner) -> None:
+    """The controller's own settings (2 failures, 300 s): then 429 with how long to wait, for
+    the user from any address and for the address with any user; another user from another
+    address still logs in."""
+    controller = start_controller(extra_args=["--no-discovery", "--login-max-failures", "2",
+                                              "--login-lockout", "300"])
+    for _ in range(2):
+        status, body = token_call(controller, alice.name, "not-" + alice.password)
+        assert (status, body["error"]) == (401, "unauthenticated"), body
+    status, body = token_call(controller, alice.name, alice.password)
+    assert (status, body["error"]) == (429, "too_many_attempts"), body
+    wait = re.fullmatch(r"too many failed logins; try again in (\d+) s", body["message"])
+    assert wait is not None and 0 < int(wait.group(1)) <= 300, body
+    assert token_call(controller, alice.name, alice.password, source="127.0.0.2")[0] == 429
+    assert token_call(controller, bob.name, bob.password)[0] == 429
+    status, body = token_call(controller, bob.name, bob.password, source="127.0.0.3")
+    assert status == 200 and signer.verify(body["token"]) == bob.name
