@@ -3,10 +3,16 @@ init` runs), and the certificates each agent, controller and user needs."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import os
 from pathlib import Path
 
-from controller.pki import ClusterPki
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from controller.pki import ClusterPki, IssuedBundle
+from marco.atomic import write_atomic
 from marco.tls import ClientTls
 
 
@@ -51,3 +57,36 @@ class TestPki(ClusterPki):
         tls = self.client_tls()
         return {"MARCO_CLIENT_CERT": tls.cert_file, "MARCO_CLIENT_KEY": tls.key_file,
                 "MARCO_TLS_CA": tls.ca_file}
+
+    def issue_expired(self, name: str, kind: str, out_dir: Path) -> IssuedBundle:
+        """A bundle as `issue` writes it whose certificate expired a day ago (no waiting)."""
+        now = datetime.datetime.now(datetime.UTC)
+        return self.redate(self.issue(name, kind, out_dir=out_dir),
+                           now - datetime.timedelta(days=2), now - datetime.timedelta(days=1))
+
+    def redate(self, bundle: IssuedBundle, not_before: datetime.datetime,
+               not_after: datetime.datetime) -> IssuedBundle:
+        """Rewrite `bundle`'s certificate with other validity dates, everything else kept (key,
+        serial, names, usages; signed by the CA): expired or not yet valid without sleeping."""
+        old = x509.load_pem_x509_certificate(bundle.cert_file.read_bytes())
+        _, ca_key = self._ca()
+        builder = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(old.issuer)
+                   .public_key(old.public_key()).serial_number(old.serial_number)
+                   .not_valid_before(not_before).not_valid_after(not_after))
+        for extension in old.extensions:
+            builder = builder.add_extension(extension.value, extension.critical)
+        certificate = builder.sign(ca_key, hashes.SHA256())
+        write_atomic(bundle.cert_file, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+        return dataclasses.replace(bundle, not_after=certificate.not_valid_after_utc)
+
+    def crl_dated(self, last_update: datetime.datetime) -> bytes:
+        """The CA's current CRL (same revocations) re-signed with another last-update time, not
+        written anywhere: newer or older than one an agent holds, without waiting a second."""
+        current = x509.load_pem_x509_crl(self.crl_file.read_bytes())
+        _, ca_key = self._ca()
+        next_update = current.next_update_utc or last_update + datetime.timedelta(days=1)
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(current.issuer)
+                   .last_update(last_update).next_update(next_update))
+        for revoked in current:
+            builder = builder.add_revoked_certificate(revoked)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
