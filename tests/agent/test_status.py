@@ -6,15 +6,18 @@ import asyncio
 import json
 import os
 import pwd
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
 import pytest
 
 from agent.status import StatusPublisher, StatusSampler
+from tests.support.waiting import wait_for
 
 NUMBER = (int, float)
 
@@ -175,19 +178,77 @@ def test_procfs_and_psutil_agree_on_a_process():
         child.wait()
 
 
+def _send_outside(address: str, datagrams: int, size: int) -> None:
+    """Multicast UDP datagrams out of the interface that has `address` (TTL 1: the link only;
+    an administratively scoped group nobody listens on)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(address))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        for _ in range(datagrams):
+            sock.sendto(b"x" * size, ("239.255.77.77", 9))
+
+
+def _outside_tx_bytes(sampler: StatusSampler) -> int:
+    """Bytes sent on the interfaces the sampler counts (not loopback), read independently."""
+    counters = psutil.net_io_counters(pernic=True)
+    return sum(c.bytes_sent for name, c in counters.items()
+               if name not in sampler._loopback_ifaces)
+
+
 def test_network_rates_between_two_snapshots():
+    """The rates are the byte deltas over the time between two snapshots on the sampler's own
+    clock (set here: 2.5 s apart, whatever the wall clock does)."""
     sampler = StatusSampler("n1")
-    first = sampler.snapshot()["network"]
-    time.sleep(0.2)
-    second = sampler.snapshot()["network"]
-    assert second["rx_bytes"] >= first["rx_bytes"] and second["tx_bytes"] >= first["tx_bytes"]
+    now = [1000.0]
+    sampler.clock = lambda: now[0]
+    first = sampler.snapshot()
+    outside = [a["address"] for a in first["addresses"]
+               if a["family"] == "ipv4" and not a["address"].startswith("127.")]
+    if not outside:
+        pytest.skip("no non-loopback IPv4 address to send traffic from")
+    _send_outside(outside[0], datagrams=10, size=1000)
+    wait_for(lambda: _outside_tx_bytes(sampler) >= first["network"]["tx_bytes"] + 10_000,
+             what="the datagrams counted as sent")
+    now[0] += 2.5
+    second = sampler.snapshot()
+    sent = second["network"]["tx_bytes"] - first["network"]["tx_bytes"]
+    assert sent >= 10_000
     for key in ("rx", "tx"):
-        rate = second[f"{key}_rate"]
-        assert isinstance(rate, NUMBER) and rate >= 0
-        # the rate is the byte delta over ~0.2 s (generous bounds)
-        delta = second[f"{key}_bytes"] - first[f"{key}_bytes"]
-        assert rate <= delta / 0.19 + 1
-        assert delta == 0 or rate > 0
+        delta = second["network"][f"{key}_bytes"] - first["network"][f"{key}_bytes"]
+        assert second["network"][f"{key}_rate"] == round(delta / 2.5, 1)
+
+
+async def until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Let the event loop run until `predicate()` is true, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+class Witness:
+    """A second publisher on the same loop at the same interval, subscribed throughout: its
+    ticks show the loop ran long enough for the publisher under test to collect, had it been
+    running, and count how many collections one periodic task makes meanwhile."""
+
+    def __init__(self, interval: float) -> None:
+        self.sampler = CountingSampler("witness")
+        self.publisher = StatusPublisher(self.sampler, interval=interval)
+        self.publisher.subscribe(self._ignore)
+
+    @staticmethod
+    def _ignore(message: str) -> None:
+        """The witness's subscriber: only its sampler's count matters."""
+
+    @property
+    def ticks(self) -> int:
+        return self.sampler.count
+
+    async def wait_ticks(self, count: int) -> None:
+        start = self.ticks
+        await until(lambda: self.ticks >= start + count, f"{count} ticks of the witness")
 
 
 def test_publisher_collects_only_while_subscribed():
@@ -195,8 +256,9 @@ def test_publisher_collects_only_while_subscribed():
     interval = 0.05
 
     async def main() -> None:
+        witness = Witness(interval)
         publisher = StatusPublisher(sampler, interval=interval)
-        await asyncio.sleep(5 * interval)
+        await witness.wait_ticks(5)
         assert sampler.count == 0, "no subscriber, no collection"
 
         got_a: list[str] = []
@@ -204,33 +266,36 @@ def test_publisher_collects_only_while_subscribed():
         publisher.subscribe(got_a.append)
         publisher.subscribe(got_b.append)
         assert publisher.subscriber_count == 2
-        await asyncio.sleep(20 * interval)
+        await until(lambda: sampler.count >= 1, "the first collection")
+        counted, ticked = sampler.count, witness.ticks
+        await witness.wait_ticks(20)
+        # One shared periodic task: as many collections as the witness's one task made
+        # (give or take the tick at each end), not one task per subscriber.
+        assert sampler.count - counted <= witness.ticks - ticked + 2
         collected = sampler.count
-        # one shared collection per interval: about 20, certainly not 2 x 20
-        assert 5 <= collected <= 24
         assert got_a == got_b, "every subscriber gets the same messages"
-        assert len(got_a) == collected
+        assert len(got_a) == collected, "one message per collection"
         message = json.loads(got_a[-1])
         assert message["type"] == "status" and message["status"]["node"] == "n1"
 
         publisher.unsubscribe(got_a.append)
         assert publisher.subscriber_count == 1
-        await asyncio.sleep(4 * interval)
-        assert sampler.count > collected, "still collecting for the remaining subscriber"
+        await until(lambda: sampler.count >= collected + 2, "collections for the one left")
+        assert len(got_a) == collected and len(got_b) == sampler.count
 
         publisher.unsubscribe(got_b.append)
         assert publisher.subscriber_count == 0
         stopped_at = sampler.count
-        await asyncio.sleep(5 * interval)
+        await witness.wait_ticks(5)
         assert sampler.count == stopped_at, "stopped after the last unsubscribe"
 
         publisher.subscribe(got_a.append)  # restarts
-        await asyncio.sleep(5 * interval)
-        assert sampler.count > stopped_at
+        await until(lambda: sampler.count > stopped_at, "collection for a new subscriber")
         publisher.close()
         closed_at = sampler.count
-        await asyncio.sleep(4 * interval)
+        await witness.wait_ticks(5)
         assert sampler.count == closed_at
+        witness.publisher.close()
 
     asyncio.run(main())
 
@@ -246,9 +311,8 @@ def test_raising_subscriber_is_dropped_without_affecting_others():
         good: list[str] = []
         publisher.subscribe(broken)
         publisher.subscribe(good.append)
-        await asyncio.sleep(0.3)
+        await until(lambda: len(good) >= 2, "two messages to the good subscriber")
         assert publisher.subscriber_count == 1
-        assert len(good) >= 2
         publisher.unsubscribe(broken)  # already gone: harmless
         publisher.close()
 
@@ -269,9 +333,9 @@ def test_a_failing_snapshot_does_not_stop_the_publisher():
         publisher = StatusPublisher(sampler, interval=0.05)
         got: list[str] = []
         publisher.subscribe(got.append)
-        await asyncio.sleep(0.3)
+        await until(lambda: sampler.count >= 3, "a snapshot after the failing one")
         publisher.close()
-        assert sampler.count >= 3 and len(got) == sampler.count - 1
+        assert len(got) == sampler.count - 1
 
     asyncio.run(main())
 
