@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from agent import __version__
-from agent.announce import Announcement, Announcer, dns_label
+from agent.announce import CLASH_CHECK_SECONDS, Announcement, Announcer, dns_label
 from marco.errors import ConfigError
 from marco.protocol import PROTOCOL_VERSION, SERVICE_TYPE, choose_mdns_interfaces
 
@@ -174,16 +175,41 @@ def test_name_clash_is_a_config_error_even_with_other_mdns_stacks_here() -> None
     asyncio.run(scenario())
 
 
+#: Where stop() lands in start(): (the clash check's length, how to see the phase is reached).
+START_PHASES: dict[str, tuple[float, Callable[[Announcer], bool]]] = {
+    # start() has run up to its first wait (the QM clash check, default length)
+    "just begun": (CLASH_CHECK_SECONDS, lambda announcer: announcer._starting is not None),
+    # sockets open, the QM query out; a long check so the stop surely lands inside it
+    "in the QM clash check": (WAIT, lambda announcer: announcer._zc is not None
+                              and not announcer.running),
+    # no clash check: zeroconf probes for the name (~0.75 s) before it registers the record
+    "while zeroconf probes": (0.0, lambda announcer: announcer._zc is not None
+                              and not announcer.running),
+    # the record is registered; zeroconf announces it three times, 225 ms apart
+    "while zeroconf announces": (0.0, lambda announcer: announcer.running),
+}
+
+
+async def _reach(announcer: Announcer, reached: Callable[[Announcer], bool], what: str) -> None:
+    """Let the loop run until `reached(announcer)`, with the network deadline."""
+    deadline = time.monotonic() + WAIT
+    while not reached(announcer):
+        assert time.monotonic() < deadline, f"timed out after {WAIT} s waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
 def test_stop_during_start_cancels_it() -> None:
     async def scenario() -> None:
-        for delay in (0.0, 0.5, 2.0):  # before, in the QM clash check, while probing
-            announcer = Announcer(Announcement(f"t{os.getpid()}-race", 7373, ()), ["127.0.0.1"])
+        for phase, (clash_check, reached) in START_PHASES.items():
+            announcer = Announcer(Announcement(f"t{os.getpid()}-race", 7373, ()), ["127.0.0.1"],
+                                  clash_check=clash_check)
             starting = asyncio.create_task(announcer.start())
-            await asyncio.sleep(delay)
+            await _reach(announcer, reached, phase)
+            assert not starting.done(), f"start() ended before stop() came {phase}"
             await asyncio.wait_for(announcer.stop(), WAIT)
             with pytest.raises(asyncio.CancelledError):
                 await starting
-            assert not announcer.running
+            assert not announcer.running, phase
             await announcer.stop()
 
     asyncio.run(scenario())
