@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +79,29 @@ async def _collect(fleet: Fleet, token: str, seconds: float, events: list[dict[s
         stream.close()
 
 
+async def _until(predicate: Callable[[], object], what: str, timeout: float = 60) -> None:
+    """Let the loop run (the watchers collect) until `predicate()` is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def _output_with(events: list[dict[str, Any]], line: str) -> dict[str, Any] | None:
+    return next((e for e in events if e["type"] == "output" and line in e["lines"]), None)
+
+
+def _exited(events: list[dict[str, Any]], execution_id: str) -> bool:
+    return any(e["type"] == "exit" and e["id"] == execution_id for e in events)
+
+
 def test_marco_deploy_lines_arrive_live_and_only_for_their_user(fleet: Fleet, signer: TokenSigner,
                                                                 alice: UnixUser, bob: UnixUser) -> None:
     alice_events: list[dict[str, Any]] = []
     bob_events: list[dict[str, Any]] = []
+    agent = fleet.agents[0]
 
-    async def scenario() -> tuple[float, float]:
+    async def scenario() -> tuple[str, str]:
         ready_a, ready_b = asyncio.Event(), asyncio.Event()
         watchers = [asyncio.ensure_future(_collect(fleet, signer.issue(alice.name), 60, alice_events, ready_a)),
                     asyncio.ensure_future(_collect(fleet, signer.issue(bob.name), 60, bob_events, ready_b))]
@@ -94,19 +112,24 @@ def test_marco_deploy_lines_arrive_live_and_only_for_their_user(fleet: Fleet, si
             str(BIN / "ansible-playbook"), "deploy.yml", "--limit", fleet.names[0],
             "-e", "step_seconds=1", cwd=PLAYBOOKS,
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        output, _ = await process.communicate()
-        finished = time.monotonic()
+        playbook = asyncio.ensure_future(process.communicate())
+        await _until(lambda: _output_with(alice_events, "step: fetch"), "the first step line")
+        first = _output_with(alice_events, "step: fetch")
+        assert first is not None
+        # Live: the line is on alice's socket while the script still runs (4 steps of 1 s left).
+        state = (await agent.async_client(signer.issue(alice.name)).execution(first["id"]))["state"]
+        output, _ = await playbook
         assert process.returncode == 0, output.decode()[-3000:]
-        await asyncio.sleep(0.5)
+        await _until(lambda: _exited(alice_events, first["id"]), "the build's exit on alice's socket")
+        # Bob's own later execution reaches his socket: anything of alice's would come before it.
+        mine = await agent.async_client(signer.issue(bob.name)).start(["true"])
+        await _until(lambda: _exited(bob_events, mine), "bob's own exit on his socket")
         for watcher in watchers:
             watcher.cancel()
-        first_step = next(e["received"] for e in alice_events if e["type"] == "output"
-                          and any(line.startswith("step: fetch") for line in e["lines"]))
-        return first_step, finished
+        return state, mine
 
-    first_step, finished = asyncio.run(scenario())
-    # The script takes 5 s; its first line reached alice's socket long before the task ended.
-    assert finished - first_step > 3.0
+    state, bobs = asyncio.run(scenario())
+    assert state == "running"
     build_id = next(e["id"] for e in alice_events if e["type"] == "output"
                     and "step: fetch" in e["lines"])
     started = next(e for e in alice_events if e["type"] == "started" and e["id"] == build_id)
@@ -116,7 +139,9 @@ def test_marco_deploy_lines_arrive_live_and_only_for_their_user(fleet: Fleet, si
     lines = [line for e in alice_events if e["type"] == "output" and e["id"] == build_id
              for line in e["lines"]]
     assert lines[-1] == "done" and "step: package" in lines
-    assert [e for e in bob_events if e["type"] in ("started", "output", "exit")] == []
+    steps = [line for line in lines if line.startswith("step: ")]
+    assert steps == [f"step: {s}" for s in ("fetch", "configure", "compile", "test", "package")]
+    assert {e["id"] for e in bob_events if e["type"] in ("started", "output", "exit")} == {bobs}
 
 
 def test_killing_one_agent_mid_play_makes_only_that_host_unreachable(
