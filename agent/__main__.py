@@ -15,7 +15,7 @@ from tornado.ioloop import PeriodicCallback
 from marco import __version__
 from marco.errors import ConfigError
 from marco.protocol import choose_mdns_interfaces, require_loopback
-from marco.serving import close_server, listen, stop_event_on_signals
+from marco.serving import Listening, close_server, listen, stop_event_on_signals
 from marco.settings import add_config_argument, add_options, load_settings
 from marco.tls import ServerTlsReloader
 from marco.tokens import DEFAULT_SECRET_FILE, create_secret, load_secret, rotate_secret
@@ -116,9 +116,9 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
     server = listen(make_app(ctx), config.port, config.bind, config.connection_limits(),
                     xheaders=False, chunk_size=BODY_CHUNK,
                     ssl_options=tls.context() if tls else None)
-    log.info("marco-agent %s serving node %s on %s://%s:%d as %s", __version__,
-             config.node_name, "https" if tls else "http", config.bind, config.port,
-             "root (runs executions as each token's user)"
+    listening = Listening(os.getpid(), server.port, config.bind, "https" if tls else "http")
+    log.info("marco-agent %s serving node %s on %s as %s", __version__, config.node_name,
+             listening.url, "root (runs executions as each token's user)"
              if ctx.resolver.can_switch_user else f"uid {os.geteuid()} (serves only that user)")
     if tls is None:
         log.warning("DEVELOPMENT MODE (--dev): plain HTTP without TLS on loopback only; "
@@ -137,7 +137,7 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
         interfaces = choose_mdns_interfaces(config.bind, config.mdns_interface)
         if interfaces:
             announcer = Announcer(Announcement(
-                node=config.node_name, port=config.port, addresses=tuple(interfaces),
+                node=config.node_name, port=server.port, addresses=tuple(interfaces),
                 groups=tuple(config.groups), tls=tls is not None), interfaces)
         else:
             log.warning("not announcing: --bind %s is a wildcard and no --mdns-interface is set",
@@ -146,6 +146,7 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
     expiry = PeriodicCallback(ctx.executions.expire, EXPIRE_INTERVAL * 1000)
     expiry.start()
     try:
+        listening.write(config.state_path)
         if announcer is not None:
             await announcer.start()
             log.info("announced %s on %s", config.node_name, ", ".join(interfaces))
@@ -159,6 +160,7 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
         if announcer is not None:
             await announcer.stop()
         server.stop()  # no new connections; running executions get their answers below
+        listening.remove(config.state_path)
         await ctx.executions.shutdown()
         await close_server(server)
         ctx.status.close()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marco.protocol import DEFAULT_PORT
-from marco.serving import ConnectionLimits, connection_limit_options
+from marco.serving import ConnectionLimits, connection_limit_options, port_option
 from marco.settings import Option, default_state_dir
 from marco.shells import login_shells_option
 from marco.tls import DEFAULT_TLS_DIR, ServerTlsFiles
@@ -27,7 +27,7 @@ def agent_options() -> list[Option]:
     """Every agent setting, in --help order."""
     return [
         Option("bind", "127.0.0.1", "address to listen on", metavar="ADDR"),
-        Option("port", DEFAULT_PORT, "TCP port to listen on", kind=int),
+        port_option(DEFAULT_PORT),
         Option("secret_file", DEFAULT_SECRET_FILE, "cluster secret file (0600)", metavar="PATH"),
         Option("tls_cert", f"{DEFAULT_TLS_DIR}/agent.pem", "this node's certificate (from "
                "`marco-controller issue-agent NODE`)", metavar="PATH"),

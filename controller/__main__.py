@@ -15,7 +15,7 @@ from tornado.ioloop import PeriodicCallback
 from marco.discovery import ZeroconfBrowser, parse_static_node
 from marco.errors import MarcoError
 from marco.protocol import choose_mdns_interfaces, require_loopback
-from marco.serving import close_server, listen, stop_event_on_signals
+from marco.serving import Listening, close_server, listen, stop_event_on_signals
 from marco.settings import add_config_argument, add_options, load_settings
 from marco.tls import ServerTlsReloader
 from marco.tokens import create_secret, load_secret
@@ -149,8 +149,9 @@ async def serve(ctx: ControllerContext) -> None:
     tls = ctx.web_tls
     server = listen(make_app(ctx), config.port, config.bind, config.connection_limits(),
                     chunk_size=BODY_CHUNK, ssl_options=tls.context() if tls else None)
-    log.info("marco-controller %s on %s://%s:%d (PAM service %r)", __version__,
-             "https" if tls else "http", config.bind, config.port, config.pam_service)
+    listening = Listening(os.getpid(), server.port, config.bind, "https" if tls else "http")
+    log.info("marco-controller %s on %s (PAM service %r)", __version__, listening.url,
+             config.pam_service)
     if tls is None:
         log.warning("DEVELOPMENT MODE (--dev): plain HTTP on loopback, agents without TLS. "
                     "Never use this on a network.")
@@ -177,12 +178,15 @@ async def serve(ctx: ControllerContext) -> None:
     ctx.pusher.watch()
     stop = stop_event_on_signals()
     try:
+        listening.write(Path(config.state_dir))
         if browser is not None:
             await browser.start()
         ctx.health.start()
         await stop.wait()
         log.info("stopping")
     finally:
+        server.stop()  # no new connections: the file no longer holds
+        listening.remove(Path(config.state_dir))
         if reload:
             reload.stop()
         ctx.health.stop()

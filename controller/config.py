@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from marco.serving import ConnectionLimits, connection_limit_options
+from marco.serving import ConnectionLimits, connection_limit_options, port_option
 from marco.settings import Option, default_state_dir
 from marco.shells import login_shells_option
 from marco.tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
@@ -17,7 +17,7 @@ def controller_options() -> list[Option]:
     """Every controller setting, in --help order."""
     return [
         Option("bind", "127.0.0.1", "address to listen on", metavar="ADDR"),
-        Option("port", DEFAULT_PORT, "TCP port to listen on", kind=int),
+        port_option(DEFAULT_PORT),
         Option("secret_file", DEFAULT_SECRET_FILE, "cluster secret file (0600), shared with "
                "the agents", metavar="PATH"),
         Option("pki_dir", "/etc/marco/pki", "the cluster CA and the controller's certificate "

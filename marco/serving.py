@@ -1,5 +1,6 @@
 """Daemon lifecycle shared by marco-agent and marco-controller: an HTTP server that bounds
-connections which have not sent a request yet, waiting for SIGTERM/SIGINT, then closing the
+connections which have not sent a request yet, the `listening.json` file saying where it
+listens (the real port when asked for port 0), waiting for SIGTERM/SIGINT, then closing the
 server's connections within a bound."""
 
 from __future__ import annotations
@@ -7,25 +8,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import signal
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from tornado.log import access_log
+from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
 
+from .atomic import write_atomic
 from .errors import ConfigError
 from .settings import Option
 
 log = logging.getLogger("marco.serving")
 CLOSE_TIMEOUT = 5.0
+LISTENING_FILE = "listening.json"  # in the daemon's state dir while it serves
 
 
 def stop_event_on_signals() -> asyncio.Event:
@@ -81,6 +87,59 @@ def log_request(handler: RequestHandler) -> None:
         uri = uri[:LOGGED_URI_CHARS] + f"…(+{len(uri) - LOGGED_URI_CHARS})"
     method("%d %s %s (%s) %.2fms", status, handler.request.method, uri,
            handler.request.remote_ip, 1000.0 * handler.request.request_time())
+
+
+def listen_port(value: Any) -> int:
+    """A TCP port to listen on: 1-65535, or 0 for any free one (see `Listening`)."""
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{port} is not a TCP port (1-65535, or 0 for any free port)")
+    return port
+
+
+def port_option(default: int) -> Option:
+    """The --port setting, the same for the agent and the controller."""
+    return Option("port", default, "TCP port to listen on; 0: any free port (the daemon "
+                  f"writes the one it got to STATE_DIR/{LISTENING_FILE})", kind=listen_port)
+
+
+@dataclass(frozen=True)
+class Listening:
+    """Where a running daemon listens. It writes this to `STATE_DIR/listening.json` once its
+    sockets are bound, with the port it really got (the way to learn it after --port 0), and
+    removes it on a clean exit; `pid` tells a running daemon's file from one a killed
+    predecessor left behind."""
+
+    pid: int
+    port: int
+    address: str  # the bind address as configured ("" or "0.0.0.0": every interface)
+    scheme: str   # "https", or "http" in --dev mode
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @classmethod
+    def read(cls, state_dir: Path) -> Listening | None:
+        """The file in `state_dir`, or None when there is none (or something else wrote it)."""
+        try:
+            data = json.loads((state_dir / LISTENING_FILE).read_text())
+            return cls(int(data["pid"]), int(data["port"]), str(data["address"]),
+                       str(data["scheme"]))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):  # none, or not ours
+            return None
+
+    def write(self, state_dir: Path) -> None:
+        """Replace the file atomically: a reader never sees half of it."""
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(state_dir / LISTENING_FILE, json.dumps(asdict(self)).encode() + b"\n",
+                     0o644)
+
+    def remove(self, state_dir: Path) -> None:
+        """Remove the file while it is still this one (another daemon may own it by now)."""
+        if Listening.read(state_dir) == self:
+            (state_dir / LISTENING_FILE).unlink(missing_ok=True)
 
 
 def connection_limit_options() -> list[Option]:
@@ -147,6 +206,7 @@ class GuardedHTTPServer(HTTPServer):
                    **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
         self.limits = limits
+        self.port = 0  # the bound port, set by `listen`
         self._pending: dict[IOStream, _Pending] = {}
         self._pending_per_address: Counter[str] = Counter()
         self._open: dict[IOStream, str] = {}  # every accepted connection -> its source address
@@ -263,8 +323,11 @@ def _peer_address(address: Any) -> str:
 def listen(app: Application, port: int, address: str, limits: ConnectionLimits,
            **kwargs: Any) -> GuardedHTTPServer:
     """Serve `app` on address:port with `limits` on unauthenticated connections; `kwargs` go
-    to Tornado's HTTPServer (ssl_options, chunk_size, xheaders, ...)."""
+    to Tornado's HTTPServer (ssl_options, chunk_size, xheaders, ...). Port 0 binds any free
+    port (every address family gets the same one); `server.port` is the port bound."""
     kwargs.setdefault("idle_connection_timeout", limits.idle_timeout)
+    sockets = bind_sockets(port, address)
     server = GuardedHTTPServer(app, limits=limits, **kwargs)
-    server.listen(port, address)
+    server.add_sockets(sockets)
+    server.port = sockets[0].getsockname()[1]
     return server
