@@ -16,6 +16,7 @@ import argparse
 import getpass
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from marco.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
-from tests.support.agent_process import AgentProcess, free_port  # noqa: E402
+from tests.support.agent_process import AgentProcess  # noqa: E402
 from tests.support.pki import TestPki  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -49,6 +50,14 @@ def playbooks(work: Path) -> dict[str, Path]:
         path.write_text(f"- hosts: all\n  gather_facts: false\n  tasks:\n{setup}{tasks}")
         paths[name] = path
     return paths
+
+
+def free_port() -> int:
+    """A port free now: sshd cannot report one it picked, so it may be taken before sshd binds
+    it (rare; a benchmark can be run again)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class Sshd:

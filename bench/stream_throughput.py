@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import tornado.httpserver  # noqa: E402
+import tornado.netutil  # noqa: E402
 import tornado.process  # noqa: E402
 import tornado.web  # noqa: E402
 import tornado.websocket  # noqa: E402
@@ -29,7 +31,7 @@ from tornado.iostream import StreamClosedError  # noqa: E402
 
 from marco.client import AsyncAgentClient  # noqa: E402
 from marco.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
-from tests.support.agent_process import AgentProcess, free_port  # noqa: E402
+from tests.support.agent_process import AgentProcess  # noqa: E402
 from tests.support.pki import TestPki  # noqa: E402
 
 SPARSE_COMMAND = ("import time,sys\n"
@@ -56,8 +58,10 @@ class NaiveLineSocket(tornado.websocket.WebSocketHandler):
 
 
 async def naive_lines_per_second(lines: int) -> float:
-    port = free_port()
-    server = tornado.web.Application([(r"/naive", NaiveLineSocket)]).listen(port, "127.0.0.1")
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")  # any free port, no race
+    port = sockets[0].getsockname()[1]
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/naive", NaiveLineSocket)]))
+    server.add_sockets(sockets)
     try:
         started = time.perf_counter()
         ws = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{port}/naive?lines={lines}")

@@ -33,7 +33,7 @@ import pytest
 
 import marco
 from marco.tokens import TokenSigner
-from tests.support.daemon import free_port
+from tests.support.daemon import listening_port
 from tests.support.paths import BIN, ROOT
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
@@ -121,18 +121,29 @@ def collections(ansible_venv: Path, workdir: Path) -> Path:
 
 def start_agent(agent_venv: Path, workdir: Path,
                 secret_file: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    state = workdir / f"agent-state-{port}"
-    log = open(workdir / f"agent-{port}.log", "wb")
+    """The packaged agent on any free port: it writes the port it got to its state dir."""
+    home = Path(tempfile.mkdtemp(prefix="agent-", dir=workdir))
+    os.chmod(home, 0o755)  # as world-traversable as `workdir`
+    state, log_path = home / "state", home / "agent.log"
+    log = open(log_path, "wb")
     process = subprocess.Popen(
-        [agent_venv / "bin" / "marco-agent", "--dev", "--bind", "127.0.0.1", "--port", str(port),
+        [agent_venv / "bin" / "marco-agent", "--dev", "--bind", "127.0.0.1", "--port", "0",
          "--secret-file", secret_file, "--state-dir", state, "--node-name", "packaged",
          "--no-announce"], cwd=workdir, env=clean_env(workdir), stdout=log,
         stderr=subprocess.STDOUT)
 
-    def healthy() -> bool:
+    def running() -> None:
         if process.poll() is not None:
-            raise AssertionError((workdir / f"agent-{port}.log").read_text())
+            raise AssertionError(log_path.read_text())
+
+    def reported() -> int | None:
+        running()
+        return listening_port(state, process.pid)
+
+    port: int = wait_for(reported, timeout=30, what="the packaged agent's listening.json")
+
+    def healthy() -> bool:
+        running()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=2) as answer:
                 return bool(json.load(answer))

@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from marco.client import AgentClient, AsyncAgentClient
-from tests.support.daemon import DaemonProcess, free_port
+from tests.support.daemon import DaemonProcess
 from tests.support.pki import TestPki
 
-__all__ = ["AgentProcess", "free_port"]
+NETNS_PORT = 7370  # an agent alone in its network namespace keeps the default port
 
 
 class AgentProcess(DaemonProcess):
     """One agent; announce off unless asked, debug logs next to its state dir. With `pki` it
-    serves mutual TLS with a certificate for its node name; without, it runs in --dev mode."""
+    serves mutual TLS with a certificate for its node name; without, it runs in --dev mode.
+    Without `port` it binds any free port (in a namespace: 7370) and `port` is the one it got."""
 
     module = "agent"
     health_path = "/v1/health"
@@ -31,20 +32,22 @@ class AgentProcess(DaemonProcess):
         self.secret_file, self.state_dir, self.extra_args = secret_file, state_dir, extra_args
         self.announce, self.pki = announce, pki
         self.tls = pki.client_tls() if pki is not None else None
-        port = port or (free_port(bind) if netns is None else 7370)
-        self._arguments["port"] = port
+        if port is None:
+            port = 0 if netns is None else NETNS_PORT
         args = ["--bind", bind, "--port", str(port), "--secret-file", str(secret_file),
                 "--state-dir", str(state_dir), "--node-name", node_name, "--log-level", "debug",
                 "--announce" if announce else "--no-announce",
                 *(pki.agent_args(node_name) if pki is not None else ["--dev"]), *extra_args]
         state_dir.parent.mkdir(parents=True, exist_ok=True)
-        super().__init__(args, state_dir.parent / f"{node_name}-{port}.log", bind, port, env=env,
-                         netns=netns,
+        super().__init__(args, state_dir.with_name(f"{state_dir.name}.log"), bind, state_dir,
+                         env=env, netns=netns,
                          ssl_context=self.tls.context_for(node_name) if self.tls else None)
+        self._arguments["port"] = self.port  # a restart comes back where clients know it
 
     def restarted(self) -> AgentProcess:
         """A new process with everything this one had: state dir, port, name, certificate
-        (for restarts after `stop()`, including SIGKILL)."""
+        (for restarts after `stop()`, including SIGKILL: the predecessor's listening.json
+        stays behind, and the new process is waited for until it writes its own)."""
         return AgentProcess(self.secret_file, self.state_dir, **self._arguments)  # type: ignore[arg-type]
 
     def client(self, token: str | None, **kwargs: Any) -> AgentClient:

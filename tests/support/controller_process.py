@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from marco.tls import server_trust_context
-from tests.support.daemon import DaemonProcess, free_port
+from tests.support.daemon import DaemonProcess
 from tests.support.pki import TestPki
 
 
 class ControllerProcess(DaemonProcess):
-    """With `pki`: HTTPS for the web and API, mutual TLS to agents; without: --dev."""
+    """With `pki`: HTTPS for the web and API, mutual TLS to agents; without: --dev. It binds
+    any free port; its log and state dir are in a fresh controller-* dir under `log_dir`."""
 
     module = "controller"
     health_path = "/login"
@@ -23,16 +25,16 @@ class ControllerProcess(DaemonProcess):
                  extra_args: Sequence[str] = (), bind: str = "127.0.0.1",
                  mdns_interfaces: Sequence[str] = ("127.0.0.1",),
                  pki: TestPki | None = None) -> None:
-        port = free_port(bind)
         self.pki = pki
-        args = ["--bind", bind, "--port", str(port), "--secret-file", str(secret_file),
-                "--state-dir", str(log_dir / f"controller-state-{port}"),
+        home = Path(tempfile.mkdtemp(prefix="controller-", dir=log_dir))  # its log and state
+        args = ["--bind", bind, "--port", "0", "--secret-file", str(secret_file),
+                "--state-dir", str(home / "state"),
                 "--pam-service", pam_service, "--log-level", "debug", "--health-interval", "0.5",
                 *[arg for address in mdns_interfaces for arg in ("--mdns-interface", address)],
                 *(["--pki-dir", str(pki.dir)] if pki is not None else ["--dev"]),
                 *extra_args]
         context = server_trust_context(str(pki.ca_file)) if pki is not None else None
-        super().__init__(args, log_dir / f"controller-{port}.log", bind, port,
+        super().__init__(args, home / "controller.log", bind, home / "state",
                          ssl_context=context)
 
     @property

@@ -14,33 +14,40 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from marco.serving import Listening
 from tests.support.paths import ROOT
+from tests.support.waiting import wait_for
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def listening_port(state_dir: Path, pid: int) -> int | None:
+    """The port the daemon `pid` wrote to its state dir's listening.json, or None while the
+    file is missing or another process's (a SIGKILLed predecessor's stays behind)."""
+    listening = Listening.read(state_dir)
+    return listening.port if listening is not None and listening.pid == pid else None
 
 
 class DaemonProcess:
-    """One daemon process, waited for until `health_path` answers; `stop()` sends SIGTERM."""
+    """One daemon process; `args` give its `--state-dir` and its `--port` (0 for any free
+    port, as tests do). It is waited for until it has written the port it got to
+    `state_dir`/listening.json and `health_path` answers there; `stop()` sends SIGTERM."""
 
     module = ""
     health_path = ""
 
-    def __init__(self, args: Sequence[str], log_path: Path, host: str, port: int,
+    def __init__(self, args: Sequence[str], log_path: Path, host: str, state_dir: Path,
                  env: dict[str, str] | None = None, netns: str | None = None,
                  user: int | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
-        self.host, self.port, self.log_path = host, port, log_path
+        self.host, self.log_path, self.state_dir = host, log_path, state_dir
         self.ssl_context = ssl_context
         command = [sys.executable, "-m", self.module, *args]
         if netns:
+            # `ip netns exec` execs the command in place: the daemon keeps the Popen pid.
             command = ["ip", "netns", "exec", netns, *command]
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
                                         env=dict(os.environ, **(env or {})), cwd=ROOT, user=user)
         self.netns = netns
+        self.port = self.wait_listening()
         self.wait_healthy()
 
     @property
@@ -61,6 +68,19 @@ class DaemonProcess:
         if self.ssl_context is not None:
             return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
         return sock
+
+    def wait_listening(self, timeout: float = 20.0) -> int:
+        """The port this process reports in its listening.json (its own, by pid)."""
+        def reported() -> int | None:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.module} exited with {self.process.returncode}:\n"
+                                   f"{self.log()}")
+            return listening_port(self.state_dir, self.process.pid)
+        try:
+            port: int = wait_for(reported, timeout, f"{self.module} to write listening.json")
+        except AssertionError as error:
+            raise RuntimeError(f"{error}:\n{self.log()}") from None
+        return port
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
