@@ -102,6 +102,8 @@ class HealthHandler(ApiHandler):
 class ExecutionsHandler(ApiHandler):
     """GET: the user's executions. POST: start one (201 at once, or the result with ?wait=1)."""
 
+    waiting: Execution | None = None  # the ?wait=1 execution this caller waits for
+
     def get(self) -> None:
         user = self.authenticate()
         self.write_json({"executions": [e.summary(short=True)
@@ -122,11 +124,20 @@ class ExecutionsHandler(ApiHandler):
             return
         try:
             assert execution.done is not None
+            self.waiting = execution
             await execution.done
+            self.waiting = None
             await self._write_result(execution)
         finally:
+            self.waiting = None
             if execution.capture is not None:
                 execution.capture.close()
+
+    def on_connection_close(self) -> None:
+        """A ?wait=1 caller that hangs up (an Ansible task `timeout:`, Ctrl-C) takes the
+        result with it: stop the execution as a DELETE would, rather than let it run on."""
+        if self.waiting is not None and self.waiting.running:
+            self.ctx.executions.stop(self.waiting.user, self.waiting.id)
 
     async def _write_result(self, execution: Execution) -> None:
         """Stream {"id","rc","signal","duration",...,"stdout","stderr"} with base64 bodies."""
