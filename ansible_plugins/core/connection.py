@@ -119,16 +119,18 @@ class MarcoConnection(ConnectionBase):
         if sudoable and self.become and self.become.expect_prompt() and rc != 0 \
                 and b"incorrect password" in stderr.lower() + result.stdout.lower():
             raise AnsibleError(f"become on {self._host}: sudo refused the password")
+        if sudoable and self.become and rc != 0 and not _is_sudo(self.become) \
+                and self.become.check_password_prompt(stderr + result.stdout):
+            # Without a password to send, su read the module's first line as one and failed.
+            raise AnsibleError(_needs_terminal(self.become))
         return rc, result.stdout, stderr
 
     def _sudo_wants_password(self) -> bool:
         """Will sudo ask for the password? Only then may it go first on stdin: with a NOPASSWD
         rule sudo never reads it, and the module would read the password as its code."""
         assert self._client is not None and self.become is not None
-        method = getattr(self.become, "name", "")
-        if method.rsplit(".", 1)[-1] != "sudo":
-            raise AnsibleError(f"become method {method!r} needs a terminal to answer its password "
-                               "prompt, which the marco connection does not have; use sudo")
+        if not _is_sudo(self.become):
+            raise AnsibleError(_needs_terminal(self.become))
         if self._sudo_needs_password is None:
             user = self.become.get_option("become_user") or "root"
             try:
@@ -179,6 +181,16 @@ class MarcoConnection(ConnectionBase):
             self._client.close()
             self._client = None
         self._connected = False
+
+
+def _is_sudo(become: t.Any) -> bool:
+    return str(getattr(become, "name", "")).rsplit(".", 1)[-1] == "sudo"
+
+
+def _needs_terminal(become: t.Any) -> str:
+    method = str(getattr(become, "name", "")).rsplit(".", 1)[-1]
+    return (f"become method {method!r} needs a terminal to answer its password prompt, which "
+            "the marco connection does not have; use sudo")
 
 
 def _signal_number(name: str | None) -> int:
