@@ -25,7 +25,7 @@ from typing import Any, TextIO
 from .client import AgentClient, AsyncAgentClient
 from .controller_client import call_controller
 from .credentials import find_token, forget_tls, node_tls, store_tls, store_token, stored_token_path
-from .errors import MarcoError
+from .errors import AuthenticationError, MarcoError
 from .keys import make_user_request
 
 DEFAULT_CONTROLLER = "https://127.0.0.1:7380"
@@ -117,7 +117,12 @@ def cmd_logout(args: argparse.Namespace) -> int:
                  if missed else ""))
     else:
         try:
-            reply = call_controller(url, "/api/logout", find_token(), body={})
+            token = find_token()
+        except AuthenticationError:
+            print("not logged in")  # no token here: nothing to void, nothing to forget
+            return 0
+        try:
+            reply = call_controller(url, "/api/logout", token, body={})
             missed = [name for name, r in reply["nodes"].items() if not r["ok"]]
             print("your token is void" + (f" (not yet told: {', '.join(missed)}; they learn "
                                           "it when they come back)" if missed else ""))
