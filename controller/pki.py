@@ -223,13 +223,17 @@ class ClusterPki:
             raise ConfigError(f"unknown certificate kind {kind!r}")
         valid_name(name, "node name" if kind == "agent" else "name")
         days = days or (AGENT_DAYS if kind in ("agent", "client") else CONTROLLER_DAYS)
+        stem = "agent" if kind == "agent" else "client"
         if out_dir is not None:
             bundle_dir(out_dir)  # refuse a bad place before anything is issued
+            if (out_dir / f"{stem}.key").exists():
+                # Overwriting would take the key of a certificate that stays valid from its user.
+                raise ConfigError(f"{out_dir} already holds a bundle ({stem}.key): give another "
+                                  "--out, or remove it first")
         key = new_key()
         names = [name, *extra_names] if kind in ("agent", "controller") else []
         certificate = self._sign(name, key.public_key(), kind, days, names)
         if out_dir is not None:
-            stem = "agent" if kind == "agent" else "client"
             cert_file, key_file = out_dir / f"{stem}.pem", out_dir / f"{stem}.key"
             _write(out_dir / CA_FILE, self.ca_file.read_bytes(), 0o644)
             _write(out_dir / CRL_FILE, self.crl_file.read_bytes(), 0o644)
@@ -324,6 +328,8 @@ def bundle_dir(path: Path) -> Path:
     only its owner can enter."""
     if path.is_symlink():
         raise ConfigError(f"{path} is a symbolic link: give a real directory for the bundle")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} exists and is not a directory: give a directory for the bundle")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.stat()
     if info.st_uid != os.geteuid() or info.st_mode & 0o077:
