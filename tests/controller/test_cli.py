@@ -7,7 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from marco.client import AgentClient
+from marco.tls import ClientTls
+from marco.tokens import TokenSigner
 from tests.support.paths import ROOT
+from tests.support.pki import TestPki
+from tests.support.users import UnixUser
 
 
 def controller_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -95,3 +100,48 @@ def test_admin_commands_make_a_cluster_issue_and_revoke(tmp_path: Path) -> None:
     out = controller_cli(*common, "issue-agent", "web2", "--out", str(tmp_path / "open"))
     assert out.returncode == 2 and "0700" in out.stderr
     assert not any((tmp_path / "elsewhere").iterdir()) and not any((tmp_path / "open").iterdir())
+
+
+def test_an_issue_client_bundle_is_a_client_identity_agents_accept(
+        start_agent, pki: TestPki, signer: TokenSigner, alice: UnixUser, tmp_path: Path,
+        unique_name) -> None:
+    """What `issue-client` writes is enough for mutual TLS with a real agent of the cluster."""
+    name = unique_name("robot")
+    out = tmp_path / "robot.marco"
+    done = controller_cli("--pki-dir", str(pki.dir), "issue-client", name, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["ca.pem", "client.key", "client.pem", "crl.pem"]
+    assert (out / "client.key").stat().st_mode & 0o777 == 0o600
+    robot = ClientTls(str(out / "ca.pem"), str(out / "client.pem"), str(out / "client.key"),
+                      str(out / "crl.pem"))
+    agent = start_agent(node_name=unique_name("ic"))
+    with AgentClient(agent.host, agent.port, signer.issue(alice.name), node=agent.node_name,
+                     tls=robot) as client:
+        answer = client.run(["id", "-un"])
+    assert answer.rc == 0 and answer.stdout.decode().strip() == alice.name
+    listing = controller_cli("--pki-dir", str(pki.dir), "list-certs").stdout.splitlines()
+    assert [line.split()[:2] for line in listing if line.startswith(name)] == [[name, "client"]]
+
+
+def test_issue_client_refuses_bad_input_with_one_line(tmp_path: Path) -> None:
+    pki, secret = tmp_path / "pki", tmp_path / "secret"
+    common = ("--pki-dir", str(pki), "--secret-file", str(secret))
+    no_ca = controller_cli(*common, "issue-client", "robot", "--out", str(tmp_path / "x"))
+    assert no_ca.returncode == 2 and "marco-controller init" in no_ca.stderr
+    assert controller_cli(*common, "init").returncode == 0
+    bad = controller_cli(*common, "issue-client", "robot/../x", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "letters, digits" in bad.stderr and bad.stderr.count("\n") == 1
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    out = controller_cli(*common, "issue-client", "robot", "--out", str(a_file))
+    assert out.returncode == 2 and out.stderr == (f"marco-controller: {a_file} exists and is not "
+                                                  "a directory: give a directory for the bundle\n")
+    assert a_file.read_text() == "keep me"
+    first = tmp_path / "robot.marco"
+    assert controller_cli(*common, "issue-client", "robot", "--out", str(first)).returncode == 0
+    key = (first / "client.key").read_bytes()
+    again = controller_cli(*common, "issue-client", "robot2", "--out", str(first))
+    assert again.returncode == 2 and "already holds a bundle" in again.stderr, again.stderr
+    assert again.stderr.count("\n") == 1 and (first / "client.key").read_bytes() == key
+    for out in (no_ca, bad, again):
+        assert "Traceback" not in out.stderr
