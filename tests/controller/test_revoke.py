@@ -266,3 +266,56 @@ def test_log_out_everywhere_voids_tokens_of_the_same_second(start_agent, start_c
     assert status == 200
     assert agent.client(fresh["token"]).run(["true"]).rc == 0
     assert call(controller, "GET", "/api/nodes", token=fresh["token"])[0] == 200
+
+
+def refusal(agent: AgentProcess, token: str) -> type[Exception] | None:
+    """The class of the agent's refusal of `token`, None if it is accepted."""
+    try:
+        agent.client(token).executions()
+    except AuthenticationError as error:
+        return type(error)
+    return None
+
+
+def test_a_logged_out_tokens_entry_is_dropped_after_its_expiry(start_agent, start_controller,
+                                                               secret_file: Path,
+                                                               alice: UnixUser,
+                                                               bob: UnixUser) -> None:
+    """The deny lists keep a logged-out token only until it would have expired anyway; past
+    that the token is refused as expired (the agent says so; the controller refuses it)."""
+    # Imported here: the top of this file is shared with other work in progress.
+    import json
+
+    from marco.errors import TokenExpired
+    from marco.revocations import token_digest
+    from marco.tokens import load_secret
+
+    short = ["--token-max-age", "3"]
+    agent = start_agent(node_name="dl-expiry", extra_args=short)
+    controller = start_controller(extra_args=["--no-discovery", "--node",
+                                              f"dl-expiry={agent.host}:{agent.port}", *short])
+    signer = TokenSigner(load_secret(secret_file), max_age=3)
+    first = signer.issue(alice.name)
+    wait_until_up(controller, first)
+    status, body = call(controller, "POST", "/api/logout", {}, first)
+    assert status == 200 and body["nodes"]["dl-expiry"]["ok"] is True, body
+    args = controller.process.args
+    assert isinstance(args, list)
+    lists = [agent.state_dir / "denied-tokens.json",
+             Path(args[args.index("--state-dir") + 1]) / "denied-tokens.json"]
+
+    def listed() -> list[set[str]]:
+        return [set(json.loads(path.read_text())) for path in lists]
+
+    assert listed() == [{token_digest(first)}] * 2
+    assert refusal(agent, first) is TokenRevoked
+    wait_for(lambda: refusal(agent, first) is TokenExpired, timeout=15,
+             what="the logged-out token to pass its own expiry")
+    # The next change of the lists (another logout) drops the entry that outlived its token.
+    second = signer.issue(bob.name)
+    status, body = call(controller, "POST", "/api/logout", {}, second)
+    assert status == 200 and body["nodes"]["dl-expiry"]["ok"] is True, body
+    assert listed() == [{token_digest(second)}] * 2
+    assert refusal(agent, first) is TokenExpired  # still refused: as expired
+    status, _ = call(controller, "GET", "/api/nodes", token=first)
+    assert status == 401  # the controller answers every refusal with "log in first"
