@@ -12,6 +12,7 @@ import pytest
 from marco.tokens import TokenSigner, create_secret, load_secret
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
+from tests.support.daemon import stop_all
 from tests.support.names import unique_node_name
 from tests.support.pki import TestPki
 from tests.support.run import RunNames, sweep_leftovers, this_run
@@ -70,7 +71,7 @@ def bob(run: RunNames) -> Iterator[UnixUser]:
 def start_agent(secret_file: Path, tmp_path: Path,
                 pki: TestPki) -> Iterator[Callable[..., AgentProcess]]:
     """Factory: start real agent processes (mutual TLS unless `pki=None`, which means --dev);
-    all are stopped (SIGTERM) at the end of the test."""
+    all are stopped together (SIGTERM) at the end of the test."""
     started: list[AgentProcess] = []
 
     def start(node_name: str = "test-node", **kwargs: object) -> AgentProcess:
@@ -81,8 +82,7 @@ def start_agent(secret_file: Path, tmp_path: Path,
         return agent
 
     yield start
-    for agent in started:
-        agent.stop()
+    stop_all(started)
 
 
 @pytest.fixture(scope="session")
@@ -121,8 +121,7 @@ def start_controller(secret_file: Path, tmp_path: Path, pam_service: str,
         return controller
 
     yield start
-    for controller in started:
-        controller.stop()
+    stop_all(started)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
+from tests.support.daemon import stop_all
 from tests.support.names import unique_node_name
 from tests.support.pki import TestPki
 from tests.support.users import UnixUser
@@ -31,9 +32,8 @@ def cluster(secret_file: Path, pki: TestPki, pam_service: str, signer: TokenSign
             daemons.append(AgentProcess(secret_file, workdir / name / "state", node_name=name,
                                         announce=True, extra_args=["--groups", "lab"], pki=pki))
         token = signer.issue(alice.name)
-        wait_for(lambda: set(names) <= set(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]),
+        wait_for(lambda: set(names) <= set(controller.inventory_hosts(token)),
                  what="both agents discovered")
         yield controller, names
     finally:
-        for daemon in daemons:
-            daemon.stop()
+        stop_all(daemons)

@@ -148,7 +148,7 @@ def test_a_stalled_agent_is_dropped_and_the_others_finish(start_agent, start_con
     from tests.support.waiting import wait_for
     agents, controller = _static_cluster(start_agent, start_controller, "--deploy-stall-timeout", "2")
     token = signer.issue(alice.name)
-    wait_for(lambda: len(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]) == 2,
+    wait_for(lambda: len(controller.inventory_hosts(token)) == 2,
              what="static nodes up")
     payload = os.urandom(1024 * 1024) * 300  # 300 MiB: still flowing when one agent freezes
     query = urllib.parse.urlencode({"nodes": "st0,st1", "folder": "~", "name": "stall.bin"})
@@ -175,7 +175,7 @@ def test_a_browser_leaving_mid_deploy_leaves_nothing_behind(start_agent, start_c
     from tests.support.waiting import wait_for
     agents, controller = _static_cluster(start_agent, start_controller)
     token = signer.issue(alice.name)
-    wait_for(lambda: len(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]) == 2,
+    wait_for(lambda: len(controller.inventory_hosts(token)) == 2,
              what="static nodes up")
     query = urllib.parse.urlencode({"nodes": "st0,st1", "folder": "~", "name": "left.bin"})
     with controller.open_socket() as sock:

@@ -14,15 +14,10 @@ import pytest
 
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
-from tests.support.controller_process import ControllerProcess
 from tests.support.netns import NamespaceNetwork
 from tests.support.run import RunNames
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
-
-
-def inventory_hosts(controller: ControllerProcess, token: str) -> dict[str, Any]:
-    return controller.get_json("/api/inventory", token)["_meta"]["hostvars"]
 
 
 def test_finds_agents_on_loopback_and_drops_a_killed_one(start_agent, start_controller,
@@ -33,7 +28,7 @@ def test_finds_agents_on_loopback_and_drops_a_killed_one(start_agent, start_cont
     names = [unique_name("loop"), unique_name("loop")]
     agents = [start_agent(node_name=name, announce=True, extra_args=["--groups", "web,db"])
               for name in names]
-    hosts = wait_for(lambda: (h := inventory_hosts(controller, token)) and set(names) <= set(h) and h,
+    hosts = wait_for(lambda: (h := controller.inventory_hosts(token)) and set(names) <= set(h) and h,
                      what="both agents in the inventory")
     for name, agent in zip(names, agents, strict=True):
         assert hosts[name]["ansible_host"] == "127.0.0.1"
@@ -48,18 +43,18 @@ def test_finds_agents_on_loopback_and_drops_a_killed_one(start_agent, start_cont
 
     # SIGKILL: no goodbye. The health probe notices; the node leaves the inventory.
     agents[0].stop(signal.SIGKILL)
-    wait_for(lambda: names[0] not in inventory_hosts(controller, token), what="dead agent to leave")
+    wait_for(lambda: names[0] not in controller.inventory_hosts(token), what="dead agent to leave")
     nodes = {n["name"]: n for n in controller.get_json("/api/nodes", token)["nodes"]}
     assert nodes[names[0]]["alive"] is False and nodes[names[1]]["alive"] is True
 
     # It comes back when it returns (same port, announced again).
     revived = agents[0].restarted()
     try:
-        wait_for(lambda: names[0] in inventory_hosts(controller, token), what="agent to return")
+        wait_for(lambda: names[0] in controller.inventory_hosts(token), what="agent to return")
     finally:
         revived.stop()
     # A goodbye (SIGTERM) removes it at once.
-    wait_for(lambda: names[0] not in inventory_hosts(controller, token), what="goodbye")
+    wait_for(lambda: names[0] not in controller.inventory_hosts(token), what="goodbye")
 
 
 def test_static_nodes_need_no_mdns(start_agent, start_controller, signer: TokenSigner,
@@ -71,14 +66,14 @@ def test_static_nodes_need_no_mdns(start_agent, start_controller, signer: TokenS
                                               "--node", f"rack1={agent.host}:{agent.port}",
                                               "--node", f"rack9={agent.host}:{agent.port}"])
     token = signer.issue(alice.name)
-    hosts = wait_for(lambda: (h := inventory_hosts(controller, token)).get("rack1", {}).get(
+    hosts = wait_for(lambda: (h := controller.inventory_hosts(token)).get("rack1", {}).get(
         "marco_version") and h, what="static node probed")
     assert hosts["rack1"]["ansible_port"] == agent.port and hosts["rack1"]["marco_node"] == "rack1"
     assert "rack9" not in hosts
     nodes = {n["name"]: n for n in controller.get_json("/api/nodes", token)["nodes"]}
     assert not nodes["rack9"]["alive"] and "not valid for 'rack9'" in nodes["rack9"]["error"]
     agent.stop(signal.SIGKILL)
-    wait_for(lambda: "rack1" not in inventory_hosts(controller, token), what="static node down")
+    wait_for(lambda: "rack1" not in controller.inventory_hosts(token), what="static node down")
 
 
 def test_inventory_needs_a_login(start_controller) -> None:
@@ -109,7 +104,7 @@ def test_agents_in_network_namespaces_on_a_bridge(network: NamespaceNetwork, sec
                                        extra_args=["--groups", "lab"], pki=controller.pki))
         started = time.monotonic()
         wanted = {"nshost1", "nshost2", "nshost3"}
-        hosts = wait_for(lambda: wanted <= set(h := inventory_hosts(controller, token)) and h,
+        hosts = wait_for(lambda: wanted <= set(h := controller.inventory_hosts(token)) and h,
                          what="three namespace agents")
         print(f"\nthree namespace agents in the inventory {time.monotonic() - started:.2f}s "
               "after they were healthy")
@@ -117,10 +112,10 @@ def test_agents_in_network_namespaces_on_a_bridge(network: NamespaceNetwork, sec
             h.address for h in network.hosts}
         # Pull one host's cable: it leaves, the others stay.
         network.cut(network.hosts[1])
-        wait_for(lambda: "nshost2" not in inventory_hosts(controller, token), what="cut host")
-        assert {"nshost1", "nshost3"} <= set(inventory_hosts(controller, token))
+        wait_for(lambda: "nshost2" not in controller.inventory_hosts(token), what="cut host")
+        assert {"nshost1", "nshost3"} <= set(controller.inventory_hosts(token))
         network.reconnect(network.hosts[1])
-        wait_for(lambda: "nshost2" in inventory_hosts(controller, token), what="host back")
+        wait_for(lambda: "nshost2" in controller.inventory_hosts(token), what="host back")
     finally:
         for agent in agents:
             agent.stop()
@@ -138,7 +133,7 @@ def test_ansible_inventory_reads_the_controller(start_agent, start_controller,
     name = unique_name("inv")
     start_agent(node_name=name, announce=True, extra_args=["--groups", "web"])
     token = signer.issue(alice.name)
-    wait_for(lambda: name in inventory_hosts(controller, token), what="agent")
+    wait_for(lambda: name in controller.inventory_hosts(token), what="agent")
     env = {"MARCO_CONTROLLER": controller.url, "MARCO_TOKEN": token,
            "MARCO_TLS_CA": str(controller.pki.ca_file),  # to trust the controller's HTTPS
            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
@@ -211,7 +206,7 @@ def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signe
     real = start_agent(node_name=victim, announce=True)
     static = start_agent(node_name="rack9")
     controller = start_controller(extra_args=["--node", f"rack9={static.host}:{static.port}"])
-    wait_for(lambda: victim in inventory_hosts(controller, token), what="the real agent")
+    wait_for(lambda: victim in controller.inventory_hosts(token), what="the real agent")
 
     async def impostors() -> None:
         zc = AsyncZeroconf(interfaces=["127.0.0.1"])
@@ -233,7 +228,7 @@ def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signe
             while not all(text in controller.log() for text in seen):
                 assert time.monotonic() < deadline, f"refusals not all logged: {seen}"
                 await asyncio.sleep(0.2)
-            hosts = inventory_hosts(controller, token)
+            hosts = controller.inventory_hosts(token)
             assert hosts[victim]["ansible_port"] == real.port
             assert hosts["rack9"]["ansible_port"] == static.port
             assert newcomer not in hosts
@@ -260,7 +255,7 @@ def test_controller_restart_rebuilds_the_registry_and_keeps_tokens(
     name = unique_name("restart")
     start_agent(node_name=name, announce=True)
     first = start_controller()
-    wait_for(lambda: name in inventory_hosts(first, token), what="agent")
+    wait_for(lambda: name in first.inventory_hosts(token), what="agent")
     first.stop()
     second = start_controller()
-    wait_for(lambda: name in inventory_hosts(second, token), what="agent after the restart")
+    wait_for(lambda: name in second.inventory_hosts(token), what="agent after the restart")

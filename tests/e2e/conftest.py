@@ -13,6 +13,7 @@ import pytest
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
+from tests.support.daemon import stop_all
 from tests.support.netns import NamespaceNetwork
 from tests.support.paths import BIN, PLAYBOOKS
 from tests.support.pki import TestPki
@@ -64,13 +65,11 @@ def fleet(secret_file: Path, signer: TokenSigner, alice: UnixUser, pam_service: 
                                        extra_args=["--groups", "lab"], pki=pki))
         names = [a.node_name for a in agents]
         token = signer.issue(alice.name)
-        wait_for(lambda: set(names) <= set(controller.get_json("/api/inventory", token)["_meta"]["hostvars"]),
+        wait_for(lambda: set(names) <= set(controller.inventory_hosts(token)),
                  what="three namespace agents in the inventory")
         fleet = Fleet(network, controller, agents, names, workdir, pki)
         yield fleet
     finally:
-        for agent in agents:
-            agent.stop()
-        for daemon in {id(c): c for c in (controller, fleet and fleet.controller) if c}.values():
-            daemon.stop()  # the fixture's and any a test restarted
+        controllers = {id(c): c for c in (controller, fleet and fleet.controller) if c}
+        stop_all([*agents, *controllers.values()])  # the fixture's and any a test restarted
         network.destroy()

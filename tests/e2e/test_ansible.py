@@ -171,9 +171,7 @@ def test_killing_one_agent_mid_play_makes_only_that_host_unreachable(
             assert result[agent.node_name]["failed"] == 0 and result[agent.node_name]["ok"] == 3
     assert "UNREACHABLE" in output and "unreachable" in output.lower()
     # Bring it back for the other tests.
-    fleet.agents[1] = type(victim)(victim.secret_file, victim.state_dir, node_name=victim.node_name,
-                                   bind=victim.host, announce=True, netns=victim.netns,
-                                   extra_args=["--groups", "lab"], pki=victim.pki)
+    fleet.agents[1] = victim.restarted()
 
 
 def test_expired_token_fails_with_the_login_hint(fleet: Fleet, signer: TokenSigner,

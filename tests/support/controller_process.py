@@ -24,10 +24,14 @@ class ControllerProcess(DaemonProcess):
     def __init__(self, secret_file: Path, log_dir: Path, pam_service: str,
                  extra_args: Sequence[str] = (), bind: str = "127.0.0.1",
                  mdns_interfaces: Sequence[str] = ("127.0.0.1",),
-                 pki: TestPki | None = None) -> None:
+                 pki: TestPki | None = None, port: int = 0, home: Path | None = None) -> None:
         self.pki = pki
-        home = Path(tempfile.mkdtemp(prefix="controller-", dir=log_dir))  # its log and state
-        args = ["--bind", bind, "--port", "0", "--secret-file", str(secret_file),
+        if home is None:  # its log and state dir
+            home = Path(tempfile.mkdtemp(prefix="controller-", dir=log_dir))
+        self._arguments = dict(secret_file=secret_file, log_dir=log_dir, pam_service=pam_service,
+                               extra_args=extra_args, bind=bind,
+                               mdns_interfaces=mdns_interfaces, pki=pki, home=home)
+        args = ["--bind", bind, "--port", str(port), "--secret-file", str(secret_file),
                 "--state-dir", str(home / "state"),
                 "--pam-service", pam_service, "--log-level", "debug", "--health-interval", "0.5",
                 *[arg for address in mdns_interfaces for arg in ("--mdns-interface", address)],
@@ -36,6 +40,11 @@ class ControllerProcess(DaemonProcess):
         context = server_trust_context(str(pki.ca_file)) if pki is not None else None
         super().__init__(args, home / "controller.log", bind, home / "state",
                          ssl_context=context)
+
+    def restarted(self) -> ControllerProcess:
+        """A new process with everything this one had: state dir, port, options (for restarts
+        after `stop()`); its log starts afresh."""
+        return ControllerProcess(port=self.port, **self._arguments)  # type: ignore[arg-type]
 
     @property
     def ws_url(self) -> str:
@@ -46,6 +55,11 @@ class ControllerProcess(DaemonProcess):
         """The CA clients trust to reach this controller (a --dev one has none)."""
         assert self.pki is not None, "a --dev controller has no CA"
         return self.pki.ca_file
+
+    def inventory_hosts(self, token: str) -> dict[str, Any]:
+        """The hosts of `/api/inventory` with their variables, as Ansible sees them."""
+        hosts: dict[str, Any] = self.get_json("/api/inventory", token)["_meta"]["hostvars"]
+        return hosts
 
     def get_json(self, path: str, token: str) -> Any:
         request = urllib.request.Request(self.url + path,

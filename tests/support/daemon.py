@@ -109,3 +109,12 @@ class DaemonProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+def stop_all(daemons: Sequence[DaemonProcess]) -> None:
+    """SIGTERM to every daemon first, then wait for each: they shut down side by side."""
+    for daemon in daemons:
+        if daemon.process.poll() is None:
+            daemon.process.send_signal(signal.SIGTERM)
+    for daemon in daemons:
+        daemon.stop()
