@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -63,6 +64,9 @@ CENSORED = "(hidden: no_log)"  # what listings, records and the audit log show o
 LISTED_COMMAND_CHARS = 1000  # commands longer than this are shortened in listings and `hello`
 PATH_MAX = 4096  # bytes: the kernel refuses longer paths, so a longer cwd is refused up front
 AUDITED_COMMAND_CHARS = 4096  # the audit log keeps this much of a command, and its SHA-256
+MAX_TAGS = 8                 # tags per execution (Marco uses run, task, host)
+TAG_KEY = re.compile(r"[a-z_]{1,40}")
+MAX_TAG_VALUE_CHARS = 200
 
 
 class AuditSink(Protocol):
@@ -89,6 +93,7 @@ class ExecutionRequest:
     label: str
     timeout: float | None
     no_log: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Any, max_command_bytes: int = 256 * 1024,
@@ -142,13 +147,14 @@ class ExecutionRequest:
         no_log = body.get("no_log", False)
         if not isinstance(no_log, bool):
             raise BadRequest("'no_log' must be true or false")
+        tags = parse_tags(body.get("tags"))
         size = sum(len(text.encode("utf-8", "surrogatepass")) + 1 for text in (
             *(argv or []), shell or "", cwd or "", *(k + "=" + v for k, v in env.items())))
         if size > max_command_bytes:
             raise PayloadTooLarge(f"the command, its environment and cwd take {size} bytes; this "
                                   f"node accepts at most {max_command_bytes} (send large data "
                                   "as stdin or as a file)")
-        return cls(argv, shell, cwd, env, stdin, label, timeout, no_log)
+        return cls(argv, shell, cwd, env, stdin, label, timeout, no_log, tags)
 
     @property
     def command(self) -> list[str] | str:
@@ -156,6 +162,25 @@ class ExecutionRequest:
             return self.argv
         assert self.shell is not None  # from_json requires exactly one of them
         return self.shell
+
+
+def parse_tags(tags: Any) -> dict[str, str]:
+    """Validate an execution's `tags` (absent: none): at most MAX_TAGS keys matching
+    [a-z_]{1,40}, string values of at most MAX_TAG_VALUE_CHARS; they are kept with the record
+    and sent in every listing, so they stay small."""
+    if tags is None:
+        return {}
+    if not isinstance(tags, dict):
+        raise BadRequest("'tags' must be an object of strings")
+    if len(tags) > MAX_TAGS:
+        raise BadRequest(f"'tags' has {len(tags)} keys; at most {MAX_TAGS} are allowed")
+    for key, value in tags.items():
+        if not TAG_KEY.fullmatch(key):
+            raise BadRequest(f"tag name {key[:50]!r} must be 1-40 characters of a-z and _")
+        if not isinstance(value, str) or len(value) > MAX_TAG_VALUE_CHARS or "\0" in value:
+            raise BadRequest(f"tag {key!r} must be a string of at most {MAX_TAG_VALUE_CHARS} "
+                             "characters")
+    return dict(tags)
 
 
 class OutputCapture:
@@ -218,6 +243,7 @@ class Execution:
     done: asyncio.Future[None] | None = None
     timeout_handle: asyncio.TimerHandle | None = None
     no_log: bool = False            # output only for a `wait` caller: never spooled or streamed
+    tags: dict[str, str] = field(default_factory=dict)  # the caller's (run, task, host): not output
     _splitters: dict[int, LineSplitter] = field(default_factory=lambda: {
         STDOUT: LineSplitter(), STDERR: LineSplitter()})
     _batch_fd: int = STDOUT
@@ -248,7 +274,8 @@ class Execution:
                 "state": self.state, "rc": self.rc, "signal": self.signal,
                 "duration": self.duration, "timed_out": self.timed_out,
                 "stopped": self.stopped, "next_seq": self.next_seq,
-                "truncated_seq": self.spool.truncated_seq, "no_log": self.no_log}
+                "truncated_seq": self.spool.truncated_seq, "no_log": self.no_log,
+                "tags": self.tags}
 
     # -- output path: pipe bytes -> lines -> batch -> spool + sockets -----------------------
 
@@ -409,7 +436,8 @@ class ExecutionManager:
                                   timed_out=meta.get("timed_out", False),
                                   stopped=meta.get("stopped", False),
                                   next_seq=meta.get("next_seq", 0),
-                                  no_log=meta.get("no_log", False))
+                                  no_log=meta.get("no_log", False),
+                                  tags=meta.get("tags") or {})
             if execution.running:  # the agent died under it: its fate is unknown
                 execution.state, execution.ended = "lost", execution.ended or time.time()
                 execution.save_meta()
@@ -440,8 +468,10 @@ class ExecutionManager:
             raise NotFound("no such execution")
         return execution
 
-    def of_user(self, username: str) -> list[Execution]:
-        return sorted((e for e in self._executions.values() if e.user == username),
+    def of_user(self, username: str, run: str | None = None) -> list[Execution]:
+        """The user's executions, oldest first; with `run`, only those tagged with that run."""
+        return sorted((e for e in self._executions.values() if e.user == username
+                       and (run is None or e.tags.get("run") == run)),
                       key=lambda e: e.started)
 
     def read_output(self, username: str, execution_id: str, since: int, max_lines: int,
@@ -481,7 +511,8 @@ class ExecutionManager:
                               time.time(), spool, self.sink,
                               capture=OutputCapture(self.tmp_dir, self.capture_max, account)
                               if capture else None,
-                              done=loop.create_future(), no_log=request.no_log)
+                              done=loop.create_future(), no_log=request.no_log,
+                              tags=request.tags)
         argv = request.argv if request.argv is not None else ["/bin/sh", "-c", request.shell]
         env = user.clean_environment()
         env.update(request.env)
@@ -610,7 +641,7 @@ class ExecutionManager:
         self._enlarge_pipes(transport)
         execution.publish(protocol.started_event(execution.id, execution.label, execution.command,
                                                  execution.cwd, execution.started, 0,
-                                                 execution.no_log))
+                                                 execution.no_log, execution.tags))
         execution.save_meta()
         if self.audit is not None:
             # Bounded, so one user's long commands cannot rotate everyone's history away.

@@ -106,8 +106,9 @@ class ExecutionsHandler(ApiHandler):
 
     def get(self) -> None:
         user = self.authenticate()
+        run = self.get_query_argument("run", None)  # only those tagged with this run
         self.write_json({"executions": [e.summary(short=True)
-                                        for e in self.ctx.executions.of_user(user.name)]})
+                                        for e in self.ctx.executions.of_user(user.name, run)]})
 
     async def post(self) -> None:
         user = self.authenticate()

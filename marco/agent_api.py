@@ -50,9 +50,11 @@ class ExecutionResult:
 
 def execution_body(command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
                    env: dict[str, str] | None = None, label: str = "",
-                   timeout: float | None = None, no_log: bool = False) -> dict[str, Any]:
+                   timeout: float | None = None, no_log: bool = False,
+                   tags: dict[str, str] | None = None) -> dict[str, Any]:
     """The JSON body of POST /v1/executions for an argv list or a shell string; `no_log`
-    asks the agent to keep and stream nothing of it (only a `wait` caller gets the output)."""
+    asks the agent to keep and stream nothing of it (only a `wait` caller gets the output);
+    `tags` (e.g. a run's id, task and host) are kept with the execution."""
     body: dict[str, Any] = {"argv": command} if isinstance(command, list) else {"shell": command}
     if stdin:
         body["stdin"] = base64.b64encode(stdin).decode("ascii")
@@ -66,6 +68,8 @@ def execution_body(command: list[str] | str, stdin: bytes = b"", cwd: str | None
         body["timeout"] = timeout
     if no_log:
         body["no_log"] = True
+    if tags:
+        body["tags"] = tags
     return body
 
 
@@ -177,8 +181,9 @@ class AgentRequests:
     def health(self, challenge: str | None = None) -> Request[dict[str, Any]]:
         return self.call("GET", "/v1/health", query={"challenge": challenge} if challenge else None)
 
-    def executions(self) -> Request[list[dict[str, Any]]]:
-        return self.call("GET", "/v1/executions", read=lambda data: data["executions"])
+    def executions(self, run: str | None = None) -> Request[list[dict[str, Any]]]:
+        return self.call("GET", "/v1/executions", query={"run": run} if run else None,
+                         read=lambda data: data["executions"])
 
     def execution(self, execution_id: str) -> Request[dict[str, Any]]:
         return self.call("GET", f"/v1/executions/{execution_id}")
@@ -190,16 +195,17 @@ class AgentRequests:
 
     def start(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
               env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
-              no_log: bool = False) -> Request[str]:
+              no_log: bool = False, tags: dict[str, str] | None = None) -> Request[str]:
         return self.call("POST", "/v1/executions",
-                         execution_body(command, stdin, cwd, env, label, timeout, no_log),
+                         execution_body(command, stdin, cwd, env, label, timeout, no_log, tags),
                          read=lambda data: data["id"])
 
     def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
             env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
-            wait_timeout: float | None = None, no_log: bool = False) -> Request[ExecutionResult]:
+            wait_timeout: float | None = None, no_log: bool = False,
+            tags: dict[str, str] | None = None) -> Request[ExecutionResult]:
         return self.call("POST", "/v1/executions",
-                         execution_body(command, stdin, cwd, env, label, timeout, no_log),
+                         execution_body(command, stdin, cwd, env, label, timeout, no_log, tags),
                          query={"wait": 1}, timeout=self.wait_timeout(timeout, wait_timeout),
                          read=ExecutionResult.from_json)
 

@@ -98,8 +98,9 @@ class AgentClient:
         """Node facts; with `challenge`, the agent's proof that it holds the cluster secret."""
         return self._call(self._api.health(challenge))
 
-    def executions(self) -> list[dict[str, Any]]:
-        return self._call(self._api.executions())
+    def executions(self, run: str | None = None) -> list[dict[str, Any]]:
+        """The caller's executions; with `run`, only those tagged with that run."""
+        return self._call(self._api.executions(run))
 
     def execution(self, execution_id: str) -> dict[str, Any]:
         return self._call(self._api.execution(execution_id))
@@ -109,16 +110,18 @@ class AgentClient:
 
     def start(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
               env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
-              no_log: bool = False) -> str:
+              no_log: bool = False, tags: dict[str, str] | None = None) -> str:
         """Start a command and return its execution id at once."""
-        return self._call(self._api.start(command, stdin, cwd, env, label, timeout, no_log))
+        return self._call(self._api.start(command, stdin, cwd, env, label, timeout, no_log,
+                                          tags))
 
     def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
             env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
-            wait_timeout: float | None = None, no_log: bool = False) -> ExecutionResult:
+            wait_timeout: float | None = None, no_log: bool = False,
+            tags: dict[str, str] | None = None) -> ExecutionResult:
         """Run a command to completion in one round trip and return rc, stdout, stderr."""
         return self._call(self._api.run(command, stdin, cwd, env, label, timeout, wait_timeout,
-                                        no_log))
+                                        no_log, tags))
 
     def stop(self, execution_id: str) -> dict[str, Any]:
         return self._call(self._api.stop(execution_id))
@@ -318,8 +321,9 @@ class AsyncAgentClient:
         """Node facts; with `challenge`, the agent's proof that it holds the cluster secret."""
         return await self._call(self._api.health(challenge))
 
-    async def executions(self) -> list[dict[str, Any]]:
-        return await self._call(self._api.executions())
+    async def executions(self, run: str | None = None) -> list[dict[str, Any]]:
+        """The caller's executions; with `run`, only those tagged with that run."""
+        return await self._call(self._api.executions(run))
 
     async def execution(self, execution_id: str) -> dict[str, Any]:
         return await self._call(self._api.execution(execution_id))
@@ -330,17 +334,19 @@ class AsyncAgentClient:
 
     async def start(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
                     env: dict[str, str] | None = None, label: str = "",
-                    timeout: float | None = None, no_log: bool = False) -> str:
+                    timeout: float | None = None, no_log: bool = False,
+                    tags: dict[str, str] | None = None) -> str:
         """Start a command and return its execution id at once."""
-        return await self._call(self._api.start(command, stdin, cwd, env, label, timeout, no_log))
+        return await self._call(self._api.start(command, stdin, cwd, env, label, timeout, no_log,
+                                                tags))
 
     async def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
                   env: dict[str, str] | None = None, label: str = "",
                   timeout: float | None = None, wait_timeout: float | None = None,
-                  no_log: bool = False) -> ExecutionResult:
+                  no_log: bool = False, tags: dict[str, str] | None = None) -> ExecutionResult:
         """Run a command to completion in one round trip and return rc, stdout, stderr."""
         return await self._call(self._api.run(command, stdin, cwd, env, label, timeout,
-                                              wait_timeout, no_log))
+                                              wait_timeout, no_log, tags))
 
     async def stop(self, execution_id: str) -> dict[str, Any]:
         return await self._call(self._api.stop(execution_id))

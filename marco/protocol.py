@@ -42,11 +42,14 @@ def decode(text: str | bytes) -> Any:
 
 
 def started_event(execution_id: str, label: str, command: list[str] | str, cwd: str,
-                  started: float, seq: int, no_log: bool = False) -> dict[str, Any]:
+                  started: float, seq: int, no_log: bool = False,
+                  tags: dict[str, str] | None = None) -> dict[str, Any]:
     """The `started` event sent to the owner's sockets when an execution begins; a `no_log`
-    execution's command is censored and no `output` event follows."""
+    execution's command is censored and no `output` event follows. `tags` are the caller's
+    (a run's id, task and host: docs/runs.md)."""
     return {"type": "started", "id": execution_id, "label": label, "command": command,
-            "cwd": cwd, "started": started, "seq": seq, "no_log": no_log}
+            "cwd": cwd, "started": started, "seq": seq, "no_log": no_log,
+            "tags": tags or {}}
 
 
 def output_event(execution_id: str, stream: str, seq: int, lines: list[str]) -> dict[str, Any]:

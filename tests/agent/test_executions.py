@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
+import secrets
 import time
+from typing import Any
 
 import pytest
 
@@ -209,3 +212,95 @@ def test_wait_capture_is_bounded(start_agent, signer: TokenSigner, alice: UnixUs
         spooled = sum(len(line) for e in c.output(result.id)["events"] if e["stream"] == "stdout"
                       for line in e["lines"])
         assert spooled == 300_000
+
+
+def _run_id() -> str:
+    """A run id of the contract's shape, unique per call (the shared agent outlives tests)."""
+    return "r" + secrets.token_hex(10)
+
+
+def test_tags_round_trip(shared_agent: AgentProcess, signer: TokenSigner,
+                         alice: UnixUser) -> None:
+    """Tags given at start come back in the record, the listing and the `started` event."""
+    tags = {"run": _run_id(), "task": "0242ac11-0002-task", "host": "web1"}
+    token = signer.issue(alice.name)
+
+    async def started_event() -> dict[str, Any]:
+        stream = shared_agent.async_client(token).stream()
+        await stream.connect()
+        try:
+            execution_id = await shared_agent.async_client(token).start(["true"], tags=tags)
+            while True:
+                event = await asyncio.wait_for(stream.read(), 30)
+                assert event is not None, "stream closed early"
+                if event["type"] == "started" and event["id"] == execution_id:
+                    return event
+        finally:
+            stream.close()
+
+    event = asyncio.run(started_event())
+    assert event["tags"] == tags
+    with client(shared_agent, signer, alice.name) as c:
+        assert c.execution(event["id"])["tags"] == tags
+        assert next(e for e in c.executions() if e["id"] == event["id"])["tags"] == tags
+        hidden = c.run(["echo", "secret"], tags=tags, no_log=True)
+        assert c.execution(hidden.id)["tags"] == tags  # tags are not output: no_log keeps them
+        untagged = c.start(["true"])
+        assert c.execution(untagged)["tags"] == {}
+
+
+def test_executions_filtered_by_run(shared_agent: AgentProcess, signer: TokenSigner,
+                                    alice: UnixUser, bob: UnixUser) -> None:
+    """?run=ID lists only the caller's executions tagged with that run."""
+    run, other = _run_id(), _run_id()
+    with client(shared_agent, signer, alice.name) as c:
+        mine = [c.start(["true"], tags={"run": run, "host": f"h{i}"}) for i in range(2)]
+        c.start(["true"], tags={"run": other})
+        c.start(["true"])
+        assert sorted(e["id"] for e in c.executions(run=run)) == sorted(mine)
+        assert c.executions(run=_run_id()) == []
+    with client(shared_agent, signer, bob.name) as b:
+        bobs = b.start(["true"], tags={"run": run})
+        assert [e["id"] for e in b.executions(run=run)] == [bobs]  # never alice's
+    with client(shared_agent, signer, alice.name) as c:
+        assert bobs not in {e["id"] for e in c.executions(run=run)}
+
+
+@pytest.mark.parametrize("tags", [
+    {f"k{'x' * i}": "v" for i in range(9)},   # nine keys
+    {"Run": "x"},                              # an upper-case name
+    {"run-id": "x"},                           # a dash
+    {"a" * 41: "x"},                           # a name too long
+    {"": "x"},                                 # an empty name
+    {"run": 7},                                # not a string
+    {"run": "x" * 201},                        # a value too long
+    ["run", "x"],                              # not an object
+])
+def test_bad_tags_are_400(shared_agent: AgentProcess, signer: TokenSigner, alice: UnixUser,
+                          tags: Any) -> None:
+    with client(shared_agent, signer, alice.name) as c, \
+            pytest.raises(BadRequest, match="tag"):
+        c._request("POST", "/v1/executions", {"argv": ["true"], "tags": tags})
+
+
+def test_tags_at_their_limits_are_accepted(shared_agent: AgentProcess, signer: TokenSigner,
+                                           alice: UnixUser) -> None:
+    tags = {"a" * 40: "x" * 200, **{"k" + "_" * i: "" for i in range(7)}}
+    with client(shared_agent, signer, alice.name) as c:
+        assert c.execution(c.start(["true"], tags=tags))["tags"] == tags
+
+
+def test_tags_survive_an_agent_restart(start_agent, signer: TokenSigner,
+                                       alice: UnixUser) -> None:
+    agent = start_agent()
+    run = _run_id()
+    with client(agent, signer, alice.name) as c:
+        finished = c.run(["true"], tags={"run": run, "task": "t1"}).id
+    agent.stop()
+    again = agent.restarted()
+    try:
+        with client(again, signer, alice.name) as c:
+            assert [e["id"] for e in c.executions(run=run)] == [finished]
+            assert c.execution(finished)["tags"] == {"run": run, "task": "t1"}
+    finally:
+        again.stop()
