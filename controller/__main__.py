@@ -29,6 +29,7 @@ from .pki import ClusterPki, write_secret_copy
 log = logging.getLogger("marco.controller")
 BODY_CHUNK = 1024 * 1024  # uploads reach the deploy handler in chunks this large
 TLS_RELOAD_MS = 5000
+RUNS_PRUNE_MS = 3600 * 1000  # the runs store is pruned to its bounds hourly (and at start)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +177,9 @@ async def serve(ctx: ControllerContext) -> None:
     ctx.revocations.load()
     ctx.denied.load()
     ctx.pusher.watch()
+    await ctx.runs.start()
+    prune = PeriodicCallback(ctx.runs.prune, RUNS_PRUNE_MS)
+    prune.start()
     stop = stop_event_on_signals()
     try:
         listening.write(Path(config.state_dir))
@@ -189,10 +193,12 @@ async def serve(ctx: ControllerContext) -> None:
         listening.remove(Path(config.state_dir))
         if reload:
             reload.stop()
+        prune.stop()
         ctx.health.stop()
         if browser is not None:
             await browser.stop()
         await close_server(server)
+        await ctx.runs.close()
         ctx.authenticator.close()
 
 

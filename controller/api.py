@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
-from marco.errors import BadRequest, MarcoError, to_body
+from marco.errors import AgentUnreachable, BadRequest, MarcoError, to_body
 from marco.inventory import build_inventory, host_vars
 
+from .runs import run_url
+from .runstore import MAX_TITLE
 from .session import ApiHandler
+
+COMMAND_RUN_KINDS = ("command", "shell")  # the kinds of run POST /api/run makes
 
 
 class SessionApi(ApiHandler):
@@ -94,8 +99,10 @@ def chosen_nodes(ctx: Any, names: Any) -> list[Any]:
 
 
 class RunApi(ApiHandler):
-    """POST /api/run {"nodes": [...], "command": "...", "cwd": "~", "label": "..."}: start the
-    command on every chosen node at once; output goes to the user's sockets on each agent."""
+    """POST /api/run {"nodes": [...], "command": "...", "cwd": "~", "label": "...", "kind"?}:
+    start the command on every chosen node at once, as one `command` (or `shell`) run whose
+    executions carry its tags; output goes to the user's sockets on each agent. The run ends
+    in the background once every execution has exited."""
 
     async def post(self) -> None:
         user = self.require_user()
@@ -103,21 +110,42 @@ class RunApi(ApiHandler):
         if not isinstance(body, dict) or not isinstance(body.get("command"), str) \
                 or not body["command"].strip():
             raise BadRequest("give a command to run")
+        kind = body.get("kind") or "command"
+        if kind not in COMMAND_RUN_KINDS:
+            raise BadRequest(f"'kind' must be one of {', '.join(COMMAND_RUN_KINDS)}")
         nodes = chosen_nodes(self.ctx, body.get("nodes") or [])
         token = self.token()
+        assert token is not None  # require_user verified it
+        cwd = body.get("cwd") or None
+        run = await self.ctx.runs.create(user, kind, body["command"][:MAX_TITLE],
+                                         [n.name for n in nodes],
+                                         {"cwd": cwd} if isinstance(cwd, str) else {})
+
+        unreachable: list[str] = []
 
         async def start(node: Any) -> dict[str, Any]:
             client = self.ctx.connector.client(node, token)
             try:
-                execution_id = await client.start(body["command"], cwd=body.get("cwd") or None,
-                                                  label=str(body.get("label") or "shell"))
+                execution_id = await client.start(body["command"], cwd=cwd,
+                                                  label=str(body.get("label") or "shell"),
+                                                  tags={"run": run.id, "host": node.name})
                 return {"ok": True, "id": execution_id}
             except MarcoError as error:
+                if isinstance(error, AgentUnreachable):
+                    unreachable.append(node.name)
                 return {"ok": False, **to_body(error)}
 
         results = await asyncio.gather(*(start(node) for node in nodes))
         answers = {n.name: r for n, r in zip(nodes, results, strict=True)}
-        self.write_json({"user": user, "results": answers})
+        started = {name: str(r["id"]) for name, r in answers.items() if r["ok"]}
+        refused = [name for name, r in answers.items() if not r["ok"] and name not in unreachable]
+        if started:  # the run's own record of its executions (collected by these ids)
+            await self.ctx.runs.store.call("append_events", user, run.id, [
+                {"type": "execution", "time": time.time(), "host": name, "execution_id": eid,
+                 "task_id": None} for name, eid in started.items()])
+        self.ctx.runs.spawn(self.ctx.runs.watch(run, token, started, unreachable, refused))
+        self.write_json({"user": user, "results": answers,
+                         "run": {"id": run.id, "url": run_url(run.id)}})
 
 
 class LogoutApi(ApiHandler):

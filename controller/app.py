@@ -13,6 +13,7 @@ from .context import ControllerContext
 from .deploy import DeployApi
 from .pages import IndexPage, LoginPage, LogoutPage
 from .relay import RelaySocket
+from .runs import ROUTES as RUN_ROUTES
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,6 +33,7 @@ def make_app(ctx: ControllerContext) -> tornado.web.Application:
         (r"/api/logout", LogoutApi),
         (r"/api/deploy", DeployApi),
         (r"/relay/([^/]+)", RelaySocket),
+        *RUN_ROUTES,
     ]
     return tornado.web.Application(
         [(path, handler, {"ctx": ctx}) for path, handler in routes],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from marco.errors import ConfigError
 from marco.serving import ConnectionLimits, connection_limit_options, port_option
 from marco.settings import Option, default_state_dir
 from marco.shells import login_shells_option
@@ -43,9 +44,25 @@ def controller_options() -> list[Option]:
                "within the lockout window", kind=int),
         Option("login_lockout", 300, "lockout window in seconds", kind=int),
         *connection_limit_options(),
-        Option("state_dir", default_state_dir("marco-controller"), "where revocations are kept",
-               metavar="DIR"),
+        *runs_options(),
+        Option("state_dir", default_state_dir("marco-controller"), "where revocations and "
+               "runs (runs.sqlite3) are kept", metavar="DIR"),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
+    ]
+
+
+def runs_options() -> list[Option]:
+    """The bounds of the runs the controller keeps (docs/runs.md)."""
+    return [
+        Option("runs_retention_days", 90.0, "days an ended run is kept", kind=float),
+        Option("runs_max_bytes", 1 << 30, "bytes of stored run output and events in all; the "
+               "oldest ended runs are pruned first", kind=int),
+        Option("runs_max_running_per_user", 20, "runs of one user running at once (more: 429)",
+               kind=int),
+        Option("runs_max_per_user", 10_000, "runs kept per user; the user's oldest ended runs "
+               "are pruned", kind=int),
+        Option("runs_max_bytes_per_user", 256 << 20, "bytes of stored run output and events "
+               "per user", kind=int),
     ]
 
 
@@ -74,11 +91,24 @@ class ControllerConfig:
     max_pending_connections_per_address: int
     idle_timeout: float
     max_connections_per_address: int
+    runs_retention_days: float
+    runs_max_bytes: int
+    runs_max_running_per_user: int
+    runs_max_per_user: int
+    runs_max_bytes_per_user: int
     state_dir: str
     log_level: str
 
     def __post_init__(self) -> None:
         self.connection_limits()  # refuse bad limits at start-up (ConfigError)
+        self.check_runs_limits()
+
+    def check_runs_limits(self) -> None:
+        """Every runs bound must be positive: a zero would prune everything or refuse every run."""
+        for key in ("runs_retention_days", "runs_max_bytes", "runs_max_running_per_user",
+                    "runs_max_per_user", "runs_max_bytes_per_user"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
 
     def connection_limits(self) -> ConnectionLimits:
         return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address,

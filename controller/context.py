@@ -16,11 +16,22 @@ from marco.shells import LoginShells
 from marco.tls import ClientTls, ServerTlsFiles
 from marco.tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner
 
+from .archive import RunKeeper
 from .auth import LoginRateLimiter, PamAuthenticator
 from .config import ControllerConfig
 from .connector import AgentConnector
 from .pki import ClusterPki
 from .revoke import RevocationPusher
+from .runstore import RunLimits, RunStoreThread
+
+
+def run_limits(config: ControllerConfig) -> RunLimits:
+    """The runs store's bounds from the controller's settings."""
+    return RunLimits(retention_days=config.runs_retention_days,
+                     max_bytes=config.runs_max_bytes,
+                     max_running_per_user=config.runs_max_running_per_user,
+                     max_per_user=config.runs_max_per_user,
+                     max_bytes_per_user=config.runs_max_bytes_per_user)
 
 
 @dataclass
@@ -39,6 +50,7 @@ class ControllerContext:
     connector: AgentConnector
     pki: ClusterPki | None          # None in development mode
     web_tls: ServerTlsFiles | None  # None in development mode
+    runs: RunKeeper
 
     @classmethod
     def build(cls, config: ControllerConfig, secret: SecretKeys) -> ControllerContext:
@@ -71,7 +83,11 @@ class ControllerContext:
                                   TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT),
                                   connector, crl_file=pki.crl_file if pki else None,
                                   denied=denied, signer=signer)
-        return cls(config=config, signer=signer, denied=denied,
+        state_dir = Path(config.state_dir)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the runs file opens now
+        store = RunStoreThread(state_dir / "runs.sqlite3", run_limits(config))
+        runs = RunKeeper(store, connector, registry)
+        return cls(config=config, signer=signer, denied=denied, runs=runs,
                    authenticator=PamAuthenticator(config.pam_service, limiter,
                                                   LoginShells(config.login_shells)),
                    registry=registry,

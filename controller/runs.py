@@ -1,0 +1,196 @@
+"""The runs API (docs/runs.md): start a run, append its events, end it, list the caller's runs,
+read one with its events and its output. The owner is always the token's user; another user's
+run answers 404, exactly like a missing one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marco.errors import BadRequest, Conflict, NotFound
+
+from .archive import COUNTS, RunKeeper, status_from_stats
+from .runstore import RUN_ID, Run
+from .session import ApiHandler
+
+EVENT_TYPES = ("play_start", "task_start", "host_result", "execution", "recap")
+END_STATUSES = ("ok", "failed", "unreachable", "interrupted")
+
+
+def run_url(run_id: str) -> str:
+    """The run's permalink on the page."""
+    return f"/runs/{run_id}"
+
+
+def check_new_run(body: Any) -> tuple[str, str, list[str], dict[str, Any]]:
+    """kind, title, hosts and meta of a POST /api/runs body; the store checks their values."""
+    if not isinstance(body, dict):
+        raise BadRequest('expected {"kind": ..., "title": ...}')
+    title, hosts, meta = body.get("title"), body.get("hosts", []), body.get("meta", {})
+    hosts, meta = [] if hosts is None else hosts, {} if meta is None else meta
+    if not isinstance(title, str) or not title.strip():
+        raise BadRequest("give the run a 'title'")
+    if not isinstance(hosts, list):
+        raise BadRequest("'hosts' must be a list of node names")
+    return str(body.get("kind")), title, list(dict.fromkeys(hosts)), meta
+
+
+def check_stats(stats: Any) -> dict[str, dict[str, int]]:
+    """A recap's per-host counts: host -> {ok, changed, failed, unreachable, skipped} (and `rc`
+    for commands), all integers; missing counts are 0."""
+    if not isinstance(stats, dict) or not all(
+            isinstance(counts, dict) and all(
+                name in (*COUNTS, "rc") and isinstance(n, int) and not isinstance(n, bool)
+                for name, n in counts.items())
+            for counts in stats.values()):
+        raise BadRequest(f"a recap's 'stats' must map each host to integer counts named "
+                         f"{', '.join(COUNTS)}")
+    return {host: {**dict.fromkeys(COUNTS, 0), **counts} for host, counts in stats.items()}
+
+
+def check_events(body: Any) -> list[dict[str, Any]]:
+    """The events of a POST .../events body: known types, hosts named by strings, a recap's
+    stats as counts (the store checks sizes and times, and numbers them)."""
+    events = body.get("events") if isinstance(body, dict) else None
+    if not isinstance(events, list) or not events:
+        raise BadRequest('expected {"events": [...]} with at least one event')
+    for event in events:
+        if not isinstance(event, dict) or event.get("type") not in EVENT_TYPES:
+            raise BadRequest(f"each event needs a 'type', one of {', '.join(EVENT_TYPES)}")
+        if "host" in event and not (isinstance(event["host"], str) and event["host"]):
+            raise BadRequest("an event's 'host' must be a host name")
+        if event["type"] == "recap":
+            event["stats"] = check_stats(event.get("stats"))
+    return events
+
+
+def event_hosts(events: list[dict[str, Any]]) -> list[str]:
+    """The hosts events name, in order: results, executions, a recap's stats."""
+    hosts: list[str] = []
+    for event in events:
+        if isinstance(event.get("host"), str):
+            hosts.append(event["host"])
+        if event["type"] == "recap":
+            hosts.extend(event["stats"])
+    return hosts
+
+
+class RunsHandler(ApiHandler):
+    """Shared by the runs handlers: the keeper, and the caller's own run by id."""
+
+    @property
+    def keeper(self) -> RunKeeper:
+        return self.ctx.runs
+
+    def caller(self) -> tuple[str, str]:
+        """The caller's user and token (401 without a valid login)."""
+        user = self.require_user()
+        token = self.token()
+        assert token is not None  # require_user verified it
+        self.set_header("Cache-Control", "no-store")
+        return user, token
+
+    async def own_run(self, user: str, run_id: str) -> Run:
+        """The caller's run, or 404 (for another user's run as for a missing one)."""
+        if not RUN_ID.fullmatch(run_id):
+            raise NotFound(f"no run {run_id}")
+        return await self.keeper.get(user, run_id)
+
+
+class RunsApi(RunsHandler):
+    """POST /api/runs: start a run. GET /api/runs: the caller's runs, newest first."""
+
+    async def post(self) -> None:
+        user, _ = self.caller()
+        kind, title, hosts, meta = check_new_run(self.json_body())
+        run = await self.keeper.create(user, kind, title, hosts, meta)
+        self.write_json({"id": run.id, "url": run_url(run.id)}, 201)
+
+    async def get(self) -> None:
+        user, _ = self.caller()
+        kind = self.get_query_argument("kind", "") or None
+        status = self.get_query_argument("status", "") or None
+        text = self.get_query_argument("q", "") or None
+        before = self.get_query_argument("before", "") or None
+        try:
+            limit = int(self.get_query_argument("limit", "50"))
+        except ValueError:
+            raise BadRequest("'limit' must be a number") from None
+        runs, more = await self.keeper.store.call("list", user, kind=kind, status=status,
+                                                  text=text, before=before, limit=limit)
+        self.write_json({"runs": [run_json(r) for r in runs], "more": more})
+
+
+class RunApi(RunsHandler):
+    """GET /api/runs/ID[?since=SEQ]: the run with its events (those after SEQ)."""
+
+    async def get(self, run_id: str) -> None:
+        user, _ = self.caller()
+        try:
+            since = int(self.get_query_argument("since", "0"))
+        except ValueError:
+            raise BadRequest("'since' must be a number") from None
+        run = await self.own_run(user, run_id)
+        events = await self.keeper.store.call("events", user, run_id, since=since)
+        self.write_json({**run_json(run), "events": events})
+
+
+class RunEventsApi(RunsHandler):
+    """POST /api/runs/ID/events {"events": [...]}: append events; a recap ends the run."""
+
+    async def post(self, run_id: str) -> None:
+        user, token = self.caller()
+        events = check_events(self.json_body())
+        run = await self.own_run(user, run_id)
+        if run.ended is not None:
+            raise Conflict(f"run {run_id} has ended; it takes no more events")
+        next_seq = await self.keeper.store.call("append_events", user, run_id, events)
+        run = await self.keeper.add_hosts(run, event_hosts(events))
+        recaps = [e for e in events if e["type"] == "recap"]
+        if recaps:
+            stats = recaps[-1]["stats"]
+            await self.keeper.finish(user, run_id, status_from_stats(stats), token, stats)
+        self.write_json({"accepted": len(events), "next_seq": next_seq})
+
+
+class RunFinishApi(RunsHandler):
+    """POST /api/runs/ID/finish {"status"?}: end a run without a recap. Without a status, the
+    one its stats give (those it has), else `interrupted`."""
+
+    async def post(self, run_id: str) -> None:
+        user, token = self.caller()
+        body = self.json_body() or {}
+        if not isinstance(body, dict):
+            raise BadRequest('expected {"status": ...} or nothing')
+        status = body.get("status")
+        if status is not None and status not in END_STATUSES:
+            raise BadRequest(f"'status' must be one of {', '.join(END_STATUSES)}")
+        run = await self.own_run(user, run_id)
+        if status is None:
+            status = status_from_stats(run.stats) if run.stats else "interrupted"
+        run = await self.keeper.finish(user, run_id, status, token)
+        self.write_json(run_json(run))
+
+
+class RunOutputApi(RunsHandler):
+    """GET /api/runs/ID/output[?host=H]: the output of the run's executions, stored once
+    collected, else read live from the agents."""
+
+    async def get(self, run_id: str) -> None:
+        user, token = self.caller()
+        host = self.get_query_argument("host", "") or None
+        run = await self.own_run(user, run_id)
+        self.write_json({"executions": await self.keeper.outputs(run, token, host)})
+
+
+def run_json(run: Run) -> dict[str, Any]:
+    """A run as the API answers it: its summary and its permalink."""
+    return {**run.summary(), "url": run_url(run.id)}
+
+
+ROUTES = [
+    (r"/api/runs", RunsApi),
+    (r"/api/runs/([^/]+)", RunApi),
+    (r"/api/runs/([^/]+)/events", RunEventsApi),
+    (r"/api/runs/([^/]+)/finish", RunFinishApi),
+    (r"/api/runs/([^/]+)/output", RunOutputApi),
+]

@@ -1,0 +1,327 @@
+"""The runs API (docs/runs.md) against a real controller and real agents: a run from start to
+recap, listing and paging, owners only, bad input, command runs whose output outlives their
+agents, a restart, the per-user cap."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import signal
+from typing import Any
+
+from marco.tokens import TokenSigner
+from tests.support.controller_process import ControllerProcess
+from tests.support.http import call, login_cookie
+from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
+
+RUN_ID = re.compile(r"r[0-9a-f]{20}")
+
+
+def new_run(controller: ControllerProcess, token: str, **fields: Any) -> str:
+    body = {"kind": "playbook", "title": "ansible-playbook site.yml", **fields}
+    status, answer = call(controller, "POST", "/api/runs", body, token)
+    assert status == 201, answer
+    return str(answer["id"])
+
+
+def send(controller: ControllerProcess, token: str, run_id: str,
+         *events: dict[str, Any]) -> tuple[int, Any]:
+    return call(controller, "POST", f"/api/runs/{run_id}/events", {"events": list(events)},
+                token)
+
+
+def get_run(controller: ControllerProcess, token: str, run_id: str) -> dict[str, Any]:
+    status, run = call(controller, "GET", f"/api/runs/{run_id}", token=token)
+    assert status == 200, run
+    return dict(run)
+
+
+def recap(**stats: Any) -> dict[str, Any]:
+    return {"type": "recap", "stats": stats}
+
+
+def test_a_playbook_run_from_start_to_recap(cluster, alice: UnixUser,
+                                            signer: TokenSigner) -> None:
+    controller, names = cluster
+    token = signer.issue(alice.name)
+    status, answer = call(controller, "POST", "/api/runs",
+                          {"kind": "playbook", "title": "ansible-playbook site.yml -l web",
+                           "hosts": [names[0]], "meta": {"check": True}}, token)
+    assert status == 201 and RUN_ID.fullmatch(answer["id"])
+    run_id = answer["id"]
+    assert answer["url"] == f"/runs/{run_id}"
+    status, answer = send(controller, token, run_id,
+                          {"type": "play_start", "play": "web", "play_id": "p1", "time": 1.5},
+                          {"type": "task_start", "task": "ping", "task_id": "t1",
+                           "play_id": "p1", "action": "ansible.builtin.ping"},
+                          {"type": "host_result", "task_id": "t1", "host": names[1],
+                           "status": "failed", "msg": "boom", "rc": 2, "duration": 0.1})
+    assert (status, answer) == (200, {"accepted": 3, "next_seq": 4})
+    run = get_run(controller, token, run_id)
+    assert run["owner"] == alice.name and run["status"] == "running" and run["ended"] is None
+    assert run["hosts"] == [names[0], names[1]]  # a result's host joins the run
+    assert run["meta"] == {"check": True} and run["url"] == f"/runs/{run_id}"
+    assert [(e["seq"], e["type"]) for e in run["events"]] == [
+        (1, "play_start"), (2, "task_start"), (3, "host_result")]
+    assert run["events"][0]["time"] == 1.5 and run["events"][2]["msg"] == "boom"
+    stats = {names[0]: {"ok": 2, "changed": 1}, names[1]: {"ok": 1, "failed": 1}}
+    assert send(controller, token, run_id, recap(**stats))[0] == 200
+    run = get_run(controller, token, run_id)
+    assert run["status"] == "failed" and run["ended"] is not None
+    assert run["stats"][names[1]] == {"ok": 1, "changed": 0, "failed": 1, "unreachable": 0,
+                                      "skipped": 0}
+    assert [e["seq"] for e in get_run(controller, token, f"{run_id}?since=3")["events"]] == [4]
+    # Ended: no more events, no second end.
+    assert send(controller, token, run_id, {"type": "play_start"})[0] == 409
+    assert call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)[0] == 409
+
+
+def test_the_status_a_run_ends_with(cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    controller, names = cluster
+    token = signer.issue(alice.name)
+    ok, unreachable, cut, told = (new_run(controller, token) for _ in range(4))
+    send(controller, token, ok, recap(**{names[0]: {"ok": 3, "skipped": 1}}))
+    send(controller, token, unreachable,
+         recap(**{names[0]: {"ok": 1}, names[1]: {"unreachable": 1}}))
+    assert call(controller, "POST", f"/api/runs/{cut}/finish", None, token)[0] == 200
+    status, answer = call(controller, "POST", f"/api/runs/{told}/finish", {"status": "failed"},
+                          token)
+    assert status == 200 and answer["status"] == "failed" and answer["ended"] is not None
+    assert [get_run(controller, token, r)["status"] for r in (ok, unreachable, cut)] == [
+        "ok", "unreachable", "interrupted"]
+
+
+def test_listing_is_newest_first_with_filters_and_pages(cluster, alice: UnixUser,
+                                                        signer: TokenSigner) -> None:
+    controller, _ = cluster
+    token = signer.issue(alice.name)
+    marker = f"listing-{secrets.token_hex(4)}"
+    made = [new_run(controller, token, kind=("command", "shell")[i % 2],
+                    title=f"echo {marker} {i}") for i in range(5)]
+    call(controller, "POST", f"/api/runs/{made[1]}/finish", {"status": "failed"}, token)
+
+    def page(query: str) -> tuple[list[str], bool]:
+        status, answer = call(controller, "GET", f"/api/runs?q={marker}&{query}", token=token)
+        assert status == 200, answer
+        return [r["id"] for r in answer["runs"]], answer["more"]
+
+    # Newest first by id: the start second, then a random part within one second.
+    newest_first = sorted(made, reverse=True)
+    first, more = page("limit=2")
+    assert first == newest_first[:2] and more
+    second, more = page(f"limit=2&before={first[-1]}")
+    assert second == newest_first[2:4] and more
+    assert page(f"limit=2&before={second[-1]}") == (newest_first[4:], False)
+    assert page("kind=shell")[0] == sorted([made[3], made[1]], reverse=True)
+    assert page("status=failed")[0] == [made[1]]
+    assert page("kind=shell&status=running")[0] == [made[3]]
+    status, answer = call(controller, "GET", f"/api/runs?q={marker.upper()}&limit=1",
+                          token=token)
+    assert status == 200 and answer["runs"][0]["id"] == newest_first[0]
+    assert "events" not in answer["runs"][0]
+    for bad in ("kind=nope", "status=nope", "limit=0", "limit=x", "before=nope"):
+        assert call(controller, "GET", f"/api/runs?{bad}", token=token)[0] == 400, bad
+
+
+def test_a_user_sees_only_their_own_runs(cluster, alice: UnixUser, bob: UnixUser,
+                                         signer: TokenSigner) -> None:
+    controller, _ = cluster
+    alices, bobs = signer.issue(alice.name), signer.issue(bob.name)
+    theirs = {alices: new_run(controller, alices, title="alice's own"),
+              bobs: new_run(controller, bobs, title="bob's own")}
+    missing = "r" + "0" * 20
+    for token, other in ((alices, theirs[bobs]), (bobs, theirs[alices])):
+        status, listing = call(controller, "GET", "/api/runs?limit=500", token=token)
+        assert status == 200 and theirs[token] in [r["id"] for r in listing["runs"]]
+        assert other not in [r["id"] for r in listing["runs"]]
+        for run_id in (other, missing):  # another user's run is exactly a missing one
+            status, answer = call(controller, "GET", f"/api/runs/{run_id}", token=token)
+            assert (status, answer) == (404, {"error": "not_found",
+                                              "message": f"no run {run_id}"})
+            assert call(controller, "GET", f"/api/runs/{run_id}/output", token=token)[0] == 404
+            assert send(controller, token, run_id, {"type": "play_start"})[0] == 404
+            assert call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)[0] == 404
+    assert get_run(controller, bobs, theirs[bobs])["status"] == "running"  # untouched
+    assert call(controller, "GET", "/api/runs/nonsense", token=alices)[0] == 404
+    # The page's cookie is a login too; no login at all is a 401 everywhere.
+    cookie = login_cookie(controller, alice)
+    status, answer = call(controller, "GET", f"/api/runs/{theirs[alices]}",
+                          headers={"Cookie": cookie})
+    assert status == 200 and answer["title"] == "alice's own"
+    run_id, xsrf = theirs[alices], cookie.split("_xsrf=")[1]
+    no_login = {"Cookie": f"_xsrf={xsrf}", "X-XSRFToken": xsrf}  # past the XSRF check
+    for method, path in (("GET", "/api/runs"), ("POST", "/api/runs"),
+                         ("GET", f"/api/runs/{run_id}"), ("GET", f"/api/runs/{run_id}/output"),
+                         ("POST", f"/api/runs/{run_id}/events"),
+                         ("POST", f"/api/runs/{run_id}/finish")):
+        status, answer = call(controller, method, path, {"kind": "playbook", "title": "x"},
+                              headers=no_login)
+        assert status == 401 and answer["error"] == "unauthenticated", (method, path)
+
+
+def test_bad_input_is_a_400(cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    controller, _ = cluster
+    token = signer.issue(alice.name)
+    bodies: list[Any] = [b"not json", [], {"kind": "nope", "title": "x"}, {"kind": "command"},
+                         {"kind": "command", "title": " "},
+                         {"kind": "command", "title": "x" * 1001},
+                         {"kind": "command", "title": "x", "hosts": "web"},
+                         {"kind": "command", "title": "x", "hosts": [""]},
+                         {"kind": "command", "title": "x", "meta": []},
+                         {"kind": "command", "title": "x", "meta": {"big": "x" * 17_000}}]
+    for body in bodies:
+        status, answer = call(controller, "POST", "/api/runs", body, token)
+        assert status == 400 and answer["error"] == "bad_request", body
+    run_id = new_run(controller, token)
+    for events in ([], ["x"], [{"type": "nope"}], [{"type": "play_start", "time": "noon"}],
+                   [{"type": "host_result", "host": 7}],
+                   [{"type": "play_start", "play": "x" * 70_000}],
+                   [{"type": "play_start"}] * 1001,
+                   [recap(web={"ok": "1"})], [recap(web={"ok": True})],
+                   [recap(web={"bogus": 1})], [{"type": "recap", "stats": []}]):
+        status, answer = send(controller, token, run_id, *events)
+        assert status == 400 and answer["error"] == "bad_request", events[:1]
+    assert call(controller, "POST", f"/api/runs/{run_id}/events", {"events": "x"}, token)[0] == 400
+    assert call(controller, "POST", f"/api/runs/{run_id}/finish", {"status": "running"},
+                token)[0] == 400
+    run = get_run(controller, token, run_id)
+    assert run["events"] == [] and run["status"] == "running"  # nothing of it was kept
+
+
+def static_cluster(start_agent, start_controller, unique_name, *extra: str,
+                   agents: int = 2) -> tuple[ControllerProcess, list[Any]]:
+    """A controller with its own agents as static nodes (so a test may stop them)."""
+    started = [start_agent(node_name=unique_name("runs")) for _ in range(agents)]
+    nodes = [arg for a in started for arg in ("--node", f"{a.node_name}={a.host}:{a.port}")]
+    return start_controller(extra_args=["--no-discovery", *nodes, *extra]), started
+
+
+def wait_ended(controller: ControllerProcess, token: str, run_id: str) -> dict[str, Any]:
+    return wait_for(lambda: (run := get_run(controller, token, run_id))["ended"] and run,
+                    what=f"run {run_id} ended")
+
+
+def output_lines(execution: dict[str, Any]) -> list[str]:
+    return [line for event in execution["events"] for line in event["lines"]]
+
+
+def test_a_command_run_ends_by_rc_and_its_output_outlives_the_agents(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    controller, agents = static_cluster(start_agent, start_controller, unique_name)
+    names = [a.node_name for a in agents]
+    token = signer.issue(alice.name)
+    wait_for(lambda: set(names) <= set(controller.inventory_hosts(token)), what="nodes alive")
+    status, answer = call(controller, "POST", "/api/run",
+                          {"nodes": names, "command": "echo kept-$((6*7))", "cwd": "/tmp"},
+                          token)
+    assert status == 200 and all(r["ok"] for r in answer["results"].values()), answer
+    run_id = answer["run"]["id"]
+    assert answer["run"]["url"] == f"/runs/{run_id}"
+    for agent in agents:  # each execution carries the run's tags
+        execution = agent.client(token).execution(answer["results"][agent.node_name]["id"])
+        assert execution["tags"] == {"run": run_id, "host": agent.node_name}
+    run = wait_ended(controller, token, run_id)
+    assert run["kind"] == "command" and run["title"] == "echo kept-$((6*7))"
+    assert run["status"] == "ok" and run["hosts"] == names and run["meta"] == {"cwd": "/tmp"}
+    assert {h: (c["ok"], c["failed"], c["rc"]) for h, c in run["stats"].items()} == {
+        name: (1, 0, 0) for name in names}
+    assert sorted((e["host"], e["execution_id"]) for e in run["events"]
+                  if e["type"] == "execution") == sorted(
+        (name, r["id"]) for name, r in answer["results"].items())
+
+    def archived() -> list[dict[str, Any]] | None:
+        executions = call(controller, "GET", f"/api/runs/{run_id}/output", token=token)[1][
+            "executions"]
+        return executions if len(executions) == 2 and all(
+            e["archived"] for e in executions) else None
+
+    kept = wait_for(archived, what="the run's output archived")
+    assert {e["host"]: output_lines(e) for e in kept} == {name: ["kept-42"] for name in names}
+    for agent in agents:
+        agent.stop()
+    status, answer = call(controller, "GET", f"/api/runs/{run_id}/output?host={names[1]}",
+                          token=token)
+    assert status == 200 and [(e["host"], e["archived"], output_lines(e))
+                              for e in answer["executions"]] == [(names[1], True, ["kept-42"])]
+    # A shell run whose command fails ends failed, with its rc.
+    agents = [agent.restarted() for agent in agents]
+    try:
+        wait_for(lambda: names[0] in controller.inventory_hosts(token), what="node back")
+        status, answer = call(controller, "POST", "/api/run",
+                              {"nodes": [names[0]], "command": "echo no; exit 3",
+                               "kind": "shell"}, token)
+        assert status == 200, answer
+        run = wait_ended(controller, token, answer["run"]["id"])
+        assert (run["kind"], run["status"]) == ("shell", "failed")
+        assert run["stats"][names[0]]["rc"] == 3 and run["stats"][names[0]]["failed"] == 1
+        assert call(controller, "POST", "/api/run", {"nodes": [names[0]], "command": "id",
+                                                     "kind": "playbook"}, token)[0] == 400
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+def test_a_restarted_controller_keeps_every_run_and_interrupts_running_ones(
+        start_controller, alice: UnixUser, signer: TokenSigner) -> None:
+    first = start_controller()
+    token = signer.issue(alice.name)
+    running, ended = new_run(first, token, title="left running"), new_run(first, token)
+    send(first, token, running, {"type": "play_start", "play": "p"})
+    send(first, token, ended, {"type": "play_start", "play": "p"}, recap(web={"ok": 1}))
+    before = get_run(first, token, ended)
+    first.stop()
+    second = first.restarted()
+    try:
+        assert get_run(second, token, ended) == before
+        run = get_run(second, token, running)
+        assert run["status"] == "interrupted" and run["ended"] is not None
+        assert [e["type"] for e in run["events"]] == ["play_start"]
+        listed = call(second, "GET", "/api/runs", token=token)[1]["runs"]
+        assert [r["id"] for r in listed] == sorted([running, ended], reverse=True)
+    finally:
+        second.stop()
+
+
+def test_running_runs_are_capped_per_user(start_controller, alice: UnixUser, bob: UnixUser,
+                                          signer: TokenSigner) -> None:
+    controller = start_controller(extra_args=["--runs-max-running-per-user", "2"])
+    alices, bobs = signer.issue(alice.name), signer.issue(bob.name)
+    first, _ = new_run(controller, alices), new_run(controller, alices)
+    status, answer = call(controller, "POST", "/api/runs",
+                          {"kind": "command", "title": "one too many"}, alices)
+    assert status == 429 and "at most 2" in answer["message"]
+    new_run(controller, bobs)  # per user: bob is not held up by alice's runs
+    call(controller, "POST", f"/api/runs/{first}/finish", {"status": "ok"}, alices)
+    new_run(controller, alices)  # one ended: room again
+
+
+def test_a_run_whose_agent_is_gone_ends_unreachable_and_stays_readable(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    controller, (agent,) = static_cluster(start_agent, start_controller, unique_name, agents=1)
+    token = signer.issue(alice.name)
+    wait_for(lambda: agent.node_name in controller.inventory_hosts(token), what="node alive")
+    # A command the node refuses (longer than its max_command_bytes) ends its run failed.
+    status, answer = call(controller, "POST", "/api/run",
+                          {"nodes": [agent.node_name], "command": "true " + "x" * 300_000},
+                          token)
+    assert status == 200 and not answer["results"][agent.node_name]["ok"], answer
+    run = wait_ended(controller, token, answer["run"]["id"])
+    assert run["status"] == "failed" and run["stats"][agent.node_name]["failed"] == 1
+    status, answer = call(controller, "POST", "/api/run",
+                          {"nodes": [agent.node_name], "command": "echo before; sleep 600"},
+                          token)
+    run_id, execution_id = answer["run"]["id"], answer["results"][agent.node_name]["id"]
+    client = agent.client(token)
+    wait_for(lambda: client.output(execution_id)["events"], what="the first line")
+    client.close()
+    live = call(controller, "GET", f"/api/runs/{run_id}/output", token=token)[1]["executions"]
+    assert [(e["archived"], output_lines(e)) for e in live] == [(False, ["before"])]
+    agent.stop(signal.SIGKILL)
+    run = wait_ended(controller, token, run_id)
+    assert run["status"] == "unreachable" and run["stats"][agent.node_name]["unreachable"] == 1
+    kept = wait_for(lambda: call(controller, "GET", f"/api/runs/{run_id}/output",
+                                 token=token)[1]["executions"], what="the output's record")
+    assert [(e["execution_id"], e["archived"]) for e in kept] == [(execution_id, False)]
