@@ -38,6 +38,8 @@ def controller_options() -> list[Option]:
         Option("discovery", True, "browse for agents by zeroconf", flag=True),
         Option("token_max_age", DEFAULT_MAX_AGE, "seconds a login stays valid", kind=int),
         Option("health_interval", 2.0, "seconds between health checks of each agent", kind=float),
+        Option("health_failures", 3, "health checks in a row an agent may leave unanswered "
+               "before it is down (a wrong answer downs it at once)", kind=int),
         Option("deploy_stall_timeout", 30.0, "seconds an agent may take no data during a "
                "deploy before it is dropped (the others go on)", kind=float),
         Option("login_max_failures", 5, "failed logins allowed per user and per client address "
@@ -84,6 +86,7 @@ class ControllerConfig:
     discovery: bool
     token_max_age: int
     health_interval: float
+    health_failures: int
     deploy_stall_timeout: float
     login_max_failures: int
     login_lockout: int

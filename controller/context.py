@@ -92,7 +92,7 @@ class ControllerContext:
                                                   LoginShells(config.login_shells)),
                    registry=registry,
                    health=HealthMonitor(registry, config.health_interval, keys=secret,
-                                        tls=agent_tls),
+                                        tls=agent_tls, failures=config.health_failures),
                    cookie_secret=cookie_secret, revocations=revocations, pusher=pusher,
                    connector=connector, pki=pki, web_tls=web_tls)
 

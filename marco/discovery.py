@@ -227,6 +227,17 @@ class ZeroconfBrowser:
         self._browser = self._zc = None
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One health check: `answered` is False when the node did not answer at all (refused,
+    reset, timed out), as opposed to a wrong answer (certificate, secret proof, name)."""
+
+    alive: bool
+    error: str | None = None
+    details: dict[str, Any] | None = None
+    answered: bool = True
+
+
 class HealthMonitor:
     """Probes every node's /v1/health each `interval` seconds, all nodes concurrently.
 
@@ -236,11 +247,17 @@ class HealthMonitor:
     """
 
     def __init__(self, registry: NodeRegistry, interval: float,
-                 keys: Sequence[bytes] | None = None, tls: ClientTls | None = None) -> None:
+                 keys: Sequence[bytes] | None = None, tls: ClientTls | None = None,
+                 failures: int = 1) -> None:
         self.tls = tls
         self.registry = registry
         self.interval = interval
         self.keys = list(keys or [])
+        # A node is down after `failures` probes in a row that got no answer, so one slow
+        # answer (a busy node, a lost packet) does not drop it from the inventory; a wrong
+        # answer (certificate, secret proof, name) drops it at once.
+        self.failures = max(1, failures)
+        self._missed: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -253,11 +270,13 @@ class HealthMonitor:
 
     async def check_all(self) -> None:
         nodes = self.registry.all()
+        self._missed = {name: count for name, count in self._missed.items()
+                        if self.registry.get(name) is not None}  # forgotten nodes' counts go
         if nodes:
             await asyncio.gather(*(self.check(node) for node in nodes))
 
-    async def probe(self, node: Node) -> tuple[bool, str | None, dict[str, Any] | None]:
-        """(alive, error, details) of one node, the secret proof checked when keys are set."""
+    async def probe(self, node: Node) -> Probe:
+        """One node's health, the secret proof checked when keys are set."""
         client = AsyncAgentClient(node.host, node.port, timeout=HEALTH_TIMEOUT, tls=self.tls,
                                   node=node.name if self.tls is not None else None)
         nonce = secrets.token_hex(16) if self.keys else None
@@ -266,29 +285,37 @@ class HealthMonitor:
         except CertificateRefused as error:
             log.warning("refusing %s at %s:%d: %s", node.name, node.host, node.port,
                         error.message)
-            return False, str(error), None
+            return Probe(False, str(error))
         except MarcoError as error:
-            return False, str(error), None
+            return Probe(False, str(error), answered=False)
         reported = str(details.get("node", ""))
         if nonce is not None and not verify_health_proof(self.keys, nonce, reported,
                                                          details.get("proof")):
             log.warning("%s:%d answers as node %s without proof of the cluster secret: ignored",
                         node.host, node.port, node.name)
-            return (False, "failed the cluster-secret proof (not a Marco agent of this cluster?)",
-                    None)
+            return Probe(False,
+                         "failed the cluster-secret proof (not a Marco agent of this cluster?)")
         if node.source == "mdns" and reported != node.name:
             log.warning("%s announces node %s but its agent is %s: ignored", node.service,
                         node.name, reported)
-            return False, f"the agent there is {reported!r}", None
-        return True, None, details
+            return Probe(False, f"the agent there is {reported!r}")
+        return Probe(True, details=details)
 
     async def verify(self, node: Node) -> bool:
         """For the browser: is this newly announced node a real agent of this cluster?"""
-        return (await self.probe(node))[0]
+        return (await self.probe(node)).alive
 
     async def check(self, node: Node) -> None:
-        alive, error, details = await self.probe(node)
-        self.registry.set_health(node.name, alive, error, details=details)
+        probe = await self.probe(node)
+        if probe.answered:
+            self._missed.pop(node.name, None)
+        else:
+            missed = self._missed[node.name] = self._missed.get(node.name, 0) + 1
+            if node.alive and missed < self.failures:
+                log.info("%s did not answer its health check (%d in a row, down at %d): %s",
+                         node.name, missed, self.failures, probe.error)
+                return
+        self.registry.set_health(node.name, probe.alive, probe.error, details=probe.details)
 
     def stop(self) -> None:
         if self._task is not None:

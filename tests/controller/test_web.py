@@ -4,12 +4,12 @@ real agents and real Unix users logging in with PAM."""
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.support.browser import launch
@@ -193,11 +193,13 @@ def test_log_out_everywhere_button(browser, cluster, alice: UnixUser) -> None:
     first = browser.new_context().new_page()
     second = browser.new_context().new_page()
     log_in(first, controller, alice)
-    log_in(second, controller, alice)
-    time.sleep(1.1)  # tokens carry whole seconds
+    log_in(second, controller, alice)  # the same second is fine: logout voids its second too
     second.click("#logout-everywhere")
     expect(second).to_have_url(re.compile(r"/login"))
-    first.reload()  # the other browser's session is over too
+    try:
+        first.reload()  # the other browser's session is over too
+    except PlaywrightError:  # the page was on its way to /login already (its sockets closed)
+        pass
     expect(first).to_have_url(re.compile(r"/login"), timeout=TIMEOUT_MS)
     first.context.close()
     second.context.close()
