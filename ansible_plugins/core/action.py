@@ -37,7 +37,8 @@ class MarcoDeployAction(ActionBase):
                 self._connection._client, src, args.get("dest") or "~",
                 boolean(args.get("overwrite", True), strict=False), args.get("mode"),
                 args.get("command"), args.get("chdir"), args.get("creates"), label,
-                check_mode=self._task.check_mode, no_log=bool(self._task.no_log)))
+                check_mode=self._task.check_mode, no_log=bool(self._task.no_log),
+                tags=self._connection._tags()))
         except DeployError as error:
             raise AnsibleActionFail(str(error)) from None
         except MarcoError as error:

@@ -2,7 +2,10 @@
 
 One HTTP round trip per command (`POST /v1/executions?wait=1`, module payload as stdin), files
 streamed with `PUT`/`GET /v1/files`. Every execution is labelled with play, task and host, so
-the live viewer groups it, and it runs as the token's user on the node.
+the live viewer groups it, and it runs as the token's user on the node. When the playbook is
+recorded as a run (the `marco.fleet.marco_runs` callback sets MARCO_RUN in ansible-playbook,
+whose forked workers inherit it), every execution is also tagged with the run, the task's id
+and the host, so the run's page puts its live lines in that task x host cell.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from .errors import to_ansible
 
 display = Display()
 
+RUN_VARIABLE = "MARCO_RUN"  # the run id, set by the marco_runs callback at playbook start
+TAG_VALUE_CHARS = 200       # the agent's limit on a tag's value (docs/protocol.md)
+
 
 class MarcoConnection(ConnectionBase):
     """Run commands and move files through a Marco agent."""
@@ -39,6 +45,9 @@ class MarcoConnection(ConnectionBase):
         self._task_name = ""
         self._play_name = ""
         self._host_name = ""
+        # The worker's TaskExecutor names its task when it makes the connection: the same
+        # id the callback sends as the task's `task_id`.
+        self._task_uuid = str(kwargs.get("task_uuid") or "")
 
     # -- options and labels -------------------------------------------------------------------
 
@@ -56,6 +65,14 @@ class MarcoConnection(ConnectionBase):
         parts = [p for p in (self._play_name, self._task_name) if p]
         label = " / ".join(parts) or "ansible"
         return f"{label} @ {self._host_name}" if self._host_name else label
+
+    def _tags(self) -> dict[str, str] | None:
+        """The run tags of this task's executions; None outside a recorded run."""
+        run = os.environ.get(RUN_VARIABLE, "")
+        if not run:
+            return None
+        tags = {"run": run, "task": self._task_uuid, "host": self._host_name}
+        return {key: value[:TAG_VALUE_CHARS] for key, value in tags.items() if value}
 
     @property
     def _host(self) -> str:
@@ -103,7 +120,8 @@ class MarcoConnection(ConnectionBase):
             # nothing of it, and only this caller gets the output.
             result = self._client.run(to_text(cmd), stdin=stdin, label=self._label(),
                                       timeout=self.get_option("command_timeout") or None,
-                                      no_log=bool(self._play_context.no_log))
+                                      no_log=bool(self._play_context.no_log),
+                                      tags=self._tags())
         except MarcoError as error:
             raise to_ansible(error, self._host, "exec") from None
         if result.timed_out:
@@ -135,7 +153,8 @@ class MarcoConnection(ConnectionBase):
             user = self.become.get_option("become_user") or "root"
             try:
                 probe = self._client.run(["sudo", "-n", "-u", str(user), "true"],
-                                         label=f"{self._label()} (sudo -n probe)")
+                                         label=f"{self._label()} (sudo -n probe)",
+                                         tags=self._tags())
             except MarcoError as error:
                 raise to_ansible(error, self._host, "sudo probe") from None
             self._sudo_needs_password = probe.rc != 0

@@ -29,7 +29,8 @@ def parse_mode(mode: Any) -> int | None:
 
 def deploy(client: AgentClient, src_path: str | None, dest: str, overwrite: bool,
            mode: Any, command: str | None, chdir: str | None, creates: str | None,
-           label: str, check_mode: bool = False, no_log: bool = False) -> dict[str, Any]:
+           label: str, check_mode: bool = False, no_log: bool = False,
+           tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Do the task; return the result dict (failed on rc != 0 like `command`). With `no_log`
     the command's output goes nowhere but the result (not the viewer, not the agent's spool)."""
     result: dict[str, Any] = {"changed": False}
@@ -55,7 +56,7 @@ def deploy(client: AgentClient, src_path: str | None, dest: str, overwrite: bool
     workdir = chdir or folder
     if creates:
         probe = client.run(f"test -e {shlex.quote(creates)}", cwd=workdir,
-                           label=f"{label} (creates?)", no_log=no_log)
+                           label=f"{label} (creates?)", no_log=no_log, tags=tags)
         if probe.rc == 0:
             result.update(cmd=command, rc=0, stdout=f"skipped, since {creates} exists",
                           stderr="", stdout_lines=[f"skipped, since {creates} exists"],
@@ -65,7 +66,7 @@ def deploy(client: AgentClient, src_path: str | None, dest: str, overwrite: bool
         result.update(msg="command not run in check mode", cmd=command)
         return result
     start = datetime.datetime.now()
-    run = client.run(command, cwd=workdir, label=label, no_log=no_log)
+    run = client.run(command, cwd=workdir, label=label, no_log=no_log, tags=tags)
     end = datetime.datetime.now()
     stdout = run.stdout.decode("utf-8", "replace").rstrip("\n")
     stderr = run.stderr.decode("utf-8", "replace").rstrip("\n")

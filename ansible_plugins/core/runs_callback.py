@@ -1,0 +1,314 @@
+"""The `marco.fleet.marco_runs` callback: one `ansible-playbook` invocation recorded as a run on
+the Marco controller (docs/runs.md): registered at the first playbook start, then play and
+task starts, each host's result and the recap, as events.
+
+The playbook never waits for the controller except once, to register the run (bounded by
+`timeout`): every later event is only put on a queue, which one background thread sends in
+batches. The run id goes into the environment (MARCO_RUN) before any task runs, so the forked
+workers' marco connections tag their executions with it. A controller that cannot be reached
+(or no credentials) costs one warning; the playbook goes on and its events are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shlex
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ansible.plugins.callback import CallbackBase
+
+from marco.cli import controller_url
+from marco.controller_client import call_controller
+from marco.credentials import find_token
+from marco.errors import MarcoError
+
+from .connection import RUN_VARIABLE
+
+MAX_MSG_CHARS = 2000            # a result's short message (docs/runs.md)
+MAX_EVENT_BYTES = 64 * 1024     # an event as JSON, result included (the controller's limit)
+MAX_TITLE_CHARS = 1000
+MAX_BATCH_EVENTS = 1000         # events per POST (the controller's limit)
+MAX_BATCH_BYTES = 1024 * 1024   # and at most about this much JSON per POST
+CUT_VALUE_CHARS = 4096          # what is left of a large value in a result cut to fit
+NO_LOG_MSG = "output hidden: no_log"
+HIDDEN = "<hidden>"
+EXTRA_VARS_FLAGS = ("-e", "--extra-vars")
+_FLUSH = object()               # queue marker: everything before it has been sent (or dropped)
+
+
+def command_line(argv: list[str]) -> list[str]:
+    """The invocation's arguments with inline extra variables hidden (they may be passwords);
+    `-e @file` names a file and stays."""
+    shown: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            shown.append(arg if arg.startswith("@") else HIDDEN)
+            hide_next = False
+        elif arg in EXTRA_VARS_FLAGS:
+            shown.append(arg)
+            hide_next = True
+        elif arg.startswith("--extra-vars="):
+            value = arg.split("=", 1)[1]
+            shown.append(arg if value.startswith("@") else "--extra-vars=" + HIDDEN)
+        elif arg.startswith("-e") and len(arg) > 2:
+            shown.append(arg if arg[2:].startswith("@") else "-e" + HIDDEN)
+        else:
+            shown.append(arg)
+    return shown
+
+
+def run_title(argv: list[str]) -> str:
+    title = shlex.join(["ansible-playbook", *command_line(argv)])
+    return title if len(title) <= MAX_TITLE_CHARS else title[:MAX_TITLE_CHARS - 1] + "…"
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, default=str, ensure_ascii=False).encode("utf-8"))
+
+
+def clean_result(result: Mapping[str, Any], limit: int) -> dict[str, Any]:
+    """A module's result without `invocation` (its arguments) and Ansible's internal keys,
+    as plain JSON data of at most `limit` bytes: the largest values are cut first."""
+    kept = {key: value for key, value in result.items()
+            if key != "invocation" and not str(key).startswith("_ansible_")}
+    data: dict[str, Any] = json.loads(json.dumps(kept, default=str))
+    for key in sorted(data, key=lambda k: _json_size(data[k]), reverse=True):
+        if _json_size(data) <= limit:
+            return data
+        text = data[key] if isinstance(data[key], str) else json.dumps(data[key])
+        data[key] = text[:CUT_VALUE_CHARS] + "… (cut)"
+    return data if _json_size(data) <= limit else {"cut": True}
+
+
+def short_message(result: Mapping[str, Any]) -> str:
+    """The result's `msg`, else its stderr (failed commands), cut to MAX_MSG_CHARS."""
+    message = result.get("msg") or result.get("stderr") or ""
+    text = message if isinstance(message, str) else json.dumps(message, default=str)
+    return text if len(text) <= MAX_MSG_CHARS else text[:MAX_MSG_CHARS - 1] + "…"
+
+
+def host_result(raw: dict[str, Any]) -> dict[str, Any]:
+    """A `host_result` event from what the callback queued (the result still raw): done in the
+    sender thread, so a task pays only for the queueing."""
+    result = raw.pop("raw_result")
+    if raw.pop("no_log"):
+        return {**raw, "msg": NO_LOG_MSG, "rc": None}
+    rc = result.get("rc")
+    event = {**raw, "msg": short_message(result),
+             "rc": rc if isinstance(rc, int) and not isinstance(rc, bool) else None}
+    event["result"] = clean_result(result, MAX_EVENT_BYTES - _json_size(event) - 256)
+    return event
+
+
+def _result_data(result: Any) -> Mapping[str, Any]:
+    """The module's result dict (`result` since ansible-core 2.19, `_result` before)."""
+    data = getattr(result, "result", None)
+    return data if isinstance(data, Mapping) else result._result
+
+
+class EventSender:
+    """One background thread that sends queued events to POST /api/runs/ID/events in
+    batches; after its first failure it drops everything (the failure is kept for one
+    warning)."""
+
+    def __init__(self, post: Callable[[list[dict[str, Any]]], Any], max_queued: int) -> None:
+        self.post = post
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max_queued)
+        self.failure: str | None = None
+        self.dropped = 0
+        self.flushed = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="marco-runs", daemon=True)
+        self.thread.start()
+
+    def put(self, event: dict[str, Any]) -> None:
+        """Queue an event, never waiting: a full queue drops it (and counts it)."""
+        if self.failure is not None:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+
+    def flush(self, wait: float) -> bool:
+        """Send what is queued, waiting at most `wait` seconds; True when all went out."""
+        try:
+            self.queue.put(_FLUSH, timeout=wait)
+        except queue.Full:
+            return False
+        return self.flushed.wait(wait) and self.failure is None and not self.dropped
+
+    def _loop(self) -> None:
+        while True:
+            first = self.queue.get()
+            batch, flush = self._batch(first)
+            if batch and self.failure is None:
+                try:
+                    self.post(batch)
+                except MarcoError as error:
+                    self.failure = str(error)
+                except Exception as error:  # noqa: BLE001 - never let the thread die silently
+                    self.failure = f"{type(error).__name__}: {error}"
+            if flush:
+                self.flushed.set()
+
+    def _batch(self, first: Any) -> tuple[list[dict[str, Any]], bool]:
+        """`first` and what else is queued, up to a batch's limits; and whether a flush
+        marker was met (nothing after it is taken)."""
+        if first is _FLUSH:
+            return [], True
+        batch = [self._ready(first)]
+        size = _json_size(batch[0])
+        while len(batch) < MAX_BATCH_EVENTS and size < MAX_BATCH_BYTES:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _FLUSH:
+                return batch, True
+            batch.append(self._ready(item))
+            size += _json_size(batch[-1])
+        return batch, False
+
+    @staticmethod
+    def _ready(event: dict[str, Any]) -> dict[str, Any]:
+        """An event as sent: a queued raw result becomes its `host_result` here."""
+        return host_result(event) if "raw_result" in event else event
+
+
+class MarcoRunsCallback(CallbackBase):
+    """Records the playbook as a run on the Marco controller (docs/runs.md)."""
+
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "notification"
+    CALLBACK_NAME = "marco.fleet.marco_runs"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_id: str | None = None
+        self.permalink: str | None = None
+        self.sender: EventSender | None = None
+        self.started = False          # the first playbook start has been seen
+        self.warned = False
+        self.play_id: str | None = None
+        self.host_starts: dict[tuple[str, str], float] = {}
+
+    # -- registering, warning, sending ----------------------------------------------------------
+
+    def _option(self, name: str, default: Any) -> Any:
+        try:
+            value = self.get_option(name)
+        except KeyError:
+            return default
+        return default if value is None else value
+
+    def _warn_once(self, message: str) -> None:
+        if not self.warned:
+            self.warned = True
+            self._display.warning(f"marco_runs: {message}; the playbook goes on without "
+                                  "being recorded")
+
+    def _register(self, playbook_file: str) -> None:
+        """POST /api/runs and export the run id; any failure is one warning."""
+        timeout = float(self._option("timeout", 5.0))
+        try:
+            url = controller_url(self._option("controller", None) or None)
+            token = find_token()
+            argv = sys.argv[1:]
+            meta = {"playbook": os.path.abspath(playbook_file), "args": command_line(argv),
+                    "cwd": os.getcwd(), "check": "--check" in argv or "-C" in argv}
+            answer = call_controller(url, "/api/runs", token, {
+                "kind": "playbook", "title": run_title(argv), "meta": meta}, timeout=timeout)
+            self.run_id = str(answer["id"])
+        except (MarcoError, KeyError, TypeError) as error:
+            self._warn_once(f"cannot record this playbook as a run ({error})")
+            return
+        self.permalink = urllib.parse.urljoin(url + "/", str(answer.get("url") or ""))
+        os.environ[RUN_VARIABLE] = self.run_id  # before any worker forks: they inherit it
+        path = f"/api/runs/{self.run_id}/events"
+
+        def post(events: list[dict[str, Any]]) -> Any:
+            return call_controller(url, path, token, {"events": events}, timeout=timeout)
+
+        self.sender = EventSender(post, int(self._option("max_queued_events", 10000)))
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.sender is None:
+            return
+        if self.sender.failure is not None:
+            self._warn_once(f"the controller stopped taking this run's events "
+                            f"({self.sender.failure})")
+            return
+        event["time"] = time.time()
+        self.sender.put(event)
+
+    # -- Ansible's callbacks --------------------------------------------------------------------
+
+    def v2_playbook_on_start(self, playbook: Any) -> None:
+        if not self.started:  # several playbook files in one invocation: one run
+            self.started = True
+            self._register(str(getattr(playbook, "_file_name", "") or ""))
+
+    def v2_playbook_on_play_start(self, play: Any) -> None:
+        self.play_id = str(play._uuid)
+        self._emit({"type": "play_start", "play": play.get_name(), "play_id": self.play_id})
+
+    def v2_playbook_on_task_start(self, task: Any, is_conditional: bool) -> None:
+        self._emit({"type": "task_start", "task": task.get_name(), "task_id": str(task._uuid),
+                    "play_id": self.play_id,
+                    "action": str(getattr(task, "resolved_action", None) or task.action)})
+
+    def v2_playbook_on_handler_task_start(self, task: Any) -> None:
+        self.v2_playbook_on_task_start(task, False)
+
+    def v2_runner_on_start(self, host: Any, task: Any) -> None:
+        self.host_starts[(host.get_name(), str(task._uuid))] = time.monotonic()
+
+    def v2_runner_on_ok(self, result: Any) -> None:
+        self._result(result, "changed" if _result_data(result).get("changed") else "ok")
+
+    def v2_runner_on_failed(self, result: Any, ignore_errors: bool = False) -> None:
+        self._result(result, "failed")
+
+    def v2_runner_on_unreachable(self, result: Any) -> None:
+        self._result(result, "unreachable")
+
+    def v2_runner_on_skipped(self, result: Any) -> None:
+        self._result(result, "skipped")
+
+    def _result(self, result: Any, status: str) -> None:
+        """Queue the host's result raw (a shallow copy: other callbacks may change the dict);
+        the sender thread cleans and bounds it."""
+        if self.sender is None:
+            return
+        host, task_id = result.host.get_name(), str(result.task._uuid)
+        started = self.host_starts.pop((host, task_id), None)
+        raw = _result_data(result)
+        no_log = bool(result.task.no_log or raw.get("_ansible_no_log") or "censored" in raw)
+        self._emit({"type": "host_result", "task_id": task_id, "host": host, "status": status,
+                    "duration": round(time.monotonic() - started, 6) if started else None,
+                    "no_log": no_log, "raw_result": {} if no_log else dict(raw)})
+
+    def v2_playbook_on_stats(self, stats: Any) -> None:
+        if self.sender is None:
+            return
+        counts = {host: stats.summarize(host) for host in sorted(stats.processed)}
+        self._emit({"type": "recap", "stats": {host: {
+            "ok": c.get("ok", 0), "changed": c.get("changed", 0), "failed": c.get("failures", 0),
+            "unreachable": c.get("unreachable", 0), "skipped": c.get("skipped", 0)}
+            for host, c in counts.items()}})
+        wait = float(self._option("flush_seconds", 5.0))
+        if not self.sender.flush(wait):
+            reason = self.sender.failure or (f"{self.sender.dropped} events did not fit the queue"
+                                             if self.sender.dropped else
+                                             f"not all sent within {wait:g} s")
+            self._warn_once(f"the run is incomplete ({reason})")
+        self._display.display(f"Marco run: {self.permalink}")
