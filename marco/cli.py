@@ -1,11 +1,14 @@
 """marco: the command line for people: log in, list nodes, see their status, run a command on
-many nodes with every line live.
+many nodes with every line live, list your runs and read their output.
 
     marco login [--controller URL] [--user NAME]
     marco logout [--everywhere]
-    marco nodes
-    marco status [NODE ...]
-    marco run [--nodes a,b] [--group web] [--cwd DIR] -- COMMAND ...
+    marco nodes [--json]
+    marco status [--json] [NODE ...]
+    marco run [--nodes a,b] [--group web] [--cwd DIR] [--json] -- COMMAND ...
+    marco runs [--kind K] [--status S] [--search TEXT] [--limit N] [--json]
+    marco logs RUN [--follow] [--host H]
+    marco --version
 """
 
 from __future__ import annotations
@@ -13,27 +16,103 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import importlib.metadata
 import json
 import os
+import re
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .client import AgentClient, AsyncAgentClient
-from .controller_client import call_controller
+from . import __version__
+from .client import AgentClient, AgentStream, AsyncAgentClient
+from .controller_client import ControllerClient, call_controller
 from .credentials import find_token, forget_tls, node_tls, store_tls, store_token, stored_token_path
-from .errors import AuthenticationError, MarcoError
+from .errors import AgentUnreachable, AuthenticationError, MarcoError, error_from_response
 from .keys import make_user_request
 
 DEFAULT_CONTROLLER = "https://127.0.0.1:7380"
 STOP_WAIT = 10.0  # seconds to wait for the exits after Ctrl-C (the agents' grace is 5 s)
+FOLLOW_INTERVAL = 1.0  # seconds between two looks at a followed run
+RUNS_PAGE = 200  # runs asked for per request (the controller may answer fewer)
+TITLE_WIDTH = 60  # characters of a run's title in `marco runs`
+RUN_ID = re.compile(r"r[0-9a-f]{20}")
+RUN_KINDS = ("playbook", "command", "shell", "deploy")
+RUN_STATUSES = ("running", "ok", "failed", "unreachable", "interrupted")
+
+# Exit statuses, as Ansible's: a failed command (1) is told from an unreachable node (4).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
+EXIT_CODES = """exit status:
+  0    all went well
+  1    a command failed on some node (exit code not 0, or killed), or an error: not logged
+       in, the controller unreachable or refusing
+  2    a usage error: bad arguments, an unknown node, a malformed run id
+  4    some node could not be reached (wins over 1, as in Ansible)
+  130  interrupted (Ctrl-C) before anything ran"""
 
 
 class CliError(Exception):
     """A failure to report in one line (exit status 1)."""
+
+
+class UsageError(CliError):
+    """A mistake in the command line itself (exit status 2, as argparse's)."""
+
+
+@dataclass
+class NodeResult:
+    """How a command ended on one node: `ok`, `failed` (rc not 0 or killed), `unreachable`,
+    `error` (refused, e.g. a bad cwd) or `unknown` (still running when we stopped waiting)."""
+
+    status: str
+    rc: int | None = None
+    signal: str | None = None
+    execution_id: str | None = None
+    error: str | None = None
+    code: str | None = None  # the error's wire code (marco/errors.py)
+
+    @classmethod
+    def from_error(cls, error: MarcoError) -> NodeResult:
+        status = "unreachable" if isinstance(error, AgentUnreachable) else "error"
+        return cls(status, error=str(error), code=error.code)
+
+    @classmethod
+    def from_exit(cls, event: dict[str, Any]) -> NodeResult:
+        ok = event["rc"] == 0
+        return cls("ok" if ok else "failed", event["rc"], event["signal"], event["id"])
+
+    def short(self) -> str:
+        """For the summary line: the rc, the signal, or what went wrong."""
+        if self.rc is not None:
+            return str(self.rc)
+        if self.signal:
+            return self.signal
+        return f"{self.status}: {self.error}" if self.error else self.status
+
+    def as_json(self) -> dict[str, Any]:
+        return {"status": self.status, "rc": self.rc, "signal": self.signal,
+                "execution_id": self.execution_id, "error": self.error, "code": self.code}
+
+
+def exit_status(results: dict[str, NodeResult]) -> int:
+    """4 if a node could not be reached, else 1 if the command did not succeed everywhere."""
+    statuses = {result.status for result in results.values()}
+    if "unreachable" in statuses:
+        return EXIT_UNREACHABLE
+    return EXIT_OK if statuses <= {"ok"} else EXIT_FAILED
+
+
+def package_version() -> str:
+    """The installed distribution's version (this source tree's when not installed)."""
+    try:
+        return importlib.metadata.version("marco")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
 
 
 def controller_path() -> Path:
@@ -52,25 +131,34 @@ def controller_url(given: str | None) -> str:
         return DEFAULT_CONTROLLER
 
 
-def fetch_nodes(url: str, token: str) -> list[dict[str, Any]]:
-    nodes: list[dict[str, Any]] = call_controller(url, "/api/nodes", token)["nodes"]
-    return nodes
+def controller(args: argparse.Namespace) -> ControllerClient:
+    """The controller's API with the stored (or MARCO_TOKEN) login."""
+    return ControllerClient(controller_url(args.controller), find_token())
 
 
 def choose(nodes: list[dict[str, Any]], names: list[str],
-           group: str | None) -> list[dict[str, Any]]:
-    alive = [n for n in nodes if n["alive"]]
+           group: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the nodes to act on, the named ones the controller sees down). Without names: every
+    node up; a name the controller does not know is a usage error."""
     if names:
-        by_name = {n["name"]: n for n in alive}
-        missing = [name for name in names if name not in by_name]
-        if missing:
-            raise CliError(f"unknown or unreachable node(s): {', '.join(missing)}")
-        alive = [by_name[name] for name in names]
+        by_name = {n["name"]: n for n in nodes}
+        unknown = [name for name in dict.fromkeys(names) if name not in by_name]
+        if unknown:
+            raise UsageError(f"unknown node(s): {', '.join(unknown)} (see: marco nodes)")
+        nodes = [by_name[name] for name in dict.fromkeys(names)]
     if group:
-        alive = [n for n in alive if group in n["groups"] or n["txt"].get("os") == group]
-    if not alive:
+        nodes = [n for n in nodes if group in n["groups"] or n["txt"].get("os") == group]
+    alive = [n for n in nodes if n["alive"]]
+    down = [n for n in nodes if not n["alive"]] if names else []
+    if not alive and not down:
         raise CliError("no node to run on (see: marco nodes)")
-    return alive
+    return alive, down
+
+
+def down_result(node: dict[str, Any]) -> NodeResult:
+    why = f" ({node['error']})" if node.get("error") else ""
+    return NodeResult("unreachable", error=f"the controller sees {node['name']} down{why}",
+                      code=AgentUnreachable.code)
 
 
 def table(rows: list[list[str]], out: TextIO) -> None:
@@ -136,8 +224,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    url = controller_url(args.controller)
-    nodes = fetch_nodes(url, find_token())
+    nodes = controller(args).nodes()
     if args.json:
         json.dump(nodes, sys.stdout, indent=2)
         print()
@@ -152,50 +239,120 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    url = controller_url(args.controller)
-    token = find_token()
-    nodes = choose(fetch_nodes(url, token), args.node, None)
-    rows = [["NODE", "CPU", "MEM", "LOAD", "TEMP", "NET RX/TX", "TOP PROCESS"]]
-    failed = False
-    for node in nodes:
+    client = controller(args)
+    alive, down = choose(client.nodes(), args.node, None)
+    results = {node["name"]: down_result(node) for node in down}
+    statuses: dict[str, dict[str, Any]] = {}
+    for node in alive:
         try:
-            with AgentClient(node["host"], node["port"], token, node=node["name"],
-                             tls=node_tls(node.get("tls", True), node["host"])) as client:
-                s = client.status()
+            with AgentClient(node["host"], node["port"], client.token, node=node["name"],
+                             tls=node_tls(node.get("tls", True), node["host"])) as agent:
+                statuses[node["name"]] = agent.status()
+            results[node["name"]] = NodeResult("ok")
         except MarcoError as error:
-            rows.append([node["name"], "-", "-", "-", "-", "-", f"error: {error}"])
-            failed = True
-            continue
-        top = s["processes"][0] if s["processes"] else None
-        rows.append([
-            node["name"], f"{s['cpu']['percent']:.0f}% of {s['cpu']['count']}",
+            results[node["name"]] = NodeResult.from_error(error)
+    names = [node["name"] for node in alive + down]
+    if args.json:
+        json.dump([{"name": name, "ok": name in statuses, "status": statuses.get(name),
+                    "error": None if name in statuses else {
+                        "error": results[name].code, "message": results[name].error}}
+                   for name in names], sys.stdout, indent=2)
+        print()
+    else:
+        rows = [["NODE", "CPU", "MEM", "LOAD", "TEMP", "NET RX/TX", "TOP PROCESS"]]
+        rows += [status_row(name, statuses[name]) if name in statuses
+                 else [name, "-", "-", "-", "-", "-", results[name].short()] for name in names]
+        table(rows, sys.stdout)
+    return exit_status(results)
+
+
+def status_row(name: str, s: dict[str, Any]) -> list[str]:
+    """One node's line of `marco status` from its agent's status."""
+    top = s["processes"][0] if s["processes"] else None
+    return [name, f"{s['cpu']['percent']:.0f}% of {s['cpu']['count']}",
             f"{s['memory']['used'] / 2**30:.1f}/{s['memory']['total'] / 2**30:.1f} GiB",
             " ".join(f"{x:.2f}" for x in s["load"]),
             "-" if s["temperature"] is None else f"{s['temperature']:.0f}°C",
             f"{s['network']['rx_rate'] / 1024:.0f}/{s['network']['tx_rate'] / 1024:.0f} KiB/s",
-            f"{top['name']} ({top['user']}, {top['cpu']:.0f}%)" if top else "-"])
-    table(rows, sys.stdout)
-    return 1 if failed else 0
+            f"{top['name']} ({top['user']}, {top['cpu']:.0f}%)" if top else "-"]
 
 
-async def run_live(nodes: list[dict[str, Any]], token: str, command: str, cwd: str | None,
-                   out: TextIO, err: TextIO) -> dict[str, int | str | None]:
-    """Start `command` on every node, print lines live with a node prefix, Ctrl-C stops all."""
-    width = max(len(n["name"]) for n in nodes)
-    streams, ids = {}, {}
-    results: dict[str, int | str | None] = {}
-    for node in nodes:
+async def open_streams(nodes: list[dict[str, Any]], token: str
+                       ) -> tuple[dict[str, AgentStream], dict[str, NodeResult]]:
+    """Subscribe to every node's stream of our executions before anything starts, so no line
+    is missed: (the open streams, the nodes that could not be subscribed to)."""
+
+    async def connect(node: dict[str, Any]) -> AgentStream | NodeResult:
         try:
-            api = AsyncAgentClient(node["host"], node["port"], token, node=node["name"],
-                                   tls=node_tls(node.get("tls", True), node["host"]))
-            streams[node["name"]] = api.stream()
-            await streams[node["name"]].connect()  # subscribe first: no line is missed
-            ids[node["name"]] = await api.start(command, cwd=cwd, label="marco run")
+            stream = AsyncAgentClient(node["host"], node["port"], token, node=node["name"],
+                                      tls=node_tls(node.get("tls", True), node["host"])).stream()
         except MarcoError as error:
-            results[node["name"]] = f"error: {error}"
-            stream = streams.pop(node["name"], None)
-            if stream is not None:
-                stream.close()
+            return NodeResult.from_error(error)
+        try:
+            await stream.connect()
+            return stream
+        except MarcoError as error:
+            stream.close()
+            return NodeResult.from_error(error)
+
+    outcomes = await asyncio.gather(*(connect(node) for node in nodes))
+    streams, failed = {}, {}
+    for node, outcome in zip(nodes, outcomes, strict=True):
+        if isinstance(outcome, NodeResult):
+            failed[node["name"]] = outcome
+        else:
+            streams[node["name"]] = outcome
+    return streams, failed
+
+
+def started_ids(answer: dict[str, Any], results: dict[str, NodeResult]) -> dict[str, str]:
+    """The execution id per node the controller started the command on; the nodes where it
+    could not start go into `results` with the error the controller answered."""
+    ids = {}
+    for name, started in answer["results"].items():
+        if started.get("ok"):
+            ids[name] = started["id"]
+        else:
+            results[name] = NodeResult.from_error(error_from_response(
+                500, started.get("error"), str(started.get("message", "")), started.get("hint")))
+    return ids
+
+
+async def run_live(client: ControllerClient, nodes: list[dict[str, Any]], command: str,
+                   cwd: str | None, out: TextIO | None, err: TextIO
+                   ) -> tuple[dict[str, NodeResult], dict[str, Any] | None]:
+    """Have the controller start `command` on every node as one run while we follow each
+    node's stream: lines live with a node prefix (none when `out` is None), Ctrl-C stops
+    all. Returns the result per node and the run (`id`, absolute `url`) if one was made."""
+    assert client.token is not None
+    streams, results = await open_streams(nodes, client.token)
+    if not streams:
+        return results, None
+    loop = asyncio.get_running_loop()
+    try:
+        answer = await loop.run_in_executor(None, client.start_run, list(streams), command, cwd)
+    except BaseException:
+        for stream in streams.values():
+            stream.close()
+        raise
+    ids = started_ids(answer, results)
+    for name in set(streams) - set(ids):
+        streams.pop(name).close()
+    run = answer.get("run")
+    if run is not None:
+        run = {"id": run["id"], "url": client.permalink(run["url"])}
+        if out is not None:
+            err.write(f"run {run['id']}  {run['url']}\n")
+            err.flush()
+    if streams:
+        await follow_all(streams, ids, results, out, err)
+    return results, run
+
+
+async def follow_all(streams: dict[str, AgentStream], ids: dict[str, str],
+                     results: dict[str, NodeResult], out: TextIO | None, err: TextIO) -> None:
+    """Read every node's stream until its execution exits (or we stop waiting)."""
+    width = max(len(name) for name in streams)
 
     async def follow(name: str) -> None:
         stream, execution_id = streams[name], ids[name]
@@ -204,15 +361,17 @@ async def run_live(nodes: list[dict[str, Any]], token: str, command: str, cwd: s
             while (event := await stream.read()) is not None:
                 if event.get("id") != execution_id:
                     continue
-                if event["type"] == "output":
+                if event["type"] == "output" and out is not None:
                     target, mark = (err, "!") if event["stream"] == "stderr" else (out, "|")
                     target.write("".join(f"{prefix} {mark} {line}\n" for line in event["lines"]))
                     target.flush()
                 elif event["type"] == "exit":
-                    results[name] = event["rc"] if event["rc"] is not None else event["signal"]
+                    results[name] = NodeResult.from_exit(event)
                     return
+            results[name] = NodeResult("unknown", execution_id=execution_id,
+                                       error="the agent closed the stream")
         except MarcoError as error:
-            results[name] = f"error: {error}"
+            results[name] = NodeResult.from_error(error)
         finally:
             stream.close()
 
@@ -238,31 +397,167 @@ async def run_live(nodes: list[dict[str, Any]], token: str, command: str, cwd: s
         await following
     except asyncio.CancelledError:
         for name in streams:
-            results.setdefault(name, "still running?")
+            results.setdefault(name, NodeResult("unknown", execution_id=ids[name],
+                                                error="still running?"))
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         for stream in streams.values():
             stream.close()
-    return results
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.command:
-        raise CliError("give the command after --, e.g.: marco run -- uptime")
-    url = controller_url(args.controller)
-    token = find_token()
+        raise UsageError("give the command after --, e.g.: marco run -- uptime")
+    client = controller(args)
     names = [n for part in args.nodes for n in part.split(",") if n]
-    nodes = choose(fetch_nodes(url, token), names, args.group)
+    alive, down = choose(client.nodes(), names, args.group)
     command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
-    results = asyncio.run(run_live(nodes, token, command, args.cwd, sys.stdout, sys.stderr))
-    summary = ", ".join(f"{name}={rc}" for name, rc in sorted(results.items()))
-    ok = all(rc == 0 for rc in results.values())
-    print(f"{'ok' if ok else 'FAILED'}: {summary}", file=sys.stderr)
-    return 0 if ok else 1
+    results = {node["name"]: down_result(node) for node in down}
+    run = None
+    if alive:
+        live, run = asyncio.run(run_live(client, alive, command, args.cwd,
+                                         None if args.json else sys.stdout, sys.stderr))
+        results.update(live)
+    code = exit_status(results)
+    if args.json:
+        status = {EXIT_OK: "ok", EXIT_FAILED: "failed", EXIT_UNREACHABLE: "unreachable"}[code]
+        json.dump({"run": run, "status": status,
+                   "nodes": {name: results[name].as_json() for name in sorted(results)}},
+                  sys.stdout, indent=2)
+        print()
+    else:
+        summary = ", ".join(f"{name}={results[name].short()}" for name in sorted(results))
+        print(f"{'ok' if code == EXIT_OK else 'FAILED'}: {summary}", file=sys.stderr)
+    return code
+
+
+# -- runs ----------------------------------------------------------------------------------------
+
+def run_id(text: str) -> str:
+    """A run id as given on the command line (argparse type): r + 20 hex digits."""
+    if not RUN_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run id (r + 20 hex digits; "
+                                         "see: marco runs)")
+    return text
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def list_runs(client: ControllerClient, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Up to --limit of the caller's runs, newest first, page by page."""
+    runs: list[dict[str, Any]] = []
+    before = None
+    while len(runs) < args.limit:
+        page, more = client.runs(args.kind, args.status, args.search, before,
+                                 min(RUNS_PAGE, args.limit - len(runs)))
+        runs += page
+        if not more or not page:
+            break
+        before = page[-1]["id"]
+    return runs[:args.limit]
+
+
+def duration(seconds: float) -> str:
+    """3.2s, 4m05s, 2h07m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes}m{int(seconds % 60):02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def hosts_ok_failed(run: dict[str, Any]) -> str:
+    """`ok/failed` hosts by the run's stats (a host with a failed or unreachable count failed);
+    hosts without stats yet count in neither."""
+    stats = run.get("stats") or {}
+    failed = sum(1 for s in stats.values() if s.get("failed") or s.get("unreachable"))
+    return f"{len(stats) - failed}/{failed}"
+
+
+def shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())  # a multi-line command on one line
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def run_row(run: dict[str, Any], now: float) -> list[str]:
+    """One line of `marco runs`; a running run's duration so far ends with `…`."""
+    ended = run.get("ended")
+    took = duration((ended if ended is not None else now) - run["started"])
+    return [run["id"], run["status"], run["kind"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"])),
+            took if ended is not None else took + "…", hosts_ok_failed(run),
+            shorten(run["title"], TITLE_WIDTH)]
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    runs = list_runs(controller(args), args)
+    if args.json:
+        json.dump(runs, sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    if not runs:
+        print("no runs", file=sys.stderr)
+        return EXIT_OK
+    now = time.time()
+    rows = [["RUN", "STATUS", "KIND", "STARTED", "DURATION", "HOSTS OK/FAILED", "TITLE"]]
+    table(rows + [run_row(run, now) for run in runs], sys.stdout)
+    return EXIT_OK
+
+
+class LinePrinter:
+    """Prints each output line of a run's executions once, as `host | line` (stderr lines as
+    `host ! line`), all on one stream so their order is kept."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.printed: dict[str, int] = {}  # execution id -> next line seq to print
+
+    def show(self, executions: list[dict[str, Any]]) -> None:
+        for execution in executions:
+            key, host = execution["execution_id"], execution["host"]
+            for event in execution["events"]:
+                lines = event.get("lines") or []
+                first = event["seq"]
+                fresh = lines[max(0, self.printed.get(key, first) - first):]
+                if fresh:
+                    mark = "!" if event["stream"] == "stderr" else "|"
+                    self.out.write("".join(f"{host} {mark} {line}\n" for line in fresh))
+                    self.printed[key] = first + len(lines)
+        self.out.flush()
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """The run's output; with --follow, polls the run and its output until the run ends (the
+    last read comes after the end, so nothing is missed)."""
+    client = controller(args)
+    printer = LinePrinter(sys.stdout)
+    if not args.follow:
+        printer.show(client.run_output(args.run, args.host))
+        return EXIT_OK
+    since = 0
+    while True:
+        run = client.run(args.run, since=since)
+        since = max([since, *(event["seq"] for event in run.get("events") or [])])
+        printer.show(client.run_output(args.run, args.host))
+        if run["ended"] is not None:
+            return EXIT_OK
+        time.sleep(FOLLOW_INTERVAL)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="marco", description=__doc__.splitlines()[0])
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="marco", description=__doc__.split("\n\n")[0],
+                                     epilog=EXIT_CODES, formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"marco {package_version()}")
     parser.add_argument("--controller", metavar="URL",
                         help="controller URL [env MARCO_CONTROLLER] (default: the one you "
                              f"logged in to, else {DEFAULT_CONTROLLER})")
@@ -280,18 +575,47 @@ def build_parser() -> argparse.ArgumentParser:
                              "running Ansible)")
     logout.set_defaults(func=cmd_logout)
     nodes = commands.add_parser("nodes", help="list the nodes the controller knows")
-    nodes.add_argument("--json", action="store_true", help="print JSON")
+    nodes.add_argument("--json", action="store_true",
+                       help="print JSON: a list of nodes (name, host, port, alive, groups, "
+                            "txt, ...)")
     nodes.set_defaults(func=cmd_nodes)
-    status = commands.add_parser("status", help="CPU, memory, load, network of nodes")
+    status = commands.add_parser("status", help="CPU, memory, load, network of nodes",
+                                 epilog=EXIT_CODES, formatter_class=raw)
     status.add_argument("node", nargs="*", help="node names (default: all up)")
+    status.add_argument("--json", action="store_true",
+                        help="print JSON: a list of {name, ok, status (the agent's, or null), "
+                             "error (null, or {error, message})}")
     status.set_defaults(func=cmd_status)
-    run = commands.add_parser("run", help="run a command on nodes, output live")
+    run = commands.add_parser("run", help="run a command on nodes as one run, output live",
+                              epilog=EXIT_CODES, formatter_class=raw)
     run.add_argument("--nodes", action="append", default=[], metavar="A,B",
                      help="node names (default: all up)")
     run.add_argument("--group", help="only nodes of this group (or OS)")
     run.add_argument("--cwd", help="working directory on the nodes (default: your home)")
+    run.add_argument("--json", action="store_true",
+                     help="no live lines; at the end one JSON document: {run: {id, url} or "
+                          "null, status: ok|failed|unreachable, nodes: {NAME: {status, rc, "
+                          "signal, execution_id, error, code}}} (the output: marco logs RUN)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
     run.set_defaults(func=cmd_run)
+    runs = commands.add_parser("runs", help="your runs, newest first")
+    runs.add_argument("--kind", choices=RUN_KINDS, help="only runs of this kind")
+    runs.add_argument("--status", choices=RUN_STATUSES, help="only runs with this status")
+    runs.add_argument("--search", metavar="TEXT", help="only runs whose title contains TEXT")
+    runs.add_argument("--limit", type=positive, default=20, metavar="N",
+                      help="at most N runs (default: 20)")
+    runs.add_argument("--json", action="store_true",
+                      help="print JSON: a list of runs as the controller has them (id, owner, "
+                           "kind, title, hosts, started, ended, status, stats, meta)")
+    runs.set_defaults(func=cmd_runs)
+    logs = commands.add_parser("logs", help="the output of a run: every line of every host, "
+                                            "as 'HOST | line' (stderr lines 'HOST ! line')")
+    logs.add_argument("run", type=run_id, metavar="RUN", help="the run's id (see: marco runs)")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help=f"keep printing new lines until the run ends (looks every "
+                           f"{FOLLOW_INTERVAL:g} s)")
+    logs.add_argument("--host", metavar="H", help="only this host's output")
+    logs.set_defaults(func=cmd_logs)
     return parser
 
 
@@ -303,12 +627,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except MarcoError as error:
         print(f"marco: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except UsageError as error:
+        print(f"marco: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except CliError as error:
         print(f"marco: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

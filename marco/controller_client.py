@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -42,3 +43,62 @@ def call_controller(url: str, path: str, token: str | None = None, body: Any = N
                                f"{getattr(failure, 'reason', failure)}") from None
     except ValueError:
         raise ProtocolError(f"{url} answered something that is not JSON") from None
+
+
+class ControllerClient:
+    """The controller's API as the `marco` CLI uses it: one method per call, each answer as
+    JSON or the typed error it carries (`call_controller`)."""
+
+    def __init__(self, url: str, token: str | None, ca: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.ca = ca
+        self.timeout = timeout
+
+    def call(self, path: str, body: Any = None, **query: object) -> Any:
+        """One request; `query` arguments that are None are left out."""
+        given = {key: value for key, value in query.items() if value is not None}
+        if given:
+            path += "?" + urllib.parse.urlencode(given)
+        return call_controller(self.url, path, self.token, body=body, ca=self.ca,
+                               timeout=self.timeout)
+
+    def permalink(self, path: str) -> str:
+        """An absolute URL for a path the controller answered (a run's `url`)."""
+        return urllib.parse.urljoin(self.url + "/", path)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        nodes: list[dict[str, Any]] = self.call("/api/nodes")["nodes"]
+        return nodes
+
+    def start_run(self, nodes: list[str], command: str, cwd: str | None = None,
+                  label: str = "marco run", kind: str = "command") -> dict[str, Any]:
+        """POST /api/run: the controller starts `command` on every node (tagged with a new run
+        of `kind`); the answer has `results` per node and, on a controller with runs, `run`."""
+        answer: dict[str, Any] = self.call("/api/run", body={
+            "nodes": nodes, "command": command, "cwd": cwd, "label": label, "kind": kind})
+        return answer
+
+    def runs(self, kind: str | None = None, status: str | None = None, text: str | None = None,
+             before: str | None = None, limit: int = 50) -> tuple[list[dict[str, Any]], bool]:
+        """One page of the caller's runs, newest first, and whether there are more."""
+        answer = self.call("/api/runs", kind=kind, status=status, q=text, before=before,
+                           limit=limit)
+        return answer["runs"], bool(answer.get("more"))
+
+    def run(self, run_id: str, since: int | None = None) -> dict[str, Any]:
+        """One run with its events (only those after `since` when given)."""
+        answer: dict[str, Any] = self.call(run_path(run_id), since=since)
+        return answer
+
+    def run_output(self, run_id: str, host: str | None = None) -> list[dict[str, Any]]:
+        """The run's executions, each with its agent output events (stored, or live)."""
+        executions: list[dict[str, Any]] = self.call(run_path(run_id) + "/output",
+                                                     host=host)["executions"]
+        return executions
+
+
+def run_path(run_id: str) -> str:
+    """/api/runs/ID with the id quoted: a given id never reaches another path."""
+    return "/api/runs/" + urllib.parse.quote(run_id, safe="")
