@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +23,7 @@ from marco.client import AgentClient
 from marco.tokens import TokenSigner
 from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
 
 MARCO = Path(sys.executable).parent / "marco"
 
@@ -64,7 +71,7 @@ def test_login_nodes_status_run(cluster, alice: UnixUser, signer: TokenSigner,
         assert "! oops" in run.stderr
     assert "FAILED" in run.stderr and all(f"{name}=3" in run.stderr for name in names)
     nobody = marco(tmp_path, controller, "run", "--nodes", "no-such-node", "--", "true")
-    assert nobody.returncode == 1 and "no-such-node" in nobody.stderr
+    assert nobody.returncode == 2 and "unknown node(s): no-such-node" in nobody.stderr  # usage
 
 
 def test_ctrl_c_stops_the_remote_executions(cluster, alice: UnixUser, signer: TokenSigner,
@@ -155,3 +162,156 @@ def test_logout_with_the_controller_unreachable_forgets_the_token(
     assert f"could not void the token at {refusing_url}" in out.stderr
     assert "stays valid on the nodes until it expires" in out.stderr
     assert "Traceback" not in out.stderr and not stored.exists()
+
+
+# -- issue 12: --version, --json, exit codes, runs and their logs ---------------------------------
+
+def logged_in(home: Path, controller: ControllerProcess, user: UnixUser) -> Path:
+    """`home` where `marco login` stored `user`'s token and client certificate."""
+    home.mkdir(exist_ok=True)
+    out = marco(home, controller, "login", "--user", user.name, "--password-stdin",
+                stdin=user.password + "\n")
+    assert out.returncode == 0, out.stderr
+    return home
+
+
+def test_version_is_the_installed_packages(tmp_path: Path) -> None:
+    out = subprocess.run([str(MARCO), "--version"], capture_output=True, text=True, timeout=60,
+                         env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+    assert out.returncode == 0 and out.stderr == "", out
+    assert out.stdout == f"marco {importlib.metadata.version('marco')}\n"
+
+
+def test_status_json_and_exit_codes(cluster, alice: UnixUser, start_agent, unique_name,
+                                    signer: TokenSigner, tmp_path: Path) -> None:
+    controller, names = cluster
+    home = logged_in(tmp_path / "alice", controller, alice)
+    status = marco(home, controller, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    listed = {entry["name"]: entry for entry in json.loads(status.stdout)}
+    assert set(names) <= set(listed)
+    for name in names:
+        assert listed[name]["ok"] and listed[name]["error"] is None
+        assert listed[name]["status"]["cpu"]["count"] >= 1  # the agent's own status
+
+    failed = marco(home, controller, "run", "--nodes", names[0], "--", "false")
+    assert failed.returncode == 1 and f"FAILED: {names[0]}=1" in failed.stderr, failed.stderr
+    assert marco(home, controller, "run", "--nodes", names[0], "--", "true").returncode == 0
+    usage = marco(home, controller, "run", "--nodes", names[0])  # no command
+    assert usage.returncode == 2 and "give the command" in usage.stderr, usage.stderr
+
+    # A node the controller knows and sees down: 4, and the others still run.
+    gone = start_agent(unique_name("gone"), announce=True)
+    token = signer.issue(alice.name)
+    wait_for(lambda: gone.node_name in controller.inventory_hosts(token), what="gone discovered")
+    gone.stop(signal.SIGKILL)  # no goodbye: the controller keeps it, and its probes fail
+    wait_for(lambda: {n["name"]: n["alive"] for n in controller.get_json("/api/nodes", token)[
+        "nodes"]}.get(gone.node_name) is False, what="the controller to see it down")
+    down = marco(home, controller, "run", "--json", "--nodes", f"{names[0]},{gone.node_name}",
+                 "--", "exit 3")
+    assert down.returncode == 4, down.stdout + down.stderr
+    document = json.loads(down.stdout)
+    assert document["status"] == "unreachable"
+    assert document["nodes"][names[0]]["status"] == "failed"
+    assert document["nodes"][names[0]]["rc"] == 3
+    assert document["nodes"][gone.node_name]["status"] == "unreachable"
+    assert document["nodes"][gone.node_name]["code"] == "unreachable"
+    status_down = marco(home, controller, "status", "--json", names[0], gone.node_name)
+    assert status_down.returncode == 4, status_down.stderr
+    entries = {e["name"]: e for e in json.loads(status_down.stdout)}
+    assert entries[names[0]]["ok"] and not entries[gone.node_name]["ok"]
+    assert entries[gone.node_name]["error"]["error"] == "unreachable"
+
+
+RUN_LINE = re.compile(r"^run (r[0-9a-f]{20})  (\S+)$", re.M)
+LINES = ["héllo ✓ ünïcode", "  two  spaces\tand a tab", ""]  # printed exactly, on stdout
+ERROR_LINE = "ërror on stderr"
+
+
+def printed_lines(host: str) -> list[str]:
+    """What `marco logs` prints of LINES and ERROR_LINE run on `host`."""
+    return [f"{host} | {line}" for line in LINES] + [f"{host} ! {ERROR_LINE}"]
+
+
+def test_a_run_is_listed_and_its_logs_are_exact(cluster, alice: UnixUser, bob: UnixUser,
+                                                tmp_path: Path) -> None:
+    controller, names = cluster
+    home = logged_in(tmp_path / "alice", controller, alice)
+    command = "printf '%s\\n' " + " ".join(shlex.quote(line) for line in LINES) \
+        + f"; echo {shlex.quote(ERROR_LINE)} >&2"
+    run = marco(home, controller, "run", "--nodes", ",".join(names), "--", command)
+    assert run.returncode == 0, run.stderr
+    found = RUN_LINE.search(run.stderr)
+    assert found, run.stderr
+    run_id, url = found.groups()
+    assert url == f"{controller.url}/runs/{run_id}"
+
+    listed = marco(home, controller, "runs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    mine = {r["id"]: r for r in json.loads(listed.stdout)}
+    assert mine[run_id]["kind"] == "command" and mine[run_id]["title"] == command
+    assert mine[run_id]["owner"] == alice.name and mine[run_id]["hosts"] == names
+    table = marco(home, controller, "runs", "--kind", "command", "--limit", "1")
+    assert table.stdout.startswith("RUN ") and run_id in table.stdout, table
+    assert len(table.stdout.splitlines()) == 2  # the header and the newest run
+    other_kind = marco(home, controller, "runs", "--json", "--kind", "playbook")
+    assert run_id not in other_kind.stdout
+
+    logs = marco(home, controller, "logs", run_id)
+    assert logs.returncode == 0 and logs.stderr == "", logs.stderr
+    expected = [line for name in names for line in printed_lines(name)]
+    assert sorted(logs.stdout.split("\n")[:-1]) == sorted(expected), logs.stdout
+    one = marco(home, controller, "logs", run_id, "--host", names[1])
+    assert sorted(one.stdout.split("\n")[:-1]) == sorted(printed_lines(names[1])), one.stdout
+
+    # Bob: another user's run is a clear 404 and is not in his list.
+    bob_home = logged_in(tmp_path / "bob", controller, bob)
+    refused = one_clear_line(marco(bob_home, controller, "logs", run_id))
+    assert "404" in refused and run_id in refused, refused
+    assert run_id not in marco(bob_home, controller, "runs", "--json").stdout
+    assert "not a run id" in marco(bob_home, controller, "logs", "r123").stderr
+
+
+def test_run_json_and_logs_follow(cluster, alice: UnixUser, tmp_path: Path) -> None:
+    controller, names = cluster
+    home = logged_in(tmp_path / "alice", controller, alice)
+    gate = Path(tempfile.mkdtemp(prefix="marco-gate-"))  # alice's command waits for a file here
+    os.chmod(gate, 0o755)
+    command = f"echo first; while [ ! -e {gate}/go ]; do sleep 0.05; done; echo second; exit 5"
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "MARCO_CONTROLLER": controller.url,
+           "MARCO_TLS_CA": str(controller.ca_file), "PYTHONUNBUFFERED": "1"}
+    earlier = set(run_ids(home, controller))
+    started: list[subprocess.Popen[str]] = []
+    try:
+        started.append(subprocess.Popen([str(MARCO), "run", "--json", "--nodes", names[0], "--",
+                                         command], env=env, stdout=subprocess.PIPE, text=True))
+        run_id = wait_for(lambda: next(iter(set(run_ids(home, controller)) - earlier), None),
+                          what="the new run listed")
+        started.append(subprocess.Popen([str(MARCO), "logs", "--follow", run_id], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True))
+        running, follow = started
+        assert follow.stdout is not None
+        assert follow.stdout.readline() == f"{names[0]} | first\n"  # live, before the end
+        (gate / "go").touch()
+        rest, err = follow.communicate(timeout=60)
+        assert follow.returncode == 0 and rest == f"{names[0]} | second\n", (rest, err)
+        document, _ = running.communicate(timeout=60)
+    finally:
+        for process in started:  # a failed assert leaves them running
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        shutil.rmtree(gate)
+    assert running.returncode == 1
+    result = json.loads(document)
+    assert result["run"]["id"] == run_id and result["status"] == "failed"
+    assert result["nodes"][names[0]]["rc"] == 5
+    assert result["nodes"][names[0]]["execution_id"]
+
+
+def run_ids(home: Path, controller: ControllerProcess) -> list[str]:
+    """The ids of the caller's runs, newest first."""
+    listed = marco(home, controller, "runs", "--json", "--limit", "1000")
+    assert listed.returncode == 0, listed.stderr
+    return [run["id"] for run in json.loads(listed.stdout)]
