@@ -40,7 +40,6 @@ CUT_VALUE_CHARS = 4096          # what is left of a large value in a result cut 
 NO_LOG_MSG = "output hidden: no_log"
 HIDDEN = "<hidden>"
 EXTRA_VARS_FLAGS = ("-e", "--extra-vars")
-_FLUSH = object()               # queue marker: everything before it has been sent (or dropped)
 
 
 def command_line(argv: list[str]) -> list[str]:
@@ -124,7 +123,6 @@ class EventSender:
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max_queued)
         self.failure: str | None = None
         self.dropped = 0
-        self.flushed = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="marco-runs", daemon=True)
         self.thread.start()
 
@@ -139,11 +137,14 @@ class EventSender:
 
     def flush(self, wait: float) -> bool:
         """Send what is queued, waiting at most `wait` seconds; True when all went out."""
+        deadline = time.monotonic() + wait
+        flushed = threading.Event()  # set by the thread once everything before it is done
         try:
-            self.queue.put(_FLUSH, timeout=wait)
+            self.queue.put(flushed, timeout=wait)
         except queue.Full:
             return False
-        return self.flushed.wait(wait) and self.failure is None and not self.dropped
+        return (flushed.wait(max(deadline - time.monotonic(), 0)) and self.failure is None
+                and not self.dropped)
 
     def _loop(self) -> None:
         while True:
@@ -156,14 +157,14 @@ class EventSender:
                     self.failure = str(error)
                 except Exception as error:  # noqa: BLE001 - never let the thread die silently
                     self.failure = f"{type(error).__name__}: {error}"
-            if flush:
-                self.flushed.set()
+            if flush is not None:
+                flush.set()
 
-    def _batch(self, first: Any) -> tuple[list[dict[str, Any]], bool]:
-        """`first` and what else is queued, up to a batch's limits; and whether a flush
-        marker was met (nothing after it is taken)."""
-        if first is _FLUSH:
-            return [], True
+    def _batch(self, first: Any) -> tuple[list[dict[str, Any]], threading.Event | None]:
+        """`first` and what else is queued, up to a batch's limits; and the flush marker met,
+        if any (nothing after it is taken)."""
+        if isinstance(first, threading.Event):
+            return [], first
         batch = [self._ready(first)]
         size = _json_size(batch[0])
         while len(batch) < MAX_BATCH_EVENTS and size < MAX_BATCH_BYTES:
@@ -171,11 +172,11 @@ class EventSender:
                 item = self.queue.get_nowait()
             except queue.Empty:
                 break
-            if item is _FLUSH:
-                return batch, True
+            if isinstance(item, threading.Event):
+                return batch, item
             batch.append(self._ready(item))
             size += _json_size(batch[-1])
-        return batch, False
+        return batch, None
 
     @staticmethod
     def _ready(event: dict[str, Any]) -> dict[str, Any]:
