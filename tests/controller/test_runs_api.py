@@ -80,16 +80,18 @@ def test_a_playbook_run_from_start_to_recap(cluster, alice: UnixUser,
 def test_the_status_a_run_ends_with(cluster, alice: UnixUser, signer: TokenSigner) -> None:
     controller, names = cluster
     token = signer.issue(alice.name)
-    ok, unreachable, cut, told = (new_run(controller, token) for _ in range(4))
+    ok, unreachable, failed, cut, told = (new_run(controller, token) for _ in range(5))
     send(controller, token, ok, recap(**{names[0]: {"ok": 3, "skipped": 1}}))
     send(controller, token, unreachable,
          recap(**{names[0]: {"ok": 1}, names[1]: {"unreachable": 1}}))
+    send(controller, token, failed,  # a failure beats an unreachable host
+         recap(**{names[0]: {"unreachable": 1}, names[1]: {"ok": 1, "failed": 1}}))
     assert call(controller, "POST", f"/api/runs/{cut}/finish", None, token)[0] == 200
     status, answer = call(controller, "POST", f"/api/runs/{told}/finish", {"status": "failed"},
                           token)
     assert status == 200 and answer["status"] == "failed" and answer["ended"] is not None
-    assert [get_run(controller, token, r)["status"] for r in (ok, unreachable, cut)] == [
-        "ok", "unreachable", "interrupted"]
+    assert [get_run(controller, token, r)["status"] for r in (ok, unreachable, failed, cut)] == [
+        "ok", "unreachable", "failed", "interrupted"]
 
 
 def test_listing_is_newest_first_with_filters_and_pages(cluster, alice: UnixUser,
