@@ -256,6 +256,8 @@ class MarcoRunsCallback(CallbackBase):
     def v2_playbook_on_start(self, playbook: Any) -> None:
         if not self.started:  # several playbook files in one invocation: one run
             self.started = True
+            if not self._option("enabled", True):
+                return  # switched off for this invocation: no run, no warning
             self._register(str(getattr(playbook, "_file_name", "") or ""))
 
     def v2_playbook_on_play_start(self, play: Any) -> None:

@@ -174,3 +174,9 @@ def test_an_unreachable_controller_costs_one_warning(
     assert "Marco run:" not in both
     assert re.search(rf"^{re.escape(agent.node_name)}\s+: ok=3 .*unreachable=0\s+failed=0", out.stdout,
                      re.M), out.stdout[-2000:]
+    # Switched off for one invocation: not a word about it.
+    quiet = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory), str(play)],
+                           cwd=PLAYBOOKS, env={**fleet.env(token), "MARCO_CONTROLLER": refusing_url,
+                                               "MARCO_RUNS_ENABLED": "false"},
+                           capture_output=True, text=True, timeout=240)
+    assert quiet.returncode == 0 and "marco_runs" not in quiet.stdout + quiet.stderr, quiet.stderr

@@ -23,6 +23,16 @@ version_added: "0.1"
 requirements:
   - enable in ansible.cfg (C(callbacks_enabled = marco.fleet.marco_runs))
 options:
+  enabled:
+    description: Record runs; false leaves this invocation unrecorded (the callback stays
+      enabled in ansible.cfg).
+    type: bool
+    default: true
+    env:
+      - name: MARCO_RUNS_ENABLED
+    ini:
+      - section: callback_marco_runs
+        key: enabled
   controller:
     description: URL of the Marco controller (default the one C(marco login) used).
     type: string
