@@ -3,18 +3,21 @@ the Marco controller (docs/runs.md): registered at the first playbook start, the
 task starts, each host's result and the recap, as events.
 
 The playbook never waits for the controller except once, to register the run (bounded by
-`timeout`): every later event is only put on a queue, which one background thread sends in
-batches. The run id goes into the environment (MARCO_RUN) before any task runs, so the forked
+`timeout`): every later event is only put on a queue, which one background thread hands in
+batches to a sender process (`runs_sender`: no TLS in a thread of a process that forks).
+The run id goes into the environment (MARCO_RUN) before any task runs, so the forked
 workers' marco connections tag their executions with it. A controller that cannot be reached
 (or no credentials) costs one warning; the playbook goes on and its events are dropped.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import queue
 import shlex
+import subprocess
 import sys
 import threading
 import time
@@ -27,7 +30,7 @@ from ansible.plugins.callback import CallbackBase
 from marco.cli import controller_url
 from marco.controller_client import call_controller
 from marco.credentials import find_token
-from marco.errors import MarcoError
+from marco.errors import AgentUnreachable, MarcoError
 
 from .connection import RUN_VARIABLE
 
@@ -113,6 +116,48 @@ def _result_data(result: Any) -> Mapping[str, Any]:
     return data if isinstance(data, Mapping) else result._result
 
 
+class SenderProcess:
+    """The `runs_sender` process and its pipes: `post` sends one batch and returns when the
+    controller has taken it, or raises the error it gave (AgentUnreachable if the process
+    is gone)."""
+
+    def __init__(self, url: str, path: str, token: str, timeout: float) -> None:
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root,
+                                                           env.get("PYTHONPATH")]))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ansible_plugins.core.runs_sender"], env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, close_fds=True,
+            start_new_session=True)  # a Ctrl-C at the terminal is the playbook's, not its
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.lines, self.answers = self.process.stdin, self.process.stdout
+        # The token goes through the pipe, not argv, which every user may read.
+        self._write({"url": url, "path": path, "token": token, "timeout": timeout})
+
+    def _write(self, message: dict[str, Any]) -> None:
+        try:
+            self.lines.write(json.dumps(message) + "\n")
+            self.lines.flush()
+        except (OSError, ValueError):
+            raise AgentUnreachable("the runs sender process has ended") from None
+
+    def post(self, events: list[dict[str, Any]]) -> None:
+        self._write({"events": events})
+        answer = json.loads(self.answers.readline() or "null")
+        if not isinstance(answer, dict):
+            raise AgentUnreachable("the runs sender process has ended")
+        if not answer.get("ok"):
+            raise MarcoError(str(answer.get("error")))
+
+    def close(self) -> None:
+        """End of input: the process ends once it has answered what it took."""
+        try:
+            self.lines.close()
+        except OSError:
+            pass
+
+
 class EventSender:
     """One background thread that sends queued events to POST /api/runs/ID/events in
     batches; after its first failure it drops everything (the failure is kept for one
@@ -126,12 +171,13 @@ class EventSender:
         self.thread = threading.Thread(target=self._loop, name="marco-runs", daemon=True)
         self.thread.start()
 
-    def put(self, event: dict[str, Any]) -> None:
-        """Queue an event, never waiting: a full queue drops it (and counts it)."""
+    def put(self, event: dict[str, Any], wait: float = 0) -> None:
+        """Queue an event, waiting at most `wait` for room: a full queue drops it (and counts
+        it). Results never wait; the recap, which ends the run, may."""
         if self.failure is not None:
             return
         try:
-            self.queue.put_nowait(event)
+            self.queue.put(event, timeout=wait) if wait > 0 else self.queue.put_nowait(event)
         except queue.Full:
             self.dropped += 1
 
@@ -197,9 +243,11 @@ class MarcoRunsCallback(CallbackBase):
         self.run_id: str | None = None
         self.permalink: str | None = None
         self.sender: EventSender | None = None
+        self.process: SenderProcess | None = None
         self.started = False          # the first playbook start has been seen
         self.warned = False
         self.play_id: str | None = None
+        self.ended = False            # the recap went out (or was tried)
         self.host_starts: dict[tuple[str, str], float] = {}
 
     # -- registering, warning, sending ----------------------------------------------------------
@@ -234,14 +282,26 @@ class MarcoRunsCallback(CallbackBase):
             return
         self.permalink = urllib.parse.urljoin(url + "/", str(answer.get("url") or ""))
         os.environ[RUN_VARIABLE] = self.run_id  # before any worker forks: they inherit it
-        path = f"/api/runs/{self.run_id}/events"
+        self.process = SenderProcess(url, f"/api/runs/{self.run_id}/events", token, timeout)
+        self.sender = EventSender(self.process.post,
+                                  int(self._option("max_queued_events", 10000)))
+        atexit.register(self._interrupted, url, token, timeout)
 
-        def post(events: list[dict[str, Any]]) -> Any:
-            return call_controller(url, path, token, {"events": events}, timeout=timeout)
+    def _interrupted(self, url: str, token: str, timeout: float) -> None:
+        """At exit without a recap (Ctrl-C, a fatal error): send what is queued, then end the
+        run as `interrupted`, within bounded waits; nothing is said if that fails too."""
+        if self.ended or self.sender is None:
+            return
+        self.sender.flush(float(self._option("flush_seconds", 5.0)))
+        if self.process is not None:
+            self.process.close()
+        try:
+            call_controller(url, f"/api/runs/{self.run_id}/finish", token,
+                            {"status": "interrupted"}, timeout=timeout)
+        except MarcoError:
+            pass  # the controller marks runs left running as interrupted when it restarts
 
-        self.sender = EventSender(post, int(self._option("max_queued_events", 10000)))
-
-    def _emit(self, event: dict[str, Any]) -> None:
+    def _emit(self, event: dict[str, Any], wait: float = 0) -> None:
         if self.sender is None:
             return
         if self.sender.failure is not None:
@@ -249,7 +309,7 @@ class MarcoRunsCallback(CallbackBase):
                             f"({self.sender.failure})")
             return
         event["time"] = time.time()
-        self.sender.put(event)
+        self.sender.put(event, wait)
 
     # -- Ansible's callbacks --------------------------------------------------------------------
 
@@ -303,15 +363,18 @@ class MarcoRunsCallback(CallbackBase):
     def v2_playbook_on_stats(self, stats: Any) -> None:
         if self.sender is None:
             return
+        self.ended = True
+        wait = float(self._option("flush_seconds", 5.0))
         counts = {host: stats.summarize(host) for host in sorted(stats.processed)}
         self._emit({"type": "recap", "stats": {host: {
             "ok": c.get("ok", 0), "changed": c.get("changed", 0), "failed": c.get("failures", 0),
             "unreachable": c.get("unreachable", 0), "skipped": c.get("skipped", 0)}
-            for host, c in counts.items()}})
-        wait = float(self._option("flush_seconds", 5.0))
+            for host, c in counts.items()}}, wait)
         if not self.sender.flush(wait):
             reason = self.sender.failure or (f"{self.sender.dropped} events did not fit the queue"
                                              if self.sender.dropped else
                                              f"not all sent within {wait:g} s")
             self._warn_once(f"the run is incomplete ({reason})")
+        if self.process is not None:
+            self.process.close()
         self._display.display(f"Marco run: {self.permalink}")

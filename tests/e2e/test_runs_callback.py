@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import pytest
 from marco.tokens import TokenSigner
 from tests.e2e.conftest import BIN, PLAYBOOKS, Fleet
 from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
 
 SECRET = "s3cret-" + secrets.token_hex(8)      # only in the no_log task's command
 HIDDEN_VAR = "x-var-" + secrets.token_hex(8)   # given with -e: kept out of the run's title
@@ -180,3 +182,42 @@ def test_an_unreachable_controller_costs_one_warning(
                                                "MARCO_RUNS_ENABLED": "false"},
                            capture_output=True, text=True, timeout=240)
     assert quiet.returncode == 0 and "marco_runs" not in quiet.stdout + quiet.stderr, quiet.stderr
+
+
+SLOW_PLAYBOOK = """
+- name: Interrupted
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: Sleep long
+      ansible.builtin.command: sleep 300
+"""
+
+
+def test_ctrl_c_ends_the_run_as_interrupted(fleet: Fleet, signer: TokenSigner,
+                                            alice: UnixUser, tmp_path: Path) -> None:
+    """No recap (the user pressed Ctrl-C): the callback ends the run as `interrupted` on
+    its way out, instead of leaving it running."""
+    name = f"interrupted-{secrets.token_hex(4)}.yml"
+    (tmp_path / name).write_text(SLOW_PLAYBOOK)
+    token = signer.issue(alice.name)
+    env = fleet.env(token)
+    playbook = subprocess.Popen([str(BIN / "ansible-playbook"), str(tmp_path / name), "-l",
+                                 fleet.names[0]], cwd=PLAYBOOKS, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def sleeping_run() -> dict[str, Any] | None:
+            runs = fleet.controller.get_json(f"/api/runs?q={name}", token)["runs"]
+            run = runs and fleet.controller.get_json(f"/api/runs/{runs[0]['id']}", token)
+            return run if run and [e for e in run["events"] if e["type"] == "task_start"] else None
+
+        run = wait_for(sleeping_run, timeout=60, what="the run with its task started")
+        assert run["status"] == "running" and run["ended"] is None
+        playbook.send_signal(signal.SIGINT)
+        output, _ = playbook.communicate(timeout=60)
+    finally:
+        if playbook.poll() is None:
+            playbook.kill()
+            playbook.wait()
+    ended = fleet.controller.get_json(f"/api/runs/{run['id']}", token)
+    assert ended["status"] == "interrupted" and ended["ended"] is not None, output[-2000:]

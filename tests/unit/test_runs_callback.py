@@ -5,18 +5,22 @@ failure drops the rest, a bounded flush)."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from typing import Any
+
+import pytest
 
 from ansible_plugins.core.runs_callback import (
     MAX_EVENT_BYTES,
     NO_LOG_MSG,
     EventSender,
+    SenderProcess,
     clean_result,
     host_result,
     run_title,
 )
-from marco.errors import AgentUnreachable
+from marco.errors import AgentUnreachable, MarcoError
 
 
 def test_inline_extra_vars_are_hidden_in_the_title() -> None:
@@ -109,3 +113,16 @@ def test_a_full_queue_drops_and_counts() -> None:
     controller.release.set()
     assert not sender.flush(10)  # all that fitted went out, but the run is incomplete
     assert [e["n"] for batch in controller.batches for e in batch] == [0, 1, 2, 3]
+
+
+def test_the_sender_process_answers_each_batch() -> None:
+    """The real `runs_sender` process: a controller out of reach is its error, raised by
+    `post`; after the end of its input it ends."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        process = SenderProcess(f"http://127.0.0.1:{closed.getsockname()[1]}",
+                                "/api/runs/r1/events", "token", 5.0)
+        with pytest.raises(MarcoError, match="cannot reach the controller"):
+            process.post([{"type": "play_start"}])
+        process.close()
+        assert process.process.wait(30) == 0
