@@ -11,7 +11,7 @@ from marco.serving import log_request
 from .api import InventoryApi, LogoutApi, NodesApi, RevokeApi, RunApi, SessionApi, TokenApi
 from .context import ControllerContext
 from .deploy import DeployApi
-from .pages import IndexPage, LoginPage, LogoutPage
+from .pages import IndexPage, LoginPage, LogoutPage, RunPage, RunsPage
 from .relay import RelaySocket
 from .runs import ROUTES as RUN_ROUTES
 
@@ -24,6 +24,8 @@ def make_app(ctx: ControllerContext) -> tornado.web.Application:
         (r"/", IndexPage),
         (r"/login", LoginPage),
         (r"/logout", LogoutPage),
+        (r"/runs", RunsPage),
+        (r"/runs/([^/]+)", RunPage),
         (r"/api/session", SessionApi),
         (r"/api/token", TokenApi),
         (r"/api/nodes", NodesApi),

@@ -1,0 +1,482 @@
+// Marco's runs pages: the runs list (/runs) and one run's page (/runs/ID), filled from the runs
+// API (docs/runs.md). Every value from the API becomes text (textContent), never HTML; statuses
+// are CSS classes with an aria-label.
+"use strict";
+
+const POLL_MS = 1000;          // a running run's page asks for new events and output this often
+const LIST_POLL_MS = 2000;     // the list refreshes this often while a shown run is running
+const PAGE_SIZE = 50;
+const MAX_LINES_SHOWN = 5000;  // per pane or details panel; older lines are dropped
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const el = (tag, cls, text) => {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  return e;
+};
+const STATUSES = ["running", "ok", "changed", "failed", "unreachable", "skipped", "interrupted"];
+// A status from the API as a class name: only known ones, so data never makes up classes.
+const statusClass = (s) => "status-" + (STATUSES.includes(s) ? s : "unknown");
+
+function xsrfToken() {
+  const m = document.cookie.match(/(?:^|; )_xsrf=([^;]*)/);
+  return m ? decodeURIComponent(m[1]) : "";
+}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({ "X-XSRFToken": xsrfToken() }, options.headers || {});
+  const response = await fetch(path, Object.assign({ credentials: "same-origin" }, options, { headers }));
+  if (response.status === 401) {
+    window.location = "/login?next=" + encodeURIComponent(window.location.pathname);
+    throw new Error("logged out");
+  }
+  let data = {};
+  try { data = await response.json(); } catch (e) { /* empty body */ }
+  if (!response.ok) {
+    const message = data.message ? (data.hint ? `${data.message}; ${data.hint}` : data.message) : `HTTP ${response.status}`;
+    throw new Error(message);
+  }
+  return data;
+}
+
+function badge(status, id) {
+  const b = el("span", "status " + statusClass(status), status);
+  b.setAttribute("aria-label", "status: " + status);
+  if (id) b.id = id;
+  return b;
+}
+
+function setBadge(b, status) {
+  // Only the status class changes: the badge keeps its other classes (e.g. pane-state).
+  for (const c of [...b.classList]) if (c.startsWith("status-")) b.classList.remove(c);
+  b.classList.add("status", statusClass(status));
+  b.textContent = status;
+  b.setAttribute("aria-label", "status: " + status);
+}
+
+const fmtWhen = (t) => new Date(t * 1000).toLocaleString();
+
+function fmtDuration(seconds) {
+  if (seconds === null || seconds === undefined || !isFinite(seconds)) return "–";
+  if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
+  if (seconds < 60) return `${seconds.toFixed(1)} s`;
+  const m = Math.floor(seconds / 60), s = Math.round(seconds % 60);
+  if (m < 60) return `${m} min ${s} s`;
+  return `${Math.floor(m / 60)} h ${m % 60} min`;
+}
+
+const runDuration = (run) => (run.ended === null ? Date.now() / 1000 : run.ended) - run.started;
+
+// Hosts ok and failed from a run's stats (a host failed if it failed or was unreachable).
+function hostCounts(run) {
+  let ok = 0, failed = 0;
+  for (const counts of Object.values(run.stats || {})) {
+    if ((counts.failed || 0) > 0 || (counts.unreachable || 0) > 0) failed++; else ok++;
+  }
+  return { ok, failed };
+}
+
+function failedHosts(run) {
+  return Object.entries(run.stats || {})
+    .filter(([, c]) => (c.failed || 0) > 0 || (c.unreachable || 0) > 0).map(([h]) => h);
+}
+
+// Output events (`stream`, `lines`) appended to a <pre> as lines, stdout and stderr apart.
+function appendLines(pre, events, ansi) {
+  for (const event of events) {
+    const stream = event.stream === "stderr" ? "stderr" : "stdout";
+    for (const line of event.lines || []) {
+      const span = el("span", "line " + stream);
+      Ansi.render(span, String(line), ansi[stream]);
+      pre.appendChild(span);
+    }
+  }
+  while (pre.childElementCount > MAX_LINES_SHOWN) pre.firstElementChild.remove();
+}
+
+const newAnsi = () => ({ stdout: Ansi.newState(), stderr: Ansi.newState() });
+
+// ---------------------------------------------------------------------------------------------
+// /runs: the caller's runs, newest first, filtered through GET /api/runs.
+class RunsList {
+  constructor() {
+    this.body = $("#runs");
+    this.more = $("#runs-more");
+    this.last = null;       // the id of the oldest run shown (the next page's `before`)
+    this.pages = 0;
+    this.generation = 0;    // answers to older filter values are dropped
+    this.timer = null;
+  }
+
+  start() {
+    const reload = () => this.load(true);
+    $("#filter-kind").addEventListener("change", reload);
+    $("#filter-status").addEventListener("change", reload);
+    let typing = null;
+    $("#filter-q").addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(reload, 250); });
+    $("#run-filters").addEventListener("submit", (e) => { e.preventDefault(); reload(); });
+    this.more.addEventListener("click", () => this.load(false));
+    return this.load(true);
+  }
+
+  query(before) {
+    const q = new URLSearchParams({ limit: String(PAGE_SIZE) });
+    for (const [name, id] of [["kind", "#filter-kind"], ["status", "#filter-status"], ["q", "#filter-q"]]) {
+      const value = $(id).value.trim();
+      if (value) q.set(name, value);
+    }
+    if (before) q.set("before", before);
+    return "/api/runs?" + q.toString();
+  }
+
+  async load(fresh) {
+    clearTimeout(this.timer);
+    const generation = fresh ? ++this.generation : this.generation;
+    let answer;
+    try {
+      answer = await api(this.query(fresh ? null : this.last));
+    } catch (err) {
+      $("#runs-error").textContent = err.message;
+      $("#runs-error").classList.remove("hidden");
+      return;
+    }
+    if (generation !== this.generation) return;
+    $("#runs-error").classList.add("hidden");
+    if (fresh) { this.body.replaceChildren(); this.pages = 0; }
+    this.pages++;
+    for (const run of answer.runs) this.body.appendChild(this.row(run));
+    if (answer.runs.length) this.last = answer.runs[answer.runs.length - 1].id;
+    this.more.classList.toggle("hidden", !answer.more);
+    $("#no-runs").classList.toggle("hidden", this.body.childElementCount > 0);
+    $("#runs-count").textContent = `${this.body.childElementCount}${answer.more ? "+" : ""}`;
+    // Only the first page refreshes itself, so "more" pages never jump under the reader.
+    if (this.pages === 1 && answer.runs.some((r) => r.ended === null)) {
+      this.timer = setTimeout(() => this.load(true), LIST_POLL_MS);
+    }
+  }
+
+  row(run) {
+    const tr = el("tr", "run-row");
+    tr.dataset.run = run.id;
+    tr.dataset.status = run.status;
+    const cell = (child, cls) => {
+      const td = el("td", cls);
+      if (typeof child === "string") td.textContent = child; else td.appendChild(child);
+      tr.appendChild(td);
+      return td;
+    };
+    cell(badge(run.status), "run-status");
+    cell(run.kind, "run-kind");
+    const link = el("a", "run-link", run.title);
+    link.href = "/runs/" + encodeURIComponent(run.id);
+    cell(link, "run-title");
+    cell(run.owner, "run-owner");
+    cell(fmtWhen(run.started), "run-started");
+    cell(run.ended === null ? "running" : fmtDuration(runDuration(run)), "run-duration");
+    const { ok, failed } = hostCounts(run);
+    const hosts = cell("", "run-hosts");
+    hosts.appendChild(el("span", "hosts-ok", `${ok} ok`));
+    hosts.appendChild(document.createTextNode(" · "));
+    hosts.appendChild(el("span", failed ? "hosts-failed" : "hosts-none", `${failed} failed`));
+    hosts.title = (run.hosts || []).join(", ");
+    return tr;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /runs/ID: one run; a tasks × hosts grid for playbooks, a pane per host for the others.
+class RunView {
+  constructor(section) {
+    this.id = section.dataset.run;
+    this.kind = section.dataset.kind;
+    this.run = null;
+    this.seq = 0;                  // the last event seen
+    this.tasks = new Map();        // task_id -> {name, play, row, cells: Map(host -> cell)}
+    this.hosts = [];               // the grid's columns, in order
+    this.results = new Map();      // `${task_id}\n${host}` -> the host_result event
+    this.panes = new Map();        // host -> {pane, pre, seen: Map(execution_id -> next line seq), ansi}
+    this.open = null;              // {task_id, host} of the details panel
+  }
+
+  get playbook() { return this.kind === "playbook"; }
+  path(suffix = "") { return `/api/runs/${encodeURIComponent(this.id)}${suffix}`; }
+
+  async start() {
+    $(this.playbook ? "#grid-panel" : "#host-panes-panel").classList.remove("hidden");
+    $("#details-close").addEventListener("click", () => this.closeDetails());
+    $("#rerun").addEventListener("click", () => this.rerun(this.run.hosts));
+    $("#rerun-failed").addEventListener("click", () => this.rerun(failedHosts(this.run)));
+    await this.poll();
+  }
+
+  // One round: new events (and output while it runs); again in a second until the run ended.
+  async poll() {
+    let ended = false;
+    try {
+      const run = await api(this.path(`?since=${this.seq}`));
+      this.update(run);
+      for (const event of run.events) this.apply(event);
+      ended = run.ended !== null;
+      await this.refreshOutput();
+      this.showError(null);
+    } catch (err) {
+      this.showError(err.message);
+    }
+    if (!ended) setTimeout(() => this.poll(), POLL_MS);
+  }
+
+  showError(message) {
+    $("#run-error").textContent = message || "";
+    $("#run-error").classList.toggle("hidden", !message);
+  }
+
+  update(run) {
+    this.run = run;
+    setBadge($("#run-status"), run.status);
+    $("#run-page").dataset.status = run.status;
+    $("#run-started").textContent = "started " + fmtWhen(run.started);
+    $("#run-duration").textContent = run.ended === null ? "running" : "took " + fmtDuration(runDuration(run));
+    const { ok, failed } = hostCounts(run);
+    $("#run-hosts").textContent = `${run.hosts.length} host(s): ${ok} ok, ${failed} failed`;
+    const canRerun = run.ended !== null && (run.kind === "command" || run.kind === "shell");
+    $("#rerun-actions").classList.toggle("hidden", !canRerun);
+    $("#rerun-failed").disabled = failedHosts(run).length === 0;
+    for (const host of run.hosts) this.addHost(host);
+    for (const [host, pane] of this.panes) {
+      // A host without stats in an ended run ended with the run (e.g. interrupted).
+      if (run.stats && run.stats[host]) this.hostState(host, run.stats[host]);
+      else setBadge(pane.state, run.ended === null ? "running" : run.status);
+    }
+  }
+
+  apply(event) {
+    this.seq = Math.max(this.seq, event.seq);
+    if (event.type === "play_start") this.currentPlay = event.play;
+    else if (event.type === "task_start") this.addTask(event);
+    else if (event.type === "host_result") this.addResult(event);
+    else if (event.type === "execution" && event.host) this.addHost(event.host);
+  }
+
+  addHost(host) {
+    if (this.hosts.includes(host)) return;
+    this.hosts.push(host);
+    if (this.playbook) {
+      const th = el("th", "grid-host", host);
+      th.scope = "col";
+      $("#grid-hosts").appendChild(th);
+      for (const [taskId, task] of this.tasks) task.row.appendChild(this.cell(taskId, host));
+    } else {
+      this.addPane(host);
+    }
+  }
+
+  addTask(event) {
+    if (this.tasks.has(event.task_id)) return;
+    const row = el("tr", "grid-task");
+    row.dataset.task = event.task_id;
+    const name = el("th", "task-name");
+    name.scope = "row";
+    if (this.currentPlay) name.appendChild(el("span", "task-play", this.currentPlay));
+    name.appendChild(el("span", "task-title", event.task || event.action || event.task_id));
+    row.appendChild(name);
+    const task = { name: event.task || event.action || String(event.task_id), row, cells: new Map() };
+    this.tasks.set(event.task_id, task);
+    for (const host of this.hosts) row.appendChild(this.cell(event.task_id, host));
+    $("#grid-tasks").appendChild(row);
+    $("#no-tasks").classList.add("hidden");
+  }
+
+  // A grid cell: empty until its host's result arrives, then a button coloured by status.
+  cell(taskId, host) {
+    const td = el("td", "grid-cell");
+    td.dataset.host = host;
+    const task = this.tasks.get(taskId);
+    const button = el("button", "cell status-none", "");
+    button.type = "button";
+    button.disabled = true;
+    button.dataset.host = host;
+    button.setAttribute("aria-label", `${task ? task.name : taskId} on ${host}: no result`);
+    button.addEventListener("click", () => this.showDetails(taskId, host));
+    td.appendChild(button);
+    if (task) task.cells.set(host, button);
+    const result = this.results.get(`${taskId}\n${host}`);
+    if (result) this.colour(button, taskId, result);
+    return td;
+  }
+
+  addResult(event) {
+    if (event.task_id === undefined || !event.host) return;
+    this.addHost(event.host);
+    this.results.set(`${event.task_id}\n${event.host}`, event);
+    const task = this.tasks.get(event.task_id);
+    const button = task && task.cells.get(event.host);
+    if (button) this.colour(button, event.task_id, event);
+    if (this.open && this.open.task_id === event.task_id && this.open.host === event.host) {
+      this.showDetails(event.task_id, event.host);
+    }
+  }
+
+  colour(button, taskId, result) {
+    const task = this.tasks.get(taskId);
+    button.className = "cell " + statusClass(result.status);
+    button.textContent = String(result.status);
+    button.disabled = false;
+    button.dataset.status = result.status;
+    button.setAttribute("aria-label", `${task ? task.name : taskId} on ${result.host}: ${result.status}`);
+  }
+
+  closeDetails() {
+    this.open = null;
+    $("#details").classList.add("hidden");
+    document.querySelectorAll(".cell.selected").forEach((c) => c.classList.remove("selected"));
+  }
+
+  // The details panel: a host's result for a task, formatted, and that task's output there.
+  showDetails(taskId, host) {
+    const result = this.results.get(`${taskId}\n${host}`);
+    if (!result) return;
+    const task = this.tasks.get(taskId);
+    this.open = { task_id: taskId, host };
+    document.querySelectorAll(".cell.selected").forEach((c) => c.classList.remove("selected"));
+    if (task && task.cells.get(host)) task.cells.get(host).classList.add("selected");
+    $("#details").classList.remove("hidden");
+    $("#details").dataset.host = host;
+    $("#details").dataset.task = taskId;
+    $("#details-title").textContent = `${task ? task.name : taskId} on ${host}`;
+    const facts = $("#details-facts");
+    facts.replaceChildren();
+    const fact = (name, value, cls) => {
+      if (value === null || value === undefined || value === "") return;
+      const dt = el("dt", null, name), dd = el("dd", cls, typeof value === "string" ? value : JSON.stringify(value));
+      dd.dataset.fact = name;
+      facts.appendChild(dt);
+      facts.appendChild(dd);
+    };
+    fact("status", result.status, statusClass(result.status));
+    fact("msg", result.msg, "fact-msg");
+    fact("rc", result.rc === null || result.rc === undefined ? null : String(result.rc));
+    fact("duration", result.duration === undefined || result.duration === null ? null : fmtDuration(result.duration));
+    const r = result.result && typeof result.result === "object" ? result.result : {};
+    if (r.changed !== undefined) fact("changed", String(Boolean(r.changed)));
+    if (r.cmd !== undefined) fact("cmd", Array.isArray(r.cmd) ? r.cmd.join(" ") : r.cmd);
+    const body = $("#details-body");
+    body.replaceChildren();
+    this.block(body, "stdout", r.stdout_lines, r.stdout);
+    this.block(body, "stderr", r.stderr_lines, r.stderr);
+    const rest = Object.keys(r).filter((k) => !["stdout", "stdout_lines", "stderr", "stderr_lines", "msg", "rc", "changed", "cmd"].includes(k));
+    if (rest.length) {
+      // The rest of the result stays available, folded away: the formatted view comes first.
+      const more = el("details", "raw-result");
+      more.appendChild(el("summary", null, `other result fields (${rest.join(", ")})`));
+      const other = {};
+      for (const k of rest) other[k] = r[k];
+      more.appendChild(el("pre", "raw", JSON.stringify(other, null, 2)));
+      body.appendChild(more);
+    }
+    this.loadTaskOutput(taskId, host);
+  }
+
+  block(parent, name, lines, text) {
+    const list = Array.isArray(lines) ? lines : (typeof text === "string" && text !== "" ? text.split("\n") : []);
+    if (!list.length) return;
+    parent.appendChild(el("h3", null, name));
+    const pre = el("pre", "lines result-" + name);
+    const ansi = newAnsi();
+    for (const line of list) {
+      const span = el("span", "line " + (name === "stderr" ? "stderr" : "stdout"));
+      Ansi.render(span, String(line), ansi[name === "stderr" ? "stderr" : "stdout"]);
+      pre.appendChild(span);
+    }
+    parent.appendChild(pre);
+  }
+
+  async loadTaskOutput(taskId, host) {
+    let answer;
+    try {
+      answer = await api(this.path(`/output?host=${encodeURIComponent(host)}`));
+    } catch (err) {
+      this.showError(err.message);
+      return;
+    }
+    if (!this.open || this.open.task_id !== taskId || this.open.host !== host) return;
+    const pre = $("#details-output");
+    pre.replaceChildren();
+    const ansi = newAnsi();
+    for (const execution of answer.executions) {
+      if (execution.task_id === taskId && execution.host === host) appendLines(pre, execution.events, ansi);
+    }
+    $("#details-no-output").classList.toggle("hidden", pre.childElementCount > 0);
+  }
+
+  // The output shown: the open details' while a playbook runs, every host's for the others.
+  async refreshOutput() {
+    if (this.playbook) {
+      if (this.open) await this.loadTaskOutput(this.open.task_id, this.open.host);
+      return;
+    }
+    const answer = await api(this.path("/output"));
+    for (const execution of answer.executions) {
+      this.addHost(execution.host);
+      const pane = this.panes.get(execution.host);
+      // Lines are numbered from `seq` on (from 0); only those past the ones shown are new.
+      let next = pane.seen.get(execution.execution_id) || 0;
+      const fresh = [];
+      for (const event of execution.events) {
+        const lines = event.lines || [], seq = event.seq || 0;
+        if (seq + lines.length <= next) continue;
+        fresh.push({ stream: event.stream, lines: lines.slice(Math.max(0, next - seq)) });
+        next = seq + lines.length;
+      }
+      if (!fresh.length) continue;
+      pane.seen.set(execution.execution_id, next);
+      appendLines(pane.pre, fresh, pane.ansi);
+      pane.empty.classList.add("hidden");
+    }
+  }
+
+  addPane(host) {
+    const pane = el("div", "pane host-pane");
+    pane.dataset.host = host;
+    const head = el("div", "pane-head");
+    head.appendChild(el("b", "pane-host", host));
+    const state = badge("running");
+    state.classList.add("pane-state");
+    head.appendChild(state);
+    pane.appendChild(head);
+    const pre = el("pre", "lines");
+    pane.appendChild(pre);
+    const empty = el("p", "hint pane-empty", "No output (yet).");
+    pane.appendChild(empty);
+    $("#host-panes").appendChild(pane);
+    this.panes.set(host, { pane, pre, empty, state, seen: new Map(), ansi: newAnsi() });
+  }
+
+  hostState(host, counts) {
+    const pane = this.panes.get(host);
+    if (!pane) return;
+    const status = (counts.unreachable || 0) > 0 ? "unreachable" : (counts.failed || 0) > 0 ? "failed" : "ok";
+    setBadge(pane.state, status);
+    pane.state.textContent = counts.rc === undefined ? status : `${status} (rc=${counts.rc})`;
+  }
+
+  // POST /api/run with this run's command on `hosts`, then open the new run.
+  async rerun(hosts) {
+    if (!hosts.length) return;
+    const body = { nodes: hosts, command: this.run.title, kind: this.run.kind, label: this.run.kind,
+                   cwd: (this.run.meta || {}).cwd || null };
+    try {
+      const answer = await api("/api/run", { method: "POST", body: JSON.stringify(body),
+                                             headers: { "Content-Type": "application/json" } });
+      window.location = answer.run.url;
+    } catch (err) {
+      this.showError(err.message);
+    }
+  }
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  const section = $("#run-page");
+  const work = section ? new RunView(section).start() : $("#runs-page") ? new RunsList().start() : null;
+  if (work) work.catch((e) => console.error(e));
+});
