@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
-from marco.errors import AgentUnreachable, BadRequest, MarcoError, to_body
+from marco.errors import BadRequest, MarcoError, to_body
 from marco.inventory import build_inventory, host_vars
 
+from .archive import outcome_of
 from .runs import run_url
 from .runstore import MAX_TITLE
 from .session import ApiHandler
@@ -121,7 +121,7 @@ class RunApi(ApiHandler):
                                          [n.name for n in nodes],
                                          {"cwd": cwd} if isinstance(cwd, str) else {})
 
-        unreachable: list[str] = []
+        settled: dict[str, str] = {}  # the nodes that did not start it: failed, unreachable
 
         async def start(node: Any) -> dict[str, Any]:
             client = self.ctx.connector.client(node, token)
@@ -131,19 +131,13 @@ class RunApi(ApiHandler):
                                                   tags={"run": run.id, "host": node.name})
                 return {"ok": True, "id": execution_id}
             except MarcoError as error:
-                if isinstance(error, AgentUnreachable):
-                    unreachable.append(node.name)
+                settled[node.name] = outcome_of(error)
                 return {"ok": False, **to_body(error)}
 
         results = await asyncio.gather(*(start(node) for node in nodes))
         answers = {n.name: r for n, r in zip(nodes, results, strict=True)}
-        started = {name: str(r["id"]) for name, r in answers.items() if r["ok"]}
-        refused = [name for name, r in answers.items() if not r["ok"] and name not in unreachable]
-        if started:  # the run's own record of its executions (collected by these ids)
-            await self.ctx.runs.store.call("append_events", user, run.id, [
-                {"type": "execution", "time": time.time(), "host": name, "execution_id": eid,
-                 "task_id": None} for name, eid in started.items()])
-        self.ctx.runs.spawn(self.ctx.runs.watch(run, token, started, unreachable, refused))
+        await self.ctx.runs.started(run, token, {name: str(r["id"]) for name, r
+                                                 in answers.items() if r["ok"]}, settled)
         self.write_json({"user": user, "results": answers,
                          "run": {"id": run.id, "url": run_url(run.id)}})
 

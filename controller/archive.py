@@ -16,7 +16,7 @@ from typing import Any
 
 from marco.client import AsyncAgentClient
 from marco.discovery import NodeRegistry
-from marco.errors import AuthenticationError, Conflict, MarcoError, NotFound
+from marco.errors import AgentUnreachable, AuthenticationError, Conflict, MarcoError, NotFound
 
 from .connector import AgentConnector
 from .runstore import Run, RunStoreThread, StoredOutput, new_run_id
@@ -28,6 +28,11 @@ WATCH_FIRST_POLL = 0.2         # seconds between a command run's execution check
 WATCH_MAX_POLL = 2.0           # to at most this
 WATCH_UNREACHABLE_TRIES = 5    # failed checks in a row before a node counts as unreachable
 COUNTS = ("ok", "changed", "failed", "unreachable", "skipped")  # a host's counts in a recap
+
+
+def outcome_of(error: MarcoError) -> str:
+    """How a host that did not start its part of a run counts: unreachable, or failed."""
+    return "unreachable" if isinstance(error, AgentUnreachable) else "failed"
 
 
 def status_from_stats(stats: dict[str, dict[str, int]]) -> str:
@@ -133,14 +138,25 @@ class RunKeeper:
 
     # -- a command run's executions ---------------------------------------------------------------
 
+    async def started(self, run: Run, token: str, started: dict[str, str],
+                      settled: dict[str, str]) -> None:
+        """A command (or deploy) run's executions have been started (`started`: host ->
+        execution id; `settled`: host -> `failed` or `unreachable` for those that were not):
+        record them as `execution` events, and end the run in the background once all have
+        exited."""
+        if started:  # the run's own record of its executions (collected by these ids)
+            await self.store.call("append_events", run.owner, run.id, [
+                {"type": "execution", "time": time.time(), "host": host, "execution_id": eid,
+                 "task_id": None} for host, eid in started.items()])
+        self.spawn(self.watch(run, token, started, settled))
+
     async def watch(self, run: Run, token: str, started: dict[str, str],
-                    unreachable: Iterable[str] = (), refused: Iterable[str] = ()) -> None:
+                    settled: dict[str, str]) -> None:
         """Wait until every execution of a command run has exited, then end the run: `failed`
-        if any rc is not 0 or a node refused the command, else `unreachable` if a node could
+        if any rc is not 0 or a host is settled as failed, else `unreachable` if a host could
         not be reached, else `ok`."""
-        stats: dict[str, dict[str, int]] = {}
-        for hosts, count in ((unreachable, "unreachable"), (refused, "failed")):
-            stats.update({host: {**dict.fromkeys(COUNTS, 0), count: 1} for host in hosts})
+        stats: dict[str, dict[str, int]] = {
+            host: {**dict.fromkeys(COUNTS, 0), count: 1} for host, count in settled.items()}
         exits = await asyncio.gather(*(self._wait_exit(host, eid, token)
                                        for host, eid in started.items()))
         stats.update(zip(started, exits, strict=True))

@@ -23,6 +23,9 @@ from marco.errors import BadRequest, MarcoError, UploadAborted, to_body
 from marco.modes import parse_mode
 
 from .api import chosen_nodes
+from .archive import outcome_of
+from .runs import run_url
+from .runstore import MAX_TITLE, Run
 from .session import ApiHandler
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ class AgentUpload:
             self.abort(UploadAborted(f"the agent did not finish within {self.stall_timeout:.0f} s"))
             outcome = {}
         except MarcoError as error:
+            self.failure = self.failure or error
             outcome = {"ok": False, **to_body(error)}
         if self.failure is not None:  # dropped: its own error says why
             self.task.cancel()
@@ -117,6 +121,12 @@ class FanOut:
             upload.abort(UploadAborted("the upload was abandoned by the browser"))
 
 
+def deploy_title(path: str, command: str) -> str:
+    """A deploy run's title: what was copied where, and the command run after."""
+    title = f"deploy {path}" + (f" && {command}" if command else "")
+    return title[:MAX_TITLE]
+
+
 def target_path(folder: str, name: str) -> str:
     if not name or "/" in name or name in {".", ".."} or "\0" in name:
         raise BadRequest("the file name must be a plain name (no '/')")
@@ -132,6 +142,8 @@ class DeployApi(ApiHandler):
     """
 
     fanout: FanOut | None = None
+    run: Run | None = None
+    run_settled = False  # its end is in hand (watched, or finished)
 
     async def prepare(self) -> None:
         super().prepare()
@@ -147,8 +159,13 @@ class DeployApi(ApiHandler):
         mode = parse_mode(self.get_query_argument("mode", ""))
         overwrite = self.get_query_argument("overwrite", "1") in {"1", "true", "yes"}
         token = self.token()
+        assert token is not None  # require_user verified it
         self.nodes = nodes
         stall = self.ctx.config.deploy_stall_timeout
+        # The run first: over the running cap (429) no byte moves.
+        self.run = await self.ctx.runs.create(
+            str(self.current_user), "deploy", deploy_title(path, self.command_argument()),
+            [n.name for n in nodes], {"folder": self.folder, "overwrite": overwrite})
         self.fanout = FanOut([AgentUpload(n.name, self.ctx.connector.client(n, token), path,
                                           mode, overwrite, stall) for n in nodes])
 
@@ -157,11 +174,16 @@ class DeployApi(ApiHandler):
             await self.fanout.feed(chunk)
 
     async def put(self) -> None:
-        assert self.fanout is not None
+        assert self.fanout is not None and self.run is not None
+        run = self.run
         results = await self.fanout.finish()
+        settled = {u.name: outcome_of(u.failure) for u in self.fanout.uploads
+                   if u.failure is not None}
         command = self.command_argument()
+        token = self.token()
+        assert token is not None  # prepare verified it
+        started: dict[str, str] = {}
         if command:
-            token = self.token()
             label = f"deploy {self.get_query_argument('name', '')}"
 
             async def start(node: Any) -> None:
@@ -169,15 +191,22 @@ class DeployApi(ApiHandler):
                 if not result["ok"]:
                     return
                 try:
-                    result["execution"] = await self.ctx.connector.client(node, token).start(
-                        command, cwd=self.folder, label=label)
+                    result["execution"] = started[node.name] = await self.ctx.connector.client(
+                        node, token).start(command, cwd=self.folder, label=label,
+                                           tags={"run": run.id, "host": node.name})
                 except MarcoError as error:
                     result["command_error"] = error.message
+                    settled[node.name] = outcome_of(error)
 
             await asyncio.gather(*(start(node) for node in self.nodes))
+        else:  # the copy was all: the nodes it reached are done
+            settled.update({name: "ok" for name, r in results.items() if r["ok"]})
+        await self.ctx.runs.started(run, token, started, settled)
+        self.run_settled = True
         log.info("deploy of %d bytes by %s: %s", self.fanout.size, self.current_user,
                  {name: r["ok"] for name, r in results.items()})
-        self.write_json({"size": self.fanout.size, "results": results})
+        self.write_json({"size": self.fanout.size, "results": results,
+                         "run": {"id": run.id, "url": run_url(run.id)}})
 
     def command_argument(self) -> str:
         """The command to run after the copy: the `X-Marco-Command` header (URL-encoded UTF-8,
@@ -190,3 +219,8 @@ class DeployApi(ApiHandler):
     def on_connection_close(self) -> None:
         if self.fanout is not None:
             self.fanout.abort()
+        if self.run is not None and not self.run_settled:  # the browser left mid-upload
+            self.run_settled = True
+            token = self.token() or ""
+            self.ctx.runs.spawn(self.ctx.runs.finish(self.run.owner, self.run.id,
+                                                     "interrupted", token))

@@ -7,11 +7,14 @@ from __future__ import annotations
 import re
 import secrets
 import signal
+import urllib.parse
 from typing import Any
 
+from marco.client import AgentClient
 from marco.tokens import TokenSigner
 from tests.support.controller_process import ControllerProcess
 from tests.support.http import call, login_cookie
+from tests.support.pki import TestPki
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
@@ -327,3 +330,41 @@ def test_a_run_whose_agent_is_gone_ends_unreachable_and_stays_readable(
     kept = wait_for(lambda: call(controller, "GET", f"/api/runs/{run_id}/output",
                                  token=token)[1]["executions"], what="the output's record")
     assert [(e["execution_id"], e["archived"]) for e in kept] == [(execution_id, False)]
+
+
+def test_a_deploy_is_a_run(cluster, alice: UnixUser, signer: TokenSigner, pki: TestPki) -> None:
+    controller, names = cluster
+    token = signer.issue(alice.name)
+    name = f"runs-deploy-{secrets.token_hex(4)}.txt"
+    answers: list[dict[str, Any]] = []
+
+    def deploy(folder: str, command: str = "") -> dict[str, Any]:
+        query = urllib.parse.urlencode({"nodes": ",".join(names), "folder": folder,
+                                        "name": name, "command": command})
+        status, answer = call(controller, "PUT", f"/api/deploy?{query}", b"deployed\n", token)
+        assert status == 200, answer
+        answers.append(answer)
+        return wait_ended(controller, token, answer["run"]["id"])
+
+    run = deploy("~", f"cat {name}")
+    for node, where in controller.inventory_hosts(token).items():
+        if node in names:  # each node lists the command under the run's tag
+            with AgentClient(where["ansible_host"], where["ansible_port"], token,
+                             tls=pki.client_tls(), node=node) as client:
+                tagged = client.executions(run=run["id"])
+            assert [(e["id"], e["tags"]) for e in tagged] == [
+                (answers[0]["results"][node]["execution"], {"run": run["id"], "host": node})]
+    assert (run["kind"], run["status"], run["hosts"]) == ("deploy", "ok", names)
+    assert run["title"] == f"deploy ~/{name} && cat {name}"
+    kept = wait_for(lambda: (e := call(controller, "GET", f"/api/runs/{run['id']}/output",
+                                       token=token)[1]["executions"]) and all(
+        x["archived"] for x in e) and e, what="the deploy's output archived")
+    assert sorted((e["host"], output_lines(e)) for e in kept) == [
+        (n, ["deployed"]) for n in sorted(names)]
+    run = deploy("~")  # a copy alone
+    assert run["status"] == "ok" and {h: c["ok"] for h, c in run["stats"].items()} == {
+        n: 1 for n in names}
+    run = deploy("/etc", "true")  # a folder alice may not write: nothing runs
+    assert run["status"] == "failed" and all(c["failed"] == 1 for c in run["stats"].values())
+    assert not [e for e in get_run(controller, token, run["id"])["events"]
+                if e["type"] == "execution"]
