@@ -1,6 +1,6 @@
 """The runs API (docs/runs.md) against a real controller and real agents: a run from start to
-recap, listing and paging, owners only, bad input, command runs whose output outlives their
-agents, a restart, the per-user cap."""
+recap, listing and paging, owners only, bad input, command and deploy runs whose output
+outlives their agents, a restart, the per-user cap, the settings."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import signal
 import urllib.parse
 from typing import Any
 
+import pytest
+
+from controller.__main__ import build_parser, load_config
+from controller.context import run_limits
+from controller.runstore import RunLimits
 from marco.client import AgentClient
+from marco.errors import ConfigError
 from marco.tokens import TokenSigner
 from tests.support.controller_process import ControllerProcess
 from tests.support.http import call, login_cookie
@@ -368,3 +374,14 @@ def test_a_deploy_is_a_run(cluster, alice: UnixUser, signer: TokenSigner, pki: T
     assert run["status"] == "failed" and all(c["failed"] == 1 for c in run["stats"].values())
     assert not [e for e in get_run(controller, token, run["id"])["events"]
                 if e["type"] == "execution"]
+
+
+def test_runs_settings_reach_the_store_and_refuse_zero() -> None:
+    environ = {"MARCO_RUNS_RETENTION_DAYS": "7", "MARCO_RUNS_MAX_BYTES": "1000"}
+    config = load_config(build_parser().parse_args(["--runs-max-per-user", "5"]), environ)
+    assert run_limits(config) == RunLimits(retention_days=7, max_bytes=1000,
+                                           max_per_user=5)
+    for flag in ("--runs-retention-days", "--runs-max-bytes", "--runs-max-running-per-user",
+                 "--runs-max-per-user", "--runs-max-bytes-per-user"):
+        with pytest.raises(ConfigError, match=flag[2:].replace("-", "_")):
+            load_config(build_parser().parse_args([flag, "0"]), {})
