@@ -144,6 +144,7 @@ class RunsList {
     if (generation !== this.generation) return;
     $("#runs-error").classList.add("hidden");
     if (fresh) { this.body.replaceChildren(); this.pages = 0; }
+    this.body.dataset.query = this.query(null);  // what the rows shown answer (tests wait on it)
     this.pages++;
     for (const run of answer.runs) this.body.appendChild(this.row(run));
     if (answer.runs.length) this.last = answer.runs[answer.runs.length - 1].id;

@@ -160,7 +160,9 @@ def test_more_pages_the_list(browser, web_cluster: Cluster, alice: UnixUser,
         call(controller, "POST", f"/api/runs/{made[-1]}/finish", {"status": "ok"}, token)
     page = new_page(browser, controller, alice, "/runs")
     page.fill("#filter-q", f"page-{mark}")
-    expect(page.locator("tr.run-row")).to_have_count(50, timeout=TIMEOUT_MS)
+    expect(page.locator("#runs")).to_have_attribute("data-query", re.compile(f"q=page-{mark}"),
+                                                    timeout=TIMEOUT_MS)
+    expect(page.locator("tr.run-row")).to_have_count(50)
     page.click("#runs-more")
     expect(page.locator("tr.run-row")).to_have_count(52, timeout=TIMEOUT_MS)
     expect(page.locator("#runs-more")).to_be_hidden()
