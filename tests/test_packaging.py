@@ -40,7 +40,7 @@ from tests.support.waiting import wait_for
 
 COLLECTION = ROOT / "ansible_plugins" / "ansible_collections" / "marco" / "fleet"
 PLUGINS = {("connection", "marco.fleet.marco"), ("inventory", "marco.fleet.marco"),
-           ("module", "marco.fleet.marco_deploy")}
+           ("module", "marco.fleet.marco_deploy"), ("callback", "marco.fleet.marco_runs")}
 
 pytestmark = pytest.mark.timeout(240)
 
