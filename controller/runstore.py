@@ -5,7 +5,8 @@ the embedded default: one SQLite file under the state dir (WAL, mode 0600, schem
 `PRAGMA user_version` applied in order at open). Every method checks the owner: another user's
 run is exactly like a missing one. Stored bytes (events and compressed output) are charged to
 the run, and the per-user and total caps are kept by pruning the oldest ended runs, never a
-running one. `RunStoreThread` serves an IOLoop: the store lives on one thread of its own, so
+running one (the store keeps the per-owner sums in memory: one process owns the file).
+`RunStoreThread` serves an IOLoop: the store lives on one thread of its own, so
 SQLite is used from one thread only and the loop never blocks on disk.
 """
 
@@ -137,6 +138,7 @@ MIGRATIONS: list[tuple[str, ...]] = [
             stats TEXT NOT NULL, meta TEXT NOT NULL, bytes INTEGER NOT NULL DEFAULT 0)""",
         "CREATE INDEX runs_by_owner ON runs (owner, id DESC)",
         "CREATE INDEX runs_by_ended ON runs (ended) WHERE ended IS NOT NULL",
+        "CREATE INDEX runs_running ON runs (owner) WHERE ended IS NULL",
         """CREATE TABLE events (
             run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
             seq INTEGER NOT NULL, time REAL NOT NULL, type TEXT NOT NULL, body TEXT NOT NULL,
@@ -300,7 +302,8 @@ def _check_output(output: StoredOutput) -> bytes:
 
 def _decode_output(data: bytes) -> list[dict[str, Any]]:
     text = zlib.decompress(data).decode("utf-8")
-    return [json.loads(line) for line in text.splitlines()]
+    # Only "\n" ends a line: JSON escapes it, but not U+2028 or U+0085, which splitlines() cuts.
+    return [json.loads(line) for line in text.split("\n")[:-1]]
 
 
 def _run_from_row(row: sqlite3.Row) -> Run:
@@ -316,6 +319,9 @@ class SqliteRunStore:
         self.path, self.limits = path, limits
         self._db = open_database(path)
         self._db.row_factory = sqlite3.Row
+        # Stored bytes per owner, kept beside the file so that a charge costs no scan of every
+        # run; None after a rolled back transaction (then read again from the file).
+        self._usage: dict[str, int] | None = None
 
     def close(self) -> None:
         self._db.close()
@@ -326,12 +332,21 @@ class SqliteRunStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException as error:
-            self._db.execute("ROLLBACK")
+            self._usage = None
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             if isinstance(error, sqlite3.Error) and error.sqlite_errorcode == SQLITE_FULL:
                 raise InsufficientStorage("the controller's disk is full") from error
             raise
-        self._db.execute("COMMIT")
+
+    def _used(self) -> dict[str, int]:
+        """Stored bytes per owner."""
+        if self._usage is None:
+            self._usage = {owner: int(size) for owner, size in self._db.execute(
+                "SELECT owner, SUM(bytes) FROM runs GROUP BY owner HAVING SUM(bytes) > 0")}
+        return self._usage
 
     def _row(self, owner: str, run_id: str) -> sqlite3.Row | None:
         if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
@@ -512,9 +527,7 @@ class SqliteRunStore:
         """Add `added` bytes to the run, first pruning the oldest ended runs (never this one)
         so that the owner's and the total caps hold; or raise, having pruned nothing."""
         if added > 0:
-            used_by_owner, used = self._db.execute(
-                "SELECT COALESCE(SUM(CASE WHEN owner = ? THEN bytes END), 0), "
-                "COALESCE(SUM(bytes), 0) FROM runs", (owner,)).fetchone()
+            used_by_owner, used = self._used().get(owner, 0), sum(self._used().values())
             victims = self._victims(owner, run_id, used_by_owner + added
                                     - self.limits.max_bytes_per_user, [])
             if victims is None:
@@ -531,6 +544,8 @@ class SqliteRunStore:
                     hint="ended runs are pruned oldest first; this one does not fit")
             self._delete([run for run, _ in victims + more])
         self._db.execute("UPDATE runs SET bytes = bytes + ? WHERE id = ?", (added, run_id))
+        usage = self._used()
+        usage[owner] = usage.get(owner, 0) + added
 
     def _victims(self, owner: str | None, keep: str | None, need: int,
                  taken: builtins.list[str]) -> builtins.list[tuple[str, int]] | None:
@@ -562,7 +577,11 @@ class SqliteRunStore:
 
     def _delete(self, run_ids: builtins.list[str]) -> None:
         """Delete runs with their events and outputs (the foreign keys cascade)."""
-        self._db.executemany("DELETE FROM runs WHERE id = ?", [(r,) for r in run_ids])
+        usage = self._used()
+        for run_id in run_ids:
+            for owner, size in self._db.execute(
+                    "DELETE FROM runs WHERE id = ? RETURNING owner, bytes", (run_id,)):
+                usage[owner] = usage.get(owner, 0) - size
 
     def prune(self, now: float | None = None) -> int:
         """Apply the limits to what is stored: runs ended more than `retention_days` ago go,
@@ -570,8 +589,10 @@ class SqliteRunStore:
         Returns how many runs went."""
         now = time.time() if now is None else now
         with self._transaction() as db:
-            removed = db.execute("DELETE FROM runs WHERE ended IS NOT NULL AND ended < ?",
-                                 (now - self.limits.retention_days * DAY,)).rowcount
+            old = db.execute("SELECT id FROM runs WHERE ended IS NOT NULL AND ended < ?",
+                             (now - self.limits.retention_days * DAY,)).fetchall()
+            self._delete([row[0] for row in old])
+            removed = len(old)
             for owner, count in db.execute("SELECT owner, COUNT(*) FROM runs GROUP BY owner "
                                            "HAVING COUNT(*) > ?",
                                            (self.limits.max_per_user,)).fetchall():
@@ -585,12 +606,11 @@ class SqliteRunStore:
         """Bring owners over their byte cap, then everyone over the total, back under it as
         far as ended runs allow; returns how many runs went."""
         removed = 0
-        for owner, used in self._db.execute(
-                "SELECT owner, SUM(bytes) FROM runs GROUP BY owner HAVING SUM(bytes) > ?",
-                (self.limits.max_bytes_per_user,)).fetchall():
-            removed += self._prune_down(owner, used - self.limits.max_bytes_per_user)
-        used = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM runs").fetchone()[0]
-        return removed + self._prune_down(None, used - self.limits.max_bytes)
+        for owner, used in [*self._used().items()]:
+            if used > self.limits.max_bytes_per_user:
+                removed += self._prune_down(owner, used - self.limits.max_bytes_per_user)
+        return removed + self._prune_down(None, sum(self._used().values())
+                                          - self.limits.max_bytes)
 
     def _prune_down(self, owner: str | None, need: int) -> int:
         """Delete the oldest ended runs (of `owner`, or anyone's) until `need` bytes are
