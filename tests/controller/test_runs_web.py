@@ -220,8 +220,10 @@ def test_a_playbook_run_shows_a_live_grid_with_formatted_results(browser, web_cl
     expect(failed).to_have_class(re.compile(r"\bstatus-failed\b"), timeout=TIMEOUT_MS)
     expect(changed).to_have_class(re.compile(r"\bstatus-changed\b"))
     assert failed.get_attribute("aria-label") == f"say hello on {two}: failed"
-    # Keyboard: the cell is a button; Enter on it opens the details.
-    failed.focus()
+    # Keyboard: the cells are buttons in the tab order; Enter on one opens its details.
+    changed.focus()
+    page.keyboard.press("Tab")
+    expect(failed).to_be_focused()
     page.keyboard.press("Enter")
     details = page.locator("#details")
     expect(details.locator('[data-fact="msg"]')).to_have_text(HTML)
