@@ -160,8 +160,6 @@ def migrate(db: sqlite3.Connection, path: Path,
             migrations: Sequence[tuple[str, ...]] = MIGRATIONS) -> int:
     """Bring the file to the newest version, each step in the same transaction as its version
     number (a crash leaves the old version or the new, never half). Returns the version."""
-    if schema_version(db) == 0:
-        db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes before the first table
     db.execute("BEGIN IMMEDIATE")  # a second opener waits, then sees the new version
     try:
         version = schema_version(db)
@@ -187,6 +185,8 @@ def open_database(path: Path) -> sqlite3.Connection:
     os.chmod(path, 0o600)
     db = sqlite3.connect(path, isolation_level=None)  # transactions are explicit
     try:
+        # Pruned runs give their pages back (prune); this only takes on a new file, before WAL.
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA foreign_keys = ON")
@@ -599,7 +599,9 @@ class SqliteRunStore:
                 removed += self._drop_oldest_ended(owner, count - self.limits.max_per_user)
             removed += self._prune_bytes()
         if removed:
-            self._db.execute("PRAGMA incremental_vacuum")  # give the freed pages back
+            # Give the freed pages back to the disk. executescript() steps it to the end;
+            # execute() steps once, which frees a single page.
+            self._db.executescript("PRAGMA incremental_vacuum;")
         return removed
 
     def _prune_bytes(self) -> int:

@@ -470,6 +470,23 @@ def test_prune_applies_lowered_byte_caps(path: Path) -> None:
     store.close()
 
 
+def test_pruned_runs_give_their_disk_back(path: Path) -> None:
+    def file_size() -> int:
+        with sqlite3.connect(path) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return path.stat().st_size
+
+    store = open_store(path, retention_days=1)
+    for n in range(5):
+        run = ended_run(store, "alice", T0 + n)
+        store.put_output("alice", run.id, output("e", [noise(100_000, n)]))
+    full = file_size()
+    assert full > 500_000
+    assert store.prune(T0 + 10 * DAY) == 5
+    assert file_size() < full // 10
+    store.close()
+
+
 def test_interrupt_running_ends_what_a_previous_process_left_running(path: Path) -> None:
     store = open_store(path)
     running, done = make_run(), ended_run(store, "alice", T0 + 1)
