@@ -286,3 +286,19 @@ def test_the_login_goes_only_to_paths_on_this_site(browser, web_cluster: Cluster
     fill_login(page, alice)
     expect(page).to_have_url(controller.url + "/", timeout=TIMEOUT_MS)
     page.context.close()
+
+
+def test_a_command_from_the_pages_shell_is_listed(browser, web_cluster: Cluster,
+                                                  alice: UnixUser) -> None:
+    controller, agents = web_cluster
+    name, command = agents[0].node_name, f"echo shell-{secrets.token_hex(4)}"
+    page = new_page(browser, controller, alice, "/")
+    page.locator(f'.node[data-node="{name}"] .node-select').check(timeout=TIMEOUT_MS)
+    page.fill("#shell-command", command)
+    page.click("#shell-run")
+    expect(page.locator(".line", has_text=command[5:])).to_be_visible(timeout=TIMEOUT_MS)
+    page.click("#nav-runs")
+    listed = page.locator("tr.run-row", has=page.locator(".run-title", has_text=command))
+    expect(listed.locator(".status")).to_have_text("ok", timeout=TIMEOUT_MS)
+    expect(listed.locator(".run-hosts")).to_have_text("1 ok · 0 failed")
+    page.context.close()
