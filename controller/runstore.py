@@ -49,6 +49,7 @@ MAX_EVENTS_PER_CALL = 1000
 MAX_EVENT_BYTES = 64 * 1024
 MAX_LIST = 1000
 MAX_NAME = 255  # a host name, an execution or task id
+MAX_HOSTS = 10_000  # hosts of one run
 SQLITE_FULL = 13  # sqlite3.Error.sqlite_errorcode of "database or disk is full"
 DAY = 86400.0
 
@@ -234,7 +235,16 @@ def _check_name(value: Any, what: str) -> str:
 def _check_hosts(hosts: Any) -> list[str]:
     if not isinstance(hosts, list):
         raise BadRequest("hosts must be a list of node names")
+    if len(hosts) > MAX_HOSTS:
+        raise BadRequest(f"a run has at most {MAX_HOSTS} hosts")
     return [_check_name(host, "a host") for host in hosts]
+
+
+def _row_bytes(run: Run) -> int:
+    """The bytes a run's own row holds (title, hosts, stats, meta): charged against the byte
+    caps like its events and outputs, so runs with huge host lists cannot fill the disk."""
+    return sum(len(text.encode("utf-8", "surrogatepass"))
+               for text in (run.title, _json(run.hosts), _json(run.stats), _json(run.meta)))
 
 
 def _check_status(status: Any) -> str:
@@ -390,6 +400,7 @@ class SqliteRunStore:
                      _json(run.meta)))
             except sqlite3.IntegrityError as error:
                 raise Conflict(f"run {run.id} already exists") from error
+            self._charge(run.owner, run.id, _row_bytes(run))
 
     def get(self, owner: str, run_id: str) -> Run | None:
         """The run, or None (also for another owner's run)."""
@@ -434,6 +445,7 @@ class SqliteRunStore:
         run now; an ended run cannot be `running`."""
         with self._transaction():
             run = _run_from_row(self._existing(owner, run_id))
+            size_before = _row_bytes(run)
             if hosts is not None:
                 run.hosts = _check_hosts(hosts)
             if stats is not None:
@@ -451,6 +463,7 @@ class SqliteRunStore:
             self._db.execute(
                 "UPDATE runs SET hosts = ?, status = ?, ended = ?, stats = ? WHERE id = ?",
                 (_json(run.hosts), run.status, run.ended, _json(run.stats), run_id))
+            self._charge(owner, run_id, _row_bytes(run) - size_before)
         return run
 
     def interrupt_running(self, now: float | None = None) -> int:

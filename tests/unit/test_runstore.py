@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.runstore import (
+    MAX_HOSTS,
     MIGRATIONS,
     Run,
     RunLimits,
@@ -365,6 +366,24 @@ def test_per_user_byte_cap_prunes_their_oldest_ended_runs_never_a_running_one(
         store.put_output("alice", latest.id, output("e11", [noise(8000, 11)]))
     assert refused.value.status == 507
     assert stored_ids(path) == before and len(store.outputs("alice", latest.id)) == 2
+    store.close()
+
+
+def test_a_runs_own_row_counts_against_the_byte_cap(path: Path) -> None:
+    """Host lists, stats and meta are stored bytes too: huge ones cannot fill the disk."""
+    store = open_store(path, max_bytes_per_user=60_000)
+    hosts = [f"host-{n:05d}" for n in range(1000)]  # about 13 kB as JSON
+    runs = [ended_run(store, "alice", T0 + n, hosts=hosts) for n in range(8)]
+    assert stored_ids(path) <= {run.id for run in runs[-5:]}  # the oldest went to make room
+    assert runs[-1].id in stored_ids(path)
+    with pytest.raises(DiskBudgetExhausted):  # alone larger than the cap
+        store.create(make_run(hosts=[f"h{n:06d}" for n in range(MAX_HOSTS)]))
+    running = make_run(started=T0 + 100)
+    store.create(running)
+    with pytest.raises(DiskBudgetExhausted):  # growing a run's hosts is charged too
+        store.update("alice", running.id, hosts=[f"h{n:06d}" for n in range(MAX_HOSTS)])
+    with pytest.raises(BadRequest, match="at most"):
+        store.create(make_run(hosts=["h"] * (MAX_HOSTS + 1)))
     store.close()
 
 
