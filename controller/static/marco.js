@@ -408,7 +408,7 @@ class App {
       const nodes = this.chosen();
       if (!nodes.length) { this.notice("Tick at least one node first."); return; }
       try {
-        const body = { nodes, command: $("#shell-command").value, cwd: $("#shell-cwd").value || null, label: "shell" };
+        const body = { nodes, command: $("#shell-command").value, cwd: $("#shell-cwd").value || null, label: "shell", kind: "shell" };
         const { results } = await api("/api/run", { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } });
         const failed = Object.entries(results).filter(([, r]) => !r.ok);
         if (failed.length) this.showResults("Run", results);

@@ -301,4 +301,5 @@ def test_a_command_from_the_pages_shell_is_listed(browser, web_cluster: Cluster,
     listed = page.locator("tr.run-row", has=page.locator(".run-title", has_text=command))
     expect(listed.locator(".status")).to_have_text("ok", timeout=TIMEOUT_MS)
     expect(listed.locator(".run-hosts")).to_have_text("1 ok · 0 failed")
+    expect(listed.locator(".run-kind")).to_have_text("shell")  # the Shell tab's, not marco run's
     page.context.close()
