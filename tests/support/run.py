@@ -19,6 +19,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from tests.support.processes import alive
 from tests.support.users import remove_user
 
 PAM_DIR = Path("/etc/pam.d")
@@ -32,16 +33,6 @@ LEFTOVER_FILES = ((PAM_DIR, "marco-test*"), (SUDOERS_DIR, "marcotest*"), (SRV, "
 UNTAGGED = re.compile(r"^(marcotest-(alice|bob|carol|g1|g2)|marcoload-\d\d|marco-test|marcotest"
                       r"|marco-fuzz-root|marcotest-shell|marcobr-.*|marco-(t|e2e)-h\d+)$")
 TAGGED = re.compile(r"^(?:marcotest|marcoload|marco-test|marco|mb)-([0-9a-f]+)(?:-|$)")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
@@ -124,7 +115,7 @@ def _leftover(name: str) -> bool:
     if UNTAGGED.match(name):
         return True
     match = TAGGED.match(name)
-    return match is not None and not _pid_alive(int(match.group(1), 16))
+    return match is not None and not alive(int(match.group(1), 16))
 
 
 def sweep_leftovers() -> list[str]:
