@@ -30,3 +30,5 @@ def test_demo_once_runs_marcos_main_job(run: RunNames) -> None:
     assert re.search(rf"{prefix}-1\s+\| step: compile", out.stdout)
     assert re.search(rf"{prefix}-\d\s+:\s+ok=\d+\s+changed=\d+\s+unreachable=0\s+failed=0", out.stdout)
     assert "ansible-playbook exited with 0" in out.stdout
+    # The playbook is one run on the controller (the marco_runs callback), with its permalink.
+    assert re.search(r"Marco run: https://127\.0\.0\.1:\d+/runs/r[0-9a-f]{20}\n", out.stdout)
