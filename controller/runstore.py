@@ -126,6 +126,7 @@ class RunStore(Protocol):
                 host: str | None = None) -> builtins.list[StoredOutput]: ...
     def prune(self, now: float | None = None) -> int: ...
     def interrupt_running(self, now: float | None = None) -> int: ...
+    def interrupt_stale(self, before: float, now: float | None = None) -> int: ...
     def close(self) -> None: ...
 
 
@@ -149,6 +150,12 @@ MIGRATIONS: list[tuple[str, ...]] = [
             execution_id TEXT NOT NULL, host TEXT NOT NULL, task_id TEXT,
             archived INTEGER NOT NULL, bytes INTEGER NOT NULL, data BLOB NOT NULL,
             PRIMARY KEY (run_id, execution_id))""",
+    ),
+    # A run's last activity (its start, then each batch of events' arrival): a running run
+    # idle for longer than any of its owner's tokens live is ended (interrupt_stale).
+    (
+        "ALTER TABLE runs ADD COLUMN last_activity REAL",
+        "UPDATE runs SET last_activity = started",
     ),
 ]
 
@@ -232,7 +239,8 @@ def _check_name(value: Any, what: str) -> str:
     return value
 
 
-def _check_hosts(hosts: Any) -> list[str]:
+def check_hosts(hosts: Any) -> list[str]:
+    """The hosts of a run, or BadRequest (also for callers that check before storing)."""
     if not isinstance(hosts, list):
         raise BadRequest("hosts must be a list of node names")
     if len(hosts) > MAX_HOSTS:
@@ -272,7 +280,7 @@ def _check_run(run: Run) -> None:
         raise BadRequest(f"kind must be one of {', '.join(sorted(KINDS))}")
     if not isinstance(run.title, str) or len(run.title) > MAX_TITLE:
         raise BadRequest(f"the title must be a string of at most {MAX_TITLE} characters")
-    _check_hosts(run.hosts)
+    check_hosts(run.hosts)
     if not _is_time(run.started) or not (run.ended is None or _is_time(run.ended)):
         raise BadRequest("started and ended must be numbers (Unix time)")
     _check_status(run.status)
@@ -394,10 +402,10 @@ class SqliteRunStore:
             try:
                 db.execute(
                     "INSERT INTO runs (id, owner, kind, title, hosts, started, ended, status,"
-                    " stats, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " stats, meta, last_activity) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (run.id, run.owner, run.kind, run.title, _json(run.hosts),
                      float(run.started), run.ended, run.status, _json(run.stats),
-                     _json(run.meta)))
+                     _json(run.meta), float(run.started)))
             except sqlite3.IntegrityError as error:
                 raise Conflict(f"run {run.id} already exists") from error
             self._charge(run.owner, run.id, _row_bytes(run))
@@ -442,19 +450,25 @@ class SqliteRunStore:
                status: str | None = None, ended: float | None = None,
                stats: dict[str, dict[str, int]] | None = None) -> Run:
         """Change what is given and return the run. A final status without `ended` ends the
-        run now; an ended run cannot be `running`."""
+        run now; an ended run cannot be `running`, and ending a run that has ended already is
+        a Conflict (checked in the same transaction: of two racing ends, one wins)."""
+        hosts = None if hosts is None else check_hosts(hosts)
+        stats = None if stats is None else _check_stats(stats)
+        status = None if status is None else _check_status(status)
+        if ended is not None and not _is_time(ended):
+            raise BadRequest("ended must be a number (Unix time)")
         with self._transaction():
             run = _run_from_row(self._existing(owner, run_id))
+            if run.ended is not None and (status is not None or ended is not None):
+                raise Conflict(f"run {run_id} has ended already")
             size_before = _row_bytes(run)
             if hosts is not None:
-                run.hosts = _check_hosts(hosts)
+                run.hosts = hosts
             if stats is not None:
-                run.stats = _check_stats(stats)
+                run.stats = stats
             if status is not None:
-                run.status = _check_status(status)
+                run.status = status
             if ended is not None:
-                if not _is_time(ended):
-                    raise BadRequest("ended must be a number (Unix time)")
                 run.ended = float(ended)
             if run.status != "running" and run.ended is None:
                 run.ended = time.time()
@@ -471,6 +485,15 @@ class SqliteRunStore:
         with self._transaction() as db:
             cursor = db.execute("UPDATE runs SET status = 'interrupted', ended = ? "
                                 "WHERE ended IS NULL", (time.time() if now is None else now,))
+            return cursor.rowcount
+
+    def interrupt_stale(self, before: float, now: float | None = None) -> int:
+        """Running runs with no activity (start or events) since `before` end as
+        `interrupted`: their client is gone (docs/runs.md "Stale runs")."""
+        with self._transaction() as db:
+            cursor = db.execute("UPDATE runs SET status = 'interrupted', ended = ? WHERE "
+                                "ended IS NULL AND COALESCE(last_activity, started) < ?",
+                                (time.time() if now is None else now, before))
             return cursor.rowcount
 
     # Events
@@ -494,6 +517,8 @@ class SqliteRunStore:
             db.executemany(
                 "INSERT INTO events (run_id, seq, time, type, body) VALUES (?, ?, ?, ?, ?)",
                 [(run_id, last + n, *row) for n, row in enumerate(rows, start=1)])
+            db.execute("UPDATE runs SET last_activity = MAX(COALESCE(last_activity, 0), ?) "
+                       "WHERE id = ?", (now, run_id))
         return int(last) + len(rows) + 1
 
     def events(self, owner: str, run_id: str, since: int = 0) -> builtins.list[dict[str, Any]]:
@@ -643,7 +668,8 @@ class SqliteRunStore:
 
 # The store's methods a caller may ask RunStoreThread for.
 STORE_METHODS = frozenset({"create", "get", "list", "append_events", "events", "update",
-                           "put_output", "outputs", "prune", "interrupt_running"})
+                           "put_output", "outputs", "prune", "interrupt_running",
+                           "interrupt_stale"})
 
 
 class RunStoreThread:

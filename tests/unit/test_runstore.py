@@ -190,8 +190,11 @@ def test_update_sets_what_is_given_and_a_final_status_ends_the_run(
     assert store.get("alice", run.id) == updated
     ended = store.update("alice", run.id, status="failed")
     assert ended.status == "failed" and ended.ended is not None and ended.hosts == ["n1", "n2"]
-    assert store.update("alice", run.id, ended=T0 + 5).ended == T0 + 5
-    for bad in ({"status": "running"}, {"status": "lost"}, {"stats": {"n1": {"ok": "2"}}},
+    with pytest.raises(Conflict):  # ended already: ending again is refused
+        store.update("alice", run.id, ended=T0 + 5)
+    with pytest.raises(Conflict):
+        store.update("alice", run.id, status="running")
+    for bad in ({"status": "lost"}, {"stats": {"n1": {"ok": "2"}}},
                 {"hosts": "n1"}, {"ended": float("nan")}):
         with pytest.raises(BadRequest):
             store.update("alice", run.id, **bad)
@@ -536,17 +539,18 @@ def test_a_new_file_gets_every_migration_and_reopening_changes_nothing(path: Pat
 
 
 def test_migrations_apply_in_order_once_from_an_older_file(path: Path) -> None:
-    """A version-1 file meets a code with a version 2: 2 is applied once, data stays."""
+    """A current file meets a code with one more version: it is applied once, data stays."""
     store = open_store(path)
     run = ended_run(store, "alice", T0)
     store.close()
     v2 = ("ALTER TABLE runs ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0",
           "CREATE INDEX runs_pinned ON runs (pinned)")
     with sqlite3.connect(path, isolation_level=None) as db:
-        assert schema_version(db) == 1
-        assert migrate(db, path, [*MIGRATIONS, v2]) == 2
-        assert migrate(db, path, [*MIGRATIONS, v2]) == 2  # a second ALTER would fail
-        assert schema_version(db) == 2
+        assert schema_version(db) == len(MIGRATIONS)
+        assert migrate(db, path, [*MIGRATIONS, v2]) == len(MIGRATIONS) + 1
+        # a second ALTER would fail
+        assert migrate(db, path, [*MIGRATIONS, v2]) == len(MIGRATIONS) + 1
+        assert schema_version(db) == len(MIGRATIONS) + 1
         assert db.execute("SELECT id, pinned FROM runs").fetchall() == [(run.id, 0)]
 
 
@@ -556,7 +560,7 @@ def test_a_failing_migration_leaves_the_old_version(path: Path) -> None:
     with sqlite3.connect(path, isolation_level=None) as db:
         with pytest.raises(sqlite3.OperationalError):
             migrate(db, path, [*MIGRATIONS, broken])
-        assert schema_version(db) == 1
+        assert schema_version(db) == len(MIGRATIONS)
         columns = [row[1] for row in db.execute("PRAGMA table_info(runs)")]
         assert "pinned" not in columns
 
@@ -662,8 +666,8 @@ def apply(store: SqliteRunStore, owned: dict[str, list[str]], op: str, owner: st
             assert mine
         except NotFound:
             assert not mine
-        except Conflict:
-            assert mine and op == "append"
+        except Conflict:  # an ended run takes no events and does not end again
+            assert mine
 
 
 def check(store: SqliteRunStore, owned: dict[str, list[str]]) -> None:
@@ -673,3 +677,69 @@ def check(store: SqliteRunStore, owned: dict[str, list[str]]) -> None:
         assert all(r.owner == owner for r in runs)
         assert [int(r.started) for r in runs] == sorted((int(r.started) for r in runs),
                                                         reverse=True)
+
+
+# Stale runs and racing ends (issue 12 review)
+
+
+def test_a_running_run_idle_past_the_cutoff_ends_interrupted(path: Path) -> None:
+    """Idle means no start and no events since the cutoff; events keep a run alive."""
+    store = open_store(path)
+    idle, busy, done = make_run(started=T0), make_run(started=T0), ended_run(store, "alice", T0)
+    store.create(idle)
+    store.create(busy)
+    store.append_events("alice", busy.id, [{"type": "task_start", "time": T0}])
+    # busy's events arrived now (their own `time` says T0: arrival counts, not the claim)
+    assert store.interrupt_stale(before=T0 + 100, now=T0 + 200) == 1
+    got = store.get("alice", idle.id)
+    assert got is not None and (got.status, got.ended) == ("interrupted", T0 + 200)
+    kept = store.get("alice", busy.id)
+    assert kept is not None and (kept.status, kept.ended) == ("running", None)
+    assert store.get("alice", done.id) == done
+    store.close()
+
+
+def test_a_file_from_before_last_activity_counts_from_each_runs_start(path: Path) -> None:
+    """The migration fills last_activity of existing runs with their start."""
+    with sqlite3.connect(path, isolation_level=None) as db:
+        migrate(db, path, MIGRATIONS[:1])
+        run = make_run(started=T0)
+        db.execute("INSERT INTO runs (id, owner, kind, title, hosts, started, ended, status, "
+                   "stats, meta) VALUES (?, 'alice', 'command', 't', '[]', ?, NULL, "
+                   "'running', '{}', '{}')", (run.id, T0))
+    store = open_store(path)
+    assert store.interrupt_stale(before=T0 - 1, now=T0 + 5) == 0
+    assert store.interrupt_stale(before=T0 + 1, now=T0 + 5) == 1
+    store.close()
+
+
+def test_ending_an_ended_run_is_a_conflict_and_changes_nothing(store: SqliteRunStore) -> None:
+    run = make_run()
+    store.create(run)
+    first = store.update("alice", run.id, status="ok", ended=T0 + 5,
+                         stats={"n1": {"ok": 1}})
+    for second in ({"status": "interrupted"}, {"ended": T0 + 9},
+                   {"status": "failed", "stats": {"n1": {"failed": 1}}}):
+        with pytest.raises(Conflict):
+            store.update("alice", run.id, **second)
+    assert store.get("alice", run.id) == first
+    # hosts may still be added to an ended run (they do not end it again)
+    assert store.update("alice", run.id, hosts=["n1", "n2"]).hosts == ["n1", "n2"]
+
+
+def test_of_two_ends_sent_at_once_exactly_one_wins(path: Path) -> None:
+    """Two ends through the thread wrapper at once: one winner, one Conflict."""
+    async def race() -> list[Any]:
+        keeper = RunStoreThread(path)
+        try:
+            run = make_run()
+            await keeper.call("create", run)
+            return await asyncio.gather(
+                keeper.call("update", "alice", run.id, status="ok"),
+                keeper.call("update", "alice", run.id, status="interrupted"),
+                return_exceptions=True)
+        finally:
+            keeper.close()
+    results = asyncio.run(race())
+    assert sum(isinstance(r, Run) for r in results) == 1
+    assert sum(isinstance(r, Conflict) for r in results) == 1
