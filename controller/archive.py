@@ -58,10 +58,13 @@ class RunKeeper:
     that follows a run (watching a command run, collecting output once it has ended)."""
 
     def __init__(self, store: RunStoreThread, connector: AgentConnector,
-                 registry: NodeRegistry) -> None:
+                 registry: NodeRegistry, stale_after: float | None = None) -> None:
         self.store = store
         self.connector = connector
         self.registry = registry
+        # A running run idle this long ends as interrupted: the controller's token max age,
+        # after which no token of its owner can send to it any more (None: never).
+        self.stale_after = stale_after
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -76,9 +79,21 @@ class RunKeeper:
         await self.prune()
 
     async def prune(self) -> None:
+        """End stale runs, then apply the retention and size bounds (hourly, and at start)."""
+        await self.interrupt_stale()
         pruned = await self.store.call("prune")
         if pruned:
             log.info("pruned %d run(s) past the retention and size bounds", pruned)
+
+    async def interrupt_stale(self) -> int:
+        """Running runs with no start or events for `stale_after` seconds end as interrupted:
+        their client died without ending them, and they would hold a running slot forever."""
+        if self.stale_after is None:
+            return 0
+        ended: int = await self.store.call("interrupt_stale", time.time() - self.stale_after)
+        if ended:
+            log.info("%d run(s) idle for %d s marked interrupted", ended, self.stale_after)
+        return ended
 
     async def close(self) -> None:
         """Stop the background work (a run being collected keeps what was stored), then the
@@ -118,10 +133,9 @@ class RunKeeper:
 
     async def finish(self, owner: str, run_id: str, status: str, token: str,
                      stats: dict[str, dict[str, int]] | None = None) -> Run:
-        """End the run now and collect its output from the agents in the background; 409 if
-        it has ended already."""
-        if (await self.get(owner, run_id)).ended is not None:
-            raise Conflict(f"run {run_id} has ended already")
+        """End the run now and collect its output from the agents in the background; Conflict
+        (409) if it has ended already: the store decides in one transaction, so of two racing
+        ends (watcher, recap, POST .../finish) one wins and collects, once."""
         run: Run = await self.store.call("update", owner, run_id, status=status,
                                          ended=time.time(), stats=stats)
         self.spawn(self.collect(run, token))
@@ -162,7 +176,9 @@ class RunKeeper:
         stats.update(zip(started, exits, strict=True))
         try:
             await self.finish(run.owner, run.id, status_from_stats(stats), token, stats)
-        except MarcoError as error:  # ended by its owner meanwhile (POST .../finish)
+        except Conflict as error:  # ended by someone else meanwhile (POST .../finish)
+            log.info("run %s was ended before its watcher: %s", run.id, error.message)
+        except MarcoError as error:
             log.info("run %s was not ended by its watcher: %s", run.id, error.message)
 
     async def _wait_exit(self, host: str, execution_id: str, token: str) -> dict[str, Any]:

@@ -86,7 +86,7 @@ class ControllerContext:
         state_dir = Path(config.state_dir)
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the runs file opens now
         store = RunStoreThread(state_dir / "runs.sqlite3", run_limits(config))
-        runs = RunKeeper(store, connector, registry)
+        runs = RunKeeper(store, connector, registry, stale_after=config.token_max_age)
         return cls(config=config, signer=signer, denied=denied, runs=runs,
                    authenticator=PamAuthenticator(config.pam_service, limiter,
                                                   LoginShells(config.login_shells)),

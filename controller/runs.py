@@ -9,7 +9,7 @@ from typing import Any
 from marco.errors import BadRequest, Conflict, NotFound
 
 from .archive import COUNTS, RunKeeper, status_from_stats
-from .runstore import RUN_ID, Run
+from .runstore import RUN_ID, Run, check_hosts
 from .session import ApiHandler
 
 EVENT_TYPES = ("play_start", "task_start", "host_result", "execution", "recap")
@@ -143,12 +143,19 @@ class RunEventsApi(RunsHandler):
         run = await self.own_run(user, run_id)
         if run.ended is not None:
             raise Conflict(f"run {run_id} has ended; it takes no more events")
+        # Every host the batch names is checked before anything is stored: a refused batch
+        # stores nothing (the store checks the events themselves in its own transaction).
+        hosts = event_hosts(events)
+        check_hosts([*run.hosts, *(h for h in dict.fromkeys(hosts) if h not in run.hosts)])
         next_seq = await self.keeper.store.call("append_events", user, run_id, events)
-        run = await self.keeper.add_hosts(run, event_hosts(events))
+        run = await self.keeper.add_hosts(run, hosts)
         recaps = [e for e in events if e["type"] == "recap"]
         if recaps:
             stats = recaps[-1]["stats"]
-            await self.keeper.finish(user, run_id, status_from_stats(stats), token, stats)
+            try:
+                await self.keeper.finish(user, run_id, status_from_stats(stats), token, stats)
+            except Conflict:  # ended meanwhile by someone else, who collects its output
+                pass
         self.write_json({"accepted": len(events), "next_seq": next_seq})
 
 

@@ -385,3 +385,34 @@ def test_runs_settings_reach_the_store_and_refuse_zero() -> None:
                  "--runs-max-per-user", "--runs-max-bytes-per-user"):
         with pytest.raises(ConfigError, match=flag[2:].replace("-", "_")):
             load_config(build_parser().parse_args([flag, "0"]), {})
+
+
+def test_a_refused_batch_stores_nothing(cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    """Hosts are checked before the events are stored: a 400 leaves the run as it was."""
+    controller, names = cluster
+    token = signer.issue(alice.name)
+    run_id = new_run(controller, token, hosts=[names[0]])
+    for batch in ([{"type": "play_start", "play": "p"},
+                   {"type": "host_result", "host": "h" * 256, "status": "ok"}],
+                  [{"type": "play_start", "play": "p"}, recap(**{"": {"ok": 1}})],
+                  [{"type": "play_start", "play": "p"}, recap(**{"h" * 256: {"ok": 1}})]):
+        status, answer = send(controller, token, run_id, *batch)
+        assert status == 400 and answer["error"] == "bad_request", answer
+    run = get_run(controller, token, run_id)
+    assert (run["events"], run["hosts"], run["status"]) == ([], [names[0]], "running")
+
+
+def test_a_run_ends_once_a_second_end_is_a_409(cluster, alice: UnixUser,
+                                                signer: TokenSigner) -> None:
+    controller, _ = cluster
+    token = signer.issue(alice.name)
+    run_id = new_run(controller, token)
+    status, first = call(controller, "POST", f"/api/runs/{run_id}/finish", {"status": "ok"},
+                         token)
+    assert status == 200 and first["status"] == "ok", first
+    status, answer = call(controller, "POST", f"/api/runs/{run_id}/finish",
+                          {"status": "interrupted"}, token)
+    assert status == 409 and answer["error"] == "conflict", answer
+    assert send(controller, token, run_id, recap(web={"failed": 1}))[0] == 409
+    run = get_run(controller, token, run_id)
+    assert (run["status"], run["ended"], run["events"]) == ("ok", first["ended"], [])
