@@ -13,6 +13,8 @@ workers' marco connections tag their executions with it. A controller that canno
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import json
 import os
 import queue
@@ -30,7 +32,7 @@ from ansible.plugins.callback import CallbackBase
 from marco.cli import controller_url
 from marco.controller_client import call_controller
 from marco.credentials import find_token
-from marco.errors import AgentUnreachable, MarcoError
+from marco.errors import AgentUnreachable, Conflict, MarcoError
 
 from .connection import RUN_VARIABLE
 
@@ -42,29 +44,51 @@ MAX_BATCH_BYTES = 1024 * 1024   # and at most about this much JSON per POST
 CUT_VALUE_CHARS = 4096          # what is left of a large value in a result cut to fit
 NO_LOG_MSG = "output hidden: no_log"
 HIDDEN = "<hidden>"
-EXTRA_VARS_FLAGS = ("-e", "--extra-vars")
+MAX_CLEAN_DEPTH = 32            # results nested deeper are cut there (never sent unstripped)
+TOO_DEEP = "… (cut: nested too deep)"
+
+
+def parsed_arguments(argv: list[str]) -> Any | None:
+    """`argv` parsed by ansible-playbook's own option parser (every spelling it takes: `-e`,
+    `--extra=`, `-Ce`, ...), or None if it does not parse."""
+    from ansible.cli.playbook import PlaybookCLI  # Ansible's CLI is loaded only when used
+
+    cli = PlaybookCLI(["ansible-playbook", *argv])
+    try:
+        cli.init_parser()
+        with contextlib.redirect_stderr(io.StringIO()):  # its usage text is not ours to print
+            return cli.parser.parse_args(argv)
+    except (SystemExit, Exception):  # noqa: BLE001 - a title is never worth a failed playbook
+        return None
 
 
 def command_line(argv: list[str]) -> list[str]:
     """The invocation's arguments with inline extra variables hidden (they may be passwords);
-    `-e @file` names a file and stays."""
+    `-e @file` names a file and stays. The values come from Ansible's parser, so any option
+    spelling hides them; an argument that is such a value, or an option ending in one, shows
+    `<hidden>` instead (an argument Ansible cannot parse hides them all)."""
+    options = parsed_arguments(argv)
+    if options is None:
+        return [HIDDEN] if argv else []
+    secrets = {value for value in getattr(options, "extra_vars", None) or []
+               if value and not value.startswith("@")}
     shown: list[str] = []
-    hide_next = False
     for arg in argv:
-        if hide_next:
-            shown.append(arg if arg.startswith("@") else HIDDEN)
-            hide_next = False
-        elif arg in EXTRA_VARS_FLAGS:
-            shown.append(arg)
-            hide_next = True
-        elif arg.startswith("--extra-vars="):
-            value = arg.split("=", 1)[1]
-            shown.append(arg if value.startswith("@") else "--extra-vars=" + HIDDEN)
-        elif arg.startswith("-e") and len(arg) > 2:
-            shown.append(arg if arg[2:].startswith("@") else "-e" + HIDDEN)
-        else:
-            shown.append(arg)
+        if arg in secrets:
+            shown.append(HIDDEN)
+            continue
+        if arg.startswith("-"):
+            secret = next((v for v in secrets if arg.endswith(v)), None)
+            if secret is not None:
+                arg = arg[:len(arg) - len(secret)] + HIDDEN
+        shown.append(arg)
     return shown
+
+
+def check_mode(argv: list[str]) -> bool:
+    """Whether the invocation is a dry run (`--check`, `-C`, `-DC`, `--ch`, ...)."""
+    options = parsed_arguments(argv)
+    return bool(getattr(options, "check", False))
 
 
 def run_title(argv: list[str]) -> str:
@@ -76,12 +100,24 @@ def _json_size(value: Any) -> int:
     return len(json.dumps(value, default=str, ensure_ascii=False).encode("utf-8"))
 
 
+def _stripped(value: Any, depth: int = 0) -> Any:
+    """`value` without `invocation` and `_ansible_*` keys at any level (loop results carry
+    their own); below MAX_CLEAN_DEPTH a value is cut, so nothing deeper goes out unstripped."""
+    if depth >= MAX_CLEAN_DEPTH:
+        return TOO_DEEP
+    if isinstance(value, Mapping):
+        return {key: _stripped(item, depth + 1) for key, item in value.items()
+                if key != "invocation" and not str(key).startswith("_ansible_")}
+    if isinstance(value, (list, tuple)):
+        return [_stripped(item, depth + 1) for item in value]
+    return value
+
+
 def clean_result(result: Mapping[str, Any], limit: int) -> dict[str, Any]:
     """A module's result without `invocation` (its arguments) and Ansible's internal keys,
-    as plain JSON data of at most `limit` bytes: the largest values are cut first."""
-    kept = {key: value for key, value in result.items()
-            if key != "invocation" and not str(key).startswith("_ansible_")}
-    data: dict[str, Any] = json.loads(json.dumps(kept, default=str))
+    at every level, as plain JSON data of at most `limit` bytes: the largest values are cut
+    first."""
+    data: dict[str, Any] = json.loads(json.dumps(_stripped(result), default=str))
     for key in sorted(data, key=lambda k: _json_size(data[k]), reverse=True):
         if _json_size(data) <= limit:
             return data
@@ -108,6 +144,15 @@ def host_result(raw: dict[str, Any]) -> dict[str, Any]:
              "rc": rc if isinstance(rc, int) and not isinstance(rc, bool) else None}
     event["result"] = clean_result(result, MAX_EVENT_BYTES - _json_size(event) - 256)
     return event
+
+
+def recap_status(recap: Mapping[str, Mapping[str, int]]) -> str:
+    """The status a recap gives (docs/runs.md): failed, else unreachable, else ok."""
+    if any(counts.get("failed") for counts in recap.values()):
+        return "failed"
+    if any(counts.get("unreachable") for counts in recap.values()):
+        return "unreachable"
+    return "ok"
 
 
 def _result_data(result: Any) -> Mapping[str, Any]:
@@ -171,26 +216,32 @@ class EventSender:
         self.thread = threading.Thread(target=self._loop, name="marco-runs", daemon=True)
         self.thread.start()
 
-    def put(self, event: dict[str, Any], wait: float = 0) -> None:
+    def put(self, event: dict[str, Any], wait: float = 0) -> bool:
         """Queue an event, waiting at most `wait` for room: a full queue drops it (and counts
-        it). Results never wait; the recap, which ends the run, may."""
+        it). Results never wait; the recap, which ends the run, may. True when queued."""
         if self.failure is not None:
-            return
+            return False
         try:
             self.queue.put(event, timeout=wait) if wait > 0 else self.queue.put_nowait(event)
         except queue.Full:
             self.dropped += 1
+            return False
+        return True
 
-    def flush(self, wait: float) -> bool:
-        """Send what is queued, waiting at most `wait` seconds; True when all went out."""
+    def drain(self, wait: float) -> bool:
+        """Send what is queued, waiting at most `wait` seconds; True when every queued event
+        was taken by the controller (events dropped before they were queued do not count)."""
         deadline = time.monotonic() + wait
         flushed = threading.Event()  # set by the thread once everything before it is done
         try:
             self.queue.put(flushed, timeout=wait)
         except queue.Full:
             return False
-        return (flushed.wait(max(deadline - time.monotonic(), 0)) and self.failure is None
-                and not self.dropped)
+        return flushed.wait(max(deadline - time.monotonic(), 0)) and self.failure is None
+
+    def flush(self, wait: float) -> bool:
+        """`drain`, and True only when nothing was dropped either: all went out."""
+        return self.drain(wait) and not self.dropped
 
     def _loop(self) -> None:
         while True:
@@ -247,7 +298,8 @@ class MarcoRunsCallback(CallbackBase):
         self.started = False          # the first playbook start has been seen
         self.warned = False
         self.play_id: str | None = None
-        self.ended = False            # the recap went out (or was tried)
+        self.ended = False            # the run is ended: recap confirmed, or finish tried
+        self.finish_to: tuple[str, str, float] | None = None  # url, token, timeout
         self.host_starts: dict[tuple[str, str], float] = {}
 
     # -- registering, warning, sending ----------------------------------------------------------
@@ -273,7 +325,7 @@ class MarcoRunsCallback(CallbackBase):
             token = find_token()
             argv = sys.argv[1:]
             meta = {"playbook": os.path.abspath(playbook_file), "args": command_line(argv),
-                    "cwd": os.getcwd(), "check": "--check" in argv or "-C" in argv}
+                    "cwd": os.getcwd(), "check": check_mode(argv)}
             answer = call_controller(url, "/api/runs", token, {
                 "kind": "playbook", "title": run_title(argv), "meta": meta}, timeout=timeout)
             self.run_id = str(answer["id"])
@@ -281,25 +333,45 @@ class MarcoRunsCallback(CallbackBase):
             self._warn_once(f"cannot record this playbook as a run ({error})")
             return
         self.permalink = urllib.parse.urljoin(url + "/", str(answer.get("url") or ""))
+        self.finish_to = (url, token, timeout)
+        atexit.register(self._interrupted)
         os.environ[RUN_VARIABLE] = self.run_id  # before any worker forks: they inherit it
-        self.process = SenderProcess(url, f"/api/runs/{self.run_id}/events", token, timeout)
+        try:
+            self.process = SenderProcess(url, f"/api/runs/{self.run_id}/events", token,
+                                         timeout)
+        except (OSError, MarcoError) as error:
+            # The run is registered: the recap's place is taken by a finish at the end.
+            self._warn_once(f"cannot start the runs sender ({error})")
+            return
         self.sender = EventSender(self.process.post,
                                   int(self._option("max_queued_events", 10000)))
-        atexit.register(self._interrupted, url, token, timeout)
 
-    def _interrupted(self, url: str, token: str, timeout: float) -> None:
-        """At exit without a recap (Ctrl-C, a fatal error): send what is queued, then end the
-        run as `interrupted`, within bounded waits; nothing is said if that fails too."""
-        if self.ended or self.sender is None:
+    def _finish(self, status: str) -> None:
+        """End the run with POST /api/runs/ID/finish, once, bounded by `timeout`: the recap
+        did not go out (or never will). A failure is the one warning, if none was given."""
+        if self.ended or self.finish_to is None:
             return
-        self.sender.flush(float(self._option("flush_seconds", 5.0)))
-        if self.process is not None:
-            self.process.close()
+        self.ended = True
+        url, token, timeout = self.finish_to
         try:
             call_controller(url, f"/api/runs/{self.run_id}/finish", token,
-                            {"status": "interrupted"}, timeout=timeout)
-        except MarcoError:
-            pass  # the controller marks runs left running as interrupted when it restarts
+                            {"status": status}, timeout=timeout)
+        except Conflict:
+            pass  # the recap got there after all: the run is ended
+        except MarcoError as error:
+            # The controller marks runs left running as interrupted when it restarts.
+            self._warn_once(f"cannot end the run ({error})")
+
+    def _interrupted(self) -> None:
+        """At exit without a recap (Ctrl-C, a fatal error): send what is queued, then end the
+        run as `interrupted`, within bounded waits."""
+        if self.ended:
+            return
+        if self.sender is not None:
+            self.sender.flush(float(self._option("flush_seconds", 5.0)))
+        if self.process is not None:
+            self.process.close()
+        self._finish("interrupted")
 
     def _emit(self, event: dict[str, Any], wait: float = 0) -> None:
         if self.sender is None:
@@ -361,20 +433,36 @@ class MarcoRunsCallback(CallbackBase):
                     "no_log": no_log, "raw_result": {} if no_log else dict(raw)})
 
     def v2_playbook_on_stats(self, stats: Any) -> None:
-        if self.sender is None:
+        """Send the recap, which ends the run; if it is not confirmed within `flush_seconds`
+        (the sender failed or is slow, or never started), end the run with a finish."""
+        if self.run_id is None or self.ended:
             return
-        self.ended = True
         wait = float(self._option("flush_seconds", 5.0))
         counts = {host: stats.summarize(host) for host in sorted(stats.processed)}
-        self._emit({"type": "recap", "stats": {host: {
+        recap = {host: {
             "ok": c.get("ok", 0), "changed": c.get("changed", 0), "failed": c.get("failures", 0),
             "unreachable": c.get("unreachable", 0), "skipped": c.get("skipped", 0)}
-            for host, c in counts.items()}}, wait)
-        if not self.sender.flush(wait):
-            reason = self.sender.failure or (f"{self.sender.dropped} events did not fit the queue"
-                                             if self.sender.dropped else
-                                             f"not all sent within {wait:g} s")
-            self._warn_once(f"the run is incomplete ({reason})")
+            for host, c in counts.items()}
+        if self._send_recap(recap, wait):
+            self.ended = True
+        else:
+            self._finish(recap_status(recap))
         if self.process is not None:
             self.process.close()
         self._display.display(f"Marco run: {self.permalink}")
+
+    def _send_recap(self, recap: dict[str, dict[str, int]], wait: float) -> bool:
+        """Queue the recap and wait for it; True when the controller took it. Anything short
+        of all events is the one warning."""
+        sender = self.sender
+        if sender is None:
+            return False
+        queued = sender.failure is None and sender.put(
+            {"type": "recap", "stats": recap, "time": time.time()}, wait)
+        sent = sender.drain(wait) and queued
+        if not sent or sender.dropped:
+            reason = sender.failure or (f"{sender.dropped} events did not fit the queue"
+                                        if sender.dropped else
+                                        f"not all sent within {wait:g} s")
+            self._warn_once(f"the run is incomplete ({reason})")
+        return sent

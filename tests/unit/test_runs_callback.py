@@ -15,12 +15,18 @@ from ansible_plugins.core.runs_callback import (
     MAX_EVENT_BYTES,
     NO_LOG_MSG,
     EventSender,
+    MarcoRunsCallback,
     SenderProcess,
+    check_mode,
     clean_result,
     host_result,
     run_title,
 )
+from marco.controller_client import call_controller
 from marco.errors import AgentUnreachable, MarcoError
+from marco.tokens import TokenSigner
+from tests.support.controller_process import ControllerProcess
+from tests.support.users import UnixUser
 
 
 def test_inline_extra_vars_are_hidden_in_the_title() -> None:
@@ -126,3 +132,104 @@ def test_the_sender_process_answers_each_batch() -> None:
             process.post([{"type": "play_start"}])
         process.close()
         assert process.process.wait(30) == 0
+
+
+@pytest.mark.parametrize("spelling", [
+    ["-e", "pw=SECRET"], ["-ePW=SECRET"], ["--extra-vars", "pw=SECRET"],
+    ["--extra-vars=pw=SECRET"], ["--extra", "pw=SECRET"], ["--extra-v=pw=SECRET"],
+    ["-Ce", "pw=SECRET"], ["-CePW=SECRET"], ["-De", "{\"pw\": \"SECRET\"}"]])
+def test_every_extra_vars_spelling_ansible_takes_is_hidden(spelling: list[str]) -> None:
+    """Ansible's parser takes abbreviated long options and combined short flags: each is
+    hidden, and the playbook, harmless flags and `@file` stay."""
+    title = run_title(["site.yml", "-l", "web", *spelling, "--diff", "-e", "@vars.yml"])
+    assert "SECRET" not in title, title
+    assert title.startswith("ansible-playbook site.yml -l web ") and "<hidden>" in title
+    assert title.endswith("--diff -e @vars.yml"), title
+
+
+def test_check_mode_is_found_in_every_spelling() -> None:
+    for argv in (["-C"], ["--check"], ["--che"], ["-DC"], ["-Ce", "x=1"]):
+        assert check_mode(["site.yml", *argv]), argv
+    assert not check_mode(["site.yml", "-D", "-e", "check=1"])
+
+
+def test_loop_results_lose_their_invocation_and_internal_keys() -> None:
+    result = {"changed": True, "results": [
+        {"item": n, "invocation": {"module_args": {"pw": "SECRET"}}, "_ansible_no_log": False,
+         "_ansible_item_label": "SECRET", "rc": 0} for n in range(3)]}
+    deep: dict[str, Any] = {"invocation": "SECRET"}
+    for _ in range(100):
+        deep = {"next": deep}
+    result["deep"] = deep
+    cleaned = clean_result(result, MAX_EVENT_BYTES)
+    assert "SECRET" not in json.dumps(cleaned), cleaned
+    assert [r["item"] for r in cleaned["results"]] == [0, 1, 2]
+    assert cleaned["results"][0] == {"item": 0, "rc": 0}
+
+
+class Stats:
+    """What the recap reads of Ansible's AggregateStats."""
+
+    def __init__(self, **failures: int) -> None:
+        self.processed = {"h1": 1, "h2": 1}
+        self.failures = failures
+
+    def summarize(self, host: str) -> dict[str, int]:
+        return {"ok": 2, "changed": 1, "failures": self.failures.get(host, 0),
+                "unreachable": 0, "skipped": 0}
+
+
+@pytest.fixture
+def controller(start_controller: Any) -> ControllerProcess:
+    dev: ControllerProcess = start_controller(pki=None)
+    return dev
+
+
+def registered_callback(controller: ControllerProcess, token: str,
+                        sender: EventSender | None) -> MarcoRunsCallback:
+    """A callback as `_register` leaves it for a run registered on the real controller, with
+    `sender` (a test double's posts, or None: the sender process did not start)."""
+    run = call_controller(controller.url, "/api/runs", token,
+                          {"kind": "playbook", "title": "ansible-playbook site.yml"})
+    callback = MarcoRunsCallback()
+    callback._plugin_options = {"flush_seconds": 0.3, "timeout": 5.0}
+    callback.run_id, callback.sender = run["id"], sender
+    callback.permalink = f"{controller.url}/runs/{run['id']}"
+    callback.finish_to = (controller.url, token, 5.0)
+    return callback
+
+
+@pytest.mark.parametrize("case", ["post fails", "flush times out", "no sender"])
+def test_a_recap_not_sent_ends_the_run_with_a_finish(
+        case: str, controller: ControllerProcess, signer: TokenSigner,
+        alice: UnixUser) -> None:
+    """The recap did not reach the controller: the run is ended by POST /finish with the
+    stats' status, instead of staying `running`."""
+    token = signer.issue(alice.name)
+    fake = Controller(fail=case == "post fails")
+    if case == "post fails":
+        fake.release.set()
+    sender = None if case == "no sender" else EventSender(fake.post, 100)
+    callback = registered_callback(controller, token, sender)
+    if sender is not None:
+        callback._emit({"type": "play_start", "play": "p", "play_id": "p1"})
+        assert fake.entered.wait(10)
+    callback.v2_playbook_on_stats(Stats(h2=1))
+    fake.release.set()
+    run = controller.get_json(f"/api/runs/{callback.run_id}", token)
+    assert run["status"] == "failed" and run["ended"] is not None, run
+    assert callback.ended
+    callback._interrupted()  # at exit: the run is ended already, nothing more is sent
+
+
+def test_a_recap_sent_is_not_followed_by_a_finish(
+        controller: ControllerProcess, signer: TokenSigner, alice: UnixUser) -> None:
+    """The recap went out (a real sender posting to the real controller): it ends the run."""
+    token = signer.issue(alice.name)
+    callback = registered_callback(controller, token, None)
+    process = SenderProcess(controller.url, f"/api/runs/{callback.run_id}/events", token, 5.0)
+    callback.process, callback.sender = process, EventSender(process.post, 100)
+    callback.v2_playbook_on_stats(Stats())
+    run = controller.get_json(f"/api/runs/{callback.run_id}", token)
+    assert run["status"] == "ok" and [e["type"] for e in run["events"]] == ["recap"], run
+    assert callback.ended and not callback.warned
