@@ -208,6 +208,7 @@ class RunView {
     $("#details-close").addEventListener("click", () => this.closeDetails());
     $("#rerun").addEventListener("click", () => this.rerun(this.run.hosts));
     $("#rerun-failed").addEventListener("click", () => this.rerun(failedHosts(this.run)));
+    $("#end-run").addEventListener("click", () => this.markEnded());
     await this.poll();
   }
 
@@ -242,6 +243,7 @@ class RunView {
     $("#run-hosts").textContent = `${run.hosts.length} host(s): ${ok} ok, ${failed} failed`;
     const canRerun = run.ended !== null && (run.kind === "command" || run.kind === "shell");
     $("#rerun-actions").classList.toggle("hidden", !canRerun);
+    $("#end-actions").classList.toggle("hidden", run.ended !== null);
     $("#rerun-failed").disabled = failedHosts(run).length === 0;
     for (const host of run.hosts) this.addHost(host);
     for (const [host, pane] of this.panes) {
@@ -459,6 +461,20 @@ class RunView {
     const status = (counts.unreachable || 0) > 0 ? "unreachable" : (counts.failed || 0) > 0 ? "failed" : "ok";
     setBadge(pane.state, status);
     pane.state.textContent = counts.rc === undefined ? status : `${status} (rc=${counts.rc})`;
+  }
+
+  // A run whose client died stays running until the controller ends it as stale: its owner
+  // ends it now (POST .../finish interrupted); the poll still running shows the end.
+  async markEnded() {
+    $("#end-run").disabled = true;
+    try {
+      await api(this.path("/finish"), { method: "POST", body: JSON.stringify({ status: "interrupted" }),
+                                        headers: { "Content-Type": "application/json" } });
+      this.showError(null);
+    } catch (err) {
+      this.showError(err.message);  // a 409: it had ended meanwhile, which the poll shows
+    }
+    $("#end-run").disabled = false;
   }
 
   // POST /api/run with this run's command on `hosts`, then open the new run.

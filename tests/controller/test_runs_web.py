@@ -303,3 +303,21 @@ def test_a_command_from_the_pages_shell_is_listed(browser, web_cluster: Cluster,
     expect(listed.locator(".run-hosts")).to_have_text("1 ok · 0 failed")
     expect(listed.locator(".run-kind")).to_have_text("shell")  # the Shell tab's, not marco run's
     page.context.close()
+
+
+def test_a_running_run_can_be_marked_as_ended(browser, web_cluster: Cluster, alice: UnixUser,
+                                              signer: TokenSigner) -> None:
+    """A run whose client is gone: its page offers Mark as ended, which interrupts it."""
+    controller, _ = web_cluster
+    token = signer.issue(alice.name)
+    run_id = playbook_run(controller, token, f"abandoned {secrets.token_hex(4)}")
+    page = new_page(browser, controller, alice, f"/runs/{run_id}")
+    expect(page.locator("#run-status")).to_have_text("running", timeout=TIMEOUT_MS)
+    expect(page.locator("#end-run")).to_be_visible()
+    expect(page.locator("#rerun-actions")).to_be_hidden()
+    page.click("#end-run")
+    expect(page.locator("#run-status")).to_have_text("interrupted", timeout=TIMEOUT_MS)
+    expect(page.locator("#end-run")).to_be_hidden()
+    run = run_of(controller, token, run_id)
+    assert run["status"] == "interrupted" and run["ended"] is not None
+    page.context.close()
