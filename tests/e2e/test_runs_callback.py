@@ -221,3 +221,34 @@ def test_ctrl_c_ends_the_run_as_interrupted(fleet: Fleet, signer: TokenSigner,
             playbook.wait()
     ended = fleet.controller.get_json(f"/api/runs/{run['id']}", token)
     assert ended["status"] == "interrupted" and ended["ended"] is not None, output[-2000:]
+
+
+REFUSED_PLAYBOOK = """
+- name: {name}
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: Say hello
+      ansible.builtin.debug:
+        msg: hello
+"""
+
+
+def test_a_run_whose_recap_cannot_be_sent_is_ended_not_running(
+        fleet: Fleet, signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:
+    """The controller refuses the first batch (its play_start names a play longer than an
+    event may be, which the callback does not cut), so every later event, recap included,
+    is dropped: the callback ends the run with POST /finish and the recap's status. The
+    task is a `debug`: the marco connection refuses a play name that long as its label."""
+    name = f"refused-{secrets.token_hex(4)}.yml"
+    (tmp_path / name).write_text(REFUSED_PLAYBOOK.format(name="p" * 70_000))
+    token = signer.issue(alice.name)
+    out = fleet.ansible(token, str(tmp_path / name), "-l", fleet.names[0])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    both = out.stdout + out.stderr
+    assert both.count("[WARNING]: marco_runs") == 1 and "Traceback" not in both, both[-3000:]
+    link = PERMALINK.search(out.stdout)
+    assert link, out.stdout[-2000:]
+    run = fleet.controller.get_json(f"/api/runs/{link.group(2)}", token)
+    assert run["events"] == [], run["events"][:3]  # the recap never got there
+    assert run["status"] == "ok" and run["ended"] is not None, run["status"]
