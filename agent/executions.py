@@ -137,8 +137,9 @@ class ExecutionRequest:
         except (binascii.Error, TypeError, ValueError):
             raise BadRequest("'stdin' must be base64") from None
         label = body.get("label") or ""
-        if not isinstance(label, str) or len(label) > 1000:
-            raise BadRequest("'label' must be a string of at most 1000 characters")
+        if not isinstance(label, str) or len(label) > protocol.MAX_LABEL_CHARS:
+            raise BadRequest(f"'label' must be a string of at most {protocol.MAX_LABEL_CHARS} "
+                             "characters")
         timeout = body.get("timeout")
         if timeout is not None and (isinstance(timeout, bool)
                                     or not isinstance(timeout, (int, float))

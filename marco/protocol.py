@@ -13,6 +13,7 @@ from typing import Any
 from .errors import ConfigError
 
 PROTOCOL_VERSION = 1
+MAX_LABEL_CHARS = 1000  # an execution's label (play / task @ host)
 API_PREFIX = "/v1"
 SERVICE_TYPE = "_marco._tcp.local."
 DEFAULT_PORT = 7370

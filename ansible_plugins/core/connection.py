@@ -21,6 +21,7 @@ from ansible.utils.display import Display
 from marco.client import AgentClient
 from marco.credentials import find_token, node_tls
 from marco.errors import AuthenticationError, MarcoError
+from marco.protocol import MAX_LABEL_CHARS
 
 from .errors import to_ansible
 
@@ -29,6 +30,11 @@ display = Display()
 RUN_VARIABLE = "MARCO_RUN"  # the run id, set by the marco_runs callback at playbook start
 TAG_VALUE_CHARS = 200       # the agent's limit on a tag's value (docs/protocol.md)
 
+
+
+def _shortened(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, an ellipsis marking the cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 class MarcoConnection(ConnectionBase):
     """Run commands and move files through a Marco agent."""
@@ -62,9 +68,15 @@ class MarcoConnection(ConnectionBase):
         self._play_name = str(self.get_option("play_name") or "")
 
     def _label(self) -> str:
-        parts = [p for p in (self._play_name, self._task_name) if p]
-        label = " / ".join(parts) or "ansible"
-        return f"{label} @ {self._host_name}" if self._host_name else label
+        """`play / task @ host` within the agent's limit: a long play name is shortened
+        first, so the task stays findable (the viewer groups by it)."""
+        suffix = f" @ {self._host_name}" if self._host_name else ""
+        task = f" / {self._task_name}" if self._play_name and self._task_name else ""
+        play = self._play_name or self._task_name or "ansible"
+        room = MAX_LABEL_CHARS - len(suffix) - len(task)
+        if len(play) > room:
+            play = play[:max(room - 1, 0)] + "…"
+        return _shortened(play + task, MAX_LABEL_CHARS - len(suffix)) + suffix
 
     def _tags(self) -> dict[str, str] | None:
         """The run tags of this task's executions; None outside a recorded run."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from marco.protocol import MAX_LABEL_CHARS
 from marco.tokens import TokenSigner
 from tests.e2e.conftest import BIN, PLAYBOOKS, Fleet
 from tests.support.run import this_run
@@ -110,6 +111,13 @@ PLAYBOOK = f"""
         fail_on_missing: false
     - name: Still reachable
       ansible.builtin.command: echo still-here
+
+- name: A play whose name is longer than an execution label may be {"x" * 1200}
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: Under a very long play name
+      ansible.builtin.command: echo long-name-ok
 """
 
 
@@ -219,6 +227,14 @@ def test_fetching_a_missing_file(played: dict[str, Any]) -> None:
     assert allowed["file"] == MISSING and "does not exist" in allowed["msg"], allowed
     fetched: Path = played["fetched"]
     assert not fetched.exists() or not any(fetched.rglob("*"))  # nothing, not even a partial file
+
+
+def test_a_very_long_play_name_is_shortened_in_the_label_not_refused(
+        played: dict[str, Any], fleet: Fleet, signer: TokenSigner, alice: UnixUser) -> None:
+    answer = result(played, "Under a very long play name")
+    assert answer["status"] == "ok" and answer["stdout"] == "long-name-ok", answer
+    labels = [e["label"] for e in executions(fleet, signer, alice, "Under a very long play name")]
+    assert labels and all(len(label) <= MAX_LABEL_CHARS and "…" in label for label in labels)
 
 
 def test_the_host_stays_usable_after_every_failure(played: dict[str, Any]) -> None:
