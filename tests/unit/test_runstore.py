@@ -734,10 +734,10 @@ def test_of_two_ends_sent_at_once_exactly_one_wins(path: Path) -> None:
         try:
             run = make_run()
             await keeper.call("create", run)
-            return await asyncio.gather(
+            return list(await asyncio.gather(
                 keeper.call("update", "alice", run.id, status="ok"),
                 keeper.call("update", "alice", run.id, status="interrupted"),
-                return_exceptions=True)
+                return_exceptions=True))
         finally:
             keeper.close()
     results = asyncio.run(race())
