@@ -156,7 +156,9 @@ def test_name_clash_is_a_config_error_even_with_other_mdns_stacks_here() -> None
         # before Announcer added its QM check.
         bystander = await _spawn(BYSTANDER)
         first = Announcer(Announcement(node, 7371, ()), ["127.0.0.1"])
-        second = Announcer(Announcement(node.upper(), 7372, ()), ["127.0.0.1"])
+        # A check window longer than the default 0.5 s: it ends at the first answer, and on a
+        # loaded CI machine the first announcer's answer can come later than 0.5 s.
+        second = Announcer(Announcement(node.upper(), 7372, ()), ["127.0.0.1"], clash_check=5.0)
         try:
             assert await _read_line(bystander) == "READY"
             await asyncio.wait_for(first.start(), WAIT)
