@@ -17,6 +17,7 @@ from typing import Any
 from marco.client import AsyncAgentClient
 from marco.discovery import NodeRegistry
 from marco.errors import AgentUnreachable, AuthenticationError, Conflict, MarcoError, NotFound
+from marco.runs import COUNTS, status_from_stats
 
 from .connector import AgentConnector
 from .runstore import Run, RunStoreThread, StoredOutput, new_run_id
@@ -27,21 +28,9 @@ OUTPUT_PAGE_LINES = 20_000     # lines asked per output request while collecting
 WATCH_FIRST_POLL = 0.2         # seconds between a command run's execution checks, growing
 WATCH_MAX_POLL = 2.0           # to at most this
 WATCH_UNREACHABLE_TRIES = 5    # failed checks in a row before a node counts as unreachable
-COUNTS = ("ok", "changed", "failed", "unreachable", "skipped")  # a host's counts in a recap
-
-
 def outcome_of(error: MarcoError) -> str:
     """How a host that did not start its part of a run counts: unreachable, or failed."""
     return "unreachable" if isinstance(error, AgentUnreachable) else "failed"
-
-
-def status_from_stats(stats: dict[str, dict[str, int]]) -> str:
-    """A finished run's status from its per-host counts: failed beats unreachable beats ok."""
-    if any(counts.get("failed", 0) for counts in stats.values()):
-        return "failed"
-    if any(counts.get("unreachable", 0) for counts in stats.values()):
-        return "unreachable"
-    return "ok"
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import tornado.web
 
 from marco.errors import AuthenticationError, NotFound, PermissionDenied
+from marco.runs import RUN_ID
 
 from .auth import TooManyAttempts
-from .runstore import RUN_ID
 from .session import COOKIE, BaseHandler
 
 

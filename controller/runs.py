@@ -7,13 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from marco.errors import BadRequest, Conflict, NotFound
+from marco.runs import COUNTS, END_STATUSES, RUN_ID, status_from_stats
 
-from .archive import COUNTS, RunKeeper, status_from_stats
-from .runstore import RUN_ID, Run, check_hosts
+from .archive import RunKeeper
+from .runstore import Run, check_hosts
 from .session import ApiHandler
 
 EVENT_TYPES = ("play_start", "task_start", "host_result", "execution", "recap")
-END_STATUSES = ("ok", "failed", "unreachable", "interrupted")
 
 
 def run_url(run_id: str) -> str:

@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import re
 import secrets
 import sqlite3
 import time
@@ -39,10 +38,8 @@ from marco.errors import (
     NotFound,
     TooManyExecutions,
 )
+from marco.runs import KINDS, RUN_ID, STATUSES
 
-KINDS = frozenset({"playbook", "command", "shell", "deploy"})
-STATUSES = frozenset({"running", "ok", "failed", "unreachable", "interrupted"})
-RUN_ID = re.compile(r"r[0-9a-f]{20}")
 MAX_TITLE = 1000
 MAX_META_BYTES = 16 * 1024
 MAX_EVENTS_PER_CALL = 1000

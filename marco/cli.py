@@ -19,7 +19,6 @@ import getpass
 import importlib.metadata
 import json
 import os
-import re
 import shlex
 import signal
 import sys
@@ -35,15 +34,13 @@ from .controller_client import ControllerClient, call_controller
 from .credentials import find_token, forget_tls, node_tls, store_tls, store_token, stored_token_path
 from .errors import AgentUnreachable, AuthenticationError, MarcoError, error_from_response
 from .keys import make_user_request
+from .runs import KINDS, RUN_ID, STATUSES
 
 DEFAULT_CONTROLLER = "https://127.0.0.1:7380"
 STOP_WAIT = 10.0  # seconds to wait for the exits after Ctrl-C (the agents' grace is 5 s)
 FOLLOW_INTERVAL = 1.0  # seconds between two looks at a followed run
 RUNS_PAGE = 200  # runs asked for per request (the controller may answer fewer)
 TITLE_WIDTH = 60  # characters of a run's title in `marco runs`
-RUN_ID = re.compile(r"r[0-9a-f]{20}")
-RUN_KINDS = ("playbook", "command", "shell", "deploy")
-RUN_STATUSES = ("running", "ok", "failed", "unreachable", "interrupted")
 
 # Exit statuses, as Ansible's: a failed command (1) is told from an unreachable node (4).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 4, 130
@@ -599,8 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
     run.set_defaults(func=cmd_run)
     runs = commands.add_parser("runs", help="your runs, newest first")
-    runs.add_argument("--kind", choices=RUN_KINDS, help="only runs of this kind")
-    runs.add_argument("--status", choices=RUN_STATUSES, help="only runs with this status")
+    runs.add_argument("--kind", choices=KINDS, help="only runs of this kind")
+    runs.add_argument("--status", choices=STATUSES, help="only runs with this status")
     runs.add_argument("--search", metavar="TEXT", help="only runs whose title contains TEXT")
     runs.add_argument("--limit", type=positive, default=20, metavar="N",
                       help="at most N runs (default: 20)")

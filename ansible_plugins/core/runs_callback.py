@@ -33,6 +33,7 @@ from marco.cli import controller_url
 from marco.controller_client import call_controller
 from marco.credentials import find_token
 from marco.errors import AgentUnreachable, Conflict, MarcoError
+from marco.runs import status_from_stats
 
 from .connection import RUN_VARIABLE
 
@@ -144,15 +145,6 @@ def host_result(raw: dict[str, Any]) -> dict[str, Any]:
              "rc": rc if isinstance(rc, int) and not isinstance(rc, bool) else None}
     event["result"] = clean_result(result, MAX_EVENT_BYTES - _json_size(event) - 256)
     return event
-
-
-def recap_status(recap: Mapping[str, Mapping[str, int]]) -> str:
-    """The status a recap gives (docs/runs.md): failed, else unreachable, else ok."""
-    if any(counts.get("failed") for counts in recap.values()):
-        return "failed"
-    if any(counts.get("unreachable") for counts in recap.values()):
-        return "unreachable"
-    return "ok"
 
 
 def _result_data(result: Any) -> Mapping[str, Any]:
@@ -446,7 +438,7 @@ class MarcoRunsCallback(CallbackBase):
         if self._send_recap(recap, wait):
             self.ended = True
         else:
-            self._finish(recap_status(recap))
+            self._finish(status_from_stats(recap))
         if self.process is not None:
             self.process.close()
         self._display.display(f"Marco run: {self.permalink}")
