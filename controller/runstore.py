@@ -36,7 +36,7 @@ from marco.errors import (
     DiskBudgetExhausted,
     InsufficientStorage,
     NotFound,
-    TooManyExecutions,
+    TooManyRuns,
 )
 from marco.runs import KINDS, RUN_ID, STATUSES
 
@@ -379,14 +379,14 @@ class SqliteRunStore:
     # Runs
 
     def create(self, run: Run) -> None:
-        """Record a new run; TooManyExecutions (429) when its owner has too many running, and
+        """Record a new run; TooManyRuns (429) when its owner has too many running, and
         the owner's oldest ended runs go when they have `max_per_user` runs."""
         _check_run(run)
         with self._transaction() as db:
             running = db.execute("SELECT COUNT(*) FROM runs WHERE owner = ? AND ended IS NULL",
                                  (run.owner,)).fetchone()[0]
             if run.ended is None and running >= self.limits.max_running_per_user:
-                raise TooManyExecutions(
+                raise TooManyRuns(
                     f"{run.owner} has {running} runs running (at most "
                     f"{self.limits.max_running_per_user})",
                     hint="wait for one to end")
@@ -395,7 +395,8 @@ class SqliteRunStore:
             if total >= self.limits.max_per_user:
                 excess = total - self.limits.max_per_user + 1
                 if self._drop_oldest_ended(run.owner, excess) < excess:
-                    raise TooManyExecutions(f"{run.owner} has {total} runs, none ended")
+                    raise TooManyRuns(f"{run.owner} has {total} runs, none ended",
+                                      hint="end a run first")
             try:
                 db.execute(
                     "INSERT INTO runs (id, owner, kind, title, hosts, started, ended, status,"

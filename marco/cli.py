@@ -32,7 +32,14 @@ from . import __version__
 from .client import AgentClient, AgentStream, AsyncAgentClient
 from .controller_client import ControllerClient, call_controller
 from .credentials import find_token, forget_tls, node_tls, store_tls, store_token, stored_token_path
-from .errors import AgentUnreachable, AuthenticationError, MarcoError, error_from_response
+from .errors import (
+    AgentUnreachable,
+    AuthenticationError,
+    MarcoError,
+    NotFound,
+    UsageError,
+    error_from_response,
+)
 from .keys import make_user_request
 from .runs import KINDS, RUN_ID, STATUSES
 
@@ -51,14 +58,6 @@ EXIT_CODES = """exit status:
   2    a usage error: bad arguments, an unknown node, a malformed run id
   4    some node could not be reached (wins over 1, as in Ansible)
   130  interrupted (Ctrl-C) before anything ran"""
-
-
-class CliError(Exception):
-    """A failure to report in one line (exit status 1)."""
-
-
-class UsageError(CliError):
-    """A mistake in the command line itself (exit status 2, as argparse's)."""
 
 
 @dataclass
@@ -148,7 +147,7 @@ def choose(nodes: list[dict[str, Any]], names: list[str],
     alive = [n for n in nodes if n["alive"]]
     down = [n for n in nodes if not n["alive"]] if names else []
     if not alive and not down:
-        raise CliError("no node to run on (see: marco nodes)")
+        raise NotFound("no node to run on", hint="see: marco nodes")
     return alive, down
 
 
@@ -211,7 +210,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
             missed = [name for name, r in reply["nodes"].items() if not r["ok"]]
             print("your token is void" + (f" (not yet told: {', '.join(missed)}; they learn "
                                           "it when they come back)" if missed else ""))
-        except (MarcoError, CliError) as error:
+        except MarcoError as error:
             print(f"marco: could not void the token at {url} ({error}); it stays valid on the "
                   "nodes until it expires", file=sys.stderr)
     stored_token_path().unlink(missing_ok=True)
@@ -622,13 +621,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command = args.command[1:]
     try:
         return int(args.func(args))
-    except MarcoError as error:
-        print(f"marco: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    except UsageError as error:
+    except UsageError as error:  # a mistake in the command line, as argparse's
         print(f"marco: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except CliError as error:
+    except MarcoError as error:
         print(f"marco: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -101,6 +101,20 @@ class TooManyExecutions(MarcoError):
     code = "too_many_executions"
 
 
+class TooManyRuns(MarcoError):
+    """Too many runs running for this user (the controller's runs_max_running_per_user)."""
+
+    status = 429
+    code = "too_many_runs"
+
+
+class UsageError(MarcoError):
+    """A mistake in a command line itself: bad arguments, an unknown node, a malformed id."""
+
+    status = 400
+    code = "usage"
+
+
 class TooManySockets(MarcoError):
     """Too many sockets of this user are open on this node."""
 

@@ -302,7 +302,7 @@ def test_running_runs_are_capped_per_user(start_controller, alice: UnixUser, bob
     first, _ = new_run(controller, alices), new_run(controller, alices)
     status, answer = call(controller, "POST", "/api/runs",
                           {"kind": "command", "title": "one too many"}, alices)
-    assert status == 429 and "at most 2" in answer["message"]
+    assert status == 429 and answer["error"] == "too_many_runs" and "at most 2" in answer["message"]
     new_run(controller, bobs)  # per user: bob is not held up by alice's runs
     call(controller, "POST", f"/api/runs/{first}/finish", {"status": "ok"}, alices)
     new_run(controller, alices)  # one ended: room again

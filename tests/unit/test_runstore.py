@@ -41,7 +41,7 @@ from marco.errors import (
     DiskBudgetExhausted,
     InsufficientStorage,
     NotFound,
-    TooManyExecutions,
+    TooManyRuns,
 )
 
 T0 = 1_700_000_000.0
@@ -223,7 +223,7 @@ def test_running_runs_are_capped_per_user(path: Path) -> None:
     first, second = make_run(), make_run()
     store.create(first)
     store.create(second)
-    with pytest.raises(TooManyExecutions) as refused:
+    with pytest.raises(TooManyRuns) as refused:
         store.create(make_run())
     assert refused.value.status == 429
     store.create(make_run("bob"))  # bob has his own count
@@ -592,7 +592,7 @@ def test_the_thread_wrapper_serves_an_asyncio_loop(path: Path) -> None:
         many = await asyncio.gather(*(wrapper.call("get", "alice", run.id) for _ in range(20)))
         assert many == [run] * 20
         assert (await wrapper.call("list", "alice", limit=10))[0] == [run]
-        with pytest.raises(TooManyExecutions):  # the store's typed errors come through
+        with pytest.raises(TooManyRuns):  # the store's typed errors come through
             await wrapper.call("create", make_run())
         with pytest.raises(AttributeError):
             await wrapper.call("_delete", [run.id])
