@@ -130,6 +130,10 @@ class RunKeeper:
         self.spawn(self.collect(run, token))
         return run
 
+    async def results_arrived(self, run: Run, token: str, events: list[dict[str, Any]]) -> None:
+        """A batch of the run's events has been stored: collect the output of the executions
+        its host results name now, while the agents still hold it (not yet wired)."""
+
     async def add_hosts(self, run: Run, hosts: Iterable[str]) -> Run:
         """Add hosts the run's events name, in the order they first appear."""
         new = [h for h in dict.fromkeys(hosts) if h not in run.hosts]
