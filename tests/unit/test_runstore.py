@@ -1,4 +1,4 @@
-"""The run store (controller/runstore.py) on a real SQLite file in a temp dir: no daemons, no
+"""The run store (controller/runstore/) on a real SQLite file in a temp dir: no daemons, no
 root, milliseconds. Owner isolation, event order, output archiving, the limits and pruning,
 schema migrations, and the thread wrapper an IOLoop uses."""
 

@@ -1,0 +1,34 @@
+"""The run store: runs, their events and their executions' output (docs/runs.md "Storage").
+
+`RunStore` is the interface (interface.py; a server database can implement it later);
+`SqliteRunStore` (sqlite.py) is the embedded default on the schema of schema.py, its byte caps
+kept by budget.py; `RunStoreThread` (thread.py) serves an IOLoop. The values and their checks
+are in records.py.
+"""
+
+from .interface import RunStore
+from .records import (
+    DEFAULT_LIMITS,
+    MAX_EVENT_BYTES,
+    MAX_EVENTS_PER_CALL,
+    MAX_HOSTS,
+    MAX_LIST,
+    MAX_META_BYTES,
+    MAX_NAME,
+    MAX_TITLE,
+    Run,
+    RunLimits,
+    StoredOutput,
+    check_hosts,
+    new_run_id,
+)
+from .schema import MIGRATIONS, migrate, open_database, schema_version
+from .sqlite import SqliteRunStore
+from .thread import STORE_METHODS, RunStoreThread
+
+__all__ = [
+    "DEFAULT_LIMITS", "MAX_EVENTS_PER_CALL", "MAX_EVENT_BYTES", "MAX_HOSTS", "MAX_LIST",
+    "MAX_META_BYTES", "MAX_NAME", "MAX_TITLE", "MIGRATIONS", "STORE_METHODS", "Run",
+    "RunLimits", "RunStore", "RunStoreThread", "SqliteRunStore", "StoredOutput",
+    "check_hosts", "migrate", "new_run_id", "open_database", "schema_version",
+]

@@ -1,0 +1,50 @@
+"""RunStoreThread: a SqliteRunStore on a thread of its own, so that SQLite is used from one
+thread only and an IOLoop never blocks on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .records import DEFAULT_LIMITS, RunLimits
+from .sqlite import SqliteRunStore
+
+# The store's methods a caller may ask RunStoreThread for.
+STORE_METHODS = frozenset({"create", "get", "list", "append_events", "events", "update",
+                           "put_output", "outputs", "prune", "interrupt_running",
+                           "interrupt_stale"})
+
+
+class RunStoreThread:
+    """A SqliteRunStore on a thread of its own, for the IOLoop: `await call("get", ...)`."""
+
+    def __init__(self, path: Path, limits: RunLimits = DEFAULT_LIMITS) -> None:
+        """Open the store on its thread (ConfigError here if the file is unusable)."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstore")
+        try:
+            self.store: SqliteRunStore = self._executor.submit(
+                SqliteRunStore, path, limits).result()
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            raise
+        self._closed = False
+
+    async def call(self, method_name: str, *args: Any, **kwargs: Any) -> Any:
+        """Run one of the store's methods on its thread and return (or raise) its result."""
+        if method_name not in STORE_METHODS:
+            raise AttributeError(f"the run store has no method {method_name!r}")
+        method = getattr(self.store, method_name)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor,
+                                          functools.partial(method, *args, **kwargs))
+
+    def close(self) -> None:
+        """Close the store on its thread, then stop the thread (pending calls finish first)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.submit(self.store.close).result()
+        self._executor.shutdown(wait=True)
