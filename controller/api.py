@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from marco.errors import BadRequest, MarcoError, to_body
@@ -10,7 +11,7 @@ from marco.inventory import build_inventory, host_vars
 
 from .archive import outcome_of
 from .runs import run_url
-from .runstore import MAX_TITLE
+from .runstore import MAX_META_BYTES, MAX_TITLE
 from .session import ApiHandler
 
 COMMAND_RUN_KINDS = ("command", "shell")  # the kinds of run POST /api/run makes
@@ -80,6 +81,17 @@ class InventoryApi(ApiHandler):
                         else {})
 
 
+def with_command(meta: dict[str, Any], command: str) -> dict[str, Any]:
+    """`meta` with the full `command` (re-run runs it, not the title cut to MAX_TITLE), when
+    that still fits the run's meta limit; else `meta` alone (the title keeps its start)."""
+    fuller = {**meta, "command": command}
+    try:
+        size = len(json.dumps(fuller, ensure_ascii=False, separators=(",", ":")).encode())
+    except UnicodeEncodeError:  # a lone surrogate: the store would refuse it
+        return meta
+    return fuller if size <= MAX_META_BYTES else meta
+
+
 def chosen_nodes(ctx: Any, names: Any) -> list[Any]:
     """The alive nodes named, or a clear 400 naming the unknown or down ones."""
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -117,9 +129,9 @@ class RunApi(ApiHandler):
         token = self.token()
         assert token is not None  # require_user verified it
         cwd = body.get("cwd") or None
+        meta = with_command({"cwd": cwd} if isinstance(cwd, str) else {}, body["command"])
         run = await self.ctx.runs.create(user, kind, body["command"][:MAX_TITLE],
-                                         [n.name for n in nodes],
-                                         {"cwd": cwd} if isinstance(cwd, str) else {})
+                                         [n.name for n in nodes], meta)
 
         settled: dict[str, str] = {}  # the nodes that did not start it: failed, unreachable
 

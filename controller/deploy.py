@@ -22,7 +22,7 @@ from marco.client import AsyncAgentClient
 from marco.errors import BadRequest, MarcoError, UploadAborted, to_body
 from marco.modes import parse_mode
 
-from .api import chosen_nodes
+from .api import chosen_nodes, with_command
 from .archive import outcome_of
 from .runs import run_url
 from .runstore import MAX_TITLE, Run
@@ -163,9 +163,11 @@ class DeployApi(ApiHandler):
         self.nodes = nodes
         stall = self.ctx.config.deploy_stall_timeout
         # The run first: over the running cap (429) no byte moves.
+        command = self.command_argument()
+        meta: dict[str, Any] = {"folder": self.folder, "overwrite": overwrite}
         self.run = await self.ctx.runs.create(
-            str(self.current_user), "deploy", deploy_title(path, self.command_argument()),
-            [n.name for n in nodes], {"folder": self.folder, "overwrite": overwrite})
+            str(self.current_user), "deploy", deploy_title(path, command),
+            [n.name for n in nodes], with_command(meta, command) if command else meta)
         self.fanout = FanOut([AgentUpload(n.name, self.ctx.connector.client(n, token), path,
                                           mode, overwrite, stall) for n in nodes])
 
