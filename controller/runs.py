@@ -1,6 +1,6 @@
 """The runs API (docs/runs.md): start a run, append its events, end it, list the caller's runs,
-read one with its events and its output. The owner is always the token's user; another user's
-run answers 404, exactly like a missing one."""
+read one with its events, its executions and their output, each in pages. The owner is always
+the token's user; another user's run answers 404, exactly like a missing one."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from marco.errors import BadRequest, Conflict, NotFound
 from marco.runs import COUNTS, END_STATUSES, RUN_ID, status_from_stats
 
 from .archive import RunKeeper
+from .run_output import OUTPUT_DEFAULT_LINES, OUTPUT_MAX_LINES, RunReader
 from .runstore import Run, check_hosts
 from .session import ApiHandler
 
 EVENT_TYPES = ("play_start", "task_start", "host_result", "execution", "recap")
+MAX_EVENTS_PAGE = 5000  # events in one GET /api/runs/ID answer (its default too)
 
 
 def run_url(run_id: str) -> str:
@@ -89,6 +91,22 @@ class RunsHandler(ApiHandler):
         self.set_header("Cache-Control", "no-store")
         return user, token
 
+    @property
+    def reader(self) -> RunReader:
+        return RunReader(self.keeper.store, self.keeper.connector, self.keeper.registry)
+
+    def int_argument(self, name: str, default: int, low: int, high: int | None) -> int:
+        """An integer query argument from `low` to `high` (None: no bound), else 400."""
+        text = self.get_query_argument(name, "")
+        try:
+            value = int(text) if text else default
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise BadRequest(f"'{name}' must be a whole number {bound}")
+        return value
+
     async def own_run(self, user: str, run_id: str) -> Run:
         """The caller's run, or 404 (for another user's run as for a missing one)."""
         if not RUN_ID.fullmatch(run_id):
@@ -121,17 +139,19 @@ class RunsApi(RunsHandler):
 
 
 class RunApi(RunsHandler):
-    """GET /api/runs/ID[?since=SEQ]: the run with its events (those after SEQ)."""
+    """GET /api/runs/ID[?since=SEQ&limit=N]: the run with its events after SEQ, at most N, and
+    `more` when there are more after the last one given."""
 
     async def get(self, run_id: str) -> None:
         user, _ = self.caller()
-        try:
-            since = int(self.get_query_argument("since", "0"))
-        except ValueError:
-            raise BadRequest("'since' must be a number") from None
+        since = self.int_argument("since", 0, 0, None)
+        limit = self.int_argument("limit", MAX_EVENTS_PAGE, 1, MAX_EVENTS_PAGE)
         run = await self.own_run(user, run_id)
-        events = await self.keeper.store.call("events", user, run_id, since=since)
-        self.write_json({**run_json(run), "events": events})
+        # One event more than asked tells whether there are more, in the same read.
+        events = await self.keeper.store.call("events", user, run_id, since=since,
+                                              limit=limit + 1)
+        self.write_json({**run_json(run), "events": events[:limit],
+                         "more": len(events) > limit})
 
 
 class RunEventsApi(RunsHandler):
@@ -149,6 +169,9 @@ class RunEventsApi(RunsHandler):
         check_hosts([*run.hosts, *(h for h in dict.fromkeys(hosts) if h not in run.hosts)])
         next_seq = await self.keeper.store.call("append_events", user, run_id, events)
         run = await self.keeper.add_hosts(run, hosts)
+        # Results name the nodes whose executions to collect now, before a long playbook's
+        # first executions leave the agents' retention.
+        await self.keeper.results_arrived(run, token, events)
         recaps = [e for e in events if e["type"] == "recap"]
         if recaps:
             stats = recaps[-1]["stats"]
@@ -178,15 +201,32 @@ class RunFinishApi(RunsHandler):
         self.write_json(run_json(run))
 
 
-class RunOutputApi(RunsHandler):
-    """GET /api/runs/ID/output[?host=H]: the output of the run's executions, stored once
-    collected, else read live from the agents."""
+class RunExecutionsApi(RunsHandler):
+    """GET /api/runs/ID/executions[?host=H&task=T]: the run's executions, stored and live."""
 
     async def get(self, run_id: str) -> None:
         user, token = self.caller()
         host = self.get_query_argument("host", "") or None
+        task = self.get_query_argument("task", "") or None
         run = await self.own_run(user, run_id)
-        self.write_json({"executions": await self.keeper.outputs(run, token, host)})
+        executions = await self.reader.executions(run, token, host=host, task=task)
+        self.write_json({"executions": executions})
+
+
+class RunOutputApi(RunsHandler):
+    """GET /api/runs/ID/output?execution=E[&since=SEQ&limit=N]: one page of one execution's
+    output lines, from the store, then from its agent."""
+
+    async def get(self, run_id: str) -> None:
+        user, token = self.caller()
+        execution_id = self.get_query_argument("execution", "")
+        if not execution_id:
+            raise BadRequest("give the 'execution' whose output to read (GET "
+                             "/api/runs/ID/executions lists them)")
+        since = self.int_argument("since", 0, 0, None)
+        limit = self.int_argument("limit", OUTPUT_DEFAULT_LINES, 1, OUTPUT_MAX_LINES)
+        run = await self.own_run(user, run_id)
+        self.write_json(await self.reader.output(run, token, execution_id, since, limit))
 
 
 def run_json(run: Run) -> dict[str, Any]:
@@ -199,5 +239,6 @@ ROUTES = [
     (r"/api/runs/([^/]+)", RunApi),
     (r"/api/runs/([^/]+)/events", RunEventsApi),
     (r"/api/runs/([^/]+)/finish", RunFinishApi),
+    (r"/api/runs/([^/]+)/executions", RunExecutionsApi),
     (r"/api/runs/([^/]+)/output", RunOutputApi),
 ]

@@ -1,13 +1,19 @@
 """The runs API (docs/runs.md) against a real controller and real agents: a run from start to
 recap, listing and paging, owners only, bad input, command and deploy runs whose output
-outlives their agents, a restart, the per-user cap, the settings."""
+outlives their agents, a restart, the per-user cap, the settings; events, executions and
+output read in pages, from the store and then the agents, and from the store alone once a run's
+nodes are swept."""
 
 from __future__ import annotations
 
 import re
 import secrets
+import shutil
 import signal
+import tempfile
 import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +24,7 @@ from controller.runstore import RunLimits
 from marco.client import AgentClient
 from marco.errors import ConfigError
 from marco.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
 from tests.support.http import call, login_cookie
 from tests.support.pki import TestPki
@@ -150,7 +157,10 @@ def test_a_user_sees_only_their_own_runs(cluster, alice: UnixUser, bob: UnixUser
             status, answer = call(controller, "GET", f"/api/runs/{run_id}", token=token)
             assert (status, answer) == (404, {"error": "not_found",
                                               "message": f"no run {run_id}"})
-            assert call(controller, "GET", f"/api/runs/{run_id}/output", token=token)[0] == 404
+            assert call(controller, "GET", f"/api/runs/{run_id}/executions",
+                        token=token)[0] == 404
+            assert call(controller, "GET", f"/api/runs/{run_id}/output?execution=e",
+                        token=token)[0] == 404
             assert send(controller, token, run_id, {"type": "play_start"})[0] == 404
             assert call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)[0] == 404
     assert get_run(controller, bobs, theirs[bobs])["status"] == "running"  # untouched
@@ -164,6 +174,7 @@ def test_a_user_sees_only_their_own_runs(cluster, alice: UnixUser, bob: UnixUser
     no_login = {"Cookie": f"_xsrf={xsrf}", "X-XSRFToken": xsrf}  # past the XSRF check
     for method, path in (("GET", "/api/runs"), ("POST", "/api/runs"),
                          ("GET", f"/api/runs/{run_id}"), ("GET", f"/api/runs/{run_id}/output"),
+                         ("GET", f"/api/runs/{run_id}/executions"),
                          ("POST", f"/api/runs/{run_id}/events"),
                          ("POST", f"/api/runs/{run_id}/finish")):
         status, answer = call(controller, method, path, {"kind": "playbook", "title": "x"},
@@ -213,8 +224,47 @@ def wait_ended(controller: ControllerProcess, token: str, run_id: str) -> dict[s
                     what=f"run {run_id} ended")
 
 
-def output_lines(execution: dict[str, Any]) -> list[str]:
-    return [line for event in execution["events"] for line in event["lines"]]
+def executions(controller: ControllerProcess, token: str, run_id: str,
+               query: str = "") -> list[dict[str, Any]]:
+    status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions{query}",
+                          token=token)
+    assert status == 200, answer
+    return list(answer["executions"])
+
+
+def output_page(controller: ControllerProcess, token: str, run_id: str, execution_id: str,
+                since: int = 0, limit: int | None = None) -> dict[str, Any]:
+    query = {"execution": execution_id, "since": since, **({"limit": limit} if limit else {})}
+    status, answer = call(controller, "GET",
+                          f"/api/runs/{run_id}/output?{urllib.parse.urlencode(query)}",
+                          token=token)
+    assert status == 200, answer
+    return dict(answer)
+
+
+def page_lines(page: dict[str, Any]) -> list[str]:
+    return [line for event in page["events"] for line in event["lines"]]
+
+
+def output_lines(controller: ControllerProcess, token: str, run_id: str,
+                 execution_id: str) -> list[str]:
+    """Every line of one execution there is now, page by page as clients read them."""
+    lines: list[str] = []
+    since = 0
+    while True:
+        page = output_page(controller, token, run_id, execution_id, since)
+        lines += page_lines(page)
+        if page["end"] or page["next"] == since:
+            return lines
+        since = page["next"]
+
+
+def archived_executions(controller: ControllerProcess, token: str, run_id: str,
+                        count: int) -> list[dict[str, Any]]:
+    """The run's executions once all `count` are archived."""
+    return wait_for(lambda: (found := executions(controller, token, run_id)) and len(
+        found) == count and all(e["archived"] for e in found) and found,
+                    what=f"the {count} executions of run {run_id} archived")
 
 
 def test_a_command_run_ends_by_rc_and_its_output_outlives_the_agents(
@@ -235,27 +285,22 @@ def test_a_command_run_ends_by_rc_and_its_output_outlives_the_agents(
         assert execution["tags"] == {"run": run_id, "host": agent.node_name}
     run = wait_ended(controller, token, run_id)
     assert run["kind"] == "command" and run["title"] == "echo kept-$((6*7))"
-    assert run["status"] == "ok" and run["hosts"] == names and run["meta"] == {"cwd": "/tmp"}
+    assert run["status"] == "ok" and run["hosts"] == names
+    assert run["meta"] == {"cwd": "/tmp", "command": "echo kept-$((6*7))"}
     assert {h: (c["ok"], c["failed"], c["rc"]) for h, c in run["stats"].items()} == {
         name: (1, 0, 0) for name in names}
     assert sorted((e["host"], e["execution_id"]) for e in run["events"]
                   if e["type"] == "execution") == sorted(
         (name, r["id"]) for name, r in answer["results"].items())
 
-    def archived() -> list[dict[str, Any]] | None:
-        executions = call(controller, "GET", f"/api/runs/{run_id}/output", token=token)[1][
-            "executions"]
-        return executions if len(executions) == 2 and all(
-            e["archived"] for e in executions) else None
-
-    kept = wait_for(archived, what="the run's output archived")
-    assert {e["host"]: output_lines(e) for e in kept} == {name: ["kept-42"] for name in names}
+    kept = archived_executions(controller, token, run_id, 2)
+    assert {e["host"]: output_lines(controller, token, run_id, e["execution_id"])
+            for e in kept} == {name: ["kept-42"] for name in names}
     for agent in agents:
         agent.stop()
-    status, answer = call(controller, "GET", f"/api/runs/{run_id}/output?host={names[1]}",
-                          token=token)
-    assert status == 200 and [(e["host"], e["archived"], output_lines(e))
-                              for e in answer["executions"]] == [(names[1], True, ["kept-42"])]
+    kept = executions(controller, token, run_id, f"?host={names[1]}")
+    assert [(e["host"], e["node"], e["archived"]) for e in kept] == [(names[1], names[1], True)]
+    assert output_lines(controller, token, run_id, kept[0]["execution_id"]) == ["kept-42"]
     # A shell run whose command fails ends failed, with its rc.
     agents = [agent.restarted() for agent in agents]
     try:
@@ -328,14 +373,19 @@ def test_a_run_whose_agent_is_gone_ends_unreachable_and_stays_readable(
     client = agent.client(token)
     wait_for(lambda: client.output(execution_id)["events"], what="the first line")
     client.close()
-    live = call(controller, "GET", f"/api/runs/{run_id}/output", token=token)[1]["executions"]
-    assert [(e["archived"], output_lines(e)) for e in live] == [(False, ["before"])]
+    live = executions(controller, token, run_id)
+    assert [(e["execution_id"], e["archived"], e["state"]) for e in live] == [
+        (execution_id, False, "running")]
+    page = output_page(controller, token, run_id, execution_id)
+    assert (page_lines(page), page["end"]) == (["before"], False)
     agent.stop(signal.SIGKILL)
     run = wait_ended(controller, token, run_id)
     assert run["status"] == "unreachable" and run["stats"][agent.node_name]["unreachable"] == 1
-    kept = wait_for(lambda: call(controller, "GET", f"/api/runs/{run_id}/output",
-                                 token=token)[1]["executions"], what="the output's record")
-    assert [(e["execution_id"], e["archived"]) for e in kept] == [(execution_id, False)]
+    # Still listed from the store: not archived, its state unknown (its agent cannot answer).
+    kept = executions(controller, token, run_id)
+    assert [(e["execution_id"], e["archived"], e["state"]) for e in kept] == [
+        (execution_id, False, None)]
+    assert output_page(controller, token, run_id, execution_id)["end"] is False
 
 
 def test_a_deploy_is_a_run(cluster, alice: UnixUser, signer: TokenSigner, pki: TestPki) -> None:
@@ -362,11 +412,9 @@ def test_a_deploy_is_a_run(cluster, alice: UnixUser, signer: TokenSigner, pki: T
                 (answers[0]["results"][node]["execution"], {"run": run["id"], "host": node})]
     assert (run["kind"], run["status"], run["hosts"]) == ("deploy", "ok", names)
     assert run["title"] == f"deploy ~/{name} && cat {name}"
-    kept = wait_for(lambda: (e := call(controller, "GET", f"/api/runs/{run['id']}/output",
-                                       token=token)[1]["executions"]) and all(
-        x["archived"] for x in e) and e, what="the deploy's output archived")
-    assert sorted((e["host"], output_lines(e)) for e in kept) == [
-        (n, ["deployed"]) for n in sorted(names)]
+    kept = archived_executions(controller, token, run["id"], len(names))
+    assert sorted((e["host"], output_lines(controller, token, run["id"], e["execution_id"]))
+                  for e in kept) == [(n, ["deployed"]) for n in sorted(names)]
     run = deploy("~")  # a copy alone
     assert run["status"] == "ok" and {h: c["ok"] for h, c in run["stats"].items()} == {
         n: 1 for n in names}
@@ -416,3 +464,185 @@ def test_a_run_ends_once_a_second_end_is_a_409(cluster, alice: UnixUser,
     assert send(controller, token, run_id, recap(web={"failed": 1}))[0] == 409
     run = get_run(controller, token, run_id)
     assert (run["status"], run["ended"], run["events"]) == ("ok", first["ended"], [])
+
+
+def test_events_come_in_pages_with_more(cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    controller, _ = cluster
+    token = signer.issue(alice.name)
+    run_id = new_run(controller, token)
+    send(controller, token, run_id, *({"type": "play_start", "play": f"p{n}"} for n in range(7)))
+
+    def page(query: str) -> tuple[list[int], bool]:
+        status, answer = call(controller, "GET", f"/api/runs/{run_id}?{query}", token=token)
+        assert status == 200, answer
+        return [e["seq"] for e in answer["events"]], answer["more"]
+
+    assert page("limit=3") == ([1, 2, 3], True)
+    assert page("since=3&limit=3") == ([4, 5, 6], True)
+    assert page("since=6&limit=3") == ([7], False)
+    assert page("since=4&limit=3") == ([5, 6, 7], False)  # exactly the rest: no more
+    assert page("") == ([1, 2, 3, 4, 5, 6, 7], False)
+    assert page("since=7") == ([], False)
+    for bad in ("limit=0", "limit=5001", "limit=x", "since=-1", "since=x"):
+        status, answer = call(controller, "GET", f"/api/runs/{run_id}?{bad}", token=token)
+        assert status == 400 and answer["error"] == "bad_request", bad
+
+
+def agent_client(controller: ControllerProcess, token: str, node: str,
+                 pki: TestPki) -> AgentClient:
+    """A client to one of the cluster's nodes, where the controller says it is."""
+    where = controller.inventory_hosts(token)[node]
+    return AgentClient(where["ansible_host"], where["ansible_port"], token,
+                       tls=pki.client_tls(), node=node)
+
+
+def test_executions_are_listed_by_host_and_task(cluster, alice: UnixUser,
+                                                signer: TokenSigner, pki: TestPki) -> None:
+    """A playbook's executions as the agents tag them: per inventory host (a delegated one
+    runs on another node) and task; another run's are not listed."""
+    controller, names = cluster
+    token = signer.issue(alice.name)
+    run_id = new_run(controller, token, hosts=names)
+    other_run = new_run(controller, token, hosts=[names[0]])
+    started: dict[tuple[str, str, str], str] = {}
+    with agent_client(controller, token, names[0], pki) as first, \
+            agent_client(controller, token, names[1], pki) as second:
+        for node, client in ((names[0], first), (names[1], second)):
+            for task in ("t1", "t2"):
+                started[node, node, task] = client.start(
+                    f"echo {task}", tags={"run": run_id, "task": task, "host": node})
+        # `web` is not a node: its task ran delegated to the first node.
+        started["web", names[0], "t3"] = first.start("echo web", tags={
+            "run": run_id, "task": "t3", "host": "web"})
+        other = first.start("echo other", tags={"run": other_run, "task": "t1",
+                                                "host": names[0]})
+    expected = {eid: key for key, eid in started.items()}
+
+    def listed(query: str = "") -> dict[str, tuple[str, str, str | None]]:
+        return {e["execution_id"]: (e["host"], e["node"], e["task_id"])
+                for e in executions(controller, token, run_id, query)}
+
+    def ids(keep: Any) -> set[str]:
+        return {eid for eid, key in expected.items() if keep(*key)}
+
+    found = wait_for(lambda: (e := executions(controller, token, run_id)) and all(
+        x["state"] == "exited" for x in e) and e, what="the run's executions exited")
+    assert {e["execution_id"]: (e["host"], e["node"], e["task_id"]) for e in found} == expected
+    assert all(e["next_seq"] == 1 and e["truncated_seq"] is None for e in found)
+    assert set(listed(f"?host={names[0]}")) == ids(lambda host, node, task: host == names[0])
+    assert set(listed("?task=t1")) == ids(lambda host, node, task: task == "t1")
+    assert set(listed(f"?host={names[1]}&task=t2")) == {started[names[1], names[1], "t2"]}
+    # The delegated one is known by its host, found where it ran.
+    assert listed("?host=web") == {started["web", names[0], "t3"]: ("web", names[0], "t3")}
+    assert listed("?host=nowhere") == {} and listed("?task=t9") == {}
+    assert [e["execution_id"] for e in executions(controller, token, other_run)] == [other]
+    call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)
+    call(controller, "POST", f"/api/runs/{other_run}/finish", {}, token)
+
+
+@pytest.fixture
+def gate() -> Iterator[Path]:
+    """A folder whose files a test creates to let its user's commands go on (they wait for
+    them: `until [ -e ... ]`); readable by everyone, removed after the test."""
+    folder = Path(tempfile.mkdtemp(prefix="marco-gate-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_output_pages_cross_from_the_store_to_the_agent(
+        start_agent, start_controller, alice: UnixUser, bob: UnixUser, signer: TokenSigner,
+        unique_name, gate: Path) -> None:
+    """A running execution whose first lines are stored: a page starts in the store and goes
+    on at its agent; `end` once it has ended and every line is read."""
+    controller, (agent,) = static_cluster(start_agent, start_controller, unique_name, agents=1)
+    node, token = agent.node_name, signer.issue(alice.name)
+    wait_for(lambda: node in controller.inventory_hosts(token), what="node alive")
+    run_id = new_run(controller, token, hosts=[node])
+    with agent.client(token) as client:
+        execution_id = client.start(
+            f"seq 1 5; until [ -e {gate}/more ]; do sleep 0.05; done; seq 6 9; "
+            f"until [ -e {gate}/end ]; do sleep 0.05; done",
+            tags={"run": run_id, "task": "t1", "host": node})
+        wait_for(lambda: client.execution(execution_id)["next_seq"] == 5, what="5 lines")
+    # Its result collects what the agent has so far: lines 0-4 stored, the execution running.
+    send(controller, token, run_id, {"type": "host_result", "task_id": "t1", "host": node,
+                                     "status": "ok"})
+
+    def listed() -> dict[str, Any]:
+        (execution,) = executions(controller, token, run_id)
+        return execution
+
+    wait_for(lambda: listed()["stored_seq"] == 5, what="5 lines stored")
+    (gate / "more").touch()
+    assert wait_for(lambda: (e := listed())["next_seq"] == 9 and e, what="9 lines") == {
+        "host": node, "node": node, "execution_id": execution_id, "task_id": "t1",
+        "archived": False, "stored_seq": 5, "next_seq": 9, "state": "running",
+        "truncated_seq": None}
+    page = output_page(controller, token, run_id, execution_id, 0, limit=3)
+    assert (page_lines(page), page["next"], page["end"]) == (["1", "2", "3"], 3, False)
+    assert {k: page[k] for k in ("execution_id", "host", "node", "task_id", "archived")} == {
+        "execution_id": execution_id, "host": node, "node": node, "task_id": "t1",
+        "archived": False}
+    page = output_page(controller, token, run_id, execution_id, 3, limit=4)  # store, then agent
+    assert (page_lines(page), page["next"], page["end"]) == (["4", "5", "6", "7"], 7, False)
+    assert [e["seq"] for e in page["events"]][0] == 3
+    page = output_page(controller, token, run_id, execution_id, 7)
+    assert (page_lines(page), page["next"], page["end"]) == (["8", "9"], 9, False)
+    page = output_page(controller, token, run_id, execution_id, 1)
+    assert (page_lines(page), page["next"]) == ([str(n) for n in range(2, 10)], 9)
+    (gate / "end").touch()
+    page = wait_for(lambda: (p := output_page(controller, token, run_id, execution_id, 9))[
+        "end"] and p, what="the end of its output")
+    assert (page["events"], page["next"]) == ([], 9)
+    # Bad pages are a 400; an execution the run does not have is a 404, for anyone.
+    path = f"/api/runs/{run_id}/output"
+    for bad in ("", "?since=0", f"?execution={execution_id}&limit=0",
+                f"?execution={execution_id}&limit=20001", f"?execution={execution_id}&limit=x",
+                f"?execution={execution_id}&since=-1"):
+        status, answer = call(controller, "GET", path + bad, token=token)
+        assert status == 400 and answer["error"] == "bad_request", bad
+    assert call(controller, "GET", f"{path}?execution=nope", token=token)[0] == 404
+    other_run = new_run(controller, token, hosts=[node])
+    bobs = signer.issue(bob.name)
+    bobs_run = new_run(controller, bobs, hosts=[node])
+    for who, where in ((token, other_run), (bobs, bobs_run), (bobs, run_id)):
+        status, answer = call(controller, "GET",
+                              f"/api/runs/{where}/output?execution={execution_id}", token=who)
+        assert status == 404 and answer["error"] == "not_found", (who, where)
+    assert call(controller, "GET", f"/api/runs/{run_id}/executions", token=bobs)[0] == 404
+
+
+def agent_requests(agent: AgentProcess, *names: str) -> int:
+    """How many requests the agent's access log shows naming any of `names`."""
+    return sum(1 for line in agent.log().splitlines()
+               if any(name in line for name in names) and "/v1/" in line)
+
+
+def test_an_ended_run_is_read_from_the_store_alone(start_agent, start_controller,
+                                                   alice: UnixUser, signer: TokenSigner,
+                                                   unique_name) -> None:
+    """Once a run has ended and its node's executions are all stored (swept), listing and
+    reading them asks no agent: the same answer with the agent up, or gone."""
+    controller, (agent,) = static_cluster(start_agent, start_controller, unique_name, agents=1)
+    node, token = agent.node_name, signer.issue(alice.name)
+    wait_for(lambda: node in controller.inventory_hosts(token), what="node alive")
+    status, answer = call(controller, "POST", "/api/run",
+                          {"nodes": [node], "command": "seq 1 3"}, token)
+    assert status == 200, answer
+    run_id, execution_id = answer["run"]["id"], answer["results"][node]["id"]
+    assert wait_ended(controller, token, run_id)["status"] == "ok"
+    # The agent is up and would say `exited`: `ended` is the store's word alone.
+    found = wait_for(lambda: (e := executions(controller, token, run_id)) and e[0][
+        "state"] == "ended" and e, what="the node swept")
+    assert [(e["execution_id"], e["archived"], e["stored_seq"], e["next_seq"])
+            for e in found] == [(execution_id, True, 3, 3)]
+    asked = agent_requests(agent, run_id, execution_id)
+    page = output_page(controller, token, run_id, execution_id)
+    assert (page_lines(page), page["next"], page["archived"], page["end"]) == (
+        ["1", "2", "3"], 3, True, True)
+    assert executions(controller, token, run_id, f"?host={node}") == found
+    assert agent_requests(agent, run_id, execution_id) == asked
+    agent.stop()
+    assert executions(controller, token, run_id) == found
+    assert output_page(controller, token, run_id, execution_id) == page
