@@ -117,7 +117,8 @@ def result_latency(browser: Any, controller: ControllerProcess, token: str,
     context = browser.new_context(extra_http_headers={"Authorization": f"Bearer {token}"})
     page = context.new_page()
     page.goto(controller.url + f"/runs/{run_id}")
-    page_times, api_times = [], []
+    page_times: list[float] = []
+    api_times: list[float] = []
     chance = random.Random(12)
     try:
         for n in range(results):
