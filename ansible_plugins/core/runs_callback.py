@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import io
 import json
+import math
 import os
 import queue
 import shlex
@@ -40,6 +41,8 @@ from .connection import RUN_VARIABLE
 MAX_MSG_CHARS = 2000            # a result's short message (docs/runs.md)
 MAX_EVENT_BYTES = 64 * 1024     # an event as JSON, result included (the controller's limit)
 MAX_TITLE_CHARS = 1000
+MAX_NAME_CHARS = 1000           # a play's or task's name, a module's name: cut with "…"
+MAX_META_BYTES = 16 * 1024      # a run's meta as JSON (the controller's limit)
 MAX_BATCH_EVENTS = 1000         # events per POST (the controller's limit)
 MAX_BATCH_BYTES = 1024 * 1024   # and at most about this much JSON per POST
 CUT_VALUE_CHARS = 4096          # what is left of a large value in a result cut to fit
@@ -92,13 +95,38 @@ def check_mode(argv: list[str]) -> bool:
     return bool(getattr(options, "check", False))
 
 
+def shortened(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, ending in "…" when cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def run_title(argv: list[str]) -> str:
-    title = shlex.join(["ansible-playbook", *command_line(argv)])
-    return title if len(title) <= MAX_TITLE_CHARS else title[:MAX_TITLE_CHARS - 1] + "…"
+    return shortened(shlex.join(["ansible-playbook", *command_line(argv)]), MAX_TITLE_CHARS)
+
+
+def run_meta(playbook: str, argv: list[str]) -> dict[str, Any]:
+    """The run's meta within the controller's limit: arguments that do not fit are left out
+    (the last one says how many), so a huge command line never costs the run."""
+    args = [shortened(arg, MAX_NAME_CHARS) for arg in command_line(argv)]
+    meta = {"playbook": shortened(playbook, MAX_NAME_CHARS * 4), "args": args,
+            "cwd": shortened(os.getcwd(), MAX_NAME_CHARS * 4), "check": check_mode(argv)}
+    room = MAX_META_BYTES - 256  # for the "… (N more)" marker and the JSON around it
+    if _json_size(meta) <= room:
+        return meta
+    total = len(args)
+    while args and _json_size(meta) > room:
+        args.pop()
+    args.append(f"… ({total - len(args)} more)")
+    return meta
 
 
 def _json_size(value: Any) -> int:
-    return len(json.dumps(value, default=str, ensure_ascii=False).encode("utf-8"))
+    """Bytes of `value` as JSON the way the controller counts them: UTF-8, or escaped when
+    a lone surrogate makes UTF-8 impossible (then every non-ASCII character is longer)."""
+    try:
+        return len(json.dumps(value, default=str, ensure_ascii=False).encode("utf-8"))
+    except UnicodeEncodeError:
+        return len(json.dumps(value, default=str).encode("utf-8"))
 
 
 def _stripped(value: Any, depth: int = 0) -> Any:
@@ -111,6 +139,8 @@ def _stripped(value: Any, depth: int = 0) -> Any:
                 if key != "invocation" and not str(key).startswith("_ansible_")}
     if isinstance(value, (list, tuple)):
         return [_stripped(item, depth + 1) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN or infinity: the controller refuses the batch
     return value
 
 
@@ -131,7 +161,7 @@ def short_message(result: Mapping[str, Any]) -> str:
     """The result's `msg`, else its stderr (failed commands), cut to MAX_MSG_CHARS."""
     message = result.get("msg") or result.get("stderr") or ""
     text = message if isinstance(message, str) else json.dumps(message, default=str)
-    return text if len(text) <= MAX_MSG_CHARS else text[:MAX_MSG_CHARS - 1] + "…"
+    return shortened(text, MAX_MSG_CHARS)
 
 
 def host_result(raw: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +181,31 @@ def _result_data(result: Any) -> Mapping[str, Any]:
     """The module's result dict (`result` since ansible-core 2.19, `_result` before)."""
     data = getattr(result, "result", None)
     return data if isinstance(data, Mapping) else result._result
+
+
+def _plain_name(value: Any) -> str | None:
+    """`value` when it is a host name, not a template left unrendered (a loop's
+    `{{ item }}` at the task's level)."""
+    if isinstance(value, str) and value and "{{" not in value and "{%" not in value:
+        return value
+    return None
+
+
+def delegated_host(result: Any) -> str | None:
+    """The inventory name of the host a delegated task ran on, or None. Before 2.19 the
+    result names it (`_ansible_delegated_vars.ansible_delegated_host`); 2.19 keeps only the
+    delegate's address there, so it comes from the worker's rendered task fields, else the
+    task's own `delegate_to` (rendered when the strategy could). A loop delegating to a
+    different host per item has no single one: None."""
+    delegated = _result_data(result).get("_ansible_delegated_vars")
+    if isinstance(delegated, Mapping):
+        name = _plain_name(delegated.get("ansible_delegated_host"))
+        if name is not None:
+            return name
+    fields = getattr(result, "task_fields", None) or getattr(result, "_task_fields", None)
+    if isinstance(fields, Mapping) and fields.get("delegate_to"):
+        return _plain_name(fields.get("delegate_to"))
+    return _plain_name(getattr(result.task, "delegate_to", None))
 
 
 class SenderProcess:
@@ -316,8 +371,7 @@ class MarcoRunsCallback(CallbackBase):
             url = controller_url(self._option("controller", None) or None)
             token = find_token()
             argv = sys.argv[1:]
-            meta = {"playbook": os.path.abspath(playbook_file), "args": command_line(argv),
-                    "cwd": os.getcwd(), "check": check_mode(argv)}
+            meta = run_meta(os.path.abspath(playbook_file), argv)
             answer = call_controller(url, "/api/runs", token, {
                 "kind": "playbook", "title": run_title(argv), "meta": meta}, timeout=timeout)
             self.run_id = str(answer["id"])
@@ -386,12 +440,16 @@ class MarcoRunsCallback(CallbackBase):
 
     def v2_playbook_on_play_start(self, play: Any) -> None:
         self.play_id = str(play._uuid)
-        self._emit({"type": "play_start", "play": play.get_name(), "play_id": self.play_id})
+        # Names are cut: one event over the controller's limit refuses its whole batch, and
+        # the sender drops every later event of the run after a refusal.
+        self._emit({"type": "play_start", "play": shortened(play.get_name(), MAX_NAME_CHARS),
+                    "play_id": self.play_id})
 
     def v2_playbook_on_task_start(self, task: Any, is_conditional: bool) -> None:
-        self._emit({"type": "task_start", "task": task.get_name(), "task_id": str(task._uuid),
-                    "play_id": self.play_id,
-                    "action": str(getattr(task, "resolved_action", None) or task.action)})
+        action = str(getattr(task, "resolved_action", None) or task.action)
+        self._emit({"type": "task_start", "task": shortened(task.get_name(), MAX_NAME_CHARS),
+                    "task_id": str(task._uuid), "play_id": self.play_id,
+                    "action": shortened(action, MAX_NAME_CHARS)})
 
     def v2_playbook_on_handler_task_start(self, task: Any) -> None:
         self.v2_playbook_on_task_start(task, False)
@@ -420,9 +478,14 @@ class MarcoRunsCallback(CallbackBase):
         started = self.host_starts.pop((host, task_id), None)
         raw = _result_data(result)
         no_log = bool(result.task.no_log or raw.get("_ansible_no_log") or "censored" in raw)
-        self._emit({"type": "host_result", "task_id": task_id, "host": host, "status": status,
-                    "duration": round(time.monotonic() - started, 6) if started else None,
-                    "no_log": no_log, "raw_result": {} if no_log else dict(raw)})
+        event = {"type": "host_result", "task_id": task_id, "host": host, "status": status,
+                 "duration": round(time.monotonic() - started, 6) if started else None,
+                 "no_log": no_log, "raw_result": {} if no_log else dict(raw)}
+        delegate = delegated_host(result)
+        if delegate is not None:
+            # The controller collects the task's output from the node it ran on.
+            event["delegate"] = shortened(delegate, MAX_NAME_CHARS)
+        self._emit(event)
 
     def v2_playbook_on_stats(self, stats: Any) -> None:
         """Send the recap, which ends the run; if it is not confirmed within `flush_seconds`

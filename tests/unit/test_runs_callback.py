@@ -13,13 +13,17 @@ import pytest
 
 from ansible_plugins.core.runs_callback import (
     MAX_EVENT_BYTES,
+    MAX_META_BYTES,
+    MAX_NAME_CHARS,
     NO_LOG_MSG,
     EventSender,
     MarcoRunsCallback,
     SenderProcess,
     check_mode,
     clean_result,
+    delegated_host,
     host_result,
+    run_meta,
     run_title,
 )
 from marco.controller_client import call_controller
@@ -233,3 +237,87 @@ def test_a_recap_sent_is_not_followed_by_a_finish(
     run = controller.get_json(f"/api/runs/{callback.run_id}", token)
     assert run["status"] == "ok" and [e["type"] for e in run["events"]] == ["recap"], run
     assert callback.ended and not callback.warned
+
+
+class Named:
+    """A play or task as the callback reads it: a name, an id, a module."""
+
+    def __init__(self, name: str, uuid: str, action: str = "ansible.builtin.command") -> None:
+        self.name, self._uuid, self.action, self.resolved_action = name, uuid, action, action
+        self.no_log, self.delegate_to = False, None
+
+    def get_name(self) -> str:
+        return self.name
+
+
+def test_huge_play_and_task_names_are_cut_so_the_run_keeps_its_events(
+        controller: ControllerProcess, signer: TokenSigner, alice: UnixUser) -> None:
+    """A name larger than an event may be would have the controller refuse its batch and
+    the callback drop every later event: names are cut to 1,000 characters with "…"."""
+    token = signer.issue(alice.name)
+    callback = registered_callback(controller, token, None)
+    process = SenderProcess(controller.url, f"/api/runs/{callback.run_id}/events", token, 5.0)
+    callback.process, callback.sender = process, EventSender(process.post, 100)
+    callback.v2_playbook_on_play_start(Named("p" * 70_000, "play-1"))
+    callback.v2_playbook_on_task_start(Named("t" * 70_000, "task-1", "x" * 70_000), False)
+    callback.v2_playbook_on_stats(Stats())
+    run = controller.get_json(f"/api/runs/{callback.run_id}", token)
+    assert [e["type"] for e in run["events"]] == ["play_start", "task_start", "recap"], run
+    play, task = run["events"][0], run["events"][1]
+    assert play["play"] == "p" * 999 + "…" and task["task"] == "t" * 999 + "…"
+    assert len(task["action"]) == MAX_NAME_CHARS
+    assert run["status"] == "ok" and not callback.warned
+
+
+def test_a_huge_command_line_fits_the_runs_meta() -> None:
+    meta = run_meta("/p/site.yml", ["site.yml", *(["-l", "h" * 3000] * 20)])
+    assert len(json.dumps(meta).encode()) <= MAX_META_BYTES
+    assert meta["args"][0] == "site.yml" and meta["args"][-1].endswith(" more)")
+    assert len(meta["args"][2]) == MAX_NAME_CHARS  # one argument is cut too
+    assert run_meta("/p/site.yml", ["site.yml", "-l", "web"])["args"] == ["site.yml", "-l", "web"]
+
+
+def test_a_result_with_nan_is_still_json_the_controller_takes() -> None:
+    cleaned = clean_result({"ansible_facts": {"x": float("nan"), "y": [float("inf")]}},
+                           MAX_EVENT_BYTES)
+    assert cleaned == {"ansible_facts": {"x": "nan", "y": ["inf"]}}
+    json.dumps(cleaned, allow_nan=False)
+
+
+class Result:
+    """What `delegated_host` reads of an ansible-core 2.19 CallbackTaskResult."""
+
+    def __init__(self, data: dict[str, Any], fields: dict[str, Any], delegate_to: Any) -> None:
+        self.result, self.task_fields = data, fields
+        self.task = Named("task", "t1")
+        self.task.delegate_to = delegate_to
+
+
+@pytest.mark.parametrize(("data", "fields", "task", "expected"), [
+    ({}, {}, None, None),                                                  # not delegated
+    ({"_ansible_delegated_vars": {"ansible_host": "10.0.0.2"}}, {"delegate_to": "e2"},
+     "{{ groups.all[1] }}", "e2"),                                         # 2.19: rendered fields
+    ({}, {}, "e3", "e3"),                                                  # the task's own
+    ({"_ansible_delegated_vars": {"ansible_delegated_host": "e4"}}, {}, None, "e4"),  # < 2.19
+    ({}, {"delegate_to": "{{ item }}"}, "{{ item }}", None),               # a loop's items differ
+])
+def test_the_delegated_host_is_the_inventory_name(data: dict[str, Any], fields: dict[str, Any],
+                                                  task: Any, expected: str | None) -> None:
+    assert delegated_host(Result(data, fields, task)) == expected
+
+
+def test_a_delegated_result_carries_its_delegate_even_under_no_log() -> None:
+    controller = Controller()
+    controller.release.set()
+    callback = MarcoRunsCallback()
+    callback.sender = EventSender(controller.post, 100)
+    result = Result({"changed": True, "rc": 0, "_ansible_delegated_vars": {
+        "ansible_host": "10.0.0.2"}}, {"delegate_to": "e2"}, "e2")
+    result.host = Named("e1", "h1")  # type: ignore[attr-defined]
+    callback.v2_runner_on_ok(result)
+    result.task.no_log = True
+    callback.v2_runner_on_ok(result)
+    assert callback.sender.flush(10)
+    shown, hidden = [e for batch in controller.batches for e in batch]
+    assert shown["delegate"] == hidden["delegate"] == "e2" and shown["host"] == "e1"
+    assert "_ansible_delegated_vars" not in shown["result"] and "result" not in hidden
