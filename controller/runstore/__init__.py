@@ -6,6 +6,7 @@ kept by budget.py; `RunStoreThread` (thread.py) serves an IOLoop. The values and
 are in records.py.
 """
 
+from .chunks import MAX_PAGE_LINES
 from .interface import RunStore
 from .records import (
     DEFAULT_LIMITS,
@@ -16,19 +17,21 @@ from .records import (
     MAX_META_BYTES,
     MAX_NAME,
     MAX_TITLE,
+    ExecutionRecord,
     Run,
     RunLimits,
     StoredOutput,
     check_hosts,
     new_run_id,
 )
-from .schema import MIGRATIONS, migrate, open_database, schema_version
+from .schema import DEFAULT_BUSY_TIMEOUT, MIGRATIONS, migrate, open_database, schema_version
 from .sqlite import SqliteRunStore
 from .thread import STORE_METHODS, RunStoreThread
 
 __all__ = [
-    "DEFAULT_LIMITS", "MAX_EVENTS_PER_CALL", "MAX_EVENT_BYTES", "MAX_HOSTS", "MAX_LIST",
-    "MAX_META_BYTES", "MAX_NAME", "MAX_TITLE", "MIGRATIONS", "STORE_METHODS", "Run",
-    "RunLimits", "RunStore", "RunStoreThread", "SqliteRunStore", "StoredOutput",
-    "check_hosts", "migrate", "new_run_id", "open_database", "schema_version",
+    "DEFAULT_BUSY_TIMEOUT", "DEFAULT_LIMITS", "MAX_EVENTS_PER_CALL", "MAX_EVENT_BYTES",
+    "MAX_HOSTS", "MAX_LIST", "MAX_META_BYTES", "MAX_NAME", "MAX_PAGE_LINES", "MAX_TITLE",
+    "MIGRATIONS", "STORE_METHODS", "ExecutionRecord", "Run", "RunLimits", "RunStore",
+    "RunStoreThread", "SqliteRunStore", "StoredOutput", "check_hosts", "migrate", "new_run_id",
+    "open_database", "schema_version",
 ]

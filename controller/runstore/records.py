@@ -8,7 +8,6 @@ import math
 import secrets
 import sqlite3
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -60,6 +59,20 @@ class StoredOutput:
 
 
 @dataclass(frozen=True)
+class ExecutionRecord:
+    """One execution of a run as stored (without its output)."""
+
+    host: str  # the inventory host it ran for (its `host` tag, else the node)
+    node: str  # the node (agent) it ran on
+    execution_id: str
+    task_id: str | None
+    next_seq: int  # lines 0 .. next_seq-1 are stored (the seq after the last one)
+    archived: bool  # all of its output is stored: it has ended, every line is here
+    truncated_seq: int | None  # the agent's truncated_seq: its record was cut from this seq on
+    bytes: int  # compressed bytes of its chunks
+
+
+@dataclass(frozen=True)
 class RunLimits:
     """The `runs_*` settings (docs/runs.md "Settings")."""
 
@@ -106,6 +119,14 @@ def check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
         raise BadRequest(f"{what} must be a string of 1 to {MAX_NAME} characters")
     return value
+
+
+def check_execution(host: Any, node: Any, execution_id: Any,
+                    task_id: Any) -> tuple[str, str, str, str | None]:
+    """An execution's names (host, node, id, task id or None), or BadRequest."""
+    return (check_name(host, "the host"), check_name(node, "the node"),
+            check_name(execution_id, "the execution id"),
+            None if task_id is None else check_name(task_id, "the task id"))
 
 
 def check_hosts(hosts: Any) -> list[str]:
@@ -176,22 +197,11 @@ def event_row(event: Any, now: float) -> tuple[float, str, str]:
     return float(stamp), event["type"], text
 
 
-def check_output(output: StoredOutput) -> bytes:
-    """The output's compressed JSON lines, or BadRequest."""
-    check_name(output.host, "the host")
-    check_name(output.execution_id, "the execution id")
-    if output.task_id is not None:
-        check_name(output.task_id, "the task id")
-    if not isinstance(output.events, list) or not all(isinstance(e, dict) for e in output.events):
-        raise BadRequest("an output is a list of event objects")
-    lines = "".join(encoded_json(e, "an output event") + "\n" for e in output.events)
-    return zlib.compress(lines.encode("utf-8"), 6)
-
-
-def decode_output(data: bytes) -> list[dict[str, Any]]:
-    text = zlib.decompress(data).decode("utf-8")
-    # Only "\n" ends a line: JSON escapes it, but not U+2028 or U+0085, which splitlines() cuts.
-    return [json.loads(line) for line in text.split("\n")[:-1]]
+def execution_from_row(row: sqlite3.Row) -> ExecutionRecord:
+    return ExecutionRecord(host=row["host"], node=row["node"], execution_id=row["execution_id"],
+                           task_id=row["task_id"], next_seq=row["next_seq"],
+                           archived=bool(row["archived"]), truncated_seq=row["truncated_seq"],
+                           bytes=row["bytes"])
 
 
 def run_from_row(row: sqlite3.Row) -> Run:

@@ -5,14 +5,46 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from marco.errors import ConfigError
+from marco.errors import ConfigError, TryAgain
+
+from . import chunks
+
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6  # sqlite3.Error.sqlite_errorcode: another connection holds it
+BUSY_CODES = frozenset({SQLITE_BUSY, SQLITE_LOCKED})
+DEFAULT_BUSY_TIMEOUT = 5.0  # seconds a statement waits for another connection's lock
+
+# One step of a migration: an SQL statement, or a function for what SQL cannot say.
+Step = str | Callable[[sqlite3.Connection], None]
+
+
+def outputs_to_chunks(db: sqlite3.Connection) -> None:
+    """Migration 3: each output stored whole becomes its execution's first chunk (the same
+    compressed bytes, so the run's charge stays; events out of seq order, which nothing should
+    have stored, are dropped and the charge follows)."""
+    for (rowid,) in db.execute("SELECT rowid FROM outputs").fetchall():  # one blob at a time
+        run_id, execution_id, size, data = db.execute(
+            "SELECT run_id, execution_id, bytes, data FROM outputs WHERE rowid = ?",
+            (rowid,)).fetchone()
+        events = chunks.decode(data) if data else []
+        kept = chunks.in_order(events)
+        if kept != events:
+            data = chunks.encode(kept)
+        if kept:
+            db.execute("INSERT INTO chunks (run_id, execution_id, first_seq, next_seq, bytes, "
+                       "data) VALUES (?, ?, ?, ?, ?, ?)",
+                       (run_id, execution_id, kept[0]["seq"], chunks.end_of(kept[-1]),
+                        len(data), data))
+        stored = len(data) if kept else 0
+        db.execute("UPDATE outputs SET next_seq = ?, bytes = ?, data = x'' WHERE rowid = ?",
+                   (chunks.end_of(kept[-1]) if kept else 0, stored, rowid))
+        db.execute("UPDATE runs SET bytes = bytes + ? WHERE id = ?", (stored - size, run_id))
 
 # Schema versions: MIGRATIONS[n - 1] takes a file from version n - 1 to n (never edit one that
 # has shipped; append a new one). `bytes` on a run is what its events and outputs take.
-MIGRATIONS: list[tuple[str, ...]] = [
+MIGRATIONS: list[tuple[Step, ...]] = [
     (
         """CREATE TABLE runs (
             id TEXT PRIMARY KEY, owner TEXT NOT NULL, kind TEXT NOT NULL, title TEXT NOT NULL,
@@ -37,6 +69,25 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE runs ADD COLUMN last_activity REAL",
         "UPDATE runs SET last_activity = started",
     ),
+    # Output kept as it happens, read in pages: an execution's row (`outputs`, its `data`
+    # unused from now on) says how far it is stored; its lines are in `chunks`, one per
+    # add_output, found by their first seq. `swept`: the nodes whose executions of a run are
+    # all stored (nobody needs to ask them again).
+    (
+        "ALTER TABLE outputs ADD COLUMN node TEXT",
+        "ALTER TABLE outputs ADD COLUMN next_seq INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE outputs ADD COLUMN truncated_seq INTEGER",
+        """CREATE TABLE chunks (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            execution_id TEXT NOT NULL, first_seq INTEGER NOT NULL, next_seq INTEGER NOT NULL,
+            bytes INTEGER NOT NULL, data BLOB NOT NULL,
+            PRIMARY KEY (run_id, execution_id, first_seq))""",
+        """CREATE TABLE swept (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE, node TEXT NOT NULL,
+            PRIMARY KEY (run_id, node))""",
+        outputs_to_chunks,
+        "UPDATE outputs SET node = host",
+    ),
 ]
 
 
@@ -45,7 +96,7 @@ def schema_version(db: sqlite3.Connection) -> int:
 
 
 def migrate(db: sqlite3.Connection, path: Path,
-            migrations: Sequence[tuple[str, ...]] = MIGRATIONS) -> int:
+            migrations: Sequence[tuple[Step, ...]] = MIGRATIONS) -> int:
     """Bring the file to the newest version, each step in the same transaction as its version
     number (a crash leaves the old version or the new, never half). Returns the version."""
     db.execute("BEGIN IMMEDIATE")  # a second opener waits, then sees the new version
@@ -56,8 +107,11 @@ def migrate(db: sqlite3.Connection, path: Path,
                               f"Marco knows versions up to {len(migrations)}",
                               hint="run a newer Marco, or move the file away")
         for number, statements in enumerate(migrations[version:], start=version + 1):
-            for statement in statements:
-                db.execute(statement)
+            for step in statements:
+                if isinstance(step, str):
+                    db.execute(step)
+                else:
+                    step(db)
             db.execute(f"PRAGMA user_version = {number}")
     except BaseException:
         db.execute("ROLLBACK")
@@ -66,12 +120,25 @@ def migrate(db: sqlite3.Connection, path: Path,
     return len(migrations)
 
 
-def open_database(path: Path) -> sqlite3.Connection:
+def is_busy(error: BaseException) -> bool:
+    """Another connection holds the lock this statement needed (past the busy timeout)."""
+    return isinstance(error, sqlite3.OperationalError) \
+        and getattr(error, "sqlite_errorcode", None) in BUSY_CODES
+
+
+def try_again() -> TryAgain:
+    return TryAgain("the runs database is busy (another process holds it)",
+                    hint="try again in a moment")
+
+
+def open_database(path: Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> sqlite3.Connection:
     """The connection, on a file only its owner can read (SQLite gives its -wal and -shm
-    files the same mode)."""
+    files the same mode); a statement waits up to `busy_timeout` seconds for a lock another
+    connection holds."""
     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     os.chmod(path, 0o600)
-    db = sqlite3.connect(path, isolation_level=None)  # transactions are explicit
+    # Transactions are explicit (isolation_level None).
+    db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     try:
         # Pruned runs give their pages back (prune); this only takes on a new file, before WAL.
         db.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -81,6 +148,8 @@ def open_database(path: Path) -> sqlite3.Connection:
         migrate(db, path)
     except sqlite3.DatabaseError as error:
         db.close()
+        if is_busy(error):
+            raise try_again() from error
         raise ConfigError(f"the runs database {path} is unusable: {error}",
                           hint="move the file away (its runs are lost) or restore a backup"
                           ) from error

@@ -8,49 +8,74 @@ in memory: one process owns the file).
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from marco.errors import BadRequest, Conflict, InsufficientStorage, NotFound, TooManyRuns
 from marco.runs import KINDS, RUN_ID
 
 from .budget import Budget
+from .chunks import MAX_PAGE_LINES, Page, after, check_events, check_page, decode, encode, end_of
 from .records import (
     DEFAULT_LIMITS,
     MAX_EVENTS_PER_CALL,
     MAX_LIST,
     MAX_TITLE,
+    ExecutionRecord,
     Run,
     RunLimits,
     StoredOutput,
+    check_execution,
     check_hosts,
-    check_output,
+    check_name,
     check_run,
     check_stats,
     check_status,
-    decode_output,
     event_row,
+    execution_from_row,
     is_time,
     json_text,
     row_bytes,
     run_from_row,
 )
-from .schema import open_database
+from .schema import DEFAULT_BUSY_TIMEOUT, is_busy, open_database, try_again
 
 SQLITE_FULL = 13  # sqlite3.Error.sqlite_errorcode of "database or disk is full"
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def busy_is_try_again(method: Callable[P, R]) -> Callable[P, R]:
+    """The method, raising TryAgain (503) when another connection holds the file's lock past
+    the busy timeout (decided by SQLite's error code, never by its message)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.OperationalError as error:
+            if is_busy(error):
+                raise try_again() from error
+            raise
+
+    return wrapper
 
 
 class SqliteRunStore:
     """The embedded run store: one SQLite file (use it from one thread: see RunStoreThread)."""
 
-    def __init__(self, path: Path, limits: RunLimits = DEFAULT_LIMITS) -> None:
+    def __init__(self, path: Path, limits: RunLimits = DEFAULT_LIMITS,
+                 busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+        """Open (and migrate) the file; a statement waits up to `busy_timeout` seconds for a
+        lock another connection holds, then the call raises TryAgain."""
         self.path, self.limits = path, limits
-        self._db = open_database(path)
+        self._db = open_database(path, busy_timeout)
         self._db.row_factory = sqlite3.Row
         self._budget = Budget(self._db, limits)
 
@@ -87,6 +112,7 @@ class SqliteRunStore:
 
     # Runs
 
+    @busy_is_try_again
     def create(self, run: Run) -> None:
         """Record a new run; TooManyRuns (429) when its owner has too many running, and
         the owner's oldest ended runs go when they have `max_per_user` runs."""
@@ -117,11 +143,13 @@ class SqliteRunStore:
                 raise Conflict(f"run {run.id} already exists") from error
             self._budget.charge(run.owner, run.id, row_bytes(run))
 
+    @busy_is_try_again
     def get(self, owner: str, run_id: str) -> Run | None:
         """The run, or None (also for another owner's run)."""
         row = self._row(owner, run_id)
         return None if row is None else run_from_row(row)
 
+    @busy_is_try_again
     def list(self, owner: str, kind: str | None = None, status: str | None = None,
              text: str | None = None, before: str | None = None,
              limit: int = 50) -> tuple[list[Run], bool]:
@@ -153,6 +181,7 @@ class SqliteRunStore:
             (*args, limit + 1)).fetchall()
         return [run_from_row(row) for row in rows[:limit]], len(rows) > limit
 
+    @busy_is_try_again
     def update(self, owner: str, run_id: str, *, hosts: builtins.list[str] | None = None,
                status: str | None = None, ended: float | None = None,
                stats: dict[str, dict[str, int]] | None = None) -> Run:
@@ -187,6 +216,7 @@ class SqliteRunStore:
             self._budget.charge(owner, run_id, row_bytes(run) - size_before)
         return run
 
+    @busy_is_try_again
     def interrupt_running(self, now: float | None = None) -> int:
         """At start-up: the runs a previous process left running end as `interrupted`."""
         with self._transaction() as db:
@@ -194,6 +224,7 @@ class SqliteRunStore:
                                 "WHERE ended IS NULL", (time.time() if now is None else now,))
             return cursor.rowcount
 
+    @busy_is_try_again
     def interrupt_stale(self, before: float, now: float | None = None) -> int:
         """Running runs with no activity (start or events) since `before` end as
         `interrupted`: their client is gone (docs/runs.md "Stale runs")."""
@@ -205,6 +236,7 @@ class SqliteRunStore:
 
     # Events
 
+    @busy_is_try_again
     def append_events(self, owner: str, run_id: str, events: builtins.list[dict[str, Any]]) -> int:
         """Append events (seq 1, 2, ... per run); returns the next seq. NotFound for a
         missing or foreign run, Conflict for an ended one, BadRequest for bad events (then
@@ -228,46 +260,179 @@ class SqliteRunStore:
                        "WHERE id = ?", (now, run_id))
         return int(last) + len(rows) + 1
 
-    def events(self, owner: str, run_id: str, since: int = 0) -> builtins.list[dict[str, Any]]:
-        """The run's events after seq `since`, in order (NotFound for a missing or foreign run)."""
+    @busy_is_try_again
+    def events(self, owner: str, run_id: str, since: int = 0,
+               limit: int | None = None) -> builtins.list[dict[str, Any]]:
+        """The run's events after seq `since`, in order, at most `limit` of them (NotFound for
+        a missing or foreign run)."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or not 0 < limit <= MAX_PAGE_LINES):
+            raise BadRequest(f"limit must be 1 to {MAX_PAGE_LINES} events")
         self._existing(owner, run_id)
         rows = self._db.execute("SELECT seq, time, type, body FROM events WHERE run_id = ? "
-                                "AND seq > ? ORDER BY seq", (run_id, since)).fetchall()
+                                "AND seq > ? ORDER BY seq LIMIT ?",
+                                (run_id, since, -1 if limit is None else limit)).fetchall()
         return [{"seq": r["seq"], "time": r["time"], "type": r["type"], **json.loads(r["body"])}
                 for r in rows]
 
     # Output
 
-    def put_output(self, owner: str, run_id: str, output: StoredOutput) -> None:
-        """Store one execution's output compressed (replacing what the run had stored for that
-        execution). Room is made by pruning the oldest ended runs, the owner's first; when
+    @busy_is_try_again
+    def add_output(self, owner: str, run_id: str, *, host: str, node: str, execution_id: str,
+                   task_id: str | None, events: builtins.list[dict[str, Any]],
+                   archived: bool = False, truncated_seq: int | None = None) -> ExecutionRecord:
+        """Store what is new of one execution's output (its lines from the stored next_seq on,
+        as one compressed chunk) and return its record. The first call registers the
+        execution (host, node and task stay as first given); once it is archived, later calls
+        change nothing. Room is made by pruning the oldest ended runs, the owner's first; when
         that cannot make enough, nothing changes and DiskBudgetExhausted (the owner's cap) or
-        InsufficientStorage (the total cap) says so."""
-        data = check_output(output)
-        with self._transaction() as db:
+        InsufficientStorage (the total cap) says so. Ended runs take output too (it is
+        collected after the end)."""
+        names = check_execution(host, node, execution_id, task_id)
+        check_events(events)
+        if truncated_seq is not None and (isinstance(truncated_seq, bool)
+                                          or not isinstance(truncated_seq, int)
+                                          or truncated_seq < 0):
+            raise BadRequest("truncated_seq must be null or an integer >= 0")
+        with self._transaction():
             self._existing(owner, run_id)
-            old = db.execute("SELECT bytes FROM outputs WHERE run_id = ? AND execution_id = ?",
-                             (run_id, output.execution_id)).fetchone()
-            self._budget.charge(owner, run_id, len(data) - (old[0] if old else 0))
-            db.execute("INSERT OR REPLACE INTO outputs (run_id, execution_id, host, task_id, "
-                       "archived, bytes, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (run_id, output.execution_id, output.host, output.task_id,
-                        int(bool(output.archived)), len(data), data))
+            row = self._execution_row(run_id, execution_id)
+            if row is None:
+                row = self._register(owner, run_id, names)
+            if row["archived"]:
+                return execution_from_row(row)
+            self._append_chunk(owner, run_id, row, after(events, row["next_seq"]))
+            self._db.execute(
+                "UPDATE outputs SET archived = ?, truncated_seq = COALESCE(?, truncated_seq) "
+                "WHERE run_id = ? AND execution_id = ?",
+                (int(bool(archived)), truncated_seq, run_id, execution_id))
+            return execution_from_row(self._execution_row(run_id, execution_id))
 
-    def outputs(self, owner: str, run_id: str,
-                host: str | None = None) -> builtins.list[StoredOutput]:
-        """The run's stored outputs (one host's if given), in the order they were stored."""
+    def _execution_row(self, run_id: str, execution_id: str) -> sqlite3.Row:
+        row: sqlite3.Row = self._db.execute(
+            "SELECT * FROM outputs WHERE run_id = ? AND execution_id = ?",
+            (run_id, execution_id)).fetchone()
+        return row
+
+    def _register(self, owner: str, run_id: str,
+                  names: tuple[str, str, str, str | None]) -> sqlite3.Row:
+        """A new execution's row; its names are charged to the run like its output."""
+        host, node, execution_id, task_id = names
+        self._budget.charge(owner, run_id, sum(len(name.encode("utf-8", "surrogatepass"))
+                                               for name in names if name is not None))
+        self._db.execute("INSERT INTO outputs (run_id, execution_id, host, node, task_id, "
+                         "archived, bytes, data, next_seq) VALUES (?, ?, ?, ?, ?, 0, 0, x'', 0)",
+                         (run_id, execution_id, host, node, task_id))
+        return self._execution_row(run_id, execution_id)
+
+    def _append_chunk(self, owner: str, run_id: str, row: sqlite3.Row,
+                      events: builtins.list[dict[str, Any]]) -> None:
+        """Store `events` (lines past the execution's next_seq) as one chunk, charged."""
+        if not events:
+            return
+        data = encode(events)
+        self._budget.charge(owner, run_id, len(data))
+        first, end = events[0]["seq"], end_of(events[-1])
+        self._db.execute("INSERT INTO chunks (run_id, execution_id, first_seq, next_seq, bytes, "
+                         "data) VALUES (?, ?, ?, ?, ?, ?)",
+                         (run_id, row["execution_id"], first, end, len(data), data))
+        self._db.execute("UPDATE outputs SET next_seq = ?, bytes = bytes + ? "
+                         "WHERE run_id = ? AND execution_id = ?",
+                         (end, len(data), run_id, row["execution_id"]))
+
+    @busy_is_try_again
+    def executions(self, owner: str, run_id: str, host: str | None = None,
+                   task: str | None = None) -> builtins.list[ExecutionRecord]:
+        """The run's stored executions (of one host and/or task if given), in the order they
+        were first stored; no output is read."""
         self._existing(owner, run_id)
         sql, args = "SELECT * FROM outputs WHERE run_id = ?", [run_id]
         if host is not None:
             sql, args = sql + " AND host = ?", [*args, host]
-        rows = self._db.execute(sql + " ORDER BY rowid", args).fetchall()
-        return [StoredOutput(host=r["host"], execution_id=r["execution_id"],
-                             task_id=r["task_id"], events=decode_output(r["data"]),
-                             archived=bool(r["archived"])) for r in rows]
+        if task is not None:
+            sql, args = sql + " AND task_id = ?", [*args, task]
+        return [execution_from_row(row)
+                for row in self._db.execute(sql + " ORDER BY rowid", args).fetchall()]
+
+    @busy_is_try_again
+    def output_page(self, owner: str, run_id: str, execution_id: str, since: int = 0,
+                    limit: int = 5000) -> tuple[builtins.list[dict[str, Any]], int]:
+        """The stored lines of one execution from seq `since` on, at most `limit` of them, as
+        output events (the first and last cut to fit), and the seq after the last line given
+        (`since` when none). Reads only the chunks holding them. NotFound when the run or the
+        execution is not stored."""
+        check_page(since, limit)
+        self._existing(owner, run_id)
+        if self._execution_row(run_id, execution_id) is None:
+            raise NotFound(f"no execution {execution_id} in run {run_id}")
+        page = Page(since, limit)
+        # The chunk holding `since` (the last starting at or before it), then the later ones.
+        cursor = self._db.execute(
+            "SELECT next_seq, data FROM chunks WHERE run_id = ?1 AND execution_id = ?2 AND "
+            "first_seq >= COALESCE((SELECT MAX(first_seq) FROM chunks WHERE run_id = ?1 AND "
+            "execution_id = ?2 AND first_seq <= ?3), 0) ORDER BY first_seq",
+            (run_id, execution_id, since))
+        for chunk_end, data in cursor:
+            if chunk_end > since:
+                page.add(decode(data))
+            if page.full:
+                break  # before the next row: its blob is not read
+        cursor.close()
+        return page.events, page.next
+
+    @busy_is_try_again
+    def mark_swept(self, owner: str, run_id: str, node: str) -> None:
+        """Every execution of the run on `node` is listed and stored whole: nobody needs to
+        ask that node about the run again."""
+        check_name(node, "the node")
+        with self._transaction() as db:
+            self._existing(owner, run_id)
+            added = db.execute("INSERT OR IGNORE INTO swept (run_id, node) VALUES (?, ?)",
+                               (run_id, node)).rowcount
+            if added:
+                self._budget.charge(owner, run_id, len(node.encode("utf-8", "surrogatepass")))
+
+    @busy_is_try_again
+    def swept(self, owner: str, run_id: str) -> set[str]:
+        """The nodes marked swept for the run."""
+        self._existing(owner, run_id)
+        return {row[0] for row in self._db.execute("SELECT node FROM swept WHERE run_id = ?",
+                                                   (run_id,))}
+
+    # The output calls before add_output (deprecated: remove once nobody uses them)
+
+    @busy_is_try_again
+    def put_output(self, owner: str, run_id: str, output: StoredOutput) -> None:
+        """add_output of the whole list, archived as given, on the output's host as node."""
+        if not isinstance(output.events, list):
+            raise BadRequest("an output is a list of event objects")
+        self.add_output(owner, run_id, host=output.host, node=output.host,
+                        execution_id=output.execution_id, task_id=output.task_id,
+                        events=output.events, archived=output.archived)
+
+    @busy_is_try_again
+    def outputs(self, owner: str, run_id: str,
+                host: str | None = None) -> builtins.list[StoredOutput]:
+        """Every stored execution of the run (one host's if given) with all its output."""
+        return [StoredOutput(host=record.host, execution_id=record.execution_id,
+                             task_id=record.task_id, archived=record.archived,
+                             events=self._all_output(owner, run_id, record))
+                for record in self.executions(owner, run_id, host=host)]
+
+    def _all_output(self, owner: str, run_id: str,
+                    record: ExecutionRecord) -> builtins.list[dict[str, Any]]:
+        events, since = [], 0
+        while since < record.next_seq:
+            page, since = self.output_page(owner, run_id, record.execution_id, since,
+                                           MAX_PAGE_LINES)
+            if not page:
+                break
+            events.extend(page)
+        return events
 
     # Limits
 
+    @busy_is_try_again
     def prune(self, now: float | None = None) -> int:
         """Apply the limits to what is stored (budget.Budget.prune); returns how many runs
         went."""

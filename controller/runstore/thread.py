@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from .records import DEFAULT_LIMITS, RunLimits
+from .schema import DEFAULT_BUSY_TIMEOUT
 from .sqlite import SqliteRunStore
 
 # The store's methods a caller may ask RunStoreThread for.
 STORE_METHODS = frozenset({"create", "get", "list", "append_events", "events", "update",
+                           "add_output", "executions", "output_page", "mark_swept", "swept",
                            "put_output", "outputs", "prune", "interrupt_running",
                            "interrupt_stale"})
 
@@ -21,12 +23,13 @@ STORE_METHODS = frozenset({"create", "get", "list", "append_events", "events", "
 class RunStoreThread:
     """A SqliteRunStore on a thread of its own, for the IOLoop: `await call("get", ...)`."""
 
-    def __init__(self, path: Path, limits: RunLimits = DEFAULT_LIMITS) -> None:
+    def __init__(self, path: Path, limits: RunLimits = DEFAULT_LIMITS,
+                 busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
         """Open the store on its thread (ConfigError here if the file is unusable)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstore")
         try:
             self.store: SqliteRunStore = self._executor.submit(
-                SqliteRunStore, path, limits).result()
+                SqliteRunStore, path, limits, busy_timeout).result()
         except BaseException:
             self._executor.shutdown(wait=True)
             raise

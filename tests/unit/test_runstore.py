@@ -29,7 +29,6 @@ from controller.runstore import (
     RunLimits,
     RunStoreThread,
     SqliteRunStore,
-    StoredOutput,
     migrate,
     new_run_id,
     schema_version,
@@ -70,10 +69,11 @@ def noise(size: int, seed: int) -> str:
 
 
 def output(execution_id: str, lines: list[str], host: str = "n1",
-           task_id: str | None = None) -> StoredOutput:
+           task_id: str | None = None) -> dict[str, Any]:
+    """add_output's keywords for one whole execution's output (archived) on `host`."""
     events = [{"seq": 0, "time": T0, "stream": "stdout", "lines": lines}]
-    return StoredOutput(host=host, execution_id=execution_id, task_id=task_id, events=events,
-                        archived=True)
+    return {"host": host, "node": host, "execution_id": execution_id, "task_id": task_id,
+            "events": events, "archived": True}
 
 
 def stored_ids(path: Path) -> set[str]:
@@ -164,20 +164,20 @@ def test_another_owner_sees_nothing_of_a_run(store: SqliteRunStore) -> None:
     run = make_run()
     store.create(run)
     store.append_events("alice", run.id, [{"type": "play_start", "play": "p"}])
-    store.put_output("alice", run.id, output("e1", ["secret"]))
+    store.add_output("alice", run.id, **output("e1", ["secret"]))
 
     assert store.get("bob", run.id) is None and store.get("alice", "r" + "0" * 20) is None
     assert store.list("bob") == ([], False)
     for call in (lambda: store.append_events("bob", run.id, [{"type": "x"}]),
                  lambda: store.events("bob", run.id),
                  lambda: store.update("bob", run.id, status="ok"),
-                 lambda: store.put_output("bob", run.id, output("e2", ["x"])),
-                 lambda: store.outputs("bob", run.id),
+                 lambda: store.add_output("bob", run.id, **output("e2", ["x"])),
+                 lambda: store.executions("bob", run.id),
                  lambda: store.events("alice", "nonsense")):
         with pytest.raises(NotFound):
             call()
     assert store.get("alice", run.id) == run  # bob changed nothing
-    assert len(store.events("alice", run.id)) == 1 and len(store.outputs("alice", run.id)) == 1
+    assert len(store.events("alice", run.id)) == 1 and len(store.executions("alice", run.id)) == 1
 
 
 def test_update_sets_what_is_given_and_a_final_status_ends_the_run(
@@ -298,39 +298,44 @@ def test_outputs_round_trip_exactly_and_are_compressed(store: SqliteRunStore,
     store.create(run)
     lines = ["plain", "naïve ✓ 日本語 😀", "tab\tand \\ and \" and \x00", "lone \udcff surrogate",
              ""]
-    first = StoredOutput(host="n1", execution_id="e1", task_id="t1", archived=True, events=[
-        {"seq": 0, "time": T0, "stream": "stdout", "lines": lines},
-        {"seq": 5, "time": T0 + 0.5, "stream": "stderr",
-         "lines": ["warning: é", "line\u2028sep \x85 \x1c \r"]}])  # no surrogate: not escaped
-    repetitive = output("e2", ["the same line, again and again"] * 5000, host="n2")
-    store.put_output("alice", run.id, first)
-    store.put_output("alice", run.id, repetitive)
+    events = [{"seq": 0, "time": T0, "stream": "stdout", "lines": lines},
+              {"seq": 5, "time": T0 + 0.5, "stream": "stderr",
+               "lines": ["warning: é", "line\u2028sep \x85 \x1c \r"]}]  # no surrogate: not escaped
+    store.add_output("alice", run.id, host="n1", node="n1", execution_id="e1", task_id="t1",
+                     events=events, archived=True)
+    store.add_output("alice", run.id, **output("e2", ["the same line, again and again"] * 5000,
+                                               host="n2"))
 
-    assert store.outputs("alice", run.id) == [first, repetitive]
-    assert store.outputs("alice", run.id, host="n2") == [repetitive]
-    assert store.outputs("alice", run.id, host="n3") == []
-
-    replaced = StoredOutput("n1", "e1", None, [{"seq": 0, "stream": "stdout", "lines": []}],
-                            archived=False)
-    store.put_output("alice", run.id, replaced)
-    assert store.outputs("alice", run.id, host="n1") == [replaced]
+    assert store.output_page("alice", run.id, "e1") == (events, 7)
+    assert [e.execution_id for e in store.executions("alice", run.id)] == ["e1", "e2"]
+    assert [e.execution_id for e in store.executions("alice", run.id, host="n2")] == ["e2"]
+    assert store.executions("alice", run.id, host="n3") == []
 
     with sqlite3.connect(path) as db:
-        blob, size = db.execute("SELECT data, bytes FROM outputs WHERE execution_id = 'e2'"
+        blob, size = db.execute("SELECT data, bytes FROM chunks WHERE execution_id = 'e2'"
                                 ).fetchone()
-    as_json = sum(len(json.dumps(e).encode()) for e in repetitive.events)
+    as_json = len(json.dumps(output("e2", ["the same line, again and again"] * 5000)).encode())
     assert len(blob) == size and size * 20 < as_json
+    assert store.executions("alice", run.id, host="n2")[0].bytes == size
 
 
 def test_bad_output_is_refused(store: SqliteRunStore) -> None:
     run = make_run()
     store.create(run)
-    for bad in (StoredOutput("", "e1", None, [], True), StoredOutput("n1", "", None, [], True),
-                StoredOutput("n1", "e1", None, ["line"], True),  # type: ignore[list-item]
-                StoredOutput("n1", "e1", None, [{"x": float("inf")}], True)):
+    good: dict[str, Any] = {"host": "n1", "node": "n1", "execution_id": "e1", "task_id": None}
+    line = {"seq": 0, "lines": ["x"]}
+    for bad in ({**good, "host": "", "events": []}, {**good, "execution_id": "", "events": []},
+                {**good, "node": "n" * 256, "events": []}, {**good, "events": ["line"]},
+                {**good, "events": [{"x": float("inf")}]},
+                {**good, "events": [{**line, "x": float("inf")}]},
+                {**good, "events": [{"seq": -1, "lines": ["x"]}]},
+                {**good, "events": [{"seq": True, "lines": ["x"]}]},
+                {**good, "events": [{"seq": 0, "lines": [1]}]},
+                {**good, "events": [{"seq": 3, "lines": ["x"]}, {"seq": 2, "lines": ["y"]}]},
+                {**good, "events": [line], "truncated_seq": -1}):
         with pytest.raises(BadRequest):
-            store.put_output("alice", run.id, bad)
-    assert store.outputs("alice", run.id) == []
+            store.add_output("alice", run.id, **bad)
+    assert store.executions("alice", run.id) == []
 
 
 def one_output_size(path: Path) -> int:
@@ -338,9 +343,9 @@ def one_output_size(path: Path) -> int:
     probe = SqliteRunStore(path.with_name("probe.sqlite3"))
     run = make_run()
     probe.create(run)
-    probe.put_output("alice", run.id, output("e", [noise(4000, 0)]))
+    probe.add_output("alice", run.id, **output("e", [noise(4000, 0)]))
     with sqlite3.connect(probe.path) as db:
-        size = int(db.execute("SELECT bytes FROM outputs").fetchone()[0])
+        size = int(db.execute("SELECT bytes FROM runs").fetchone()[0])
     probe.close()
     return size
 
@@ -351,24 +356,24 @@ def test_per_user_byte_cap_prunes_their_oldest_ended_runs_never_a_running_one(
     store = open_store(path, max_bytes_per_user=int(size * 3.5))
     running = make_run(started=T0)  # the oldest, but running: never pruned
     store.create(running)
-    store.put_output("alice", running.id, output("e0", [noise(4000, 1)]))
+    store.add_output("alice", running.id, **output("e0", [noise(4000, 1)]))
     old, newer = ended_run(store, "alice", T0 + 1), ended_run(store, "alice", T0 + 2)
     bobs = ended_run(store, "bob", T0 - 10)
     for n, run in enumerate((old, newer, bobs)):
-        store.put_output(run.owner, run.id, output(f"e{n + 1}", [noise(4000, n + 2)]))
+        store.add_output(run.owner, run.id, **output(f"e{n + 1}", [noise(4000, n + 2)]))
 
     latest = ended_run(store, "alice", T0 + 3)
-    store.put_output("alice", latest.id, output("e9", [noise(4000, 9)]))
+    store.add_output("alice", latest.id, **output("e9", [noise(4000, 9)]))
     assert stored_ids(path) == {running.id, newer.id, latest.id, bobs.id}  # only `old` went
 
-    store.put_output("alice", latest.id, output("e10", [noise(4000, 10)]))  # its own run stays
+    store.add_output("alice", latest.id, **output("e10", [noise(4000, 10)]))  # its own run stays
     assert stored_ids(path) == {running.id, latest.id, bobs.id}
 
     before = stored_ids(path)
     with pytest.raises(DiskBudgetExhausted) as refused:
-        store.put_output("alice", latest.id, output("e11", [noise(8000, 11)]))
+        store.add_output("alice", latest.id, **output("e11", [noise(8000, 11)]))
     assert refused.value.status == 507
-    assert stored_ids(path) == before and len(store.outputs("alice", latest.id)) == 2
+    assert stored_ids(path) == before and len(store.executions("alice", latest.id)) == 2
     store.close()
 
 
@@ -407,16 +412,16 @@ def test_total_byte_cap_prunes_anyones_oldest_ended_runs(path: Path) -> None:
     store = open_store(path, max_bytes=int(size * 2.5))
     bobs_running = make_run("bob", T0 - 20)
     store.create(bobs_running)
-    store.put_output("bob", bobs_running.id, output("e0", [noise(4000, 0)]))
+    store.add_output("bob", bobs_running.id, **output("e0", [noise(4000, 0)]))
     bobs_old = ended_run(store, "bob", T0 - 10)
-    store.put_output("bob", bobs_old.id, output("e1", [noise(4000, 1)]))
+    store.add_output("bob", bobs_old.id, **output("e1", [noise(4000, 1)]))
 
     alices = ended_run(store, "alice", T0)
-    store.put_output("alice", alices.id, output("e2", [noise(4000, 2)]))
+    store.add_output("alice", alices.id, **output("e2", [noise(4000, 2)]))
     assert stored_ids(path) == {bobs_running.id, alices.id}
 
     with pytest.raises(InsufficientStorage) as refused:
-        store.put_output("alice", alices.id, output("e3", [noise(8000, 3)]))
+        store.add_output("alice", alices.id, **output("e3", [noise(8000, 3)]))
     assert not isinstance(refused.value, DiskBudgetExhausted)
     assert stored_ids(path) == {bobs_running.id, alices.id}
     store.close()
@@ -429,12 +434,12 @@ def test_a_refused_write_leaves_the_accounting_as_it_was(path: Path) -> None:
     store = open_store(path, max_per_user=2, max_bytes_per_user=int(size * 2.5))
     old, latest = ended_run(store, "alice", T0), ended_run(store, "alice", T0 + 1)
     for n, run in enumerate((old, latest)):
-        store.put_output("alice", run.id, output(f"e{n}", [noise(4000, n)]))
+        store.add_output("alice", run.id, **output(f"e{n}", [noise(4000, n)]))
     with pytest.raises(Conflict):
         store.create(latest)
     assert stored_ids(path) == {old.id, latest.id}
 
-    store.put_output("alice", latest.id, output("e9", [noise(4000, 9)]))
+    store.add_output("alice", latest.id, **output("e9", [noise(4000, 9)]))
     assert stored_ids(path) == {latest.id}
     store.close()
 
@@ -448,7 +453,7 @@ def test_prune_removes_runs_ended_longer_ago_than_the_retention(path: Path) -> N
     gone = make_run(started=now - 92 * DAY)
     store.create(gone)
     store.append_events("alice", gone.id, [{"type": "play_start"}])
-    store.put_output("alice", gone.id, output("e1", ["old"]))
+    store.add_output("alice", gone.id, **output("e1", ["old"]))
     store.update("alice", gone.id, status="ok", ended=now - 91 * DAY)
     kept = ended_run(store, "bob", now - 89 * DAY)
     running = make_run(started=T0)  # started long ago, still running
@@ -485,7 +490,7 @@ def test_prune_applies_lowered_byte_caps(path: Path) -> None:
     store = open_store(path)
     runs = [ended_run(store, "alice", T0 + n) for n in range(3)]
     for n, run in enumerate(runs):
-        store.put_output("alice", run.id, output(f"e{n}", [noise(4000, n)]))
+        store.add_output("alice", run.id, **output(f"e{n}", [noise(4000, n)]))
     store.close()
     store = open_store(path, max_bytes_per_user=int(size * 1.5))
     assert store.prune(T0) == 2 and stored_ids(path) == {runs[2].id}
@@ -501,7 +506,7 @@ def test_pruned_runs_give_their_disk_back(path: Path) -> None:
     store = open_store(path, retention_days=1)
     for n in range(5):
         run = ended_run(store, "alice", T0 + n)
-        store.put_output("alice", run.id, output("e", [noise(100_000, n)]))
+        store.add_output("alice", run.id, **output("e", [noise(100_000, n)]))
     full = file_size()
     assert full > 500_000
     assert store.prune(T0 + 10 * DAY) == 5
