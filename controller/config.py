@@ -65,6 +65,15 @@ def runs_options() -> list[Option]:
                "are pruned", kind=int),
         Option("runs_max_bytes_per_user", 256 << 20, "bytes of stored run output and events "
                "per user", kind=int),
+        Option("runs_collect_per_user", 4, "output collections of one user's runs running at "
+               "once", kind=int),
+        Option("runs_collect_queue_per_user", 1000, "collections of one user's running runs "
+               "waiting their turn; more are dropped (the run's final collection picks them "
+               "up)", kind=int),
+        Option("runs_collect_retry", 5.0, "seconds before an ended run's output is collected "
+               "again from a node not done yet, doubling up to 60", kind=float),
+        Option("runs_collect_give_up", 3600.0, "seconds after a run ended when its output "
+               "stops being collected", kind=float),
     ]
 
 
@@ -99,6 +108,10 @@ class ControllerConfig:
     runs_max_running_per_user: int
     runs_max_per_user: int
     runs_max_bytes_per_user: int
+    runs_collect_per_user: int
+    runs_collect_queue_per_user: int
+    runs_collect_retry: float
+    runs_collect_give_up: float
     state_dir: str
     log_level: str
 
@@ -109,7 +122,8 @@ class ControllerConfig:
     def check_runs_limits(self) -> None:
         """Every runs bound must be positive: a zero would prune everything or refuse every run."""
         for key in ("runs_retention_days", "runs_max_bytes", "runs_max_running_per_user",
-                    "runs_max_per_user", "runs_max_bytes_per_user"):
+                    "runs_max_per_user", "runs_max_bytes_per_user", "runs_collect_per_user",
+                    "runs_collect_queue_per_user", "runs_collect_retry", "runs_collect_give_up"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
 

@@ -18,6 +18,7 @@ from marco.tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner
 
 from .archive import RunKeeper
 from .auth import LoginRateLimiter, PamAuthenticator
+from .collector import CollectLimits
 from .config import ControllerConfig
 from .connector import AgentConnector
 from .pki import ClusterPki
@@ -32,6 +33,13 @@ def run_limits(config: ControllerConfig) -> RunLimits:
                      max_running_per_user=config.runs_max_running_per_user,
                      max_per_user=config.runs_max_per_user,
                      max_bytes_per_user=config.runs_max_bytes_per_user)
+
+
+def collect_limits(config: ControllerConfig) -> CollectLimits:
+    """The output collector's bounds from the controller's settings."""
+    return CollectLimits(per_user=config.runs_collect_per_user,
+                         queue_per_user=config.runs_collect_queue_per_user,
+                         retry=config.runs_collect_retry, give_up=config.runs_collect_give_up)
 
 
 @dataclass
@@ -86,7 +94,8 @@ class ControllerContext:
         state_dir = Path(config.state_dir)
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the runs file opens now
         store = RunStoreThread(state_dir / "runs.sqlite3", run_limits(config))
-        runs = RunKeeper(store, connector, registry, stale_after=config.token_max_age)
+        runs = RunKeeper(store, connector, registry, stale_after=config.token_max_age,
+                         collect=collect_limits(config))
         return cls(config=config, signer=signer, denied=denied, runs=runs,
                    authenticator=PamAuthenticator(config.pam_service, limiter,
                                                   LoginShells(config.login_shells)),

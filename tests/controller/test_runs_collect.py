@@ -1,0 +1,236 @@
+"""Output kept as it happens (docs/runs.md "Keeping output") against a real controller and real
+agents: an execution is archived once its host's result arrives, before the run ends; a run of
+more executions than the agent keeps loses none; one still running at the end is archived once
+it exits; collections are bounded per user; a refused token stops the retries."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from marco.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
+from tests.support.controller_process import ControllerProcess
+from tests.support.http import call
+from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
+
+
+def cluster(start_agent, start_controller, unique_name: Callable[[str], str], token: str,
+            agents: int = 1, agent_args: tuple[str, ...] = (),
+            controller_args: tuple[str, ...] = ()) -> tuple[ControllerProcess, list[AgentProcess]]:
+    """A controller with its own agents as static nodes (so a test may stop them), all alive."""
+    started = [start_agent(node_name=unique_name("collect"), extra_args=list(agent_args))
+               for _ in range(agents)]
+    nodes = [arg for a in started for arg in ("--node", f"{a.node_name}={a.host}:{a.port}")]
+    controller = start_controller(extra_args=["--no-discovery", *nodes, *controller_args])
+    names = {a.node_name for a in started}
+    wait_for(lambda: names <= set(controller.inventory_hosts(token)), what="nodes alive")
+    return controller, started
+
+
+def new_run(controller: ControllerProcess, token: str, hosts: list[str]) -> str:
+    status, answer = call(controller, "POST", "/api/runs",
+                          {"kind": "playbook", "title": "ansible-playbook collect.yml",
+                           "hosts": hosts}, token)
+    assert status == 201, answer
+    return str(answer["id"])
+
+
+def start_task(agent: AgentProcess, token: str, run_id: str, task_id: str, command: str) -> str:
+    """An execution tagged as the connection plugin tags a task's (run, task, host)."""
+    with agent.client(token) as client:
+        return client.start(command, tags={"run": run_id, "task": task_id,
+                                           "host": agent.node_name})
+
+
+def wait_exited(agent: AgentProcess, token: str, execution_id: str) -> None:
+    with agent.client(token) as client:
+        wait_for(lambda: client.execution(execution_id)["state"] != "running",
+                 what=f"execution {execution_id} exited")
+
+
+def send_result(controller: ControllerProcess, token: str, run_id: str, host: str,
+                task_id: str) -> None:
+    """The callback's task start and host result for one task on one host."""
+    status, answer = call(controller, "POST", f"/api/runs/{run_id}/events", {"events": [
+        {"type": "task_start", "task": task_id, "task_id": task_id, "play_id": "p1",
+         "action": "ansible.builtin.shell"},
+        {"type": "host_result", "task_id": task_id, "host": host, "status": "changed",
+         "msg": "", "rc": 0, "duration": 0.1}]}, token)
+    assert status == 200, answer
+
+
+def stored(controller: ControllerProcess, token: str, run_id: str) -> dict[str, dict[str, Any]]:
+    """The run's executions as the controller lists them, by id."""
+    status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
+    assert status == 200, answer
+    return {e["execution_id"]: e for e in answer["executions"]}
+
+
+def archived(controller: ControllerProcess, token: str, run_id: str,
+             execution_id: str) -> dict[str, Any] | None:
+    execution = stored(controller, token, run_id).get(execution_id)
+    return execution if execution is not None and execution["archived"] else None
+
+
+def stored_lines(controller: ControllerProcess, token: str, run_id: str,
+                 execution_id: str) -> tuple[list[str], bool]:
+    """Every line the controller gives of one execution, page by page, and whether it ended."""
+    lines: list[str] = []
+    since = 0
+    while True:
+        status, page = call(controller, "GET", f"/api/runs/{run_id}/output?execution="
+                            f"{execution_id}&since={since}", token=token)
+        assert status == 200, page
+        lines += [line for event in page["events"] for line in event["lines"]]
+        if page["end"] or page["next"] <= since:
+            return lines, page["end"]
+        since = page["next"]
+
+
+def finish(controller: ControllerProcess, token: str, run_id: str) -> None:
+    status, answer = call(controller, "POST", f"/api/runs/{run_id}/finish",
+                          {"status": "interrupted"}, token)
+    assert status == 200, answer
+
+
+def collection_log(controller: ControllerProcess, run_id: str) -> list[str]:
+    """The controller's log lines about collecting the run."""
+    return [line for line in controller.log().splitlines()
+            if run_id in line and "collect" in line]
+
+
+def test_an_execution_is_kept_once_its_result_arrives_before_the_run_ends(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    token = signer.issue(alice.name)
+    controller, (agent,) = cluster(start_agent, start_controller, unique_name, token)
+    run_id = new_run(controller, token, [agent.node_name])
+    execution_id = start_task(agent, token, run_id, "t1", "echo kept-early; echo second")
+    wait_exited(agent, token, execution_id)
+    send_result(controller, token, run_id, agent.node_name, "t1")
+    kept = wait_for(lambda: archived(controller, token, run_id, execution_id),
+                    what="the execution archived on its host's result")
+    assert (kept["host"], kept["node"], kept["task_id"], kept["stored_seq"]) == (
+        agent.node_name, agent.node_name, "t1", 2)
+    agent.stop()
+    status, run = call(controller, "GET", f"/api/runs/{run_id}", token=token)
+    assert status == 200 and run["status"] == "running"  # kept before the run ended
+    assert stored_lines(controller, token, run_id, execution_id) == (
+        ["kept-early", "second"], True)
+
+
+def test_a_run_of_more_executions_than_the_agent_keeps_loses_none(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    """The agent forgets all but 5 finished executions; a result per task keeps all 8."""
+    token = signer.issue(alice.name)
+    controller, (agent,) = cluster(start_agent, start_controller, unique_name, token,
+                                   agent_args=("--retention-count", "5"))
+    run_id = new_run(controller, token, [agent.node_name])
+    tasks = {}
+    for number in range(8):
+        task_id = f"t{number}"
+        execution_id = start_task(agent, token, run_id, task_id, f"echo task-{number}")
+        wait_exited(agent, token, execution_id)
+        send_result(controller, token, run_id, agent.node_name, task_id)
+        wait_for(partial(archived, controller, token, run_id, execution_id),
+                 what=f"task {number}'s execution archived")
+        tasks[execution_id] = number
+    with agent.client(token) as client:
+        assert len(client.executions(run=run_id)) == 5  # the agent forgot the first three
+    finish(controller, token, run_id)
+    agent.stop()
+    kept = stored(controller, token, run_id)
+    assert sorted(kept) == sorted(tasks)
+    for execution_id, number in tasks.items():
+        assert (kept[execution_id]["task_id"], kept[execution_id]["archived"]) == (
+            f"t{number}", True)
+        assert stored_lines(controller, token, run_id, execution_id) == (
+            [f"task-{number}"], True)
+
+
+def test_an_execution_running_when_the_run_ends_is_archived_once_it_exits(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    token = signer.issue(alice.name)
+    controller, (agent,) = cluster(start_agent, start_controller, unique_name, token,
+                                   controller_args=("--runs-collect-retry", "0.2"))
+    run_id = new_run(controller, token, [agent.node_name])
+    flag = Path("/tmp") / f"marco-collect-{secrets.token_hex(6)}"
+    try:
+        execution_id = start_task(agent, token, run_id, "t1", f"echo before; while [ ! -e "
+                                  f"{flag} ]; do sleep 0.05; done; echo after")
+        with agent.client(token) as client:
+            wait_for(lambda: client.output(execution_id)["events"], what="the first line")
+        finish(controller, token, run_id)
+        # The final collection stores what there is and leaves it unarchived...
+        wait_for(lambda: (e := stored(controller, token, run_id).get(execution_id)) and
+                 e["stored_seq"] == 1, what="the first line stored")
+        assert not stored(controller, token, run_id)[execution_id]["archived"]
+        flag.touch()
+        # ...and comes back for the rest once the execution has exited.
+        kept = wait_for(lambda: archived(controller, token, run_id, execution_id),
+                        what="the execution archived after it exited")
+        assert kept["stored_seq"] == 2
+    finally:
+        flag.unlink(missing_ok=True)
+    agent.stop()
+    assert stored_lines(controller, token, run_id, execution_id) == (["before", "after"], True)
+
+
+COLLECTING = re.compile(r"collecting run (\S+) on (\S+) \((\d+) of at most (\d+) at once")
+
+
+def test_a_users_collections_run_one_at_a_time_when_the_bound_is_one(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    token = signer.issue(alice.name)
+    controller, agents = cluster(start_agent, start_controller, unique_name, token, agents=3,
+                                 controller_args=("--runs-collect-per-user", "1"))
+    names = [a.node_name for a in agents]
+    run_id = new_run(controller, token, names)
+    executions = [start_task(a, token, run_id, "t1", "echo on-" + a.node_name) for a in agents]
+    for agent, execution_id in zip(agents, executions, strict=True):
+        wait_exited(agent, token, execution_id)
+    finish(controller, token, run_id)  # one final collection per node, asked all at once
+    for execution_id in executions:
+        wait_for(partial(archived, controller, token, run_id, execution_id),
+                 what="every node's execution archived")
+    lines = collection_log(controller, run_id)
+    starts = [m.groups() for line in lines if (m := COLLECTING.search(line))]
+    assert sorted(node for _, node, _, _ in starts) == sorted(names), lines
+    assert {(running, bound) for _, _, running, bound in starts} == {("1", "1")}, lines
+    # Each collection ends before the next starts.
+    steps = [line for line in lines if "collecting run" in line or "collected run" in line]
+    assert ["collecting run" in line for line in steps] == [True, False] * len(names), steps
+
+
+def test_a_refused_token_stops_the_retries(start_agent, start_controller, alice: UnixUser,
+                                           signer: TokenSigner, unique_name) -> None:
+    """The agent takes tokens for 3 s only: the final collection's retries, waiting for an
+    execution that runs on, meet a refused token and stop (the controller's log says so)."""
+    token = signer.issue(alice.name)
+    controller, (agent,) = cluster(start_agent, start_controller, unique_name, token,
+                                   agent_args=("--token-max-age", "3"),
+                                   controller_args=("--runs-collect-retry", "0.2"))
+    run_id = new_run(controller, token, [agent.node_name])
+    execution_id = start_task(agent, token, run_id, "t1", "echo started; exec sleep 600")
+    finish(controller, token, run_id)
+    refused = f"run {run_id} of {alice.name}: collection on {agent.node_name} stopped, the " \
+              "token was refused"
+    wait_for(lambda: refused in controller.log(), what="the collection stopped by the agent")
+    fresh = signer.issue(alice.name)
+    with agent.client(fresh) as client:
+        client.stop(execution_id)
+    wait_exited(agent, fresh, execution_id)
+    lines = collection_log(controller, run_id)
+    stop = next(i for i, line in enumerate(lines) if refused in line)
+    assert [line for line in lines[stop + 1:] if "collecting run" in line] == [], lines
+    assert f"collected run {run_id} on {agent.node_name}: stopped" in lines[stop + 1]
+    assert not stored(controller, fresh, run_id)[execution_id]["archived"]
