@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Generic, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from .errors import AgentUnreachable, ProtocolError, error_from_answer
 from .modes import format_mode
@@ -186,11 +186,11 @@ class AgentRequests:
                          read=lambda data: data["executions"])
 
     def execution(self, execution_id: str) -> Request[dict[str, Any]]:
-        return self.call("GET", f"/v1/executions/{execution_id}")
+        return self.call("GET", f"/v1/executions/{quote(execution_id, safe='')}")
 
     def output(self, execution_id: str, since: int = 0,
                limit: int | None = None) -> Request[dict[str, Any]]:
-        return self.call("GET", f"/v1/executions/{execution_id}/output",
+        return self.call("GET", f"/v1/executions/{quote(execution_id, safe='')}/output",
                          query={"since": since, **({"limit": limit} if limit else {})})
 
     def start(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
@@ -210,7 +210,7 @@ class AgentRequests:
                          read=ExecutionResult.from_json)
 
     def stop(self, execution_id: str) -> Request[dict[str, Any]]:
-        return self.call("DELETE", f"/v1/executions/{execution_id}")
+        return self.call("DELETE", f"/v1/executions/{quote(execution_id, safe='')}")
 
     def status(self) -> Request[dict[str, Any]]:
         return self.call("GET", "/v1/status")

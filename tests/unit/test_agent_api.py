@@ -56,6 +56,10 @@ def test_json_calls_carry_the_token_and_a_json_body() -> None:
     (API.output("e1"), "/v1/executions/e1/output?since=0"),
     (API.output("e1", since=5, limit=10), "/v1/executions/e1/output?since=5&limit=10"),
     (API.stop("e1"), "/v1/executions/e1"),
+    # An id from a run's own events stays one path segment (review #19).
+    (API.execution("../status"), "/v1/executions/..%2Fstatus"),
+    (API.output("a/b?c", since=1), "/v1/executions/a%2Fb%3Fc/output?since=1"),
+    (API.stop("../../v1/files"), "/v1/executions/..%2F..%2Fv1%2Ffiles"),
     (API.run("true"), "/v1/executions?wait=1"),
     (API.push_revocations({"alice": 1.0}), "/v1/revocations"),
     (API.push_crl(b"PEM"), "/v1/crl"),
