@@ -12,6 +12,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from controller.__main__ import build_parser, load_config
+from controller.collector import CollectLimits
+from controller.context import collect_limits
+from marco.errors import ConfigError
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
@@ -54,14 +60,14 @@ def wait_exited(agent: AgentProcess, token: str, execution_id: str) -> None:
                  what=f"execution {execution_id} exited")
 
 
-def send_result(controller: ControllerProcess, token: str, run_id: str, host: str,
-                task_id: str) -> None:
-    """The callback's task start and host result for one task on one host."""
+def send_result(controller: ControllerProcess, token: str, run_id: str, task_id: str,
+                *hosts: str) -> None:
+    """The callback's task start and the task's result on each host, in one batch."""
     status, answer = call(controller, "POST", f"/api/runs/{run_id}/events", {"events": [
         {"type": "task_start", "task": task_id, "task_id": task_id, "play_id": "p1",
          "action": "ansible.builtin.shell"},
-        {"type": "host_result", "task_id": task_id, "host": host, "status": "changed",
-         "msg": "", "rc": 0, "duration": 0.1}]}, token)
+        *({"type": "host_result", "task_id": task_id, "host": host, "status": "changed",
+           "msg": "", "rc": 0, "duration": 0.1} for host in hosts)]}, token)
     assert status == 200, answer
 
 
@@ -113,7 +119,7 @@ def test_an_execution_is_kept_once_its_result_arrives_before_the_run_ends(
     run_id = new_run(controller, token, [agent.node_name])
     execution_id = start_task(agent, token, run_id, "t1", "echo kept-early; echo second")
     wait_exited(agent, token, execution_id)
-    send_result(controller, token, run_id, agent.node_name, "t1")
+    send_result(controller, token, run_id, "t1", agent.node_name)
     kept = wait_for(lambda: archived(controller, token, run_id, execution_id),
                     what="the execution archived on its host's result")
     assert (kept["host"], kept["node"], kept["task_id"], kept["stored_seq"]) == (
@@ -138,7 +144,7 @@ def test_a_run_of_more_executions_than_the_agent_keeps_loses_none(
         task_id = f"t{number}"
         execution_id = start_task(agent, token, run_id, task_id, f"echo task-{number}")
         wait_exited(agent, token, execution_id)
-        send_result(controller, token, run_id, agent.node_name, task_id)
+        send_result(controller, token, run_id, task_id, agent.node_name)
         wait_for(partial(archived, controller, token, run_id, execution_id),
                  what=f"task {number}'s execution archived")
         tasks[execution_id] = number
@@ -209,6 +215,44 @@ def test_a_users_collections_run_one_at_a_time_when_the_bound_is_one(
     # Each collection ends before the next starts.
     steps = [line for line in lines if "collecting run" in line or "collected run" in line]
     assert ["collecting run" in line for line in steps] == [True, False] * len(names), steps
+
+
+def test_a_users_waiting_collections_are_bounded_and_the_end_picks_up_the_rest(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    """One collection at a time and one waiting: of three results in one batch, the third
+    node's collection is dropped (logged), and the run's final collection stores it."""
+    token = signer.issue(alice.name)
+    controller, agents = cluster(start_agent, start_controller, unique_name, token, agents=3,
+                                 controller_args=("--runs-collect-per-user", "1",
+                                                  "--runs-collect-queue-per-user", "1"))
+    names = [a.node_name for a in agents]
+    run_id = new_run(controller, token, names)
+    executions = [start_task(a, token, run_id, "t1", "echo on-" + a.node_name) for a in agents]
+    for agent, execution_id in zip(agents, executions, strict=True):
+        wait_exited(agent, token, execution_id)
+    send_result(controller, token, run_id, "t1", *names)
+    dropped = [line for line in collection_log(controller, run_id) if "dropped" in line]
+    assert len(dropped) == 1 and f"collection on {names[2]} dropped" in dropped[0], dropped
+    wait_for(partial(archived, controller, token, run_id, executions[1]),
+             what="the waiting collection done")
+    assert not stored(controller, token, run_id)[executions[2]]["archived"]
+    finish(controller, token, run_id)
+    wait_for(partial(archived, controller, token, run_id, executions[2]),
+             what="the dropped one collected at the end")
+
+
+def test_collect_settings_reach_the_collector_and_refuse_zero() -> None:
+    environ = {"MARCO_RUNS_COLLECT_RETRY": "0.5"}
+    config = load_config(build_parser().parse_args(["--runs-collect-per-user", "2",
+                                                    "--runs-collect-give-up", "60"]), environ)
+    assert collect_limits(config) == CollectLimits(per_user=2, retry=0.5, give_up=60)
+    assert collect_limits(load_config(build_parser().parse_args([]), {})) == CollectLimits(
+        per_user=4, queue_per_user=1000, retry=5, give_up=3600)
+    for flag in ("--runs-collect-per-user", "--runs-collect-queue-per-user",
+                 "--runs-collect-retry", "--runs-collect-give-up"):
+        with pytest.raises(ConfigError, match=flag[2:].replace("-", "_")):
+            load_config(build_parser().parse_args([flag, "0"]), {})
 
 
 def test_a_refused_token_stops_the_retries(start_agent, start_controller, alice: UnixUser,
