@@ -306,12 +306,19 @@ class SqliteRunStore:
                 "UPDATE outputs SET archived = ?, truncated_seq = COALESCE(?, truncated_seq) "
                 "WHERE run_id = ? AND execution_id = ?",
                 (int(bool(archived)), truncated_seq, run_id, execution_id))
-            return execution_from_row(self._execution_row(run_id, execution_id))
+            return execution_from_row(self._stored_execution(run_id, execution_id))
 
-    def _execution_row(self, run_id: str, execution_id: str) -> sqlite3.Row:
-        row: sqlite3.Row = self._db.execute(
+    def _execution_row(self, run_id: str, execution_id: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._db.execute(
             "SELECT * FROM outputs WHERE run_id = ? AND execution_id = ?",
             (run_id, execution_id)).fetchone()
+        return row
+
+    def _stored_execution(self, run_id: str, execution_id: str) -> sqlite3.Row:
+        """The execution's row, or NotFound when it is not stored for that run."""
+        row = self._execution_row(run_id, execution_id)
+        if row is None:
+            raise NotFound(f"no execution {execution_id} in run {run_id}")
         return row
 
     def _register(self, owner: str, run_id: str,
@@ -323,7 +330,7 @@ class SqliteRunStore:
         self._db.execute("INSERT INTO outputs (run_id, execution_id, host, node, task_id, "
                          "archived, bytes, data, next_seq) VALUES (?, ?, ?, ?, ?, 0, 0, x'', 0)",
                          (run_id, execution_id, host, node, task_id))
-        return self._execution_row(run_id, execution_id)
+        return self._stored_execution(run_id, execution_id)
 
     def _append_chunk(self, owner: str, run_id: str, row: sqlite3.Row,
                       events: builtins.list[dict[str, Any]]) -> None:
@@ -363,8 +370,7 @@ class SqliteRunStore:
         execution is not stored."""
         check_page(since, limit)
         self._existing(owner, run_id)
-        if self._execution_row(run_id, execution_id) is None:
-            raise NotFound(f"no execution {execution_id} in run {run_id}")
+        self._stored_execution(run_id, execution_id)
         page = Page(since, limit)
         # The chunk holding `since` (the last starting at or before it), then the later ones.
         cursor = self._db.execute(
