@@ -638,6 +638,7 @@ def test_an_ended_run_is_read_from_the_store_alone(start_agent, start_controller
     assert [(e["execution_id"], e["archived"], e["stored_seq"], e["next_seq"])
             for e in found] == [(execution_id, True, 3, 3)]
     asked = agent_requests(agent, run_id, execution_id)
+    assert asked > 0  # the log shows the watcher's and the collector's requests
     page = output_page(controller, token, run_id, execution_id)
     assert (page_lines(page), page["next"], page["archived"], page["end"]) == (
         ["1", "2", "3"], 3, True, True)
@@ -646,3 +647,35 @@ def test_an_ended_run_is_read_from_the_store_alone(start_agent, start_controller
     agent.stop()
     assert executions(controller, token, run_id) == found
     assert output_page(controller, token, run_id, execution_id) == page
+
+
+def test_a_cut_execution_ends_where_its_agent_cut_it(start_agent, start_controller,
+                                                     alice: UnixUser, signer: TokenSigner,
+                                                     unique_name, gate: Path) -> None:
+    """An execution whose agent stopped keeping its output (over its spool) has no line past
+    its truncated_seq: once it has ended, reading up to there is its end."""
+    agent = start_agent(node_name=unique_name("runs"), extra_args=["--spool-max-bytes", "2000"])
+    controller = start_controller(extra_args=["--no-discovery", "--node",
+                                              f"{agent.node_name}={agent.host}:{agent.port}"])
+    node, token = agent.node_name, signer.issue(alice.name)
+    wait_for(lambda: node in controller.inventory_hosts(token), what="node alive")
+    run_id = new_run(controller, token, hosts=[node])
+    with agent.client(token) as client:
+        execution_id = client.start(
+            f"seq 1 5; until [ -e {gate}/big ]; do sleep 0.05; done; "
+            f"head -c 3000 /dev/zero | tr '\\0' x; echo; seq 7 9; "
+            f"until [ -e {gate}/end ]; do sleep 0.05; done",
+            tags={"run": run_id, "host": node})
+        wait_for(lambda: client.execution(execution_id)["next_seq"] == 5, what="5 lines")
+        (gate / "big").touch()  # a line of its own, over the spool: cut from seq 5 on
+        wait_for(lambda: client.execution(execution_id)["next_seq"] == 9, what="9 lines")
+    (listed,) = executions(controller, token, run_id)
+    assert (listed["state"], listed["next_seq"], listed["truncated_seq"]) == ("running", 9, 5)
+    page = output_page(controller, token, run_id, execution_id)
+    assert (page_lines(page), page["next"], page["end"]) == (["1", "2", "3", "4", "5"], 5, False)
+    assert output_page(controller, token, run_id, execution_id, 5)["end"] is False
+    (gate / "end").touch()
+    page = wait_for(lambda: (p := output_page(controller, token, run_id, execution_id, 5))[
+        "end"] and p, what="the end of its kept output")
+    assert (page["events"], page["next"]) == ([], 5)
+    call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)
