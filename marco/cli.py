@@ -46,6 +46,8 @@ from .runs import KINDS, RUN_ID, STATUSES
 DEFAULT_CONTROLLER = "https://127.0.0.1:7380"
 STOP_WAIT = 10.0  # seconds to wait for the exits after Ctrl-C (the agents' grace is 5 s)
 FOLLOW_INTERVAL = 1.0  # seconds between two looks at a followed run
+FOLLOW_EVENTS = 1000  # events asked for per look at a followed run (only its end is used)
+OUTPUT_PAGE_LINES = 5000  # output lines asked for per request (the controller's default)
 RUNS_PAGE = 200  # runs asked for per request (the controller may answer fewer)
 TITLE_WIDTH = 60  # characters of a run's title in `marco runs`
 
@@ -509,41 +511,62 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class LinePrinter:
-    """Prints each output line of a run's executions once, as `host | line` (stderr lines as
-    `host ! line`), all on one stream so their order is kept."""
+class RunLogs:
+    """A run's output as `host | line` (stderr lines `host ! line`), all on one stream so their
+    order is kept: each execution's lines once, in seq order, read page by page from where the
+    last page ended (`GET /api/runs/ID/output?execution=&since=`)."""
 
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.printed: dict[str, int] = {}  # execution id -> next line seq to print
+    def __init__(self, client: ControllerClient, run: str, host: str | None,
+                 out: TextIO) -> None:
+        self.client, self.run, self.host, self.out = client, run, host, out
+        self.next: dict[str, int] = {}  # execution id -> the seq of its next line to print
+        self.ended: set[str] = set()    # executions no line will ever be added to (`end`)
 
-    def show(self, executions: list[dict[str, Any]]) -> None:
-        for execution in executions:
-            key, host = execution["execution_id"], execution["host"]
-            for event in execution["events"]:
-                lines = event.get("lines") or []
-                first = event["seq"]
-                fresh = lines[max(0, self.printed.get(key, first) - first):]
-                if fresh:
-                    mark = "!" if event["stream"] == "stderr" else "|"
-                    self.out.write("".join(f"{host} {mark} {line}\n" for line in fresh))
-                    self.printed[key] = first + len(lines)
+    def read(self) -> None:
+        """One look: the run's executions, then the new lines of each not known ended."""
+        for execution in self.client.run_executions(self.run, host=self.host):
+            if execution["execution_id"] not in self.ended:
+                self.drain(execution["execution_id"], execution["host"])
         self.out.flush()
+
+    def drain(self, execution: str, host: str) -> None:
+        """Pages of the execution's output until its end or a page that brings nothing new."""
+        while True:
+            since = self.next.get(execution, 0)
+            page = self.client.execution_output(self.run, execution, since, OUTPUT_PAGE_LINES)
+            self.show(execution, page.get("host") or host, page["events"])
+            self.next[execution] = max(self.next.get(execution, 0), int(page["next"]))
+            if page["end"]:
+                self.ended.add(execution)
+                return
+            if self.next[execution] <= since:
+                return
+
+    def show(self, execution: str, host: str, events: list[dict[str, Any]]) -> None:
+        """The events' lines not printed yet (an event may start before the next one)."""
+        for event in events:
+            lines, first = event.get("lines") or [], int(event["seq"])
+            fresh = lines[max(0, self.next.get(execution, first) - first):]
+            if fresh:
+                mark = "!" if event.get("stream") == "stderr" else "|"
+                self.out.write("".join(f"{host} {mark} {line}\n" for line in fresh))
+                self.next[execution] = first + len(lines)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    """The run's output; with --follow, polls the run and its output until the run ends (the
-    last read comes after the end, so nothing is missed)."""
+    """The run's output; with --follow, looks at the run and its new lines until the run
+    ends (the last look comes after the end, so nothing is missed)."""
     client = controller(args)
-    printer = LinePrinter(sys.stdout)
+    logs = RunLogs(client, args.run, args.host, sys.stdout)
     if not args.follow:
-        printer.show(client.run_output(args.run, args.host))
+        logs.read()
         return EXIT_OK
     since = 0
     while True:
-        run = client.run(args.run, since=since)
+        # Only `ended` matters here: `since` keeps each answer to the events not seen yet.
+        run = client.run(args.run, since=since, limit=FOLLOW_EVENTS)
         since = max([since, *(event["seq"] for event in run.get("events") or [])])
-        printer.show(client.run_output(args.run, args.host))
+        logs.read()
         if run["ended"] is not None:
             return EXIT_OK
         time.sleep(FOLLOW_INTERVAL)

@@ -87,16 +87,27 @@ class ControllerClient:
                            limit=limit)
         return answer["runs"], bool(answer.get("more"))
 
-    def run(self, run_id: str, since: int | None = None) -> dict[str, Any]:
-        """One run with its events (only those after `since` when given)."""
-        answer: dict[str, Any] = self.call(run_path(run_id), since=since)
+    def run(self, run_id: str, since: int | None = None,
+            limit: int | None = None) -> dict[str, Any]:
+        """One run with its events (only those after `since`, at most `limit`, when given);
+        `more` says whether events after the last one given are waiting."""
+        answer: dict[str, Any] = self.call(run_path(run_id), since=since, limit=limit)
         return answer
 
-    def run_output(self, run_id: str, host: str | None = None) -> list[dict[str, Any]]:
-        """The run's executions, each with its agent output events (stored, or live)."""
-        executions: list[dict[str, Any]] = self.call(run_path(run_id) + "/output",
-                                                     host=host)["executions"]
+    def run_executions(self, run_id: str, host: str | None = None,
+                       task: str | None = None) -> list[dict[str, Any]]:
+        """The run's executions (stored and live), without their output."""
+        executions: list[dict[str, Any]] = self.call(run_path(run_id) + "/executions",
+                                                     host=host, task=task)["executions"]
         return executions
+
+    def execution_output(self, run_id: str, execution_id: str, since: int = 0,
+                         limit: int | None = None) -> dict[str, Any]:
+        """One page of an execution's output lines from `since` on: `events`, `next` (the
+        seq to ask from next time) and `end` (no line after `next` will ever come)."""
+        answer: dict[str, Any] = self.call(run_path(run_id) + "/output",
+                                           execution=execution_id, since=since, limit=limit)
+        return answer
 
 
 def run_path(run_id: str) -> str:

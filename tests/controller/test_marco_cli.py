@@ -317,3 +317,20 @@ def run_ids(home: Path, controller: ControllerProcess) -> list[str]:
     listed = marco(home, controller, "runs", "--json", "--limit", "1000")
     assert listed.returncode == 0, listed.stderr
     return [run["id"] for run in json.loads(listed.stdout)]
+
+
+def test_logs_print_a_long_output_once_in_order(cluster, alice: UnixUser,
+                                                tmp_path: Path) -> None:
+    """12,000 lines: more than one page of the output API (5,000 lines); `marco logs` and
+    `marco logs --follow` print every line exactly once, in order."""
+    controller, names = cluster
+    home = logged_in(tmp_path / "alice", controller, alice)
+    run = marco(home, controller, "run", "--nodes", names[0], "--", "seq 1 12000")
+    assert run.returncode == 0, run.stderr
+    found = RUN_LINE.search(run.stderr)
+    assert found, run.stderr
+    expected = [f"{names[0]} | {n}" for n in range(1, 12001)]
+    for args in (["logs", found.group(1)], ["logs", "--follow", found.group(1)]):
+        logs = marco(home, controller, *args)
+        assert logs.returncode == 0 and logs.stderr == "", logs.stderr
+        assert logs.stdout.splitlines() == expected, args
