@@ -6,7 +6,11 @@
 const POLL_MS = 1000;          // a running run's page asks for new events and output this often
 const LIST_POLL_MS = 2000;     // the list refreshes this often while a shown run is running
 const PAGE_SIZE = 50;
-const MAX_LINES_SHOWN = 5000;  // per pane or details panel; older lines are dropped
+const OUTPUT_PAGE = 5000;      // output lines asked for per request (the API's default)
+// Lines per pane or details panel: older lines are dropped, and a longer output is read from
+// this many lines before its end (`marco logs` prints every line).
+const MAX_LINES_SHOWN = 20000;
+const MAX_TITLE = 1000;        // a run's title is its command's first this many characters
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const el = (tag, cls, text) => {
@@ -96,6 +100,57 @@ function appendLines(pre, events, ansi) {
 }
 
 const newAnsi = () => ({ stdout: Ansi.newState(), stderr: Ansi.newState() });
+
+// A note in place of the lines of a long output that are not read.
+function appendSkipped(pre, count) {
+  pre.appendChild(el("span", "line notice", `… ${count} earlier line(s) not shown (marco logs prints them all)`));
+}
+
+// The output of a run's executions, each read page by page from where its last page ended
+// (GET /api/runs/ID/output?execution=&since=), only until its `end`: no line is asked twice.
+class OutputReader {
+  constructor(runPath) {
+    this.runPath = runPath;
+    this.state = new Map();  // execution_id -> {next, end}
+  }
+
+  // The new lines of each execution not at its end, as `show(execution, events, skipped)`
+  // per page; stops early once `current()` is false (the reader's view changed meanwhile).
+  async read(executions, show, current) {
+    for (const execution of executions) {
+      const id = execution.execution_id;
+      let state = this.state.get(id);
+      if (!state) {
+        const skipped = Math.max(0, (execution.next_seq || 0) - MAX_LINES_SHOWN);
+        state = { next: skipped, end: false };
+        this.state.set(id, state);
+        if (skipped) show(execution, [], skipped);
+      }
+      while (!state.end) {
+        const since = state.next;
+        const page = await api(`${this.runPath}/output?execution=${encodeURIComponent(id)}` +
+                               `&since=${since}&limit=${OUTPUT_PAGE}`);
+        if (!current()) return;
+        show(execution, freshLines(page.events || [], since), 0);
+        state.next = Math.max(since, page.next);
+        state.end = Boolean(page.end);
+        if (state.next <= since) break;  // nothing new yet: the next look asks again
+      }
+    }
+  }
+}
+
+// Events trimmed to their lines numbered `since` and after (lines are numbered from `seq`).
+function freshLines(events, since) {
+  const fresh = [];
+  for (const event of events) {
+    const lines = event.lines || [], seq = event.seq || 0;
+    if (seq + lines.length <= since) continue;
+    fresh.push({ stream: event.stream, lines: lines.slice(Math.max(0, since - seq)) });
+    since = seq + lines.length;
+  }
+  return fresh;
+}
 
 // ---------------------------------------------------------------------------------------------
 // /runs: the caller's runs, newest first, filtered through GET /api/runs.
@@ -196,8 +251,11 @@ class RunView {
     this.tasks = new Map();        // task_id -> {name, play, row, cells: Map(host -> cell)}
     this.hosts = [];               // the grid's columns, in order
     this.results = new Map();      // `${task_id}\n${host}` -> the host_result event
-    this.panes = new Map();        // host -> {pane, pre, seen: Map(execution_id -> next line seq), ansi}
+    this.panes = new Map();        // host -> {pane, pre, empty, state, ansi}
+    this.paneOutput = new OutputReader(this.path());
     this.open = null;              // {task_id, host} of the details panel
+    this.details = null;           // the open details' output: {key, reader, ansi}
+    this.outputTurn = Promise.resolve();  // output is read one reader at a time, in order
   }
 
   get playbook() { return this.kind === "playbook"; }
@@ -216,9 +274,12 @@ class RunView {
   async poll() {
     let ended = false;
     try {
-      const run = await api(this.path(`?since=${this.seq}`));
-      this.update(run);
-      for (const event of run.events) this.apply(event);
+      let run;
+      do {  // the events come in pages: ask on while the answer says there are `more`
+        run = await api(this.path(`?since=${this.seq}`));
+        this.update(run);
+        for (const event of run.events) this.apply(event);
+      } while (run.more && run.events.length);
       ended = run.ended !== null;
       await this.refreshOutput();
       this.showError(null);
@@ -242,9 +303,12 @@ class RunView {
     const { ok, failed } = hostCounts(run);
     $("#run-hosts").textContent = `${run.hosts.length} host(s): ${ok} ok, ${failed} failed`;
     const canRerun = run.ended !== null && (run.kind === "command" || run.kind === "shell");
+    const command = this.command();
     $("#rerun-actions").classList.toggle("hidden", !canRerun);
+    $("#rerun-unavailable").classList.toggle("hidden", command !== null);
     $("#end-actions").classList.toggle("hidden", run.ended !== null);
-    $("#rerun-failed").disabled = failedHosts(run).length === 0;
+    $("#rerun").disabled = command === null;
+    $("#rerun-failed").disabled = command === null || failedHosts(run).length === 0;
     for (const host of run.hosts) this.addHost(host);
     for (const [host, pane] of this.panes) {
       // A host without stats in an ended run ended with the run (e.g. interrupted).
@@ -331,6 +395,7 @@ class RunView {
 
   closeDetails() {
     this.open = null;
+    this.details = null;
     $("#details").classList.add("hidden");
     document.querySelectorAll(".cell.selected").forEach((c) => c.classList.remove("selected"));
   }
@@ -394,22 +459,39 @@ class RunView {
     parent.appendChild(pre);
   }
 
-  async loadTaskOutput(taskId, host) {
-    let answer;
-    try {
-      answer = await api(this.path(`/output?host=${encodeURIComponent(host)}`));
-    } catch (err) {
-      this.showError(err.message);
-      return;
-    }
-    if (!this.open || this.open.task_id !== taskId || this.open.host !== host) return;
-    const pre = $("#details-output");
-    pre.replaceChildren();
-    const ansi = newAnsi();
-    for (const execution of answer.executions) {
-      if (execution.task_id === taskId && execution.host === host) appendLines(pre, execution.events, ansi);
-    }
-    $("#details-no-output").classList.toggle("hidden", pre.childElementCount > 0);
+  // Output readers take turns: a poll and a click never read the same lines twice.
+  exclusive(work) {
+    const turn = this.outputTurn.then(work, work);
+    this.outputTurn = turn.catch(() => {});
+    return turn;
+  }
+
+  // The open result's output: the executions tagged with that task on that host, new lines only.
+  loadTaskOutput(taskId, host) {
+    return this.exclusive(async () => {
+      const key = `${taskId}\n${host}`;
+      if (!this.open || `${this.open.task_id}\n${this.open.host}` !== key) return;
+      if (!this.details || this.details.key !== key) {
+        this.details = { key, reader: new OutputReader(this.path()), ansi: newAnsi() };
+        $("#details-output").replaceChildren();
+        $("#details-no-output").classList.add("hidden");
+      }
+      const details = this.details, pre = $("#details-output");
+      const current = () => this.details === details;
+      try {
+        const query = new URLSearchParams({ host, task: taskId });
+        const answer = await api(this.path(`/executions?${query.toString()}`));
+        if (!current()) return;
+        await details.reader.read(answer.executions, (execution, events, skipped) => {
+          if (skipped) appendSkipped(pre, skipped);
+          appendLines(pre, events, details.ansi);
+        }, current);
+      } catch (err) {
+        this.showError(err.message);
+        return;
+      }
+      if (current()) $("#details-no-output").classList.toggle("hidden", pre.childElementCount > 0);
+    });
   }
 
   // The output shown: the open details' while a playbook runs, every host's for the others.
@@ -418,24 +500,16 @@ class RunView {
       if (this.open) await this.loadTaskOutput(this.open.task_id, this.open.host);
       return;
     }
-    const answer = await api(this.path("/output"));
-    for (const execution of answer.executions) {
-      this.addHost(execution.host);
-      const pane = this.panes.get(execution.host);
-      // Lines are numbered from `seq` on (from 0); only those past the ones shown are new.
-      let next = pane.seen.get(execution.execution_id) || 0;
-      const fresh = [];
-      for (const event of execution.events) {
-        const lines = event.lines || [], seq = event.seq || 0;
-        if (seq + lines.length <= next) continue;
-        fresh.push({ stream: event.stream, lines: lines.slice(Math.max(0, next - seq)) });
-        next = seq + lines.length;
-      }
-      if (!fresh.length) continue;
-      pane.seen.set(execution.execution_id, next);
-      appendLines(pane.pre, fresh, pane.ansi);
-      pane.empty.classList.add("hidden");
-    }
+    await this.exclusive(async () => {
+      const answer = await api(this.path("/executions"));
+      for (const execution of answer.executions) this.addHost(execution.host);
+      await this.paneOutput.read(answer.executions, (execution, events, skipped) => {
+        const pane = this.panes.get(execution.host);
+        if (skipped) appendSkipped(pane.pre, skipped);
+        appendLines(pane.pre, events, pane.ansi);
+        if (pane.pre.childElementCount) pane.empty.classList.add("hidden");
+      }, () => true);
+    });
   }
 
   addPane(host) {
@@ -452,7 +526,7 @@ class RunView {
     const empty = el("p", "hint pane-empty", "No output (yet).");
     pane.appendChild(empty);
     $("#host-panes").appendChild(pane);
-    this.panes.set(host, { pane, pre, empty, state, seen: new Map(), ansi: newAnsi() });
+    this.panes.set(host, { pane, pre, empty, state, ansi: newAnsi() });
   }
 
   hostState(host, counts) {
@@ -477,10 +551,19 @@ class RunView {
     $("#end-run").disabled = false;
   }
 
+  // The command to re-run: the full one kept in `meta.command`; without it (a run from before
+  // it was kept, or a command over the meta limit) the title, unless that was cut: null.
+  command() {
+    const meta = this.run.meta || {};
+    if (typeof meta.command === "string") return meta.command;
+    return this.run.title.length < MAX_TITLE ? this.run.title : null;
+  }
+
   // POST /api/run with this run's command on `hosts`, then open the new run.
   async rerun(hosts) {
-    if (!hosts.length) return;
-    const body = { nodes: hosts, command: this.run.title, kind: this.run.kind, label: this.run.kind,
+    const command = this.command();
+    if (!hosts.length || command === null) return;
+    const body = { nodes: hosts, command, kind: this.run.kind, label: this.run.kind,
                    cwd: (this.run.meta || {}).cwd || null };
     try {
       const answer = await api("/api/run", { method: "POST", body: JSON.stringify(body),

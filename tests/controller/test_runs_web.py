@@ -321,3 +321,70 @@ def test_a_running_run_can_be_marked_as_ended(browser, web_cluster: Cluster, ali
     run = run_of(controller, token, run_id)
     assert run["status"] == "interrupted" and run["ended"] is not None
     page.context.close()
+
+
+def test_a_long_output_is_read_in_pages_and_shown_whole(browser, web_cluster: Cluster,
+                                                        alice: UnixUser,
+                                                        signer: TokenSigner) -> None:
+    """12,000 lines: more than one page of the output API (5,000 lines), all of them shown,
+    each once and in order."""
+    controller, agents = web_cluster
+    token = signer.issue(alice.name)
+    name = agents[0].node_name
+    run_id = command_run(controller, token, [name], "seq 1 12000")
+    page = new_page(browser, controller, alice, f"/runs/{run_id}")
+    lines = page.locator(f'.host-pane[data-host="{name}"] .line')
+    expect(lines).to_have_count(12000, timeout=TIMEOUT_MS)
+    assert lines.evaluate_all("spans => spans.map(s => s.textContent)") == [
+        str(n) for n in range(1, 12001)]
+    page.context.close()
+
+
+def test_rerun_runs_the_full_command_not_its_title(browser, web_cluster: Cluster,
+                                                   alice: UnixUser, signer: TokenSigner) -> None:
+    """A command longer than a title (1,000 characters) is re-run whole, from the run's
+    `meta.command`; one over the meta limit (16 KiB) has no re-run, and the page says so."""
+    controller, agents = web_cluster
+    token = signer.issue(alice.name)
+    name, mark = agents[0].node_name, secrets.token_hex(4)
+    command = f": {'x' * 1200}; echo end-{mark}"  # the echo is past the title's 1,000
+    run_id = command_run(controller, token, [name], command)
+    assert len(run_of(controller, token, run_id)["title"]) == 1000
+    page = new_page(browser, controller, alice, f"/runs/{run_id}")
+    expect(page.locator(".line", has_text=f"end-{mark}")).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.locator("#rerun-unavailable")).to_be_hidden()
+    page.click("#rerun")
+    expect(page).not_to_have_url(re.compile(rf"/runs/{run_id}$"), timeout=TIMEOUT_MS)
+    expect(page.locator("#run-status")).to_have_text("ok", timeout=TIMEOUT_MS)
+    expect(page.locator(".line", has_text=f"end-{mark}")).to_be_visible(timeout=TIMEOUT_MS)
+    rerun_id = page.url.rsplit("/", 1)[1]
+    assert run_of(controller, token, rerun_id)["meta"]["command"] == command
+    huge = command_run(controller, token, [name], f": {'y' * 17000}; echo huge-{mark}")
+    page.goto(f"{controller.url}/runs/{huge}")
+    expect(page.locator(".line", has_text=f"huge-{mark}")).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.locator("#rerun-unavailable")).to_be_visible()
+    expect(page.locator("#rerun")).to_be_disabled()
+    assert "command" not in run_of(controller, token, huge)["meta"]
+    page.context.close()
+
+
+def test_a_run_with_more_events_than_a_page_shows_them_all(browser, web_cluster: Cluster,
+                                                           alice: UnixUser,
+                                                           signer: TokenSigner) -> None:
+    """An ended playbook of 5,000 plays (more events than one answer of GET /api/runs/ID
+    gives) and one task after them: the page asks on while `more`, so the task shows."""
+    controller, agents = web_cluster
+    token = signer.issue(alice.name)
+    host = agents[0].node_name
+    run_id = playbook_run(controller, token, f"ansible-playbook many-{secrets.token_hex(4)}.yml")
+    for batch in range(5):
+        send(controller, token, run_id, *({"type": "play_start", "play": f"play {n}",
+                                           "play_id": f"p{n}"}
+                                          for n in range(batch * 1000, (batch + 1) * 1000)))
+    send(controller, token, run_id, task("last", "the last task"), result("last", host, "ok"),
+         {"type": "recap", "stats": {host: {"ok": 1}}})
+    page = new_page(browser, controller, alice, f"/runs/{run_id}")
+    expect(page.locator("#run-status")).to_have_text("ok", timeout=TIMEOUT_MS)
+    expect(cell(page, "last", host)).to_have_class(re.compile(r"\bstatus-ok\b"),
+                                                   timeout=TIMEOUT_MS)
+    page.context.close()
