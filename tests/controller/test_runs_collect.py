@@ -131,6 +131,40 @@ def test_an_execution_is_kept_once_its_result_arrives_before_the_run_ends(
         ["kept-early", "second"], True)
 
 
+def test_a_delegated_result_is_collected_from_its_delegate_and_no_log_has_no_lines(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    """A task delegated to a node runs there for another inventory host: the result names the
+    node as `delegate` (#16). A no_log execution is archived with no output at all."""
+    token = signer.issue(alice.name)
+    controller, (agent,) = cluster(start_agent, start_controller, unique_name, token)
+    node, web = agent.node_name, f"web-{secrets.token_hex(3)}"  # web: not a Marco node
+    run_id = new_run(controller, token, [web, node])
+    with agent.client(token) as client:
+        delegated = client.start("echo delegated", tags={"run": run_id, "task": "t1",
+                                                         "host": web})
+        hidden = client.start("echo secret-value", no_log=True,
+                              tags={"run": run_id, "task": "t2", "host": node})
+    for execution_id in (delegated, hidden):
+        wait_exited(agent, token, execution_id)
+    result = {"type": "host_result", "status": "changed", "msg": "", "rc": 0, "duration": 0.1}
+    status, answer = call(controller, "POST", f"/api/runs/{run_id}/events", {"events": [
+        {**result, "task_id": "t1", "host": web, "delegate": node}]}, token)
+    assert status == 200, answer
+    kept = wait_for(partial(archived, controller, token, run_id, delegated),
+                    what="the delegated execution archived")
+    assert (kept["host"], kept["node"], kept["task_id"]) == (web, node, "t1")
+    status, answer = call(controller, "POST", f"/api/runs/{run_id}/events", {"events": [
+        {**result, "task_id": "t2", "host": node, "msg": "output hidden: no_log"}]}, token)
+    assert status == 200, answer
+    kept = wait_for(partial(archived, controller, token, run_id, hidden),
+                    what="the no_log execution archived")
+    assert (kept["host"], kept["stored_seq"]) == (node, 0)
+    agent.stop()
+    assert stored_lines(controller, token, run_id, delegated) == (["delegated"], True)
+    assert stored_lines(controller, token, run_id, hidden) == ([], True)
+
+
 def test_a_run_of_more_executions_than_the_agent_keeps_loses_none(
         start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
         unique_name) -> None:
