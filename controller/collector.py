@@ -63,6 +63,7 @@ class Slot:
     state: str = "queued"  # queued, running, or waiting (for a final retry)
     again: bool = False    # asked again while running: run once more after
     delay: float = 0.0     # the last retry delay (0: none yet)
+    retrying: bool = False  # counted in its user's `retrying` until it is done
 
     @property
     def key(self) -> tuple[str, str]:
@@ -71,10 +72,12 @@ class Slot:
 
 @dataclass
 class UserQueue:
-    """One user's collections: those running and those waiting their turn, oldest first."""
+    """One user's collections: those running, those waiting their turn (oldest first), and
+    how many final ones are being retried."""
 
     running: int = 0
     waiting: deque[Slot] = field(default_factory=deque)
+    retrying: int = 0
 
 
 class StoreFailed(Exception):
@@ -138,7 +141,7 @@ class OutputCollector:
             log.debug("collecting run %s on %s (%d of at most %d at once for %s)", slot.run.id,
                       slot.node, queue.running, self.limits.per_user, owner)
             self._spawn(self._run(slot))
-        if not queue.running and not queue.waiting:
+        if not queue.running and not queue.waiting and not queue.retrying:
             del self._users[owner]
 
     def _spawn(self, work: Any) -> None:
@@ -159,14 +162,26 @@ class OutputCollector:
         if slot.again:
             slot.state = "queued"
             queue.waiting.append(slot)
-        elif outcome is Outcome.PENDING and slot.final and self._retry_later(slot):
+        elif outcome is Outcome.PENDING and slot.final and self._retry_later(slot, queue):
             pass
         else:
             del self._slots[slot.key]
+            queue.retrying -= slot.retrying
         self._pump(slot.run.owner)
 
-    def _retry_later(self, slot: Slot) -> bool:
-        """Schedule a final collection's next try (doubling delays); False past give-up."""
+    def _retry_later(self, slot: Slot, queue: UserQueue) -> bool:
+        """Schedule a final collection's next try (doubling delays); False past give-up, or
+        when `queue_per_user` of the user's final collections are being retried already
+        (each holds a run and a timer: a user ending many runs on a dead node would pile them
+        up)."""
+        if not slot.retrying:
+            if queue.retrying >= self.limits.queue_per_user:
+                log.warning("run %s of %s: collection on %s not retried: %d of the user's "
+                            "collections are being retried already; what is not stored stays "
+                            "unarchived", slot.run.id, slot.run.owner, slot.node,
+                            queue.retrying)
+                return False
+            slot.retrying, queue.retrying = True, queue.retrying + 1
         slot.delay = min(slot.delay * 2 or self.limits.retry, MAX_RETRY_DELAY)
         ended = slot.run.ended if slot.run.ended is not None else time.time()
         if time.time() + slot.delay > ended + self.limits.give_up:
@@ -183,7 +198,7 @@ class OutputCollector:
     async def _wait_and_queue(self, slot: Slot) -> None:
         await asyncio.sleep(slot.delay)
         slot.state = "queued"
-        self._users.setdefault(slot.run.owner, UserQueue()).waiting.append(slot)
+        self._users[slot.run.owner].waiting.append(slot)  # kept while it is retrying
         self._pump(slot.run.owner)
 
     async def close(self) -> None:

@@ -68,8 +68,8 @@ def runs_options() -> list[Option]:
         Option("runs_collect_per_user", 4, "output collections of one user's runs running at "
                "once", kind=int),
         Option("runs_collect_queue_per_user", 1000, "collections of one user's running runs "
-               "waiting their turn; more are dropped (the run's final collection picks them "
-               "up)", kind=int),
+               "waiting their turn, and of ended runs being retried; more are dropped (logged; "
+               "a running run's final collection picks them up)", kind=int),
         Option("runs_collect_retry", 5.0, "seconds before an ended run's output is collected "
                "again from a node not done yet, doubling up to 60", kind=float),
         Option("runs_collect_give_up", 3600.0, "seconds after a run ended when its output "

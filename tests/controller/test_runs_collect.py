@@ -276,6 +276,36 @@ def test_a_users_waiting_collections_are_bounded_and_the_end_picks_up_the_rest(
              what="the dropped one collected at the end")
 
 
+def test_a_users_retried_collections_are_bounded(start_agent, start_controller,
+                                                 alice: UnixUser, signer: TokenSigner,
+                                                 unique_name) -> None:
+    """With runs_collect_queue_per_user 1, one final collection is retried while its execution
+    runs on; a second run ending meanwhile is not retried (logged); the first is archived."""
+    token = signer.issue(alice.name)
+    controller, (agent,) = cluster(start_agent, start_controller, unique_name, token,
+                                   controller_args=("--runs-collect-queue-per-user", "1",
+                                                    "--runs-collect-retry", "0.2"))
+    flag = Path("/tmp") / f"marco-collect-{secrets.token_hex(6)}"
+    command = f"echo before; while [ ! -e {flag} ]; do sleep 0.05; done; echo after"
+    runs = [new_run(controller, token, [agent.node_name]) for _ in range(2)]
+    executions = [start_task(agent, token, run_id, "t1", command) for run_id in runs]
+    refused = "not retried: 1 of the user's collections are being retried already"
+    try:
+        finish(controller, token, runs[0])
+        wait_for(lambda: "again in" in "\n".join(collection_log(controller, runs[0])),
+                 what="the first run's collection retried")
+        finish(controller, token, runs[1])
+        wait_for(lambda: refused in "\n".join(collection_log(controller, runs[1])),
+                 what="the second run's collection not retried")
+        flag.touch()
+        kept = wait_for(partial(archived, controller, token, runs[0], executions[0]),
+                        what="the retried run archived")
+        assert kept["stored_seq"] == 2
+    finally:
+        flag.unlink(missing_ok=True)
+    assert refused not in "\n".join(collection_log(controller, runs[0]))
+
+
 def test_collect_settings_reach_the_collector_and_refuse_zero() -> None:
     environ = {"MARCO_RUNS_COLLECT_RETRY": "0.5"}
     config = load_config(build_parser().parse_args(["--runs-collect-per-user", "2",
