@@ -96,15 +96,34 @@ function appendLines(pre, events, ansi) {
       pre.appendChild(span);
     }
   }
-  while (pre.childElementCount > MAX_LINES_SHOWN) pre.firstElementChild.remove();
+  let dropped = 0;
+  for (; pre.childElementCount > MAX_LINES_SHOWN; dropped++) pre.firstElementChild.remove();
+  hideLines(pre, dropped);
+}
+
+// Counts lines of `pre` not shown (not read, or dropped to keep MAX_LINES_SHOWN) in a note
+// just before it.
+function hideLines(pre, count) {
+  if (!count) return;
+  const hidden = Number(pre.dataset.hidden || 0) + count;
+  pre.dataset.hidden = String(hidden);
+  let note = pre.previousElementSibling;
+  if (!note || !note.classList.contains("lines-hidden")) {
+    note = el("p", "hint lines-hidden");
+    pre.before(note);
+  }
+  note.textContent = `… ${hidden} earlier line(s) not shown (marco logs prints them all)`;
+}
+
+// An empty `pre`, without a note of hidden lines.
+function clearLines(pre) {
+  pre.replaceChildren();
+  delete pre.dataset.hidden;
+  const note = pre.previousElementSibling;
+  if (note && note.classList.contains("lines-hidden")) note.remove();
 }
 
 const newAnsi = () => ({ stdout: Ansi.newState(), stderr: Ansi.newState() });
-
-// A note in place of the lines of a long output that are not read.
-function appendSkipped(pre, count) {
-  pre.appendChild(el("span", "line notice", `… ${count} earlier line(s) not shown (marco logs prints them all)`));
-}
 
 // The output of a run's executions, each read page by page from where its last page ended
 // (GET /api/runs/ID/output?execution=&since=), only until its `end`: no line is asked twice.
@@ -473,7 +492,7 @@ class RunView {
       if (!this.open || `${this.open.task_id}\n${this.open.host}` !== key) return;
       if (!this.details || this.details.key !== key) {
         this.details = { key, reader: new OutputReader(this.path()), ansi: newAnsi() };
-        $("#details-output").replaceChildren();
+        clearLines($("#details-output"));
         $("#details-no-output").classList.add("hidden");
       }
       const details = this.details, pre = $("#details-output");
@@ -483,7 +502,7 @@ class RunView {
         const answer = await api(this.path(`/executions?${query.toString()}`));
         if (!current()) return;
         await details.reader.read(answer.executions, (execution, events, skipped) => {
-          if (skipped) appendSkipped(pre, skipped);
+          hideLines(pre, skipped);
           appendLines(pre, events, details.ansi);
         }, current);
       } catch (err) {
@@ -505,7 +524,7 @@ class RunView {
       for (const execution of answer.executions) this.addHost(execution.host);
       await this.paneOutput.read(answer.executions, (execution, events, skipped) => {
         const pane = this.panes.get(execution.host);
-        if (skipped) appendSkipped(pane.pre, skipped);
+        hideLines(pane.pre, skipped);
         appendLines(pane.pre, events, pane.ansi);
         if (pane.pre.childElementCount) pane.empty.classList.add("hidden");
       }, () => true);

@@ -388,3 +388,26 @@ def test_a_run_with_more_events_than_a_page_shows_them_all(browser, web_cluster:
     expect(cell(page, "last", host)).to_have_class(re.compile(r"\bstatus-ok\b"),
                                                    timeout=TIMEOUT_MS)
     page.context.close()
+
+
+def test_an_output_longer_than_a_pane_shows_its_end_and_says_so(browser, web_cluster: Cluster,
+                                                                 alice: UnixUser,
+                                                                 signer: TokenSigner) -> None:
+    """25,000 lines, 5,000 more than a pane shows: the pane reads only the last 20,000 and a
+    note says how many earlier lines are not shown."""
+    controller, agents = web_cluster
+    token = signer.issue(alice.name)
+    name = agents[0].node_name
+    run_id = command_run(controller, token, [name], "seq 1 25000")
+    page: Page = browser.new_context().new_page()
+    asked: list[str] = []  # the output pages the page asks for
+    page.on("request", lambda request: asked.append(request.url) if "/output?" in request.url
+            else None)
+    open_logged_in(page, controller, alice, f"/runs/{run_id}")
+    pane = page.locator(f'.host-pane[data-host="{name}"]')
+    expect(pane.locator(".line.stdout").last).to_have_text("25000", timeout=TIMEOUT_MS)
+    expect(pane.locator(".line")).to_have_count(20000)
+    expect(pane.locator(".line").first).to_have_text("5001")
+    expect(pane.locator(".lines-hidden")).to_have_text(re.compile(r"^… 5000 earlier line"))
+    assert asked and min(int(re.findall(r"since=(\d+)", url)[0]) for url in asked) == 5000
+    page.context.close()
