@@ -321,3 +321,12 @@ def test_a_delegated_result_carries_its_delegate_even_under_no_log() -> None:
     shown, hidden = [e for batch in controller.batches for e in batch]
     assert shown["delegate"] == hidden["delegate"] == "e2" and shown["host"] == "e1"
     assert "_ansible_delegated_vars" not in shown["result"] and "result" not in hidden
+
+
+def test_a_result_with_a_lone_surrogate_is_measured_as_the_controller_counts_it() -> None:
+    """UTF-8 cannot hold a lone surrogate: the controller then escapes every non-ASCII
+    character (6 bytes each), and the result must fit as it counts."""
+    result = {"stdout": "\udcff" + "é" * 40_000, "rc": 0}
+    cleaned = clean_result(result, MAX_EVENT_BYTES)
+    assert len(json.dumps(cleaned, separators=(",", ":")).encode()) <= MAX_EVENT_BYTES
+    assert cleaned["rc"] == 0 and cleaned["stdout"].endswith("(cut)")
