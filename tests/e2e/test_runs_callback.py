@@ -344,7 +344,11 @@ class Cable:
                     client.close()
                     self.refused.set()
                     continue
-                upstream = socket.create_connection(self.target, timeout=10)
+                try:
+                    upstream = socket.create_connection(self.target, timeout=10)
+                except OSError:
+                    client.close()  # the controller itself is away: so is the relay
+                    continue
                 upstream.settimeout(None)
                 self.open += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
