@@ -146,12 +146,13 @@ class RunKeeper:
         hold it, the output of the node each host result names (its `delegate`, else its
         `host`), and register the executions `execution` events name, so they stay listed
         even if their node goes."""
-        nodes = [str(e.get("delegate") or e.get("host")) for e in events
-                 if e.get("type") == "host_result"]
+        nodes = [node for e in events if e.get("type") == "host_result"
+                 and isinstance(node := e.get("delegate") or e.get("host"), str)]
         self.collector.request_all(run, known(self.registry, nodes), token)
-        named = [e for e in events if e.get("type") == "execution"]
-        await self.register(run, [(str(e.get("host")), str(e.get("execution_id")),
-                                   e.get("task_id")) for e in named])
+        named = [e for e in events if e.get("type") == "execution"
+                 and isinstance(e.get("host"), str) and isinstance(e.get("execution_id"), str)]
+        await self.register(run, [(e["host"], e["execution_id"], e.get("task_id"))
+                                  for e in named])
 
     async def register(self, run: Run,
                        executions: Iterable[tuple[str, str, str | None]]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import signal
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -163,6 +164,79 @@ def test_a_delegated_result_is_collected_from_its_delegate_and_no_log_has_no_lin
     agent.stop()
     assert stored_lines(controller, token, run_id, delegated) == (["delegated"], True)
     assert stored_lines(controller, token, run_id, hidden) == ([], True)
+
+
+def test_executions_a_run_names_stay_listed_without_their_agent(
+        start_controller, alice: UnixUser, signer: TokenSigner) -> None:
+    """An `execution` event registers its execution: listed (not archived) with no agent."""
+    controller = start_controller(extra_args=["--no-discovery"])
+    token = signer.issue(alice.name)
+    run_id = new_run(controller, token, [])
+    status, answer = call(controller, "POST", f"/api/runs/{run_id}/events", {"events": [
+        {"type": "execution", "host": "web1", "execution_id": "e-gone", "task_id": "t1"},
+        {"type": "execution", "host": "web2"}]}, token)  # no id: nothing to register
+    assert status == 200, answer
+    kept = stored(controller, token, run_id)
+    assert [(e["execution_id"], e["host"], e["node"], e["task_id"], e["archived"])
+            for e in kept.values()] == [("e-gone", "web1", "web1", "t1", False)]
+
+
+def test_a_command_runs_executions_are_listed_once_started(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    """POST /api/run registers each execution it starts: an agent killed before anyone read
+    it leaves its execution listed, not archived."""
+    token = signer.issue(alice.name)
+    controller, (agent,) = cluster(start_agent, start_controller, unique_name, token)
+    status, answer = call(controller, "POST", "/api/run",
+                          {"nodes": [agent.node_name], "command": "exec sleep 60"}, token)
+    assert status == 200, answer
+    run_id, execution_id = answer["run"]["id"], answer["results"][agent.node_name]["id"]
+    agent.stop(signal.SIGKILL)
+    wait_for(lambda: call(controller, "GET", f"/api/runs/{run_id}", token=token)[1]["ended"],
+             what="the run ended unreachable")
+    kept = stored(controller, token, run_id)
+    assert [(e["execution_id"], e["node"], e["archived"]) for e in kept.values()] == [
+        (execution_id, agent.node_name, False)]
+
+
+def test_a_command_runs_execution_is_kept_once_it_exits_while_others_run(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    """The watcher asks for an execution's output as soon as it exits, before its run ends:
+    of one command on two nodes, the first to take a lock exits, the other waits."""
+    token = signer.issue(alice.name)
+    controller, agents = cluster(start_agent, start_controller, unique_name, token, agents=2)
+    lock, flag = (Path("/tmp") / f"marco-collect-{secrets.token_hex(6)}" for _ in range(2))
+    command = (f"echo quick; mkdir {lock} 2>/dev/null && exit 0; "
+               f"while [ ! -e {flag} ]; do sleep 0.05; done")
+    try:
+        status, answer = call(controller, "POST", "/api/run",
+                              {"nodes": [a.node_name for a in agents], "command": command},
+                              token)
+        assert status == 200, answer
+        run_id = answer["run"]["id"]
+        ids = {a.node_name: answer["results"][a.node_name]["id"] for a in agents}
+
+        def exited() -> str | None:
+            for agent in agents:
+                with agent.client(token) as client:
+                    if client.execution(ids[agent.node_name])["state"] != "running":
+                        return agent.node_name
+            return None
+
+        quick = wait_for(exited, what="one execution exited")
+        wait_for(partial(archived, controller, token, run_id, ids[quick]),
+                 what="the exited one archived while the run runs")
+        status, run = call(controller, "GET", f"/api/runs/{run_id}", token=token)
+        assert status == 200 and run["status"] == "running"
+        flag.touch()
+        wait_for(lambda: call(controller, "GET", f"/api/runs/{run_id}", token=token)[1][
+            "status"] == "ok", what="the run ended ok")
+    finally:
+        flag.unlink(missing_ok=True)
+        if lock.exists():
+            lock.rmdir()
 
 
 def test_a_run_of_more_executions_than_the_agent_keeps_loses_none(
