@@ -13,7 +13,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 OUTPUT_PAGE_LINES = 20_000  # lines asked per output request: one page is held at a time
 MAX_RETRY_DELAY = 60.0      # a final collection's retries double up to this
+MEMO_RECORDS = 100_000      # execution records remembered across runs (least recent go first)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,46 @@ class UserQueue:
     retrying: int = 0
 
 
+class RecordMemo:
+    """The stored records of the runs collected lately, by run and execution id: a long run's
+    collections (one per host result) would otherwise each read all of its records from the
+    store. Only the collector stores output, and `archived` and `next_seq` only grow, so a
+    remembered record is at worst behind the store (its lines are then asked again and the
+    store drops them)."""
+
+    def __init__(self, limit: int = MEMO_RECORDS) -> None:
+        self.limit = limit
+        self._runs: OrderedDict[str, dict[str, ExecutionRecord]] = OrderedDict()
+        self._count = 0
+
+    def get(self, run_id: str) -> dict[str, ExecutionRecord] | None:
+        records = self._runs.get(run_id)
+        if records is not None:
+            self._runs.move_to_end(run_id)
+        return records
+
+    def put(self, run_id: str, records: dict[str, ExecutionRecord]) -> None:
+        self.drop(run_id)
+        self._runs[run_id] = records
+        self._count += len(records)
+        self._trim()
+
+    def update(self, run_id: str, record: ExecutionRecord) -> None:
+        records = self._runs.get(run_id)
+        if records is None:
+            return
+        self._count += record.execution_id not in records
+        records[record.execution_id] = record
+        self._trim()
+
+    def drop(self, run_id: str) -> None:
+        self._count -= len(self._runs.pop(run_id, {}))
+
+    def _trim(self) -> None:
+        while self._count > self.limit and len(self._runs) > 1:
+            self.drop(next(iter(self._runs)))
+
+
 class StoreFailed(Exception):
     """The run store refused a collection's write (its caps, busy, the run gone): kept apart
     from the agents' errors, which share the MarcoError ladder."""
@@ -100,6 +141,7 @@ class OutputCollector:
         self._slots: dict[tuple[str, str], Slot] = {}
         self._users: dict[str, UserQueue] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._memo = RecordMemo()
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -236,7 +278,12 @@ class OutputCollector:
 
     async def _collect_node(self, slot: Slot, client: AsyncAgentClient) -> Outcome:
         run = slot.run
-        records = {r.execution_id: r for r in await self._store("executions", run.owner, run.id)}
+        # A final collection reads the store afresh: it decides what is lost and swept.
+        records = None if slot.final else self._memo.get(run.id)
+        if records is None:
+            records = {r.execution_id: r
+                       for r in await self._store("executions", run.owner, run.id)}
+            self._memo.put(run.id, records)
         listed: set[str] = set()
         pending = False
         for summary in await client.executions(run=run.id):
@@ -299,6 +346,7 @@ class OutputCollector:
         record: ExecutionRecord = await self._store(
             "add_output", slot.run.owner, slot.run.id, **where, events=events,
             archived=archived, truncated_seq=truncated_seq)
+        self._memo.update(slot.run.id, record)
         return record
 
     async def _store(self, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from controller.__main__ import build_parser, load_config
-from controller.collector import CollectLimits
+from controller.collector import CollectLimits, RecordMemo
 from controller.context import collect_limits
+from controller.runstore import ExecutionRecord
 from marco.errors import ConfigError
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
@@ -416,3 +417,24 @@ def test_a_refused_token_stops_the_retries(start_agent, start_controller, alice:
     assert [line for line in lines[stop + 1:] if "collecting run" in line] == [], lines
     assert f"collected run {run_id} on {agent.node_name}: stopped" in lines[stop + 1]
     assert not stored(controller, fresh, run_id)[execution_id]["archived"]
+
+
+def record(execution_id: str, next_seq: int = 0, archived: bool = False) -> ExecutionRecord:
+    return ExecutionRecord(host="web", node="web", execution_id=execution_id, task_id=None,
+                           next_seq=next_seq, archived=archived, truncated_seq=None, bytes=0)
+
+
+def test_the_record_memo_keeps_the_latest_runs_within_its_bound() -> None:
+    """The collector's memory of stored records: updated as output is stored, least recently
+    used runs forgotten beyond its bound (they are read from the store again)."""
+    memo = RecordMemo(limit=3)
+    memo.put("r1", {"a": record("a"), "b": record("b")})
+    memo.update("r1", record("a", next_seq=5, archived=True))
+    memo.update("r9", record("z"))  # a run not remembered stays so
+    assert memo.get("r9") is None
+    memo.put("r2", {"c": record("c")})
+    assert memo.get("r1") == {"a": record("a", 5, True), "b": record("b")}  # r1 used last
+    memo.update("r2", record("d"))  # a fourth record: r2, the least recently used, goes
+    assert memo.get("r2") is None and memo.get("r1") is not None
+    memo.put("r3", {"e": record("e"), "f": record("f")})  # five: r1 goes, r3 stays alone
+    assert memo.get("r1") is None and memo.get("r3") is not None
