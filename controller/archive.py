@@ -137,7 +137,12 @@ class RunKeeper:
     async def collect_finally(self, run: Run, token: str) -> None:
         """The ended run's final collection, on every node it touched: its hosts that are
         known nodes and every node of its stored executions (retried until all archived)."""
-        records = await self.store.call("executions", run.owner, run.id)
+        try:
+            records = await self.store.call("executions", run.owner, run.id)
+        except MarcoError as error:  # busy, or pruned meanwhile: the hosts are still asked
+            log.info("run %s: stored executions not read for the final collection: %s",
+                     run.id, error.message)
+            records = []
         nodes = [*known(self.registry, run.hosts), *(r.node for r in records)]
         self.collector.request_all(run, nodes, token, final=True)
 
