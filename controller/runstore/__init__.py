@@ -20,7 +20,6 @@ from .records import (
     ExecutionRecord,
     Run,
     RunLimits,
-    StoredOutput,
     check_hosts,
     new_run_id,
 )
@@ -32,6 +31,6 @@ __all__ = [
     "DEFAULT_BUSY_TIMEOUT", "DEFAULT_LIMITS", "MAX_EVENTS_PER_CALL", "MAX_EVENT_BYTES",
     "MAX_HOSTS", "MAX_LIST", "MAX_META_BYTES", "MAX_NAME", "MAX_PAGE_LINES", "MAX_TITLE",
     "MIGRATIONS", "STORE_METHODS", "ExecutionRecord", "Run", "RunLimits", "RunStore",
-    "RunStoreThread", "SqliteRunStore", "StoredOutput", "check_hosts", "migrate", "new_run_id",
+    "RunStoreThread", "SqliteRunStore", "check_hosts", "migrate", "new_run_id",
     "open_database", "schema_version",
 ]

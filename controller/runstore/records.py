@@ -47,17 +47,6 @@ class Run:
                 "meta": dict(self.meta)}
 
 
-@dataclass
-class StoredOutput:
-    """One execution's output as archived: the agent's output events, in order."""
-
-    host: str
-    execution_id: str
-    task_id: str | None
-    events: list[dict[str, Any]]
-    archived: bool
-
-
 @dataclass(frozen=True)
 class ExecutionRecord:
     """One execution of a run as stored (without its output)."""

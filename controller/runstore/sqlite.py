@@ -30,7 +30,6 @@ from .records import (
     ExecutionRecord,
     Run,
     RunLimits,
-    StoredOutput,
     check_execution,
     check_hosts,
     check_name,
@@ -404,37 +403,6 @@ class SqliteRunStore:
         self._existing(owner, run_id)
         return {row[0] for row in self._db.execute("SELECT node FROM swept WHERE run_id = ?",
                                                    (run_id,))}
-
-    # The output calls before add_output (deprecated: remove once nobody uses them)
-
-    @busy_is_try_again
-    def put_output(self, owner: str, run_id: str, output: StoredOutput) -> None:
-        """add_output of the whole list, archived as given, on the output's host as node."""
-        if not isinstance(output.events, list):
-            raise BadRequest("an output is a list of event objects")
-        self.add_output(owner, run_id, host=output.host, node=output.host,
-                        execution_id=output.execution_id, task_id=output.task_id,
-                        events=output.events, archived=output.archived)
-
-    @busy_is_try_again
-    def outputs(self, owner: str, run_id: str,
-                host: str | None = None) -> builtins.list[StoredOutput]:
-        """Every stored execution of the run (one host's if given) with all its output."""
-        return [StoredOutput(host=record.host, execution_id=record.execution_id,
-                             task_id=record.task_id, archived=record.archived,
-                             events=self._all_output(owner, run_id, record))
-                for record in self.executions(owner, run_id, host=host)]
-
-    def _all_output(self, owner: str, run_id: str,
-                    record: ExecutionRecord) -> builtins.list[dict[str, Any]]:
-        events, since = [], 0
-        while since < record.next_seq:
-            page, since = self.output_page(owner, run_id, record.execution_id, since,
-                                           MAX_PAGE_LINES)
-            if not page:
-                break
-            events.extend(page)
-        return events
 
     # Limits
 

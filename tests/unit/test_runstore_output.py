@@ -23,7 +23,6 @@ from controller.runstore import (
     RunStore,
     RunStoreThread,
     SqliteRunStore,
-    StoredOutput,
     migrate,
 )
 from marco.errors import (
@@ -359,7 +358,7 @@ def test_a_version_2_file_gives_the_same_output_back(path: Path) -> None:
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT SUM(LENGTH(data)) FROM outputs").fetchone()[0] == 0
         assert db.execute("SELECT SUM(bytes) FROM chunks").fetchone()[0] == first.bytes
-    assert store.outputs("alice", run.id)[0].events == events  # the deprecated read agrees
+    assert store.output_page("alice", run.id, "e1", 0, 100_000)[0] == events
     store.close()
 
 
@@ -405,19 +404,7 @@ def test_a_file_locked_by_another_process_is_try_again(path: Path) -> None:
     SqliteRunStore(path, busy_timeout=0.05).close()
 
 
-# The deprecated calls and the thread
-
-
-def test_put_output_and_outputs_still_work(store: SqliteRunStore, run: Run) -> None:
-    """The calls archive.py used before add_output (kept until nobody uses them)."""
-    whole = StoredOutput(host="web1", execution_id="e1", task_id="t1", archived=True,
-                         events=events_of(0, 12_345, 100))
-    store.put_output("alice", run.id, whole)
-    store.put_output("alice", run.id, StoredOutput("web2", "e2", None, [], archived=False))
-    assert store.outputs("alice", run.id) == [whole, StoredOutput("web2", "e2", None, [], False)]
-    assert store.outputs("alice", run.id, host="web2")[0].execution_id == "e2"
-    record = store.executions("alice", run.id)[0]
-    assert (record.node, record.next_seq, record.archived) == ("web1", 12_345, True)
+# The thread
 
 
 def test_the_thread_serves_the_new_calls(path: Path) -> None:
