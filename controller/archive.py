@@ -27,9 +27,12 @@ from marco.runs import COUNTS, status_from_stats
 
 from .collector import DEFAULT_LIMITS, CollectLimits, OutputCollector, known
 from .connector import AgentConnector
+from .run_signals import RunSignals
 from .runstore import Run, RunStoreThread, new_run_id
 
 log = logging.getLogger(__name__)
+
+DEFAULT_WAITING_PER_USER = 16  # the runs_max_waiting_per_user setting's default
 
 WATCH_FIRST_POLL = 0.2         # seconds between a command run's execution checks, growing
 WATCH_MAX_POLL = 2.0           # to at most this
@@ -48,11 +51,14 @@ class RunKeeper:
 
     def __init__(self, store: RunStoreThread, connector: AgentConnector,
                  registry: NodeRegistry, stale_after: float | None = None,
-                 collect: CollectLimits = DEFAULT_LIMITS) -> None:
+                 collect: CollectLimits = DEFAULT_LIMITS,
+                 signals: RunSignals | None = None) -> None:
         self.store = store
         self.connector = connector
         self.registry = registry
         self.collector = OutputCollector(store, connector, registry, collect)
+        # Requests waiting for a run's next events (GET /api/runs/ID?wait=), woken by changes.
+        self.signals = signals if signals is not None else RunSignals(DEFAULT_WAITING_PER_USER)
         # A running run idle this long ends as interrupted: the controller's token max age,
         # after which no token of its owner can send to it any more (None: never).
         self.stale_after = stale_after
@@ -89,6 +95,7 @@ class RunKeeper:
     async def close(self) -> None:
         """Stop the background work (a run being collected keeps what was stored), then the
         store."""
+        self.signals.close()
         await self.collector.close()
         for task in list(self._tasks):
             task.cancel()
@@ -131,8 +138,17 @@ class RunKeeper:
         for the final collection, once."""
         run: Run = await self.store.call("update", owner, run_id, status=status,
                                          ended=time.time(), stats=stats)
+        self.signals.changed(run_id)
         self.spawn(self.collect_finally(run, token))
         return run
+
+    async def append_events(self, owner: str, run_id: str,
+                            events: list[dict[str, Any]]) -> int:
+        """Store a batch of the run's events (the store numbers them; the next seq comes back)
+        and wake the requests waiting for them."""
+        next_seq: int = await self.store.call("append_events", owner, run_id, events)
+        self.signals.changed(run_id)
+        return next_seq
 
     async def collect_finally(self, run: Run, token: str) -> None:
         """The ended run's final collection, on every node it touched: its hosts that are
@@ -190,7 +206,7 @@ class RunKeeper:
         record them as `execution` events, and end the run in the background once all have
         exited."""
         if started:  # the run's own record of its executions (collected by these ids)
-            await self.store.call("append_events", run.owner, run.id, [
+            await self.append_events(run.owner, run.id, [
                 {"type": "execution", "time": time.time(), "host": host, "execution_id": eid,
                  "task_id": None} for host, eid in started.items()])
             await self.register(run, ((host, eid, None) for host, eid in started.items()))

@@ -74,6 +74,10 @@ def runs_options() -> list[Option]:
                "again from a node not done yet, doubling up to 60", kind=float),
         Option("runs_collect_give_up", 3600.0, "seconds after a run ended when its output "
                "stops being collected", kind=float),
+        Option("runs_wait_max", 25, "seconds a request for a running run's next events "
+               "(GET /api/runs/ID?wait=) waits at most", kind=int),
+        Option("runs_max_waiting_per_user", 16, "requests of one user waiting for a run's "
+               "next events at once; more answer at once, without waiting", kind=int),
     ]
 
 
@@ -112,6 +116,8 @@ class ControllerConfig:
     runs_collect_queue_per_user: int
     runs_collect_retry: float
     runs_collect_give_up: float
+    runs_wait_max: int
+    runs_max_waiting_per_user: int
     state_dir: str
     log_level: str
 
@@ -123,7 +129,8 @@ class ControllerConfig:
         """Every runs bound must be positive: a zero would prune everything or refuse every run."""
         for key in ("runs_retention_days", "runs_max_bytes", "runs_max_running_per_user",
                     "runs_max_per_user", "runs_max_bytes_per_user", "runs_collect_per_user",
-                    "runs_collect_queue_per_user", "runs_collect_retry", "runs_collect_give_up"):
+                    "runs_collect_queue_per_user", "runs_collect_retry", "runs_collect_give_up",
+                    "runs_wait_max", "runs_max_waiting_per_user"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
 

@@ -23,6 +23,7 @@ from .config import ControllerConfig
 from .connector import AgentConnector
 from .pki import ClusterPki
 from .revoke import RevocationPusher
+from .run_signals import RunSignals
 from .runstore import RunLimits, RunStoreThread
 
 
@@ -95,7 +96,8 @@ class ControllerContext:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the runs file opens now
         store = RunStoreThread(state_dir / "runs.sqlite3", run_limits(config))
         runs = RunKeeper(store, connector, registry, stale_after=config.token_max_age,
-                         collect=collect_limits(config))
+                         collect=collect_limits(config),
+                         signals=RunSignals(config.runs_max_waiting_per_user))
         return cls(config=config, signer=signer, denied=denied, runs=runs,
                    authenticator=PamAuthenticator(config.pam_service, limiter,
                                                   LoginShells(config.login_shells)),

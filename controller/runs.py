@@ -4,6 +4,7 @@ the token's user; another user's run answers 404, exactly like a missing one."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from marco.errors import BadRequest, Conflict, NotFound
@@ -13,6 +14,8 @@ from .archive import RunKeeper
 from .run_output import OUTPUT_DEFAULT_LINES, OUTPUT_MAX_LINES, RunReader
 from .runstore import Run, check_hosts
 from .session import ApiHandler
+
+log = logging.getLogger(__name__)
 
 EVENT_TYPES = ("play_start", "task_start", "host_result", "execution", "recap")
 MAX_EVENTS_PAGE = 5000  # events in one GET /api/runs/ID answer (its default too)
@@ -139,19 +142,34 @@ class RunsApi(RunsHandler):
 
 
 class RunApi(RunsHandler):
-    """GET /api/runs/ID[?since=SEQ&limit=N]: the run with its events after SEQ, at most N, and
-    `more` when there are more after the last one given."""
+    """GET /api/runs/ID[?since=SEQ&limit=N&wait=S]: the run with its events after SEQ, at most
+    N, and `more` when there are more after the last one given. With `wait`, a running run
+    with no event after SEQ answers when its next batch arrives or it ends, or after S
+    seconds (a long poll: an open page sees a result as it arrives)."""
 
     async def get(self, run_id: str) -> None:
         user, _ = self.caller()
         since = self.int_argument("since", 0, 0, None)
         limit = self.int_argument("limit", MAX_EVENTS_PAGE, 1, MAX_EVENTS_PAGE)
-        run = await self.own_run(user, run_id)
-        # One event more than asked tells whether there are more, in the same read.
-        events = await self.keeper.store.call("events", user, run_id, since=since,
-                                              limit=limit + 1)
+        wait = self.int_argument("wait", 0, 0, None)
+        # Registered before the first read: a batch stored in between still wakes it.
+        with self.keeper.signals.waiter(user, run_id) as waiter:
+            run, events = await self.read(user, run_id, since, limit)
+            if not events and run.ended is None and wait and waiter.admitted:
+                log.debug("run %s: a read of %s waits for events after %d", run_id, user, since)
+                await waiter.wait(min(wait, self.ctx.config.runs_wait_max))
+                run, events = await self.read(user, run_id, since, limit)
         self.write_json({**run_json(run), "events": events[:limit],
                          "more": len(events) > limit})
+
+    async def read(self, user: str, run_id: str, since: int,
+                   limit: int) -> tuple[Run, list[dict[str, Any]]]:
+        """The run and its events after `since`: one more than `limit` tells whether there
+        are more, in the same read."""
+        run = await self.own_run(user, run_id)
+        events = await self.keeper.store.call("events", user, run_id, since=since,
+                                              limit=limit + 1)
+        return run, events
 
 
 class RunEventsApi(RunsHandler):
@@ -167,7 +185,7 @@ class RunEventsApi(RunsHandler):
         # stores nothing (the store checks the events themselves in its own transaction).
         hosts = event_hosts(events)
         check_hosts([*run.hosts, *(h for h in dict.fromkeys(hosts) if h not in run.hosts)])
-        next_seq = await self.keeper.store.call("append_events", user, run_id, events)
+        next_seq = await self.keeper.append_events(user, run_id, events)
         run = await self.keeper.add_hosts(run, hosts)
         # Results name the nodes whose executions to collect now, before a long playbook's
         # first executions leave the agents' retention.

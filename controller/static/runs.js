@@ -3,7 +3,8 @@
 // are CSS classes with an aria-label.
 "use strict";
 
-const POLL_MS = 1000;          // a running run's page asks for new events and output this often
+const POLL_MS = 1000;          // a running run's page asks for new output this often
+const WAIT_S = 25;             // a running run's next events are awaited this long per ask (a long poll)
 const LIST_POLL_MS = 2000;     // the list refreshes this often while a shown run is running
 const PAGE_SIZE = 50;
 const OUTPUT_PAGE = 5000;      // output lines asked for per request (the API's default)
@@ -13,6 +14,7 @@ const MAX_LINES_SHOWN = 20000;
 const MAX_TITLE = 1000;        // a run's title is its command's first this many characters
 
 const $ = (sel, root = document) => root.querySelector(sel);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const el = (tag, cls, text) => {
   const e = document.createElement(tag);
   if (cls) e.className = cls;
@@ -273,6 +275,7 @@ class RunView {
     this.panes = new Map();        // host -> {pane, pre, empty, state, ansi}
     this.paneOutput = new OutputReader(this.path());
     this.open = null;              // {task_id, host} of the details panel
+    this.outputPolling = false;    // pollOutput runs (from the first events answer on)
     this.details = null;           // the open details' output: {key, reader, ansi}
     this.outputTurn = Promise.resolve();  // output is read one reader at a time, in order
   }
@@ -286,26 +289,49 @@ class RunView {
     $("#rerun").addEventListener("click", () => this.rerun(this.run.hosts));
     $("#rerun-failed").addEventListener("click", () => this.rerun(failedHosts(this.run)));
     $("#end-run").addEventListener("click", () => this.markEnded());
-    await this.poll();
+    await this.pollEvents();
   }
 
-  // One round: new events (and output while it runs); again in a second until the run ended.
-  async poll() {
-    let ended = false;
-    try {
-      let run;
-      do {  // the events come in pages: ask on while the answer says there are `more`
-        run = await api(this.path(`?since=${this.seq}`));
-        this.update(run);
-        for (const event of run.events) this.apply(event);
-      } while (run.more && run.events.length);
-      ended = run.ended !== null;
-      await this.refreshOutput();
-      this.showError(null);
-    } catch (err) {
-      this.showError(err.message);
+  // Events: the first ask answers at once; then, while the run runs, each ask waits at the
+  // controller until the next batch arrives or the run ends (a long poll), so a result shows
+  // in its cell as it arrives. Output is read on its own beat (pollOutput), from the first
+  // answer on.
+  async pollEvents() {
+    let wait = "";
+    for (;;) {
+      try {
+        let run;
+        do {  // the events come in pages: ask on while the answer says there are `more`
+          run = await api(this.path(`?since=${this.seq}${wait}`));
+          this.update(run);
+          for (const event of run.events) this.apply(event);
+        } while (run.more && run.events.length);
+        this.showError(null);
+        if (!this.outputPolling) {
+          this.outputPolling = true;
+          this.pollOutput();
+        }
+        if (run.ended !== null) return;
+        wait = `&wait=${WAIT_S}`;
+      } catch (err) {
+        this.showError(err.message);
+        await sleep(POLL_MS);  // a controller that fails is not asked in a tight loop
+      }
     }
-    if (!ended) setTimeout(() => this.poll(), POLL_MS);
+  }
+
+  // Output every second while the run runs, and once more after its end was seen.
+  async pollOutput() {
+    for (;;) {
+      const ended = this.run.ended !== null;
+      try {
+        await this.refreshOutput();
+      } catch (err) {
+        this.showError(err.message);
+      }
+      if (ended) return;
+      await sleep(POLL_MS);
+    }
   }
 
   showError(message) {
