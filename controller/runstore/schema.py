@@ -88,6 +88,17 @@ MIGRATIONS: list[tuple[Step, ...]] = [
         outputs_to_chunks,
         "UPDATE outputs SET node = host",
     ),
+    # Reading one node's, host's or task's executions of a run finds them by index instead of
+    # scanning the run (a run may hold tens of thousands); `nodes`: the nodes a run's output
+    # is on beyond its hosts (delegates), so the final collection and the read side ask them.
+    (
+        "CREATE INDEX outputs_by_node ON outputs (run_id, node)",
+        "CREATE INDEX outputs_by_host ON outputs (run_id, host)",
+        "CREATE INDEX outputs_by_task ON outputs (run_id, task_id)",
+        """CREATE TABLE nodes (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE, node TEXT NOT NULL,
+            PRIMARY KEY (run_id, node))""",
+    ),
 ]
 
 

@@ -25,6 +25,7 @@ from .chunks import MAX_PAGE_LINES, Page, after, check_events, check_page, decod
 from .records import (
     DEFAULT_LIMITS,
     MAX_EVENTS_PER_CALL,
+    MAX_HOSTS,
     MAX_LIST,
     MAX_TITLE,
     ExecutionRecord,
@@ -347,18 +348,59 @@ class SqliteRunStore:
                          (end, len(data), run_id, row["execution_id"]))
 
     @busy_is_try_again
+    def execution(self, owner: str, run_id: str,
+                  execution_id: str) -> ExecutionRecord | None:
+        """One stored execution of the run by its id (None when the run has no such
+        execution; NotFound for a missing or foreign run); no output is read."""
+        self._existing(owner, run_id)
+        row = self._execution_row(run_id, execution_id)
+        return None if row is None else execution_from_row(row)
+
+    @busy_is_try_again
     def executions(self, owner: str, run_id: str, host: str | None = None,
-                   task: str | None = None) -> builtins.list[ExecutionRecord]:
-        """The run's stored executions (of one host and/or task if given), in the order they
-        were first stored; no output is read."""
+                   task: str | None = None,
+                   node: str | None = None) -> builtins.list[ExecutionRecord]:
+        """The run's stored executions (of one host, task and/or node if given, found by
+        index), in the order they were first stored; no output is read."""
         self._existing(owner, run_id)
         sql, args = "SELECT * FROM outputs WHERE run_id = ?", [run_id]
-        if host is not None:
-            sql, args = sql + " AND host = ?", [*args, host]
-        if task is not None:
-            sql, args = sql + " AND task_id = ?", [*args, task]
+        for column, value in (("host", host), ("task_id", task), ("node", node)):
+            if value is not None:
+                sql, args = f"{sql} AND {column} = ?", [*args, value]
         return [execution_from_row(row)
                 for row in self._db.execute(sql + " ORDER BY rowid", args).fetchall()]
+
+    @busy_is_try_again
+    def add_nodes(self, owner: str, run_id: str, nodes: builtins.list[str]) -> None:
+        """Record nodes the run's output is on beyond its hosts (a task's delegate): the final
+        collection and the read side ask them too. Already recorded ones are kept once; their
+        names are charged like the run's other rows; a run records at most MAX_HOSTS nodes
+        (BadRequest beyond, nothing recorded)."""
+        if not isinstance(nodes, list):
+            raise BadRequest("nodes must be a list of node names")
+        names = list(dict.fromkeys(check_name(node, "a node") for node in nodes))
+        with self._transaction() as db:
+            self._existing(owner, run_id)
+            new = [name for name in names if db.execute(
+                "SELECT 1 FROM nodes WHERE run_id = ? AND node = ?", (run_id, name)).fetchone()
+                is None]
+            if not new:
+                return
+            count = db.execute("SELECT COUNT(*) FROM nodes WHERE run_id = ?",
+                               (run_id,)).fetchone()[0]
+            if count + len(new) > MAX_HOSTS:
+                raise BadRequest(f"a run records at most {MAX_HOSTS} nodes")
+            self._budget.charge(owner, run_id, sum(len(name.encode("utf-8", "surrogatepass"))
+                                                   for name in new))
+            db.executemany("INSERT INTO nodes (run_id, node) VALUES (?, ?)",
+                           [(run_id, name) for name in new])
+
+    @busy_is_try_again
+    def nodes(self, owner: str, run_id: str) -> builtins.list[str]:
+        """The nodes recorded for the run by add_nodes, in the order recorded."""
+        self._existing(owner, run_id)
+        return [row[0] for row in self._db.execute(
+            "SELECT node FROM nodes WHERE run_id = ? ORDER BY rowid", (run_id,))]
 
     @busy_is_try_again
     def output_page(self, owner: str, run_id: str, execution_id: str, since: int = 0,

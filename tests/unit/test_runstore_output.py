@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from controller.runstore import (
+    MAX_HOSTS,
     MIGRATIONS,
     ExecutionRecord,
     Run,
@@ -165,6 +166,58 @@ def test_executions_are_listed_in_order_and_filtered(store: SqliteRunStore, run:
         == ["e1", "e2"]
     assert [e.execution_id for e in store.executions("alice", run.id, task="t2")] == ["e3"]
     assert store.executions("alice", run.id, host="web1", task="t2") == []
+
+
+def test_one_execution_by_id_and_by_node(store: SqliteRunStore, run: Run) -> None:
+    add(store, run, events_of(0, 2), "e1", node="node1")
+    add(store, run, [], "e2", host="web1", node="delegate1")
+    add(store, run, [], "e3", host="db1", node="node1", task_id="t2")
+    found = store.execution("alice", run.id, "e2")
+    assert found is not None and (found.node, found.host) == ("delegate1", "web1")
+    assert store.execution("alice", run.id, "e9") is None
+    assert [e.execution_id for e in store.executions("alice", run.id, node="node1")] \
+        == ["e1", "e3"]
+    assert [e.execution_id for e in store.executions("alice", run.id, node="node1",
+                                                     task="t2")] == ["e3"]
+    with pytest.raises(NotFound):  # another owner's run is a missing one
+        store.execution("bob", run.id, "e1")
+
+
+def test_filtered_listings_use_an_index(store: SqliteRunStore, run: Run, path: Path) -> None:
+    """A node's, host's or task's executions are found by index, not by scanning the run
+    (tens of thousands of executions each output page or final collection would read)."""
+    with sqlite3.connect(path) as db:
+        for column in ("node", "host", "task_id"):
+            plan = " ".join(str(row[-1]) for row in db.execute(
+                f"EXPLAIN QUERY PLAN SELECT * FROM outputs WHERE run_id = ? AND {column} = ? "
+                "ORDER BY rowid", (run.id, "x")))
+            assert f"outputs_by_{column.removesuffix('_id')}" in plan, plan
+
+
+def test_a_runs_recorded_nodes(store: SqliteRunStore, run: Run, path: Path) -> None:
+    """Nodes beyond the run's hosts (delegates) are recorded once each, charged, at most
+    MAX_HOSTS per run (a 400 beyond, nothing recorded), and go with the run."""
+    assert store.nodes("alice", run.id) == []
+    before = run_bytes(path)[run.id]
+    store.add_nodes("alice", run.id, ["d1", "d2", "d1"])
+    store.add_nodes("alice", run.id, ["d2", "d3"])
+    assert store.nodes("alice", run.id) == ["d1", "d2", "d3"]
+    assert run_bytes(path)[run.id] - before == 6
+    with pytest.raises(NotFound):
+        store.add_nodes("bob", run.id, ["d4"])
+    with pytest.raises(NotFound):
+        store.nodes("bob", run.id)
+    with pytest.raises(BadRequest):
+        store.add_nodes("alice", run.id, [""])
+    store.add_nodes("alice", run.id, [f"n{n}" for n in range(MAX_HOSTS - 3)])
+    with pytest.raises(BadRequest):  # one more than MAX_HOSTS: none of them is recorded
+        store.add_nodes("alice", run.id, ["d1", "x1", "x2"])
+    assert len(store.nodes("alice", run.id)) == MAX_HOSTS
+    store.add_nodes("alice", run.id, ["d1"])  # known ones still pass
+    store.update("alice", run.id, status="ok", ended=T0 + 1)
+    assert store.prune(T0 + 91 * 86400) == 1  # past the default retention of 90 days
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] == 0
 
 
 # Reading pages
@@ -419,6 +472,9 @@ def test_the_thread_serves_the_new_calls(path: Path) -> None:
             await wrapper.call("mark_swept", "alice", run.id, "n")
             assert await wrapper.call("swept", "alice", run.id) == {"n"}
             assert len(await wrapper.call("executions", "alice", run.id)) == 1
+            assert (await wrapper.call("execution", "alice", run.id, "e1")).node == "n"
+            await wrapper.call("add_nodes", "alice", run.id, ["d"])
+            assert await wrapper.call("nodes", "alice", run.id) == ["d"]
         finally:
             wrapper.close()
 
