@@ -6,12 +6,13 @@ kept by budget.py; `RunStoreThread` (thread.py) serves an IOLoop. The values and
 are in records.py.
 """
 
-from .chunks import MAX_PAGE_LINES
+from .chunks import MAX_PAGE_LINES, MAX_SEQ
 from .interface import RunStore
 from .records import (
     DEFAULT_LIMITS,
     MAX_EVENT_BYTES,
     MAX_EVENTS_PER_CALL,
+    MAX_EVENTS_READ,
     MAX_HOSTS,
     MAX_LIST,
     MAX_META_BYTES,
@@ -28,8 +29,9 @@ from .sqlite import SqliteRunStore
 from .thread import STORE_METHODS, RunStoreThread
 
 __all__ = [
-    "DEFAULT_BUSY_TIMEOUT", "DEFAULT_LIMITS", "MAX_EVENTS_PER_CALL", "MAX_EVENT_BYTES",
-    "MAX_HOSTS", "MAX_LIST", "MAX_META_BYTES", "MAX_NAME", "MAX_PAGE_LINES", "MAX_TITLE",
+    "DEFAULT_BUSY_TIMEOUT", "DEFAULT_LIMITS", "MAX_EVENTS_PER_CALL", "MAX_EVENTS_READ",
+    "MAX_EVENT_BYTES", "MAX_HOSTS", "MAX_LIST", "MAX_META_BYTES", "MAX_NAME", "MAX_PAGE_LINES",
+    "MAX_SEQ", "MAX_TITLE",
     "MIGRATIONS", "STORE_METHODS", "ExecutionRecord", "Run", "RunLimits", "RunStore",
     "RunStoreThread", "SqliteRunStore", "check_hosts", "migrate", "new_run_id",
     "open_database", "schema_version",

@@ -16,6 +16,7 @@ from marco.errors import BadRequest
 from .records import encoded_json
 
 MAX_PAGE_LINES = 100_000  # at most this many lines in one page read
+MAX_SEQ = (1 << 63) - 1   # SQLite's largest integer: no seq (of a line or an event) is beyond
 
 
 def end_of(event: dict[str, Any]) -> int:
@@ -113,10 +114,16 @@ class Page:
                 self.next = end_of(part)
 
 
+def check_seq(value: Any, what: str) -> int:
+    """A seq SQLite can compare (0 to MAX_SEQ), or BadRequest."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise BadRequest(f"{what} must be an integer from 0 to {MAX_SEQ}")
+    return value
+
+
 def check_page(since: Any, limit: Any) -> None:
     """BadRequest unless `since` is a seq and `limit` a page size."""
-    if isinstance(since, bool) or not isinstance(since, int) or since < 0:
-        raise BadRequest("since must be an integer >= 0")
+    check_seq(since, "since")
     if isinstance(limit, bool) or not isinstance(limit, int) \
             or not 0 < limit <= MAX_PAGE_LINES:
         raise BadRequest(f"limit must be 1 to {MAX_PAGE_LINES} lines")

@@ -17,6 +17,7 @@ from marco.runs import KINDS, RUN_ID, STATUSES
 MAX_TITLE = 1000
 MAX_META_BYTES = 16 * 1024
 MAX_EVENTS_PER_CALL = 1000
+MAX_EVENTS_READ = 100_000  # events one read of a run's events gives at most
 MAX_EVENT_BYTES = 64 * 1024
 MAX_LIST = 1000
 MAX_NAME = 255  # a host name, an execution or task id

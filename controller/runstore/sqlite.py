@@ -21,10 +21,11 @@ from marco.errors import BadRequest, Conflict, InsufficientStorage, NotFound, To
 from marco.runs import KINDS, RUN_ID
 
 from .budget import Budget
-from .chunks import MAX_PAGE_LINES, Page, after, check_events, check_page, decode, encode, end_of
+from .chunks import Page, after, check_events, check_page, check_seq, decode, encode, end_of
 from .records import (
     DEFAULT_LIMITS,
     MAX_EVENTS_PER_CALL,
+    MAX_EVENTS_READ,
     MAX_HOSTS,
     MAX_LIST,
     MAX_TITLE,
@@ -65,6 +66,18 @@ def busy_is_try_again(method: Callable[P, R]) -> Callable[P, R]:
             raise
 
     return wrapper
+
+
+def check_events_limit(limit: Any) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) \
+            or not 0 < limit <= MAX_EVENTS_READ:
+        raise BadRequest(f"limit must be 1 to {MAX_EVENTS_READ} events")
+    return limit
+
+
+def event_from_row(row: sqlite3.Row) -> dict[str, Any]:
+    return {"seq": row["seq"], "time": row["time"], "type": row["type"],
+            **json.loads(row["body"])}
 
 
 class SqliteRunStore:
@@ -265,15 +278,40 @@ class SqliteRunStore:
                limit: int | None = None) -> builtins.list[dict[str, Any]]:
         """The run's events after seq `since`, in order, at most `limit` of them (NotFound for
         a missing or foreign run)."""
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
-                                  or not 0 < limit <= MAX_PAGE_LINES):
-            raise BadRequest(f"limit must be 1 to {MAX_PAGE_LINES} events")
+        check_seq(since, "since")
+        if limit is not None:
+            check_events_limit(limit)
         self._existing(owner, run_id)
         rows = self._db.execute("SELECT seq, time, type, body FROM events WHERE run_id = ? "
                                 "AND seq > ? ORDER BY seq LIMIT ?",
                                 (run_id, since, -1 if limit is None else limit)).fetchall()
-        return [{"seq": r["seq"], "time": r["time"], "type": r["type"], **json.loads(r["body"])}
-                for r in rows]
+        return [event_from_row(row) for row in rows]
+
+    @busy_is_try_again
+    def events_page(self, owner: str, run_id: str, since: int, limit: int,
+                    max_bytes: int) -> tuple[builtins.list[dict[str, Any]], bool]:
+        """One page of the run's events after seq `since`: at most `limit` of them and at most
+        `max_bytes` (as charged: type and body; the first is given whatever its size), and
+        whether more follow. Rows past the page are not decoded."""
+        check_seq(since, "since")
+        check_events_limit(limit)
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise BadRequest("max_bytes must be an integer >= 1")
+        self._existing(owner, run_id)
+        cursor = self._db.execute(
+            "SELECT seq, time, type, body, length(CAST(type AS BLOB)) + "
+            "length(CAST(body AS BLOB)) AS size FROM events WHERE run_id = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?", (run_id, since, limit + 1))
+        page: builtins.list[dict[str, Any]] = []
+        used, more = 0, False
+        for row in cursor:
+            if len(page) == limit or (page and used + row["size"] > max_bytes):
+                more = True
+                break
+            page.append(event_from_row(row))
+            used += row["size"]
+        cursor.close()
+        return page, more
 
     # Output
 

@@ -17,6 +17,7 @@ import pytest
 
 from controller.runstore import (
     MAX_HOSTS,
+    MAX_SEQ,
     MIGRATIONS,
     ExecutionRecord,
     Run,
@@ -276,6 +277,44 @@ def test_events_since_and_limit(store: SqliteRunStore, run: Run) -> None:
     for bad in (0, -1, True, 100_001):
         with pytest.raises(BadRequest):
             store.events("alice", run.id, limit=bad)
+
+
+def test_a_page_of_events_is_bounded_by_count_and_bytes(store: SqliteRunStore, run: Run) -> None:
+    """5,000 events of 64 KiB would be 320 MiB in one answer: a page stops at `max_bytes`
+    (type and body as stored), always giving one event, and says more follow."""
+    store.append_events("alice", run.id, [{"type": "x", "pad": "p" * 1000} for _ in range(10)])
+    size = len("x") + len(json.dumps({"pad": "p" * 1000}, separators=(",", ":")))
+    events, more = store.events_page("alice", run.id, 0, 100, max_bytes=3 * size)
+    assert [e["seq"] for e in events] == [1, 2, 3] and more
+    events, more = store.events_page("alice", run.id, 3, 100, max_bytes=3 * size + 1)
+    assert [e["seq"] for e in events] == [4, 5, 6] and more
+    events, more = store.events_page("alice", run.id, 0, 4, max_bytes=1 << 20)
+    assert [e["seq"] for e in events] == [1, 2, 3, 4] and more
+    events, more = store.events_page("alice", run.id, 6, 4, max_bytes=1 << 20)
+    assert [e["seq"] for e in events] == [7, 8, 9, 10] and not more
+    events, more = store.events_page("alice", run.id, 8, 100, max_bytes=1)  # one, whatever
+    assert [e["seq"] for e in events] == [9] and more
+    assert store.events_page("alice", run.id, 10, 100, max_bytes=1) == ([], False)
+    assert events[0] == store.events("alice", run.id, since=8, limit=1)[0]
+    for bad in (0, True, 100_001):
+        with pytest.raises(BadRequest):
+            store.events_page("alice", run.id, 0, bad, max_bytes=100)
+    with pytest.raises(NotFound):
+        store.events_page("bob", run.id, 0, 10, max_bytes=100)
+
+
+def test_a_seq_beyond_sqlites_integers_is_a_bad_request(store: SqliteRunStore,
+                                                        run: Run) -> None:
+    """Not an OverflowError (a 500) from SQLite."""
+    add(store, run, events_of(0, 3))
+    store.append_events("alice", run.id, [{"type": "x"}])
+    assert store.events("alice", run.id, since=MAX_SEQ) == []
+    assert store.output_page("alice", run.id, "e1", MAX_SEQ, 10) == ([], MAX_SEQ)
+    for call in (lambda: store.events("alice", run.id, since=MAX_SEQ + 1),
+                 lambda: store.events_page("alice", run.id, MAX_SEQ + 1, 10, 100),
+                 lambda: store.output_page("alice", run.id, "e1", MAX_SEQ + 1, 10)):
+        with pytest.raises(BadRequest):
+            call()
 
 
 # Owners, limits, deletion
