@@ -37,7 +37,6 @@ DEFAULT_WAITING_PER_USER = 16  # the runs_max_waiting_per_user setting's default
 WATCH_FIRST_POLL = 0.2         # seconds between a command run's execution checks, growing
 WATCH_MAX_POLL = 2.0           # to at most this
 WATCH_UNREACHABLE_TRIES = 5    # failed checks in a row before a node counts as unreachable
-WATCH_END_TRIES = 5            # a busy store (TryAgain) is asked this many times to end a run
 
 
 def outcome_of(error: MarcoError) -> str:
@@ -151,29 +150,44 @@ class RunKeeper:
         return next_seq
 
     async def collect_finally(self, run: Run, token: str) -> None:
-        """The ended run's final collection, on every node it touched: its hosts that are
-        known nodes and every node of its stored executions (retried until all archived)."""
+        """The ended run's final collection, on every node it touched that is known now: its
+        hosts and the nodes recorded for it (delegates, executions' nodes: `add_nodes`)."""
         try:
-            records = await self.store.call("executions", run.owner, run.id)
+            nodes: list[str] = await self.store.call("nodes", run.owner, run.id)
         except MarcoError as error:  # busy, or pruned meanwhile: the hosts are still asked
-            log.info("run %s: stored executions not read for the final collection: %s",
+            log.info("run %s: its recorded nodes not read for the final collection: %s",
                      run.id, error.message)
-            records = []
-        nodes = [*known(self.registry, run.hosts), *(r.node for r in records)]
-        self.collector.request_all(run, nodes, token, final=True)
+            nodes = []
+        self.collector.request_all(run, known(self.registry, [*run.hosts, *nodes]), token,
+                                   final=True)
 
     async def results_arrived(self, run: Run, token: str, events: list[dict[str, Any]]) -> None:
         """A batch of the run's events has been stored: collect now, while the agents still
         hold it, the output of the node each host result names (its `delegate`, else its
         `host`), and register the executions `execution` events name, so they stay listed
-        even if their node goes."""
-        nodes = [node for e in events if e.get("type") == "host_result"
-                 and isinstance(node := e.get("delegate") or e.get("host"), str)]
-        self.collector.request_all(run, known(self.registry, nodes), token)
+        even if their node goes. Nodes beyond the run's hosts are recorded first, so the final
+        collection asks them even when this collection is dropped or fails."""
+        nodes = known(self.registry, [
+            node for e in events if e.get("type") == "host_result"
+            and isinstance(node := e.get("delegate") or e.get("host"), str)])
         named = [e for e in events if e.get("type") == "execution"
                  and isinstance(e.get("host"), str) and isinstance(e.get("execution_id"), str)]
+        await self.add_nodes(run, [*nodes, *known(self.registry, (e["host"] for e in named))])
+        self.collector.request_all(run, nodes, token)
         await self.register(run, [(e["host"], e["execution_id"], e.get("task_id"))
                                   for e in named])
+
+    async def add_nodes(self, run: Run, nodes: Iterable[str]) -> None:
+        """Record the known nodes beyond the run's hosts its output is on; a store that
+        refuses (busy, caps, too many) is logged: those nodes are then read live only."""
+        new = [node for node in dict.fromkeys(nodes) if node not in run.hosts]
+        if not new:
+            return
+        try:
+            await self.store.call("add_nodes", run.owner, run.id, new)
+        except MarcoError as error:
+            log.warning("run %s: node(s) %s not recorded for its final collection: %s", run.id,
+                        ", ".join(new[:10]), error.message)
 
     async def register(self, run: Run,
                        executions: Iterable[tuple[str, str, str | None]]) -> None:
@@ -222,20 +236,33 @@ class RunKeeper:
         exits = await asyncio.gather(*(self._wait_exit(run, host, eid, token)
                                        for host, eid in started.items()))
         stats.update(zip(started, exits, strict=True))
-        for attempt in range(WATCH_END_TRIES):
+        await self._end_watched(run, token, stats)
+
+    async def _end_watched(self, run: Run, token: str, stats: dict[str, dict[str, int]]) -> None:
+        """End the watched run; a busy store (TryAgain) is asked again, waiting longer each
+        time (up to runs_collect_retry_max), until runs_collect_give_up seconds have passed:
+        a run left running would hold a running slot and miss its final collection."""
+        limits = self.collector.limits
+        delay, deadline = WATCH_FIRST_POLL, time.monotonic() + limits.give_up
+        while True:
             try:
                 await self.finish(run.owner, run.id, status_from_stats(stats), token, stats)
                 return
             except TryAgain as error:  # the store is busy: a moment later it is not
-                log.info("run %s: ending it waits for the store: %s", run.id, error.message)
-                await asyncio.sleep(WATCH_FIRST_POLL * 2 ** attempt)
+                if time.monotonic() + delay > deadline:
+                    log.warning("run %s was not ended by its watcher: the store stayed busy "
+                                "for %d s", run.id, limits.give_up)
+                    return
+                log.info("run %s: ending it waits for the store (again in %.1f s): %s",
+                         run.id, delay, error.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, limits.retry_max)
             except Conflict as error:  # ended by someone else meanwhile (POST .../finish)
                 log.info("run %s was ended before its watcher: %s", run.id, error.message)
                 return
             except MarcoError as error:
                 log.info("run %s was not ended by its watcher: %s", run.id, error.message)
                 return
-        log.warning("run %s was not ended by its watcher: the store stayed busy", run.id)
 
     async def _wait_exit(self, run: Run, host: str, execution_id: str,
                          token: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,24 +22,24 @@ from marco.client import AsyncAgentClient
 from marco.discovery import NodeRegistry
 from marco.errors import AuthenticationError, MarcoError, TryAgain
 
+from .agent_records import AgentExecution, has_ended, of_run
 from .connector import AgentConnector
 from .runstore import ExecutionRecord, Run, RunStoreThread
 
 log = logging.getLogger(__name__)
-
-OUTPUT_PAGE_LINES = 20_000  # lines asked per output request: one page is held at a time
-MAX_RETRY_DELAY = 60.0      # a final collection's retries double up to this
-MEMO_RECORDS = 100_000      # execution records remembered across runs (least recent go first)
 
 
 @dataclass(frozen=True)
 class CollectLimits:
     """The collector's settings (runs_collect_*)."""
 
-    per_user: int = 4            # collections of one user running at once
-    queue_per_user: int = 1000   # non-final requests of one user waiting; more are dropped
-    retry: float = 5.0           # first delay before a final collection is tried again
-    give_up: float = 3600.0      # seconds after the run's end when retries stop
+    per_user: int = 4             # collections of one user running at once
+    queue_per_user: int = 1000    # non-final requests of one user waiting; more are dropped
+    finals_per_user: int = 1000   # final collections of one user queued, running or retried
+    retry: float = 5.0            # first delay before a final collection is tried again
+    retry_max: float = 60.0       # the delay doubles up to this
+    give_up: float = 3600.0       # seconds after the run's end when retries stop
+    page_lines: int = 20_000      # lines asked of an agent per output request (one page held)
 
 
 DEFAULT_LIMITS = CollectLimits()
@@ -53,18 +53,30 @@ class Outcome(enum.Enum):
     STOPPED = "stopped"  # nothing more to do with this token: refused, store full, run gone
 
 
+@dataclass(frozen=True)
+class RunRef:
+    """What a collection keeps of its run: not the Run, whose hosts alone can be megabytes."""
+
+    id: str
+    owner: str
+    ended: float | None
+
+    @classmethod
+    def of(cls, run: Run) -> RunRef:
+        return cls(run.id, run.owner, run.ended)
+
+
 @dataclass
 class Slot:
     """One (run, node) to collect: the newest token asked with, whether the run has ended."""
 
-    run: Run
+    run: RunRef
     node: str
     token: str
     final: bool = False
     state: str = "queued"  # queued, running, or waiting (for a final retry)
     again: bool = False    # asked again while running: run once more after
     delay: float = 0.0     # the last retry delay (0: none yet)
-    retrying: bool = False  # counted in its user's `retrying` until it is done
 
     @property
     def key(self) -> tuple[str, str]:
@@ -74,60 +86,26 @@ class Slot:
 @dataclass
 class UserQueue:
     """One user's collections: those running, those waiting their turn (oldest first), and
-    how many final ones are being retried."""
+    counters kept as slots come and go, so no request counts the queue."""
 
     running: int = 0
     waiting: deque[Slot] = field(default_factory=deque)
-    retrying: int = 0
+    plain_waiting: int = 0  # non-final slots in `waiting`
+    finals: int = 0         # final slots, wherever they are (queued, running, retry timer)
 
+    def push(self, slot: Slot) -> None:
+        slot.state = "queued"
+        self.waiting.append(slot)
+        self.plain_waiting += not slot.final
 
-class RecordMemo:
-    """The stored records of the runs collected lately, by run and execution id: a long run's
-    collections (one per host result) would otherwise each read all of its records from the
-    store. Only the collector stores output, and `archived` and `next_seq` only grow, so a
-    remembered record is at worst behind the store (its lines are then asked again and the
-    store drops them)."""
+    def pop(self) -> Slot:
+        slot = self.waiting.popleft()
+        self.plain_waiting -= not slot.final
+        return slot
 
-    def __init__(self, limit: int = MEMO_RECORDS) -> None:
-        self.limit = limit
-        self._runs: OrderedDict[str, dict[str, ExecutionRecord]] = OrderedDict()
-        self._count = 0
-
-    def get(self, run_id: str) -> dict[str, ExecutionRecord] | None:
-        records = self._runs.get(run_id)
-        if records is not None:
-            self._runs.move_to_end(run_id)
-        return records
-
-    def put(self, run_id: str, records: dict[str, ExecutionRecord]) -> None:
-        self.drop(run_id)
-        self._runs[run_id] = records
-        self._count += len(records)
-        self._trim()
-
-    def update(self, run_id: str, record: ExecutionRecord) -> None:
-        records = self._runs.get(run_id)
-        if records is None:
-            return
-        self._count += record.execution_id not in records
-        records[record.execution_id] = record
-        self._trim()
-
-    def drop(self, run_id: str) -> None:
-        self._count -= len(self._runs.pop(run_id, {}))
-
-    def _trim(self) -> None:
-        while self._count > self.limit and len(self._runs) > 1:
-            self.drop(next(iter(self._runs)))
-
-
-class StoreFailed(Exception):
-    """The run store refused a collection's write (its caps, busy, the run gone): kept apart
-    from the agents' errors, which share the MarcoError ladder."""
-
-    def __init__(self, error: MarcoError) -> None:
-        super().__init__(error.message)
-        self.error = error
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting and not self.finals
 
 
 class OutputCollector:
@@ -141,7 +119,6 @@ class OutputCollector:
         self._slots: dict[tuple[str, str], Slot] = {}
         self._users: dict[str, UserQueue] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._memo = RecordMemo()
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -149,23 +126,27 @@ class OutputCollector:
         """Collect the run's executions on `node` soon. One collection per (run, node) is in
         flight: asked again meanwhile, it runs once more after. A final request (the run has
         ended) is retried until every execution there is archived."""
+        queue = self._users.setdefault(run.owner, UserQueue())
         slot = self._slots.get((run.id, node))
         if slot is not None:
             slot.token = token  # the newest: an older one may expire first
-            if final:
-                slot.run, slot.final = run, True
+            if final and not slot.final and self._take_final(queue, run, node):
+                queue.plain_waiting -= slot.state == "queued"
+                slot.run, slot.final = RunRef.of(run), True
             if slot.state == "running":
                 slot.again = True
             return
-        queue = self._users.setdefault(run.owner, UserQueue())
-        if not final and sum(not s.final for s in queue.waiting) >= self.limits.queue_per_user:
+        if final and not self._take_final(queue, run, node):
+            self._forget_idle(run.owner)
+            return
+        if not final and queue.plain_waiting >= self.limits.queue_per_user:
             log.warning("run %s of %s: collection on %s dropped (%d of the user's collections "
                         "wait already); the run's final collection picks it up", run.id,
                         run.owner, node, self.limits.queue_per_user)
             return
-        slot = Slot(run, node, token, final)
+        slot = Slot(RunRef.of(run), node, token, final)
         self._slots[slot.key] = slot
-        queue.waiting.append(slot)
+        queue.push(slot)
         self._pump(run.owner)
 
     def request_all(self, run: Run, nodes: Iterable[str], token: str,
@@ -173,18 +154,34 @@ class OutputCollector:
         for node in dict.fromkeys(nodes):
             self.request(run, node, token, final)
 
+    def _take_final(self, queue: UserQueue, run: Run, node: str) -> bool:
+        """Count one more final collection of the user; False at `finals_per_user` (a user
+        ending many runs on many nodes would pile them up): that node's output is then read
+        live from its agent while the agent holds it."""
+        if queue.finals >= self.limits.finals_per_user:
+            log.warning("run %s of %s: final collection on %s not queued: %d of the user's "
+                        "final collections are pending already; its output is read from the "
+                        "agent while the agent holds it", run.id, run.owner, node, queue.finals)
+            return False
+        queue.finals += 1
+        return True
+
+    def _forget_idle(self, owner: str) -> None:
+        queue = self._users.get(owner)
+        if queue is not None and queue.idle:
+            del self._users[owner]
+
     def _pump(self, owner: str) -> None:
         """Start the user's waiting collections while fewer than `per_user` run."""
         queue = self._users[owner]
         while queue.waiting and queue.running < self.limits.per_user:
-            slot = queue.waiting.popleft()
+            slot = queue.pop()
             slot.state, slot.again = "running", False
             queue.running += 1
             log.debug("collecting run %s on %s (%d of at most %d at once for %s)", slot.run.id,
                       slot.node, queue.running, self.limits.per_user, owner)
             self._spawn(self._run(slot))
-        if not queue.running and not queue.waiting and not queue.retrying:
-            del self._users[owner]
+        self._forget_idle(owner)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -202,29 +199,15 @@ class OutputCollector:
         queue.running -= 1
         log.debug("collected run %s on %s: %s", slot.run.id, slot.node, outcome.value)
         if slot.again:
-            slot.state = "queued"
-            queue.waiting.append(slot)
-        elif outcome is Outcome.PENDING and slot.final and self._retry_later(slot, queue):
-            pass
-        else:
+            queue.push(slot)
+        elif not (outcome is Outcome.PENDING and slot.final and self._retry_later(slot)):
             del self._slots[slot.key]
-            queue.retrying -= slot.retrying
+            queue.finals -= slot.final
         self._pump(slot.run.owner)
 
-    def _retry_later(self, slot: Slot, queue: UserQueue) -> bool:
-        """Schedule a final collection's next try (doubling delays); False past give-up, or
-        when `queue_per_user` of the user's final collections are being retried already
-        (each holds a run and a timer: a user ending many runs on a dead node would pile them
-        up)."""
-        if not slot.retrying:
-            if queue.retrying >= self.limits.queue_per_user:
-                log.warning("run %s of %s: collection on %s not retried: %d of the user's "
-                            "collections are being retried already; what is not stored stays "
-                            "unarchived", slot.run.id, slot.run.owner, slot.node,
-                            queue.retrying)
-                return False
-            slot.retrying, queue.retrying = True, queue.retrying + 1
-        slot.delay = min(slot.delay * 2 or self.limits.retry, MAX_RETRY_DELAY)
+    def _retry_later(self, slot: Slot) -> bool:
+        """Schedule a final collection's next try (doubling delays); False past give-up."""
+        slot.delay = min(slot.delay * 2 or self.limits.retry, self.limits.retry_max)
         ended = slot.run.ended if slot.run.ended is not None else time.time()
         if time.time() + slot.delay > ended + self.limits.give_up:
             log.info("run %s of %s: collection on %s given up %d s after the run ended; what "
@@ -239,8 +222,7 @@ class OutputCollector:
 
     async def _wait_and_queue(self, slot: Slot) -> None:
         await asyncio.sleep(slot.delay)
-        slot.state = "queued"
-        self._users[slot.run.owner].waiting.append(slot)  # kept while it is retrying
+        self._users[slot.run.owner].push(slot)  # kept while its final slot is counted
         self._pump(slot.run.owner)
 
     async def close(self) -> None:
@@ -254,12 +236,14 @@ class OutputCollector:
     # -- collecting -----------------------------------------------------------------------------
 
     async def _collect(self, slot: Slot) -> Outcome:
-        """Store what the node holds of the run's executions that are not archived yet."""
+        """Store what the node holds of the run's executions that are not archived yet. Agent
+        errors are caught where the agent is called; a MarcoError reaching here past the
+        token's is the store's."""
         run = slot.run
         node = self.registry.get(slot.node)
-        if node is None:  # gone (said goodbye) or not a node: what is stored stays listed
-            log.debug("run %s: %s is not a known node now", run.id, slot.node)
-            return Outcome.PENDING
+        if node is None:  # gone (said goodbye) or never a node: what is stored stays listed
+            log.info("run %s: %s is not a known node now; not collected", run.id, slot.node)
+            return Outcome.STOPPED
         client = self.connector.client(node, slot.token)
         try:
             return await self._collect_node(slot, client)
@@ -267,71 +251,89 @@ class OutputCollector:
             log.info("run %s of %s: collection on %s stopped, the token was refused: %s",
                      run.id, run.owner, slot.node, error.message)
             return Outcome.STOPPED
-        except StoreFailed as failed:
-            level = logging.INFO if isinstance(failed.error, TryAgain) else logging.WARNING
-            log.log(level, "run %s of %s: output from %s not stored: %s", run.id, run.owner,
-                    slot.node, failed.error.message)
-            return Outcome.PENDING if isinstance(failed.error, TryAgain) else Outcome.STOPPED
-        except MarcoError as error:
-            log.info("run %s: cannot collect from %s now: %s", run.id, slot.node, error.message)
+        except TryAgain as error:  # the store is busy: a later try may pass
+            log.info("run %s of %s: output from %s not stored now: %s", run.id, run.owner,
+                     slot.node, error.message)
             return Outcome.PENDING
+        except MarcoError as error:  # the store's caps, or the run pruned meanwhile
+            log.warning("run %s of %s: output from %s not stored: %s", run.id, run.owner,
+                        slot.node, error.message)
+            return Outcome.STOPPED
 
     async def _collect_node(self, slot: Slot, client: AsyncAgentClient) -> Outcome:
+        """Each listed execution not archived yet is looked up by its id (the store reads no
+        other record); a final collection then archives what the node no longer holds and
+        marks the node swept."""
         run = slot.run
-        # A final collection reads the store afresh: it decides what is lost and swept.
-        records = None if slot.final else self._memo.get(run.id)
-        if records is None:
-            records = {r.execution_id: r
-                       for r in await self._store("executions", run.owner, run.id)}
-            self._memo.put(run.id, records)
-        listed: set[str] = set()
+        listed = await self._listing(slot, client)
+        if listed is None:
+            return Outcome.PENDING
         pending = False
-        for summary in await client.executions(run=run.id):
-            tags = summary.get("tags") or {}
-            if tags.get("run") != run.id:  # an agent without tags lists every execution
-                continue
-            listed.add(summary["id"])
-            record = records.get(summary["id"])
-            if record is not None and record.archived:
-                continue
-            try:
-                pending |= not await self._collect_execution(slot, client, summary, record)
-            except AuthenticationError:
-                raise
-            except MarcoError as error:  # this one only (forgotten meanwhile, say)
-                log.info("run %s: output of %s on %s not collected now: %s", run.id,
-                         summary["id"], slot.node, error.message)
-                pending = True
+        for live in listed:
+            record: ExecutionRecord | None = await self.store.call(
+                "execution", run.owner, run.id, live.execution_id)
+            if record is None or not record.archived:
+                pending |= not await self._collect_execution(slot, client, live, record)
         if pending:
             return Outcome.PENDING
-        lost = [r.execution_id for r in records.values()
-                if r.node == slot.node and not r.archived and r.execution_id not in listed]
-        if lost:  # the agent no longer has them: asking again brings nothing
-            log.info("run %s: %s no longer holds execution(s) %s; they stay unarchived", run.id,
-                     slot.node, ", ".join(lost[:10]))
-        elif slot.final:
-            await self._store("mark_swept", run.owner, run.id, slot.node)
+        if slot.final:
+            await self._archive_lost(slot, {live.execution_id for live in listed})
+            await self.store.call("mark_swept", run.owner, run.id, slot.node)
         return Outcome.DONE
 
+    async def _listing(self, slot: Slot, client: AsyncAgentClient) -> list[AgentExecution] | None:
+        """The node's executions tagged with the run; None when the agent is not reached now."""
+        try:
+            summaries = await client.executions(run=slot.run.id)
+        except AuthenticationError:
+            raise
+        except MarcoError as error:
+            log.info("run %s: cannot list the executions on %s now: %s", slot.run.id,
+                     slot.node, error.message)
+            return None
+        return [live for summary in summaries
+                if (live := of_run(slot.run.id, slot.node, summary)) is not None]
+
+    async def _archive_lost(self, slot: Slot, listed: set[str]) -> None:
+        """The node's stored executions of the run that it no longer lists are archived with
+        what was stored: asking that agent again brings nothing (its retention forgot them,
+        or it restarted), and the node can be swept."""
+        run = slot.run
+        records: list[ExecutionRecord] = await self.store.call(
+            "executions", run.owner, run.id, node=slot.node)
+        for record in records:
+            if record.archived or record.execution_id in listed:
+                continue
+            log.debug("run %s: %s no longer holds execution %s; archived with its %d stored "
+                      "line(s)", run.id, slot.node, record.execution_id, record.next_seq)
+            await self.store.call("add_output", run.owner, run.id, host=record.host,
+                                  node=record.node, execution_id=record.execution_id,
+                                  task_id=record.task_id, events=[], archived=True)
+
     async def _collect_execution(self, slot: Slot, client: AsyncAgentClient,
-                                 summary: dict[str, Any], record: ExecutionRecord | None) -> bool:
+                                 live: AgentExecution, record: ExecutionRecord | None) -> bool:
         """Store one execution's output from the stored next_seq on, page by page; True once
         it is archived (it has ended and every line it kept is stored)."""
-        tags = summary.get("tags") or {}
-        where = dict(host=str(tags.get("host") or slot.node), node=slot.node,
-                     execution_id=summary["id"], task_id=tags.get("task"))
-        if summary.get("no_log"):  # no output anywhere: only its record
-            ended = summary.get("state") != "running"
+        where = dict(host=live.host, node=slot.node, execution_id=live.execution_id,
+                     task_id=live.task_id)
+        if live.no_log:  # no output anywhere: only its record
+            ended = live.state != "running"
             await self._add(slot, where, [], archived=ended)
             return ended
         since = record.next_seq if record is not None else 0
         while True:
-            page = await client.output(summary["id"], since=since, limit=OUTPUT_PAGE_LINES)
-            execution, events, after = page["execution"], page["events"], page["next"]
-            # The page and the execution's state are one snapshot: ended and nothing after
-            # `after` means every line it kept is here.
-            done = execution.get("state") != "running" and (
-                not events or after >= execution.get("next_seq", 0))
+            try:
+                page = await client.output(live.execution_id, since=since,
+                                           limit=self.limits.page_lines)
+            except AuthenticationError:
+                raise
+            except MarcoError as error:  # this one only (forgotten meanwhile, say)
+                log.info("run %s: output of %s on %s not collected now: %s", slot.run.id,
+                         live.execution_id, slot.node, error.message)
+                return False
+            events, after = page["events"], page["next"]
+            # The page and the execution's state are one snapshot of the agent.
+            done = has_ended(page["execution"], after, page.get("truncated_seq"))
             if events or done or record is None:
                 record = await self._add(slot, where, events, archived=done,
                                          truncated_seq=page.get("truncated_seq"))
@@ -343,20 +345,12 @@ class OutputCollector:
 
     async def _add(self, slot: Slot, where: dict[str, Any], events: list[dict[str, Any]],
                    archived: bool, truncated_seq: int | None = None) -> ExecutionRecord:
-        record: ExecutionRecord = await self._store(
+        record: ExecutionRecord = await self.store.call(
             "add_output", slot.run.owner, slot.run.id, **where, events=events,
             archived=archived, truncated_seq=truncated_seq)
-        self._memo.update(slot.run.id, record)
         return record
-
-    async def _store(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await self.store.call(method, *args, **kwargs)
-        except MarcoError as error:
-            raise StoreFailed(error) from error
 
 
 def known(registry: NodeRegistry, names: Iterable[str]) -> list[str]:
     """The names that are nodes the controller knows (a playbook's `localhost` is not)."""
     return [name for name in dict.fromkeys(names) if registry.get(name) is not None]
-

@@ -68,12 +68,22 @@ def runs_options() -> list[Option]:
         Option("runs_collect_per_user", 4, "output collections of one user's runs running at "
                "once", kind=int),
         Option("runs_collect_queue_per_user", 1000, "collections of one user's running runs "
-               "waiting their turn, and of ended runs being retried; more are dropped (logged; "
-               "a running run's final collection picks them up)", kind=int),
+               "waiting their turn; more are dropped (logged; the run's final collection picks "
+               "them up)", kind=int),
+        Option("runs_collect_finals_per_user", 1000, "final collections of one user's ended "
+               "runs (one per node) queued, running or waiting to be retried; more are not "
+               "queued (logged; that output is read from its agent while the agent holds it)",
+               kind=int),
         Option("runs_collect_retry", 5.0, "seconds before an ended run's output is collected "
-               "again from a node not done yet, doubling up to 60", kind=float),
+               "again from a node not done yet, doubling up to runs_collect_retry_max",
+               kind=float),
+        Option("runs_collect_retry_max", 60.0, "longest wait between two tries of a final "
+               "collection (and of a command run's watcher ending its run on a busy store)",
+               kind=float),
         Option("runs_collect_give_up", 3600.0, "seconds after a run ended when its output "
-               "stops being collected", kind=float),
+               "stops being collected (and a watcher stops trying to end its run)", kind=float),
+        Option("runs_collect_page_lines", 20_000, "lines of output asked of an agent at once "
+               "when collecting (one page is held in memory at a time)", kind=int),
         Option("runs_wait_max", 25, "seconds a request for a running run's next events "
                "(GET /api/runs/ID?wait=) waits at most", kind=int),
         Option("runs_max_waiting_per_user", 16, "requests of one user waiting for a run's "
@@ -114,8 +124,11 @@ class ControllerConfig:
     runs_max_bytes_per_user: int
     runs_collect_per_user: int
     runs_collect_queue_per_user: int
+    runs_collect_finals_per_user: int
     runs_collect_retry: float
+    runs_collect_retry_max: float
     runs_collect_give_up: float
+    runs_collect_page_lines: int
     runs_wait_max: int
     runs_max_waiting_per_user: int
     state_dir: str
@@ -129,8 +142,9 @@ class ControllerConfig:
         """Every runs bound must be positive: a zero would prune everything or refuse every run."""
         for key in ("runs_retention_days", "runs_max_bytes", "runs_max_running_per_user",
                     "runs_max_per_user", "runs_max_bytes_per_user", "runs_collect_per_user",
-                    "runs_collect_queue_per_user", "runs_collect_retry", "runs_collect_give_up",
-                    "runs_wait_max", "runs_max_waiting_per_user"):
+                    "runs_collect_queue_per_user", "runs_collect_finals_per_user",
+                    "runs_collect_retry", "runs_collect_retry_max", "runs_collect_give_up",
+                    "runs_collect_page_lines", "runs_wait_max", "runs_max_waiting_per_user"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
 

@@ -40,7 +40,11 @@ def collect_limits(config: ControllerConfig) -> CollectLimits:
     """The output collector's bounds from the controller's settings."""
     return CollectLimits(per_user=config.runs_collect_per_user,
                          queue_per_user=config.runs_collect_queue_per_user,
-                         retry=config.runs_collect_retry, give_up=config.runs_collect_give_up)
+                         finals_per_user=config.runs_collect_finals_per_user,
+                         retry=config.runs_collect_retry,
+                         retry_max=config.runs_collect_retry_max,
+                         give_up=config.runs_collect_give_up,
+                         page_lines=config.runs_collect_page_lines)
 
 
 @dataclass

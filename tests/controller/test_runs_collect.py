@@ -5,9 +5,12 @@ it exits; collections are bounded per user; a refused token stops the retries.""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import signal
+import sqlite3
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -16,9 +19,11 @@ from typing import Any
 import pytest
 
 from controller.__main__ import build_parser, load_config
-from controller.collector import CollectLimits, RecordMemo
+from controller.collector import CollectLimits, OutputCollector
+from controller.connector import AgentConnector
 from controller.context import collect_limits
-from controller.runstore import ExecutionRecord
+from controller.runstore import Run, RunStoreThread, new_run_id
+from marco.discovery import NodeRegistry
 from marco.errors import ConfigError
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
@@ -351,27 +356,34 @@ def test_a_users_waiting_collections_are_bounded_and_the_end_picks_up_the_rest(
              what="the dropped one collected at the end")
 
 
-def test_a_users_retried_collections_are_bounded(start_agent, start_controller,
-                                                 alice: UnixUser, signer: TokenSigner,
-                                                 unique_name) -> None:
-    """With runs_collect_queue_per_user 1, one final collection is retried while its execution
-    runs on; a second run ending meanwhile is not retried (logged); the first is archived."""
+def test_a_users_final_collections_are_bounded(start_agent, start_controller,
+                                               alice: UnixUser, signer: TokenSigner,
+                                               unique_name) -> None:
+    """With runs_collect_finals_per_user 1, one final collection is retried while its
+    execution runs on; a second run ending meanwhile gets none (logged: its output is read
+    from the agent while it holds it); the first is archived."""
     token = signer.issue(alice.name)
     controller, (agent,) = cluster(start_agent, start_controller, unique_name, token,
-                                   controller_args=("--runs-collect-queue-per-user", "1",
+                                   controller_args=("--runs-collect-finals-per-user", "1",
                                                     "--runs-collect-retry", "0.2"))
     flag = Path("/tmp") / f"marco-collect-{secrets.token_hex(6)}"
     command = f"echo before; while [ ! -e {flag} ]; do sleep 0.05; done; echo after"
     runs = [new_run(controller, token, [agent.node_name]) for _ in range(2)]
     executions = [start_task(agent, token, run_id, "t1", command) for run_id in runs]
-    refused = "not retried: 1 of the user's collections are being retried already"
+    status, answer = call(controller, "POST", f"/api/runs/{runs[1]}/events", {"events": [
+        {"type": "execution", "host": agent.node_name, "execution_id": executions[1]}]}, token)
+    assert status == 200, answer  # registered: the read side asks its agent for the rest
+    refused = (f"final collection on {agent.node_name} not queued: 1 of the user's final "
+               "collections are pending already")
     try:
         finish(controller, token, runs[0])
         wait_for(lambda: "again in" in "\n".join(collection_log(controller, runs[0])),
                  what="the first run's collection retried")
         finish(controller, token, runs[1])
         wait_for(lambda: refused in "\n".join(collection_log(controller, runs[1])),
-                 what="the second run's collection not retried")
+                 what="the second run's final collection not queued")
+        assert not [line for line in collection_log(controller, runs[1])
+                    if "collecting run" in line]
         flag.touch()
         kept = wait_for(partial(archived, controller, token, runs[0], executions[0]),
                         what="the retried run archived")
@@ -379,6 +391,9 @@ def test_a_users_retried_collections_are_bounded(start_agent, start_controller,
     finally:
         flag.unlink(missing_ok=True)
     assert refused not in "\n".join(collection_log(controller, runs[0]))
+    # The second run's output is still read, live, from the agent.
+    wait_exited(agent, token, executions[1])
+    assert stored_lines(controller, token, runs[1], executions[1]) == (["before", "after"], True)
 
 
 def test_collect_settings_reach_the_collector_and_refuse_zero() -> None:
@@ -386,10 +401,18 @@ def test_collect_settings_reach_the_collector_and_refuse_zero() -> None:
     config = load_config(build_parser().parse_args(["--runs-collect-per-user", "2",
                                                     "--runs-collect-give-up", "60"]), environ)
     assert collect_limits(config) == CollectLimits(per_user=2, retry=0.5, give_up=60)
+    config = load_config(build_parser().parse_args([
+        "--runs-collect-finals-per-user", "7", "--runs-collect-retry-max", "9",
+        "--runs-collect-page-lines", "100"]), {})
+    assert collect_limits(config) == CollectLimits(finals_per_user=7, retry_max=9,
+                                                   page_lines=100)
     assert collect_limits(load_config(build_parser().parse_args([]), {})) == CollectLimits(
-        per_user=4, queue_per_user=1000, retry=5, give_up=3600)
+        per_user=4, queue_per_user=1000, finals_per_user=1000, retry=5, retry_max=60,
+        give_up=3600, page_lines=20_000)
     for flag in ("--runs-collect-per-user", "--runs-collect-queue-per-user",
-                 "--runs-collect-retry", "--runs-collect-give-up"):
+                 "--runs-collect-finals-per-user", "--runs-collect-retry",
+                 "--runs-collect-retry-max", "--runs-collect-give-up",
+                 "--runs-collect-page-lines"):
         with pytest.raises(ConfigError, match=flag[2:].replace("-", "_")):
             load_config(build_parser().parse_args([flag, "0"]), {})
 
@@ -419,22 +442,137 @@ def test_a_refused_token_stops_the_retries(start_agent, start_controller, alice:
     assert not stored(controller, fresh, run_id)[execution_id]["archived"]
 
 
-def record(execution_id: str, next_seq: int = 0, archived: bool = False) -> ExecutionRecord:
-    return ExecutionRecord(host="web", node="web", execution_id=execution_id, task_id=None,
-                           next_seq=next_seq, archived=archived, truncated_seq=None, bytes=0)
+def test_a_delegate_is_recorded_so_the_final_collection_asks_it_when_its_request_dropped(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    """A delegate is not one of the run's hosts: its node is recorded (add_nodes) as the
+    result arrives, so when that collection is dropped (the user's queue is full) the run's
+    final collection still asks it (#5)."""
+    token = signer.issue(alice.name)
+    controller, agents = cluster(start_agent, start_controller, unique_name, token, agents=3,
+                                 controller_args=("--runs-collect-per-user", "1",
+                                                  "--runs-collect-queue-per-user", "1"))
+    names = [a.node_name for a in agents]
+    web = f"web-{secrets.token_hex(3)}"  # an inventory host that is not a node
+    run_id = new_run(controller, token, [*names[:2], web])
+    executions = [start_task(a, token, run_id, "t1", "echo on-" + a.node_name)
+                  for a in agents[:2]]
+    with agents[2].client(token) as client:
+        delegated = client.start("echo delegated", tags={"run": run_id, "task": "t1",
+                                                         "host": web})
+    for agent, execution_id in zip(agents, [*executions, delegated], strict=True):
+        wait_exited(agent, token, execution_id)
+    result = {"type": "host_result", "task_id": "t1", "status": "changed", "msg": "", "rc": 0,
+              "duration": 0.1}
+    status, answer = call(controller, "POST", f"/api/runs/{run_id}/events", {"events": [
+        *({**result, "host": name} for name in names[:2]),
+        {**result, "host": web, "delegate": names[2]}]}, token)
+    assert status == 200, answer
+    dropped = [line for line in collection_log(controller, run_id) if "dropped" in line]
+    assert len(dropped) == 1 and f"collection on {names[2]} dropped" in dropped[0], dropped
+    status, run = call(controller, "GET", f"/api/runs/{run_id}", token=token)
+    assert names[2] not in run["hosts"]
+    finish(controller, token, run_id)
+    kept = wait_for(partial(archived, controller, token, run_id, delegated),
+                    what="the delegated execution kept by the final collection")
+    assert (kept["host"], kept["node"]) == (web, names[2])
+    agents[2].stop()
+    assert stored_lines(controller, token, run_id, delegated) == (["delegated"], True)
 
 
-def test_the_record_memo_keeps_the_latest_runs_within_its_bound() -> None:
-    """The collector's memory of stored records: updated as output is stored, least recently
-    used runs forgotten beyond its bound (they are read from the store again)."""
-    memo = RecordMemo(limit=3)
-    memo.put("r1", {"a": record("a"), "b": record("b")})
-    memo.update("r1", record("a", next_seq=5, archived=True))
-    memo.update("r9", record("z"))  # a run not remembered stays so
-    assert memo.get("r9") is None
-    memo.put("r2", {"c": record("c")})
-    assert memo.get("r1") == {"a": record("a", 5, True), "b": record("b")}  # r1 used last
-    memo.update("r2", record("d"))  # a fourth record: r2, the least recently used, goes
-    assert memo.get("r2") is None and memo.get("r1") is not None
-    memo.put("r3", {"e": record("e"), "f": record("f")})  # five: r1 goes, r3 stays alone
-    assert memo.get("r1") is None and memo.get("r3") is not None
+def test_an_execution_its_agent_no_longer_holds_is_archived_by_the_final_collection(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    """An execution registered for a node that does not hold it (forgotten, or never there)
+    is archived with what was stored when the run's final collection finds the node done, so
+    the node is swept and not asked again (#8). An `execution` event naming a name that is no
+    node gets no collection at all (#4)."""
+    token = signer.issue(alice.name)
+    controller, (agent,) = cluster(start_agent, start_controller, unique_name, token)
+    node, ghost = agent.node_name, f"ghost-{secrets.token_hex(3)}"
+    run_id = new_run(controller, token, [node])
+    real = start_task(agent, token, run_id, "t1", "echo real")
+    wait_exited(agent, token, real)
+    status, answer = call(controller, "POST", f"/api/runs/{run_id}/events", {"events": [
+        {"type": "execution", "host": node, "execution_id": "e-forgotten", "task_id": "t1"},
+        {"type": "execution", "host": ghost, "execution_id": "e-ghost", "task_id": "t1"}]},
+        token)
+    assert status == 200, answer
+    finish(controller, token, run_id)
+    kept = wait_for(partial(archived, controller, token, run_id, "e-forgotten"),
+                    what="the forgotten execution archived")
+    assert (kept["node"], kept["stored_seq"], kept["state"]) == (node, 0, "ended")
+    wait_for(lambda: f"collected run {run_id} on {node}: done" in controller.log(),
+             what="the final collection done")
+    assert archived(controller, token, run_id, real)
+    lines = collection_log(controller, run_id)
+    assert [line for line in lines if ghost in line] == [], lines
+    assert [line for line in lines if "collecting run" in line and node in line], lines
+    assert not stored(controller, token, run_id)["e-ghost"]["archived"]
+
+
+def test_a_final_collection_keeps_no_run_and_a_node_unknown_now_is_not_retried(
+        tmp_path: Path) -> None:
+    """A final collection's slot keeps the run's id, owner and end, not the Run (its hosts can
+    be megabytes, #4); a node the controller does not know is not retried (#4)."""
+
+    async def scenario() -> None:
+        store = RunStoreThread(tmp_path / "runs.sqlite3")
+        collector = OutputCollector(store, AgentConnector(None), NodeRegistry(),
+                                    CollectLimits(retry=0.01))
+        hosts = [f"host-{number:05d}-{'x' * 200}" for number in range(10_000)]
+        run = Run(id=new_run_id(), owner="alice", kind="playbook", title="big", hosts=hosts,
+                  started=time.time(), ended=time.time(), status="ok")
+        try:
+            collector.request(run, "ghost", "token", final=True)
+            (slot,) = collector._slots.values()
+            assert not [value for value in vars(slot).values() if isinstance(value, Run)]
+            assert (slot.run.id, slot.run.owner, slot.run.ended) == (run.id, "alice", run.ended)
+            deadline = time.monotonic() + 20
+            while collector._slots and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # the collection runs on this loop
+            assert not collector._slots and not collector._users
+        finally:
+            await collector.close()
+            store.close()
+
+    asyncio.run(scenario())
+
+
+def hold_store(controller: ControllerProcess) -> sqlite3.Connection:
+    """Another connection holding the controller's run store's write lock: its writes wait
+    and then answer busy (TryAgain) until `rollback()`."""
+    db = sqlite3.connect(controller.state_dir / "runs.sqlite3", isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    return db
+
+
+def test_a_watcher_keeps_trying_to_end_its_run_while_the_store_is_busy(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    """The store stays busy past six tries to end a command run (the watcher used to give up
+    after five, leaving the run running): once it is free the run ends (#10)."""
+    token = signer.issue(alice.name)
+    controller, (agent,) = cluster(start_agent, start_controller, unique_name, token,
+                                   controller_args=("--runs-collect-retry-max", "0.5"))
+    flag = Path("/tmp") / f"marco-collect-{secrets.token_hex(6)}"
+    try:
+        status, answer = call(controller, "POST", "/api/run",
+                              {"nodes": [agent.node_name],
+                               "command": f"while [ ! -e {flag} ]; do sleep 0.05; done"},
+                              token)
+        assert status == 200, answer
+        run_id = answer["run"]["id"]
+        db = hold_store(controller)
+        try:
+            flag.touch()
+            waits = f"run {run_id}: ending it waits for the store"
+            wait_for(lambda: controller.log().count(waits) >= 6, timeout=90,
+                     what="six tries to end the run on a busy store")
+        finally:
+            db.rollback()
+            db.close()
+        wait_for(lambda: call(controller, "GET", f"/api/runs/{run_id}", token=token)[1][
+            "status"] == "ok", what="the run ended ok")
+    finally:
+        flag.unlink(missing_ok=True)
