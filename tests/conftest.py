@@ -6,8 +6,10 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from xdist.scheduler import LoadGroupScheduling
 
 from marco.tokens import TokenSigner, create_secret, load_secret
 from tests.support.agent_process import AgentProcess
@@ -142,6 +144,9 @@ ONE_WORKER_PLACES = ("tests/e2e/", "tests/test_packaging.py", "tests/controller/
                      "tests/controller/test_runs_web.py", "tests/load/")
 
 
+# First: pytest-xdist's worker reads the xdist_group marks in its own modifyitems hook, called
+# before this conftest's otherwise (registered after it), and would find no mark to group by.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark each test by what it needs, so subsets can be chosen with -m, and keep tests that
     share an expensive fixture on one pytest-xdist worker."""
@@ -162,3 +167,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for shared in ONE_WORKER_PLACES:
             if place.startswith(shared):
                 item.add_marker(pytest.mark.xdist_group(shared))
+
+
+class PlaceGroupScheduling(LoadGroupScheduling):
+    """`--dist loadgroup` keeping each of ONE_WORKER_PLACES on one worker, told by the test's
+    path: xdist's own grouping renames each test (`item._nodeid`), which pytest 9.2 ignores
+    (pytest-xdist#1386), so the groups were spread over workers (two e2e fleets whose nodes
+    e2e1..3 answered each other's mDNS goodbyes)."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        path = nodeid.split("::", 1)[0]
+        return next((place for place in ONE_WORKER_PLACES if path.startswith(place)),
+                    super()._split_scope(nodeid))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> LoadGroupScheduling | None:
+    """Our scheduler under `--dist loadgroup`; xdist's for any other mode."""
+    return PlaceGroupScheduling(config, log) if config.getvalue("dist") == "loadgroup" else None
