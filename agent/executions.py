@@ -4,8 +4,8 @@ Each execution runs in its own session (process group) with the user's uid, gid,
 groups and a clean environment. The working directory is entered by `env -C` *after* the switch
 to the user, so the kernel checks the user's own right to enter it. Output is read from pipes
 by an asyncio protocol (no coroutine per read), split into lines, batched for a few
-milliseconds, numbered with a per-execution `seq`, appended to the on-disk spool and published
-to the owner's sockets.
+milliseconds, numbered with a per-execution `seq`, stamped with the node's time of the batch's
+first line, appended to the on-disk spool and published to the owner's sockets.
 """
 
 from __future__ import annotations
@@ -250,6 +250,8 @@ class Execution:
     _batch_fd: int = STDOUT
     _batch_lines: list[str] = field(default_factory=list)
     _batch_bytes: int = 0
+    _batch_time: float = 0.0         # when the batch's first line was read: its event's `time`
+    _read_times: dict[int, float] = field(default_factory=dict)  # each pipe's last read
     _flush_handle: asyncio.TimerHandle | None = None
 
     @property
@@ -285,13 +287,17 @@ class Execution:
             self.capture.write(fd, data)
         if self.no_log:
             return
+        # One clock read per pipe read (not per line): a line's time is the read that ends it.
+        now = self._read_times[fd] = time.time()
         lines = self._splitters[fd].feed(data)
         if lines:
-            self._add_lines(fd, lines, len(data))
+            self._add_lines(fd, lines, len(data), now)
 
-    def _add_lines(self, fd: int, lines: list[str], nbytes: int) -> None:
+    def _add_lines(self, fd: int, lines: list[str], nbytes: int, read_time: float) -> None:
         if self._batch_lines and fd != self._batch_fd:
             self.flush_batch()
+        if not self._batch_lines:
+            self._batch_time = read_time
         self._batch_fd = fd
         self._batch_lines.extend(lines)
         self._batch_bytes += nbytes
@@ -310,7 +316,7 @@ class Execution:
         lines, self._batch_lines, self._batch_bytes = self._batch_lines, [], 0
         seq, self.next_seq = self.next_seq, self.next_seq + len(lines)
         message = protocol.encode(protocol.output_event(
-            self.id, STREAM_NAMES[self._batch_fd], seq, lines))
+            self.id, STREAM_NAMES[self._batch_fd], seq, lines, self._batch_time))
         self.spool.append(message, seq, len(lines))
         self.sink.publish(self.user, message)
 
@@ -318,7 +324,8 @@ class Execution:
         for fd, splitter in self._splitters.items():
             rest = splitter.flush()
             if rest:
-                self._add_lines(fd, rest, 0)
+                # A last line without a newline ended with its pipe's last read.
+                self._add_lines(fd, rest, 0, self._read_times.get(fd, time.time()))
         self.flush_batch()
 
     def publish(self, event: dict[str, Any]) -> None:

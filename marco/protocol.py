@@ -53,9 +53,12 @@ def started_event(execution_id: str, label: str, command: list[str] | str, cwd: 
             "tags": tags or {}}
 
 
-def output_event(execution_id: str, stream: str, seq: int, lines: list[str]) -> dict[str, Any]:
-    """An `output` event: `lines` carry sequence numbers seq, seq+1, ... in order."""
-    return {"type": "output", "id": execution_id, "stream": stream, "seq": seq, "lines": lines}
+def output_event(execution_id: str, stream: str, seq: int, lines: list[str],
+                 time: float) -> dict[str, Any]:
+    """An `output` event: `lines` carry sequence numbers seq, seq+1, ... in order; `time` is
+    the node's Unix time when the first of them was read (all of them share it)."""
+    return {"type": "output", "id": execution_id, "stream": stream, "seq": seq,
+            "time": round(time, 6), "lines": lines}
 
 
 def exit_event(execution_id: str, rc: int | None, signal: str | None, duration: float,
