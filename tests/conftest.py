@@ -181,6 +181,7 @@ class PlaceGroupScheduling(LoadGroupScheduling):
                     super()._split_scope(nodeid))
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: no error under -p no:xdist
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> LoadGroupScheduling | None:
     """Our scheduler under `--dist loadgroup`; xdist's for any other mode."""
     return PlaceGroupScheduling(config, log) if config.getvalue("dist") == "loadgroup" else None

@@ -1,4 +1,9 @@
-"""Three namespace hosts with agents, a controller on the bridge, and a way to run Ansible."""
+"""Three namespace hosts with agents, a controller on the bridge, and a way to run Ansible.
+
+The fleet's node names carry the run's tag: a controller hears every mDNS goodbye on the
+machine (its socket takes the group's packets of any interface), so another fleet's `e2e1`
+leaving would make it forget its own. One fleet per test run: the e2e tests share it.
+"""
 
 from __future__ import annotations
 
@@ -45,9 +50,25 @@ class Fleet:
                               capture_output=True, text=True, timeout=timeout, **popen)  # type: ignore[call-overload]
 
 
+def only_fleet_of_the_run(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Fails the fleet's setup when another pytest-xdist worker of this run has set up one: the
+    e2e tests are meant to run on one worker (tests/conftest.py, PlaceGroupScheduling), and two
+    fleets cost twice the setup and would share what is machine-wide (mDNS)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    claim = tmp_path_factory.getbasetemp().parent / "e2e-fleet"  # the run's, above the workers'
+    try:
+        with claim.open("x") as mine:
+            mine.write(os.environ["PYTEST_XDIST_WORKER"])
+    except FileExistsError:
+        pytest.fail(f"worker {claim.read_text()} of this run has an e2e fleet already: the "
+                    f"tests/e2e/ tests were spread over pytest-xdist workers", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def fleet(secret_file: Path, signer: TokenSigner, alice: UnixUser, pam_service: str,
           tmp_path_factory: pytest.TempPathFactory, pki: TestPki, run: RunNames) -> Iterator[Fleet]:
+    only_fleet_of_the_run(tmp_path_factory)
     workdir = tmp_path_factory.mktemp("fleet")
     os.chmod(workdir, 0o755)
     network = NamespaceNetwork(3, run, network=1).create()
@@ -60,7 +81,7 @@ def fleet(secret_file: Path, signer: TokenSigner, alice: UnixUser, pam_service: 
                                        pki=pki)
         for index, host in enumerate(network.hosts, 1):
             agents.append(AgentProcess(secret_file, workdir / f"h{index}" / "state",
-                                       node_name=f"e2e{index}", bind=host.address,
+                                       node_name=f"e2e{index}-{run.tag}", bind=host.address,
                                        announce=True, netns=host.name,
                                        extra_args=["--groups", "lab"], pki=pki))
         names = [a.node_name for a in agents]

@@ -11,9 +11,11 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from marco.tokens import TokenSigner
 from tests.e2e.conftest import BIN, PLAYBOOKS, Fleet
@@ -35,11 +37,22 @@ def recap(output: str) -> dict[str, dict[str, int]]:
     return hosts
 
 
+@pytest.fixture
+def site_fetched(fleet: Fleet) -> Iterator[None]:
+    """site.yml fetches into the checkout's playbooks/fetched/NODE: no file of a past run, and
+    none left after this one (the node names carry the run's tag)."""
+    def clear() -> None:
+        for name in fleet.names:
+            shutil.rmtree(PLAYBOOKS / "fetched" / name, ignore_errors=True)
+    clear()
+    yield
+    clear()
+
+
 def test_site_and_e2e_playbooks_on_three_hosts(fleet: Fleet, signer: TokenSigner,
-                                               alice: UnixUser, tmp_path: Path) -> None:
+                                               alice: UnixUser, tmp_path: Path,
+                                               site_fetched: None) -> None:
     token = signer.issue(alice.name)
-    for name in fleet.names:  # site.yml fetches into playbooks/fetched/: no file of a past run
-        shutil.rmtree(PLAYBOOKS / "fetched" / name, ignore_errors=True)
     blob = tmp_path / "blob.bin"
     blob.write_bytes(os.urandom(5 * 1024 * 1024) + b"\0\xff")
     fetched = tmp_path / "fetched"

@@ -409,6 +409,7 @@ def test_a_run_whose_recap_cannot_be_sent_is_ended_not_running(
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         def waiting_run() -> dict[str, Any] | None:
+            assert playbook.poll() is None, playbook.communicate()[0][-3000:]  # not at its gate
             runs = fleet.controller.get_json(f"/api/runs?q={name}", token)["runs"]
             run = runs and fleet.controller.get_json(f"/api/runs/{runs[0]['id']}", token)
             tasks = [e["task"] for e in run["events"] if e["type"] == "task_start"] if run else []
