@@ -23,7 +23,7 @@ from controller.collector import CollectLimits, OutputCollector
 from controller.connector import AgentConnector
 from controller.context import collect_limits
 from controller.runstore import Run, RunStoreThread, new_run_id
-from marco.discovery import NodeRegistry
+from marco.discovery import Node, NodeRegistry
 from marco.errors import ConfigError
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
@@ -576,3 +576,59 @@ def test_a_watcher_keeps_trying_to_end_its_run_while_the_store_is_busy(
             "status"] == "ok", what="the run ended ok")
     finally:
         flag.unlink(missing_ok=True)
+
+
+class NotingStore(RunStoreThread):
+    """The real store, noting each method called and its keyword arguments."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def call(self, method_name: str, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append((method_name, kwargs))
+        return await super().call(method_name, *args, **kwargs)
+
+
+def test_a_final_collection_reads_only_its_nodes_records(
+        start_agent, alice: UnixUser, signer: TokenSigner, unique_name,
+        tmp_path: Path) -> None:
+    """A run with 300 stored executions on another node: the final collection of this node
+    looks its one listed execution up by id and reads only this node's records (#2), never
+    the run's every record once per node."""
+    token = signer.issue(alice.name)
+    agent = start_agent(node_name=unique_name("collect"), pki=None)
+    run = Run(id=new_run_id(), owner=alice.name, kind="playbook", title="t",
+              hosts=[agent.node_name, "other"], started=time.time())
+    execution_id = start_task(agent, token, run.id, "t1", "echo mine")
+    wait_exited(agent, token, execution_id)
+
+    async def scenario() -> None:
+        store = NotingStore(tmp_path / "runs.sqlite3")
+        registry = NodeRegistry()
+        registry.upsert(Node(agent.node_name, agent.host, agent.port, source="static"))
+        collector = OutputCollector(store, AgentConnector(None), registry)
+        try:
+            await store.call("create", run)
+            for number in range(300):
+                await store.call("add_output", run.owner, run.id, host="other", node="other",
+                                 execution_id=f"e{number}", task_id="t1", events=[])
+            store.calls.clear()
+            ended = Run(**{**vars(run), "ended": time.time(), "status": "ok"})
+            collector.request(ended, agent.node_name, token, final=True)
+            deadline = time.monotonic() + 20
+            while collector._slots and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            record = await store.call("execution", run.owner, run.id, execution_id)
+            assert record is not None and record.archived and record.next_seq == 1
+            assert agent.node_name in await store.call("swept", run.owner, run.id)
+        finally:
+            await collector.close()
+            store.close()
+        reads = [(method, kwargs) for method, kwargs in store.calls
+                 if method in ("executions", "execution")]
+        assert reads[:1] == [("execution", {})]
+        assert [kwargs for method, kwargs in reads if method == "executions"] == [
+            {"node": agent.node_name}], reads
+
+    asyncio.run(scenario())
