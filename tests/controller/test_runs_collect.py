@@ -632,3 +632,28 @@ def test_a_final_collection_reads_only_its_nodes_records(
             {"node": agent.node_name}], reads
 
     asyncio.run(scenario())
+
+
+def test_output_over_the_users_storage_cap_stops_that_collection(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner,
+        unique_name) -> None:
+    """The store refusing output (507: the user's bytes cap) stops that node's collection
+    (logged, not retried); the run stays (#14: the store's errors told apart by type)."""
+    token = signer.issue(alice.name)
+    controller, (agent,) = cluster(start_agent, start_controller, unique_name, token,
+                                   controller_args=("--runs-max-bytes-per-user", "50000"))
+    run_id = new_run(controller, token, [agent.node_name])
+    execution_id = start_task(agent, token, run_id, "t1",
+                              "head -c 120000 /dev/urandom | base64")
+    wait_exited(agent, token, execution_id)
+    send_result(controller, token, run_id, "t1", agent.node_name)
+    done = f"collected run {run_id} on {agent.node_name}: "
+    outcome = wait_for(lambda: next((line.split(done)[1] for line in controller.log().splitlines()
+                                     if done in line), None), what="the collection over")
+    assert outcome == "stopped"
+    refused = [line for line in collection_log(controller, run_id)
+               if "WARNING" in line and f"output from {agent.node_name} not stored" in line]
+    assert len(refused) == 1, collection_log(controller, run_id)
+    assert not stored(controller, token, run_id)[execution_id]["archived"]
+    status, run = call(controller, "GET", f"/api/runs/{run_id}", token=token)
+    assert status == 200 and run["status"] == "running"
