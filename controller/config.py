@@ -88,6 +88,18 @@ def runs_options() -> list[Option]:
                "(GET /api/runs/ID?wait=) waits at most", kind=int),
         Option("runs_max_waiting_per_user", 16, "requests of one user waiting for a run's "
                "next events at once; more answer at once, without waiting", kind=int),
+        Option("runs_events_page", 5000, "most events one GET /api/runs/ID answer gives (its "
+               "default too)", kind=int),
+        Option("runs_events_page_bytes", 4 << 20, "most bytes of events (as stored) one GET "
+               "/api/runs/ID answer gives; `more` says the rest follows", kind=int),
+        Option("runs_output_page_lines", 20_000, "most output lines one GET /api/runs/ID/output "
+               "answer gives", kind=int),
+        Option("runs_read_agent_timeout", 10.0, "seconds an agent gets to answer a read of a "
+               "run's executions or output; one that does not adds nothing", kind=float),
+        Option("runs_read_agents_at_once", 16, "agents one listing of a run's executions asks "
+               "at once", kind=int),
+        Option("runs_read_listings_per_user", 4, "listings of one user's run executions asking "
+               "agents at once; more answer from the store alone", kind=int),
     ]
 
 
@@ -131,6 +143,12 @@ class ControllerConfig:
     runs_collect_page_lines: int
     runs_wait_max: int
     runs_max_waiting_per_user: int
+    runs_events_page: int
+    runs_events_page_bytes: int
+    runs_output_page_lines: int
+    runs_read_agent_timeout: float
+    runs_read_agents_at_once: int
+    runs_read_listings_per_user: int
     state_dir: str
     log_level: str
 
@@ -144,7 +162,10 @@ class ControllerConfig:
                     "runs_max_per_user", "runs_max_bytes_per_user", "runs_collect_per_user",
                     "runs_collect_queue_per_user", "runs_collect_finals_per_user",
                     "runs_collect_retry", "runs_collect_retry_max", "runs_collect_give_up",
-                    "runs_collect_page_lines", "runs_wait_max", "runs_max_waiting_per_user"):
+                    "runs_collect_page_lines", "runs_wait_max", "runs_max_waiting_per_user",
+                    "runs_events_page", "runs_events_page_bytes", "runs_output_page_lines",
+                    "runs_read_agent_timeout", "runs_read_agents_at_once",
+                    "runs_read_listings_per_user"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
 

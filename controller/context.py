@@ -23,6 +23,7 @@ from .config import ControllerConfig
 from .connector import AgentConnector
 from .pki import ClusterPki
 from .revoke import RevocationPusher
+from .run_output import ListingGate, ReadLimits
 from .run_signals import RunSignals
 from .runstore import RunLimits, RunStoreThread
 
@@ -47,6 +48,14 @@ def collect_limits(config: ControllerConfig) -> CollectLimits:
                          page_lines=config.runs_collect_page_lines)
 
 
+def read_limits(config: ControllerConfig) -> ReadLimits:
+    """The read side's bounds (a run's executions and output) from the controller's settings."""
+    return ReadLimits(agent_timeout=config.runs_read_agent_timeout,
+                      agents_at_once=config.runs_read_agents_at_once,
+                      listings_per_user=config.runs_read_listings_per_user,
+                      output_lines=config.runs_output_page_lines)
+
+
 @dataclass
 class ControllerContext:
     """Everything a handler needs; no module-level state."""
@@ -64,6 +73,7 @@ class ControllerContext:
     pki: ClusterPki | None          # None in development mode
     web_tls: ServerTlsFiles | None  # None in development mode
     runs: RunKeeper
+    listings: ListingGate  # a user's listings asking agents at once (run_output.py)
 
     @classmethod
     def build(cls, config: ControllerConfig, secret: SecretKeys) -> ControllerContext:
@@ -109,7 +119,8 @@ class ControllerContext:
                    health=HealthMonitor(registry, config.health_interval, keys=secret,
                                         tls=agent_tls, failures=config.health_failures),
                    cookie_secret=cookie_secret, revocations=revocations, pusher=pusher,
-                   connector=connector, pki=pki, web_tls=web_tls)
+                   connector=connector, pki=pki, web_tls=web_tls,
+                   listings=ListingGate(config.runs_read_listings_per_user))
 
     async def issue_token(self, user: str) -> str:
         """A new token for `user` after a PAM login. Tokens carry whole seconds and "log out

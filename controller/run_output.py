@@ -1,62 +1,72 @@
 """Reading a run's executions and their output (docs/runs.md, "The controller's API"): what the
 store holds first, then what the agents still hold, a page at a time.
 
-The store answers for every execution it has recorded. An agent is asked only about nodes of the
-run that are not swept (a node is swept once every execution of the ended run on it is stored
-whole), always with the caller's own token: a finished run reads from the store alone, however
-many of its agents are gone, and a running one costs one agent call per node of the answer.
+The store answers for every execution it has recorded. An agent is asked only about what the
+store cannot say: executions on it not yet stored whole, and, while the run runs, hosts and
+recorded nodes with no execution stored yet; never a swept node (every execution of the ended
+run on it is stored whole), always with the caller's own token, at most
+`runs_read_listings_per_user` listings of one user at once (beyond, the answer is the store's
+alone). A finished run reads from the store alone, however many of its agents are gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from marco.discovery import NodeRegistry
 from marco.errors import MarcoError, NotFound
 
+from .agent_records import AgentExecution, fit, has_ended, line_count, of_run
 from .connector import AgentConnector
 from .runstore import ExecutionRecord, Run, RunStoreThread
 
 log = logging.getLogger(__name__)
 
-LIVE_TIMEOUT = 10.0        # seconds an agent gets to answer a read; a hung one adds nothing
-LIVE_CONCURRENCY = 16      # agents asked at once by one listing (a run may have 10,000 hosts)
-OUTPUT_DEFAULT_LINES = 5000
-OUTPUT_MAX_LINES = 20_000
+OUTPUT_DEFAULT_LINES = 5000  # lines of an output page when the caller gives no limit
 ENDED = "ended"            # the state of an archived execution whose agent was not asked
 
 
 @dataclass(frozen=True)
-class LiveExecution:
-    """An execution of the run as its agent lists it now."""
+class ReadLimits:
+    """The read side's settings (runs_read_*)."""
 
-    host: str
-    node: str
-    execution_id: str
-    task_id: str | None
-    state: str | None
-    next_seq: int
-    truncated_seq: int | None
+    agent_timeout: float = 10.0   # seconds an agent gets to answer a read; a hung one adds nothing
+    agents_at_once: int = 16      # agents asked at once by one listing
+    listings_per_user: int = 4    # listings of one user asking agents at once
+    output_lines: int = 20_000    # most lines one output page gives
 
 
-def live_execution(run: Run, node: str, summary: dict[str, Any]) -> LiveExecution | None:
-    """An agent's execution summary as one of the run's executions (None when its `run` tag is
-    another: an agent older than tags ignores the filter and lists every execution)."""
-    tags = summary.get("tags") or {}
-    if tags.get("run") != run.id or not isinstance(summary.get("id"), str):
-        return None
-    next_seq, truncated = summary.get("next_seq"), summary.get("truncated_seq")
-    return LiveExecution(host=str(tags.get("host") or node), node=node,
-                         execution_id=summary["id"], task_id=tags.get("task"),
-                         state=summary.get("state"),
-                         next_seq=next_seq if isinstance(next_seq, int) else 0,
-                         truncated_seq=truncated if isinstance(truncated, int) else None)
+DEFAULT_READ_LIMITS = ReadLimits()
 
 
-def execution_json(record: ExecutionRecord, live: LiveExecution | None) -> dict[str, Any]:
+class ListingGate:
+    """How many listings of each user are asking agents now, at most `per_user`."""
+
+    def __init__(self, per_user: int) -> None:
+        self.per_user = per_user
+        self._asking: dict[str, int] = {}
+
+    @contextmanager
+    def admit(self, user: str) -> Iterator[bool]:
+        """Whether this listing may ask agents (counted until the block ends)."""
+        if self._asking.get(user, 0) >= self.per_user:
+            yield False
+            return
+        self._asking[user] = self._asking.get(user, 0) + 1
+        try:
+            yield True
+        finally:
+            self._asking[user] -= 1
+            if not self._asking[user]:
+                del self._asking[user]
+
+
+def execution_json(record: ExecutionRecord, live: AgentExecution | None) -> dict[str, Any]:
     """One execution as `GET /api/runs/ID/executions` answers it: the stored record, what its
     agent says of it when it was asked."""
     state = live.state if live else (ENDED if record.archived else None)
@@ -68,99 +78,94 @@ def execution_json(record: ExecutionRecord, live: LiveExecution | None) -> dict[
             "state": state, "truncated_seq": truncated}
 
 
-def line_count(events: list[dict[str, Any]]) -> int:
-    return sum(len(event["lines"]) for event in events)
-
-
-def fit(events: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """The first `limit` lines of `events` (the agent may give a few more than asked)."""
-    kept: list[dict[str, Any]] = []
-    for event in events:
-        if limit <= 0:
-            break
-        if len(event["lines"]) > limit:
-            event = {**event, "lines": event["lines"][:limit]}
-        kept.append(event)
-        limit -= len(event["lines"])
-    return kept
-
-
-def has_ended(summary: dict[str, Any], next_seq: int) -> bool:
-    """Whether no line after `next_seq` will ever come from an agent's execution: it is not
-    running and every line it kept is read (up to its truncation, when it was cut)."""
-    if summary.get("state") == "running":
-        return False
-    end = summary.get("next_seq")
-    truncated = summary.get("truncated_seq")
-    if isinstance(truncated, int):
-        end = truncated if not isinstance(end, int) else min(end, truncated)
-    return isinstance(end, int) and next_seq >= end
-
-
 class RunReader:
     """The read side of a run's executions: the store's records and pages, the agents' for
-    what the store does not hold yet. Holds nothing between calls."""
+    what the store does not hold yet. Holds nothing between calls but the shared gate."""
 
     def __init__(self, store: RunStoreThread, connector: AgentConnector,
-                 registry: NodeRegistry) -> None:
+                 registry: NodeRegistry, limits: ReadLimits = DEFAULT_READ_LIMITS,
+                 gate: ListingGate | None = None) -> None:
         self.store = store
         self.connector = connector
         self.registry = registry
+        self.limits = limits
+        self.gate = gate if gate is not None else ListingGate(limits.listings_per_user)
 
     # -- executions -------------------------------------------------------------------------------
 
     async def executions(self, run: Run, token: str, host: str | None = None,
-                         task: str | None = None) -> list[dict[str, Any]]:
+                         task: str | None = None,
+                         live: bool = True) -> tuple[list[dict[str, Any]], bool]:
         """The run's executions (one host's, one task's): stored ones in the order stored, then
         those only an agent knows so far (registered in the store now, so `output` finds their
-        node even after the agent is gone)."""
+        node even after the agent is gone); and whether the agents that could add to it were
+        asked (not when `live` is false, nor beyond the caller's listings at once)."""
         records: list[ExecutionRecord] = await self.store.call(
             "executions", run.owner, run.id, host=host, task=task)
-        swept: set[str] = await self.store.call("swept", run.owner, run.id)
-        nodes = self._nodes_to_ask(run, records, swept, host)
-        live = {item.execution_id: item for item in await self._listings(run, token, nodes)
-                if (host is None or item.host == host) and (task is None or item.task_id == task)}
-        answer = [execution_json(r, live.pop(r.execution_id, None)) for r in records]
-        for item in live.values():
+        if not live:
+            return [execution_json(r, None) for r in records], False
+        nodes = await self._nodes_to_ask(run, records, host)
+        if not nodes:
+            return [execution_json(r, None) for r in records], True
+        with self.gate.admit(run.owner) as admitted:
+            if not admitted:
+                log.debug("run %s: %s lists from the store alone (%d listings at once)",
+                          run.id, run.owner, self.gate.per_user)
+                return [execution_json(r, None) for r in records], False
+            log.debug("run %s: a listing of %s asks %d node(s)", run.id, run.owner, len(nodes))
+            found = await self._listings(run, token, nodes)
+        live_items = {item.execution_id: item for item in found
+                      if (host is None or item.host == host)
+                      and (task is None or item.task_id == task)}
+        answer = [execution_json(r, live_items.pop(r.execution_id, None)) for r in records]
+        for item in live_items.values():
             record = await self._register(run, item)
             if record is not None:
                 answer.append(execution_json(record, item))
-        return answer
+        return answer, True
 
-    def _nodes_to_ask(self, run: Run, records: list[ExecutionRecord], swept: set[str],
-                      host: str | None) -> list[str]:
-        """Known nodes that may hold executions of the run the store does not have whole: the
-        run's hosts (just `host` when filtered) and the nodes of its stored executions, less
-        the swept ones."""
-        names = [host] if host is not None else list(run.hosts)
-        names += [r.node for r in records]
+    async def _nodes_to_ask(self, run: Run, records: list[ExecutionRecord],
+                            host: str | None) -> list[str]:
+        """Known nodes that may add to what the store says, none of them swept: the nodes of
+        executions not stored whole; while the run runs, also its hosts (just `host` when
+        filtered) and its recorded nodes (delegates) with no execution stored yet (a new one
+        may start there; once the run has ended its final collection stores them)."""
+        names = [r.node for r in records if not r.archived]
+        if run.ended is None:
+            recorded: list[str] = await self.store.call("nodes", run.owner, run.id)
+            holding = {r.node for r in records}
+            candidates = [host] if host is not None else list(run.hosts)
+            names += [name for name in [*candidates, *recorded] if name not in holding]
+        if not names:
+            return []
+        swept: set[str] = await self.store.call("swept", run.owner, run.id)
         return [name for name in dict.fromkeys(names)
                 if name not in swept and self.registry.get(name) is not None]
 
-    async def _listings(self, run: Run, token: str, nodes: list[str]) -> list[LiveExecution]:
+    async def _listings(self, run: Run, token: str, nodes: list[str]) -> list[AgentExecution]:
         """What the nodes list tagged with the run, a few nodes at a time."""
-        gate = asyncio.Semaphore(LIVE_CONCURRENCY)
+        at_once = asyncio.Semaphore(self.limits.agents_at_once)
 
-        async def one(name: str) -> list[LiveExecution]:
-            async with gate:
+        async def one(name: str) -> list[AgentExecution]:
+            async with at_once:
                 return await self._listing(run, token, name)
 
         found = await asyncio.gather(*(one(name) for name in nodes))
         return [item for items in found for item in items]
 
-    async def _listing(self, run: Run, token: str, name: str) -> list[LiveExecution]:
+    async def _listing(self, run: Run, token: str, name: str) -> list[AgentExecution]:
         node = self.registry.get(name)
         if node is None:
             return []
-        client = self.connector.client(node, token, timeout=LIVE_TIMEOUT)
+        client = self.connector.client(node, token, timeout=self.limits.agent_timeout)
         try:
             summaries = await client.executions(run=run.id)
         except MarcoError as error:  # an agent that cannot answer adds nothing
             log.debug("run %s: executions on %s not listed: %s", run.id, name, error.message)
             return []
-        return [item for s in summaries if (item := live_execution(run, name, s)) is not None]
+        return [item for s in summaries if (item := of_run(run.id, name, s)) is not None]
 
-    async def _register(self, run: Run, item: LiveExecution) -> ExecutionRecord | None:
+    async def _register(self, run: Run, item: AgentExecution) -> ExecutionRecord | None:
         """Record an execution only its agent knows so far (no output: the collector stores
         that); a store that refuses (caps, busy) leaves it out of this answer."""
         try:
@@ -180,7 +185,10 @@ class RunReader:
         """Lines `since` on of one execution, at most `limit`: from the store below what it
         holds, then from the execution's agent (when not archived). NotFound when the run has
         no such execution."""
-        record = await self._record(run, execution_id)
+        record: ExecutionRecord | None = await self.store.call("execution", run.owner, run.id,
+                                                               execution_id)
+        if record is None:
+            raise NotFound(f"run {run.id} has no execution {execution_id}")
         events: list[dict[str, Any]] = []
         next_seq = since
         if since < record.next_seq:
@@ -195,13 +203,6 @@ class RunReader:
                 "task_id": record.task_id, "events": events, "next": next_seq,
                 "archived": record.archived, "end": end}
 
-    async def _record(self, run: Run, execution_id: str) -> ExecutionRecord:
-        records: list[ExecutionRecord] = await self.store.call("executions", run.owner, run.id)
-        for record in records:
-            if record.execution_id == execution_id:
-                return record
-        raise NotFound(f"run {run.id} has no execution {execution_id}")
-
     async def _from_agent(self, run: Run, token: str, record: ExecutionRecord, since: int,
                           left: int) -> tuple[list[dict[str, Any]], int, bool]:
         """Up to `left` lines from `since` on from the execution's agent, the seq after them,
@@ -210,7 +211,7 @@ class RunReader:
         node = self.registry.get(record.node)
         if node is None:
             return [], since, False
-        client = self.connector.client(node, token, timeout=LIVE_TIMEOUT)
+        client = self.connector.client(node, token, timeout=self.limits.agent_timeout)
         events: list[dict[str, Any]] = []
         next_seq, end = since, False
         while left > 0 and not end:
@@ -226,7 +227,7 @@ class RunReader:
             events += got
             left -= line_count(got)
             after = got[-1]["seq"] + len(got[-1]["lines"]) if got else next_seq
-            end = has_ended(page["execution"], after)
+            end = has_ended(page["execution"], after, page.get("truncated_seq"))
             if after <= next_seq:
                 break
             next_seq = after

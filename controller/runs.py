@@ -11,14 +11,14 @@ from marco.errors import BadRequest, Conflict, NotFound
 from marco.runs import COUNTS, END_STATUSES, RUN_ID, status_from_stats
 
 from .archive import RunKeeper
-from .run_output import OUTPUT_DEFAULT_LINES, OUTPUT_MAX_LINES, RunReader
-from .runstore import Run, check_hosts
+from .context import read_limits
+from .run_output import OUTPUT_DEFAULT_LINES, RunReader
+from .runstore import MAX_SEQ, Run, check_hosts
 from .session import ApiHandler
 
 log = logging.getLogger(__name__)
 
 EVENT_TYPES = ("play_start", "task_start", "host_result", "execution", "recap")
-MAX_EVENTS_PAGE = 5000  # events in one GET /api/runs/ID answer (its default too)
 
 
 def run_url(run_id: str) -> str:
@@ -96,18 +96,19 @@ class RunsHandler(ApiHandler):
 
     @property
     def reader(self) -> RunReader:
-        return RunReader(self.keeper.store, self.keeper.connector, self.keeper.registry)
+        return RunReader(self.keeper.store, self.keeper.connector, self.keeper.registry,
+                         read_limits(self.ctx.config), self.ctx.listings)
 
-    def int_argument(self, name: str, default: int, low: int, high: int | None) -> int:
-        """An integer query argument from `low` to `high` (None: no bound), else 400."""
+    def int_argument(self, name: str, default: int, low: int, high: int = MAX_SEQ) -> int:
+        """An integer query argument from `low` to `high` (by default the largest seq the
+        store can hold), else 400."""
         text = self.get_query_argument(name, "")
         try:
             value = int(text) if text else default
         except ValueError:
             value = low - 1
-        if value < low or (high is not None and value > high):
-            bound = f"from {low} to {high}" if high is not None else f"{low} or more"
-            raise BadRequest(f"'{name}' must be a whole number {bound}")
+        if not low <= value <= high:
+            raise BadRequest(f"'{name}' must be a whole number from {low} to {high}")
         return value
 
     async def own_run(self, user: str, run_id: str) -> Run:
@@ -149,27 +150,28 @@ class RunApi(RunsHandler):
 
     async def get(self, run_id: str) -> None:
         user, _ = self.caller()
-        since = self.int_argument("since", 0, 0, None)
-        limit = self.int_argument("limit", MAX_EVENTS_PAGE, 1, MAX_EVENTS_PAGE)
-        wait = self.int_argument("wait", 0, 0, None)
+        config = self.ctx.config
+        since = self.int_argument("since", 0, 0)
+        limit = self.int_argument("limit", config.runs_events_page, 1, config.runs_events_page)
+        wait = self.int_argument("wait", 0, 0)
         # Registered before the first read: a batch stored in between still wakes it.
         with self.keeper.signals.waiter(user, run_id) as waiter:
-            run, events = await self.read(user, run_id, since, limit)
+            run, events, more = await self.read(user, run_id, since, limit)
             if not events and run.ended is None and wait and waiter.admitted:
                 log.debug("run %s: a read of %s waits for events after %d", run_id, user, since)
-                await waiter.wait(min(wait, self.ctx.config.runs_wait_max))
-                run, events = await self.read(user, run_id, since, limit)
-        self.write_json({**run_json(run), "events": events[:limit],
-                         "more": len(events) > limit})
+                await waiter.wait(min(wait, config.runs_wait_max))
+                run, events, more = await self.read(user, run_id, since, limit)
+        self.write_json({**run_json(run), "events": events, "more": more})
 
     async def read(self, user: str, run_id: str, since: int,
-                   limit: int) -> tuple[Run, list[dict[str, Any]]]:
-        """The run and its events after `since`: one more than `limit` tells whether there
-        are more, in the same read."""
+                   limit: int) -> tuple[Run, list[dict[str, Any]], bool]:
+        """The run, its events after `since` (at most `limit`, and runs_events_page_bytes),
+        and whether more follow them."""
         run = await self.own_run(user, run_id)
-        events = await self.keeper.store.call("events", user, run_id, since=since,
-                                              limit=limit + 1)
-        return run, events
+        events, more = await self.keeper.store.call(
+            "events_page", user, run_id, since=since, limit=limit,
+            max_bytes=self.ctx.config.runs_events_page_bytes)
+        return run, events, more
 
 
 class RunEventsApi(RunsHandler):
@@ -220,15 +222,19 @@ class RunFinishApi(RunsHandler):
 
 
 class RunExecutionsApi(RunsHandler):
-    """GET /api/runs/ID/executions[?host=H&task=T]: the run's executions, stored and live."""
+    """GET /api/runs/ID/executions[?host=H&task=T&live=0]: the run's executions, stored and,
+    unless `live=0`, what their agents say now (`live` in the answer: whether they were
+    asked)."""
 
     async def get(self, run_id: str) -> None:
         user, token = self.caller()
         host = self.get_query_argument("host", "") or None
         task = self.get_query_argument("task", "") or None
+        live = self.int_argument("live", 1, 0, 1) == 1
         run = await self.own_run(user, run_id)
-        executions = await self.reader.executions(run, token, host=host, task=task)
-        self.write_json({"executions": executions})
+        executions, asked = await self.reader.executions(run, token, host=host, task=task,
+                                                         live=live)
+        self.write_json({"executions": executions, "live": asked})
 
 
 class RunOutputApi(RunsHandler):
@@ -241,8 +247,9 @@ class RunOutputApi(RunsHandler):
         if not execution_id:
             raise BadRequest("give the 'execution' whose output to read (GET "
                              "/api/runs/ID/executions lists them)")
-        since = self.int_argument("since", 0, 0, None)
-        limit = self.int_argument("limit", OUTPUT_DEFAULT_LINES, 1, OUTPUT_MAX_LINES)
+        most = self.ctx.config.runs_output_page_lines
+        since = self.int_argument("since", 0, 0)
+        limit = self.int_argument("limit", min(OUTPUT_DEFAULT_LINES, most), 1, most)
         run = await self.own_run(user, run_id)
         self.write_json(await self.reader.output(run, token, execution_id, since, limit))
 

@@ -10,7 +10,9 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,8 @@ from typing import Any
 import pytest
 
 from controller.__main__ import build_parser, load_config
-from controller.context import run_limits
+from controller.context import read_limits, run_limits
+from controller.run_output import ReadLimits
 from controller.runstore import RunLimits
 from marco.client import AgentClient
 from marco.errors import ConfigError
@@ -430,9 +433,17 @@ def test_runs_settings_reach_the_store_and_refuse_zero() -> None:
     assert run_limits(config) == RunLimits(retention_days=7, max_bytes=1000,
                                            max_per_user=5)
     for flag in ("--runs-retention-days", "--runs-max-bytes", "--runs-max-running-per-user",
-                 "--runs-max-per-user", "--runs-max-bytes-per-user"):
+                 "--runs-max-per-user", "--runs-max-bytes-per-user", "--runs-events-page",
+                 "--runs-events-page-bytes", "--runs-output-page-lines",
+                 "--runs-read-agent-timeout", "--runs-read-agents-at-once",
+                 "--runs-read-listings-per-user"):
         with pytest.raises(ConfigError, match=flag[2:].replace("-", "_")):
             load_config(build_parser().parse_args([flag, "0"]), {})
+    config = load_config(build_parser().parse_args(
+        ["--runs-read-agent-timeout", "3", "--runs-read-listings-per-user", "2",
+         "--runs-output-page-lines", "100"]), {"MARCO_RUNS_READ_AGENTS_AT_ONCE": "5"})
+    assert read_limits(config) == ReadLimits(agent_timeout=3, agents_at_once=5,
+                                             listings_per_user=2, output_lines=100)
 
 
 def test_a_refused_batch_stores_nothing(cluster, alice: UnixUser, signer: TokenSigner) -> None:
@@ -483,7 +494,8 @@ def test_events_come_in_pages_with_more(cluster, alice: UnixUser, signer: TokenS
     assert page("since=4&limit=3") == ([5, 6, 7], False)  # exactly the rest: no more
     assert page("") == ([1, 2, 3, 4, 5, 6, 7], False)
     assert page("since=7") == ([], False)
-    for bad in ("limit=0", "limit=5001", "limit=x", "since=-1", "since=x"):
+    for bad in ("limit=0", "limit=5001", "limit=x", "since=-1", "since=x",
+                f"since={2 ** 63}", f"wait={2 ** 63}"):
         status, answer = call(controller, "GET", f"/api/runs/{run_id}?{bad}", token=token)
         assert status == 400 and answer["error"] == "bad_request", bad
 
@@ -599,7 +611,8 @@ def test_output_pages_cross_from_the_store_to_the_agent(
     path = f"/api/runs/{run_id}/output"
     for bad in ("", "?since=0", f"?execution={execution_id}&limit=0",
                 f"?execution={execution_id}&limit=20001", f"?execution={execution_id}&limit=x",
-                f"?execution={execution_id}&since=-1"):
+                f"?execution={execution_id}&since=-1",
+                f"?execution={execution_id}&since={2 ** 63}"):
         status, answer = call(controller, "GET", path + bad, token=token)
         assert status == 400 and answer["error"] == "bad_request", bad
     assert call(controller, "GET", f"{path}?execution=nope", token=token)[0] == 404
@@ -679,3 +692,132 @@ def test_a_cut_execution_ends_where_its_agent_cut_it(start_agent, start_controll
         "end"] and p, what="the end of its kept output")
     assert (page["events"], page["next"]) == ([], 5)
     call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)
+
+
+def test_an_answer_of_events_is_bounded_by_bytes(start_controller, alice: UnixUser,
+                                                  signer: TokenSigner) -> None:
+    """runs_events_page_bytes cuts an answer before its count does (5,000 events of 64 KiB
+    would be 320 MiB): `more` says the rest follows, and reading on gives every event once."""
+    controller = start_controller(extra_args=["--no-discovery", "--runs-events-page-bytes",
+                                              "5000"])
+    token = signer.issue(alice.name)
+    run_id = new_run(controller, token)
+    send(controller, token, run_id, *({"type": "play_start", "play": f"{n:02d}" + "p" * 1000}
+                                      for n in range(12)))
+    seen: list[int] = []
+    since, more = 0, True
+    while more:
+        status, answer = call(controller, "GET", f"/api/runs/{run_id}?since={since}",
+                              token=token)
+        assert status == 200, answer
+        assert 0 < len(answer["events"]) <= 4, len(answer["events"])  # 4 x 1 kB fit in 5 kB
+        seen += [e["seq"] for e in answer["events"]]
+        since, more = seen[-1], answer["more"]
+    assert seen == list(range(1, 13))
+
+
+def listing_requests(agent: AgentProcess, run_id: str) -> int:
+    """How many times the agent listed the run's executions (the access log)."""
+    return sum(1 for line in agent.log().splitlines() if f"/v1/executions?run={run_id}" in line)
+
+
+def test_listings_ask_an_agent_only_for_what_the_store_lacks(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner, unique_name,
+        gate: Path) -> None:
+    """A running run's node whose executions are all stored whole is not asked again (a page
+    lists every second); `live=0` asks no agent; a host with no execution stored yet is."""
+    controller, (agent,) = static_cluster(start_agent, start_controller, unique_name, agents=1)
+    node, token = agent.node_name, signer.issue(alice.name)
+    wait_for(lambda: node in controller.inventory_hosts(token), what="node alive")
+    run_id = new_run(controller, token, hosts=[node])
+    with agent.client(token) as client:
+        execution_id = client.start(f"echo one; until [ -e {gate}/end ]; do sleep 0.05; done",
+                                    tags={"run": run_id, "task": "t1", "host": node})
+    # Nothing stored of the host yet: its agent is asked, and what it lists is registered.
+    (found,) = wait_for(lambda: executions(controller, token, run_id), what="listed")
+    assert (found["execution_id"], found["state"], found["archived"]) == (
+        execution_id, "running", False)
+    assert listing_requests(agent, run_id) >= 1
+    asked = listing_requests(agent, run_id)
+    status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions?live=0",
+                          token=token)
+    assert status == 200 and answer["live"] is False, answer
+    assert [(e["execution_id"], e["state"]) for e in answer["executions"]] == [
+        (execution_id, None)]
+    assert listing_requests(agent, run_id) == asked
+    (gate / "end").touch()
+    wait_for(lambda: client_state(agent, token, execution_id) == "exited", what="exited")
+    send(controller, token, run_id, {"type": "host_result", "task_id": "t1", "host": node,
+                                     "status": "ok"})
+    wait_for(lambda: executions(controller, token, run_id, "?live=0")[0]["archived"],
+             what="the execution stored whole")
+    asked = listing_requests(agent, run_id)
+    for query in ("", f"?host={node}", "?task=t1", f"?host={node}&task=t1"):
+        status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions{query}",
+                              token=token)
+        assert status == 200 and answer["live"] is True, answer
+        assert [(e["execution_id"], e["state"]) for e in answer["executions"]] == [
+            (execution_id, "ended")]
+    assert listing_requests(agent, run_id) == asked  # the run still runs: nobody asked it
+    call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)
+
+
+def client_state(agent: AgentProcess, token: str, execution_id: str) -> str:
+    with agent.client(token) as client:
+        return str(client.execution(execution_id)["state"])
+
+
+class SilentNode:
+    """A TCP port that takes connections and never answers them: a hung agent."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.held.append(self.server.accept()[0])
+            except OSError:
+                return
+
+    def release(self) -> None:
+        """Close what is held and stop listening: later connections are refused (shutdown
+        wakes the accept() of the other thread, which close() alone leaves listening)."""
+        self.server.shutdown(socket.SHUT_RDWR)
+        self.thread.join(timeout=10)
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_users_listings_asking_agents_at_once_are_bounded(
+        start_controller, alice: UnixUser, signer: TokenSigner, unique_name) -> None:
+    """With runs_read_listings_per_user 1, a listing made while another of the same user
+    waits on a hung agent answers at once from the store (`live` false), asking nobody."""
+    silent = SilentNode()
+    name = unique_name("hung")
+    controller = start_controller(extra_args=[
+        "--no-discovery", "--node", f"{name}=127.0.0.1:{silent.port}",
+        "--runs-read-listings-per-user", "1", "--runs-read-agent-timeout", "600"])
+    token = signer.issue(alice.name)
+    run_id = new_run(controller, token, hosts=[name])
+    first: list[Any] = []
+    waiting = threading.Thread(target=lambda: first.append(call(
+        controller, "GET", f"/api/runs/{run_id}/executions", token=token)), daemon=True)
+    waiting.start()
+    try:
+        wait_for(lambda: f"run {run_id}: a listing of {alice.name} asks 1 node" in
+                 controller.log(), what="the first listing asking the hung agent")
+        status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
+        assert (status, answer) == (200, {"executions": [], "live": False})
+        assert first == []  # still waiting on the hung agent
+    finally:
+        silent.release()
+        waiting.join(timeout=60)
+    assert first == [(200, {"executions": [], "live": True})]
+    status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
+    assert (status, answer) == (200, {"executions": [], "live": True})  # its turn is back
