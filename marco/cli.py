@@ -46,7 +46,6 @@ from .runs import KINDS, RUN_ID, STATUSES
 DEFAULT_CONTROLLER = "https://127.0.0.1:7380"
 STOP_WAIT = 10.0  # seconds to wait for the exits after Ctrl-C (the agents' grace is 5 s)
 FOLLOW_INTERVAL = 1.0  # seconds between two looks at a followed run
-FOLLOW_EVENTS = 1000  # events asked for per look at a followed run (only its end is used)
 OUTPUT_PAGE_LINES = 5000  # output lines asked for per request (the controller's default)
 RUNS_PAGE = 200  # runs asked for per request (the controller may answer fewer)
 TITLE_WIDTH = 60  # characters of a run's title in `marco runs`
@@ -561,11 +560,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not args.follow:
         logs.read()
         return EXIT_OK
-    since = 0
     while True:
-        # Only `ended` matters here: `since` keeps each answer to the events not seen yet.
-        run = client.run(args.run, since=since, limit=FOLLOW_EVENTS)
-        since = max([since, *(event["seq"] for event in run.get("events") or [])])
+        # Only `ended` matters here: one event is the least the controller sends with it.
+        run = client.run(args.run, limit=1)
         logs.read()
         if run["ended"] is not None:
             return EXIT_OK

@@ -11,6 +11,10 @@ const OUTPUT_PAGE = 5000;      // output lines asked for per request (the API's 
 // Lines per pane or details panel: older lines are dropped, and a longer output is read from
 // this many lines before its end (`marco logs` prints every line).
 const MAX_LINES_SHOWN = 20000;
+// A poll lists a view's executions from the store alone (`live=0`: no agent asked; the output
+// reads say each one's end) but its first look and every LIVE_LOOK_EVERY-th, which also find
+// executions only their agents know so far.
+const LIVE_LOOK_EVERY = 10;
 const MAX_TITLE = 1000;        // a run's title is its command's first this many characters
 
 const $ = (sel, root = document) => root.querySelector(sel);
@@ -133,6 +137,14 @@ class OutputReader {
   constructor(runPath) {
     this.runPath = runPath;
     this.state = new Map();  // execution_id -> {next, end}
+    this.looks = 0;
+  }
+
+  // The query that lists the view's executions for the next look (see LIVE_LOOK_EVERY).
+  listing(query = new URLSearchParams()) {
+    if (this.looks++ % LIVE_LOOK_EVERY) query.set("live", "0");
+    const text = query.toString();
+    return `${this.runPath}/executions${text ? "?" + text : ""}`;
   }
 
   // The new lines of each execution not at its end, as `show(execution, events, skipped)`
@@ -142,7 +154,7 @@ class OutputReader {
       const id = execution.execution_id;
       let state = this.state.get(id);
       if (!state) {
-        const skipped = Math.max(0, (execution.next_seq || 0) - MAX_LINES_SHOWN);
+        const skipped = Math.max(0, readableEnd(execution) - MAX_LINES_SHOWN);
         state = { next: skipped, end: false };
         this.state.set(id, state);
         if (skipped) show(execution, [], skipped);
@@ -159,6 +171,13 @@ class OutputReader {
       }
     }
   }
+}
+
+// The seq after an execution's last line that can be read: an agent that cut its output (its
+// spool was full) keeps nothing from `truncated_seq` on, though its `next_seq` counts on.
+function readableEnd(execution) {
+  const next = execution.next_seq || 0, cut = execution.truncated_seq;
+  return Number.isInteger(cut) ? Math.min(next, cut) : next;
 }
 
 // Events trimmed to their lines numbered `since` and after (lines are numbered from `seq`).
@@ -525,7 +544,7 @@ class RunView {
       const current = () => this.details === details;
       try {
         const query = new URLSearchParams({ host, task: taskId });
-        const answer = await api(this.path(`/executions?${query.toString()}`));
+        const answer = await api(details.reader.listing(query));
         if (!current()) return;
         await details.reader.read(answer.executions, (execution, events, skipped) => {
           hideLines(pre, skipped);
@@ -546,7 +565,7 @@ class RunView {
       return;
     }
     await this.exclusive(async () => {
-      const answer = await api(this.path("/executions"));
+      const answer = await api(this.paneOutput.listing());
       for (const execution of answer.executions) this.addHost(execution.host);
       await this.paneOutput.read(answer.executions, (execution, events, skipped) => {
         const pane = this.panes.get(execution.host);
