@@ -143,6 +143,7 @@ class OutputCollector:
             log.warning("run %s of %s: collection on %s dropped (%d of the user's collections "
                         "wait already); the run's final collection picks it up", run.id,
                         run.owner, node, self.limits.queue_per_user)
+            self._forget_idle(run.owner)
             return
         slot = Slot(RunRef.of(run), node, token, final)
         self._slots[slot.key] = slot
