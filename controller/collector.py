@@ -122,47 +122,55 @@ class OutputCollector:
 
     # -- scheduling -----------------------------------------------------------------------------
 
-    def request(self, run: Run, node: str, token: str, final: bool = False) -> None:
+    def request(self, run: Run, node: str, token: str, final: bool = False) -> bool:
         """Collect the run's executions on `node` soon. One collection per (run, node) is in
         flight: asked again meanwhile, it runs once more after. A final request (the run has
-        ended) is retried until every execution there is archived."""
+        ended) is retried until every execution there is archived. False when a final one is
+        refused by `finals_per_user` (the caller logs it)."""
         queue = self._users.setdefault(run.owner, UserQueue())
         slot = self._slots.get((run.id, node))
         if slot is not None:
             slot.token = token  # the newest: an older one may expire first
-            if final and not slot.final and self._take_final(queue, run, node):
+            taken = not final or slot.final or self._take_final(queue)
+            if final and taken and not slot.final:
                 queue.plain_waiting -= slot.state == "queued"
                 slot.run, slot.final = RunRef.of(run), True
             if slot.state == "running":
                 slot.again = True
-            return
-        if final and not self._take_final(queue, run, node):
+            return taken
+        if final and not self._take_final(queue):
             self._forget_idle(run.owner)
-            return
+            return False
         if not final and queue.plain_waiting >= self.limits.queue_per_user:
             log.warning("run %s of %s: collection on %s dropped (%d of the user's collections "
                         "wait already); the run's final collection picks it up", run.id,
                         run.owner, node, self.limits.queue_per_user)
             self._forget_idle(run.owner)
-            return
+            return True
         slot = Slot(RunRef.of(run), node, token, final)
         self._slots[slot.key] = slot
         queue.push(slot)
         self._pump(run.owner)
+        return True
 
     def request_all(self, run: Run, nodes: Iterable[str], token: str,
                     final: bool = False) -> None:
-        for node in dict.fromkeys(nodes):
-            self.request(run, node, token, final)
-
-    def _take_final(self, queue: UserQueue, run: Run, node: str) -> bool:
+        """Request each node; final requests refused by the bound are logged once for the
+        run (a run can have 10,000 hosts)."""
+        refused = [node for node in dict.fromkeys(nodes)
+                   if not self.request(run, node, token, final)]
+        if refused:
+            log.warning("run %s of %s: final collection on %s not queued: %d of the user's "
+                        "final collections are pending already; that output is read from the "
+                        "agents while they hold it", run.id, run.owner,
+                        ", ".join(refused[:10]) + (f" and {len(refused) - 10} more"
+                                                   if len(refused) > 10 else ""),
+                        self.limits.finals_per_user)
+    def _take_final(self, queue: UserQueue) -> bool:
         """Count one more final collection of the user; False at `finals_per_user` (a user
         ending many runs on many nodes would pile them up): that node's output is then read
         live from its agent while the agent holds it."""
         if queue.finals >= self.limits.finals_per_user:
-            log.warning("run %s of %s: final collection on %s not queued: %d of the user's "
-                        "final collections are pending already; its output is read from the "
-                        "agent while the agent holds it", run.id, run.owner, node, queue.finals)
             return False
         queue.finals += 1
         return True
