@@ -157,9 +157,11 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
         expiry.stop()
         if tls_watch:
             tls_watch.stop()
+        # No new connections first, then the goodbye: a controller checks a goodbye by
+        # connecting to the node, and a node still answering is kept (a forged goodbye).
+        server.stop()  # running executions get their answers below
         if announcer is not None:
             await announcer.stop()
-        server.stop()  # no new connections; running executions get their answers below
         listening.remove(config.state_path)
         await ctx.executions.shutdown()
         await close_server(server)

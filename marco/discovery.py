@@ -2,7 +2,7 @@
 
 `NodeRegistry` holds what is known (name, address, port, TXT fields, first/last seen, alive).
 `ZeroconfBrowser` adds and updates nodes as agents announce themselves and drops them on a
-goodbye. `HealthMonitor` probes every node's `/v1/health`: an agent that died without a goodbye
+goodbye once they no longer answer (anyone on the LAN can send a goodbye). `HealthMonitor` probes every node's `/v1/health`: an agent that died without a goodbye
 (SIGKILL, cable) is marked down and leaves the inventory; it comes back when a probe or a new
 announcement succeeds. Static nodes from the config are probed the same way.
 """
@@ -149,6 +149,11 @@ class NodeRegistry:
                      f": {error}" if error else "")
             self._changed(node)
 
+    def announced_as(self, service: str) -> list[Node]:
+        """The nodes discovered under an mDNS service name."""
+        return [node for node in self._nodes.values()
+                if node.service == service and node.source == "mdns"]
+
     def remove_service(self, service: str) -> None:
         """An agent said goodbye: forget it (static nodes stay)."""
         for name, node in list(self._nodes.items()):
@@ -191,12 +196,23 @@ class ZeroconfBrowser:
         self._loop.call_soon_threadsafe(self._handle, name, state_change)
 
     def _handle(self, name: str, state_change: ServiceStateChange) -> None:
-        if state_change is ServiceStateChange.Removed:
-            self.registry.remove_service(name)
-            return
-        task = asyncio.ensure_future(self._resolve(name))
+        work = (self._goodbye(name) if state_change is ServiceStateChange.Removed
+                else self._resolve(name))
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _goodbye(self, name: str) -> None:
+        """An agent said goodbye. Anyone on the LAN can send one, so with `verify` the node is
+        asked first: an agent stops taking connections before its goodbye, and one that still
+        proves itself is kept (a forged goodbye, or an agent back already)."""
+        if self.verify is not None:
+            for node in self.registry.announced_as(name):
+                if await self.verify(node):
+                    log.warning("a goodbye for node %s came while it still answers: ignored",
+                                node.name)
+                    return
+        self.registry.remove_service(name)
 
     async def _resolve(self, name: str) -> None:
         if self._zc is None:

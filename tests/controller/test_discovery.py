@@ -249,6 +249,51 @@ def test_impostors_on_the_lan_are_not_nodes(start_agent, start_controller, signe
     assert "not issued by this cluster's CA" in log
 
 
+def test_a_forged_goodbye_does_not_remove_a_live_node(start_agent, start_controller,
+                                                      signer: TokenSigner,
+                                                      alice: UnixUser) -> None:
+    """Anyone on the LAN can send an mDNS goodbye (a record with TTL 0) for any node's service.
+    The controller asks the node first and keeps one that still proves itself; the agent's own
+    goodbye comes after it stopped taking connections, so that one still removes it."""
+    import asyncio
+
+    from zeroconf import DNSOutgoing, DNSPointer, const
+    from zeroconf.asyncio import AsyncZeroconf
+
+    from marco.protocol import SERVICE_TYPE
+
+    token = signer.issue(alice.name)
+    agent = start_agent(node_name=f"forged-{os.getpid()}", announce=True)
+    other = start_agent(node_name=f"honest-{os.getpid()}", announce=True)
+    controller = start_controller()
+    wait_for(lambda: {agent.node_name, other.node_name} <= set(controller.inventory_hosts(token)),
+             what="the agents")
+
+    async def forge_goodbye() -> None:
+        zc = AsyncZeroconf(interfaces=["127.0.0.1"])
+        try:
+            await zc.zeroconf.async_wait_for_start()  # before it, a send goes nowhere
+            goodbye = DNSOutgoing(const._FLAGS_QR_RESPONSE | const._FLAGS_AA)
+            goodbye.add_answer_at_time(DNSPointer(SERVICE_TYPE, const._TYPE_PTR,
+                                                  const._CLASS_IN, 0,
+                                                  f"{agent.node_name}.{SERVICE_TYPE}"), 0)
+            zc.zeroconf.async_send(goodbye)
+        finally:
+            await zc.async_close()
+
+    asyncio.run(forge_goodbye())
+    wait_for(lambda: f"a goodbye for node {agent.node_name} came while it still answers"
+             in controller.log(), what="the forged goodbye checked")
+    assert agent.node_name in controller.inventory_hosts(token)
+    assert f"node {agent.node_name} left" not in controller.log()
+    other.stop()  # its own goodbye, after it stopped taking connections: believed
+    wait_for(lambda: f"node {other.node_name} left" in controller.log(), what="the real goodbye")
+    assert other.node_name not in controller.inventory_hosts(token)
+    agent.stop()  # the forged goodbye emptied the browser's cache: the health checks see it go
+    wait_for(lambda: agent.node_name not in controller.inventory_hosts(token),
+             what="the first agent to leave")
+
+
 def test_controller_restart_rebuilds_the_registry_and_keeps_tokens(
         start_agent, start_controller, signer: TokenSigner, alice: UnixUser, unique_name) -> None:
     token = signer.issue(alice.name)
