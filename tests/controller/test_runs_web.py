@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -411,3 +413,55 @@ def test_an_output_longer_than_a_pane_shows_its_end_and_says_so(browser, web_clu
     expect(pane.locator(".lines-hidden")).to_have_text(re.compile(r"^… 5000 earlier line"))
     assert asked and min(int(re.findall(r"since=(\d+)", url)[0]) for url in asked) == 5000
     page.context.close()
+
+
+def test_an_output_its_agent_cut_shows_the_lines_kept(browser, web_cluster: Cluster,
+                                                      start_agent, alice: UnixUser,
+                                                      signer: TokenSigner) -> None:
+    """A running execution whose agent stopped keeping its output at line 5 (over its
+    spool) while its next_seq counts on past 20,000: the pane shows the 5 lines kept, not
+    a note that the lines before the last 20,000 of 25,006 are not shown. The page's polls
+    after its first look list the executions with live=0 (no agent asked)."""
+    controller, _ = web_cluster
+    token = signer.issue(alice.name)
+    agent = start_agent(node_name=unique_node_name("cut"), announce=True,
+                        extra_args=["--spool-max-bytes", "2000"])
+    name = agent.node_name
+    wait_for(lambda: name in controller.inventory_hosts(token), what="the agent discovered")
+    status, answer = call(controller, "POST", "/api/runs",
+                          {"kind": "command", "title": "cut", "hosts": [name]}, token)
+    assert status == 201, answer
+    run_id = answer["id"]
+    gate = Path(tempfile.mkdtemp(prefix="marco-gate-"))
+    gate.chmod(0o755)
+    try:
+        with agent.client(token) as client:
+            execution_id = client.start(
+                f"seq 1 5; until [ -e {gate}/big ]; do sleep 0.05; done; "
+                "head -c 3000 /dev/zero | tr '\\0' x; echo; seq 6 25005; "
+                f"until [ -e {gate}/end ]; do sleep 0.05; done", tags={"run": run_id,
+                                                                       "host": name})
+            wait_for(lambda: client.execution(execution_id)["next_seq"] == 5, what="5 lines")
+            (gate / "big").touch()  # a line of its own, over the spool: cut from seq 5 on
+            cut = wait_for(lambda: (e := client.execution(execution_id))["next_seq"] == 25006
+                           and e, what="25,006 lines")
+        assert cut["truncated_seq"] == 5 and cut["state"] == "running"
+        page: Page = browser.new_context().new_page()
+        listings: list[str] = []  # the page's listings of the run's executions
+        page.on("request", lambda request: listings.append(request.url)
+                if "/executions" in request.url else None)
+        open_logged_in(page, controller, alice, f"/runs/{run_id}")
+        pane = page.locator(f'.host-pane[data-host="{name}"]')
+        expect(pane.locator(".line.stdout")).to_have_count(5, timeout=TIMEOUT_MS)
+        expect(pane.locator(".line.stdout").last).to_have_text("5")
+        expect(pane.locator(".lines-hidden")).to_have_count(0)
+        # Its first look asks the agents; the polls after it list from the store alone.
+        with page.expect_request(lambda request: "/executions?live=0" in request.url,
+                                 timeout=TIMEOUT_MS):
+            pass
+        assert "live=" not in listings[0]
+        page.context.close()
+    finally:
+        (gate / "end").touch()
+        call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)
+        shutil.rmtree(gate, ignore_errors=True)
