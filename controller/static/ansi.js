@@ -11,7 +11,7 @@ const Ansi = (() => {
   const PANE = { light: [255, 255, 255], dark: [20, 24, 28] };
   const MIN_CONTRAST = 4.5;                            // WCAG AA for normal text
   const UNDERLINES = ["", "single", "double", "curly", "dotted", "dashed"];
-  const nudged = new Map();                            // "rgb|bg" -> nudged rgb, bounded below
+  const nudged = new Map();                            // "rgb|bg" -> the rgb shown, bounded below
   const NUDGE_CACHE = 4096;
 
   // --- colours -------------------------------------------------------------------------------
@@ -44,16 +44,16 @@ const Ansi = (() => {
   // Moves `rgb` away from `bg` in luminance, 10% a step (as xterm.js's minimumContrastRatio
   // does), until it reaches MIN_CONTRAST; the better direction if neither reaches it.
   function nudge(rgb, bg) {
-    if (contrast(rgb, bg) >= MIN_CONTRAST) return rgb;
     const key = rgb.join(",") + "|" + bg.join(",");
     const known = nudged.get(key);
     if (known) return known;
+    if (nudged.size >= NUDGE_CACHE) nudged.clear();
+    if (contrast(rgb, bg) >= MIN_CONTRAST) { nudged.set(key, rgb); return rgb; }
     const darker = walk(rgb, bg, (v) => Math.floor(v * 0.9));
     const lighter = walk(rgb, bg, (v) => Math.ceil(v + (255 - v) * 0.1));
     const towardsDark = luminance(bg) > 0.5;
     const first = towardsDark ? darker : lighter, second = towardsDark ? lighter : darker;
     const best = contrast(first, bg) >= MIN_CONTRAST || contrast(first, bg) >= contrast(second, bg) ? first : second;
-    if (nudged.size >= NUDGE_CACHE) nudged.clear();
     nudged.set(key, best);
     return best;
   }
