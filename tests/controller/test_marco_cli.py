@@ -306,6 +306,9 @@ def test_run_json_and_logs_follow(cluster, alice: UnixUser, tmp_path: Path) -> N
                 process.wait()
         shutil.rmtree(gate)
     assert running.returncode == 1
+    # --follow reads the run only for its end: one event per look, never a page of them.
+    looks = re.findall(rf"GET /api/runs/{run_id}(\?\S*)? ", controller.log())
+    assert looks and all(query == "?limit=1" for query in looks), looks
     result = json.loads(document)
     assert result["run"]["id"] == run_id and result["status"] == "failed"
     assert result["nodes"][names[0]]["rc"] == 5
