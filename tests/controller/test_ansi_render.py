@@ -240,6 +240,43 @@ def test_every_palette_colour_has_4_5_to_1_contrast(browser: Any, scheme: str) -
     page.context.close()
 
 
+# The page's own text on its backgrounds (marco.css variables): (text, background) pairs.
+UI_PAIRS = [("ink", "bg"), ("ink", "panel"), ("ink", "soft"), ("muted", "bg"), ("muted", "panel"),
+            ("muted", "soft"), ("muted", "soft-2"), ("muted", "term"), ("accent", "panel"),
+            ("accent", "ok-bg"), ("bad", "panel"), ("bad", "bad-bg"), ("warn", "warn-bg"),
+            ("warn", "soft"), ("running", "running-bg"), ("unreachable", "unreachable-bg"),
+            ("interrupted", "interrupted-bg"), ("button-ink", "button"),
+            ("topbar-ink", "topbar"), ("term-ink", "term"), ("err", "term")]
+
+# Each pair's WCAG ratio, the variables resolved by the browser on a probe element.
+UI_CONTRAST = """(pairs) => {
+  const probe = document.createElement("span");
+  document.body.appendChild(probe);
+  const resolve = (name) => {
+    probe.style.setProperty("color", `var(--${name})`);
+    return getComputedStyle(probe).color.match(/[\\d.]+/g).slice(0, 3).map(Number);
+  };
+  const lum = (c) => {
+    const l = c.map((v) => { v /= 255; return v <= 0.04045 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+    return 0.2126 * l[0] + 0.7152 * l[1] + 0.0722 * l[2];
+  };
+  return pairs.map(([text, back]) => {
+    const a = lum(resolve(text)), b = lum(resolve(back));
+    return [text, back, (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)];
+  });
+}"""
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_the_pages_own_colours_have_4_5_to_1_contrast(browser: Any, scheme: str) -> None:
+    page = blank(browser, scheme)
+    ratios = page.evaluate(UI_CONTRAST, UI_PAIRS)
+    assert len(ratios) == len(UI_PAIRS)
+    assert [(text, back, round(r, 2)) for text, back, r in ratios if r < 4.5] == []
+    assert page.evaluate("window.__violations") == []
+    page.context.close()
+
+
 def test_the_stored_theme_wins_over_the_systems(browser: Any) -> None:
     page = blank(browser, "light")
     light = render(page, sgr("31", "r"))[0]["parts"][0]["color"]
