@@ -5,8 +5,9 @@
 // through the CSSOM with values computed here from numbers, never text taken from the output.
 "use strict";
 const Ansi = (() => {
-  // CSI (ESC [ params intermediates final; cut short at the line's end), OSC (ESC ] ... BEL or ST), other two-byte escapes.
-  const ESCAPES = /\x1b\[([0-?]*)[ -/]*([@-~])?|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]?/g;
+  // CSI (ESC [ params intermediates final; cut short at the line's end), strings (OSC, DCS,
+  // SOS, PM, APC: up to BEL or ST), other escapes (ESC, intermediates, final).
+  const ESCAPES = /\x1b\[([0-?]*)[ -/]*([@-~])?|\x1b[\]P^_X][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]?/g;
   // The panes' backgrounds (marco.css --term in each theme): foregrounds are nudged against them.
   const PANE = { light: [255, 255, 255], dark: [20, 24, 28] };
   const MIN_CONTRAST = 4.5;                            // WCAG AA for normal text

@@ -172,6 +172,7 @@ def test_no_escape_leaks_as_visible_text(page: Page) -> None:
         f"{ESC}[2K{ESC}[1GH{ESC}[?25l{ESC}(BI{ESC}7{ESC}8": "HI",
         f"J{ESC}[38;5": "J",
         f"K{ESC}": "K",
+        f"{ESC}Pq#0;2;0;0;0{ESC}\\L{ESC}_apc{chr(7)}M": "LM",
     }
     lines = render(page, *cases)
     assert [line["text"] for line in lines] == list(cases.values())
