@@ -149,8 +149,10 @@ const Ansi = (() => {
     // A true-colour background swapped in from a foreground is nudged like that foreground, so
     // the pane-coloured text on it stays readable; one the output chose is shown as it is.
     const bgs = colour(bg, "bg", cls, props, state.inverse ? paneOf : null);
-    // Text in a 256/true colour is nudged against its own true-colour background, else the pane.
+    // Text in a 256/true colour is nudged against its own true-colour background, else the pane;
+    // default text on a true-colour background is black or white, whichever reads better.
     colour(fg, "fg", cls, props, bgs ? (theme) => bgs[theme] : paneOf);
+    if (!fg && bgs) cls.push(readableOn(bgs.light));
     if (state.bold) cls.push("ansi-bold");
     if (state.dim) cls.push("ansi-dim");
     if (state.italic) cls.push("ansi-italic");
@@ -161,6 +163,7 @@ const Ansi = (() => {
   }
 
   const paneOf = (theme) => PANE[theme];
+  const readableOn = (rgb) => (contrast(rgb, [0, 0, 0]) >= contrast(rgb, [255, 255, 255]) ? "ansi-on-light" : "ansi-on-dark");
 
   // Adds one colour's class (and custom properties, for a 256/true colour, per theme: nudged to
   // MIN_CONTRAST against `against(theme)` when given); the rgb shown per theme, or null.

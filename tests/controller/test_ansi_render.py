@@ -220,16 +220,21 @@ def test_styles_carry_across_the_lines_of_a_stream(page: Page) -> None:
 
 
 def palette_cases() -> list[str]:
-    """Every base colour (as text and inverted), every one of the 256 (as text and inverted),
-    true colours sampled, and 256/true colours on a true-colour background of their own."""
+    """Every base colour (as text, inverted, as a background), every one of the 256 (the same),
+    true colours sampled (as text and background), and 256/true colours on a true-colour
+    background of their own."""
     base = [f"{ESC}[{30 + n}mx" for n in range(8)] + [f"{ESC}[{90 + n}mx" for n in range(8)]
     inverse = [f"{ESC}[7;{30 + n}mx" for n in range(8)] + [f"{ESC}[7;{90 + n}mx" for n in range(8)]
     indexed = [f"{ESC}[38;5;{n}mx" for n in range(256)] + [f"{ESC}[7;38;5;{n}mx" for n in range(256)]
     steps = (0, 60, 120, 180, 255)
     true = [f"{ESC}[38;2;{r};{g};{b}mx" for r in steps for g in steps for b in steps]
     on_true = [f"{ESC}[38;2;30;30;60;48;2;20;20;40mx", f"{ESC}[38;5;255;48:2::255:255:255mx"]
-    return base + inverse + indexed + true + on_true + [f"{ESC}[38:2::255:255:0mx",
-                                                        f"{ESC}[38:2::0:0:255mx"]
+    # Default text on a background the output set: a base one, 256 and true ones.
+    backs = ([f"{ESC}[{40 + n}mx" for n in range(8)] + [f"{ESC}[{100 + n}mx" for n in range(8)]
+             + [f"{ESC}[48;5;{n}mx" for n in range(256)]
+             + [f"{ESC}[48;2;{r};{g};{b}mx" for r in steps for g in steps for b in steps])
+    return base + inverse + indexed + true + on_true + backs + [f"{ESC}[38:2::255:255:0mx",
+                                                                f"{ESC}[38:2::0:0:255mx"]
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
