@@ -255,7 +255,8 @@ UI_PAIRS = [("ink", "bg"), ("ink", "panel"), ("ink", "soft"), ("muted", "bg"), (
             ("accent", "ok-bg"), ("bad", "panel"), ("bad", "bad-bg"), ("warn", "warn-bg"),
             ("warn", "soft"), ("running", "running-bg"), ("unreachable", "unreachable-bg"),
             ("interrupted", "interrupted-bg"), ("button-ink", "button"),
-            ("topbar-ink", "topbar"), ("term-ink", "term"), ("err", "term")]
+            ("topbar-ink", "topbar"), ("term-ink", "term"), ("err", "term"), ("focus", "panel"),
+            ("focus", "bg")]
 
 # Each pair's WCAG ratio, the variables resolved by the browser on a probe element.
 UI_CONTRAST = """(pairs) => {
