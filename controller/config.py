@@ -92,6 +92,8 @@ def runs_options() -> list[Option]:
                "default too)", kind=int),
         Option("runs_events_page_bytes", 4 << 20, "most bytes of events (as stored) one GET "
                "/api/runs/ID answer gives; `more` says the rest follows", kind=int),
+        Option("runs_executions_page", 5000, "most executions one GET /api/runs/ID/executions "
+               "answer gives (its default too)", kind=int),
         Option("runs_output_page_lines", 20_000, "most output lines one GET /api/runs/ID/output "
                "answer gives", kind=int),
         Option("runs_read_agent_timeout", 10.0, "seconds an agent gets to answer a read of a "
@@ -145,6 +147,7 @@ class ControllerConfig:
     runs_max_waiting_per_user: int
     runs_events_page: int
     runs_events_page_bytes: int
+    runs_executions_page: int
     runs_output_page_lines: int
     runs_read_agent_timeout: float
     runs_read_agents_at_once: int
@@ -163,7 +166,8 @@ class ControllerConfig:
                     "runs_collect_queue_per_user", "runs_collect_finals_per_user",
                     "runs_collect_retry", "runs_collect_retry_max", "runs_collect_give_up",
                     "runs_collect_page_lines", "runs_wait_max", "runs_max_waiting_per_user",
-                    "runs_events_page", "runs_events_page_bytes", "runs_output_page_lines",
+                    "runs_events_page", "runs_events_page_bytes", "runs_executions_page",
+                    "runs_output_page_lines",
                     "runs_read_agent_timeout", "runs_read_agents_at_once",
                     "runs_read_listings_per_user"):
             if not getattr(self, key) > 0:

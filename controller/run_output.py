@@ -94,44 +94,50 @@ class RunReader:
     # -- executions -------------------------------------------------------------------------------
 
     async def executions(self, run: Run, token: str, host: str | None = None,
-                         task: str | None = None,
-                         live: bool = True) -> tuple[list[dict[str, Any]], bool]:
-        """The run's executions (one host's, one task's): stored ones in the order stored, then
-        those only an agent knows so far (registered in the store now, so `output` finds their
-        node even after the agent is gone); and whether the agents that could add to it were
-        asked (not when `live` is false, nor beyond the caller's listings at once)."""
+                         task: str | None = None, live: bool = True, offset: int = 0,
+                         limit: int = 5000) -> tuple[list[dict[str, Any]], bool, bool]:
+        """One page of the run's executions (one host's, one task's): stored ones in the order
+        stored from the `offset`-th on, at most `limit`; on the last page, then, those only an
+        agent knows so far (registered in the store now, so `output` finds their node even
+        after the agent is gone). Also whether the agents that could add to it were asked (not
+        when `live` is false, nor beyond the caller's listings at once), and whether more
+        stored executions follow the page."""
         records: list[ExecutionRecord] = await self.store.call(
-            "executions", run.owner, run.id, host=host, task=task)
+            "executions", run.owner, run.id, host=host, task=task, offset=offset,
+            limit=limit + 1)
+        more = len(records) > limit
+        records = records[:limit]
+        stored = [execution_json(r, None) for r in records]
         if not live:
-            return [execution_json(r, None) for r in records], False
-        nodes = await self._nodes_to_ask(run, records, host)
+            return stored, False, more
+        nodes = await self._nodes_to_ask(run, records, host, last=not more)
         if not nodes:
-            return [execution_json(r, None) for r in records], True
+            return stored, True, more
         with self.gate.admit(run.owner) as admitted:
             if not admitted:
                 log.debug("run %s: %s lists from the store alone (%d listings at once)",
                           run.id, run.owner, self.gate.per_user)
-                return [execution_json(r, None) for r in records], False
+                return stored, False, more
             log.debug("run %s: a listing of %s asks %d node(s)", run.id, run.owner, len(nodes))
             found = await self._listings(run, token, nodes)
         live_items = {item.execution_id: item for item in found
                       if (host is None or item.host == host)
                       and (task is None or item.task_id == task)}
         answer = [execution_json(r, live_items.pop(r.execution_id, None)) for r in records]
-        for item in live_items.values():
+        for item in live_items.values() if not more else ():  # others are on other pages
             record = await self._register(run, item)
             if record is not None:
                 answer.append(execution_json(record, item))
-        return answer, True
+        return answer, True, more
 
     async def _nodes_to_ask(self, run: Run, records: list[ExecutionRecord],
-                            host: str | None) -> list[str]:
+                            host: str | None, last: bool = True) -> list[str]:
         """Known nodes that may add to what the store says, none of them swept: the nodes of
         executions not stored whole; while the run runs, also its hosts (just `host` when
         filtered) and its recorded nodes (delegates) with no execution stored yet (a new one
         may start there; once the run has ended its final collection stores them)."""
         names = [r.node for r in records if not r.archived]
-        if run.ended is None:
+        if run.ended is None and last:  # new executions are listed after the stored ones
             recorded: list[str] = await self.store.call("nodes", run.owner, run.id)
             holding = {r.node for r in records}
             candidates = [host] if host is not None else list(run.hosts)

@@ -222,19 +222,23 @@ class RunFinishApi(RunsHandler):
 
 
 class RunExecutionsApi(RunsHandler):
-    """GET /api/runs/ID/executions[?host=H&task=T&live=0]: the run's executions, stored and,
-    unless `live=0`, what their agents say now (`live` in the answer: whether they were
-    asked)."""
+    """GET /api/runs/ID/executions[?host=H&task=T&live=0&offset=N&limit=M]: a page of the
+    run's executions, stored and, unless `live=0`, what their agents say now (`live` in the
+    answer: whether they were asked; `more`: stored executions follow, ask from `offset`
+    plus the number given)."""
 
     async def get(self, run_id: str) -> None:
         user, token = self.caller()
         host = self.get_query_argument("host", "") or None
         task = self.get_query_argument("task", "") or None
         live = self.int_argument("live", 1, 0, 1) == 1
+        most = self.ctx.config.runs_executions_page
+        offset = self.int_argument("offset", 0, 0)
+        limit = self.int_argument("limit", most, 1, most)
         run = await self.own_run(user, run_id)
-        executions, asked = await self.reader.executions(run, token, host=host, task=task,
-                                                         live=live)
-        self.write_json({"executions": executions, "live": asked})
+        executions, asked, more = await self.reader.executions(
+            run, token, host=host, task=task, live=live, offset=offset, limit=limit)
+        self.write_json({"executions": executions, "live": asked, "more": more})
 
 
 class RunOutputApi(RunsHandler):

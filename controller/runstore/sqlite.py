@@ -69,9 +69,10 @@ def busy_is_try_again(method: Callable[P, R]) -> Callable[P, R]:
 
 
 def check_events_limit(limit: Any) -> int:
+    """A count of rows one read gives (events, executions)."""
     if isinstance(limit, bool) or not isinstance(limit, int) \
             or not 0 < limit <= MAX_EVENTS_READ:
-        raise BadRequest(f"limit must be 1 to {MAX_EVENTS_READ} events")
+        raise BadRequest(f"limit must be 1 to {MAX_EVENTS_READ}")
     return limit
 
 
@@ -396,17 +397,24 @@ class SqliteRunStore:
 
     @busy_is_try_again
     def executions(self, owner: str, run_id: str, host: str | None = None,
-                   task: str | None = None,
-                   node: str | None = None) -> builtins.list[ExecutionRecord]:
+                   task: str | None = None, node: str | None = None, offset: int = 0,
+                   limit: int | None = None) -> builtins.list[ExecutionRecord]:
         """The run's stored executions (of one host, task and/or node if given, found by
-        index), in the order they were first stored; no output is read."""
+        index), in the order they were first stored, from the `offset`-th on, at most `limit`
+        of them (rows are only ever added at the end, so pages are stable); no output is
+        read."""
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise BadRequest("offset must be an integer >= 0")
+        if limit is not None:
+            check_events_limit(limit)
         self._existing(owner, run_id)
         sql, args = "SELECT * FROM outputs WHERE run_id = ?", [run_id]
         for column, value in (("host", host), ("task_id", task), ("node", node)):
             if value is not None:
                 sql, args = f"{sql} AND {column} = ?", [*args, value]
-        return [execution_from_row(row)
-                for row in self._db.execute(sql + " ORDER BY rowid", args).fetchall()]
+        sql = f"{sql} ORDER BY rowid LIMIT ? OFFSET ?"
+        return [execution_from_row(row) for row in self._db.execute(
+            sql, [*args, -1 if limit is None else limit, offset]).fetchall()]
 
     @busy_is_try_again
     def add_nodes(self, owner: str, run_id: str, nodes: builtins.list[str]) -> None:

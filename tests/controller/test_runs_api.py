@@ -813,11 +813,39 @@ def test_a_users_listings_asking_agents_at_once_are_bounded(
         wait_for(lambda: f"run {run_id}: a listing of {alice.name} asks 1 node" in
                  controller.log(), what="the first listing asking the hung agent")
         status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
-        assert (status, answer) == (200, {"executions": [], "live": False})
+        assert (status, answer) == (200, {"executions": [], "live": False, "more": False})
         assert first == []  # still waiting on the hung agent
     finally:
         silent.release()
         waiting.join(timeout=60)
-    assert first == [(200, {"executions": [], "live": True})]
+    assert first == [(200, {"executions": [], "live": True, "more": False})]
     status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
-    assert (status, answer) == (200, {"executions": [], "live": True})  # its turn is back
+    assert (status, answer) == (200, {"executions": [], "live": True, "more": False})  # its turn is back
+
+
+def test_executions_come_in_pages(start_controller, alice: UnixUser,
+                                  signer: TokenSigner) -> None:
+    """runs_executions_page bounds one answer (a run may hold 20,000 executions): `more` says
+    stored executions follow, `offset` reads on, and every one is given once, in order."""
+    controller = start_controller(extra_args=["--no-discovery", "--runs-executions-page", "2"])
+    token = signer.issue(alice.name)
+    run_id = new_run(controller, token)
+    send(controller, token, run_id, *({"type": "execution", "host": f"h{n}",
+                                       "execution_id": f"e{n}", "task_id": "t1"}
+                                      for n in range(5)))
+    pages: list[tuple[list[str], bool]] = []
+    offset, more = 0, True
+    while more:
+        status, answer = call(controller, "GET",
+                              f"/api/runs/{run_id}/executions?offset={offset}", token=token)
+        assert status == 200, answer
+        pages.append(([e["execution_id"] for e in answer["executions"]], answer["more"]))
+        offset, more = offset + len(answer["executions"]), answer["more"]
+    assert pages == [(["e0", "e1"], True), (["e2", "e3"], True), (["e4"], False)]
+    status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions?limit=1&offset=3"
+                          "&task=t1", token=token)
+    assert [e["execution_id"] for e in answer["executions"]] == ["e3"] and answer["more"]
+    for bad in ("limit=3", "limit=0", "offset=-1", f"offset={2 ** 63}"):
+        status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions?{bad}",
+                              token=token)
+        assert status == 400 and answer["error"] == "bad_request", bad

@@ -182,6 +182,14 @@ def test_one_execution_by_id_and_by_node(store: SqliteRunStore, run: Run) -> Non
                                                      task="t2")] == ["e3"]
     with pytest.raises(NotFound):  # another owner's run is a missing one
         store.execution("bob", run.id, "e1")
+    assert [e.execution_id for e in store.executions("alice", run.id, offset=1, limit=1)] \
+        == ["e2"]
+    assert [e.execution_id for e in store.executions("alice", run.id, node="node1",
+                                                     offset=1)] == ["e3"]
+    assert store.executions("alice", run.id, offset=3) == []
+    for bad in ({"offset": -1}, {"limit": 0}, {"offset": True}):
+        with pytest.raises(BadRequest):
+            store.executions("alice", run.id, **bad)
 
 
 def test_filtered_listings_use_an_index(store: SqliteRunStore, run: Run, path: Path) -> None:
