@@ -96,10 +96,15 @@ class ControllerClient:
 
     def run_executions(self, run_id: str, host: str | None = None,
                        task: str | None = None) -> list[dict[str, Any]]:
-        """The run's executions (stored and live), without their output."""
-        executions: list[dict[str, Any]] = self.call(run_path(run_id) + "/executions",
-                                                     host=host, task=task)["executions"]
-        return executions
+        """The run's executions (stored and live), without their output, page by page while
+        the controller says `more` (the next page starts after the stored ones given)."""
+        executions: list[dict[str, Any]] = []
+        while True:
+            answer = self.call(run_path(run_id) + "/executions", host=host, task=task,
+                               offset=len(executions) or None)
+            executions += answer["executions"]
+            if not answer.get("more") or not answer["executions"]:
+                return executions
 
     def execution_output(self, run_id: str, execution_id: str, since: int = 0,
                          limit: int | None = None) -> dict[str, Any]:

@@ -140,11 +140,19 @@ class OutputReader {
     this.looks = 0;
   }
 
-  // The query that lists the view's executions for the next look (see LIVE_LOOK_EVERY).
-  listing(query = new URLSearchParams()) {
+  // The view's executions for the next look (see LIVE_LOOK_EVERY), page by page while the
+  // answer says `more` (stored ones come first: the next page starts after those given).
+  async list(query = new URLSearchParams()) {
     if (this.looks++ % LIVE_LOOK_EVERY) query.set("live", "0");
-    const text = query.toString();
-    return `${this.runPath}/executions${text ? "?" + text : ""}`;
+    const executions = [];
+    for (;;) {
+      const page = new URLSearchParams(query);
+      if (executions.length) page.set("offset", String(executions.length));
+      const text = page.toString();
+      const answer = await api(`${this.runPath}/executions${text ? "?" + text : ""}`);
+      executions.push(...answer.executions);
+      if (!answer.more || !answer.executions.length) return executions;
+    }
   }
 
   // The new lines of each execution not at its end, as `show(execution, events, skipped)`
@@ -544,9 +552,9 @@ class RunView {
       const current = () => this.details === details;
       try {
         const query = new URLSearchParams({ host, task: taskId });
-        const answer = await api(details.reader.listing(query));
+        const executions = await details.reader.list(query);
         if (!current()) return;
-        await details.reader.read(answer.executions, (execution, events, skipped) => {
+        await details.reader.read(executions, (execution, events, skipped) => {
           hideLines(pre, skipped);
           appendLines(pre, events, details.ansi);
         }, current);
@@ -565,9 +573,9 @@ class RunView {
       return;
     }
     await this.exclusive(async () => {
-      const answer = await api(this.paneOutput.listing());
-      for (const execution of answer.executions) this.addHost(execution.host);
-      await this.paneOutput.read(answer.executions, (execution, events, skipped) => {
+      const executions = await this.paneOutput.list();
+      for (const execution of executions) this.addHost(execution.host);
+      await this.paneOutput.read(executions, (execution, events, skipped) => {
         const pane = this.panes.get(execution.host);
         hideLines(pane.pre, skipped);
         appendLines(pane.pre, events, pane.ansi);

@@ -337,3 +337,26 @@ def test_logs_print_a_long_output_once_in_order(cluster, alice: UnixUser,
         logs = marco(home, controller, *args)
         assert logs.returncode == 0 and logs.stderr == "", logs.stderr
         assert logs.stdout.splitlines() == expected, args
+
+
+def test_logs_read_every_page_of_executions(start_agent, start_controller, alice: UnixUser,
+                                            signer: TokenSigner, unique_name,
+                                            tmp_path: Path) -> None:
+    """A run with more executions than one answer of GET .../executions gives
+    (runs_executions_page 1 here, 5,000 by default): `marco logs` reads on from `offset`
+    while `more`, and prints every node's lines."""
+    agents = [start_agent(node_name=unique_name("page")) for _ in range(2)]
+    controller = start_controller(extra_args=[
+        "--no-discovery", "--runs-executions-page", "1",
+        *(arg for a in agents for arg in ("--node", f"{a.node_name}={a.host}:{a.port}"))])
+    names = sorted(a.node_name for a in agents)
+    token = signer.issue(alice.name)
+    wait_for(lambda: set(names) <= set(controller.inventory_hosts(token)), what="nodes alive")
+    home = logged_in(tmp_path / "alice", controller, alice)
+    run = marco(home, controller, "run", "--nodes", ",".join(names), "--", "echo hello")
+    assert run.returncode == 0, run.stderr
+    found = RUN_LINE.search(run.stderr)
+    assert found, run.stderr
+    logs = marco(home, controller, "logs", found.group(1))
+    assert logs.returncode == 0, logs.stderr
+    assert sorted(logs.stdout.splitlines()) == [f"{name} | hello" for name in names]

@@ -465,3 +465,22 @@ def test_an_output_its_agent_cut_shows_the_lines_kept(browser, web_cluster: Clus
         (gate / "end").touch()
         call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)
         shutil.rmtree(gate, ignore_errors=True)
+
+
+def test_a_run_with_more_executions_than_a_listing_shows_them_all(
+        browser, start_agent, start_controller, alice: UnixUser, signer: TokenSigner) -> None:
+    """runs_executions_page 1 (5,000 by default): the page lists a run's executions page by
+    page while `more`, so each host's pane shows its output."""
+    agents = [start_agent(node_name=unique_node_name("page")) for _ in range(2)]
+    controller = start_controller(extra_args=[
+        "--no-discovery", "--runs-executions-page", "1",
+        *(arg for a in agents for arg in ("--node", f"{a.node_name}={a.host}:{a.port}"))])
+    token = signer.issue(alice.name)
+    names = [a.node_name for a in agents]
+    wait_for(lambda: set(names) <= set(controller.inventory_hosts(token)), what="nodes alive")
+    run_id = command_run(controller, token, names, "echo hello")
+    page = new_page(browser, controller, alice, f"/runs/{run_id}")
+    for name in names:
+        pane = page.locator(f'.host-pane[data-host="{name}"]')
+        expect(pane.locator(".line.stdout")).to_have_text(["hello"], timeout=TIMEOUT_MS)
+    page.context.close()
