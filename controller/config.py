@@ -10,6 +10,8 @@ from marco.settings import Option, default_state_dir
 from marco.shells import login_shells_option
 from marco.tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
 
+from .runstore import MAX_EVENTS_READ, MAX_PAGE_LINES
+
 DEFAULT_CONFIG_FILE = "/etc/marco/controller.toml"
 DEFAULT_PORT = 7380
 
@@ -172,6 +174,14 @@ class ControllerConfig:
                     "runs_read_listings_per_user"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
+        # Pages the store gives at most in one read (a listing asks one execution more than a
+        # page, to know whether more follow); a larger setting would refuse every read.
+        for key, most in (("runs_events_page", MAX_EVENTS_READ),
+                          ("runs_executions_page", MAX_EVENTS_READ - 1),
+                          ("runs_output_page_lines", MAX_PAGE_LINES),
+                          ("runs_collect_page_lines", MAX_PAGE_LINES)):
+            if getattr(self, key) > most:
+                raise ConfigError(f"{key} must be at most {most} (got {getattr(self, key)})")
 
     def connection_limits(self) -> ConnectionLimits:
         return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address,

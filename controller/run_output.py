@@ -108,9 +108,9 @@ class RunReader:
         more = len(records) > limit
         records = records[:limit]
         stored = [execution_json(r, None) for r in records]
-        if not live:
-            return stored, False, more
-        nodes = await self._nodes_to_ask(run, records, host, last=not more)
+        if not live or more:  # agents are asked on the last page, which lists what they add
+            return stored, live, more
+        nodes = await self._nodes_to_ask(run, records, host)
         if not nodes:
             return stored, True, more
         with self.gate.admit(run.owner) as admitted:
@@ -124,26 +124,29 @@ class RunReader:
                       if (host is None or item.host == host)
                       and (task is None or item.task_id == task)}
         answer = [execution_json(r, live_items.pop(r.execution_id, None)) for r in records]
-        for item in live_items.values() if not more else ():  # others are on other pages
+        # Those stored on earlier pages are listed there; only new ones are added here. (One
+        # stored meanwhile by a collection is then left to the next listing, where it is on
+        # the last page.)
+        earlier: set[str] = await self.store.call(
+            "stored_ids", run.owner, run.id, list(live_items)) if live_items and offset else set()
+        for item in live_items.values():
+            if item.execution_id in earlier:
+                continue
             record = await self._register(run, item)
             if record is not None:
                 answer.append(execution_json(record, item))
         return answer, True, more
 
     async def _nodes_to_ask(self, run: Run, records: list[ExecutionRecord],
-                            host: str | None, last: bool = True) -> list[str]:
+                            host: str | None) -> list[str]:
         """Known nodes that may add to what the store says, none of them swept: the nodes of
-        executions not stored whole; while the run runs, also its hosts (just `host` when
-        filtered) and its recorded nodes (delegates) with no execution stored yet (a new one
-        may start there; once the run has ended its final collection stores them)."""
-        names = [r.node for r in records if not r.archived]
-        if run.ended is None and last:  # new executions are listed after the stored ones
-            recorded: list[str] = await self.store.call("nodes", run.owner, run.id)
-            holding = {r.node for r in records}
-            candidates = [host] if host is not None else list(run.hosts)
-            names += [name for name in [*candidates, *recorded] if name not in holding]
-        if not names:
-            return []
+        executions not stored whole, the run's hosts (just `host` when filtered) and its
+        recorded nodes (delegates). A node with executions stored may start another (a
+        playbook's next task), and an ended run's node that is not swept may hold some its
+        collection never stored (a controller restart, a refused final collection)."""
+        recorded: list[str] = await self.store.call("nodes", run.owner, run.id)
+        candidates = [host] if host is not None else list(run.hosts)
+        names = [*(r.node for r in records if not r.archived), *candidates, *recorded]
         swept: set[str] = await self.store.call("swept", run.owner, run.id)
         return [name for name in dict.fromkeys(names)
                 if name not in swept and self.registry.get(name) is not None]

@@ -154,10 +154,14 @@ class RunApi(RunsHandler):
         since = self.int_argument("since", 0, 0)
         limit = self.int_argument("limit", config.runs_events_page, 1, config.runs_events_page)
         wait = self.int_argument("wait", 0, 0)
+        if not wait:
+            run, events, more = await self.read(user, run_id, since, limit)
+            self.write_json({**run_json(run), "events": events, "more": more})
+            return
         # Registered before the first read: a batch stored in between still wakes it.
         with self.keeper.signals.waiter(user, run_id) as waiter:
             run, events, more = await self.read(user, run_id, since, limit)
-            if not events and run.ended is None and wait and waiter.admitted:
+            if not events and run.ended is None and waiter.admitted:
                 log.debug("run %s: a read of %s waits for events after %d", run_id, user, since)
                 await waiter.wait(min(wait, config.runs_wait_max))
                 run, events, more = await self.read(user, run_id, since, limit)

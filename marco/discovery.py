@@ -2,9 +2,10 @@
 
 `NodeRegistry` holds what is known (name, address, port, TXT fields, first/last seen, alive).
 `ZeroconfBrowser` adds and updates nodes as agents announce themselves and drops them on a
-goodbye once they no longer answer (anyone on the LAN can send a goodbye). `HealthMonitor` probes every node's `/v1/health`: an agent that died without a goodbye
-(SIGKILL, cable) is marked down and leaves the inventory; it comes back when a probe or a new
-announcement succeeds. Static nodes from the config are probed the same way.
+goodbye once they no longer answer (anyone on the LAN can send a goodbye). `HealthMonitor`
+probes every node's `/v1/health`: an agent that died without a goodbye (SIGKILL, cable) is
+marked down and leaves the inventory; it comes back when a probe or a new announcement
+succeeds. Static nodes from the config are probed the same way.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from .records import (
 from .schema import DEFAULT_BUSY_TIMEOUT, is_busy, open_database, try_again
 
 SQLITE_FULL = 13  # sqlite3.Error.sqlite_errorcode of "database or disk is full"
+STORED_IDS_PER_QUERY = 500  # ids in one IN (...) of stored_ids, under SQLite's variable limit
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -385,6 +386,22 @@ class SqliteRunStore:
         self._db.execute("UPDATE outputs SET next_seq = ?, bytes = bytes + ? "
                          "WHERE run_id = ? AND execution_id = ?",
                          (end, len(data), run_id, row["execution_id"]))
+
+    @busy_is_try_again
+    def stored_ids(self, owner: str, run_id: str,
+                   execution_ids: builtins.list[str]) -> set[str]:
+        """Which of these execution ids the run has stored (by primary key, a few hundred per
+        query): the read side registers only the others."""
+        self._existing(owner, run_id)
+        found: set[str] = set()
+        ids = list(dict.fromkeys(execution_ids))
+        for start in range(0, len(ids), STORED_IDS_PER_QUERY):
+            part = ids[start:start + STORED_IDS_PER_QUERY]
+            marks = ", ".join("?" * len(part))
+            found.update(row[0] for row in self._db.execute(
+                f"SELECT execution_id FROM outputs WHERE run_id = ? AND execution_id IN ({marks})",
+                (run_id, *part)))
+        return found
 
     @busy_is_try_again
     def execution(self, owner: str, run_id: str,

@@ -15,7 +15,7 @@ from .sqlite import SqliteRunStore
 
 # The store's methods a caller may ask RunStoreThread for.
 STORE_METHODS = frozenset({"create", "get", "list", "append_events", "events", "update",
-                           "add_output", "execution", "executions", "output_page",
+                           "add_output", "execution", "stored_ids", "executions", "output_page",
                            "mark_swept", "swept", "add_nodes", "nodes", "events_page",
                            "prune", "interrupt_running",
                            "interrupt_stale"})

@@ -45,7 +45,9 @@ async function api(path, options = {}) {
   try { data = await response.json(); } catch (e) { /* empty body */ }
   if (!response.ok) {
     const message = data.message ? (data.hint ? `${data.message}; ${data.hint}` : data.message) : `HTTP ${response.status}`;
-    throw new Error(message);
+    const error = new Error(message);
+    error.status = response.status;
+    throw error;
   }
   return data;
 }
@@ -319,17 +321,20 @@ class RunView {
     await this.pollEvents();
   }
 
-  // Events: the first ask answers at once; then, while the run runs, each ask waits at the
-  // controller until the next batch arrives or the run ends (a long poll), so a result shows
-  // in its cell as it arrives. Output is read on its own beat (pollOutput), from the first
-  // answer on.
+  // Events: the first ask answers at once; then, while the run runs and the tab is seen,
+  // each ask waits at the controller until the next batch arrives or the run ends (a long
+  // poll), so a result shows in its cell as it arrives. A hidden tab asks every second
+  // instead, so background tabs do not hold the browser's few connections to the
+  // controller. Output is read on its own beat (pollOutput), from the first answer on.
   async pollEvents() {
-    let wait = "";
+    let first = true;
     for (;;) {
+      const wait = !first && document.visibilityState === "visible";
+      first = false;
       try {
         let run;
         do {  // the events come in pages: ask on while the answer says there are `more`
-          run = await api(this.path(`?since=${this.seq}${wait}`));
+          run = await api(this.path(`?since=${this.seq}${wait ? `&wait=${WAIT_S}` : ""}`));
           this.update(run);
           for (const event of run.events) this.apply(event);
         } while (run.more && run.events.length);
@@ -339,9 +344,13 @@ class RunView {
           this.pollOutput();
         }
         if (run.ended !== null) return;
-        wait = `&wait=${WAIT_S}`;
+        // Nothing new: the controller did not wait (a hidden tab, or the user's waiting reads
+        // are at their bound), or waited its whole time; either way the next ask can wait a
+        // second without delaying a result it would have brought.
+        if (!run.events.length) await sleep(POLL_MS);
       } catch (err) {
         this.showError(err.message);
+        if (err.status === 404) return;  // the run is gone (pruned): asking again cannot help
         await sleep(POLL_MS);  // a controller that fails is not asked in a tight loop
       }
     }
@@ -355,6 +364,7 @@ class RunView {
         await this.refreshOutput();
       } catch (err) {
         this.showError(err.message);
+        if (err.status === 404) return;  // the run is gone (pruned)
       }
       if (ended) return;
       await sleep(POLL_MS);

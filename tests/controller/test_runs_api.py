@@ -724,8 +724,9 @@ def listing_requests(agent: AgentProcess, run_id: str) -> int:
 def test_listings_ask_an_agent_only_for_what_the_store_lacks(
         start_agent, start_controller, alice: UnixUser, signer: TokenSigner, unique_name,
         gate: Path) -> None:
-    """A running run's node whose executions are all stored whole is not asked again (a page
-    lists every second); `live=0` asks no agent; a host with no execution stored yet is."""
+    """`live=0` asks no agent (a page's polls between its live looks); a live listing asks
+    the run's hosts, what they list is registered, and an execution stored whole reads
+    `ended` from the store alone."""
     controller, (agent,) = static_cluster(start_agent, start_controller, unique_name, agents=1)
     node, token = agent.node_name, signer.issue(alice.name)
     wait_for(lambda: node in controller.inventory_hosts(token), what="node alive")
@@ -751,14 +752,19 @@ def test_listings_ask_an_agent_only_for_what_the_store_lacks(
                                      "status": "ok"})
     wait_for(lambda: executions(controller, token, run_id, "?live=0")[0]["archived"],
              what="the execution stored whole")
+    # Stored whole, it reads from the store alone with live=0; a live listing still asks
+    # the node while the run runs (a playbook's next task may start there).
     asked = listing_requests(agent, run_id)
-    for query in ("", f"?host={node}", "?task=t1", f"?host={node}&task=t1"):
-        status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions{query}",
-                              token=token)
-        assert status == 200 and answer["live"] is True, answer
+    for query in ("", f"&host={node}", "&task=t1", f"&host={node}&task=t1"):
+        status, answer = call(controller, "GET",
+                              f"/api/runs/{run_id}/executions?live=0{query}", token=token)
+        assert status == 200 and answer["live"] is False, answer
         assert [(e["execution_id"], e["state"]) for e in answer["executions"]] == [
             (execution_id, "ended")]
-    assert listing_requests(agent, run_id) == asked  # the run still runs: nobody asked it
+    assert listing_requests(agent, run_id) == asked
+    status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
+    assert status == 200 and answer["live"] is True, answer
+    assert wait_for(lambda: listing_requests(agent, run_id) > asked, what="the node asked")
     call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)
 
 
@@ -849,3 +855,66 @@ def test_executions_come_in_pages(start_controller, alice: UnixUser,
         status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions?{bad}",
                               token=token)
         assert status == 400 and answer["error"] == "bad_request", bad
+
+
+def test_read_settings_beyond_what_the_store_gives_are_refused() -> None:
+    """A page setting over what one store read gives would make every read a 400."""
+    for flag, most in (("--runs-events-page", 100_000), ("--runs-executions-page", 99_999),
+                       ("--runs-output-page-lines", 100_000),
+                       ("--runs-collect-page-lines", 100_000)):
+        load_config(build_parser().parse_args([flag, str(most)]), {})
+        with pytest.raises(ConfigError, match=flag[2:].replace("-", "_")):
+            load_config(build_parser().parse_args([flag, str(most + 1)]), {})
+
+
+def test_an_ended_runs_executions_its_agents_alone_know_are_listed(
+        start_agent, start_controller, unique_name, alice: UnixUser, signer: TokenSigner,
+        pki: TestPki) -> None:
+    """A controller restarted mid-run ends it without a final collection, so an execution
+    no collection stored is known only to its agent: listing the run still asks that agent
+    (its node is not swept), so the output stays readable while the agent holds it."""
+    controller, (agent,) = static_cluster(start_agent, start_controller, unique_name, agents=1)
+    token = signer.issue(alice.name)
+    run_id = new_run(controller, token, hosts=[agent.node_name])
+    with AgentClient(agent.host, agent.port, token, tls=pki.client_tls(),
+                     node=agent.node_name) as client:
+        execution_id = client.start("echo only-the-agent-knows", tags={
+            "run": run_id, "task": "t1", "host": agent.node_name})
+        wait_for(lambda: client.execution(execution_id)["state"] != "running",
+                 what="the execution to exit")
+    controller.stop()
+    restarted = controller.restarted()
+    try:
+        assert get_run(restarted, token, run_id)["status"] == "interrupted"
+        status, answer = call(restarted, "GET", f"/api/runs/{run_id}/executions", token=token)
+        assert status == 200, answer
+        assert [e["execution_id"] for e in answer["executions"]] == [execution_id]
+    finally:
+        restarted.stop()
+
+
+def test_a_listing_in_pages_gives_each_execution_once(start_agent, start_controller,
+                                                      unique_name, alice: UnixUser,
+                                                      signer: TokenSigner) -> None:
+    """Pages of one execution: the agents are asked on the last page only, and what they
+    list that earlier pages gave is not given again."""
+    controller, agents = static_cluster(start_agent, start_controller, unique_name,
+                                        "--runs-executions-page", "1", agents=2)
+    token = signer.issue(alice.name)
+    status, answer = call(controller, "POST", "/api/run",
+                          {"nodes": [a.node_name for a in agents], "command": "sleep 60"},
+                          token)  # running: no node is swept, so the agents are asked
+    assert status == 200, answer
+    run_id = answer["run"]["id"]
+    started = {r["id"] for r in answer["results"].values()}
+    seen: list[str] = []
+    offset, more = 0, True
+    while more:
+        status, page = call(controller, "GET",
+                            f"/api/runs/{run_id}/executions?offset={offset}", token=token)
+        assert status == 200, page
+        assert page["live"] is True
+        seen += [e["execution_id"] for e in page["executions"]]
+        offset += 1 if page["more"] else 0
+        more = page["more"]
+    assert sorted(seen) == sorted(started)
