@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+import re
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,16 @@ log = logging.getLogger(__name__)
 
 OUTPUT_DEFAULT_LINES = 5000  # lines of an output page when the caller gives no limit
 ENDED = "ended"            # the state of an archived execution whose agent was not asked
+# The escapes ansi.js drops (one class each): CSI (ESC [ params intermediates final, cut short
+# at the line's end), strings (OSC, DCS, SOS, PM, APC: up to BEL or ST, or the line's end),
+# other escapes (ESC, intermediates, final).
+ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]?|\x1b[\]P^_X][^\x07\x1b]*(?:\x07|\x1b\\)?"
+                     r"|\x1b[ -/]*[0-~]?")
+
+
+def strip_ansi(line: str) -> str:
+    """A line without its terminal escapes (colours, titles, cursor moves), as plain text."""
+    return ESCAPES.sub("", line) if "\x1b" in line else line
 
 
 @dataclass(frozen=True)
@@ -241,3 +252,17 @@ class RunReader:
                 break
             next_seq = after
         return events, next_seq, end
+
+    async def pages(self, run: Run, token: str, execution_id: str,
+                    limit: int) -> AsyncIterator[dict[str, Any]]:
+        """Every output page of one execution from its first line, as `output` gives them (so
+        a caller holds one page at a time), until its `end` or until a page brings nothing new
+        (a running execution: what it printed so far). NotFound, before any page, when the
+        run has no such execution."""
+        since = 0
+        while True:
+            page = await self.output(run, token, execution_id, since, limit)
+            yield page
+            if page["end"] or page["next"] <= since:
+                return
+            since = page["next"]

@@ -4,7 +4,10 @@ the token's user; another user's run answers 404, exactly like a missing one."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 from marco.errors import BadRequest, Conflict, NotFound
@@ -12,7 +15,7 @@ from marco.runs import COUNTS, END_STATUSES, RUN_ID, status_from_stats
 
 from .archive import RunKeeper
 from .context import read_limits
-from .run_output import OUTPUT_DEFAULT_LINES, RunReader
+from .run_output import OUTPUT_DEFAULT_LINES, RunReader, strip_ansi
 from .runstore import MAX_SEQ, Run, check_hosts
 from .session import ApiHandler
 
@@ -262,6 +265,118 @@ class RunOutputApi(RunsHandler):
         self.write_json(await self.reader.output(run, token, execution_id, since, limit))
 
 
+def file_part(text: str) -> str:
+    """A piece of a download's file name: letters, digits, `_` and `-` only."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)[:100]
+
+
+def text_lines(page: dict[str, Any], whole: bool, strip: bool) -> str:
+    """An output page as plain text: each line and "\\n", after `HOST | ` (`HOST ! ` for
+    stderr) for a whole run's, without escapes when `strip`."""
+    parts: list[str] = []
+    for event in page["events"]:
+        head = f"{page['host']} {'!' if event.get('stream') == 'stderr' else '|'} " if whole else ""
+        parts.extend(f"{head}{strip_ansi(line) if strip else line}\n" for line in event["lines"])
+    return "".join(parts)
+
+
+def json_lines(page: dict[str, Any], whole: bool, strip: bool) -> str:
+    """An output page as JSON lines: one object per line, its `seq`, `time` (when the event
+    has it), `stream` and `line`; a whole run's also name their host and execution."""
+    where = {"host": page["host"], "execution_id": page["execution_id"]} if whole else {}
+    parts: list[str] = []
+    for event in page["events"]:
+        time = {"time": event["time"]} if "time" in event else {}
+        for index, line in enumerate(event["lines"]):
+            item = {**where, "seq": event["seq"] + index, **time, "stream": event.get("stream"),
+                    "line": strip_ansi(line) if strip else line}
+            parts.append(json.dumps(item, ensure_ascii=False) + "\n")
+    return "".join(parts)
+
+
+class RunDownloadApi(RunsHandler):
+    """GET /api/runs/ID/output.txt|.jsonl[?execution=E|host=H&task=T][&ansi=strip]: one
+    execution's output, or the run's (its executions in the order listed, only host H's or
+    task T's when given), as a file to keep; sent a page at a time as it is read, so a
+    download of any size holds one page."""
+
+    suffix = ".txt"
+    content_type = "text/plain; charset=utf-8"
+
+    def lines(self, page: dict[str, Any], whole: bool, strip: bool) -> str:
+        return text_lines(page, whole, strip)
+
+    def named(self, execution_id: str | None, host: str | None) -> bool:
+        """Whether lines name their host: a whole run's (one host's are its bytes alone)."""
+        return execution_id is None and host is None
+
+    async def get(self, run_id: str) -> None:
+        user, token = self.caller()
+        execution_id = self.get_query_argument("execution", "") or None
+        host = self.get_query_argument("host", "") or None
+        task = self.get_query_argument("task", "") or None
+        ansi = self.get_query_argument("ansi", "keep")
+        if ansi not in ("keep", "strip"):
+            raise BadRequest("'ansi' is 'keep' (the default) or 'strip'")
+        strip = ansi == "strip"
+        run = await self.own_run(user, run_id)
+        limit = self.ctx.config.runs_output_page_lines
+        if execution_id is not None:
+            pages = self.reader.pages(run, token, execution_id, limit)
+            first = await anext(pages)  # an execution the run lacks is a 404, before any byte
+            self.start_file([run.id, execution_id], strip)
+            await self.send(first, False, strip)
+            async for page in pages:
+                await self.send(page, False, strip)
+        else:
+            self.start_file([run.id, *(p for p in (host, task) if p)], strip)
+            named = self.named(None, host)
+            async for execution in self.executions(run, token, host, task):
+                async for page in self.reader.pages(run, token, execution, limit):
+                    await self.send(page, named, strip)
+        self.finish()
+
+    def start_file(self, parts: list[str], strip: bool) -> None:
+        """The headers of an attachment named by ids only (no title: it is the user's text)."""
+        name = "-".join(file_part(p) for p in parts) + ("-plain" if strip else "") + self.suffix
+        self.set_header("Content-Type", self.content_type)
+        self.set_header("Content-Disposition", f'attachment; filename="{name}"')
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    async def send(self, page: dict[str, Any], whole: bool, strip: bool) -> None:
+        """One page out to the client now (its memory freed before the next is read)."""
+        text = self.lines(page, whole, strip)
+        if text:
+            self.write(text.encode("utf-8", "replace"))
+            await self.flush()
+
+    async def executions(self, run: Run, token: str, host: str | None,
+                         task: str | None) -> AsyncIterator[str]:
+        """The ids of the run's executions in the order listed, page by page."""
+        offset, more = 0, True
+        while more:
+            found, _, more = await self.reader.executions(
+                run, token, host=host, task=task, offset=offset,
+                limit=self.ctx.config.runs_executions_page)
+            for execution in found:
+                yield str(execution["execution_id"])
+            offset += len(found)
+
+
+class RunJsonLinesApi(RunDownloadApi):
+    """GET /api/runs/ID/output.jsonl: the same as JSON lines, each with its seq and time."""
+
+    suffix = ".jsonl"
+    content_type = "application/x-ndjson; charset=utf-8"
+
+    def lines(self, page: dict[str, Any], whole: bool, strip: bool) -> str:
+        return json_lines(page, whole, strip)
+
+    def named(self, execution_id: str | None, host: str | None) -> bool:
+        """Lines of more than one execution name theirs."""
+        return execution_id is None
+
+
 def run_json(run: Run) -> dict[str, Any]:
     """A run as the API answers it: its summary and its permalink."""
     return {**run.summary(), "url": run_url(run.id)}
@@ -274,4 +389,6 @@ ROUTES = [
     (r"/api/runs/([^/]+)/finish", RunFinishApi),
     (r"/api/runs/([^/]+)/executions", RunExecutionsApi),
     (r"/api/runs/([^/]+)/output", RunOutputApi),
+    (r"/api/runs/([^/]+)/output\.txt", RunDownloadApi),
+    (r"/api/runs/([^/]+)/output\.jsonl", RunJsonLinesApi),
 ]

@@ -59,6 +59,25 @@ function badge(status, id) {
   return b;
 }
 
+// Download links for some output (GET /api/runs/ID/output.txt|.jsonl with `query`: a host's,
+// a task's on a host): plain text as printed, without terminal escapes, and JSON lines.
+function downloadLinks(runPath, query, label) {
+  const links = el("span", "downloads");
+  const add = (text, file, extra, title) => {
+    const a = el("a", "download", text);
+    a.href = `${runPath}/${file}?${new URLSearchParams(Object.assign({}, query, extra))}`;
+    a.setAttribute("download", "");
+    a.title = `${title}: ${label}`;
+    links.appendChild(a);
+    links.appendChild(document.createTextNode(" "));
+  };
+  links.appendChild(document.createTextNode("download: "));
+  add("text", "output.txt", {}, "download the output as text");
+  add("text without colours", "output.txt", { ansi: "strip" }, "download the output as text without colours");
+  add("JSON lines", "output.jsonl", {}, "download the output as JSON lines with timestamps");
+  return links;
+}
+
 function setBadge(b, status) {
   // Only the status class changes: the badge keeps its other classes (e.g. pane-state).
   for (const c of [...b.classList]) if (c.startsWith("status-")) b.classList.remove(c);
@@ -494,6 +513,7 @@ class RunView {
     $("#details").dataset.host = host;
     $("#details").dataset.task = taskId;
     $("#details-title").textContent = `${task ? task.name : taskId} on ${host}`;
+    $("#details-downloads").replaceChildren(downloadLinks(this.path(), { host, task: taskId }, `this task on ${host}`));
     const facts = $("#details-facts");
     facts.replaceChildren();
     const fact = (name, value, cls) => {
@@ -602,6 +622,7 @@ class RunView {
     const state = badge("running");
     state.classList.add("pane-state");
     head.appendChild(state);
+    head.appendChild(downloadLinks(this.path(), { host }, host));
     pane.appendChild(head);
     const pre = el("pre", "lines");
     pane.appendChild(pre);
