@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from marco.client import AgentClient
 from marco.tokens import TokenSigner
 from tests.support.browser import launch
 from tests.support.controller_process import ControllerProcess
@@ -211,4 +212,65 @@ def test_the_run_pages_links_download_the_output(cluster: Cluster, browser: Any,
         page.locator("#run-downloads").get_by_role("link", name="text", exact=True).click()
     assert open(info.value.path(), "rb").read() == "".join(
         f"{names[0]} | {line}\n" for line in COLOURED_OUT).encode()
+    page.context.close()
+
+
+def playbook_with_two_tasks(controller: ControllerProcess, token: str, host: str,
+                            pki: TestPki) -> str:
+    """A playbook run whose two tasks ran on `host`, each execution tagged as the connection
+    plugin tags it (t1 prints one, two; t2 prints three), all of it archived; its id."""
+    status, answer = call(controller, "POST", "/api/runs",
+                          {"kind": "playbook", "title": "ansible-playbook site.yml"}, token)
+    assert status == 201, answer
+    run_id = str(answer["id"])
+    where = controller.inventory_hosts(token)[host]
+    with AgentClient(where["ansible_host"], where["ansible_port"], token, tls=pki.client_tls(),
+                     node=host) as client:
+        for task_id, command in (("t1", "echo one; echo two"), ("t2", "echo three")):
+            client.start(command, tags={"run": run_id, "task": task_id, "host": host})
+    events: list[dict[str, Any]] = [{"type": "play_start", "play": "all", "play_id": "p1"}]
+    for task_id in ("t1", "t2"):
+        events += [{"type": "task_start", "task": f"task {task_id}", "task_id": task_id,
+                    "play_id": "p1", "action": "ansible.builtin.shell"},
+                   {"type": "host_result", "task_id": task_id, "host": host, "status": "changed",
+                    "rc": 0, "duration": 0.1}]
+    status, answer = call(controller, "POST", f"/api/runs/{run_id}/events", {"events": events},
+                          token)
+    assert status == 200, answer
+
+    def archived() -> bool:
+        listed = executions(controller, token, run_id)
+        return len(listed) == 2 and all(e["archived"] or e["state"] == "exited" for e in listed)
+
+    wait_for(archived, what="both tasks' executions ended")
+    return run_id
+
+
+def test_a_host_or_a_task_on_it_downloads_alone(cluster: Cluster, browser: Any, alice: UnixUser,
+                                                signer: TokenSigner, pki: TestPki) -> None:
+    """`host=` gives that host's executions' lines as printed (no prefix: one host's), with
+    `task=` that task's only; the open result's link downloads it."""
+    controller, names = cluster
+    token = signer.issue(alice.name)
+    run_id = playbook_with_two_tasks(controller, token, names[0], pki)
+    host = urllib.parse.quote(names[0])
+    # The executions in the order listed: as their agent listed them when they were stored.
+    assert download(controller, f"/api/runs/{run_id}/output.txt?host={host}",
+                    token)[2] in (b"one\ntwo\nthree\n", b"three\none\ntwo\n")
+    status, headers, body = download(
+        controller, f"/api/runs/{run_id}/output.txt?host={host}&task=t2", token)
+    assert (status, body) == (200, b"three\n")
+    assert headers["content-disposition"] == (
+        f'attachment; filename="{run_id}-{names[0].replace(".", "_")}-t2.txt"')
+    assert download(controller, f"/api/runs/{run_id}/output.txt?host={names[1]}",
+                    token)[2] == b""
+    page = browser.new_context(accept_downloads=True).new_page()
+    open_logged_in(page, controller, alice, f"/runs/{run_id}")
+    page.locator(f'tr.grid-task[data-task="t1"] button.cell[data-host="{names[0]}"]').click(
+        timeout=TIMEOUT_MS)
+    expect(page.locator("#details-output .line")).to_have_count(2, timeout=TIMEOUT_MS)
+    with page.expect_download(timeout=TIMEOUT_MS) as info:
+        page.locator("#details-downloads").get_by_role("link", name="text", exact=True).click()
+    assert open(info.value.path(), "rb").read() == b"one\ntwo\n"
+    call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)
     page.context.close()
