@@ -102,6 +102,8 @@ def runs_options() -> list[Option]:
                "run's executions or output; one that does not adds nothing", kind=float),
         Option("runs_read_agents_at_once", 16, "agents one listing of a run's executions asks "
                "at once", kind=int),
+        Option("runs_downloads_per_user", 2, "output downloads (GET /api/runs/ID/output.txt "
+               "or .jsonl) of one user at once (more: 429)", kind=int),
         Option("runs_read_listings_per_user", 4, "listings of one user's run executions asking "
                "agents at once; more answer from the store alone", kind=int),
     ]
@@ -154,6 +156,7 @@ class ControllerConfig:
     runs_read_agent_timeout: float
     runs_read_agents_at_once: int
     runs_read_listings_per_user: int
+    runs_downloads_per_user: int
     state_dir: str
     log_level: str
 
@@ -171,7 +174,7 @@ class ControllerConfig:
                     "runs_events_page", "runs_events_page_bytes", "runs_executions_page",
                     "runs_output_page_lines",
                     "runs_read_agent_timeout", "runs_read_agents_at_once",
-                    "runs_read_listings_per_user"):
+                    "runs_read_listings_per_user", "runs_downloads_per_user"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
         # Pages the store gives at most in one read (a listing asks one execution more than a

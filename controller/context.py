@@ -74,6 +74,7 @@ class ControllerContext:
     web_tls: ServerTlsFiles | None  # None in development mode
     runs: RunKeeper
     listings: ListingGate  # a user's listings asking agents at once (run_output.py)
+    downloads: ListingGate  # a user's output downloads at once (runs.py)
 
     @classmethod
     def build(cls, config: ControllerConfig, secret: SecretKeys) -> ControllerContext:
@@ -120,7 +121,8 @@ class ControllerContext:
                                         tls=agent_tls, failures=config.health_failures),
                    cookie_secret=cookie_secret, revocations=revocations, pusher=pusher,
                    connector=connector, pki=pki, web_tls=web_tls,
-                   listings=ListingGate(config.runs_read_listings_per_user))
+                   listings=ListingGate(config.runs_read_listings_per_user),
+                   downloads=ListingGate(config.runs_downloads_per_user))
 
     async def issue_token(self, user: str) -> str:
         """A new token for `user` after a PAM login. Tokens carry whole seconds and "log out

@@ -10,7 +10,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from marco.errors import BadRequest, Conflict, NotFound
+from marco.errors import BadRequest, Conflict, NotFound, TooManyDownloads
 from marco.runs import COUNTS, END_STATUSES, RUN_ID, status_from_stats
 
 from .archive import RunKeeper
@@ -320,6 +320,17 @@ class RunDownloadApi(RunsHandler):
             raise BadRequest("'ansi' is 'keep' (the default) or 'strip'")
         strip = ansi == "strip"
         run = await self.own_run(user, run_id)
+        with self.ctx.downloads.admit(user) as admitted:
+            if not admitted:
+                raise TooManyDownloads(
+                    f"{user} has {self.ctx.downloads.per_user} downloads going on",
+                    hint="wait for one to finish")
+            await self.send_file(run, token, execution_id, host, task, strip)
+        self.finish()
+
+    async def send_file(self, run: Run, token: str, execution_id: str | None,
+                        host: str | None, task: str | None, strip: bool) -> None:
+        """The output asked for, a page at a time."""
         limit = self.ctx.config.runs_output_page_lines
         if execution_id is not None:
             pages = self.reader.pages(run, token, execution_id, limit)
@@ -334,7 +345,6 @@ class RunDownloadApi(RunsHandler):
             async for execution in self.executions(run, token, host, task):
                 async for page in self.reader.pages(run, token, execution, limit):
                     await self.send(page, named, strip)
-        self.finish()
 
     def start_file(self, parts: list[str], strip: bool) -> None:
         """The headers of an attachment named by ids only (no title: it is the user's text)."""

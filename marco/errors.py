@@ -108,6 +108,14 @@ class TooManyRuns(MarcoError):
     code = "too_many_runs"
 
 
+class TooManyDownloads(MarcoError):
+    """Too many output downloads of this user at once (the controller's
+    runs_downloads_per_user)."""
+
+    status = 429
+    code = "too_many_downloads"
+
+
 class UsageError(MarcoError):
     """A mistake in a command line itself: bad arguments, an unknown node, a malformed id."""
 

@@ -918,3 +918,40 @@ def test_a_listing_in_pages_gives_each_execution_once(start_agent, start_control
         offset += 1 if page["more"] else 0
         more = page["more"]
     assert sorted(seen) == sorted(started)
+
+
+def test_a_users_downloads_at_once_are_bounded(start_agent, start_controller, unique_name,
+                                               alice: UnixUser, bob: UnixUser,
+                                               signer: TokenSigner) -> None:
+    """A download holds its connection and a page while it goes: with runs_downloads_per_user
+    1, a second download of alice's while her first is held answers 429; bob's does not."""
+    controller, (agent,) = static_cluster(start_agent, start_controller, unique_name,
+                                          "--runs-downloads-per-user", "1", agents=1)
+    alices, bobs = signer.issue(alice.name), signer.issue(bob.name)
+    run_ids = []
+    for token in (alices, bobs):
+        status, answer = call(controller, "POST", "/api/run",
+                              {"nodes": [agent.node_name], "command": "seq 1 1000000"}, token)
+        assert status == 200, answer
+        run_ids.append(answer["run"]["id"])
+
+        def stored(token: str = token, run_id: str = answer["run"]["id"]) -> bool:
+            found = executions(controller, token, run_id, "?live=0")
+            return bool(found) and bool(found[0]["archived"])
+
+        wait_for(stored, timeout=60, what="the output stored")
+    held = controller.connection()
+    held.connect()
+    held.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # it is not read: the
+    held.request("GET", f"/api/runs/{run_ids[0]}/output.txt",  # controller waits to send
+                 headers={"Authorization": f"Bearer {alices}"})
+    first = held.getresponse()
+    assert first.status == 200 and first.read(100).startswith(f"{agent.node_name} | 1\n".encode())
+    status, answer = call(controller, "GET", f"/api/runs/{run_ids[0]}/output.txt", token=alices)
+    assert status == 429 and answer["error"] == "too_many_downloads", answer
+    status, _ = call(controller, "GET", f"/api/runs/{run_ids[1]}/output.txt?ansi=strip",
+                     token=bobs)
+    assert status == 200
+    held.close()  # the first download is abandoned: its place is free again
+    wait_for(lambda: call(controller, "GET", f"/api/runs/{run_ids[0]}/output.jsonl",
+                          token=alices)[0] == 200, what="alice's next download")
