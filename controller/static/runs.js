@@ -113,12 +113,22 @@ function failedHosts(run) {
     .filter(([, c]) => (c.failed || 0) > 0 || (c.unreachable || 0) > 0).map(([h]) => h);
 }
 
-// Output events (`stream`, `lines`) appended to a <pre> as lines, stdout and stderr apart.
+// A node's Unix time as local HH:MM:SS.mmm.
+function fmtTime(t) {
+  const d = new Date(t * 1000), two = (n) => String(n).padStart(2, "0");
+  return `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}.${String(d.getMilliseconds()).padStart(3, "0")}`;
+}
+
+// Output events (`stream`, `lines`, `time`) appended to a <pre> as lines, stdout and stderr
+// apart. A line's time is a data attribute the "Timestamps" toggle shows through CSS (a
+// pseudo-element): never part of the line's text, so copying the output stays clean.
 function appendLines(pre, events, ansi) {
   for (const event of events) {
     const stream = event.stream === "stderr" ? "stderr" : "stdout";
+    const time = typeof event.time === "number" && isFinite(event.time) ? fmtTime(event.time) : null;
     for (const line of event.lines || []) {
       const span = el("span", "line " + stream);
+      if (time) span.dataset.time = time;
       Ansi.render(span, String(line), ansi[stream]);
       pre.appendChild(span);
     }
@@ -126,6 +136,44 @@ function appendLines(pre, events, ansi) {
   let dropped = 0;
   for (; pre.childElementCount > MAX_LINES_SHOWN; dropped++) pre.firstElementChild.remove();
   hideLines(pre, dropped);
+  if (pre.dataset.following !== "0") pre.scrollTop = pre.scrollHeight;
+}
+
+// A pre that follows its new lines while scrolled to its bottom; scrolled up, it stays where
+// the reader is and a "Jump to latest" button (after the pre) scrolls down and follows again.
+function followable(pre, label) {
+  const jump = el("button", "jump-latest hidden", "Jump to latest");
+  jump.type = "button";
+  jump.setAttribute("aria-label", `jump to the latest output${label ? " of " + label : ""}`);
+  pre.after(jump);
+  pre.dataset.following = "1";
+  const atBottom = () => pre.scrollHeight - pre.scrollTop - pre.clientHeight < 4;
+  pre.addEventListener("scroll", () => {
+    const following = atBottom();
+    pre.dataset.following = following ? "1" : "0";
+    jump.classList.toggle("hidden", following);
+  });
+  jump.addEventListener("click", () => {
+    pre.dataset.following = "1";
+    jump.classList.add("hidden");
+    pre.scrollTop = pre.scrollHeight;
+  });
+  return jump;
+}
+
+const TIMES_KEY = "marco-timestamps";
+
+// The "Timestamps" toggle: a class on the page the line times show by, kept in localStorage.
+function timestampsToggle() {
+  const box = $("#show-times");
+  if (!box) return;
+  const apply = () => document.body.classList.toggle("show-times", box.checked);
+  try { box.checked = localStorage.getItem(TIMES_KEY) === "1"; } catch (e) { /* no storage */ }
+  apply();
+  box.addEventListener("change", () => {
+    apply();
+    try { localStorage.setItem(TIMES_KEY, box.checked ? "1" : "0"); } catch (e) { /* no storage */ }
+  });
 }
 
 // Counts lines of `pre` not shown (not read, or dropped to keep MAX_LINES_SHOWN) in a note
@@ -146,6 +194,9 @@ function hideLines(pre, count) {
 function clearLines(pre) {
   pre.replaceChildren();
   delete pre.dataset.hidden;
+  pre.dataset.following = "1";
+  const jump = pre.nextElementSibling;
+  if (jump && jump.classList.contains("jump-latest")) jump.classList.add("hidden");
   const note = pre.previousElementSibling;
   if (note && note.classList.contains("lines-hidden")) note.remove();
 }
@@ -215,7 +266,7 @@ function freshLines(events, since) {
   for (const event of events) {
     const lines = event.lines || [], seq = event.seq || 0;
     if (seq + lines.length <= since) continue;
-    fresh.push({ stream: event.stream, lines: lines.slice(Math.max(0, since - seq)) });
+    fresh.push({ stream: event.stream, time: event.time, lines: lines.slice(Math.max(0, since - seq)) });
     since = seq + lines.length;
   }
   return fresh;
@@ -337,6 +388,8 @@ class RunView {
     $("#rerun").addEventListener("click", () => this.rerun(this.run.hosts));
     $("#rerun-failed").addEventListener("click", () => this.rerun(failedHosts(this.run)));
     $("#end-run").addEventListener("click", () => this.markEnded());
+    followable($("#details-output"), "this result");
+    timestampsToggle();
     await this.pollEvents();
   }
 
@@ -415,6 +468,7 @@ class RunView {
       // A host without stats in an ended run ended with the run (e.g. interrupted).
       if (run.stats && run.stats[host]) this.hostState(host, run.stats[host]);
       else setBadge(pane.state, run.ended === null ? "running" : run.status);
+      this.paneDuration(host);
     }
   }
 
@@ -624,12 +678,28 @@ class RunView {
     head.appendChild(state);
     head.appendChild(downloadLinks(this.path(), { host }, host));
     pane.appendChild(head);
+    const took = el("span", "pane-took");
+    head.appendChild(took);
+    pane.appendChild(head);
     const pre = el("pre", "lines");
+    pre.tabIndex = 0;  // scrollable by keyboard
     pane.appendChild(pre);
+    followable(pre, host);
     const empty = el("p", "hint pane-empty", "No output (yet).");
     pane.appendChild(empty);
     $("#host-panes").appendChild(pane);
-    this.panes.set(host, { pane, pre, empty, state, ansi: newAnsi() });
+    this.panes.set(host, { pane, pre, empty, state, took, ansi: newAnsi() });
+  }
+
+  // A pane's duration once the run has ended: the run's, from its start to its end (the
+  // executions listing carries no per-execution times; a command's hosts start together
+  // and the run ends when the last one does).
+  paneDuration(host) {
+    const pane = this.panes.get(host);
+    if (!pane) return;
+    const ended = this.run && this.run.ended !== null;
+    pane.took.textContent = ended ? "took " + fmtDuration(runDuration(this.run)) : "";
+    pane.took.title = ended ? "the run's duration, from its start to its end" : "";
   }
 
   hostState(host, counts) {

@@ -1,0 +1,157 @@
+"""The run page's output views as a tool people live in (issue 13), in a real chromium against
+a real controller and agent: a pane follows its new lines, stops when scrolled up (with a "Jump
+to latest" button) and follows again from it; line times shown and hidden by a remembered
+"Timestamps" toggle; a pane's duration once its run ended."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from marco.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
+from tests.support.browser import launch
+from tests.support.controller_process import ControllerProcess
+from tests.support.daemon import stop_all
+from tests.support.http import call
+from tests.support.names import unique_node_name
+from tests.support.pki import TestPki
+from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
+from tests.support.web import TIMEOUT_MS, open_logged_in
+
+Cluster = tuple[ControllerProcess, AgentProcess]
+# A command that prints a line every ~10 ms for several seconds: the page reads it as it runs.
+SLOW = "for i in $(seq 1 1500); do echo line-$i; sleep 0.01; done"
+TIME = re.compile(r'^"\d\d:\d\d:\d\d\.\d{3} "$')  # a line's ::before content when shown
+
+
+@pytest.fixture(scope="module")
+def follow_cluster(secret_file: Path, pki: TestPki, pam_service: str, signer: TokenSigner,
+                   alice: UnixUser,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A controller and one agent it discovers."""
+    workdir = tmp_path_factory.mktemp("runs-follow")
+    daemons: list[AgentProcess | ControllerProcess] = []
+    try:
+        controller = ControllerProcess(secret_file, workdir, pam_service=pam_service, pki=pki)
+        daemons.append(controller)
+        name = unique_node_name("node")
+        agent = AgentProcess(secret_file, workdir / name / "state", node_name=name,
+                             announce=True, pki=pki)
+        daemons.append(agent)
+        token = signer.issue(alice.name)
+        wait_for(lambda: agent.node_name in controller.inventory_hosts(token),
+                 what="the agent discovered")
+        yield controller, agent
+    finally:
+        stop_all(daemons)
+
+
+@pytest.fixture(scope="module")
+def browser(pki: TestPki) -> Iterator[Any]:
+    with sync_playwright() as playwright:
+        chromium = launch(playwright, trust=pki.controller_cert)
+        yield chromium
+        chromium.close()
+
+
+def start_run(controller: ControllerProcess, token: str, node: str, command: str) -> str:
+    """A command run through POST /api/run, not waited for; its id."""
+    status, answer = call(controller, "POST", "/api/run", {"nodes": [node], "command": command},
+                          token)
+    assert status == 200, answer
+    return str(answer["run"]["id"])
+
+
+def line_count(pre: Any) -> int:
+    return int(pre.evaluate("pre => pre.childElementCount"))
+
+
+def at_bottom(pre: Any) -> bool:
+    return bool(pre.evaluate(
+        "pre => pre.scrollHeight - pre.scrollTop - pre.clientHeight < 4"))
+
+
+def wait_for_lines(page: Page, pre: Any, more_than: int) -> None:
+    """Until the pane shows more than `more_than` lines (the run goes on printing); checked in
+    the page so no scroll of ours comes between, and given up after TIMEOUT_MS."""
+    pre.evaluate("(pre, [n, ms]) => new Promise((resolve, reject) => { const end = Date.now() + ms;"
+                 " const check = () => pre.childElementCount > n ? resolve()"
+                 " : Date.now() > end ? reject(new Error(`still ${pre.childElementCount} lines`))"
+                 " : setTimeout(check, 50); check(); })", [more_than, TIMEOUT_MS])
+
+
+def test_a_pane_follows_stops_when_scrolled_up_and_jumps_to_latest(
+        browser: Any, follow_cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    controller, agent = follow_cluster
+    token = signer.issue(alice.name)
+    run_id = start_run(controller, token, agent.node_name, SLOW)
+    page: Page = browser.new_context().new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    open_logged_in(page, controller, alice, f"/runs/{run_id}")
+    pane = page.locator(f'.host-pane[data-host="{agent.node_name}"]')
+    pre = pane.locator("pre.lines")
+    jump = pane.get_by_role("button", name=re.compile("jump to the latest output"))
+    # Following: more lines than the pane holds, and it stays at its bottom as they come.
+    wait_for_lines(page, pre, 100)
+    shown = line_count(pre)
+    wait_for_lines(page, pre, shown)
+    assert pre.evaluate("pre => pre.scrollHeight > 2 * pre.clientHeight")
+    assert at_bottom(pre)
+    expect(jump).to_be_hidden()
+    # Scrolled up: the button shows, and new lines do not move the reader.
+    pre.evaluate("pre => { pre.scrollTop = 0; }")
+    expect(jump).to_be_visible()
+    shown = line_count(pre)
+    wait_for_lines(page, pre, shown)
+    assert pre.evaluate("pre => pre.scrollTop") == 0
+    expect(jump).to_be_visible()
+    # The button (by keyboard too): at the bottom again, following, the button gone.
+    jump.focus()
+    page.keyboard.press("Enter")
+    expect(jump).to_be_hidden()
+    assert at_bottom(pre)
+    shown = line_count(pre)
+    wait_for_lines(page, pre, shown)
+    assert at_bottom(pre)
+    # Once the run ended, the pane gives its duration.
+    expect(pane.locator(".pane-took")).to_have_text(re.compile(r"^took \d"),
+                                                    timeout=60_000)
+    page.context.close()
+
+
+def before(line: Any) -> str:
+    return str(line.evaluate("l => getComputedStyle(l, '::before').content"))
+
+
+def test_timestamps_toggle_shows_line_times_and_is_remembered(
+        browser: Any, follow_cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    controller, agent = follow_cluster
+    token = signer.issue(alice.name)
+    run_id = start_run(controller, token, agent.node_name, "echo first; echo second")
+    page: Page = browser.new_context().new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    open_logged_in(page, controller, alice, f"/runs/{run_id}")
+    line = page.locator(".host-pane .line.stdout", has_text="second")
+    expect(line).to_have_text("second")
+    toggle = page.get_by_role("checkbox", name="Timestamps")
+    expect(toggle).not_to_be_checked()
+    assert before(line) == "none"
+    toggle.check()
+    assert TIME.match(before(line)), before(line)
+    expect(line).to_have_text("second")  # the time is not part of the line's text
+    toggle.uncheck()
+    assert before(line) == "none"
+    toggle.check()
+    page.reload()
+    line = page.locator(".host-pane .line.stdout", has_text="second")
+    expect(line).to_have_text("second")
+    expect(page.get_by_role("checkbox", name="Timestamps")).to_be_checked()
+    assert TIME.match(before(line)), before(line)
+    page.context.close()
