@@ -126,6 +126,43 @@ def test_a_pane_follows_stops_when_scrolled_up_and_jumps_to_latest(
     page.context.close()
 
 
+def test_an_open_results_output_follows_and_jumps_to_latest(
+        browser: Any, follow_cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    """A playbook's open result: its task's running execution is followed the same way."""
+    controller, agent = follow_cluster
+    token = signer.issue(alice.name)
+    host = agent.node_name
+    status, answer = call(controller, "POST", "/api/runs",
+                          {"kind": "playbook", "title": "ansible-playbook follow.yml"}, token)
+    assert status == 201, answer
+    run_id = str(answer["id"])
+    status, answer = call(controller, "POST", f"/api/runs/{run_id}/events", {"events": [
+        {"type": "task_start", "task": "print", "task_id": "t1", "play_id": "p1",
+         "action": "ansible.builtin.shell"},
+        {"type": "host_result", "task_id": "t1", "host": host, "status": "ok", "rc": 0,
+         "duration": 1.5}]}, token)
+    assert status == 200, answer
+    agent.client(token).start(SLOW, tags={"run": run_id, "task": "t1", "host": host})
+    page: Page = browser.new_context().new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    open_logged_in(page, controller, alice, f"/runs/{run_id}")
+    page.locator(f'tr.grid-task[data-task="t1"] button.cell[data-host="{host}"]').click()
+    pre = page.locator("#details-output")
+    jump = page.get_by_role("button", name="jump to the latest output of this result")
+    wait_for_lines(page, pre, 100)
+    assert at_bottom(pre)
+    expect(jump).to_be_hidden()
+    pre.evaluate("pre => { pre.scrollTop = 0; }")
+    expect(jump).to_be_visible()
+    shown = line_count(pre)
+    wait_for_lines(page, pre, shown)
+    assert pre.evaluate("pre => pre.scrollTop") == 0
+    jump.click()
+    expect(jump).to_be_hidden()
+    assert at_bottom(pre)
+    page.context.close()
+
+
 def before(line: Any) -> str:
     return str(line.evaluate("l => getComputedStyle(l, '::before').content"))
 
