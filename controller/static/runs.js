@@ -144,7 +144,8 @@ function appendLines(pre, events, ansi) {
 function followable(pre, label) {
   const jump = el("button", "jump-latest hidden", "Jump to latest");
   jump.type = "button";
-  jump.setAttribute("aria-label", `jump to the latest output${label ? " of " + label : ""}`);
+  // The visible text starts the accessible name (what speech input users say), then whose.
+  jump.setAttribute("aria-label", `Jump to latest output of ${label}`);
   pre.after(jump);
   pre.dataset.following = "1";
   const atBottom = () => pre.scrollHeight - pre.scrollTop - pre.clientHeight < 4;
