@@ -23,9 +23,10 @@ from .config import ControllerConfig
 from .connector import AgentConnector
 from .pki import ClusterPki
 from .revoke import RevocationPusher
-from .run_output import ListingGate, ReadLimits
+from .run_output import ReadLimits
 from .run_signals import RunSignals
 from .runstore import RunLimits, RunStoreThread
+from .user_slots import UserSlots
 
 
 def run_limits(config: ControllerConfig) -> RunLimits:
@@ -73,8 +74,8 @@ class ControllerContext:
     pki: ClusterPki | None          # None in development mode
     web_tls: ServerTlsFiles | None  # None in development mode
     runs: RunKeeper
-    listings: ListingGate  # a user's listings asking agents at once (run_output.py)
-    downloads: ListingGate  # a user's output downloads at once (runs.py)
+    listings: UserSlots  # a user's listings asking agents at once (run_output.py)
+    downloads: UserSlots  # a user's output downloads at once (runs.py)
 
     @classmethod
     def build(cls, config: ControllerConfig, secret: SecretKeys) -> ControllerContext:
@@ -121,8 +122,8 @@ class ControllerContext:
                                         tls=agent_tls, failures=config.health_failures),
                    cookie_secret=cookie_secret, revocations=revocations, pusher=pusher,
                    connector=connector, pki=pki, web_tls=web_tls,
-                   listings=ListingGate(config.runs_read_listings_per_user),
-                   downloads=ListingGate(config.runs_downloads_per_user))
+                   listings=UserSlots(config.runs_read_listings_per_user),
+                   downloads=UserSlots(config.runs_downloads_per_user))
 
     async def issue_token(self, user: str) -> str:
         """A new token for `user` after a PAM login. Tokens carry whole seconds and "log out

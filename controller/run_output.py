@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,7 @@ from marco.errors import MarcoError, NotFound
 from .agent_records import AgentExecution, fit, has_ended, line_count, of_run
 from .connector import AgentConnector
 from .runstore import ExecutionRecord, Run, RunStoreThread
+from .user_slots import UserSlots
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +55,6 @@ class ReadLimits:
 DEFAULT_READ_LIMITS = ReadLimits()
 
 
-class ListingGate:
-    """How many listings of each user are asking agents now, at most `per_user`."""
-
-    def __init__(self, per_user: int) -> None:
-        self.per_user = per_user
-        self._asking: dict[str, int] = {}
-
-    @contextmanager
-    def admit(self, user: str) -> Iterator[bool]:
-        """Whether this listing may ask agents (counted until the block ends)."""
-        if self._asking.get(user, 0) >= self.per_user:
-            yield False
-            return
-        self._asking[user] = self._asking.get(user, 0) + 1
-        try:
-            yield True
-        finally:
-            self._asking[user] -= 1
-            if not self._asking[user]:
-                del self._asking[user]
-
-
 def execution_json(record: ExecutionRecord, live: AgentExecution | None) -> dict[str, Any]:
     """One execution as `GET /api/runs/ID/executions` answers it: the stored record, what its
     agent says of it when it was asked."""
@@ -95,12 +73,12 @@ class RunReader:
 
     def __init__(self, store: RunStoreThread, connector: AgentConnector,
                  registry: NodeRegistry, limits: ReadLimits = DEFAULT_READ_LIMITS,
-                 gate: ListingGate | None = None) -> None:
+                 gate: UserSlots | None = None) -> None:
         self.store = store
         self.connector = connector
         self.registry = registry
         self.limits = limits
-        self.gate = gate if gate is not None else ListingGate(limits.listings_per_user)
+        self.gate = gate if gate is not None else UserSlots(limits.listings_per_user)
 
     # -- executions -------------------------------------------------------------------------------
 

@@ -9,9 +9,10 @@ requests; beyond that a request answers at once, as without `wait`.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from .user_slots import UserSlots
 
 
 class Waiter:
@@ -39,31 +40,27 @@ class RunSignals:
     """Who waits for which run, and the per-user bound on waiting requests."""
 
     def __init__(self, max_per_user: int) -> None:
-        self.max_per_user = max_per_user
+        self.slots = UserSlots(max_per_user)
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}
-        self._per_user: Counter[str] = Counter()
 
     @contextmanager
     def waiter(self, owner: str, run_id: str) -> Iterator[Waiter]:
         """A wait registered before the caller reads the run, so a batch stored between that
         read and the wait still wakes it."""
-        if self._per_user[owner] >= self.max_per_user:
-            yield Waiter(None)
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(run_id, set()).add(future)
-        self._per_user[owner] += 1
-        try:
-            yield Waiter(future)
-        finally:
-            self._per_user[owner] -= 1
-            if not self._per_user[owner]:
-                del self._per_user[owner]
-            futures = self._waiting.get(run_id)
-            if futures is not None:
-                futures.discard(future)
-                if not futures:
-                    del self._waiting[run_id]
+        with self.slots.admit(owner) as admitted:
+            if not admitted:
+                yield Waiter(None)
+                return
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(run_id, set()).add(future)
+            try:
+                yield Waiter(future)
+            finally:
+                futures = self._waiting.get(run_id)
+                if futures is not None:
+                    futures.discard(future)
+                    if not futures:
+                        del self._waiting[run_id]
 
     def changed(self, run_id: str) -> None:
         """The run has new events or has ended: wake everyone waiting for it."""
@@ -75,7 +72,3 @@ class RunSignals:
         """The controller stops: every waiting request answers now."""
         for run_id in list(self._waiting):
             self.changed(run_id)
-
-    def waiting(self, owner: str) -> int:
-        """How many requests of `owner` wait now."""
-        return self._per_user[owner]
