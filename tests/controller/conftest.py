@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from playwright.sync_api import sync_playwright
 
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
+from tests.support.browser import launch
 from tests.support.controller_process import ControllerProcess
 from tests.support.daemon import stop_all
 from tests.support.names import unique_node_name
@@ -37,3 +40,13 @@ def cluster(secret_file: Path, pki: TestPki, pam_service: str, signer: TokenSign
         yield controller, names
     finally:
         stop_all(daemons)
+
+
+@pytest.fixture(scope="module")
+def browser(pki: TestPki) -> Iterator[Any]:
+    """Chromium (Debian's, through Playwright) that trusts the test controller's certificate,
+    one per module of the web tests."""
+    with sync_playwright() as playwright:
+        chromium = launch(playwright, trust=pki.controller_cert)
+        yield chromium
+        chromium.close()

@@ -11,13 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Page, Route, expect, sync_playwright
+from playwright.sync_api import Page, Route, expect
 
 from marco.tokens import TokenSigner
-from tests.support.browser import launch
 from tests.support.controller_process import ControllerProcess
 from tests.support.http import call
-from tests.support.pki import TestPki
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 from tests.support.web import TIMEOUT_MS, open_logged_in
@@ -97,15 +95,6 @@ def serve(route: Route) -> None:
                       headers={"Content-Type": TYPES[file.suffix]})
     else:
         route.fulfill(status=404, body="")
-
-
-@pytest.fixture(scope="module")
-def browser(pki: TestPki) -> Iterator[Any]:
-    """Chromium that trusts the test controller's certificate (the run page tests need it)."""
-    with sync_playwright() as playwright:
-        chromium = launch(playwright, trust=pki.controller_cert)
-        yield chromium
-        chromium.close()
 
 
 def blank(browser: Any, scheme: str = "light") -> Page:

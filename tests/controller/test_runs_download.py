@@ -9,15 +9,12 @@ import json
 import re
 import subprocess
 import urllib.parse
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from marco.client import AgentClient
 from marco.tokens import TokenSigner
-from tests.support.browser import launch
 from tests.support.controller_process import ControllerProcess
 from tests.support.http import call
 from tests.support.pki import TestPki
@@ -34,14 +31,6 @@ COLOURED = PRINTF + "; echo oops >&2"
 COLOURED_OUT = ["\x1b[1;31mred\x1b[0m plain", "\x1b]0;title\x07titled", "\x1b(Bcharset",
                 "50%\r100%"]
 STRIPPED_OUT = ["red plain", "titled", "charset", "50%\r100%"]
-
-
-@pytest.fixture(scope="module")
-def browser(pki: TestPki) -> Iterator[Any]:
-    with sync_playwright() as playwright:
-        chromium = launch(playwright, trust=pki.controller_cert)
-        yield chromium
-        chromium.close()
 
 
 def download(controller: ControllerProcess, path: str,

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
-from tests.support.browser import launch
 from tests.support.controller_process import ControllerProcess
 from tests.support.daemon import stop_all
 from tests.support.http import call
@@ -51,14 +50,6 @@ def web_cluster(secret_file: Path, pki: TestPki, pam_service: str, signer: Token
         yield controller, agents
     finally:
         stop_all(daemons)
-
-
-@pytest.fixture(scope="module")
-def browser(pki: TestPki) -> Iterator[Any]:
-    with sync_playwright() as playwright:
-        chromium = launch(playwright, trust=pki.controller_cert)
-        yield chromium
-        chromium.close()
 
 
 def new_page(browser: Any, controller: ControllerProcess, user: UnixUser, path: str) -> Page:

@@ -4,15 +4,12 @@ real agents and real Unix users logging in with PAM."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from playwright.sync_api import Error as PlaywrightError
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
-from tests.support.browser import launch
 from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
@@ -21,14 +18,6 @@ TIMEOUT_MS = 20_000
 # Agents speak mutual TLS, which a browser has no client certificate for: the page goes
 # through the controller's relay (one certificate for the browser to trust).
 LIVE = "live"
-
-
-@pytest.fixture(scope="module")
-def browser(pki) -> Iterator[Any]:
-    with sync_playwright() as playwright:
-        chromium = launch(playwright, trust=pki.controller_cert)
-        yield chromium
-        chromium.close()
 
 
 def log_in(page: Page, controller: ControllerProcess, user: UnixUser) -> None:
