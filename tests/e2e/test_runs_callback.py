@@ -304,9 +304,11 @@ def test_names_larger_than_an_event_are_cut_and_the_run_keeps_its_events(
 
 class Cable:
     """A TCP relay in front of the controller, on the controller's address (its certificate
-    names it) and a port of its own: `cut()` closes what goes through it and refuses new
-    connections (each counted in `refused`), as a controller gone away would; `mend()`
-    relays again."""
+    names it) and a port of its own: `cut()` refuses new connections (each sets `refused`), as
+    a controller gone away would; `mend()` relays again. An exchange already under way when
+    the cable is cut finishes: the callback opens a connection per batch, and cutting one
+    whose answer is on its way back (the batch the test just saw arrive) would fail that
+    batch instead of the one the test means to fail. `close()` closes everything."""
 
     def __init__(self, listen_host: str, target: tuple[str, int]) -> None:
         self.target = target
@@ -321,16 +323,17 @@ class Cable:
     def cut(self) -> None:
         with self.lock:
             self.cut_off = True
-            for sock in self.open:
-                sock.close()
-            self.open.clear()
 
     def mend(self) -> None:
         with self.lock:
             self.cut_off = False
 
     def close(self) -> None:
-        self.cut()
+        with self.lock:
+            self.cut_off = True
+            for sock in self.open:
+                sock.close()
+            self.open.clear()
         self.server.close()
 
     def _accept(self) -> None:
