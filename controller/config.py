@@ -106,6 +106,14 @@ def runs_options() -> list[Option]:
                "or .jsonl) of one user at once (more: 429)", kind=int),
         Option("runs_read_listings_per_user", 4, "listings of one user's run executions asking "
                "agents at once; more answer from the store alone", kind=int),
+        Option("runs_search_per_user", 2, "output searches (GET /api/runs/ID/search) of one "
+               "user at once (more: 429)", kind=int),
+        Option("runs_search_hits", 1000, "most hits one search answer gives (its default too)",
+               kind=int),
+        Option("runs_search_query_chars", 200, "longest text a search looks for, in characters",
+               kind=int),
+        Option("runs_search_lines", 5_000_000, "most output lines one search scans; beyond, its "
+               "answer says it is not complete", kind=int),
     ]
 
 
@@ -157,6 +165,10 @@ class ControllerConfig:
     runs_read_agents_at_once: int
     runs_read_listings_per_user: int
     runs_downloads_per_user: int
+    runs_search_per_user: int
+    runs_search_hits: int
+    runs_search_query_chars: int
+    runs_search_lines: int
     state_dir: str
     log_level: str
 
@@ -174,7 +186,9 @@ class ControllerConfig:
                     "runs_events_page", "runs_events_page_bytes", "runs_executions_page",
                     "runs_output_page_lines",
                     "runs_read_agent_timeout", "runs_read_agents_at_once",
-                    "runs_read_listings_per_user", "runs_downloads_per_user"):
+                    "runs_read_listings_per_user", "runs_downloads_per_user",
+                    "runs_search_per_user", "runs_search_hits", "runs_search_query_chars",
+                    "runs_search_lines"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
         # Pages the store gives at most in one read (a listing asks one execution more than a

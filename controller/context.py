@@ -76,6 +76,7 @@ class ControllerContext:
     runs: RunKeeper
     listings: UserSlots  # a user's listings asking agents at once (run_output.py)
     downloads: UserSlots  # a user's output downloads at once (runs.py)
+    searches: UserSlots  # a user's output searches at once (run_search.py)
 
     @classmethod
     def build(cls, config: ControllerConfig, secret: SecretKeys) -> ControllerContext:
@@ -123,7 +124,8 @@ class ControllerContext:
                    cookie_secret=cookie_secret, revocations=revocations, pusher=pusher,
                    connector=connector, pki=pki, web_tls=web_tls,
                    listings=UserSlots(config.runs_read_listings_per_user),
-                   downloads=UserSlots(config.runs_downloads_per_user))
+                   downloads=UserSlots(config.runs_downloads_per_user),
+                   searches=UserSlots(config.runs_search_per_user))
 
     async def issue_token(self, user: str) -> str:
         """A new token for `user` after a PAM login. Tokens carry whole seconds and "log out

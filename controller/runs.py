@@ -10,12 +10,20 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from marco.errors import BadRequest, Conflict, NotFound, TooManyDownloads
+from marco.errors import BadRequest, Conflict, NotFound, TooManyDownloads, TooManySearches
 from marco.runs import COUNTS, END_STATUSES, RUN_ID, status_from_stats
 
 from .archive import RunKeeper
 from .context import read_limits
 from .run_output import OUTPUT_DEFAULT_LINES, RunReader, strip_ansi
+from .run_search import (
+    SearchLimits,
+    SearchQuery,
+    check_stream,
+    check_text,
+    parse_cursor,
+    search_run,
+)
 from .runstore import MAX_SEQ, Run, check_hosts
 from .session import ApiHandler
 
@@ -265,6 +273,36 @@ class RunOutputApi(RunsHandler):
         self.write_json(await self.reader.output(run, token, execution_id, since, limit))
 
 
+class RunSearchApi(RunsHandler):
+    """GET /api/runs/ID/search?q=TEXT[&case=1&host=H...&task=T&stream=S&failed=1&limit=N
+    &after=CURSOR]: the lines of the run's output holding the text (literal, without escapes),
+    counted, and a page of them."""
+
+    async def get(self, run_id: str) -> None:
+        user, token = self.caller()
+        config = self.ctx.config
+        query = SearchQuery(
+            text=check_text(self.get_query_argument("q", ""), config.runs_search_query_chars),
+            case_sensitive=self.int_argument("case", 0, 0, 1) == 1,
+            hosts=frozenset(h for h in self.get_query_arguments("host") if h),
+            task=self.get_query_argument("task", "") or None,
+            stream=check_stream(self.get_query_argument("stream", "")),
+            failed=self.int_argument("failed", 0, 0, 1) == 1,
+            limit=self.int_argument("limit", config.runs_search_hits, 1,
+                                    config.runs_search_hits),
+            after=parse_cursor(self.get_query_argument("after", "")))
+        run = await self.own_run(user, run_id)
+        limits = SearchLimits(lines=config.runs_search_lines,
+                              executions_page=config.runs_executions_page,
+                              output_page=config.runs_output_page_lines)
+        with self.ctx.searches.admit(user) as admitted:
+            if not admitted:
+                raise TooManySearches(f"{user} has {self.ctx.searches.per_user} searches "
+                                      "going on", hint="wait for one to finish")
+            answer = await search_run(self.reader, run, token, query, limits)
+        self.write_json(answer)
+
+
 def file_part(text: str) -> str:
     """A piece of a download's file name: letters, digits, `_` and `-` only."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)[:100]
@@ -399,6 +437,7 @@ ROUTES = [
     (r"/api/runs/([^/]+)/finish", RunFinishApi),
     (r"/api/runs/([^/]+)/executions", RunExecutionsApi),
     (r"/api/runs/([^/]+)/output", RunOutputApi),
+    (r"/api/runs/([^/]+)/search", RunSearchApi),
     (r"/api/runs/([^/]+)/output\.txt", RunDownloadApi),
     (r"/api/runs/([^/]+)/output\.jsonl", RunJsonLinesApi),
 ]

@@ -116,6 +116,13 @@ class TooManyDownloads(MarcoError):
     code = "too_many_downloads"
 
 
+class TooManySearches(MarcoError):
+    """Too many output searches of this user at once (the controller's runs_search_per_user)."""
+
+    status = 429
+    code = "too_many_searches"
+
+
 class UsageError(MarcoError):
     """A mistake in a command line itself: bad arguments, an unknown node, a malformed id."""
 

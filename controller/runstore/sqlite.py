@@ -12,8 +12,8 @@ import functools
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -489,6 +489,40 @@ class SqliteRunStore:
                 break  # before the next row: its blob is not read
         cursor.close()
         return page.events, page.next
+
+    @busy_is_try_again
+    def scan_output(self, owner: str, run_id: str, execution_id: str,
+                    visit: Callable[[builtins.list[dict[str, Any]]], bool],
+                    since: int = 0) -> None:
+        """Give `visit` the stored lines of one execution from seq `since` on, as output events
+        (the first cut to start there), one chunk's events at a time: one chunk is decoded
+        at a time, never the whole output. Stops when `visit` returns False (before the next
+        chunk is read) or the lines end. NotFound when the run or the execution is not
+        stored."""
+        check_seq(since, "since")
+        self._existing(owner, run_id)
+        self._stored_execution(run_id, execution_id)
+        with closing(self._chunks_from(run_id, execution_id, since)) as chunks:
+            for events in chunks:
+                if events and not visit(events):
+                    return  # closing() closes the cursor now, its later blobs unread
+
+    def _chunks_from(self, run_id: str, execution_id: str,
+                     since: int) -> Generator[builtins.list[dict[str, Any]], None, None]:
+        """The events of each chunk holding lines from `since` on, in order, cut to start
+        there; a chunk's blob is read only when the caller asks for it."""
+        # The chunk holding `since` (the last starting at or before it), then the later ones.
+        cursor = self._db.execute(
+            "SELECT next_seq, data FROM chunks WHERE run_id = ?1 AND execution_id = ?2 AND "
+            "first_seq >= COALESCE((SELECT MAX(first_seq) FROM chunks WHERE run_id = ?1 AND "
+            "execution_id = ?2 AND first_seq <= ?3), 0) ORDER BY first_seq",
+            (run_id, execution_id, since))
+        try:
+            for chunk_end, data in cursor:
+                if chunk_end > since:
+                    yield after(decode(data), since)
+        finally:
+            cursor.close()
 
     @busy_is_try_again
     def mark_swept(self, owner: str, run_id: str, node: str) -> None:

@@ -16,6 +16,7 @@ from .sqlite import SqliteRunStore
 # The store's methods a caller may ask RunStoreThread for.
 STORE_METHODS = frozenset({"create", "get", "list", "append_events", "events", "update",
                            "add_output", "execution", "stored_ids", "executions", "output_page",
+                           "scan_output",
                            "mark_swept", "swept", "add_nodes", "nodes", "events_page",
                            "prune", "interrupt_running",
                            "interrupt_stale"})
