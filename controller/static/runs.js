@@ -7,10 +7,7 @@ const POLL_MS = 1000;          // a running run's page asks for new output this 
 const WAIT_S = 25;             // a running run's next events are awaited this long per ask (a long poll)
 const LIST_POLL_MS = 2000;     // the list refreshes this often while a shown run is running
 const PAGE_SIZE = 50;
-const OUTPUT_PAGE = 5000;      // output lines asked for per request (the API's default)
-// Lines per pane or details panel: older lines are dropped, and a longer output is read from
-// this many lines before its end (`marco logs` prints every line).
-const MAX_LINES_SHOWN = 20000;
+const OUTPUT_PAGE = 5000;      // output lines asked for per request at most (the API's default)
 // A poll lists a view's executions from the store alone (`live=0`: no agent asked; the output
 // reads say each one's end) but its first look and every LIVE_LOOK_EVERY-th, which also find
 // executions only their agents know so far.
@@ -119,49 +116,6 @@ function fmtTime(t) {
   return `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}.${String(d.getMilliseconds()).padStart(3, "0")}`;
 }
 
-// Output events (`stream`, `lines`, `time`) appended to a <pre> as lines, stdout and stderr
-// apart. A line's time is a data attribute the "Timestamps" toggle shows through CSS (a
-// pseudo-element): never part of the line's text, so copying the output stays clean.
-function appendLines(pre, events, ansi) {
-  for (const event of events) {
-    const stream = event.stream === "stderr" ? "stderr" : "stdout";
-    const time = typeof event.time === "number" && isFinite(event.time) ? fmtTime(event.time) : null;
-    for (const line of event.lines || []) {
-      const span = el("span", "line " + stream);
-      if (time) span.dataset.time = time;
-      Ansi.render(span, String(line), ansi[stream]);
-      pre.appendChild(span);
-    }
-  }
-  let dropped = 0;
-  for (; pre.childElementCount > MAX_LINES_SHOWN; dropped++) pre.firstElementChild.remove();
-  hideLines(pre, dropped);
-  if (pre.dataset.following !== "0") pre.scrollTop = pre.scrollHeight;
-}
-
-// A pre that follows its new lines while scrolled to its bottom; scrolled up, it stays where
-// the reader is and a "Jump to latest" button (after the pre) scrolls down and follows again.
-function followable(pre, label) {
-  const jump = el("button", "jump-latest hidden", "Jump to latest");
-  jump.type = "button";
-  // The visible text starts the accessible name (what speech input users say), then whose.
-  jump.setAttribute("aria-label", `Jump to latest output of ${label}`);
-  pre.after(jump);
-  pre.dataset.following = "1";
-  const atBottom = () => pre.scrollHeight - pre.scrollTop - pre.clientHeight < 4;
-  pre.addEventListener("scroll", () => {
-    const following = atBottom();
-    pre.dataset.following = following ? "1" : "0";
-    jump.classList.toggle("hidden", following);
-  });
-  jump.addEventListener("click", () => {
-    pre.dataset.following = "1";
-    jump.classList.add("hidden");
-    pre.scrollTop = pre.scrollHeight;
-  });
-  return jump;
-}
-
 const TIMES_KEY = "marco-timestamps";
 
 // The "Timestamps" toggle: a class on the page the line times show by, kept in localStorage.
@@ -177,39 +131,13 @@ function timestampsToggle() {
   });
 }
 
-// Counts lines of `pre` not shown (not read, or dropped to keep MAX_LINES_SHOWN) in a note
-// just before it.
-function hideLines(pre, count) {
-  if (!count) return;
-  const hidden = Number(pre.dataset.hidden || 0) + count;
-  pre.dataset.hidden = String(hidden);
-  let note = pre.previousElementSibling;
-  if (!note || !note.classList.contains("lines-hidden")) {
-    note = el("p", "hint lines-hidden");
-    pre.before(note);
-  }
-  note.textContent = `… ${hidden} earlier line(s) not shown (marco logs prints them all)`;
-}
-
-// An empty `pre`, without a note of hidden lines.
-function clearLines(pre) {
-  pre.replaceChildren();
-  delete pre.dataset.hidden;
-  pre.dataset.following = "1";
-  const jump = pre.nextElementSibling;
-  if (jump && jump.classList.contains("jump-latest")) jump.classList.add("hidden");
-  const note = pre.previousElementSibling;
-  if (note && note.classList.contains("lines-hidden")) note.remove();
-}
-
 const newAnsi = () => ({ stdout: Ansi.newState(), stderr: Ansi.newState() });
 
-// The output of a run's executions, each read page by page from where its last page ended
-// (GET /api/runs/ID/output?execution=&since=), only until its `end`: no line is asked twice.
+// A run's executions as a view's segments are listed: page by page (GET /api/runs/ID/
+// executions), the agents asked on the first look and every LIVE_LOOK_EVERY-th.
 class OutputReader {
   constructor(runPath) {
     this.runPath = runPath;
-    this.state = new Map();  // execution_id -> {next, end}
     this.looks = 0;
   }
 
@@ -227,31 +155,6 @@ class OutputReader {
       if (!answer.more || !answer.executions.length) return executions;
     }
   }
-
-  // The new lines of each execution not at its end, as `show(execution, events, skipped)`
-  // per page; stops early once `current()` is false (the reader's view changed meanwhile).
-  async read(executions, show, current) {
-    for (const execution of executions) {
-      const id = execution.execution_id;
-      let state = this.state.get(id);
-      if (!state) {
-        const skipped = Math.max(0, readableEnd(execution) - MAX_LINES_SHOWN);
-        state = { next: skipped, end: false };
-        this.state.set(id, state);
-        if (skipped) show(execution, [], skipped);
-      }
-      while (!state.end) {
-        const since = state.next;
-        const page = await api(`${this.runPath}/output?execution=${encodeURIComponent(id)}` +
-                               `&since=${since}&limit=${OUTPUT_PAGE}`);
-        if (!current()) return;
-        show(execution, freshLines(page.events || [], since), 0);
-        state.next = Math.max(since, page.next);
-        state.end = Boolean(page.end);
-        if (state.next <= since) break;  // nothing new yet: the next look asks again
-      }
-    }
-  }
 }
 
 // The seq after an execution's last line that can be read: an agent that cut its output (its
@@ -261,17 +164,9 @@ function readableEnd(execution) {
   return Number.isInteger(cut) ? Math.min(next, cut) : next;
 }
 
-// Events trimmed to their lines numbered `since` and after (lines are numbered from `seq`).
-function freshLines(events, since) {
-  const fresh = [];
-  for (const event of events) {
-    const lines = event.lines || [], seq = event.seq || 0;
-    if (seq + lines.length <= since) continue;
-    fresh.push({ stream: event.stream, time: event.time, lines: lines.slice(Math.max(0, since - seq)) });
-    since = seq + lines.length;
-  }
-  return fresh;
-}
+// Executions as an OutputView's segments, in the listing's order.
+const segmentsOf = (executions) => executions.map((e) => ({
+  id: e.execution_id, host: e.host, task_id: e.task_id, length: readableEnd(e) }));
 
 // ---------------------------------------------------------------------------------------------
 // /runs: the caller's runs, newest first, filtered through GET /api/runs.
@@ -372,11 +267,13 @@ class RunView {
     this.tasks = new Map();        // task_id -> {name, play, row, cells: Map(host -> cell)}
     this.hosts = [];               // the grid's columns, in order
     this.results = new Map();      // `${task_id}\n${host}` -> the host_result event
-    this.panes = new Map();        // host -> {pane, pre, empty, state, ansi}
+    this.panes = new Map();        // host -> {pane, view, empty, state, took}
     this.paneOutput = new OutputReader(this.path());
     this.open = null;              // {task_id, host} of the details panel
     this.outputPolling = false;    // pollOutput runs (from the first events answer on)
-    this.details = null;           // the open details' output: {key, reader, ansi}
+    this.details = null;           // the open details' output: {key, reader}
+    this.detailsView = null;       // the OutputView of the open details' output
+    this.highlighted = [null, {}]; // the search's needle and options, for every view
     this.outputTurn = Promise.resolve();  // output is read one reader at a time, in order
   }
 
@@ -389,8 +286,13 @@ class RunView {
     $("#rerun").addEventListener("click", () => this.rerun(this.run.hosts));
     $("#rerun-failed").addEventListener("click", () => this.rerun(failedHosts(this.run)));
     $("#end-run").addEventListener("click", () => this.markEnded());
-    followable($("#details-output"), "this result");
+    this.detailsView = this.outputView($("#details-output"), "this result");
     timestampsToggle();
+    OutputView.wrapToggle($("#wrap-lines"));
+    if (typeof RunSearch !== "undefined") {
+      this.search = new RunSearch(this, $("#run-search"));
+      this.search.start();
+    }
     await this.pollEvents();
   }
 
@@ -556,10 +458,57 @@ class RunView {
     document.querySelectorAll(".cell.selected").forEach((c) => c.classList.remove("selected"));
   }
 
-  // The details panel: a host's result for a task, formatted, and that task's output there.
+  // An OutputView in `container` reading lines from GET /api/runs/ID/output.
+  outputView(container, label) {
+    const view = new OutputView(container, {
+      label,
+      loadPage: (execution, since, limit) => api(this.path(
+        `/output?execution=${encodeURIComponent(execution)}&since=${since}&limit=${Math.min(limit, OUTPUT_PAGE)}`)),
+    });
+    view.highlight(...this.highlighted);
+    return view;
+  }
+
+  // Every output view of the page: the panes' and the details'.
+  views() {
+    const all = [...this.panes.values()].map((pane) => pane.view);
+    if (this.detailsView) all.push(this.detailsView);
+    return all;
+  }
+
+  // For the search (run_search.js): every occurrence of the literal `needle` marked in every
+  // output view (null: none).
+  highlight(needle, options = {}) {
+    this.highlighted = [needle || null, { caseSensitive: Boolean(options.caseSensitive) }];
+    for (const view of this.views()) view.highlight(...this.highlighted);
+  }
+
+  // For the search: shows a hit (as GET /api/runs/ID/search gives it): its task's details on
+  // its host (playbooks) or its host's pane, scrolled to its line, marked current.
+  async reveal(hit) {
+    let view, box;
+    if (this.playbook) {
+      if (!this.open || this.open.task_id !== hit.task_id || this.open.host !== hit.host) {
+        await this.showDetails(hit.task_id, hit.host);
+      }
+      view = this.detailsView;
+      box = $("#details");
+    } else {
+      this.addHost(hit.host);
+      view = this.panes.get(hit.host).view;
+      box = this.panes.get(hit.host).pane;
+    }
+    if (!view.segments.some((seg) => seg.id === hit.execution_id)) await this.refreshOutput();
+    for (const other of this.views()) if (other !== view) other.clearCurrent();
+    box.scrollIntoView({ block: "nearest" });
+    return view.reveal(hit.execution_id, hit.seq, hit.at);
+  }
+
+  // The details panel: a host's result for a task, formatted, and that task's output there
+  // (resolves once its output was looked at).
   showDetails(taskId, host) {
     const result = this.results.get(`${taskId}\n${host}`);
-    if (!result) return;
+    if (!result) return Promise.resolve();
     const task = this.tasks.get(taskId);
     this.open = { task_id: taskId, host };
     document.querySelectorAll(".cell.selected").forEach((c) => c.classList.remove("selected"));
@@ -599,7 +548,7 @@ class RunView {
       more.appendChild(el("pre", "raw", JSON.stringify(other, null, 2)));
       body.appendChild(more);
     }
-    this.loadTaskOutput(taskId, host);
+    return this.loadTaskOutput(taskId, host);
   }
 
   block(parent, name, lines, text) {
@@ -628,26 +577,29 @@ class RunView {
     return this.exclusive(async () => {
       const key = `${taskId}\n${host}`;
       if (!this.open || `${this.open.task_id}\n${this.open.host}` !== key) return;
+      const view = this.detailsView;
       if (!this.details || this.details.key !== key) {
-        this.details = { key, reader: new OutputReader(this.path()), ansi: newAnsi() };
-        clearLines($("#details-output"));
+        // Another result: its output from scratch, followed from its end.
+        this.details = { key, reader: new OutputReader(this.path()) };
+        view.setSegments([]);
+        view.jumpToLatest();
         $("#details-no-output").classList.add("hidden");
       }
-      const details = this.details, pre = $("#details-output");
+      const details = this.details;
       const current = () => this.details === details;
       try {
         const query = new URLSearchParams({ host, task: taskId });
         const executions = await details.reader.list(query);
         if (!current()) return;
-        await details.reader.read(executions, (execution, events, skipped) => {
-          hideLines(pre, skipped);
-          appendLines(pre, events, details.ansi);
-        }, current);
+        view.setSegments(segmentsOf(executions));
+        await view.readTail();
       } catch (err) {
         this.showError(err.message);
         return;
       }
-      if (current()) $("#details-no-output").classList.toggle("hidden", pre.childElementCount > 0);
+      if (!current()) return;
+      $("#details-no-output").classList.toggle("hidden", view.lineCount > 0);
+      view.container.classList.toggle("hidden", view.lineCount === 0);
     });
   }
 
@@ -660,12 +612,15 @@ class RunView {
     await this.exclusive(async () => {
       const executions = await this.paneOutput.list();
       for (const execution of executions) this.addHost(execution.host);
-      await this.paneOutput.read(executions, (execution, events, skipped) => {
-        const pane = this.panes.get(execution.host);
-        hideLines(pane.pre, skipped);
-        appendLines(pane.pre, events, pane.ansi);
-        if (pane.pre.childElementCount) pane.empty.classList.add("hidden");
-      }, () => true);
+      for (const [host, pane] of this.panes) {
+        pane.view.setSegments(segmentsOf(executions.filter((e) => e.host === host)));
+      }
+      // Each pane's new lines (a running execution's), one pane after the other.
+      for (const pane of this.panes.values()) {
+        await pane.view.readTail();
+        pane.empty.classList.toggle("hidden", pane.view.lineCount > 0);
+        pane.view.container.classList.toggle("hidden", pane.view.lineCount === 0);
+      }
     });
   }
 
@@ -682,14 +637,13 @@ class RunView {
     const took = el("span", "pane-took");
     head.appendChild(took);
     pane.appendChild(head);
-    const pre = el("pre", "lines");
-    pre.tabIndex = 0;  // scrollable by keyboard
-    pane.appendChild(pre);
-    followable(pre, host);
+    const output = el("div", "pane-output hidden");
+    pane.appendChild(output);
+    const view = this.outputView(output, host);
     const empty = el("p", "hint pane-empty", "No output (yet).");
     pane.appendChild(empty);
     $("#host-panes").appendChild(pane);
-    this.panes.set(host, { pane, pre, empty, state, took, ansi: newAnsi() });
+    this.panes.set(host, { pane, view, empty, state, took });
   }
 
   // A pane's duration once the run has ended: the run's, from its start to its end (the
@@ -751,6 +705,8 @@ class RunView {
 
 window.addEventListener("DOMContentLoaded", () => {
   const section = $("#run-page");
-  const work = section ? new RunView(section).start() : $("#runs-page") ? new RunsList().start() : null;
+  // The run page's view is window.runView (the search and tests drive it from there).
+  if (section) window.runView = new RunView(section);
+  const work = section ? window.runView.start() : $("#runs-page") ? new RunsList().start() : null;
   if (work) work.catch((e) => console.error(e));
 });
