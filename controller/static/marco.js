@@ -5,6 +5,7 @@
 
 const MAX_LINES_SHOWN = 5000;      // per execution; older lines are dropped from the page
 const REPLAY_EXECUTIONS = 20;      // per node, on (re)connect
+const ANNOUNCE_EVERY_MS = 5000;    // the live region speaks of new output at most this often
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const el = (tag, cls, text) => {
@@ -83,6 +84,113 @@ function bar(label, percent, text) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Keyboard and screen readers (issue 13, item 7).
+
+// A tablist as the ARIA pattern has it: click or arrow keys (Home/End too) select a tab and
+// show its panel (aria-controls); only the selected tab is in the Tab order.
+function bindTabs(list) {
+  const tabs = [...list.querySelectorAll("[role=tab]")];
+  const select = (tab, focus) => {
+    for (const t of tabs) {
+      const on = t === tab;
+      t.setAttribute("aria-selected", String(on));
+      t.tabIndex = on ? 0 : -1;
+      t.classList.toggle("active", on);
+      document.getElementById(t.getAttribute("aria-controls")).classList.toggle("hidden", !on);
+    }
+    if (focus) tab.focus();
+  };
+  const moves = { ArrowRight: (i) => i + 1, ArrowLeft: (i) => i - 1, Home: () => 0, End: () => tabs.length - 1 };
+  for (const tab of tabs) {
+    tab.addEventListener("click", () => select(tab, false));
+    tab.addEventListener("keydown", (e) => {
+      const move = moves[e.key];
+      if (!move) return;
+      e.preventDefault();
+      const i = (move(tabs.indexOf(tab)) + tabs.length) % tabs.length;
+      select(tabs[i], true);
+    });
+  }
+}
+
+// Tells screen readers briefly that output came ("web1: 12 new lines"), never more often than
+// ANNOUNCE_EVERY_MS: a line-by-line region would talk over everything else.
+class Announcer {
+  constructor(region) {
+    this.region = region;
+    this.counts = new Map();   // node -> new lines not announced yet
+    this.last = 0;
+    this.timer = null;
+  }
+
+  add(node, lines) {
+    if (!this.region || !lines) return;
+    this.counts.set(node, (this.counts.get(node) || 0) + lines);
+    if (this.timer) return;
+    // A second at least, so one burst of output makes one announcement.
+    const wait = Math.max(1000, this.last + ANNOUNCE_EVERY_MS - Date.now());
+    this.timer = setTimeout(() => this.flush(), wait);
+  }
+
+  flush() {
+    this.timer = null;
+    this.last = Date.now();
+    const entries = [...this.counts];
+    this.counts.clear();
+    const plural = (n) => `${n} new line${n === 1 ? "" : "s"}`;
+    this.region.textContent = entries.length > 3
+      ? `${entries.length} nodes: ${plural(entries.reduce((sum, [, n]) => sum + n, 0))}`
+      : entries.map(([node, n]) => `${node}: ${plural(n)}`).join("; ");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Follow (issue 13, item 4): each scroll box follows what is added while it is scrolled to its
+// bottom and stays where the reader is once scrolled up.
+const atBottom = (box) => box.scrollHeight - box.scrollTop - box.clientHeight < 4;
+
+// A box that follows while at its bottom, without a button (a node's list of executions).
+function stickToBottom(box) {
+  box.dataset.following = "1";
+  box.addEventListener("scroll", () => { box.dataset.following = atBottom(box) ? "1" : "0"; });
+}
+
+// An execution's lines: scrolled up, a "Jump to latest" button (after the box) scrolls down
+// and follows again.
+function followable(box, label) {
+  const jump = el("button", "jump-latest hidden", "Jump to latest");
+  jump.type = "button";
+  // The visible text starts the accessible name (what speech input users say), then whose.
+  jump.setAttribute("aria-label", `Jump to latest output of ${label}`);
+  box.after(jump);
+  box.dataset.following = "1";
+  box.addEventListener("scroll", () => {
+    const following = atBottom(box);
+    box.dataset.following = following ? "1" : "0";
+    jump.classList.toggle("hidden", following);
+  });
+  jump.addEventListener("click", () => {
+    box.dataset.following = "1";
+    jump.classList.add("hidden");
+    box.scrollTop = box.scrollHeight;
+  });
+  return jump;
+}
+
+// Keeps a following box at its bottom after something was added to it. A scroll event comes
+// a frame after the scroll: a reader who scrolled up since this last pinned the box is seen
+// here first (by the position), not pulled back down.
+function followEnd(box) {
+  if (box.dataset.following === "0") return;
+  if (box.pinnedTop !== undefined && box.scrollTop < box.pinnedTop - 4) {
+    box.dispatchEvent(new Event("scroll"));   // its handler stops following, shows the button
+    return;
+  }
+  box.scrollTop = box.scrollHeight;
+  box.pinnedTop = box.scrollTop;
+}
+
+// ---------------------------------------------------------------------------------------------
 // One node: its card (status), its output pane, its socket.
 class NodeView {
   constructor(app, node) {
@@ -104,6 +212,7 @@ class NodeView {
     this.checkbox.type = "checkbox";
     this.checkbox.className = "node-select";
     this.checkbox.value = this.node.name;
+    this.checkbox.setAttribute("aria-label", `Select ${this.node.name}`);
     head.appendChild(this.checkbox);
     head.appendChild(el("b", "node-name", this.node.name));
     this.badge = el("span", "badge", "");
@@ -144,6 +253,7 @@ class NodeView {
     head.appendChild(this.link);
     pane.appendChild(head);
     this.list = el("div", "executions");
+    stickToBottom(this.list);
     pane.appendChild(this.list);
     this.pane = pane;
   }
@@ -198,7 +308,12 @@ class NodeView {
           this.send({ type: "replay", id: summary.id, since: view.nextSeq });
         });
         break;
-      case "started": this.execution(event.id, event).setSummary(Object.assign({ state: "running" }, event)); break;
+      case "started": {
+        const view = this.execution(event.id, event);
+        view.live = true;   // started while the page watched: its lines are news worth announcing
+        view.setSummary(Object.assign({ state: "running" }, event));
+        break;
+      }
       case "output": this.execution(event.id).output(event); break;
       case "exit": this.execution(event.id).exit(event); break;
       case "replayed":
@@ -217,7 +332,8 @@ class NodeView {
       view = new ExecutionView(this, id, summary || {});
       this.executions.set(id, view);
       this.list.appendChild(view.block);
-      this.app.follow(this.list);
+      view.startFollowing();
+      followEnd(this.list);
     }
     return view;
   }
@@ -274,11 +390,17 @@ class ExecutionView {
     this.started = el("span", "exec-started", "");
     this.state = el("span", "exec-state state-running", "running");
     this.stopButton = el("button", "stop", "stop");
+    this.stopButton.type = "button";
+    this.stopButton.setAttribute("aria-label", `stop this execution on ${nodeView.node.name}`);
     this.stopButton.onclick = () => nodeView.send({ type: "stop", id });
     [this.label, this.command, this.started, this.state, this.stopButton].forEach((e) => head.appendChild(e));
     block.appendChild(head);
     this.out = el("pre", "lines");
+    // Focusable, so a keyboard can scroll it; named, so a screen reader says whose it is.
+    this.out.tabIndex = 0;
+    this.out.setAttribute("aria-label", `Output on ${nodeView.node.name}`);
     block.appendChild(this.out);
+    this.live = false;
     this.block = block;
     this.setSummary(summary);
   }
@@ -318,8 +440,14 @@ class ExecutionView {
       this.shown--;
       this.block.classList.add("clipped");
     }
-    this.nodeView.app.follow(this.out);
-    this.nodeView.app.follow(this.nodeView.list);
+    followEnd(this.out);
+    followEnd(this.nodeView.list);
+    if (this.live) this.nodeView.app.announcer.add(this.nodeView.node.name, lines.length);
+  }
+
+  // Follow this block's lines while its pre is scrolled to its bottom (item 4 of issue 13).
+  startFollowing() {
+    this.jump = followable(this.out, this.nodeView.node.name);
   }
 
   exit(event) {
@@ -339,6 +467,7 @@ class ExecutionView {
 class App {
   constructor() {
     this.views = new Map();
+    this.announcer = new Announcer($("#output-announcer"));
   }
 
   async start() {
@@ -374,10 +503,6 @@ class App {
     return [...document.querySelectorAll(".node-select:checked")].map((c) => c.value);
   }
 
-  follow(element) {
-    if ($("#follow").checked) element.scrollTop = element.scrollHeight;
-  }
-
   notice(text, ok = false) {
     const p = el("p", ok ? "ok" : "error", text);
     $("#run-results").prepend(p);
@@ -396,12 +521,9 @@ class App {
   }
 
   bindForms() {
-    document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click", () => {
-      document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t === tab));
-      document.querySelectorAll(".tabpane").forEach((p) => p.classList.toggle("hidden", p.dataset.pane !== tab.dataset.tab));
-    }));
-    $("#select-all").onclick = (e) => { e.preventDefault(); document.querySelectorAll(".node-select").forEach((c) => { c.checked = true; }); };
-    $("#select-none").onclick = (e) => { e.preventDefault(); document.querySelectorAll(".node-select").forEach((c) => { c.checked = false; }); };
+    bindTabs($("#run-tabs"));
+    $("#select-all").onclick = () => { document.querySelectorAll(".node-select").forEach((c) => { c.checked = true; }); };
+    $("#select-none").onclick = () => { document.querySelectorAll(".node-select").forEach((c) => { c.checked = false; }); };
 
     $("#shell-form").addEventListener("submit", async (e) => {
       e.preventDefault();
@@ -416,7 +538,12 @@ class App {
     });
 
     const fileInput = $("#deploy-file"), zone = $("#drop-zone");
-    const setFile = (file) => { this.file = file; $("#drop-label").textContent = file ? `${file.name} (${fmtBytes(file.size)})` : "Drop a file here or click to choose"; };
+    // The label says which file is chosen; it is a polite live region, so it is also heard.
+    const setFile = (file) => {
+      this.file = file;
+      $("#drop-label").textContent = file ? `Chosen: ${file.name} (${fmtBytes(file.size)}); Enter or Space to choose another`
+        : "Drop a file here or choose one (Enter or Space)";
+    };
     fileInput.addEventListener("change", () => setFile(fileInput.files[0]));
     zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
     zone.addEventListener("dragleave", () => zone.classList.remove("over"));
