@@ -1,7 +1,8 @@
 """The run page's output views as a tool people live in (issue 13), in a real chromium against
 a real controller and agent: a pane follows its new lines, stops when scrolled up (with a "Jump
-to latest" button) and follows again from it; line times shown and hidden by a remembered
-"Timestamps" toggle; a pane's duration once its run ended."""
+to latest" button) and follows again from it; new lines never move a reader scrolled up, and
+no line is dropped; line times shown and hidden by a remembered "Timestamps" toggle; a pane's
+duration once its run ended."""
 
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ from tests.support.web import TIMEOUT_MS, open_logged_in
 Cluster = tuple[ControllerProcess, AgentProcess]
 # A command that prints a line every ~10 ms for several seconds: the page reads it as it runs.
 SLOW = "for i in $(seq 1 1500); do echo line-$i; sleep 0.01; done"
-# Where a line is in its pane's view.
-IN_PANE = "l => l.getBoundingClientRect().top - l.parentElement.getBoundingClientRect().top"
+LINE_HEIGHT = 17  # px of an output line (output_view.js): the scroll height is lines x 17
+# Where a line is in its pane's scroll area.
+IN_PANE = ("l => l.getBoundingClientRect().top"
+           " - l.closest('.output-scroll').getBoundingClientRect().top")
 TIME = re.compile(r'^"\d\d:\d\d:\d\d\.\d{3} "$')  # a line's ::before content when shown
 
 
@@ -65,7 +68,8 @@ def start_run(controller: ControllerProcess, token: str, node: str, command: str
 
 
 def line_count(pre: Any) -> int:
-    return int(pre.evaluate("pre => pre.childElementCount"))
+    """The lines the output view counts (its scroll height is lines x LINE_HEIGHT)."""
+    return int(pre.evaluate(f"pre => Math.round(pre.scrollHeight / {LINE_HEIGHT})"))
 
 
 def at_bottom(pre: Any) -> bool:
@@ -74,12 +78,13 @@ def at_bottom(pre: Any) -> bool:
 
 
 def wait_for_lines(page: Page, pre: Any, more_than: int) -> None:
-    """Until the pane shows more than `more_than` lines (the run goes on printing); checked in
+    """Until the pane counts more than `more_than` lines (the run goes on printing); checked in
     the page so no scroll of ours comes between, and given up after TIMEOUT_MS."""
-    pre.evaluate("(pre, [n, ms]) => new Promise((resolve, reject) => { const end = Date.now() + ms;"
-                 " const check = () => pre.childElementCount > n ? resolve()"
-                 " : Date.now() > end ? reject(new Error(`still ${pre.childElementCount} lines`))"
-                 " : setTimeout(check, 50); check(); })", [more_than, TIMEOUT_MS])
+    pre.evaluate("(pre, [n, h, ms]) => new Promise((resolve, reject) => {"
+                 " const end = Date.now() + ms, count = () => Math.round(pre.scrollHeight / h);"
+                 " const check = () => count() > n ? resolve()"
+                 " : Date.now() > end ? reject(new Error(`still ${count()} lines`))"
+                 " : setTimeout(check, 50); check(); })", [more_than, LINE_HEIGHT, TIMEOUT_MS])
 
 
 def test_a_pane_follows_stops_when_scrolled_up_and_jumps_to_latest(
@@ -91,7 +96,7 @@ def test_a_pane_follows_stops_when_scrolled_up_and_jumps_to_latest(
     page.set_default_timeout(TIMEOUT_MS)
     open_logged_in(page, controller, alice, f"/runs/{run_id}")
     pane = page.locator(f'.host-pane[data-host="{agent.node_name}"]')
-    pre = pane.locator("pre.lines")
+    pre = pane.locator(".output-scroll")
     jump = pane.get_by_role("button", name=f"Jump to latest output of {agent.node_name}")
     # Following: more lines than the pane holds, and it stays at its bottom as they come.
     wait_for_lines(page, pre, 100)
@@ -103,15 +108,26 @@ def test_a_pane_follows_stops_when_scrolled_up_and_jumps_to_latest(
     # Scrolled up: the button shows, and new lines do not move the reader.
     pre.evaluate("pre => { pre.scrollTop = 0; }")
     expect(jump).to_be_visible()
+    expect(pre.locator('.line[data-seq="0"]')).to_have_text("line-1")
     shown = line_count(pre)
     wait_for_lines(page, pre, shown)
     assert pre.evaluate("pre => pre.scrollTop") == 0
+    assert pre.locator('.line[data-seq="0"]').evaluate(IN_PANE) == 0
     expect(jump).to_be_visible()
     # The button (by keyboard too): at the bottom again, following, the button gone.
     jump.focus()
     page.keyboard.press("Enter")
     expect(jump).to_be_hidden()
     assert at_bottom(pre)
+    shown = line_count(pre)
+    wait_for_lines(page, pre, shown)
+    assert at_bottom(pre)
+    # Scrolled up by keyboard (PageUp on the focused output), End follows again.
+    pre.focus()
+    page.keyboard.press("PageUp")
+    expect(jump).to_be_visible()
+    page.keyboard.press("End")
+    expect(jump).to_be_hidden()
     shown = line_count(pre)
     wait_for_lines(page, pre, shown)
     assert at_bottom(pre)
@@ -142,7 +158,7 @@ def test_an_open_results_output_follows_and_jumps_to_latest(
     page.set_default_timeout(TIMEOUT_MS)
     open_logged_in(page, controller, alice, f"/runs/{run_id}")
     page.locator(f'tr.grid-task[data-task="t1"] button.cell[data-host="{host}"]').click()
-    pre = page.locator("#details-output")
+    pre = page.locator("#details-output .output-scroll")
     jump = page.get_by_role("button", name="Jump to latest output of this result")
     wait_for_lines(page, pre, 100)
     assert at_bottom(pre)
@@ -158,11 +174,10 @@ def test_an_open_results_output_follows_and_jumps_to_latest(
     page.context.close()
 
 
-def test_lines_dropped_above_a_reader_scrolled_up_do_not_move_their_view(
+def test_new_lines_do_not_move_a_reader_scrolled_up_and_none_is_dropped(
         browser: Any, follow_cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
-    """A pane keeps 20,000 lines: when 15,000 more come while the reader looks at line 12,000,
-    the 10,000 dropped above it do not move that line in the pane (the browser's scroll
-    anchoring keeps it; nothing may turn that off)."""
+    """While the reader looks at line 12,000, 15,000 more lines come: that line stays where it
+    is in the pane, and every line stays reachable (line 1 and the last)."""
     controller, agent = follow_cluster
     token = signer.issue(alice.name)
     gate = Path(tempfile.mkdtemp(prefix="follow-gate-")) / "go"
@@ -172,15 +187,21 @@ def test_lines_dropped_above_a_reader_scrolled_up_do_not_move_their_view(
     page: Page = browser.new_context().new_page()
     page.set_default_timeout(TIMEOUT_MS)
     open_logged_in(page, controller, alice, f"/runs/{run_id}")
-    pre = page.locator(f'.host-pane[data-host="{agent.node_name}"] pre.lines')
+    pane = page.locator(f'.host-pane[data-host="{agent.node_name}"]')
+    pre = pane.locator(".output-scroll")
     wait_for_lines(page, pre, 14999)
-    line = pre.locator(".line", has_text=re.compile(r"^12000$"))
-    line.evaluate("l => { l.parentElement.scrollTop = l.offsetTop - l.parentElement.offsetTop - 50; }")
+    pre.evaluate(f"pre => {{ pre.scrollTop = 11999 * {LINE_HEIGHT} - 50; }}")
+    line = pre.locator('.line[data-seq="11999"]')
+    expect(line).to_have_text("12000")
     where = line.evaluate(IN_PANE)
     gate.touch()
-    expect(pre.locator(".line").last).to_have_text("30000", timeout=60_000)
-    expect(pre.locator(".line").first).to_have_text("10001")
+    wait_for_lines(page, pre, 29999)
+    expect(pane.get_by_role("button", name=re.compile("^Jump to latest"))).to_be_visible()
     assert line.evaluate(IN_PANE) == where
+    pre.evaluate("pre => { pre.scrollTop = 0; }")
+    expect(pre.locator('.line[data-seq="0"]')).to_have_text("1")
+    pre.evaluate("pre => { pre.scrollTop = pre.scrollHeight; }")
+    expect(pre.locator('.line[data-seq="29999"]')).to_have_text("30000")
     shutil.rmtree(gate.parent)
     page.context.close()
 
