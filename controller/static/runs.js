@@ -489,7 +489,7 @@ class RunView {
     let view, box;
     if (this.playbook) {
       if (!this.open || this.open.task_id !== hit.task_id || this.open.host !== hit.host) {
-        await this.showDetails(hit.task_id, hit.host);
+        await this.showDetails(hit.task_id, hit.host, true);
       }
       view = this.detailsView;
       box = $("#details");
@@ -505,9 +505,10 @@ class RunView {
   }
 
   // The details panel: a host's result for a task, formatted, and that task's output there
-  // (resolves once its output was looked at).
-  showDetails(taskId, host) {
-    const result = this.results.get(`${taskId}\n${host}`);
+  // (resolves once its output was looked at). `pending`: shown without a result too (a hit
+  // of the search in a task still running there).
+  showDetails(taskId, host, pending = false) {
+    const result = this.results.get(`${taskId}\n${host}`) || (pending ? { task_id: taskId, host, status: "running" } : null);
     if (!result) return Promise.resolve();
     const task = this.tasks.get(taskId);
     this.open = { task_id: taskId, host };

@@ -1,24 +1,32 @@
 """The run page's virtualized output view (issue 13, items 1, 4 and 6's layout) in a real
 chromium against a real controller and agents: a finished 200,000-line run opens at its end,
 scrolls to line 1 with only a window of lines in the DOM, jumps back to the latest by button and
-keyboard, reveals a line in the middle for the search with its hits marked, and long lines wrap
-at a toggle kept in the browser."""
+keyboard, reveals a line in the middle for the search with its hits marked (in a pane, and in
+a playbook's task output on a host), scales a 1,000,000-line output, and long lines wrap at a
+toggle kept in the browser."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
 from marco.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
+from tests.support.daemon import stop_all
 from tests.support.http import call
+from tests.support.names import unique_node_name
+from tests.support.pki import TestPki
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 from tests.support.web import TIMEOUT_MS, open_logged_in
 
-Cluster = tuple[ControllerProcess, list[str]]
+Cluster = tuple[ControllerProcess, AgentProcess]
 LINES = 200_000
 LINE_HEIGHT = 17  # px of an unwrapped line (output_view.js LINE_HEIGHT)
 # Whether a line element is inside its scroll area's visible part.
@@ -42,10 +50,33 @@ def finished_run(controller: ControllerProcess, token: str, node: str, command: 
 
 
 @pytest.fixture(scope="module")
+def cluster(secret_file: Path, pki: TestPki, pam_service: str, signer: TokenSigner,
+            alice: UnixUser, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A controller and one agent it discovers (kept: a test starts a playbook task's
+    execution on it, tagged as the marco connection plugin tags it)."""
+    workdir = tmp_path_factory.mktemp("output-view")
+    daemons: list[AgentProcess | ControllerProcess] = []
+    try:
+        controller = ControllerProcess(secret_file, workdir, pam_service=pam_service, pki=pki)
+        daemons.append(controller)
+        name = unique_node_name("node")
+        agent = AgentProcess(secret_file, workdir / name / "state", node_name=name,
+                             announce=True, pki=pki)
+        daemons.append(agent)
+        token = signer.issue(alice.name)
+        wait_for(lambda: agent.node_name in controller.inventory_hosts(token),
+                 what="the agent discovered")
+        yield controller, agent
+    finally:
+        stop_all(daemons)
+
+
+@pytest.fixture(scope="module")
 def big_run(cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> str:
-    """One finished run printing 1 to 200,000 on the cluster's first node."""
-    controller, names = cluster
-    return finished_run(controller, signer.issue(alice.name), names[0], f"seq 1 {LINES}")
+    """One finished run printing 1 to 200,000 on the cluster's node."""
+    controller, agent = cluster
+    return finished_run(controller, signer.issue(alice.name), agent.node_name,
+                        f"seq 1 {LINES}")
 
 
 def open_run(browser: Any, controller: ControllerProcess, user: UnixUser, run_id: str) -> Page:
@@ -61,11 +92,12 @@ def line(pane: Locator, seq: int) -> Locator:
 
 def test_a_200000_line_run_opens_at_its_end_and_scrolls_to_line_1(
         browser: Any, cluster: Cluster, big_run: str, alice: UnixUser) -> None:
-    controller, names = cluster
+    controller, agent = cluster
+    host = agent.node_name
     page = open_run(browser, controller, alice, big_run)
-    pane = page.locator(f'.host-pane[data-host="{names[0]}"]')
+    pane = page.locator(f'.host-pane[data-host="{host}"]')
     scroller = pane.locator(".output-scroll")
-    jump = pane.get_by_role("button", name=f"Jump to latest output of {names[0]}")
+    jump = pane.get_by_role("button", name=f"Jump to latest output of {host}")
     # It opens following: the last line in sight, every line counted in the scroll height.
     expect(line(pane, LINES - 1)).to_have_text(str(LINES))
     assert line(pane, LINES - 1).evaluate(IN_SIGHT)
@@ -102,14 +134,15 @@ def test_a_200000_line_run_opens_at_its_end_and_scrolls_to_line_1(
 def test_reveal_brings_a_middle_line_into_sight_with_its_hits_marked(
         browser: Any, cluster: Cluster, big_run: str, alice: UnixUser) -> None:
     """What the search (run_search.js) does with a hit: runView.reveal and runView.highlight."""
-    controller, names = cluster
+    controller, agent = cluster
+    host = agent.node_name
     page = open_run(browser, controller, alice, big_run)
-    pane = page.locator(f'.host-pane[data-host="{names[0]}"]')
+    pane = page.locator(f'.host-pane[data-host="{host}"]')
     expect(line(pane, LINES - 1)).to_have_text(str(LINES))
     execution = line(pane, LINES - 1).get_attribute("data-segment")
     page.evaluate("needle => runView.highlight(needle, {caseSensitive: false})", "12345")
     page.evaluate("hit => runView.reveal(hit)",
-                  {"execution_id": execution, "host": names[0], "task_id": None,
+                  {"execution_id": execution, "host": host, "task_id": None,
                    "seq": 123449, "stream": "stdout", "text": "123450", "at": [[0, 5]]})
     target = line(pane, 123449)
     expect(target).to_have_text("123450")
@@ -119,7 +152,7 @@ def test_reveal_brings_a_middle_line_into_sight_with_its_hits_marked(
     # Other lines with the needle are marked too, not current; the reader is not following.
     expect(line(pane, 123450).locator("mark.hit")).to_have_text("12345")
     expect(line(pane, 123450).locator("mark.current")).to_have_count(0)
-    expect(pane.get_by_role("button", name=f"Jump to latest output of {names[0]}")).to_be_visible()
+    expect(pane.get_by_role("button", name=f"Jump to latest output of {host}")).to_be_visible()
     # No needle: no marks.
     page.evaluate("() => runView.highlight(null)")
     expect(pane.locator("mark")).to_have_count(0)
@@ -129,12 +162,13 @@ def test_reveal_brings_a_middle_line_into_sight_with_its_hits_marked(
 
 def test_wrapping_long_lines_is_a_toggle_kept_in_the_browser(
         browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
-    controller, names = cluster
+    controller, agent = cluster
+    host = agent.node_name
     token = signer.issue(alice.name)
-    run_id = finished_run(controller, token, names[1],
+    run_id = finished_run(controller, token, host,
                           "echo first; printf 'x%.0s' $(seq 1 600); echo; echo last")
     page = open_run(browser, controller, alice, run_id)
-    pane = page.locator(f'.host-pane[data-host="{names[1]}"]')
+    pane = page.locator(f'.host-pane[data-host="{host}"]')
     scroller = pane.locator(".output-scroll")
     long = line(pane, 1)
     expect(line(pane, 2)).to_have_text("last")
@@ -154,4 +188,84 @@ def test_wrapping_long_lines_is_a_toggle_kept_in_the_browser(
     assert height() > 2 * LINE_HEIGHT and not wide()
     page.get_by_role("checkbox", name="Wrap lines").uncheck()
     assert height() == LINE_HEIGHT and wide()
+    page.context.close()
+
+
+def test_a_million_line_run_is_scaled_and_every_line_reachable(
+        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    """1,000,000 lines x 17px is more than the tallest scroll area the view makes (15M px):
+    the scroll area is scaled, yet the top shows line 1, the bottom the last line, a line in
+    the middle is revealed, and the wheel moves by real lines there."""
+    controller, agent = cluster
+    host = agent.node_name
+    lines = 1_000_000
+    run_id = finished_run(controller, signer.issue(alice.name), host, f"seq 1 {lines}")
+    page = open_run(browser, controller, alice, run_id)
+    pane = page.locator(f'.host-pane[data-host="{host}"]')
+    scroller = pane.locator(".output-scroll")
+    expect(line(pane, lines - 1)).to_have_text(str(lines))
+    assert line(pane, lines - 1).evaluate(IN_SIGHT)
+    height = scroller.evaluate("s => s.scrollHeight")
+    assert height <= 15_000_000 < lines * LINE_HEIGHT
+    scroller.evaluate("s => { s.scrollTop = 0; }")
+    expect(line(pane, 0)).to_have_text("1")
+    assert line(pane, 0).evaluate(IN_SIGHT)
+    # The wheel over the output: 10 lines' worth of px moves by 10 lines.
+    box = scroller.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, 10 * LINE_HEIGHT)
+    expect(line(pane, 10)).to_have_text("11")
+    page.wait_for_function(
+        "() => { const l = document.querySelector('.output-scroll .line[data-seq=\"10\"]');"
+        " return l && Math.abs(l.getBoundingClientRect().top"
+        " - l.closest('.output-scroll').getBoundingClientRect().top) < 1; }")
+    # A line in the middle, as the search reveals it.
+    execution = line(pane, 0).get_attribute("data-segment")
+    page.evaluate("hit => runView.reveal(hit)", {"execution_id": execution, "host": host,
+                                                 "task_id": None, "seq": 654320, "at": []})
+    expect(line(pane, 654320)).to_have_text("654321")
+    assert line(pane, 654320).evaluate(IN_SIGHT)
+    scroller.evaluate("s => { s.scrollTop = s.scrollHeight; }")
+    expect(line(pane, lines - 1)).to_have_text(str(lines))
+    assert line(pane, lines - 1).evaluate(IN_SIGHT)
+    page.context.close()
+
+
+def test_reveal_opens_a_playbook_tasks_output_on_its_host(
+        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    """A hit in a playbook: the details of its task on its host open (the task's cell
+    selected) and its line is in sight there, marked current."""
+    controller, agent = cluster
+    token, host = signer.issue(alice.name), agent.node_name
+    status, answer = call(controller, "POST", "/api/runs",
+                          {"kind": "playbook", "title": "ansible-playbook reveal.yml"}, token)
+    assert status == 201, answer
+    run_id = str(answer["id"])
+    events: list[dict[str, Any]] = [{"type": "task_start", "task": name, "task_id": name,
+                                      "play_id": "p1",
+                                      "action": "ansible.builtin.shell"} for name in ("t1", "t2")]
+    events += [{"type": "host_result", "task_id": name, "host": host, "status": "ok", "rc": 0}
+               for name in ("t1", "t2")]
+    status, answer = call(controller, "POST", f"/api/runs/{run_id}/events", {"events": events},
+                          token)
+    assert status == 200, answer
+    with agent.client(token) as client:
+        execution = client.start("seq 1 5000", tags={"run": run_id, "task": "t2", "host": host})
+        wait_for(lambda: client.execution(execution)["state"] != "running", what="it ended")
+    page = open_run(browser, controller, alice, run_id)
+    expect(page.locator(f'tr.grid-task[data-task="t2"] button.cell[data-host="{host}"]')
+           ).to_be_enabled()
+    page.evaluate("needle => runView.highlight(needle)", "3000")
+    page.evaluate("hit => runView.reveal(hit)", {"execution_id": execution, "host": host,
+                                                 "task_id": "t2", "seq": 2999, "at": [[0, 4]]})
+    details = page.locator("#details")
+    expect(details).to_have_attribute("data-task", "t2")
+    target = line(details, 2999)
+    expect(target).to_have_text("3000")
+    assert target.evaluate(IN_SIGHT)
+    expect(target.locator("mark.hit.current")).to_have_text("3000")
+    expect(page.locator(f'tr.grid-task[data-task="t2"] button.cell[data-host="{host}"]')
+           ).to_have_class(re.compile(r"\bselected\b"))
+    call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)
     page.context.close()
