@@ -208,18 +208,20 @@ const OutputView = (() => {
     // A line's element is rendered again once its text is known.
     forget(seg, seq) { this.rendered.delete(`${seg.id}\n${seq}`); }
 
-    // Reads the missing lines of a page from the source (once at a time; one that brought
-    // nothing waits RETRY_MS). Resolves when done.
+    // Reads the missing lines of a page from the source (one read at a time; after a read
+    // that filled nothing it waits RETRY_MS). Resolves when done.
     load(seg, no) {
       const page = this.page(seg, no, true);
       const want = Math.min(PAGE_LINES, seg.length - no * PAGE_LINES);
       if (!this.loadPage || page.filled >= want) return Promise.resolve();
       if (page.loading) return page.loading;
       if (page.retryAt > Date.now()) return Promise.resolve();
-      const since = no * PAGE_LINES + page.filled;
-      page.loading = this.read(seg, since, PAGE_LINES - page.filled).then((got) => {
+      const since = no * PAGE_LINES + page.filled, before = page.filled;
+      page.loading = this.read(seg, since, PAGE_LINES - page.filled).then(() => {
         page.loading = null;
-        if (!got) page.retryAt = Date.now() + RETRY_MS;
+        // Nothing new at the page's first gap (not there yet, or the source lost it): the
+        // next render does not ask again at once.
+        if (page.filled === before) page.retryAt = Date.now() + RETRY_MS;
       }, (err) => {
         page.loading = null;
         page.retryAt = Date.now() + RETRY_MS;
