@@ -11,12 +11,14 @@ lines (its spool was full): no line from there on will ever be read from it, tho
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from .runstore.chunks import end_of, trim
 
-__all__ = ["AgentExecution", "end_of", "fit", "has_ended", "last_seq", "line_count", "of_run"]
+__all__ = ["AgentExecution", "end_of", "fit", "has_ended", "last_seq", "line_count", "of_run",
+           "times"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class AgentExecution:
     next_seq: int              # the agent's: the seq after its last line (kept or not)
     truncated_seq: int | None  # the agent kept no line from this seq on
     no_log: bool               # it keeps no output at all
+    started: float | None = None  # the node's Unix time it started
+    ended: float | None = None    # and ended (None while it runs)
+    rc: int | None = None         # its exit code, once it exited
 
     @property
     def readable_seq(self) -> int:
@@ -42,6 +47,24 @@ class AgentExecution:
 def _seq(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
         else None
+
+
+def _time(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and value >= 0 else None
+
+
+def _rc(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def times(summary: Any) -> dict[str, Any]:
+    """An agent's execution summary's `started`, `ended` and `rc`, each None when missing
+    or not a number (add_output's arguments of the same names)."""
+    if not isinstance(summary, dict):
+        return {"started": None, "ended": None, "rc": None}
+    return {"started": _time(summary.get("started")), "ended": _time(summary.get("ended")),
+            "rc": _rc(summary.get("rc"))}
 
 
 def of_run(run_id: str, node: str, summary: Any) -> AgentExecution | None:
@@ -64,7 +87,7 @@ def of_run(run_id: str, node: str, summary: Any) -> AgentExecution | None:
                           state=state if isinstance(state, str) else None,
                           next_seq=_seq(summary.get("next_seq")) or 0,
                           truncated_seq=_seq(summary.get("truncated_seq")),
-                          no_log=bool(summary.get("no_log")))
+                          no_log=bool(summary.get("no_log")), **times(summary))
 
 
 def last_seq(summary: dict[str, Any], truncated_seq: Any = None) -> int | None:

@@ -22,7 +22,7 @@ from marco.client import AsyncAgentClient
 from marco.discovery import NodeRegistry
 from marco.errors import AuthenticationError, MarcoError, TryAgain
 
-from .agent_records import AgentExecution, has_ended, of_run
+from .agent_records import AgentExecution, has_ended, of_run, times
 from .connector import AgentConnector
 from .runstore import ExecutionRecord, Run, RunStoreThread
 
@@ -325,9 +325,10 @@ class OutputCollector:
         it is archived (it has ended and every line it kept is stored)."""
         where = dict(host=live.host, node=slot.node, execution_id=live.execution_id,
                      task_id=live.task_id)
+        when: dict[str, Any] = dict(started=live.started, ended=live.ended, rc=live.rc)
         if live.no_log:  # no output anywhere: only its record
             ended = live.state != "running"
-            await self._add(slot, where, [], archived=ended)
+            await self._add(slot, where, [], archived=ended, **when)
             return ended
         since = record.next_seq if record is not None else 0
         while True:
@@ -343,9 +344,11 @@ class OutputCollector:
             events, after = page["events"], page["next"]
             # The page and the execution's state are one snapshot of the agent.
             done = has_ended(page["execution"], after, page.get("truncated_seq"))
+            when = {k: v if v is not None else when[k]
+                    for k, v in times(page["execution"]).items()}
             if events or done or record is None:
                 record = await self._add(slot, where, events, archived=done,
-                                         truncated_seq=page.get("truncated_seq"))
+                                         truncated_seq=page.get("truncated_seq"), **when)
             if done:
                 return True
             if not events or after <= since:
@@ -353,10 +356,11 @@ class OutputCollector:
             since = after
 
     async def _add(self, slot: Slot, where: dict[str, Any], events: list[dict[str, Any]],
-                   archived: bool, truncated_seq: int | None = None) -> ExecutionRecord:
+                   archived: bool, truncated_seq: int | None = None,
+                   **when: Any) -> ExecutionRecord:
         record: ExecutionRecord = await self.store.call(
             "add_output", slot.run.owner, slot.run.id, **where, events=events,
-            archived=archived, truncated_seq=truncated_seq)
+            archived=archived, truncated_seq=truncated_seq, **when)
         return record
 
 

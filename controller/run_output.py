@@ -60,11 +60,15 @@ def execution_json(record: ExecutionRecord, live: AgentExecution | None) -> dict
     agent says of it when it was asked."""
     state = live.state if live else (ENDED if record.archived else None)
     truncated = live.truncated_seq if live else record.truncated_seq
+    started, ended, rc = (live.started, live.ended, live.rc) if live else (None, None, None)
     return {"host": record.host, "node": record.node, "execution_id": record.execution_id,
             "task_id": record.task_id, "archived": record.archived,
             "stored_seq": record.next_seq,
             "next_seq": max(live.next_seq, record.next_seq) if live else record.next_seq,
-            "state": state, "truncated_seq": truncated}
+            "state": state, "truncated_seq": truncated,
+            "started": started if started is not None else record.started,
+            "ended": ended if ended is not None else record.ended,
+            "rc": rc if rc is not None else record.rc}
 
 
 class RunReader:
@@ -169,7 +173,8 @@ class RunReader:
         try:
             record: ExecutionRecord = await self.store.call(
                 "add_output", run.owner, run.id, host=item.host, node=item.node,
-                execution_id=item.execution_id, task_id=item.task_id, events=[])
+                execution_id=item.execution_id, task_id=item.task_id, events=[],
+                started=item.started, ended=item.ended, rc=item.rc)
         except MarcoError as error:
             log.info("run %s: execution %s on %s not registered: %s", run.id,
                      item.execution_id, item.node, error.message)

@@ -60,6 +60,9 @@ class ExecutionRecord:
     archived: bool  # all of its output is stored: it has ended, every line is here
     truncated_seq: int | None  # the agent's truncated_seq: its record was cut from this seq on
     bytes: int  # compressed bytes of its chunks
+    started: float | None = None  # its node's Unix time it started, once an agent said it
+    ended: float | None = None    # and ended
+    rc: int | None = None         # its exit code
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,8 @@ def execution_from_row(row: sqlite3.Row) -> ExecutionRecord:
     return ExecutionRecord(host=row["host"], node=row["node"], execution_id=row["execution_id"],
                            task_id=row["task_id"], next_seq=row["next_seq"],
                            archived=bool(row["archived"]), truncated_seq=row["truncated_seq"],
-                           bytes=row["bytes"])
+                           bytes=row["bytes"], started=row["started"], ended=row["ended"],
+                           rc=row["rc"])
 
 
 def run_from_row(row: sqlite3.Row) -> Run:

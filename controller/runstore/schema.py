@@ -99,6 +99,13 @@ MIGRATIONS: list[tuple[Step, ...]] = [
             run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE, node TEXT NOT NULL,
             PRIMARY KEY (run_id, node))""",
     ),
+    # An execution's times and exit code as its agent gave them (the run page shows how long
+    # each one took, after the agent has forgotten it).
+    (
+        "ALTER TABLE outputs ADD COLUMN started REAL",
+        "ALTER TABLE outputs ADD COLUMN ended REAL",
+        "ALTER TABLE outputs ADD COLUMN rc INTEGER",
+    ),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import functools
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -75,6 +76,16 @@ def check_events_limit(limit: Any) -> int:
             or not 0 < limit <= MAX_EVENTS_READ:
         raise BadRequest(f"limit must be 1 to {MAX_EVENTS_READ}")
     return limit
+
+
+def check_times(started: Any, ended: Any, rc: Any) -> None:
+    """An execution's times are finite numbers or None, its exit code an integer or None."""
+    for name, value in (("started", started), ("ended", ended)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise BadRequest(f"{name} must be null or a finite number")
+    if rc is not None and (isinstance(rc, bool) or not isinstance(rc, int)):
+        raise BadRequest("rc must be null or an integer")
 
 
 def event_from_row(row: sqlite3.Row) -> dict[str, Any]:
@@ -320,20 +331,24 @@ class SqliteRunStore:
     @busy_is_try_again
     def add_output(self, owner: str, run_id: str, *, host: str, node: str, execution_id: str,
                    task_id: str | None, events: builtins.list[dict[str, Any]],
-                   archived: bool = False, truncated_seq: int | None = None) -> ExecutionRecord:
+                   archived: bool = False, truncated_seq: int | None = None,
+                   started: float | None = None, ended: float | None = None,
+                   rc: int | None = None) -> ExecutionRecord:
         """Store what is new of one execution's output (its lines from the stored next_seq on,
         as one compressed chunk) and return its record. The first call registers the
-        execution (host, node and task stay as first given); once it is archived, later calls
-        change nothing. Room is made by pruning the oldest ended runs, the owner's first; when
-        that cannot make enough, nothing changes and DiskBudgetExhausted (the owner's cap) or
-        InsufficientStorage (the total cap) says so. Ended runs take output too (it is
-        collected after the end)."""
+        execution (host, node and task stay as first given); `started`, `ended` and `rc` are
+        kept as the agent last gave them (None keeps what is stored); once it is archived,
+        later calls change nothing. Room is made by pruning the oldest ended runs, the
+        owner's first; when that cannot make enough, nothing changes and DiskBudgetExhausted
+        (the owner's cap) or InsufficientStorage (the total cap) says so. Ended runs take
+        output too (it is collected after the end)."""
         names = check_execution(host, node, execution_id, task_id)
         check_events(events)
         if truncated_seq is not None and (isinstance(truncated_seq, bool)
                                           or not isinstance(truncated_seq, int)
                                           or truncated_seq < 0):
             raise BadRequest("truncated_seq must be null or an integer >= 0")
+        check_times(started, ended, rc)
         with self._transaction():
             self._existing(owner, run_id)
             row = self._execution_row(run_id, execution_id)
@@ -343,9 +358,10 @@ class SqliteRunStore:
                 return execution_from_row(row)
             self._append_chunk(owner, run_id, row, after(events, row["next_seq"]))
             self._db.execute(
-                "UPDATE outputs SET archived = ?, truncated_seq = COALESCE(?, truncated_seq) "
-                "WHERE run_id = ? AND execution_id = ?",
-                (int(bool(archived)), truncated_seq, run_id, execution_id))
+                "UPDATE outputs SET archived = ?, truncated_seq = COALESCE(?, truncated_seq), "
+                "started = COALESCE(?, started), ended = COALESCE(?, ended), "
+                "rc = COALESCE(?, rc) WHERE run_id = ? AND execution_id = ?",
+                (int(bool(archived)), truncated_seq, started, ended, rc, run_id, execution_id))
             return execution_from_row(self._stored_execution(run_id, execution_id))
 
     def _execution_row(self, run_id: str, execution_id: str) -> sqlite3.Row | None:

@@ -636,20 +636,25 @@ def test_an_ended_run_is_read_from_the_store_alone(start_agent, start_controller
                                                    alice: UnixUser, signer: TokenSigner,
                                                    unique_name) -> None:
     """Once a run has ended and its node's executions are all stored (swept), listing and
-    reading them asks no agent: the same answer with the agent up, or gone."""
+    reading them asks no agent: the same answer with the agent up, or gone, with each
+    execution's start, end and exit code as its agent gave them."""
     controller, (agent,) = static_cluster(start_agent, start_controller, unique_name, agents=1)
     node, token = agent.node_name, signer.issue(alice.name)
     wait_for(lambda: node in controller.inventory_hosts(token), what="node alive")
     status, answer = call(controller, "POST", "/api/run",
-                          {"nodes": [node], "command": "seq 1 3"}, token)
+                          {"nodes": [node], "command": "seq 1 3; sleep 0.3"}, token)
     assert status == 200, answer
     run_id, execution_id = answer["run"]["id"], answer["results"][node]["id"]
     assert wait_ended(controller, token, run_id)["status"] == "ok"
     # The agent is up and would say `exited`: `ended` is the store's word alone.
     found = wait_for(lambda: (e := executions(controller, token, run_id)) and e[0][
         "state"] == "ended" and e, what="the node swept")
-    assert [(e["execution_id"], e["archived"], e["stored_seq"], e["next_seq"])
-            for e in found] == [(execution_id, True, 3, 3)]
+    assert [(e["execution_id"], e["archived"], e["stored_seq"], e["next_seq"], e["rc"])
+            for e in found] == [(execution_id, True, 3, 3, 0)]
+    with agent.client(token) as client:
+        said = client.execution(execution_id)
+    assert (found[0]["started"], found[0]["ended"]) == (said["started"], said["ended"])
+    assert found[0]["ended"] - found[0]["started"] >= 0.3  # it slept that long
     asked = agent_requests(agent, run_id, execution_id)
     assert asked > 0  # the log shows the watcher's and the collector's requests
     page = output_page(controller, token, run_id, execution_id)
