@@ -1,2 +1,243 @@
-// The run page's search across the whole output (issue 13, item 2). Being built.
+// The run page's search across the whole output (issue 13, item 2): GET /api/runs/ID/search,
+// its hits shown one at a time through RunView.reveal and every occurrence marked through
+// RunView.highlight (runs.js). Loaded before runs.js: it only defines things; `api` and `el`
+// of runs.js are used at run time.
 "use strict";
+
+const SEARCH_TYPING_MS = 400;   // a search starts once typing has stopped this long
+const SEARCH_HOSTS_MS = 1000;   // the host filter's choices follow the run's hosts this often
+
+class RunSearch {
+  constructor(runView, container) {
+    this.view = runView;
+    this.box = container;
+    this.hits = [];           // the hits read so far, in order
+    this.count = 0;           // matching lines the last answer found
+    this.complete = true;     // whether that count is all of them
+    this.next = null;         // the cursor of the hits after those read
+    this.index = -1;          // the current hit
+    this.asked = null;        // the query of the hits shown, as a string
+    this.askedAt = 0;         // when it was asked (ms)
+    this.generation = 0;      // answers to an older search are dropped
+    this.typing = null;
+  }
+
+  start() {
+    const form = el("form", "search-form");
+    form.setAttribute("role", "search");
+    form.setAttribute("aria-label", "Search the output");
+    form.addEventListener("submit", (e) => e.preventDefault());
+    this.input = this.control(form, "input", "search-q", "Search output");
+    this.input.type = "search";
+    this.input.autocomplete = "off";
+    this.input.spellcheck = false;
+    this.input.placeholder = "text in any line";
+    this.prev = this.button(form, "search-prev", "Previous", "Previous match (Shift+Enter)");
+    this.nextButton = this.button(form, "search-next", "Next", "Next match (Enter)");
+    this.counter = el("span", "search-count", "");
+    this.counter.id = "search-count";
+    this.counter.setAttribute("role", "status");  // read out as it changes (polite)
+    form.appendChild(this.counter);
+    const filters = el("span", "search-filters");
+    this.host = this.control(filters, "select", "search-host", "Host");
+    this.host.appendChild(this.option("", "all hosts"));
+    this.stderr = this.checkbox(filters, "search-stderr", "stderr only");
+    this.failed = this.checkbox(filters, "search-failed", "failed hosts only");
+    this.caseBox = this.checkbox(filters, "search-case", "match case");
+    form.appendChild(filters);
+    this.box.replaceChildren(form);
+
+    this.input.addEventListener("keydown", (e) => {
+      if (e.key !== "Enter") return;
+      e.preventDefault();
+      this.step(e.shiftKey ? -1 : 1);
+    });
+    this.input.addEventListener("input", () => this.typed());
+    this.prev.addEventListener("click", () => this.step(-1));
+    this.nextButton.addEventListener("click", () => this.step(1));
+    for (const filter of [this.host, this.stderr, this.failed, this.caseBox]) {
+      filter.addEventListener("change", () => this.search(true));
+    }
+    this.host.addEventListener("focus", () => this.refreshHosts());
+    this.refreshHosts();
+    this.hostsTimer = setInterval(() => this.refreshHosts(), SEARCH_HOSTS_MS);
+    this.buttons();
+  }
+
+  // --- controls ---------------------------------------------------------------------------
+  control(parent, tag, id, text) {
+    const label = el("label", "search-label", text);
+    label.htmlFor = id;
+    const control = el(tag, "search-" + tag);
+    control.id = id;
+    parent.append(label, control);
+    return control;
+  }
+
+  button(parent, id, text, title) {
+    const button = el("button", "search-step", text);
+    button.type = "button";
+    button.id = id;
+    button.title = title;
+    button.setAttribute("aria-label", text + " match");  // starts with its visible text
+    parent.appendChild(button);
+    return button;
+  }
+
+  checkbox(parent, id, text) {
+    const label = el("label", "search-check");
+    const box = el("input");
+    box.type = "checkbox";
+    box.id = id;
+    label.append(box, " " + text);
+    parent.appendChild(label);
+    return box;
+  }
+
+  option(value, text) {
+    const option = el("option", null, text);
+    option.value = value;
+    return option;
+  }
+
+  // The host filter offers the run's hosts (they grow while a playbook runs).
+  refreshHosts() {
+    const run = this.view.run;
+    if (!run) return;
+    const have = new Set([...this.host.options].map((o) => o.value));
+    for (const host of run.hosts) if (!have.has(host)) this.host.appendChild(this.option(host, host));
+    if (run.ended !== null && this.hostsTimer) {
+      clearInterval(this.hostsTimer);
+      this.hostsTimer = null;
+    }
+  }
+
+  // --- searching --------------------------------------------------------------------------
+  // The query the controls say, as the API's arguments.
+  query() {
+    const q = this.input.value;
+    if (!q) return null;
+    const args = new URLSearchParams({ q });
+    if (this.caseBox.checked) args.set("case", "1");
+    if (this.host.value) args.set("host", this.host.value);
+    if (this.stderr.checked) args.set("stream", "stderr");
+    if (this.failed.checked) args.set("failed", "1");
+    return args;
+  }
+
+  typed() {
+    clearTimeout(this.typing);
+    this.typing = setTimeout(() => this.search(true), SEARCH_TYPING_MS);
+  }
+
+  // Enter, Shift+Enter, the buttons: the next or previous hit; a changed query, or a running
+  // run's output that may have grown, is searched again first.
+  async step(direction) {
+    clearTimeout(this.typing);
+    const args = this.query();
+    if (!args) return this.search(true);
+    const running = this.view.run && this.view.run.ended === null;
+    if (args.toString() !== this.asked) return this.search(true);
+    if (running && Date.now() - this.askedAt > SEARCH_TYPING_MS) {
+      const at = this.hits[this.index];
+      if (!(await this.search(false))) return;
+      const again = at ? this.hits.findIndex((h) => h.execution_id === at.execution_id && h.seq === at.seq) : -1;
+      this.index = again;
+    }
+    return this.move(direction);
+  }
+
+  // Asks the controller afresh; shows the first hit when `first`. False if it failed or a
+  // newer search replaced it.
+  async search(first) {
+    const args = this.query();
+    const generation = ++this.generation;
+    this.view.highlight(args ? this.input.value : null, { caseSensitive: this.caseBox.checked });
+    if (!args) {
+      this.reset("");
+      return false;
+    }
+    this.counter.textContent = "searching…";
+    let answer;
+    try {
+      answer = await api(this.view.path(`/search?${args}`));
+    } catch (err) {
+      if (generation !== this.generation) return false;
+      this.reset(err.status === 429 ? "too many searches at once: try again" : err.message);
+      return false;
+    }
+    if (generation !== this.generation) return false;
+    this.asked = args.toString();
+    this.askedAt = Date.now();
+    this.hits = answer.hits;
+    this.count = answer.count;
+    this.complete = answer.complete;
+    this.next = answer.next;
+    this.index = -1;
+    if (first && this.hits.length) await this.show(0);
+    else this.showCount();
+    return true;
+  }
+
+  reset(message) {
+    this.hits = [];
+    this.count = 0;
+    this.index = -1;
+    this.next = null;
+    this.asked = null;
+    this.counter.textContent = message;
+    this.buttons();
+  }
+
+  // The hit `direction` away from the current one; past the last hit read, the next page of
+  // hits is read; past either end of all of them, the other end.
+  async move(direction) {
+    if (!this.hits.length) return this.showCount();
+    let index = this.index + direction;
+    if (index >= this.hits.length && this.next) {
+      const args = this.query();
+      args.set("after", this.next);
+      const generation = this.generation;
+      try {
+        const answer = await api(this.view.path(`/search?${args}`));
+        if (generation !== this.generation) return;
+        this.hits.push(...answer.hits);
+        this.next = answer.next;
+      } catch (err) {
+        this.counter.textContent = err.message;
+        return;
+      }
+    }
+    if (index >= this.hits.length) index = this.next ? this.hits.length - 1 : 0;
+    if (index < 0) index = this.next ? 0 : this.hits.length - 1;
+    return this.show(index);
+  }
+
+  async show(index) {
+    this.index = index;
+    this.showCount();
+    try {
+      await this.view.reveal(this.hits[index]);
+    } catch (err) {
+      this.counter.textContent = err.message;
+    }
+  }
+
+  // "3 of 120", "120 matches", "no match"; "+" when the search stopped before the end.
+  showCount() {
+    const more = this.complete ? "" : "+";
+    let text;
+    if (!this.count) text = this.complete ? "no match" : "no match in the lines searched";
+    else if (this.index < 0) text = `${this.count}${more} ${this.count === 1 ? "match" : "matches"}`;
+    else text = `${this.index + 1} of ${this.count}${more}`;
+    this.counter.textContent = text;
+    this.buttons();
+  }
+
+  // Without hits the buttons say so but stay in the Tab order (a disabled button leaves it).
+  buttons() {
+    const none = String(!this.hits.length);
+    this.prev.setAttribute("aria-disabled", none);
+    this.nextButton.setAttribute("aria-disabled", none);
+  }
+}

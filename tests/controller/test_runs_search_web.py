@@ -1,0 +1,145 @@
+"""The run page's search (issue 13, item 2; run_search.js) in a real chromium against a real
+controller and agents: a line of a finished 100,000-line run found and shown marked in its
+pane, next and previous through many hits, no match, the stderr and host filters, and the
+controls reached by Tab with their names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from playwright.sync_api import Locator, Page, expect
+
+from marco.tokens import TokenSigner
+from tests.controller.test_runs_download import command_run
+from tests.support.controller_process import ControllerProcess
+from tests.support.users import UnixUser
+from tests.support.web import TIMEOUT_MS, open_logged_in
+
+Cluster = tuple[ControllerProcess, list[str]]
+LINES = 100_000
+# Whether a line element is inside its scroll area's visible part.
+IN_SIGHT = """l => { const s = l.closest('.output-scroll').getBoundingClientRect(),
+  r = l.getBoundingClientRect(); return r.top >= s.top - 1 && r.bottom <= s.bottom + 1; }"""
+
+
+@pytest.fixture(scope="module")
+def big_run(cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> str:
+    """One finished run printing 1 to 100,000 on the cluster's first node, stored whole."""
+    controller, names = cluster
+    return command_run(controller, signer.issue(alice.name), [names[0]], f"seq 1 {LINES}")
+
+
+def open_run(browser: Any, controller: ControllerProcess, user: UnixUser, run_id: str) -> Page:
+    page: Page = browser.new_context().new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    open_logged_in(page, controller, user, f"/runs/{run_id}")
+    return page
+
+
+def pane_of(page: Page, host: str) -> Locator:
+    return page.locator(f'.host-pane[data-host="{host}"]')
+
+
+def line(pane: Locator, seq: int) -> Locator:
+    return pane.locator(f'.line[data-seq="{seq}"]')
+
+
+def find(page: Page, text: str) -> None:
+    """Type the text into the search box and press Enter."""
+    page.fill("#search-q", text)
+    page.press("#search-q", "Enter")
+
+
+def expect_current(pane: Locator, seq: int, text: str, needle: str) -> None:
+    """Line `seq` of the pane shows `text`, in sight, its hit marked current."""
+    target = line(pane, seq)
+    expect(target).to_have_text(text)
+    expect(target.locator("mark.hit.current")).to_have_text(needle)
+    assert target.evaluate(IN_SIGHT)
+
+
+def test_search_finds_a_line_of_a_100000_line_run_and_steps_through_hits(
+        browser: Any, cluster: Cluster, big_run: str, alice: UnixUser) -> None:
+    controller, names = cluster
+    page = open_run(browser, controller, alice, big_run)
+    pane = pane_of(page, names[0])
+    expect(line(pane, LINES - 1)).to_have_text(str(LINES))  # opened at its end
+    count = page.locator("#search-count")
+    find(page, "77777")
+    expect(count).to_have_text("1 of 1")
+    expect_current(pane, 77776, "77777", "77777")
+    expect(page.locator("mark.hit.current")).to_have_count(1)
+    # "9999" is in 19 lines: 9999, 19999, ..., 99999 and 99990 .. 99998, in that order.
+    find(page, "9999")
+    expect(count).to_have_text("1 of 19")
+    expect_current(pane, 9998, "9999", "9999")
+    page.press("#search-q", "Enter")
+    expect(count).to_have_text("2 of 19")
+    expect_current(pane, 19998, "19999", "9999")
+    expect(line(pane, 9998)).to_have_count(0)  # far out of sight: not in the DOM
+    page.click("#search-next")
+    expect(count).to_have_text("3 of 19")
+    expect_current(pane, 29998, "29999", "9999")
+    page.press("#search-q", "Shift+Enter")
+    expect(count).to_have_text("2 of 19")
+    page.click("#search-prev")
+    page.click("#search-prev")  # before the first: the last
+    expect(count).to_have_text("19 of 19")
+    expect_current(pane, 99998, "99999", "9999")
+    expect(page.locator("mark.hit.current")).to_have_count(1)
+    find(page, "not in any line")
+    expect(count).to_have_text("no match")
+    expect(page.locator("mark.hit")).to_have_count(0)
+    page.context.close()
+
+
+def test_the_search_controls_have_names_and_are_reached_by_tab(
+        browser: Any, cluster: Cluster, big_run: str, alice: UnixUser) -> None:
+    controller, _ = cluster
+    page = open_run(browser, controller, alice, big_run)
+    for control in (page.get_by_role("searchbox", name="Search output"),
+                    page.get_by_role("button", name="Previous match"),
+                    page.get_by_role("button", name="Next match"),
+                    page.get_by_role("combobox", name="Host"),
+                    page.get_by_role("checkbox", name="stderr only"),
+                    page.get_by_role("checkbox", name="failed hosts only"),
+                    page.get_by_role("checkbox", name="match case")):
+        expect(control).to_be_visible()
+    page.focus("#search-q")
+    order = []
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id"))
+    assert order == ["search-prev", "search-next", "search-host", "search-stderr",
+                     "search-failed", "search-case"]
+    # By keyboard alone: type, Enter, and the count is read out (a status).
+    page.focus("#search-q")
+    page.keyboard.type("50000")
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("status")).to_have_text("1 of 1")
+    page.context.close()
+
+
+def test_stderr_and_host_filters(browser: Any, cluster: Cluster, alice: UnixUser,
+                                 signer: TokenSigner) -> None:
+    controller, names = cluster
+    run_id = command_run(controller, signer.issue(alice.name), names,
+                         "echo out-mark; echo err-mark >&2")
+    page = open_run(browser, controller, alice, run_id)
+    count = page.locator("#search-count")
+    find(page, "mark")
+    expect(count).to_have_text("1 of 4")
+    page.check("#search-stderr")
+    expect(count).to_have_text("1 of 2")
+    current = page.locator("mark.hit.current")
+    expect(current).to_have_count(1)
+    expect(current.locator("xpath=ancestor::*[contains(@class, 'line')][1]")).to_have_text(
+        "err-mark")
+    page.select_option("#search-host", names[1])
+    expect(count).to_have_text("1 of 1")
+    expect(pane_of(page, names[1]).locator("mark.hit.current")).to_have_text("mark")
+    expect(pane_of(page, names[1]).locator(".line.stderr mark.hit.current")).to_have_count(1)
+    page.uncheck("#search-stderr")
+    expect(count).to_have_text("1 of 2")
+    page.context.close()
