@@ -269,3 +269,40 @@ def test_reveal_opens_a_playbook_tasks_output_on_its_host(
            ).to_have_class(re.compile(r"\bselected\b"))
     call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)
     page.context.close()
+
+
+# The seqs of the first and last lines in sight in a scroll area.
+SEEN = """s => { const r = s.getBoundingClientRect(), shown = [...s.querySelectorAll('.line')]
+  .filter((l) => l.getBoundingClientRect().bottom > r.top + 1 && l.getBoundingClientRect().top < r.bottom - 1)
+  .map((l) => Number(l.dataset.seq)); return [Math.min(...shown), Math.max(...shown)]; }"""
+
+
+def test_wrapped_lines_of_many_heights_are_all_reachable(
+        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    """Wrapping 3,000 lines, every third 400 characters long (several rows): End shows the last
+    line, Home the first, and paging down goes through them without skipping one."""
+    controller, agent = cluster
+    host = agent.node_name
+    command = ("for i in $(seq 1 3000); do if [ $((i % 3)) = 0 ]; "
+               "then printf \"$i %0400d\\n\" 0; else echo $i; fi; done")
+    run_id = finished_run(controller, signer.issue(alice.name), host, command)
+    page = open_run(browser, controller, alice, run_id)
+    page.get_by_role("checkbox", name="Wrap lines").check()
+    pane = page.locator(f'.host-pane[data-host="{host}"]')
+    scroller = pane.locator(".output-scroll")
+    expect(line(pane, 2999)).to_contain_text("3000 0000")
+    assert line(pane, 2999).evaluate(IN_SIGHT)
+    scroller.focus()
+    page.keyboard.press("Home")
+    expect(line(pane, 0)).to_have_text("1")
+    assert line(pane, 0).evaluate(IN_SIGHT)
+    first, last = scroller.evaluate(SEEN)
+    for _ in range(10):
+        page.keyboard.press("PageDown")
+        page.wait_for_function(f"s => ({SEEN})(s)[0] > {first}", arg=scroller.element_handle())
+        first, next_last = scroller.evaluate(SEEN)
+        assert first <= last, (first, last)  # the line after the last one seen is in sight
+        last = next_last
+    page.keyboard.press("End")
+    assert line(pane, 2999).evaluate(IN_SIGHT)
+    page.context.close()
