@@ -141,6 +141,7 @@ SLOW_PLACES = ("tests/load/", "tests/e2e/", "tests/test_packaging.py", "tests/ag
 # Places whose tests share an expensive module or session fixture (the e2e fleet, the packaging
 # venvs, the browser): under pytest-xdist (`--dist loadgroup`) each runs on one worker.
 ONE_WORKER_PLACES = ("tests/e2e/", "tests/test_packaging.py", "tests/controller/test_web.py",
+                     "tests/controller/test_main_page.py",
                      "tests/controller/test_runs_web.py", "tests/load/")
 
 

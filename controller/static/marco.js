@@ -6,6 +6,12 @@
 const MAX_LINES_SHOWN = 5000;      // per execution; older lines are dropped from the page
 const REPLAY_EXECUTIONS = 20;      // per node, on (re)connect
 const ANNOUNCE_EVERY_MS = 5000;    // the live region speaks of new output at most this often
+const SOCKET_LINGER_MS = 5000;     // a node's socket stays this long after it left the page's needs
+const TABLE_ABOVE = 50;            // more nodes and the table is the view until one is picked
+const PANES_ALL_UP_TO = 12;        // more nodes and only the panes with output show
+const ROW_MARGIN = 8;              // table rows rendered above and below those in sight
+const VIEW_KEY = "marco-node-view";
+const naturally = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const el = (tag, cls, text) => {
@@ -15,6 +21,11 @@ const el = (tag, cls, text) => {
   return e;
 };
 const cssId = (s) => String(s).replace(/[^A-Za-z0-9_-]/g, "_");
+
+function storedMode() {
+  try { const v = localStorage.getItem(VIEW_KEY); return v === "cards" || v === "table" ? v : null; }
+  catch (e) { return null; }   // storage refused: the default for the node count
+}
 
 function xsrfToken() {
   const m = document.cookie.match(/(?:^|; )_xsrf=([^;]*)/);
@@ -191,16 +202,29 @@ function followEnd(box) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// One node: its card (status), its output pane, its socket.
+// One node: its card (status; built once the cards view shows), its row's data, its output
+// pane, its socket (open only while the page needs it: see wanted()).
 class NodeView {
   constructor(app, node) {
     this.app = app;
     this.node = node;
-    this.executions = new Map();   // id -> {block, nextSeq, states, lines, dropped}
+    this.executions = new Map();   // id -> ExecutionView
     this.socket = null;
     this.closed = false;
-    this.buildCard();
+    this.card = null;
+    this.lastStatus = null;        // the agent's last status snapshot, for the card and the row
+    this.cardInSight = false;
+    this.rowInSight = false;
+    this.lingerTimer = null;
+    this.pausing = false;
     this.buildPane();
+    this.update(node);
+  }
+
+  // The card, built on first use: a thousand nodes in the table view build none.
+  ensureCard() {
+    if (!this.card) this.buildCard();
+    return this.card;
   }
 
   buildCard() {
@@ -213,6 +237,8 @@ class NodeView {
     this.checkbox.className = "node-select";
     this.checkbox.value = this.node.name;
     this.checkbox.setAttribute("aria-label", `Select ${this.node.name}`);
+    this.checkbox.checked = this.app.selected.has(this.node.name);
+    this.checkbox.addEventListener("change", () => this.app.select(this.node.name, this.checkbox.checked));
     head.appendChild(this.checkbox);
     head.appendChild(el("b", "node-name", this.node.name));
     this.badge = el("span", "badge", "");
@@ -240,16 +266,17 @@ class NodeView {
     details.appendChild(this.procs);
     card.appendChild(details);
     this.card = card;
-    this.update(this.node);
+    this.drawCard();
+    if (this.lastStatus) this.drawStatus(this.lastStatus);
   }
 
   buildPane() {
-    const pane = el("div", "pane");
+    const pane = el("div", "pane empty");
     pane.id = "pane-" + cssId(this.node.name);
     pane.dataset.node = this.node.name;
     const head = el("div", "pane-head");
     head.appendChild(el("b", "", this.node.name));
-    this.link = el("span", "link-state", "connecting…");
+    this.link = el("span", "link-state", "not connected");
     head.appendChild(this.link);
     pane.appendChild(head);
     this.list = el("div", "executions");
@@ -260,11 +287,41 @@ class NodeView {
 
   update(node) {
     this.node = node;
+    if (this.card) this.drawCard();
+    this.reviewSocket();
+  }
+
+  drawCard() {
+    const node = this.node;
     this.card.classList.toggle("down", !node.alive);
     this.badge.textContent = node.alive ? (node.txt.os || "up") : "down";
     const groups = node.groups.length ? ` · groups ${node.groups.join(", ")}` : "";
     this.meta.textContent = `${node.host}:${node.port}${groups}`;
-    if (node.alive && !this.socket && !this.closed) this.connect();
+  }
+
+  // The page holds a node's socket (output and status) only while it needs it: the node is in
+  // sight (its card or its table row), chosen, or runs something the page shows. One socket per
+  // node per page does not scale to a thousand nodes; issue 15 multiplexes them into one.
+  wanted() {
+    if (!this.node.alive) return false;
+    if (this.cardInSight || this.rowInSight || this.app.selected.has(this.node.name)) return true;
+    for (const execution of this.executions.values()) if (execution.running) return true;
+    return false;
+  }
+
+  // Opens the socket when wanted; closes it SOCKET_LINGER_MS after it stopped being wanted
+  // (scrolling past a node does not open and close its socket at once).
+  reviewSocket() {
+    if (this.wanted()) {
+      clearTimeout(this.lingerTimer);
+      this.lingerTimer = null;
+      if (!this.socket && !this.closed) this.connect();
+    } else if (this.socket && !this.lingerTimer) {
+      this.lingerTimer = setTimeout(() => {
+        this.lingerTimer = null;
+        if (this.socket && !this.wanted()) { this.pausing = true; this.socket.close(); }
+      }, SOCKET_LINGER_MS);
+    }
   }
 
   setLink(text, ok) {
@@ -280,13 +337,15 @@ class NodeView {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const socket = new WebSocket(`${scheme}//${location.host}/relay/${encodeURIComponent(this.node.name)}`);
     this.socket = socket;
+    this.setLink("connecting…", true);
     socket.onmessage = (message) => this.onEvent(JSON.parse(message.data));
     socket.onclose = (event) => {
       this.socket = null;
       if (this.closed) return;
+      if (this.pausing) { this.pausing = false; this.setLink("not connected (out of sight)", true); this.reviewSocket(); return; }
       if (event.code === 4401) { window.location = "/login"; return; }
       this.setLink(`disconnected (${event.code}); retrying`, false);
-      setTimeout(() => { if (this.node.alive && !this.socket && !this.closed) this.connect(); }, 1500);
+      setTimeout(() => this.reviewSocket(), 1500);
     };
   }
 
@@ -332,6 +391,7 @@ class NodeView {
       view = new ExecutionView(this, id, summary || {});
       this.executions.set(id, view);
       this.list.appendChild(view.block);
+      this.pane.classList.remove("empty");
       view.startFollowing();
       followEnd(this.list);
     }
@@ -339,6 +399,12 @@ class NodeView {
   }
 
   status(s) {
+    this.lastStatus = s;
+    if (this.card) this.drawStatus(s);
+    this.app.table.updateRow(this);
+  }
+
+  drawStatus(s) {
     this.cpuText.textContent = `CPU ${s.cpu.percent.toFixed(0)}%`;
     this.cpuText.dataset.value = s.cpu.percent;
     this.spark.push(s.cpu.percent);
@@ -370,7 +436,7 @@ class NodeView {
     this.card.dataset.statusTime = s.time;
   }
 
-  stop() { this.closed = true; if (this.socket) this.socket.close(); }
+  stop() { this.closed = true; clearTimeout(this.lingerTimer); if (this.socket) this.socket.close(); }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -401,6 +467,7 @@ class ExecutionView {
     this.out.setAttribute("aria-label", `Output on ${nodeView.node.name}`);
     block.appendChild(this.out);
     this.live = false;
+    this.running = false;
     this.block = block;
     this.setSummary(summary);
   }
@@ -414,6 +481,7 @@ class ExecutionView {
       this.block.classList.add("no-log");
       this.out.appendChild(el("span", "line notice", "output hidden: no_log"));
     }
+    if (s.state === "running") this.running = true;
     if (s.state && s.state !== "running") this.finish(s.state, s.rc, s.signal);
   }
 
@@ -460,6 +528,183 @@ class ExecutionView {
     this.state.className = "exec-state " + (rc === 0 ? "state-ok" : "state-failed");
     this.block.dataset.state = state;
     this.stopButton.disabled = true;
+    if (this.running) { this.running = false; this.nodeView.reviewSocket(); }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The node table (issue 13, item 8): one row per node, sortable by any column, filtered like the
+// cards; only the rows in sight (plus ROW_MARGIN) are in the DOM, between two spacer rows.
+const pct = (n) => (typeof n === "number" ? `${n.toFixed(0)}%` : "–");
+const NODE_COLUMNS = [
+  { key: "name", label: "Name", value: (v) => v.node.name },
+  { key: "status", label: "Status", value: (v) => (v.node.alive ? "up" : "down") },
+  { key: "cpu", label: "CPU", numeric: true, value: (v) => v.lastStatus?.cpu.percent, text: pct },
+  { key: "memory", label: "Memory", numeric: true, value: (v) => v.lastStatus?.memory.percent,
+    text: (n, v) => (typeof n === "number" ? `${pct(n)} of ${fmtBytes(v.lastStatus.memory.total)}` : "–") },
+  { key: "load", label: "Load", numeric: true, value: (v) => v.lastStatus?.load[0],
+    text: (n, v) => (typeof n === "number" ? v.lastStatus.load.map((l) => l.toFixed(2)).join(" ") : "–") },
+  { key: "groups", label: "Groups", value: (v) => v.node.groups.join(", ") },
+  { key: "os", label: "OS", value: (v) => v.node.txt.os || "" },
+  { key: "version", label: "Agent", value: (v) => v.node.txt.version || "" },
+];
+const missing = (x) => x === undefined || x === null || x === "";
+
+// Numbers by value, text in natural order (sc2 before sc10); a missing value always last; ties
+// by name.
+function compareBy(column, dir) {
+  return (a, b) => {
+    const x = column.value(a), y = column.value(b);
+    if (missing(x) !== missing(y)) return missing(x) ? 1 : -1;
+    const order = missing(x) ? 0 : column.numeric ? x - y : naturally.compare(x, y);
+    return order * dir || naturally.compare(a.node.name, b.node.name);
+  };
+}
+
+class NodeTable {
+  constructor(app, wrap) {
+    this.app = app;
+    this.wrap = wrap;
+    this.table = $("table", wrap);
+    this.body = $("tbody", wrap);
+    this.views = [];
+    this.rows = [];
+    this.sort = { key: "name", dir: 1 };
+    this.rendered = new Map();     // name -> its <tr>, for the rows in the DOM
+    this.rowHeight = 30;           // measured once a row is rendered
+    this.pending = false;
+    this.buildHead($("thead tr", wrap));
+    wrap.addEventListener("scroll", () => this.schedule());
+    window.addEventListener("resize", () => this.schedule());
+  }
+
+  buildHead(row) {
+    row.appendChild(el("th", "col-select", "")).appendChild(el("span", "visually-hidden", "Selected"));
+    this.heads = new Map();
+    for (const column of NODE_COLUMNS) {
+      const th = el("th", "col-" + column.key);
+      th.scope = "col";
+      const button = el("button", "sort", column.label);
+      button.type = "button";
+      button.addEventListener("click", () => this.sortBy(column.key));
+      th.appendChild(button);
+      row.appendChild(th);
+      this.heads.set(column.key, th);
+    }
+    this.markSort();
+  }
+
+  sortBy(key) {
+    this.sort = { key, dir: this.sort.key === key ? -this.sort.dir : 1 };
+    this.markSort();
+    this.setRows(this.views);
+  }
+
+  markSort() {
+    for (const [key, th] of this.heads) {
+      th.setAttribute("aria-sort", key !== this.sort.key ? "none" : this.sort.dir > 0 ? "ascending" : "descending");
+    }
+  }
+
+  setRows(views) {
+    this.views = views;
+    const column = NODE_COLUMNS.find((c) => c.key === this.sort.key);
+    this.rows = [...views].sort(compareBy(column, this.sort.dir));
+    this.table.setAttribute("aria-rowcount", String(this.rows.length + 1));
+    this.render();
+  }
+
+  schedule() {
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => { this.pending = false; this.render(); });
+  }
+
+  // The rows in sight and ROW_MARGIN more each side; the spacers keep the scroll height.
+  render() {
+    if (this.wrap.classList.contains("hidden")) { this.body.replaceChildren(); this.rendered.clear(); this.inSight(new Set()); return; }
+    // What the box shows, in the body's own coordinates (the rows start under the header).
+    const headHeight = this.table.tHead.offsetHeight, height = this.wrap.clientHeight;
+    const top = this.wrap.scrollTop - headHeight, bottom = top + height;
+    const first = Math.min(this.rows.length, Math.max(0, Math.floor(top / this.rowHeight)));
+    const last = Math.min(this.rows.length, Math.max(0, Math.ceil(bottom / this.rowHeight)));
+    const from = Math.max(0, first - ROW_MARGIN), to = Math.min(this.rows.length, last + ROW_MARGIN);
+    // Rows already in the DOM are kept and refreshed (a focused checkbox keeps its focus).
+    const before = this.rendered;
+    this.rendered = new Map();
+    const trs = this.rows.slice(from, to).map((view, i) => {
+      const tr = before.get(view.node.name) || this.row(view);
+      this.fill(tr, view, from + i);
+      this.rendered.set(view.node.name, tr);
+      return tr;
+    });
+    const current = [...this.body.children].slice(1, -1);
+    if (this.body.children.length >= 2 && current.length === trs.length && trs.every((tr, i) => tr === current[i])) {
+      this.body.firstElementChild.replaceWith(this.spacer(from));
+      this.body.lastElementChild.replaceWith(this.spacer(this.rows.length - to));
+    } else {
+      this.body.replaceChildren(this.spacer(from), ...trs, this.spacer(this.rows.length - to));
+    }
+    const measured = trs.length ? trs[0].getBoundingClientRect().height : 0;
+    if (measured > 0 && Math.abs(measured - this.rowHeight) > 0.5) { this.rowHeight = measured; this.schedule(); }
+    // The box grows with its spacers (up to its max-height): render again for the new height.
+    if (this.wrap.clientHeight !== height) this.schedule();
+    this.inSight(new Set(this.rows.slice(first, last).map((v) => v.node.name)));
+  }
+
+  spacer(rows) {
+    const tr = el("tr", "spacer");
+    tr.setAttribute("aria-hidden", "true");
+    const td = el("td");
+    td.colSpan = NODE_COLUMNS.length + 1;
+    td.style.height = `${rows * this.rowHeight}px`;   // CSSOM, allowed by the page's CSP
+    tr.appendChild(td);
+    return tr;
+  }
+
+  row(view) {
+    const name = view.node.name;
+    const tr = el("tr");
+    tr.dataset.node = name;
+    const check = el("input", "row-select");
+    check.type = "checkbox";
+    check.value = name;
+    check.setAttribute("aria-label", `Select ${name}`);
+    check.addEventListener("change", () => this.app.select(name, check.checked));
+    tr.appendChild(el("td", "col-select")).appendChild(check);
+    for (const column of NODE_COLUMNS) tr.appendChild(el("td", "col-" + column.key));
+    return tr;
+  }
+
+  // A row's cells from the node as known now; `index` is its place among all rows.
+  fill(tr, view, index) {
+    tr.className = view.node.alive ? "up" : "down";
+    tr.setAttribute("aria-rowindex", String(index + 2));
+    tr.firstElementChild.firstElementChild.checked = this.app.selected.has(view.node.name);
+    NODE_COLUMNS.forEach((column, i) => {
+      const td = tr.children[i + 1], value = column.value(view);
+      const text = column.text ? column.text(value, view) : value || "–";
+      if (td.textContent !== text) td.textContent = text;
+      if (column.numeric && typeof value === "number") td.dataset.value = String(value);
+    });
+  }
+
+  // A rendered row's cells with the node's latest status (its place waits for the next sort).
+  updateRow(view) {
+    const tr = this.rendered.get(view.node.name);
+    if (tr) this.fill(tr, view, Number(tr.getAttribute("aria-rowindex")) - 2);
+  }
+
+  syncChecks() {
+    for (const [name, tr] of this.rendered) $(".row-select", tr).checked = this.app.selected.has(name);
+  }
+
+  // Tells each node whether its row is in sight now (it holds a socket while it is).
+  inSight(names) {
+    for (const view of this.app.views.values()) {
+      const now = names.has(view.node.name);
+      if (view.rowInSight !== now) { view.rowInSight = now; view.reviewSocket(); }
+    }
   }
 }
 
@@ -467,12 +712,23 @@ class ExecutionView {
 class App {
   constructor() {
     this.views = new Map();
+    this.selected = new Set();     // the chosen nodes' names, shared by the cards and the table
+    this.mode = null;              // "cards" or "table"
     this.announcer = new Announcer($("#output-announcer"));
+    this.table = new NodeTable(this, $("#node-table-wrap"));
+    // A card in sight holds its node's socket (see NodeView.wanted).
+    this.cardObserver = new IntersectionObserver((entries) => {
+      for (const entry of entries) {
+        const view = this.views.get(entry.target.dataset.node);
+        if (view && view.cardInSight !== entry.isIntersecting) { view.cardInSight = entry.isIntersecting; view.reviewSocket(); }
+      }
+    });
   }
 
   async start() {
     await api("/api/session");  // redirects to the login page when the session is over
     this.bindForms();
+    this.bindNodeTools();
     await this.refreshNodes();
     setInterval(() => this.refreshNodes().catch((e) => this.notice(e.message)), 2000);
   }
@@ -488,19 +744,96 @@ class App {
       if (!view) {
         view = new NodeView(this, node);
         this.views.set(node.name, view);
-        $("#nodes").appendChild(view.card);
         $("#panes").appendChild(view.pane);
       } else {
         view.update(node);
       }
     }
     for (const [name, view] of this.views) {
-      if (!seen.has(name)) { view.stop(); view.card.remove(); view.pane.remove(); this.views.delete(name); }
+      if (!seen.has(name)) {
+        view.stop();
+        if (view.card) { this.cardObserver.unobserve(view.card); view.card.remove(); }
+        view.pane.remove();
+        this.views.delete(name);
+        this.selected.delete(name);
+      }
+    }
+    $("#panes").classList.toggle("many", nodes.length > PANES_ALL_UP_TO);
+    this.groupChoices(nodes);
+    if (this.mode === null) this.setMode(storedMode() || (nodes.length > TABLE_ABOVE ? "table" : "cards"), false);
+    else this.showNodes();
+  }
+
+  // -- the nodes' two views, their filter and the selection -------------------------------------
+  bindNodeTools() {
+    $("#view-cards").addEventListener("click", () => this.setMode("cards", true));
+    $("#view-table").addEventListener("click", () => this.setMode("table", true));
+    $("#node-search").addEventListener("input", () => this.showNodes());
+    $("#node-group").addEventListener("change", () => this.showNodes());
+  }
+
+  setMode(mode, remember) {
+    this.mode = mode;
+    if (remember) { try { localStorage.setItem(VIEW_KEY, mode); } catch (e) { /* not kept */ } }
+    $("#view-cards").setAttribute("aria-pressed", String(mode === "cards"));
+    $("#view-table").setAttribute("aria-pressed", String(mode === "table"));
+    $("#nodes").classList.toggle("hidden", mode !== "cards");
+    $("#node-table-wrap").classList.toggle("hidden", mode !== "table");
+    this.showNodes();
+  }
+
+  matches(view) {
+    const text = $("#node-search").value.trim().toLowerCase(), group = $("#node-group").value;
+    const node = view.node;
+    if (group && !node.groups.includes(group)) return false;
+    return !text || [node.name, node.host, node.txt.os || "", ...node.groups].some((s) => s.toLowerCase().includes(text));
+  }
+
+  // The nodes the filter keeps, in the view shown: cards (built on first show) or table rows.
+  showNodes() {
+    const all = [...this.views.values()];
+    const shown = all.filter((v) => this.matches(v));
+    $("#node-shown").textContent = shown.length === all.length ? `${all.length} shown` : `${shown.length} of ${all.length} shown`;
+    if (this.mode === "cards") {
+      const keep = new Set(shown);
+      for (const view of all) {
+        if (!view.card) { $("#nodes").appendChild(view.ensureCard()); this.cardObserver.observe(view.card); }
+        view.card.classList.toggle("hidden", !keep.has(view));
+      }
+    }
+    this.table.setRows(this.mode === "table" ? shown : []);
+  }
+
+  // The group filter's choices: every group a node is in.
+  groupChoices(nodes) {
+    const groups = [...new Set(nodes.flatMap((n) => n.groups))].sort(naturally.compare);
+    const select = $("#node-group");
+    const have = [...select.options].slice(1).map((o) => o.value);
+    if (have.join("\n") === groups.join("\n")) return;
+    const current = select.value;
+    select.replaceChildren(el("option", "", "all groups"), ...groups.map((g) => el("option", "", g)));
+    select.options[0].value = "";
+    select.value = groups.includes(current) ? current : "";
+  }
+
+  select(name, on) {
+    if (on) this.selected.add(name); else this.selected.delete(name);
+    const view = this.views.get(name);
+    if (!view) return;
+    if (view.card) view.checkbox.checked = on;
+    this.table.syncChecks();
+    view.reviewSocket();
+  }
+
+  // "all" chooses the nodes the filter shows; "none" clears every choice.
+  selectAll(on) {
+    for (const view of this.views.values()) {
+      if (!on || this.matches(view)) this.select(view.node.name, on);
     }
   }
 
   chosen() {
-    return [...document.querySelectorAll(".node-select:checked")].map((c) => c.value);
+    return [...this.views.keys()].filter((name) => this.selected.has(name));
   }
 
   notice(text, ok = false) {
@@ -522,8 +855,8 @@ class App {
 
   bindForms() {
     bindTabs($("#run-tabs"));
-    $("#select-all").onclick = () => { document.querySelectorAll(".node-select").forEach((c) => { c.checked = true; }); };
-    $("#select-none").onclick = () => { document.querySelectorAll(".node-select").forEach((c) => { c.checked = false; }); };
+    $("#select-all").onclick = () => this.selectAll(true);
+    $("#select-none").onclick = () => this.selectAll(false);
 
     $("#shell-form").addEventListener("submit", async (e) => {
       e.preventDefault();

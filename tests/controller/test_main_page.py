@@ -4,14 +4,20 @@ execution (item 4), the node table at 50 and 1,000 nodes (item 8)."""
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from playwright.sync_api import Page, expect
 
+from marco.tokens import TokenSigner
 from tests.support.controller_process import ControllerProcess
+from tests.support.http import call
 from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
 from tests.support.web import TIMEOUT_MS, open_logged_in
 
 LIVE = "live"
@@ -172,4 +178,159 @@ def test_an_execution_follows_stops_when_scrolled_up_and_jumps_to_latest(
     wait_for_lines(box, box.evaluate("b => b.childElementCount"))
     assert at_bottom(box)
     assert page.locator("#follow").count() == 0  # no page-wide switch any more
+    page.context.close()
+
+
+# The page's WebSockets, counted by wrapping the browser's own (every socket the page holds is a
+# real one through the controller's relay): the node names of those not closed yet.
+COUNT_SOCKETS = """(() => {
+  const Native = window.WebSocket, held = new Set();
+  window.heldSockets = () => [...held].map((s) => s.nodeName);
+  window.WebSocket = class extends Native {
+    constructor(url, protocols) {
+      super(url, protocols);
+      this.nodeName = decodeURIComponent(String(url).split("/relay/")[1] || "");
+      held.add(this);
+      this.addEventListener("close", () => held.delete(this));
+    }
+  };
+})();"""
+ROWS = "#node-rows tr[data-node]"
+# The names of the table's rows that intersect its scroll box, as the page shows them.
+IN_SIGHT = """() => { const wrap = document.getElementById("node-table-wrap");
+  const top = wrap.getBoundingClientRect().top + wrap.clientTop, bottom = top + wrap.clientHeight;
+  return [...document.querySelectorAll("#node-rows tr[data-node]")].filter((tr) => {
+    const r = tr.getBoundingClientRect(); return r.bottom > top && r.top < bottom;
+  }).map((tr) => tr.dataset.node); }"""
+ALIVE_AT_MOST = 40  # nodes that are a real agent (one agent under many names; the rest are down)
+
+
+def static_nodes(count: int, agent_address: str) -> tuple[list[str], set[str]]:
+    """`count` node specs sc1..scN: every k-th one the real agent, the rest a closed port."""
+    step = max(1, count // ALIVE_AT_MOST)
+    alive = {f"sc{i}" for i in range(1, count + 1) if i % step == 0}
+    return ([f"sc{i}={agent_address if f'sc{i}' in alive else '127.0.0.1:1'}"
+             for i in range(1, count + 1)], alive)
+
+
+def big_cluster(start_agent: Any, start_controller: Any, unique_name: Any, signer: TokenSigner,
+                alice: UnixUser, tmp_path: Path, count: int) -> tuple[ControllerProcess, set[str]]:
+    """A controller with `count` static nodes from its config file (too many for flags to be
+    pleasant), of which up to ALIVE_AT_MOST reach one real agent in group `web` (plain HTTP:
+    one agent answers to many node names only without certificates naming it)."""
+    agent = start_agent(node_name=unique_name("table"), pki=None,
+                        extra_args=["--groups", "web"])
+    specs, alive = static_nodes(count, f"{agent.host}:{agent.port}")
+    config = tmp_path / "controller.toml"
+    config.write_text(f"discovery = false\nnode = {json.dumps(specs)}\n")
+    controller = start_controller(pki=None, extra_args=["--config", str(config),
+                                                        "--health-failures", "1"])
+    token = signer.issue(alice.name)
+
+    def settled() -> bool:
+        nodes = call(controller, "GET", "/api/nodes", token=token)[1]["nodes"]
+        return {n["name"] for n in nodes if n["alive"]} == alive and len(nodes) == count
+    wait_for(settled, what=f"{len(alive)} of {count} nodes up", timeout=60)
+    return controller, alive
+
+
+def row_names(page: Page) -> list[str]:
+    return [str(n) for n in page.locator(ROWS).evaluate_all("rs => rs.map((r) => r.dataset.node)")]
+
+
+def sockets_only_in_sight(page: Page) -> bool:
+    """Every socket the page holds is for a node whose row is in sight."""
+    held, in_sight = page.evaluate("heldSockets()"), page.evaluate(IN_SIGHT)
+    return set(held) <= set(in_sight)
+
+
+@pytest.mark.parametrize("count", [50, 1000])
+def test_node_table_at_scale(browser: Any, start_agent: Any, start_controller: Any,
+                             unique_name: Any, signer: TokenSigner, alice: UnixUser,
+                             tmp_path: Path, count: int) -> None:
+    controller, alive = big_cluster(start_agent, start_controller, unique_name, signer, alice,
+                                    tmp_path, count)
+    context = browser.new_context()
+    context.add_init_script(COUNT_SOCKETS)
+    page: Page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    began = time.monotonic()
+    open_logged_in(page, controller, alice)
+    table, shown = page.locator("#node-table"), page.locator("#node-shown")
+    # Many nodes: the table is the view; fifty: the cards, until the table is picked.
+    table_button = page.get_by_role("button", name="Table")
+    if count > 50:
+        expect(table_button).to_have_attribute("aria-pressed", "true")
+    else:
+        expect(page.locator(".node").first).to_be_visible()
+        table_button.click()
+    expect(table).to_have_attribute("aria-rowcount", str(count + 1))
+    print(f"{count} nodes: the table was shown {time.monotonic() - began:.2f} s after opening")
+    expect(shown).to_have_text(f"{count} shown")
+    assert page.locator(ROWS).count() <= 40  # only the rows in sight and a margin
+    # Names in natural order, either way.
+    assert row_names(page)[:12] == [f"sc{i}" for i in range(1, 13)]
+    page.get_by_role("button", name="Name").click()
+    expect(page.locator(ROWS).first).to_have_attribute("data-node", f"sc{count}")
+    assert row_names(page)[:3] == [f"sc{i}" for i in range(count, count - 3, -1)]
+    # The search narrows the table.
+    page.get_by_role("searchbox", name="Search nodes").fill("sc10")
+    matching = [i for i in range(1, count + 1) if "sc10" in f"sc{i}"]
+    expect(table).to_have_attribute("aria-rowcount", str(len(matching) + 1))
+    expect(shown).to_have_text(f"{len(matching)} of {count} shown")
+    page.get_by_role("searchbox", name="Search nodes").fill("")
+    # The group filter keeps the real agent's nodes, which give live status in their rows.
+    page.get_by_role("combobox", name="Group").select_option("web")
+    expect(table).to_have_attribute("aria-rowcount", str(len(alive) + 1))
+    first = page.locator(ROWS).first
+    expect(first.locator(".col-status")).to_have_text("up")
+    expect(first.locator(".col-cpu")).to_have_text(re.compile(r"^\d+%$"), timeout=TIMEOUT_MS)
+    # Sockets only for the rows in sight (once those that were in sight before let go).
+    wait_for(lambda: sockets_only_in_sight(page), what="sockets only for rows in sight")
+    held = page.evaluate("heldSockets()")
+    assert 0 < len(held) < len(alive), held
+    # Scrolled to the end: the new rows in sight get theirs, the old ones close.
+    page.locator("#node-table-wrap").evaluate("w => { w.scrollTop = w.scrollHeight; }")
+    expect(page.locator(ROWS).last).to_be_in_viewport()
+    wait_for(lambda: sockets_only_in_sight(page) and page.evaluate("heldSockets()"),
+             what="sockets moved to the rows in sight")
+    assert len(page.evaluate("heldSockets()")) < len(alive)
+    context.close()
+
+
+def test_table_sorts_numbers_by_value_and_names_naturally(browser: Any, cluster: Any,
+                                                          alice: UnixUser) -> None:
+    """The page's own comparison: 9 < 10 < 100 with missing values last in both directions,
+    and sc2 before sc10."""
+    controller, _ = cluster
+    page = logged_in_page(browser, controller, alice)
+    order = page.evaluate("""() => {
+      const view = (name, cpu) => ({ node: { name, groups: [], txt: {} },
+                                     lastStatus: cpu === null ? null : { cpu: { percent: cpu } } });
+      const views = [view("sc10", 100), view("sc2", null), view("sc1", 9), view("sc3", 10)];
+      const cpu = NODE_COLUMNS.find((c) => c.key === "cpu"), name = NODE_COLUMNS[0];
+      const names = (column, dir) => [...views].sort(compareBy(column, dir)).map((v) => v.node.name);
+      return [names(cpu, 1), names(cpu, -1), names(name, 1)];
+    }""")
+    assert order == [["sc1", "sc3", "sc10", "sc2"], ["sc10", "sc3", "sc1", "sc2"],
+                     ["sc1", "sc2", "sc3", "sc10"]]
+    page.context.close()
+
+
+def test_selection_is_shared_by_cards_and_table_and_the_view_is_remembered(
+        browser: Any, cluster: Any, alice: UnixUser) -> None:
+    controller, names = cluster
+    page = logged_in_page(browser, controller, alice)
+    page.get_by_role("checkbox", name=f"Select {names[1]}").check()  # on its card
+    page.get_by_role("button", name="Table").click()
+    row = page.locator(f'{ROWS}[data-node="{names[1]}"]')
+    expect(row.get_by_role("checkbox")).to_be_checked()
+    page.locator(f'{ROWS}[data-node="{names[0]}"]').get_by_role("checkbox").check()
+    page.reload()  # the table stays the view; the choice is the page's, not kept
+    expect(page.get_by_role("button", name="Table")).to_have_attribute("aria-pressed", "true")
+    expect(page.locator(".node").first).to_be_hidden()
+    row.get_by_role("checkbox").check()
+    page.get_by_role("button", name="Cards").click()
+    expect(page.get_by_role("checkbox", name=f"Select {names[1]}")).to_be_checked()
+    expect(page.get_by_role("checkbox", name=f"Select {names[0]}")).not_to_be_checked()
     page.context.close()
