@@ -92,6 +92,9 @@ const OutputView = (() => {
       this.scroller.tabIndex = 0;   // scrollable by keyboard
       this.scroller.setAttribute("role", "region");
       this.scroller.setAttribute("aria-label", `Output of ${this.label}`);
+      // Lines come and go as the reader scrolls: never read out as news (a live region
+      // around the view, such as the details panel, would otherwise announce each scroll).
+      this.scroller.setAttribute("aria-live", "off");
       this.spacer = document.createElement("div");
       this.spacer.className = "output-spacer";
       this.window = document.createElement("div");
