@@ -8,7 +8,8 @@ const REPLAY_EXECUTIONS = 20;      // per node, on (re)connect
 const ANNOUNCE_EVERY_MS = 5000;    // the live region speaks of new output at most this often
 const SOCKET_LINGER_MS = 5000;     // a node's socket stays this long after it left the page's needs
 const TABLE_ABOVE = 50;            // more nodes and the table is the view until one is picked
-const PANES_ALL_UP_TO = 12;        // more nodes and only the panes with output show
+const SMALL_CLUSTER = 20;          // up to this many nodes each alive one holds its socket and
+                                   // shows its pane; above, only those the page needs
 const ROW_MARGIN = 8;              // table rows rendered above and below those in sight
 const VIEW_KEY = "marco-node-view";
 const naturally = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
@@ -299,11 +300,13 @@ class NodeView {
     this.meta.textContent = `${node.host}:${node.port}${groups}`;
   }
 
-  // The page holds a node's socket (output and status) only while it needs it: the node is in
-  // sight (its card or its table row), chosen, or runs something the page shows. One socket per
-  // node per page does not scale to a thousand nodes; issue 15 multiplexes them into one.
+  // Above SMALL_CLUSTER nodes the page holds a node's socket (output and status) only while it
+  // needs it: the node is in sight (its card or its table row), chosen, or runs something the
+  // page shows. One socket per node per page does not scale to a thousand nodes (each agent
+  // allows a user 32, a browser a few hundred in all); issue 15 multiplexes them into one.
   wanted() {
     if (!this.node.alive) return false;
+    if (this.app.nodeCount <= SMALL_CLUSTER) return true;   // every live node, as a few need
     if (this.cardInSight || this.rowInSight || this.app.selected.has(this.node.name)) return true;
     for (const execution of this.executions.values()) if (execution.running) return true;
     return false;
@@ -714,6 +717,7 @@ class App {
     this.views = new Map();
     this.selected = new Set();     // the chosen nodes' names, shared by the cards and the table
     this.mode = null;              // "cards" or "table"
+    this.nodeCount = 0;
     this.announcer = new Announcer($("#output-announcer"));
     this.table = new NodeTable(this, $("#node-table-wrap"));
     // A card in sight holds its node's socket (see NodeView.wanted).
@@ -735,6 +739,7 @@ class App {
 
   async refreshNodes() {
     const { nodes } = await api("/api/nodes");
+    this.nodeCount = nodes.length;
     $("#no-nodes").classList.toggle("hidden", nodes.length > 0);
     $("#node-count").textContent = `${nodes.filter((n) => n.alive).length} up / ${nodes.length}`;
     const seen = new Set();
@@ -758,7 +763,8 @@ class App {
         this.selected.delete(name);
       }
     }
-    $("#panes").classList.toggle("many", nodes.length > PANES_ALL_UP_TO);
+    $("#panes").classList.toggle("many", nodes.length > SMALL_CLUSTER);
+    for (const view of this.views.values()) view.reviewSocket();   // the count may have crossed SMALL_CLUSTER
     this.groupChoices(nodes);
     if (this.mode === null) this.setMode(storedMode() || (nodes.length > TABLE_ABOVE ? "table" : "cards"), false);
     else this.showNodes();

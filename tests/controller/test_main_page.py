@@ -334,3 +334,19 @@ def test_selection_is_shared_by_cards_and_table_and_the_view_is_remembered(
     expect(page.get_by_role("checkbox", name=f"Select {names[1]}")).to_be_checked()
     expect(page.get_by_role("checkbox", name=f"Select {names[0]}")).not_to_be_checked()
     page.context.close()
+
+
+def test_a_small_cluster_keeps_every_node_live_out_of_sight(browser: Any, cluster: Any,
+                                                            alice: UnixUser) -> None:
+    """A few nodes each hold their socket whether their card is in sight or not (output started
+    elsewhere shows in every pane); the in-sight rule is for many nodes."""
+    controller, names = cluster
+    page: Page = browser.new_context(viewport={"width": 500, "height": 300}).new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    open_logged_in(page, controller, alice)
+    last = page.locator(f'.node[data-node="{names[-1]}"]')
+    expect(last).to_be_attached()
+    expect(last).not_to_be_in_viewport()
+    for name in names:
+        expect(pane(page, name).locator(".link-state")).to_have_text(LIVE)
+    page.context.close()
