@@ -17,7 +17,7 @@ class RunSearch {
     this.next = null;         // the cursor of the hits after those read
     this.index = -1;          // the current hit
     this.asked = null;        // the query of the hits shown, as a string
-    this.askedAt = 0;         // when it was asked (ms)
+    this.pending = null;      // the query of the search under way, as a string
     this.generation = 0;      // answers to an older search are dropped
     this.typing = null;
   }
@@ -131,14 +131,16 @@ class RunSearch {
   }
 
   // Enter, Shift+Enter, the buttons: the next or previous hit; a changed query, or a running
-  // run's output that may have grown, is searched again first.
+  // run's output that may have grown, is searched again first (Enter again while that same
+  // search is under way does nothing).
   async step(direction) {
     clearTimeout(this.typing);
     const args = this.query();
     if (!args) return this.search(true);
+    if (args.toString() === this.pending) return;
     const running = this.view.run && this.view.run.ended === null;
     if (args.toString() !== this.asked) return this.search(true);
-    if (running && Date.now() - this.askedAt > SEARCH_TYPING_MS) {
+    if (running) {
       const at = this.hits[this.index];
       if (!(await this.search(false))) return;
       const again = at ? this.hits.findIndex((h) => h.execution_id === at.execution_id && h.seq === at.seq) : -1;
@@ -154,21 +156,24 @@ class RunSearch {
     const generation = ++this.generation;
     this.view.highlight(args ? this.input.value : null, { caseSensitive: this.caseBox.checked });
     if (!args) {
+      this.pending = null;
       this.reset("");
       return false;
     }
     this.counter.textContent = "searching…";
     let answer;
+    this.pending = args.toString();
     try {
       answer = await api(this.view.path(`/search?${args}`));
     } catch (err) {
       if (generation !== this.generation) return false;
       this.reset(err.status === 429 ? "too many searches at once: try again" : err.message);
       return false;
+    } finally {
+      if (generation === this.generation) this.pending = null;
     }
     if (generation !== this.generation) return false;
     this.asked = args.toString();
-    this.askedAt = Date.now();
     this.hits = answer.hits;
     this.count = answer.count;
     this.complete = answer.complete;

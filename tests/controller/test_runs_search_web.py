@@ -1,18 +1,21 @@
 """The run page's search (issue 13, item 2; run_search.js) in a real chromium against a real
 controller and agents: a line of a finished 100,000-line run found and shown marked in its
 pane, next and previous through many hits, no match, the stderr and host filters, and the
-controls reached by Tab with their names."""
+controls reached by Tab with their names, and a running run searched again on Enter."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
 from marco.tokens import TokenSigner
+from tests.controller.test_runs_api import gate  # noqa: F401 (a fixture)
 from tests.controller.test_runs_download import command_run
 from tests.support.controller_process import ControllerProcess
+from tests.support.http import call
 from tests.support.users import UnixUser
 from tests.support.web import TIMEOUT_MS, open_logged_in
 
@@ -143,3 +146,29 @@ def test_stderr_and_host_filters(browser: Any, cluster: Cluster, alice: UnixUser
     page.uncheck("#search-stderr")
     expect(count).to_have_text("1 of 2")
     page.context.close()
+
+
+def test_enter_searches_a_running_run_again(browser: Any, cluster: Cluster, alice: UnixUser,
+                                            signer: TokenSigner, gate: Path) -> None:  # noqa: F811
+    """A line printed after the first search is found by the next Enter."""
+    controller, names = cluster
+    token = signer.issue(alice.name)
+    status, answer = call(controller, "POST", "/api/run", {"nodes": [names[0]], "command": (
+        f"echo first; until [ -e {gate}/more ]; do sleep 0.05; done; echo late-needle; "
+        f"until [ -e {gate}/end ]; do sleep 0.05; done")}, token)
+    assert status == 200, answer
+    try:
+        page = open_run(browser, controller, alice, answer["run"]["id"])
+        pane = pane_of(page, names[0])
+        expect(line(pane, 0)).to_have_text("first")
+        count = page.locator("#search-count")
+        find(page, "needle")
+        expect(count).to_have_text("no match")
+        (gate / "more").touch()
+        expect(line(pane, 1)).to_have_text("late-needle")
+        page.press("#search-q", "Enter")
+        expect(count).to_have_text("1 of 1")
+        expect_current(pane, 1, "late-needle", "needle")
+        page.context.close()
+    finally:
+        (gate / "end").touch()
