@@ -1,7 +1,8 @@
 """The run page's search (issue 13, item 2; run_search.js) in a real chromium against a real
 controller and agents: a line of a finished 100,000-line run found and shown marked in its
 pane, next and previous through many hits, no match, the stderr and host filters, and the
-controls reached by Tab with their names, and a running run searched again on Enter."""
+controls reached by Tab with their names, a running run searched again on Enter, and a
+playbook's hits shown in their task's details."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from playwright.sync_api import Locator, Page, expect
 
 from marco.tokens import TokenSigner
 from tests.controller.test_runs_api import gate  # noqa: F401 (a fixture)
-from tests.controller.test_runs_download import command_run
+from tests.controller.test_runs_download import command_run, playbook_with_two_tasks
 from tests.support.controller_process import ControllerProcess
 from tests.support.http import call
+from tests.support.pki import TestPki
 from tests.support.users import UnixUser
 from tests.support.web import TIMEOUT_MS, open_logged_in
 
@@ -172,3 +174,31 @@ def test_enter_searches_a_running_run_again(browser: Any, cluster: Cluster, alic
         page.context.close()
     finally:
         (gate / "end").touch()
+
+
+def test_a_playbooks_hit_opens_its_task_on_its_host(browser: Any, cluster: Cluster,
+                                                    alice: UnixUser, signer: TokenSigner,
+                                                    pki: TestPki) -> None:
+    """A playbook's hit is shown in the details of its task on its host."""
+    controller, names = cluster
+    run_id = playbook_with_two_tasks(controller, signer.issue(alice.name), names[0], pki)
+    page = open_run(browser, controller, alice, run_id)
+    details, count = page.locator("#details"), page.locator("#search-count")
+    find(page, "three")  # task t2's line
+    expect(count).to_have_text("1 of 1")
+    expect(details).to_have_attribute("data-task", "t2")
+    expect(details).to_have_attribute("data-host", names[0])
+    expect(details.locator('.line[data-seq="0"] mark.hit.current')).to_have_text("three")
+    # "e" is in t1's "one" and t2's "three": next goes from one task's details to the other's.
+    find(page, "e")
+    expect(count).to_have_text("1 of 2")
+    first = details.get_attribute("data-task")
+    page.press("#search-q", "Enter")
+    expect(count).to_have_text("2 of 2")
+    expect(details).not_to_have_attribute("data-task", str(first))
+    assert {first, details.get_attribute("data-task")} == {"t1", "t2"}
+    current = details.locator("mark.hit.current")
+    expect(current).to_have_text("e")
+    expect(current.locator("xpath=ancestor::*[contains(@class, 'line')][1]")).to_have_text(
+        "one" if first == "t2" else "three")
+    page.context.close()
