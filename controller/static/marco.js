@@ -3,13 +3,13 @@
 // authenticated by the HttpOnly login cookie: it never holds the agents' token.
 "use strict";
 
-const MAX_LINES_SHOWN = 5000;      // per execution; older lines are dropped from the page
 const REPLAY_EXECUTIONS = 20;      // per node, on (re)connect
 const ANNOUNCE_EVERY_MS = 5000;    // the live region speaks of new output at most this often
 const SOCKET_LINGER_MS = 5000;     // a node's socket stays this long after it left the page's needs
 const TABLE_ABOVE = 50;            // more nodes and the table is the view until one is picked
 const SMALL_CLUSTER = 20;          // up to this many nodes each alive one holds its socket and
                                    // shows its pane; above, only those the page needs
+const SHORT_OUTPUT = 12;           // lines an execution's box shows at their own height
 const ROW_MARGIN = 8;              // table rows rendered above and below those in sight
 const VIEW_KEY = "marco-node-view";
 const naturally = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
@@ -157,8 +157,9 @@ class Announcer {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Follow (issue 13, item 4): each scroll box follows what is added while it is scrolled to its
-// bottom and stays where the reader is once scrolled up.
+// Follow (issue 13, item 4): a node's list of executions follows new ones while scrolled to its
+// bottom and stays where the reader is once scrolled up (each execution's lines follow in their
+// OutputView, with its "Jump to latest").
 const atBottom = (box) => box.scrollHeight - box.scrollTop - box.clientHeight < 4;
 
 // A box that follows while at its bottom, without a button (a node's list of executions).
@@ -167,35 +168,13 @@ function stickToBottom(box) {
   box.addEventListener("scroll", () => { box.dataset.following = atBottom(box) ? "1" : "0"; });
 }
 
-// An execution's lines: scrolled up, a "Jump to latest" button (after the box) scrolls down
-// and follows again.
-function followable(box, label) {
-  const jump = el("button", "jump-latest hidden", "Jump to latest");
-  jump.type = "button";
-  // The visible text starts the accessible name (what speech input users say), then whose.
-  jump.setAttribute("aria-label", `Jump to latest output of ${label}`);
-  box.after(jump);
-  box.dataset.following = "1";
-  box.addEventListener("scroll", () => {
-    const following = atBottom(box);
-    box.dataset.following = following ? "1" : "0";
-    jump.classList.toggle("hidden", following);
-  });
-  jump.addEventListener("click", () => {
-    box.dataset.following = "1";
-    jump.classList.add("hidden");
-    box.scrollTop = box.scrollHeight;
-  });
-  return jump;
-}
-
 // Keeps a following box at its bottom after something was added to it. A scroll event comes
 // a frame after the scroll: a reader who scrolled up since this last pinned the box is seen
 // here first (by the position), not pulled back down.
 function followEnd(box) {
   if (box.dataset.following === "0") return;
   if (box.pinnedTop !== undefined && box.scrollTop < box.pinnedTop - 4) {
-    box.dispatchEvent(new Event("scroll"));   // its handler stops following, shows the button
+    box.dispatchEvent(new Event("scroll"));   // its handler stops following
     return;
   }
   box.scrollTop = box.scrollHeight;
@@ -344,6 +323,7 @@ class NodeView {
     socket.onmessage = (message) => this.onEvent(JSON.parse(message.data));
     socket.onclose = (event) => {
       this.socket = null;
+      for (const execution of this.executions.values()) execution.dropReads();
       if (this.closed) return;
       if (this.pausing) { this.pausing = false; this.setLink("not connected (out of sight)", true); this.reviewSocket(); return; }
       if (event.code === 4401) { window.location = "/login"; return; }
@@ -353,21 +333,24 @@ class NodeView {
   }
 
   send(message) {
-    if (this.socket && this.socket.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(message));
+    if (!this.isOpen()) return false;
+    this.socket.send(JSON.stringify(message));
+    return true;
   }
+
+  isOpen() { return Boolean(this.socket && this.socket.readyState === WebSocket.OPEN); }
 
   onEvent(event) {
     switch (event.type) {
       case "hello":
         this.setLink("live", true);
         this.send({ type: "subscribe", status: true });
+        // Each execution's length is known now; its view reads the lines it shows (the last
+        // ones while following) by replay, page by page as they come into sight.
         event.executions.slice(-REPLAY_EXECUTIONS).forEach((summary) => {
           const view = this.execution(summary.id, summary);
           view.setSummary(summary);
-          // Only the last lines the page keeps anyway are worth fetching.
-          const since = Math.max(view.nextSeq, summary.next_seq - MAX_LINES_SHOWN);
-          if (since > view.nextSeq) { view.nextSeq = since; view.block.classList.add("clipped"); }
-          this.send({ type: "replay", id: summary.id, since: view.nextSeq });
+          view.grow(summary.next_seq);
         });
         break;
       case "started": {
@@ -378,10 +361,12 @@ class NodeView {
       }
       case "output": this.execution(event.id).output(event); break;
       case "exit": this.execution(event.id).exit(event); break;
-      case "replayed":
-        this.execution(event.id, event.execution).setSummary(event.execution);
-        if (!event.complete) this.send({ type: "replay", id: event.id, since: event.next });   // more to come
+      case "replayed": {
+        const view = this.execution(event.id, event.execution);
+        view.setSummary(event.execution);
+        view.replayed(event);
         break;
+      }
       case "status": this.status(event.status); break;
       case "error": this.app.notice(`${this.node.name}: ${withHint(event)}`); break;
       default: break;
@@ -395,7 +380,6 @@ class NodeView {
       this.executions.set(id, view);
       this.list.appendChild(view.block);
       this.pane.classList.remove("empty");
-      view.startFollowing();
       followEnd(this.list);
     }
     return view;
@@ -448,9 +432,8 @@ class ExecutionView {
   constructor(nodeView, id, summary) {
     this.nodeView = nodeView;
     this.id = id;
-    this.nextSeq = 0;
-    this.shown = 0;
-    this.ansi = { stdout: Ansi.newState(), stderr: Ansi.newState() };
+    this.nextSeq = 0;               // the seq after the last line known (live or replayed)
+    this.reads = [];                // replays asked for the view, answered in order
     const block = el("div", "execution");
     block.dataset.id = id;
     const head = el("div", "exec-head");
@@ -464,11 +447,14 @@ class ExecutionView {
     this.stopButton.onclick = () => nodeView.send({ type: "stop", id });
     [this.label, this.command, this.started, this.state, this.stopButton].forEach((e) => head.appendChild(e));
     block.appendChild(head);
-    this.out = el("pre", "lines");
-    // Focusable, so a keyboard can scroll it; named, so a screen reader says whose it is.
-    this.out.tabIndex = 0;
-    this.out.setAttribute("aria-label", `Output on ${nodeView.node.name}`);
-    block.appendChild(this.out);
+    this.notice = el("div", "exec-notice");
+    block.appendChild(this.notice);
+    // The lines: an OutputView (output_view.js), virtual, fed by the socket's live output and
+    // reading earlier lines by replay; it follows the end with "Jump to latest" (item 4).
+    this.box = el("div", "exec-output no-lines");
+    block.appendChild(this.box);
+    this.view = new OutputView(this.box, { label: nodeView.node.name, loadPage: (segment, since) => this.read(since) });
+    this.view.setSegments([{ id, host: nodeView.node.name, length: 0 }]);
     this.live = false;
     this.running = false;
     this.block = block;
@@ -482,43 +468,67 @@ class ExecutionView {
     if (s.no_log && !this.block.classList.contains("no-log")) {
       // The agent keeps and streams nothing of a no_log task: say so instead of an empty box.
       this.block.classList.add("no-log");
-      this.out.appendChild(el("span", "line notice", "output hidden: no_log"));
+      this.notice.appendChild(el("span", "line notice", "output hidden: no_log"));
     }
     if (s.state === "running") this.running = true;
     if (s.state && s.state !== "running") this.finish(s.state, s.rc, s.signal);
   }
 
+  // Output events, live or replayed, into the view (a line seen twice is stored once; a gap
+  // stays as lines still to read, read by replay when in sight).
   output(event) {
-    let lines = event.lines, seq = event.seq;
-    if (seq + lines.length <= this.nextSeq) return;                 // already shown (replay overlap)
-    if (seq > this.nextSeq) {                                        // a gap: ask for it, then continue
-      this.nodeView.send({ type: "replay", id: this.id, since: this.nextSeq });
-      return;
-    }
-    lines = lines.slice(this.nextSeq - seq);
-    this.nextSeq = seq + event.lines.length;
-    const state = this.ansi[event.stream] || this.ansi.stdout;
-    const fragment = document.createDocumentFragment();
-    for (const line of lines) {
-      const span = el("span", `line ${event.stream}`);
-      Ansi.render(span, line, state);
-      fragment.appendChild(span);
-    }
-    this.out.appendChild(fragment);
-    this.shown += lines.length;
-    while (this.shown > MAX_LINES_SHOWN && this.out.firstChild) {
-      this.out.removeChild(this.out.firstChild);
-      this.shown--;
-      this.block.classList.add("clipped");
-    }
-    followEnd(this.out);
+    const end = event.seq + event.lines.length;
+    const fresh = Math.max(0, end - Math.max(this.nextSeq, event.seq));
+    this.nextSeq = Math.max(this.nextSeq, end);
+    this.view.append(this.id, [event]);
+    this.sized();
     followEnd(this.nodeView.list);
-    if (this.live) this.nodeView.app.announcer.add(this.nodeView.node.name, lines.length);
+    if (this.live && fresh) this.nodeView.app.announcer.add(this.nodeView.node.name, fresh);
   }
 
-  // Follow this block's lines while its pre is scrolled to its bottom (item 4 of issue 13).
-  startFollowing() {
-    this.jump = followable(this.out, this.nodeView.node.name);
+  // The execution has `length` lines (the agent said so): the view shows the ones not read
+  // yet as pending until it reads them.
+  grow(length) {
+    if (!(length > 0)) return;
+    this.view.grow(this.id, length);
+    this.sized();
+  }
+
+  // Hidden without lines, as tall as a few, then a fixed height that scrolls.
+  sized() {
+    const lines = this.view.lineCount;
+    this.box.classList.toggle("no-lines", lines === 0);
+    this.box.classList.toggle("tall", lines > SHORT_OUTPUT);
+  }
+
+  // The view's source: a replay from `since` over the node's socket; its output events come
+  // through output() (so they fill the view), then `replayed` answers the read. Without an
+  // open socket it answers "nothing yet" at once (the view asks again a second later).
+  read(since) {
+    return new Promise((resolve) => {
+      this.reads.push({ since, resolve });
+      if (this.reads.length === 1) this.askNext();
+    });
+  }
+
+  askNext() {
+    while (this.reads.length && !this.nodeView.send({ type: "replay", id: this.id, since: this.reads[0].since })) {
+      const read = this.reads.shift();
+      read.resolve({ events: [], next: read.since, end: false });
+    }
+  }
+
+  replayed(event) {
+    const read = this.reads.shift();
+    if (!read) return;
+    const ended = event.execution && event.execution.state && event.execution.state !== "running";
+    read.resolve({ events: [], next: event.next, end: Boolean(event.complete && ended) });
+    this.askNext();
+  }
+
+  // The socket closed: no answer will come to the reads asked on it.
+  dropReads() {
+    for (const read of this.reads.splice(0)) read.resolve({ events: [], next: read.since, end: false });
   }
 
   exit(event) {

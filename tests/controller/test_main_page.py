@@ -138,13 +138,18 @@ def at_bottom(box: Any) -> bool:
     return bool(box.evaluate("b => b.scrollHeight - b.scrollTop - b.clientHeight < 4"))
 
 
-def wait_for_lines(box: Any, more_than: int) -> None:
-    """Until the box shows more than `more_than` lines; checked in the page so no scroll of
-    ours comes between, given up after TIMEOUT_MS."""
-    box.evaluate("(b, [n, ms]) => new Promise((resolve, reject) => { const end = Date.now() + ms;"
-                 " const check = () => b.childElementCount > n ? resolve()"
-                 " : Date.now() > end ? reject(new Error(`still ${b.childElementCount} lines`))"
-                 " : setTimeout(check, 50); check(); })", [more_than, TIMEOUT_MS])
+def wait_taller(box: Any, than: int) -> None:
+    """Until the box's scroll height passes `than` px (more lines came: the view makes room
+    for every line, rendered or not); checked in the page so no scroll of ours comes between,
+    given up after TIMEOUT_MS."""
+    box.evaluate("(b, [h, ms]) => new Promise((resolve, reject) => { const end = Date.now() + ms;"
+                 " const check = () => b.scrollHeight > h ? resolve()"
+                 " : Date.now() > end ? reject(new Error(`still ${b.scrollHeight} px`))"
+                 " : setTimeout(check, 50); check(); })", [than, TIMEOUT_MS])
+
+
+def height(box: Any) -> int:
+    return int(box.evaluate("b => b.scrollHeight"))
 
 
 def test_an_execution_follows_stops_when_scrolled_up_and_jumps_to_latest(
@@ -156,27 +161,28 @@ def test_an_execution_follows_stops_when_scrolled_up_and_jumps_to_latest(
     page.fill("#shell-command", SLOW)
     page.click("#shell-run")
     block = pane(page, names[0]).locator(".execution", has_text="line-1").last
-    box = block.locator("pre.lines")
+    box = block.get_by_role("region", name=f"Output of {names[0]}")
     jump = block.get_by_role("button", name=f"Jump to latest output of {names[0]}")
     # Following: more lines than the box holds, and it stays at its bottom as they come.
-    wait_for_lines(box, 100)
-    wait_for_lines(box, box.evaluate("b => b.childElementCount"))
+    wait_taller(box, 17 * 100)  # 100 lines of 17 px: several times what the box shows
     assert box.evaluate("b => b.scrollHeight > 2 * b.clientHeight")
-    assert at_bottom(box)
+    wait_taller(box, height(box))
+    wait_for(lambda: at_bottom(box), what="the box at its bottom", timeout=5)
     expect(jump).to_be_hidden()
     # Scrolled up: the button shows, and new lines do not move the reader.
     box.evaluate("b => { b.scrollTop = 0; }")
     expect(jump).to_be_visible()
-    wait_for_lines(box, box.evaluate("b => b.childElementCount"))
+    wait_taller(box, height(box))
     assert box.evaluate("b => b.scrollTop") == 0
+    expect(box.locator(".line", has_text=re.compile(r"^line-1$"))).to_be_visible()
     expect(jump).to_be_visible()
     # The button, by keyboard: at the bottom again and following, the button gone.
     jump.focus()
     page.keyboard.press("Enter")
     expect(jump).to_be_hidden()
-    assert at_bottom(box)
-    wait_for_lines(box, box.evaluate("b => b.childElementCount"))
-    assert at_bottom(box)
+    wait_for(lambda: at_bottom(box), what="the box at its bottom", timeout=5)
+    wait_taller(box, height(box))
+    wait_for(lambda: at_bottom(box), what="the box at its bottom", timeout=5)
     assert page.locator("#follow").count() == 0  # no page-wide switch any more
     page.context.close()
 
@@ -349,4 +355,32 @@ def test_a_small_cluster_keeps_every_node_live_out_of_sight(browser: Any, cluste
     expect(last).not_to_be_in_viewport()
     for name in names:
         expect(pane(page, name).locator(".link-state")).to_have_text(LIVE)
+    page.context.close()
+
+
+def test_every_line_of_a_long_execution_is_reachable(browser: Any, cluster: Any,
+                                                     alice: UnixUser) -> None:
+    """An execution's lines are a virtual list: 20,000 lines (four times what the page kept
+    before) all reachable, live and after a reload (read back from the agent by replay as
+    they come into sight)."""
+    controller, names = cluster
+    page = logged_in_page(browser, controller, alice)
+    expect(pane(page, names[0]).locator(".link-state")).to_have_text(LIVE)
+    page.get_by_role("checkbox", name=f"Select {names[0]}").check()
+    page.fill("#shell-command", "seq 1 20000; echo every-line-$((6*7))")
+    page.click("#shell-run")
+    for reloaded in (False, True):
+        block = pane(page, names[0]).locator(".execution", has_text="seq 1 20000").last
+        expect(block.locator(".exec-state")).to_have_text("rc=0")
+        box = block.get_by_role("region", name=f"Output of {names[0]}")
+        expect(box.locator(".line", has_text="every-line-42")).to_be_visible()
+        assert box.locator(".line").count() < 1000, reloaded  # only those in sight, and a margin
+        box.focus()
+        page.keyboard.press("Home")
+        expect(box.locator(".line", has_text=re.compile(r"^1$"))).to_be_visible()
+        expect(box.locator(".line", has_text=re.compile(r"^2$"))).to_be_visible()
+        page.keyboard.press("End")
+        expect(box.locator(".line", has_text=re.compile(r"^20000$"))).to_be_visible()
+        if not reloaded:
+            page.reload()
     page.context.close()
