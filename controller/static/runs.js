@@ -164,6 +164,38 @@ function readableEnd(execution) {
   return Number.isInteger(cut) ? Math.min(next, cut) : next;
 }
 
+// How long executions took, from the first one's start to the last one's end (the nodes'
+// clocks, as the executions listing gives them): {seconds, running}, or null when no
+// execution says when it started (an agent not asked yet, an older controller).
+function executionsSpan(executions) {
+  const started = executions.map((e) => e.started).filter((t) => typeof t === "number");
+  if (!started.length) return null;
+  const running = executions.some((e) => typeof e.ended !== "number");
+  const end = running ? Date.now() / 1000
+    : Math.max(...executions.map((e) => e.ended));
+  return { seconds: Math.max(0, end - Math.min(...started)), running };
+}
+
+// "took 1.2 s" (or "running for 3.0 s") for executions; "" when their times are unknown.
+function spanText(executions) {
+  const span = executionsSpan(executions);
+  if (!span) return "";
+  return (span.running ? "running for " : "took ") + fmtDuration(span.seconds);
+}
+
+// The open result's executions and how long each took, under its output's heading.
+function showExecutionTimes(executions) {
+  const line = $("#details-executions");
+  if (!line) return;
+  const parts = executions.map((e) => {
+    const took = spanText([e]);
+    const rc = Number.isInteger(e.rc) ? `, rc=${e.rc}` : "";
+    return took ? took + rc : null;
+  }).filter(Boolean);
+  line.textContent = parts.length ? `${executions.length} execution(s): ${parts.join("; ")}` : "";
+  line.classList.toggle("hidden", !parts.length);
+}
+
 // Executions as an OutputView's segments, in the listing's order.
 const segmentsOf = (executions) => executions.map((e) => ({
   id: e.execution_id, host: e.host, task_id: e.task_id, length: readableEnd(e) }));
@@ -584,6 +616,7 @@ class RunView {
         this.details = { key, reader: new OutputReader(this.path()) };
         view.setSegments([]);
         view.jumpToLatest();
+        showExecutionTimes([]);
         $("#details-no-output").classList.add("hidden");
       }
       const details = this.details;
@@ -593,6 +626,7 @@ class RunView {
         const executions = await details.reader.list(query);
         if (!current()) return;
         view.setSegments(segmentsOf(executions));
+        showExecutionTimes(executions);
         await view.readTail();
       } catch (err) {
         this.showError(err.message);
@@ -614,7 +648,9 @@ class RunView {
       const executions = await this.paneOutput.list();
       for (const execution of executions) this.addHost(execution.host);
       for (const [host, pane] of this.panes) {
-        pane.view.setSegments(segmentsOf(executions.filter((e) => e.host === host)));
+        pane.executions = executions.filter((e) => e.host === host);
+        pane.view.setSegments(segmentsOf(pane.executions));
+        this.paneDuration(host);
       }
       // Each pane's new lines (a running execution's), one pane after the other.
       for (const pane of this.panes.values()) {
@@ -644,18 +680,19 @@ class RunView {
     const empty = el("p", "hint pane-empty", "No output (yet).");
     pane.appendChild(empty);
     $("#host-panes").appendChild(pane);
-    this.panes.set(host, { pane, view, empty, state, took });
+    this.panes.set(host, { pane, view, empty, state, took, executions: [] });
   }
 
-  // A pane's duration once the run has ended: the run's, from its start to its end (the
-  // executions listing carries no per-execution times; a command's hosts start together
-  // and the run ends when the last one does).
+  // A pane's duration: its executions', from the first one's start to the last one's end on
+  // the node; without their times (not listed yet), the run's once it has ended.
   paneDuration(host) {
     const pane = this.panes.get(host);
     if (!pane) return;
+    const own = spanText(pane.executions);
     const ended = this.run && this.run.ended !== null;
-    pane.took.textContent = ended ? "took " + fmtDuration(runDuration(this.run)) : "";
-    pane.took.title = ended ? "the run's duration, from its start to its end" : "";
+    pane.took.textContent = own || (ended ? "took " + fmtDuration(runDuration(this.run)) : "");
+    pane.took.title = own ? `its ${pane.executions.length} execution(s), on the node's clock`
+      : ended ? "the run's duration, from its start to its end" : "";
   }
 
   hostState(host, counts) {

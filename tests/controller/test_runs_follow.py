@@ -235,3 +235,30 @@ def test_timestamps_toggle_shows_line_times_and_is_remembered(
     expect(page.get_by_role("checkbox", name="Timestamps")).to_be_checked()
     assert TIME.match(before(line)), before(line)
     page.context.close()
+
+
+def duration_text(seconds: float) -> str:
+    """fmtDuration of runs.js, below a minute."""
+    return f"{round(seconds * 1000)} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
+def test_a_pane_gives_its_executions_duration_on_the_nodes_clock(
+        browser: Any, follow_cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    """A pane says how long its host's execution took, from its start to its end as the agent
+    gives them (not the run's own duration, which also counts the controller's part)."""
+    controller, agent = follow_cluster
+    token = signer.issue(alice.name)
+    run_id = start_run(controller, token, agent.node_name, "sleep 0.4; echo done")
+    wait_for(lambda: call(controller, "GET", f"/api/runs/{run_id}?limit=1",
+                          token=token)[1]["ended"], what="the run ended")
+    status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
+    assert status == 200, answer
+    (execution,) = answer["executions"]
+    took = execution["ended"] - execution["started"]
+    assert took >= 0.4 and execution["rc"] == 0  # it slept that long
+    page: Page = browser.new_context().new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    open_logged_in(page, controller, alice, f"/runs/{run_id}")
+    pane = page.locator(f'.host-pane[data-host="{agent.node_name}"]')
+    expect(pane.locator(".pane-took")).to_have_text(f"took {duration_text(took)}")
+    page.context.close()
