@@ -9,6 +9,7 @@ const SOCKET_LINGER_MS = 5000;     // a node's socket stays this long after it l
 const TABLE_ABOVE = 50;            // more nodes and the table is the view until one is picked
 const SMALL_CLUSTER = 20;          // up to this many nodes each alive one holds its socket and
                                    // shows its pane; above, only those the page needs
+const REPLAY_WAIT_MS = 15000;      // a replay unanswered this long (the agent refused it) is given up
 const SHORT_OUTPUT = 12;           // lines an execution's box shows at their own height
 const ROW_MARGIN = 8;              // table rows rendered above and below those in sight
 const VIEW_KEY = "marco-node-view";
@@ -516,11 +517,16 @@ class ExecutionView {
       const read = this.reads.shift();
       read.resolve({ events: [], next: read.since, end: false });
     }
+    // An agent that refuses a replay (e.g. the execution was pruned) answers an `error` with no
+    // id: the read is given up after a while, so the view may ask again and the queue moves on.
+    const asked = this.reads[0];
+    if (asked) asked.timer = setTimeout(() => { if (this.reads[0] === asked) this.replayed({ next: asked.since }); }, REPLAY_WAIT_MS);
   }
 
   replayed(event) {
     const read = this.reads.shift();
     if (!read) return;
+    clearTimeout(read.timer);
     const ended = event.execution && event.execution.state && event.execution.state !== "running";
     read.resolve({ events: [], next: event.next, end: Boolean(event.complete && ended) });
     this.askNext();
@@ -528,7 +534,7 @@ class ExecutionView {
 
   // The socket closed: no answer will come to the reads asked on it.
   dropReads() {
-    for (const read of this.reads.splice(0)) read.resolve({ events: [], next: read.since, end: false });
+    for (const read of this.reads.splice(0)) { clearTimeout(read.timer); read.resolve({ events: [], next: read.since, end: false }); }
   }
 
   exit(event) {
