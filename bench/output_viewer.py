@@ -12,7 +12,7 @@ chromium (Debian's, through Playwright). Two parts:
 - open: from navigating to the run's page to its last line shown (the pane follows the end);
 - top: from `Home` in the pane to line `1` shown;
 - search: from `Enter` in the search box to the first hit shown, marked, with its count
-  (the needle matches one line: the line `7` repeated to the output's width);
+  (the needle, `77...7` one digit narrower than the last line, is on exactly one line);
 - the page's JS heap (Chromium's `Performance.getMetrics`) and the elements in its DOM;
 - the search API alone (`GET /api/runs/ID/search`) against reading the whole output as text
   (`GET /api/runs/ID/output.txt`), the server's floor for any client-side search.
@@ -129,9 +129,9 @@ def archived(controller: ControllerProcess, token: str, run_id: str) -> bool:
 
 
 def needle(lines: int) -> str:
-    """The line `7`, `77`, ... as wide as the output's last line: exactly one line matches it
-    whole, and others contain it only when they are that line."""
-    return "7" * len(str(lines))
+    """`77...7` one digit narrower than `lines` (a power of ten): the one line of `seq 1 LINES`
+    that holds it is that number itself."""
+    return "7" * (len(str(lines)) - 1)
 
 
 def open_finished(browser: Any, controller: ControllerProcess, token: str, run_id: str,
