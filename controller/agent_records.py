@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .runstore.chunks import end_of, trim
+from .runstore.sqlite import RC_MAX, RC_MIN
 
 __all__ = ["AgentExecution", "end_of", "fit", "has_ended", "last_seq", "line_count", "of_run",
            "times"]
@@ -55,7 +56,9 @@ def _time(value: Any) -> float | None:
 
 
 def _rc(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """An exit code the store can keep, else None (an agent's 2**64 would overflow SQLite)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) \
+        and RC_MIN <= value <= RC_MAX else None
 
 
 def times(summary: Any) -> dict[str, Any]:

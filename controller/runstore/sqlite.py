@@ -50,6 +50,7 @@ from .schema import DEFAULT_BUSY_TIMEOUT, is_busy, open_database, try_again
 
 SQLITE_FULL = 13  # sqlite3.Error.sqlite_errorcode of "database or disk is full"
 STORED_IDS_PER_QUERY = 500  # ids in one IN (...) of stored_ids, under SQLite's variable limit
+RC_MIN, RC_MAX = -(1 << 31), (1 << 31) - 1  # exit codes: signed 32-bit integers on every OS
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -79,13 +80,15 @@ def check_events_limit(limit: Any) -> int:
 
 
 def check_times(started: Any, ended: Any, rc: Any) -> None:
-    """An execution's times are finite numbers or None, its exit code an integer or None."""
+    """An execution's times are finite numbers or None, its exit code a signed 32-bit integer
+    or None (a larger one would overflow SQLite: OverflowError, not a MarcoError)."""
     for name, value in (("started", started), ("ended", ended)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value)):
             raise BadRequest(f"{name} must be null or a finite number")
-    if rc is not None and (isinstance(rc, bool) or not isinstance(rc, int)):
-        raise BadRequest("rc must be null or an integer")
+    if rc is not None and (isinstance(rc, bool) or not isinstance(rc, int)
+                           or not RC_MIN <= rc <= RC_MAX):
+        raise BadRequest(f"rc must be null or an integer from {RC_MIN} to {RC_MAX}")
 
 
 def event_from_row(row: sqlite3.Row) -> dict[str, Any]:
