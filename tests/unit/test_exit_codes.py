@@ -26,8 +26,8 @@ def store(tmp_path: Path) -> Iterator[SqliteRunStore]:
 def test_an_agents_exit_code_outside_32_bits_is_none() -> None:
     for rc in (0, 1, -1, 255, 2**31 - 1, -(2**31)):
         assert times({"rc": rc})["rc"] == rc
-    for rc in (2**31, -(2**31) - 1, 2**63, 2**64, -(2**64), True, 1.0, "1"):
-        assert times({"rc": rc})["rc"] is None, rc
+    for bad in (2**31, -(2**31) - 1, 2**63, 2**64, -(2**64), True, 1.0, "1"):
+        assert times({"rc": bad})["rc"] is None, bad
 
 
 def test_the_store_refuses_an_exit_code_outside_32_bits(store: SqliteRunStore) -> None:
