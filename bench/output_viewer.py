@@ -47,6 +47,7 @@ from tests.support.browser import launch  # noqa: E402
 from tests.support.controller_process import ControllerProcess  # noqa: E402
 from tests.support.http import call  # noqa: E402
 from tests.support.pki import TestPki  # noqa: E402
+from tests.support.waiting import wait_for  # noqa: E402
 
 SMALL = 1000
 TIMEOUT_MS = 300_000
@@ -95,16 +96,6 @@ FRAMES = """() => {
   requestAnimationFrame(frame);
   window.benchStop = () => { running = false; return { delays: [], frames }; };
 }"""
-
-
-def wait(what: str, check: Any, timeout: float = 600) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -204,9 +195,9 @@ def watch(browser: Any, controller: ControllerProcess, token: str, nodes: list[s
             page.goto(f"{controller.url}/runs/{run_id}")
             page.locator(".host-pane").nth(len(nodes) - 1).wait_for(timeout=60_000)
         page.evaluate(WATCH)
-        wait("the run ended", lambda: call(controller, "GET", f"/api/runs/{run_id}?limit=1",
-                                           token=token)[1]["ended"] is not None,
-             timeout=seconds + pause + 120)
+        wait_for(lambda: call(controller, "GET", f"/api/runs/{run_id}?limit=1",
+                              token=token)[1]["ended"] is not None,
+                 timeout=seconds + pause + 120, what="the run ended")
         time.sleep(2)  # the last lines reach the page
         seen = page.evaluate("() => window.benchStop()")
         return {"idle": idle, "frames": seen["frames"], "delays": seen["delays"]}
@@ -249,8 +240,8 @@ def main() -> int:
         api: dict[str, list[tuple[float, float]]] = {"big": [], "small": []}
         live: dict[str, dict[str, list[float]]] = {}
         try:
-            wait("the nodes listed", lambda: set(nodes) <= set(controller.inventory_hosts(token)),
-                 timeout=60)
+            wait_for(lambda: set(nodes) <= set(controller.inventory_hosts(token)), timeout=60,
+                     what="the nodes listed")
             with sync_playwright() as playwright:
                 browser = launch(playwright, trust=pki.controller_cert)
                 if not args.skip_finished:
@@ -259,7 +250,8 @@ def main() -> int:
                             "small": (start_run(controller, token, nodes[:1], f"seq 1 {SMALL}"),
                                       SMALL)}
                     for run_id, _ in runs.values():
-                        wait("the output archived", lambda r=run_id: archived(controller, token, r))
+                        wait_for(lambda r=run_id: archived(controller, token, r),
+                                 timeout=600, what="the output archived")
                     for n in range(args.rounds):
                         for name, (run_id, lines) in runs.items():
                             finished[name].append(open_finished(browser, controller, token,

@@ -15,7 +15,6 @@ import argparse
 import getpass
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from tests.support.browser import launch  # noqa: E402
 from tests.support.controller_process import ControllerProcess  # noqa: E402
 from tests.support.http import call  # noqa: E402
 from tests.support.pki import TestPki  # noqa: E402
+from tests.support.waiting import wait_for  # noqa: E402
 
 NODES = ("web1", "web2", "db1")
 # A build-like log: steps in colour, a 256-colour and a true-colour line, a progress line
@@ -44,16 +44,6 @@ echo 'deprecated option --fast, use --quick' >&2
 printf '\033[1;32mdone\033[0m\n'
 """
 VIEWPORT = {"width": 1280, "height": 900}
-
-
-def wait(what: str, check: Any, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def shoot(browser: Any, url: str, token: str, theme: str, path: Path,
@@ -106,13 +96,15 @@ def main() -> int:
         controller = ControllerProcess(secret, work, pam_service="login", pki=pki,
                                        extra_args=["--no-discovery", *static])
         try:
-            wait("the nodes listed", lambda: set(NODES) <= set(controller.inventory_hosts(token)))
+            wait_for(lambda: set(NODES) <= set(controller.inventory_hosts(token)), timeout=120,
+                     what="the nodes listed")
             status, answer = call(controller, "POST", "/api/run",
                                   {"nodes": list(NODES), "command": COMMAND.strip()}, token)
             assert status == 200, answer
             run_id = answer["run"]["id"]
-            wait("the run ended", lambda: call(controller, "GET", f"/api/runs/{run_id}?limit=1",
-                                               token=token)[1]["ended"] is not None)
+            wait_for(lambda: call(controller, "GET", f"/api/runs/{run_id}?limit=1",
+                                  token=token)[1]["ended"] is not None, timeout=120,
+                     what="the run ended")
             with sync_playwright() as playwright:
                 browser = launch(playwright, trust=pki.controller_cert)
                 for theme in ("light", "dark"):
