@@ -1,11 +1,11 @@
 """Executions: spawn a command as the token's user, stream its output, stop it, keep its record.
 
 Each execution runs in its own session (process group) with the user's uid, gid, supplementary
-groups and a clean environment. The working directory is entered by `env -C` *after* the switch
-to the user, so the kernel checks the user's own right to enter it. Output is read from pipes
-by an asyncio protocol (no coroutine per read), split into lines, batched for a few
-milliseconds, numbered with a per-execution `seq`, stamped with the node's time of the batch's
-first line, appended to the on-disk spool and published to the owner's sockets.
+groups and a clean environment. The working directory is entered between fork and exec
+*after* the switch to the user, so the kernel checks the user's own right to enter it. Output
+is read from pipes by an asyncio protocol (no coroutine per read), split into lines, batched
+for a few milliseconds, numbered with a per-execution `seq`, stamped with the node's time of
+the batch's first line, appended to the on-disk spool and published to the owner's sockets.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -67,6 +68,7 @@ AUDITED_COMMAND_CHARS = 4096  # the audit log keeps this much of a command, and 
 MAX_TAGS = 8                 # tags per execution (Marco uses run, task, host)
 TAG_KEY = re.compile(r"[a-z_]{1,40}")
 MAX_TAG_VALUE_CHARS = 200
+CWD_FAILED = 125             # a child's status when it cannot enter its cwd (as `env -C`)
 
 
 class AuditSink(Protocol):
@@ -521,20 +523,15 @@ class ExecutionManager:
                               if capture else None,
                               done=loop.create_future(), no_log=request.no_log,
                               tags=request.tags)
-        argv = request.argv if request.argv is not None else ["/bin/sh", "-c", request.shell]
+        given = request.command
+        argv = given if isinstance(given, list) else ["/bin/sh", "-c", given]
         env = user.clean_environment()
         env.update(request.env)
         env["MARCO_EXECUTION_ID"] = execution_id
-        protocol_ = _ChildProtocol(execution, lambda t: self._started(execution, t),
-                                   lambda: self._finished(execution))
         self._executions[execution_id] = execution
         try:
             with self.isolation.spawning(execution_id, user) as isolation_args:
-                transport, _ = await loop.subprocess_exec(
-                    lambda: protocol_, "/usr/bin/env", "-C", cwd, "--", *argv,
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
-                    close_fds=True, **self.resolver.popen_identity(user), **isolation_args)
+                transport = await self._spawn(execution, user, argv, env, isolation_args)
         except (OSError, subprocess.SubprocessError) as exc:
             del self._executions[execution_id]
             spool.remove()
@@ -548,6 +545,38 @@ class ExecutionManager:
         log.info("execution %s started for %s: %s", execution_id, user.name,
                  _short(execution.command))
         return execution
+
+    async def _spawn(self, execution: Execution, user: UserIdentity, argv: list[str],
+                     env: dict[str, str], isolation_args: dict[str, Any],
+                     ) -> asyncio.SubprocessTransport:
+        """Start the command as the user, in its session, entering `cwd` after the switch to
+        the user (CPython's own `cwd=` would chdir as root, before it). A program exec refuses
+        (missing, not executable, a script without `#!`) is started again through `env -C`,
+        which reports it as a shell would (127 or 126, its message on stderr) and runs a
+        script without `#!` with /bin/sh."""
+        loop = asyncio.get_running_loop()
+        options: dict[str, Any] = dict(
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True, close_fds=True,
+            **self.resolver.popen_identity(user))
+
+        def protocol_() -> _ChildProtocol:
+            return _ChildProtocol(execution, lambda t: self._started(execution, t),
+                                  lambda: self._finished(execution))
+
+        setup = isolation_args.get("preexec_fn")
+        try:
+            transport, _ = await loop.subprocess_exec(
+                protocol_, *argv, preexec_fn=functools.partial(
+                    _enter_cwd, os.fsencode(execution.cwd), _cwd_error(execution.cwd), setup),
+                **options)
+        except OSError as exc:
+            if exc.filename is None:  # not the exec: pipes, fork, the switch to the user
+                raise
+            transport, _ = await loop.subprocess_exec(
+                protocol_, "/usr/bin/env", "-C", execution.cwd, "--", *argv, **options,
+                **isolation_args)
+        return transport
 
     def stop(self, username: str, execution_id: str) -> Execution:
         """SIGTERM the execution's processes now, SIGKILL them after the grace period; a
@@ -689,6 +718,25 @@ class ExecutionManager:
         if execution.done is not None and not execution.done.done():
             execution.done.set_result(None)
         self.expire()
+
+
+def _cwd_error(cwd: str) -> str:
+    """The start of the message a child that cannot enter `cwd` writes to its stderr (made in
+    the agent: the child does as little as it can between fork and exec)."""
+    return f"marco-agent: cannot change directory to {cwd!r}: "
+
+
+def _enter_cwd(cwd: bytes, error: str, setup: Callable[[], object] | None) -> None:
+    """Runs in the child between fork and exec, already as the user: the isolation's setup
+    (join the cgroup, cap processes), then enter `cwd`, so the kernel checks the user's own
+    right to. A refusal ends the child as `env -C` does: its reason on stderr, status 125."""
+    if setup is not None:
+        setup()
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        os.write(2, (error + (exc.strerror or "error") + "\n").encode("utf-8", "replace"))
+        os._exit(CWD_FAILED)
 
 
 def check_private_dir(directory: Path) -> None:

@@ -63,6 +63,41 @@ def test_cwd_is_entered_as_the_user(shared_agent: AgentProcess, signer: TokenSig
     assert denied.rc == 125 and b"Permission denied" in denied.stderr
 
 
+def test_cwd_is_entered_as_the_user_without_cgroups(start_agent, signer: TokenSigner,
+                                                    alice: UnixUser, bob: UnixUser) -> None:
+    """The same without a cgroup to join (the subreaper, each child capping its processes):
+    the directory is still entered after the switch to the user, and a missing one is named."""
+    agent = start_agent(extra_args=["--cgroups", "off"])
+    with client(agent, signer, alice.name) as c:
+        assert c.run(["pwd"], cwd="/").stdout == b"/\n"
+        denied = c.run(["pwd"], cwd=bob.home)
+        missing = c.run("pwd", cwd="~/no-such-dir")
+    assert denied.rc == 125 and b"Permission denied" in denied.stderr and denied.stdout == b""
+    assert missing.rc == 125 and missing.stdout == b""
+    assert f"{alice.home}/no-such-dir".encode() in missing.stderr
+    assert b"No such file or directory" in missing.stderr
+
+
+def test_programs_exec_refuses_are_reported_as_a_shell_does(
+        shared_agent: AgentProcess, signer: TokenSigner, alice: UnixUser) -> None:
+    """A command is exec'd directly; what exec refuses still ends like it does in a shell:
+    a script without `#!` runs with /bin/sh, a file without x gives 126, in the given cwd."""
+    work = os.path.join(alice.home, "exec-refuses")
+    os.makedirs(work, exist_ok=True)
+    for name, mode in (("no-shebang", 0o755), ("not-executable", 0o644)):
+        path = os.path.join(work, name)
+        with open(path, "w") as handle:
+            handle.write("pwd\necho ran\n")
+        os.chmod(path, mode)
+        os.chown(path, alice.uid, alice.gid)
+    os.chown(work, alice.uid, alice.gid)
+    with client(shared_agent, signer, alice.name) as c:
+        script = c.run(["./no-shebang"], cwd="~/exec-refuses")
+        refused = c.run(["./not-executable"], cwd="~/exec-refuses")
+    assert script.rc == 0 and script.stdout == f"{work}\nran\n".encode()
+    assert refused.rc == 126 and b"Permission denied" in refused.stderr and refused.stdout == b""
+
+
 def test_seq_million_lines_via_wait(shared_agent: AgentProcess, signer: TokenSigner,
                                     alice: UnixUser) -> None:
     with client(shared_agent, signer, alice.name) as c:
