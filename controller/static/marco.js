@@ -9,7 +9,15 @@ const SOCKET_LINGER_MS = 5000;     // a node's socket stays this long after it l
 const TABLE_ABOVE = 50;            // more nodes and the table is the view until one is picked
 const SMALL_CLUSTER = 20;          // up to this many nodes each alive one holds its socket and
                                    // shows its pane; above, only those the page needs
-const REPLAY_WAIT_MS = 15000;      // a replay unanswered this long (the agent refused it) is given up
+const REPLAY_WAIT_MS = 15000;      // a replay unanswered this long is given up (its late answer is
+                                   // still matched to it, by the order the agent answers in)
+const REPLAY_LINES = 1000;         // lines one replay asks for (the view's page)
+const MAX_SOCKETS = 24;            // sockets one page holds at most (an agent allows a user 32)
+const OPEN_EVERY_MS = 40;          // sockets are opened one at a time, at most this often
+const RETRY_FIRST_MS = 1500;       // a dropped socket's first retry; doubled each time (with
+const RETRY_MAX_MS = 60000;        // jitter) up to this; back to the first once it says hello
+const MAX_RESULTS = 20;            // run and deploy results kept on the page (newest first)
+const MAX_NOTICES = 8;             // notices kept, apart from the results
 const SHORT_OUTPUT = 12;           // lines an execution's box shows at their own height
 const ROW_MARGIN = 8;              // table rows rendered above and below those in sight
 const VIEW_KEY = "marco-node-view";
@@ -22,7 +30,13 @@ const el = (tag, cls, text) => {
   if (text !== undefined) e.textContent = text;
   return e;
 };
-const cssId = (s) => String(s).replace(/[^A-Za-z0-9_-]/g, "_");
+// An element id for a node name: its safe characters and a short hash of the whole name, so
+// web.1 and web_1 get different ids.
+function cssId(s) {
+  let h = 0;
+  for (const ch of String(s)) h = (Math.imul(h, 31) + ch.codePointAt(0)) >>> 0;
+  return String(s).replace(/[^A-Za-z0-9_-]/g, "_") + "-" + h.toString(36);
+}
 
 function storedMode() {
   try { const v = localStorage.getItem(VIEW_KEY); return v === "cards" || v === "table" ? v : null; }
@@ -198,6 +212,10 @@ class NodeView {
     this.rowInSight = false;
     this.lingerTimer = null;
     this.pausing = false;
+    this.retryMs = RETRY_FIRST_MS; // the next retry's base delay (exponential backoff)
+    this.retryAt = 0;              // no reconnect before this (Date.now() ms)
+    this.retryTimer = null;
+    this.asked = [];               // replays sent on the open socket, oldest first: {view, read}
     this.buildPane();
     this.update(node);
   }
@@ -267,6 +285,8 @@ class NodeView {
   }
 
   update(node) {
+    // A node back up is tried again at once, whatever the backoff had reached.
+    if (node.alive && !this.node.alive) { this.retryMs = RETRY_FIRST_MS; this.retryAt = 0; }
     this.node = node;
     if (this.card) this.drawCard();
     this.reviewSocket();
@@ -281,30 +301,38 @@ class NodeView {
   }
 
   // Above SMALL_CLUSTER nodes the page holds a node's socket (output and status) only while it
-  // needs it: the node is in sight (its card or its table row), chosen, or runs something the
-  // page shows. One socket per node per page does not scale to a thousand nodes (each agent
-  // allows a user 32, a browser a few hundred in all); issue 15 multiplexes them into one.
+  // needs it: the node is in sight (its card or its table row) or runs something the page
+  // shows; being ticked is not enough (a thousand ticked nodes would be a thousand sockets).
+  // Never while the tab is hidden. One socket per node per page does not scale (each agent
+  // allows a user 32); App caps them at MAX_SOCKETS; issue 15 multiplexes them into one.
   wanted() {
-    if (!this.node.alive) return false;
+    if (!this.node.alive || this.closed || document.hidden) return false;
     if (this.app.nodeCount <= SMALL_CLUSTER) return true;   // every live node, as a few need
-    if (this.cardInSight || this.rowInSight || this.app.selected.has(this.node.name)) return true;
+    if (this.cardInSight || this.rowInSight) return true;
     for (const execution of this.executions.values()) if (execution.running) return true;
     return false;
   }
 
-  // Opens the socket when wanted; closes it SOCKET_LINGER_MS after it stopped being wanted
-  // (scrolling past a node does not open and close its socket at once).
+  // Asks for the socket when wanted (App opens it when a slot is free and the backoff allows);
+  // closes it SOCKET_LINGER_MS after it stopped being wanted (scrolling past a node does not
+  // open and close its socket at once).
   reviewSocket() {
     if (this.wanted()) {
       clearTimeout(this.lingerTimer);
       this.lingerTimer = null;
-      if (!this.socket && !this.closed) this.connect();
-    } else if (this.socket && !this.lingerTimer) {
-      this.lingerTimer = setTimeout(() => {
-        this.lingerTimer = null;
-        if (this.socket && !this.wanted()) { this.pausing = true; this.socket.close(); }
-      }, SOCKET_LINGER_MS);
+      if (this.socket) return;
+      const wait = this.retryAt - Date.now();
+      if (wait <= 0) this.app.sockets.want(this);
+      else if (!this.retryTimer) this.retryTimer = setTimeout(() => { this.retryTimer = null; this.reviewSocket(); }, wait);
+    } else {
+      this.app.sockets.unwant(this);
+      if (this.socket && !this.lingerTimer) this.lingerTimer = setTimeout(() => { this.lingerTimer = null; if (!this.wanted()) this.pause(); }, SOCKET_LINGER_MS);
     }
+  }
+
+  // Lets go of the socket on purpose (not needed, or its slot is needed elsewhere).
+  pause() {
+    if (this.socket) { this.pausing = true; this.socket.close(); }
   }
 
   setLink(text, ok) {
@@ -322,15 +350,24 @@ class NodeView {
     this.socket = socket;
     this.setLink("connecting…", true);
     socket.onmessage = (message) => this.onEvent(JSON.parse(message.data));
-    socket.onclose = (event) => {
-      this.socket = null;
-      for (const execution of this.executions.values()) execution.dropReads();
-      if (this.closed) return;
-      if (this.pausing) { this.pausing = false; this.setLink("not connected (out of sight)", true); this.reviewSocket(); return; }
-      if (event.code === 4401) { window.location = "/login"; return; }
-      this.setLink(`disconnected (${event.code}); retrying`, false);
-      setTimeout(() => this.reviewSocket(), 1500);
-    };
+    socket.onclose = (event) => this.closed_(event);
+  }
+
+  closed_(event) {
+    this.socket = null;
+    this.app.sockets.closed(this);
+    for (const { read } of this.asked.splice(0)) read.answer({ next: read.since });
+    if (this.closed) return;
+    if (this.pausing) { this.pausing = false; this.setLink("not connected (not in sight)", true); this.reviewSocket(); return; }
+    if (event.code === 4401) { window.location = "/login"; return; }
+    // Exponential backoff with jitter: a restarted controller is not met by every tab at once.
+    // A node the controller no longer knows (4404) waits the longest.
+    const delay = event.code === 4404 ? RETRY_MAX_MS : Math.round(this.retryMs * (0.5 + Math.random()));
+    this.retryMs = Math.min(RETRY_MAX_MS, this.retryMs * 2);
+    this.retryAt = Date.now() + delay;
+    const reason = event.reason ? `: ${event.reason}` : "";
+    this.setLink(`disconnected (${event.code}${reason}); retrying in ${Math.ceil(delay / 1000)} s`, false);
+    this.reviewSocket();
   }
 
   send(message) {
@@ -341,35 +378,64 @@ class NodeView {
 
   isOpen() { return Boolean(this.socket && this.socket.readyState === WebSocket.OPEN); }
 
+  // A replay for `read` of an execution's view. The agent answers a socket's messages in the
+  // order sent, so answers are matched to replays by that order, never by timing.
+  replay(view, read, limit) {
+    if (!this.send({ type: "replay", id: view.id, since: read.since, limit })) return false;
+    this.asked.push({ view, read });
+    return true;
+  }
+
+  // The answer (`replayed`) of the oldest replay of execution `id`; the replays asked before
+  // it got an error (the agent refused them).
+  answered(id, event) {
+    const at = this.asked.findIndex((a) => a.view.id === id);
+    if (at < 0) return;
+    for (const { view, read } of this.asked.splice(0, at + 1).slice(0, -1)) view.refused(read);
+    this.executions.get(id)?.replayed(event);
+  }
+
   onEvent(event) {
     switch (event.type) {
-      case "hello":
+      case "hello": {
         this.setLink("live", true);
+        this.retryMs = RETRY_FIRST_MS;
         this.send({ type: "subscribe", status: true });
-        // Each execution's length is known now; its view reads the lines it shows (the last
-        // ones while following) by replay, page by page as they come into sight.
-        event.executions.slice(-REPLAY_EXECUTIONS).forEach((summary) => {
+        // Each execution's state and length is known now (those the page knows are brought
+        // up to date, whatever their age); views are made for the newest ones, and read the
+        // lines they show by replay, page by page as they come into sight. Those the agent no
+        // longer lists are gone from the node: their views go too.
+        const listed = new Set(event.executions.map((s) => s.id));
+        for (const [id, view] of this.executions) if (!listed.has(id)) this.forget(view);
+        const newest = new Set(event.executions.slice(-REPLAY_EXECUTIONS).map((s) => s.id));
+        for (const summary of event.executions) {
+          if (!newest.has(summary.id) && !this.executions.has(summary.id)) continue;
           const view = this.execution(summary.id, summary);
           view.setSummary(summary);
           view.grow(summary.next_seq);
-        });
+        }
+        this.prune();
         break;
+      }
       case "started": {
         const view = this.execution(event.id, event);
         view.live = true;   // started while the page watched: its lines are news worth announcing
         view.setSummary(Object.assign({ state: "running" }, event));
+        this.prune();
         break;
       }
       case "output": this.execution(event.id).output(event); break;
-      case "exit": this.execution(event.id).exit(event); break;
-      case "replayed": {
-        const view = this.execution(event.id, event.execution);
-        view.setSummary(event.execution);
-        view.replayed(event);
+      case "exit": this.executions.get(event.id)?.exit(event); this.prune(); break;
+      case "replayed": this.answered(event.id, event); break;
+      case "status": this.status(event.status); break;
+      case "error": {
+        // An error while replays are outstanding answers the oldest one (the agent refused it,
+        // e.g. the execution was pruned): its view says so and reads no more, no notice.
+        const refused = this.asked.shift();
+        if (refused) refused.view.refused(refused.read, true);
+        else this.app.notice(`${this.node.name}: ${withHint(event)}`);
         break;
       }
-      case "status": this.status(event.status); break;
-      case "error": this.app.notice(`${this.node.name}: ${withHint(event)}`); break;
       default: break;
     }
   }
@@ -384,6 +450,21 @@ class NodeView {
       followEnd(this.list);
     }
     return view;
+  }
+
+  // At most REPLAY_EXECUTIONS views per node, oldest first dropped; running ones are kept.
+  prune() {
+    let extra = this.executions.size - REPLAY_EXECUTIONS;
+    for (const view of this.executions.values()) {
+      if (extra <= 0) break;
+      if (!view.running) { this.forget(view); extra--; }
+    }
+  }
+
+  forget(view) {
+    view.destroy();
+    this.executions.delete(view.id);
+    this.pane.classList.toggle("empty", this.executions.size === 0);
   }
 
   status(s) {
@@ -424,7 +505,15 @@ class NodeView {
     this.card.dataset.statusTime = s.time;
   }
 
-  stop() { this.closed = true; clearTimeout(this.lingerTimer); if (this.socket) this.socket.close(); }
+  // The node left the page: its socket, timers and execution views go.
+  stop() {
+    this.closed = true;
+    clearTimeout(this.lingerTimer);
+    clearTimeout(this.retryTimer);
+    this.app.sockets.unwant(this);
+    if (this.socket) this.socket.close();
+    for (const view of [...this.executions.values()]) this.forget(view);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -434,7 +523,9 @@ class ExecutionView {
     this.nodeView = nodeView;
     this.id = id;
     this.nextSeq = 0;               // the seq after the last line known (live or replayed)
-    this.reads = [];                // replays asked for the view, answered in order
+    this.reads = [];                // reads the view asked for, not answered yet, in order
+    this.asking = null;             // the read whose replay is on the socket now
+    this.gone = false;              // the agent no longer has it: nothing more to read
     const block = el("div", "execution");
     block.dataset.id = id;
     const head = el("div", "exec-head");
@@ -445,7 +536,7 @@ class ExecutionView {
     this.stopButton = el("button", "stop", "stop");
     this.stopButton.type = "button";
     this.stopButton.setAttribute("aria-label", `stop this execution on ${nodeView.node.name}`);
-    this.stopButton.onclick = () => nodeView.send({ type: "stop", id });
+    this.stopButton.onclick = () => this.stop();
     [this.label, this.command, this.started, this.state, this.stopButton].forEach((e) => head.appendChild(e));
     block.appendChild(head);
     this.notice = el("div", "exec-notice");
@@ -454,7 +545,7 @@ class ExecutionView {
     // reading earlier lines by replay; it follows the end with "Jump to latest" (item 4).
     this.box = el("div", "exec-output no-lines");
     block.appendChild(this.box);
-    this.view = new OutputView(this.box, { label: nodeView.node.name, loadPage: (segment, since) => this.read(since) });
+    this.view = new OutputView(this.box, { label: nodeView.node.name, loadPage: (segment, since, limit) => this.read(since, limit) });
     this.view.setSegments([{ id, host: nodeView.node.name, length: 0 }]);
     this.live = false;
     this.running = false;
@@ -503,38 +594,86 @@ class ExecutionView {
   }
 
   // The view's source: a replay from `since` over the node's socket; its output events come
-  // through output() (so they fill the view), then `replayed` answers the read. Without an
-  // open socket it answers "nothing yet" at once (the view asks again a second later).
-  read(since) {
+  // through output() (so they fill the view), then `replayed` answers the read. One replay is
+  // on the socket at a time; without an open socket a read answers "nothing yet" at once (the
+  // view asks again a second later).
+  read(since, limit) {
     return new Promise((resolve) => {
-      this.reads.push({ since, resolve });
-      if (this.reads.length === 1) this.askNext();
+      const read = { since, limit: limit || REPLAY_LINES, done: false, timer: null };
+      read.answer = (event) => {
+        if (read.done) return;
+        read.done = true;
+        clearTimeout(read.timer);
+        const ended = event.execution && event.execution.state && event.execution.state !== "running";
+        resolve({ events: [], next: event.next, end: Boolean(event.complete && ended) });
+        if (this.asking === read) { this.asking = null; this.askNext(); }
+      };
+      this.reads.push(read);
+      if (!this.asking) this.askNext();
     });
   }
 
+  // Sends the next read worth asking: reads of pages filled meanwhile (by live output or an
+  // earlier answer) or no longer in sight (the reader scrolled past) are answered with nothing,
+  // unsent, so dragging through a long output does not queue a replay per page passed.
   askNext() {
-    while (this.reads.length && !this.nodeView.send({ type: "replay", id: this.id, since: this.reads[0].since })) {
+    while (this.reads.length && !this.asking) {
       const read = this.reads.shift();
-      read.resolve({ events: [], next: read.since, end: false });
+      if (this.gone || !this.worthAsking(read) || !this.nodeView.replay(this, read, read.limit)) {
+        read.answer({ next: read.since });
+        continue;
+      }
+      this.asking = read;
+      // No answer this long (an agent that never answers): the view may ask again; a late
+      // answer still matches this read by the socket's order, and is then ignored.
+      read.timer = setTimeout(() => { if (this.asking === read) read.answer({ next: read.since }); }, REPLAY_WAIT_MS);
     }
-    // An agent that refuses a replay (e.g. the execution was pruned) answers an `error` with no
-    // id: the read is given up after a while, so the view may ask again and the queue moves on.
-    const asked = this.reads[0];
-    if (asked) asked.timer = setTimeout(() => { if (this.reads[0] === asked) this.replayed({ next: asked.since }); }, REPLAY_WAIT_MS);
+  }
+
+  // Whether the view still lacks line `since` in a page it shows. The view's pages are read as
+  // they are; without them (another view version), every read is worth asking.
+  worthAsking(read) {
+    const pages = this.view.pages, inSight = this.view.inSight;
+    const key = `${this.id}\n${Math.floor(read.since / REPLAY_LINES)}`;
+    if (inSight instanceof Set && inSight.size && !inSight.has(key)) return false;
+    const page = pages instanceof Map ? pages.get(key) : null;
+    return !page || !page.texts || page.texts[read.since % REPLAY_LINES] === undefined;
   }
 
   replayed(event) {
-    const read = this.reads.shift();
-    if (!read) return;
-    clearTimeout(read.timer);
-    const ended = event.execution && event.execution.state && event.execution.state !== "running";
-    read.resolve({ events: [], next: event.next, end: Boolean(event.complete && ended) });
-    this.askNext();
+    const read = this.asking;
+    if (read) read.answer(event);
+  }
+
+  // The agent refused a replay of this execution; `gone`: it no longer has it (pruned), so
+  // the view stops reading and says so.
+  refused(read, gone = false) {
+    read.answer({ next: read.since });
+    if (gone && !this.gone) {
+      this.gone = true;
+      this.notice.appendChild(el("span", "line notice", "no longer on the node: earlier lines cannot be read"));
+    }
   }
 
   // The socket closed: no answer will come to the reads asked on it.
   dropReads() {
-    for (const read of this.reads.splice(0)) { clearTimeout(read.timer); read.resolve({ events: [], next: read.since, end: false }); }
+    for (const read of this.reads.splice(0)) read.answer({ next: read.since });
+  }
+
+  // Stop, over the node's socket; said so when it cannot be sent.
+  stop() {
+    if (this.nodeView.send({ type: "stop", id: this.id })) return;
+    if (!this.stopNote) this.stopNote = this.notice.appendChild(el("span", "line notice stop-note"));
+    this.stopNote.textContent = "not connected: stop not sent; try again once the node is live";
+  }
+
+  // Dropped from the page: the view, its observers and its pages go, and its reads end.
+  destroy() {
+    this.gone = true;
+    this.dropReads();
+    if (this.asking) this.asking.answer({ next: this.asking.since });
+    if (typeof this.view.destroy === "function") this.view.destroy();
+    this.block.remove();
   }
 
   exit(event) {
@@ -648,27 +787,48 @@ class NodeTable {
     const first = Math.min(this.rows.length, Math.max(0, Math.floor(top / this.rowHeight)));
     const last = Math.min(this.rows.length, Math.max(0, Math.ceil(bottom / this.rowHeight)));
     const from = Math.max(0, first - ROW_MARGIN), to = Math.min(this.rows.length, last + ROW_MARGIN);
-    // Rows already in the DOM are kept and refreshed (a focused checkbox keeps its focus).
-    const before = this.rendered;
+    // The rows from `from` to `to`, and the focused row wherever it is (scrolled away or moved
+    // by a sort, it stays in the DOM, so keyboard focus stays on it); spacers fill the gaps.
+    const indexes = [];
+    for (let i = from; i < to; i++) indexes.push(i);
+    const focused = this.body.contains(document.activeElement) ? document.activeElement : null;
+    const focusedName = focused ? focused.closest("tr")?.dataset.node : undefined;
+    const focusedAt = focusedName === undefined ? -1 : this.rows.findIndex((v) => v.node.name === focusedName);
+    if (focusedAt >= 0 && (focusedAt < from || focusedAt >= to)) indexes.push(focusedAt);
+    indexes.sort((x, y) => x - y);
+    const before = this.rendered, wanted = [], trs = [];
     this.rendered = new Map();
-    const trs = this.rows.slice(from, to).map((view, i) => {
-      const tr = before.get(view.node.name) || this.row(view);
-      this.fill(tr, view, from + i);
+    let next = 0;
+    for (const index of indexes) {
+      if (index > next) wanted.push(this.spacer(index - next));
+      const view = this.rows[index], tr = before.get(view.node.name) || this.row(view);
+      this.fill(tr, view, index);
       this.rendered.set(view.node.name, tr);
-      return tr;
-    });
-    const current = [...this.body.children].slice(1, -1);
-    if (this.body.children.length >= 2 && current.length === trs.length && trs.every((tr, i) => tr === current[i])) {
-      this.body.firstElementChild.replaceWith(this.spacer(from));
-      this.body.lastElementChild.replaceWith(this.spacer(this.rows.length - to));
-    } else {
-      this.body.replaceChildren(this.spacer(from), ...trs, this.spacer(this.rows.length - to));
+      wanted.push(tr);
+      trs.push(tr);
+      next = index + 1;
     }
+    wanted.push(this.spacer(this.rows.length - next));
+    this.reconcile(wanted);
+    // A row moved by a sort lost its focus on the way (the DOM drops it): give it back.
+    if (focused && focused.isConnected && document.activeElement !== focused) focused.focus({ preventScroll: true });
     const measured = trs.length ? trs[0].getBoundingClientRect().height : 0;
     if (measured > 0 && Math.abs(measured - this.rowHeight) > 0.5) { this.rowHeight = measured; this.schedule(); }
     // The box grows with its spacers (up to its max-height): render again for the new height.
     if (this.wrap.clientHeight !== height) this.schedule();
     this.inSight(new Set(this.rows.slice(first, last).map((v) => v.node.name)));
+  }
+
+  // Makes the body's children `wanted`, in place: rows no longer wanted go, new ones are
+  // inserted, and rows kept are not moved unless the order changed (a moved element loses
+  // focus).
+  reconcile(wanted) {
+    const keep = new Set(wanted);
+    for (const child of [...this.body.children]) if (!keep.has(child)) child.remove();
+    wanted.forEach((node, i) => {
+      const at = this.body.children[i];
+      if (at !== node) this.body.insertBefore(node, at || null);
+    });
   }
 
   spacer(rows) {
@@ -728,12 +888,44 @@ class NodeTable {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The page's sockets: at most MAX_SOCKETS open at once, opened one at a time at most every
+// OPEN_EVERY_MS (a thousand nodes wanted at once make no burst of connections). When every slot
+// is taken, a socket only lingering (its node no longer wanted) is closed for the next.
+class SocketSlots {
+  constructor() {
+    this.open = new Set();       // NodeViews holding a socket
+    this.waiting = new Set();    // NodeViews wanting one, in the order they asked
+    this.timer = null;
+  }
+
+  want(view) { if (!this.open.has(view)) { this.waiting.add(view); this.pump(); } }
+
+  unwant(view) { this.waiting.delete(view); }
+
+  closed(view) { this.open.delete(view); this.pump(); }
+
+  pump() {
+    if (this.timer || !this.waiting.size) return;
+    if (this.open.size >= MAX_SOCKETS) {
+      const lingering = [...this.open].find((v) => !v.wanted() && !v.pausing);
+      if (lingering) lingering.pause();   // its close frees the slot (closed → pump)
+      return;
+    }
+    const [view] = this.waiting;
+    this.waiting.delete(view);
+    if (view.wanted() && !view.socket) { this.open.add(view); view.connect(); }
+    this.timer = setTimeout(() => { this.timer = null; this.pump(); }, OPEN_EVERY_MS);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 class App {
   constructor() {
     this.views = new Map();
     this.selected = new Set();     // the chosen nodes' names, shared by the cards and the table
     this.mode = null;              // "cards" or "table"
     this.nodeCount = 0;
+    this.sockets = new SocketSlots();
     this.announcer = new Announcer($("#output-announcer"));
     this.table = new NodeTable(this, $("#node-table-wrap"));
     // A card in sight holds its node's socket (see NodeView.wanted).
@@ -749,8 +941,28 @@ class App {
     await api("/api/session");  // redirects to the login page when the session is over
     this.bindForms();
     this.bindNodeTools();
+    // A hidden tab lets its sockets go (after the linger) and takes them again when shown.
+    document.addEventListener("visibilitychange", () => { for (const view of this.views.values()) view.reviewSocket(); });
     await this.refreshNodes();
-    setInterval(() => this.refreshNodes().catch((e) => this.notice(e.message)), 2000);
+    this.keepRefreshing();
+  }
+
+  // The node list every 2 s, one call after the other (a slow answer never overlaps the next,
+  // so lists are never applied out of order). A failure is one status line, replaced, not a
+  // notice per try.
+  keepRefreshing() {
+    setTimeout(async () => {
+      try {
+        await this.refreshNodes();
+        this.setStatus("");
+      } catch (e) { this.setStatus(`Cannot refresh the nodes: ${e.message}; retrying`); }
+      this.keepRefreshing();
+    }, 2000);
+  }
+
+  setStatus(text) {
+    const line = $("#page-status");
+    if (line.textContent !== text) line.textContent = text;
   }
 
   async refreshNodes() {
@@ -815,7 +1027,9 @@ class App {
   showNodes() {
     const all = [...this.views.values()];
     const shown = all.filter((v) => this.matches(v));
-    $("#node-shown").textContent = shown.length === all.length ? `${all.length} shown` : `${shown.length} of ${all.length} shown`;
+    const text = shown.length === all.length ? `${all.length} shown` : `${shown.length} of ${all.length} shown`;
+    // Written only when it changes: it is a live region, and the refresh runs every 2 s.
+    if ($("#node-shown").textContent !== text) $("#node-shown").textContent = text;
     if (this.mode === "cards") {
       const keep = new Set(shown);
       for (const view of all) {
@@ -824,6 +1038,16 @@ class App {
       }
     }
     this.table.setRows(this.mode === "table" ? shown : []);
+    this.showTicked();
+  }
+
+  // How many nodes Run and Deploy act on (the ticked nodes the filter shows), and how many
+  // ticked ones the filter hides (left out).
+  showTicked() {
+    const on = this.chosen().length, hidden = this.selected.size - on;
+    const text = (on ? `on the ${on} ticked node${on === 1 ? "" : "s"} shown` : "tick nodes above to act on them")
+      + (hidden ? `; ${hidden} more ticked but hidden by the filter, left out` : "");
+    if ($("#ticked").textContent !== text) $("#ticked").textContent = text;
   }
 
   // The group filter's choices: every group a node is in.
@@ -844,7 +1068,7 @@ class App {
     if (!view) return;
     if (view.card) view.checkbox.checked = on;
     this.table.syncChecks();
-    view.reviewSocket();
+    this.showTicked();
   }
 
   // "all" chooses the nodes the filter shows; "none" clears every choice.
@@ -854,14 +1078,28 @@ class App {
     }
   }
 
+  // The nodes Run and Deploy act on: ticked and shown by the filter (a ticked node the
+  // filter hides is not acted on unseen).
   chosen() {
-    return [...this.views.keys()].filter((name) => this.selected.has(name));
+    return [...this.views.values()].filter((v) => this.selected.has(v.node.name) && this.matches(v)).map((v) => v.node.name);
   }
 
-  notice(text, ok = false) {
-    const p = el("p", ok ? "ok" : "error", text);
-    $("#run-results").prepend(p);
-    while ($("#run-results").children.length > 8) $("#run-results").lastChild.remove();
+  // Notices from the nodes' sockets have their own list: they never push results out.
+  notice(text) {
+    const box = $("#notices");
+    box.prepend(el("p", "error", text));
+    while (box.children.length > MAX_NOTICES) box.lastChild.remove();
+  }
+
+  // One line of a run or deploy's outcome among the results (refused, or under way).
+  result(text, ok = false) {
+    this.keepResult(el("p", ok ? "ok" : "error", text));
+  }
+
+  keepResult(box) {
+    const results = $("#run-results");
+    results.prepend(box);
+    while (results.children.length > MAX_RESULTS) results.lastChild.remove();
   }
 
   showResults(title, results) {
@@ -872,7 +1110,7 @@ class App {
         : `${node}: ${withHint(r)}`;
       box.appendChild(el("div", r.ok && !r.command_error ? "ok" : "error", text));
     }
-    $("#run-results").prepend(box);
+    this.keepResult(box);
   }
 
   bindForms() {
@@ -883,13 +1121,13 @@ class App {
     $("#shell-form").addEventListener("submit", async (e) => {
       e.preventDefault();
       const nodes = this.chosen();
-      if (!nodes.length) { this.notice("Tick at least one node first."); return; }
+      if (!nodes.length) { this.result("Tick at least one node the filter shows first."); return; }
       try {
         const body = { nodes, command: $("#shell-command").value, cwd: $("#shell-cwd").value || null, label: "shell", kind: "shell" };
         const { results } = await api("/api/run", { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } });
         const failed = Object.entries(results).filter(([, r]) => !r.ok);
         if (failed.length) this.showResults("Run", results);
-      } catch (err) { this.notice(err.message); }
+      } catch (err) { this.result(err.message); }
     });
 
     const fileInput = $("#deploy-file"), zone = $("#drop-zone");
@@ -907,8 +1145,8 @@ class App {
     $("#deploy-form").addEventListener("submit", async (e) => {
       e.preventDefault();
       const nodes = this.chosen();
-      if (!nodes.length) { this.notice("Tick at least one node first."); return; }
-      if (!this.file) { this.notice("Choose a file to deploy."); return; }
+      if (!nodes.length) { this.result("Tick at least one node the filter shows first."); return; }
+      if (!this.file) { this.result("Choose a file to deploy."); return; }
       const query = new URLSearchParams({
         nodes: nodes.join(","), folder: $("#deploy-folder").value || "~", name: this.file.name,
         overwrite: $("#deploy-overwrite").checked ? "1" : "0",
@@ -917,10 +1155,10 @@ class App {
       const headers = { "Content-Type": "application/octet-stream",
                         "X-Marco-Command": encodeURIComponent($("#deploy-command").value) };
       try {
-        this.notice(`Deploying ${this.file.name} to ${nodes.length} node(s)…`, true);
+        this.result(`Deploying ${this.file.name} to ${nodes.length} node(s)…`, true);
         const { results } = await api(`/api/deploy?${query}`, { method: "PUT", body: this.file, headers });
         this.showResults(`Deploy ${this.file.name}`, results);
-      } catch (err) { this.notice(err.message); }
+      } catch (err) { this.result(err.message); }
     });
   }
 }
