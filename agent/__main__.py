@@ -24,6 +24,7 @@ from .announce import Announcement, Announcer
 from .app import make_app
 from .config import DEFAULT_CONFIG_FILE, AgentConfig, agent_options
 from .context import AgentContext
+from .executions import use_pidfd_child_watcher
 
 log = logging.getLogger("marco.agent")
 EXPIRE_INTERVAL = 60.0
@@ -106,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
     """Run the agent until SIGTERM or SIGINT, then unannounce, stop executions and exit."""
+    use_pidfd_child_watcher()
     ctx = AgentContext.build(config, secret)
     ctx.executions.load()
     ctx.revocations.load()

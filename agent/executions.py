@@ -24,6 +24,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -737,6 +738,22 @@ def _enter_cwd(cwd: bytes, error: str, setup: Callable[[], object] | None) -> No
     except OSError as exc:
         os.write(2, (error + (exc.strerror or "error") + "\n").encode("utf-8", "replace"))
         os._exit(CWD_FAILED)
+
+
+def use_pidfd_child_watcher() -> None:
+    """Wait for children with a pidfd on the running loop where asyncio would start a thread
+    per child (Python 3.11's ThreadedChildWatcher); 3.12 makes that choice itself. Nothing
+    changes where the kernel has no pidfd_open (before Linux 5.3)."""
+    if sys.version_info >= (3, 12):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        log.info("no pidfd_open: asyncio waits for each execution in a thread of its own")
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
 
 
 def check_private_dir(directory: Path) -> None:

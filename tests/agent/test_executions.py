@@ -98,6 +98,27 @@ def test_programs_exec_refuses_are_reported_as_a_shell_does(
     assert refused.rc == 126 and b"Permission denied" in refused.stderr and refused.stdout == b""
 
 
+def test_running_executions_hold_no_agent_thread(start_agent, signer: TokenSigner,
+                                                 alice: UnixUser) -> None:
+    """The agent waits for its children with pidfds on its loop: asyncio's default on Python
+    3.11 is a thread per running child."""
+    agent = start_agent()
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{agent.process.pid}/task"))
+
+    with client(agent, signer, alice.name) as c:
+        c.run(["true"])  # threads made once, on a first execution, are there from now on
+        before = threads()
+        ids = [c.start(["sleep", "60"]) for _ in range(8)]
+        try:
+            assert all(c.execution(i)["state"] == "running" for i in ids)
+            assert threads() < before + len(ids)
+        finally:
+            for execution_id in ids:
+                c.stop(execution_id)
+
+
 def test_seq_million_lines_via_wait(shared_agent: AgentProcess, signer: TokenSigner,
                                     alice: UnixUser) -> None:
     with client(shared_agent, signer, alice.name) as c:
