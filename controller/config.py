@@ -114,6 +114,12 @@ def runs_options() -> list[Option]:
                kind=int),
         Option("runs_search_lines", 5_000_000, "most output lines one search scans; beyond, its "
                "answer says it is not complete", kind=int),
+        Option("runs_search_chars", 1 << 30, "most characters of output lines one search "
+               "scans; beyond, its answer says it is not complete", kind=int),
+        Option("runs_search_seconds", 30.0, "seconds one search runs at most; then it answers "
+               "what it found, saying it is not complete", kind=float),
+        Option("runs_search_at_once", 4, "output searches going on at once in the whole "
+               "controller, whoever asks (more: 429)", kind=int),
     ]
 
 
@@ -169,6 +175,9 @@ class ControllerConfig:
     runs_search_hits: int
     runs_search_query_chars: int
     runs_search_lines: int
+    runs_search_chars: int
+    runs_search_seconds: float
+    runs_search_at_once: int
     state_dir: str
     log_level: str
 
@@ -188,7 +197,8 @@ class ControllerConfig:
                     "runs_read_agent_timeout", "runs_read_agents_at_once",
                     "runs_read_listings_per_user", "runs_downloads_per_user",
                     "runs_search_per_user", "runs_search_hits", "runs_search_query_chars",
-                    "runs_search_lines"):
+                    "runs_search_lines", "runs_search_chars", "runs_search_seconds",
+                    "runs_search_at_once"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
         # Pages the store gives at most in one read (a listing asks one execution more than a

@@ -24,6 +24,7 @@ from .connector import AgentConnector
 from .pki import ClusterPki
 from .revoke import RevocationPusher
 from .run_output import ReadLimits
+from .run_search import SearchSlots
 from .run_signals import RunSignals
 from .runstore import RunLimits, RunStoreThread
 from .user_slots import UserSlots
@@ -76,7 +77,7 @@ class ControllerContext:
     runs: RunKeeper
     listings: UserSlots  # a user's listings asking agents at once (run_output.py)
     downloads: UserSlots  # a user's output downloads at once (runs.py)
-    searches: UserSlots  # a user's output searches at once (run_search.py)
+    searches: SearchSlots  # output searches at once, of a user and in all (run_search.py)
 
     @classmethod
     def build(cls, config: ControllerConfig, secret: SecretKeys) -> ControllerContext:
@@ -125,7 +126,8 @@ class ControllerContext:
                    connector=connector, pki=pki, web_tls=web_tls,
                    listings=UserSlots(config.runs_read_listings_per_user),
                    downloads=UserSlots(config.runs_downloads_per_user),
-                   searches=UserSlots(config.runs_search_per_user))
+                   searches=SearchSlots(config.runs_search_per_user,
+                                        config.runs_search_at_once))
 
     async def issue_token(self, user: str) -> str:
         """A new token for `user` after a PAM login. Tokens carry whole seconds and "log out

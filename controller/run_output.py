@@ -184,9 +184,10 @@ class RunReader:
     # -- output -----------------------------------------------------------------------------------
 
     async def output(self, run: Run, token: str, execution_id: str, since: int,
-                     limit: int) -> dict[str, Any]:
+                     limit: int, unreachable: set[str] | None = None) -> dict[str, Any]:
         """Lines `since` on of one execution, at most `limit`: from the store below what it
-        holds, then from the execution's agent (when not archived). NotFound when the run has
+        holds, then from the execution's agent (when not archived; not when its node is in
+        `unreachable`, to which a node whose read fails is added). NotFound when the run has
         no such execution."""
         record: ExecutionRecord | None = await self.store.call("execution", run.owner, run.id,
                                                                execution_id)
@@ -200,19 +201,21 @@ class RunReader:
         end = record.archived and next_seq >= record.next_seq
         left = limit - line_count(events)
         if not record.archived and left > 0 and next_seq >= record.next_seq:
-            more, next_seq, end = await self._from_agent(run, token, record, next_seq, left)
+            more, next_seq, end = await self._from_agent(run, token, record, next_seq, left,
+                                                         unreachable)
             events += more
         return {"execution_id": record.execution_id, "host": record.host, "node": record.node,
                 "task_id": record.task_id, "events": events, "next": next_seq,
                 "archived": record.archived, "end": end}
 
     async def _from_agent(self, run: Run, token: str, record: ExecutionRecord, since: int,
-                          left: int) -> tuple[list[dict[str, Any]], int, bool]:
+                          left: int, unreachable: set[str] | None = None,
+                          ) -> tuple[list[dict[str, Any]], int, bool]:
         """Up to `left` lines from `since` on from the execution's agent, the seq after them,
         and whether nothing more will come. An agent that cannot answer gives nothing (more
         may come later); one that no longer has the execution never will."""
         node = self.registry.get(record.node)
-        if node is None:
+        if node is None or (unreachable is not None and record.node in unreachable):
             return [], since, False
         client = self.connector.client(node, token, timeout=self.limits.agent_timeout)
         events: list[dict[str, Any]] = []
@@ -225,6 +228,8 @@ class RunReader:
             except MarcoError as error:
                 log.debug("run %s: output of %s on %s not read: %s", run.id,
                           record.execution_id, record.node, error.message)
+                if unreachable is not None:
+                    unreachable.add(record.node)
                 return events, next_seq, False
             got = fit(page["events"], left)
             events += got

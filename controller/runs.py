@@ -10,7 +10,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from marco.errors import BadRequest, Conflict, NotFound, TooManyDownloads, TooManySearches
+from marco.errors import BadRequest, Conflict, NotFound, TooManyDownloads
 from marco.runs import COUNTS, END_STATUSES, RUN_ID, status_from_stats
 
 from .archive import RunKeeper
@@ -19,6 +19,7 @@ from .run_output import OUTPUT_DEFAULT_LINES, RunReader, strip_ansi
 from .run_search import (
     SearchLimits,
     SearchQuery,
+    Stop,
     check_stream,
     check_text,
     parse_cursor,
@@ -275,14 +276,19 @@ class RunOutputApi(RunsHandler):
 
 class RunSearchApi(RunsHandler):
     """GET /api/runs/ID/search?q=TEXT[&case=1&host=H...&task=T&stream=S&failed=1&limit=N
-    &after=CURSOR]: the lines of the run's output holding the text (literal, without escapes),
-    counted, and a page of them."""
+    &after=CURSOR]: the lines of the run's output holding the text (literal, as the page shows
+    the line), counted, and a page of them. A search stops when its client goes away."""
+
+    stop: Stop | None = None
 
     async def get(self, run_id: str) -> None:
         user, token = self.caller()
         config = self.ctx.config
+        self.stop = Stop(config.runs_search_seconds)  # the deadline counts from the request
         query = SearchQuery(
-            text=check_text(self.get_query_argument("q", ""), config.runs_search_query_chars),
+            # Not stripped: the page looks for (and marks) the text as typed, spaces too.
+            text=check_text(self.get_query_argument("q", "", strip=False),
+                            config.runs_search_query_chars),
             case_sensitive=self.int_argument("case", 0, 0, 1) == 1,
             hosts=frozenset(h for h in self.get_query_arguments("host") if h),
             task=self.get_query_argument("task", "") or None,
@@ -292,15 +298,18 @@ class RunSearchApi(RunsHandler):
                                     config.runs_search_hits),
             after=parse_cursor(self.get_query_argument("after", "")))
         run = await self.own_run(user, run_id)
-        limits = SearchLimits(lines=config.runs_search_lines,
+        limits = SearchLimits(lines=config.runs_search_lines, chars=config.runs_search_chars,
+                              seconds=config.runs_search_seconds,
                               executions_page=config.runs_executions_page,
                               output_page=config.runs_output_page_lines)
-        with self.ctx.searches.admit(user) as admitted:
-            if not admitted:
-                raise TooManySearches(f"{user} has {self.ctx.searches.per_user} searches "
-                                      "going on", hint="wait for one to finish")
-            answer = await search_run(self.reader, run, token, query, limits)
+        with self.ctx.searches.admit(user):  # TooManySearches when no slot is free
+            answer = await search_run(self.reader, run, token, query, limits, self.stop)
         self.write_json(answer)
+
+    def on_connection_close(self) -> None:
+        """The client went away: its search stops (at its next slice, or its agent wait)."""
+        if self.stop is not None:
+            self.stop.leave()
 
 
 def file_part(text: str) -> str:
