@@ -70,6 +70,7 @@ MAX_TAGS = 8                 # tags per execution (Marco uses run, task, host)
 TAG_KEY = re.compile(r"[a-z_]{1,40}")
 MAX_TAG_VALUE_CHARS = 200
 CWD_FAILED = 125             # a child's status when it cannot enter its cwd (as `env -C`)
+RECORD_DELAY = 1.0           # seconds a running execution without output may go unrecorded
 
 
 class AuditSink(Protocol):
@@ -256,6 +257,10 @@ class Execution:
     _batch_time: float = 0.0         # when the batch's first line was read: its event's `time`
     _read_times: dict[int, float] = field(default_factory=dict)  # each pipe's last read
     _flush_handle: asyncio.TimerHandle | None = None
+    # A running execution's meta.json is written lazily (see `record_running`): most exit
+    # first, and their one record is written at the end.
+    _recorded: bool = False
+    _record_handle: asyncio.TimerHandle | None = None
 
     @property
     def running(self) -> bool:
@@ -318,6 +323,8 @@ class Execution:
             return
         lines, self._batch_lines, self._batch_bytes = self._batch_lines, [], 0
         seq, self.next_seq = self.next_seq, self.next_seq + len(lines)
+        if not self._recorded and self.running:
+            self.save_meta()  # spooled output always has its record, to replay after a crash
         message = protocol.encode(protocol.output_event(
             self.id, STREAM_NAMES[self._batch_fd], seq, lines, self._batch_time))
         self.spool.append(message, seq, len(lines))
@@ -335,10 +342,30 @@ class Execution:
         self.sink.publish(self.user, protocol.encode(event))
 
     def save_meta(self) -> None:
+        self._recorded = True
         try:
             self.spool.write_meta(self.summary())
         except OSError:
             log.exception("cannot write meta of execution %s", self.id)
+
+    def record_running(self) -> None:
+        """Have the running execution recorded on disk (so an agent that dies under it finds
+        it `lost` on restart) before its first output is spooled or after RECORD_DELAY,
+        whichever comes first; one that ends sooner is recorded once, at its end."""
+        self._record_handle = asyncio.get_running_loop().call_later(
+            RECORD_DELAY, self._record_if_running)
+
+    def _record_if_running(self) -> None:
+        self._record_handle = None
+        if not self._recorded and self.running:
+            self.save_meta()
+
+    def record_end(self) -> None:
+        """Write the final record (the execution has ended)."""
+        if self._record_handle is not None:
+            self._record_handle.cancel()
+            self._record_handle = None
+        self.save_meta()
 
 
 class _ChildProtocol(asyncio.SubprocessProtocol):
@@ -410,6 +437,9 @@ class ExecutionManager:
         self.retention = retention
         self.retention_count = retention_count
         self._executions: dict[str, Execution] = {}
+        # Each user's finished executions, oldest end first (they are added as they end), so
+        # retention looks at the oldest few instead of sorting everything on every exit.
+        self._finished_of: dict[str, dict[str, Execution]] = {}
         self._transports: dict[str, asyncio.SubprocessTransport] = {}
         self.closing = False
         self.audit = audit
@@ -453,6 +483,8 @@ class ExecutionManager:
                 execution.state, execution.ended = "lost", execution.ended or time.time()
                 execution.save_meta()
             self._executions[execution.id] = execution
+        for execution in sorted(self._executions.values(), key=_end):
+            self._add_finished(execution)
         self.expire()
 
     async def shutdown(self) -> None:
@@ -594,31 +626,40 @@ class ExecutionManager:
         """Forget finished executions older than the retention time, beyond the count, or
         (oldest first) beyond the user's disk budget. Running executions are never dropped:
         their spool stops storing (and says where) when the budget or `spool_max_bytes` is
-        reached, and the user's new executions are refused until there is room."""
+        reached, and the user's new executions are refused until there is room. Runs every
+        EXPIRE_INTERVAL (agent.__main__); an exit expires its own user's (`_expire_user`)."""
         now = time.time()
-        by_user: dict[str, list[Execution]] = {}
-        for execution in self._executions.values():
-            by_user.setdefault(execution.user, []).append(execution)
-        for user, executions in by_user.items():
-            finished = sorted((e for e in executions if not e.running),
-                              key=lambda e: e.ended or e.started, reverse=True)
-            for rank, execution in enumerate(finished):
-                too_old = now - (execution.ended or now) > self.retention
-                if rank >= self.retention_count or too_old:
-                    self._forget(execution)
-            while self.budget.used(user) > self.budget.limit and self._make_room(user):
-                pass
+        for user in list(self._finished_of):
+            self._expire_user(user, now)
+
+    def _expire_user(self, user: str, now: float) -> None:
+        """`expire` for one user: only the oldest records are looked at."""
+        finished = self._finished_of.get(user, {})
+        while len(finished) > self.retention_count:
+            self._forget(next(iter(finished.values())))
+        while finished and now - _end(oldest := next(iter(finished.values()))) > self.retention:
+            self._forget(oldest)
+        while self.budget.used(user) > self.budget.limit and self._make_room(user):
+            pass
+
+    def _add_finished(self, execution: Execution) -> None:
+        if not execution.running:
+            self._finished_of.setdefault(execution.user, {})[execution.id] = execution
 
     def _make_room(self, user: str) -> bool:
         """Forget the user's oldest finished execution; False when none is left."""
-        finished = [e for e in self._executions.values() if e.user == user and not e.running]
+        finished = self._finished_of.get(user)
         if not finished:
             return False
-        self._forget(min(finished, key=lambda e: e.ended or e.started))
+        self._forget(next(iter(finished.values())))
         return True
 
     def _forget(self, execution: Execution) -> None:
         del self._executions[execution.id]
+        finished = self._finished_of.get(execution.user, {})
+        finished.pop(execution.id, None)
+        if not finished:
+            self._finished_of.pop(execution.user, None)
         execution.spool.remove()
         if self.isolation.alive(execution.id):
             # What it left running could never be stopped by id again: it goes with the record.
@@ -680,7 +721,7 @@ class ExecutionManager:
         execution.publish(protocol.started_event(execution.id, execution.label, execution.command,
                                                  execution.cwd, execution.started, 0,
                                                  execution.no_log, execution.tags))
-        execution.save_meta()
+        execution.record_running()
         if self.audit is not None:
             # Bounded, so one user's long commands cannot rotate everyone's history away.
             command = execution.command
@@ -699,14 +740,16 @@ class ExecutionManager:
         if transport is not None:
             transport.close()
         self.isolation.finished(execution.id)  # leftovers keep running until stopped
-        execution.flush_partial_lines()
-        execution.ended = time.time()
         if returncode is not None and returncode < 0:
             execution.state, execution.signal = "killed", signal.Signals(-returncode).name
         else:
             execution.state, execution.rc = "exited", returncode
+        # Ended before its last lines go out: they need no record of a running execution,
+        # the final one below covers them.
+        execution.flush_partial_lines()
+        execution.ended = time.time()
         execution.spool.close()
-        execution.save_meta()
+        execution.record_end()
         execution.publish(protocol.exit_event(
             execution.id, execution.rc, execution.signal, execution.duration or 0.0,
             execution.next_seq, execution.timed_out, execution.stopped))
@@ -718,7 +761,8 @@ class ExecutionManager:
                  execution.user, execution.rc, execution.signal, execution.duration or 0.0)
         if execution.done is not None and not execution.done.done():
             execution.done.set_result(None)
-        self.expire()
+        self._add_finished(execution)
+        self._expire_user(execution.user, time.time())
 
 
 def _cwd_error(cwd: str) -> str:
@@ -767,6 +811,12 @@ def check_private_dir(directory: Path) -> None:
                           f"not to the agent (uid {os.geteuid()})")
     if info.st_mode & 0o077:
         os.chmod(directory, 0o700, follow_symlinks=False)
+
+
+def _end(execution: Execution) -> float:
+    """When a finished execution ended (its start if the record has no end): retention's
+    order."""
+    return execution.ended or execution.started
 
 
 def _digest(command: list[str] | str) -> str:

@@ -41,6 +41,25 @@ def test_sigkill_mid_execution_keeps_every_record(start_agent, signer: TokenSign
         subprocess.run(["pkill", "-u", alice.name, "-f", "sleep 600"], check=False)
 
 
+def test_sigkill_under_a_silent_execution_finds_it_lost(start_agent, signer: TokenSigner,
+                                                        alice: UnixUser) -> None:
+    """A running execution without output is recorded too (after agent.executions'
+    RECORD_DELAY, not at its start: most end sooner and are recorded once, at their end)."""
+    agent = start_agent()
+    client = agent.client(signer.issue(alice.name))
+    running = client.start(["sleep", "600"])
+    meta = agent.state_dir / "executions" / running / "meta.json"
+    wait_for(meta.exists, what="the running execution's record")
+    agent.stop(signal.SIGKILL)
+    again = agent.restarted()
+    try:
+        lost = again.client(signer.issue(alice.name)).execution(running)
+        assert lost["state"] == "lost" and lost["command"] == ["sleep", "600"]
+    finally:
+        again.stop()
+        subprocess.run(["pkill", "-u", alice.name, "-f", "sleep 600"], check=False)
+
+
 def test_sigkill_mid_upload_leaves_no_file(start_agent, signer: TokenSigner,
                                            alice: UnixUser) -> None:
     agent = start_agent()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 
 import pytest
 
@@ -51,6 +52,30 @@ def test_spool_budget_per_user_drops_the_oldest_finished(start_agent, signer: To
     kept = [i for i in ids if _exists(client, i)]
     assert kept == ids[-len(kept):] and 1 <= len(kept) <= 2  # the newest survive
     assert client.output(ids[-1])["events"][0]["lines"][0] == "1"
+
+
+def test_retention_keeps_each_users_newest(start_agent, signer: TokenSigner, alice: UnixUser,
+                                           bob: UnixUser) -> None:
+    """On each exit its user's oldest finished executions beyond the count go; bob's own
+    count is his."""
+    agent = start_agent(extra_args=["--retention-count", "2"])
+    alices = agent.client(signer.issue(alice.name))
+    bobs = agent.client(signer.issue(bob.name))
+    bobs_first = bobs.run(["true"]).id
+    ids = [alices.run(["echo", str(i)]).id for i in range(4)]
+    assert [e["id"] for e in alices.executions()] == ids[-2:]
+    assert [e["id"] for e in bobs.executions()] == [bobs_first]
+    assert bobs.run(["true"]).rc == 0 and bobs_first in {e["id"] for e in bobs.executions()}
+
+
+def test_retention_time_forgets_old_records_at_the_next_exit(start_agent, signer: TokenSigner,
+                                                             alice: UnixUser) -> None:
+    agent = start_agent(extra_args=["--retention", "1"])
+    client = agent.client(signer.issue(alice.name))
+    old = client.execution(client.run(["true"]).id)
+    wait_for(lambda: time.time() > old["ended"] + 1.5, what="the record to be older than 1 s")
+    new = client.run(["true"]).id
+    assert [e["id"] for e in client.executions()] == [new]
 
 
 def _exists(client: AgentClient, execution_id: str) -> bool:
