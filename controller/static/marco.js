@@ -788,18 +788,20 @@ class NodeTable {
     const last = Math.min(this.rows.length, Math.max(0, Math.ceil(bottom / this.rowHeight)));
     const from = Math.max(0, first - ROW_MARGIN), to = Math.min(this.rows.length, last + ROW_MARGIN);
     // The rows from `from` to `to`, and the focused row wherever it is (scrolled away or moved
-    // by a sort, it stays in the DOM, so keyboard focus stays on it); spacers fill the gaps.
-    const indexes = [];
-    for (let i = from; i < to; i++) indexes.push(i);
+    // by a sort, it stays in the DOM, so keyboard focus stays on it) with the rows either side
+    // of it (Tab and Shift+Tab go on from it); spacers fill the gaps.
+    const indexes = new Set();
+    for (let i = from; i < to; i++) indexes.add(i);
     const focused = this.body.contains(document.activeElement) ? document.activeElement : null;
     const focusedName = focused ? focused.closest("tr")?.dataset.node : undefined;
     const focusedAt = focusedName === undefined ? -1 : this.rows.findIndex((v) => v.node.name === focusedName);
-    if (focusedAt >= 0 && (focusedAt < from || focusedAt >= to)) indexes.push(focusedAt);
-    indexes.sort((x, y) => x - y);
+    if (focusedAt >= 0) {
+      for (const i of [focusedAt - 1, focusedAt, focusedAt + 1]) if (i >= 0 && i < this.rows.length) indexes.add(i);
+    }
     const before = this.rendered, wanted = [], trs = [];
     this.rendered = new Map();
     let next = 0;
-    for (const index of indexes) {
+    for (const index of [...indexes].sort((x, y) => x - y)) {
       if (index > next) wanted.push(this.spacer(index - next));
       const view = this.rows[index], tr = before.get(view.node.name) || this.row(view);
       this.fill(tr, view, index);

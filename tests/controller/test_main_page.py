@@ -197,6 +197,7 @@ COUNT_SOCKETS = """(() => {
       super(url, protocols);
       this.nodeName = decodeURIComponent(String(url).split("/relay/")[1] || "");
       held.add(this);
+      window.mostHeld = Math.max(window.mostHeld || 0, held.size);
       this.addEventListener("close", () => held.delete(this));
     }
   };
@@ -383,4 +384,78 @@ def test_every_line_of_a_long_execution_is_reachable(browser: Any, cluster: Any,
         expect(box.locator(".line", has_text=re.compile(r"^20000$"))).to_be_visible()
         if not reloaded:
             page.reload()
+    page.context.close()
+
+
+def table_page(browser: Any, controller: ControllerProcess, user: UnixUser,
+               height: int = 720) -> Page:
+    """A logged-in page counting its sockets, showing the node table."""
+    context = browser.new_context(viewport={"width": 1280, "height": height})
+    context.add_init_script(COUNT_SOCKETS)
+    page: Page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    open_logged_in(page, controller, user)
+    page.get_by_role("button", name="Table").click()
+    expect(page.locator(ROWS).first).to_be_visible()
+    return page
+
+
+def focused_row(page: Page) -> str | None:
+    return page.evaluate("() => document.activeElement.closest('tr')?.dataset.node ?? null")
+
+
+def test_keyboard_tabs_through_every_row_of_the_table(browser: Any, start_agent: Any,
+                                                       start_controller: Any, unique_name: Any,
+                                                       signer: TokenSigner, alice: UnixUser,
+                                                       tmp_path: Path) -> None:
+    """Tab goes from row to row past the first screen (the rows rendered change on the way, and
+    the focused one keeps its focus), and the row reached can be ticked by Space."""
+    controller, _ = big_cluster(start_agent, start_controller, unique_name, signer, alice,
+                                tmp_path, 60)
+    page = table_page(browser, controller, alice)
+    assert page.locator(ROWS).count() < 40  # the rows rendered must change on the way down
+    page.locator(ROWS).first.get_by_role("checkbox").focus()
+    for _ in range(40):
+        page.keyboard.press("Tab")
+    assert focused_row(page) == "sc41"
+    page.keyboard.press("Space")
+    expect(page.locator(f'{ROWS}[data-node="sc41"]').get_by_role("checkbox")).to_be_checked()
+    # Scrolled away by the pointer, the focused row stays (and Tab goes on from it).
+    page.locator("#node-table-wrap").evaluate("w => { w.scrollTop = 0; }")
+    expect(page.locator(ROWS).first).to_have_attribute("data-node", "sc1")
+    page.keyboard.press("Tab")
+    assert focused_row(page) == "sc42"
+    page.context.close()
+
+
+def test_sockets_are_for_rows_in_sight_never_for_ticks_and_at_most_24(
+        browser: Any, start_agent: Any, start_controller: Any, unique_name: Any,
+        signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:
+    """Ticking every node opens no socket for the rows out of sight; a box showing 40 live
+    rows holds 24 sockets at most (the agent allows a user 32)."""
+    controller, alive = big_cluster(start_agent, start_controller, unique_name, signer, alice,
+                                    tmp_path, 60)
+    assert len(alive) == 60
+    page = table_page(browser, controller, alice)
+    in_sight = page.evaluate(IN_SIGHT)
+    assert 0 < len(in_sight) < 24
+    page.get_by_role("button", name="all").click()
+    expect(page.locator("#ticked")).to_have_text("on the 60 ticked nodes shown")
+    expect(page.locator(f'{ROWS}[data-node="{in_sight[0]}"] .col-cpu')).to_have_text(
+        re.compile(r"^\d+%$"))
+    # Scrolled on: the ticked rows that left sight let go of their sockets.
+    page.locator("#node-table-wrap").evaluate("w => { w.scrollTop = w.scrollHeight; }")
+    wait_for(lambda: set(page.evaluate("heldSockets()")) == set(page.evaluate(IN_SIGHT)),
+             what="a socket for each row in sight, none for the ticked rows out of sight")
+    # Taller: 40 rows in sight, 24 sockets at most, all for rows in sight (two refreshes of
+    # the node list on, which review every node's socket, still 24).
+    page.set_viewport_size({"width": 1280, "height": 2100})
+    wait_for(lambda: len(page.evaluate(IN_SIGHT)) >= 40, what="40 rows in sight")
+    wait_for(lambda: len(page.evaluate("heldSockets()")) == 24, what="24 sockets held")
+    for _ in range(2):
+        with page.expect_response(lambda r: r.url.endswith("/api/nodes")):
+            pass
+    assert len(page.evaluate("heldSockets()")) == 24
+    assert sockets_only_in_sight(page)
+    assert page.evaluate("window.mostHeld") == 24
     page.context.close()
