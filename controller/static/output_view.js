@@ -17,6 +17,10 @@ const OutputView = (() => {
   const LINE_HEIGHT = 17;          // px per line without wrapping (output.css sets the same)
   const PAGE_LINES = 1000;         // lines per page read from the source
   const MAX_PAGES = 200;           // pages kept in memory, per view (least recently used go)
+  // Characters of lines kept in memory per view (UTF-16 units, 2 bytes each: about 128 MB), as
+  // well as pages: a page of 1,000 lines of 32 KiB would otherwise hold 64 MB. Pages in sight
+  // are kept whatever they hold.
+  const MAX_CHARS = 64 * 1024 * 1024;
   const MARGIN = 100;              // lines rendered above and below the ones in sight
   const MAX_HEIGHT_PX = 15000000;  // the tallest scroll area made; taller outputs are scaled
   const MAX_MEASURED = 200000;     // wrapped lines' heights remembered (then forgotten at once)
@@ -36,6 +40,39 @@ const OutputView = (() => {
   // Ansi replaces a state's colours, never changes them in place: a shallow copy is a copy.
   const copyAnsi = (a) => ({ stdout: Object.assign({}, a.stdout), stderr: Object.assign({}, a.stderr) });
 
+  // Case folding for the marks, one character at a time so that indices stay those of the
+  // text (the whole line's toLowerCase may change its length: "İ" becomes two units, and a
+  // final "Σ" becomes "ς"); characters Python's case-insensitive matching (the search's) takes
+  // as equal are folded to one of them.
+  const FOLDS = new Map(Object.entries({
+    "\u0130": "\u0069", "\u0131": "\u0069", "\u017f": "\u0073", "\u03b9": "\u0345",
+    "\u03bc": "\u00b5", "\u03c3": "\u03c2", "\u03d0": "\u03b2", "\u03d1": "\u03b8",
+    "\u03d5": "\u03c6", "\u03d6": "\u03c0", "\u03f0": "\u03ba", "\u03f1": "\u03c1",
+    "\u03f5": "\u03b5", "\u1c80": "\u0432", "\u1c81": "\u0434", "\u1c82": "\u043e",
+    "\u1c83": "\u0441", "\u1c84": "\u0442", "\u1c85": "\u0442", "\u1c86": "\u044a",
+    "\u1c87": "\u0463", "\u1e9b": "\u1e61", "\u1fbe": "\u0345", "\u1fd3": "\u0390",
+    "\u1fe3": "\u03b0", "\ua64b": "\u1c88", "\ufb06": "\ufb05",
+  }));
+  function foldCase(text) {
+    let out = "";
+    for (const ch of text) {
+      const lower = ch.toLowerCase();
+      const one = lower.length === ch.length ? lower : ch;
+      out += FOLDS.get(one) || one;
+    }
+    return out;
+  }
+
+  // The UTF-16 index of code point `n` of `text` (the search's spans count code points).
+  function unitIndex(text, n) {
+    let units = 0;
+    for (const ch of text) {
+      if (n-- <= 0) break;
+      units += ch.length;
+    }
+    return units;
+  }
+
   // One page of a segment: PAGE_LINES slots from seq no * PAGE_LINES; `filled` counts the
   // slots known from its start (a source fills a page in order).
   class Page {
@@ -45,16 +82,23 @@ const OutputView = (() => {
       this.stderr = new Uint8Array(PAGE_LINES);
       this.times = new Float64Array(PAGE_LINES).fill(NaN);
       this.filled = 0;
+      this.chars = 0;               // characters of its lines
       this.loading = null;          // the promise of a read under way
       this.retryAt = 0;             // a read that brought nothing is not repeated before this
-      this.endAnsi = null;          // the ANSI state after its last line, once rendered full
+      this.end = null;              // {ansi, from}: the ANSI state after its last line, computed
+                                    // from the state at the start of page `from` (0: exact)
     }
 
+    // Keeps a line; how many characters the page holds more than before.
     put(index, text, stream, time) {
-      this.texts[index] = String(text);
+      const was = this.texts[index], line = String(text);
+      this.texts[index] = line;
       this.stderr[index] = stream === "stderr" ? 1 : 0;
       this.times[index] = typeof time === "number" && isFinite(time) ? time : NaN;
       while (this.filled < PAGE_LINES && this.texts[this.filled] !== undefined) this.filled++;
+      const grown = line.length - (was === undefined ? 0 : was.length);
+      this.chars += grown;
+      return grown;
     }
   }
 
@@ -71,6 +115,12 @@ const OutputView = (() => {
       this.segments = [];           // {id, host, task_id, length, start, end, extra, extraSum}
       this.byId = new Map();
       this.pages = new Map();       // `${segment}\n${no}` -> Page, in least recently used order
+      this.chars = 0;               // characters of the lines in `pages`
+      this.maxChars = MAX_CHARS;    // the most kept beyond the pages in sight
+      this.inSight = new Set();     // keys of the pages the last paint showed (never evicted)
+      // What the view did, for tests and benchmarks: `heightIndexes`, the sorted heights built
+      // for wrapped lines (once per change of heights, not per lookup); `evicted`, pages dropped.
+      this.counters = { heightIndexes: 0, evicted: 0 };
       this.top = 0;                 // the view's top, in px of the whole (unscaled) output
       this.expected = null;         // the scrollTop we set last (its scroll event is ours)
       this.following = true;
@@ -123,6 +173,7 @@ const OutputView = (() => {
       views.delete(this);
       if (this.resizing) this.resizing.disconnect();
       this.pages.clear();
+      this.chars = 0;
     }
 
     // --- the model -------------------------------------------------------------------------
@@ -142,13 +193,13 @@ const OutputView = (() => {
         const id = String(given.id);
         if (this.byId.has(id)) continue;
         const seg = old.get(id) || { id, host: given.host, task_id: given.task_id, length: 0,
-                                     end: null, extra: new Map(), extraSum: 0 };
+                                     end: null, extra: new Map(), extraSum: 0, heights: null };
         seg.length = this.capped(seg, Math.max(seg.length, Number(given.length) || 0));
         this.segments.push(seg);
         this.byId.set(id, seg);
       }
       for (const key of [...this.pages.keys()]) {
-        if (!this.byId.has(key.split("\n")[0])) this.pages.delete(key);
+        if (!this.byId.has(key.split("\n")[0])) this.drop(key);
       }
       if (this.current && !this.byId.has(this.current.segment)) this.current = null;
       this.relayout(anchor, true);
@@ -177,16 +228,20 @@ const OutputView = (() => {
 
     // Lines of `events` into the segment's pages; the seq after the last one.
     store(seg, events) {
-      let end = 0;
+      let end = 0, page = null;
       for (const event of events || []) {
         const lines = event.lines || [], seq = Number(event.seq) || 0;
         for (let k = 0; k < lines.length; k++) {
-          const at = seq + k, page = this.page(seg, Math.floor(at / PAGE_LINES), true);
-          page.put(at % PAGE_LINES, lines[k], event.stream, event.time);
+          const at = seq + k, no = Math.floor(at / PAGE_LINES);
+          if (!page || page.no !== no) page = this.page(seg, no, true);
+          const full = page.filled === PAGE_LINES;
+          this.chars += page.put(at % PAGE_LINES, lines[k], event.stream, event.time);
           this.forget(seg, at);
+          if (!full && page.filled === PAGE_LINES) this.restyle(seg, no);
         }
         end = Math.max(end, seq + lines.length);
       }
+      this.evict(page ? `${seg.id}\n${page.no}` : null);
       return end;
     }
 
@@ -200,12 +255,36 @@ const OutputView = (() => {
       } else if (make) {
         page = new Page(no);
         this.pages.set(key, page);
-        for (const oldest of this.pages.keys()) {
-          if (this.pages.size <= MAX_PAGES) break;
-          if (oldest !== key) this.pages.delete(oldest);
-        }
+        this.evict(key);
       }
       return page;
+    }
+
+    // Drops the least recently used pages while there are more than MAX_PAGES or they hold
+    // more than `maxChars` characters; never the pages in sight nor `keep` (the one just used).
+    evict(keep) {
+      for (const [key, page] of this.pages) {
+        if (this.pages.size <= MAX_PAGES && this.chars <= this.maxChars) return;
+        if (key === keep || this.inSight.has(key) || page.loading) continue;
+        this.drop(key);
+        this.counters.evicted++;
+      }
+    }
+
+    drop(key) {
+      const page = this.pages.get(key);
+      if (!page) return;
+      this.chars -= page.chars;
+      this.pages.delete(key);
+    }
+
+    // A page became full: the pages after it start from its end state now (their colours may
+    // change), so their lines are rendered again.
+    restyle(seg, no) {
+      const from = (no + 1) * PAGE_LINES, prefix = `${seg.id}\n`;
+      for (const key of [...this.rendered.keys()]) {
+        if (key.startsWith(prefix) && Number(key.slice(prefix.length)) >= from) this.rendered.delete(key);
+      }
     }
 
     // A line's element is rendered again once its text is known.
@@ -302,8 +381,42 @@ const OutputView = (() => {
     topOf(seg, seq) {
       let y = (seg.start + seq) * LINE_HEIGHT;
       for (const other of this.segments) { if (other === seg) break; y += other.extraSum; }
-      if (seg.extraSum) for (const [at, px] of seg.extra) if (at < seq) y += px;
+      if (seg.extraSum) {
+        const heights = this.heights(seg), n = this.measuredBefore(heights, seq);
+        y += heights.before[n];
+      }
       return y;
+    }
+
+    // A segment's measured lines in seq order with the extra px of those before each (prefix
+    // sums: `before[i]` is the extra of lines[0..i-1]); built once after heights change, so a
+    // lookup is a binary search instead of a sort of every measured line.
+    heights(seg) {
+      if (seg.heights) return seg.heights;
+      const lines = Float64Array.from(seg.extra.keys()).sort();
+      const before = new Float64Array(lines.length + 1);
+      for (let i = 0; i < lines.length; i++) before[i + 1] = before[i] + seg.extra.get(lines[i]);
+      this.counters.heightIndexes++;
+      seg.heights = { lines, before };
+      return seg.heights;
+    }
+
+    // How many of the measured lines are above line `seq`.
+    measuredBefore(heights, seq) {
+      let lo = 0, hi = heights.lines.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >> 1;
+        if (heights.lines[mid] < seq) lo = mid + 1; else hi = mid;
+      }
+      return lo;
+    }
+
+    // A measured line's height changed (px: its extra over LINE_HEIGHT, 0 for none).
+    setExtra(seg, seq, px) {
+      const was = seg.extra.get(seq) || 0, now = Math.max(0, px);
+      if (now > 0) seg.extra.set(seq, now); else seg.extra.delete(seq);
+      seg.extraSum += now - was;
+      seg.heights = null;
     }
 
     // The global index of the line at px `y` (clamped to the lines there are).
@@ -320,20 +433,23 @@ const OutputView = (() => {
     }
 
     // The seq of a segment's line at px `y` from the segment's top: lines are LINE_HEIGHT
-    // tall but the measured ones, which are LINE_HEIGHT + their extra.
+    // tall but the measured ones, which are LINE_HEIGHT + their extra. A measured line's top
+    // is its seq x LINE_HEIGHT plus the extra before it: the last one whose top is not below
+    // `y` is found by binary search, and the line is it or one of the plain lines after it.
     seqAt(seg, y) {
       const last = Math.max(0, seg.length - 1);
       if (!seg.extraSum) return Math.min(last, Math.floor(y / LINE_HEIGHT));
-      let seq = 0, at = 0;
-      for (const [line, px] of [...seg.extra].sort((a, b) => a[0] - b[0])) {
-        const plain = (line - seq) * LINE_HEIGHT;
-        if (y < at + plain) return Math.min(last, seq + Math.floor((y - at) / LINE_HEIGHT));
-        at += plain;
-        if (y < at + LINE_HEIGHT + px) return Math.min(last, line);
-        at += LINE_HEIGHT + px;
-        seq = line + 1;
+      const { lines, before } = this.heights(seg);
+      let lo = 0, hi = lines.length;  // lines[0..lo-1] start at or above y
+      while (lo < hi) {
+        const mid = (lo + hi) >> 1;
+        if (lines[mid] * LINE_HEIGHT + before[mid] <= y) lo = mid + 1; else hi = mid;
       }
-      return Math.min(last, seq + Math.floor((y - at) / LINE_HEIGHT));
+      if (!lo) return Math.min(last, Math.floor(y / LINE_HEIGHT));
+      const line = lines[lo - 1], top = line * LINE_HEIGHT + before[lo - 1];
+      const below = top + LINE_HEIGHT + seg.extra.get(line);
+      if (y < below) return Math.min(last, line);
+      return Math.min(last, line + 1 + Math.floor((y - below) / LINE_HEIGHT));
     }
 
     get viewport() { return this.scroller.clientHeight; }
@@ -417,7 +533,7 @@ const OutputView = (() => {
 
     // Forgets measured heights (the width or wrapping changed): lines count as one row again.
     unmeasure() {
-      for (const seg of this.segments) { seg.extra.clear(); seg.extraSum = 0; }
+      for (const seg of this.segments) { seg.extra.clear(); seg.extraSum = 0; seg.heights = null; }
       this.rendered.clear();
     }
 
@@ -461,13 +577,18 @@ const OutputView = (() => {
       }
       const first = this.lineAt(this.top), last = this.lineAt(this.top + view);
       const start = Math.max(0, first - MARGIN), end = Math.min(count, last + MARGIN + 1);
+      this.inSight = this.pagesOf(start, end);
+      // Pages out of sight now may go (a reveal read its page before the view moved there).
+      if (this.chars > this.maxChars || this.pages.size > MAX_PAGES) this.evict(null);
       const fresh = new Map(), elements = [];
       let ansi = null, ansiAt = -1;
       for (let index = start; index < end; index++) {
-        const seg = this.segmentAt(index), key = `${seg.id}\n${index - seg.start}`;
+        const seg = this.segmentAt(index), seq = index - seg.start, key = `${seg.id}\n${seq}`;
         let element = this.rendered.get(key);
         if (!element) {
-          if (ansiAt !== index) ansi = this.ansiAt(index);
+          // A segment (another execution) starts from a reset state, a page from the state
+          // its predecessors give: never from the line rendered before it.
+          if (ansiAt !== index || seq % PAGE_LINES === 0) ansi = this.ansiAt(index);
           element = this.line(index, ansi);
           ansiAt = index + 1;
         }
@@ -484,6 +605,17 @@ const OutputView = (() => {
       this.want(start, end);
     }
 
+    // The keys of the pages the lines [start, end) are on.
+    pagesOf(start, end) {
+      const keys = new Set();
+      for (let index = start; index < end;) {
+        const seg = this.segmentAt(index), no = Math.floor((index - seg.start) / PAGE_LINES);
+        keys.add(`${seg.id}\n${no}`);
+        index = seg.start + Math.min(seg.length, (no + 1) * PAGE_LINES);
+      }
+      return keys;
+    }
+
     // Asks for the pages the lines [start, end) are on that are not all known.
     want(start, end) {
       for (let index = start; index < end;) {
@@ -498,22 +630,49 @@ const OutputView = (() => {
       if (typeof console !== "undefined") console.warn("output page not read:", err && err.message);
     }
 
-    // The ANSI state a line starts from: its page starts from the state at the end of the
-    // previous page when that page was rendered in full, else from a reset state; then the
-    // page's lines before it are applied (only lines with an escape change it).
+    // The ANSI state a line starts from: its page's start state (startOf), then the page's
+    // lines before it applied (only lines with an escape change it).
     ansiAt(index) {
       const seg = this.segmentAt(index), seq = index - seg.start;
       const no = Math.floor(seq / PAGE_LINES), page = this.pages.get(`${seg.id}\n${no}`);
-      const before = no > 0 ? this.pages.get(`${seg.id}\n${no - 1}`) : null;
-      const ansi = before && before.endAnsi ? copyAnsi(before.endAnsi) : newAnsi();
-      if (!page) return ansi;
-      const scratch = document.createElement("span");
-      for (let k = 0; k < seq % PAGE_LINES && k < page.filled; k++) {
-        const text = page.texts[k];
-        if (text.indexOf("\x1b") >= 0) Ansi.render(scratch, text, ansi[page.stderr[k] ? "stderr" : "stdout"]);
-      }
-      scratch.replaceChildren();
+      const ansi = this.startOf(seg, no);
+      if (page) this.advance(ansi, page, seq % PAGE_LINES);
       return ansi;
+    }
+
+    // The state a page starts from: a segment starts reset; page `no` from the end of page
+    // no - 1 when that one is in memory and full, computed from the first page of the run of
+    // full pages before it (exact when that is page 0; else it starts reset: a colour set on
+    // a page not in memory does not carry). A page's end is kept with the page it was
+    // computed from and computed again when that changes (the true predecessor arrived, or
+    // left memory).
+    startOf(seg, no) {
+      let from = no;
+      const full = (n) => { const p = this.pages.get(`${seg.id}\n${n}`); return p && p.filled === PAGE_LINES ? p : null; };
+      while (from > 0 && full(from - 1)) from--;
+      let ansi = newAnsi();
+      for (let n = from; n < no; n++) {
+        const page = full(n);
+        if (!page.end || page.end.from !== from) {
+          this.advance(ansi, page, PAGE_LINES);
+          page.end = { ansi: copyAnsi(ansi), from };
+        } else {
+          ansi = copyAnsi(page.end.ansi);
+        }
+      }
+      return ansi;
+    }
+
+    // Applies the page's first `count` lines to `ansi` (those with an escape change it).
+    advance(ansi, page, count) {
+      let scratch = null;
+      for (let k = 0; k < count && k < page.filled; k++) {
+        const text = page.texts[k];
+        if (text.indexOf("\x1b") < 0) continue;
+        scratch = scratch || document.createElement("span");
+        Ansi.render(scratch, text, ansi[page.stderr[k] ? "stderr" : "stdout"]);
+        scratch.replaceChildren();
+      }
     }
 
     // A line's element: its text rendered (or empty while its page is read), with
@@ -531,7 +690,6 @@ const OutputView = (() => {
       if (!known) return element;
       if (!isNaN(page.times[k])) element.dataset.time = fmtTime(page.times[k]);
       Ansi.render(element, page.texts[k], ansi[stream]);
-      if (k === PAGE_LINES - 1 && page.filled === PAGE_LINES) page.endAnsi = copyAnsi(ansi);
       const current = this.current && this.current.segment === seg.id && this.current.seq === seq;
       if (current) element.classList.add("current-line");
       if (this.needle) this.mark(element, current ? this.current.at : null, current);
@@ -548,11 +706,10 @@ const OutputView = (() => {
       for (const element of this.rendered.values()) {
         const seg = this.byId.get(element.dataset.segment);
         if (!seg) continue;
-        const seq = Number(element.dataset.seq), px = element.offsetHeight - LINE_HEIGHT;
+        const seq = Number(element.dataset.seq), px = Math.max(0, element.offsetHeight - LINE_HEIGHT);
         const was = seg.extra.get(seq) || 0;
         if (px === was || element.offsetHeight === 0) continue;
-        if (px > 0) seg.extra.set(seq, px); else seg.extra.delete(seq);
-        seg.extraSum += px - was;
+        this.setExtra(seg, seq, px);
         changed = true;
       }
       if (changed) this.restore(anchor);
@@ -562,6 +719,9 @@ const OutputView = (() => {
     // --- search ----------------------------------------------------------------------------
     // Marks every occurrence of the literal `needle` in the rendered lines (null: none).
     highlight(needle, { caseSensitive = false } = {}) {
+      const changed = (needle ? String(needle) : null) !== this.needle;
+      // The current line's occurrence was the previous needle's.
+      if (changed && this.current) this.current.at = null;
       this.needle = needle ? String(needle) : null;
       this.caseSensitive = Boolean(caseSensitive);
       this.rendered.clear();
@@ -594,20 +754,38 @@ const OutputView = (() => {
     }
 
     // Wraps occurrences of the needle in the line's text nodes in <mark class="hit">; in the
-    // current line the one at `at` (else the first) is also "current".
+    // current line the occurrence at `at` (the search's [start, end) in code points of the
+    // line's text) is "current", else its first. Case is folded a character at a time, so the
+    // occurrences' indices are the text's.
     mark(element, at, current) {
       const texts = [], walker = document.createTreeWalker(element, NodeFilter.SHOW_TEXT);
       for (let node = walker.nextNode(); node; node = walker.nextNode()) texts.push(node);
       const whole = texts.map((t) => t.data).join("");
-      const fold = (s) => (this.caseSensitive ? s : s.toLowerCase());
+      const fold = (s) => (this.caseSensitive ? s : foldCase(s));
       const hay = fold(whole), needle = fold(this.needle);
-      if (!needle || hay.length !== whole.length) return;
-      const found = [];
-      for (let i = hay.indexOf(needle); i >= 0 && found.length < MAX_MARKS; i = hay.indexOf(needle, i + needle.length)) found.push(i);
-      if (!found.length) return;
-      let chosen = current ? found[0] : -1;
-      if (current && Array.isArray(at) && found.includes(at[0])) chosen = at[0];
-      for (const startAt of found.reverse()) this.wrap(element, startAt, startAt + needle.length, startAt === chosen);
+      if (!needle) return;
+      const spans = [];
+      let chosen = current ? this.spanOf(whole, at) : null;
+      if (chosen) spans.push([chosen[0], chosen[1], true]);
+      for (let i = hay.indexOf(needle); i >= 0 && spans.length < MAX_MARKS; i = hay.indexOf(needle, i + needle.length)) {
+        const end = i + needle.length;
+        if (chosen && i < chosen[1] && end > chosen[0]) continue;  // that one is the current
+        if (current && !chosen) chosen = [i, end];
+        spans.push([i, end, chosen !== null && chosen[0] === i && current]);
+      }
+      spans.sort((a, b) => b[0] - a[0]);  // from the end: earlier offsets stay valid
+      for (const [startAt, endAt, isCurrent] of spans) this.wrap(element, startAt, endAt, isCurrent);
+    }
+
+    // The search's span [start, end) in code points as UTF-16 indices of `text`; null when it
+    // does not fit the text (a hit for text the line does not show).
+    spanOf(text, at) {
+      if (!Array.isArray(at) || at.length < 2) return null;
+      const [start, end] = at.map(Number);
+      if (!Number.isInteger(start) || !Number.isInteger(end) || start < 0 || end <= start) return null;
+      const from = unitIndex(text, start), to = unitIndex(text, end);
+      if (to > text.length || to <= from || unitIndex(text, end - 1) >= text.length) return null;
+      return [from, to];
     }
 
     // Wraps the text [start, end) of the element's text nodes in marks (one per text node).

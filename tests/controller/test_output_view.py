@@ -3,10 +3,13 @@ chromium against a real controller and agents: a finished 200,000-line run opens
 scrolls to line 1 with only a window of lines in the DOM, jumps back to the latest by button and
 keyboard, reveals a line in the middle for the search with its hits marked (in a pane, and in
 a playbook's task output on a host), scales a 1,000,000-line output, and long lines wrap at a
-toggle kept in the browser."""
+toggle kept in the browser; memory is bounded in characters too, colours start afresh with each
+execution and carry over pages from their true start, and wrapped lines' heights are looked up
+without sorting them each time."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
+from marco.client import AgentClient
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
@@ -305,4 +309,147 @@ def test_wrapped_lines_of_many_heights_are_all_reachable(
         last = next_last
     page.keyboard.press("End")
     assert line(pane, 2999).evaluate(IN_SIGHT)
+    page.context.close()
+
+
+def test_memory_is_bounded_by_characters_too(
+        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    """Pages of long lines: the view keeps at most `maxChars` characters of lines (its
+    default is 64M; lowered here to a page and a half of 1,000-character lines) however far
+    the reader goes, drops the least recently used pages for it, and reads one again when
+    it comes back into sight."""
+    controller, agent = cluster
+    host = agent.node_name
+    command = "s=$(printf 'x%.0s' $(seq 1 995)); seq -w 1 5000 | sed \"s/$/ $s/\""
+    run_id = finished_run(controller, signer.issue(alice.name), host, command)
+    page = open_run(browser, controller, alice, run_id)
+    pane = page.locator(f'.host-pane[data-host="{host}"]')
+    expect(line(pane, 4999)).to_contain_text("5000 xxx")
+    execution = line(pane, 4999).get_attribute("data-segment")
+    view = f"runView.panes.get({host!r}).view"
+    page.evaluate(f"() => {{ {view}.maxChars = 1500000; }}")
+    # What the view counts, and what its pages hold (they must agree).
+    held = f"""() => {{ const v = {view}; let sum = 0;
+        for (const p of v.pages.values()) for (const t of p.texts) sum += t === undefined ? 0 : t.length;
+        return [v.chars, sum, v.counters.evicted]; }}"""
+    for seq in (0, 2500, 4500, 1200, 3700, 0):
+        page.evaluate("hit => runView.reveal(hit)", {"execution_id": execution, "host": host,
+                                                     "task_id": None, "seq": seq, "at": []})
+        expect(line(pane, seq)).to_have_text(f"{seq + 1:04d} " + "x" * 995)
+        counted, summed, _ = page.evaluate(held)
+        assert counted == summed, (counted, summed)
+        assert counted <= 1_500_000, counted
+    assert page.evaluate(held)[2] >= 4  # pages were dropped, and read again when needed
+    page.context.close()
+
+
+def ended(client: AgentClient, execution: str) -> bool:
+    return bool(client.execution(execution)["state"] != "running")
+
+
+def red(element: Locator) -> Locator:
+    """The red (SGR 31) runs of a line."""
+    return element.locator(".ansi-c1")
+
+
+def test_colours_do_not_leak_from_one_execution_into_the_next(
+        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    """Two executions of a task on a host, each ending in red without a reset: the other's
+    first line starts plain (each execution starts from a reset state), also when both are
+    rendered in one go."""
+    controller, agent = cluster
+    token, host = signer.issue(alice.name), agent.node_name
+    status, answer = call(controller, "POST", "/api/runs",
+                          {"kind": "playbook", "title": "ansible-playbook colours.yml"}, token)
+    assert status == 201, answer
+    run_id = str(answer["id"])
+    status, answer = call(controller, "POST", f"/api/runs/{run_id}/events", {"events": [
+        {"type": "task_start", "task": "t1", "task_id": "t1", "play_id": "p1",
+         "action": "ansible.builtin.shell"},
+        {"type": "host_result", "task_id": "t1", "host": host, "status": "ok", "rc": 0}]}, token)
+    assert status == 200, answer
+    with agent.client(token) as client:
+        for name in ("a", "b"):
+            execution = client.start(f"echo plain-{name}; printf '\\033[31mred-{name}\\n'",
+                                     tags={"run": run_id, "task": "t1", "host": host})
+            wait_for(functools.partial(ended, client, execution), what="it ended")
+    page = open_run(browser, controller, alice, run_id)
+    page.locator(f'tr.grid-task[data-task="t1"] button.cell[data-host="{host}"]').click()
+    details = page.locator("#details-output")
+    lines = details.locator(".line")
+    expect(lines).to_have_count(4)
+    expect(details.locator(".line", has_text="red-")).to_have_count(2)
+    # Every line rendered again at once (as a search's highlight does): one pass over both.
+    page.evaluate("() => runView.highlight('zzz-not-there')")
+    expect(lines).to_have_text([re.compile("^plain-"), re.compile("^red-"),
+                                re.compile("^plain-"), re.compile("^red-")])
+    for k in range(4):
+        expect(red(lines.nth(k))).to_have_count(k % 2)
+    call(controller, "POST", f"/api/runs/{run_id}/finish", {}, token)
+    page.context.close()
+
+
+def test_colours_carry_over_pages_from_their_true_start(
+        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    """Red set on line 501 (page 1 of 1,000 lines) and never reset. Seen first in the middle,
+    page 2 started from a reset state (page 1 not read); once page 1 is read, page 3's lines
+    are red: the end of page 2 computed from that reset start is not used again."""
+    controller, agent = cluster
+    host = agent.node_name
+    run_id = finished_run(controller, signer.issue(alice.name), host,
+                          "seq 1 500; printf '\\033[31mred\\n'; seq 502 3000")
+    page = open_run(browser, controller, alice, run_id)
+    pane = page.locator(f'.host-pane[data-host="{host}"]')
+    expect(line(pane, 2999)).to_have_text("3000")
+    execution = line(pane, 2999).get_attribute("data-segment")
+
+    def reveal(seq: int) -> Locator:
+        page.evaluate("hit => runView.reveal(hit)", {"execution_id": execution, "host": host,
+                                                     "task_id": None, "seq": seq, "at": []})
+        expect(line(pane, seq)).to_have_text(str(seq + 1))
+        return line(pane, seq)
+
+    expect(red(reveal(1950))).to_have_count(0)  # page 1 not read: from a reset state
+    expect(red(reveal(950))).to_have_count(1)
+    expect(red(line(pane, 1000))).to_have_count(1)
+    expect(red(reveal(2500))).to_have_count(1)
+    expect(red(reveal(1950))).to_have_count(1)
+    page.context.close()
+
+
+def test_scrolling_wrapped_lines_again_builds_no_height_index(
+        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    """Wrapped lines' heights are looked up in sorted sums built once per change of heights:
+    paging through lines already measured builds none (a sort per lookup made each scroll
+    event sort every measured line)."""
+    controller, agent = cluster
+    host = agent.node_name
+    command = ("for i in $(seq 1 3000); do if [ $((i % 3)) = 0 ]; "
+               "then printf \"$i %0400d\\n\" 0; else echo $i; fi; done")
+    run_id = finished_run(controller, signer.issue(alice.name), host, command)
+    page = open_run(browser, controller, alice, run_id)
+    page.get_by_role("checkbox", name="Wrap lines").check()
+    pane = page.locator(f'.host-pane[data-host="{host}"]')
+    scroller = pane.locator(".output-scroll")
+    expect(line(pane, 2999)).to_contain_text("3000 0000")
+    built = f"() => runView.panes.get({host!r}).view.counters.heightIndexes"
+
+    def page_through() -> int:
+        """Home, then ten pages down; the seq of the first line in sight."""
+        scroller.focus()
+        page.keyboard.press("Home")
+        expect(line(pane, 0)).to_have_text("1")
+        first = scroller.evaluate(SEEN)[0]
+        for _ in range(10):
+            page.keyboard.press("PageDown")
+            page.wait_for_function(f"s => ({SEEN})(s)[0] > {first}",
+                                   arg=scroller.element_handle())
+            first = scroller.evaluate(SEEN)[0]
+        return int(first)
+
+    reached = page_through()
+    before = page.evaluate(built)
+    assert before > 0
+    assert page_through() == reached
+    assert page.evaluate(built) == before
     page.context.close()
