@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import fcntl
 import functools
 import hashlib
@@ -440,6 +441,7 @@ class ExecutionManager:
         # Each user's finished executions, oldest end first (they are added as they end), so
         # retention looks at the oldest few instead of sorting everything on every exit.
         self._finished_of: dict[str, dict[str, Execution]] = {}
+        self._running_of: collections.Counter[str] = collections.Counter()
         self._transports: dict[str, asyncio.SubprocessTransport] = {}
         self.closing = False
         self.audit = audit
@@ -530,7 +532,7 @@ class ExecutionManager:
                     capture: bool = False) -> Execution:
         if self.closing:
             raise ShuttingDown("the agent is shutting down; try again when it is back")
-        running = sum(1 for e in self._executions.values() if e.user == user.name and e.running)
+        running = self._running_of[user.name]
         if running >= self.max_running_per_user:
             raise TooManyExecutions(f"{running} of your executions are running on this node "
                                     f"(the limit is {self.max_running_per_user}); "
@@ -562,11 +564,13 @@ class ExecutionManager:
         env.update(request.env)
         env["MARCO_EXECUTION_ID"] = execution_id
         self._executions[execution_id] = execution
+        self._running_of[user.name] += 1
         try:
             with self.isolation.spawning(execution_id, user) as isolation_args:
                 transport = await self._spawn(execution, user, argv, env, isolation_args)
         except (OSError, subprocess.SubprocessError) as exc:
             del self._executions[execution_id]
+            self._running_of[user.name] -= 1
             spool.remove()
             if execution.capture:
                 execution.capture.close()
@@ -744,6 +748,7 @@ class ExecutionManager:
             execution.state, execution.signal = "killed", signal.Signals(-returncode).name
         else:
             execution.state, execution.rc = "exited", returncode
+        self._running_of[execution.user] -= 1
         # Ended before its last lines go out: they need no record of a running execution,
         # the final one below covers them.
         execution.flush_partial_lines()
@@ -762,7 +767,8 @@ class ExecutionManager:
         if execution.done is not None and not execution.done.done():
             execution.done.set_result(None)
         self._add_finished(execution)
-        self._expire_user(execution.user, time.time())
+        # After the `wait` caller's answer: forgetting old records is no part of this one.
+        asyncio.get_running_loop().call_soon(self._expire_user, execution.user, time.time())
 
 
 def _cwd_error(cwd: str) -> str:

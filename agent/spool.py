@@ -175,7 +175,14 @@ class ExecutionSpool:
 
     def remove(self) -> None:
         self.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        try:  # the files the spool makes, without rmtree's walk: this runs on every exit
+            for name in (OUTPUT_FILE, META_FILE):
+                (self.directory / name).unlink(missing_ok=True)
+            self.directory.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:  # something else in it (a crash's meta.json.tmp)
+            shutil.rmtree(self.directory, ignore_errors=True)
         if self.account is not None:
             self.account.release(self.disk_bytes)
         self._size = self._meta_size = 0

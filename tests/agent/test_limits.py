@@ -65,6 +65,9 @@ def test_retention_keeps_each_users_newest(start_agent, signer: TokenSigner, ali
     ids = [alices.run(["echo", str(i)]).id for i in range(4)]
     assert [e["id"] for e in alices.executions()] == ids[-2:]
     assert [e["id"] for e in bobs.executions()] == [bobs_first]
+    records = agent.state_dir / "executions"
+    wait_for(lambda: sorted(os.listdir(records)) == sorted([bobs_first, *ids[-2:]]),
+             what="only the kept executions' records on disk")
     assert bobs.run(["true"]).rc == 0 and bobs_first in {e["id"] for e in bobs.executions()}
 
 
