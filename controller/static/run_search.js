@@ -15,10 +15,13 @@ class RunSearch {
     this.count = 0;           // matching lines the last answer found
     this.complete = true;     // whether that count is all of them
     this.next = null;         // the cursor of the hits after those read
+    this.pages = [];          // the pages of hits read: {at: the first one's index, after: its cursor}
     this.index = -1;          // the current hit
     this.asked = null;        // the query of the hits shown, as a string
     this.pending = null;      // the query of the search under way, as a string
     this.generation = 0;      // answers to an older search are dropped
+    this.aborter = null;      // aborts the requests of the search under way (a newer one starts)
+    this.paging = null;       // the read of the next page of hits under way (one at a time)
     this.typing = null;
   }
 
@@ -130,9 +133,9 @@ class RunSearch {
     this.typing = setTimeout(() => this.search(true), SEARCH_TYPING_MS);
   }
 
-  // Enter, Shift+Enter, the buttons: the next or previous hit; a changed query, or a running
-  // run's output that may have grown, is searched again first (Enter again while that same
-  // search is under way does nothing).
+  // Enter, Shift+Enter, the buttons: the next or previous hit; a changed query is searched
+  // again first, and so is a running run's output, which may have grown (Enter again while that
+  // same search is under way does nothing).
   async step(direction) {
     clearTimeout(this.typing);
     const args = this.query();
@@ -140,13 +143,30 @@ class RunSearch {
     if (args.toString() === this.pending) return;
     const running = this.view.run && this.view.run.ended === null;
     if (args.toString() !== this.asked) return this.search(true);
-    if (running) {
-      const at = this.hits[this.index];
-      if (!(await this.search(false))) return;
-      const again = at ? this.hits.findIndex((h) => h.execution_id === at.execution_id && h.seq === at.seq) : -1;
-      this.index = again;
-    }
+    if (running && !(await this.refresh())) return;
     return this.move(direction);
+  }
+
+  // A new request's abort signal; the requests of the search before it are aborted (the
+  // controller stops working on a search nobody waits for).
+  signal() {
+    if (this.aborter) this.aborter.abort();
+    this.aborter = new AbortController();
+    return this.aborter.signal;
+  }
+
+  // GET .../search with `args`: the answer, or null when it failed (the counter says why) or a
+  // newer search replaced this one (`generation`).
+  async ask(args, generation, signal) {
+    try {
+      const answer = await api(this.view.path(`/search?${args}`), { signal });
+      return generation === this.generation ? answer : null;
+    } catch (err) {
+      if (generation !== this.generation) return null;
+      if (err.name === "AbortError") return null;
+      this.reset(err.status === 429 ? "too many searches at once: try again" : err.message);
+      return null;
+    }
   }
 
   // Asks the controller afresh; shows the first hit when `first`. False if it failed or a
@@ -154,6 +174,8 @@ class RunSearch {
   async search(first) {
     const args = this.query();
     const generation = ++this.generation;
+    const signal = this.signal();
+    this.paging = null;
     this.view.highlight(args ? this.input.value : null, { caseSensitive: this.caseBox.checked });
     if (!args) {
       this.pending = null;
@@ -161,20 +183,13 @@ class RunSearch {
       return false;
     }
     this.counter.textContent = "searching…";
-    let answer;
     this.pending = args.toString();
-    try {
-      answer = await api(this.view.path(`/search?${args}`));
-    } catch (err) {
-      if (generation !== this.generation) return false;
-      this.reset(err.status === 429 ? "too many searches at once: try again" : err.message);
-      return false;
-    } finally {
-      if (generation === this.generation) this.pending = null;
-    }
-    if (generation !== this.generation) return false;
+    const answer = await this.ask(args, generation, signal);
+    if (generation === this.generation) this.pending = null;
+    if (!answer) return false;
     this.asked = args.toString();
     this.hits = answer.hits;
+    this.pages = [{ at: 0, after: null }];
     this.count = answer.count;
     this.complete = answer.complete;
     this.next = answer.next;
@@ -184,8 +199,38 @@ class RunSearch {
     return true;
   }
 
+  // A running run searched again from the page of hits the current one is on (read again
+  // with that page's cursor): the pages before it stay, and the current hit is found again in
+  // it, so the next hit is the one after it, on whichever page (not hit 1 again once past the
+  // first page); lines printed since are found. False if it failed or a newer search
+  // replaced it.
+  async refresh() {
+    const current = this.hits[this.index];
+    const page = this.pages.filter((p) => p.at <= Math.max(0, this.index)).pop() || { at: 0, after: null };
+    const args = new URLSearchParams(this.asked);
+    if (page.after) args.set("after", page.after);
+    const generation = ++this.generation;
+    const signal = this.signal();
+    this.paging = null;
+    this.pending = this.asked;
+    const answer = await this.ask(args, generation, signal);
+    if (generation === this.generation) this.pending = null;
+    if (!answer) return false;
+    this.hits = [...this.hits.slice(0, page.at), ...answer.hits];
+    this.pages = [...this.pages.filter((p) => p.at < page.at), page];
+    this.count = answer.count;
+    this.complete = answer.complete;
+    this.next = answer.next;
+    const again = current ? this.hits.findIndex((h, i) => i >= page.at
+      && h.execution_id === current.execution_id && h.seq === current.seq) : -1;
+    // Not found again (more new hits came before it than a page holds): the page's first next.
+    this.index = again >= 0 ? again : page.at - 1;
+    return true;
+  }
+
   reset(message) {
     this.hits = [];
+    this.pages = [];
     this.count = 0;
     this.index = -1;
     this.next = null;
@@ -195,27 +240,43 @@ class RunSearch {
   }
 
   // The hit `direction` away from the current one; past the last hit read, the next page of
-  // hits is read; past either end of all of them, the other end.
+  // hits is read; past either end of all of them, the other end. Where it goes is decided once
+  // the page is read: presses meanwhile go on from the hit the one before them showed.
   async move(direction) {
     if (!this.hits.length) return this.showCount();
+    if (this.index + direction >= this.hits.length && this.next && !(await this.more())) return;
     let index = this.index + direction;
-    if (index >= this.hits.length && this.next) {
-      const args = this.query();
-      args.set("after", this.next);
-      const generation = this.generation;
-      try {
-        const answer = await api(this.view.path(`/search?${args}`));
-        if (generation !== this.generation) return;
-        this.hits.push(...answer.hits);
-        this.next = answer.next;
-      } catch (err) {
-        this.counter.textContent = err.message;
-        return;
-      }
-    }
     if (index >= this.hits.length) index = this.next ? this.hits.length - 1 : 0;
     if (index < 0) index = this.next ? 0 : this.hits.length - 1;
     return this.show(index);
+  }
+
+  // The next page of hits, read once however many presses ask for it meanwhile (two reads of
+  // the same page would add its hits twice); false if it failed or a newer search came.
+  more() {
+    if (!this.paging) {
+      const paging = this.readPage().finally(() => { if (this.paging === paging) this.paging = null; });
+      this.paging = paging;
+    }
+    return this.paging;
+  }
+
+  async readPage() {
+    const args = new URLSearchParams(this.asked), cursor = this.next;
+    args.set("after", cursor);
+    const generation = this.generation;
+    let answer;
+    try {
+      answer = await api(this.view.path(`/search?${args}`), { signal: this.aborter.signal });
+    } catch (err) {
+      if (generation === this.generation && err.name !== "AbortError") this.counter.textContent = err.message;
+      return false;
+    }
+    if (generation !== this.generation || this.next !== cursor) return false;
+    this.pages.push({ at: this.hits.length, after: cursor });
+    this.hits.push(...answer.hits);
+    this.next = answer.next;
+    return true;
   }
 
   async show(index) {

@@ -2,23 +2,31 @@
 controller and agents: a line of a finished 100,000-line run found and shown marked in its
 pane, next and previous through many hits, no match, the stderr and host filters, and the
 controls reached by Tab with their names, a running run searched again on Enter, and a
-playbook's hits shown in their task's details."""
+playbook's hits shown in their task's details; a new search aborts the one under way, marks
+stay where the hits are whatever case folding does, and paging through hits (3 a page on a
+controller of its own) reads each page once and goes on past the first page while a run runs."""
 
 from __future__ import annotations
 
+import contextlib
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Locator, Page, expect
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import Locator, Page, Request, Route, expect
 
 from marco.tokens import TokenSigner
 from tests.controller.test_runs_api import gate  # noqa: F401 (a fixture)
 from tests.controller.test_runs_download import command_run, playbook_with_two_tasks
 from tests.support.controller_process import ControllerProcess
+from tests.support.daemon import stop_all
 from tests.support.http import call
 from tests.support.pki import TestPki
 from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
 from tests.support.web import TIMEOUT_MS, open_logged_in
 
 Cluster = tuple[ControllerProcess, list[str]]
@@ -202,3 +210,143 @@ def test_a_playbooks_hit_opens_its_task_on_its_host(browser: Any, cluster: Clust
     expect(current.locator("xpath=ancestor::*[contains(@class, 'line')][1]")).to_have_text(
         "one" if first == "t2" else "three")
     page.context.close()
+
+
+def test_a_new_search_aborts_the_one_under_way(browser: Any, cluster: Cluster, big_run: str,
+                                               alice: UnixUser) -> None:
+    """Typing on while a search is under way: its request is aborted (the controller need not
+    finish a search nobody waits for) and the new one answers. The first request is held on
+    its way (never answered) so it is surely under way when the second starts."""
+    controller, _ = cluster
+    page = open_run(browser, controller, alice, big_run)
+    held: list[Route] = []
+
+    def hold_the_first(route: Route) -> None:
+        if query_of(route.request) == "777" and not held:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/search?*", hold_the_first)
+    with page.expect_request(lambda request: query_of(request) == "777"):
+        page.fill("#search-q", "777")  # searched once typing stops
+    with page.expect_event("requestfailed", lambda request: query_of(request) == "777"):
+        find(page, "77777")
+    expect(page.locator("#search-count")).to_have_text("1 of 1")
+    with contextlib.suppress(PlaywrightError):
+        held[0].continue_()
+    page.context.close()
+
+
+def query_of(request: Request) -> str | None:
+    """The `q` of a search request."""
+    return urllib.parse.parse_qs(urllib.parse.urlsplit(request.url).query).get("q", [None])[0]
+
+
+def test_marks_stay_in_place_whatever_case_folding_does(
+        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    """Lines whose lowercase has another length ("İ") or another letter ("ΟΔΟΣ" ends in "ς"),
+    or that hold characters of two UTF-16 units before the hit: every hit is marked where it
+    is, the current one where the search found it."""
+    controller, names = cluster
+    text = "İstanbul error\\nΟΔΟΣ\\nx ΟΔΟΣ\\n😀 error\\nſtop\\nſtep\\n"
+    run_id = command_run(controller, signer.issue(alice.name), [names[0]], f"printf '{text}'")
+    page = open_run(browser, controller, alice, run_id)
+    pane = pane_of(page, names[0])
+    count = page.locator("#search-count")
+    expect(line(pane, 5)).to_have_text("ſtep")
+    find(page, "error")
+    expect(count).to_have_text("1 of 2")
+    expect(line(pane, 0).locator("mark.hit.current")).to_have_text("error")
+    expect(line(pane, 3).locator("mark.hit")).to_have_text("error")
+    page.press("#search-q", "Enter")
+    expect(count).to_have_text("2 of 2")
+    expect(line(pane, 3).locator("mark.hit.current")).to_have_text("error")
+    find(page, "σ")  # Python's matching (the controller's) takes Σ, σ and ς as one letter
+    expect(count).to_have_text("1 of 2")
+    expect(line(pane, 1).locator("mark.hit.current")).to_have_text("Σ")
+    expect(line(pane, 2).locator("mark.hit")).to_have_text("Σ")
+    find(page, "st")  # and ſ (long s) as s
+    expect(count).to_have_text("1 of 3")
+    expect(line(pane, 0).locator("mark.hit.current")).to_have_text("st")
+    expect(line(pane, 4).locator("mark.hit")).to_have_text("ſt")
+    expect(line(pane, 5).locator("mark.hit")).to_have_text("ſt")
+    page.context.close()
+
+
+@pytest.fixture(scope="module")
+def small_pages(secret_file: Path, pki: TestPki, pam_service: str, signer: TokenSigner,
+                alice: UnixUser, cluster: Cluster,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Another controller on the cluster's agents whose search answers give 3 hits a page,
+    so paging is reached with a few lines."""
+    controller = ControllerProcess(secret_file, tmp_path_factory.mktemp("small-pages"),
+                                   pam_service=pam_service, pki=pki,
+                                   extra_args=["--runs-search-hits", "3"])
+    try:
+        names = cluster[1]
+        token = signer.issue(alice.name)
+        wait_for(lambda: set(names) <= set(controller.inventory_hosts(token)),
+                 what="the agents discovered")
+        yield controller, names
+    finally:
+        stop_all([controller])
+
+
+HITS = "for i in $(seq 1 10); do echo hit-$i; done"
+
+
+def test_presses_at_a_page_edge_read_the_next_page_once(
+        browser: Any, small_pages: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    """Two Enters at once on the last hit read: the next page is read once and both count
+    (hit 5 of 10, each hit once: Next reaches the 10th, then the first)."""
+    controller, names = small_pages
+    run_id = command_run(controller, signer.issue(alice.name), [names[0]], HITS)
+    page = open_run(browser, controller, alice, run_id)
+    pane, count = pane_of(page, names[0]), page.locator("#search-count")
+    expect(line(pane, 9)).to_have_text("hit-10")
+    find(page, "hit")
+    expect(count).to_have_text("1 of 10")
+    for shown in (2, 3):
+        page.press("#search-q", "Enter")
+        expect(count).to_have_text(f"{shown} of 10")
+    # Two key presses in one task: the second comes while the first's page is being read.
+    page.evaluate("""() => { const box = document.querySelector('#search-q');
+        for (let i = 0; i < 2; i++) box.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter'})); }""")
+    expect(count).to_have_text("5 of 10")
+    expect_current(pane, 4, "hit-5", "hit")
+    for shown in range(6, 11):
+        page.press("#search-q", "Enter")
+        expect(count).to_have_text(f"{shown} of 10")
+        expect_current(pane, shown - 1, f"hit-{shown}", "hit")
+    page.press("#search-q", "Enter")
+    expect(count).to_have_text("1 of 10")
+    page.context.close()
+
+
+def test_enter_on_a_running_run_goes_on_past_the_first_page(
+        browser: Any, small_pages: Cluster, alice: UnixUser, signer: TokenSigner,
+        gate: Path) -> None:  # noqa: F811
+    """While the run runs each Enter searches again: from the current hit on, so the hits
+    after the first page are reached (not hit 1 again), then it wraps to the first."""
+    controller, names = small_pages
+    token = signer.issue(alice.name)
+    status, answer = call(controller, "POST", "/api/run", {"nodes": [names[0]], "command": (
+        f"{HITS}; until [ -e {gate}/end ]; do sleep 0.05; done")}, token)
+    assert status == 200, answer
+    try:
+        page = open_run(browser, controller, alice, answer["run"]["id"])
+        pane, count = pane_of(page, names[0]), page.locator("#search-count")
+        expect(line(pane, 9)).to_have_text("hit-10")
+        find(page, "hit")
+        expect(count).to_have_text("1 of 10")
+        for shown in range(2, 11):
+            page.press("#search-q", "Enter")
+            expect(count).to_have_text(f"{shown} of 10")
+            expect_current(pane, shown - 1, f"hit-{shown}", "hit")
+        page.press("#search-q", "Enter")
+        expect(count).to_have_text("1 of 10")
+        expect_current(pane, 0, "hit-1", "hit")
+        page.context.close()
+    finally:
+        (gate / "end").touch()
