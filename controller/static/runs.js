@@ -164,31 +164,43 @@ function readableEnd(execution) {
   return Number.isInteger(cut) ? Math.min(next, cut) : next;
 }
 
+// Whether an execution still runs: its agent says so, or (its agent not asked) it is not
+// archived while its run runs. One archived without `ended` (its node restarted and lost it,
+// an older agent) has ended, when is unknown.
+function executionRunning(execution, run) {
+  if (typeof execution.ended === "number") return false;
+  if (execution.state === "running") return true;
+  return !execution.archived && !execution.state && Boolean(run) && run.ended === null;
+}
+
 // How long executions took, from the first one's start to the last one's end (the nodes'
 // clocks, as the executions listing gives them): {seconds, running}, or null when no
-// execution says when it started (an agent not asked yet, an older controller).
-function executionsSpan(executions) {
+// execution says when it started (an agent not asked yet, an older controller) or one that
+// has ended does not say when.
+function executionsSpan(executions, run) {
   const started = executions.map((e) => e.started).filter((t) => typeof t === "number");
   if (!started.length) return null;
-  const running = executions.some((e) => typeof e.ended !== "number");
+  const running = executions.some((e) => executionRunning(e, run));
+  if (!running && executions.some((e) => typeof e.ended !== "number")) return null;
   const end = running ? Date.now() / 1000
     : Math.max(...executions.map((e) => e.ended));
   return { seconds: Math.max(0, end - Math.min(...started)), running };
 }
 
-// "took 1.2 s" (or "running for 3.0 s") for executions; "" when their times are unknown.
-function spanText(executions) {
-  const span = executionsSpan(executions);
+// "took 1.2 s" (or "running for 3.0 s") for executions of `run`; "" when their times are
+// unknown.
+function spanText(executions, run) {
+  const span = executionsSpan(executions, run);
   if (!span) return "";
   return (span.running ? "running for " : "took ") + fmtDuration(span.seconds);
 }
 
 // The open result's executions and how long each took, under its output's heading.
-function showExecutionTimes(executions) {
+function showExecutionTimes(executions, run) {
   const line = $("#details-executions");
   if (!line) return;
   const parts = executions.map((e) => {
-    const took = spanText([e]);
+    const took = spanText([e], run);
     const rc = Number.isInteger(e.rc) ? `, rc=${e.rc}` : "";
     return took ? took + rc : null;
   }).filter(Boolean);
@@ -626,7 +638,7 @@ class RunView {
         const executions = await details.reader.list(query);
         if (!current()) return;
         view.setSegments(segmentsOf(executions));
-        showExecutionTimes(executions);
+        showExecutionTimes(executions, this.run);
         await view.readTail();
       } catch (err) {
         this.showError(err.message);
@@ -688,7 +700,7 @@ class RunView {
   paneDuration(host) {
     const pane = this.panes.get(host);
     if (!pane) return;
-    const own = spanText(pane.executions);
+    const own = spanText(pane.executions, this.run);
     const ended = this.run && this.run.ended !== null;
     pane.took.textContent = own || (ended ? "took " + fmtDuration(runDuration(this.run)) : "");
     pane.took.title = own ? `its ${pane.executions.length} execution(s), on the node's clock`

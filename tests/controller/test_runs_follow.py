@@ -262,3 +262,58 @@ def test_a_pane_gives_its_executions_duration_on_the_nodes_clock(
     pane = page.locator(f'.host-pane[data-host="{agent.node_name}"]')
     expect(pane.locator(".pane-took")).to_have_text(f"took {duration_text(took)}")
     page.context.close()
+
+
+def test_a_pane_whose_execution_was_lost_gives_the_runs_duration(
+        browser: Any, follow_cluster: Cluster, alice: UnixUser, signer: TokenSigner,
+        secret_file: Path, pki: TestPki, tmp_path: Path) -> None:
+    """An execution whose node restarted without it is archived with no end: once the run has
+    ended the pane says how long the run took, not "running for" a time that keeps growing."""
+    controller, _ = follow_cluster
+    token = signer.issue(alice.name)
+    name = unique_node_name("lost")
+    gate = Path(tempfile.mkdtemp(prefix="lost-gate-"))
+    gate.chmod(0o755)
+    agent = AgentProcess(secret_file, tmp_path / "before" / "state", node_name=name,
+                         announce=True, pki=pki)
+    try:
+        wait_for(lambda: name in controller.inventory_hosts(token), what="the agent discovered")
+        status, answer = call(controller, "POST", "/api/runs",
+                              {"kind": "command", "title": "wait", "hosts": [name]}, token)
+        assert status == 201, answer
+        run_id = str(answer["id"])
+        with agent.client(token) as client:
+            client.start(f"until [ -e {gate}/end ]; do sleep 0.05; done",
+                         tags={"run": run_id, "host": name})
+        # Listed once by its agent: the controller records it, with its start.
+        (listed,) = executions_of(controller, token, run_id)
+        assert isinstance(listed["started"], (int, float)) and listed["ended"] is None, listed
+        # The node restarts without its state: it no longer has the execution.
+        agent.stop()
+        agent = AgentProcess(secret_file, tmp_path / "after" / "state", node_name=name,
+                             announce=True, pki=pki, port=agent.port)
+        wait_for(lambda: name in controller.inventory_hosts(token), what="the agent back")
+        status, run = call(controller, "POST", f"/api/runs/{run_id}/finish",
+                           {"status": "interrupted"}, token)
+        assert status == 200, run
+        wait_for(lambda: executions_of(controller, token, run_id)[0]["archived"],
+                 timeout=120, what="the lost execution archived")
+        (lost,) = executions_of(controller, token, run_id)
+        assert lost["ended"] is None and lost["state"] != "running", lost
+        page: Page = browser.new_context().new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        open_logged_in(page, controller, alice, f"/runs/{run_id}")
+        took = page.locator(f'.host-pane[data-host="{name}"] .pane-took')
+        expect(took).to_have_text(f"took {duration_text(run['ended'] - run['started'])}")
+        expect(took).to_have_attribute("title", "the run's duration, from its start to its end")
+        page.context.close()
+    finally:
+        (gate / "end").touch()
+        agent.stop()
+        shutil.rmtree(gate, ignore_errors=True)
+
+
+def executions_of(controller: ControllerProcess, token: str, run_id: str) -> list[Any]:
+    status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
+    assert status == 200, answer
+    return list(answer["executions"])
