@@ -244,8 +244,143 @@ def test_a_users_searches_at_once_are_bounded(start_controller, alice: UnixUser,
     assert search(controller, alices, run_id, q="y")[0] == 200  # its turn is back
 
 
+def test_lines_are_matched_as_shown_and_q_as_typed(cluster: Cluster, alice: UnixUser,
+                                                   signer: TokenSigner) -> None:
+    """`\r` and `\b` overwrite as on the page (a progress line shows `100%` and is found by
+    it alone); `q` keeps its spaces; a hit gives at most 20 occurrences, all in its 500
+    characters; a cursor the search never comes to is a 400, not an empty page."""
+    controller, names = cluster
+    token = signer.issue(alice.name)
+    run_id = command_run(controller, token, [names[0]],
+                         r"printf '  foo\nfoo\n10%%\r55%%\r100%%\nabc\rX\nab\bc\n'; "
+                         r"head -c 600 /dev/zero | tr '\0' z; echo")
+    assert found(controller, token, run_id, q="55%")["count"] == 0
+    (hit,) = found(controller, token, run_id, q="100%")["hits"]
+    assert (hit["seq"], hit["text"], hit["at"]) == (2, "100%", [[0, 4]])
+    assert seqs(found(controller, token, run_id, q="Xbc")) == [3]
+    assert seqs(found(controller, token, run_id, q="ac")) == [4]
+    assert found(controller, token, run_id, q="abc")["count"] == 0
+    assert seqs(found(controller, token, run_id, q="  foo")) == [0]
+    assert seqs(found(controller, token, run_id, q="foo")) == [0, 1]
+    assert seqs(found(controller, token, run_id, q=" ")) == [0]
+    (hit,) = found(controller, token, run_id, q="z")["hits"]
+    assert len(hit["text"]) == 500 and hit["at"] == [[n, n + 1] for n in range(20)]
+    first = found(controller, token, run_id, q="foo", limit=1)
+    assert first["next"] is not None and first["count"] == 2
+    position, _, place = first["next"].partition(":")
+    for after in (f"{int(position) + 1}:{place}", f"{position}:other:0"):
+        status, answer = search(controller, token, run_id, q="foo", after=after)
+        assert status == 400 and answer["error"] == "bad_request", after
+    assert seqs(found(controller, token, run_id, q="foo", after=first["next"])) == [1]
+
+
+def test_a_search_stops_at_its_deadline(start_controller, alice: UnixUser,
+                                        signer: TokenSigner, unique_name) -> None:
+    """With runs_search_seconds 1, a search waiting on a hung agent (600 s to answer) answers
+    what it found, not complete."""
+    silent = SilentNode()
+    name = unique_name("hung")
+    controller = start_controller(extra_args=[
+        "--no-discovery", "--node", f"{name}=127.0.0.1:{silent.port}",
+        "--runs-search-seconds", "1", "--runs-read-agent-timeout", "600"])
+    token = signer.issue(alice.name)
+    run_id = new_run(controller, token, hosts=[name])
+    try:
+        assert found(controller, token, run_id, q="x") == {
+            "hits": [], "count": 0, "complete": False, "next": None}
+        assert f"run {run_id}: a search of {alice.name} stops: its time is up" \
+            in controller.log()
+    finally:
+        silent.release()
+
+
+def test_a_search_whose_client_went_away_stops(start_controller, alice: UnixUser,
+                                               signer: TokenSigner, unique_name) -> None:
+    """With runs_search_per_user 1, a search waiting on a hung agent holds alice's slot (429)
+    until its client goes away; then it stops and the slot is hers again."""
+    silent = SilentNode()
+    name = unique_name("hung")
+    controller = start_controller(extra_args=[
+        "--no-discovery", "--node", f"{name}=127.0.0.1:{silent.port}",
+        "--runs-search-per-user", "1", "--runs-read-agent-timeout", "600",
+        "--runs-search-seconds", "600"])
+    token = signer.issue(alice.name)
+    run_id = new_run(controller, token, hosts=[name])
+    other = new_run(controller, token)  # no host: nobody to ask
+    conn = controller.connection(timeout=60)
+    try:
+        conn.request("GET", f"/api/runs/{run_id}/search?q=x",
+                     headers={"Authorization": f"Bearer {token}"})
+        wait_for(lambda: f"run {run_id}: a listing of {alice.name} asks 1 node" in
+                 controller.log(), what="the search asking the hung agent")
+        status, answer = search(controller, token, other, q="x")
+        assert status == 429 and answer["error"] == "too_many_searches", answer
+        conn.close()
+        wait_for(lambda: search(controller, token, other, q="x")[0] == 200,
+                 what="the slot back once the client went away")
+        assert f"run {run_id}: a search of {alice.name} stops: its client went away" \
+            in controller.log()
+    finally:
+        conn.close()
+        silent.release()
+
+
+def test_searches_at_once_are_bounded_in_all(start_controller, alice: UnixUser, bob: UnixUser,
+                                             signer: TokenSigner, unique_name) -> None:
+    """With runs_search_at_once 1, bob's search while alice's waits on a hung agent answers
+    429, whoever he is; once hers has answered, his goes."""
+    silent = SilentNode()
+    name = unique_name("hung")
+    controller = start_controller(extra_args=[
+        "--no-discovery", "--node", f"{name}=127.0.0.1:{silent.port}",
+        "--runs-search-at-once", "1", "--runs-read-agent-timeout", "600"])
+    alices, bobs = signer.issue(alice.name), signer.issue(bob.name)
+    run_id = new_run(controller, alices, hosts=[name])
+    bobs_run = new_run(controller, bobs)
+    first: list[Any] = []
+    waiting = threading.Thread(target=lambda: first.append(search(
+        controller, alices, run_id, q="x")), daemon=True)
+    waiting.start()
+    try:
+        wait_for(lambda: f"run {run_id}: a listing of {alice.name} asks 1 node" in
+                 controller.log(), what="alice's search asking the hung agent")
+        status, answer = search(controller, bobs, bobs_run, q="x")
+        assert status == 429 and answer["error"] == "too_many_searches", answer
+        assert "the controller has 1 searches" in answer["message"]
+    finally:
+        silent.release()
+        waiting.join(timeout=60)
+    assert first and first[0][0] == 200
+    assert search(controller, bobs, bobs_run, q="x")[0] == 200
+
+
+def test_a_node_that_failed_is_not_asked_again_in_a_search(
+        start_agent, start_controller, unique_name, alice: UnixUser, signer: TokenSigner,
+        gate: Path) -> None:  # noqa: F811 (the fixture)
+    """Three executions of a running run registered on a node that then goes away: one
+    search reads the first from its agent, fails, and does not ask for the other two."""
+    controller, (agent,) = static_cluster(start_agent, start_controller, unique_name, agents=1)
+    node, token = agent.node_name, signer.issue(alice.name)
+    wait_for(lambda: node in controller.inventory_hosts(token), what="node alive")
+    run_id = new_run(controller, token, hosts=[node])
+    with agent.client(token) as client:
+        ids = [client.start(f"until [ -e {gate}/end ]; do sleep 0.05; done",
+                            tags={"run": run_id, "task": f"t{n}", "host": node})
+               for n in range(3)]
+    wait_for(lambda: {e["execution_id"] for e in executions(controller, token, run_id)}
+             == set(ids), what="the three executions registered")
+    agent.stop()
+    answer = found(controller, token, run_id, q="x")
+    assert answer["count"] == 0
+    failed = [line for line in controller.log().splitlines()
+              if f"run {run_id}: output of" in line and "not read" in line]
+    assert len(failed) == 1, failed
+    assert all(not e["archived"] for e in executions(controller, token, run_id, "?live=0"))
+
+
 def test_search_settings_refuse_zero() -> None:
     for flag in ("--runs-search-per-user", "--runs-search-hits", "--runs-search-query-chars",
-                 "--runs-search-lines"):
+                 "--runs-search-lines", "--runs-search-chars", "--runs-search-seconds",
+                 "--runs-search-at-once"):
         with pytest.raises(ConfigError, match=flag[2:].replace("-", "_")):
             load_config(build_parser().parse_args([flag, "0"]), {})
