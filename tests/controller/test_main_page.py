@@ -459,3 +459,83 @@ def test_sockets_are_for_rows_in_sight_never_for_ticks_and_at_most_24(
     assert sockets_only_in_sight(page)
     assert page.evaluate("window.mostHeld") == 24
     page.context.close()
+
+
+def test_a_node_keeps_its_newest_20_executions(browser: Any, cluster: Any,
+                                                alice: UnixUser) -> None:
+    """A page left open keeps a node's newest 20 executions, not every one it saw."""
+    controller, names = cluster
+    name = names[1]
+    page = logged_in_page(browser, controller, alice)
+    expect(pane(page, name).locator(".link-state")).to_have_text(LIVE)
+    page.get_by_role("checkbox", name=f"Select {name}").check()
+    tag = f"kept{time.monotonic_ns()}"
+    commands = [f"echo {tag}-{i}" for i in range(1, 24)]
+    for command in commands:  # one after the other, so their order is known
+        page.fill("#shell-command", command)
+        page.click("#shell-run")
+        block = pane(page, name).locator(".execution").filter(
+            has=page.locator(".exec-command", has_text=re.compile(f"^{command}$")))
+        expect(block.locator(".exec-state")).to_have_text("rc=0")
+    shown = pane(page, name).locator(".exec-command")
+    expect(shown).to_have_count(20)
+    assert shown.all_inner_texts() == commands[-20:]
+    page.context.close()
+
+
+def test_run_acts_only_on_the_ticked_nodes_the_filter_shows(browser: Any, cluster: Any,
+                                                            alice: UnixUser) -> None:
+    controller, names = cluster
+    page = logged_in_page(browser, controller, alice)
+    ticked = page.locator("#ticked")
+    for name in names:
+        page.get_by_role("checkbox", name=f"Select {name}").check()
+    expect(ticked).to_have_text("on the 2 ticked nodes shown")
+    page.get_by_role("searchbox", name="Search nodes").fill(names[1])
+    expect(ticked).to_have_text(
+        "on the 1 ticked node shown; 1 more ticked but hidden by the filter, left out")
+    page.fill("#shell-command", "true")
+    with page.expect_request(lambda r: r.url.endswith("/api/run")) as request:
+        page.click("#shell-run")
+    assert json.loads(str(request.value.post_data))["nodes"] == [names[1]]
+    page.context.close()
+
+
+def test_node_element_ids_differ_for_names_that_differ(browser: Any, cluster: Any,
+                                                       alice: UnixUser) -> None:
+    """web.1 and web_1 get different ids (one name always the same); the panes' ids differ."""
+    controller, _ = cluster
+    page = logged_in_page(browser, controller, alice)
+    ids = page.evaluate('() => [cssId("web.1"), cssId("web_1"), cssId("web.1")]')
+    assert ids[0] != ids[1] and ids[0] == ids[2], ids
+    panes = page.locator(".pane").evaluate_all("ps => ps.map((p) => p.id)")
+    assert len(set(panes)) == len(panes) > 0
+    page.context.close()
+
+
+def test_an_unreachable_controller_is_one_status_line_and_results_stay(
+        browser: Any, start_agent: Any, start_controller: Any, unique_name: Any,
+        signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:
+    """While the node list cannot be refreshed, one status line says so (replaced, not one
+    notice per try), and the results shown stay; it goes once the controller is back."""
+    controller, _ = big_cluster(start_agent, start_controller, unique_name, signer, alice,
+                                tmp_path, 1)
+    page = logged_in_page(browser, controller, alice)
+    status, results = page.locator("#page-status"), page.locator("#run-results > *")
+    page.fill("#shell-command", "true")
+    page.click("#shell-run")  # nothing ticked: a result says so
+    expect(results).to_have_count(1)
+    controller.stop()
+    expect(status).to_contain_text("Cannot refresh the nodes")
+    for _ in range(3):  # three more tries fail
+        with page.expect_event("requestfailed", lambda r: r.url.endswith("/api/nodes")):
+            pass
+    expect(results).to_have_count(1)
+    expect(page.locator("#notices > *")).to_have_count(0)
+    back = controller.restarted()
+    try:
+        expect(status).to_be_hidden()
+        expect(status).to_have_text("")
+    finally:
+        back.stop()
+    page.context.close()
