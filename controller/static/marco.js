@@ -956,10 +956,21 @@ class App {
     setTimeout(async () => {
       try {
         await this.refreshNodes();
+        if ($("#page-status").textContent) this.controllerBack();
         this.setStatus("");
       } catch (e) { this.setStatus(`Cannot refresh the nodes: ${e.message}; retrying`); }
       this.keepRefreshing();
     }, 2000);
+  }
+
+  // The controller answers again: the sockets it dropped are tried now, not after a backoff
+  // grown while it was away (SocketSlots spreads the reconnects out).
+  controllerBack() {
+    for (const view of this.views.values()) {
+      view.retryMs = RETRY_FIRST_MS;
+      view.retryAt = 0;
+      view.reviewSocket();
+    }
   }
 
   setStatus(text) {

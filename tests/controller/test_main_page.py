@@ -539,3 +539,37 @@ def test_an_unreachable_controller_is_one_status_line_and_results_stay(
     finally:
         back.stop()
     page.context.close()
+
+
+def test_an_execution_that_ended_while_disconnected_is_shown_ended(
+        browser: Any, start_agent: Any, start_controller: Any, unique_name: Any,
+        signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:
+    """The controller is away while an execution ends and 21 more run: back, the page learns
+    it ended though it is not among the 20 newest the agent's hello lists for new views."""
+    agent = start_agent(node_name=unique_name("gap"), pki=None)
+    config = tmp_path / "controller.toml"
+    config.write_text(f'discovery = false\nnode = ["gap1={agent.host}:{agent.port}"]\n')
+    controller = start_controller(pki=None, extra_args=["--config", str(config)])
+    client = agent.client(signer.issue(alice.name))
+    page = logged_in_page(browser, controller, alice)
+    link = pane(page, "gap1").locator(".link-state")
+    expect(link).to_have_text(LIVE)
+    long = client.start("sleep 600", label="long")
+    block = pane(page, "gap1").locator(f'.execution[data-id="{long}"]')
+    expect(block.locator(".exec-state")).to_have_text("running")
+    controller.stop()
+    expect(link).to_contain_text("disconnected")
+    for i in range(21):
+        assert client.run(f"echo gap-{i}").rc == 0
+    client.stop(long)
+    wait_for(lambda: client.execution(long)["state"] != "running", what="the long one ended")
+    back = controller.restarted()
+    try:
+        expect(link).to_have_text(LIVE)
+        expect(pane(page, "gap1").locator(".exec-command", has_text="echo gap-20")).to_be_visible()
+        # Ended and older than the 20 newest, it goes (kept as running, it stayed for good).
+        expect(block).to_have_count(0)
+        expect(pane(page, "gap1").locator(".execution")).to_have_count(20)
+    finally:
+        back.stop()
+    page.context.close()
