@@ -193,7 +193,8 @@ const OutputView = (() => {
         const id = String(given.id);
         if (this.byId.has(id)) continue;
         const seg = old.get(id) || { id, host: given.host, task_id: given.task_id, length: 0,
-                                     end: null, extra: new Map(), extraSum: 0, heights: null };
+                                     end: null, extra: new Map(), extraSum: 0, heights: null,
+                                     changed: new Set() };
         seg.length = this.capped(seg, Math.max(seg.length, Number(given.length) || 0));
         this.segments.push(seg);
         this.byId.set(id, seg);
@@ -388,16 +389,36 @@ const OutputView = (() => {
       return y;
     }
 
-    // A segment's measured lines in seq order with the extra px of those before each (prefix
-    // sums: `before[i]` is the extra of lines[0..i-1]); built once after heights change, so a
-    // lookup is a binary search instead of a sort of every measured line.
+    // A segment's measured lines in seq order, their extra px, and the extra of those before
+    // each (prefix sums: `before[i]` is the extra of lines[0..i-1]), so a lookup is a binary
+    // search instead of a sort of every measured line. After heights change it is built again
+    // once: the lines changed since are merged into the sorted ones (linear, no sort of all).
     heights(seg) {
-      if (seg.heights) return seg.heights;
-      const lines = Float64Array.from(seg.extra.keys()).sort();
-      const before = new Float64Array(lines.length + 1);
-      for (let i = 0; i < lines.length; i++) before[i + 1] = before[i] + seg.extra.get(lines[i]);
+      const old = seg.heights;
+      if (old && !seg.changed.size) return old;
       this.counters.heightIndexes++;
-      seg.heights = { lines, before };
+      const size = seg.extra.size, lines = new Float64Array(size), px = new Float64Array(size);
+      if (!old || seg.changed.size * 8 > old.lines.length) {
+        lines.set(Float64Array.from(seg.extra.keys()).sort());
+        for (let i = 0; i < size; i++) px[i] = seg.extra.get(lines[i]);
+      } else {
+        const changed = Float64Array.from(seg.changed).sort();
+        let i = 0, j = 0, k = 0;
+        while (i < old.lines.length || j < changed.length) {
+          if (j >= changed.length || (i < old.lines.length && old.lines[i] < changed[j])) {
+            lines[k] = old.lines[i]; px[k++] = old.px[i++];
+            continue;
+          }
+          const seq = changed[j++];
+          if (i < old.lines.length && old.lines[i] === seq) i++;  // changed or gone
+          const now = seg.extra.get(seq);
+          if (now) { lines[k] = seq; px[k++] = now; }
+        }
+      }
+      const before = new Float64Array(size + 1);
+      for (let i = 0; i < size; i++) before[i + 1] = before[i] + px[i];
+      seg.changed.clear();
+      seg.heights = { lines, px, before };
       return seg.heights;
     }
 
@@ -416,7 +437,7 @@ const OutputView = (() => {
       const was = seg.extra.get(seq) || 0, now = Math.max(0, px);
       if (now > 0) seg.extra.set(seq, now); else seg.extra.delete(seq);
       seg.extraSum += now - was;
-      seg.heights = null;
+      if (seg.heights) seg.changed.add(seq);  // merged into the sorted heights when next needed
     }
 
     // The global index of the line at px `y` (clamped to the lines there are).
@@ -447,7 +468,7 @@ const OutputView = (() => {
       }
       if (!lo) return Math.min(last, Math.floor(y / LINE_HEIGHT));
       const line = lines[lo - 1], top = line * LINE_HEIGHT + before[lo - 1];
-      const below = top + LINE_HEIGHT + seg.extra.get(line);
+      const below = top + LINE_HEIGHT + before[lo] - before[lo - 1];
       if (y < below) return Math.min(last, line);
       return Math.min(last, line + 1 + Math.floor((y - below) / LINE_HEIGHT));
     }
@@ -533,7 +554,12 @@ const OutputView = (() => {
 
     // Forgets measured heights (the width or wrapping changed): lines count as one row again.
     unmeasure() {
-      for (const seg of this.segments) { seg.extra.clear(); seg.extraSum = 0; seg.heights = null; }
+      for (const seg of this.segments) {
+        seg.extra.clear();
+        seg.extraSum = 0;
+        seg.heights = null;
+        seg.changed.clear();
+      }
       this.rendered.clear();
     }
 
