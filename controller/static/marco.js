@@ -412,7 +412,7 @@ class NodeView {
           if (!newest.has(summary.id) && !this.executions.has(summary.id)) continue;
           const view = this.execution(summary.id, summary);
           view.setSummary(summary);
-          view.grow(summary.next_seq);
+          view.grow(view.cut === null ? summary.next_seq : Math.min(summary.next_seq, view.cut));
         }
         this.prune();
         break;
@@ -526,6 +526,7 @@ class ExecutionView {
     this.reads = [];                // reads the view asked for, not answered yet, in order
     this.asking = null;             // the read whose replay is on the socket now
     this.gone = false;              // the agent no longer has it: nothing more to read
+    this.cut = null;                // the agent kept no line from this seq on (its spool was full)
     const block = el("div", "execution");
     block.dataset.id = id;
     const head = el("div", "exec-head");
@@ -561,6 +562,12 @@ class ExecutionView {
       // The agent keeps and streams nothing of a no_log task: say so instead of an empty box.
       this.block.classList.add("no-log");
       this.notice.appendChild(el("span", "line notice", "output hidden: no_log"));
+    }
+    if (Number.isInteger(s.truncated_seq) && this.cut === null) {
+      // Lines from there on were not kept: they are never asked for (and said so once).
+      this.cut = s.truncated_seq;
+      this.notice.appendChild(el("span", "line notice cut-note",
+        `output from line ${this.cut + 1} on was not kept (the node's spool for it was full)`));
     }
     if (s.state === "running") this.running = true;
     if (s.state && s.state !== "running") this.finish(s.state, s.rc, s.signal);
@@ -633,6 +640,7 @@ class ExecutionView {
   // Whether the view still lacks line `since` in a page it shows. The view's pages are read as
   // they are; without them (another view version), every read is worth asking.
   worthAsking(read) {
+    if (this.cut !== null && read.since >= this.cut) return false;
     const pages = this.view.pages, inSight = this.view.inSight;
     const key = `${this.id}\n${Math.floor(read.since / REPLAY_LINES)}`;
     if (inSight instanceof Set && inSight.size && !inSight.has(key)) return false;

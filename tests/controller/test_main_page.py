@@ -573,3 +573,44 @@ def test_an_execution_that_ended_while_disconnected_is_shown_ended(
     finally:
         back.stop()
     page.context.close()
+
+
+# Every replay the page asks for, as {id, since}, by wrapping the browser's own WebSocket.send.
+COUNT_REPLAYS = """(() => {
+  const send = WebSocket.prototype.send, asked = [];
+  window.replaysAsked = () => asked;
+  WebSocket.prototype.send = function (data) {
+    try { const m = JSON.parse(data); if (m.type === "replay") asked.push({ id: m.id, since: m.since }); }
+    catch (e) { /* not JSON */ }
+    return send.call(this, data);
+  };
+})();"""
+
+
+def test_lines_an_agent_did_not_keep_are_never_asked_for(
+        browser: Any, start_agent: Any, start_controller: Any, unique_name: Any,
+        signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:
+    """An execution whose spool filled up: the page says from which line nothing was kept and
+    never replays from there (it asked again every second before)."""
+    agent = start_agent(node_name=unique_name("cut"), pki=None,
+                        extra_args=["--spool-max-bytes", "1000000"])
+    config = tmp_path / "controller.toml"
+    config.write_text(f'discovery = false\nnode = ["cut1={agent.host}:{agent.port}"]\n')
+    controller = start_controller(pki=None, extra_args=["--config", str(config)])
+    client = agent.client(signer.issue(alice.name))
+    cut = client.run("seq 1 400000")
+    cut_seq = client.execution(cut.id)["truncated_seq"]
+    assert isinstance(cut_seq, int) and 0 < cut_seq < 400000
+    context = browser.new_context()
+    context.add_init_script(COUNT_REPLAYS)
+    page: Page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    open_logged_in(page, controller, alice)
+    block = pane(page, "cut1").locator(f'.execution[data-id="{cut.id}"]')
+    expect(block.locator(".cut-note")).to_have_text(
+        f"output from line {cut_seq + 1} on was not kept (the node's spool for it was full)")
+    expect(block.locator(".line", has_text=re.compile(f"^{cut_seq}$"))).to_be_visible()
+    asked = wait_for(lambda: [r["since"] for r in page.evaluate("replaysAsked()")
+                              if r["id"] == cut.id], what="a replay of the cut execution")
+    assert max(asked) < cut_seq, asked
+    context.close()
