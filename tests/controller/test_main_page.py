@@ -614,3 +614,22 @@ def test_lines_an_agent_did_not_keep_are_never_asked_for(
                               if r["id"] == cut.id], what="a replay of the cut execution")
     assert max(asked) < cut_seq, asked
     context.close()
+
+
+def test_a_refused_socket_says_why_and_when_it_is_tried_again(
+        browser: Any, start_agent: Any, start_controller: Any, unique_name: Any,
+        alice: UnixUser, tmp_path: Path) -> None:
+    """A node whose agent refuses the socket (here: the user's one socket there is taken by
+    another tab) shows the reason and when it tries again, not a bare close code."""
+    agent = start_agent(node_name=unique_name("cap"), pki=None,
+                        extra_args=["--max-sockets-per-user", "1"])
+    config = tmp_path / "controller.toml"
+    config.write_text(f'discovery = false\nnode = ["cap1={agent.host}:{agent.port}"]\n')
+    controller = start_controller(pki=None, extra_args=["--config", str(config)])
+    first = logged_in_page(browser, controller, alice)
+    expect(pane(first, "cap1").locator(".link-state")).to_have_text(LIVE)
+    second = logged_in_page(browser, controller, alice)
+    expect(pane(second, "cap1").locator(".link-state")).to_have_text(re.compile(
+        r"^disconnected \(4502: agent unreachable: .*the limit is 1.*\); retrying in \d+ s$"))
+    first.context.close()
+    second.context.close()
