@@ -34,13 +34,16 @@ from .user_slots import UserSlots
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SLICE_LINES = 50_000          # lines one slice matches at most
+SLICE_LINES = 20_000          # lines one slice matches at most
 SLICE_CHARS = 4_000_000       # characters one call on the store's thread matches at most
 LOOP_SLICE_CHARS = 1_000_000  # characters matched on the event loop between two awaits
 TEXT_CHARS = 500              # characters of a hit's line an answer gives
 MAX_SPANS = 20                # occurrences one hit's `at` gives at most
+# What one `\r` and one `\b` count for in a slice's characters (measured): applying them
+# takes steps of Python, not of the regular expression engine, a `\b` the more.
+RETURN_COST, BACKSPACE_COST = 10, 100
 STREAMS = ("stdout", "stderr")
-CONTROLS = re.compile(r"[\r\b]+")
+BACKSPACES = re.compile(r"\x08+")
 NOT_A_PLACE = "'after' must be the 'next' of an earlier answer of the same search"
 
 
@@ -115,23 +118,45 @@ def parse_cursor(text: str) -> Place | None:
 
 
 def overwrite(text: str) -> str:
-    """The text as the page shows it (ansi.js `overwrite`, like a terminal): after `\\r` what
-    follows overwrites from column 0, `\\b` steps one column back; cells are code points. Each
-    piece between controls is written with one slice assignment, so a line costs its length."""
+    """The text as the page shows it (ansi.js `overwrite`, like a terminal): after `\r` what
+    follows overwrites from column 0, `\b` steps one column back; cells are code points.
+
+    Each pass between two `\r` writes columns 0 up to its length, so a column shows what the
+    last pass reaching it wrote: the passes are taken from the last, each adding what lies
+    beyond the ones after it, and a line costs its length (plus a step per `\b`)."""
     if "\r" not in text and "\b" not in text:
         return text
+    parts: list[str] = []
+    covered = 0
+    for piece in reversed(text.split("\r")):
+        if "\b" in piece:
+            piece = backspaced(piece)
+        if len(piece) > covered:
+            parts.append(piece[covered:])
+            covered = len(piece)
+    return "".join(parts)
+
+
+def backspaced(text: str) -> str:
+    """One pass (no `\r`) with its `\b` applied: each piece between them is written with one
+    slice assignment at the column the `\b` before it left."""
     cells: list[str] = []
     column = start = 0
-    for controls in CONTROLS.finditer(text):
+    for controls in BACKSPACES.finditer(text):
         piece = text[start:controls.start()]
         cells[column:column + len(piece)] = piece
-        column += len(piece)
-        back = controls.end() - controls.start()
-        column = 0 if "\r" in controls.group() else max(0, column - back)
+        column = max(0, column + len(piece) - (controls.end() - controls.start()))
         start = controls.end()
     piece = text[start:]
     cells[column:column + len(piece)] = piece
     return "".join(cells)
+
+
+def control_cost(lines: list[str]) -> int:
+    """What the lines' `\r` and `\b` add to a slice's characters (counted in C, not per line
+    in Python)."""
+    return RETURN_COST * sum(map(str.count, lines, itertools.repeat("\r"))) \
+        + BACKSPACE_COST * sum(map(str.count, lines, itertools.repeat("\b")))
 
 
 def shown(line: str) -> str:
@@ -293,8 +318,9 @@ class Scan:
         """How many of the lines this slice and the search's bounds take (spent on them)."""
         count, chars = len(lines), sum(map(len, lines))
         if not self.slice_full and count <= min(self.lines_left, self.slice_lines) \
-                and chars <= min(self.chars_left, self.slice_chars):
-            self.spend(count, chars)
+                and chars <= self.chars_left \
+                and (cost := chars + control_cost(lines)) <= self.slice_chars:
+            self.spend(count, chars, cost)
             return count
         take = 0
         for line in lines:
@@ -303,15 +329,16 @@ class Scan:
             if self.lines_left <= 0 or self.chars_left < len(line):
                 self.cut = True
                 break
-            self.spend(1, len(line))
+            self.spend(1, len(line), len(line) + control_cost([line]))
             take += 1
         return take
 
-    def spend(self, lines: int, chars: int) -> None:
+    def spend(self, lines: int, chars: int, cost: int) -> None:
+        """Lines and characters scanned; `cost`: what they count for in the slice."""
         self.lines_left -= lines
         self.chars_left -= chars
         self.slice_lines -= lines
-        self.slice_chars -= chars
+        self.slice_chars -= cost
         self.slice_full = self.slice_lines <= 0 or self.slice_chars <= 0
 
     def match(self, event: dict[str, Any], lines: list[str]) -> None:
