@@ -633,3 +633,30 @@ def test_a_refused_socket_says_why_and_when_it_is_tried_again(
         r"^disconnected \(4502: agent unreachable: .*the limit is 1.*\); retrying in \d+ s$"))
     first.context.close()
     second.context.close()
+
+
+def test_an_execution_the_agent_dropped_says_so_instead_of_notices(
+        browser: Any, start_agent: Any, start_controller: Any, unique_name: Any,
+        signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:
+    """Reading earlier lines of an execution the agent has pruned meanwhile: its view says it
+    is no longer on the node (and reads no more); no notice is added."""
+    agent = start_agent(node_name=unique_name("pruned"), pki=None,
+                        extra_args=["--retention-count", "2"])
+    config = tmp_path / "controller.toml"
+    config.write_text(f'discovery = false\nnode = ["pr1={agent.host}:{agent.port}"]\n')
+    controller = start_controller(pki=None, extra_args=["--config", str(config)])
+    client = agent.client(signer.issue(alice.name))
+    long = client.run("seq 1 20000").id  # before the page: it reads the lines it shows
+    page = logged_in_page(browser, controller, alice)
+    expect(pane(page, "pr1").locator(".link-state")).to_have_text(LIVE)
+    block = pane(page, "pr1").locator(f'.execution[data-id="{long}"]')
+    box = block.get_by_role("region", name="Output of pr1")
+    expect(box.locator(".line", has_text=re.compile(r"^20000$"))).to_be_visible()
+    for _ in range(2):
+        client.run("true")
+    assert long not in {e["id"] for e in client.executions()}
+    box.focus()
+    page.keyboard.press("Home")
+    expect(block.locator(".exec-notice")).to_contain_text("no longer on the node")
+    expect(page.locator("#notices > *")).to_have_count(0)
+    page.context.close()
