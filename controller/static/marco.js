@@ -389,10 +389,13 @@ class NodeView {
   // The answer (`replayed`) of the oldest replay of execution `id`; the replays asked before
   // it got an error (the agent refused them).
   answered(id, event) {
+    if (event.execution) this.executions.get(id)?.setSummary(event.execution);
     const at = this.asked.findIndex((a) => a.view.id === id);
     if (at < 0) return;
-    for (const { view, read } of this.asked.splice(0, at + 1).slice(0, -1)) view.refused(read);
-    this.executions.get(id)?.replayed(event);
+    const done = this.asked.splice(0, at + 1), mine = done.pop();
+    for (const { view, read } of done) view.refused(read);
+    // Its own read (a no-op when that read was given up: a late answer answers no other).
+    mine.read.answer(event);
   }
 
   onEvent(event) {
@@ -646,11 +649,6 @@ class ExecutionView {
     if (inSight instanceof Set && inSight.size && !inSight.has(key)) return false;
     const page = pages instanceof Map ? pages.get(key) : null;
     return !page || !page.texts || page.texts[read.since % REPLAY_LINES] === undefined;
-  }
-
-  replayed(event) {
-    const read = this.asking;
-    if (read) read.answer(event);
   }
 
   // The agent refused a replay of this execution; `gone`: it no longer has it (pruned), so
