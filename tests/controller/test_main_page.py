@@ -660,3 +660,26 @@ def test_an_execution_the_agent_dropped_says_so_instead_of_notices(
     expect(block.locator(".exec-notice")).to_contain_text("no longer on the node")
     expect(page.locator("#notices > *")).to_have_count(0)
     page.context.close()
+
+
+def test_stop_without_a_socket_says_it_was_not_sent(
+        browser: Any, start_agent: Any, start_controller: Any, unique_name: Any,
+        signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:
+    agent = start_agent(node_name=unique_name("nostop"), pki=None)
+    config = tmp_path / "controller.toml"
+    config.write_text(f'discovery = false\nnode = ["ns1={agent.host}:{agent.port}"]\n')
+    controller = start_controller(pki=None, extra_args=["--config", str(config)])
+    client = agent.client(signer.issue(alice.name))
+    page = logged_in_page(browser, controller, alice)
+    link = pane(page, "ns1").locator(".link-state")
+    expect(link).to_have_text(LIVE)
+    long = client.start("sleep 600", label="long")
+    block = pane(page, "ns1").locator(f'.execution[data-id="{long}"]')
+    expect(block.locator(".exec-state")).to_have_text("running")
+    controller.stop()
+    expect(link).to_contain_text("disconnected")
+    block.get_by_role("button", name="stop this execution on ns1").click()
+    expect(block.locator(".exec-notice")).to_contain_text("not connected: stop not sent")
+    assert client.execution(long)["state"] == "running"
+    client.stop(long)
+    page.context.close()
