@@ -15,6 +15,7 @@ client goes away; an agent that failed once is not asked again in that search.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import re
@@ -315,19 +316,39 @@ class Scan:
         return not self.slice_full
 
     def fits(self, lines: list[str]) -> int:
-        """How many of the lines this slice and the search's bounds take (spent on them)."""
+        """How many of the lines this slice and the search's bounds take (spent on them); a
+        line refused by the search's bounds cuts the search, one refused by the slice's waits
+        for the next slice."""
+        if self.slice_full:
+            return 0
         count, chars = len(lines), sum(map(len, lines))
-        if not self.slice_full and count <= min(self.lines_left, self.slice_lines) \
-                and chars <= self.chars_left \
-                and (cost := chars + control_cost(lines)) <= self.slice_chars:
-            self.spend(count, chars, cost)
+        controls = control_cost(lines)
+        if count <= min(self.lines_left, self.slice_lines) and chars <= self.chars_left \
+                and chars + controls <= self.slice_chars:
+            self.spend(count, chars, chars + controls)
             return count
+        take = self.fits_each(lines) if controls else self.fits_plain(lines)
+        if take < count and not self.slice_full:
+            self.cut = True
+        return take
+
+    def fits_plain(self, lines: list[str]) -> int:
+        """`fits` for lines without `\r` or `\b`, by their running length (no step of Python
+        per line: an event may hold tens of thousands): a line is taken while the slice has
+        characters left before it and the search has enough for it."""
+        ends = list(itertools.accumulate(map(len, lines[:min(self.lines_left,
+                                                             self.slice_lines)])))
+        take = min(len(ends), bisect.bisect_left(ends, self.slice_chars) + 1,
+                   bisect.bisect_right(ends, self.chars_left))
+        chars = ends[take - 1] if take else 0
+        self.spend(take, chars, chars)
+        return take
+
+    def fits_each(self, lines: list[str]) -> int:
+        """`fits` line by line, each charged for its `\r` and `\b` too."""
         take = 0
         for line in lines:
-            if self.slice_full:
-                break
-            if self.lines_left <= 0 or self.chars_left < len(line):
-                self.cut = True
+            if self.slice_full or self.lines_left <= 0 or self.chars_left < len(line):
                 break
             self.spend(1, len(line), len(line) + control_cost([line]))
             take += 1
