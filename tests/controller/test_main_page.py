@@ -683,3 +683,61 @@ def test_stop_without_a_socket_says_it_was_not_sent(
     assert client.execution(long)["state"] == "running"
     client.stop(long)
     page.context.close()
+
+
+# The replays the page sends and the output lines it receives, in order, for one execution:
+# the browser's own WebSocket, observed (send wrapped, a message listener added).
+WATCH_REPLAYS = """(() => {
+  const Native = window.WebSocket, log = [];
+  window.replayLog = () => log;
+  window.WebSocket = class extends Native {
+    constructor(url, protocols) {
+      super(url, protocols);
+      this.addEventListener("message", (m) => {
+        const e = JSON.parse(m.data);
+        if (e.type === "output") log.push({ kind: "got", id: e.id, seq: e.seq, n: e.lines.length });
+      });
+    }
+    send(data) {
+      const m = JSON.parse(data);
+      if (m.type === "replay") log.push({ kind: "asked", id: m.id, since: m.since });
+      return super.send(data);
+    }
+  };
+})();"""
+
+
+def test_no_replay_asks_for_lines_the_page_already_has(
+        browser: Any, start_agent: Any, start_controller: Any, unique_name: Any,
+        signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:
+    """Shown at a page boundary, a view wants two pages at once; the answer for the first
+    brings the second too, so the read queued for it is not sent."""
+    agent = start_agent(node_name=unique_name("reads"), pki=None)
+    config = tmp_path / "controller.toml"
+    config.write_text(f'discovery = false\nnode = ["rd1={agent.host}:{agent.port}"]\n')
+    controller = start_controller(pki=None, extra_args=["--config", str(config)])
+    long = agent.client(signer.issue(alice.name)).run("seq 1 20000").id
+    context = browser.new_context()
+    context.add_init_script(WATCH_REPLAYS)
+    page: Page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    open_logged_in(page, controller, alice)
+    box = pane(page, "rd1").locator(f'.execution[data-id="{long}"]').get_by_role(
+        "region", name="Output of rd1")
+    expect(box.locator(".line", has_text=re.compile(r"^20000$"))).to_be_visible()
+    # Line 10,000 (seq 9999) at the top: pages 9 and 10 are in sight, in one scroll.
+    box.evaluate("b => { b.scrollTop = 9999 * 17; }")
+    expect(box.locator(".line", has_text=re.compile(r"^10001$"))).to_be_visible()
+    expect(box.locator(".line", has_text=re.compile(r"^9999$"))).to_be_visible()
+    have: set[int] = set()
+    asked = []
+    for entry in page.evaluate("replayLog()"):
+        if entry["id"] != long:
+            continue
+        if entry["kind"] == "got":
+            have.update(range(entry["seq"], entry["seq"] + entry["n"]))
+        else:
+            asked.append(entry["since"])
+            assert entry["since"] not in have, (entry, asked)
+    assert 9000 in asked, asked
+    context.close()
