@@ -18,6 +18,8 @@ const RETRY_FIRST_MS = 1500;       // a dropped socket's first retry; doubled ea
 const RETRY_MAX_MS = 60000;        // jitter) up to this; back to the first once it says hello
 const MAX_RESULTS = 20;            // run and deploy results kept on the page (newest first)
 const MAX_NOTICES = 8;             // notices kept, apart from the results
+const OUTPUT_CHARS = 64 * 1024 * 1024;  // output characters all execution views keep in all,
+                                        // shared out among them (the lines in sight always)
 const SHORT_OUTPUT = 12;           // lines an execution's box shows at their own height
 const ROW_MARGIN = 8;              // table rows rendered above and below those in sight
 const VIEW_KEY = "marco-node-view";
@@ -551,6 +553,7 @@ class ExecutionView {
     block.appendChild(this.box);
     this.view = new OutputView(this.box, { label: nodeView.node.name, loadPage: (segment, since, limit) => this.read(since, limit) });
     this.view.setSegments([{ id, host: nodeView.node.name, length: 0 }]);
+    nodeView.app.outputs.add(this);
     this.live = false;
     this.running = false;
     this.block = block;
@@ -680,6 +683,7 @@ class ExecutionView {
     if (this.asking) this.asking.answer({ next: this.asking.since });
     if (typeof this.view.destroy === "function") this.view.destroy();
     this.block.remove();
+    this.nodeView.app.outputs.delete(this);
   }
 
   exit(event) {
@@ -927,6 +931,22 @@ class SocketSlots {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The page's execution views share OUTPUT_CHARS: each keeps its share of lines beyond those in
+// sight (its view's `maxChars`), so many views do not each keep a run page's worth.
+class OutputBudget {
+  constructor() { this.views = new Set(); }
+
+  add(execution) { this.views.add(execution); this.share(); }
+
+  delete(execution) { if (this.views.delete(execution)) this.share(); }
+
+  share() {
+    const each = Math.floor(OUTPUT_CHARS / Math.max(1, this.views.size));
+    for (const execution of this.views) if ("maxChars" in execution.view) execution.view.maxChars = each;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 class App {
   constructor() {
     this.views = new Map();
@@ -934,6 +954,7 @@ class App {
     this.mode = null;              // "cards" or "table"
     this.nodeCount = 0;
     this.sockets = new SocketSlots();
+    this.outputs = new OutputBudget();
     this.announcer = new Announcer($("#output-announcer"));
     this.table = new NodeTable(this, $("#node-table-wrap"));
     // A card in sight holds its node's socket (see NodeView.wanted).
