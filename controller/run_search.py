@@ -119,12 +119,12 @@ def parse_cursor(text: str) -> Place | None:
 
 
 def overwrite(text: str) -> str:
-    """The text as the page shows it (ansi.js `overwrite`, like a terminal): after `\r` what
-    follows overwrites from column 0, `\b` steps one column back; cells are code points.
+    """The text as the page shows it (ansi.js `overwrite`, like a terminal): after `\\r` what
+    follows overwrites from column 0, `\\b` steps one column back; cells are code points.
 
-    Each pass between two `\r` writes columns 0 up to its length, so a column shows what the
+    Each pass between two `\\r` writes columns 0 up to its length, so a column shows what the
     last pass reaching it wrote: the passes are taken from the last, each adding what lies
-    beyond the ones after it, and a line costs its length (plus a step per `\b`)."""
+    beyond the ones after it, and a line costs its length (plus a step per `\\b`)."""
     if "\r" not in text and "\b" not in text:
         return text
     parts: list[str] = []
@@ -139,8 +139,8 @@ def overwrite(text: str) -> str:
 
 
 def backspaced(text: str) -> str:
-    """One pass (no `\r`) with its `\b` applied: each piece between them is written with one
-    slice assignment at the column the `\b` before it left."""
+    """One pass (no `\\r`) with its `\\b` applied: each piece between them is written with one
+    slice assignment at the column the `\\b` before it left."""
     cells: list[str] = []
     column = start = 0
     for controls in BACKSPACES.finditer(text):
@@ -154,7 +154,7 @@ def backspaced(text: str) -> str:
 
 
 def control_cost(lines: list[str]) -> int:
-    """What the lines' `\r` and `\b` add to a slice's characters (counted in C, not per line
+    """What the lines' `\\r` and `\\b` add to a slice's characters (counted in C, not per line
     in Python)."""
     return RETURN_COST * sum(map(str.count, lines, itertools.repeat("\r"))) \
         + BACKSPACE_COST * sum(map(str.count, lines, itertools.repeat("\b")))
@@ -333,7 +333,7 @@ class Scan:
         return take
 
     def fits_plain(self, lines: list[str]) -> int:
-        """`fits` for lines without `\r` or `\b`, by their running length (no step of Python
+        """`fits` for lines without `\\r` or `\\b`, by their running length (no step of Python
         per line: an event may hold tens of thousands): a line is taken while the slice has
         characters left before it and the search has enough for it."""
         ends = list(itertools.accumulate(map(len, lines[:min(self.lines_left,
@@ -345,7 +345,7 @@ class Scan:
         return take
 
     def fits_each(self, lines: list[str]) -> int:
-        """`fits` line by line, each charged for its `\r` and `\b` too."""
+        """`fits` line by line, each charged for its `\\r` and `\\b` too."""
         take = 0
         for line in lines:
             if self.slice_full or self.lines_left <= 0 or self.chars_left < len(line):

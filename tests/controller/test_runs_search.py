@@ -246,7 +246,7 @@ def test_a_users_searches_at_once_are_bounded(start_controller, alice: UnixUser,
 
 def test_lines_are_matched_as_shown_and_q_as_typed(cluster: Cluster, alice: UnixUser,
                                                    signer: TokenSigner) -> None:
-    """`\r` and `\b` overwrite as on the page (a progress line shows `100%` and is found by
+    """`\\r` and `\\b` overwrite as on the page (a progress line shows `100%` and is found by
     it alone); `q` keeps its spaces; a hit gives at most 20 occurrences, all in its 500
     characters; a cursor the search never comes to is a 400, not an empty page."""
     controller, names = cluster

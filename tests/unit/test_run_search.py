@@ -137,8 +137,8 @@ def test_a_slice_is_bounded_in_characters_and_keeps_the_rest() -> None:
 
 
 def test_a_slice_counts_backspaces_and_returns_for_more() -> None:
-    """Applying `\r` and `\b` is Python's work, not the regex engine's: a slice of 1,000
-    characters takes one line of 10 `\b` (20 characters), nine of 10 `\r`, fifty plain ones
+    """Applying `\\r` and `\\b` is Python's work, not the regex engine's: a slice of 1,000
+    characters takes one line of 10 `\\b` (20 characters), nine of 10 `\\r`, fifty plain ones
     (the line crossing the bound is taken whole), in events of 5 lines or in one of 100."""
     for line, per_slice in (("x\b" * 10, 1), ("x\r" * 10, 9), ("xy" * 10, 50)):
         for events in ([output(n, [line] * 5) for n in range(0, 100, 5)], [output(0, [line] * 100)]):
