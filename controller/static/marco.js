@@ -218,6 +218,7 @@ class NodeView {
     this.retryAt = 0;              // no reconnect before this (Date.now() ms)
     this.retryTimer = null;
     this.asked = [];               // replays sent on the open socket, oldest first: {view, read}
+    this.forgotten = new Set();    // ids of views dropped: a late replay's lines make none again
     this.buildPane();
     this.update(node);
   }
@@ -429,7 +430,7 @@ class NodeView {
         this.prune();
         break;
       }
-      case "output": this.execution(event.id).output(event); break;
+      case "output": if (!this.forgotten.has(event.id)) this.execution(event.id).output(event); break;
       case "exit": this.executions.get(event.id)?.exit(event); this.prune(); break;
       case "replayed": this.answered(event.id, event); break;
       case "status": this.status(event.status); break;
@@ -449,6 +450,7 @@ class NodeView {
     let view = this.executions.get(id);
     if (!view) {
       view = new ExecutionView(this, id, summary || {});
+      this.forgotten.delete(id);
       this.executions.set(id, view);
       this.list.appendChild(view.block);
       this.pane.classList.remove("empty");
@@ -467,6 +469,8 @@ class NodeView {
   }
 
   forget(view) {
+    this.forgotten.add(view.id);
+    for (const id of this.forgotten) { if (this.forgotten.size <= 1000) break; this.forgotten.delete(id); }
     view.destroy();
     this.executions.delete(view.id);
     this.pane.classList.toggle("empty", this.executions.size === 0);
