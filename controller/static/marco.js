@@ -353,10 +353,10 @@ class NodeView {
     this.socket = socket;
     this.setLink("connecting…", true);
     socket.onmessage = (message) => this.onEvent(JSON.parse(message.data));
-    socket.onclose = (event) => this.closed_(event);
+    socket.onclose = (event) => this.onClose(event);
   }
 
-  closed_(event) {
+  onClose(event) {
     this.socket = null;
     this.app.sockets.closed(this);
     for (const { read } of this.asked.splice(0)) read.answer({ next: read.since });
