@@ -203,19 +203,29 @@ class Stop:
 
     async def within(self, awaitable: Awaitable[T]) -> T:
         """What `awaitable` gives, unless the client goes away or the deadline passes first:
-        then it is cancelled (a hung agent's read ends with the search) and Stopped raised."""
+        then Stopped, and the awaitable is let go of (a hung agent's read no longer holds the
+        search; it ends by its own timeout, its outcome unread: a cancelled Tornado fetch
+        would log the error it ends with as an application error)."""
         task = asyncio.ensure_future(awaitable)
         left = asyncio.ensure_future(self.left.wait())
         try:
             done, _ = await asyncio.wait((task, left), return_when=asyncio.FIRST_COMPLETED,
                                          timeout=max(0.0, self.deadline - time.monotonic()))
+        except asyncio.CancelledError:  # the search itself is cancelled: so is its wait
+            task.cancel()
+            raise
         finally:
             left.cancel()
-            if not task.done():
-                task.cancel()  # also when the search itself is cancelled
         if task not in done:
+            task.add_done_callback(forget)
             raise Stopped
         return task.result()
+
+
+def forget(task: asyncio.Future[Any]) -> None:
+    """Read a let-go task's outcome, so that asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 class SearchSlots:
