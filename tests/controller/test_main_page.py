@@ -508,6 +508,7 @@ def test_node_element_ids_differ_for_names_that_differ(browser: Any, cluster: An
     page = logged_in_page(browser, controller, alice)
     ids = page.evaluate('() => [cssId("web.1"), cssId("web_1"), cssId("web.1")]')
     assert ids[0] != ids[1] and ids[0] == ids[2], ids
+    page.locator(".pane").first.wait_for(state="attached")  # the nodes are listed
     panes = page.locator(".pane").evaluate_all("ps => ps.map((p) => p.id)")
     assert len(set(panes)) == len(panes) > 0
     page.context.close()

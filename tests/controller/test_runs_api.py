@@ -6,6 +6,7 @@ nodes are swept."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import shutil
@@ -25,7 +26,7 @@ from controller.context import read_limits, run_limits
 from controller.run_output import ReadLimits
 from controller.runstore import RunLimits
 from marco.client import AgentClient
-from marco.errors import ConfigError
+from marco.errors import ConfigError, MarcoError
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
@@ -587,10 +588,12 @@ def test_output_pages_cross_from_the_store_to_the_agent(
 
     wait_for(lambda: listed()["stored_seq"] == 5, what="5 lines stored")
     (gate / "more").touch()
-    assert wait_for(lambda: (e := listed())["next_seq"] == 9 and e, what="9 lines") == {
+    nine = wait_for(lambda: (e := listed())["next_seq"] == 9 and e, what="9 lines")
+    assert {k: v for k, v in nine.items() if k not in ("started", "ended", "rc")} == {
         "host": node, "node": node, "execution_id": execution_id, "task_id": "t1",
         "archived": False, "stored_seq": 5, "next_seq": 9, "state": "running",
         "truncated_seq": None}
+    assert isinstance(nine["started"], float) and (nine["ended"], nine["rc"]) == (None, None)
     page = output_page(controller, token, run_id, execution_id, 0, limit=3)
     assert (page_lines(page), page["next"], page["end"]) == (["1", "2", "3"], 3, False)
     assert {k: page[k] for k in ("execution_id", "host", "node", "task_id", "archived")} == {
@@ -626,8 +629,19 @@ def test_output_pages_cross_from_the_store_to_the_agent(
     assert call(controller, "GET", f"/api/runs/{run_id}/executions", token=bobs)[0] == 404
 
 
+def settled_log(agent: AgentProcess, token: str) -> None:
+    """Until the agent's access log holds every request answered so far: a request's line is
+    written after its answer has gone, so a test that counts lines asks for a marker (a 404)
+    and waits for its line, which comes after the lines of every earlier request."""
+    marker = secrets.token_hex(8)
+    with agent.client(token) as client, contextlib.suppress(MarcoError):
+        client.execution(marker)
+    wait_for(lambda: marker in agent.log(), what="the agent's access log written")
+
+
 def agent_requests(agent: AgentProcess, *names: str) -> int:
-    """How many requests the agent's access log shows naming any of `names`."""
+    """How many requests the agent's access log shows naming any of `names` (after
+    `settled_log`)."""
     return sum(1 for line in agent.log().splitlines()
                if any(name in line for name in names) and "/v1/" in line)
 
@@ -655,6 +669,7 @@ def test_an_ended_run_is_read_from_the_store_alone(start_agent, start_controller
         said = client.execution(execution_id)
     assert (found[0]["started"], found[0]["ended"]) == (said["started"], said["ended"])
     assert found[0]["ended"] - found[0]["started"] >= 0.3  # it slept that long
+    settled_log(agent, token)
     asked = agent_requests(agent, run_id, execution_id)
     assert asked > 0  # the log shows the watcher's and the collector's requests
     page = output_page(controller, token, run_id, execution_id)
@@ -743,6 +758,7 @@ def test_listings_ask_an_agent_only_for_what_the_store_lacks(
     (found,) = wait_for(lambda: executions(controller, token, run_id), what="listed")
     assert (found["execution_id"], found["state"], found["archived"]) == (
         execution_id, "running", False)
+    settled_log(agent, token)
     assert listing_requests(agent, run_id) >= 1
     asked = listing_requests(agent, run_id)
     status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions?live=0",
@@ -759,6 +775,7 @@ def test_listings_ask_an_agent_only_for_what_the_store_lacks(
              what="the execution stored whole")
     # Stored whole, it reads from the store alone with live=0; a live listing still asks
     # the node while the run runs (a playbook's next task may start there).
+    settled_log(agent, token)
     asked = listing_requests(agent, run_id)
     for query in ("", f"&host={node}", "&task=t1", f"&host={node}&task=t1"):
         status, answer = call(controller, "GET",

@@ -28,3 +28,6 @@ def open_logged_in(page: Page, controller: ControllerProcess, user: UnixUser,
     fill_login(page, user)
     expect(page.locator("#current-user")).to_have_text(user.name, timeout=TIMEOUT_MS)
     expect(page).to_have_url(controller.url + path, timeout=TIMEOUT_MS)
+    # The header is there as soon as it is parsed; the page's scripts (its buttons' handlers)
+    # only once it has loaded.
+    page.wait_for_load_state("load", timeout=TIMEOUT_MS)
