@@ -1,5 +1,6 @@
-"""A controller with two agents it has discovered by zeroconf on loopback, shared by the tests
-of one module (they only read it or act as their own users: nobody logs out everywhere here)."""
+"""Shared by the tests of one module (they only read it or act as their own users: nobody logs
+out everywhere here): a controller with two agents it has discovered by zeroconf on loopback
+(`cluster`), one with a single agent (`one_agent`), and chromium (`browser`)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,29 @@ def cluster(secret_file: Path, pki: TestPki, pam_service: str, signer: TokenSign
         wait_for(lambda: set(names) <= set(controller.inventory_hosts(token)),
                  what="both agents discovered")
         yield controller, names
+    finally:
+        stop_all(daemons)
+
+
+@pytest.fixture(scope="module")
+def one_agent(secret_file: Path, pki: TestPki, pam_service: str, signer: TokenSigner,
+              alice: UnixUser, tmp_path_factory: pytest.TempPathFactory,
+              ) -> Iterator[tuple[ControllerProcess, AgentProcess]]:
+    """A controller and one agent it discovers (the agent itself is given: a test may start
+    executions on it directly, tagged as the marco connection plugin tags them)."""
+    workdir = tmp_path_factory.mktemp("one-agent")
+    daemons: list[AgentProcess | ControllerProcess] = []
+    try:
+        controller = ControllerProcess(secret_file, workdir, pam_service=pam_service, pki=pki)
+        daemons.append(controller)
+        name = unique_node_name("node")
+        agent = AgentProcess(secret_file, workdir / name / "state", node_name=name,
+                             announce=True, pki=pki)
+        daemons.append(agent)
+        token = signer.issue(alice.name)
+        wait_for(lambda: agent.node_name in controller.inventory_hosts(token),
+                 what="the agent discovered")
+        yield controller, agent
     finally:
         stop_all(daemons)
 

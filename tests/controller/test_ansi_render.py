@@ -14,8 +14,8 @@ import pytest
 from playwright.sync_api import Page, Route, expect
 
 from marco.tokens import TokenSigner
+from tests.support.command_runs import ended_command_run
 from tests.support.controller_process import ControllerProcess
-from tests.support.http import call
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 from tests.support.web import TIMEOUT_MS, open_logged_in
@@ -292,21 +292,6 @@ def test_the_stored_theme_wins_over_the_systems(browser: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # Through the real controller: the run page and the header's toggle.
 
-def command_run(controller: ControllerProcess, token: str, node: str, command: str) -> str:
-    """A command run through POST /api/run, waited for until it ended; its id."""
-    status, answer = call(controller, "POST", "/api/run", {"nodes": [node], "command": command},
-                          token)
-    assert status == 200, answer
-    run_id = str(answer["run"]["id"])
-
-    def ended() -> bool:
-        status, run = call(controller, "GET", f"/api/runs/{run_id}", token=token)
-        return status == 200 and run["ended"] is not None
-
-    wait_for(ended, what="run ended")
-    return run_id
-
-
 def logged_in(browser: Any, controller: ControllerProcess, user: UnixUser, path: str,
               scheme: str) -> Page:
     context = browser.new_context(color_scheme=scheme)
@@ -323,7 +308,7 @@ def test_the_run_page_shows_256_and_true_colours_in_dark_mode(
     mark = secrets.token_hex(4)
     command = (f"printf '\\033[38;5;208morange-{mark}\\033[0m "
                f"\\033[38:2::10:200:120mtrue-{mark}\\033[0m\\n\\033[30mblack-{mark}\\033[0m\\n'")
-    run_id = command_run(controller, signer.issue(alice.name), names[0], command)
+    run_id = ended_command_run(controller, signer.issue(alice.name), names[0], command)
     page = logged_in(browser, controller, alice, f"/runs/{run_id}", "dark")
     pane = page.locator(f'.host-pane[data-host="{names[0]}"]')
     orange = pane.locator(".line span", has_text=f"orange-{mark}")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,11 +19,9 @@ from playwright.sync_api import Locator, Page, expect
 from marco.client import AgentClient
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
+from tests.support.command_runs import ended_command_run
 from tests.support.controller_process import ControllerProcess
-from tests.support.daemon import stop_all
 from tests.support.http import call
-from tests.support.names import unique_node_name
-from tests.support.pki import TestPki
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 from tests.support.web import TIMEOUT_MS, open_logged_in
@@ -38,48 +34,11 @@ IN_SIGHT = """l => { const s = l.closest('.output-scroll').getBoundingClientRect
   r = l.getBoundingClientRect(); return r.top >= s.top - 1 && r.bottom <= s.bottom + 1; }"""
 
 
-def finished_run(controller: ControllerProcess, token: str, node: str, command: str) -> str:
-    """A command run through POST /api/run, waited for until it ended; its id."""
-    status, answer = call(controller, "POST", "/api/run", {"nodes": [node], "command": command},
-                          token)
-    assert status == 200, answer
-    run_id = str(answer["run"]["id"])
-
-    def ended() -> bool:
-        status, run = call(controller, "GET", f"/api/runs/{run_id}", token=token)
-        return status == 200 and run["ended"] is not None
-
-    wait_for(ended, timeout=60, what="run ended")
-    return run_id
-
-
 @pytest.fixture(scope="module")
-def cluster(secret_file: Path, pki: TestPki, pam_service: str, signer: TokenSigner,
-            alice: UnixUser, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A controller and one agent it discovers (kept: a test starts a playbook task's
-    execution on it, tagged as the marco connection plugin tags it)."""
-    workdir = tmp_path_factory.mktemp("output-view")
-    daemons: list[AgentProcess | ControllerProcess] = []
-    try:
-        controller = ControllerProcess(secret_file, workdir, pam_service=pam_service, pki=pki)
-        daemons.append(controller)
-        name = unique_node_name("node")
-        agent = AgentProcess(secret_file, workdir / name / "state", node_name=name,
-                             announce=True, pki=pki)
-        daemons.append(agent)
-        token = signer.issue(alice.name)
-        wait_for(lambda: agent.node_name in controller.inventory_hosts(token),
-                 what="the agent discovered")
-        yield controller, agent
-    finally:
-        stop_all(daemons)
-
-
-@pytest.fixture(scope="module")
-def big_run(cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> str:
+def big_run(one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> str:
     """One finished run printing 1 to 200,000 on the cluster's node."""
-    controller, agent = cluster
-    return finished_run(controller, signer.issue(alice.name), agent.node_name,
+    controller, agent = one_agent
+    return ended_command_run(controller, signer.issue(alice.name), agent.node_name,
                         f"seq 1 {LINES}")
 
 
@@ -95,8 +54,8 @@ def line(pane: Locator, seq: int) -> Locator:
 
 
 def test_a_200000_line_run_opens_at_its_end_and_scrolls_to_line_1(
-        browser: Any, cluster: Cluster, big_run: str, alice: UnixUser) -> None:
-    controller, agent = cluster
+        browser: Any, one_agent: Cluster, big_run: str, alice: UnixUser) -> None:
+    controller, agent = one_agent
     host = agent.node_name
     page = open_run(browser, controller, alice, big_run)
     pane = page.locator(f'.host-pane[data-host="{host}"]')
@@ -136,9 +95,9 @@ def test_a_200000_line_run_opens_at_its_end_and_scrolls_to_line_1(
 
 
 def test_reveal_brings_a_middle_line_into_sight_with_its_hits_marked(
-        browser: Any, cluster: Cluster, big_run: str, alice: UnixUser) -> None:
+        browser: Any, one_agent: Cluster, big_run: str, alice: UnixUser) -> None:
     """What the search (run_search.js) does with a hit: runView.reveal and runView.highlight."""
-    controller, agent = cluster
+    controller, agent = one_agent
     host = agent.node_name
     page = open_run(browser, controller, alice, big_run)
     pane = page.locator(f'.host-pane[data-host="{host}"]')
@@ -165,11 +124,11 @@ def test_reveal_brings_a_middle_line_into_sight_with_its_hits_marked(
 
 
 def test_wrapping_long_lines_is_a_toggle_kept_in_the_browser(
-        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
-    controller, agent = cluster
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    controller, agent = one_agent
     host = agent.node_name
     token = signer.issue(alice.name)
-    run_id = finished_run(controller, token, host,
+    run_id = ended_command_run(controller, token, host,
                           "echo first; printf 'x%.0s' $(seq 1 600); echo; echo last")
     page = open_run(browser, controller, alice, run_id)
     pane = page.locator(f'.host-pane[data-host="{host}"]')
@@ -196,14 +155,14 @@ def test_wrapping_long_lines_is_a_toggle_kept_in_the_browser(
 
 
 def test_a_million_line_run_is_scaled_and_every_line_reachable(
-        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
     """1,000,000 lines x 17px is more than the tallest scroll area the view makes (15M px):
     the scroll area is scaled, yet the top shows line 1, the bottom the last line, a line in
     the middle is revealed, and the wheel moves by real lines there."""
-    controller, agent = cluster
+    controller, agent = one_agent
     host = agent.node_name
     lines = 1_000_000
-    run_id = finished_run(controller, signer.issue(alice.name), host, f"seq 1 {lines}")
+    run_id = ended_command_run(controller, signer.issue(alice.name), host, f"seq 1 {lines}")
     page = open_run(browser, controller, alice, run_id)
     pane = page.locator(f'.host-pane[data-host="{host}"]')
     scroller = pane.locator(".output-scroll")
@@ -237,10 +196,10 @@ def test_a_million_line_run_is_scaled_and_every_line_reachable(
 
 
 def test_reveal_opens_a_playbook_tasks_output_on_its_host(
-        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
     """A hit in a playbook: the details of its task on its host open (the task's cell
     selected) and its line is in sight there, marked current."""
-    controller, agent = cluster
+    controller, agent = one_agent
     token, host = signer.issue(alice.name), agent.node_name
     status, answer = call(controller, "POST", "/api/runs",
                           {"kind": "playbook", "title": "ansible-playbook reveal.yml"}, token)
@@ -282,14 +241,14 @@ SEEN = """s => { const r = s.getBoundingClientRect(), shown = [...s.querySelecto
 
 
 def test_wrapped_lines_of_many_heights_are_all_reachable(
-        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
     """Wrapping 3,000 lines, every third 400 characters long (several rows): End shows the last
     line, Home the first, and paging down goes through them without skipping one."""
-    controller, agent = cluster
+    controller, agent = one_agent
     host = agent.node_name
     command = ("for i in $(seq 1 3000); do if [ $((i % 3)) = 0 ]; "
                "then printf \"$i %0400d\\n\" 0; else echo $i; fi; done")
-    run_id = finished_run(controller, signer.issue(alice.name), host, command)
+    run_id = ended_command_run(controller, signer.issue(alice.name), host, command)
     page = open_run(browser, controller, alice, run_id)
     page.get_by_role("checkbox", name="Wrap lines").check()
     pane = page.locator(f'.host-pane[data-host="{host}"]')
@@ -313,15 +272,15 @@ def test_wrapped_lines_of_many_heights_are_all_reachable(
 
 
 def test_memory_is_bounded_by_characters_too(
-        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
     """Pages of long lines: the view keeps at most `maxChars` characters of lines (its
     default is 64M; lowered here to a page and a half of 1,000-character lines) however far
     the reader goes, drops the least recently used pages for it, and reads one again when
     it comes back into sight."""
-    controller, agent = cluster
+    controller, agent = one_agent
     host = agent.node_name
     command = "s=$(printf 'x%.0s' $(seq 1 995)); seq -w 1 5000 | sed \"s/$/ $s/\""
-    run_id = finished_run(controller, signer.issue(alice.name), host, command)
+    run_id = ended_command_run(controller, signer.issue(alice.name), host, command)
     page = open_run(browser, controller, alice, run_id)
     pane = page.locator(f'.host-pane[data-host="{host}"]')
     expect(line(pane, 4999)).to_contain_text("5000 xxx")
@@ -353,11 +312,11 @@ def red(element: Locator) -> Locator:
 
 
 def test_colours_do_not_leak_from_one_execution_into_the_next(
-        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
     """Two executions of a task on a host, each ending in red without a reset: the other's
     first line starts plain (each execution starts from a reset state), also when both are
     rendered in one go."""
-    controller, agent = cluster
+    controller, agent = one_agent
     token, host = signer.issue(alice.name), agent.node_name
     status, answer = call(controller, "POST", "/api/runs",
                           {"kind": "playbook", "title": "ansible-playbook colours.yml"}, token)
@@ -390,13 +349,13 @@ def test_colours_do_not_leak_from_one_execution_into_the_next(
 
 
 def test_colours_carry_over_pages_from_their_true_start(
-        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
     """Red set on line 501 (page 1 of 1,000 lines) and never reset. Seen first in the middle,
     page 2 started from a reset state (page 1 not read); once page 1 is read, page 3's lines
     are red: the end of page 2 computed from that reset start is not used again."""
-    controller, agent = cluster
+    controller, agent = one_agent
     host = agent.node_name
-    run_id = finished_run(controller, signer.issue(alice.name), host,
+    run_id = ended_command_run(controller, signer.issue(alice.name), host,
                           "seq 1 500; printf '\\033[31mred\\n'; seq 502 3000")
     page = open_run(browser, controller, alice, run_id)
     pane = page.locator(f'.host-pane[data-host="{host}"]')
@@ -418,15 +377,15 @@ def test_colours_carry_over_pages_from_their_true_start(
 
 
 def test_scrolling_wrapped_lines_again_builds_no_height_index(
-        browser: Any, cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
     """Wrapped lines' heights are looked up in sorted sums built once per change of heights:
     paging through lines already measured builds none (a sort per lookup made each scroll
     event sort every measured line)."""
-    controller, agent = cluster
+    controller, agent = one_agent
     host = agent.node_name
     command = ("for i in $(seq 1 3000); do if [ $((i % 3)) = 0 ]; "
                "then printf \"$i %0400d\\n\" 0; else echo $i; fi; done")
-    run_id = finished_run(controller, signer.issue(alice.name), host, command)
+    run_id = ended_command_run(controller, signer.issue(alice.name), host, command)
     page = open_run(browser, controller, alice, run_id)
     page.get_by_role("checkbox", name="Wrap lines").check()
     pane = page.locator(f'.host-pane[data-host="{host}"]')

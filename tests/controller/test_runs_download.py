@@ -15,6 +15,7 @@ from playwright.sync_api import expect
 
 from marco.client import AgentClient
 from marco.tokens import TokenSigner
+from tests.support.command_runs import archived_command_run
 from tests.support.controller_process import ControllerProcess
 from tests.support.http import call
 from tests.support.pki import TestPki
@@ -44,24 +45,6 @@ def download(controller: ControllerProcess, path: str,
     return response.status, {k.lower(): v for k, v in response.getheaders()}, body
 
 
-def command_run(controller: ControllerProcess, token: str, nodes: list[str],
-                command: str) -> str:
-    """A command run ended with every execution archived (its output all stored); its id."""
-    status, answer = call(controller, "POST", "/api/run", {"nodes": nodes, "command": command},
-                          token)
-    assert status == 200, answer
-    run_id = str(answer["run"]["id"])
-
-    def archived() -> bool:
-        status, found = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
-        assert status == 200, found
-        executions = found["executions"]
-        return len(executions) == len(nodes) and all(e["archived"] for e in executions)
-
-    wait_for(archived, what=f"run {run_id}'s executions archived", timeout=120)
-    return run_id
-
-
 def executions(controller: ControllerProcess, token: str, run_id: str) -> list[dict[str, Any]]:
     status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
     assert status == 200, answer
@@ -87,7 +70,7 @@ def test_a_big_output_downloads_byte_for_byte(cluster: Cluster, alice: UnixUser,
                                                signer: TokenSigner) -> None:
     controller, names = cluster
     token = signer.issue(alice.name)
-    run_id = command_run(controller, token, names[:1], "seq 1 100000")
+    run_id = archived_command_run(controller, token, names[:1], "seq 1 100000")
     expected = subprocess.run(["seq", "1", "100000"], capture_output=True, check=True).stdout
     [execution] = executions(controller, token, run_id)
     eid = execution["execution_id"]
@@ -112,7 +95,7 @@ def test_a_coloured_line_keeps_its_escapes_or_drops_them(cluster: Cluster, alice
                                                          signer: TokenSigner) -> None:
     controller, names = cluster
     token = signer.issue(alice.name)
-    run_id = command_run(controller, token, names[:1], COLOURED)
+    run_id = archived_command_run(controller, token, names[:1], COLOURED)
     [execution] = executions(controller, token, run_id)
     query = f"execution={urllib.parse.quote(execution['execution_id'])}"
     status, _, kept = download(controller, f"/api/runs/{run_id}/output.txt?{query}", token)
@@ -136,7 +119,7 @@ def test_json_lines_carry_each_lines_seq_and_time(cluster: Cluster, alice: UnixU
                                                   signer: TokenSigner) -> None:
     controller, names = cluster
     token = signer.issue(alice.name)
-    run_id = command_run(controller, token, names, COLOURED)
+    run_id = archived_command_run(controller, token, names, COLOURED)
     listed = executions(controller, token, run_id)
     eid = listed[0]["execution_id"]
     status, headers, body = download(
@@ -165,7 +148,7 @@ def test_only_the_owner_downloads(cluster: Cluster, alice: UnixUser, bob: UnixUs
                                   signer: TokenSigner) -> None:
     controller, names = cluster
     token, other = signer.issue(alice.name), signer.issue(bob.name)
-    run_id = command_run(controller, token, names[:1], "echo mine")
+    run_id = archived_command_run(controller, token, names[:1], "echo mine")
     eid = urllib.parse.quote(executions(controller, token, run_id)[0]["execution_id"])
     for file in ("output.txt", "output.jsonl"):
         for query in ("", f"?execution={eid}", "?ansi=strip"):
@@ -182,7 +165,7 @@ def test_the_run_pages_links_download_the_output(cluster: Cluster, browser: Any,
                                                  alice: UnixUser, signer: TokenSigner) -> None:
     controller, names = cluster
     token = signer.issue(alice.name)
-    run_id = command_run(controller, token, names[:1], PRINTF)
+    run_id = archived_command_run(controller, token, names[:1], PRINTF)
     page = browser.new_context(accept_downloads=True).new_page()
     open_logged_in(page, controller, alice, f"/runs/{run_id}")
     pane = page.locator(f'.host-pane[data-host="{names[0]}"]')

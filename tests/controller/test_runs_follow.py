@@ -9,17 +9,15 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from playwright.sync_api import Page, expect
 
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
+from tests.support.command_runs import start_command_run
 from tests.support.controller_process import ControllerProcess
-from tests.support.daemon import stop_all
 from tests.support.http import call
 from tests.support.names import unique_node_name
 from tests.support.pki import TestPki
@@ -35,36 +33,6 @@ LINE_HEIGHT = 17  # px of an output line (output_view.js): the scroll height is 
 IN_PANE = ("l => l.getBoundingClientRect().top"
            " - l.closest('.output-scroll').getBoundingClientRect().top")
 TIME = re.compile(r'^"\d\d:\d\d:\d\d\.\d{3} "$')  # a line's ::before content when shown
-
-
-@pytest.fixture(scope="module")
-def follow_cluster(secret_file: Path, pki: TestPki, pam_service: str, signer: TokenSigner,
-                   alice: UnixUser,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A controller and one agent it discovers."""
-    workdir = tmp_path_factory.mktemp("runs-follow")
-    daemons: list[AgentProcess | ControllerProcess] = []
-    try:
-        controller = ControllerProcess(secret_file, workdir, pam_service=pam_service, pki=pki)
-        daemons.append(controller)
-        name = unique_node_name("node")
-        agent = AgentProcess(secret_file, workdir / name / "state", node_name=name,
-                             announce=True, pki=pki)
-        daemons.append(agent)
-        token = signer.issue(alice.name)
-        wait_for(lambda: agent.node_name in controller.inventory_hosts(token),
-                 what="the agent discovered")
-        yield controller, agent
-    finally:
-        stop_all(daemons)
-
-
-def start_run(controller: ControllerProcess, token: str, node: str, command: str) -> str:
-    """A command run through POST /api/run, not waited for; its id."""
-    status, answer = call(controller, "POST", "/api/run", {"nodes": [node], "command": command},
-                          token)
-    assert status == 200, answer
-    return str(answer["run"]["id"])
 
 
 def line_count(pre: Any) -> int:
@@ -88,10 +56,10 @@ def wait_for_lines(page: Page, pre: Any, more_than: int) -> None:
 
 
 def test_a_pane_follows_stops_when_scrolled_up_and_jumps_to_latest(
-        browser: Any, follow_cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
-    controller, agent = follow_cluster
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    controller, agent = one_agent
     token = signer.issue(alice.name)
-    run_id = start_run(controller, token, agent.node_name, SLOW)
+    run_id = start_command_run(controller, token, agent.node_name, SLOW)
     page: Page = browser.new_context().new_page()
     page.set_default_timeout(TIMEOUT_MS)
     open_logged_in(page, controller, alice, f"/runs/{run_id}")
@@ -138,9 +106,9 @@ def test_a_pane_follows_stops_when_scrolled_up_and_jumps_to_latest(
 
 
 def test_an_open_results_output_follows_and_jumps_to_latest(
-        browser: Any, follow_cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
     """A playbook's open result: its task's running execution is followed the same way."""
-    controller, agent = follow_cluster
+    controller, agent = one_agent
     token = signer.issue(alice.name)
     host = agent.node_name
     status, answer = call(controller, "POST", "/api/runs",
@@ -175,15 +143,15 @@ def test_an_open_results_output_follows_and_jumps_to_latest(
 
 
 def test_new_lines_do_not_move_a_reader_scrolled_up_and_none_is_dropped(
-        browser: Any, follow_cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
     """While the reader looks at line 12,000, 15,000 more lines come: that line stays where it
     is in the pane, and every line stays reachable (line 1 and the last)."""
-    controller, agent = follow_cluster
+    controller, agent = one_agent
     token = signer.issue(alice.name)
     gate = Path(tempfile.mkdtemp(prefix="follow-gate-")) / "go"
     gate.parent.chmod(0o755)
     command = (f"seq 1 15000; while [ ! -e {gate} ]; do sleep 0.1; done; seq 15001 30000")
-    run_id = start_run(controller, token, agent.node_name, command)
+    run_id = start_command_run(controller, token, agent.node_name, command)
     page: Page = browser.new_context().new_page()
     page.set_default_timeout(TIMEOUT_MS)
     open_logged_in(page, controller, alice, f"/runs/{run_id}")
@@ -211,10 +179,10 @@ def before(line: Any) -> str:
 
 
 def test_timestamps_toggle_shows_line_times_and_is_remembered(
-        browser: Any, follow_cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
-    controller, agent = follow_cluster
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+    controller, agent = one_agent
     token = signer.issue(alice.name)
-    run_id = start_run(controller, token, agent.node_name, "echo first; echo second")
+    run_id = start_command_run(controller, token, agent.node_name, "echo first; echo second")
     page: Page = browser.new_context().new_page()
     page.set_default_timeout(TIMEOUT_MS)
     open_logged_in(page, controller, alice, f"/runs/{run_id}")
@@ -243,12 +211,12 @@ def duration_text(seconds: float) -> str:
 
 
 def test_a_pane_gives_its_executions_duration_on_the_nodes_clock(
-        browser: Any, follow_cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
     """A pane says how long its host's execution took, from its start to its end as the agent
     gives them (not the run's own duration, which also counts the controller's part)."""
-    controller, agent = follow_cluster
+    controller, agent = one_agent
     token = signer.issue(alice.name)
-    run_id = start_run(controller, token, agent.node_name, "sleep 0.4; echo done")
+    run_id = start_command_run(controller, token, agent.node_name, "sleep 0.4; echo done")
     wait_for(lambda: call(controller, "GET", f"/api/runs/{run_id}?limit=1",
                           token=token)[1]["ended"], what="the run ended")
     status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
@@ -265,11 +233,11 @@ def test_a_pane_gives_its_executions_duration_on_the_nodes_clock(
 
 
 def test_a_pane_whose_execution_was_lost_gives_the_runs_duration(
-        browser: Any, follow_cluster: Cluster, alice: UnixUser, signer: TokenSigner,
+        browser: Any, one_agent: Cluster, alice: UnixUser, signer: TokenSigner,
         secret_file: Path, pki: TestPki, tmp_path: Path) -> None:
     """An execution whose node restarted without it is archived with no end: once the run has
     ended the pane says how long the run took, not "running for" a time that keeps growing."""
-    controller, _ = follow_cluster
+    controller, _ = one_agent
     token = signer.issue(alice.name)
     name = unique_node_name("lost")
     gate = Path(tempfile.mkdtemp(prefix="lost-gate-"))

@@ -24,7 +24,7 @@ from tests.controller.test_runs_api import (
     static_cluster,
     wait_ended,
 )
-from tests.controller.test_runs_download import command_run
+from tests.support.command_runs import archived_command_run
 from tests.support.controller_process import ControllerProcess
 from tests.support.http import call
 from tests.support.users import UnixUser
@@ -63,7 +63,7 @@ def test_a_line_of_a_finished_100000_line_run_is_found(cluster: Cluster, alice: 
                                                        signer: TokenSigner) -> None:
     controller, names = cluster
     token = signer.issue(alice.name)
-    run_id = command_run(controller, token, [names[0]], "seq 1 100000")
+    run_id = archived_command_run(controller, token, [names[0]], "seq 1 100000")
     (execution,) = executions(controller, token, run_id)
     answer = found(controller, token, run_id, q="77777")
     assert (answer["count"], answer["complete"], answer["next"]) == (1, True, None)
@@ -107,7 +107,7 @@ def test_text_is_literal_without_escapes_and_case_blind_by_default(
         cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> None:
     controller, names = cluster
     token = signer.issue(alice.name)
-    run_id = command_run(controller, token, [names[1]], PRINTF)
+    run_id = archived_command_run(controller, token, [names[1]], PRINTF)
     assert seqs(found(controller, token, run_id, q="hello")) == [0, 1, 2]
     assert seqs(found(controller, token, run_id, q="hello", case=1)) == [1]
     assert seqs(found(controller, token, run_id, q="HeLLo W")) == [0, 1]
@@ -204,7 +204,7 @@ def test_a_search_scans_at_most_runs_search_lines(start_agent, start_controller,
                                           "--runs-search-hits", "5", agents=1)
     token = signer.issue(alice.name)
     wait_for(lambda: agent.node_name in controller.inventory_hosts(token), what="node alive")
-    run_id = command_run(controller, token, [agent.node_name], "seq 1 2000")
+    run_id = archived_command_run(controller, token, [agent.node_name], "seq 1 2000")
     assert found(controller, token, run_id, q="1500") == {
         "hits": [], "count": 0, "complete": False, "next": None}
     answer = found(controller, token, run_id, q="99")
@@ -251,7 +251,7 @@ def test_lines_are_matched_as_shown_and_q_as_typed(cluster: Cluster, alice: Unix
     characters; a cursor the search never comes to is a 400, not an empty page."""
     controller, names = cluster
     token = signer.issue(alice.name)
-    run_id = command_run(controller, token, [names[0]],
+    run_id = archived_command_run(controller, token, [names[0]],
                          r"printf '  foo\nfoo\n10%%\r55%%\r100%%\nabc\rX\nab\bc\n'; "
                          r"head -c 600 /dev/zero | tr '\0' z; echo")
     assert found(controller, token, run_id, q="55%")["count"] == 0

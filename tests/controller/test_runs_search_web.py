@@ -20,7 +20,8 @@ from playwright.sync_api import Locator, Page, Request, Route, expect
 
 from marco.tokens import TokenSigner
 from tests.controller.test_runs_api import gate  # noqa: F401 (a fixture)
-from tests.controller.test_runs_download import command_run, playbook_with_two_tasks
+from tests.controller.test_runs_download import playbook_with_two_tasks
+from tests.support.command_runs import archived_command_run
 from tests.support.controller_process import ControllerProcess
 from tests.support.daemon import stop_all
 from tests.support.http import call
@@ -40,7 +41,7 @@ IN_SIGHT = """l => { const s = l.closest('.output-scroll').getBoundingClientRect
 def big_run(cluster: Cluster, alice: UnixUser, signer: TokenSigner) -> str:
     """One finished run printing 1 to 100,000 on the cluster's first node, stored whole."""
     controller, names = cluster
-    return command_run(controller, signer.issue(alice.name), [names[0]], f"seq 1 {LINES}")
+    return archived_command_run(controller, signer.issue(alice.name), [names[0]], f"seq 1 {LINES}")
 
 
 def open_run(browser: Any, controller: ControllerProcess, user: UnixUser, run_id: str) -> Page:
@@ -137,7 +138,7 @@ def test_the_search_controls_have_names_and_are_reached_by_tab(
 def test_stderr_and_host_filters(browser: Any, cluster: Cluster, alice: UnixUser,
                                  signer: TokenSigner) -> None:
     controller, names = cluster
-    run_id = command_run(controller, signer.issue(alice.name), names,
+    run_id = archived_command_run(controller, signer.issue(alice.name), names,
                          "echo out-mark; echo err-mark >&2")
     page = open_run(browser, controller, alice, run_id)
     count = page.locator("#search-count")
@@ -250,7 +251,7 @@ def test_marks_stay_in_place_whatever_case_folding_does(
     is, the current one where the search found it."""
     controller, names = cluster
     text = "İstanbul error\\nΟΔΟΣ\\nx ΟΔΟΣ\\n😀 error\\nſtop\\nſtep\\n"
-    run_id = command_run(controller, signer.issue(alice.name), [names[0]], f"printf '{text}'")
+    run_id = archived_command_run(controller, signer.issue(alice.name), [names[0]], f"printf '{text}'")
     page = open_run(browser, controller, alice, run_id)
     pane = pane_of(page, names[0])
     count = page.locator("#search-count")
@@ -301,7 +302,7 @@ def test_presses_at_a_page_edge_read_the_next_page_once(
     """Two Enters at once on the last hit read: the next page is read once and both count
     (hit 5 of 10, each hit once: Next reaches the 10th, then the first)."""
     controller, names = small_pages
-    run_id = command_run(controller, signer.issue(alice.name), [names[0]], HITS)
+    run_id = archived_command_run(controller, signer.issue(alice.name), [names[0]], HITS)
     page = open_run(browser, controller, alice, run_id)
     pane, count = pane_of(page, names[0]), page.locator("#search-count")
     expect(line(pane, 9)).to_have_text("hit-10")

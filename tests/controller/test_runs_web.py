@@ -17,6 +17,7 @@ from playwright.sync_api import Page, expect
 
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
+from tests.support.command_runs import ended_command_run, run_of
 from tests.support.controller_process import ControllerProcess
 from tests.support.daemon import stop_all
 from tests.support.http import call
@@ -59,23 +60,6 @@ def new_page(browser: Any, controller: ControllerProcess, user: UnixUser, path: 
     return page
 
 
-def command_run(controller: ControllerProcess, token: str, nodes: list[str],
-                command: str) -> str:
-    """A command run through POST /api/run, waited for until it ended; its id."""
-    status, answer = call(controller, "POST", "/api/run",
-                          {"nodes": nodes, "command": command}, token)
-    assert status == 200, answer
-    run_id = str(answer["run"]["id"])
-    wait_for(lambda: run_of(controller, token, run_id)["ended"] is not None, what="run ended")
-    return run_id
-
-
-def run_of(controller: ControllerProcess, token: str, run_id: str) -> dict[str, Any]:
-    status, run = call(controller, "GET", f"/api/runs/{run_id}", token=token)
-    assert status == 200, run
-    return dict(run)
-
-
 def playbook_run(controller: ControllerProcess, token: str, title: str) -> str:
     status, answer = call(controller, "POST", "/api/runs",
                           {"kind": "playbook", "title": title}, token)
@@ -113,8 +97,8 @@ def test_command_runs_in_the_list_with_status_and_filters(browser, web_cluster: 
     controller, agents = web_cluster
     token = signer.issue(alice.name)
     mark = secrets.token_hex(4)
-    good = command_run(controller, token, [a.node_name for a in agents], f"echo good-{mark}")
-    bad = command_run(controller, token, [agents[0].node_name], f"echo bad-{mark}; exit 3")
+    good = ended_command_run(controller, token, [a.node_name for a in agents], f"echo good-{mark}")
+    bad = ended_command_run(controller, token, [agents[0].node_name], f"echo bad-{mark}; exit 3")
     page = new_page(browser, controller, alice, "/")
     page.click("#nav-runs")  # the header's link
     expect(page).to_have_url(controller.url + "/runs")
@@ -172,7 +156,7 @@ def test_a_command_runs_page_shows_each_hosts_output_and_reruns(browser, web_clu
     names = [a.node_name for a in agents]
     mark = secrets.token_hex(4)
     command = f"echo out-{mark}; echo err-{mark} >&2; test -e /nonexistent-{mark}"
-    run_id = command_run(controller, token, names, command)
+    run_id = ended_command_run(controller, token, names, command)
     page = new_page(browser, controller, alice, f"/runs/{run_id}")
     for name in names:
         pane = page.locator(f'.host-pane[data-host="{name}"]')
@@ -342,7 +326,7 @@ def test_a_long_output_is_read_in_pages_and_shown_whole(browser, web_cluster: Cl
     controller, agents = web_cluster
     token = signer.issue(alice.name)
     name = agents[0].node_name
-    run_id = command_run(controller, token, [name], "seq 1 12000")
+    run_id = ended_command_run(controller, token, [name], "seq 1 12000")
     page = new_page(browser, controller, alice, f"/runs/{run_id}")
     scroller = page.locator(f'.host-pane[data-host="{name}"] .output-scroll')
     expect(scroller.locator('.line[data-seq="11999"]')).to_have_text("12000", timeout=TIMEOUT_MS)
@@ -360,7 +344,7 @@ def test_rerun_runs_the_full_command_not_its_title(browser, web_cluster: Cluster
     token = signer.issue(alice.name)
     name, mark = agents[0].node_name, secrets.token_hex(4)
     command = f": {'x' * 1200}; echo end-{mark}"  # the echo is past the title's 1,000
-    run_id = command_run(controller, token, [name], command)
+    run_id = ended_command_run(controller, token, [name], command)
     assert len(run_of(controller, token, run_id)["title"]) == 1000
     page = new_page(browser, controller, alice, f"/runs/{run_id}")
     expect(page.locator(".line", has_text=f"end-{mark}")).to_be_visible(timeout=TIMEOUT_MS)
@@ -371,7 +355,7 @@ def test_rerun_runs_the_full_command_not_its_title(browser, web_cluster: Cluster
     expect(page.locator(".line", has_text=f"end-{mark}")).to_be_visible(timeout=TIMEOUT_MS)
     rerun_id = page.url.rsplit("/", 1)[1]
     assert run_of(controller, token, rerun_id)["meta"]["command"] == command
-    huge = command_run(controller, token, [name], f": {'y' * 17000}; echo huge-{mark}")
+    huge = ended_command_run(controller, token, [name], f": {'y' * 17000}; echo huge-{mark}")
     page.goto(f"{controller.url}/runs/{huge}")
     expect(page.locator(".line", has_text=f"huge-{mark}")).to_be_visible(timeout=TIMEOUT_MS)
     expect(page.locator("#rerun-unavailable")).to_be_visible()
@@ -409,7 +393,7 @@ def test_a_long_output_opens_at_its_end_and_reads_earlier_lines_when_in_sight(
     controller, agents = web_cluster
     token = signer.issue(alice.name)
     name = agents[0].node_name
-    run_id = command_run(controller, token, [name], "seq 1 25000")
+    run_id = ended_command_run(controller, token, [name], "seq 1 25000")
     page: Page = browser.new_context().new_page()
     asked: list[int] = []  # the first line of each output page the page asks for
     page.on("request", lambda request: asked.extend(
@@ -489,7 +473,7 @@ def test_a_run_with_more_executions_than_a_listing_shows_them_all(
     token = signer.issue(alice.name)
     names = [a.node_name for a in agents]
     wait_for(lambda: set(names) <= set(controller.inventory_hosts(token)), what="nodes alive")
-    run_id = command_run(controller, token, names, "echo hello")
+    run_id = ended_command_run(controller, token, names, "echo hello")
     page = new_page(browser, controller, alice, f"/runs/{run_id}")
     for name in names:
         pane = page.locator(f'.host-pane[data-host="{name}"]')
