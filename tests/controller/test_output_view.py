@@ -24,14 +24,11 @@ from tests.support.controller_process import ControllerProcess
 from tests.support.http import call
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
-from tests.support.web import TIMEOUT_MS, open_logged_in
+from tests.support.web import TIMEOUT_MS, expect_in_sight, open_logged_in
 
 Cluster = tuple[ControllerProcess, AgentProcess]
 LINES = 200_000
 LINE_HEIGHT = 17  # px of an unwrapped line (output_view.js LINE_HEIGHT)
-# Whether a line element is inside its scroll area's visible part.
-IN_SIGHT = """l => { const s = l.closest('.output-scroll').getBoundingClientRect(),
-  r = l.getBoundingClientRect(); return r.top >= s.top - 1 && r.bottom <= s.bottom + 1; }"""
 
 
 @pytest.fixture(scope="module")
@@ -63,25 +60,25 @@ def test_a_200000_line_run_opens_at_its_end_and_scrolls_to_line_1(
     jump = pane.get_by_role("button", name=f"Jump to latest output of {host}")
     # It opens following: the last line in sight, every line counted in the scroll height.
     expect(line(pane, LINES - 1)).to_have_text(str(LINES))
-    assert line(pane, LINES - 1).evaluate(IN_SIGHT)
+    expect_in_sight(line(pane, LINES - 1))
     assert scroller.evaluate("s => s.scrollHeight") == LINES * LINE_HEIGHT
     expect(jump).to_be_hidden()
     # Scrolled to the top: line 1, with only a window of lines in the DOM.
     scroller.evaluate("s => { s.scrollTop = 0; }")
     expect(line(pane, 0)).to_have_text("1")
-    assert line(pane, 0).evaluate(IN_SIGHT)
+    expect_in_sight(line(pane, 0))
     assert pane.locator(".line").count() < 500
     expect(jump).to_be_visible()
     # End on the focused output: the latest line again, following.
     scroller.focus()
     page.keyboard.press("End")
     expect(line(pane, LINES - 1)).to_have_text(str(LINES))
-    assert line(pane, LINES - 1).evaluate(IN_SIGHT)
+    expect_in_sight(line(pane, LINES - 1))
     expect(jump).to_be_hidden()
     # Home, PageDown: line 1, then the lines a page further.
     page.keyboard.press("Home")
     expect(line(pane, 0)).to_have_text("1")
-    assert line(pane, 0).evaluate(IN_SIGHT)
+    expect_in_sight(line(pane, 0))
     page.keyboard.press("PageDown")
     expect(line(pane, 0)).not_to_be_in_viewport()
     shown = scroller.evaluate("s => s.scrollTop")
@@ -89,7 +86,7 @@ def test_a_200000_line_run_opens_at_its_end_and_scrolls_to_line_1(
     # The button: the latest line again.
     jump.click()
     expect(jump).to_be_hidden()
-    assert line(pane, LINES - 1).evaluate(IN_SIGHT)
+    expect_in_sight(line(pane, LINES - 1))
     assert pane.locator(".line").count() < 500
     page.context.close()
 
@@ -109,7 +106,7 @@ def test_reveal_brings_a_middle_line_into_sight_with_its_hits_marked(
                    "seq": 123449, "stream": "stdout", "text": "123450", "at": [[0, 5]]})
     target = line(pane, 123449)
     expect(target).to_have_text("123450")
-    assert target.evaluate(IN_SIGHT)
+    expect_in_sight(target)
     expect(target).to_have_class("line stdout current-line")
     expect(target.locator("mark.hit.current")).to_have_text("12345")
     # Other lines with the needle are marked too, not current; the reader is not following.
@@ -167,12 +164,12 @@ def test_a_million_line_run_is_scaled_and_every_line_reachable(
     pane = page.locator(f'.host-pane[data-host="{host}"]')
     scroller = pane.locator(".output-scroll")
     expect(line(pane, lines - 1)).to_have_text(str(lines))
-    assert line(pane, lines - 1).evaluate(IN_SIGHT)
+    expect_in_sight(line(pane, lines - 1))
     height = scroller.evaluate("s => s.scrollHeight")
     assert height <= 15_000_000 < lines * LINE_HEIGHT
     scroller.evaluate("s => { s.scrollTop = 0; }")
     expect(line(pane, 0)).to_have_text("1")
-    assert line(pane, 0).evaluate(IN_SIGHT)
+    expect_in_sight(line(pane, 0))
     # The wheel over the output: 10 lines' worth of px moves by 10 lines.
     box = scroller.bounding_box()
     assert box is not None
@@ -188,10 +185,10 @@ def test_a_million_line_run_is_scaled_and_every_line_reachable(
     page.evaluate("hit => runView.reveal(hit)", {"execution_id": execution, "host": host,
                                                  "task_id": None, "seq": 654320, "at": []})
     expect(line(pane, 654320)).to_have_text("654321")
-    assert line(pane, 654320).evaluate(IN_SIGHT)
+    expect_in_sight(line(pane, 654320))
     scroller.evaluate("s => { s.scrollTop = s.scrollHeight; }")
     expect(line(pane, lines - 1)).to_have_text(str(lines))
-    assert line(pane, lines - 1).evaluate(IN_SIGHT)
+    expect_in_sight(line(pane, lines - 1))
     page.context.close()
 
 
@@ -226,7 +223,7 @@ def test_reveal_opens_a_playbook_tasks_output_on_its_host(
     expect(details).to_have_attribute("data-task", "t2")
     target = line(details, 2999)
     expect(target).to_have_text("3000")
-    assert target.evaluate(IN_SIGHT)
+    expect_in_sight(target)
     expect(target.locator("mark.hit.current")).to_have_text("3000")
     expect(page.locator(f'tr.grid-task[data-task="t2"] button.cell[data-host="{host}"]')
            ).to_have_class(re.compile(r"\bselected\b"))
@@ -254,11 +251,11 @@ def test_wrapped_lines_of_many_heights_are_all_reachable(
     pane = page.locator(f'.host-pane[data-host="{host}"]')
     scroller = pane.locator(".output-scroll")
     expect(line(pane, 2999)).to_contain_text("3000 0000")
-    assert line(pane, 2999).evaluate(IN_SIGHT)
+    expect_in_sight(line(pane, 2999))
     scroller.focus()
     page.keyboard.press("Home")
     expect(line(pane, 0)).to_have_text("1")
-    assert line(pane, 0).evaluate(IN_SIGHT)
+    expect_in_sight(line(pane, 0))
     first, last = scroller.evaluate(SEEN)
     for _ in range(10):
         page.keyboard.press("PageDown")
@@ -267,7 +264,7 @@ def test_wrapped_lines_of_many_heights_are_all_reachable(
         assert first <= last, (first, last)  # the line after the last one seen is in sight
         last = next_last
     page.keyboard.press("End")
-    assert line(pane, 2999).evaluate(IN_SIGHT)
+    expect_in_sight(line(pane, 2999))
     page.context.close()
 
 

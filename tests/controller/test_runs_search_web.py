@@ -28,13 +28,10 @@ from tests.support.http import call
 from tests.support.pki import TestPki
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
-from tests.support.web import TIMEOUT_MS, open_logged_in
+from tests.support.web import TIMEOUT_MS, expect_in_sight, open_logged_in
 
 Cluster = tuple[ControllerProcess, list[str]]
 LINES = 100_000
-# Whether a line element is inside its scroll area's visible part.
-IN_SIGHT = """l => { const s = l.closest('.output-scroll').getBoundingClientRect(),
-  r = l.getBoundingClientRect(); return r.top >= s.top - 1 && r.bottom <= s.bottom + 1; }"""
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +67,7 @@ def expect_current(pane: Locator, seq: int, text: str, needle: str) -> None:
     target = line(pane, seq)
     expect(target).to_have_text(text)
     expect(target.locator("mark.hit.current")).to_have_text(needle)
-    assert target.evaluate(IN_SIGHT)
+    expect_in_sight(target)
 
 
 def test_search_finds_a_line_of_a_100000_line_run_and_steps_through_hits(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Locator, Page, expect
 
 from tests.support.controller_process import ControllerProcess
 from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
 
 TIMEOUT_MS = 20_000
 
@@ -31,3 +32,17 @@ def open_logged_in(page: Page, controller: ControllerProcess, user: UnixUser,
     # The header is there as soon as it is parsed; the page's scripts (its buttons' handlers)
     # only once it has loaded.
     page.wait_for_load_state("load", timeout=TIMEOUT_MS)
+
+
+# Whether an output line is inside its scroll area's visible part (false while it is not in
+# one: a view re-renders its lines as pages and lengths arrive).
+LINE_IN_SIGHT = """l => { const area = l.closest('.output-scroll'); if (!area) return false;
+  const s = area.getBoundingClientRect(), r = l.getBoundingClientRect();
+  return r.top >= s.top - 1 && r.bottom <= s.bottom + 1; }"""
+
+
+def expect_in_sight(line: Locator, timeout: float = TIMEOUT_MS / 1000) -> None:
+    """Until the output line is in sight in its scroll area (asked again while the view
+    re-renders it)."""
+    wait_for(lambda: line.evaluate(LINE_IN_SIGHT), timeout=timeout,
+             what="the line in sight in its output")
