@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from marco.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
 from tests.support.agent_process import AgentProcess  # noqa: E402
 from tests.support.browser import launch  # noqa: E402
+from tests.support.command_runs import all_archived, run_of, start_command_run  # noqa: E402
 from tests.support.controller_process import ControllerProcess  # noqa: E402
 from tests.support.http import call  # noqa: E402
 from tests.support.pki import TestPki  # noqa: E402
@@ -101,22 +103,6 @@ FRAMES = """() => {
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
-
-
-def start_run(controller: ControllerProcess, token: str, nodes: list[str], command: str) -> str:
-    status, answer = call(controller, "POST", "/api/run", {"nodes": nodes, "command": command},
-                          token)
-    assert status == 200, answer
-    return str(answer["run"]["id"])
-
-
-def archived(controller: ControllerProcess, token: str, run_id: str) -> bool:
-    status, run = call(controller, "GET", f"/api/runs/{run_id}?limit=1", token=token)
-    if status != 200 or run["ended"] is None:
-        return False
-    status, answer = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
-    executions = answer.get("executions", []) if status == 200 else []
-    return bool(executions) and all(e["archived"] for e in executions)
 
 
 def needle(lines: int) -> str:
@@ -188,25 +174,20 @@ def watch(browser: Any, controller: ControllerProcess, token: str, nodes: list[s
         time.sleep(seconds / 2)
         idle = page.evaluate("() => window.benchStop()")["frames"]
         pause = 4
-        run_id = start_run(controller, token, nodes,
-                           "python3 -c " + shell_quote(STREAM.format(rate=rate, seconds=seconds,
+        run_id = start_command_run(controller, token, nodes,
+                           "python3 -c " + shlex.quote(STREAM.format(rate=rate, seconds=seconds,
                                                                      pause=pause)))
         if where == "run":
             page.goto(f"{controller.url}/runs/{run_id}")
             page.locator(".host-pane").nth(len(nodes) - 1).wait_for(timeout=60_000)
         page.evaluate(WATCH)
-        wait_for(lambda: call(controller, "GET", f"/api/runs/{run_id}?limit=1",
-                              token=token)[1]["ended"] is not None,
+        wait_for(lambda: run_of(controller, token, run_id)["ended"] is not None,
                  timeout=seconds + pause + 120, what="the run ended")
         time.sleep(2)  # the last lines reach the page
         seen = page.evaluate("() => window.benchStop()")
         return {"idle": idle, "frames": seen["frames"], "delays": seen["delays"]}
     finally:
         context.close()
-
-
-def shell_quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def main() -> int:
@@ -245,12 +226,12 @@ def main() -> int:
             with sync_playwright() as playwright:
                 browser = launch(playwright, trust=pki.controller_cert)
                 if not args.skip_finished:
-                    runs = {"big": (start_run(controller, token, nodes[:1], f"seq 1 {args.lines}"),
+                    runs = {"big": (start_command_run(controller, token, nodes[:1], f"seq 1 {args.lines}"),
                                     args.lines),
-                            "small": (start_run(controller, token, nodes[:1], f"seq 1 {SMALL}"),
+                            "small": (start_command_run(controller, token, nodes[:1], f"seq 1 {SMALL}"),
                                       SMALL)}
                     for run_id, _ in runs.values():
-                        wait_for(lambda r=run_id: archived(controller, token, r),
+                        wait_for(lambda r=run_id: all_archived(controller, token, r, 1),
                                  timeout=600, what="the output archived")
                     for n in range(args.rounds):
                         for name, (run_id, lines) in runs.items():

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from marco.errors import BadRequest, TooManySearches
+from marco.runs import host_failed
 
 from .run_output import RunReader, strip_ansi
 from .runstore import MAX_SEQ, Run
@@ -167,8 +168,7 @@ def shown(line: str) -> str:
 
 def failed_hosts(run: Run) -> set[str]:
     """The hosts whose stats say failed or unreachable."""
-    return {host for host, counts in run.stats.items()
-            if counts.get("failed", 0) or counts.get("unreachable", 0)}
+    return {host for host, counts in run.stats.items() if host_failed(counts)}
 
 
 def hosts_to_search(run: Run, query: SearchQuery) -> frozenset[str] | None:

@@ -41,7 +41,7 @@ from .errors import (
     error_from_response,
 )
 from .keys import make_user_request
-from .runs import KINDS, RUN_ID, STATUSES
+from .runs import KINDS, RUN_ID, STATUSES, host_failed
 
 DEFAULT_CONTROLLER = "https://127.0.0.1:7380"
 STOP_WAIT = 10.0  # seconds to wait for the exits after Ctrl-C (the agents' grace is 5 s)
@@ -476,7 +476,7 @@ def hosts_ok_failed(run: dict[str, Any]) -> str:
     """`ok/failed` hosts by the run's stats (a host with a failed or unreachable count failed);
     hosts without stats yet count in neither."""
     stats = run.get("stats") or {}
-    failed = sum(1 for s in stats.values() if s.get("failed") or s.get("unreachable"))
+    failed = sum(1 for counts in stats.values() if host_failed(counts))
     return f"{len(stats) - failed}/{failed}"
 
 

@@ -13,6 +13,11 @@ END_STATUSES = STATUSES[1:]  # every status but running
 COUNTS = ("ok", "changed", "failed", "unreachable", "skipped")  # a host's counts in a recap
 
 
+def host_failed(counts: Mapping[str, int]) -> bool:
+    """Whether a host's recap counts say it failed: a failed or an unreachable task."""
+    return bool(counts.get("failed", 0) or counts.get("unreachable", 0))
+
+
 def status_from_stats(stats: Mapping[str, Mapping[str, int]]) -> str:
     """A finished run's status from its per-host counts: failed beats unreachable beats ok."""
     if any(counts.get("failed", 0) for counts in stats.values()):

@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 from marco.tokens import TokenSigner, create_secret, load_secret  # noqa: E402
 from tests.support.agent_process import AgentProcess  # noqa: E402
 from tests.support.browser import launch  # noqa: E402
+from tests.support.command_runs import ended_command_run  # noqa: E402
 from tests.support.controller_process import ControllerProcess  # noqa: E402
-from tests.support.http import call  # noqa: E402
 from tests.support.pki import TestPki  # noqa: E402
 from tests.support.waiting import wait_for  # noqa: E402
 
@@ -98,13 +98,8 @@ def main() -> int:
         try:
             wait_for(lambda: set(NODES) <= set(controller.inventory_hosts(token)), timeout=120,
                      what="the nodes listed")
-            status, answer = call(controller, "POST", "/api/run",
-                                  {"nodes": list(NODES), "command": COMMAND.strip()}, token)
-            assert status == 200, answer
-            run_id = answer["run"]["id"]
-            wait_for(lambda: call(controller, "GET", f"/api/runs/{run_id}?limit=1",
-                                  token=token)[1]["ended"] is not None, timeout=120,
-                     what="the run ended")
+            run_id = ended_command_run(controller, token, list(NODES), COMMAND.strip(),
+                                       timeout=120)
             with sync_playwright() as playwright:
                 browser = launch(playwright, trust=pki.controller_cert)
                 for theme in ("light", "dark"):

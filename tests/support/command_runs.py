@@ -36,17 +36,19 @@ def ended_command_run(controller: ControllerProcess, token: str, nodes: str | li
     return run_id
 
 
+def all_archived(controller: ControllerProcess, token: str, run_id: str, count: int) -> bool:
+    """Whether the run lists `count` executions, each archived (its output all stored)."""
+    status, found = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
+    assert status == 200, found
+    executions = found["executions"]
+    return len(executions) == count and all(e["archived"] for e in executions)
+
+
 def archived_command_run(controller: ControllerProcess, token: str, nodes: str | list[str],
                          command: str, timeout: float = 120) -> str:
     """A command run ended with every execution archived (its output all stored); its id."""
     count = 1 if isinstance(nodes, str) else len(nodes)
     run_id = start_command_run(controller, token, nodes, command)
-
-    def archived() -> bool:
-        status, found = call(controller, "GET", f"/api/runs/{run_id}/executions", token=token)
-        assert status == 200, found
-        executions = found["executions"]
-        return len(executions) == count and all(e["archived"] for e in executions)
-
-    wait_for(archived, timeout=timeout, what=f"run {run_id}'s executions archived")
+    wait_for(lambda: all_archived(controller, token, run_id, count), timeout=timeout,
+             what=f"run {run_id}'s executions archived")
     return run_id
