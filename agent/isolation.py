@@ -94,6 +94,15 @@ def _child_setup(procs_fd: int | None, nproc: int) -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 
 
+def popen_setup(procs_fd: int | None, nproc: int) -> dict[str, Any]:
+    """Popen arguments that make a child do what `Isolation.spawning_fds` asks."""
+    if nproc:
+        return {"preexec_fn": functools.partial(_child_setup, procs_fd, nproc)}
+    if procs_fd is not None:  # a builtin: no Python frame in the child
+        return {"preexec_fn": functools.partial(os.write, procs_fd, b"0")}
+    return {}  # no code between fork and exec: the cheapest spawn
+
+
 class Isolation:
     """The executions' side of process containment: spawn, signal, clean up."""
 
@@ -147,14 +156,18 @@ class Isolation:
     @contextmanager
     def spawning(self, execution_id: str, user: UserIdentity) -> Iterator[dict[str, Any]]:
         """Extra Popen arguments for the execution's child; cleans up if the spawn fails."""
+        with self.spawning_fds(execution_id, user) as (procs_fd, nproc):
+            yield popen_setup(procs_fd, nproc)
+
+    @contextmanager
+    def spawning_fds(self, execution_id: str,
+                     user: UserIdentity) -> Iterator[tuple[int | None, int]]:
+        """What a child of the execution must do itself, already as the user: write b"0" to
+        `procs_fd` (join the execution's cgroup; None: no cgroup) and set RLIMIT_NPROC to
+        `nproc` (0: nothing to set). For a child the agent does not fork itself (a module
+        runner's); cleans up if the spawn fails."""
         with self.backend.spawning(execution_id, user) as procs_fd:
-            nproc = self._child_nproc if user.uid != 0 else 0
-            if nproc:
-                yield {"preexec_fn": functools.partial(_child_setup, procs_fd, nproc)}
-            elif procs_fd is not None:  # a builtin: no Python frame in the child
-                yield {"preexec_fn": functools.partial(os.write, procs_fd, b"0")}
-            else:
-                yield {}  # no code between fork and exec: the cheapest spawn
+            yield procs_fd, self._child_nproc if user.uid != 0 else 0
 
     def started(self, execution_id: str, pid: int) -> None:
         self.backend.started(execution_id, pid)
