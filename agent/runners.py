@@ -1,0 +1,700 @@
+"""Warm module runners: per-user Python processes that fork a fresh child per Ansible module.
+
+A runner runs `agent/zygote.py` as the user (uid, gid, groups, clean environment, its own
+cgroup `runner-<hex>` under the user's), on the module's interpreter, preloaded with the
+payload's `module_utils`. The agent speaks to it over an AF_UNIX SOCK_SEQPACKET socket: one JSON
+object per message, fds by SCM_RIGHTS (the table is in docs/protocol.md). The runner is the
+user's process and may send anything: every message is checked (size, types, ids, the pid it
+reports must be its own child of the user's uid), a bad one kills the runner, and the agent
+never signals a pid the runner reports: it signals through the runner (as the user, so the
+kernel bounds it) and through the isolation (the runner's own cgroup id, trusted).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import functools
+import json
+import logging
+import os
+import resource
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from marco.errors import ConfigError
+
+from .ansiballz import ModuleCommand, preload_matches
+from .isolation import Isolation
+from .users import UserIdentity, UserResolver
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 64 * 1024       # bytes of one message, either way
+MAX_FDS_IN = 1                # fds a runner may send with one message (a started's pidfd)
+MAX_ENTRIES = 8192            # preloaded module_utils a runner may report
+MAX_TEXT = 200                # characters kept of a runner's words (python version, errors)
+OUTPUT_PER_MINUTE = 64 * 1024  # bytes of a runner's stdout/stderr logged per minute
+QUIT_GRACE = 5.0              # seconds a quitting runner has to exit before it is killed
+RUNNER_FD = 3                 # the runner's end of the socket, in the runner
+PID_MAX = 1 << 22             # the kernel's highest pid_max
+
+Key = tuple[UserIdentity, str]
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """`enabled`: runners at all; the rest bound them (see docs/operations.md)."""
+
+    enabled: bool = True
+    idle_seconds: float = 600.0       # a runner with no task for this long quits
+    max_per_user: int = 2             # runners (distinct interpreters/preloads) per user
+    max_total: int = 32               # runners on the node; the LRU idle one quits first
+    preload_seconds: float = 30.0     # start + preload (and a task's start) deadline
+
+    def __post_init__(self) -> None:
+        if self.idle_seconds <= 0 or self.preload_seconds <= 0:
+            raise ConfigError("runner idle_seconds and preload_seconds must be > 0")
+        if self.max_per_user < 1 or self.max_total < 1:
+            raise ConfigError("runner max_per_user and max_total must be >= 1")
+
+
+class RunnerDeclined(Exception):
+    """The module does not go warm (nothing of it ran): the caller runs it the cold way."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RunnerDied(Exception):
+    """The runner died while the task ran: the execution ends `lost`."""
+
+    def __init__(self) -> None:
+        super().__init__("the module runner died during this task")
+
+
+class _Misbehaved(Exception):
+    """A runner's message breaks the protocol: the runner is killed."""
+
+
+@dataclass
+class Launched:
+    """A task the runner forked. `pid` is what the runner reported, checked to be its child
+    of the user's uid when it was reported: for display, never for signals."""
+
+    pid: int
+    note: str
+    exited: asyncio.Future[int]       # the raw wait status; RunnerDied if the runner died
+    _signal: Callable[[int], None] = field(default=lambda signum: None, repr=False)
+
+    def signal(self, signum: int) -> None:
+        """Signal the task's session through the runner (as the user); never os.kill."""
+        self._signal(signum)
+
+
+@dataclass
+class _Task:
+    started: asyncio.Future[int]      # the child's pid, or RunnerDeclined
+    exited: asyncio.Future[int]
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception retrieved: a task nobody awaits any more logs nothing."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def _text(value: object, what: str) -> str:
+    """A short string of the runner's, with control characters shown escaped."""
+    if not isinstance(value, str) or len(value) > MAX_MESSAGE:
+        raise _Misbehaved(f"{what} is not a string")
+    return value[:MAX_TEXT].encode("unicode_escape", "replace").decode("ascii")
+
+
+def _integer(value: object, low: int, high: int, what: str) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise _Misbehaved(f"{what} is not an integer in [{low}, {high}]")
+    return value
+
+
+def _entries(value: object) -> dict[str, tuple[int, int]]:
+    """The `preloaded` entries: {zip member name: [crc, size]}."""
+    if not isinstance(value, dict) or len(value) > MAX_ENTRIES:
+        raise _Misbehaved(f"entries is not an object of at most {MAX_ENTRIES} members")
+    entries: dict[str, tuple[int, int]] = {}
+    for name, pair in value.items():
+        if not isinstance(pair, list) or len(pair) != 2 or len(name) > 1024:
+            raise _Misbehaved("an entry is not name: [crc, size]")
+        entries[name] = (_integer(pair[0], 0, 0xFFFFFFFF, "an entry's crc"),
+                         _integer(pair[1], 0, 1 << 40, "an entry's size"))
+    return entries
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
+    return fds
+
+
+def _child_of(pid: int, parent: int, uid: int) -> bool | None:
+    """True if `pid` is a process (not a thread) whose parent is `parent`, of real uid `uid`;
+    False if it is not; None if it is gone (and reaped) already."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            text = handle.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    try:
+        return (int(fields["Tgid"]) == pid and int(fields["PPid"]) == parent
+                and int(fields["Uid"].split()[0]) == uid)
+    except (KeyError, ValueError, IndexError):
+        return False
+
+
+def _rss(pid: int) -> int:
+    """VmRSS of `pid` in bytes (0 if unknown)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _runner_setup(end: int, procs_fd: int | None, nproc: int) -> None:
+    """In the runner between fork and exec, already as the user: join its cgroup, cap the
+    user's processes, put the socket on RUNNER_FD (close_fds keeps it: it is in pass_fds)."""
+    if procs_fd is not None:
+        os.write(procs_fd, b"0")
+    if nproc:
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    if end != RUNNER_FD:
+        os.dup2(end, RUNNER_FD)
+        os.close(end)
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+class _OutputLog:
+    """A runner's stdout/stderr, logged at debug up to OUTPUT_PER_MINUTE, the rest dropped."""
+
+    def __init__(self, runner_id: str) -> None:
+        self.runner_id = runner_id
+        self.window = time.monotonic()
+        self.used = 0
+        self.dropped = 0
+
+    def feed(self, data: bytes) -> None:
+        now = time.monotonic()
+        if now - self.window >= 60.0:
+            self.flush()
+            self.window, self.used = now, 0
+        keep = data[:max(0, OUTPUT_PER_MINUTE - self.used)]
+        self.used += len(keep)
+        self.dropped += len(data) - len(keep)
+        if keep:
+            log.debug("%s said: %r", self.runner_id, keep.decode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        if self.dropped:
+            log.debug("%s: %d bytes of its output dropped", self.runner_id, self.dropped)
+            self.dropped = 0
+
+
+class _RunnerProtocol(asyncio.SubprocessProtocol):
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.output = _OutputLog(runner.id)
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self.output.feed(data)
+
+    def process_exited(self) -> None:
+        self.output.flush()
+        self.runner.process_exited()
+
+
+class Runner:
+    """One runner process: its socket, its tasks, its idle timer."""
+
+    def __init__(self, key: Key, settings: RunnerSettings, isolation: Isolation,
+                 resolver: UserResolver, forget: Callable[[Runner], None],
+                 retire: Callable[[Runner], object]) -> None:
+        self.key = key
+        self.user, self.interpreter = key
+        self.settings = settings
+        self.isolation = isolation
+        self.resolver = resolver
+        self.forget = forget        # the pool drops it (dead)
+        self.retire = retire        # the pool drops it and has it quit (idle)
+        self.id = f"runner-{secrets.token_hex(8)}"
+        self.pid = 0
+        self.python = ""
+        self.entries: dict[str, tuple[int, int]] = {}
+        self.preload_ms = 0.0
+        self.runs = 0
+        self.tasks: dict[str, _Task] = {}
+        self.dead = False
+        self.last_used = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.ready: asyncio.Task[None] | None = None
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self._sock: socket.socket | None = None
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._hello: asyncio.Future[None] = loop.create_future()
+        self._preloaded: asyncio.Future[dict[str, tuple[int, int]]] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        for future in (self._hello, self.exited):
+            future.add_done_callback(_consume)
+
+    def __repr__(self) -> str:
+        return f"<Runner {self.id} pid {self.pid} of {self.user.name}>"
+
+    @property
+    def busy(self) -> bool:
+        """Starting or running a task: not to be retired for room."""
+        return bool(self.tasks) or self.ready is None or not self.ready.done()
+
+    # -- start ------------------------------------------------------------------------------
+
+    async def start(self, module: ModuleCommand, source: str) -> None:
+        """Spawn, wait for hello, preload; a failure kills the runner and declines."""
+        began = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.preload_seconds):
+                await self._spawn(source)
+                await self._hello
+                self.entries = await self._preload(module)
+        except TimeoutError:
+            self.kill(f"no preload within {self.settings.preload_seconds:g} s")
+            raise RunnerDeclined("preload failed: timed out after "
+                                 f"{self.settings.preload_seconds:g} s") from None
+        except RunnerDeclined:
+            self.kill("its start failed")
+            raise
+        self.preload_ms = (time.monotonic() - began) * 1000
+        log.info("%s started for %s on %s (pid %d, python %s): preload %.0f ms, %d modules",
+                 self.id, self.user.name, self.interpreter, self.pid, self.python,
+                 self.preload_ms, len(self.entries))
+        self._task_done()
+
+    async def _spawn(self, source: str) -> None:
+        """Start the runner exactly as an execution starts: as the user, clean environment,
+        its own session, no fd of the agent's but its socket end, in its own cgroup."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        end = child.fileno()
+        placeholder = None
+        if not _fd_open(RUNNER_FD):  # pass_fds must name an open fd, and close_fds spares it
+            placeholder = os.dup2(end, RUNNER_FD, inheritable=False)
+        try:
+            with self.isolation.spawning_fds(self.id, self.user) as (procs_fd, nproc):
+                transport, _ = await self.loop.subprocess_exec(
+                    lambda: _RunnerProtocol(self), self.interpreter, "-c", source,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    env=self.user.clean_environment(), cwd="/", start_new_session=True,
+                    close_fds=True, pass_fds=(end, RUNNER_FD),
+                    preexec_fn=functools.partial(_runner_setup, end, procs_fd, nproc),
+                    **self.resolver.popen_identity(self.user))
+        except (OSError, subprocess.SubprocessError) as exc:
+            parent.close()
+            reason = exc.strerror if isinstance(exc, OSError) else "its setup failed"
+            raise RunnerDeclined(f"runner did not start: {reason}") from None
+        finally:
+            child.close()
+            if placeholder is not None:
+                os.close(placeholder)
+        self._transport = transport
+        self.pid = self._transport.get_pid()
+        self.isolation.started(self.id, self.pid)
+        parent.setblocking(False)
+        self._sock = parent
+        if self.dead:  # it exited before the spawn returned
+            self._close_socket()
+            raise RunnerDeclined("runner died")
+        self.loop.add_reader(parent.fileno(), self._readable)
+
+    async def _preload(self, module: ModuleCommand) -> dict[str, tuple[int, int]]:
+        """Send the payload's zip in a memfd (too big for a message) and wait for the list of
+        what the runner imported from it."""
+        self._preloaded = self.loop.create_future()
+        self._preloaded.add_done_callback(_consume)
+        memfd = os.memfd_create("marco-runner-zip", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(module.zip_data)
+            while view:
+                view = view[os.write(memfd, view):]
+            os.lseek(memfd, 0, os.SEEK_SET)
+            self._send({"op": "preload", "profile": module.profile}, [memfd])
+        finally:
+            os.close(memfd)
+        return await self._preloaded
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    async def run(self, execution_id: str, cwd: str, env: dict[str, str],
+                  fds: tuple[int, int, int], procs_fd: int | None, nproc: int) -> Launched:
+        """Have the runner fork a child for the task; returns once it reported the child."""
+        if self.dead:
+            raise _Gone()
+        if execution_id in self.tasks:
+            raise RunnerDeclined("execution id already running here")
+        message: dict[str, Any] = {"op": "run", "id": execution_id, "cwd": cwd, "env": env}
+        if nproc:
+            message["nproc"] = nproc
+        task = _Task(self.loop.create_future(), self.loop.create_future())
+        for future in (task.started, task.exited):
+            future.add_done_callback(_consume)
+        self.tasks[execution_id] = task
+        self._cancel_idle()
+        try:
+            self._send(message, [*fds, *([] if procs_fd is None else [procs_fd])])
+        except BaseException:
+            self.tasks.pop(execution_id, None)
+            self._task_done()
+            raise
+        self.runs += 1
+        self.last_used = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.preload_seconds):
+                pid = await asyncio.shield(task.started)
+        except TimeoutError:
+            self.kill("no started within the deadline")
+            raise RunnerDeclined("runner died") from None
+        return Launched(pid, "", task.exited,
+                        functools.partial(self.signal_task, execution_id))
+
+    def signal_task(self, execution_id: str, signum: int) -> None:
+        """Ask the runner to signal the task's session; a runner that cannot be told is
+        killed (its task then ends lost)."""
+        if self.dead or execution_id not in self.tasks:
+            return
+        try:
+            self._send({"op": "signal", "id": execution_id, "signal": int(signum)})
+        except (RunnerDeclined, _Gone):
+            self.kill("a signal could not be sent")
+
+    def _task_done(self) -> None:
+        if not self.tasks and not self.dead:
+            self.last_used = time.monotonic()
+            self._cancel_idle()
+            self._idle = self.loop.call_later(self.settings.idle_seconds, self._idle_expired)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        if not self.tasks and not self.dead:
+            log.info("%s of %s idle for %g s: it quits", self.id, self.user.name,
+                     self.settings.idle_seconds)
+            self.retire(self)
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode()
+        if len(data) > MAX_MESSAGE:
+            raise RunnerDeclined("the task does not fit a runner message (environment?)")
+        if self._sock is None:
+            raise _Gone()
+        ancillary = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                     if fds else [])
+        try:
+            self._sock.sendmsg([data], ancillary)
+        except BlockingIOError:  # it does not read what it is sent
+            self.kill("its socket is full")
+            raise RunnerDeclined("runner busy") from None
+        except OSError:
+            self._gone("its socket is closed")
+            raise _Gone() from None
+
+    def _readable(self) -> None:
+        """Read every waiting message; any fd received is closed here, whatever happens."""
+        while self._sock is not None:
+            try:
+                data, ancdata, flags, _ = self._sock.recvmsg(
+                    MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS_IN * 4), socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.kill(f"its socket failed: {exc.strerror}")
+                return
+            fds = _received_fds(ancdata)
+            try:
+                if not data and not fds:
+                    self.kill("it closed its socket")
+                    return
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_MESSAGE:
+                    raise _Misbehaved("a message or its fds too long")
+                self._handle(data, fds)
+            except _Misbehaved as exc:
+                self.kill(f"misbehaved: {exc}", warn=True)
+                return
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _handle(self, data: bytes, fds: list[int]) -> None:
+        try:
+            message = json.loads(data)
+        except (ValueError, RecursionError):
+            raise _Misbehaved("a message is not JSON") from None
+        if not isinstance(message, dict):
+            raise _Misbehaved("a message is not an object")
+        op = message.get("op")
+        if fds and op != "started":
+            raise _Misbehaved(f"fds with {op!r}")
+        if op == "hello":
+            self._on_hello(message)
+        elif op in ("preloaded", "preload_failed"):
+            self._on_preloaded(message)
+        elif op == "started":
+            self._on_started(message, fds)
+        elif op == "exited":
+            self._on_exited(message)
+        else:
+            raise _Misbehaved("unknown op")
+
+    def _on_hello(self, message: dict[str, Any]) -> None:
+        if self._hello.done():
+            raise _Misbehaved("a second hello")
+        self.python = _text(message.get("python"), "python")
+        self._hello.set_result(None)
+
+    def _on_preloaded(self, message: dict[str, Any]) -> None:
+        waiting = self._preloaded
+        if waiting is None or waiting.done():
+            raise _Misbehaved(f"{message['op']} unasked")
+        if message["op"] == "preload_failed":
+            waiting.set_exception(RunnerDeclined(
+                "preload failed: " + _text(message.get("error"), "error")))
+        else:
+            waiting.set_result(_entries(message.get("entries")))
+
+    def _task_of(self, message: dict[str, Any]) -> tuple[str, _Task]:
+        task_id = message.get("id")
+        task = self.tasks.get(task_id) if isinstance(task_id, str) else None
+        if task is None or task_id is None:
+            raise _Misbehaved("a task id that is not running")
+        return task_id, task
+
+    def _on_started(self, message: dict[str, Any], fds: list[int]) -> None:
+        """The child's pid; its pidfd (if sent) is closed unused: a pidfd the user's process
+        opened may name any process, so root never signals through it."""
+        _, task = self._task_of(message)
+        if task.started.done():
+            raise _Misbehaved("a second started")
+        pid = _integer(message.get("pid"), 2, PID_MAX, "pid")
+        if _child_of(pid, self.pid, self.user.uid) is False:
+            raise _Misbehaved(f"pid {pid} is not its child of uid {self.user.uid}")
+        task.started.set_result(pid)
+
+    def _on_exited(self, message: dict[str, Any]) -> None:
+        task_id, task = self._task_of(message)
+        status = _integer(message.get("status"), 0, 0xFFFF, "status")
+        if not (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+            raise _Misbehaved("a status that is no exit")
+        del self.tasks[task_id]
+        _fail(task.started, RunnerDeclined("the runner could not start the task"))
+        if not task.exited.done():
+            task.exited.set_result(status)
+        self._task_done()
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def kill(self, why: str, warn: bool = False) -> None:
+        """SIGKILL the runner through its own isolation id and its transport, and forget it."""
+        if self.pid:
+            (log.warning if warn else log.info)("%s of %s killed: %s", self.id,
+                                                self.user.name, why)
+            self.isolation.signal(self.id, signal.SIGKILL)
+            if self._transport is not None and self._transport.get_returncode() is None:
+                self._transport.kill()
+        self._gone(why)
+
+    def _gone(self, why: str) -> None:
+        """No more work for this runner: waiters are told, tasks fail with RunnerDied."""
+        if self.dead:
+            return
+        self.dead = True
+        self._cancel_idle()
+        self._close_socket()
+        _fail(self._hello, RunnerDeclined("runner died"))
+        if self._preloaded is not None:
+            _fail(self._preloaded, RunnerDeclined("runner died"))
+        for task in self.tasks.values():
+            _fail(task.started, RunnerDeclined("runner died"))
+            _fail(task.exited, RunnerDied())
+        self.tasks.clear()
+        self.forget(self)
+        log.debug("%s of %s gone: %s", self.id, self.user.name, why)
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self.loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    def process_exited(self) -> None:
+        """The runner process ended (reaped by asyncio): its cgroup can go."""
+        self.isolation.finished(self.id)
+        self._gone("it exited")
+        if not self.exited.done():
+            self.exited.set_result(None)
+        if self._transport is not None:
+            self._transport.close()
+
+    async def quit(self, grace: float = QUIT_GRACE) -> None:
+        """Ask the runner to quit (message and EOF: it exits once its children are reaped);
+        killed if it has not after `grace` seconds."""
+        if self._sock is not None:
+            try:
+                self._send({"op": "quit"})
+            except (RunnerDeclined, _Gone):
+                pass
+        self._gone("asked to quit")
+        if self._transport is None:
+            return
+        try:
+            async with asyncio.timeout(grace):
+                await asyncio.shield(self.exited)
+        except TimeoutError:
+            self.kill(f"still running {grace:g} s after quit")
+            await asyncio.shield(self.exited)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"user": self.user.name, "pid": self.pid, "python": self.python,
+                "rss": _rss(self.pid), "tasks": len(self.tasks),
+                "idle_s": 0.0 if self.tasks else round(now - self.last_used, 3),
+                "preload_ms": round(self.preload_ms, 1)}
+
+
+class _Gone(Exception):
+    """The runner was found dead before the task was sent: another one may take it."""
+
+
+class RunnerPool:
+    """The node's runners, keyed by (user identity, interpreter), bounded and LRU."""
+
+    def __init__(self, resolver: UserResolver, isolation: Isolation,
+                 settings: RunnerSettings, *, source: str | None = None) -> None:
+        self.resolver = resolver
+        self.isolation = isolation
+        self.settings = settings
+        self._source = source     # a test seam: the runner's code (zygote.py's by default)
+        self._runners: list[Runner] = []
+        self._quitting: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def source(self) -> str:
+        if self._source is None:
+            self._source = Path(__file__).with_name("zygote.py").read_text()
+        return self._source
+
+    async def launch(self, execution_id: str, user: UserIdentity, module: ModuleCommand,
+                     cwd: str, env: dict[str, str], fds: tuple[int, int, int],
+                     procs_fd: int | None, nproc: int) -> Launched:
+        """Run the module in the user's warm runner (started and preloaded on first use);
+        RunnerDeclined(reason) if it cannot, before anything of it ran."""
+        if not self.settings.enabled or self._closed:
+            raise RunnerDeclined("runner off")
+        key: Key = (user, module.interpreter)
+        differ = False
+        for runner in [r for r in self._runners if r.key == key]:
+            if runner.ready is not None and not runner.ready.done():
+                await asyncio.shield(runner.ready)  # a failed start declines its waiters too
+            if runner.dead:
+                continue
+            if not preload_matches(runner.entries, module.entries):
+                differ = True
+                continue
+            try:
+                launched = await runner.run(execution_id, cwd, env, fds, procs_fd, nproc)
+            except _Gone:
+                continue
+            launched.note = f"warm (runner {runner.pid}, task {runner.runs})"
+            return launched
+        runner = self._new_runner(key, "module_utils differ" if differ else "runner limit")
+        runner.ready = asyncio.get_running_loop().create_task(
+            runner.start(module, self.source()))
+        runner.ready.add_done_callback(_consume)
+        await asyncio.shield(runner.ready)
+        try:
+            launched = await runner.run(execution_id, cwd, env, fds, procs_fd, nproc)
+        except _Gone:
+            raise RunnerDeclined("runner died") from None
+        launched.note = f"new runner (preload {runner.preload_ms:.0f} ms)"
+        return launched
+
+    def _new_runner(self, key: Key, reason: str) -> Runner:
+        """A runner for `key` within the bounds: the least recently used idle runner (of the
+        user, then of the node) quits to make room; none idle: RunnerDeclined(reason)."""
+        user = key[0]
+        for limit, among in ((self.settings.max_per_user,
+                              [r for r in self._runners if r.user.name == user.name]),
+                             (self.settings.max_total, self._runners)):
+            if len(among) >= limit:
+                idle = [r for r in among if not r.busy]
+                if not idle:
+                    raise RunnerDeclined(reason)
+                self._retire(min(idle, key=lambda r: r.last_used))
+        runner = Runner(key, self.settings, self.isolation, self.resolver, self._forget,
+                        self._retire)
+        self._runners.append(runner)
+        return runner
+
+    def _forget(self, runner: Runner) -> None:
+        if runner in self._runners:
+            self._runners.remove(runner)
+
+    def _retire(self, runner: Runner) -> asyncio.Task[None]:
+        """Forget `runner` now and let it quit in the background."""
+        self._forget(runner)
+        task = asyncio.get_running_loop().create_task(runner.quit())
+        self._quitting.add(task)
+        task.add_done_callback(self._quitting.discard)
+        return task
+
+    def status(self) -> list[dict[str, Any]]:
+        """[{user, pid, python, rss, tasks, idle_s, preload_ms}] of the live runners."""
+        return [runner.status() for runner in self._runners if runner.pid and not runner.dead]
+
+    async def close_user(self, username: str) -> None:
+        """Revocation: the user's runners quit (killed after QUIT_GRACE)."""
+        quitting = [self._retire(r) for r in list(self._runners) if r.user.name == username]
+        await asyncio.gather(*quitting)
+
+    async def close(self) -> None:
+        """Agent shutdown: every runner quits."""
+        self._closed = True
+        for runner in list(self._runners):
+            self._retire(runner)
+        await asyncio.gather(*self._quitting)

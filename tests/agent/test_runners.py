@@ -1,0 +1,507 @@
+"""The agent's warm module runners (agent/runners.py): a real RunnerPool on a real loop starts
+real runners (agent/zygote.py, or a fake runner's code through the pool's `source` seam) as
+real test users, and runs real AnsiballZ payloads built by ansible-core.
+
+Each scenario runs in a forked process of its own: the pool's Isolation (cgroups here) moves
+its process into a private cgroup tree, which the pytest worker itself is kept out of."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from agent.ansiballz import ModuleCommand, module_command
+from agent.isolation import Isolation, IsolationSettings
+from agent.runners import Launched, RunnerDeclined, RunnerDied, RunnerPool, RunnerSettings
+from agent.users import UserIdentity, UserResolver
+from tests.support.ansiballz_payloads import PIPELINED, module_payload, replace_member
+from tests.support.processes import alive
+from tests.support.users import UnixUser
+
+PIPE_SIZE = 1024 * 1024
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+SCENARIO_SECONDS = 120.0
+
+
+# -- the harness -------------------------------------------------------------------------------
+
+def in_child(scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run `scenario` on a fresh loop in a forked process; its failure fails the test."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        os.close(read_end)
+        code = 0
+        try:
+            asyncio.run(asyncio.wait_for(scenario(), SCENARIO_SECONDS))
+        except BaseException:
+            os.write(write_end, traceback.format_exc().encode())
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as report:
+        failure = report.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and not failure, failure or status
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """Await `predicate()` being true (returned), polling, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return value
+
+
+@asynccontextmanager
+async def pool_of(source: str | None = None, **settings: Any) -> AsyncIterator[RunnerPool]:
+    """A RunnerPool with a started Isolation, closed after."""
+    isolation = Isolation(IsolationSettings())
+    isolation.start()
+    pool = RunnerPool(UserResolver(), isolation, RunnerSettings(**settings), source=source)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+        await isolation.close()
+
+
+@dataclass
+class Ran:
+    launched: Launched
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def rc(self) -> int:
+        return os.waitstatus_to_exitcode(self.status)
+
+    def result(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.stdout)
+        return result
+
+
+def _pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)  # the payload fits: no writer task
+    return read_end, write_end
+
+
+async def start_task(pool: RunnerPool, user: UserIdentity, payload: bytes,
+                     ) -> tuple[Launched, Callable[[], Awaitable[Ran]]]:
+    """Launch `payload` as an execution would (its own cgroup, pipes, clean environment);
+    returns the Launched and a coroutine function that awaits its end and its output."""
+    module = command_of(payload)
+    execution_id = secrets.token_hex(8)
+    stdin_r, stdin_w = _pipe()
+    stdout_r, stdout_w = _pipe()
+    stderr_r, stderr_w = _pipe()
+    os.write(stdin_w, payload)
+    os.close(stdin_w)
+    env = {**user.clean_environment(), "MARCO_EXECUTION_ID": execution_id}
+    try:
+        with pool.isolation.spawning_fds(execution_id, user) as (procs_fd, nproc):
+            launched = await pool.launch(execution_id, user, module, user.home, env,
+                                         (stdin_r, stdout_w, stderr_w), procs_fd, nproc)
+    except BaseException:
+        for fd in (stdout_r, stderr_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (stdin_r, stdout_w, stderr_w):
+            os.close(fd)
+
+    async def ended() -> Ran:
+        try:
+            status = await launched.exited
+        except RunnerDied:  # the caller ends the execution: what the task left is killed
+            pool.isolation.signal(execution_id, signal.SIGKILL)
+            raise
+        finally:
+            pool.isolation.finished(execution_id)
+        loop = asyncio.get_running_loop()
+        out, err = await asyncio.gather(loop.run_in_executor(None, _read_all, stdout_r),
+                                        loop.run_in_executor(None, _read_all, stderr_r))
+        return Ran(launched, status, out, err)
+
+    return launched, ended
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
+async def run_task(pool: RunnerPool, user: UserIdentity, payload: bytes) -> Ran:
+    _, ended = await start_task(pool, user, payload)
+    return await ended()
+
+
+def command_of(payload: bytes) -> ModuleCommand:
+    module = module_command(PIPELINED, payload)
+    assert isinstance(module, ModuleCommand), module
+    return module
+
+
+def identity(user: UnixUser) -> UserIdentity:
+    return UserResolver().resolve(user.name)
+
+
+def uid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        line = next(line for line in handle if line.startswith("Uid:"))
+    return int(line.split()[1])
+
+
+def runner_pids(pool: RunnerPool) -> list[int]:
+    return [runner["pid"] for runner in pool.status()]
+
+
+# -- payloads ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def echo() -> bytes:
+    return module_payload("command", {"_raw_params": "echo warm"})
+
+
+@pytest.fixture(scope="module")
+def sleeper() -> bytes:
+    return module_payload("command", {"_raw_params": "sleep 60"})
+
+
+@pytest.fixture(scope="module")
+def changed(echo: bytes) -> bytes:
+    """The echo payload as another ansible-core would send it: basic.py differs."""
+    return replace_member(echo, "ansible/module_utils/basic.py", b"\nMARCO_CHANGED = True\n")
+
+
+@pytest.fixture
+def users(alice: UnixUser, bob: UnixUser) -> Iterator[tuple[UserIdentity, UserIdentity]]:
+    yield identity(alice), identity(bob)
+
+
+# -- with the real runner (agent/zygote.py) ----------------------------------------------------
+
+def test_warm_launch_runs_the_module_and_reuses_its_runner(users, echo: bytes) -> None:
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of() as pool:
+            first = await run_task(pool, alice, echo)
+            assert first.rc == 0, first.stderr
+            assert first.result()["stdout"] == "warm" and first.result()["rc"] == 0
+            assert first.launched.note.startswith("new runner (preload ")
+            [runner] = pool.status()
+            assert uid_of(runner["pid"]) == alice.uid and runner["python"].startswith("3.")
+            second = await run_task(pool, alice, echo)
+            assert second.rc == 0 and second.result()["stdout"] == "warm", second.stderr
+            assert second.launched.note == f"warm (runner {runner['pid']}, task 2)"
+            assert runner_pids(pool) == [runner["pid"]]
+            assert second.launched.pid not in (first.launched.pid, runner["pid"])
+            assert pool.status()[0]["rss"] > 0 and pool.status()[0]["tasks"] == 0
+
+    in_child(scenario)
+
+
+def test_two_users_get_two_runners(users, echo: bytes) -> None:
+    alice, bob = users
+
+    async def scenario() -> None:
+        async with pool_of() as pool:
+            for user in (alice, bob):
+                ran = await run_task(pool, user, echo)
+                assert ran.rc == 0, ran.stderr
+            by_user = {runner["user"]: runner["pid"] for runner in pool.status()}
+            assert set(by_user) == {alice.name, bob.name}
+            assert by_user[alice.name] != by_user[bob.name]
+            assert uid_of(by_user[alice.name]) == alice.uid
+            assert uid_of(by_user[bob.name]) == bob.uid
+
+    in_child(scenario)
+
+
+def test_concurrent_first_launches_share_one_runner(users, echo: bytes) -> None:
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of() as pool:
+            ran = await asyncio.gather(*(run_task(pool, alice, echo) for _ in range(3)))
+            assert [r.rc for r in ran] == [0, 0, 0]
+            assert len(pool.status()) == 1
+            assert sorted(r.launched.note.split(" (")[0] for r in ran) == [
+                "new runner", "warm", "warm"]
+
+    in_child(scenario)
+
+
+def test_a_task_does_not_wait_for_another(users, echo: bytes, sleeper: bytes) -> None:
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of() as pool:
+            long, long_ended = await start_task(pool, alice, sleeper)
+            quick = await run_task(pool, alice, echo)   # same runner, while `long` runs
+            assert quick.rc == 0 and quick.launched.note.startswith("warm"), quick.stderr
+            assert pool.status()[0]["tasks"] == 1
+            long.signal(signal.SIGTERM)
+            ended = await long_ended()
+            assert os.WIFSIGNALED(ended.status) and os.WTERMSIG(ended.status) == signal.SIGTERM
+
+    in_child(scenario)
+
+
+def test_changed_module_utils_get_a_second_runner(users, echo: bytes, changed: bytes) -> None:
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of() as pool:
+            assert (await run_task(pool, alice, echo)).rc == 0
+            [old] = runner_pids(pool)
+            ran = await run_task(pool, alice, changed)
+            assert ran.rc == 0 and ran.launched.note.startswith("new runner"), ran.stderr
+            assert old in runner_pids(pool) and len(runner_pids(pool)) == 2
+            again = await run_task(pool, alice, echo)  # the old one stays warm
+            assert again.launched.note == f"warm (runner {old}, task 2)"
+
+    in_child(scenario)
+
+
+def test_changed_module_utils_are_declined_when_no_room(users, echo: bytes, sleeper: bytes,
+                                                        changed: bytes) -> None:
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of(max_per_user=1) as pool:
+            busy, busy_ended = await start_task(pool, alice, sleeper)
+            with pytest.raises(RunnerDeclined) as declined:
+                await start_task(pool, alice, changed)
+            assert declined.value.reason == "module_utils differ"
+            busy.signal(signal.SIGKILL)
+            await busy_ended()
+            # idle now: the least recently used runner makes room for the new payload
+            ran = await run_task(pool, alice, changed)
+            assert ran.rc == 0 and ran.launched.note.startswith("new runner"), ran.stderr
+            assert len(runner_pids(pool)) == 1
+
+    in_child(scenario)
+
+
+def test_runner_limit(users, sleeper: bytes, echo: bytes) -> None:
+    alice, bob = users
+
+    async def scenario() -> None:
+        async with pool_of(max_total=1) as pool:
+            busy, busy_ended = await start_task(pool, alice, sleeper)
+            with pytest.raises(RunnerDeclined) as declined:
+                await start_task(pool, bob, echo)
+            assert declined.value.reason == "runner limit"
+            busy.signal(signal.SIGKILL)
+            await busy_ended()
+            assert (await run_task(pool, bob, echo)).rc == 0
+            assert [r["user"] for r in pool.status()] == [bob.name]
+
+    in_child(scenario)
+
+
+def test_runner_off(users, echo: bytes) -> None:
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of(enabled=False) as pool:
+            with pytest.raises(RunnerDeclined) as declined:
+                await start_task(pool, alice, echo)
+            assert declined.value.reason == "runner off" and pool.status() == []
+
+    in_child(scenario)
+
+
+def test_runner_killed_between_tasks_is_replaced(users, echo: bytes) -> None:
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of() as pool:
+            assert (await run_task(pool, alice, echo)).rc == 0
+            [first] = runner_pids(pool)
+            os.kill(first, signal.SIGKILL)  # the test's own doing, as the user could
+            await until(lambda: not pool.status(), "the dead runner forgotten")
+            ran = await run_task(pool, alice, echo)
+            assert ran.rc == 0 and ran.launched.note.startswith("new runner"), ran.stderr
+            assert runner_pids(pool) != [first]
+
+    in_child(scenario)
+
+
+def test_runner_killed_during_a_task_fails_it(users, sleeper: bytes, echo: bytes) -> None:
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of() as pool:
+            _, ended = await start_task(pool, alice, sleeper)
+            [runner] = runner_pids(pool)
+            os.kill(runner, signal.SIGKILL)
+            with pytest.raises(RunnerDied):
+                await ended()
+            assert (await run_task(pool, alice, echo)).rc == 0
+
+    in_child(scenario)
+
+
+def test_idle_runner_quits(users, echo: bytes) -> None:
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of(idle_seconds=0.3) as pool:
+            assert (await run_task(pool, alice, echo)).rc == 0
+            [pid] = runner_pids(pool)
+            await until(lambda: not pool.status(), "the idle runner retired")
+            await until(lambda: not alive(pid), "the idle runner's exit")
+
+    in_child(scenario)
+
+
+def test_close_user_and_close(users, echo: bytes) -> None:
+    alice, bob = users
+
+    async def scenario() -> None:
+        async with pool_of() as pool:
+            for user in (alice, bob):
+                assert (await run_task(pool, user, echo)).rc == 0
+            pids = {r["user"]: r["pid"] for r in pool.status()}
+            await pool.close_user(alice.name)
+            assert not alive(pids[alice.name])
+            assert [r["user"] for r in pool.status()] == [bob.name]
+            await pool.close()
+            assert pool.status() == [] and not alive(pids[bob.name])
+            with pytest.raises(RunnerDeclined):
+                await start_task(pool, bob, echo)
+
+    in_child(scenario)
+
+
+# -- with a fake runner: what the pool does with a runner that lies ----------------------------
+
+FAKE_RUNNER = r'''
+import json, os, socket, sys
+sock = socket.socket(fileno=3)
+def send(message, fds=()):
+    data = message if isinstance(message, bytes) else json.dumps(message).encode()
+    socket.send_fds(sock, [data], list(fds))
+send({"op": "hello", "pid": os.getpid(), "python": "3.fake"})
+while True:
+    data, fds, _, _ = socket.recv_fds(sock, 65536, 8)
+    for fd in fds:
+        os.close(fd)
+    if not data:
+        break
+    op = json.loads(data)["op"]
+    if op == "preload":
+        send(%(preloaded)s)
+    elif op == "run":
+        send(%(started)s, %(fds)s)
+while True:
+    pass
+'''
+
+
+def fake_runner(preloaded: str = '{"op": "preloaded", "ms": 1.0, "entries": {}}',
+                started: str = "{}", fds: str = "()") -> str:
+    return FAKE_RUNNER % {"preloaded": preloaded, "started": started, "fds": fds}
+
+
+def memfds_named(name: str) -> list[str]:
+    """This process's fds that are the memfd `name`."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == f"/memfd:{name} (deleted)":
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
+async def _fake_is_killed(source: str, user: UserIdentity, payload: bytes) -> None:
+    async with pool_of(source=source) as pool:
+        with pytest.raises(RunnerDeclined) as declined:
+            await start_task(pool, user, payload)
+        assert declined.value.reason == "runner died"
+        assert pool.status() == []
+        await until(lambda: not fakes_of(user), "the fake runner killed")
+
+
+def fakes_of(user: UserIdentity) -> list[str]:
+    """The user's fake runners still running (a zombie has no command line to match)."""
+    return subprocess.run(["pgrep", "-u", str(user.uid), "-f", "3[.]fake"],
+                          capture_output=True, text=True).stdout.split()
+
+
+def test_a_runner_sending_garbage_is_killed(users, echo: bytes) -> None:
+    alice, _ = users
+    source = fake_runner(preloaded=repr(b"\xff{not json"))
+    in_child(lambda: _fake_is_killed(source, alice, echo))
+
+
+@pytest.mark.parametrize("preloaded", [
+    '{"op": "preloaded", "entries": {"ansible/__init__.py": ["crc", 1]}}',
+    '{"op": "preloaded", "entries": []}',
+    '{"op": "hello", "python": "3"}',
+    '{"op": "exited", "id": "nope", "status": 0}',
+    'b"[" * 60000',
+    'b"x" * 70000',
+])
+def test_a_runner_sending_a_malformed_message_is_killed(users, echo: bytes,
+                                                        preloaded: str) -> None:
+    alice, _ = users
+    in_child(lambda: _fake_is_killed(fake_runner(preloaded=preloaded), alice, echo))
+
+
+def test_a_runner_reporting_another_pid_is_killed_and_nothing_signalled(users,
+                                                                         echo: bytes) -> None:
+    """pid 1, and a root process of the test's: never signalled, the runner is killed."""
+    alice, _ = users
+    for victim in ("1", "VICTIM"):
+        bystander = subprocess.Popen(["sleep", "120"])
+        try:
+            pid = str(bystander.pid) if victim == "VICTIM" else victim
+            started = '{"op": "started", "id": json.loads(data)["id"], "pid": ' + pid + "}"
+            source = fake_runner(started=started)
+            in_child(lambda: _fake_is_killed(source, alice, echo))  # noqa: B023
+            assert bystander.poll() is None  # still running: nothing was signalled by pid
+        finally:
+            bystander.kill()
+            bystander.wait()
+
+
+def test_fds_a_runner_sends_are_closed(users, echo: bytes) -> None:
+    """A pidfd (or anything) sent with started is closed; fds with another op too."""
+    alice, _ = users
+    opened = 'os.memfd_create("marco-fake-fd")'
+
+    async def scenario() -> None:
+        for source in (fake_runner(started='{"op": "started", "id": json.loads(data)["id"], '
+                                           '"pid": os.getpid()}', fds=f"[{opened}]"),
+                       fake_runner(preloaded='{"op": "preloaded", "entries": {}}',
+                                   started='{"op": "exited", "id": "x", "status": 0}',
+                                   fds=f"[{opened}, {opened}]")):
+            async with pool_of(source=source) as pool:
+                with pytest.raises(RunnerDeclined):
+                    await start_task(pool, alice, echo)
+            assert memfds_named("marco-fake-fd") == []
+
+    in_child(scenario)
