@@ -104,6 +104,7 @@ class Launched:
 class _Task:
     started: asyncio.Future[int]      # the child's pid, or RunnerDeclined
     exited: asyncio.Future[int]
+    procs_fd: int | None              # the execution's cgroup.procs, for the agent's write
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -358,7 +359,10 @@ class Runner:
 
     async def run(self, execution_id: str, cwd: str, env: dict[str, str],
                   fds: tuple[int, int, int], procs_fd: int | None, nproc: int) -> Launched:
-        """Have the runner fork a child for the task; returns once it reported the child."""
+        """Have the runner fork a child for the task; returns once it reported the child and
+        the agent moved it into the execution's cgroup. `procs_fd` is never sent: the kernel
+        checks a cgroup.procs write against the opener's credentials, so with root's fd the
+        user's runner could move any process of the node (the agent too) into its cgroup."""
         if self.dead:
             raise _Gone()
         if execution_id in self.tasks:
@@ -366,13 +370,13 @@ class Runner:
         message: dict[str, Any] = {"op": "run", "id": execution_id, "cwd": cwd, "env": env}
         if nproc:
             message["nproc"] = nproc
-        task = _Task(self.loop.create_future(), self.loop.create_future())
+        task = _Task(self.loop.create_future(), self.loop.create_future(), procs_fd)
         for future in (task.started, task.exited):
             future.add_done_callback(_consume)
         self.tasks[execution_id] = task
         self._cancel_idle()
         try:
-            self._send(message, [*fds, *([] if procs_fd is None else [procs_fd])])
+            self._send(message, fds)
         except BaseException:
             self.tasks.pop(execution_id, None)
             self._task_done()
@@ -511,10 +515,27 @@ class Runner:
         _, task = self._task_of(message)
         if task.started.done():
             raise _Misbehaved("a second started")
+        if len(fds) > MAX_FDS_IN:
+            raise _Misbehaved("more than a pidfd with started")
         pid = _integer(message.get("pid"), 2, PID_MAX, "pid")
-        if _child_of(pid, self.pid, self.user.uid) is False:
+        child = _child_of(pid, self.pid, self.user.uid)
+        if child is False:
             raise _Misbehaved(f"pid {pid} is not its child of uid {self.user.uid}")
+        if child and task.procs_fd is not None:
+            self._move(pid, task.procs_fd)
         task.started.set_result(pid)
+
+    def _move(self, pid: int, procs_fd: int) -> None:
+        """Put the child, just checked to be the runner's of the user's uid, into the
+        execution's cgroup: before the caller feeds it its payload, so all it starts is
+        there too."""
+        try:
+            os.write(procs_fd, str(pid).encode())
+        except ProcessLookupError:
+            pass  # it ended already
+        except OSError as exc:
+            log.warning("%s: cannot move task %d into its cgroup: %s", self.id, pid,
+                        exc.strerror)
 
     def _on_exited(self, message: dict[str, Any]) -> None:
         task_id, task = self._task_of(message)
@@ -532,8 +553,9 @@ class Runner:
     def kill(self, why: str, warn: bool = False) -> None:
         """SIGKILL the runner through its own isolation id and its transport, and forget it."""
         if self.pid:
-            (log.warning if warn else log.info)("%s of %s killed: %s", self.id,
-                                                self.user.name, why)
+            if not self.dead:
+                (log.warning if warn else log.info)("%s of %s killed: %s", self.id,
+                                                    self.user.name, why)
             self.isolation.signal(self.id, signal.SIGKILL)
             if self._transport is not None and self._transport.get_returncode() is None:
                 self._transport.kill()
@@ -623,7 +645,9 @@ class RunnerPool:
                      cwd: str, env: dict[str, str], fds: tuple[int, int, int],
                      procs_fd: int | None, nproc: int) -> Launched:
         """Run the module in the user's warm runner (started and preloaded on first use);
-        RunnerDeclined(reason) if it cannot, before anything of it ran."""
+        RunnerDeclined(reason) if it cannot, before anything of it ran. The caller feeds the
+        payload to its end of stdin only after this returns: the child, waiting for it,
+        starts nothing before it is in the execution's cgroup."""
         if not self.settings.enabled or self._closed:
             raise RunnerDeclined("runner off")
         key: Key = (user, module.interpreter)

@@ -103,44 +103,53 @@ def _pipe() -> tuple[int, int]:
     return read_end, write_end
 
 
-async def start_task(pool: RunnerPool, user: UserIdentity, payload: bytes,
-                     ) -> tuple[Launched, Callable[[], Awaitable[Ran]]]:
-    """Launch `payload` as an execution would (its own cgroup, pipes, clean environment);
-    returns the Launched and a coroutine function that awaits its end and its output."""
+@dataclass
+class Started:
+    """A launched task: its execution id, the Launched, its output pipes."""
+
+    pool: RunnerPool
+    execution_id: str
+    launched: Launched
+    stdout: int
+    stderr: int
+
+    async def ended(self) -> Ran:
+        """Its end and its output; RunnerDied after its leftovers were killed."""
+        try:
+            status = await self.launched.exited
+        except RunnerDied:  # the caller ends the execution: what the task left is killed
+            self.pool.isolation.signal(self.execution_id, signal.SIGKILL)
+            raise
+        finally:
+            self.pool.isolation.finished(self.execution_id)
+        loop = asyncio.get_running_loop()
+        out, err = await asyncio.gather(loop.run_in_executor(None, _read_all, self.stdout),
+                                        loop.run_in_executor(None, _read_all, self.stderr))
+        return Ran(self.launched, status, out, err)
+
+
+async def start_task(pool: RunnerPool, user: UserIdentity, payload: bytes) -> Started:
+    """Launch `payload` as an execution would (its own cgroup, pipes, clean environment)."""
     module = command_of(payload)
     execution_id = secrets.token_hex(8)
     stdin_r, stdin_w = _pipe()
     stdout_r, stdout_w = _pipe()
     stderr_r, stderr_w = _pipe()
-    os.write(stdin_w, payload)
-    os.close(stdin_w)
     env = {**user.clean_environment(), "MARCO_EXECUTION_ID": execution_id}
     try:
         with pool.isolation.spawning_fds(execution_id, user) as (procs_fd, nproc):
             launched = await pool.launch(execution_id, user, module, user.home, env,
                                          (stdin_r, stdout_w, stderr_w), procs_fd, nproc)
     except BaseException:
-        for fd in (stdout_r, stderr_r):
+        for fd in (stdin_w, stdout_r, stderr_r):
             os.close(fd)
         raise
     finally:
         for fd in (stdin_r, stdout_w, stderr_w):
             os.close(fd)
-
-    async def ended() -> Ran:
-        try:
-            status = await launched.exited
-        except RunnerDied:  # the caller ends the execution: what the task left is killed
-            pool.isolation.signal(execution_id, signal.SIGKILL)
-            raise
-        finally:
-            pool.isolation.finished(execution_id)
-        loop = asyncio.get_running_loop()
-        out, err = await asyncio.gather(loop.run_in_executor(None, _read_all, stdout_r),
-                                        loop.run_in_executor(None, _read_all, stderr_r))
-        return Ran(launched, status, out, err)
-
-    return launched, ended
+    os.write(stdin_w, payload)  # after launch, as the agent does: the child is in its cgroup
+    os.close(stdin_w)
+    return Started(pool, execution_id, launched, stdout_r, stderr_r)
 
 
 def _read_all(fd: int) -> bytes:
@@ -149,8 +158,7 @@ def _read_all(fd: int) -> bytes:
 
 
 async def run_task(pool: RunnerPool, user: UserIdentity, payload: bytes) -> Ran:
-    _, ended = await start_task(pool, user, payload)
-    return await ended()
+    return await (await start_task(pool, user, payload)).ended()
 
 
 def command_of(payload: bytes) -> ModuleCommand:
@@ -255,12 +263,14 @@ def test_a_task_does_not_wait_for_another(users, echo: bytes, sleeper: bytes) ->
 
     async def scenario() -> None:
         async with pool_of() as pool:
-            long, long_ended = await start_task(pool, alice, sleeper)
+            long = await start_task(pool, alice, sleeper)
             quick = await run_task(pool, alice, echo)   # same runner, while `long` runs
             assert quick.rc == 0 and quick.launched.note.startswith("warm"), quick.stderr
             assert pool.status()[0]["tasks"] == 1
-            long.signal(signal.SIGTERM)
-            ended = await long_ended()
+            with open(f"/proc/{long.launched.pid}/cgroup") as handle:  # the agent moved it
+                assert handle.read().rstrip().endswith(f"/{alice.name}/{long.execution_id}")
+            long.launched.signal(signal.SIGTERM)
+            ended = await long.ended()
             assert os.WIFSIGNALED(ended.status) and os.WTERMSIG(ended.status) == signal.SIGTERM
 
     in_child(scenario)
@@ -288,12 +298,12 @@ def test_changed_module_utils_are_declined_when_no_room(users, echo: bytes, slee
 
     async def scenario() -> None:
         async with pool_of(max_per_user=1) as pool:
-            busy, busy_ended = await start_task(pool, alice, sleeper)
+            busy = await start_task(pool, alice, sleeper)
             with pytest.raises(RunnerDeclined) as declined:
                 await start_task(pool, alice, changed)
             assert declined.value.reason == "module_utils differ"
-            busy.signal(signal.SIGKILL)
-            await busy_ended()
+            busy.launched.signal(signal.SIGKILL)
+            await busy.ended()
             # idle now: the least recently used runner makes room for the new payload
             ran = await run_task(pool, alice, changed)
             assert ran.rc == 0 and ran.launched.note.startswith("new runner"), ran.stderr
@@ -307,12 +317,12 @@ def test_runner_limit(users, sleeper: bytes, echo: bytes) -> None:
 
     async def scenario() -> None:
         async with pool_of(max_total=1) as pool:
-            busy, busy_ended = await start_task(pool, alice, sleeper)
+            busy = await start_task(pool, alice, sleeper)
             with pytest.raises(RunnerDeclined) as declined:
                 await start_task(pool, bob, echo)
             assert declined.value.reason == "runner limit"
-            busy.signal(signal.SIGKILL)
-            await busy_ended()
+            busy.launched.signal(signal.SIGKILL)
+            await busy.ended()
             assert (await run_task(pool, bob, echo)).rc == 0
             assert [r["user"] for r in pool.status()] == [bob.name]
 
@@ -352,11 +362,11 @@ def test_runner_killed_during_a_task_fails_it(users, sleeper: bytes, echo: bytes
 
     async def scenario() -> None:
         async with pool_of() as pool:
-            _, ended = await start_task(pool, alice, sleeper)
+            task = await start_task(pool, alice, sleeper)
             [runner] = runner_pids(pool)
             os.kill(runner, signal.SIGKILL)
             with pytest.raises(RunnerDied):
-                await ended()
+                await task.ended()
             assert (await run_task(pool, alice, echo)).rc == 0
 
     in_child(scenario)
