@@ -462,7 +462,12 @@ def meta(args: argparse.Namespace, names: list[str], ssh_check: str | None) -> d
             return None
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
-    return {"commit": commit, "ansible_core": version("ansible-core"), "mitogen": version("mitogen"),
+    # Agents and plugins run from this work tree: uncommitted changes there are what ran.
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no",
+                              "--", "agent", "marco", "ansible_plugins"],
+                             capture_output=True, text=True).stdout.split("\n")
+    return {"commit": commit, "uncommitted": [line[3:] for line in changed if line.strip()],
+            "ansible_core": version("ansible-core"), "mitogen": version("mitogen"),
             "cpus": os.cpu_count(), "nodes": args.nodes, "runs": args.runs,
             "runs_many": args.runs_many, "playbooks": args.playbooks, "transports": names,
             "forks": 10, "ssh_login": ssh_check, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -520,6 +525,9 @@ def main() -> None:
             bench = Bench(work, env, Agents(agents, token), sshd)
             books = playbooks(work)
             info = meta(args, names, ssh_check)
+            print(f"commit {info['commit']}, ansible-core {info['ansible_core']}, mitogen "
+                  f"{info['mitogen']}; uncommitted: {', '.join(info['uncommitted']) or 'none'}",
+                  flush=True)
             for nodes in args.nodes:
                 rounds = args.runs if nodes == 1 else args.runs_many
                 for key in args.playbooks:
