@@ -27,6 +27,7 @@ from dataclasses import dataclass
 SHELL = "/bin/sh"
 PIPELINED_TAIL = ["&&", "sleep", "0"]
 BECOME_MARK = "BECOME-SUCCESS-"
+QUOTING = "shell not quoted as ansible quotes it"
 WRAPPER_MARK = b"\n_ANSIBALLZ_WRAPPER = True\n"
 WRAPPER_HEAD = 8192
 CALL_START = b'\nif __name__ == "__main__":\n    _ansiballz_main(\n'
@@ -128,7 +129,8 @@ def zip_entries(zip_data: bytes) -> dict[str, tuple[int, int]] | None:
     try:
         with zipfile.ZipFile(io.BytesIO(zip_data)) as archive:
             return {info.filename: (info.CRC, info.file_size) for info in archive.infolist()}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError):
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError, EOFError,
+            OSError):
         return None
 
 
@@ -148,8 +150,8 @@ def _parse_shell(shell: str | None) -> _Shell | Declined:
     if BECOME_MARK in shell:
         return Declined("become")
     inner = _sh_c(shell)
-    if inner is None:
-        return Declined("not /bin/sh -c")
+    if isinstance(inner, Declined):
+        return inner
     words = _split(inner)
     if words is None or words[-3:] != PIPELINED_TAIL:
         return Declined("not a module command")
@@ -163,18 +165,18 @@ def _parse_shell(shell: str | None) -> _Shell | Declined:
         if name in STARTUP_NAMES or name.startswith(STARTUP_PREFIXES):
             return Declined(f"environment sets {name}")
     if inner != _ansible_inner(env, interpreter):
-        return Declined("shell not quoted as ansible quotes it")
+        return Declined(QUOTING)
     return _Shell(env=env, interpreter=interpreter)
 
 
-def _sh_c(shell: str) -> str | None:
-    """The script of `/bin/sh -c SCRIPT`, quoted exactly as ansible quotes it, else None."""
+def _sh_c(shell: str) -> str | Declined:
+    """The script of `/bin/sh -c SCRIPT`, quoted exactly as ansible quotes it."""
     words = _split(shell)
     if words is None or len(words) != 3 or words[:2] != [SHELL, "-c"]:
-        return None
+        return Declined("not /bin/sh -c")
     inner = words[2]
     # Only shlex.quote's spelling: no expansion or other shell word the split cannot see.
-    return inner if shell == f"{SHELL} -c {shlex.quote(inner)}" else None
+    return inner if shell == f"{SHELL} -c {shlex.quote(inner)}" else Declined(QUOTING)
 
 
 def _split(text: str) -> list[str] | None:
