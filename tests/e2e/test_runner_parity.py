@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ import pytest
 
 from marco.tokens import TokenSigner
 from tests.e2e.conftest import Fleet
+from tests.support.processes import alive
 from tests.support.run import SUDOERS_DIR, RunNames
 from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
 
 PLAYS = Path(__file__).parent / "playbooks" / "runner"
 PARITY = PLAYS / "parity.yml"
@@ -313,3 +316,27 @@ def test_two_users_get_their_own_runner_as_themselves(fleet: Fleet, signer: Toke
     for user in (alice, bob):
         for pid in mine[user.name]:
             assert _uids(pid) == [user.uid] * 4, (user.name, pid)
+
+
+def test_a_runner_killed_between_plays_is_replaced(fleet: Fleet, signer: TokenSigner,
+                                                   alice: UnixUser) -> None:
+    """kill -9 of the user's runner between two plays: the next play works, on a new runner."""
+    token = signer.issue(alice.name)
+
+    def play() -> str:
+        out = fleet.ansible(token, str(WARM), "-vvv", "--limit", fleet.names[0],
+                            "-e", "marco_runner=true", "-e", f"expected_user={alice.name}")
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+        return out.stdout
+
+    def alices() -> set[int]:
+        return {pid for pid, r in _runners(fleet, [token]).items() if r["user"] == alice.name}
+
+    play()
+    killed = alices()
+    assert killed
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(alive(pid) for pid in killed), what="the killed runners dead")
+    assert "MARCO RUNNER runner:" in play()
+    assert alices() and not alices() & killed
