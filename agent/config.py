@@ -95,6 +95,19 @@ def agent_options() -> list[Option]:
                kind=int),
         Option("audit_backups", 4, "rotated audit logs kept (AUDIT_LOG.1 is the newest)",
                kind=int),
+        Option("runner", True, "run pipelined Ansible modules in a warm module runner: a "
+               "Python process per user (as that user) that keeps ansible-core's module_utils "
+               "imported and forks a fresh child per task, instead of a new interpreter each "
+               "(--no-runner: always a new interpreter)", flag=True),
+        Option("runner_idle_seconds", 600.0, "a module runner with no task for this long quits",
+               kind=float),
+        Option("max_runners_per_user", 2, "module runners one user may have at once (one per "
+               "interpreter and ansible-core version in use); beyond it the idlest quits, or "
+               "the task runs in a new interpreter", kind=int),
+        Option("max_runners", 32, "module runners on this node; beyond it the idlest quits",
+               kind=int),
+        Option("runner_preload_seconds", 30.0, "longest a new module runner may take to import "
+               "module_utils before the task runs in a new interpreter instead", kind=float),
         Option("helper_python", default_helper_python(),
                "Python used to run file operations as the user", metavar="PATH"),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
@@ -143,6 +156,11 @@ class AgentConfig:
     audit_log: str
     audit_max_bytes: int
     audit_backups: int
+    runner: bool
+    runner_idle_seconds: float
+    max_runners_per_user: int
+    max_runners: int
+    runner_preload_seconds: float
     helper_python: str
     log_level: str
 

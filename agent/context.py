@@ -27,6 +27,7 @@ from .executions import ExecutionManager
 from .files import FileService
 from .hub import StreamHub
 from .isolation import Isolation, IsolationSettings
+from .runners import RunnerPool, RunnerSettings
 from .status import StatusPublisher, StatusSampler
 from .users import LoginShells, UserIdentity, UserResolver
 
@@ -56,16 +57,20 @@ class AgentContext:
         hub = StreamHub()
         audit = AuditLog(Path(config.audit_log or config.state_path / "audit.log"),
                          config.node_name, config.audit_max_bytes, config.audit_backups)
+        isolation = Isolation(IsolationSettings(config.cgroups, config.max_pids_per_user,
+                                                config.max_memory_per_user),
+                              resolver.can_switch_user)
+        runners = RunnerPool(resolver, isolation, RunnerSettings(
+            enabled=config.runner, idle_seconds=config.runner_idle_seconds,
+            max_per_user=config.max_runners_per_user, max_total=config.max_runners,
+            preload_seconds=config.runner_preload_seconds))
         executions = ExecutionManager(
             resolver, hub, config.state_path, spool_max_bytes=config.spool_max_bytes,
             stop_grace=config.stop_grace, retention=config.retention,
             retention_count=config.retention_count, audit=audit,
             max_running_per_user=config.max_running_per_user,
             spool_max_bytes_per_user=config.spool_max_bytes_per_user,
-            capture_max=config.max_capture_bytes,
-            isolation=Isolation(IsolationSettings(config.cgroups, config.max_pids_per_user,
-                                                  config.max_memory_per_user),
-                                resolver.can_switch_user))
+            capture_max=config.max_capture_bytes, isolation=isolation, runners=runners)
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    resolver=resolver, hub=hub, executions=executions,
                    files=FileService(resolver, config.helper_python),

@@ -44,11 +44,14 @@ from marco.errors import (
     TooManyExecutions,
 )
 
+from .ansiballz import Declined, ModuleCommand, module_command
 from .budget import Account, DiskBudget
-from .isolation import Isolation
+from .isolation import Isolation, popen_setup
 from .lines import LineSplitter
+from .runners import RunnerDeclined, RunnerPool
 from .spool import ExecutionSpool
 from .users import UserIdentity, UserResolver
+from .warm import WarmChild, close_all, make_pipes
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,7 @@ class ExecutionRequest:
     timeout: float | None
     no_log: bool = False
     tags: dict[str, str] = field(default_factory=dict)
+    runner: bool = True  # may a module runner run it (agent.runners)? The caller may say no
 
     @classmethod
     def from_json(cls, body: Any, max_command_bytes: int = 256 * 1024,
@@ -154,13 +158,16 @@ class ExecutionRequest:
         if not isinstance(no_log, bool):
             raise BadRequest("'no_log' must be true or false")
         tags = parse_tags(body.get("tags"))
+        runner = body.get("runner", True)
+        if not isinstance(runner, bool):
+            raise BadRequest("'runner' must be true or false")
         size = sum(len(text.encode("utf-8", "surrogatepass")) + 1 for text in (
             *(argv or []), shell or "", cwd or "", *(k + "=" + v for k, v in env.items())))
         if size > max_command_bytes:
             raise PayloadTooLarge(f"the command, its environment and cwd take {size} bytes; this "
                                   f"node accepts at most {max_command_bytes} (send large data "
                                   "as stdin or as a file)")
-        return cls(argv, shell, cwd, env, stdin, label, timeout, no_log, tags)
+        return cls(argv, shell, cwd, env, stdin, label, timeout, no_log, tags, runner)
 
     @property
     def command(self) -> list[str] | str:
@@ -250,6 +257,8 @@ class Execution:
     timeout_handle: asyncio.TimerHandle | None = None
     no_log: bool = False            # output only for a `wait` caller: never spooled or streamed
     tags: dict[str, str] = field(default_factory=dict)  # the caller's (run, task, host): not output
+    via: str = "process"            # who started the child: "process" (the agent) or "runner"
+    runner_note: str = ""           # why, for the caller's -vvv: "warm (runner 42, task 7)"
     _splitters: dict[int, LineSplitter] = field(default_factory=lambda: {
         STDOUT: LineSplitter(), STDERR: LineSplitter()})
     _batch_fd: int = STDOUT
@@ -287,7 +296,7 @@ class Execution:
                 "duration": self.duration, "timed_out": self.timed_out,
                 "stopped": self.stopped, "next_seq": self.next_seq,
                 "truncated_seq": self.spool.truncated_seq, "no_log": self.no_log,
-                "tags": self.tags}
+                "tags": self.tags, "via": self.via, "runner_note": self.runner_note}
 
     # -- output path: pipe bytes -> lines -> batch -> spool + sockets -----------------------
 
@@ -426,7 +435,8 @@ class ExecutionManager:
                  spool_max_bytes: int, stop_grace: float, retention: float,
                  retention_count: int, audit: AuditSink | None = None,
                  max_running_per_user: int = 64, spool_max_bytes_per_user: int = 1 << 30,
-                 isolation: Isolation | None = None, capture_max: int = CAPTURE_MAX) -> None:
+                 isolation: Isolation | None = None, capture_max: int = CAPTURE_MAX,
+                 runners: RunnerPool | None = None) -> None:
         self.resolver = resolver
         self.isolation = isolation or Isolation()  # each execution's processes: cgroup or subreaper
         self.sink = sink
@@ -443,6 +453,9 @@ class ExecutionManager:
         self._finished_of: dict[str, dict[str, Execution]] = {}
         self._running_of: collections.Counter[str] = collections.Counter()
         self._transports: dict[str, asyncio.SubprocessTransport] = {}
+        # Pipelined Ansible modules go to a warm per-user runner (None or disabled: never).
+        self.runners = runners
+        self._warm: dict[str, WarmChild] = {}
         self.closing = False
         self.audit = audit
         self.max_running_per_user = max_running_per_user
@@ -480,7 +493,9 @@ class ExecutionManager:
                                   stopped=meta.get("stopped", False),
                                   next_seq=meta.get("next_seq", 0),
                                   no_log=meta.get("no_log", False),
-                                  tags=meta.get("tags") or {})
+                                  tags=meta.get("tags") or {},
+                                  via=meta.get("via", "process"),
+                                  runner_note=meta.get("runner_note", ""))
             if execution.running:  # the agent died under it: its fate is unknown
                 execution.state, execution.ended = "lost", execution.ended or time.time()
                 execution.save_meta()
@@ -502,6 +517,8 @@ class ExecutionManager:
                 for execution in running:
                     self._signal_group(execution, signal.SIGKILL)
                 await asyncio.wait(waits, timeout=EXIT_LINGER + 1)
+        if self.runners is not None:
+            await self.runners.close()
         await self.isolation.close()  # kills what executions left behind, removes cgroups
 
     # -- queries ------------------------------------------------------------------------------
@@ -563,11 +580,20 @@ class ExecutionManager:
         env = user.clean_environment()
         env.update(request.env)
         env["MARCO_EXECUTION_ID"] = execution_id
+        module = self._module_of(request)
         self._executions[execution_id] = execution
         self._running_of[user.name] += 1
         try:
-            with self.isolation.spawning(execution_id, user) as isolation_args:
-                transport = await self._spawn(execution, user, argv, env, isolation_args)
+            with self.isolation.spawning_fds(execution_id, user) as (procs_fd, nproc):
+                warm = False
+                if isinstance(module, ModuleCommand):
+                    warm = await self._launch_warm(execution, user, module, env, procs_fd,
+                                                   nproc, request.stdin)
+                else:
+                    execution.runner_note = module
+                if not warm:
+                    transport = await self._spawn(execution, user, argv, env,
+                                                  popen_setup(procs_fd, nproc))
         except (OSError, subprocess.SubprocessError) as exc:
             del self._executions[execution_id]
             self._running_of[user.name] -= 1
@@ -576,7 +602,8 @@ class ExecutionManager:
                 execution.capture.close()
             reason = exc.strerror if isinstance(exc, OSError) else "its cgroup could not be joined"
             raise BadRequest(f"cannot start the command: {reason}") from None
-        self._feed_stdin(transport, request.stdin)
+        if not warm:
+            self._feed_stdin(transport, request.stdin)
         if request.timeout:
             execution.timeout_handle = loop.call_later(request.timeout, self._timeout, execution)
         log.info("execution %s started for %s: %s", execution_id, user.name,
@@ -598,8 +625,8 @@ class ExecutionManager:
             **self.resolver.popen_identity(user))
 
         def protocol_() -> _ChildProtocol:
-            return _ChildProtocol(execution, lambda t: self._started(execution, t),
-                                  lambda: self._finished(execution))
+            return _ChildProtocol(execution, lambda t: self._started_process(execution, t),
+                                  lambda: self._finished_process(execution))
 
         setup = isolation_args.get("preexec_fn")
         try:
@@ -614,6 +641,60 @@ class ExecutionManager:
                 protocol_, "/usr/bin/env", "-C", execution.cwd, "--", *argv, **options,
                 **isolation_args)
         return transport
+
+    def _module_of(self, request: ExecutionRequest) -> ModuleCommand | str:
+        """The pipelined Ansible module a runner may run warm, or why the agent starts the
+        command itself (the note the caller shows at -vvv)."""
+        if self.runners is None or not self.runners.settings.enabled:
+            return "runner off"
+        if not request.runner:
+            return "not asked (runner: false)"
+        if request.shell is None:
+            return "not a pipelined module"
+        for name in request.env:
+            if _changes_interpreter(name):
+                return f"the request's environment sets {name}"
+        found = module_command(request.shell, request.stdin)
+        return found.reason if isinstance(found, Declined) else found
+
+    async def _launch_warm(self, execution: Execution, user: UserIdentity,
+                           module: ModuleCommand, env: dict[str, str], procs_fd: int | None,
+                           nproc: int, stdin: bytes) -> bool:
+        """Have the user's module runner fork the child; False (and the reason in
+        `runner_note`) when it declines before anything ran: the caller starts it cold."""
+        assert self.runners is not None
+        # What the cold path's `/bin/sh -c 'NAME=VALUE python3 && sleep 0'` gives Python.
+        child_env = {**env, **module.env, "PWD": execution.cwd}
+        child_fds, own_fds = make_pipes(PIPE_SIZE)
+        try:
+            launched = await self.runners.launch(execution.id, user, module, execution.cwd,
+                                                 child_env, child_fds, procs_fd, nproc)
+        except RunnerDeclined as declined:
+            close_all(own_fds)
+            execution.runner_note = f"declined: {declined.reason}"
+            return False
+        except BaseException:
+            close_all(own_fds)
+            raise
+        finally:
+            close_all(child_fds)
+        warm = WarmChild(execution, functools.partial(self._finished_warm, execution),
+                         EXIT_LINGER)
+        execution.via, execution.runner_note = "runner", launched.note
+        self._warm[execution.id] = warm
+        # The pid comes from the user's own process: used for display and the subreaper's
+        # session lookup only if it is that user's process; never signalled by the agent.
+        self._started(execution, launched.pid if _owned_by(launched.pid, user.uid) else None)
+        stdin_w, stdout_r, stderr_r = own_fds
+        await warm.attach(stdout_r, stderr_r, stdin_w, stdin)
+        warm.watch(launched)
+        return True
+
+    def _finished_warm(self, execution: Execution, returncode: int | None) -> None:
+        warm = self._warm.pop(execution.id, None)
+        if warm is not None:
+            warm.close()
+        self._finished(execution, returncode, lost=returncode is None)
 
     def stop(self, username: str, execution_id: str) -> Execution:
         """SIGTERM the execution's processes now, SIGKILL them after the grace period; a
@@ -686,6 +767,11 @@ class ExecutionManager:
         self.isolation.signal(execution.id, signum)
         if not execution.running or execution.pid is None:
             return
+        warm = self._warm.get(execution.id)
+        if warm is not None:
+            # Its pid comes from the user's runner: the runner signals it, as the user.
+            warm.signal(signum)
+            return
         try:
             os.killpg(execution.pid, signum)
         except ProcessLookupError:
@@ -717,11 +803,23 @@ class ExecutionManager:
         except (BrokenPipeError, ConnectionResetError):
             pass  # the command does not read its stdin: fine
 
-    def _started(self, execution: Execution, transport: asyncio.SubprocessTransport) -> None:
+    def _started_process(self, execution: Execution,
+                         transport: asyncio.SubprocessTransport) -> None:
         self._transports[execution.id] = transport
-        execution.pid = transport.get_pid()
-        self.isolation.started(execution.id, execution.pid)
         self._enlarge_pipes(transport)
+        self._started(execution, transport.get_pid())
+
+    def _finished_process(self, execution: Execution) -> None:
+        transport = self._transports.pop(execution.id, None)
+        returncode = transport.get_returncode() if transport else None
+        if transport is not None:
+            transport.close()
+        self._finished(execution, returncode)
+
+    def _started(self, execution: Execution, pid: int | None) -> None:
+        execution.pid = pid
+        if pid is not None:
+            self.isolation.started(execution.id, pid)
         execution.publish(protocol.started_event(execution.id, execution.label, execution.command,
                                                  execution.cwd, execution.started, 0,
                                                  execution.no_log, execution.tags))
@@ -736,15 +834,16 @@ class ExecutionManager:
                               cwd=execution.cwd, label=execution.label, pid=execution.pid,
                               no_log=execution.no_log)
 
-    def _finished(self, execution: Execution) -> None:
+    def _finished(self, execution: Execution, returncode: int | None,
+                  lost: bool = False) -> None:
+        """The main process ended with `returncode` (-N: killed by signal N); `lost`: how is
+        unknown (its runner died), the execution ends `lost`."""
         if execution.timeout_handle is not None:
             execution.timeout_handle.cancel()
-        transport = self._transports.pop(execution.id, None)
-        returncode = transport.get_returncode() if transport else None
-        if transport is not None:
-            transport.close()
         self.isolation.finished(execution.id)  # leftovers keep running until stopped
-        if returncode is not None and returncode < 0:
+        if lost:
+            execution.state = "lost"
+        elif returncode is not None and returncode < 0:
             execution.state, execution.signal = "killed", signal.Signals(-returncode).name
         else:
             execution.state, execution.rc = "exited", returncode
@@ -769,6 +868,24 @@ class ExecutionManager:
         self._add_finished(execution)
         # After the `wait` caller's answer: forgetting old records is no part of this one.
         asyncio.get_running_loop().call_soon(self._expire_user, execution.user, time.time())
+
+
+def _changes_interpreter(name: str) -> bool:
+    """Does this variable change how Python starts or encodes stdio? A runner started
+    without it would then not behave as a new interpreter would."""
+    return (name.startswith(("PYTHON", "LD_", "LC_")) or name in ("LANG", "PWD"))
+
+
+def _owned_by(pid: int, uid: int) -> bool:
+    """Is `pid` a live process whose real uid is `uid`? (A runner reports its child's pid.)"""
+    try:
+        with open(f"/proc/{int(pid)}/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Uid:"):
+                    return pid > 1 and int(line.split()[1]) == uid
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _cwd_error(cwd: str) -> str:

@@ -147,7 +147,8 @@ class ExecutionsHandler(ApiHandler):
         head = {"id": execution.id, "rc": execution.rc, "signal": execution.signal,
                 "duration": execution.duration, "timed_out": execution.timed_out,
                 "stopped": execution.stopped, "stdout_truncated": capture.truncated[1],
-                "stderr_truncated": capture.truncated[2]}
+                "stderr_truncated": capture.truncated[2], "via": execution.via,
+                "runner_note": execution.runner_note}
         self.set_header("Content-Type", "application/json")
         self.write(json.dumps(head)[:-1])
         for key, fd in (("stdout", 1), ("stderr", 2)):
@@ -268,11 +269,15 @@ class CrlHandler(ControllerOnlyHandler):
 
 
 class StatusHandler(ApiHandler):
-    """GET /v1/status: one psutil snapshot of the node."""
+    """GET /v1/status: one psutil snapshot of the node, and the caller's module runners."""
 
     async def get(self) -> None:
-        self.authenticate()
-        self.write_json(await self.ctx.status.current())
+        user = self.authenticate()
+        snapshot = await self.ctx.status.current()
+        runners = self.ctx.executions.runners
+        # The caller's own module runners only: another user's are none of their business.
+        mine = [r for r in runners.status() if r["user"] == user.name] if runners else []
+        self.write_json({**snapshot, "runners": mine})
 
 
 @tornado.web.stream_request_body

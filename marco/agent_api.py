@@ -37,6 +37,8 @@ class ExecutionResult:
     stopped: bool = False
     stdout_truncated: bool = False   # cut by the capture limit or the user's disk budget
     stderr_truncated: bool = False
+    via: str = "process"             # "runner": a warm module runner ran it (docs/protocol.md)
+    runner_note: str = ""            # why that path, e.g. "warm (runner 42, task 7)"
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ExecutionResult:
@@ -45,16 +47,18 @@ class ExecutionResult:
                    signal=data.get("signal"), timed_out=data.get("timed_out", False),
                    stopped=data.get("stopped", False),
                    stdout_truncated=data.get("stdout_truncated", False),
-                   stderr_truncated=data.get("stderr_truncated", False))
+                   stderr_truncated=data.get("stderr_truncated", False),
+                   via=data.get("via", "process"), runner_note=data.get("runner_note", ""))
 
 
 def execution_body(command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
                    env: dict[str, str] | None = None, label: str = "",
                    timeout: float | None = None, no_log: bool = False,
-                   tags: dict[str, str] | None = None) -> dict[str, Any]:
+                   tags: dict[str, str] | None = None, runner: bool = True) -> dict[str, Any]:
     """The JSON body of POST /v1/executions for an argv list or a shell string; `no_log`
     asks the agent to keep and stream nothing of it (only a `wait` caller gets the output);
-    `tags` (e.g. a run's id, task and host) are kept with the execution."""
+    `tags` (e.g. a run's id, task and host) are kept with the execution; `runner=False`
+    keeps a pipelined Ansible module out of the agent's warm module runner."""
     body: dict[str, Any] = {"argv": command} if isinstance(command, list) else {"shell": command}
     if stdin:
         body["stdin"] = base64.b64encode(stdin).decode("ascii")
@@ -70,6 +74,8 @@ def execution_body(command: list[str] | str, stdin: bytes = b"", cwd: str | None
         body["no_log"] = True
     if tags:
         body["tags"] = tags
+    if not runner:
+        body["runner"] = False
     return body
 
 
@@ -195,17 +201,21 @@ class AgentRequests:
 
     def start(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
               env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
-              no_log: bool = False, tags: dict[str, str] | None = None) -> Request[str]:
+              no_log: bool = False, tags: dict[str, str] | None = None,
+              runner: bool = True) -> Request[str]:
         return self.call("POST", "/v1/executions",
-                         execution_body(command, stdin, cwd, env, label, timeout, no_log, tags),
+                         execution_body(command, stdin, cwd, env, label, timeout, no_log, tags,
+                                        runner),
                          read=lambda data: data["id"])
 
     def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
             env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
             wait_timeout: float | None = None, no_log: bool = False,
-            tags: dict[str, str] | None = None) -> Request[ExecutionResult]:
+            tags: dict[str, str] | None = None,
+            runner: bool = True) -> Request[ExecutionResult]:
         return self.call("POST", "/v1/executions",
-                         execution_body(command, stdin, cwd, env, label, timeout, no_log, tags),
+                         execution_body(command, stdin, cwd, env, label, timeout, no_log, tags,
+                                        runner),
                          query={"wait": 1}, timeout=self.wait_timeout(timeout, wait_timeout),
                          read=ExecutionResult.from_json)
 

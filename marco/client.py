@@ -110,18 +110,19 @@ class AgentClient:
 
     def start(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
               env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
-              no_log: bool = False, tags: dict[str, str] | None = None) -> str:
+              no_log: bool = False, tags: dict[str, str] | None = None,
+              runner: bool = True) -> str:
         """Start a command and return its execution id at once."""
         return self._call(self._api.start(command, stdin, cwd, env, label, timeout, no_log,
-                                          tags))
+                                          tags, runner))
 
     def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
             env: dict[str, str] | None = None, label: str = "", timeout: float | None = None,
             wait_timeout: float | None = None, no_log: bool = False,
-            tags: dict[str, str] | None = None) -> ExecutionResult:
+            tags: dict[str, str] | None = None, runner: bool = True) -> ExecutionResult:
         """Run a command to completion in one round trip and return rc, stdout, stderr."""
         return self._call(self._api.run(command, stdin, cwd, env, label, timeout, wait_timeout,
-                                        no_log, tags))
+                                        no_log, tags, runner))
 
     def stop(self, execution_id: str) -> dict[str, Any]:
         return self._call(self._api.stop(execution_id))
@@ -335,18 +336,19 @@ class AsyncAgentClient:
     async def start(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
                     env: dict[str, str] | None = None, label: str = "",
                     timeout: float | None = None, no_log: bool = False,
-                    tags: dict[str, str] | None = None) -> str:
+                    tags: dict[str, str] | None = None, runner: bool = True) -> str:
         """Start a command and return its execution id at once."""
         return await self._call(self._api.start(command, stdin, cwd, env, label, timeout, no_log,
-                                                tags))
+                                                tags, runner))
 
     async def run(self, command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
                   env: dict[str, str] | None = None, label: str = "",
                   timeout: float | None = None, wait_timeout: float | None = None,
-                  no_log: bool = False, tags: dict[str, str] | None = None) -> ExecutionResult:
+                  no_log: bool = False, tags: dict[str, str] | None = None,
+                  runner: bool = True) -> ExecutionResult:
         """Run a command to completion in one round trip and return rc, stdout, stderr."""
         return await self._call(self._api.run(command, stdin, cwd, env, label, timeout,
-                                              wait_timeout, no_log, tags))
+                                              wait_timeout, no_log, tags, runner))
 
     async def stop(self, execution_id: str) -> dict[str, Any]:
         return await self._call(self._api.stop(execution_id))

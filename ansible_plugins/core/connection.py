@@ -127,15 +127,18 @@ class MarcoConnection(ConnectionBase):
             password = self.become.get_option("become_pass", playcontext=self._play_context)
             stdin = to_bytes(password or "") + b"\n" + stdin
         display.vvv(f"EXEC {to_text(cmd)}", host=self._host)
+        runner, why_not = self._runner_wanted(sudoable)
         try:
             # A no_log task's module result carries its arguments: the agent keeps and streams
             # nothing of it, and only this caller gets the output.
             result = self._client.run(to_text(cmd), stdin=stdin, label=self._label(),
                                       timeout=self.get_option("command_timeout") or None,
                                       no_log=bool(self._play_context.no_log),
-                                      tags=self._tags())
+                                      tags=self._tags(), runner=runner)
         except MarcoError as error:
             raise to_ansible(error, self._host, "exec") from None
+        display.vvv(f"MARCO RUNNER {result.via}: {why_not or result.runner_note}",
+                    host=self._host)
         if result.timed_out:
             raise AnsibleError(f"command on {self._host} ran longer than "
                                f"{self.get_option('command_timeout')} s and was stopped")
@@ -154,6 +157,15 @@ class MarcoConnection(ConnectionBase):
             # Without a password to send, su read the module's first line as one and failed.
             raise AnsibleError(_needs_terminal(self.become))
         return rc, result.stdout, stderr
+
+    def _runner_wanted(self, sudoable: bool) -> tuple[bool, str]:
+        """May the agent's module runner run this command, and if not, why (for -vvv)? A
+        runner runs as the token's user: a command under become needs a new process."""
+        if not self.get_option("runner"):
+            return False, "runner off"
+        if sudoable and self.become:
+            return False, "become"
+        return True, ""
 
     def _sudo_wants_password(self) -> bool:
         """Will sudo ask for the password? Only then may it go first on stdin: with a NOPASSWD

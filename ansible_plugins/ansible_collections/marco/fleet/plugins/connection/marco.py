@@ -107,6 +107,18 @@ options:
       - name: marco_command_timeout
     env:
       - name: MARCO_COMMAND_TIMEOUT
+  runner:
+    description:
+      - Let the agent run pipelined modules in its warm module runner (a Python process per
+        user that keeps ansible-core's module_utils imported and forks a fresh child per task)
+        instead of a new interpreter each. Tasks with C(become) always get a new interpreter.
+        C(-vvv) shows which path each command took (C(MARCO RUNNER runner|process)).
+    type: boolean
+    default: true
+    vars:
+      - name: marco_runner
+    env:
+      - name: MARCO_RUNNER
   play_name:
     description:
       - Set by Ansible (C(ansible_play_name)); labels each execution with its play in the viewer.

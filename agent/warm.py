@@ -1,0 +1,142 @@
+"""An execution whose child a module runner forks: its pipes, its stdin, its exit.
+
+The agent makes the three pipes and keeps its ends, so the child's output reaches
+`Execution.on_output` exactly as a child the agent forks itself; only the start, the exit
+status and signals go through the runner (agent.runners). The exit is reported as the cold
+path's `/bin/sh -c 'python && sleep 0'` reports it: a child killed by signal N ends with rc
+128+N and the shell's message on stderr, unless the agent itself stopped it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .ansiballz import cold_exit
+from .runners import Launched, RunnerDied
+
+if TYPE_CHECKING:
+    from .executions import Execution
+
+STDOUT, STDERR = 1, 2
+RUNNER_DIED = b"marco-agent: the module runner died during this task\n"
+
+
+class _PipeReader(asyncio.Protocol):
+    """One of the child's output pipes, fed into the execution."""
+
+    def __init__(self, child: WarmChild, fd: int) -> None:
+        self.child = child
+        self.fd = fd
+
+    def data_received(self, data: bytes) -> None:
+        self.child.execution.on_output(self.fd, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.child.pipe_closed(self.fd)
+
+
+class WarmChild:
+    """Ends the execution once the runner reports the child's exit and both pipes are closed,
+    or `linger` seconds after the exit (a background grandchild may hold them open forever)."""
+
+    def __init__(self, execution: Execution, on_finished: Callable[[int | None], None],
+                 linger: float) -> None:
+        self.execution = execution
+        self.on_finished = on_finished
+        self.linger = linger
+        self.launched: Launched | None = None
+        self.open_pipes = {STDOUT, STDERR}
+        self.transports: dict[int, asyncio.BaseTransport] = {}
+        self.returncode: int | None = None
+        self.exited = False
+        self.finished = False
+        self._shell_message = b""  # what the cold path's shell would print after the exit
+        self._linger: asyncio.TimerHandle | None = None
+
+    async def attach(self, stdout_r: int, stderr_r: int, stdin_w: int, stdin: bytes) -> None:
+        """Read the output pipes and feed stdin (then EOF); takes ownership of the fds."""
+        loop = asyncio.get_running_loop()
+        for fd, pipe in ((STDOUT, stdout_r), (STDERR, stderr_r)):
+            transport, _ = await loop.connect_read_pipe(
+                lambda fd=fd: _PipeReader(self, fd), open(pipe, "rb", buffering=0))  # type: ignore[misc]
+            self.transports[fd] = transport
+        writer, _ = await loop.connect_write_pipe(asyncio.Protocol,
+                                                  open(stdin_w, "wb", buffering=0))
+        stdin_pipe = writer
+        if stdin:
+            stdin_pipe.write(stdin)
+        stdin_pipe.close()  # after the buffer drains: the child reads its script to EOF
+
+    def watch(self, launched: Launched) -> None:
+        self.launched = launched
+        launched.exited.add_done_callback(self._exited)
+
+    def signal(self, signum: int) -> None:
+        if self.launched is not None and not self.exited:
+            self.launched.signal(signum)
+
+    def _exited(self, future: asyncio.Future[int]) -> None:
+        execution = self.execution
+        try:
+            status = future.result()
+        except (RunnerDied, asyncio.CancelledError):
+            self.returncode, self._shell_message = None, RUNNER_DIED
+        else:
+            code = os.waitstatus_to_exitcode(status)
+            if code < 0 and not (execution.stopped or execution.timed_out):
+                self.returncode, self._shell_message = cold_exit(-code, os.WCOREDUMP(status))
+            else:
+                self.returncode = code
+        self.exited = True
+        if self.open_pipes:
+            self._linger = asyncio.get_running_loop().call_later(self.linger, self._give_up_pipes)
+        self._maybe_finished()
+
+    def pipe_closed(self, fd: int) -> None:
+        self.open_pipes.discard(fd)
+        self._maybe_finished()
+
+    def _give_up_pipes(self) -> None:
+        for transport in self.transports.values():
+            transport.close()
+        self.open_pipes.clear()
+        self._maybe_finished()
+
+    def close(self) -> None:
+        for transport in self.transports.values():
+            transport.close()
+
+    def _maybe_finished(self) -> None:
+        if self.exited and not self.open_pipes and not self.finished:
+            self.finished = True
+            if self._linger is not None:
+                self._linger.cancel()
+            if self._shell_message:
+                self.execution.on_output(STDERR, self._shell_message)
+            self.on_finished(self.returncode)
+
+
+def make_pipes(pipe_size: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """((stdin_r, stdout_w, stderr_w) for the child, (stdin_w, stdout_r, stderr_r) for the
+    agent), all close-on-exec; the output pipes enlarged so a chatty child runs ahead."""
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
+    stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+    for fd in (stdout_r, stderr_r):
+        try:
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), pipe_size)
+        except OSError:
+            pass  # over pipe-max-size: keep the default
+    return (stdin_r, stdout_w, stderr_w), (stdin_w, stdout_r, stderr_r)
+
+
+def close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,98 @@
+"""Pipelined Ansible modules over HTTP through a real root agent's module runner (issue 14):
+the path each takes, its answer, its output on the stream, stop and exit like the cold path."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from marco.client import AgentClient
+from marco.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
+from tests.support.ansiballz_payloads import PIPELINED, module_payload
+from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
+
+
+def client(agent: AgentProcess, signer: TokenSigner, user: str) -> AgentClient:
+    return agent.client(signer.issue(user), timeout=60)
+
+
+def runner_pid(note: str) -> int:
+    """The pid in a note "warm (runner PID, task N)"."""
+    return int(note.split("runner ", 1)[1].split(",", 1)[0])
+
+
+def command_payload(command: str) -> bytes:
+    return module_payload("command", {"_raw_params": command})
+
+
+def test_a_pipelined_module_runs_warm_and_answers_as_cold(
+        shared_agent: AgentProcess, signer: TokenSigner, alice: UnixUser) -> None:
+    payload = command_payload("id -un")
+    with client(shared_agent, signer, alice.name) as c:
+        first = c.run(PIPELINED, stdin=payload)
+        second = c.run(PIPELINED, stdin=payload)
+        cold = c.run(PIPELINED, stdin=payload, runner=False)
+    for result in (first, second, cold):
+        assert result.rc == 0, result.stderr
+        assert json.loads(result.stdout)["stdout"] == alice.name
+    assert (first.via, second.via, cold.via) == ("runner", "runner", "process")
+    assert second.runner_note.startswith("warm (runner ")
+    assert cold.runner_note == "not asked (runner: false)"
+    with client(shared_agent, signer, alice.name) as c:
+        assert c.execution(second.id)["via"] == "runner"
+        runners = c.status()["runners"]
+    assert [(r["user"], r["pid"]) for r in runners] == [(alice.name, runner_pid(second.runner_note))]
+
+
+def test_other_commands_and_other_users_never_share_a_runner(
+        shared_agent: AgentProcess, signer: TokenSigner, alice: UnixUser,
+        bob: UnixUser) -> None:
+    payload = command_payload("id -u")
+    with client(shared_agent, signer, alice.name) as a, client(shared_agent, signer,
+                                                               bob.name) as b:
+        plain = a.run("echo hi")
+        mine, theirs = a.run(PIPELINED, stdin=payload), b.run(PIPELINED, stdin=payload)
+        a_runners, b_runners = a.status()["runners"], b.status()["runners"]
+    assert plain.via == "process" and plain.runner_note == "not /bin/sh -c"
+    assert json.loads(mine.stdout)["stdout"] == str(alice.uid)
+    assert json.loads(theirs.stdout)["stdout"] == str(bob.uid)
+    assert mine.via == theirs.via == "runner"
+    assert {r["user"] for r in a_runners} == {alice.name}  # each sees only their own
+    assert {r["user"] for r in b_runners} == {bob.name}
+    assert not {r["pid"] for r in a_runners} & {r["pid"] for r in b_runners}
+    for runner, user in ((a_runners[0], alice), (b_runners[0], bob)):
+        assert os.stat(f"/proc/{runner['pid']}").st_uid == user.uid
+
+
+def test_a_signal_ends_a_warm_task_as_the_shell_reports_it(
+        shared_agent: AgentProcess, signer: TokenSigner, alice: UnixUser) -> None:
+    # The command module execs `kill`, but the module's own process is what dies here:
+    # it asks to be killed through a payload-level script that is still pipelined.
+    payload = command_payload("sleep 0")  # warms the runner
+    crash = payload.replace(b"\nif __name__ == \"__main__\":",
+                            b"\nimport os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+                            b"if __name__ == \"__main__\":", 1)
+    with client(shared_agent, signer, alice.name) as c:
+        c.run(PIPELINED, stdin=payload)
+        warm = c.run(PIPELINED, stdin=crash)
+        cold = c.run(PIPELINED, stdin=crash, runner=False)
+    assert warm.via == "runner"
+    assert (warm.rc, warm.signal) == (cold.rc, cold.signal) == (139, None)
+    assert warm.stderr == cold.stderr
+
+
+def test_stopping_a_warm_task_kills_it(shared_agent: AgentProcess, signer: TokenSigner,
+                                       alice: UnixUser) -> None:
+    payload = command_payload("sleep 60")
+    with client(shared_agent, signer, alice.name) as c:
+        c.run(PIPELINED, stdin=command_payload("true"))
+        execution_id = c.start(PIPELINED, stdin=payload)
+        wait_for(lambda: c.execution(execution_id)["via"] == "runner", what="warm start")
+        c.stop(execution_id)
+        wait_for(lambda: c.execution(execution_id)["state"] != "running", timeout=15,
+                 what="the stop")
+        ended = c.execution(execution_id)
+    assert ended["state"] == "killed" and ended["signal"] == "SIGTERM", ended
+    assert ended["stopped"] is True
