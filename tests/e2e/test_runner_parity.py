@@ -161,6 +161,7 @@ def masked(one: PlaybookRun) -> dict[str, Any]:
     for listed in ("ansible_interfaces", "ansible_all_ipv4_addresses"):  # from sets
         results["r_setup"]["stable_facts"][listed] = sorted(facts.get(listed) or [])
     results["r_stat_binary"]["stat"].pop("version", None)  # the inode's generation number
+    results["r_find"]["files"].sort(key=lambda found: found["path"])  # directory order
     for key in BIG_OUTPUT_KEYS:
         results["r_big"][key] = _digest(results["r_big"][key])
     for result in results.values():
