@@ -433,7 +433,7 @@ def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 def _decode(data: bytes) -> dict[str, Any]:
     try:
         message = json.loads(data.decode("utf-8"))
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (ValueError, RecursionError) as exc:  # Unicode and JSON errors are ValueErrors
         raise ProtocolError(f"not JSON: {exc}") from None
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise ProtocolError("not an object with an op")
@@ -656,8 +656,9 @@ if __name__ == "__main__":
     try:
         exec(*_serve())
     except BaseException:
-        # Hide this frame from the traceback a cold interpreter would print (3.11+ re-raises
-        # the exception's own __traceback__); no name is bound in the task's namespace.
+        # Hide this frame from the traceback a cold interpreter would print: 3.11+ re-raises
+        # the exception's own __traceback__ (3.8-3.10 the one it caught: one more line,
+        # `File "<string>"`, stays there). No name is bound in the task's namespace.
         __import__("sys").exc_info()[1].__traceback__ = __import__("sys").exc_info()[2].tb_next
         raise
     globals().pop("__file__", None), globals().pop("__cached__", None)

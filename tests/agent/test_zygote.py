@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import array
 import ast
+import base64
+import io
 import json
 import os
 import secrets
@@ -202,7 +204,6 @@ def _read_pipes(*fds: int) -> dict[int, bytes]:
 
 
 def zip_of(payload: bytes) -> bytes:
-    import base64
     start = payload.index(b"zip_data='", payload.rindex(b'if __name__ == "__main__":'))
     start += len(b"zip_data='")
     return base64.b64decode(payload[start:payload.index(b"'", start)])
@@ -234,7 +235,8 @@ def script(text: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def command() -> bytes:
-    return module_payload("command", {"_raw_params": "echo héllo 'a b'"})
+    return module_payload("command", {"_raw_params": "echo héllo 'a b'; pwd; env | sort",
+                                      "_uses_shell": True})
 
 
 @pytest.fixture
@@ -278,7 +280,7 @@ def test_hello_and_preloaded_entries(fake: FakeAgent, command: bytes) -> None:
     answer = fake.preload(command)
     assert answer["op"] == "preloaded" and answer["ms"] > 0
     members = {info.filename: [info.CRC, info.file_size]
-               for info in zipfile.ZipFile(_bytes_io(zip_of(command))).infolist()}
+               for info in zipfile.ZipFile(io.BytesIO(zip_of(command))).infolist()}
     entries = answer["entries"]
     for name in ("ansible/__init__.py", "ansible/module_utils/basic.py",
                  "ansible/module_utils/_internal/_ansiballz/_loader.py",
@@ -305,7 +307,9 @@ def test_command_module_result_equals_a_cold_run(warm: FakeAgent, command: bytes
     ran, expected = warm.run(command), cold(warm.user, command)
     assert (ran.rc, ran.stderr) == (expected.rc, expected.stderr) == (0, b"")
     assert ran.json() == expected.json()
-    assert ran.json()["stdout"] == "héllo a b"
+    lines = ran.json()["stdout"].splitlines()
+    assert lines[:2] == ["héllo a b", warm.user.home]
+    assert "LC_CTYPE=C.UTF-8" in lines and "MARCO_EXECUTION_ID=e-test" in lines
 
 
 @pytest.mark.parametrize("module, args", [
@@ -539,6 +543,7 @@ MALFORMED = {
     "signal with fds": (b'{"op": "signal", "id": "x", "signal": 9}', 1),
     "a signal number too big": (b'{"op": "signal", "id": "x", "signal": 99}', 0),
     "too long": (b'{"op": "quit", "pad": "' + b"x" * 70000 + b'"}', 0),
+    "nested too deep": (b'{"op": "quit", "x": ' + b"[" * 30000 + b"]" * 30000 + b"}", 0),
 }
 
 
@@ -555,11 +560,6 @@ def test_a_malformed_message_ends_the_runner(fake: FakeAgent, case: str) -> None
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-def _bytes_io(data: bytes) -> Any:
-    import io
-    return io.BytesIO(data)
-
 
 def _runner_dirs(fake: FakeAgent) -> list[str]:
     """The runner's temporary directories (its warm zip's)."""
