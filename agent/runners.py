@@ -104,7 +104,6 @@ class Launched:
 class _Task:
     started: asyncio.Future[int]      # the child's pid, or RunnerDeclined
     exited: asyncio.Future[int]
-    procs_fd: int | None              # the execution's cgroup.procs, for the agent's write
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -166,6 +165,25 @@ def _child_of(pid: int, parent: int, uid: int) -> bool | None:
                 and int(fields["Uid"].split()[0]) == uid)
     except (KeyError, ValueError, IndexError):
         return False
+
+
+def _move(procs_fd: int, pid: int, parent: int, uid: int) -> bool | None:
+    """In a thread (a cgroup migration waits ~10 ms in the kernel, the loop must not): put
+    `pid` into the cgroup whose cgroup.procs `procs_fd` is (a dup, closed here), checked again
+    just before to be `parent`'s child of `uid`. Before the caller feeds the child its payload,
+    so all it starts is there too. Returns what `_child_of` said."""
+    try:
+        child = _child_of(pid, parent, uid)
+        if child:
+            os.write(procs_fd, str(pid).encode())
+        return child
+    except ProcessLookupError:
+        return None  # it ended already
+    except OSError as exc:
+        log.warning("cannot move task %d into its cgroup: %s", pid, exc.strerror)
+        return True
+    finally:
+        os.close(procs_fd)
 
 
 def _rss(pid: int) -> int:
@@ -370,7 +388,7 @@ class Runner:
         message: dict[str, Any] = {"op": "run", "id": execution_id, "cwd": cwd, "env": env}
         if nproc:
             message["nproc"] = nproc
-        task = _Task(self.loop.create_future(), self.loop.create_future(), procs_fd)
+        task = _Task(self.loop.create_future(), self.loop.create_future())
         for future in (task.started, task.exited):
             future.add_done_callback(_consume)
         self.tasks[execution_id] = task
@@ -389,6 +407,10 @@ class Runner:
         except TimeoutError:
             self.kill("no started within the deadline")
             raise RunnerDeclined("runner died") from None
+        if procs_fd is not None and await self.loop.run_in_executor(
+                None, _move, os.dup(procs_fd), pid, self.pid, self.user.uid) is False:
+            self.kill(f"task pid {pid} is no longer its child", warn=True)
+            raise RunnerDeclined("runner died")
         return Launched(pid, "", task.exited,
                         functools.partial(self.signal_task, execution_id))
 
@@ -518,24 +540,9 @@ class Runner:
         if len(fds) > MAX_FDS_IN:
             raise _Misbehaved("more than a pidfd with started")
         pid = _integer(message.get("pid"), 2, PID_MAX, "pid")
-        child = _child_of(pid, self.pid, self.user.uid)
-        if child is False:
+        if _child_of(pid, self.pid, self.user.uid) is False:
             raise _Misbehaved(f"pid {pid} is not its child of uid {self.user.uid}")
-        if child and task.procs_fd is not None:
-            self._move(pid, task.procs_fd)
         task.started.set_result(pid)
-
-    def _move(self, pid: int, procs_fd: int) -> None:
-        """Put the child, just checked to be the runner's of the user's uid, into the
-        execution's cgroup: before the caller feeds it its payload, so all it starts is
-        there too."""
-        try:
-            os.write(procs_fd, str(pid).encode())
-        except ProcessLookupError:
-            pass  # it ended already
-        except OSError as exc:
-            log.warning("%s: cannot move task %d into its cgroup: %s", self.id, pid,
-                        exc.strerror)
 
     def _on_exited(self, message: dict[str, Any]) -> None:
         task_id, task = self._task_of(message)
