@@ -147,8 +147,12 @@ async def start_task(pool: RunnerPool, user: UserIdentity, payload: bytes) -> St
     finally:
         for fd in (stdin_r, stdout_w, stderr_w):
             os.close(fd)
-    os.write(stdin_w, payload)  # after launch, as the agent does: the child is in its cgroup
-    os.close(stdin_w)
+    try:  # after launch, as the agent does: the child is in its cgroup by now
+        os.write(stdin_w, payload)
+    except BrokenPipeError:  # a child that reads no stdin (the fake runner's)
+        pass
+    finally:
+        os.close(stdin_w)
     return Started(pool, execution_id, launched, stdout_r, stderr_r)
 
 
@@ -217,6 +221,8 @@ def test_warm_launch_runs_the_module_and_reuses_its_runner(users, echo: bytes) -
             assert first.launched.note.startswith("new runner (preload ")
             [runner] = pool.status()
             assert uid_of(runner["pid"]) == alice.uid and runner["python"].startswith("3.")
+            with open(f"/proc/{runner['pid']}/cgroup") as handle:  # its own, under the user's
+                assert f"/{alice.name}/runner-" in handle.read()
             second = await run_task(pool, alice, echo)
             assert second.rc == 0 and second.result()["stdout"] == "warm", second.stderr
             assert second.launched.note == f"warm (runner {runner['pid']}, task 2)"
@@ -410,8 +416,9 @@ FAKE_RUNNER = r'''
 import json, os, socket, sys
 sock = socket.socket(fileno=3)
 def send(message, fds=()):
-    data = message if isinstance(message, bytes) else json.dumps(message).encode()
-    socket.send_fds(sock, [data], list(fds))
+    if message is not None:
+        data = message if isinstance(message, bytes) else json.dumps(message).encode()
+        socket.send_fds(sock, [data], list(fds))
 send({"op": "hello", "pid": os.getpid(), "python": "3.fake"})
 while True:
     data, fds, _, _ = socket.recv_fds(sock, 65536, 8)
@@ -419,18 +426,25 @@ while True:
         os.close(fd)
     if not data:
         break
-    op = json.loads(data)["op"]
-    if op == "preload":
+    message = json.loads(data)
+    if message["op"] == "preload":
         send(%(preloaded)s)
-    elif op == "run":
+    elif message["op"] == "run":
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
         send(%(started)s, %(fds)s)
+        send({"op": "exited", "id": message["id"], "status": 0})
 while True:
     pass
 '''
+LEGIT_STARTED = '{"op": "started", "id": message["id"], "pid": child}'
 
 
 def fake_runner(preloaded: str = '{"op": "preloaded", "ms": 1.0, "entries": {}}',
-                started: str = "{}", fds: str = "()") -> str:
+                started: str = LEGIT_STARTED, fds: str = "()") -> str:
+    """A runner that answers as told (Python expressions); by default as a real one would,
+    its task a child that exits 0 at once. It never exits by itself: only a kill ends it."""
     return FAKE_RUNNER % {"preloaded": preloaded, "started": started, "fds": fds}
 
 
@@ -461,6 +475,33 @@ def fakes_of(user: UserIdentity) -> list[str]:
                           capture_output=True, text=True).stdout.split()
 
 
+def test_a_well_behaved_fake_runner_runs_tasks(users, echo: bytes) -> None:
+    """The fake's lies below are what gets it killed, not the fake itself."""
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of(source=fake_runner()) as pool:
+            ran = await run_task(pool, alice, echo)
+            assert ran.status == 0 and ran.launched.note.startswith("new runner")
+            assert [r["python"] for r in pool.status()] == ["3.fake"]
+
+    in_child(scenario)
+
+
+def test_a_runner_that_does_not_preload_in_time_is_killed(users, echo: bytes) -> None:
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of(source=fake_runner(preloaded="None"), preload_seconds=0.5) as pool:
+            with pytest.raises(RunnerDeclined) as declined:
+                await start_task(pool, alice, echo)
+            assert declined.value.reason == "preload failed: timed out after 0.5 s"
+            assert pool.status() == []
+            await until(lambda: not fakes_of(alice), "the fake runner killed")
+
+    in_child(scenario)
+
+
 def test_a_runner_sending_garbage_is_killed(users, echo: bytes) -> None:
     alice, _ = users
     source = fake_runner(preloaded=repr(b"\xff{not json"))
@@ -472,6 +513,8 @@ def test_a_runner_sending_garbage_is_killed(users, echo: bytes) -> None:
     '{"op": "preloaded", "entries": []}',
     '{"op": "hello", "python": "3"}',
     '{"op": "exited", "id": "nope", "status": 0}',
+    # valid JSON one byte over the bound, read whole (no MSG_TRUNC)
+    """b'{"op":"preloaded","entries":{},"x":"' + b"y" * (65537 - 38) + b'"}'""",
     'b"[" * 60000',
     'b"x" * 70000',
 ])
@@ -489,7 +532,7 @@ def test_a_runner_reporting_another_pid_is_killed_and_nothing_signalled(users,
         bystander = subprocess.Popen(["sleep", "120"])
         try:
             pid = str(bystander.pid) if victim == "VICTIM" else victim
-            started = '{"op": "started", "id": json.loads(data)["id"], "pid": ' + pid + "}"
+            started = '{"op": "started", "id": message["id"], "pid": ' + pid + "}"
             source = fake_runner(started=started)
             in_child(lambda: _fake_is_killed(source, alice, echo))  # noqa: B023
             assert bystander.poll() is None  # still running: nothing was signalled by pid
@@ -504,7 +547,7 @@ def test_fds_a_runner_sends_are_closed(users, echo: bytes) -> None:
     opened = 'os.memfd_create("marco-fake-fd")'
 
     async def scenario() -> None:
-        for source in (fake_runner(started='{"op": "started", "id": json.loads(data)["id"], '
+        for source in (fake_runner(started='{"op": "started", "id": message["id"], '
                                            '"pid": os.getpid()}', fds=f"[{opened}]"),
                        fake_runner(preloaded='{"op": "preloaded", "entries": {}}',
                                    started='{"op": "exited", "id": "x", "status": 0}',

@@ -15,13 +15,21 @@ PIPELINED = "/bin/sh -c '/usr/bin/python3 && sleep 0'"
 
 
 @functools.cache
+def _plugin_loader() -> None:
+    """ansible-core's collection finder, configured once per process (it warns after)."""
+    from ansible.plugins.loader import init_plugin_loader
+
+    init_plugin_loader()
+
+
+@functools.cache
 def _built(module: str, args_json: str, interpreter: str) -> bytes:
     from ansible.executor.module_common import modify_module
     from ansible.parsing.dataloader import DataLoader
-    from ansible.plugins.loader import init_plugin_loader, module_loader
+    from ansible.plugins.loader import module_loader
     from ansible.template import Templar
 
-    init_plugin_loader()
+    _plugin_loader()
     path = module_loader.find_plugin(module)
     assert path, f"ansible-core has no module {module!r}"
     built = modify_module(module_name=module, module_path=path,
