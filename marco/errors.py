@@ -184,6 +184,13 @@ class CertificateRefused(AgentUnreachable):
     code = "certificate"
 
 
+class MuxUnavailable(AgentUnreachable):
+    """The user's marco-mux cannot be reached or refused the connection (then the Ansible
+    connection talks to the agent directly)."""
+
+    code = "mux_unavailable"
+
+
 class UploadAborted(MarcoError):
     """The upload was abandoned (the browser left, or the agent stopped taking data)."""
 
