@@ -29,11 +29,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 from marco import protocol
+from marco.agent_api import split_frame
 from marco.errors import (
     BadRequest,
     ConfigError,
@@ -168,6 +169,24 @@ class ExecutionRequest:
                                   f"node accepts at most {max_command_bytes} (send large data "
                                   "as stdin or as a file)")
         return cls(argv, shell, cwd, env, stdin, label, timeout, no_log, tags, runner)
+
+    @classmethod
+    def from_frame(cls, body: bytes | memoryview, max_command_bytes: int = 256 * 1024,
+                   max_stdin_bytes: int = 16 * 1024 * 1024) -> ExecutionRequest:
+        """Validate a binary body (marco.agent_api.EXECUTION_TYPE): a 4-byte big-endian head
+        length, the head (the JSON body without 'stdin'), then stdin raw; the limits as for
+        `from_json`."""
+        try:
+            head, stdin = split_frame(body)
+        except ValueError as error:
+            raise BadRequest(f"binary body: {error}") from None
+        if "stdin" in head:
+            raise BadRequest("binary body: stdin follows the head, not in it")
+        if len(stdin) > max_stdin_bytes:
+            raise PayloadTooLarge(f"stdin takes {len(stdin)} bytes; this node accepts at most "
+                                  f"{max_stdin_bytes} (send large data as a file)")
+        return replace(cls.from_json(head, max_command_bytes, max_stdin_bytes),
+                       stdin=bytes(stdin))
 
     @property
     def command(self) -> list[str] | str:

@@ -15,6 +15,7 @@ import tornado.web
 from tornado.http1connection import HTTP1Connection
 
 from marco import protocol
+from marco.agent_api import EXECUTION_TYPE, HEAD_LENGTH, RESULT_TYPE, frame_head, media_type
 from marco.chunks import Coalescer
 from marco.errors import (
     AuthenticationError,
@@ -39,6 +40,8 @@ MAX_REPLAY_LINES = 100_000
 MAX_REPLAY_BYTES = 16 * 1024 * 1024
 OVERFLOW_GRACE = 64 * 1024 * 1024  # bytes read and dropped past the limit, before hanging up
 B64_CHUNK = 3 * 256 * 1024  # a multiple of 3, so chunks encode without padding in between
+RAW_CHUNK = 1024 * 1024  # bytes of a binary ?wait=1 answer written between flushes
+HEAD_SLACK = 64 * 1024  # a request head's keys, label, tags and flags past its command
 
 
 class ApiHandler(JsonApiMixin, tornado.web.RequestHandler):
@@ -99,10 +102,69 @@ class HealthHandler(ApiHandler):
         self.write_json(self.ctx.health(self.get_query_argument("challenge", None)))
 
 
+@tornado.web.stream_request_body
 class ExecutionsHandler(ApiHandler):
-    """GET: the user's executions. POST: start one (201 at once, or the result with ?wait=1)."""
+    """GET: the user's executions. POST: start one (201 at once, or the result with ?wait=1).
+
+    A POST body is JSON (stdin in base64) or binary (EXECUTION_TYPE: head length, JSON head,
+    raw stdin); a ?wait=1 caller that accepts RESULT_TYPE gets raw stdout and stderr after a
+    JSON head, else JSON with base64. The body is read here, bounded before it is held: a
+    declared length, then a binary head's length, past the limits is read and dropped and
+    answered 413 once read (a client sends its body before it reads the answer)."""
 
     waiting: Execution | None = None  # the ?wait=1 execution this caller waits for
+    failure: MarcoError | None = None  # found while the body arrived; answered after it
+    binary = False
+
+    def prepare(self) -> None:
+        self.chunks: list[bytes] = []
+        self.received = 0
+        if self.request.method != "POST":
+            return
+        config = self.ctx.config
+        self.binary = media_type(self.request.headers.get("Content-Type")) == EXECUTION_TYPE
+        self.head_limit = 6 * config.max_command_bytes + HEAD_SLACK  # JSON escapes: 6 bytes
+        stdin_room = (config.max_stdin_bytes if self.binary
+                      else (config.max_stdin_bytes + 2) // 3 * 4)  # base64
+        self.limit = HEAD_LENGTH.size + self.head_limit + stdin_room
+        cast(HTTP1Connection, self.request.connection).set_max_body_size(
+            self.limit + OVERFLOW_GRACE)
+        try:
+            self.declared = int(self.request.headers.get("Content-Length", "-1") or -1)
+        except ValueError:
+            self.declared = -1  # Tornado refuses such a request before it gets here
+        if self.declared > self.limit:
+            self.failure = PayloadTooLarge(f"the request body is {self.declared} bytes; this "
+                                           f"node accepts at most {self.limit} (send large "
+                                           "data as a file)")
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.failure is not None or self.request.method != "POST":
+            return  # dropped: the answer is 413 whatever follows, or a GET reads no body
+        before, self.received = self.received, self.received + len(chunk)
+        if self.received > self.limit:  # chunked: no length given
+            self.failure = PayloadTooLarge(f"the request body passed {self.limit} bytes, the "
+                                           "most this node accepts (send large data as a file)")
+            self.chunks = []
+            return
+        self.chunks.append(chunk)
+        if self.binary and before < HEAD_LENGTH.size <= self.received:
+            self.failure = self._check_head_length(b"".join(self.chunks)[:HEAD_LENGTH.size])
+            if self.failure is not None:
+                self.chunks = []
+
+    def _check_head_length(self, prefix: bytes) -> MarcoError | None:
+        """A binary body's head and stdin sizes, from its first 4 bytes and declared length."""
+        (head,) = HEAD_LENGTH.unpack(prefix)
+        if head > self.head_limit:
+            return PayloadTooLarge(f"the request head takes {head} bytes; this node accepts at "
+                                   f"most {self.head_limit}")
+        stdin = self.declared - HEAD_LENGTH.size - head
+        if stdin > self.ctx.config.max_stdin_bytes:
+            return PayloadTooLarge(f"stdin takes {stdin} bytes; this node accepts at most "
+                                   f"{self.ctx.config.max_stdin_bytes} (send large data as a "
+                                   "file)")
+        return None
 
     def get(self) -> None:
         user = self.authenticate()
@@ -112,12 +174,21 @@ class ExecutionsHandler(ApiHandler):
 
     async def post(self) -> None:
         user = self.authenticate()
-        try:
-            body = protocol.decode(self.request.body or b"null")
-        except ValueError:
-            raise BadRequest("body is not valid JSON") from None
-        request = ExecutionRequest.from_json(body, self.ctx.config.max_command_bytes,
-                                             self.ctx.config.max_stdin_bytes)
+        if self.failure is not None:
+            raise self.failure
+        body, self.chunks = b"".join(self.chunks), []
+        config = self.ctx.config
+        if self.binary:
+            request = ExecutionRequest.from_frame(body, config.max_command_bytes,
+                                                  config.max_stdin_bytes)
+        else:
+            try:
+                data = protocol.decode(body or b"null")
+            except ValueError:
+                raise BadRequest("body is not valid JSON") from None
+            request = ExecutionRequest.from_json(data, config.max_command_bytes,
+                                                 config.max_stdin_bytes)
+        del body  # stdin is the request's own copy: the body need not wait with it
         wait = self.bool_argument("wait", False)
         execution = await self.ctx.executions.start(user, request, capture=wait)
         if not wait:
@@ -128,7 +199,10 @@ class ExecutionsHandler(ApiHandler):
             self.waiting = execution
             await execution.done
             self.waiting = None
-            await self._write_result(execution)
+            if self._accepts_frames():
+                await self._write_frame(execution)
+            else:
+                await self._write_result(execution)
         finally:
             self.waiting = None
             if execution.capture is not None:
@@ -140,17 +214,48 @@ class ExecutionsHandler(ApiHandler):
         if self.waiting is not None and self.waiting.running:
             self.ctx.executions.stop(self.waiting.user, self.waiting.id)
 
-    async def _write_result(self, execution: Execution) -> None:
-        """Stream {"id","rc","signal","duration",...,"stdout","stderr"} with base64 bodies."""
+    def _accepts_frames(self) -> bool:
+        accept = self.request.headers.get("Accept", "")
+        return any(media_type(kind) == RESULT_TYPE for kind in accept.split(","))
+
+    @staticmethod
+    def _result_head(execution: Execution) -> dict[str, Any]:
         assert execution.capture is not None
         capture = execution.capture
-        head = {"id": execution.id, "rc": execution.rc, "signal": execution.signal,
+        return {"id": execution.id, "rc": execution.rc, "signal": execution.signal,
                 "duration": execution.duration, "timed_out": execution.timed_out,
                 "stopped": execution.stopped, "stdout_truncated": capture.truncated[1],
                 "stderr_truncated": capture.truncated[2], "via": execution.via,
                 "runner_note": execution.runner_note}
+
+    async def _write_frame(self, execution: Execution) -> None:
+        """Stream the binary answer (RESULT_TYPE): head length, JSON head with the output
+        sizes, raw stdout, raw stderr, read from the capture a chunk at a time."""
+        assert execution.capture is not None
+        capture = execution.capture
+        head = frame_head({**self._result_head(execution),
+                           "stdout_size": capture.sizes[1], "stderr_size": capture.sizes[2]})
+        self.set_header("Content-Type", RESULT_TYPE)
+        self.set_header("Content-Length", str(len(head) + capture.sizes[1] + capture.sizes[2]))
+        self.write(head)
+        for fd in (1, 2):
+            stream, left = capture.streams[fd], capture.sizes[fd]
+            stream.seek(0)
+            while left > 0:
+                chunk = stream.read(min(left, RAW_CHUNK))
+                if not chunk:
+                    raise RuntimeError("the capture is shorter than its size")
+                left -= len(chunk)
+                self.write(chunk)
+                if left > 0:
+                    await self.flush()
+        self.finish()
+
+    async def _write_result(self, execution: Execution) -> None:
+        """Stream {"id","rc","signal","duration",...,"stdout","stderr"} with base64 bodies."""
+        assert execution.capture is not None
         self.set_header("Content-Type", "application/json")
-        self.write(json.dumps(head)[:-1])
+        self.write(json.dumps(self._result_head(execution))[:-1])
         for key, fd in (("stdout", 1), ("stderr", 2)):
             stream = execution.capture.streams[fd]
             stream.seek(0)

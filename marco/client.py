@@ -39,6 +39,7 @@ from .agent_api import (
 from .errors import (
     AgentUnreachable,
     AuthenticationError,
+    BadRequest,
     MarcoError,
     PermissionDenied,
     ProtocolError,
@@ -71,13 +72,15 @@ class AgentClient:
     """Synchronous client on one kept-alive HTTP(S) connection (not thread-safe).
 
     With `tls`, the connection is mutual TLS and the agent's certificate must name `node`
-    (the node name from the inventory; default: `host`)."""
+    (the node name from the inventory; default: `host`). `binary=False` sends executions in
+    the JSON form (base64 stdin and output) rather than the binary one; an agent that refuses
+    the binary form gets JSON from then on."""
 
     def __init__(self, host: str, port: int = protocol.DEFAULT_PORT, token: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, tls: ClientTls | None = None,
-                 node: str | None = None) -> None:
+                 node: str | None = None, binary: bool = True) -> None:
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
-        self.tls, self.node = tls, node or host
+        self.tls, self.node, self.binary = tls, node or host, binary
         self.what = describe(host, port, self.node)
         self._conn: http.client.HTTPConnection | None = None
 
@@ -164,11 +167,20 @@ class AgentClient:
 
     @property
     def _api(self) -> AgentRequests:
-        return AgentRequests(self.token, self.timeout)
+        return AgentRequests(self.token, self.timeout, self.binary)
 
     def _call(self, request: Request[T]) -> T:
         response = self._send(request)
-        return parse_answer(request, response.status, self._read(response))
+        body = self._read(response)
+        try:
+            return parse_answer(request, response.status, body,
+                                response.getheader("Content-Type"))
+        except BadRequest:
+            if request.fallback is None:
+                raise
+        answer = self._call(request.fallback())
+        self.binary = False  # it took the JSON form after refusing the binary one: an old agent
+        return answer
 
     def _request(self, method: str, path: str, json_body: Any = None) -> Any:
         """Any JSON call (tests send malformed ones with it)."""
@@ -304,13 +316,13 @@ class AgentClient:
 
 class AsyncAgentClient:
     """Asynchronous client (Tornado's HTTP client) for the controller and async tools; the
-    same methods as `AgentClient`, awaited; `tls` and `node` as there."""
+    same methods as `AgentClient`, awaited; `tls`, `node` and `binary` as there."""
 
     def __init__(self, host: str, port: int = protocol.DEFAULT_PORT, token: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, tls: ClientTls | None = None,
-                 node: str | None = None) -> None:
+                 node: str | None = None, binary: bool = True) -> None:
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
-        self.node, self.tls = node or host, tls
+        self.node, self.tls, self.binary = node or host, tls, binary
         self.ssl_context = tls.context_for(self.node) if tls is not None else None
         self.base = base_url(host, port, tls is not None)
         self.what = describe(host, port, self.node)
@@ -414,11 +426,19 @@ class AsyncAgentClient:
 
     @property
     def _api(self) -> AgentRequests:
-        return AgentRequests(self.token, self.timeout)
+        return AgentRequests(self.token, self.timeout, self.binary)
 
     async def _call(self, request: Request[T]) -> T:
         response = await self._fetch(request)
-        return parse_answer(request, response.code, response.body or b"")
+        try:
+            return parse_answer(request, response.code, response.body or b"",
+                                response.headers.get("Content-Type"))
+        except BadRequest:
+            if request.fallback is None:
+                raise
+        answer = await self._call(request.fallback())
+        self.binary = False  # it took the JSON form after refusing the binary one: an old agent
+        return answer
 
     async def _fetch(self, request: Request[Any], **kwargs: Any) -> httpclient.HTTPResponse:
         """Send one request; every transport failure becomes its typed error here."""

@@ -12,12 +12,16 @@ import json
 import pytest
 
 from marco.agent_api import (
+    EXECUTION_TYPE,
     NO_LIMIT,
+    RESULT_TYPE,
     AgentRequests,
     Download,
     ExecutionResult,
+    frame_head,
     parse_answer,
     raise_for_status,
+    split_frame,
 )
 from marco.client import AgentClient, AsyncAgentClient
 from marco.errors import (
@@ -32,12 +36,13 @@ from marco.modes import format_mode, parse_mode
 from marco.tokens import bearer_token
 
 API = AgentRequests("tok", timeout=30)
+JSON_API = AgentRequests("tok", timeout=30, binary=False)
 CALLS = ["health", "executions", "execution", "output", "start", "run", "stop", "status",
          "push_revocations", "push_crl", "put_file", "get_file"]
 
 
 def test_json_calls_carry_the_token_and_a_json_body() -> None:
-    request = API.start(["ls", "-l"], stdin=b"in", cwd="/tmp", label="x", no_log=True)
+    request = JSON_API.start(["ls", "-l"], stdin=b"in", cwd="/tmp", label="x", no_log=True)
     assert (request.method, request.path) == ("POST", "/v1/executions")
     assert request.headers == {"Authorization": "Bearer tok", "Content-Type": "application/json"}
     assert json.loads(request.body or b"") == {"argv": ["ls", "-l"], "cwd": "/tmp", "label": "x",
@@ -96,6 +101,47 @@ def test_answers_read_into_results() -> None:
     assert parse_answer(API.executions(), 200, b'{"executions": [1]}') == [1]
     with pytest.raises(ProtocolError, match="not JSON"):
         parse_answer(API.status(), 200, b"<html>")
+
+
+def test_executions_go_binary_with_a_json_fallback() -> None:
+    """stdin raw after a length-prefixed JSON head; ?wait=1 asks for the binary answer and
+    still reads JSON (an agent that does not know it); the fallback is the JSON form."""
+    stdin = b"\0\xff" * 1000
+    run = API.run(["cat"], stdin=stdin, cwd="/tmp", runner=False)
+    assert (run.method, run.path) == ("POST", "/v1/executions?wait=1")
+    assert run.headers["Content-Type"] == EXECUTION_TYPE
+    assert run.headers["Accept"].startswith(RESULT_TYPE)
+    head, rest = split_frame(run.body or b"")
+    assert head == {"argv": ["cat"], "cwd": "/tmp", "runner": False} and rest == stdin
+    assert run.timeout == NO_LIMIT + 30 and not run.streamed
+    assert run.fallback is not None
+    assert run.fallback() == JSON_API.run(["cat"], stdin=stdin, cwd="/tmp", runner=False)
+    start = API.start("true")
+    assert start.path == "/v1/executions" and "Accept" not in start.headers
+    assert split_frame(start.body or b"") == ({"shell": "true"}, b"")
+    assert parse_answer(start, 201, b'{"id": "abc", "pid": 7}', RESULT_TYPE) == "abc"
+    json_answer = {"id": "e", "rc": 0, "duration": 1.0, "stdout": "b3V0", "stderr": ""}
+    assert parse_answer(run, 200, json.dumps(json_answer).encode(),
+                        "application/json").stdout == b"out"
+    assert JSON_API.run("x").fallback is None and JSON_API.run("x").read_frame is None
+
+
+def test_binary_answers_read_into_results() -> None:
+    head = {"id": "e", "rc": 1, "signal": None, "duration": 0.5, "stdout_truncated": True,
+            "via": "runner", "runner_note": "warm", "stdout_size": 3, "stderr_size": 2}
+    body = frame_head(head) + b"\0\xffo" + b"er"
+    result = parse_answer(API.run("x"), 200, body, f"{RESULT_TYPE}; charset=binary")
+    assert result == ExecutionResult("e", 1, b"\0\xffo", b"er", 0.5, stdout_truncated=True,
+                                      via="runner", runner_note="warm")
+    for broken, why in ((body[:-1], "4 bytes of output for 5"),
+                        (body + b"x", "6 bytes of output for 5"),
+                        (b"\0\0", "shorter than its 4-byte head length"),
+                        (frame_head({**head, "stderr_size": -1}) + b"\0\xffo",
+                         "without its output sizes"),
+                        (frame_head({**head, "stdout_size": True}) + b"\0\xffo",
+                         "without its output sizes")):
+        with pytest.raises(ProtocolError, match=why):
+            parse_answer(API.run("x"), 200, broken, RESULT_TYPE)
 
 
 WIRE_ERRORS = sorted(wire_errors().values(), key=lambda c: c.code)
