@@ -43,6 +43,9 @@ MAX_ENTRIES = 8192            # preloaded module_utils a runner may report
 MAX_TEXT = 200                # characters kept of a runner's words (python version, errors)
 OUTPUT_PER_MINUTE = 64 * 1024  # bytes of a runner's stdout/stderr logged per minute
 QUIT_GRACE = 5.0              # seconds a quitting runner has to exit before it is killed
+FAILED_BACKOFF = 30.0         # seconds a (user, interpreter) whose runner failed to start
+                              # runs cold without trying again
+MAX_FAILED = 256              # such failures remembered
 RUNNER_FD = 3                 # the runner's end of the socket, in the runner
 PID_MAX = 1 << 22             # the kernel's highest pid_max
 
@@ -642,6 +645,7 @@ class RunnerPool:
         self._runners: list[Runner] = []
         self._quitting: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._failed: dict[Key, tuple[float, str]] = {}  # start failures: when, why
 
     def source(self) -> str:
         if self._source is None:
@@ -673,17 +677,39 @@ class RunnerPool:
                 continue
             launched.note = f"warm (runner {runner.pid}, task {runner.runs})"
             return launched
+        self._check_failed(key)
         runner = self._new_runner(key, "module_utils differ" if differ else "runner limit")
         runner.ready = asyncio.get_running_loop().create_task(
             runner.start(module, self.source()))
         runner.ready.add_done_callback(_consume)
-        await asyncio.shield(runner.ready)
+        try:
+            await asyncio.shield(runner.ready)
+        except RunnerDeclined as declined:
+            self._remember_failure(key, declined.reason)
+            raise
         try:
             launched = await runner.run(execution_id, cwd, env, fds, procs_fd, nproc)
         except _Gone:
             raise RunnerDeclined("runner died") from None
         launched.note = f"new runner (preload {runner.preload_ms:.0f} ms)"
         return launched
+
+    def _check_failed(self, key: Key) -> None:
+        """A runner for `key` that failed to start is not tried again for FAILED_BACKOFF
+        seconds: each try would cost a start (and its deadline) on top of the cold run."""
+        failed = self._failed.get(key)
+        if failed is None:
+            return
+        when, why = failed
+        if time.monotonic() - when < FAILED_BACKOFF:
+            raise RunnerDeclined(why)
+        del self._failed[key]
+
+    def _remember_failure(self, key: Key, why: str) -> None:
+        self._failed.pop(key, None)
+        self._failed[key] = (time.monotonic(), why)
+        while len(self._failed) > MAX_FAILED:
+            del self._failed[next(iter(self._failed))]
 
     def _new_runner(self, key: Key, reason: str) -> Runner:
         """A runner for `key` within the bounds: the least recently used idle runner (of the

@@ -14,11 +14,13 @@ import os
 import secrets
 import signal
 import subprocess
+import tempfile
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -498,6 +500,30 @@ def test_a_runner_that_does_not_preload_in_time_is_killed(users, echo: bytes) ->
             assert declined.value.reason == "preload failed: timed out after 0.5 s"
             assert pool.status() == []
             await until(lambda: not fakes_of(alice), "the fake runner killed")
+
+    in_child(scenario)
+
+
+def test_a_failed_start_is_not_tried_again_at_once(users, echo: bytes) -> None:
+    """preload_failed declines with the runner's words (control characters escaped); the
+    next task runs cold at once instead of starting another runner."""
+    alice, _ = users
+    with tempfile.NamedTemporaryFile(prefix="marco-runner-starts-") as handle:
+        os.chmod(handle.name, 0o666)  # the fake runner, as the user, counts its starts here
+        _failed_start_once(alice, echo, Path(handle.name))
+
+
+def _failed_start_once(alice: UserIdentity, echo: bytes, starts: Path) -> None:
+    source = (f"open({str(starts)!r}, 'a').write('started\\n')\n"
+              + fake_runner(preloaded='{"op": "preload_failed", "error": "boom\\x1b[31m"}'))
+
+    async def scenario() -> None:
+        async with pool_of(source=source) as pool:
+            for _ in range(2):
+                with pytest.raises(RunnerDeclined) as declined:
+                    await start_task(pool, alice, echo)
+                assert declined.value.reason == "preload failed: boom\\x1b[31m"
+            assert starts.read_text() == "started\n"
 
     in_child(scenario)
 
