@@ -380,7 +380,8 @@ class Zygote:
             pid = os.fork()
         except OSError as exc:
             # No child: `exited` alone tells the agent the task never started (it runs it
-            # the cold way); the task's fds stay untouched for that.
+            # the cold way), so nothing is written to the task's pipes; only this runner's
+            # copies of their fds are closed.
             _close(task.fds)
             log(f"cannot fork for task {task.id}: {exc.strerror}")
             self.send({"op": "exited", "id": task.id, "status": SETUP_FAILED << 8})
