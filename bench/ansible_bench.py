@@ -1,6 +1,7 @@
 """Ansible through `local`, `ssh`, Mitogen and Marco, all in the same run, transports interleaved.
 
     sudo .venv/bin/python bench/ansible_bench.py [--nodes 1 10] [--runs 3] [--json FILE] [--quick]
+    .venv/bin/python bench/ansible_bench.py --tables FILE     # the tables of a saved --json
 
 Playbooks: 30 x `command: /bin/true`, 30 x `copy`, one task printing 200,000 lines. Nodes are
 inventory hosts on this machine. Transports, round-robin within each round (the order turns by
@@ -484,7 +485,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results here (after every cell)")
     parser.add_argument("--quick", action="store_true",
                         help="validate end to end: 1 node, 1 round, cmd30 only")
+    parser.add_argument("--tables", type=Path, metavar="JSON",
+                        help="print the tables of an earlier run's --json file; run nothing")
     args = parser.parse_args()
+    if args.tables:
+        return args
     if args.quick:
         args.nodes, args.runs, args.runs_many, args.playbooks = [1], 1, 1, ["cmd30"]
     if args.runs_many is None:
@@ -496,6 +501,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.tables:
+        saved = json.loads(args.tables.read_text())
+        print(tables(saved["results"], saved["meta"]["transports"]))
+        return
     names = [name for name in TRANSPORTS if name in args.transports]
     chosen = transports(names)
     results: list[dict[str, Any]] = []
