@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import resource
 import secrets
 import selectors
 import signal
@@ -84,17 +85,19 @@ class Running:
 class FakeAgent:
     """The agent's side of the table, as simple as a test can make it."""
 
-    def __init__(self, user: UserIdentity) -> None:
+    def __init__(self, user: UserIdentity, nproc: int = 0) -> None:
         self.user = user
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.proc = subprocess.Popen(
             [PYTHON, "-c", SOURCE, str(child.fileno())], pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=user.clean_environment(), cwd="/", start_new_session=True,
-            **UserResolver().popen_identity(user))
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc)))
+            if nproc else None, **UserResolver().popen_identity(user))
         child.close()
         self.inbox: list[tuple[dict[str, Any], list[int]]] = []
         self.tasks = 0
+        self.stderr: str | None = None
         self.hello, _ = self.expect(None, "hello")
 
     def send(self, message: dict[str, Any], fds: list[int] | None = None,
@@ -154,10 +157,13 @@ class FakeAgent:
         return int(self.proc.wait(DEADLINE))
 
     def logs(self) -> str:
+        """The runner's stderr, once it has exited."""
         if self.proc.poll() is None:
             return "(running)"
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read().decode(errors="replace")
+        if self.stderr is None:
+            assert self.proc.stderr is not None
+            self.stderr = self.proc.stderr.read().decode(errors="replace")
+        return self.stderr
 
     def close(self) -> None:
         self.sock.close()
@@ -167,6 +173,7 @@ class FakeAgent:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
+            self.logs()
             for pipe in (self.proc.stdout, self.proc.stderr):
                 if pipe is not None:
                     pipe.close()
@@ -473,6 +480,28 @@ def test_procs_fd_and_nproc(warm: FakeAgent) -> None:
     os.close(procs_r)
     assert failed.rc == 126 and failed.stdout == b""
     assert failed.stderr.startswith(b"marco-agent: cannot join the execution's cgroup: ")
+
+
+def test_a_fork_failure_answers_exited_alone_and_the_runner_goes_on(user: UserIdentity) -> None:
+    """A runner that may not fork (RLIMIT_NPROC 1: itself) says `exited` without `started`,
+    writes nothing to the task's pipes, and serves the next request."""
+    fake = FakeAgent(user, nproc=1)
+    try:
+        for task_id in ("t1", "t2"):
+            pipes = [os.pipe() for _ in range(3)]
+            fake.send({"op": "run", "id": task_id, "cwd": "/", "env": task_env(user)},
+                      [pipes[0][0], pipes[1][1], pipes[2][1]])
+            for _, write_end in pipes:
+                os.close(write_end)
+            exited, _ = fake.expect(task_id, "exited")
+            assert os.waitstatus_to_exitcode(exited["status"]) == 126
+            assert not any(m["op"] == "started" for m, _ in fake.inbox)
+            out = _read_pipes(pipes[1][0], pipes[2][0])
+            assert out == {pipes[1][0]: b"", pipes[2][0]: b""}
+            os.close(pipes[0][0])
+    finally:
+        fake.close()
+    assert "cannot fork for task t1: Resource temporarily unavailable" in fake.logs()
 
 
 # -- the loop -------------------------------------------------------------------------------
