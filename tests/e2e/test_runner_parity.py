@@ -267,6 +267,12 @@ def test_a_task_leaves_nothing_behind_for_the_next(runs: dict[str, PlaybookRun])
         assert _without_volatile(seen["environ"]) == _without_volatile(plain["environ"])
         assert seen["random"] != one.results["r_isolation_a"]["random"]
         assert seen["uuid"] not in (plain["uuid"], one.results["r_isolation_a"]["uuid"])
+    # Warm, A and B were forked by one runner: what B saw is not a second runner's.
+    warm = runs["warm"]
+    runners = [re.findall(r"warm \(runner (\d+),", note)
+               for task in ("Isolation A changes its process", "Isolation B sees none of it")
+               for via, note in warm.paths(task) if via == "runner"]
+    assert len(runners) == 2 and runners[0] and runners[0] == runners[1], runners
 
 
 def test_vvv_names_the_path_each_task_took(runs: dict[str, PlaybookRun]) -> None:
