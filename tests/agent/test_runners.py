@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import os
 import secrets
 import signal
@@ -21,13 +22,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from agent.ansiballz import ModuleCommand, module_command
 from agent.isolation import Isolation, IsolationSettings
-from agent.runners import Launched, RunnerDeclined, RunnerDied, RunnerPool, RunnerSettings
+from agent.runners import (
+    OUTPUT_PER_MINUTE,
+    Launched,
+    RunnerDeclined,
+    RunnerDied,
+    RunnerPool,
+    RunnerSettings,
+)
 from agent.users import UserIdentity, UserResolver
 from tests.support.ansiballz_payloads import PIPELINED, module_payload, replace_member
 from tests.support.processes import alive
@@ -429,6 +437,8 @@ while True:
     if not data:
         break
     message = json.loads(data)
+    if message["op"] == "quit":
+        sys.exit(0)
     if message["op"] == "preload":
         send(%(preloaded)s)
     elif message["op"] == "run":
@@ -446,7 +456,8 @@ LEGIT_STARTED = '{"op": "started", "id": message["id"], "pid": child}'
 def fake_runner(preloaded: str = '{"op": "preloaded", "ms": 1.0, "entries": {}}',
                 started: str = LEGIT_STARTED, fds: str = "()") -> str:
     """A runner that answers as told (Python expressions); by default as a real one would,
-    its task a child that exits 0 at once. It never exits by itself: only a kill ends it."""
+    its task a child that exits 0 at once. It exits when asked to quit, never on EOF: after
+    a lie, only a kill ends it."""
     return FAKE_RUNNER % {"preloaded": preloaded, "started": started, "fds": fds}
 
 
@@ -526,6 +537,40 @@ def _failed_start_once(alice: UserIdentity, echo: bytes, starts: Path) -> None:
             assert starts.read_text() == "started\n"
 
     in_child(scenario)
+
+
+def test_a_runners_output_is_read_and_logged_bounded(users, echo: bytes) -> None:
+    """200 KB on its stderr before hello (more than a pipe holds: it must be read), of which
+    at most 64 KiB reach the debug log, the rest counted as dropped."""
+    alice, _ = users
+    source = "import sys\nsys.stderr.write('e' * 200000)\nsys.stderr.flush()\n" + fake_runner()
+
+    async def scenario() -> None:
+        handler = _Records()
+        records = handler.records
+        logger = logging.getLogger("agent.runners")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        async with pool_of(source=source) as pool:
+            assert (await run_task(pool, alice, echo)).status == 0
+        said = sum(len(_arg(r, 1)) for r in records if r.msg == "%s said: %r")
+        dropped = [_arg(r, 1) for r in records if "dropped" in str(r.msg)]
+        assert said == OUTPUT_PER_MINUTE and dropped == [200000 - OUTPUT_PER_MINUTE]
+
+    in_child(scenario)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _arg(record: logging.LogRecord, index: int) -> Any:
+    return cast(tuple[Any, ...], record.args)[index]
 
 
 def test_a_runner_sending_garbage_is_killed(users, echo: bytes) -> None:
