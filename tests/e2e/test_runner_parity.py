@@ -99,6 +99,14 @@ def sudo_to_bob(alice: UnixUser, bob: UnixUser, run: RunNames) -> Iterator[str]:
     rule.unlink(missing_ok=True)
 
 
+def _failure(output: str) -> str:
+    """Where a -vvv run went wrong: its last failed task (ignored failures come before the one
+    that ended the play; the output holds MBs of results) and its recap."""
+    last = max(output.rfind("fatal: "), output.rfind("[ERROR]"))
+    head = output[max(last - 1500, 0):last + 3000] if last >= 0 else ""
+    return f"{head}\n...\n{output[-1500:]}"
+
+
 def _run_parity(fleet: Fleet, token: str, mode: str, user: UnixUser, become_to: str,
                 workdir: Path, blob: Path) -> PlaybookRun:
     base = f"{user.home}/marco-runner-{mode}"
@@ -109,7 +117,7 @@ def _run_parity(fleet: Fleet, token: str, mode: str, user: UnixUser, become_to: 
                         "-e", f"marco_runner={MODES[mode]}", "-e", f"base={base}",
                         "-e", f"binary_src={blob}", "-e", f"fetch_dir={fetch_dir}",
                         "-e", f"results_file={results_file}", "-e", f"become_to={become_to}")
-    assert out.returncode == 0, f"{mode} run:\n{out.stdout[-6000:]}\n{out.stderr[-3000:]}"
+    assert out.returncode == 0, f"{mode} run:\n{_failure(out.stdout)}\n{out.stderr[-3000:]}"
     return PlaybookRun(mode, out.stdout, json.loads(results_file.read_text()), base, fetch_dir)
 
 
