@@ -328,6 +328,26 @@ def test_changed_module_utils_are_declined_when_no_room(users, echo: bytes, slee
     in_child(scenario)
 
 
+def test_the_least_recently_used_idle_runner_makes_room(users, echo: bytes,
+                                                         changed: bytes) -> None:
+    alice, _ = users
+    third = replace_member(echo, "ansible/module_utils/basic.py", b"\nMARCO_THIRD = 3\n")
+
+    async def scenario() -> None:
+        async with pool_of(max_per_user=2) as pool:
+            assert (await run_task(pool, alice, echo)).rc == 0
+            [used] = runner_pids(pool)
+            assert (await run_task(pool, alice, changed)).rc == 0
+            [older] = set(runner_pids(pool)) - {used}
+            assert (await run_task(pool, alice, echo)).launched.note.startswith(f"warm (runner {used},")
+            ran = await run_task(pool, alice, third)
+            assert ran.rc == 0 and ran.launched.note.startswith("new runner"), ran.stderr
+            assert used in runner_pids(pool) and older not in runner_pids(pool)
+            await until(lambda: not alive(older), "the least recently used runner's exit")
+
+    in_child(scenario)
+
+
 def test_runner_limit(users, sleeper: bytes, echo: bytes) -> None:
     alice, bob = users
 
