@@ -75,8 +75,8 @@ def connect_mux(environ: Mapping[str, str], start: bool = True) -> tuple[Frames,
     while True:
         try:
             return _greeted(path)
-        except (FileNotFoundError, ConnectionRefusedError, ClientGone) as exc:
-            # No mux, a dead one's socket, or one exiting as we came: start one (once).
+        except (FileNotFoundError, ConnectionError, ClientGone) as exc:
+            # No mux, a dead one's socket, or one dying or exiting as we came: start one (once).
             if not start or time.monotonic() >= deadline:
                 raise MuxUnavailable(f"no marco-mux answers at {path}: {exc}") from None
             if started:

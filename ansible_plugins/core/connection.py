@@ -21,7 +21,9 @@ from ansible.utils.display import Display
 from marco.client import AgentClient
 from marco.credentials import find_token, node_tls
 from marco.errors import AuthenticationError, MarcoError
+from marco.mux_client import MuxClient
 from marco.protocol import MAX_LABEL_CHARS
+from marco.tls import ClientTls
 
 from .errors import to_ansible
 
@@ -46,7 +48,7 @@ class MarcoConnection(ConnectionBase):
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
-        self._client: AgentClient | None = None
+        self._client: AgentClient | MuxClient | None = None
         self._sudo_needs_password: bool | None = None
         self._task_name = ""
         self._play_name = ""
@@ -111,10 +113,27 @@ class MarcoConnection(ConnectionBase):
         node = str(self.get_option("node_name") or self._host)
         display.vvv(f"ESTABLISH MARCO CONNECTION TO {node} at {self._host}:{port} "
                     f"({'mutual TLS' if tls else 'plain HTTP, --dev agent'})", host=self._host)
-        self._client = AgentClient(self._host, port, token, node=node, tls=tls,
-                                   timeout=float(self.get_option("timeout")))
+        self._client = self._agent_client(token, port, node, tls)
         self._connected = True
         return self
+
+    def _agent_client(self, token: str, port: int, node: str,
+                      tls: ClientTls | None) -> AgentClient | MuxClient:
+        """Through the user's marco-mux, which keeps the agent connection between tasks (no
+        TLS handshake per task), unless it is switched off or cannot be had: then directly."""
+        timeout = float(self.get_option("timeout"))
+        if not self.get_option("mux"):
+            display.vvv("MARCO MUX: direct (mux off)", host=self._host)
+        else:
+            try:
+                client = MuxClient.open(self._host, port, token, timeout=timeout, tls=tls,
+                                        node=node)
+            except MarcoError as error:
+                display.vvv(f"MARCO MUX: direct ({error.message})", host=self._host)
+            else:
+                display.vvv(f"MARCO MUX: via mux (pid {client.pid})", host=self._host)
+                return client
+        return AgentClient(self._host, port, token, node=node, tls=tls, timeout=timeout)
 
     def exec_command(self, cmd: str, in_data: bytes | None = None,
                      sudoable: bool = True) -> tuple[int, bytes, bytes]:

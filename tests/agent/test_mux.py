@@ -31,6 +31,7 @@ from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.paths import ROOT
 from tests.support.pki import TestPki
+from tests.support.processes import alive
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
@@ -75,15 +76,6 @@ class Relay:
         self.listener.close()
         for sock in self._sockets:
             sock.close()
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def owner(pid: int) -> int:
@@ -186,7 +178,8 @@ def test_calls_through_the_mux_keep_one_agent_connection(start_agent, signer: To
             with open_mux(agent, token, tls, runtime, port=relay.port) as client:
                 muxes.append(client.pid)
                 result = client.run("echo out $0; echo err >&2; exit 3", stdin=b"")
-                assert (result.rc, result.stdout, result.stderr) == (3, b"out /bin/sh\n", b"err\n")
+                assert (result.rc, result.stdout, result.stderr) == (3, b"out /bin/sh\n",
+                                                                     b"err\n")
                 fed = client.run(["cat"], stdin=bytes(range(256)) * 5000)
                 assert fed.stdout == bytes(range(256)) * 5000
                 payload = os.urandom(3 * 1024 * 1024 + number)
@@ -243,3 +236,136 @@ def test_socket_is_private_and_another_uid_is_refused(start_agent, signer: Token
         user=bob.uid, group=bob.gid, extra_groups=[], capture_output=True, text=True, timeout=30)
     assert probe.returncode != 0 and "PermissionError" in probe.stderr
     assert alive(answer["pid"])  # a refusal does not stop the mux
+
+
+def test_a_changed_certificate_gets_a_new_agent_connection(start_agent, signer: TokenSigner,
+                                                           alice: UnixUser, pki: TestPki,
+                                                           private_dirs, muxes) -> None:
+    """A renewed client certificate (its file's mtime changed) is used at once: the next call
+    makes a new agent connection instead of reusing the one made with the old file."""
+    agent = start_agent()
+    relay = Relay(agent.host, agent.port)
+    runtime = private_dirs()
+    tls = tls_copy(pki, runtime)
+    token = signer.issue(alice.name)
+    try:
+        for _ in range(2):
+            with open_mux(agent, token, tls, runtime, port=relay.port) as client:
+                muxes.append(client.pid)
+                assert client.run(["true"]).rc == 0
+        assert relay.accepted == 1
+        stamp = os.stat(tls.cert_file).st_mtime
+        os.utime(tls.cert_file, (stamp + 10, stamp + 10))
+        for _ in range(2):
+            with open_mux(agent, token, tls, runtime, port=relay.port) as client:
+                assert client.run(["true"]).rc == 0
+        assert relay.accepted == 2
+    finally:
+        relay.close()
+
+
+def test_two_users_two_muxes_each_audited_as_itself(start_agent, signer: TokenSigner,
+                                                    alice: UnixUser, bob: UnixUser,
+                                                    pki: TestPki, private_dirs, muxes) -> None:
+    """alice and bob each reach the agent through a mux of their own (a process of theirs):
+    each command runs, and is audited, as the token's user."""
+    agent = start_agent()
+    answers = {}
+    for user in (alice, bob):
+        runtime = private_dirs(user)
+        tls = tls_copy(pki, runtime, user)
+        process = run_as(user, runtime, client_arguments(agent, signer.issue(user.name), tls,
+                                                         "id -un"))
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        answers[user.name] = answer = json.loads(out)
+        muxes.append(answer["pid"])
+        assert answer["stdout"] == user.name + "\n" and owner(answer["pid"]) == user.uid
+    assert answers[alice.name]["pid"] != answers[bob.name]["pid"]
+
+    def started() -> dict[str, str]:
+        events = [json.loads(line) for line in (agent.state_dir / "audit.log").read_text()
+                  .splitlines()]
+        return {event["id"]: event["user"] for event in events
+                if event["event"] == "execution.start"}
+
+    expected = {answer["id"]: name for name, answer in answers.items()}
+    wait_for(lambda: all(started().get(id_) == name for id_, name in expected.items()),
+             what="both users' audit records")
+
+
+def test_a_dead_mux_is_replaced_and_an_unsafe_directory_refused(start_agent, signer: TokenSigner,
+                                                                alice: UnixUser, pki: TestPki,
+                                                                private_dirs, muxes) -> None:
+    """A mux killed (its socket left behind) is replaced by the next client; a socket
+    directory others could enter is never used (the connection then goes direct)."""
+    agent = start_agent()
+    runtime = private_dirs()
+    tls = tls_copy(pki, runtime)
+    token = signer.issue(alice.name)
+    with open_mux(agent, token, tls, runtime) as client:
+        first = client.pid
+        muxes.append(first)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: not alive(first), what="the mux gone")
+    assert (runtime / "marco" / SOCKET_NAME).exists()
+    with open_mux(agent, token, tls, runtime) as client:
+        muxes.append(client.pid)
+        assert client.pid != first and client.run(["true"]).rc == 0
+    os.chmod(runtime / "marco", 0o755)
+    with pytest.raises(MuxUnavailable, match="not private"):
+        open_mux(agent, token, tls, runtime)
+
+
+def test_the_mux_exits_when_idle(start_agent, signer: TokenSigner, alice: UnixUser,
+                                 pki: TestPki, private_dirs, muxes) -> None:
+    """MARCO_MUX_IDLE_SECONDS after its last client left, the mux exits and takes its socket
+    away; while a client stays connected, it does not."""
+    agent = start_agent()
+    runtime = private_dirs()
+    tls = tls_copy(pki, runtime)
+    token = signer.issue(alice.name)
+    client = open_mux(agent, token, tls, runtime, MARCO_MUX_IDLE_SECONDS="0.5")
+    muxes.append(client.pid)
+    second = open_mux(agent, token, tls, runtime)
+    assert second.pid == client.pid
+    second.close()
+    assert client.run(["sleep", "1.5"]).rc == 0  # a call longer than the idle time
+    assert alive(client.pid) and client.run(["true"]).rc == 0
+    client.close()
+    wait_for(lambda: not alive(client.pid), what="the idle mux's exit")
+    assert not (runtime / "marco" / SOCKET_NAME).exists()
+
+
+def test_a_client_hanging_up_mid_call_stops_the_execution(start_agent, signer: TokenSigner,
+                                                          alice: UnixUser, pki: TestPki,
+                                                          private_dirs, muxes) -> None:
+    """An Ansible worker killed mid-call (a task timeout, Ctrl-C): the mux drops that agent
+    connection, so the agent stops the execution as it does for a direct caller; the next
+    call makes a new connection."""
+    agent = start_agent()
+    relay = Relay(agent.host, agent.port)
+    runtime = private_dirs()
+    tls = tls_copy(pki, runtime)
+    token = signer.issue(alice.name)
+    watcher = agent.client(token)
+    arguments = client_arguments(agent, token, tls, ["sleep", "60"])
+    arguments["port"] = relay.port
+    process = run_as(None, runtime, arguments)
+    try:
+        running = wait_for(lambda: [e for e in watcher.executions() if e["state"] == "running"],
+                           what="the sleep running")
+        process.kill()
+        process.communicate(timeout=30)
+        wait_for(lambda: watcher.execution(running[0]["id"])["state"] != "running",
+                 what="the execution stopped")
+        assert watcher.execution(running[0]["id"])["stopped"]
+        with open_mux(agent, token, tls, runtime, port=relay.port) as client:
+            muxes.append(client.pid)
+            assert client.run(["true"]).rc == 0
+        assert relay.accepted == 2
+    finally:
+        if process.poll() is None:
+            process.kill()
+        watcher.close()
+        relay.close()

@@ -119,6 +119,22 @@ options:
       - name: marco_runner
     env:
       - name: MARCO_RUNNER
+  mux:
+    description:
+      - Reach the agents through C(marco-mux), a process per Unix user on this machine (like
+        ssh ControlPersist) that keeps each agent's mutual-TLS connection open between tasks,
+        so a task pays no TLS handshake. It starts on first use and exits after
+        C(MARCO_MUX_IDLE_SECONDS) (default 60) without a client. Its socket is
+        C($XDG_RUNTIME_DIR/marco/mux.sock), else C(~/.marco/run/mux.sock), reachable by your
+        user only; it keeps no token (each call carries yours).
+      - If it cannot be started or reached, the connection talks to the agent directly;
+        C(-vvv) shows which, and why, in a C(MARCO MUX) line per task.
+    type: boolean
+    default: true
+    vars:
+      - name: marco_mux
+    env:
+      - name: MARCO_MUX
   play_name:
     description:
       - Set by Ansible (C(ansible_play_name)); labels each execution with its play in the viewer.
