@@ -678,7 +678,7 @@ def _task_runner(code: Any, namespace: dict[str, Any]) -> Any:
         threading = sys.modules.get("threading")
         if threading is not None:
             try:
-                threading._shutdown()  # type: ignore[attr-defined]
+                threading._shutdown()
             except BaseException:
                 pass
         import atexit
