@@ -665,7 +665,10 @@ class RunnerPool:
         differ = False
         for runner in [r for r in self._runners if r.key == key]:
             if runner.ready is not None and not runner.ready.done():
-                await asyncio.shield(runner.ready)  # a failed start declines its waiters too
+                try:
+                    await asyncio.shield(runner.ready)  # one start for concurrent launches
+                except RunnerDeclined:
+                    continue  # its starter remembers why (_check_failed below)
             if runner.dead:
                 continue
             if not preload_matches(runner.entries, module.entries):
