@@ -413,8 +413,9 @@ def test_idle_runner_quits(users, echo: bytes) -> None:
 
     async def scenario() -> None:
         async with pool_of(idle_seconds=0.3) as pool:
-            assert (await run_task(pool, alice, echo)).rc == 0
-            [pid] = runner_pids(pool)
+            task = await start_task(pool, alice, echo)
+            [pid] = runner_pids(pool)  # while its task runs, it is not idle
+            assert (await task.ended()).rc == 0
             await until(lambda: not pool.status(), "the idle runner retired")
             await until(lambda: not alive(pid), "the idle runner's exit")
 
