@@ -54,7 +54,7 @@ def test_both_forms_give_the_same_bytes(shared_agent: AgentProcess, signer: Toke
     big = os.urandom(5 * 1024 * 1024) + ODD_BYTES
     cases: list[tuple[list[str] | str, bytes]] = [
         (["cat"], ODD_BYTES), ("cat >&2", ODD_BYTES), (BOTH, big),
-        ("printf 'a\\0b\\377'; exit 3", b""), (["true"], b"")]
+        ("printf 'a\\0b\\377'; printf 'e\\0\\376' >&2; exit 3", b""), (["true"], b"")]
     results = {}
     with shared_agent.client(token, timeout=60) as binary, \
             shared_agent.client(token, timeout=60, binary=False) as plain:
@@ -65,8 +65,8 @@ def test_both_forms_give_the_same_bytes(shared_agent: AgentProcess, signer: Toke
         assert binary.binary and not plain.binary  # nobody fell back to JSON
     assert results["['cat']"].stdout == ODD_BYTES and results["cat >&2"].stderr == ODD_BYTES
     assert results[str(BOTH)].stdout == results[str(BOTH)].stderr == big
-    printf = results["printf 'a\\0b\\377'; exit 3"]
-    assert (printf.rc, printf.stdout, printf.stderr) == (3, b"a\0b\xff", b"")
+    printf = results[str(cases[3][0])]
+    assert (printf.rc, printf.stdout, printf.stderr) == (3, b"a\0b\xff", b"e\0\xfe")
 
 
 def test_the_async_client_speaks_both_forms(shared_agent: AgentProcess, signer: TokenSigner,
@@ -74,14 +74,14 @@ def test_the_async_client_speaks_both_forms(shared_agent: AgentProcess, signer: 
     token = signer.issue(alice.name)
 
     async def both() -> tuple[ExecutionResult, ExecutionResult, str]:
-        new = await shared_agent.async_client(token).run("cat; cat >&2", stdin=ODD_BYTES)
-        old = await shared_agent.async_client(token, binary=False).run("cat; cat >&2",
+        new = await shared_agent.async_client(token).run("cat; printf E >&2", stdin=ODD_BYTES)
+        old = await shared_agent.async_client(token, binary=False).run("cat; printf E >&2",
                                                                        stdin=ODD_BYTES)
         started = await shared_agent.async_client(token).start(["cat"], stdin=ODD_BYTES)
         return new, old, started
 
     new, old, started = asyncio.run(both())
-    assert same(new) == same(old) and new.stdout == ODD_BYTES and new.stderr == b""
+    assert same(new) == same(old) and new.stdout == ODD_BYTES and new.stderr == b"E"
     with shared_agent.client(token) as c:
         assert c.execution(started)["id"] == started
 
@@ -129,7 +129,7 @@ def test_malformed_binary_bodies_are_400(small_agent: AgentProcess, signer: Toke
         b"": "shorter than its 4-byte head length",
         b"\x00\x00\x01": "shorter than its 4-byte head length",
         struct.pack(">I", 100) + b'{"argv":["true"]}': "goes past the end of the body",
-        struct.pack(">I", 3) + b"[1]x": "must be a JSON object",
+        struct.pack(">I", 3) + b"[1]x": "binary body: the head must be a JSON object",
         struct.pack(">I", 5) + b"nope!": "not valid JSON",
         struct.pack(">I", 3) + b"NaN": "not valid JSON",
         frame_head({"argv": ["cat"], "stdin": "eA=="}) + b"x": "follows the head",
@@ -160,7 +160,10 @@ def test_limits_apply_to_the_binary_form(small_agent: AgentProcess, signer: Toke
         before = len(c.executions())
         too_long_head = struct.pack(">I", 10**9) + b"{}"
         chunks = iter([frame_head({"argv": ["cat"]})] + [b"z" * 65536] * 30)  # no length given
+        # no length given either: stdin is measured once the body is in
+        stdin_chunks = iter([frame_head({"argv": ["cat"]}), b"s" * 50_000, b"s" * 50_001])
         for body, message in ((too_long_head, "request head takes 1000000000 bytes"),
+                              (stdin_chunks, "stdin takes 100001 bytes"),
                               (b"\0" * 300_000, "request body is 300000 bytes"),
                               (chunks, "request body passed")):
             status, _, answer = post(small_agent, token, body, binary)
