@@ -623,6 +623,9 @@ class ExecutionManager:
             raise BadRequest(f"cannot start the command: {reason}") from None
         if not warm:
             self._feed_stdin(transport, request.stdin)
+        if execution.stopped:
+            # Stopped while it was being started, before its pid (or runner task) was known.
+            self._terminate(execution)
         if request.timeout:
             execution.timeout_handle = loop.call_later(request.timeout, self._timeout, execution)
         log.info("execution %s started for %s: %s", execution_id, user.name,
@@ -682,8 +685,9 @@ class ExecutionManager:
         """Have the user's module runner fork the child; False (and the reason in
         `runner_note`) when it declines before anything ran: the caller starts it cold."""
         assert self.runners is not None
-        # What the cold path's `/bin/sh -c 'NAME=VALUE python3 && sleep 0'` gives Python.
-        child_env = {**env, **module.env, "PWD": execution.cwd}
+        # What the cold path's `/bin/sh -c 'NAME=VALUE python3 && sleep 0'` gives Python
+        # (dash exports PWD as getcwd() finds it: symlinks resolved).
+        child_env = {**env, **module.env, "PWD": os.path.realpath(execution.cwd)}
         child_fds, own_fds = make_pipes(PIPE_SIZE)
         try:
             launched = await self.runners.launch(execution.id, user, module, execution.cwd,
@@ -698,12 +702,16 @@ class ExecutionManager:
         finally:
             close_all(child_fds)
         warm = WarmChild(execution, functools.partial(self._finished_warm, execution),
-                         EXIT_LINGER)
+                         EXIT_LINGER, functools.partial(self.isolation.signal, execution.id,
+                                                        signal.SIGKILL))
         execution.via, execution.runner_note = "runner", launched.note
         self._warm[execution.id] = warm
-        # The pid comes from the user's own process: used for display and the subreaper's
-        # session lookup only if it is that user's process; never signalled by the agent.
-        self._started(execution, launched.pid if _owned_by(launched.pid, user.uid) else None)
+        # The pid comes from the user's own process: shown, never signalled by the agent,
+        # and never handed to the subreaper, which would signal its session as root (the
+        # runner may reap the child and the pid be reused). Stops go through the runner
+        # and the execution's cgroup.
+        self._started(execution, launched.pid if _owned_by(launched.pid, user.uid) else None,
+                      track=False)
         stdin_w, stdout_r, stderr_r = own_fds
         await warm.attach(stdout_r, stderr_r, stdin_w, stdin)
         warm.watch(launched)
@@ -835,9 +843,9 @@ class ExecutionManager:
             transport.close()
         self._finished(execution, returncode)
 
-    def _started(self, execution: Execution, pid: int | None) -> None:
+    def _started(self, execution: Execution, pid: int | None, track: bool = True) -> None:
         execution.pid = pid
-        if pid is not None:
+        if pid is not None and track:
             self.isolation.started(execution.id, pid)
         execution.publish(protocol.started_event(execution.id, execution.label, execution.command,
                                                  execution.cwd, execution.started, 0,
@@ -863,7 +871,7 @@ class ExecutionManager:
         if lost:
             execution.state = "lost"
         elif returncode is not None and returncode < 0:
-            execution.state, execution.signal = "killed", signal.Signals(-returncode).name
+            execution.state, execution.signal = "killed", signal_name(-returncode)
         else:
             execution.state, execution.rc = "exited", returncode
         self._running_of[execution.user] -= 1
@@ -889,10 +897,20 @@ class ExecutionManager:
         asyncio.get_running_loop().call_soon(self._expire_user, execution.user, time.time())
 
 
+def signal_name(number: int) -> str:
+    """SIGTERM, SIGRTMIN+3, ...: every signal a process can die of has a name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        if signal.SIGRTMIN <= number <= signal.SIGRTMAX:
+            return f"SIGRTMIN+{number - signal.SIGRTMIN}"
+        return f"SIG{number}"
+
+
 def _changes_interpreter(name: str) -> bool:
     """Does this variable change how Python starts or encodes stdio? A runner started
     without it would then not behave as a new interpreter would."""
-    return (name.startswith(("PYTHON", "LD_", "LC_")) or name in ("LANG", "PWD"))
+    return name.startswith(("PYTHON", "LD_", "LC_")) or name in ("LANG", "PWD", "HOME", "TZ")
 
 
 def _owned_by(pid: int, uid: int) -> bool:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .executions import Execution
 
 STDOUT, STDERR = 1, 2
-RUNNER_DIED = b"marco-agent: the module runner died during this task\n"
+RUNNER_DIED = b"marco-agent: the module runner died during this task; it was killed\n"
 
 
 class _PipeReader(asyncio.Protocol):
@@ -44,9 +44,10 @@ class WarmChild:
     or `linger` seconds after the exit (a background grandchild may hold them open forever)."""
 
     def __init__(self, execution: Execution, on_finished: Callable[[int | None], None],
-                 linger: float) -> None:
+                 linger: float, on_lost: Callable[[], None]) -> None:
         self.execution = execution
         self.on_finished = on_finished
+        self.on_lost = on_lost  # kills what is left of the task when its runner died
         self.linger = linger
         self.launched: Launched | None = None
         self.open_pipes = {STDOUT, STDERR}
@@ -84,7 +85,9 @@ class WarmChild:
         try:
             status = future.result()
         except (RunnerDied, asyncio.CancelledError):
+            # Nobody can tell how it ends: it ends now, rather than go on unseen.
             self.returncode, self._shell_message = None, RUNNER_DIED
+            self.on_lost()
         else:
             code = os.waitstatus_to_exitcode(status)
             if code < 0 and not (execution.stopped or execution.timed_out):

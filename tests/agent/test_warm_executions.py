@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
 
 from marco.client import AgentClient
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.ansiballz_payloads import PIPELINED, module_payload
-from tests.support.users import UnixUser
+from tests.support.run import RunNames
+from tests.support.users import UnixUser, create_user, remove_user
 from tests.support.waiting import wait_for
 
 
@@ -96,3 +103,43 @@ def test_stopping_a_warm_task_kills_it(shared_agent: AgentProcess, signer: Token
         ended = c.execution(execution_id)
     assert ended["state"] == "killed" and ended["signal"] == "SIGTERM", ended
     assert ended["stopped"] is True
+
+
+@pytest.fixture
+def slow_starter(run: RunNames) -> Iterator[UnixUser]:
+    """A user whose every Python takes 1 s to start (a usercustomize that sleeps): their
+    module runner's first task spends that second being launched."""
+    user = create_user(run.user("slow"))
+    site = subprocess.run(["runuser", "-u", user.name, "--", "/usr/bin/python3", "-c",
+                           "import site; print(site.getusersitepackages())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(["runuser", "-u", user.name, "--", "mkdir", "-p", site], check=True)
+    path = os.path.join(site, "usercustomize.py")
+    with open(path, "w") as handle:
+        handle.write("import time\ntime.sleep(1)\n")
+    os.chown(path, user.uid, user.gid)
+    yield user
+    remove_user(user.name)
+
+
+def test_a_stop_during_a_warm_launch_reaches_the_task(
+        shared_agent: AgentProcess, signer: TokenSigner, slow_starter: UnixUser) -> None:
+    with client(shared_agent, signer, slow_starter.name) as c:
+        answer: list[Any] = []
+        waiting = threading.Thread(target=lambda: answer.append(
+            c.run(PIPELINED, stdin=command_payload("sleep 60"))))
+        waiting.start()
+        with client(shared_agent, signer, slow_starter.name) as other:
+            listed = wait_for(lambda: other.executions(), what="the execution being started")
+            other.stop(listed[0]["id"])  # while its new runner still starts
+        waiting.join(timeout=30)
+    assert answer, "the task ran on after its stop"
+    assert answer[0].stopped and answer[0].signal in ("SIGTERM", "SIGKILL"), answer[0]
+
+
+def test_a_death_by_a_real_time_signal_ends_the_execution(
+        shared_agent: AgentProcess, signer: TokenSigner, alice: UnixUser) -> None:
+    with client(shared_agent, signer, alice.name) as c:
+        result = c.run(["/usr/bin/python3", "-c",
+                        "import os, signal; os.kill(os.getpid(), signal.SIGRTMIN + 3)"])
+    assert (result.rc, result.signal) == (None, "SIGRTMIN+3")
