@@ -8,21 +8,27 @@ import asyncio
 import json
 import os
 import struct
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import tests.support.daemon as daemon
 from marco.agent_api import EXECUTION_TYPE, RESULT_TYPE, ExecutionResult, frame_head
 from marco.errors import BadRequest, PayloadTooLarge
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
+from tests.support.paths import ROOT
+from tests.support.pki import TestPki
 from tests.support.users import UnixUser
 
 # NUL, every byte value, invalid UTF-8 (a lone continuation byte, a truncated sequence, CR)
 ODD_BYTES = b"\x00" + bytes(range(256)) + b"\xff\xfe\x80abc\xe2\x82\r\n\x00"
 BOTH = ["python3", "-c", "import sys; data = sys.stdin.buffer.read(); "
         "sys.stdout.buffer.write(data); sys.stderr.buffer.write(data)"]  # stdin to both
+OLD_AGENT = "7a2a7df"  # the last commit whose agent knows only the JSON form
 SAME_FIELDS = ("rc", "stdout", "stderr", "signal", "timed_out", "stopped", "stdout_truncated",
                "stderr_truncated", "via")
 
@@ -173,3 +179,39 @@ def test_limits_apply_to_the_binary_form(small_agent: AgentProcess, signer: Toke
         assert c.run(["true"]).rc == 0
         with pytest.raises(BadRequest, match="PATH_MAX"):
             c.run(["true"], cwd="/" + "d" * 5000)
+
+
+@pytest.fixture
+def old_agent(secret_file: Path, tmp_path: Path, pki: TestPki,
+              monkeypatch: pytest.MonkeyPatch) -> Iterator[AgentProcess]:
+    """A real agent of OLD_AGENT: its agent/ and marco/ from git, run from their own tree."""
+    found = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_AGENT, "agent", "marco"],
+                           capture_output=True)
+    if found.returncode != 0:
+        pytest.skip(f"this checkout lacks commit {OLD_AGENT}: {found.stderr[-200:]!r}")
+    tree = tmp_path / "old-tree"
+    tree.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=found.stdout, check=True)
+    monkeypatch.setattr(daemon, "ROOT", tree)  # DaemonProcess runs `python -m agent` there
+    agent = AgentProcess(secret_file, tmp_path / "old-state", pki=pki)
+    monkeypatch.undo()
+    yield agent
+    agent.stop()
+
+
+def test_an_old_agent_gets_the_json_form(old_agent: AgentProcess, signer: TokenSigner,
+                                         alice: UnixUser) -> None:
+    """An agent that refuses the binary body (400) gets the call again as JSON, and JSON from
+    then on; its JSON answer reads as ever."""
+    token = signer.issue(alice.name)
+    with old_agent.client(token) as c:
+        assert c.binary and c.run(["cat"], stdin=ODD_BYTES).stdout == ODD_BYTES
+        assert not c.binary
+        assert c.run("cat >&2", stdin=ODD_BYTES).stderr == ODD_BYTES
+
+    async def asynchronous() -> tuple[ExecutionResult, bool]:
+        client = old_agent.async_client(token)
+        return await client.run(["cat"], stdin=ODD_BYTES), client.binary
+
+    result, binary = asyncio.run(asynchronous())
+    assert result.stdout == ODD_BYTES and not binary
