@@ -444,9 +444,9 @@ def test_the_child_runs_as_the_user_in_its_own_session(warm: FakeAgent) -> None:
                  "os.getgid(), os.getegid(), sorted(os.getgroups()), os.getsid(0), "
                  "os.getpgid(0), os.getppid()]))")
     running = warm.start(who)
-    assert running.pidfd is not None
-    fdinfo = Path(f"/proc/self/fdinfo/{running.pidfd}").read_text()
-    assert f"Pid:\t{running.pid}\n" in fdinfo  # the pidfd names the task's child
+    if running.pidfd is not None:  # a pidfd, where a runner sends one, names the child
+        fdinfo = Path(f"/proc/self/fdinfo/{running.pidfd}").read_text()
+        assert f"Pid:\t{running.pid}\n" in fdinfo
     ran = running.finish()
     user = warm.user
     assert json.loads(ran.stdout) == [ran.pid, user.uid, user.uid, user.gid, user.gid,
