@@ -35,6 +35,7 @@ class ExecutionSpool:
         self._meta_size = 0
         self._size = 0
         self._fd: int | None = None
+        self._writable = False          # a spool `create` made takes output until `close`
         self._starts: list[int] = []    # first seq of each stored event
         self._offsets: list[int] = []   # byte offset of each stored event
         self._indexed = False
@@ -44,7 +45,9 @@ class ExecutionSpool:
                account: Account | None = None) -> ExecutionSpool:
         directory.mkdir(mode=0o700, parents=True)
         spool = cls(directory, max_bytes, account)
-        spool._fd = os.open(directory / OUTPUT_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # output.jsonl is made by the first append: a silent execution (most Ansible shell
+        # steps, every no_log one) costs no file to create now and unlink at expiry.
+        spool._writable = True
         spool._indexed = True
         return spool
 
@@ -69,7 +72,7 @@ class ExecutionSpool:
 
     def append(self, encoded_event: str, first_seq: int, line_count: int) -> None:
         """Store one output event (already JSON-encoded) covering `line_count` lines."""
-        if self.truncated_seq is not None or self._fd is None:
+        if self.truncated_seq is not None or not self._writable:
             return
         data = (encoded_event + "\n").encode("utf-8")
         if self._size + len(data) > self.max_bytes or (
@@ -77,6 +80,9 @@ class ExecutionSpool:
             self.truncated_seq = first_seq
             return
         try:
+            if self._fd is None:
+                self._fd = os.open(self.directory / OUTPUT_FILE,
+                                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             written = os.write(self._fd, data)
         except OSError:
             written = -1
@@ -87,7 +93,8 @@ class ExecutionSpool:
                 self.account.release(len(data))
             self.truncated_seq = first_seq
             try:
-                os.ftruncate(self._fd, self._size)
+                if self._fd is not None:
+                    os.ftruncate(self._fd, self._size)
             except OSError:
                 pass
             return
@@ -106,6 +113,7 @@ class ExecutionSpool:
         return self._size + self._meta_size
 
     def close(self) -> None:
+        self._writable = False
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
