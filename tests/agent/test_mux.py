@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from marco.errors import AuthenticationError, MuxUnavailable, NotFound
+from marco.errors import AuthenticationError, MuxUnavailable, NotFound, PermissionDenied
 from marco.mux import LOG_NAME, SOCKET_NAME, ClientGone, Frames
 from marco.mux_client import MuxClient
 from marco.tls import ClientTls
@@ -193,6 +193,12 @@ def test_calls_through_the_mux_keep_one_agent_connection(start_agent, signer: To
                 assert client.run(["id", "-un"]).stdout == alice.name.encode() + b"\n"
         assert len(set(muxes)) == 1
         assert relay.accepted == 1
+        with open_mux(agent, token, tls, runtime, port=relay.port) as client:
+            refused = os.urandom(2 * 1024 * 1024)  # the agent refuses before the body
+            with pytest.raises(PermissionDenied):
+                client.put_file(io.BytesIO(refused), "/root/mux-refused", size=len(refused))
+            assert client.run(["true"]).rc == 0  # on a new connection: a refused upload's
+        assert relay.accepted == 2               # is not reusable (AgentClient closes it)
         with open_mux(agent, "forged.token.value", tls, runtime, port=relay.port) as client:
             with pytest.raises(AuthenticationError):
                 client.run(["true"])
