@@ -108,18 +108,25 @@ class ExecutionsHandler(ApiHandler):
 
     A POST body is JSON (stdin in base64) or binary (EXECUTION_TYPE: head length, JSON head,
     raw stdin); a ?wait=1 caller that accepts RESULT_TYPE gets raw stdout and stderr after a
-    JSON head, else JSON with base64. The body is read here, bounded before it is held: a
-    declared length, then a binary head's length, past the limits is read and dropped and
-    answered 413 once read (a client sends its body before it reads the answer)."""
+    JSON head, else JSON with base64. The body is read here, bounded before it is held: the
+    body of a caller whose token fails, or whose declared length, then binary head length,
+    is past the limits, is read and dropped and answered (401, 413) once read (a client sends
+    its body before it reads the answer)."""
 
     waiting: Execution | None = None  # the ?wait=1 execution this caller waits for
     failure: MarcoError | None = None  # found while the body arrived; answered after it
     binary = False
+    user: UserIdentity | None = None  # a POST's caller, known before its body
 
     def prepare(self) -> None:
         self.chunks: list[bytes] = []
         self.received = 0
         if self.request.method != "POST":
+            return
+        try:
+            self.user = self.authenticate()
+        except MarcoError as error:
+            self.failure = error
             return
         config = self.ctx.config
         self.binary = media_type(self.request.headers.get("Content-Type")) == EXECUTION_TYPE
@@ -140,7 +147,7 @@ class ExecutionsHandler(ApiHandler):
 
     def data_received(self, chunk: bytes) -> None:
         if self.failure is not None or self.request.method != "POST":
-            return  # dropped: the answer is 413 whatever follows, or a GET reads no body
+            return  # dropped: the answer is an error whatever follows, or a GET reads no body
         before, self.received = self.received, self.received + len(chunk)
         if self.received > self.limit:  # chunked: no length given
             self.failure = PayloadTooLarge(f"the request body passed {self.limit} bytes, the "
@@ -173,9 +180,10 @@ class ExecutionsHandler(ApiHandler):
                                         for e in self.ctx.executions.of_user(user.name, run)]})
 
     async def post(self) -> None:
-        user = self.authenticate()
         if self.failure is not None:
             raise self.failure
+        user = self.user
+        assert user is not None
         body, self.chunks = b"".join(self.chunks), []
         config = self.ctx.config
         if self.binary:

@@ -175,6 +175,10 @@ def test_limits_apply_to_the_binary_form(small_agent: AgentProcess, signer: Toke
             status, _, answer = post(small_agent, token, body, binary)
             assert status == 413, (message, answer)
             assert message in json.loads(answer)["message"], answer
+        # a caller whose token fails learns that, not the limits, and its body is not kept
+        for body in (b"\0" * 300_000, frame_head({"argv": ["true"]})):
+            status, _, answer = post(small_agent, "not-a-token", body, binary)
+            assert status == 401, answer
         assert len(c.executions()) == before  # nothing started
         assert c.run(["true"]).rc == 0
         with pytest.raises(BadRequest, match="PATH_MAX"):
