@@ -24,6 +24,7 @@ from typing import Any
 
 from .agent_api import ExecutionResult
 from .client import AgentClient
+from .credentials import node_tls
 from .errors import ConfigError, MarcoError, MuxUnavailable, TryAgain
 from .mux import (
     LOCK_NAME,
@@ -241,6 +242,8 @@ class Session:
 
     def _client(self, target: Target, token: str) -> tuple[tuple[Any, ...], AgentClient] | None:
         try:
+            if target.tls is None:  # plain HTTP (a --dev agent): loopback only, as direct
+                node_tls(False, target.host)
             key, client = self.server.pool.take(target)
         except MarcoError as error:
             self.frames.send_error(error)

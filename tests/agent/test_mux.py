@@ -23,7 +23,13 @@ from typing import Any
 
 import pytest
 
-from marco.errors import AuthenticationError, MuxUnavailable, NotFound, PermissionDenied
+from marco.errors import (
+    AuthenticationError,
+    ConfigError,
+    MuxUnavailable,
+    NotFound,
+    PermissionDenied,
+)
 from marco.mux import LOG_NAME, SOCKET_NAME, ClientGone, Frames
 from marco.mux_client import MuxClient
 from marco.tls import ClientTls
@@ -375,3 +381,21 @@ def test_a_client_hanging_up_mid_call_stops_the_execution(start_agent, signer: T
             process.kill()
         watcher.close()
         relay.close()
+
+
+def test_plain_http_goes_to_loopback_only(start_agent, signer: TokenSigner, alice: UnixUser,
+                                          private_dirs, muxes) -> None:
+    """A --dev agent (no TLS) is reached through the mux on loopback; a plain-HTTP target
+    elsewhere is refused by the mux itself, as the connection refuses it (a token never
+    crosses a network in clear)."""
+    agent = start_agent(pki=None)
+    runtime = private_dirs()
+    token = signer.issue(alice.name)
+    environ = {"PATH": os.environ["PATH"], "HOME": str(runtime), "XDG_RUNTIME_DIR": str(runtime)}
+    with MuxClient.open(agent.host, agent.port, token, node=agent.node_name,
+                        environ=environ) as client:
+        muxes.append(client.pid)
+        assert client.run(["id", "-un"]).stdout == alice.name.encode() + b"\n"
+    with MuxClient.open("192.0.2.1", agent.port, token, environ=environ) as client:
+        with pytest.raises(ConfigError, match="refusing plain HTTP"):
+            client.run(["true"])
