@@ -50,7 +50,7 @@ from .budget import Account, DiskBudget
 from .isolation import Isolation, popen_setup
 from .lines import LineSplitter
 from .runners import RunnerDeclined, RunnerPool
-from .spool import ExecutionSpool
+from .spool import ExecutionSpool, SpareDirs
 from .users import UserIdentity, UserResolver
 from .warm import WarmChild, close_all, make_pipes
 
@@ -460,6 +460,7 @@ class ExecutionManager:
         self.isolation = isolation or Isolation()  # each execution's processes: cgroup or subreaper
         self.sink = sink
         self.spool_root = state_dir / "executions"
+        self.spare_dirs = SpareDirs()  # emptied spool directories, for new executions
         self.tmp_dir = state_dir / "tmp"
         self.spool_max_bytes = spool_max_bytes
         self.capture_max = capture_max
@@ -490,6 +491,10 @@ class ExecutionManager:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             check_private_dir(directory)
         self.isolation.start()
+        spares = self.spool_root.parent / "spare-dirs"
+        spares.mkdir(mode=0o700, exist_ok=True)
+        check_private_dir(spares)
+        self.spare_dirs.open(spares)
         for tmp in self.tmp_dir.iterdir():  # captures of a previous run
             tmp.unlink(missing_ok=True)
         for directory in sorted(self.spool_root.iterdir()):
@@ -583,7 +588,7 @@ class ExecutionManager:
         cwd = user.expand(request.cwd) if request.cwd else user.home
         account = self.budget.account(user.name)
         spool = ExecutionSpool.create(self.spool_root / execution_id, self.spool_max_bytes,
-                                      account)
+                                      account, self.spare_dirs)
         loop = asyncio.get_running_loop()
         # A no_log command (an Ansible task marked no_log) may carry secrets in its arguments:
         # it is kept nowhere, and its output reaches only the `wait` caller.

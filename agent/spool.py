@@ -21,6 +21,56 @@ from .budget import Account
 
 META_FILE = "meta.json"
 OUTPUT_FILE = "output.jsonl"
+SPARE_MAX = 32  # emptied spool directories kept for new executions
+
+
+class SpareDirs:
+    """Emptied spool directories kept for the next executions, in a directory of their own
+    (the spool root holds records only). Once a user has `retention_count` records, every new
+    execution's spool is made as an old one is removed: two renames cost the file system less
+    than rmdir and then mkdir (the directory's inode and block are not freed and allocated
+    again). Until `open` names the directory, none is kept."""
+
+    def __init__(self, limit: int = SPARE_MAX) -> None:
+        self.limit = limit
+        self.root: Path | None = None
+        self._dirs: list[Path] = []
+        self._count = 0
+
+    def __len__(self) -> int:
+        return len(self._dirs)
+
+    def open(self, root: Path) -> None:
+        """Keep spares in `root` (a private directory of the agent), emptied of an earlier
+        run's."""
+        for leftover in root.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.root, self._dirs = root, []
+
+    def make(self, directory: Path) -> None:
+        """Create `directory` (mode 0700): a kept one renamed, else a new one. The new name
+        is a fresh random execution id, never an existing directory."""
+        while self._dirs:
+            try:
+                os.rename(self._dirs.pop(), directory)
+                return
+            except OSError:
+                continue  # gone (removed by hand): try the next, or make one
+        directory.mkdir(mode=0o700, parents=True)
+
+    def keep(self, directory: Path) -> bool:
+        """Move an emptied directory here for `make`; False when enough are kept (or it
+        cannot be moved): the caller removes it."""
+        if self.root is None or len(self._dirs) >= self.limit:
+            return False
+        self._count += 1
+        spare = self.root / str(self._count)
+        try:
+            os.rename(directory, spare)
+        except OSError:
+            return False
+        self._dirs.append(spare)
+        return True
 
 
 class ExecutionSpool:
@@ -36,15 +86,22 @@ class ExecutionSpool:
         self._size = 0
         self._fd: int | None = None
         self._writable = False          # a spool `create` made takes output until `close`
+        self._spares: SpareDirs | None = None  # where `remove` leaves its emptied directory
         self._starts: list[int] = []    # first seq of each stored event
         self._offsets: list[int] = []   # byte offset of each stored event
         self._indexed = False
 
     @classmethod
-    def create(cls, directory: Path, max_bytes: int,
-               account: Account | None = None) -> ExecutionSpool:
-        directory.mkdir(mode=0o700, parents=True)
+    def create(cls, directory: Path, max_bytes: int, account: Account | None = None,
+               spares: SpareDirs | None = None) -> ExecutionSpool:
+        """A new spool in `directory` (made from one of `spares` if any is kept); its
+        `remove` gives the emptied directory back to `spares`."""
+        if spares is None:
+            directory.mkdir(mode=0o700, parents=True)
+        else:
+            spares.make(directory)
         spool = cls(directory, max_bytes, account)
+        spool._spares = spares
         # output.jsonl is made by the first append: a silent execution (most Ansible shell
         # steps, every no_log one) costs no file to create now and unlink at expiry.
         spool._writable = True
@@ -184,9 +241,13 @@ class ExecutionSpool:
     def remove(self) -> None:
         self.close()
         try:  # the files the spool makes, without rmtree's walk: this runs on every exit
-            for name in (OUTPUT_FILE, META_FILE):
+            for name in (OUTPUT_FILE, META_FILE, META_FILE + ".tmp"):
                 (self.directory / name).unlink(missing_ok=True)
-            self.directory.rmdir()
+            # Only this agent writes in a spool it made: emptied of those, the directory is
+            # empty and may serve a new execution.
+            if self._spares is None or not self._spares.keep(self.directory):
+                self.directory.rmdir()
+            self._spares = None
         except FileNotFoundError:
             pass
         except OSError:  # something else in it (a crash's meta.json.tmp)
