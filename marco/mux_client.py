@@ -8,6 +8,7 @@ as a lost agent connection would (a call is never resent: it may have run).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from .agent_api import DEFAULT_TIMEOUT, NO_LIMIT, ExecutionResult, describe
 from .errors import AgentUnreachable, MarcoError, MuxUnavailable
 from .mux import (
     CHUNK,
+    LOCK_NAME,
     SOCKET_NAME,
     VERSION,
     ClientGone,
@@ -47,43 +49,92 @@ def socket_path(environ: Mapping[str, str]) -> str:
     return os.path.join(runtime_dir(environ), SOCKET_NAME)
 
 
-def start_mux(environ: Mapping[str, str]) -> None:
-    """Start the user's mux and return once it serves (or another one does): a session of its
-    own, detached by its second fork, with none of this process's secrets."""
+def _mux_command(environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """How to start the user's mux: its argv and an environment with none of this process's
+    secrets, its settings, and the marco this process runs (whatever the cwd)."""
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {name: environ[name] for name in PASSED_ON if name in environ}
     env.update(MuxSettings.from_environ(environ).environ())
-    env["PYTHONPATH"] = package_root  # the marco this connection runs, whatever the cwd
+    env["PYTHONPATH"] = package_root
+    return [sys.executable, "-m", "marco.mux_server"], env
+
+
+def claim_lock(directory: str) -> int | None:
+    """The mux lock, taken (its fd; None: a mux holds it, starting, serving or exiting). The
+    mux a starter starts inherits it, so no other starter starts a second one meanwhile."""
+    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        done = subprocess.run([sys.executable, "-m", "marco.mux_server"], env=env, cwd="/",
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def start_mux(environ: Mapping[str, str], directory: str) -> bool:
+    """Start the user's mux and return once it serves (False: another one is starting or
+    exiting, nothing started): a session of its own, detached by its second fork."""
+    lock = claim_lock(directory)
+    if lock is None:
+        return False
+    argv, env = _mux_command(environ)
+    try:
+        done = subprocess.run([*argv, "--lock-fd", str(lock)], env=env, cwd="/",
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                              stderr=subprocess.PIPE, start_new_session=True, pass_fds=(lock,),
                               timeout=START_WAIT, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise MuxUnavailable(f"cannot start marco-mux: {exc}") from None
+    finally:
+        os.close(lock)  # the mux keeps it locked through its own copy
     if done.returncode != 0:
         lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
         reason = lines[-1] if lines else f"exit status {done.returncode}"
         raise MuxUnavailable(f"marco-mux did not start: {reason}")
+    return True
 
 
-def connect_mux(environ: Mapping[str, str], start: bool = True) -> tuple[Frames, int]:
-    """A greeted connection to the user's mux and its pid, starting the mux if none answers."""
-    path = os.path.join(private_dir(runtime_dir(environ)), SOCKET_NAME)
+def spawn_mux(environ: Mapping[str, str], directory: str) -> str:
+    """Start the user's mux without waiting for it (unless one holds the lock); say which,
+    for -vvv. The caller goes direct meanwhile: a task never waits for a mux's start
+    (~130 ms)."""
+    lock = claim_lock(directory)
+    if lock is None:
+        return "marco-mux is starting"
+    argv, env = _mux_command(environ)
+    try:
+        # Never waited for: reaped by this process's later Popen calls, or by init.
+        subprocess.Popen([*argv, "--lock-fd", str(lock)], env=env, cwd="/",
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, pass_fds=(lock,))
+    except OSError as exc:
+        return f"cannot start marco-mux: {exc}"
+    finally:
+        os.close(lock)
+    return "starting marco-mux for the next tasks"
+
+
+def connect_mux(environ: Mapping[str, str], start: str = "wait") -> tuple[Frames, int]:
+    """A greeted connection to the user's mux and its pid. If none answers, `start` says what
+    to do: "wait" starts one and waits for it, "background" starts one for later calls and
+    raises MuxUnavailable now, "no" only raises."""
+    directory = private_dir(runtime_dir(environ))
+    path = os.path.join(directory, SOCKET_NAME)
     started = False
     deadline = time.monotonic() + START_WAIT
     while True:
         try:
             return _greeted(path)
         except (FileNotFoundError, ConnectionError, ClientGone) as exc:
-            # No mux, a dead one's socket, or one dying or exiting as we came: start one (once).
-            if not start or time.monotonic() >= deadline:
+            # No mux, a dead one's socket, or one dying or exiting as we came.
+            if start == "background":
+                raise MuxUnavailable(spawn_mux(environ, directory)) from None
+            if start != "wait" or time.monotonic() >= deadline:
                 raise MuxUnavailable(f"no marco-mux answers at {path}: {exc}") from None
-            if started:
-                time.sleep(0.01)  # another starter's mux is binding: look again
-                continue
-            start_mux(environ)
-            started = True
+            if not started:
+                started = start_mux(environ, directory)
+            if not started:
+                time.sleep(0.01)  # another starter's mux is binding, or one exits: again
         except OSError as exc:
             raise MuxUnavailable(f"cannot reach marco-mux at {path}: {exc}") from None
 
@@ -128,8 +179,9 @@ class MuxClient:
     @classmethod
     def open(cls, host: str, port: int, token: str | None, timeout: float = DEFAULT_TIMEOUT,
              tls: ClientTls | None = None, node: str | None = None,
-             environ: Mapping[str, str] | None = None, start: bool = True) -> MuxClient:
-        """Connected to the user's mux (started if need be), or MuxUnavailable saying why."""
+             environ: Mapping[str, str] | None = None, start: str = "wait") -> MuxClient:
+        """Connected to the user's mux, or MuxUnavailable saying why (`start`: what to do when
+        no mux answers, as for `connect_mux`)."""
         frames, pid = connect_mux(os.environ if environ is None else environ, start)
         return cls(frames, pid, host, port, token, timeout, tls, node)
 

@@ -9,6 +9,7 @@ It exits after `MARCO_MUX_IDLE_SECONDS` with no client connected.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import logging
@@ -464,11 +465,13 @@ def _setup_log(directory: str) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
-def serve(report: Callable[[str], None]) -> None:
-    """Become the user's mux (or find one already is: `report("taken")`) and serve."""
+def serve(report: Callable[[str], None], lock: int | None = None) -> None:
+    """Become the user's mux (or find one already is: `report("taken")`) and serve. `lock`:
+    the lock file's fd, already locked by the starter (so no other starts meanwhile)."""
     settings = MuxSettings.from_environ(os.environ)
     directory = private_dir(runtime_dir(os.environ))
-    lock = _take_lock(directory)
+    if lock is None:
+        lock = _take_lock(directory)
     if lock is None:
         report("taken")
         return
@@ -492,7 +495,7 @@ def serve(report: Callable[[str], None]) -> None:
         os.close(lock)
 
 
-def _detached_child(write_fd: int) -> None:
+def _detached_child(write_fd: int, lock: int | None) -> None:
     """The mux itself: says on `write_fd` whether it serves, then serves."""
     os.chdir("/")
     null = os.open(os.devnull, os.O_RDWR)
@@ -505,7 +508,7 @@ def _detached_child(write_fd: int) -> None:
         os.close(write_fd)
 
     try:
-        serve(report)
+        serve(report, lock)
     except Exception as exc:  # noqa: BLE001 - told to the starter, who goes direct
         with contextlib.suppress(OSError):
             report(f"error: {exc}")
@@ -515,14 +518,18 @@ def _detached_child(write_fd: int) -> None:
 def main() -> None:
     """Detach (the second fork; the starter made this process a session leader) and return
     once the mux serves: exit 0 if it does (or another already did), 1 with the reason."""
-    if "--foreground" in sys.argv[1:]:
-        serve(lambda word: None)
+    parser = argparse.ArgumentParser(prog="marco-mux")
+    parser.add_argument("--foreground", action="store_true", help="do not detach")
+    parser.add_argument("--lock-fd", type=int, help="the mux lock, locked by the starter")
+    args = parser.parse_args()
+    if args.foreground:
+        serve(lambda word: None, args.lock_fd)
         return
     read_fd, write_fd = os.pipe()
     if os.fork() == 0:
         os.close(read_fd)
         try:
-            _detached_child(write_fd)
+            _detached_child(write_fd, args.lock_fd)
         finally:
             os._exit(0)
     os.close(write_fd)

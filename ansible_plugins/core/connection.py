@@ -126,8 +126,9 @@ class MarcoConnection(ConnectionBase):
             display.vvv("MARCO MUX: direct (mux off)", host=self._host)
         else:
             try:
+                # No mux yet: this task goes direct while one starts for the next tasks.
                 client = MuxClient.open(self._host, port, token, timeout=timeout, tls=tls,
-                                        node=node)
+                                        node=node, start="background")
             except MarcoError as error:
                 display.vvv(f"MARCO MUX: direct ({error.message})", host=self._host)
             else:

@@ -131,8 +131,9 @@ def tls_copy(pki: TestPki, directory: Path, user: UnixUser | None = None) -> Cli
 
 
 def open_mux(agent: AgentProcess, token: str, tls: ClientTls, runtime: Path,
-             port: int | None = None, **environ: str) -> MuxClient:
+             port: int | None = None, start: str = "wait", **environ: str) -> MuxClient:
     return MuxClient.open("127.0.0.1", port or agent.port, token, tls=tls, node=agent.node_name,
+                          start=start,
                           environ={"PATH": os.environ["PATH"], "HOME": str(runtime),
                                    "XDG_RUNTIME_DIR": str(runtime), **environ})
 
@@ -327,6 +328,32 @@ def test_a_dead_mux_is_replaced_and_an_unsafe_directory_refused(start_agent, sig
     os.chmod(runtime / "marco", 0o755)
     with pytest.raises(MuxUnavailable, match="not private"):
         open_mux(agent, token, tls, runtime)
+
+
+def test_a_task_never_waits_for_a_mux_to_start(start_agent, signer: TokenSigner,
+                                               alice: UnixUser, pki: TestPki, private_dirs,
+                                               muxes) -> None:
+    """start="background" (the connection's): with no mux, the call is told to go direct and
+    a mux starts for the next calls, which find it."""
+    agent = start_agent()
+    runtime = private_dirs()
+    tls = tls_copy(pki, runtime)
+    token = signer.issue(alice.name)
+    with pytest.raises(MuxUnavailable, match="starting marco-mux for the next tasks"):
+        open_mux(agent, token, tls, runtime, start="background")
+    client = wait_for(lambda: _opened(agent, token, tls, runtime), what="the mux started")
+    muxes.append(client.pid)
+    with client:
+        assert client.run(["true"]).rc == 0
+    with open_mux(agent, token, tls, runtime, start="no") as again:
+        assert again.pid == client.pid
+
+
+def _opened(agent: AgentProcess, token: str, tls: ClientTls, runtime: Path) -> MuxClient | None:
+    try:
+        return open_mux(agent, token, tls, runtime, start="no")
+    except MuxUnavailable:
+        return None
 
 
 def test_the_mux_exits_when_idle(start_agent, signer: TokenSigner, alice: UnixUser,

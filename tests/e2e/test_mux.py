@@ -1,11 +1,13 @@
 """marco-mux (issue 14, item 4) through the real ansible-playbook: a play's tasks on the three
-fleet nodes all go through one mux process of the user, and without a usable mux (switched
+fleet nodes all go through one mux process of the user (started by the first play's first
+task, which goes direct meanwhile), and without a usable mux (switched
 off, or a socket directory others could enter) the connection goes direct, saying so at -vvv."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from tests.e2e.conftest import BIN, PLAYBOOKS, Fleet
 from tests.e2e.test_ansible import recap
 from tests.support.processes import alive
 from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
 
 MUX_LINE = re.compile(r"MARCO MUX: (via mux \(pid (\d+)\)|direct \((.*)\))$", re.M)
 PLAY = """- hosts: all
@@ -60,18 +63,31 @@ def play(fleet: Fleet, token: str, path: Path, user: UnixUser, *args: str,
 
 def test_a_play_goes_through_one_mux(fleet: Fleet, signer: TokenSigner, alice: UnixUser,
                                      tmp_path: Path) -> None:
+    """The first play of a user with no mux yet goes direct only while the mux starts (no
+    task waits for it); the next play's tasks, on three nodes at once, all go through that
+    one mux process."""
     path = tmp_path / "mux.yml"
     path.write_text(PLAY)
-    out = play(fleet, signer.issue(alice.name), path, alice)
+    home = Path(fleet.env("")["HOME"])
+    for pid in mux_processes(home):  # a mux of an earlier test: this test starts its own
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not mux_processes(home), what="no mux of the fleet's HOME")
+    token = signer.issue(alice.name)
+    first = play(fleet, token, path, alice)
+    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-3000:]
+    for _, pid, reason in MUX_LINE.findall(first.stdout):
+        assert pid or "starting" in reason, reason
+    started = wait_for(lambda: len(mux_processes(home)) == 1 and mux_processes(home),
+                       what="the one mux the first play started")
+    out = play(fleet, token, path, alice)
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
     for name in fleet.names:
         assert recap(out.stdout)[name]["ok"] == 5, out.stdout[-3000:]
     lines = MUX_LINE.findall(out.stdout)
     assert len(lines) >= 4 * len(fleet.names)  # assert runs on the controller
     assert not [line for line in lines if line[0].startswith("direct")], lines
-    pids = {int(pid) for _, pid, _ in lines}
-    assert len(pids) == 1
-    assert mux_processes(Path(fleet.env("")["HOME"])) == sorted(pids)
+    assert {int(pid) for _, pid, _ in lines} == set(started)
+    assert mux_processes(home) == started and len(started) == 1
 
 
 def test_without_a_usable_mux_the_play_goes_direct(fleet: Fleet, signer: TokenSigner,
