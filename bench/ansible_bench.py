@@ -375,8 +375,11 @@ class Bench:
             result["node_cpu_s"] = round(usage["agent_cpu_s"] + usage["exec_cpu_s"]
                                          + usage["runner_cpu_s"], 3)
         if out.returncode != 0:
+            logs = "".join(f"\n--- {agent.node_name}'s log, last lines:\n" + "\n".join(
+                agent.log().splitlines()[-30:]) for agent in self.agents.agents[:nodes]
+                if transport.inventory == "marco")  # the work dir and its logs go at exit
             raise SystemExit(f"{book.name} over {transport.name}, {nodes} node(s) failed:\n"
-                             f"{out.stdout[-3000:]}{out.stderr[-2000:]}")
+                             f"{out.stdout[-3000:]}{out.stderr[-2000:]}{logs}")
         return result
 
 
