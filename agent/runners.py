@@ -3,9 +3,11 @@
 A runner runs `agent/zygote.py` as the user (uid, gid, groups, clean environment, its own
 cgroup `runner-<hex>` under the user's), on the module's interpreter, preloaded with the
 payload's `module_utils`. The agent speaks to it over an AF_UNIX SOCK_SEQPACKET socket: one JSON
-object per message, fds by SCM_RIGHTS (the table is in docs/protocol.md). The runner is the
-user's process and may send anything: every message is checked (size, types, ids, the pid it
-reports must be its own child of the user's uid), a bad one kills the runner, and the agent
+object per message, fds by SCM_RIGHTS from the agent only (the table is in docs/protocol.md).
+The runner is the user's process and may send anything: every message is checked (size, types,
+ids, the pid it reports must be its own child of the user's uid), a bad one kills the runner;
+an fd it sends is refused by the kernel where it can (SO_PASSRIGHTS) and else closed in a
+thread of its own (closing a user's fd can block: a lingering TCP socket, a FUSE file); the agent
 never signals a pid the runner reports: it signals through the runner (as the user, so the
 kernel bounds it) and through the isolation (the runner's own cgroup id, trusted).
 """
@@ -22,7 +24,10 @@ import resource
 import secrets
 import signal
 import socket
+import stat
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,15 +43,17 @@ from .users import UserIdentity, UserResolver
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 64 * 1024       # bytes of one message, either way
-MAX_FDS_IN = 1                # fds a runner may send with one message (a started's pidfd)
+SCM_MAX_FD = 253              # the kernel's most fds in one message: all fit, none is
+                              # dropped (hence closed) by the kernel in the loop's thread
+SO_PASSRIGHTS = getattr(socket, "SO_PASSRIGHTS", 83)  # Linux >= 6.16: 0 refuses SCM_RIGHTS
 MAX_ENTRIES = 8192            # preloaded module_utils a runner may report
 MAX_TEXT = 200                # characters kept of a runner's words (python version, errors)
 OUTPUT_PER_MINUTE = 64 * 1024  # bytes of a runner's stdout/stderr logged per minute
 QUIT_GRACE = 5.0              # seconds a quitting runner has to exit before it is killed
+KILL_WAIT = 5.0               # seconds shutdown waits for a killed runner (D state) to end
 FAILED_BACKOFF = 30.0         # seconds a (user, interpreter) whose runner failed to start
                               # runs cold without trying again
 MAX_FAILED = 256              # such failures remembered
-RUNNER_FD = 3                 # the runner's end of the socket, in the runner
 PID_MAX = 1 << 22             # the kernel's highest pid_max
 
 Key = tuple[UserIdentity, str]
@@ -201,24 +208,93 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def _runner_setup(end: int, procs_fd: int | None, nproc: int) -> None:
+def _runner_setup(procs_fd: int | None, nproc: int) -> None:
     """In the runner between fork and exec, already as the user: join its cgroup, cap the
-    user's processes, put the socket on RUNNER_FD (close_fds keeps it: it is in pass_fds)."""
+    user's processes."""
     if procs_fd is not None:
         os.write(procs_fd, b"0")
     if nproc:
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-    if end != RUNNER_FD:
-        os.dup2(end, RUNNER_FD)
-        os.close(end)
 
 
-def _fd_open(fd: int) -> bool:
+def _refuse_fds(sock: socket.socket) -> bool:
+    """Have the kernel refuse fds sent to `sock` (the runner's sendmsg fails with EPERM), so
+    that no fd of the user's is ever queued to the agent; False where the kernel cannot."""
     try:
-        os.fstat(fd)
+        sock.setsockopt(socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
     except OSError:
         return False
     return True
+
+
+def _close_quietly(fd: int) -> None:
+    """Close an fd a runner sent (or the agent's end of its socket, which may hold fds the
+    runner queued): a socket is made to reset rather than linger first."""
+    try:
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            _no_linger(fd)
+    except OSError:
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _no_linger(fd: int) -> None:
+    """SO_LINGER {on, 0}: the last close resets the connection at once (through a dup, which
+    closes without being the last reference)."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _close_off_loop(fds: list[int]) -> None:
+    """Close `fds` in a thread of their own: a close can block as long as the user likes (a
+    lingering TCP socket's queue, a FUSE file's flush), and must never block the loop."""
+    if fds:
+        threading.Thread(target=_close_all, args=(fds,), name="marco-runner-close",
+                         daemon=True).start()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        _close_quietly(fd)
+
+
+def _remove_tmpdir(root: str, pid: int, uid: int) -> None:
+    """Remove what a dead runner (pid `pid` of `uid`) left in `root`: its
+    `marco-runner-<pid>-*` directory of `uid`, holding at most its `warm.zip`. Through
+    directory fds and without following any link: the directory is the user's."""
+    prefix = f"marco-runner-{pid}-"
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        for name in os.listdir(root_fd):
+            if name.startswith(prefix):
+                _remove_runner_dir(root_fd, name, uid)
+    except OSError:
+        pass
+    finally:
+        os.close(root_fd)
+
+
+def _remove_runner_dir(root_fd: int, name: str, uid: int) -> None:
+    try:
+        info = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+            return
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=root_fd)
+        try:
+            if "warm.zip" in os.listdir(fd):
+                os.unlink("warm.zip", dir_fd=fd)  # a link itself, were it one
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=root_fd)  # fails if the user put anything else there
+    except OSError as exc:
+        log.debug("cannot remove a dead runner's %s: %s", name, exc.strerror)
 
 
 class _OutputLog:
@@ -281,12 +357,14 @@ class Runner:
         self.runs = 0
         self.tasks: dict[str, _Task] = {}
         self.dead = False
+        self.retiring = False       # no new task: it quits once its tasks end
         self.last_used = time.monotonic()
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.ready: asyncio.Task[None] | None = None
         self.exited: asyncio.Future[None] = loop.create_future()
         self._sock: socket.socket | None = None
+        self.refuses_fds = False    # the kernel refuses fds sent to the agent's end
         self._transport: asyncio.SubprocessTransport | None = None
         self._hello: asyncio.Future[None] = loop.create_future()
         self._preloaded: asyncio.Future[dict[str, tuple[int, int]]] | None = None
@@ -329,27 +407,23 @@ class Runner:
         """Start the runner exactly as an execution starts: as the user, clean environment,
         its own session, no fd of the agent's but its socket end, in its own cgroup."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        end = child.fileno()
-        placeholder = None
-        if not _fd_open(RUNNER_FD):  # pass_fds must name an open fd, and close_fds spares it
-            placeholder = os.dup2(end, RUNNER_FD, inheritable=False)
+        self.refuses_fds = _refuse_fds(parent)
+        end = child.fileno()  # its number is the runner's argv[1]: no fd is moved in between
         try:
             with self.isolation.spawning_fds(self.id, self.user) as (procs_fd, nproc):
                 transport, _ = await self.loop.subprocess_exec(
-                    lambda: _RunnerProtocol(self), self.interpreter, "-c", source,
+                    lambda: _RunnerProtocol(self), self.interpreter, "-c", source, str(end),
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     env=self.user.clean_environment(), cwd="/", start_new_session=True,
-                    close_fds=True, pass_fds=(end, RUNNER_FD),
-                    preexec_fn=functools.partial(_runner_setup, end, procs_fd, nproc),
+                    close_fds=True, pass_fds=(end,),
+                    preexec_fn=functools.partial(_runner_setup, procs_fd, nproc),
                     **self.resolver.popen_identity(self.user))
         except (OSError, subprocess.SubprocessError) as exc:
-            parent.close()
+            parent.close()  # the runner never had it: nothing of the user's is queued on it
             reason = exc.strerror if isinstance(exc, OSError) else "its setup failed"
             raise RunnerDeclined(f"runner did not start: {reason}") from None
         finally:
             child.close()
-            if placeholder is not None:
-                os.close(placeholder)
         self._transport = transport
         self.pid = self._transport.get_pid()
         self.isolation.started(self.id, self.pid)
@@ -428,6 +502,9 @@ class Runner:
             self.kill("a signal could not be sent")
 
     def _task_done(self) -> None:
+        if self.retiring and not self.tasks and not self.dead:
+            self.retire(self)
+            return
         if not self.tasks and not self.dead:
             self.last_used = time.monotonic()
             self._cancel_idle()
@@ -465,32 +542,34 @@ class Runner:
             raise _Gone() from None
 
     def _readable(self) -> None:
-        """Read every waiting message; any fd received is closed here, whatever happens."""
+        """Read every waiting message. A runner sends no fds: one that does is killed, and
+        the fds are closed in another thread (room for the kernel's most, so that it drops,
+        hence closes, none here)."""
         while self._sock is not None:
             try:
                 data, ancdata, flags, _ = self._sock.recvmsg(
-                    MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS_IN * 4), socket.MSG_CMSG_CLOEXEC)
+                    MAX_MESSAGE + 1, socket.CMSG_SPACE(SCM_MAX_FD * 4), socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self.kill(f"its socket failed: {exc.strerror}")
                 return
             fds = _received_fds(ancdata)
+            _close_off_loop(fds)
             try:
                 if not data and not fds:
                     self.kill("it closed its socket")
                     return
+                if fds:
+                    raise _Misbehaved(f"it sent {len(fds)} fd(s)")
                 if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > MAX_MESSAGE:
-                    raise _Misbehaved("a message or its fds too long")
-                self._handle(data, fds)
+                    raise _Misbehaved("a message too long")
+                self._handle(data)
             except _Misbehaved as exc:
                 self.kill(f"misbehaved: {exc}", warn=True)
                 return
-            finally:
-                for fd in fds:
-                    os.close(fd)
 
-    def _handle(self, data: bytes, fds: list[int]) -> None:
+    def _handle(self, data: bytes) -> None:
         try:
             message = json.loads(data)
         except (ValueError, RecursionError):
@@ -498,16 +577,16 @@ class Runner:
         if not isinstance(message, dict):
             raise _Misbehaved("a message is not an object")
         op = message.get("op")
-        if fds and op != "started":
-            raise _Misbehaved(f"fds with {op!r}")
         if op == "hello":
             self._on_hello(message)
         elif op in ("preloaded", "preload_failed"):
             self._on_preloaded(message)
         elif op == "started":
-            self._on_started(message, fds)
+            self._on_started(message)
         elif op == "exited":
             self._on_exited(message)
+        elif op == "declined":
+            self._on_declined(message)
         else:
             raise _Misbehaved("unknown op")
 
@@ -534,14 +613,11 @@ class Runner:
             raise _Misbehaved("a task id that is not running")
         return task_id, task
 
-    def _on_started(self, message: dict[str, Any], fds: list[int]) -> None:
-        """The child's pid; its pidfd (if sent) is closed unused: a pidfd the user's process
-        opened may name any process, so root never signals through it."""
+    def _on_started(self, message: dict[str, Any]) -> None:
+        """The child's pid, checked to be the runner's child of the user."""
         _, task = self._task_of(message)
         if task.started.done():
             raise _Misbehaved("a second started")
-        if len(fds) > MAX_FDS_IN:
-            raise _Misbehaved("more than a pidfd with started")
         pid = _integer(message.get("pid"), 2, PID_MAX, "pid")
         if _child_of(pid, self.pid, self.user.uid) is False:
             raise _Misbehaved(f"pid {pid} is not its child of uid {self.user.uid}")
@@ -556,6 +632,22 @@ class Runner:
         _fail(task.started, RunnerDeclined("the runner could not start the task"))
         if not task.exited.done():
             task.exited.set_result(status)
+        self._task_done()
+
+    def _on_declined(self, message: dict[str, Any]) -> None:
+        """No child for the task (its python site changed since the runner started, so a
+        cold interpreter would differ): the task runs cold and the runner is retired, so that
+        the next launch starts a fresh one."""
+        task_id, task = self._task_of(message)
+        if task.started.done():
+            raise _Misbehaved("declined after started")
+        reason = _text(message.get("reason"), "reason")
+        del self.tasks[task_id]
+        _fail(task.started, RunnerDeclined(reason))
+        _fail(task.exited, RunnerDeclined(reason))
+        log.info("%s of %s declined a task (%s): it quits once its tasks end", self.id,
+                 self.user.name, reason)
+        self.retiring = True
         self._task_done()
 
     # -- the end ----------------------------------------------------------------------------
@@ -589,14 +681,26 @@ class Runner:
         log.debug("%s of %s gone: %s", self.id, self.user.name, why)
 
     def _close_socket(self) -> None:
+        """Closed in another thread unless the kernel refuses the runner's fds: its queue
+        may hold fds the runner sent, and closing the socket closes them."""
         if self._sock is not None:
             self.loop.remove_reader(self._sock.fileno())
-            self._sock.close()
+            if self.refuses_fds:
+                self._sock.close()
+            else:
+                _close_off_loop([self._sock.detach()])
             self._sock = None
 
     def process_exited(self) -> None:
-        """The runner process ended (reaped by asyncio): its cgroup can go."""
+        """The runner process ended (reaped by asyncio): what it left goes (processes in its
+        cgroup, its temporary directory), then its cgroup."""
+        if self.isolation.mode == "cgroup":  # its own cgroup: nobody else's process is there
+            self.isolation.signal(self.id, signal.SIGKILL)
         self.isolation.finished(self.id)
+        if self.pid:
+            root = self.user.clean_environment().get("TMPDIR") or "/tmp"
+            threading.Thread(target=_remove_tmpdir, args=(root, self.pid, self.user.uid),
+                             name="marco-runner-tmp", daemon=True).start()
         self._gone("it exited")
         if not self.exited.done():
             self.exited.set_result(None)
@@ -619,7 +723,12 @@ class Runner:
                 await asyncio.shield(self.exited)
         except TimeoutError:
             self.kill(f"still running {grace:g} s after quit")
-            await asyncio.shield(self.exited)
+            try:  # a process in D state (a hung NFS home) ends only when the kernel lets it
+                async with asyncio.timeout(KILL_WAIT):
+                    await asyncio.shield(self.exited)
+            except TimeoutError:
+                log.warning("%s of %s (pid %d) still not ended %g s after SIGKILL: left",
+                            self.id, self.user.name, self.pid, KILL_WAIT)
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -669,7 +778,7 @@ class RunnerPool:
                     await asyncio.shield(runner.ready)  # one start for concurrent launches
                 except RunnerDeclined:
                     continue  # its starter remembers why (_check_failed below)
-            if runner.dead:
+            if runner.dead or runner.retiring:
                 continue
             if not preload_matches(runner.entries, module.entries):
                 differ = True
@@ -747,8 +856,14 @@ class RunnerPool:
         """[{user, pid, python, rss, tasks, idle_s, preload_ms}] of the live runners."""
         return [runner.status() for runner in self._runners if runner.pid and not runner.dead]
 
+    def retire_user(self, username: str) -> None:
+        """Revocation: the user's runners are forgotten now and quit in the background (killed
+        after QUIT_GRACE); their running tasks end as they would."""
+        for runner in [r for r in self._runners if r.user.name == username]:
+            self._retire(runner)
+
     async def close_user(self, username: str) -> None:
-        """Revocation: the user's runners quit (killed after QUIT_GRACE)."""
+        """`retire_user`, and wait until those runners are gone."""
         quitting = [self._retire(r) for r in list(self._runners) if r.user.name == username]
         await asyncio.gather(*quitting)
 

@@ -5,7 +5,8 @@ cold `python3` reading it from stdin would.
 The agent (agent/runners.py) starts it as `INTERP -c SOURCE [FD]`, as the user, with a clean
 environment, in its own session; FD (default 3) is its end of an AF_UNIX SOCK_SEQPACKET
 socketpair. It runs on the TARGET interpreter: standard library only, Python 3.8 syntax and
-APIs, nothing of Marco imported. One JSON object per packet (at most 64 KiB), fds by SCM_RIGHTS:
+APIs, nothing of Marco imported. One JSON object per packet (at most 64 KiB), fds by SCM_RIGHTS
+from the agent only (a runner that sends one is killed):
 
     r->a {"op":"hello","pid":N,"python":"3.11.2"}
     a->r {"op":"preload","profile":"legacy"}  [memfd holding the zip]   (profile optional)
@@ -13,7 +14,9 @@ APIs, nothing of Marco imported. One JSON object per packet (at most 64 KiB), fd
          "error":S}; after preload_failed the runner quits (its state is unknown)
     a->r {"op":"run","id":S,"cwd":S,"env":{S:S},"nproc":N?}  [stdin_r, stdout_w, stderr_w,
          procs_fd?]
-    r->a {"op":"started","id":S,"pid":N}  [pidfd, where os.pidfd_open works]
+    r->a {"op":"started","id":S,"pid":N}
+    r->a {"op":"declined","id":S,"reason":S}  no child: the task runs cold, and this runner
+         quits once its running tasks end (the python site changed since it started)
     r->a {"op":"exited","id":S,"status":RAW_WAIT_STATUS}
     a->r {"op":"signal","id":S,"signal":N}   (killpg of the task's session, as the user)
     a->r {"op":"quit"} or EOF: no new tasks; exit once every child is reaped
@@ -55,6 +58,7 @@ PROFILE_MODULES = ("ansible.module_utils._internal._json._profiles._module_%s_m2
 LOADER_MODULE = "ansible.module_utils._internal._ansiballz._loader"
 SETUP_FAILED = 126               # the task's child could not join its cgroup, or set up
 CWD_FAILED = 125                 # ... could not enter its directory (as `env -C`)
+CUSTOMIZE = ("sitecustomize", "usercustomize")  # modules `site` imports at start
 
 
 class ProtocolError(Exception):
@@ -166,6 +170,7 @@ class Zygote:
         self.tmpdir: str | None = None
         self.quitting = False
         self.cold_path = list(sys.path)        # a cold `python3 < script` has the same
+        self.site_state = _site_state()        # ... as long as what `site` read is the same
         self.coerced = os.environ.get("LC_CTYPE")  # started without LC_*: from coercion
         self.wakeup_r, self.wakeup_w = os.pipe()
         self.poller = select.poll()
@@ -371,9 +376,16 @@ class Zygote:
 
     def run(self, task: Task) -> Task | None:
         """Fork the task's child. The parent reports it started and forgets its fds; the
-        child gets the Task back (returned up to the top level)."""
+        child gets the Task back (returned up to the top level). Declined if a cold
+        interpreter would now start with another `sys.path` or site than this runner's."""
         if task.id in self.ids:
             raise ProtocolError(f"task id {task.id!r} is running")
+        if _site_state() != self.site_state:
+            _close(task.fds)
+            log(f"the python site changed since this runner started: task {task.id} declined")
+            self.send({"op": "declined", "id": task.id, "reason": "python site changed"})
+            self.quitting = True
+            return None
         sys.stdout.flush()
         sys.stderr.flush()
         try:
@@ -393,13 +405,7 @@ class Zygote:
         task.pid = pid
         self.tasks[pid] = task
         self.ids[task.id] = pid
-        pidfd = _pidfd(pid)
-        try:
-            self.send({"op": "started", "id": task.id, "pid": pid},
-                      [pidfd] if pidfd is not None else None)
-        finally:
-            if pidfd is not None:
-                os.close(pidfd)
+        self.send({"op": "started", "id": task.id, "pid": pid})
         return None
 
     def in_child(self) -> None:
@@ -479,15 +485,40 @@ def _check_preload_state() -> None:
     tempfile.tempdir = None  # were it computed, from the runner's environment
 
 
-def _pidfd(pid: int) -> int | None:
-    """A pidfd for the child (opened before it can be reaped, so it names that process)."""
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is None:
-        return None
-    try:
-        return int(pidfd_open(pid))
-    except OSError:
-        return None
+def _site_dirs() -> list[str]:
+    """The directories `site` looked in at start: the user site (whether it existed then or
+    not) and the site-packages."""
+    site = sys.modules.get("site")
+    if site is None:  # -S: no site, nothing of it to change
+        return []
+    dirs = list(getattr(site, "getsitepackages", lambda: [])())
+    if getattr(site, "ENABLE_USER_SITE", False):
+        dirs.insert(0, site.getusersitepackages())
+    return dirs
+
+
+def _site_state() -> list[Any]:
+    """What decides a cold interpreter's `sys.path` and site hooks, as it is now: for each
+    site directory whether it exists, and its `.pth` files and site/user customize modules
+    with their mtimes and sizes. (A package added to a directory already on `sys.path` needs
+    no new runner: the import system sees it, its caches invalidated in each child.)"""
+    state: list[Any] = []
+    for where in _site_dirs():
+        try:
+            names = sorted(name for name in os.listdir(where)
+                           if name.endswith(".pth") or name.startswith(CUSTOMIZE))
+        except OSError:
+            state.append((where, None))
+            continue
+        entries: list[Any] = []
+        for name in names:
+            try:
+                info = os.stat(os.path.join(where, name))
+                entries.append((name, info.st_mtime_ns, info.st_size))
+            except OSError:
+                entries.append((name, None, None))
+        state.append((where, entries))
+    return state
 
 
 # -- the child ----------------------------------------------------------------------------
@@ -531,6 +562,7 @@ def _child_setup(zygote: Zygote, task: Task) -> tuple[Any, dict[str, Any]]:
     if hasattr(sys, "orig_argv"):
         sys.orig_argv = sys.orig_argv[:1]
     sys.path[:] = zygote.cold_path
+    importlib.invalidate_caches()  # what was installed since the runner's imports: seen
     _fresh_stdio()
     payload = _read_all(0)
     try:

@@ -443,14 +443,16 @@ def test_close_user_and_close(users, echo: bytes) -> None:
 
 # -- with a fake runner: what the pool does with a runner that lies ----------------------------
 
-FAKE_RUNNER = r'''
+FAKE_HELLO = r'''
 import json, os, socket, sys
-sock = socket.socket(fileno=3)
+sock = socket.socket(fileno=int(sys.argv[1]))
 def send(message, fds=()):
     if message is not None:
         data = message if isinstance(message, bytes) else json.dumps(message).encode()
         socket.send_fds(sock, [data], list(fds))
 send({"op": "hello", "pid": os.getpid(), "python": "3.fake"})
+'''
+FAKE_LOOP = r'''
 while True:
     data, fds, _, _ = socket.recv_fds(sock, 65536, 8)
     for fd in fds:
@@ -479,7 +481,7 @@ def fake_runner(preloaded: str = '{"op": "preloaded", "ms": 1.0, "entries": {}}'
     """A runner that answers as told (Python expressions); by default as a real one would,
     its task a child that exits 0 at once. It exits when asked to quit, never on EOF: after
     a lie, only a kill ends it."""
-    return FAKE_RUNNER % {"preloaded": preloaded, "started": started, "fds": fds}
+    return (FAKE_HELLO + FAKE_LOOP) % {"preloaded": preloaded, "started": started, "fds": fds}
 
 
 def memfds_named(name: str) -> list[str]:
@@ -636,7 +638,7 @@ def test_a_runner_reporting_another_pid_is_killed_and_nothing_signalled(users,
 
 
 def test_fds_a_runner_sends_are_closed(users, echo: bytes) -> None:
-    """A pidfd (or anything) sent with started is closed; fds with another op too."""
+    """An fd sent with any op is refused by the kernel, or closed (in another thread)."""
     alice, _ = users
     opened = 'os.memfd_create("marco-fake-fd")'
 
@@ -649,6 +651,158 @@ def test_fds_a_runner_sends_are_closed(users, echo: bytes) -> None:
             async with pool_of(source=source) as pool:
                 with pytest.raises(RunnerDeclined):
                     await start_task(pool, alice, echo)
-            assert memfds_named("marco-fake-fd") == []
+            await until(lambda: memfds_named("marco-fake-fd") == [], "the fds closed")
+
+    in_child(scenario)
+
+
+LINGERING_RUNNER = r'''
+import array, json, os, select, socket, struct, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+def send(message, fds=()):
+    socket.send_fds(sock, [json.dumps(message).encode()], list(fds))
+peer = socket.create_connection(("127.0.0.1", %(port)d))
+peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+peer.setblocking(False)
+for _ in range(100):  # until the peer's window is shut: the queue then stays unsent
+    try:
+        while True:
+            peer.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    if not select.select([], [peer], [], 0.5)[1]:
+        break
+peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 3600))
+hello = json.dumps({"op": "hello", "pid": os.getpid(), "python": "3.fake"}).encode()
+try:
+    sock.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                            array.array("i", [peer.fileno()]))])
+    peer.close()  # the agent holds the last reference now
+except PermissionError:  # refused by the agent's kernel (SO_PASSRIGHTS): go on without
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    sock.send(hello)
+'''
+SINK = r'''
+import socket, sys, time
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+print(listener.getsockname()[1], flush=True)
+accepted, _ = listener.accept()
+time.sleep(float(sys.argv[1]))  # never reads; its end (a reset) ends any linger
+'''
+SINK_SECONDS = 60.0
+
+
+def test_a_runner_sending_a_lingering_socket_does_not_block_the_agent(users,
+                                                                      echo: bytes) -> None:
+    """A TCP socket with a full send queue and SO_LINGER, whose peer never reads, sent as
+    the runner's last reference: closing it on the loop would block the whole agent until
+    the peer goes (the sink, after SINK_SECONDS). The launch must be answered while the sink
+    is still there (refused by the kernel, or the runner killed and the fd closed aside)."""
+    alice, _ = users
+    sink = subprocess.Popen(["python3", "-c", SINK, str(SINK_SECONDS)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        source = (LINGERING_RUNNER % {"port": port}
+                  + FAKE_LOOP % {"preloaded": '{"op": "preloaded", "entries": {}}',
+                                 "started": LEGIT_STARTED, "fds": "()"})
+
+        async def scenario() -> None:
+            async with pool_of(source=source) as pool:
+                try:
+                    ran = await run_task(pool, alice, echo)
+                    assert ran.status == 0
+                except RunnerDeclined as declined:
+                    assert declined.reason == "runner died"
+                assert alive(sink.pid), "the agent's loop waited for the sink to go"
+
+        in_child(scenario)
+    finally:
+        sink.kill()
+        sink.wait()
+
+
+def test_the_runner_gets_its_socket_as_argv_and_no_other_fd(users, echo: bytes) -> None:
+    """The socket's number is the runner's last argument, and its only socket: no placeholder
+    fd of the agent's is dup'ed in between (a thread could own that number)."""
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of() as pool:
+            assert (await run_task(pool, alice, echo)).rc == 0
+            [pid] = runner_pids(pool)
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            sockets = [int(fd) for fd in os.listdir(f"/proc/{pid}/fd")
+                       if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")]
+            assert len(argv) == 4 and sockets == [int(argv[3])]
+
+    in_child(scenario)
+
+
+def test_a_killed_runner_leaves_no_temporary_directory(users, echo: bytes) -> None:
+    """A runner SIGKILLed (by the user, the OOM killer) cannot remove its warm zip's directory:
+    the agent does, when it sees the runner gone."""
+    alice, _ = users
+
+    async def scenario() -> None:
+        async with pool_of() as pool:
+            assert (await run_task(pool, alice, echo)).rc == 0
+            [pid] = runner_pids(pool)
+            prefix = f"marco-runner-{pid}-"
+            assert [n for n in os.listdir("/tmp") if n.startswith(prefix)]
+            os.kill(pid, signal.SIGKILL)
+            await until(lambda: not [n for n in os.listdir("/tmp") if n.startswith(prefix)],
+                        "the dead runner's directory removed")
+
+    in_child(scenario)
+
+
+def test_what_a_runner_forked_ends_with_it(users, echo: bytes) -> None:
+    """A process the runner's own code started (its site, a preload) stays in the runner's
+    cgroup, where no execution names it: it is killed when the runner is gone, also when the
+    runner quit as asked (then no dead socket has it killed)."""
+    alice, _ = users
+    marker = f"3600.{secrets.randbelow(10 ** 6)}"
+    source = (f"import subprocess\nsubprocess.Popen(['sleep', '{marker}'], "
+              "start_new_session=True)\n" + fake_runner())
+
+    def strays() -> list[str]:
+        return subprocess.run(["pgrep", "-u", str(alice.uid), "-f", f"sleep {marker}"],
+                              capture_output=True, text=True).stdout.split()
+
+    async def scenario() -> None:
+        async with pool_of(source=source) as pool:
+            assert pool.isolation.mode == "cgroup"
+            assert (await run_task(pool, alice, echo)).status == 0
+            assert strays()
+            await pool.close_user(alice.name)  # it quits and exits as asked
+            await until(lambda: not strays(), "what the runner left killed")
+
+    try:
+        in_child(scenario)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", str(alice.uid), "-f", f"sleep {marker}"],
+                       check=False)
+
+
+def test_retire_user_does_not_wait(users, echo: bytes) -> None:
+    """Revocation retires a user's runners without waiting for them: gone from the pool at
+    once, their processes soon; another user's stay."""
+    alice, bob = users
+
+    async def scenario() -> None:
+        async with pool_of() as pool:
+            for user in (alice, bob):
+                assert (await run_task(pool, user, echo)).rc == 0
+            pids = {r["user"]: r["pid"] for r in pool.status()}
+            assert pool.retire_user(alice.name) is None
+            assert [r["user"] for r in pool.status()] == [bob.name]
+            await until(lambda: not alive(pids[alice.name]), "alice's runner gone")
+            assert alive(pids[bob.name])
 
     in_child(scenario)
