@@ -351,10 +351,13 @@ class RevocationsHandler(ControllerOnlyHandler):
                 revoke = getattr(socket, "revoke", None)
                 if revoke is not None:
                     revoke()
+        runners = self.ctx.executions.runners
         for user in moved:
             self.ctx.audit.record("tokens.revoked", user,
                                   not_before=self.ctx.revocations.not_before(user),
                                   client=self.request.remote_ip)
+            if runners is not None:  # they quit in the background: the PUT does not wait
+                runners.retire_user(user)
             for socket in self.ctx.hub.sockets(user):
                 revoke = getattr(socket, "revoke", None)
                 if revoke is not None:
