@@ -354,7 +354,12 @@ class Bench:
         hosts = inventory(self.work, transport.inventory, nodes, self.agents.agents, self.sshd)
         control = self.work / "cp" / str(self.runs)  # a fresh ControlPath dir: every run starts cold
         control.mkdir(parents=True)
-        env = dict(self.env, ANSIBLE_SSH_CONTROL_PATH_DIR=str(control), **transport.env)
+        # ... and a fresh runtime dir, so marco's kept-connection mux starts cold as well (its
+        # first tasks go direct while it starts), as ssh's ControlPersist master does.
+        runtime = self.work / "xdg" / str(self.runs)
+        runtime.mkdir(mode=0o700, parents=True)
+        env = dict(self.env, ANSIBLE_SSH_CONTROL_PATH_DIR=str(control),
+                   XDG_RUNTIME_DIR=str(runtime), **transport.env)
         node_before = self.agents.snapshot() if transport.inventory == "marco" else None
         sshd_before = self.sshd.cpu() if self.sshd else 0.0
         cpu_before = children_cpu()
