@@ -39,7 +39,7 @@ from agent.runners import (
 from agent.users import UserIdentity, UserResolver
 from tests.support.ansiballz_payloads import PIPELINED, module_payload, replace_member
 from tests.support.processes import alive
-from tests.support.users import UnixUser
+from tests.support.users import UnixUser, create_user, remove_user
 
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -804,5 +804,42 @@ def test_retire_user_does_not_wait(users, echo: bytes) -> None:
             assert [r["user"] for r in pool.status()] == [bob.name]
             await until(lambda: not alive(pids[alice.name]), "alice's runner gone")
             assert alive(pids[bob.name])
+
+    in_child(scenario)
+
+
+@pytest.fixture
+def siteuser(run: Any) -> Iterator[UserIdentity]:
+    """A user of this test alone: its user site is created here."""
+    unix = create_user(run.user("site"))
+    try:
+        yield identity(unix)
+    finally:
+        remove_user(unix.name)
+
+
+def test_a_runner_whose_python_site_changed_declines_and_is_replaced(siteuser: UserIdentity,
+                                                                     echo: bytes) -> None:
+    """The user site appeared after the runner started (pip --user): the task is declined
+    (it runs cold), the runner leaves the pool and quits, the next task gets a new one."""
+    ask = "import site; print(site.getusersitepackages())"
+    site = subprocess.run(["/usr/bin/python3", "-c", ask], capture_output=True, text=True, check=True, cwd="/",
+                          env=siteuser.clean_environment(),
+                          **UserResolver().popen_identity(siteuser)).stdout.strip()
+
+    async def scenario() -> None:
+        async with pool_of() as pool:
+            assert (await run_task(pool, siteuser, echo)).rc == 0
+            [pid] = runner_pids(pool)
+            make = "import os, sys; os.makedirs(sys.argv[1])"
+            subprocess.run(["/usr/bin/python3", "-c", make, site], check=True, cwd="/", env=siteuser.clean_environment(),
+                           **UserResolver().popen_identity(siteuser))
+            with pytest.raises(RunnerDeclined) as declined:
+                await start_task(pool, siteuser, echo)
+            assert declined.value.reason == "python site changed"
+            assert pool.status() == []
+            await until(lambda: not alive(pid), "the runner quit")
+            again = await run_task(pool, siteuser, echo)
+            assert again.rc == 0 and again.launched.note.startswith("new runner")
 
     in_child(scenario)

@@ -31,7 +31,7 @@ import pytest
 import agent
 from agent.users import UserIdentity, UserResolver
 from tests.support.ansiballz_payloads import module_payload
-from tests.support.users import UnixUser
+from tests.support.users import UnixUser, create_user, remove_user
 from tests.support.waiting import wait_for
 
 PYTHON = "/usr/bin/python3"
@@ -614,3 +614,95 @@ def _wchan(pid: int) -> str:
         return Path(f"/proc/{pid}/wchan").read_text()
     except OSError:
         return ""
+
+
+# -- the python site changing under a runner --------------------------------------------------
+
+@pytest.fixture
+def siteuser(run: Any) -> Iterator[UserIdentity]:
+    """A user of this test alone: its user site is created and changed here."""
+    unix = create_user(run.user("site"))
+    try:
+        yield UserResolver().resolve(unix.name)
+    finally:
+        remove_user(unix.name)
+
+
+def _as_user(user: UserIdentity, *argv: str) -> str:
+    done = subprocess.run(list(argv), capture_output=True, text=True, check=True, cwd="/",
+                          env=user.clean_environment(), timeout=DEADLINE,
+                          **UserResolver().popen_identity(user))
+    return done.stdout.strip()
+
+
+def _add_module(user: UserIdentity, where: str, name: str) -> None:
+    _as_user(user, PYTHON, "-c", "import os, sys; os.makedirs(sys.argv[1], exist_ok=True); "
+             "open(os.path.join(sys.argv[1], sys.argv[2] + '.py'), 'w')"
+             ".write('print(\"' + sys.argv[2] + ' imported\")')", where, name)
+
+
+def _declined_or_ran(fake: FakeAgent, payload: bytes) -> dict[str, Any] | Ran:
+    """Start `payload`: the runner's `declined` message, or the task's end."""
+    fake.tasks += 1
+    task_id = f"task-{fake.tasks}"
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    stderr_r, stderr_w = os.pipe()
+    fake.send({"op": "run", "id": task_id, "cwd": fake.user.home, "env": task_env(fake.user)},
+              [stdin_r, stdout_w, stderr_w])
+    for fd in (stdin_r, stdout_w, stderr_w):
+        os.close(fd)
+    answer, _ = fake.expect(task_id, "started", "declined")
+    if answer["op"] == "declined":
+        for fd in (stdin_w, stdout_r, stderr_r):
+            os.close(fd)
+        return answer
+    _write_and_close(stdin_w, payload)
+    out = _read_pipes(stdout_r, stderr_r)
+    exited, _ = fake.expect(task_id, "exited")
+    return Ran(exited["status"], out[stdout_r], out[stderr_r])
+
+
+def test_a_user_site_made_after_the_runner_started_is_declined(siteuser: UserIdentity,
+                                                               command: bytes) -> None:
+    """`pip install --user` made the user site after the runner started: a cold interpreter
+    has it on sys.path, the runner has not. The runner declines the task (it runs cold) and
+    quits; a new runner sees the module as a cold run does."""
+    user_site = _as_user(siteuser, PYTHON, "-c", "import site; print(site.getusersitepackages())")
+    imports = script("import r7site")
+    fake = FakeAgent(siteuser)
+    try:
+        assert fake.preload(command)["op"] == "preloaded"
+        _add_module(siteuser, user_site, "r7site")
+        expected = cold(siteuser, imports)
+        assert (expected.rc, expected.stdout) == (0, b"r7site imported\n")
+        answer = _declined_or_ran(fake, imports)
+        assert answer == {"op": "declined", "id": "task-1", "reason": "python site changed"}
+        assert fake.ended() == 0  # it quits: its sys.path is not a cold one's any more
+    finally:
+        fake.close()
+    fresh = FakeAgent(siteuser)
+    try:
+        assert fresh.preload(command)["op"] == "preloaded"
+        ran = _declined_or_ran(fresh, imports)
+        assert isinstance(ran, Ran) and (ran.status, ran.stdout) == (0, b"r7site imported\n")
+    finally:
+        fresh.close()
+
+
+def test_a_module_added_to_an_existing_site_dir_is_seen_warm(siteuser: UserIdentity,
+                                                            command: bytes) -> None:
+    """A package installed into a site directory already on sys.path: the runner's task sees
+    it as a cold run does, without declining."""
+    user_site = _as_user(siteuser, PYTHON, "-c", "import site; print(site.getusersitepackages())")
+    _add_module(siteuser, user_site, "r7first")
+    fake = FakeAgent(siteuser)
+    try:
+        assert fake.preload(command)["op"] == "preloaded"
+        first = _declined_or_ran(fake, script("import r7first"))
+        assert isinstance(first, Ran) and first.stdout == b"r7first imported\n"
+        _add_module(siteuser, user_site, "r7later")
+        ran = _declined_or_ran(fake, script("import r7later"))
+        assert isinstance(ran, Ran) and (ran.status, ran.stdout) == (0, b"r7later imported\n")
+    finally:
+        fake.close()
