@@ -47,6 +47,7 @@ from marco.errors import (
 
 from .ansiballz import Declined, ModuleCommand, module_command
 from .budget import Account, DiskBudget
+from .child_end import ChildEnd
 from .isolation import Isolation, popen_setup
 from .lines import LineSplitter
 from .runners import RunnerDeclined, RunnerPool
@@ -398,19 +399,15 @@ class Execution:
 
 
 class _ChildProtocol(asyncio.SubprocessProtocol):
-    """Feeds pipe data into the execution and tells the runner when the child is gone."""
+    """Feeds pipe data into the execution and tells the runner when the child is over."""
 
     def __init__(self, execution: Execution,
                  on_started: Callable[[asyncio.SubprocessTransport], None],
                  on_finished: Callable[[], None]) -> None:
         self.execution = execution
         self.on_started = on_started
-        self.on_finished = on_finished
         self.transport: asyncio.SubprocessTransport | None = None
-        self.open_pipes = {STDOUT, STDERR}
-        self.exited = False
-        self.finished = False
-        self._linger: asyncio.TimerHandle | None = None
+        self.end = ChildEnd(on_finished, self._close_pipes, EXIT_LINGER)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Called before any pipe data is delivered: the `started` event goes out first.
@@ -421,30 +418,16 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
         self.execution.on_output(fd, data)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        self.open_pipes.discard(fd)
-        self._maybe_finished()
+        self.end.pipe_closed(fd)
 
     def process_exited(self) -> None:
-        self.exited = True
-        if self.open_pipes:
-            # A background grandchild may hold the pipes open forever: do not wait forever.
-            self._linger = asyncio.get_running_loop().call_later(EXIT_LINGER, self._give_up_pipes)
-        self._maybe_finished()
+        self.end.child_exited()
 
-    def _give_up_pipes(self) -> None:
-        for fd in list(self.open_pipes):
+    def _close_pipes(self) -> None:
+        for fd in list(self.end.open_pipes):
             pipe = self.transport.get_pipe_transport(fd) if self.transport else None
             if pipe is not None:
                 pipe.close()
-        self.open_pipes.clear()
-        self._maybe_finished()
-
-    def _maybe_finished(self) -> None:
-        if self.exited and not self.open_pipes and not self.finished:
-            self.finished = True
-            if self._linger is not None:
-                self._linger.cancel()
-            self.on_finished()
 
 
 class ExecutionManager:

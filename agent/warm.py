@@ -16,12 +16,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .ansiballz import cold_exit
+from .child_end import STDERR, STDOUT, ChildEnd
 from .runners import Launched, RunnerDied
 
 if TYPE_CHECKING:
     from .executions import Execution
 
-STDOUT, STDERR = 1, 2
 RUNNER_DIED = b"marco-agent: the module runner died during this task; it was killed\n"
 
 
@@ -48,15 +48,11 @@ class WarmChild:
         self.execution = execution
         self.on_finished = on_finished
         self.on_lost = on_lost  # kills what is left of the task when its runner died
-        self.linger = linger
         self.launched: Launched | None = None
-        self.open_pipes = {STDOUT, STDERR}
         self.transports: dict[int, asyncio.BaseTransport] = {}
         self.returncode: int | None = None
-        self.exited = False
-        self.finished = False
         self._shell_message = b""  # what the cold path's shell would print after the exit
-        self._linger: asyncio.TimerHandle | None = None
+        self.end = ChildEnd(self._over, self.close, linger)
 
     async def attach(self, stdout_r: int, stderr_r: int, stdin_w: int, stdin: bytes) -> None:
         """Read the output pipes and feed stdin (then EOF); takes ownership of the fds."""
@@ -77,7 +73,7 @@ class WarmChild:
         launched.exited.add_done_callback(self._exited)
 
     def signal(self, signum: int) -> None:
-        if self.launched is not None and not self.exited:
+        if self.launched is not None and not self.end.exited:
             self.launched.signal(signum)
 
     def _exited(self, future: asyncio.Future[int]) -> None:
@@ -94,33 +90,19 @@ class WarmChild:
                 self.returncode, self._shell_message = cold_exit(-code, os.WCOREDUMP(status))
             else:
                 self.returncode = code
-        self.exited = True
-        if self.open_pipes:
-            self._linger = asyncio.get_running_loop().call_later(self.linger, self._give_up_pipes)
-        self._maybe_finished()
+        self.end.child_exited()
 
     def pipe_closed(self, fd: int) -> None:
-        self.open_pipes.discard(fd)
-        self._maybe_finished()
-
-    def _give_up_pipes(self) -> None:
-        for transport in self.transports.values():
-            transport.close()
-        self.open_pipes.clear()
-        self._maybe_finished()
+        self.end.pipe_closed(fd)
 
     def close(self) -> None:
         for transport in self.transports.values():
             transport.close()
 
-    def _maybe_finished(self) -> None:
-        if self.exited and not self.open_pipes and not self.finished:
-            self.finished = True
-            if self._linger is not None:
-                self._linger.cancel()
-            if self._shell_message:
-                self.execution.on_output(STDERR, self._shell_message)
-            self.on_finished(self.returncode)
+    def _over(self) -> None:
+        if self._shell_message:
+            self.execution.on_output(STDERR, self._shell_message)
+        self.on_finished(self.returncode)
 
 
 def make_pipes(pipe_size: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:

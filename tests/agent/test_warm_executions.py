@@ -143,3 +143,17 @@ def test_a_death_by_a_real_time_signal_ends_the_execution(
         result = c.run(["/usr/bin/python3", "-c",
                         "import os, signal; os.kill(os.getpid(), signal.SIGRTMIN + 3)"])
     assert (result.rc, result.signal) == (None, "SIGRTMIN+3")
+
+
+@pytest.mark.parametrize("runner", [True, False], ids=["warm", "cold"])
+def test_a_grandchild_holding_the_pipes_does_not_hold_the_answer(
+        shared_agent: AgentProcess, signer: TokenSigner, alice: UnixUser, runner: bool) -> None:
+    """The module exits; a background process it started keeps its stdout and stderr open.
+    The answer comes anyway, EXIT_LINGER after the exit, with the module's result."""
+    payload = command_payload("true").replace(
+        b"\nif __name__ == \"__main__\":",
+        b"\nimport subprocess\nsubprocess.Popen(['sleep', '600'])\nif __name__ == \"__main__\":", 1)
+    with client(shared_agent, signer, alice.name) as c:
+        result = c.run(PIPELINED, stdin=payload, runner=runner)
+    assert result.via == ("runner" if runner else "process")
+    assert result.rc == 0 and json.loads(result.stdout)["rc"] == 0, result.stderr
