@@ -99,13 +99,6 @@ def module_command(shell: str | None, stdin: bytes) -> ModuleCommand | Declined:
                          entries=entries, module=call.module, profile=call.profile)
 
 
-def changes_startup(name: str) -> bool:
-    """Does this environment variable change how a Python starts (interpreter and library
-    paths, stdio encoding, time zone, user site)? A runner started without it cannot run a
-    task as a new interpreter with it would."""
-    return name in STARTUP_NAMES or name.startswith(STARTUP_PREFIXES)
-
-
 def preload_matches(preloaded: dict[str, tuple[int, int]],
                     entries: dict[str, tuple[int, int]]) -> bool:
     """Every preloaded name is in `entries` with the same (crc, size)."""
@@ -169,7 +162,7 @@ def _parse_shell(shell: str | None) -> _Shell | Declined:
     if not interpreter.startswith("/"):
         return Declined("interpreter not absolute")
     for name in env:
-        if changes_startup(name):
+        if name in STARTUP_NAMES or name.startswith(STARTUP_PREFIXES):
             return Declined(f"environment sets {name}")
     if inner != _ansible_inner(env, interpreter):
         return Declined(QUOTING)

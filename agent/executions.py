@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import fcntl
 import functools
 import hashlib
 import logging
@@ -44,16 +45,15 @@ from marco.errors import (
     TooManyExecutions,
 )
 
-from .ansiballz import Declined, ModuleCommand, changes_startup, module_command
+from .ansiballz import Declined, ModuleCommand, module_command
 from .budget import Account, DiskBudget
 from .child_end import ChildEnd
 from .isolation import Isolation, popen_setup
 from .lines import LineSplitter
-from .pipes import close_all, enlarge_pipe, make_pipes
 from .runners import RunnerDeclined, RunnerPool
 from .spool import ExecutionSpool, SpareDirs
 from .users import UserIdentity, UserResolver
-from .warm import WarmChild
+from .warm import WarmChild, close_all, make_pipes
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,10 @@ STDOUT, STDERR = 1, 2
 STREAM_NAMES = {STDOUT: "stdout", STDERR: "stderr"}
 BATCH_DELAY = 0.005          # seconds a batch may wait for more lines
 BATCH_MAX_BYTES = 256 * 1024  # a batch this large goes out at once
+PIPE_SIZE = 1024 * 1024      # bigger pipes let a chatty child run ahead of the reader
 EXIT_LINGER = 2.0            # seconds to wait for pipe EOF after the process itself exited
 CAPTURE_MEMORY = 8 * 1024 * 1024
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 ID_LENGTH = 32
 MAX_TIMEOUT = 366 * 24 * 3600
 CAPTURE_MAX = 256 * 1024 * 1024  # bytes of stdout (and of stderr) a `wait` caller gets back
@@ -660,7 +662,7 @@ class ExecutionManager:
         if request.shell is None:
             return "not a pipelined module"
         for name in request.env:
-            if changes_startup(name):
+            if _changes_interpreter(name):
                 return f"the request's environment sets {name}"
         found = module_command(request.shell, request.stdin)
         return found.reason if isinstance(found, Declined) else found
@@ -674,7 +676,7 @@ class ExecutionManager:
         # What the cold path's `/bin/sh -c 'NAME=VALUE python3 && sleep 0'` gives Python
         # (dash exports PWD as getcwd() finds it: symlinks resolved).
         child_env = {**env, **module.env, "PWD": os.path.realpath(execution.cwd)}
-        child_fds, own_fds = make_pipes()
+        child_fds, own_fds = make_pipes(PIPE_SIZE)
         try:
             launched = await self.runners.launch(execution.id, user, module, execution.cwd,
                                                  child_env, child_fds, procs_fd, nproc)
@@ -692,11 +694,12 @@ class ExecutionManager:
                                                         signal.SIGKILL))
         execution.via, execution.runner_note = "runner", launched.note
         self._warm[execution.id] = warm
-        # The pid comes from the user's own process (the pool checked it was the runner's
-        # child of the user's uid): shown, never signalled by the agent, and never handed to
-        # the subreaper, which would signal its session as root (the runner may reap the
-        # child and the pid be reused). Stops go through the runner and the cgroup.
-        self._started(execution, launched.pid, track=False)
+        # The pid comes from the user's own process: shown, never signalled by the agent,
+        # and never handed to the subreaper, which would signal its session as root (the
+        # runner may reap the child and the pid be reused). Stops go through the runner
+        # and the execution's cgroup.
+        self._started(execution, launched.pid if _owned_by(launched.pid, user.uid) else None,
+                      track=False)
         stdin_w, stdout_r, stderr_r = own_fds
         await warm.attach(stdout_r, stderr_r, stdin_w, stdin)
         warm.watch(launched)
@@ -797,7 +800,10 @@ class ExecutionManager:
             pipe = transport.get_pipe_transport(fd)
             handle = pipe.get_extra_info("pipe") if pipe else None
             if handle is not None:
-                enlarge_pipe(handle.fileno())
+                try:
+                    fcntl.fcntl(handle.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
+                except (OSError, ValueError):
+                    pass  # over pipe-max-size, or already closed: keep the default
 
     @staticmethod
     def _feed_stdin(transport: asyncio.SubprocessTransport, data: bytes) -> None:
@@ -825,9 +831,9 @@ class ExecutionManager:
             transport.close()
         self._finished(execution, returncode)
 
-    def _started(self, execution: Execution, pid: int, track: bool = True) -> None:
+    def _started(self, execution: Execution, pid: int | None, track: bool = True) -> None:
         execution.pid = pid
-        if track:
+        if pid is not None and track:
             self.isolation.started(execution.id, pid)
         execution.publish(protocol.started_event(execution.id, execution.label, execution.command,
                                                  execution.cwd, execution.started, 0,
@@ -887,6 +893,24 @@ def signal_name(number: int) -> str:
         if signal.SIGRTMIN <= number <= signal.SIGRTMAX:
             return f"SIGRTMIN+{number - signal.SIGRTMIN}"
         return f"SIG{number}"
+
+
+def _changes_interpreter(name: str) -> bool:
+    """Does this variable change how Python starts or encodes stdio? A runner started
+    without it would then not behave as a new interpreter would."""
+    return name.startswith(("PYTHON", "LD_", "LC_")) or name in ("LANG", "PWD", "HOME", "TZ")
+
+
+def _owned_by(pid: int, uid: int) -> bool:
+    """Is `pid` a live process whose real uid is `uid`? (A runner reports its child's pid.)"""
+    try:
+        with open(f"/proc/{int(pid)}/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Uid:"):
+                    return pid > 1 and int(line.split()[1]) == uid
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _cwd_error(cwd: str) -> str:

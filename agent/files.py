@@ -9,6 +9,7 @@ place only once complete; an interrupted upload leaves nothing under the target 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import struct
@@ -26,10 +27,11 @@ from marco.errors import (
     PermissionDenied,
 )
 
-from .pipes import enlarge_pipe
 from .users import UserIdentity, UserResolver
 
 READ_CHUNK = 256 * 1024
+PIPE_SIZE = 1024 * 1024
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _STATUS_ERRORS: dict[int, type[MarcoError]] = {
     400: BadRequest, 403: PermissionDenied, 404: NotFound, 409: Conflict}
 
@@ -108,7 +110,10 @@ def _enlarge_pipe(stream: asyncio.StreamWriter | None) -> None:
     """A 1 MiB pipe takes a whole body chunk in one write instead of sixteen."""
     pipe = stream.transport.get_extra_info("pipe") if stream is not None else None
     if pipe is not None:
-        enlarge_pipe(pipe.fileno())
+        try:
+            fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
+        except (OSError, ValueError):
+            pass  # over pipe-max-size: keep the default
 
 
 async def _status_line(process: asyncio.subprocess.Process) -> dict[str, Any]:

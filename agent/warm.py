@@ -10,6 +10,7 @@ path's `/bin/sh -c 'python && sleep 0'` reports it: a child killed by signal N e
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -103,3 +104,24 @@ class WarmChild:
             self.execution.on_output(STDERR, self._shell_message)
         self.on_finished(self.returncode)
 
+
+def make_pipes(pipe_size: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """((stdin_r, stdout_w, stderr_w) for the child, (stdin_w, stdout_r, stderr_r) for the
+    agent), all close-on-exec; the output pipes enlarged so a chatty child runs ahead."""
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
+    stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+    for fd in (stdout_r, stderr_r):
+        try:
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), pipe_size)
+        except OSError:
+            pass  # over pipe-max-size: keep the default
+    return (stdin_r, stdout_w, stderr_w), (stdin_w, stdout_r, stderr_r)
+
+
+def close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

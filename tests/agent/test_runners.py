@@ -28,7 +28,6 @@ import pytest
 
 from agent.ansiballz import ModuleCommand, module_command
 from agent.isolation import Isolation, IsolationSettings
-from agent.pipes import F_SETPIPE_SZ, PIPE_SIZE
 from agent.runners import (
     OUTPUT_PER_MINUTE,
     Launched,
@@ -42,6 +41,8 @@ from tests.support.ansiballz_payloads import PIPELINED, module_payload, replace_
 from tests.support.processes import alive
 from tests.support.users import UnixUser, create_user, remove_user
 
+PIPE_SIZE = 1024 * 1024
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SCENARIO_SECONDS = 120.0
 
 
