@@ -8,8 +8,12 @@ Protocol (stdout): one JSON status line first, ``{"ok": true, ...}`` or
 `write` reads its data from stdin as frames (4-byte big-endian length + bytes); a zero-length
 frame commits. EOF before the commit frame aborts and leaves nothing behind.
 
-    write PATH MODE|- OVERWRITE(0|1)
+    write PATH MODE|- OVERWRITE(0|1) [MKDIR(0|1)]
     read PATH
+
+With MKDIR 1, `write` first makes the file's directory as Ansible makes its remote tmp
+(`umask 77 && mkdir -p BASE && mkdir DIR`): missing ancestors with mode 0700, and the directory
+itself, which must not exist yet (409).
 """
 
 import errno
@@ -98,9 +102,23 @@ def copy_frame(fd, length):
         length -= moved
 
 
-def write(path, mode_text, overwrite):
+def make_directory(directory):
+    """`umask 77 && mkdir -p PARENT && mkdir DIRECTORY`, as Ansible makes a remote tmp."""
+    old = os.umask(0o077)
+    try:
+        os.makedirs(os.path.dirname(directory.rstrip("/")) or "/", 0o700, exist_ok=True)
+        os.mkdir(directory, 0o700)
+    except OSError as exc:
+        fail_os(exc, directory)
+    finally:
+        os.umask(old)
+
+
+def write(path, mode_text, overwrite, mkdir=False):
     directory = os.path.dirname(path) or "/"
     name = os.path.basename(path)
+    if mkdir:
+        make_directory(directory)
     try:
         existing = os.lstat(path)
     except FileNotFoundError:
@@ -182,12 +200,12 @@ def read(path):
 
 
 def main(argv):
-    if argv[:1] == ["write"] and len(argv) == 4:
-        write(argv[1], argv[2], argv[3] == "1")
+    if argv[:1] == ["write"] and len(argv) in (4, 5):
+        write(argv[1], argv[2], argv[3] == "1", argv[4:] == ["1"])
     elif argv[:1] == ["read"] and len(argv) == 2:
         read(argv[1])
     else:
-        fail(400, "usage: write PATH MODE OVERWRITE | read PATH")
+        fail(400, "usage: write PATH MODE OVERWRITE [MKDIR] | read PATH")
 
 
 if __name__ == "__main__":

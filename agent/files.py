@@ -90,10 +90,11 @@ class FileService:
             limit=READ_CHUNK, **self.resolver.popen_identity(user))
 
     async def open_writer(self, user: UserIdentity, path: str, mode: str,
-                          overwrite: bool) -> FileWriter:
-        """Start an upload; raises the helper's error (403, 404, 409) before any data moves."""
+                          overwrite: bool, mkdir: bool = False) -> FileWriter:
+        """Start an upload; raises the helper's error (403, 404, 409) before any data moves.
+        `mkdir`: make the file's directory first, as Ansible makes its remote tmp."""
         process = await self._spawn(user, "write", path, mode, "1" if overwrite else "0",
-                                    stdin=asyncio.subprocess.PIPE)
+                                    "1" if mkdir else "0", stdin=asyncio.subprocess.PIPE)
         _enlarge_pipe(process.stdin)
         writer = FileWriter(process)
         await writer.ready()

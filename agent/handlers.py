@@ -226,11 +226,12 @@ class ExecutionsHandler(ApiHandler):
         accept = self.request.headers.get("Accept", "")
         return any(media_type(kind) == RESULT_TYPE for kind in accept.split(","))
 
-    @staticmethod
-    def _result_head(execution: Execution) -> dict[str, Any]:
-        assert execution.capture is not None
+    def _result_head(self, execution: Execution) -> dict[str, Any]:
+        assert execution.capture is not None and self.user is not None
         capture = execution.capture
+        # `user` and `home` let a client answer `echo ~` itself (docs/protocol.md).
         return {"id": execution.id, "rc": execution.rc, "signal": execution.signal,
+                "user": self.user.name, "home": self.user.home,
                 "duration": execution.duration, "timed_out": execution.timed_out,
                 "stopped": execution.stopped, "stdout_truncated": capture.truncated[1],
                 "stderr_truncated": capture.truncated[2], "via": execution.via,
@@ -398,7 +399,8 @@ class StatusHandler(ApiHandler):
 
 @tornado.web.stream_request_body
 class FilesHandler(ApiHandler):
-    """PUT /v1/files?path=P&mode=0644&overwrite=true streams the body into place, as the user.
+    """PUT /v1/files?path=P&mode=0644&overwrite=true[&mkdir=true] streams the body into place,
+    as the user (`mkdir`: the file's directory is made first, as Ansible makes its remote tmp).
 
     GET /v1/files?path=P streams a file back. Both run the file helper with the user's identity.
     """
@@ -427,7 +429,8 @@ class FilesHandler(ApiHandler):
             path = validate_path(user, self.path_argument())
             mode = parse_mode(self.get_query_argument("mode", None))
             overwrite = self.bool_argument("overwrite", True)
-            self.writer = await self.ctx.files.open_writer(user, path, mode, overwrite)
+            mkdir = self.bool_argument("mkdir", False)
+            self.writer = await self.ctx.files.open_writer(user, path, mode, overwrite, mkdir)
             if self.client_gone:  # the client left while the helper was starting
                 self.writer.abort()
         except MarcoError as error:

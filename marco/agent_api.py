@@ -80,6 +80,8 @@ class ExecutionResult:
     stderr_truncated: bool = False
     via: str = "process"             # "runner": a warm module runner ran it (docs/protocol.md)
     runner_note: str = ""            # why that path, e.g. "warm (runner 42, task 7)"
+    user: str = ""                   # whom it ran as, and that user's home on the node: what
+    home: str = ""                   # `echo ~` prints there ("" from older agents)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ExecutionResult:
@@ -111,7 +113,8 @@ class ExecutionResult:
                    timed_out=data.get("timed_out", False), stopped=data.get("stopped", False),
                    stdout_truncated=data.get("stdout_truncated", False),
                    stderr_truncated=data.get("stderr_truncated", False),
-                   via=data.get("via", "process"), runner_note=data.get("runner_note", ""))
+                   via=data.get("via", "process"), runner_note=data.get("runner_note", ""),
+                   user=str(data.get("user") or ""), home=str(data.get("home") or ""))
 
 
 def execution_body(command: list[str] | str, stdin: bytes = b"", cwd: str | None = None,
@@ -338,10 +341,14 @@ class AgentRequests:
                        self.timeout, pem)
 
     def put_file(self, path: str, mode: int | None = None, overwrite: bool = True,
-                 size: int | None = None) -> Request[dict[str, Any]]:
+                 size: int | None = None, mkdir: bool = False) -> Request[dict[str, Any]]:
         """The head of an upload; the transport streams the body (chunked without `size`).
-        `Expect: 100-continue` lets the agent refuse (403, 404, 409) before any byte moves."""
+        `Expect: 100-continue` lets the agent refuse (403, 404, 409) before any byte moves.
+        `mkdir`: the agent makes the file's directory first, as Ansible makes its remote tmp
+        (it must not exist yet)."""
         query: dict[str, Any] = {"path": path, "overwrite": "true" if overwrite else "false"}
+        if mkdir:
+            query["mkdir"] = "true"
         if mode is not None:
             query["mode"] = format_mode(mode)
         headers = {**bearer_header(self.token), "Content-Type": "application/octet-stream",

@@ -144,10 +144,12 @@ class AgentClient:
         return self._call(self._api.push_crl(pem))
 
     def put_file(self, source: BinaryIO | Callable[[], bytes], path: str, mode: int | None = None,
-                 overwrite: bool = True, size: int | None = None) -> dict[str, Any]:
+                 overwrite: bool = True, size: int | None = None,
+                 mkdir: bool = False) -> dict[str, Any]:
         """Stream `source` (a binary file, or a callable returning the next chunk and b"" at
-        the end) to `path` on the node, never whole in memory; chunked without `size`."""
-        request = self._api.put_file(path, mode, overwrite, size)
+        the end) to `path` on the node, never whole in memory; chunked without `size`.
+        `mkdir`: make the file's directory first (AgentRequests.put_file)."""
+        request = self._api.put_file(path, mode, overwrite, size, mkdir)
         response = self._upload(request, source)
         return parse_answer(request, response.status, self._read(response))
 
@@ -380,10 +382,11 @@ class AsyncAgentClient:
 
     async def put_file(self, source: BinaryIO | Callable[[], Any], path: str,
                        mode: int | None = None, overwrite: bool = True,
-                       size: int | None = None) -> dict[str, Any]:
+                       size: int | None = None, mkdir: bool = False) -> dict[str, Any]:
         """Stream `source` (a binary file, or a sync or async callable returning the next chunk
-        and b"" at the end) to `path` on the node; chunked without `size`."""
-        request = self._api.put_file(path, mode, overwrite, size)
+        and b"" at the end) to `path` on the node; chunked without `size`. `mkdir`: make the
+        file's directory first (AgentRequests.put_file)."""
+        request = self._api.put_file(path, mode, overwrite, size, mkdir)
         read = source if callable(source) else (lambda: source.read(UPLOAD_CHUNK))
 
         async def producer(write: Callable[[bytes], Any]) -> None:

@@ -222,11 +222,13 @@ class MuxClient:
         return self._exchange(head, bound, exchange)
 
     def put_file(self, source: BinaryIO | Callable[[], bytes], path: str, mode: int | None = None,
-                 overwrite: bool = True, size: int | None = None) -> dict[str, Any]:
+                 overwrite: bool = True, size: int | None = None,
+                 mkdir: bool = False) -> dict[str, Any]:
         """Stream `source` to `path` on the node through the mux (AgentClient.put_file)."""
         read = source if callable(source) else (lambda: source.read(CHUNK))
         bound = self.timeout + MARGIN
-        head = self._call("put", path=path, mode=mode, overwrite=overwrite, size=size)
+        head = self._call("put", path=path, mode=mode, overwrite=overwrite, size=size,
+                          mkdir=mkdir)
 
         def exchange(frames: Frames) -> dict[str, Any]:
             while chunk := read():

@@ -299,7 +299,7 @@ class Session:
             answer = client.put_file(lambda: next(chunks, b""), str(head["path"]),
                                      mode=head.get("mode"),
                                      overwrite=bool(head.get("overwrite", True)),
-                                     size=head.get("size"))
+                                     size=head.get("size"), mkdir=bool(head.get("mkdir")))
         except ClientGone:
             self.server.pool.discard(client)
             raise

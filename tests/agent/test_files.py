@@ -166,3 +166,35 @@ def test_the_async_client_moves_files_like_the_sync_one(shared_agent: AgentProce
     count, body, text = asyncio.run(scenario())
     assert count == len(data) and body == data and text == b"callable chunks"
     assert stat.S_IMODE(os.stat(os.path.join(alice.home, "async.bin")).st_mode) == 0o600
+
+
+def test_mkdir_makes_the_directory_as_ansible_makes_its_remote_tmp(
+        alice_client: AgentClient, alice: UnixUser) -> None:
+    """`mkdir=true`: missing ancestors and the directory itself are made with mode 0700, as
+    the user; a directory that already exists is a 409 and nothing is written."""
+    base = os.path.join(alice.home, "made", "tmp")
+    target = os.path.join(base, "ansible-tmp-1", "source")
+    alice_client.put_file(io.BytesIO(b"data"), target, mode=0o600, size=4, mkdir=True)
+    for directory in (os.path.join(alice.home, "made"), base, os.path.dirname(target)):
+        info = os.stat(directory)
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (alice.uid, 0o700), directory
+    with open(target, "rb") as handle:
+        assert handle.read() == b"data"
+    with pytest.raises(Conflict):
+        alice_client.put_file(io.BytesIO(b"other"), os.path.join(base, "ansible-tmp-1", "x"),
+                              size=5, mkdir=True)
+    assert not os.path.exists(os.path.join(base, "ansible-tmp-1", "x"))
+    # Without mkdir a missing directory stays a 404, as before.
+    with pytest.raises(NotFound):
+        alice_client.put_file(io.BytesIO(b"x"), os.path.join(base, "missing", "x"), size=1)
+
+
+def test_a_result_names_the_user_and_home(shared_agent: AgentProcess, signer: TokenSigner,
+                                          alice: UnixUser) -> None:
+    """What `echo ~` prints is in every ?wait=1 answer, binary and JSON alike."""
+    token = signer.issue(alice.name)
+    for binary in (True, False):
+        with shared_agent.client(token, binary=binary) as client:
+            result = client.run("echo ~")
+        assert (result.user, result.home) == (alice.name, alice.home)
+        assert result.stdout.decode().strip() == alice.home
