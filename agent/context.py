@@ -73,7 +73,7 @@ class AgentContext:
             capture_max=config.max_capture_bytes, isolation=isolation, runners=runners)
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    resolver=resolver, hub=hub, executions=executions,
-                   files=FileService(resolver, config.helper_python),
+                   files=FileService(resolver, config.helper_python, runners),
                    status=StatusPublisher(StatusSampler(config.node_name)), audit=audit,
                    secret=secret, revocations=Revocations(config.state_path / "revocations.json"),
                    service_signer=TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT),

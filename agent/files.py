@@ -12,6 +12,7 @@ import asyncio
 import fcntl
 import json
 import os
+import re
 import struct
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -27,11 +28,15 @@ from marco.errors import (
     PermissionDenied,
 )
 
+from .runner_helper import HelperProcess, start_helper
+from .runners import RunnerPool
 from .users import UserIdentity, UserResolver
 
 READ_CHUNK = 256 * 1024
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+MAX_ERROR = 4096  # characters of a helper's error message passed on
+MODE_TEXT = re.compile(r"[0-7]{3,5}")
 _STATUS_ERRORS: dict[int, type[MarcoError]] = {
     400: BadRequest, 403: PermissionDenied, 404: NotFound, 409: Conflict}
 
@@ -61,19 +66,24 @@ def parse_mode(raw: str | None) -> str:
 
 
 def _error(status: dict[str, Any]) -> MarcoError:
-    cls = _STATUS_ERRORS.get(status.get("status", 500))
-    message = str(status.get("error", "file operation failed"))
-    if status.get("status") == 507:
+    code = status.get("status", 500)
+    cls = _STATUS_ERRORS.get(code) if type(code) is int else None
+    message = str(status.get("error", "file operation failed"))[:MAX_ERROR]
+    if code == 507:
         return InsufficientStorage(message)
     return cls(message) if cls else MarcoError(message)
 
 
 class FileService:
-    """Starts the file helper as a given user."""
+    """Starts the file helper as a given user: forked by the user's live module runner on
+    the same interpreter when there is one (no interpreter start), else a new process."""
 
-    def __init__(self, resolver: UserResolver, helper_python: str) -> None:
+    def __init__(self, resolver: UserResolver, helper_python: str,
+                 runners: RunnerPool | None = None) -> None:
         self.resolver = resolver
         self.helper_python = helper_python
+        self.runners = runners
+        self._real_python: str | None = None
         self._source: str | None = None
 
     def _helper_source(self) -> str:
@@ -81,28 +91,43 @@ class FileService:
             self._source = resources.files(__package__).joinpath("filehelper.py").read_text()
         return self._source
 
+    def _helper_file(self) -> str:
+        """The file `helper_python` names (a runner on it may fork the helper)."""
+        if self._real_python is None:
+            self._real_python = os.path.realpath(self.helper_python)
+        return self._real_python
+
     async def _spawn(self, user: UserIdentity, *args: str,
-                     stdin: int | None) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
+                     stdin: int | None) -> tuple[HelperProcess, str]:
+        """The helper and the path it took: "runner" or "process"."""
+        if self.runners is not None:
+            helper = await start_helper(self.runners, user, self._helper_file(), list(args),
+                                        self._helper_source(),
+                                        writes=stdin == asyncio.subprocess.PIPE,
+                                        limit=READ_CHUNK)
+            if helper is not None:
+                return helper, "runner"
+        process = await asyncio.create_subprocess_exec(
             self.helper_python, "-I", "-S", "-c", self._helper_source(), *args,
             stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=user.clean_environment(), cwd="/", start_new_session=True,
             limit=READ_CHUNK, **self.resolver.popen_identity(user))
+        return process, "process"
 
     async def open_writer(self, user: UserIdentity, path: str, mode: str,
                           overwrite: bool, mkdir: bool = False) -> FileWriter:
         """Start an upload; raises the helper's error (403, 404, 409) before any data moves.
         `mkdir`: make the file's directory first, as Ansible makes its remote tmp."""
-        process = await self._spawn(user, "write", path, mode, "1" if overwrite else "0",
-                                    "1" if mkdir else "0", stdin=asyncio.subprocess.PIPE)
+        process, via = await self._spawn(user, "write", path, mode, "1" if overwrite else "0",
+                                         "1" if mkdir else "0", stdin=asyncio.subprocess.PIPE)
         _enlarge_pipe(process.stdin)
-        writer = FileWriter(process)
+        writer = FileWriter(process, via, path)
         await writer.ready()
         return writer
 
     async def open_reader(self, user: UserIdentity, path: str) -> FileReader:
-        process = await self._spawn(user, "read", path, stdin=asyncio.subprocess.DEVNULL)
-        reader = FileReader(process)
+        process, via = await self._spawn(user, "read", path, stdin=asyncio.subprocess.DEVNULL)
+        reader = FileReader(process, via)
         await reader.ready()
         return reader
 
@@ -117,7 +142,11 @@ def _enlarge_pipe(stream: asyncio.StreamWriter | None) -> None:
             pass  # over pipe-max-size: keep the default
 
 
-async def _status_line(process: asyncio.subprocess.Process) -> dict[str, Any]:
+def _is_mode(value: object) -> bool:
+    return isinstance(value, str) and MODE_TEXT.fullmatch(value) is not None
+
+
+async def _status_line(process: HelperProcess) -> dict[str, Any]:
     assert process.stdout is not None
     line = await process.stdout.readline()
     if not line:
@@ -126,14 +155,23 @@ async def _status_line(process: asyncio.subprocess.Process) -> dict[str, Any]:
         detail = (await process.stderr.read()).decode("utf-8", "replace").strip()
         last = detail.splitlines()[-1] if detail else "no output"
         raise MarcoError(f"file helper failed: {last}")
-    return json.loads(line)
+    try:
+        status = json.loads(line)
+    except (ValueError, RecursionError):
+        status = None
+    if not isinstance(status, dict):  # the helper is the user's process: checked, not trusted
+        raise MarcoError("file helper failed: its status line is not a JSON object")
+    return status
 
 
 class FileWriter:
-    """One upload in progress: `write` chunks, then `commit` (or `abort`)."""
+    """One upload in progress: `write` chunks, then `commit` (or `abort`). `via`: which
+    path started the helper ("runner" or "process")."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: HelperProcess, via: str = "process", path: str = "") -> None:
         self.process = process
+        self.via = via
+        self.path = path
         self.size = 0
 
     async def ready(self) -> None:
@@ -167,7 +205,15 @@ class FileWriter:
         await self.process.wait()
         if not status.get("ok"):
             raise _error(status)
-        return status
+        return self._checked(status)
+
+    def _checked(self, status: dict[str, Any]) -> dict[str, Any]:
+        """The helper's answer, only if it names what the agent asked for and sent (the
+        answer is audited): the path, the byte count, a mode."""
+        if (status.get("path") != self.path or type(status.get("size")) is not int
+                or status["size"] != self.size or not _is_mode(status.get("mode"))):
+            raise MarcoError("file helper failed: its answer does not match the upload")
+        return {"ok": True, "path": self.path, "size": self.size, "mode": status["mode"]}
 
     def abort(self) -> None:
         """Drop the upload: the helper sees EOF without a commit and removes its temp file."""
@@ -178,8 +224,9 @@ class FileWriter:
 class FileReader:
     """One download: `size` from the helper's status line, then the bytes via `chunks`."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: HelperProcess, via: str = "process") -> None:
         self.process = process
+        self.via = via
         self.size = 0
         self.mode = ""
 
@@ -188,7 +235,11 @@ class FileReader:
         if not status.get("ok"):
             await self.process.wait()
             raise _error(status)
-        self.size, self.mode = int(status["size"]), str(status.get("mode", ""))
+        size, mode = status.get("size"), status.get("mode")
+        if type(size) is not int or size < 0 or not _is_mode(mode):
+            await self.process.wait()
+            raise MarcoError("file helper failed: its status line has no size and mode")
+        self.size, self.mode = size, str(mode)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         assert self.process.stdout is not None

@@ -474,11 +474,11 @@ class FilesHandler(ApiHandler):
                 self.writer.abort()
                 raise
         result = await self.writer.commit()
-        self.writer = None
+        writer_via, self.writer = self.writer.via, None
         self.ctx.audit.record("file.write", self.current_user, path=result.get("path"),
                               size=result.get("size"), mode=result.get("mode"),
                               client=self.request.remote_ip)
-        self.write_json(result, 201)
+        self.write_json({**result, "via": writer_via}, 201)
 
     def on_connection_close(self) -> None:
         self.client_gone = True
@@ -501,6 +501,7 @@ class FilesHandler(ApiHandler):
             self.set_header("Content-Type", "application/octet-stream")
             self.set_header("Content-Length", str(reader.size))
             self.set_header("X-Marco-Mode", reader.mode)
+            self.set_header("X-Marco-Via", reader.via)
             async for chunk in reader.chunks():
                 self.write(chunk)
                 await self.flush()

@@ -55,6 +55,7 @@ FAILED_BACKOFF = 30.0         # seconds a (user, interpreter) whose runner faile
                               # runs cold without trying again
 MAX_FAILED = 256              # such failures remembered
 PID_MAX = 1 << 22             # the kernel's highest pid_max
+MAX_HELPER_TASKS = 16         # a runner with this many tasks forks no file helper (cold)
 
 Key = tuple[UserIdentity, str]
 
@@ -194,6 +195,15 @@ def _move(procs_fd: int, pid: int, parent: int, uid: int) -> bool | None:
         return True
     finally:
         os.close(procs_fd)
+
+
+def _executable(pid: int) -> str:
+    """The file process `pid` runs, as the kernel resolved it ("" if unknown): what the
+    interpreter path named when it was spawned, with no path of the user's walked as root."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
 
 
 def _rss(pid: int) -> int:
@@ -351,6 +361,7 @@ class Runner:
         self.retire = retire        # the pool drops it and has it quit (idle)
         self.id = f"runner-{secrets.token_hex(8)}"
         self.pid = 0
+        self.executable = ""        # the file the kernel runs for it (/proc/PID/exe)
         self.python = ""
         self.entries: dict[str, tuple[int, int]] = {}
         self.preload_ms = 0.0
@@ -426,6 +437,7 @@ class Runner:
             child.close()
         self._transport = transport
         self.pid = self._transport.get_pid()
+        self.executable = _executable(self.pid)
         self.isolation.started(self.id, self.pid)
         parent.setblocking(False)
         self._sock = parent
@@ -458,25 +470,55 @@ class Runner:
         the agent moved it into the execution's cgroup. `procs_fd` is never sent: the kernel
         checks a cgroup.procs write against the opener's credentials, so with root's fd the
         user's runner could move any process of the node (the agent too) into its cgroup."""
-        if self.dead:
-            raise _Gone()
-        if execution_id in self.tasks:
-            raise RunnerDeclined("execution id already running here")
         message: dict[str, Any] = {"op": "run", "id": execution_id, "cwd": cwd, "env": env}
         if nproc:
             message["nproc"] = nproc
+        pid, task = await self._fork(execution_id, message, fds)
+        self.runs += 1
+        if procs_fd is not None and await self.loop.run_in_executor(
+                None, _move, os.dup(procs_fd), pid, self.pid, self.user.uid) is False:
+            self.kill(f"task pid {pid} is no longer its child", warn=True)
+            raise RunnerDeclined("runner died")
+        return Launched(pid, "", task.exited,
+                        functools.partial(self.signal_task, execution_id))
+
+    @property
+    def takes_helpers(self) -> bool:
+        """Started, not ending, and below MAX_HELPER_TASKS tasks: may fork a file helper."""
+        return (self.ready is not None and self.ready.done() and not self.dead
+                and not self.retiring and self._sock is not None
+                and len(self.tasks) < MAX_HELPER_TASKS)
+
+    async def helper(self, helper_id: str, argv: list[str], source: str,
+                     fds: tuple[int, int, int]) -> Launched:
+        """Have the runner fork a child that runs `source` as `python3 -I -S -c source argv`
+        would, on the agent's pipes `fds` (stdin, stdout, stderr). It counts as a task (idle
+        timer, status, quit); it stays in the runner's cgroup. RunnerDeclined or _Gone if
+        the runner could not start it."""
+        pid, task = await self._fork(
+            helper_id, {"op": "helper", "id": helper_id, "argv": argv, "source": source}, fds)
+        return Launched(pid, f"runner {self.pid}", task.exited,
+                        functools.partial(self.signal_task, helper_id))
+
+    async def _fork(self, task_id: str, message: dict[str, Any],
+                    fds: tuple[int, int, int]) -> tuple[int, _Task]:
+        """Send a run or helper message with the child's fds; the child's pid (checked to be
+        the runner's child of the user) once the runner reported it."""
+        if self.dead:
+            raise _Gone()
+        if task_id in self.tasks:
+            raise RunnerDeclined("execution id already running here")
         task = _Task(self.loop.create_future(), self.loop.create_future())
         for future in (task.started, task.exited):
             future.add_done_callback(_consume)
-        self.tasks[execution_id] = task
+        self.tasks[task_id] = task
         self._cancel_idle()
         try:
             self._send(message, fds)
         except BaseException:
-            self.tasks.pop(execution_id, None)
+            self.tasks.pop(task_id, None)
             self._task_done()
             raise
-        self.runs += 1
         self.last_used = time.monotonic()
         try:
             async with asyncio.timeout(self.settings.preload_seconds):
@@ -484,12 +526,7 @@ class Runner:
         except TimeoutError:
             self.kill("no started within the deadline")
             raise RunnerDeclined("runner died") from None
-        if procs_fd is not None and await self.loop.run_in_executor(
-                None, _move, os.dup(procs_fd), pid, self.pid, self.user.uid) is False:
-            self.kill(f"task pid {pid} is no longer its child", warn=True)
-            raise RunnerDeclined("runner died")
-        return Launched(pid, "", task.exited,
-                        functools.partial(self.signal_task, execution_id))
+        return pid, task
 
     def signal_task(self, execution_id: str, signum: int) -> None:
         """Ask the runner to signal the task's session; a runner that cannot be told is
@@ -805,6 +842,24 @@ class RunnerPool:
             raise RunnerDeclined("runner died") from None
         launched.note = f"new runner (preload {runner.preload_ms:.0f} ms)"
         return launched
+
+    async def file_helper(self, user: UserIdentity, interpreter: str, argv: list[str],
+                          source: str, fds: tuple[int, int, int]) -> Launched | None:
+        """Fork the agent's file helper in a live runner of exactly `user` whose executable
+        is the file `interpreter` (a realpath), with room for a task; None (the caller starts
+        it cold) if there is none or it fails before the helper started. Never starts a
+        runner. One try only: a runner that failed may have forked a child that holds `fds`."""
+        if not self.settings.enabled or self._closed:
+            return None
+        for runner in list(self._runners):
+            if (runner.user == user and runner.takes_helpers
+                    and runner.executable == interpreter):
+                try:
+                    return await runner.helper(f"file-{secrets.token_hex(8)}", argv, source,
+                                               fds)
+                except (RunnerDeclined, _Gone):
+                    return None
+        return None
 
     def _check_failed(self, key: Key) -> None:
         """A runner for `key` that failed to start is not tried again for FAILED_BACKOFF

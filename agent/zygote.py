@@ -18,6 +18,9 @@ from the agent only (a runner that sends one is killed):
     r->a {"op":"declined","id":S,"reason":S}  no child: the task runs cold, and this runner
          quits once its running tasks end (the python site changed since it started)
     r->a {"op":"exited","id":S,"status":RAW_WAIT_STATUS}
+    a->r {"op":"helper","id":S,"argv":[S],"source":S}  [stdin, stdout, stderr]: fork a child
+         that runs SOURCE as `python3 -I -S -c SOURCE ARGV...` would (the agent's file
+         helper); answered by started/exited like a run, in the same id space
     a->r {"op":"signal","id":S,"signal":N}   (killpg of the task's session, as the user)
     a->r {"op":"quit"} or EOF: no new tasks; exit once every child is reaped
 
@@ -53,6 +56,7 @@ MAX_MESSAGE = 64 * 1024          # bytes of JSON in one packet, both ways
 MAX_FDS = 8                      # room for more fds than any message carries (to see excess)
 MAX_ZIP = 64 * 1024 * 1024       # a preload zip larger than this is refused
 MAX_ID = 256                     # characters of a task id
+MAX_ARGS = 16                    # arguments of a helper
 LOG_PREFIX = "marco-runner: "
 PROFILE_MODULES = ("ansible.module_utils._internal._json._profiles._module_%s_m2c",
                    "ansible.module_utils._internal._json._profiles._module_%s_c2m")
@@ -159,13 +163,31 @@ class Task:
         self.pid = 0
 
 
+class Helper:
+    """One helper request: a `-c` script (the agent's file helper) and its arguments, run in
+    a child with the task's three fds, from `/`, with the runner's clean environment."""
+
+    def __init__(self, message: dict[str, Any], fds: list[int]) -> None:
+        if len(fds) != 3:
+            raise ProtocolError(f"helper needs 3 fds, got {len(fds)}")
+        self.id = _text(message.get("id"), "id", MAX_ID)
+        argv = message.get("argv")
+        if not isinstance(argv, list) or len(argv) > MAX_ARGS:
+            raise ProtocolError("bad argv")
+        self.argv = [_text(arg, "argv", 4096) for arg in argv]
+        self.source = _text(message.get("source"), "source")
+        self.stdio = fds
+        self.fds = fds
+        self.pid = 0
+
+
 class Zygote:
     """The runner's state: the agent's socket, the preload, the running children."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.pid = os.getpid()
-        self.tasks: dict[int, Task] = {}       # by child pid
+        self.tasks: dict[int, Task | Helper] = {}  # by child pid
         self.ids: dict[str, int] = {}          # task id -> child pid
         self.preloaded = False
         self.tmpdir: str | None = None
@@ -179,7 +201,7 @@ class Zygote:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def serve(self) -> Task | None:
+    def serve(self) -> Task | Helper | None:
         """Answer the agent until EOF, quit or a malformed message (None), or return the
         Task in a forked child."""
         for fd in (self.wakeup_r, self.wakeup_w):
@@ -223,7 +245,7 @@ class Zygote:
                 self.ids.pop(task.id, None)
                 self.send({"op": "exited", "id": task.id, "status": status})
 
-    def receive(self) -> Task | None:
+    def receive(self) -> Task | Helper | None:
         """Read one message and act on it; a Task only in a forked child."""
         try:
             data, ancdata, flags, _ = self.sock.recvmsg(
@@ -245,10 +267,12 @@ class Zygote:
             self.exit(2)
         return None
 
-    def dispatch(self, message: dict[str, Any], fds: list[int]) -> Task | None:
+    def dispatch(self, message: dict[str, Any], fds: list[int]) -> Task | Helper | None:
         op = message.get("op")
         if op == "run":
             return self.run(Task(message, fds))
+        if op == "helper":
+            return self.fork(Helper(message, fds))
         if op == "preload":
             self.preload(message, fds)
         elif op == "signal" and not fds:
@@ -377,7 +401,7 @@ class Zygote:
         gc.freeze()
         return entries
 
-    def run(self, task: Task) -> Task | None:
+    def run(self, task: Task) -> Task | Helper | None:
         """Fork the task's child. The parent reports it started and forgets its fds; the
         child gets the Task back (returned up to the top level). Declined if a cold
         interpreter would now start with another `sys.path` or site than this runner's."""
@@ -389,6 +413,13 @@ class Zygote:
             self.send({"op": "declined", "id": task.id, "reason": "python site changed"})
             self.quitting = True
             return None
+        return self.fork(task)
+
+    def fork(self, task: Task | Helper) -> Task | Helper | None:
+        """Fork the child of a task or helper: the child gets it back; the parent reports
+        `started` (or `exited` alone if the fork failed) and closes its copies of the fds."""
+        if task.id in self.ids:
+            raise ProtocolError(f"task id {task.id!r} is running")
         sys.stdout.flush()
         sys.stderr.flush()
         try:
@@ -579,6 +610,28 @@ def _child_setup(zygote: Zygote, task: Task) -> tuple[Any, dict[str, Any]]:
         sys.stderr.flush()
         os._exit(1)
     return code, _cold_main_namespace()
+
+
+def _helper_setup(zygote: Zygote, helper: Helper) -> tuple[Any, dict[str, Any]]:
+    """Make this fork what `python3 -I -S -c SOURCE ARGV...` started by the agent as the user
+    would be (session, stdio, no other fd, cwd `/`, signals, `sys.argv`); returns the code
+    and a fresh `__main__` namespace. The environment is the runner's: the user's clean one,
+    as the agent gives the cold helper."""
+    os.setsid()
+    _stdio_onto_012(helper.stdio)
+    os.closerange(3, _max_fd())
+    _cold_signals()
+    os.chdir("/")
+    sys.argv[:] = ["-c"] + helper.argv
+    if hasattr(sys, "orig_argv"):
+        sys.orig_argv = sys.orig_argv[:1] + ["-I", "-S", "-c", helper.source] + helper.argv
+    sys.path[:] = zygote.cold_path
+    _fresh_stdio()
+    code = compile(helper.source, "<string>", "exec", dont_inherit=True)
+    namespace = _cold_main_namespace()
+    for name in ("__file__", "__cached__"):  # `-c` names no file
+        namespace.pop(name, None)
+    return code, namespace
 
 
 def _invalidate_caches(warm_zip: str | None) -> None:
@@ -778,6 +831,8 @@ def _serve() -> Any:
         zygote.exit(0)
         raise AssertionError("unreachable")
     try:
+        if isinstance(task, Helper):
+            return _task_runner(*_helper_setup(zygote, task))
         return _task_runner(*_child_setup(zygote, task))
     except BaseException as exc:  # never back into the runner's code from a child
         try:

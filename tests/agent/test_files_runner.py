@@ -1,0 +1,242 @@
+"""PUT and GET /v1/files through the user's warm module runner (issue 14, item 2): a real root
+agent, real users, real AnsiballZ payloads warming the runner. Each answer says which path ran
+(`via`, `X-Marco-Via`) and equals what the cold helper gives."""
+
+from __future__ import annotations
+
+import functools
+import grp
+import io
+import os
+import signal
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from marco.client import AgentClient
+from marco.errors import MarcoError
+from marco.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
+from tests.support.ansiballz_payloads import PIPELINED, module_payload
+from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
+
+
+@pytest.fixture(scope="module")
+def data() -> bytes:
+    """Several pipe and read chunks of binary, and some UTF-8."""
+    return os.urandom(3 * 1024 * 1024 + 17) + "ünïcödé ✓".encode()
+
+
+@pytest.fixture
+def agent(start_agent: Callable[..., AgentProcess]) -> AgentProcess:
+    """An agent of this test alone: its runners are this test's."""
+    return start_agent()
+
+
+@pytest.fixture
+def open_tmp(tmp_path: Path) -> Path:
+    """`tmp_path`, which the test users may enter (pytest makes its directories 0700)."""
+    for path in (tmp_path, *tmp_path.parents):
+        if path == Path(tempfile.gettempdir()):
+            break
+        os.chmod(path, 0o755)
+    return tmp_path
+
+
+@pytest.fixture
+def group_dir(open_tmp: Path, alice: UnixUser) -> Path:
+    """A directory only alice's supplementary groups may write to."""
+    path = open_tmp / "shared"
+    path.mkdir()
+    group = min(g.gr_gid for g in grp.getgrall() if alice.name in g.gr_mem)
+    os.chown(path, 0, group)
+    os.chmod(path, 0o770)
+    return path
+
+
+def client(agent: AgentProcess, signer: TokenSigner, user: str) -> AgentClient:
+    return agent.client(signer.issue(user), timeout=60)
+
+
+def warm_up(c: AgentClient) -> int:
+    """Run a pipelined module so that the user's runner is alive and idle; its pid."""
+    result = c.run(PIPELINED, stdin=module_payload("command", {"_raw_params": "true"}))
+    assert result.rc == 0 and result.via == "runner", (result.runner_note, result.stderr)
+    runners = c.status()["runners"]
+    assert len(runners) == 1
+    return int(runners[0]["pid"])
+
+
+def get(agent: AgentProcess, signer: TokenSigner, user: str,
+        path: str) -> tuple[int, dict[str, str], bytes]:
+    """GET /v1/files raw: status, headers, body."""
+    conn = agent.connection(timeout=60)
+    try:
+        conn.request("GET", f"/v1/files?path={_quote(path)}",
+                     headers={"Authorization": f"Bearer {signer.issue(user)}"})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def _quote(path: str) -> str:
+    return quote(path, safe="")
+
+
+def put(c: AgentClient, data: bytes, path: str, **kwargs: Any) -> dict[str, Any]:
+    return c.put_file(io.BytesIO(data), path, size=len(data), **kwargs)
+
+
+def outcome(call: Callable[[], Any]) -> Any:
+    """What a file call gives: its answer, or its error's class and message."""
+    try:
+        return call()
+    except MarcoError as error:
+        return type(error).__name__, error.message
+
+
+def test_put_and_get_go_through_the_runner_as_cold(
+        agent: AgentProcess, signer: TokenSigner, alice: UnixUser, group_dir: Path,
+        data: bytes) -> None:
+    with client(agent, signer, alice.name) as c:
+        cold = put(c, data, str(group_dir / "cold.bin"), mode=0o640)
+        cold_get = get(agent, signer, alice.name, str(group_dir / "cold.bin"))
+        warm_up(c)
+        warm = put(c, data, str(group_dir / "warm.bin"), mode=0o640)
+        warm_get = get(agent, signer, alice.name, str(group_dir / "warm.bin"))
+        runners = c.status()["runners"]
+    assert (cold.pop("via"), warm.pop("via")) == ("process", "runner")
+    assert warm == {**cold, "path": str(group_dir / "warm.bin")}
+    for name in ("cold.bin", "warm.bin"):
+        info = os.stat(group_dir / name)
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (
+            alice.uid, alice.gid, 0o640)
+        assert (group_dir / name).read_bytes() == data
+    assert (cold_get[0], warm_get[0]) == (200, 200)
+    assert (cold_get[1]["X-Marco-Via"], warm_get[1]["X-Marco-Via"]) == ("process", "runner")
+    assert cold_get[1]["X-Marco-Mode"] == warm_get[1]["X-Marco-Mode"] == "0640"
+    assert cold_get[2] == warm_get[2] == data
+    assert runners[0]["tasks"] == 0  # the helpers were its tasks, and they ended
+
+
+def test_errors_through_the_runner_are_the_cold_ones(
+        agent: AgentProcess, signer: TokenSigner, alice: UnixUser, bob: UnixUser,
+        open_tmp: Path) -> None:
+    tmp_path = open_tmp
+    (tmp_path / "exists").write_bytes(b"x")
+    os.chmod(tmp_path / "exists", 0o644)
+    (tmp_path / "dir").mkdir()
+    cases: list[Callable[[AgentClient], Any]] = [
+        lambda c: put(c, b"a", "/nonexistent-dir/f"),
+        lambda c: put(c, b"a", os.path.join(bob.home, "f")),
+        lambda c: put(c, b"a", str(tmp_path / "exists"), overwrite=False),
+        lambda c: put(c, b"a", str(tmp_path / "dir")),
+        lambda c: put(c, b"a", "~/made/sub/f", mkdir=True),
+        lambda c: put(c, b"a", "~/made/sub/g", mkdir=True),  # it exists now: 409
+        lambda c: c.get_file("/nonexistent-dir/f", io.BytesIO()),
+        lambda c: c.get_file(os.path.join(bob.home, "f"), io.BytesIO()),
+        lambda c: c.get_file(str(tmp_path / "dir"), io.BytesIO()),
+    ]
+    raw = [str(tmp_path / "dir"), "/nonexistent-dir/f"]
+    with client(agent, signer, alice.name) as c:
+        cold = [outcome(functools.partial(case, c)) for case in cases]
+        cold_raw = [get(agent, signer, alice.name, path)[:2] for path in raw]
+        _remove_made(alice)
+        warm_up(c)
+        warm = [outcome(functools.partial(case, c)) for case in cases]
+        warm_raw = [get(agent, signer, alice.name, path)[:2] for path in raw]
+    assert [type(item) for item in cold] == [tuple] * 4 + [dict] + [tuple] * 4, cold
+    for answer in (cold[4], warm[4]):
+        answer.pop("via")
+    assert warm == cold
+    assert [status for status, _ in warm_raw] == [status for status, _ in cold_raw] == [400, 404]
+    assert ([headers.get("X-Marco-Via") for _, headers in cold_raw + warm_raw]
+            == [None] * 4)  # an error answer names no path: the same either way
+
+
+def _remove_made(alice: UnixUser) -> None:
+    made = Path(alice.home) / "made"
+    (made / "sub" / "f").unlink()
+    (made / "sub").rmdir()
+    made.rmdir()
+
+
+def test_overwrite_false_through_the_runner(agent: AgentProcess, signer: TokenSigner,
+                                            alice: UnixUser) -> None:
+    with client(agent, signer, alice.name) as c:
+        warm_up(c)
+        first = put(c, b"first", "keep.txt", overwrite=False)
+        again = outcome(lambda: put(c, b"second", "keep.txt", overwrite=False))
+    assert first["via"] == "runner" and first["size"] == 5
+    assert again == ("Conflict", f"{alice.home}/keep.txt exists and overwrite is false")
+    assert (Path(alice.home) / "keep.txt").read_bytes() == b"first"
+
+
+def test_an_aborted_upload_through_the_runner_leaves_nothing(
+        agent: AgentProcess, signer: TokenSigner, alice: UnixUser) -> None:
+    target = Path(alice.home) / "aborted" / "big.bin"
+    with client(agent, signer, alice.name) as c:
+        warm_up(c)
+        put(c, b"", "~/aborted/.keep", mkdir=True)
+        conn = agent.connection(timeout=60)
+        conn.putrequest("PUT", f"/v1/files?path={_quote(str(target))}")
+        conn.putheader("Authorization", f"Bearer {signer.issue(alice.name)}")
+        conn.putheader("Content-Length", str(10 * 1024 * 1024))
+        conn.endheaders()
+        conn.send(b"x" * (1024 * 1024))
+        # The helper is the runner's task while the upload runs.
+        wait_for(lambda: c.status()["runners"][0]["tasks"] == 1, what="the helper running")
+        wait_for(lambda: [n for n in os.listdir(target.parent) if n.endswith(".tmp")],
+                 what="the upload's temporary file")
+        conn.close()
+        wait_for(lambda: c.status()["runners"][0]["tasks"] == 0, what="the helper ending")
+    assert sorted(os.listdir(target.parent)) == [".keep"]
+
+
+@pytest.mark.parametrize("how", ["runner off", "no runner yet"])
+def test_without_a_live_runner_files_go_by_process(
+        start_agent: Callable[..., AgentProcess], signer: TokenSigner, alice: UnixUser,
+        how: str) -> None:
+    agent = start_agent(extra_args=["--no-runner"] if how == "runner off" else [])
+    with client(agent, signer, alice.name) as c:
+        if how == "runner off":
+            assert c.run(PIPELINED, stdin=module_payload("command", {"_raw_params": "true"})
+                         ).via == "process"
+        answer = put(c, b"data", "plain.txt")
+        got = get(agent, signer, alice.name, "plain.txt")
+        assert c.status()["runners"] == []  # no runner was started for a file
+    assert answer["via"] == "process"
+    assert (got[0], got[1]["X-Marco-Via"], got[2]) == (200, "process", b"data")
+
+
+def test_a_runner_killed_between_two_puts(agent: AgentProcess, signer: TokenSigner,
+                                          alice: UnixUser) -> None:
+    with client(agent, signer, alice.name) as c:
+        pid = warm_up(c)
+        first = put(c, b"one", "twice.txt")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: c.status()["runners"] == [], what="the killed runner forgotten")
+        second = put(c, b"two", "twice.txt")
+    assert (first["via"], second["via"]) == ("runner", "process")
+    assert (Path(alice.home) / "twice.txt").read_bytes() == b"two"
+
+
+def test_another_users_runner_never_serves_a_file(agent: AgentProcess, signer: TokenSigner,
+                                                  alice: UnixUser, bob: UnixUser) -> None:
+    with client(agent, signer, bob.name) as b, client(agent, signer, alice.name) as a:
+        warm_up(b)
+        mine = put(a, b"alice's", "owner.txt")
+        got = get(agent, signer, alice.name, "owner.txt")
+        theirs = put(b, b"bob's", "owner.txt")
+    assert (mine["via"], got[1]["X-Marco-Via"], theirs["via"]) == ("process", "process",
+                                                                   "runner")
+    for user, data in ((alice, b"alice's"), (bob, b"bob's")):
+        path = Path(user.home) / "owner.txt"
+        assert path.read_bytes() == data and path.stat().st_uid == user.uid
