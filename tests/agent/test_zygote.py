@@ -567,6 +567,15 @@ MALFORMED = {
     "a signal number too big": (b'{"op": "signal", "id": "x", "signal": 99}', 0),
     "too long": (b'{"op": "quit", "pad": "' + b"x" * 70000 + b'"}', 0),
     "nested too deep": (b'{"op": "quit", "x": ' + b"[" * 30000 + b"]" * 30000 + b"}", 0),
+    "helper with two fds": (b'{"op": "helper", "id": "h", "argv": [], "source": ""}', 2),
+    "helper with four fds": (b'{"op": "helper", "id": "h", "argv": [], "source": ""}', 4),
+    "helper argv not a list": (b'{"op": "helper", "id": "h", "argv": "x", "source": ""}', 3),
+    "helper argv with a NUL": (
+        b'{"op": "helper", "id": "h", "argv": ["a\\u0000"], "source": ""}', 3),
+    "helper argv too long": (
+        b'{"op": "helper", "id": "h", "argv": ' + json.dumps(["a"] * 17).encode()
+        + b', "source": ""}', 3),
+    "helper source not text": (b'{"op": "helper", "id": "h", "argv": [], "source": 1}', 3),
 }
 
 
@@ -706,3 +715,103 @@ def test_a_module_added_to_an_existing_site_dir_is_seen_warm(siteuser: UserIdent
         assert isinstance(ran, Ran) and (ran.status, ran.stdout) == (0, b"r7later imported\n")
     finally:
         fake.close()
+
+
+# -- the file helper op ----------------------------------------------------------------------
+
+HELPER_STATE = """
+import os, signal, sys
+print(sys.argv)
+print(os.getcwd(), os.getsid(0) == os.getpid(), os.getpgid(0) == os.getpid())
+print(sorted(os.listdir("/proc/self/fd")))
+print(__name__, sorted(globals()))
+print(os.getuid(), os.geteuid(), os.getgid(), sorted(os.getgroups()))
+print(sorted(os.environ.items()))
+print([signal.getsignal(s) for s in (signal.SIGINT, signal.SIGPIPE, signal.SIGCHLD)])
+print(repr(sys.stdin.read()), sys.stdout.isatty())
+sys.stdout.flush()
+raise SystemExit(int(sys.argv[1]))
+"""
+HELPER_ENDINGS = {
+    "exception": "def f():\n    raise ValueError('boom')\nf()\n",
+    "sys.exit(msg)": "import sys\nsys.exit('it failed')\n",
+    "clean": "print('done')\n",
+}
+
+
+def run_helper(fake: FakeAgent, source: str, argv: list[str],
+               stdin: bytes = b"") -> Ran:
+    """The `helper` op: a child running `source` as `python3 -I -S -c source argv`."""
+    fake.tasks += 1
+    helper_id = f"helper-{fake.tasks}"
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    stderr_r, stderr_w = os.pipe()
+    fake.send({"op": "helper", "id": helper_id, "argv": argv, "source": source},
+              [stdin_r, stdout_w, stderr_w])
+    for fd in (stdin_r, stdout_w, stderr_w):
+        os.close(fd)
+    return Running(fake, helper_id, stdin_w, stdout_r, stderr_r, stdin).finish()
+
+
+def cold_helper(user: UserIdentity, source: str, argv: list[str], stdin: bytes = b"") -> Ran:
+    """The same as the agent starts its file helper cold: `python3 -I -S -c`, as the user,
+    clean environment, cwd /, own session."""
+    done = subprocess.run([PYTHON, "-I", "-S", "-c", source, *argv], input=stdin,
+                          capture_output=True, cwd="/", env=user.clean_environment(),
+                          start_new_session=True, timeout=DEADLINE,
+                          **UserResolver().popen_identity(user))
+    return Ran(done.returncode << 8, done.stdout, done.stderr)
+
+
+def test_a_helper_starts_as_python_c_would(warm: FakeAgent) -> None:
+    argv = ["7", "write", "/tmp/ü x", "-"]
+    ran = run_helper(warm, HELPER_STATE, argv, stdin=b"in")
+    expected = cold_helper(warm.user, HELPER_STATE, argv, stdin=b"in")
+    assert ran.rc == expected.rc == 7
+    assert (ran.stdout.decode(), ran.stderr) == (expected.stdout.decode(), expected.stderr)
+    assert ran.stdout.decode().splitlines()[1] == "/ True True"
+    assert _gone(ran.pid)  # reaped by the runner, which goes on
+    assert run_helper(warm, "print('again')", []).stdout == b"again\n"
+
+
+@pytest.mark.parametrize("ending", sorted(HELPER_ENDINGS))
+def test_a_helper_ends_as_python_c_ends(warm: FakeAgent, ending: str) -> None:
+    source = HELPER_ENDINGS[ending]
+    ran, expected = run_helper(warm, source, []), cold_helper(warm.user, source, [])
+    assert (ran.rc, ran.stdout, ran.stderr) == (expected.rc, expected.stdout, expected.stderr)
+    if ending == "exception":
+        assert ran.rc == 1 and ran.stderr.startswith(b"Traceback")
+        assert b'File "<string>", line 3, in <module>' in ran.stderr
+
+
+def test_a_helper_is_a_task_of_the_runner(warm: FakeAgent) -> None:
+    """Signalled by its id, waited for by quit, in the same id space as runs."""
+    sleeper = start_helper(warm, "sleeps", "print('up', flush=True)\nimport time\n"
+                           "time.sleep(60)\n")
+    assert _read_line(sleeper[1]) == "up\n"
+    warm.send({"op": "signal", "id": "sleeps", "signal": signal.SIGTERM})
+    exited, _ = warm.expect("sleeps", "exited")
+    assert os.WIFSIGNALED(exited["status"]) and os.WTERMSIG(exited["status"]) == signal.SIGTERM
+    reader = start_helper(warm, "reads", "import sys\nprint(sys.stdin.read())\n")
+    warm.send({"op": "quit"})
+    _write_and_close(reader[0], b"after quit")
+    assert _read_pipes(reader[1])[reader[1]] == b"after quit\n"
+    exited, _ = warm.expect("reads", "exited")
+    assert exited["status"] == 0
+    assert warm.ended() == 0
+    for fd in (sleeper[0], sleeper[1], sleeper[2], reader[2]):
+        os.close(fd)
+
+
+def start_helper(fake: FakeAgent, helper_id: str, source: str) -> tuple[int, int, int]:
+    """Start a helper; the agent's ends (stdin_w, stdout_r, stderr_r) once it started."""
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    stderr_r, stderr_w = os.pipe()
+    fake.send({"op": "helper", "id": helper_id, "argv": [], "source": source},
+              [stdin_r, stdout_w, stderr_w])
+    for fd in (stdin_r, stdout_w, stderr_w):
+        os.close(fd)
+    fake.expect(helper_id, "started")
+    return stdin_w, stdout_r, stderr_r
