@@ -31,7 +31,7 @@ from .errors import (
     error_from_response,
 )
 
-VERSION = 2                     # 2: `put` carries `mkdir`; results carry `user` and `home`
+VERSION = 2   # 2: `put` carries `mkdir`, results `user` and `home`; the `home` call
 SOCKET_NAME = "mux.sock"
 LOCK_NAME = "mux.lock"
 LOG_NAME = "mux.log"

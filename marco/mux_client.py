@@ -221,6 +221,16 @@ class MuxClient:
 
         return self._exchange(head, bound, exchange)
 
+    def known_home(self) -> tuple[str, str]:
+        """(user, home) the last answer through the mux named for this agent and token, or
+        ("", ""): asked of the mux alone, the agent is not reached."""
+        def exchange(frames: Frames) -> tuple[str, str]:
+            answer = frames.head()
+            raise_if_error(answer)
+            return str(answer.get("user") or ""), str(answer.get("home") or "")
+
+        return self._exchange(self._call("home"), self.timeout + MARGIN, exchange)
+
     def put_file(self, source: BinaryIO | Callable[[], bytes], path: str, mode: int | None = None,
                  overwrite: bool = True, size: int | None = None,
                  mkdir: bool = False) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import select
@@ -19,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -45,6 +47,7 @@ log = logging.getLogger("marco.mux")
 
 LOCK_WAIT = 2.0            # seconds a new mux waits for an exiting one to let go of the lock
 LOG_LIMIT = 1024 * 1024    # the log is started afresh past this size
+KNOWN_HOMES = 4096         # (agent, token) pairs whose user and home the mux remembers
 TlsFiles = tuple[str, str, str, str | None]
 
 
@@ -238,6 +241,9 @@ class Session:
             self.put(head, target, token)
         elif op == "get":
             self.get(head, target, token)
+        elif op == "home":
+            user, home = self.server.homes.known(target, token)
+            self.frames.send_head({"user": user, "home": home})
         else:
             raise ClientGone(f"unknown call {op!r}")
 
@@ -281,6 +287,7 @@ class Session:
         if result is None:
             self.frames.send_error(_as_marco_error(failure))
             return
+        self.server.homes.learn(target, token, result.user, result.home)
         self.frames.send_head({"result": {field.name: getattr(result, field.name)
                                           for field in fields(result)
                                           if field.name not in ("stdout", "stderr")}})
@@ -356,12 +363,43 @@ def _as_marco_error(exc: BaseException | None) -> MarcoError:
     return MarcoError(f"marco-mux: {type(exc).__name__}: {exc}")
 
 
+class KnownHomes:
+    """Whom each (agent, token) ran as and that user's home, from the last answer through this
+    mux: a task's `echo ~` is answered from it (ansible_plugins/core/remote_tmp.py). Keyed by
+    a digest of the token (the mux keeps no token); at most `limit`, least recent dropped."""
+
+    def __init__(self, limit: int = KNOWN_HOMES) -> None:
+        self.limit = limit
+        self._homes: OrderedDict[tuple[str, int, str, str], tuple[str, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(target: Target, token: str) -> tuple[str, int, str, str]:
+        return (target.host, target.port, target.node,
+                hashlib.sha256(token.encode()).hexdigest())
+
+    def learn(self, target: Target, token: str, user: str, home: str) -> None:
+        if not (user and home):
+            return
+        key = self._key(target, token)
+        with self._lock:
+            self._homes[key] = (user, home)
+            self._homes.move_to_end(key)
+            while len(self._homes) > self.limit:
+                self._homes.popitem(last=False)
+
+    def known(self, target: Target, token: str) -> tuple[str, str]:
+        with self._lock:
+            return self._homes.get(self._key(target, token), ("", ""))
+
+
 class MuxServer:
     """The listening socket, its clients, the pool and the idle clock."""
 
     def __init__(self, listener: socket.socket, settings: MuxSettings) -> None:
         self.listener, self.settings = listener, settings
         self.pool = AgentPool(settings.max_idle_connections, settings.max_connection_seconds)
+        self.homes = KnownHomes()
         self.hangups = HangupWatch()
         self._lock = threading.Lock()
         self._clients = 0

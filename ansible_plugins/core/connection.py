@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import typing as t
 
-from ansible.errors import AnsibleError, AnsibleFileNotFound
+from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
 from ansible.module_utils.common.text.converters import to_bytes, to_text
 from ansible.plugins.connection import ConnectionBase
 from ansible.utils.display import Display
@@ -26,6 +26,7 @@ from marco.protocol import MAX_LABEL_CHARS
 from marco.tls import ClientTls
 
 from .errors import to_ansible
+from .remote_tmp import RemoteTmp
 
 display = Display()
 
@@ -56,6 +57,8 @@ class MarcoConnection(ConnectionBase):
         # The worker's TaskExecutor names its task when it makes the connection: the same
         # id the callback sends as the task's `task_id`.
         self._task_uuid = str(kwargs.get("task_uuid") or "")
+        # Wraps this connection's own shell plugin, made by ConnectionBase above.
+        self._tmp = RemoteTmp(self._shell)
 
     # -- options and labels -------------------------------------------------------------------
 
@@ -68,6 +71,7 @@ class MarcoConnection(ConnectionBase):
         if var_options:
             self._host_name = str(var_options.get("inventory_hostname") or "")
         self._play_name = str(self.get_option("play_name") or "")
+        self._tmp.enabled = bool(self.get_option("tmp_shortcuts"))
 
     def _label(self) -> str:
         """`play / task @ host` within the agent's limit: a long play name is shortened
@@ -132,8 +136,15 @@ class MarcoConnection(ConnectionBase):
             except MarcoError as error:
                 display.vvv(f"MARCO MUX: direct ({error.message})", host=self._host)
             else:
-                display.vvv(f"MARCO MUX: via mux (pid {client.pid})", host=self._host)
-                return client
+                try:
+                    if self._tmp.enabled:  # for this task's `echo ~` (remote_tmp.py)
+                        self._tmp.learn(*client.known_home())
+                except MarcoError as error:
+                    client.close()
+                    display.vvv(f"MARCO MUX: direct ({error.message})", host=self._host)
+                else:
+                    display.vvv(f"MARCO MUX: via mux (pid {client.pid})", host=self._host)
+                    return client
         return AgentClient(self._host, port, token, node=node, tls=tls, timeout=timeout)
 
     def exec_command(self, cmd: str, in_data: bytes | None = None,
@@ -141,6 +152,13 @@ class MarcoConnection(ConnectionBase):
         super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
         self._connect()
         assert self._client is not None
+        shortcut = self._tmp.answer(to_text(cmd), in_data, becoming=bool(sudoable and self.become))
+        if shortcut is not None:
+            (rc, out, err), note = shortcut
+            display.vvv(f"EXEC {to_text(cmd)}", host=self._host)
+            display.vvv(f"MARCO TMP: {note}", host=self._host)
+            return rc, out, err
+        self._make_deferred_tmp(to_text(cmd), in_data)
         stdin = in_data or b""
         if sudoable and self.become and self.become.expect_prompt() and self._sudo_wants_password():
             # sudo -S reads the password as the first line of stdin, then the payload follows.
@@ -157,6 +175,7 @@ class MarcoConnection(ConnectionBase):
                                       tags=self._tags(), runner=runner)
         except MarcoError as error:
             raise to_ansible(error, self._host, "exec") from None
+        self._tmp.learn(result.user, result.home)
         display.vvv(f"MARCO RUNNER {result.via}: {why_not or result.runner_note}",
                     host=self._host)
         if result.timed_out:
@@ -177,6 +196,25 @@ class MarcoConnection(ConnectionBase):
             # Without a password to send, su read the module's first line as one and failed.
             raise AnsibleError(_needs_terminal(self.become))
         return rc, result.stdout, stderr
+
+    def _make_deferred_tmp(self, text: str, data: bytes | None = None) -> None:
+        """Run the remote tmp's real `mkdir`, deferred by RemoteTmp, before a command (`text`,
+        stdin `data`) or a file path that names the tmp reaches the node."""
+        command = self._tmp.deferred_command(text, data)
+        if command is None:
+            return
+        assert self._client is not None
+        display.vvv(f"MARCO TMP: making the deferred tmp first: {command}", host=self._host)
+        try:
+            result = self._client.run(command, label=self._label(), tags=self._tags(),
+                                      runner=self._runner_wanted(False)[0])
+        except MarcoError as error:
+            raise to_ansible(error, self._host, "exec") from None
+        if result.rc != 0:
+            detail = to_text(result.stderr or result.stdout).strip()
+            raise AnsibleConnectionFailure(
+                f"Failed to create temporary directory on {self._host}: {command} exited with "
+                f"{result.rc}: {detail}")
 
     def _runner_wanted(self, sudoable: bool) -> tuple[bool, str]:
         """May the agent's module runner run this command, and if not, why (for -vvv)? A
@@ -211,10 +249,15 @@ class MarcoConnection(ConnectionBase):
         display.vvv(f"PUT {in_path} TO {out_path}", host=self._host)
         if not os.path.exists(to_bytes(in_path, errors="surrogate_or_strict")):
             raise AnsibleFileNotFound(f"file or module does not exist: {in_path}")
+        mkdir = self._tmp.upload_makes_tmp(to_text(out_path))
+        if mkdir:
+            display.vvv("MARCO TMP: this upload makes the deferred tmp", host=self._host)
+        else:
+            self._make_deferred_tmp(to_text(out_path))
         try:
             with open(to_bytes(in_path, errors="surrogate_or_strict"), "rb") as source:
                 self._client.put_file(source, to_text(out_path),
-                                      size=os.fstat(source.fileno()).st_size)
+                                      size=os.fstat(source.fileno()).st_size, mkdir=mkdir)
         except MarcoError as error:
             raise to_ansible(error, self._host, f"put {out_path}") from None
 
@@ -223,6 +266,7 @@ class MarcoConnection(ConnectionBase):
         self._connect()
         assert self._client is not None
         display.vvv(f"FETCH {in_path} TO {out_path}", host=self._host)
+        self._make_deferred_tmp(to_text(in_path))
         target = to_bytes(out_path, errors="surrogate_or_strict")
         partial = target + b".marco-partial"
         try:

@@ -426,3 +426,23 @@ def test_plain_http_goes_to_loopback_only(start_agent, signer: TokenSigner, alic
     with MuxClient.open("192.0.2.1", agent.port, token, environ=environ) as client:
         with pytest.raises(ConfigError, match="refusing plain HTTP"):
             client.run(["true"])
+
+
+def test_the_mux_remembers_whom_a_token_ran_as(start_agent, signer: TokenSigner,
+                                               alice: UnixUser, bob: UnixUser, pki: TestPki,
+                                               private_dirs, muxes) -> None:
+    """The `home` call answers from the last result through the mux for that agent and token
+    (what a task's `echo ~` needs), without reaching the agent; another token gets nothing."""
+    agent = start_agent()
+    runtime = private_dirs()
+    tls = tls_copy(pki, runtime)
+    token = signer.issue(alice.name)
+    with open_mux(agent, token, tls, runtime) as client:
+        muxes.append(client.pid)
+        assert client.known_home() == ("", "")  # nothing ran yet
+        assert client.run(["true"]).rc == 0
+        assert client.known_home() == (alice.name, alice.home)
+    with open_mux(agent, token, tls, runtime) as client:  # the next task
+        assert client.known_home() == (alice.name, alice.home)
+    with open_mux(agent, signer.issue(bob.name), tls, runtime) as client:
+        assert client.known_home() == ("", "")

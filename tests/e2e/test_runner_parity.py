@@ -114,7 +114,8 @@ def _run_parity(fleet: Fleet, token: str, mode: str, user: UnixUser, become_to: 
     fetch_dir = workdir / f"fetched-{mode}"
     results_file = workdir / f"results-{mode}.json"
     out = fleet.ansible(token, str(PARITY), "-vvv", "--limit", fleet.names[0],
-                        "-e", f"marco_runner={MODES[mode]}", "-e", f"base={base}",
+                        "-e", f"marco_runner={MODES[mode]}",
+                        "-e", f"marco_tmp_shortcuts={MODES[mode]}", "-e", f"base={base}",
                         "-e", f"binary_src={blob}", "-e", f"fetch_dir={fetch_dir}",
                         "-e", f"results_file={results_file}", "-e", f"become_to={become_to}")
     assert out.returncode == 0, f"{mode} run:\n{_failure(out.stdout)}\n{out.stderr[-3000:]}"
@@ -124,8 +125,8 @@ def _run_parity(fleet: Fleet, token: str, mode: str, user: UnixUser, become_to: 
 @pytest.fixture(scope="module")
 def runs(fleet: Fleet, signer: TokenSigner, alice: UnixUser, sudo_to_bob: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, PlaybookRun]]:
-    """parity.yml as alice on the first node: warm first (so its runner starts within the
-    play), then with the runner off."""
+    """parity.yml as alice on the first node: warm first (runner and tmp shortcuts on, so its
+    runner starts within the play), then cold (both off)."""
     workdir = tmp_path_factory.mktemp("runner-parity")
     blob = workdir / "blob.bin"
     blob.write_bytes(os.urandom(3 * 1024 * 1024) + bytes(range(256)))
@@ -296,6 +297,26 @@ def test_vvv_names_the_path_each_task_took(runs: dict[str, PlaybookRun]) -> None
     assert ("process", "become") in became and not [p for p in became if p[0] == "runner"], became
     assert ("process", "runner off") in cold.paths("Ping")
     assert "MARCO RUNNER runner:" not in cold.output
+
+
+def test_file_tasks_skip_the_shell_for_home_and_tmp(runs: dict[str, PlaybookRun]) -> None:
+    """With tmp shortcuts on, `echo ~` is answered from the home the agent named (through the
+    mux, from an earlier task) and the tmp's mkdir waits for the first command or file that
+    names the tmp: the copy's stat module carries it (`_ansible_tmpdir`), so the mkdir runs
+    first; a script's upload makes it. Fewer commands, the same results
+    (test_every_result_is_the_same_warm_and_off); off, every step is a command on the node."""
+    warm, cold = runs["warm"], runs["cold"]
+    for task in ("Copy a binary file", "Template", "Script with arguments"):
+        text = warm.task_output(task)
+        assert "MARCO TMP: echo ~ is " in text, (task, text[-3000:])
+        assert len(warm.paths(task)) < len(cold.paths(task)), (task, warm.paths(task),
+                                                                cold.paths(task))
+    copy = warm.task_output("Copy a binary file")
+    assert "deferred to the first upload into it" in copy
+    assert "MARCO TMP: making the deferred tmp first" in copy
+    script = warm.task_output("Script with arguments")
+    assert "MARCO TMP: this upload makes the deferred tmp" in script, script[-3000:]
+    assert "MARCO TMP:" not in cold.output
 
 
 def _runners(fleet: Fleet, tokens: list[str]) -> dict[int, dict[str, Any]]:

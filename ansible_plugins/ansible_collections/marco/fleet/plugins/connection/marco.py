@@ -119,6 +119,20 @@ options:
       - name: marco_runner
     env:
       - name: MARCO_RUNNER
+  tmp_shortcuts:
+    description:
+      - Answer Ansible's C(echo ~) from the home the agent named in this task's previous answer,
+        and make the remote tmp with the first upload into it (C(PUT /v1/files?mkdir=true))
+        instead of a separate C(mkdir) command, so a C(copy) or C(template) task needs two
+        fewer commands on the node. Only commands this connection's shell plugin generated
+        with plain paths are taken; any other command first runs the deferred C(mkdir).
+        C(-vvv) shows each in a C(MARCO TMP) line.
+    type: boolean
+    default: true
+    vars:
+      - name: marco_tmp_shortcuts
+    env:
+      - name: MARCO_TMP_SHORTCUTS
   mux:
     description:
       - Reach the agents through C(marco-mux), a process per Unix user on this machine (like
