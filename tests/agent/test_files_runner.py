@@ -8,6 +8,7 @@ import functools
 import grp
 import io
 import os
+import shutil
 import signal
 import stat
 import tempfile
@@ -62,6 +63,9 @@ def group_dir(open_tmp: Path, alice: UnixUser) -> Path:
 
 def client(agent: AgentProcess, signer: TokenSigner, user: str) -> AgentClient:
     return agent.client(signer.issue(user), timeout=60)
+
+
+PYTHON = "/usr/bin/python3"  # the interpreter of PIPELINED modules
 
 
 def warm_up(c: AgentClient) -> int:
@@ -153,8 +157,7 @@ def test_errors_through_the_runner_are_the_cold_ones(
         warm = [outcome(functools.partial(case, c)) for case in cases]
         warm_raw = [get(agent, signer, alice.name, path)[:2] for path in raw]
     assert [type(item) for item in cold] == [tuple] * 4 + [dict] + [tuple] * 4, cold
-    for answer in (cold[4], warm[4]):
-        answer.pop("via")
+    assert (cold[4].pop("via"), warm[4].pop("via")) == ("process", "runner")
     assert warm == cold
     assert [status for status, _ in warm_raw] == [status for status, _ in cold_raw] == [400, 404]
     assert ([headers.get("X-Marco-Via") for _, headers in cold_raw + warm_raw]
@@ -240,3 +243,22 @@ def test_another_users_runner_never_serves_a_file(agent: AgentProcess, signer: T
     for user, data in ((alice, b"alice's"), (bob, b"bob's")):
         path = Path(user.home) / "owner.txt"
         assert path.read_bytes() == data and path.stat().st_uid == user.uid
+
+
+def test_a_runner_on_another_interpreter_file_never_serves_a_file(
+        start_agent: Callable[..., AgentProcess], signer: TokenSigner, alice: UnixUser,
+        open_tmp: Path) -> None:
+    """The helper's interpreter is the agent's `helper_python`: a runner of another file (here
+    /usr/bin/python3 against a copy of it) does not run it; a link to the same file does."""
+    copy = open_tmp / "python3-copy"
+    shutil.copy2(os.path.realpath(PYTHON), copy)
+    link = open_tmp / "python3-link"
+    link.symlink_to(os.path.realpath(PYTHON))
+    answers = []
+    for helper_python in (copy, link):
+        agent = start_agent(extra_args=["--helper-python", str(helper_python)])
+        with client(agent, signer, alice.name) as c:
+            warm_up(c)
+            answers.append(put(c, b"data", "interp.txt"))
+            agent.stop()
+    assert [answer["via"] for answer in answers] == ["process", "runner"]
