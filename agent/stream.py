@@ -5,6 +5,12 @@ sent. A bad, expired or missing token closes the socket with 4401; a user who al
 `max_sockets_per_user` sockets open gets 4429. Every later message that acts re-checks the
 token's age. Sending never blocks: a socket whose queue would pass `max_socket_pending_bytes`
 with the next message is closed with 4408 and can reconnect and replay from its last seq.
+
+The controller's service token (with the controller's certificate under mutual TLS) opens a
+status-only service subscription instead: its socket is in no user's table, so it never gets
+any user's output, and it may only subscribe to status and ping (issue 15: the controller
+subscribes to each node's status once and fans it out to every page). Service subscriptions
+count against `max_sockets_per_user` as one more user would.
 """
 
 from __future__ import annotations
@@ -22,13 +28,17 @@ from marco.errors import BadRequest, MarcoError, to_body
 from marco.jsonapi import JsonApiMixin
 
 from .context import AgentContext
-from .handlers import MAX_REPLAY_LINES
+from .handlers import MAX_REPLAY_LINES, is_controller
 from .users import UserIdentity
 
 log = logging.getLogger(__name__)
 
 AUTH_TIMEOUT = 10.0
 REPLAY_BYTES = 4 * 1024 * 1024  # per replay request; the client asks again from `next`
+# The hub key counting service subscriptions against max_sockets_per_user: no Unix user can be
+# named so, and nothing is ever published to it (events are published by execution user).
+SERVICE_KEY = "\x00controller"
+SERVICE_MESSAGES = ("subscribe", "ping")
 
 
 class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
@@ -45,6 +55,8 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         self.pending_bytes = 0
         self.closed = False
         self.status_subscribed = False
+        self.service = False
+        self.peer_cert: Any = None
         self._auth_timer: asyncio.TimerHandle | None = None
 
     def check_origin(self, origin: str) -> bool:
@@ -53,6 +65,7 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if self.request.headers.get("Upgrade", "").lower() != "websocket":
             raise BadRequest("/v1/stream is a WebSocket: send an Upgrade request")
+        self.peer_cert = self.request.get_ssl_certificate()  # before the upgrade detaches it
         await super().get(*args, **kwargs)
 
     def open(self) -> None:
@@ -68,11 +81,12 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         except ValueError:
             self.close(protocol.CLOSE_BAD_MESSAGE, "messages must be JSON objects with a type")
             return
-        if self.user is None:
+        if self.user is None and not self.service:
             self._authenticate(data)
             return
         try:
-            self.ctx.verify(self.token)  # every acting message re-checks max_age and revocation
+            # Every acting message re-checks max_age and revocation.
+            self.ctx.verify_service(self.token) if self.service else self.ctx.verify(self.token)
         except MarcoError as error:
             self.close(protocol.CLOSE_UNAUTHORIZED, str(error)[:120])
             return
@@ -88,18 +102,16 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
             return
         token = data.get("token")
         token = token if isinstance(token, str) else ""
+        if self._is_service_token(token):
+            self._authenticate_service(token)
+            return
         try:
             user = self.ctx.authenticate(token, self.request.remote_ip or "?")
         except MarcoError as error:
             code = protocol.CLOSE_FORBIDDEN if error.status == 403 else protocol.CLOSE_UNAUTHORIZED
             self.close(code, str(error)[:120])
             return
-        if self._auth_timer is not None:
-            self._auth_timer.cancel()
-        # The socket lives no longer than its token: it closes (4401) when the token expires.
-        expires_in = self.ctx.signer.expires_at(token) - time.time()
-        self._auth_timer = asyncio.get_running_loop().call_later(
-            max(expires_in, 0), self.close, protocol.CLOSE_UNAUTHORIZED, "token expired")
+        self._expire_with(self.ctx.signer.expires_at(token))
         open_sockets, cap = self.ctx.hub.count(user.name), self.ctx.config.max_sockets_per_user
         if open_sockets >= cap:
             self.close(protocol.CLOSE_TOO_MANY_SOCKETS,
@@ -113,16 +125,53 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
                                    "proto": protocol.PROTOCOL_VERSION,
                                    "executions": executions}))
 
+    def _expire_with(self, expires_at: float) -> None:
+        """The socket lives no longer than its token: it closes (4401) when the token expires."""
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        self._auth_timer = asyncio.get_running_loop().call_later(
+            max(expires_at - time.time(), 0), self.close, protocol.CLOSE_UNAUTHORIZED,
+            "token expired")
+
+    def _is_service_token(self, token: str) -> bool:
+        """Whether `token` is the controller's service token (its own salt: no user token
+        passes for one, nor one for a user token)."""
+        try:
+            self.ctx.verify_service(token)
+        except MarcoError:
+            return False
+        return True
+
+    def _authenticate_service(self, token: str) -> None:
+        """A status-only service subscription: the controller's token and, under mutual TLS,
+        its certificate (every node holds the secret that signs service tokens)."""
+        if self.ctx.crl is not None and not is_controller(self.peer_cert):
+            self.close(protocol.CLOSE_FORBIDDEN, "only the controller's certificate may "
+                       "open a service subscription")
+            return
+        self._expire_with(self.ctx.service_signer.expires_at(token))
+        open_sockets, cap = self.ctx.hub.count(SERVICE_KEY), self.ctx.config.max_sockets_per_user
+        if open_sockets >= cap:
+            self.close(protocol.CLOSE_TOO_MANY_SOCKETS,
+                       f"{open_sockets} service subscriptions are open here (the limit is {cap})")
+            return
+        self.service, self.token = True, token
+        self.ctx.hub.add(SERVICE_KEY, self)
+        self.send(protocol.encode({"type": "hello", "service": True,
+                                   "node": self.ctx.config.node_name,
+                                   "proto": protocol.PROTOCOL_VERSION, "executions": []}))
+
     def _dispatch(self, data: dict[str, Any]) -> None:
-        assert self.user is not None
         kind = data["type"]
+        if self.service and kind not in SERVICE_MESSAGES:
+            raise BadRequest(f"a service subscription carries status only, not {kind!r}")
         if kind == "subscribe":
             if not isinstance(data.get("status"), bool):
                 raise BadRequest("'status' must be true or false")
             self._subscribe_status(data["status"])
-        elif kind == "replay":
+        elif kind == "replay" and self.user is not None:
             self._replay(str(data.get("id", "")), data.get("since", 0))
-        elif kind == "stop":
+        elif kind == "stop" and self.user is not None:
             self.ctx.executions.stop(self.user.name, str(data.get("id", "")))
         elif kind == "ping":
             self.send(protocol.encode({"type": "pong", "data": data.get("data")}))
@@ -159,7 +208,7 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
     def revoke(self) -> None:
         """Its user logged out everywhere: close if this socket's token is now refused."""
         try:
-            self.ctx.verify(self.token)
+            self.ctx.verify_service(self.token) if self.service else self.ctx.verify(self.token)
         except MarcoError as error:
             self.close(protocol.CLOSE_UNAUTHORIZED, str(error)[:120])
             self._forget()
@@ -198,8 +247,8 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         self.closed = True
         if self._auth_timer is not None:
             self._auth_timer.cancel()
-        if self.user is not None:
-            self.ctx.hub.remove(self.user.name, self)
+        if self.user is not None or self.service:
+            self.ctx.hub.remove(self.user.name if self.user else SERVICE_KEY, self)
         if self.status_subscribed:
             self.ctx.status.unsubscribe(self.send)
             self.status_subscribed = False

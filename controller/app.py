@@ -11,6 +11,7 @@ from marco.serving import log_request
 from .api import InventoryApi, LogoutApi, NodesApi, RevokeApi, RunApi, SessionApi, TokenApi
 from .context import ControllerContext
 from .deploy import DeployApi
+from .page_socket import PageHub, PageSocket
 from .pages import IndexPage, LoginPage, LogoutPage, RunPage, RunsPage
 from .relay import RelaySocket
 from .runs import ROUTES as RUN_ROUTES
@@ -37,8 +38,10 @@ def make_app(ctx: ControllerContext) -> tornado.web.Application:
         (r"/relay/([^/]+)", RelaySocket),
         *RUN_ROUTES,
     ]
+    # The page's one socket (issue 15); its hub holds the status and output feeds it shares.
+    page_socket = (r"/page-socket", PageSocket, {"ctx": ctx, "hub": PageHub(ctx)})
     return tornado.web.Application(
-        [(path, handler, {"ctx": ctx}) for path, handler in routes],
+        [(path, handler, {"ctx": ctx}) for path, handler in routes] + [page_socket],
         template_path=str(HERE / "templates"), static_path=str(HERE / "static"),
         cookie_secret=ctx.cookie_secret, key_version=max(ctx.cookie_secret), xsrf_cookies=True,
         login_url="/login",
