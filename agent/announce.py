@@ -3,7 +3,13 @@
 `choose_mdns_interfaces` (marco.protocol, shared with the controller's browser) decides where to
 announce (never every network by default), `Announcement` says what (the `_marco._tcp.local.`
 service and its TXT record), and `Announcer`
-registers it and withdraws it with goodbye packets. The agent's `main()` owns the signal
+checks the name is free, registers it and withdraws it with goodbye packets.
+
+The name check is a one-shot mDNS query (RFC 6762 5.1, 6.7) from a port of its own on each IPv4
+interface: any responder holding the name answers it at once by unicast to that port, free of
+the one-second multicast rule and of the other mDNS stacks sharing UDP 5353 on this host. It
+replaces zeroconf's three QU probes (150-250 ms + 1 s, and their unicast answers may land in
+another process's socket) and the earlier 0.5 s QM wait. The agent's `main()` owns the signal
 handlers: on SIGTERM/SIGINT it awaits `Announcer.stop()` (or leaves `async with Announcer(...)`).
 """
 
@@ -14,12 +20,18 @@ import logging
 import os
 import platform
 import re
+import secrets
+import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
 from zeroconf import (
     BadTypeInNameException,
+    DNSIncoming,
+    DNSOutgoing,
+    DNSQuestion,
     DNSQuestionType,
     NonUniqueNameException,
     ServiceNameAlreadyRegistered,
@@ -34,9 +46,21 @@ log = logging.getLogger(__name__)
 
 #: Longest wait for the goodbye packets on stop (zeroconf sends three, 125 ms apart).
 GOODBYE_TIMEOUT = 5.0
-#: Default seconds to listen for another owner of our name before probing. A responder that
-#: multicast its records in the last second may hold its answer for up to 1 s (RFC 6762 6).
-CLASH_CHECK_SECONDS = 0.5
+#: Default seconds to listen for another owner of our name before announcing. The one-shot
+#: query's answer is unicast at once (no 1 s multicast hold, RFC 6762 6.7); the window covers
+#: a loaded responder and a lost packet (the query is sent CLASH_QUERIES times within it).
+CLASH_CHECK_SECONDS = 0.3
+#: One-shot queries sent over the check window, evenly spaced.
+CLASH_QUERIES = 3
+#: Seconds to listen on an IPv6 interface, where the check is a QM query on the shared socket
+#: instead: a responder that multicast its records in the last second may hold its answer
+#: for up to 1 s (RFC 6762 6).
+CLASH_CHECK_V6_SECONDS = 0.5
+
+_MDNS_GROUP = "224.0.0.251"
+_MDNS_PORT = 5353
+_TYPE_TXT, _TYPE_SRV, _CLASS_IN = 16, 33, 1
+_MAX_DATAGRAM = 9000  # RFC 6762 17: an mDNS message is at most 9000 bytes
 
 _MAX_LABEL = 63      # bytes in one DNS label (RFC 1035), also the DNS-SD instance name limit
 _MAX_TXT_ITEM = 255  # bytes in one TXT "key=value" string (RFC 6763 6.1)
@@ -149,18 +173,26 @@ class Announcer:
             self._starting = None
 
     async def _register(self, info: AsyncServiceInfo) -> None:
-        """Open the sockets, probe, announce; any failure closes what was opened."""
+        """Open the sockets, check the name is free, announce; any failure closes what was
+        opened."""
         where = ", ".join(self.interfaces)
+        began = time.monotonic()
         try:
             self._zc = AsyncZeroconf(interfaces=list(self.interfaces))
         except OSError as exc:
             raise ConfigError(f"cannot open mDNS sockets on {where}: "
                               f"{exc.strerror or exc} (is it an address of this host?)") from None
         try:
+            opened = time.monotonic()
             if self.clash_check > 0 and await self._name_answered(info.name):
                 raise NonUniqueNameException(info.name)
-            announced = await self._zc.async_register_service(info)
+            checked = time.monotonic()
+            # The name check above stands in for zeroconf's probes (the module's docstring):
+            # `cooperating_responders` skips them, and with them their 1.2 s.
+            announced = await self._zc.async_register_service(info, cooperating_responders=True)
             self._info = info
+            log.info("announcing %s (port %d) on %s: sockets %.3f s, name check %.3f s",
+                     info.name, info.port, where, opened - began, checked - opened)
             await announced
         except (NonUniqueNameException, ServiceNameAlreadyRegistered):
             await self.stop()
@@ -169,15 +201,50 @@ class Announcer:
         except BaseException:
             await self.stop()
             raise
-        log.info("announcing %s (port %d) on %s", info.name, info.port, where)
 
     async def _name_answered(self, name: str) -> bool:
-        """Does another responder answer a QM query for `name`? zeroconf's probes are QU: the
-        answer is unicast to UDP 5353 here, which any other mDNS stack on this host (avahi,
-        the controller, a second agent) may receive instead, so a clash would go unnoticed."""
+        """Does another responder answer for `name`? A one-shot query on each IPv4 interface,
+        a QM query on the shared sockets when there is an IPv6 one."""
+        checks = [self._one_shot_answered(name, address) for address in self.interfaces
+                  if _is_ipv4(address)]
+        if not all(_is_ipv4(address) for address in self.interfaces):
+            checks.append(self._qm_answered(name))
+        return any(await asyncio.gather(*checks))
+
+    async def _one_shot_answered(self, name: str, address: str) -> bool:
+        """Ask for `name` from a port of our own on `address`, CLASH_QUERIES times over
+        `clash_check` seconds: a responder holding it answers by unicast to that port at once
+        (RFC 6762 6.7), so no other mDNS stack on this host can receive the answer instead."""
+        loop = asyncio.get_running_loop()
+        try:
+            sock = _one_shot_socket(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot check the mDNS name on {address}: "
+                              f"{exc.strerror or exc}") from None
+        with sock:
+            end = loop.time() + self.clash_check
+            spacing = self.clash_check / CLASH_QUERIES
+            send_at = loop.time()
+            while (now := loop.time()) < end:
+                if now >= send_at:
+                    await loop.sock_sendto(sock, _name_query(name), (_MDNS_GROUP, _MDNS_PORT))
+                    send_at = now + spacing
+                try:
+                    data = await asyncio.wait_for(loop.sock_recv(sock, _MAX_DATAGRAM),
+                                                  min(send_at, end) - now)
+                except TimeoutError:
+                    continue
+                if _answers_for(data, name):
+                    return True
+        return False
+
+    async def _qm_answered(self, name: str) -> bool:
+        """A QM query for `name` on the shared sockets (the IPv6 fallback): the answer is
+        multicast, so every stack on this host sees it, but may be held up to 1 s."""
         assert self._zc is not None
         other = AsyncServiceInfo(SERVICE_TYPE, name)
-        answered = await other.async_request(self._zc.zeroconf, self.clash_check * 1000,
+        answered = await other.async_request(self._zc.zeroconf,
+                                             max(self.clash_check, CLASH_CHECK_V6_SECONDS) * 1000,
                                              question_type=DNSQuestionType.QM)
         return answered or other.port is not None
 
@@ -214,3 +281,39 @@ class Announcer:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.stop()
+
+
+def _is_ipv4(address: str) -> bool:
+    return ":" not in address
+
+
+def _one_shot_socket(address: str) -> socket.socket:
+    """A UDP socket on an ephemeral port of `address` that multicasts out of that interface."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(address))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
+        sock.bind((address, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _name_query(name: str) -> bytes:
+    """A one-shot query for `name`'s SRV and TXT records; a fresh id each time, since
+    responders drop a packet identical to one they saw within the last 0.8 s."""
+    query = DNSOutgoing(0, multicast=False, id_=secrets.randbelow(0xFFFF) + 1)
+    query.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))
+    query.add_question(DNSQuestion(name, _TYPE_TXT, _CLASS_IN))
+    return query.packets()[0]
+
+
+def _answers_for(data: bytes, name: str) -> bool:
+    """Is `data` an mDNS response with a record for `name`? Anything else is ignored."""
+    message = DNSIncoming(data)
+    if not message.valid or not message.is_response():
+        return False
+    wanted = name.lower()
+    return any(record.name.lower() == wanted for record in message.answers())

@@ -176,6 +176,8 @@ class ZeroconfBrowser:
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # By service name while it resolves: its lock and how many resolutions hold or await it.
+        self._resolving: dict[str, tuple[asyncio.Lock, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -216,8 +218,24 @@ class ZeroconfBrowser:
         self.registry.remove_service(name)
 
     async def _resolve(self, name: str) -> None:
+        """Resolve a service announced just now and, once it proves itself, list it: at once,
+        not on the health monitor's tick. One resolution per service name at a time."""
+        lock, users = self._resolving.get(name, (asyncio.Lock(), 0))
+        self._resolving[name] = (lock, users + 1)
+        try:
+            async with lock:
+                await self._resolve_one(name)
+        finally:
+            lock, users = self._resolving[name]
+            if users > 1:
+                self._resolving[name] = (lock, users - 1)
+            else:
+                del self._resolving[name]  # bounded by the names resolving right now
+
+    async def _resolve_one(self, name: str) -> None:
         if self._zc is None:
             return
+        began = time.monotonic()
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         if not await info.async_request(self._zc.zeroconf, RESOLVE_TIMEOUT_MS,
                                         question_type=DNSQuestionType.QM):
@@ -230,9 +248,29 @@ class ZeroconfBrowser:
         label = name[: -len(SERVICE_TYPE) - 1]
         node = Node(name=txt.get("node") or label, host=addresses[0], port=info.port, txt=txt,
                     source="mdns", service=name)
+        resolved = time.monotonic()
         if self.verify is not None and not await self.verify(node):
             return  # anyone can announce on a LAN; only agents holding the secret are nodes
+        if await self._held_elsewhere(node):
+            return
         self.registry.upsert(node)
+        log.info("listed %s: resolved in %.3f s, proved in %.3f s", node.name,
+                  resolved - began, time.monotonic() - resolved)
+
+    async def _held_elsewhere(self, node: Node) -> bool:
+        """Does a live agent at another address still hold this node's name? Two agents
+        announcing one name (started at once, or a clone) must not take turns in the
+        inventory: the one listed first keeps the name while it still proves itself; an agent
+        that moved (a new address, a new port) no longer answers at the old one."""
+        known = self.registry.get(node.name)
+        if known is None or not known.alive or (known.host, known.port) == (node.host, node.port):
+            return False
+        if self.verify is None or not await self.verify(known):
+            return False
+        log.warning("%s:%d announces node %s, which the agent at %s:%d still holds: ignored "
+                    "(two agents with one name?)", node.host, node.port, node.name,
+                    known.host, known.port)
+        return True
 
     async def stop(self) -> None:
         for task in list(self._tasks):

@@ -181,12 +181,9 @@ def test_name_clash_is_a_config_error_even_with_other_mdns_stacks_here() -> None
 START_PHASES: dict[str, tuple[float, Callable[[Announcer], bool]]] = {
     # start() has run up to its first wait (the QM clash check, default length)
     "just begun": (CLASH_CHECK_SECONDS, lambda announcer: announcer._starting is not None),
-    # sockets open, the QM query out; a long check so the stop surely lands inside it
-    "in the QM clash check": (WAIT, lambda announcer: announcer._zc is not None
-                              and not announcer.running),
-    # no clash check: zeroconf probes for the name (~0.75 s) before it registers the record
-    "while zeroconf probes": (0.0, lambda announcer: announcer._zc is not None
-                              and not announcer.running),
+    # sockets open, the one-shot queries out; a long check so the stop surely lands inside it
+    "in the name check": (WAIT, lambda announcer: announcer._zc is not None
+                          and not announcer.running),
     # the record is registered; zeroconf announces it three times, 225 ms apart
     "while zeroconf announces": (0.0, lambda announcer: announcer.running),
 }
