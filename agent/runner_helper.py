@@ -112,6 +112,8 @@ async def start_helper(pool: RunnerPool, user: UserIdentity, interpreter: str,
     """The file helper forked by a live runner of `user` on `interpreter` (a realpath), or
     None: no such runner, or it failed before the helper started (the caller starts it
     cold). `writes`: the helper reads the upload from stdin; else stdin is /dev/null."""
+    if pool.helper_runner(user, interpreter) is None:
+        return None
     child, own = _pipes(writes)
     try:
         launched = await pool.file_helper(user, interpreter, argv, source, child)

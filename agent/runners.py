@@ -849,16 +849,23 @@ class RunnerPool:
         is the file `interpreter` (a realpath), with room for a task; None (the caller starts
         it cold) if there is none or it fails before the helper started. Never starts a
         runner. One try only: a runner that failed may have forked a child that holds `fds`."""
+        runner = self.helper_runner(user, interpreter)
+        if runner is None:
+            return None
+        try:
+            return await runner.helper(f"file-{secrets.token_hex(8)}", argv, source, fds)
+        except (RunnerDeclined, _Gone):
+            return None
+
+    def helper_runner(self, user: UserIdentity, interpreter: str) -> Runner | None:
+        """The live runner of exactly `user` on the file `interpreter` that may fork a file
+        helper now, if any (the caller makes no pipes for nothing)."""
         if not self.settings.enabled or self._closed:
             return None
-        for runner in list(self._runners):
+        for runner in self._runners:
             if (runner.user == user and runner.takes_helpers
                     and runner.executable == interpreter):
-                try:
-                    return await runner.helper(f"file-{secrets.token_hex(8)}", argv, source,
-                                               fds)
-                except (RunnerDeclined, _Gone):
-                    return None
+                return runner
         return None
 
     def _check_failed(self, key: Key) -> None:
