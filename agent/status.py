@@ -20,19 +20,31 @@ key             value
 ``network``     ``{"rx_bytes", "tx_bytes"}`` totals over non-loopback interfaces (int) and
                 ``{"rx_rate", "tx_rate"}`` bytes/s since the previous snapshot (0 on the first)
 ``processes``   top N by CPU: ``[{"pid", "user", "name", "cpu", "rss"}]``; ``cpu`` is % of one
-                core since the previous snapshot (may exceed 100 for multi-threaded processes),
-                ``rss`` bytes
+                core since the process's previous reading (the previous snapshot, or up to
+                ``process_refresh`` s earlier for a process that was idle; may exceed 100 for
+                multi-threaded processes), ``rss`` bytes
 ==============  ==================================================================================
 
 CPU percentages are computed from the sampler's own previous counters (not psutil's module-wide
 state), so the first snapshot reports 0 and ranks processes by their accumulated CPU time.
 Hostname, addresses, kernel and os are re-read every `StatusSampler.static_ttl` seconds, the
 temperature every `StatusSampler.temperature_ttl` seconds, a top process's user and name every
-`StatusSampler.details_ttl` seconds; everything else at every snapshot.
+`StatusSampler.details_ttl` seconds; everything else at every snapshot, except the CPU time of
+idle processes (below).
 
-Cost: reading every process's CPU time is most of a snapshot. On Linux the sampler reads it (and
-RSS) straight from ``/proc/<pid>/stat``, one read per process and no psutil.Process objects,
-which halves the cost; elsewhere (or with ``fast_procfs = False``) it uses
+Cost: reading every process's CPU time is most of a snapshot (about 5 µs per process). The
+sampler therefore reads it incrementally: at every snapshot it lists the pids (one directory
+read), reads the processes it has not seen before, the busiest of the last ranking (twice
+`top_n`) and a share of the others in turns, so that every process is read at least once per
+`process_refresh` seconds (the agent's ``status_process_refresh`` setting). A process's ``cpu``
+is its % of one core since its previous reading: for the busiest and for new processes that is
+the previous snapshot, for a process that was idle up to `process_refresh` seconds earlier, so
+an idle process that turns busy enters the list within `process_refresh` seconds; a new process
+within one snapshot. Every row of the list is read in the snapshot that reports it (a stale row
+that would rank in is re-read first), so its ``cpu`` and ``rss`` are never older than the
+snapshot. The snapshot after the first one (or after `prime`) reads every process. On Linux the
+sampler reads CPU time (and RSS) straight from ``/proc/<pid>/stat``, one read per process and no
+psutil.Process objects, which halves the cost; elsewhere (or with ``fast_procfs = False``) it uses
 ``psutil.Process.cpu_times()``. Only the top N get psutil.Process objects. See bench/README.md.
 
 `StatusPublisher` takes one snapshot per interval, only while at least one subscriber is
@@ -42,13 +54,16 @@ present, and sends the same encoded ``{"type": "status", "status": ...}`` messag
 from __future__ import annotations
 
 import asyncio
+import heapq
 import ipaddress
 import logging
+import math
 import os
 import platform
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -65,16 +80,20 @@ log = logging.getLogger(__name__)
 
 _GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
 
+#: Usernames the sampler remembers (uid -> name); forgotten all at once beyond this.
+USERNAMES_MAX = 1024
+
 
 class _ProcState:
     """What the sampler remembers about one pid between snapshots."""
 
-    __slots__ = ("pid", "ident", "cpu_total", "cpu_percent", "rss", "user", "name", "details_at",
-                 "_proc")
+    __slots__ = ("pid", "ident", "read_at", "cpu_total", "cpu_percent", "rss", "user", "name",
+                 "details_at", "_proc")
 
-    def __init__(self, pid: int, ident: object = None) -> None:
+    def __init__(self, pid: int, ident: object = None, read_at: float | None = None) -> None:
         self.pid = pid
         self.ident = ident  # start time, to tell a reused pid from the process seen before
+        self.read_at = read_at  # clock time of the reading cpu_total is from (None: not yet)
         self.cpu_total = 0.0  # user + system seconds
         self.cpu_percent = 0.0
         self.rss: int | None = None  # bytes, when the scan read it anyway (procfs)
@@ -107,9 +126,14 @@ class StatusSampler:
     #: psutil.Process.cpu_times(), which is most of a snapshot. False (or no /proc) = psutil.
     fast_procfs = True
 
-    def __init__(self, node_name: str, top_n: int = 10) -> None:
+    def __init__(self, node_name: str, top_n: int = 10, process_refresh: float = 5.0) -> None:
         self.node_name = node_name
         self.top_n = top_n
+        #: Seconds within which every process's CPU time is read again (0: at every snapshot).
+        self.process_refresh = process_refresh
+        #: Processes read at every snapshot whatever `process_refresh` says: the top of the
+        #: last ranking (those that would rank in instead are read when they do).
+        self.hot_count = top_n
         self._static: dict[str, Any] = {}
         self._static_at = float("-inf")
         self._loopback_ifaces: frozenset[str] = frozenset({"lo"})
@@ -118,6 +142,9 @@ class StatusSampler:
         self._temperature_at = float("-inf")
         self._usernames: dict[int, str] = {}
         self._procs: dict[int, _ProcState] = {}
+        self._turns: deque[int] = deque()  # pids in the order their turn to be read comes
+        self._hot: list[int] = []  # pids of the top `hot_count` at the last ranking
+        self._read_all = True  # the next scan reads every process (first scan, after prime)
         self._procfs = sys.platform.startswith("linux") and os.path.exists("/proc/self/stat")
         self._clock_ticks = os.sysconf("SC_CLK_TCK") if self._procfs else 100
         self._page_size = os.sysconf("SC_PAGE_SIZE") if self._procfs else 4096
@@ -134,6 +161,7 @@ class StatusSampler:
         """Read the CPU and process counters so the next snapshot has meaningful percentages."""
         self._cpu()
         self._scan_processes()
+        self._read_all = True  # the next snapshot ranks every process over the same window
 
     def snapshot(self) -> dict[str, Any]:
         """Take one status snapshot (synchronous, a few milliseconds)."""
@@ -142,7 +170,7 @@ class StatusSampler:
         static = self._static_info(mono)
         cpu_percent, per_core = self._cpu()
         vm = psutil.virtual_memory()
-        sw = psutil.swap_memory()
+        sw = self._swap()
         return {
             "time": now,
             "node": self.node_name,
@@ -156,7 +184,7 @@ class StatusSampler:
             "memory": {"total": vm.total, "available": vm.available, "used": vm.used,
                        "buffers": getattr(vm, "buffers", 0), "cached": getattr(vm, "cached", 0),
                        "percent": vm.percent},
-            "swap": {"total": sw.total, "used": sw.used, "percent": sw.percent},
+            "swap": sw,
             "temperature": self._temperature_reading(mono),
             "network": self._network(mono),
             "processes": self._top_processes(self._scan_processes()),
@@ -194,6 +222,21 @@ class StatusSampler:
         total = sum(t for _, t in current) - sum(t for _, t in prev)
         return _percent(busy, total), per_core
 
+    def _swap(self) -> dict[str, Any]:
+        """Swap total and used bytes and % as psutil.swap_memory() gives them; on Linux from
+        /proc/meminfo alone (psutil also reads the long /proc/vmstat for counters not sent)."""
+        if self._procfs:
+            try:
+                total, free = _meminfo_swap()
+            except (OSError, ValueError, KeyError):
+                pass
+            else:
+                used = total - free
+                return {"total": total, "used": used,
+                        "percent": round(used / total * 100, 1) if total else 0.0}
+        sw = psutil.swap_memory()
+        return {"total": sw.total, "used": sw.used, "percent": sw.percent}
+
     def _network(self, mono: float) -> dict[str, Any]:
         rx = tx = 0
         skip = self._loopback_ifaces
@@ -209,35 +252,78 @@ class StatusSampler:
             tx_rate = round(max(0, tx - prev[2]) / dt, 1)
         return {"rx_bytes": rx, "tx_bytes": tx, "rx_rate": rx_rate, "tx_rate": tx_rate}
 
-    def _scan_processes(self) -> list[_ProcState]:
-        """Read every process's CPU time once; update each one's CPU % since the last scan."""
+    def _scan_processes(self) -> float:
+        """List the pids; read new processes, the hot ones and the others' turns (see module).
+
+        Returns the clock time the readings of this scan are marked with."""
         mono = self.clock()
-        dt = mono - self._procs_at if self._procs_at is not None else 0.0
-        self._procs_at = mono
-        read = self._read_procfs if self.fast_procfs and self._procfs else self._read_psutil
-        old = self._procs
-        new: dict[int, _ProcState] = {}
-        for pid in psutil.pids():
-            state = old.get(pid)
-            seen = state is not None
+        previous, self._procs_at = self._procs_at, mono
+        procs = self._procs
+        alive = set(self._pids())
+        for pid in procs.keys() - alive:
+            del procs[pid]
+        born = list(alive.difference(procs))
+        read_all, self._read_all = self._read_all, previous is None
+        # A process that appeared since the last scan used all its CPU time since then.
+        for pid in born:
+            procs[pid] = _ProcState(pid, read_at=previous)
+        self._turns.extend(born)
+        if read_all or previous is None or self.process_refresh <= 0:
+            self._read(list(procs), mono)
+            return mono
+        self._read(born, mono)
+        self._read(self._hot, mono)
+        self._read(self._next_turns(len(procs) * (mono - previous) / self.process_refresh), mono)
+        return mono
+
+    def _pids(self) -> list[int]:
+        """Every pid (psutil.pids() without its sorting, on Linux)."""
+        if not self._procfs:
+            return psutil.pids()
+        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+    def _next_turns(self, share: float) -> list[int]:
+        """The next ceil(`share`) live pids whose turn has come (rotated to the back)."""
+        procs, turns = self._procs, self._turns
+        if len(turns) > 2 * len(procs) + 64:  # pids that died (or came back) pile up: rebuild
+            turns.clear()
+            turns.extend(procs)
+        due: list[int] = []
+        wanted = math.ceil(share)
+        for _ in range(len(turns)):
+            if len(due) >= wanted:
+                break
+            pid = turns.popleft()
+            state = procs.get(pid)
             if state is None:
-                state = _ProcState(pid)
+                continue  # gone: its turn goes with it
+            turns.append(pid)
+            due.append(pid)  # one already read in this scan just uses up its turn
+        return due
+
+    def _read(self, pids: list[int], mono: float) -> None:
+        """Read the CPU time of each of `pids` not yet read at `mono`; forget those gone."""
+        read = self._read_procfs if self.fast_procfs and self._procfs else self._read_psutil
+        procs = self._procs
+        for pid in pids:
+            state = procs.get(pid)
+            if state is None or state.read_at == mono:
+                continue
             try:
                 total, ident, rss = read(state)
             except (OSError, IndexError, ValueError, *_GONE):
-                continue  # vanished or unreadable
-            if not seen:
+                del procs[pid]  # vanished or unreadable (exited in the middle of the scan)
+                continue
+            if state.ident is None:
                 state.ident = ident
             elif ident != state.ident or total < state.cpu_total:
-                state = _ProcState(pid, ident)  # the pid was reused by a new process
-            # A process that appeared since the last scan used all its CPU time within `dt`.
-            delta = total - state.cpu_total
+                # The pid was reused by a new process, which started after the last reading.
+                state = procs[pid] = _ProcState(pid, ident, state.read_at)
+            dt = mono - state.read_at if state.read_at is not None else 0.0
+            state.cpu_percent = round((total - state.cpu_total) / dt * 100.0, 1) if dt > 0 else 0.0
             state.cpu_total = total
             state.rss = rss
-            state.cpu_percent = round(delta / dt * 100.0, 1) if dt > 0 else 0.0
-            new[pid] = state
-        self._procs = new
-        return list(new.values())
+            state.read_at = mono
 
     def _read_procfs(self, state: _ProcState) -> tuple[float, object, int | None]:
         """(user + system seconds, start ticks, rss bytes) from /proc/<pid>/stat."""
@@ -259,12 +345,13 @@ class StatusSampler:
         ct = proc.cpu_times()
         return ct.user + ct.system, proc.create_time(), None  # create_time() is cached
 
-    def _top_processes(self, states: list[_ProcState]) -> list[dict[str, Any]]:
-        """Details (user, name, rss) of the top N by CPU %, ties broken by accumulated CPU."""
-        states.sort(key=lambda s: (s.cpu_percent, s.cpu_total), reverse=True)
-        mono = self.clock()
+    def _top_processes(self, mono: float) -> list[dict[str, Any]]:
+        """Details (user, name, rss) of the top N by CPU %, ties broken by accumulated CPU
+        (`mono`: the scan's clock time)."""
+        ranked = self._rank(mono)
+        self._hot = [state.pid for state in ranked[:self.hot_count]]
         top: list[dict[str, Any]] = []
-        for state in states:
+        for state in ranked:
             if len(top) >= self.top_n:
                 break
             try:
@@ -279,6 +366,21 @@ class StatusSampler:
                         "cpu": state.cpu_percent, "rss": rss})
         return top
 
+    def _rank(self, mono: float) -> list[_ProcState]:
+        """The top `hot_count` (at least `top_n`) processes, the first `top_n` read at `mono`.
+
+        A process not read in this scan ranks by its previous reading; before it is listed it
+        is read, which may move it down, so ranking repeats (a few times at most: each round
+        reads at most `top_n` processes)."""
+        count = max(self.hot_count, self.top_n)
+        for _ in range(3):
+            ranked = heapq.nlargest(count, self._procs.values(), key=_rank_key)
+            stale = [s.pid for s in ranked[:self.top_n] if s.read_at != mono]
+            if not stale:
+                return ranked
+            self._read(stale, mono)
+        return heapq.nlargest(count, self._procs.values(), key=_rank_key)
+
     def _username(self, proc: psutil.Process) -> str:
         if pwd is None:  # pragma: no cover - non-POSIX
             return proc.username()
@@ -289,8 +391,26 @@ class StatusSampler:
                 name = pwd.getpwuid(uid).pw_name
             except KeyError:
                 name = str(uid)
+            if len(self._usernames) >= USERNAMES_MAX:
+                self._usernames.clear()
             self._usernames[uid] = name
         return name
+
+
+def _rank_key(state: _ProcState) -> tuple[float, float]:
+    """Busiest first: CPU % at the last reading, then accumulated CPU time."""
+    return state.cpu_percent, state.cpu_total
+
+
+def _meminfo_swap() -> tuple[int, int]:
+    """(SwapTotal, SwapFree) bytes from /proc/meminfo (KeyError if the kernel lists neither)."""
+    found: dict[bytes, int] = {}
+    with open("/proc/meminfo", "rb") as f:
+        for line in f:
+            if line.startswith(b"Swap"):
+                name, value = line.split()[:2]
+                found[name] = int(value) * 1024
+    return found[b"SwapTotal:"], found[b"SwapFree:"]
 
 
 def _busy_total(t: Any) -> tuple[float, float]:

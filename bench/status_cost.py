@@ -1,67 +1,54 @@
-"""CPU cost of a status snapshot: StatusSampler (psutil) vs the ancestor's shell pipelines.
+"""CPU cost of one status snapshot with 30, 300 and 1,000 processes: before and after (issue 15).
 
-Usage (from the repo root): ``python3 bench/status_cost.py [--snapshots 60] [--rounds 5]``
+Usage (as root, from the repo root, under the tests' lock since it loads the machine)::
 
-Both methods run in the same process, interleaved round by round; each round takes `--snapshots`
-snapshots back to back (no sleeping) and measures CPU time, not wall time: this process's user +
-system time plus that of its reaped children (``resource.getrusage``), so the shells and tools the
-ancestor spawned are counted. The median round of each method is reported.
+    flock /tmp/marco-tests.lock .venv/bin/python bench/status_cost.py [--processes 30 300 1000]
+        [--base 2e027ef] [--snapshots 100] [--rounds 7] [--busy 3]
 
-StatusSampler keeps some parts cached for seconds (see agent/status.py); to charge those caches
-as at 1 Hz, the sampler's clock is simulated: it advances one second per snapshot. Two more rows:
-every cache disabled (all TTLs 0) as a worst case, and the portable path that reads each
-process's CPU time with psutil.Process.cpu_times() instead of /proc/<pid>/stat.
+Compared in the same run: `StatusSampler` as it was at `--base` (its agent/status.py, read with
+``git show`` and imported under another name) and as it is in this checkout, with its default
+`process_refresh` and with ``process_refresh = 0`` (every process read at every snapshot, as
+before: shows what the incremental reading brings apart from the rest of the code).
+
+The node's process count is made exact: the benchmark re-runs itself in a new PID namespace
+(``unshare --pid --fork --mount-proc``), where /proc lists only its own processes, and starts
+idle ``sleep`` processes until the namespace holds N processes (the benchmark itself and
+`--busy` light-busy ones included: each spins about 2 ms every 100 ms, so the top list moves).
+``--no-namespace`` measures the whole node instead (rows below its process count are skipped).
+
+Each sampler is long-lived, as the agent's is (primed, then 5 snapshots of warm-up): its clock
+is simulated and advances one second per snapshot, so its caches and the turns in which idle
+processes are read are charged as at 1 Hz, while snapshots run back to back. CPU is this
+process's own (``time.process_time()``); rounds alternate between the samplers and the median
+round is reported, with the ratio of the medians (base / method).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
-import resource
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import psutil  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from agent.status import StatusSampler  # noqa: E402
 
-#: What the ancestor ran every second, one shell pipeline each (via subprocess, shell=True).
-ANCESTOR_PIPELINES = [
-    "hostname",
-    "uname -r",
-    "grep PRETTY_NAME /etc/os-release | cut -d= -f2",
-    "cat /proc/uptime",
-    "cat /proc/loadavg",
-    "nproc",
-    "top -bn1 | head -5",
-    "grep '^cpu[0-9]' /proc/stat",
-    "free -b | awk '/Mem:/ {print $2, $3, $4, $6, $7}'",
-    "free -b | awk '/Swap:/ {print $2, $3}'",
-    "grep -E '^(Buffers|Cached):' /proc/meminfo",
-    "cat /sys/class/thermal/thermal_zone*/temp 2>/dev/null || true",
-    "df -h / | tail -1",
-    "ip -o addr show | awk '{print $2, $4}'",
-    "ifconfig 2>/dev/null | grep 'inet ' || true",
-    "ip -s link | grep -A1 'RX:' | tail -1",
-    "ip -s link | grep -A1 'TX:' | tail -1",
-    "grep -v lo: /proc/net/dev | tail -n +3",
-    "ps aux --sort=-%cpu | head -11",
-    "uptime",
-]
-
-
-SAMPLER = "StatusSampler (as configured, caches as at 1 Hz)"
-
-
-def ancestor_snapshot() -> dict[str, str]:
-    """One status snapshot the ancestor's way: one subprocess per pipeline."""
-    return {cmd: subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout
-            for cmd in ANCESTOR_PIPELINES}
+#: Inside the PID namespace: the spinning loop of a light-busy process (about 2 % of a core).
+BUSY_LOOP = ("import time\n"
+             "while True:\n"
+             "    end = time.perf_counter() + 0.002\n"
+             "    while time.perf_counter() < end: pass\n"
+             "    time.sleep(0.1)\n")
+INSIDE = "MARCO_STATUS_BENCH_INSIDE"
 
 
 class SimulatedClock:
@@ -74,71 +61,158 @@ class SimulatedClock:
         return self.now
 
 
-def sampler_method(cached: bool = True, fast_procfs: bool = True) -> Callable[[], object]:
-    """A primed StatusSampler whose clock advances one second per snapshot."""
-    sampler = StatusSampler("bench")
-    clock = SimulatedClock()
-    sampler.clock = clock  # type: ignore[method-assign]
-    sampler.fast_procfs = fast_procfs
-    if not cached:
-        sampler.static_ttl = sampler.temperature_ttl = sampler.details_ttl = 0.0
-    sampler.snapshot()  # the agent's sampler is long-lived: priming is not a per-second cost
+class Method:
+    """One long-lived sampler under test and the CPU seconds of each of its rounds."""
 
-    def take() -> object:
-        clock.now += 1.0
-        return sampler.snapshot()
-    return take
+    def __init__(self, name: str, sampler: Any) -> None:
+        self.name = name
+        self.sampler = sampler
+        self.clock = SimulatedClock()
+        sampler.clock = self.clock
+        self.rounds: list[float] = []
+
+    def warm(self, snapshots: int = 5) -> None:
+        """Prime, then a few snapshots: the agent's sampler is long-lived."""
+        self.sampler.prime()
+        self.take(snapshots)
+
+    def take(self, snapshots: int) -> None:
+        for _ in range(snapshots):
+            self.clock.now += 1.0
+            self.sampler.snapshot()
+
+    def measure(self, snapshots: int) -> None:
+        """One round: CPU seconds per snapshot over `snapshots` snapshots back to back."""
+        start = time.process_time()
+        self.take(snapshots)
+        self.rounds.append((time.process_time() - start) / snapshots)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rounds)
 
 
-def cpu_seconds() -> float:
-    """User + system CPU of this process and of its reaped children."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+def load_base_module(commit: str) -> ModuleType:
+    """agent/status.py as it was at `commit`, imported as a module of its own."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:agent/status.py"],
+                            check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="status-base-")) / "status_base.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("status_base", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def measure(take: Callable[[], object], snapshots: int) -> float:
-    """CPU seconds for `snapshots` calls of `take`, back to back."""
-    start = cpu_seconds()
-    for _ in range(snapshots):
-        take()
-    return cpu_seconds() - start
+def process_count() -> int:
+    return sum(1 for name in os.listdir("/proc") if name.isdigit())
+
+
+class Population:
+    """The processes the benchmark starts to reach a process count: idle and light-busy."""
+
+    def __init__(self) -> None:
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def start_busy(self, count: int) -> None:
+        for _ in range(count):
+            self.children.append(subprocess.Popen([sys.executable, "-c", BUSY_LOOP]))
+
+    def fill_to(self, total: int) -> int:
+        """Start `sleep` processes until /proc lists `total` (returns the count reached)."""
+        for _ in range(max(0, total - process_count())):
+            self.children.append(subprocess.Popen(["sleep", "3600"]))
+        return process_count()
+
+    def stop(self) -> None:
+        for child in self.children:
+            child.kill()
+        for child in self.children:
+            child.wait()
+
+
+def methods(base: ModuleType, commit: str) -> list[Method]:
+    """The samplers compared: the base commit's, this checkout's, this one reading everything."""
+    full = StatusSampler("bench")
+    full.process_refresh = 0.0
+    current = StatusSampler("bench")
+    return [Method(f"{commit} (base)", base.StatusSampler("bench")),
+            Method(f"now, process_refresh={current.process_refresh:g} s (default)", current),
+            Method("now, process_refresh=0 (every process every snapshot)", full)]
+
+
+def measure_row(base: ModuleType, commit: str, snapshots: int, rounds: int) -> list[Method]:
+    compared = methods(base, commit)
+    for method in compared:
+        method.warm()
+    for index in range(rounds):
+        # Alternate the order so drift and cache effects hit every method alike.
+        for method in compared if index % 2 == 0 else list(reversed(compared)):
+            method.measure(snapshots)
+    return compared
+
+
+def print_table(rows: list[tuple[int, list[Method]]], snapshots: int, rounds: int) -> None:
+    print(f"| processes | method | ms CPU per snapshot (median of {rounds} rounds of "
+          f"{snapshots}) | min–max round | ratio (base / method) |")
+    print("|---:|---|---:|---:|---:|")
+    for count, compared in rows:
+        base = compared[0].median
+        for method in compared:
+            spread = f"{min(method.rounds) * 1e3:.3f}–{max(method.rounds) * 1e3:.3f}"
+            print(f"| {count} | {method.name} | {method.median * 1e3:.3f} | {spread} | "
+                  f"{base / method.median:.2f}× |")
+
+
+def run_inside(args: argparse.Namespace) -> int:
+    """The measurement proper (in the PID namespace unless --no-namespace)."""
+    base = load_base_module(args.base)
+    population = Population()
+    rows: list[tuple[int, list[Method]]] = []
+    try:
+        population.start_busy(args.busy)
+        for wanted in sorted(args.processes):
+            reached = population.fill_to(wanted)
+            if reached > wanted:
+                print(f"skipping {wanted} processes: the node already has {reached}",
+                      file=sys.stderr)
+                continue
+            rows.append((reached, measure_row(base, args.base, args.snapshots, args.rounds)))
+    finally:
+        population.stop()
+    print(f"Machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+          f"{'own PID namespace' if os.environ.get(INSIDE) else 'whole node'}, "
+          f"{args.busy} light-busy processes among the N\n")
+    print_table(rows, args.snapshots, args.rounds)
+    return 0
+
+
+def run_in_namespace(argv: list[str]) -> int:
+    """Re-run this script in a new PID namespace with its own /proc (needs root)."""
+    env = dict(os.environ, **{INSIDE: "1"})
+    command = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable,
+               str(Path(__file__).resolve()), *argv]
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--snapshots", type=int, default=60, help="snapshots per round (60)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per method (5)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--processes", type=int, nargs="+", default=[30, 300, 1000],
+                        help="process counts, one row each (30 300 1000)")
+    parser.add_argument("--base", default="2e027ef", help="commit to compare with (2e027ef)")
+    parser.add_argument("--snapshots", type=int, default=100, help="snapshots per round (100)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds per method (7)")
+    parser.add_argument("--busy", type=int, default=3, help="light-busy processes (3)")
+    parser.add_argument("--no-namespace", action="store_true",
+                        help="measure the whole node instead of a PID namespace")
     args = parser.parse_args(argv)
-
-    methods: dict[str, Callable[[], Callable[[], object]]] = {
-        f"ancestor: {len(ANCESTOR_PIPELINES)} shell pipelines": lambda: ancestor_snapshot,
-        SAMPLER: sampler_method,
-        "StatusSampler, no caches (worst case)": lambda: sampler_method(cached=False),
-        "StatusSampler, psutil cpu_times() per process": lambda: sampler_method(fast_procfs=False),
-    }
-    results: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(args.rounds):
-        for name, make in methods.items():
-            results[name].append(measure(make(), args.snapshots))
-
-    n = args.snapshots
-    medians = {name: statistics.median(values) for name, values in results.items()}
-    baseline = medians[next(iter(medians))]
-    print(f"Machine: {os.cpu_count()} cores, {len(psutil.pids())} processes, "
-          f"Python {sys.version.split()[0]}, psutil {psutil.__version__}; "
-          f"median of {args.rounds} rounds of {n} snapshots\n")
-    print(f"| method | CPU s per {n} snapshots | ms per snapshot | % of a core at 1 Hz "
-          "| ratio (ancestor / method) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, cpu in medians.items():
-        per = cpu / n
-        ratio = baseline / cpu if cpu > 0 else float("inf")
-        print(f"| {name} | {cpu:.4f} | {per * 1000:.2f} | {per * 100:.3f} % | {ratio:.0f}× |")
-    best = medians[SAMPLER] / n * 1000
-    print(f"\nTarget <= 2 ms CPU per snapshot (0.2 % of a core at 1 Hz): "
-          f"{'met' if best <= 2.0 else 'missed'} ({best:.2f} ms)")
-    return 0
+    if args.no_namespace or os.environ.get(INSIDE):
+        return run_inside(args)
+    if os.geteuid() != 0:
+        parser.error("a PID namespace needs root: run as root or pass --no-namespace")
+    return run_in_namespace(argv)
 
 
 if __name__ == "__main__":
