@@ -65,7 +65,8 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
     async def get(self, *args: Any, **kwargs: Any) -> None:
         if self.request.headers.get("Upgrade", "").lower() != "websocket":
             raise BadRequest("/v1/stream is a WebSocket: send an Upgrade request")
-        self.peer_cert = self.request.get_ssl_certificate()  # before the upgrade detaches it
+        if self.ctx.crl is not None:  # mutual TLS (not --dev): before the upgrade detaches it
+            self.peer_cert = self.request.get_ssl_certificate()
         await super().get(*args, **kwargs)
 
     def open(self) -> None:

@@ -1,20 +1,22 @@
 // Marco's page: nodes with live status, shell and deploy on chosen nodes, live output viewer.
-// The page reaches each agent's per-user WebSocket through the controller's relay (/relay/NODE),
-// authenticated by the HttpOnly login cookie: it never holds the agents' token.
+// The page holds one WebSocket to the controller (/page-socket, issue 15), authenticated by the
+// HttpOnly login cookie (it never holds the agents' token): it watches the nodes it needs and
+// gets their status and its user's output over it, each message tagged with its node.
 "use strict";
 
 const REPLAY_EXECUTIONS = 20;      // per node, on (re)connect
 const ANNOUNCE_EVERY_MS = 5000;    // the live region speaks of new output at most this often
-const SOCKET_LINGER_MS = 5000;     // a node's socket stays this long after it left the page's needs
+const SOCKET_LINGER_MS = 5000;     // a node stays watched this long after it left the page's needs
 const TABLE_ABOVE = 50;            // more nodes and the table is the view until one is picked
-const SMALL_CLUSTER = 20;          // up to this many nodes each alive one holds its socket and
-                                   // shows its pane; above, only those the page needs
+const SMALL_CLUSTER = 20;          // up to this many nodes each alive one is watched and shows
+                                   // its pane; above, only those the page needs
 const REPLAY_WAIT_MS = 15000;      // a replay unanswered this long is given up (its late answer is
                                    // still matched to it, by the order the agent answers in)
 const REPLAY_LINES = 1000;         // lines one replay asks for (the view's page)
-const MAX_SOCKETS = 24;            // sockets one page holds at most (an agent allows a user 32)
-const OPEN_EVERY_MS = 40;          // sockets are opened one at a time, at most this often
-const RETRY_FIRST_MS = 1500;       // a dropped socket's first retry; doubled each time (with
+const MAX_WATCHED = 64;            // nodes one page watches at once (each is an output stream
+                                   // of the user's on the controller, shared by their pages)
+const OPEN_EVERY_MS = 10;          // nodes are watched one at a time, at most this often
+const RETRY_FIRST_MS = 1500;       // a dropped watch's first retry; doubled each time (with
 const RETRY_MAX_MS = 60000;        // jitter) up to this; back to the first once it says hello
 const MAX_RESULTS = 20;            // run and deploy results kept on the page (newest first)
 const MAX_NOTICES = 8;             // notices kept, apart from the results
@@ -200,13 +202,14 @@ function followEnd(box) {
 
 // ---------------------------------------------------------------------------------------------
 // One node: its card (status; built once the cards view shows), its row's data, its output
-// pane, its socket (open only while the page needs it: see wanted()).
+// pane, its watch over the page's socket (only while the page needs it: see wanted()).
 class NodeView {
   constructor(app, node) {
     this.app = app;
     this.node = node;
     this.executions = new Map();   // id -> ExecutionView
-    this.socket = null;
+    this.socket = null;            // true while watched over the page's socket (asked or live)
+    this.linked = false;           // its hello came: replays and stops may be sent
     this.closed = false;
     this.card = null;
     this.lastStatus = null;        // the agent's last status snapshot, for the card and the row
@@ -303,11 +306,10 @@ class NodeView {
     this.meta.textContent = `${node.host}:${node.port}${groups}`;
   }
 
-  // Above SMALL_CLUSTER nodes the page holds a node's socket (output and status) only while it
-  // needs it: the node is in sight (its card or its table row) or runs something the page
-  // shows; being ticked is not enough (a thousand ticked nodes would be a thousand sockets).
-  // Never while the tab is hidden. One socket per node per page does not scale (each agent
-  // allows a user 32); App caps them at MAX_SOCKETS; issue 15 multiplexes them into one.
+  // Above SMALL_CLUSTER nodes the page watches a node (output and status) only while it needs
+  // it: the node is in sight (its card or its table row) or runs something the page shows;
+  // being ticked is not enough (a thousand ticked nodes would be a thousand output streams on
+  // the controller). Never while the tab is hidden. App caps them at MAX_WATCHED.
   wanted() {
     if (!this.node.alive || this.closed || document.hidden) return false;
     if (this.app.nodeCount <= SMALL_CLUSTER) return true;   // every live node, as a few need
@@ -316,9 +318,9 @@ class NodeView {
     return false;
   }
 
-  // Asks for the socket when wanted (App opens it when a slot is free and the backoff allows);
-  // closes it SOCKET_LINGER_MS after it stopped being wanted (scrolling past a node does not
-  // open and close its socket at once).
+  // Asks for a watch when wanted (App asks it when a slot is free and the backoff allows);
+  // ends it SOCKET_LINGER_MS after it stopped being wanted (scrolling past a node does not
+  // watch and unwatch it at once).
   reviewSocket() {
     if (this.wanted()) {
       clearTimeout(this.lingerTimer);
@@ -333,9 +335,12 @@ class NodeView {
     }
   }
 
-  // Lets go of the socket on purpose (not needed, or its slot is needed elsewhere).
+  // Lets go of the watch on purpose (not needed, or its slot is needed elsewhere).
   pause() {
-    if (this.socket) { this.pausing = true; this.socket.close(); }
+    if (!this.socket) return;
+    this.pausing = true;
+    this.app.page.unwatch(this);
+    this.onClose({ code: 1000, reason: "" });
   }
 
   setLink(text, ok) {
@@ -344,20 +349,19 @@ class NodeView {
   }
 
   // -- socket ----------------------------------------------------------------------------------
+  // Watches the node over the page's one socket (PageSocket): the browser trusts one
+  // certificate (the controller's), and the controller reaches the agent for the user.
   connect() {
-    // Always through the controller's relay: the browser trusts one certificate (the
-    // controller's), the login cookie authenticates the socket, and the agents' token never
-    // reaches page JavaScript (the relay authenticates upstream).
-    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const socket = new WebSocket(`${scheme}//${location.host}/relay/${encodeURIComponent(this.node.name)}`);
-    this.socket = socket;
+    this.socket = true;
+    this.linked = false;
     this.setLink("connecting…", true);
-    socket.onmessage = (message) => this.onEvent(JSON.parse(message.data));
-    socket.onclose = (event) => this.onClose(event);
+    this.app.page.watch(this);
   }
 
+  // The watch ended: unwatched (pausing), the node gone (`gone`) or the page's socket closed.
   onClose(event) {
     this.socket = null;
+    this.linked = false;
     this.app.sockets.closed(this);
     for (const { read } of this.asked.splice(0)) read.answer({ next: read.since });
     if (this.closed) return;
@@ -375,13 +379,12 @@ class NodeView {
 
   send(message) {
     if (!this.isOpen()) return false;
-    this.socket.send(JSON.stringify(message));
-    return true;
+    return this.app.page.send(Object.assign({ node: this.node.name }, message));
   }
 
-  isOpen() { return Boolean(this.socket && this.socket.readyState === WebSocket.OPEN); }
+  isOpen() { return Boolean(this.socket && this.linked && this.app.page.ready); }
 
-  // A replay for `read` of an execution's view. The agent answers a socket's messages in the
+  // A replay for `read` of an execution's view. The controller answers a node's replays in the
   // order sent, so answers are matched to replays by that order, never by timing.
   replay(view, read, limit) {
     if (!this.send({ type: "replay", id: view.id, since: read.since, limit })) return false;
@@ -404,9 +407,9 @@ class NodeView {
   onEvent(event) {
     switch (event.type) {
       case "hello": {
+        this.linked = true;
         this.setLink("live", true);
         this.retryMs = RETRY_FIRST_MS;
-        this.send({ type: "subscribe", status: true });
         // Each execution's state and length is known now (those the page knows are brought
         // up to date, whatever their age); views are made for the newest ones, and read the
         // lines they show by replay, page by page as they come into sight. Those the agent no
@@ -435,9 +438,9 @@ class NodeView {
       case "replayed": this.answered(event.id, event); break;
       case "status": this.status(event.status); break;
       case "error": {
-        // An error while replays are outstanding answers the oldest one (the agent refused it,
-        // e.g. the execution was pruned): its view says so and reads no more, no notice.
-        const refused = this.asked.shift();
+        // A replay's error answers the oldest replay (the agent refused it, e.g. the execution
+        // was pruned): its view says so and reads no more, no notice.
+        const refused = event.request === "replay" ? this.asked.shift() : null;
         if (refused) refused.view.refused(refused.read, true);
         else this.app.notice(`${this.node.name}: ${withHint(event)}`);
         break;
@@ -514,13 +517,13 @@ class NodeView {
     this.card.dataset.statusTime = s.time;
   }
 
-  // The node left the page: its socket, timers and execution views go.
+  // The node left the page: its watch, timers and execution views go.
   stop() {
     this.closed = true;
     clearTimeout(this.lingerTimer);
     clearTimeout(this.retryTimer);
     this.app.sockets.unwant(this);
-    if (this.socket) this.socket.close();
+    if (this.socket) { this.app.page.unwatch(this); this.onClose({ code: 1000, reason: "" }); }
     for (const view of [...this.executions.values()]) this.forget(view);
   }
 }
@@ -894,7 +897,7 @@ class NodeTable {
     for (const [name, tr] of this.rendered) $(".row-select", tr).checked = this.app.selected.has(name);
   }
 
-  // Tells each node whether its row is in sight now (it holds a socket while it is).
+  // Tells each node whether its row is in sight now (it is watched while it is).
   inSight(names) {
     for (const view of this.app.views.values()) {
       const now = names.has(view.node.name);
@@ -904,13 +907,13 @@ class NodeTable {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The page's sockets: at most MAX_SOCKETS open at once, opened one at a time at most every
-// OPEN_EVERY_MS (a thousand nodes wanted at once make no burst of connections). When every slot
-// is taken, a socket only lingering (its node no longer wanted) is closed for the next.
+// The page's watches: at most MAX_WATCHED at once, asked one at a time at most every
+// OPEN_EVERY_MS (a thousand nodes wanted at once make no burst of upstream connections). When
+// every slot is taken, a watch only lingering (its node no longer wanted) ends for the next.
 class SocketSlots {
   constructor() {
-    this.open = new Set();       // NodeViews holding a socket
-    this.waiting = new Set();    // NodeViews wanting one, in the order they asked
+    this.open = new Set();       // NodeViews watched
+    this.waiting = new Set();    // NodeViews wanting a watch, in the order they asked
     this.timer = null;
   }
 
@@ -922,7 +925,7 @@ class SocketSlots {
 
   pump() {
     if (this.timer || !this.waiting.size) return;
-    if (this.open.size >= MAX_SOCKETS) {
+    if (this.open.size >= MAX_WATCHED) {
       const lingering = [...this.open].find((v) => !v.wanted() && !v.pausing);
       if (lingering) lingering.pause();   // its close frees the slot (closed → pump)
       return;
@@ -931,6 +934,87 @@ class SocketSlots {
     this.waiting.delete(view);
     if (view.wanted() && !view.socket) { this.open.add(view); view.connect(); }
     this.timer = setTimeout(() => { this.timer = null; this.pump(); }, OPEN_EVERY_MS);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The page's one socket to the controller (issue 15): NodeViews watch and unwatch their node
+// over it, and every message it brings names its node. Watches asked while it is closed are
+// sent once it is ready; when it closes, every watch ends (each NodeView retries as it does
+// for a dropped node), and it opens again with a backoff while nodes are wanted.
+class PageSocket {
+  constructor(app) {
+    this.app = app;
+    this.socket = null;
+    this.ready = false;            // the controller said `ready`: messages may be sent
+    this.watching = new Set();     // NodeViews watched (or to watch once ready)
+    this.retryMs = RETRY_FIRST_MS;
+    this.timer = null;             // the next reopen, while backing off
+  }
+
+  open() {
+    if (this.socket || this.timer) return;
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const socket = new WebSocket(`${scheme}//${location.host}/page-socket`);
+    this.socket = socket;
+    socket.onmessage = (message) => this.onMessage(JSON.parse(message.data));
+    socket.onclose = (event) => this.onClose(event);
+  }
+
+  watch(view) {
+    this.watching.add(view);
+    if (this.ready) this.send({ type: "watch", node: view.node.name });
+    else this.open();
+  }
+
+  unwatch(view) {
+    if (this.watching.delete(view)) this.send({ type: "unwatch", node: view.node.name });
+  }
+
+  send(message) {
+    if (!this.ready) return false;
+    this.socket.send(JSON.stringify(message));
+    return true;
+  }
+
+  onMessage(event) {
+    if (event.type === "ready") {
+      this.ready = true;
+      this.retryMs = RETRY_FIRST_MS;
+      for (const view of this.watching) this.send({ type: "watch", node: view.node.name });
+      return;
+    }
+    const view = this.app.views.get(event.node);
+    if (!view || !this.watching.has(view)) {
+      // Late news of a node no longer watched; an error of none: said as a notice.
+      if (event.type === "error" && !event.node) this.app.notice(withHint(event));
+      return;
+    }
+    if (event.type === "gone") {
+      this.watching.delete(view);
+      view.onClose(event);
+    } else {
+      view.onEvent(event);
+    }
+  }
+
+  onClose(event) {
+    this.socket = null;
+    this.ready = false;
+    if (event.code === 4401) { window.location = "/login"; return; }
+    const views = [...this.watching];
+    this.watching.clear();
+    for (const view of views) view.onClose(event);
+    // Exponential backoff with jitter: a restarted controller is not met by every tab at once.
+    const delay = Math.round(this.retryMs * (0.5 + Math.random()));
+    this.retryMs = Math.min(RETRY_MAX_MS, this.retryMs * 2);
+    this.timer = setTimeout(() => { this.timer = null; if (this.watching.size) this.open(); }, delay);
+  }
+
+  // The controller answers again: the socket is opened now, not after the backoff.
+  back() {
+    this.retryMs = RETRY_FIRST_MS;
+    if (this.timer) { clearTimeout(this.timer); this.timer = null; if (this.watching.size) this.open(); }
   }
 }
 
@@ -958,10 +1042,11 @@ class App {
     this.mode = null;              // "cards" or "table"
     this.nodeCount = 0;
     this.sockets = new SocketSlots();
+    this.page = new PageSocket(this);
     this.outputs = new OutputBudget();
     this.announcer = new Announcer($("#output-announcer"));
     this.table = new NodeTable(this, $("#node-table-wrap"));
-    // A card in sight holds its node's socket (see NodeView.wanted).
+    // A card in sight has its node watched (see NodeView.wanted).
     this.cardObserver = new IntersectionObserver((entries) => {
       for (const entry of entries) {
         const view = this.views.get(entry.target.dataset.node);
@@ -974,7 +1059,7 @@ class App {
     await api("/api/session");  // redirects to the login page when the session is over
     this.bindForms();
     this.bindNodeTools();
-    // A hidden tab lets its sockets go (after the linger) and takes them again when shown.
+    // A hidden tab lets its watches go (after the linger) and takes them again when shown.
     document.addEventListener("visibilitychange", () => { for (const view of this.views.values()) view.reviewSocket(); });
     await this.refreshNodes();
     this.keepRefreshing();
@@ -997,6 +1082,7 @@ class App {
   // The controller answers again: the sockets it dropped are tried now, not after a backoff
   // grown while it was away (SocketSlots spreads the reconnects out).
   controllerBack() {
+    this.page.back();
     for (const view of this.views.values()) {
       view.retryMs = RETRY_FIRST_MS;
       view.retryAt = 0;

@@ -187,18 +187,29 @@ def test_an_execution_follows_stops_when_scrolled_up_and_jumps_to_latest(
     page.context.close()
 
 
-# The page's WebSockets, counted by wrapping the browser's own (every socket the page holds is a
-# real one through the controller's relay): the node names of those not closed yet.
+# The nodes the page watches over its one socket (issue 15), followed by wrapping the browser's
+# own WebSocket: watch and unwatch sent, `gone` received, all ended when the socket closes.
+# `heldSockets()` names the nodes watched now; `sockets` counts the WebSockets open (one).
 COUNT_SOCKETS = """(() => {
   const Native = window.WebSocket, held = new Set();
-  window.heldSockets = () => [...held].map((s) => s.nodeName);
+  window.sockets = 0;
+  window.heldSockets = () => [...held];
+  const note = () => { window.mostHeld = Math.max(window.mostHeld || 0, held.size); };
   window.WebSocket = class extends Native {
     constructor(url, protocols) {
       super(url, protocols);
-      this.nodeName = decodeURIComponent(String(url).split("/relay/")[1] || "");
-      held.add(this);
-      window.mostHeld = Math.max(window.mostHeld || 0, held.size);
-      this.addEventListener("close", () => held.delete(this));
+      window.sockets += 1;
+      this.addEventListener("message", (m) => {
+        const e = JSON.parse(m.data);
+        if (e.type === "gone") held.delete(e.node);
+      });
+      this.addEventListener("close", () => { window.sockets -= 1; held.clear(); });
+    }
+    send(data) {
+      const m = JSON.parse(data);
+      if (m.type === "watch") { held.add(m.node); note(); }
+      if (m.type === "unwatch") held.delete(m.node);
+      return super.send(data);
     }
   };
 })();"""
@@ -225,8 +236,10 @@ def big_cluster(start_agent: Any, start_controller: Any, unique_name: Any, signe
     """A controller with `count` static nodes from its config file (too many for flags to be
     pleasant), of which up to ALIVE_AT_MOST reach one real agent in group `web` (plain HTTP:
     one agent answers to many node names only without certificates naming it)."""
+    # One agent under many names: each name watched is one more stream of the user's and one
+    # more status subscription of the controller's on it (one per node on a real cluster).
     agent = start_agent(node_name=unique_name("table"), pki=None,
-                        extra_args=["--groups", "web"])
+                        extra_args=["--groups", "web", "--max-sockets-per-user", "200"])
     specs, alive = static_nodes(count, f"{agent.host}:{agent.port}")
     config = tmp_path / "controller.toml"
     config.write_text(f"discovery = false\nnode = {json.dumps(specs)}\n")
@@ -428,11 +441,11 @@ def test_keyboard_tabs_through_every_row_of_the_table(browser: Any, start_agent:
     page.context.close()
 
 
-def test_sockets_are_for_rows_in_sight_never_for_ticks_and_at_most_24(
+def test_watches_are_for_rows_in_sight_never_for_ticks_over_one_socket(
         browser: Any, start_agent: Any, start_controller: Any, unique_name: Any,
         signer: TokenSigner, alice: UnixUser, tmp_path: Path) -> None:
-    """Ticking every node opens no socket for the rows out of sight; a box showing 40 live
-    rows holds 24 sockets at most (the agent allows a user 32)."""
+    """Ticking every node watches none of the rows out of sight; a box showing 40 live rows
+    watches those 40, all over the page's one WebSocket (issue 15)."""
     controller, alive = big_cluster(start_agent, start_controller, unique_name, signer, alice,
                                     tmp_path, 60)
     assert len(alive) == 60
@@ -443,21 +456,21 @@ def test_sockets_are_for_rows_in_sight_never_for_ticks_and_at_most_24(
     expect(page.locator("#ticked")).to_have_text("on the 60 ticked nodes shown")
     expect(page.locator(f'{ROWS}[data-node="{in_sight[0]}"] .col-cpu')).to_have_text(
         re.compile(r"^\d+%$"))
-    # Scrolled on: the ticked rows that left sight let go of their sockets.
+    # Scrolled on: the ticked rows that left sight are no longer watched.
     page.locator("#node-table-wrap").evaluate("w => { w.scrollTop = w.scrollHeight; }")
     wait_for(lambda: set(page.evaluate("heldSockets()")) == set(page.evaluate(IN_SIGHT)),
-             what="a socket for each row in sight, none for the ticked rows out of sight")
-    # Taller: 40 rows in sight, 24 sockets at most, all for rows in sight (two refreshes of
-    # the node list on, which review every node's socket, still 24).
+             what="a watch for each row in sight, none for the ticked rows out of sight")
+    # Taller: 40 rows in sight, 40 watched (two refreshes of the node list on, which review
+    # every node's watch, still), over one socket.
     page.set_viewport_size({"width": 1280, "height": 2100})
     wait_for(lambda: len(page.evaluate(IN_SIGHT)) >= 40, what="40 rows in sight")
-    wait_for(lambda: len(page.evaluate("heldSockets()")) == 24, what="24 sockets held")
+    wait_for(lambda: set(page.evaluate("heldSockets()")) == set(page.evaluate(IN_SIGHT)),
+             what="a watch for each of the rows in sight")
     for _ in range(2):
         with page.expect_response(lambda r: r.url.endswith("/api/nodes")):
             pass
-    assert len(page.evaluate("heldSockets()")) == 24
-    assert sockets_only_in_sight(page)
-    assert page.evaluate("window.mostHeld") == 24
+    assert set(page.evaluate("heldSockets()")) == set(page.evaluate(IN_SIGHT))
+    assert page.evaluate("window.sockets") == 1
     page.context.close()
 
 
@@ -620,20 +633,24 @@ def test_lines_an_agent_did_not_keep_are_never_asked_for(
 def test_a_refused_socket_says_why_and_when_it_is_tried_again(
         browser: Any, start_agent: Any, start_controller: Any, unique_name: Any,
         alice: UnixUser, tmp_path: Path) -> None:
-    """A node whose agent refuses the socket (here: the user's one socket there is taken by
-    another tab) shows the reason and when it tries again, not a bare close code."""
+    """A node whose agent refuses the user's stream (here: the user's one socket there is
+    taken by a page of another controller; pages of one controller share it) shows the reason
+    and when it tries again, not a bare close code."""
     agent = start_agent(node_name=unique_name("cap"), pki=None,
                         extra_args=["--max-sockets-per-user", "1"])
     config = tmp_path / "controller.toml"
     config.write_text(f'discovery = false\nnode = ["cap1={agent.host}:{agent.port}"]\n')
     controller = start_controller(pki=None, extra_args=["--config", str(config)])
+    other = start_controller(pki=None, extra_args=["--config", str(config)])
     first = logged_in_page(browser, controller, alice)
     expect(pane(first, "cap1").locator(".link-state")).to_have_text(LIVE)
-    second = logged_in_page(browser, controller, alice)
+    same = logged_in_page(browser, controller, alice)
+    expect(pane(same, "cap1").locator(".link-state")).to_have_text(LIVE)
+    second = logged_in_page(browser, other, alice)
     expect(pane(second, "cap1").locator(".link-state")).to_have_text(re.compile(
         r"^disconnected \(4502: agent unreachable: .*the limit is 1.*\); retrying in \d+ s$"))
-    first.context.close()
-    second.context.close()
+    for page in (first, same, second):
+        page.context.close()
 
 
 def test_an_execution_the_agent_dropped_says_so_instead_of_notices(
