@@ -108,6 +108,11 @@ def agent_options() -> list[Option]:
                kind=int),
         Option("runner_preload_seconds", 30.0, "longest a new module runner may take to import "
                "module_utils before the task runs in a new interpreter instead", kind=float),
+        Option("status_process_refresh", 5.0, "seconds within which the status snapshot "
+               "reads every process's CPU time again: new processes and the top ones are read "
+               "every second, the others in turns over this period, so an idle process that "
+               "turns busy is listed within it (0: every process every second, which costs "
+               "about 5 us of CPU per process per second)", kind=float),
         Option("helper_python", default_helper_python(),
                "Python used to run file operations as the user", metavar="PATH"),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
@@ -161,6 +166,7 @@ class AgentConfig:
     max_runners_per_user: int
     max_runners: int
     runner_preload_seconds: float
+    status_process_refresh: float
     helper_python: str
     log_level: str
 

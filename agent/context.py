@@ -74,7 +74,9 @@ class AgentContext:
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    resolver=resolver, hub=hub, executions=executions,
                    files=FileService(resolver, config.helper_python, runners),
-                   status=StatusPublisher(StatusSampler(config.node_name)), audit=audit,
+                   status=StatusPublisher(StatusSampler(
+                       config.node_name, process_refresh=config.status_process_refresh)),
+                   audit=audit,
                    secret=secret, revocations=Revocations(config.state_path / "revocations.json"),
                    service_signer=TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT),
                    denied=DeniedTokens(config.state_path / "denied-tokens.json"),
