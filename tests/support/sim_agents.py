@@ -9,6 +9,7 @@ Each simulated agent is what the controller sees of an agent and no more:
   (`marco.tokens.health_proof`, as the agent makes it);
 - `/v1/stream`: the `auth` message (a token of the cluster secret), `hello`, and status
   snapshots once per `status_interval` while subscribed (`{"type": "status", ...}`);
+- `PUT /v1/crl` with the controller's service token (answered, not kept);
 - its zeroconf announcement, built by the agent's own `agent.announce` code (same service
   type, instance and host names, TXT record). With `per_responder=1` every simulated agent
   has its own `Announcer` (its own mDNS sockets, clash check and probes: exactly a real
@@ -49,7 +50,14 @@ from marco.errors import AuthenticationError
 from marco.jsonapi import JsonApiMixin
 from marco.serving import ConnectionLimits, close_server, listen
 from marco.tls import ServerTlsFiles
-from marco.tokens import TokenSigner, health_proof, load_secret
+from marco.tokens import (
+    SERVICE_MAX_AGE,
+    SERVICE_SALT,
+    TokenSigner,
+    bearer_token,
+    health_proof,
+    load_secret,
+)
 from tests.support.paths import ROOT
 from tests.support.waiting import wait_for
 
@@ -151,6 +159,25 @@ class HealthHandler(JsonApiMixin, tornado.web.RequestHandler):
         self.write_json(self.node.facts(self.get_query_argument("challenge", None)))
 
 
+class CrlHandler(JsonApiMixin, tornado.web.RequestHandler):
+    """PUT /v1/crl, which the controller sends each new node: its service token is checked,
+    the CRL is not kept (the simulated agents' TLS stays on the CRL they started with)."""
+
+    service_name = "agent"
+
+    def initialize(self, node: SimNode, service: TokenSigner) -> None:
+        self.node, self.service = node, service
+
+    def put(self) -> None:
+        token = bearer_token(self.request.headers.get("Authorization"))
+        try:
+            self.service.verify(token)
+        except AuthenticationError as error:
+            self.write_json({"error": "unauthorized", "message": str(error)}, 401)
+            return
+        self.write_json({"updated": False})
+
+
 class NotFoundHandler(JsonApiMixin, tornado.web.RequestHandler):
     service_name = "agent"
 
@@ -225,11 +252,13 @@ class StreamSocket(tornado.websocket.WebSocketHandler):
             self.counted = False
 
 
-def make_app(node: SimNode, signer: TokenSigner) -> tornado.web.Application:
-    """One simulated agent's routes (health and stream; everything else is a JSON 404)."""
+def make_app(node: SimNode, signer: TokenSigner,
+             service: TokenSigner) -> tornado.web.Application:
+    """One simulated agent's routes (health, stream, the CRL push; else a JSON 404)."""
     args = {"node": node}
     return tornado.web.Application(
         [(r"/v1/health", HealthHandler, args),
+         (r"/v1/crl", CrlHandler, {**args, "service": service}),
          (r"/v1/stream", StreamSocket, {**args, "signer": signer})],
         default_handler_class=NotFoundHandler, default_handler_args=args,
         websocket_max_message_size=64 * 1024)
@@ -249,6 +278,7 @@ class Simulator:
         self.settings = settings
         secret = load_secret(settings.secret_file)
         self.signer = TokenSigner(secret)
+        self.service = TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT)
         self.nodes = [SimNode(name, WRONG_KEY if name in settings.bad_proof else secret[-1],
                               settings.groups) for name in settings.names()]
         self._servers: list[Any] = []
@@ -260,7 +290,7 @@ class Simulator:
         """Listen: one port per simulated agent on the address, each with its own certificate."""
         limits = ConnectionLimits()
         for node in self.nodes:
-            server = listen(make_app(node, self.signer), 0, self.settings.address, limits,
+            server = listen(make_app(node, self.signer, self.service), 0, self.settings.address, limits,
                             xheaders=False,
                             ssl_options=server_tls(self.settings.pki_dir, node.name))
             node.port = server.port
@@ -310,16 +340,21 @@ class Simulator:
             self._status.cancel()
         for server in self._servers:
             server.stop()
-        await asyncio.gather(*(announcer.stop() for announcer in self._announcers))
-        for zc, infos in self._responders:
-            try:
-                goodbyes = await asyncio.gather(*(zc.async_unregister_service(info)
-                                                  for info in infos))
-                await asyncio.wait_for(asyncio.gather(*goodbyes), GOODBYE_TIMEOUT)
-            finally:
-                await zc.async_close()
-        for server in self._servers:
-            await close_server(server)
+        await asyncio.gather(*(announcer.stop() for announcer in self._announcers),
+                             *(self._goodbye(zc, infos) for zc, infos in self._responders))
+        await asyncio.gather(*(close_server(server) for server in self._servers))
+
+    @staticmethod
+    async def _goodbye(zc: AsyncZeroconf, infos: list[AsyncServiceInfo]) -> None:
+        """A shared responder's goodbyes for all its nodes, bounded; then its sockets close."""
+        try:
+            goodbyes = await asyncio.gather(*(zc.async_unregister_service(info)
+                                              for info in infos))
+            await asyncio.wait_for(asyncio.gather(*goodbyes), GOODBYE_TIMEOUT)
+        except Exception:  # noqa: BLE001 - the sockets must close; the peers' TTL expires them
+            log.warning("goodbyes not all sent", exc_info=True)
+        finally:
+            await zc.async_close()
 
     def ready(self, announce_started: float, announced: float) -> dict[str, Any]:
         return {"pid": os.getpid(), "nodes": {node.name: node.port for node in self.nodes},
