@@ -28,6 +28,8 @@ import http.client
 import json
 import os
 import resource
+import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -167,6 +169,14 @@ class Api:
     def inventory_hosts(self) -> set[str]:
         return set(json.loads(self.get("/api/inventory")[1])["_meta"]["hostvars"])
 
+    @staticmethod
+    def listed_now(controller: ControllerProcess, token: str, names: list[str]) -> set[str]:
+        api = Api(controller, token)
+        try:
+            return api.inventory_hosts() & set(names)
+        finally:
+            api.close()
+
     def node_names(self) -> set[str]:
         return {node["name"] for node in json.loads(self.get("/api/nodes")[1])["nodes"]}
 
@@ -179,6 +189,7 @@ class StatusPage(Protocol):
     returns when each has sent a first status; `received` counts status messages since."""
 
     received: int
+    silent: int
 
     async def open(self, nodes: list[str]) -> None: ...
 
@@ -192,6 +203,7 @@ class RelayPage:
     def __init__(self, controller: ControllerProcess, token: str) -> None:
         self.controller, self.token = controller, token
         self.received = 0
+        self.silent = 0  # sockets that sent no status within a minute
         self._sockets: list[tornado.websocket.WebSocketClientConnection] = []
         self._readers: list[asyncio.Task[None]] = []
 
@@ -206,7 +218,11 @@ class RelayPage:
             self._sockets.append(ws)
             await ws.write_message(json.dumps({"type": "subscribe", "status": True}))
             self._readers.append(asyncio.ensure_future(self._read(ws, first)))
-        await asyncio.wait_for(asyncio.gather(*(first.wait() for first in firsts)), 60)
+        waiting = [asyncio.ensure_future(first.wait()) for first in firsts]
+        _, late = await asyncio.wait(waiting, timeout=60)
+        for task in late:
+            task.cancel()
+        self.silent = len(late)
 
     async def _read(self, ws: tornado.websocket.WebSocketClientConnection,
                     first: asyncio.Event) -> None:
@@ -231,9 +247,12 @@ class Result:
     announce_s: float = 0.0
     listed_p50_s: float = 0.0
     listed_max_s: float = 0.0
+    listed: int = 0
+    listed_after_idle: int = 0
     mdns: MdnsCount = field(default_factory=MdnsCount)
     rss_base_mib: float = 0.0
     rss_mib: float = 0.0
+    idle_base_cpu_percent: float = 0.0
     idle_cpu_percent: float = 0.0
     sim_idle_cpu_percent: float = 0.0
     inventory_bytes: int = 0
@@ -250,12 +269,14 @@ class Result:
         return self.nodes / 100
 
 
-def wait(predicate: Any, what: str, timeout: float) -> None:
+def wait(predicate: Any, timeout: float) -> bool:
+    """Poll until `predicate` is true (True) or `timeout` passes (False)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise SystemExit(f"benchmark stuck: {what} did not happen within {timeout:.0f} s")
+            return False
         time.sleep(0.05)
+    return True
 
 
 class Bench:
@@ -281,60 +302,68 @@ class Bench:
             extra_args=["--health-interval", str(self.args.health_interval),
                         "--log-level", "info"])
         api = Api(controller, self.token)
+        fleet = SimFleet()
         try:
-            time.sleep(1)  # let the fresh process settle before its baseline
+            time.sleep(self.args.settle)  # let the fresh process settle before its baseline
             result.rss_base_mib = rss_mib(controller.process.pid)
-            simulator = self.discover(controller, api, home, result)
-            try:
-                self.idle(controller, simulator, result)
-                self.inventory(api, result)
-                asyncio.run(self.status(controller, simulator.names, result))
-            finally:
-                self.goodbye(api, simulator, result)
+            result.idle_base_cpu_percent = self.cpu_percent([controller.process.pid])[0]
+            self.discover(api, fleet, home, result)
+            self.idle(controller, fleet, result)
+            self.inventory(api, result)
+            asyncio.run(self.status(controller, fleet.listed, result))
+            self.goodbye(api, fleet, result)
         finally:
+            fleet.stop()
             api.close()
             controller.stop()
         return result
 
-    def discover(self, controller: ControllerProcess, api: Api, home: Path,
-                 result: Result) -> SimulatorProcess:
-        prefix = f"scale{result.nodes}x{os.getpid()}"
+    def discover(self, api: Api, fleet: SimFleet, home: Path, result: Result) -> None:
+        """Start the simulators together; poll the inventory until all are listed (or the
+        deadline: then what was listed is measured, and the shortfall noted)."""
         counter = MdnsCounter().start()
-        simulator = SimulatorProcess(self.pki, self.secret_file, home, prefix, result.nodes,
-                                     per_responder=result.per_responder,
-                                     ready_timeout=60 + result.nodes * 0.2)
+        processes = min(self.args.sim_processes, result.nodes)
+        for index in range(processes):
+            share = result.nodes // processes + (index < result.nodes % processes)
+            fleet.processes.append(SimulatorProcess(
+                self.pki, self.secret_file, home, f"scale{result.nodes}x{os.getpid()}p{index}",
+                share, per_responder=result.per_responder, ready_timeout=60 + share * 0.2))
+        wanted = set(fleet.names)
         seen: dict[str, float] = {}
-        wanted = set(simulator.names)
-        deadline = time.monotonic() + 60 + result.nodes * 0.2
-        while len(seen) < len(wanted):
-            if time.monotonic() > deadline:
-                counter.stop()
-                raise SystemExit(f"only {len(seen)} of {result.nodes} listed; see "
-                                 f"{controller.log_path} and {simulator.log_path}")
+        deadline = time.monotonic() + self.args.discovery_timeout
+        while len(seen) < len(wanted) and time.monotonic() < deadline:
             now = time.time()
             for name in api.inventory_hosts() & wanted:
                 seen.setdefault(name, now)
             time.sleep(0.05)
         result.mdns = counter.snapshot()
         counter.stop()
-        ready = simulator.wait_ready()
-        start = ready["announce_started"]
-        times = [at - start for at in seen.values()]
-        result.announce_s = ready["announced"] - start
+        readies = [simulator.wait_ready() for simulator in fleet.processes]
+        start = min(ready["announce_started"] for ready in readies)
+        result.announce_s = max(ready["announced"] for ready in readies) - start
+        times = [at - start for at in seen.values()] or [float("nan")]
         result.listed_p50_s, result.listed_max_s = statistics.median(times), max(times)
-        return simulator
+        result.listed = len(seen)
+        fleet.listed = sorted(seen)
+        if len(seen) < len(wanted):
+            result.notes.append(f"only {len(seen)} of {len(wanted)} listed within "
+                                f"{self.args.discovery_timeout:.0f} s")
 
-    def idle(self, controller: ControllerProcess, simulator: SimulatorProcess,
-             result: Result) -> None:
+    def idle(self, controller: ControllerProcess, fleet: SimFleet, result: Result) -> None:
         time.sleep(self.args.settle)
-        pids = controller.process.pid, simulator.process.pid
+        controller_cpu, *simulators = self.cpu_percent(
+            [controller.process.pid, *(sim.process.pid for sim in fleet.processes)])
+        result.idle_cpu_percent, result.sim_idle_cpu_percent = controller_cpu, sum(simulators)
+        result.listed_after_idle = len(Api.listed_now(controller, self.token, fleet.names))
+        result.rss_mib = rss_mib(controller.process.pid)
+
+    def cpu_percent(self, pids: list[int]) -> list[float]:
+        """Each process's CPU over `--idle-seconds`, in % of one core."""
         before, started = [cpu_seconds(pid) for pid in pids], time.monotonic()
         time.sleep(self.args.idle_seconds)
         elapsed = time.monotonic() - started
-        used = [cpu_seconds(pid) - was for pid, was in zip(pids, before, strict=True)]
-        result.idle_cpu_percent = 100 * used[0] / elapsed
-        result.sim_idle_cpu_percent = 100 * used[1] / elapsed
-        result.rss_mib = rss_mib(controller.process.pid)
+        return [100 * (cpu_seconds(pid) - was) / elapsed
+                for pid, was in zip(pids, before, strict=True)]
 
     def inventory(self, api: Api, result: Result) -> None:
         samples = []
@@ -357,31 +386,58 @@ class Bench:
         used, elapsed = cpu_seconds(pid) - before, time.monotonic() - started
         count = page.received - received
         await page.close()
+        if page.silent:
+            result.notes.append(f"{page.silent} of {len(nodes)} page sockets sent no status")
         # Health checks go on meanwhile: their idle share is taken out.
         relayed = used - result.idle_cpu_percent / 100 * elapsed
         result.status_per_s = count / elapsed
         result.cpu_ms_per_status = 1000 * relayed / count if count else float("nan")
 
-    def goodbye(self, api: Api, simulator: SimulatorProcess, result: Result) -> None:
+    def goodbye(self, api: Api, fleet: SimFleet, result: Result) -> None:
         started = time.monotonic()
-        simulator.stop()
-        wanted = set(simulator.names)
-        wait(lambda: not wanted & api.node_names(), "the goodbyes", 60)
+        wanted = set(fleet.names)
+        fleet.stop()
+        if not wait(lambda: not wanted & api.node_names(), 60):
+            result.notes.append("not all goodbyes removed their node within 60 s")
         result.goodbye_s = time.monotonic() - started
+
+
+class SimFleet:
+    """The simulator processes of one count (several share the work on several cores)."""
+
+    def __init__(self) -> None:
+        self.processes: list[SimulatorProcess] = []
+        self.listed: list[str] = []
+
+    @property
+    def names(self) -> list[str]:
+        return [name for simulator in self.processes for name in simulator.names]
+
+    def stop(self) -> None:
+        """SIGTERM to all first (their goodbyes go out side by side), then wait for each."""
+        for simulator in self.processes:
+            if simulator.process.poll() is None:
+                simulator.process.send_signal(signal.SIGTERM)
+        for simulator in self.processes:
+            simulator.stop()
 
 
 def table(results: list[Result]) -> str:
     rows = [("nodes (agents per responder)", lambda r: f"{r.nodes} ({r.per_responder})"),
             ("announce, all (s)", lambda r: f"{r.announce_s:.2f}"),
             ("listed p50 / max (s)", lambda r: f"{r.listed_p50_s:.2f} / {r.listed_max_s:.2f}"),
+            ("listed at the deadline / after idle",
+             lambda r: f"{r.listed} / {r.listed_after_idle}"),
             ("mDNS packets: queries / answers (KiB)",
              lambda r: f"{r.mdns.queries} / {r.mdns.answers} ({r.mdns.bytes / 1024:.0f})"),
             ("controller RSS: base / with nodes (MiB)",
              lambda r: f"{r.rss_base_mib:.1f} / {r.rss_mib:.1f}"),
             ("RSS per 100 nodes (MiB)",
              lambda r: f"{(r.rss_mib - r.rss_base_mib) / r.per_100:.1f}"),
-            ("idle CPU (% of a core)", lambda r: f"{r.idle_cpu_percent:.1f}"),
-            ("idle CPU per 100 nodes (%)", lambda r: f"{r.idle_cpu_percent / r.per_100:.1f}"),
+            ("idle CPU: 0 nodes / N nodes (% of a core)",
+             lambda r: f"{r.idle_base_cpu_percent:.1f} / {r.idle_cpu_percent:.1f}"),
+            ("idle CPU per 100 nodes (%)",
+             lambda r: f"{(r.idle_cpu_percent - r.idle_base_cpu_percent) / r.per_100:.1f}"),
             ("simulator idle CPU (%)", lambda r: f"{r.sim_idle_cpu_percent:.1f}"),
             ("/api/inventory p50 / p99 (ms)",
              lambda r: f"{r.inventory_p50_ms:.1f} / {r.inventory_p99_ms:.1f}"),
@@ -411,6 +467,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--page-nodes", type=int, default=100,
                         help="nodes the page subscribes to (at most the count)")
     parser.add_argument("--status-seconds", type=float, default=10.0)
+    parser.add_argument("--sim-processes", type=int, default=1,
+                        help="simulator processes sharing the agents")
+    parser.add_argument("--discovery-timeout", type=float, default=120.0)
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args()
 
@@ -422,13 +482,17 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the controller inherits it
     results = []
-    with tempfile.TemporaryDirectory(prefix="marco-scale-") as work:
-        os.chmod(work, 0o755)
-        bench = Bench(args, Path(work))
-        for count in (int(n) for n in args.counts.split(",")):
-            result = bench.run(count)
-            results.append(result)
-            print(f"{count} nodes: {json.dumps(asdict(result))}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="marco-scale-"))
+    os.chmod(work, 0o755)
+    bench = Bench(args, work)
+    for count in (int(n) for n in args.counts.split(",")):
+        result = bench.run(count)
+        results.append(result)
+        print(f"{count} nodes: {json.dumps(asdict(result))}", flush=True)
+    if args.keep:
+        print(f"logs kept in {work}")
+    else:
+        shutil.rmtree(work)
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
