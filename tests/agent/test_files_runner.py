@@ -4,6 +4,7 @@ agent, real users, real AnsiballZ payloads warming the runner. Each answer says 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import grp
 import io
@@ -11,6 +12,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ from urllib.parse import quote
 
 import pytest
 
+from agent.files import FileReader, FileWriter
 from marco.client import AgentClient
 from marco.errors import MarcoError
 from marco.tokens import TokenSigner
@@ -262,3 +265,72 @@ def test_a_runner_on_another_interpreter_file_never_serves_a_file(
             answers.append(put(c, b"data", "interp.txt"))
             agent.stop()
     assert [answer["via"] for answer in answers] == ["process", "runner"]
+
+
+# -- the helper's answers are the user's process's: checked ----------------------------------
+
+LIAR = """
+import sys
+sys.stdout.write(sys.argv[1] + "\\n")
+sys.stdout.flush()
+sys.stdin.buffer.read()
+sys.stdout.write(sys.argv[2] + "\\n")
+"""
+READY = '{"ok": true, "ready": true}'
+FORGED_COMMITS = {
+    "another path": '{"ok": true, "path": "/etc/shadow", "size": 3, "mode": "0644"}',
+    "another size": '{"ok": true, "path": "/tmp/x", "size": 4, "mode": "0644"}',
+    "a size as text": '{"ok": true, "path": "/tmp/x", "size": "3", "mode": "0644"}',
+    "a mode with a newline": '{"ok": true, "path": "/tmp/x", "size": 3, "mode": "0644\\nX: y"}',
+    "no mode": '{"ok": true, "path": "/tmp/x", "size": 3}',
+}
+FORGED_READS = {
+    "not JSON": "{nope",
+    "not an object": "[1]",
+    "a negative size": '{"ok": true, "size": -1, "mode": "0644"}',
+    "a size as text": '{"ok": true, "size": "12", "mode": "0644"}',
+    "a mode with a newline": '{"ok": true, "size": 1, "mode": "0644\\r\\nX-Evil: 1"}',
+    "an error status not a number": '{"ok": false, "status": [403], "error": "x"}',
+}
+
+
+async def _liar(first: str, second: str = "") -> asyncio.subprocess.Process:
+    """A real process answering as a lying helper would: `first`, then after EOF `second`."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-I", "-S", "-c", LIAR, first, second, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+@pytest.mark.parametrize("case", sorted(FORGED_COMMITS))
+def test_an_upload_answer_not_matching_the_upload_is_refused(case: str) -> None:
+    async def upload() -> None:
+        process = await _liar(READY, FORGED_COMMITS[case])
+        writer = FileWriter(process, "runner", "/tmp/x")
+        await writer.ready()
+        await writer.write(b"abc")
+        with pytest.raises(MarcoError, match="does not match the upload"):
+            await writer.commit()
+        await _ended(process)
+    asyncio.run(upload())
+
+
+@pytest.mark.parametrize("case", sorted(FORGED_READS))
+def test_a_download_status_line_that_is_not_one_is_refused(case: str) -> None:
+    async def download() -> None:
+        process = await _liar(FORGED_READS[case])
+        assert process.stdin is not None
+        process.stdin.close()
+        with pytest.raises(MarcoError) as raised:
+            await FileReader(process, "runner").ready()
+        assert type(raised.value) is MarcoError  # a 500, not what the line claims
+        await _ended(process)
+    asyncio.run(download())
+
+
+async def _ended(process: asyncio.subprocess.Process) -> None:
+    """Read what is left and reap it, so that its transport closes within this loop."""
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            await stream.read()
+    await process.wait()
+    await asyncio.sleep(0)  # the transport's close callbacks
