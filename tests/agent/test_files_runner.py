@@ -14,6 +14,7 @@ import signal
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ import pytest
 from agent.files import FileReader, FileWriter
 from marco.client import AgentClient
 from marco.errors import MarcoError
-from marco.tokens import TokenSigner
+from marco.tls import ClientTls
+from marco.tokens import SERVICE_MAX_AGE, SERVICE_SALT, TokenSigner, load_secret
 from tests.support.agent_process import AgentProcess
 from tests.support.ansiballz_payloads import PIPELINED, module_payload
+from tests.support.pki import TestPki
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
@@ -334,3 +337,43 @@ async def _ended(process: asyncio.subprocess.Process) -> None:
             await stream.read()
     await process.wait()
     await asyncio.sleep(0)  # the transport's close callbacks
+
+
+def test_a_revocation_ends_a_helper_with_its_runner(
+        agent: AgentProcess, signer: TokenSigner, alice: UnixUser, pki: TestPki) -> None:
+    """A revoked user's runner quits, and what it runs, a file helper included, ends with it
+    (killed once the runner's grace has passed): nothing of the user's stays."""
+    target = Path(alice.home) / "revoked.bin"
+    with client(agent, signer, alice.name) as c:
+        warm_up(c)
+    conn = agent.connection(timeout=60)
+    conn.putrequest("PUT", f"/v1/files?path={_quote(str(target))}")
+    conn.putheader("Authorization", f"Bearer {signer.issue(alice.name)}")
+    conn.putheader("Content-Length", str(10 * 1024 * 1024))
+    conn.endheaders()
+    conn.send(b"x" * 1024)
+    wait_for(lambda: len(_processes_of(alice.uid)) == 2, what="the runner and its helper")
+    service = TokenSigner(load_secret(agent.secret_file), SERVICE_MAX_AGE,
+                          salt=SERVICE_SALT).issue("controller")
+    controller = ClientTls(str(pki.ca_file), str(pki.controller_cert), str(pki.controller_key))
+    with agent.client(service, tls=controller) as c:
+        assert c.push_revocations({alice.name: time.time()})["updated"] == [alice.name]
+    wait_for(lambda: not _processes_of(alice.uid), timeout=30, what="the user's processes ending")
+    conn.close()
+    assert not target.exists()
+
+
+def _processes_of(uid: int) -> list[int]:
+    """Pids of the live processes whose real uid is `uid`."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{name}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] != "Z":
+            pids.append(int(name))
+    return pids
