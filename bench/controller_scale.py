@@ -145,6 +145,13 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def udp_receive_drops() -> int:
+    """The host's UDP datagrams dropped for a full receive buffer so far (all sockets)."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
+             if line.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
@@ -250,6 +257,7 @@ class Result:
     listed: int = 0
     listed_after_idle: int = 0
     mdns: MdnsCount = field(default_factory=MdnsCount)
+    udp_drops: int = 0
     rss_base_mib: float = 0.0
     rss_mib: float = 0.0
     idle_base_cpu_percent: float = 0.0
@@ -266,7 +274,8 @@ class Result:
 
     @property
     def per_100(self) -> float:
-        return self.nodes / 100
+        """Hundreds of nodes the controller holds: those listed (all, unless noted)."""
+        return (self.listed or self.nodes) / 100
 
 
 def wait(predicate: Any, timeout: float) -> bool:
@@ -300,7 +309,7 @@ class Bench:
         controller = ControllerProcess(
             self.secret_file, home, "marco-bench-unused", pki=self.pki,
             extra_args=["--health-interval", str(self.args.health_interval),
-                        "--log-level", "info"])
+                        "--log-level", self.args.controller_log_level])
         api = Api(controller, self.token)
         fleet = SimFleet()
         try:
@@ -321,13 +330,14 @@ class Bench:
     def discover(self, api: Api, fleet: SimFleet, home: Path, result: Result) -> None:
         """Start the simulators together; poll the inventory until all are listed (or the
         deadline: then what was listed is measured, and the shortfall noted)."""
-        counter = MdnsCounter().start()
+        counter, drops = MdnsCounter().start(), udp_receive_drops()
         processes = min(self.args.sim_processes, result.nodes)
         for index in range(processes):
             share = result.nodes // processes + (index < result.nodes % processes)
             fleet.processes.append(SimulatorProcess(
                 self.pki, self.secret_file, home, f"scale{result.nodes}x{os.getpid()}p{index}",
-                share, per_responder=result.per_responder, ready_timeout=60 + share * 0.2))
+                share, per_responder=result.per_responder, ready_timeout=60 + share * 0.2,
+                extra_args=["--log-level", self.args.sim_log_level]))
         wanted = set(fleet.names)
         seen: dict[str, float] = {}
         deadline = time.monotonic() + self.args.discovery_timeout
@@ -337,6 +347,7 @@ class Bench:
                 seen.setdefault(name, now)
             time.sleep(0.05)
         result.mdns = counter.snapshot()
+        result.udp_drops = udp_receive_drops() - drops
         counter.stop()
         readies = [simulator.wait_ready() for simulator in fleet.processes]
         start = min(ready["announce_started"] for ready in readies)
@@ -430,13 +441,14 @@ def table(results: list[Result]) -> str:
              lambda r: f"{r.listed} / {r.listed_after_idle}"),
             ("mDNS packets: queries / answers (KiB)",
              lambda r: f"{r.mdns.queries} / {r.mdns.answers} ({r.mdns.bytes / 1024:.0f})"),
+            ("UDP datagrams dropped (full buffers, host)", lambda r: f"{r.udp_drops}"),
             ("controller RSS: base / with nodes (MiB)",
              lambda r: f"{r.rss_base_mib:.1f} / {r.rss_mib:.1f}"),
-            ("RSS per 100 nodes (MiB)",
+            ("RSS per 100 listed nodes (MiB)",
              lambda r: f"{(r.rss_mib - r.rss_base_mib) / r.per_100:.1f}"),
             ("idle CPU: 0 nodes / N nodes (% of a core)",
              lambda r: f"{r.idle_base_cpu_percent:.1f} / {r.idle_cpu_percent:.1f}"),
-            ("idle CPU per 100 nodes (%)",
+            ("idle CPU per 100 listed nodes (%)",
              lambda r: f"{(r.idle_cpu_percent - r.idle_base_cpu_percent) / r.per_100:.1f}"),
             ("simulator idle CPU (%)", lambda r: f"{r.sim_idle_cpu_percent:.1f}"),
             ("/api/inventory p50 / p99 (ms)",
@@ -470,6 +482,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sim-processes", type=int, default=1,
                         help="simulator processes sharing the agents")
     parser.add_argument("--discovery-timeout", type=float, default=120.0)
+    parser.add_argument("--controller-log-level", default="info")
+    parser.add_argument("--sim-log-level", default="warning")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args()

@@ -156,6 +156,7 @@ class HealthHandler(JsonApiMixin, tornado.web.RequestHandler):
         self.node = node
 
     def get(self) -> None:
+        log.debug("health of %s asked", self.node.name)  # which nodes a controller probes
         self.write_json(self.node.facts(self.get_query_argument("challenge", None)))
 
 
