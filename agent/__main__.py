@@ -145,6 +145,8 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
             log.warning("not announcing: --bind %s is a wildcard and no --mdns-interface is set",
                         config.bind)
     stop = stop_event_on_signals()
+    if announcer is not None:
+        announcer.on_conflict = stop.set  # yielding our name: stop as on SIGTERM, then fail
     expiry = PeriodicCallback(ctx.executions.expire, EXPIRE_INTERVAL * 1000)
     expiry.start()
     try:
@@ -169,6 +171,8 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
         await close_server(server)
         ctx.status.close()
         ctx.audit.close()
+    if announcer is not None and announcer.conflict is not None:
+        raise ConfigError(announcer.conflict)
 
 
 if __name__ == "__main__":

@@ -23,18 +23,26 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from zeroconf import (
     BadTypeInNameException,
+    DNSAddress,
     DNSIncoming,
     DNSOutgoing,
     DNSQuestion,
     DNSQuestionType,
+    DNSRecord,
+    DNSService,
+    DNSText,
+    IPVersion,
     NonUniqueNameException,
+    RecordUpdate,
+    RecordUpdateListener,
     ServiceNameAlreadyRegistered,
+    Zeroconf,
 )
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
@@ -56,6 +64,14 @@ CLASH_QUERIES = 3
 #: instead: a responder that multicast its records in the last second may hold its answer
 #: for up to 1 s (RFC 6762 6).
 CLASH_CHECK_V6_SECONDS = 0.5
+
+#: Seconds after its first announcement in which an agent yields its name to an agent that
+#: announced the same name at about the same time and started earlier: both passed the name
+#: check before either announced. After that it keeps the name and announces it again.
+CONFLICT_WINDOW_SECONDS = 2.0
+#: Seconds between a rival's announcement or goodbye and our own announcement again; more
+#: rival packets meanwhile join the same one (a flood of them costs one round per ~0.7 s).
+DEFEND_DELAY_SECONDS = 0.25
 
 _MDNS_GROUP = "224.0.0.251"
 _MDNS_PORT = 5353
@@ -98,6 +114,9 @@ class Announcement:
     addresses: tuple[str, ...]
     groups: tuple[str, ...] = ()
     tls: bool = False
+    #: When this agent started announcing (Unix time): of two agents that announce one name at
+    #: once, the later yields (in its TXT record, so that both decide alike).
+    since: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "addresses", tuple(self.addresses))
@@ -112,7 +131,8 @@ class Announcement:
                 raise ConfigError(f"group name {group!r} is empty or has a comma, '=' or space")
 
     def txt(self) -> dict[str, str]:
-        """The TXT record: proto, version, node, os, arch, cpus, groups (comma-joined), tls."""
+        """The TXT record: proto, version, node, os, arch, cpus, groups (comma-joined), tls,
+        since (Unix time, ms)."""
         txt = {
             "proto": str(PROTOCOL_VERSION),
             "version": __version__,
@@ -122,6 +142,7 @@ class Announcement:
             "cpus": str(os.cpu_count() or 1),
             "groups": ",".join(self.groups),
             "tls": "1" if self.tls else "0",
+            "since": f"{self.since:.3f}",
         }
         for key, value in txt.items():
             if len(f"{key}={value}".encode()) > _MAX_TXT_ITEM:
@@ -141,8 +162,13 @@ class Announcer:
     """Registers one agent's service on the given interface addresses; async start/stop."""
 
     def __init__(self, announcement: Announcement, interfaces: Sequence[str],
-                 clash_check: float = CLASH_CHECK_SECONDS) -> None:
+                 clash_check: float = CLASH_CHECK_SECONDS,
+                 on_conflict: Callable[[], None] | None = None) -> None:
         self.announcement = announcement
+        # Called once when this agent yields its name to another (`conflict` says why); its
+        # owner stops the agent (no new connections, then stop()). Without it, stop() here.
+        self.on_conflict = on_conflict
+        self.conflict: str | None = None
         self.clash_check = clash_check  # seconds; 0 trusts zeroconf's own (QU) probes alone
         self.interfaces = [specific_address(item, "mDNS interface address") for item in interfaces]
         if not self.interfaces:
@@ -150,6 +176,10 @@ class Announcer:
         self._zc: AsyncZeroconf | None = None
         self._info: AsyncServiceInfo | None = None
         self._starting: asyncio.Task[None] | None = None
+        self._watch: _RivalWatch | None = None
+        self._announced_at = 0.0  # monotonic
+        self._defending: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def build_info(self) -> AsyncServiceInfo:
         """The zeroconf service record set for this announcement."""
@@ -191,9 +221,12 @@ class Announcer:
             # `cooperating_responders` skips them, and with them their 1.2 s.
             announced = await self._zc.async_register_service(info, cooperating_responders=True)
             self._info = info
+            self._watch_rivals()
             log.info("announcing %s (port %d) on %s: sockets %.3f s, name check %.3f s",
                      info.name, info.port, where, opened - began, checked - opened)
             await announced
+            if self.conflict is not None:
+                raise ConfigError(self.conflict)
         except (NonUniqueNameException, ServiceNameAlreadyRegistered):
             await self.stop()
             raise ConfigError(f"{info.name} is already announced on {where} by another agent: "
@@ -248,6 +281,69 @@ class Announcer:
                                              question_type=DNSQuestionType.QM)
         return answered or other.port is not None
 
+    def _watch_rivals(self) -> None:
+        """Hear every mDNS response from now on, to catch another agent announcing our name."""
+        assert self._zc is not None
+        self._loop = asyncio.get_running_loop()
+        self._announced_at = time.monotonic()
+        self._watch = _RivalWatch(self._records_heard)
+        zeroconf = self._zc.zeroconf
+        zeroconf.async_add_listener(self._watch, None)
+        # A rival that announced while we checked is in the cache only: its repeats are
+        # identical packets, which zeroconf drops unread for 0.8 s. A goodbye leaves its
+        # records there with a TTL of 1 s: those are gone, not rivals.
+        assert self._info is not None
+        heard = [record for name in (self._info.name, self._info.server or "")
+                 for record in zeroconf.cache.async_entries_with_name(name.lower())
+                 if record.ttl > 1]
+        if heard:
+            self._judge(heard)
+
+    def _records_heard(self, records: list[DNSRecord]) -> None:
+        """One response's records (zeroconf may call from its own thread: hop to our loop)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._judge, records)
+
+    def _judge(self, records: list[DNSRecord]) -> None:
+        """Another agent announces our name: within our window the one that started later
+        yields; after it we keep the name. Either way the keeper announces again, so caches
+        that heard the rival (or its goodbye) hold our records at the end."""
+        info = self._info
+        if info is None or self.conflict is not None:
+            return
+        rival = [record for record in records if _rivals(record, info)]
+        if not rival:
+            return
+        live = [record for record in rival if record.ttl > 0]
+        in_window = time.monotonic() - self._announced_at < CONFLICT_WINDOW_SECONDS
+        if live and in_window and _own_order(info) > _rival_order(records, live, info):
+            self._yield(info.name)
+            return
+        if live:
+            log.warning("another responder announces %s%s: keeping the name, announcing it "
+                        "again", info.name, "" if in_window else " (after our start window)")
+        self._defend()
+
+    def _yield(self, name: str) -> None:
+        self.conflict = (f"{name} was announced at the same time by another agent that started "
+                         "first: give this node a unique name")
+        log.error("%s; withdrawing", self.conflict)
+        if self._starting is not None:
+            return  # start() is still announcing: it fails with the conflict instead
+        if self.on_conflict is not None:
+            self.on_conflict()
+        else:
+            asyncio.ensure_future(self.stop())
+
+    def _defend(self) -> None:
+        if self._defending is None or self._defending.done():
+            self._defending = asyncio.ensure_future(self._announce_again())
+
+    async def _announce_again(self) -> None:
+        await asyncio.sleep(DEFEND_DELAY_SECONDS)
+        if self._zc is not None and self._info is not None:
+            await (await self._zc.async_update_service(self._info))
+
     async def stop(self) -> None:
         """Send goodbyes and close the sockets; idempotent, safe if start failed or is running
         (an unfinished start() is cancelled: it raises CancelledError to its caller)."""
@@ -255,10 +351,14 @@ class Announcer:
         if starting is not None and starting is not asyncio.current_task():
             starting.cancel()
             await asyncio.wait({starting})  # start() cleans up after itself when cancelled
-        zc, info = self._zc, self._info
-        self._zc = self._info = None
+        zc, info, watch = self._zc, self._info, self._watch
+        self._zc = self._info = self._watch = None
+        if self._defending is not None:
+            self._defending.cancel()
         if zc is None:
             return
+        if watch is not None:
+            zc.zeroconf.async_remove_listener(watch)
         try:
             if info is not None:
                 goodbyes = await zc.async_unregister_service(info)
@@ -317,3 +417,64 @@ def _answers_for(data: bytes, name: str) -> bool:
         return False
     wanted = name.lower()
     return any(record.name.lower() == wanted for record in message.answers())
+
+
+class _RivalWatch(RecordUpdateListener):
+    """Hands every response's records to a callback (zeroconf's listener interface)."""
+
+    def __init__(self, heard: Callable[[list[DNSRecord]], None]) -> None:
+        super().__init__()
+        self._heard = heard
+
+    def async_update_records(self, zc: Zeroconf, now: float,
+                             records: list[RecordUpdate]) -> None:
+        self._heard([update.new for update in records])
+
+
+def _rivals(record: DNSRecord, info: AsyncServiceInfo) -> bool:
+    """Is `record` one of our names (service, host) with data that is not ours?"""
+    name = record.name.lower()
+    if name == info.name.lower():
+        if isinstance(record, DNSService):
+            return (record.port, record.server.lower()) != (info.port, (info.server or "").lower())
+        if isinstance(record, DNSText):
+            return record.text != info.text
+    if name == (info.server or "").lower() and isinstance(record, DNSAddress):
+        return record.address not in info.addresses_by_version(IPVersion.All)
+    return False
+
+
+def _own_order(info: AsyncServiceInfo) -> tuple[float, int, tuple[bytes, ...]]:
+    """Who started first, for us: (since, port, addresses); the smaller is earlier."""
+    return (_since(info.text), info.port or 0,
+            tuple(sorted(info.addresses_by_version(IPVersion.All))))
+
+
+def _rival_order(records: list[DNSRecord], rival: list[DNSRecord],
+                 info: AsyncServiceInfo) -> tuple[float, int, tuple[bytes, ...]]:
+    """The same for the rival, from one response: `since` from its TXT record for our name (a
+    responder with none counts as the earliest: we yield to it), the port and addresses where
+    they differ from ours, else ours."""
+    name = info.name.lower()
+    since = min((_since(r.text) for r in records
+                 if isinstance(r, DNSText) and r.name.lower() == name), default=0.0)
+    _, port, addresses = _own_order(info)
+    port = next((r.port or 0 for r in rival if isinstance(r, DNSService)), port)
+    theirs = tuple(sorted(r.address for r in rival if isinstance(r, DNSAddress)))
+    return since, port, theirs or addresses
+
+
+def _since(text: bytes) -> float:
+    """The `since` of a TXT record's data (length-prefixed strings), 0.0 if none."""
+    offset = 0
+    while offset < len(text):
+        length = text[offset]
+        item = text[offset + 1:offset + 1 + length]
+        offset += 1 + length
+        key, _, value = item.partition(b"=")
+        if key == b"since":
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 0.0

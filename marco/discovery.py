@@ -178,6 +178,9 @@ class ZeroconfBrowser:
         self._tasks: set[asyncio.Task[None]] = set()
         # By service name while it resolves: its lock and how many resolutions hold or await it.
         self._resolving: dict[str, tuple[asyncio.Lock, int]] = {}
+        # Service names a second agent announced while the first still held them (bounded by
+        # the names in the registry: each leaves when its node goes away).
+        self._contested: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -190,7 +193,17 @@ class ZeroconfBrowser:
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE,
                                             handlers=[self._on_change],
                                             question_type=DNSQuestionType.QM)
+        self.registry.on_change(self._node_changed)
         log.info("browsing for agents on %s", ", ".join(self.interfaces))
+
+    def _node_changed(self, node: Node) -> None:
+        """A node whose name another agent also announced went away (goodbye, or down): that
+        agent may still announce it, so resolve the name again at once rather than wait for
+        its next announcement (its repeats are identical packets, which zeroconf drops)."""
+        if node.alive or node.service not in self._contested or self._zc is None:
+            return
+        self._contested.discard(node.service)
+        self._handle(node.service, ServiceStateChange.Updated)
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str,
                    state_change: ServiceStateChange) -> None:
@@ -270,6 +283,8 @@ class ZeroconfBrowser:
         log.warning("%s:%d announces node %s, which the agent at %s:%d still holds: ignored "
                     "(two agents with one name?)", node.host, node.port, node.name,
                     known.host, known.port)
+        if node.service is not None:
+            self._contested.add(node.service)
         return True
 
     async def stop(self) -> None:

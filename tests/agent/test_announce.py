@@ -91,7 +91,8 @@ def test_configured_wildcards_and_names_are_config_errors(bad: str) -> None:
 
 def test_txt_record() -> None:
     txt = Announcement("node-01", 7370, ("127.0.0.1",), groups=("lab", "gpu"), tls=True).txt()
-    assert set(txt) == {"proto", "version", "node", "os", "arch", "cpus", "groups", "tls"}
+    assert set(txt) == {"proto", "version", "node", "os", "arch", "cpus", "groups", "tls",
+                        "since"}
     assert txt["proto"] == str(PROTOCOL_VERSION)
     assert txt["version"] == __version__
     assert txt["node"] == "node-01"
@@ -99,6 +100,7 @@ def test_txt_record() -> None:
     assert txt["cpus"] == str(os.cpu_count())
     assert txt["groups"] == "lab,gpu"
     assert txt["tls"] == "1"
+    assert abs(float(txt["since"]) - time.time()) < 3600
     assert txt["os"] and len(txt["os"]) <= 32 and txt["os"] == txt["os"].lower()
     if Path("/etc/os-release").exists():
         assert txt["os"] == platform.freedesktop_os_release()["ID"]
@@ -152,27 +154,53 @@ def test_name_clash_is_a_config_error_even_with_other_mdns_stacks_here() -> None
     async def scenario() -> None:
         node = f"t{os.getpid()}-clash"
         # Other zeroconf instances on 127.0.0.1:5353 (another process, like avahi or the
-        # controller) receive the unicast answers to zeroconf's QU probes, which hid the clash
-        # before Announcer added its QM check.
+        # controller) would receive unicast answers sent to port 5353; the one-shot check asks
+        # from a port of its own, where only it can receive them.
         bystander = await _spawn(BYSTANDER)
         first = Announcer(Announcement(node, 7371, ()), ["127.0.0.1"])
-        # A check window longer than the default 0.5 s: it ends at the first answer, and on a
-        # loaded CI machine the first announcer's answer can come later than 0.5 s.
-        second = Announcer(Announcement(node.upper(), 7372, ()), ["127.0.0.1"], clash_check=5.0)
+        second = Announcer(Announcement(node.upper(), 7372, ()), ["127.0.0.1"])
         try:
             assert await _read_line(bystander) == "READY"
             await asyncio.wait_for(first.start(), WAIT)
-            # mDNS does not multicast a record again within a second of announcing it; the clash
-            # this guards against is with an agent that is already running.
-            await asyncio.sleep(1.2)
+            # At once, with the default check: the answer is unicast, not held back by the
+            # one-second rule for records multicast just now (the first one's announcements).
+            began = time.monotonic()
             with pytest.raises(ConfigError, match="already announced"):
                 await asyncio.wait_for(second.start(), WAIT)
             assert first.running and not second.running
+            print(f"\nclash found in {time.monotonic() - began:.3f} s")
         finally:
             await second.stop()
             await first.stop()
             bystander.kill()
             await bystander.wait()
+
+    asyncio.run(scenario())
+
+
+def test_two_announcers_of_one_name_at_once_leave_one() -> None:
+    """Both pass the name check before either announces; each hears the other's announcement:
+    the one that started later (by its TXT `since`) yields with a ConfigError, the other keeps
+    the name."""
+    async def scenario() -> None:
+        node = f"t{os.getpid()}-twins"
+        twins = [Announcer(Announcement(node, 7374 + index, ()), ["127.0.0.1"])
+                 for index in range(2)]
+        try:
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*(twin.start() for twin in twins), return_exceptions=True), WAIT)
+            failed = [twin for twin, outcome in zip(twins, outcomes, strict=True)
+                      if isinstance(outcome, ConfigError)]
+            assert len(failed) == 1, outcomes
+            kept = next(twin for twin in twins if twin is not failed[0])
+            assert kept.running and kept.conflict is None
+            assert not failed[0].running
+            if "same time" in str(outcomes[twins.index(failed[0])]):  # else the check caught it
+                assert failed[0].conflict is not None
+                assert failed[0].announcement.since >= kept.announcement.since
+        finally:
+            for twin in twins:
+                await twin.stop()
 
     asyncio.run(scenario())
 
