@@ -18,6 +18,7 @@ itself, which must not exist yet (409).
 
 import errno
 import os
+import signal
 import stat
 import struct
 import sys
@@ -114,6 +115,12 @@ def make_directory(directory):
         os.umask(old)
 
 
+def _terminated(signum, frame):
+    """SIGTERM (the user's runner quitting, or anyone) ends an upload as an early EOF does:
+    its temporary file removed, nothing written."""
+    raise EOFError
+
+
 def write(path, mode_text, overwrite, mkdir=False):
     directory = os.path.dirname(path) or "/"
     name = os.path.basename(path)
@@ -142,6 +149,7 @@ def write(path, mode_text, overwrite, mkdir=False):
     except OSError as exc:
         fail_os(exc, directory)
     try:
+        signal.signal(signal.SIGTERM, _terminated)
         report(ok=True, ready=True)
         size = 0
         while True:

@@ -55,6 +55,7 @@ FAILED_BACKOFF = 30.0         # seconds a (user, interpreter) whose runner faile
                               # runs cold without trying again
 MAX_FAILED = 256              # such failures remembered
 PID_MAX = 1 << 22             # the kernel's highest pid_max
+HELPER_PREFIX = "file-"        # the ids of file helpers (execution ids are 32 hex digits)
 MAX_HELPER_TASKS = 16         # a runner with this many tasks forks no file helper (cold)
 
 Key = tuple[UserIdentity, str]
@@ -746,8 +747,11 @@ class Runner:
 
     async def quit(self, grace: float = QUIT_GRACE) -> None:
         """Ask the runner to quit (message and EOF: it exits once its children are reaped);
-        killed if it has not after `grace` seconds."""
+        killed if it has not after `grace` seconds. File helpers get SIGTERM first: an
+        upload in progress ends now, and cleanly (its temporary file removed)."""
         if self._sock is not None:
+            for helper_id in [i for i in self.tasks if i.startswith(HELPER_PREFIX)]:
+                self.signal_task(helper_id, signal.SIGTERM)
             try:
                 self._send({"op": "quit"})
             except (RunnerDeclined, _Gone):
@@ -853,7 +857,7 @@ class RunnerPool:
         if runner is None:
             return None
         try:
-            return await runner.helper(f"file-{secrets.token_hex(8)}", argv, source, fds)
+            return await runner.helper(HELPER_PREFIX + secrets.token_hex(8), argv, source, fds)
         except (RunnerDeclined, _Gone):
             return None
 

@@ -342,7 +342,7 @@ async def _ended(process: asyncio.subprocess.Process) -> None:
 def test_a_revocation_ends_a_helper_with_its_runner(
         agent: AgentProcess, signer: TokenSigner, alice: UnixUser, pki: TestPki) -> None:
     """A revoked user's runner quits, and what it runs, a file helper included, ends with it
-    (killed once the runner's grace has passed): nothing of the user's stays."""
+    (a helper at once, by SIGTERM, cleanly): nothing of the user's stays."""
     target = Path(alice.home) / "revoked.bin"
     with client(agent, signer, alice.name) as c:
         warm_up(c)
@@ -361,6 +361,7 @@ def test_a_revocation_ends_a_helper_with_its_runner(
     wait_for(lambda: not _processes_of(alice.uid), timeout=30, what="the user's processes ending")
     conn.close()
     assert not target.exists()
+    assert not [name for name in os.listdir(alice.home) if name.endswith(".tmp")]
 
 
 def _processes_of(uid: int) -> list[int]:
