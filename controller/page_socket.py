@@ -328,6 +328,8 @@ class PageSocket(SessionMixin, tornado.websocket.WebSocketHandler):
         limit = min(limit, most) if isinstance(limit, int) and limit > 0 else most
         async with watch.order, self.asking:
             answer = await self.agent(node).output(execution_id, max(since, 0), limit)
+        if self.watching.get(node) is not watch:
+            return  # unwatched meanwhile: a later watch's replays must not get this answer
         for event in answer["events"]:
             self.send(tagged(event, node))
         execution = answer["execution"]
