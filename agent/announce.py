@@ -9,8 +9,13 @@ The name check is a one-shot mDNS query (RFC 6762 5.1, 6.7) from a port of its o
 interface: any responder holding the name answers it at once by unicast to that port, free of
 the one-second multicast rule and of the other mDNS stacks sharing UDP 5353 on this host. It
 replaces zeroconf's three QU probes (150-250 ms + 1 s, and their unicast answers may land in
-another process's socket) and the earlier 0.5 s QM wait. The agent's `main()` owns the signal
-handlers: on SIGTERM/SIGINT it awaits `Announcer.stop()` (or leaves `async with Announcer(...)`).
+another process's socket) and the earlier 0.5 s QM wait.
+
+Two agents started at once both pass that check. After announcing, each watches the responses
+for its names: within CONFLICT_WINDOW_SECONDS the one that started later (TXT `since`) yields
+(`conflict`, `on_conflict`); after it an agent keeps its name and announces it again. The
+agent's `main()` owns the signal handlers: on SIGTERM/SIGINT it awaits `Announcer.stop()` (or
+leaves `async with Announcer(...)`).
 """
 
 from __future__ import annotations
@@ -169,7 +174,7 @@ class Announcer:
         # owner stops the agent (no new connections, then stop()). Without it, stop() here.
         self.on_conflict = on_conflict
         self.conflict: str | None = None
-        self.clash_check = clash_check  # seconds; 0 trusts zeroconf's own (QU) probes alone
+        self.clash_check = clash_check  # seconds; 0: no check, only the watch for rivals
         self.interfaces = [specific_address(item, "mDNS interface address") for item in interfaces]
         if not self.interfaces:
             raise ConfigError("no mDNS interface address to announce on")
