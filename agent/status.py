@@ -34,15 +34,16 @@ idle processes (below).
 
 Cost: reading every process's CPU time is most of a snapshot (about 5 µs per process). The
 sampler therefore reads it incrementally: at every snapshot it lists the pids (one directory
-read), reads the processes it has not seen before, the busiest of the last ranking (twice
-`top_n`) and a share of the others in turns, so that every process is read at least once per
-`process_refresh` seconds (the agent's ``status_process_refresh`` setting). A process's ``cpu``
-is its % of one core since its previous reading: for the busiest and for new processes that is
-the previous snapshot, for a process that was idle up to `process_refresh` seconds earlier, so
-an idle process that turns busy enters the list within `process_refresh` seconds; a new process
-within one snapshot. Every row of the list is read in the snapshot that reports it (a stale row
-that would rank in is re-read first), so its ``cpu`` and ``rss`` are never older than the
-snapshot. The snapshot after the first one (or after `prime`) reads every process. On Linux the
+read), reads the processes it has not seen before, the last top N and a share of the others in
+turns, so that every process is read at least once per `process_refresh` seconds (the agent's
+``status_process_refresh`` setting). A process's ``cpu`` is its % of one core since its
+previous reading: for the listed and for new processes that is the previous snapshot, for a
+process that was idle up to `process_refresh` seconds earlier, so an idle process that turns
+busy enters the list within `process_refresh` seconds; a new process within one snapshot.
+Every row of the list is read in the snapshot that reports it (a process whose previous reading
+would rank it in is read again first, and ranks by the new one), so its ``cpu`` and ``rss`` are
+never older than the snapshot. The snapshot after the first one (or after `prime`) reads every
+process. On Linux the
 sampler reads CPU time (and RSS) straight from ``/proc/<pid>/stat``, one read per process and no
 psutil.Process objects, which halves the cost; elsewhere (or with ``fast_procfs = False``) it uses
 ``psutil.Process.cpu_times()``. Only the top N get psutil.Process objects. See bench/README.md.
@@ -79,9 +80,6 @@ except ImportError:  # pragma: no cover - non-POSIX
 log = logging.getLogger(__name__)
 
 _GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
-
-#: Usernames the sampler remembers (uid -> name); forgotten all at once beyond this.
-USERNAMES_MAX = 1024
 
 
 class _ProcState:
@@ -125,15 +123,14 @@ class StatusSampler:
     #: On Linux, read each process's CPU ticks from /proc/<pid>/stat directly: half the cost of
     #: psutil.Process.cpu_times(), which is most of a snapshot. False (or no /proc) = psutil.
     fast_procfs = True
+    #: Usernames remembered (uid -> name); all are forgotten at once beyond this.
+    usernames_max = 1024
 
     def __init__(self, node_name: str, top_n: int = 10, process_refresh: float = 5.0) -> None:
         self.node_name = node_name
         self.top_n = top_n
         #: Seconds within which every process's CPU time is read again (0: at every snapshot).
         self.process_refresh = process_refresh
-        #: Processes read at every snapshot whatever `process_refresh` says: the top of the
-        #: last ranking (those that would rank in instead are read when they do).
-        self.hot_count = top_n
         self._static: dict[str, Any] = {}
         self._static_at = float("-inf")
         self._loopback_ifaces: frozenset[str] = frozenset({"lo"})
@@ -143,7 +140,7 @@ class StatusSampler:
         self._usernames: dict[int, str] = {}
         self._procs: dict[int, _ProcState] = {}
         self._turns: deque[int] = deque()  # pids in the order their turn to be read comes
-        self._hot: list[int] = []  # pids of the top `hot_count` at the last ranking
+        self._hot: list[int] = []  # pids of the last top N: read at every scan
         self._read_all = True  # the next scan reads every process (first scan, after prime)
         self._procfs = sys.platform.startswith("linux") and os.path.exists("/proc/self/stat")
         self._clock_ticks = os.sysconf("SC_CLK_TCK") if self._procfs else 100
@@ -349,7 +346,7 @@ class StatusSampler:
         """Details (user, name, rss) of the top N by CPU %, ties broken by accumulated CPU
         (`mono`: the scan's clock time)."""
         ranked = self._rank(mono)
-        self._hot = [state.pid for state in ranked[:self.hot_count]]
+        self._hot = [state.pid for state in ranked]
         top: list[dict[str, Any]] = []
         for state in ranked:
             if len(top) >= self.top_n:
@@ -367,19 +364,20 @@ class StatusSampler:
         return top
 
     def _rank(self, mono: float) -> list[_ProcState]:
-        """The top `hot_count` (at least `top_n`) processes, the first `top_n` read at `mono`.
+        """The top `top_n` by `_rank_key`, every one read at `mono` (this scan), best first.
 
-        A process not read in this scan ranks by its previous reading; before it is listed it
-        is read, which may move it down, so ranking repeats (a few times at most: each round
-        reads at most `top_n` processes)."""
-        count = max(self.hot_count, self.top_n)
-        for _ in range(3):
-            ranked = heapq.nlargest(count, self._procs.values(), key=_rank_key)
-            stale = [s.pid for s in ranked[:self.top_n] if s.read_at != mono]
-            if not stale:
-                return ranked
-            self._read(stale, mono)
-        return heapq.nlargest(count, self._procs.values(), key=_rank_key)
+        A process not read in this scan holds its previous reading: each one that would rank
+        above the `top_n`-th of those read is read now and ranks by its new reading."""
+        fresh: list[_ProcState] = []
+        stale: list[_ProcState] = []
+        for state in self._procs.values():
+            (fresh if state.read_at == mono else stale).append(state)
+        best = heapq.nlargest(self.top_n, fresh, key=_rank_key)
+        floor = _rank_key(best[-1]) if best and len(best) >= self.top_n else _LOWEST
+        # Strictly above: a tie with the last of the top may stay out (it would rank equal).
+        self._read([s.pid for s in stale if _rank_key(s) > floor], mono)
+        return heapq.nlargest(self.top_n, (s for s in self._procs.values() if s.read_at == mono),
+                              key=_rank_key)
 
     def _username(self, proc: psutil.Process) -> str:
         if pwd is None:  # pragma: no cover - non-POSIX
@@ -391,10 +389,13 @@ class StatusSampler:
                 name = pwd.getpwuid(uid).pw_name
             except KeyError:
                 name = str(uid)
-            if len(self._usernames) >= USERNAMES_MAX:
+            if len(self._usernames) >= self.usernames_max:
                 self._usernames.clear()
             self._usernames[uid] = name
         return name
+
+
+_LOWEST = (float("-inf"), float("-inf"))
 
 
 def _rank_key(state: _ProcState) -> tuple[float, float]:

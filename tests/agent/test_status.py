@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import sys
@@ -366,3 +368,253 @@ def test_nothing_runs_before_a_subscriber_or_request():
     sampler = CountingSampler()
     StatusPublisher(sampler)  # constructing outside a running loop is allowed
     assert sampler.count == 0 and not sampler.primed
+
+
+# -- incremental process reading (issue 15, item 5) -------------------------------------------
+
+SPIN = "while True: pass"
+#: Stops itself at once (so it is idle from birth, its CPU time tiny), spins once continued.
+IDLE_THEN_SPIN = "import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)\nwhile True: pass"
+
+
+class SimulatedSampler(StatusSampler):
+    """A real sampler whose clock advances one second per snapshot (as at 1 Hz, without
+    sleeping) and that counts its /proc/<pid>/stat reads and can run a hook right after it
+    listed the pids (where a real process can be made to exit in the middle of a scan)."""
+
+    def __init__(self, top_n: int = 10, process_refresh: float = 5.0) -> None:
+        super().__init__("n1", top_n=top_n, process_refresh=process_refresh)
+        self.now = 1000.0
+        self.clock = lambda: self.now
+        self.reads = 0
+        self.after_listing: Callable[[], None] | None = None
+
+    def tick(self) -> dict[str, Any]:
+        """One snapshot one simulated second after the previous one."""
+        self.now += 1.0
+        return self.snapshot()
+
+    def _pids(self) -> list[int]:
+        pids = super()._pids()
+        if self.after_listing is not None:
+            self.after_listing()
+        return pids
+
+    def _read_procfs(self, state: Any) -> tuple[float, object, int | None]:
+        self.reads += 1
+        return super()._read_procfs(state)
+
+
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def _spend(pid: int, seconds: float) -> None:
+    """Wait until process `pid` has used `seconds` more CPU time (read independently)."""
+    start = _cpu_seconds(pid)
+    wait_for(lambda: _cpu_seconds(pid) >= start + seconds, what=f"{pid} to use {seconds} s CPU")
+
+
+def _stop(child: subprocess.Popen[bytes]) -> None:
+    """SIGSTOP `child` and wait until the kernel shows it stopped (it uses no CPU after)."""
+    child.send_signal(signal.SIGSTOP)
+    wait_for(lambda: psutil.Process(child.pid).status() == psutil.STATUS_STOPPED,
+             what=f"{child.pid} stopped")
+
+
+@pytest.fixture
+def children():
+    """Start child processes (argv lists); all are killed and reaped at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*argv: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(list(argv), **kwargs)
+        started.append(child)
+        return child
+    yield start
+    for child in started:
+        child.kill()
+        child.wait()
+
+
+def _rows(snap: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {p["pid"]: p for p in snap["processes"]}
+
+
+def test_every_process_is_read_within_process_refresh():
+    """The turns: after the first full readings, each live process is read again at least once
+    per `process_refresh` seconds of the sampler's clock."""
+    sampler = SimulatedSampler(process_refresh=5.0)
+    sampler.tick()
+    sampler.tick()
+    for _ in range(12):
+        sampler.tick()
+        late = {pid: sampler.now - s.read_at for pid, s in sampler._procs.items()
+                if s.read_at is not None and sampler.now - s.read_at > 5.0}
+        assert not late, f"not read within process_refresh: {late}"
+
+
+def test_a_snapshot_reads_a_share_of_the_processes_not_all():
+    """What bounds the cost: past the first two snapshots one reads the new processes, the top
+    N and about len/process_refresh of the others, not every process; with process_refresh 0
+    it reads them all, as before."""
+    sampler = SimulatedSampler(top_n=5, process_refresh=10.0)
+    for _ in range(3):  # the third reads again what the second's full reading ranked high
+        sampler.tick()
+    for _ in range(5):
+        sampler.reads = 0
+        sampler.tick()
+        count = len(sampler._procs)
+        # new ones (a few at most here), the 5 listed, count/10 turns, a few ranking in
+        assert sampler.reads <= 5 + math.ceil(count / 10) + 10 < count
+    sampler.process_refresh = 0.0
+    sampler.reads = 0
+    sampler.tick()
+    assert sampler.reads >= len(sampler._procs)
+
+
+def test_a_new_busy_process_is_listed_at_the_next_snapshot(children):
+    """New processes are read at once: one started after the previous snapshot is in the list
+    of the next one, with its CPU time counted since the previous snapshot."""
+    sampler = SimulatedSampler(process_refresh=1000.0)  # turns do not reach it in time
+    for _ in range(3):
+        sampler.tick()
+    busy = children(sys.executable, "-c", SPIN)
+    _spend(busy.pid, 0.5)
+    row = _rows(sampler.tick()).get(busy.pid)
+    assert row is not None and row["cpu"] >= 50.0  # >= 0.5 s over one (simulated) second
+    assert row["name"].startswith("python") and row["rss"] > 0
+
+
+def test_an_idle_process_that_turns_busy_is_listed_within_process_refresh(children):
+    """A process idle for a while (here: stopped) is read only in its turn; once busy it is in
+    the list within process_refresh seconds of the sampler's clock."""
+    sampler = SimulatedSampler(process_refresh=5.0)
+    sleeper = children(sys.executable, "-c", IDLE_THEN_SPIN)
+    wait_for(lambda: psutil.Process(sleeper.pid).status() == psutil.STATUS_STOPPED,
+             what="the child stopped")
+    for _ in range(8):  # steady state: the sleeper is neither new nor among the top
+        assert sleeper.pid not in _rows(sampler.tick())
+    sleeper.send_signal(signal.SIGCONT)
+    for _ in range(6):  # process_refresh (5 s) and the second it turned busy in
+        _spend(sleeper.pid, 0.2)
+        if sleeper.pid in _rows(sampler.tick()):
+            return
+    raise AssertionError("the busy process was not listed within process_refresh")
+
+
+@pytest.mark.parametrize("fast_procfs", [True, False], ids=["procfs", "psutil"])
+def test_a_busy_process_ranks_above_processes_that_were_busy(children, fast_procfs):
+    """Ranking is by CPU % now, not accumulated CPU time nor an old reading: processes that
+    spun (and hold more CPU time) and then stopped rank below one that spins now; the list
+    is sorted and only genuinely busier processes can precede the busy one."""
+    sampler = SimulatedSampler(top_n=10, process_refresh=1000.0)
+    sampler.fast_procfs = fast_procfs
+    former = [children(sys.executable, "-c", SPIN) for _ in range(2)]
+    sampler.tick()
+    for child in former:
+        _spend(child.pid, 1.0)
+        _stop(child)  # before the reading, which therefore ranks them high
+    sampler.tick()
+    busy = children(sys.executable, "-c", SPIN)
+    for _ in range(2):
+        _spend(busy.pid, 0.3)
+        snap = sampler.tick()
+    rows = snap["processes"]
+    pids = [p["pid"] for p in rows]
+    assert busy.pid in pids
+    cpus = [p["cpu"] for p in rows]
+    assert cpus == sorted(cpus, reverse=True)
+    mine = [pid for pid in pids if pid in {busy.pid, *(c.pid for c in former)}]
+    assert mine[0] == busy.pid
+    for p in rows:
+        if p["pid"] in {c.pid for c in former}:
+            assert p["cpu"] == 0.0, "a stopped process is listed with its fresh 0 %"
+
+
+def test_a_listed_row_is_never_an_old_reading(children):
+    """A process that is not among the top (not read every second) but whose last reading
+    would rank it in is read again before it is listed: two spinners are stopped; the one
+    that was not the top is not listed with the CPU % it had a second ago, but with 0."""
+    sampler = SimulatedSampler(top_n=1, process_refresh=1000.0)
+    spinners = [children(sys.executable, "-c", SPIN) for _ in range(2)]
+    sampler.tick()
+    for child in spinners:
+        _spend(child.pid, 0.3)
+        _stop(child)  # before the reading: they ran in its window only
+    sampler.tick()
+    assert all(sampler._procs[child.pid].cpu_percent >= 20 for child in spinners)
+    after = sampler.tick()
+    for row in after["processes"]:
+        if row["pid"] in {child.pid for child in spinners}:
+            assert row["cpu"] == 0.0
+        state = sampler._procs[row["pid"]]
+        assert state.read_at == sampler.now, "every listed row was read in this snapshot"
+
+
+@pytest.mark.parametrize("fast_procfs", [True, False], ids=["procfs", "psutil"])
+def test_processes_that_exit_in_the_middle_of_a_scan(children, fast_procfs):
+    """Processes listed by the scan that exit before they are read (new ones, top ones,
+    zombies not yet reaped) are skipped and forgotten; the snapshot goes on."""
+    sampler = SimulatedSampler(top_n=10, process_refresh=1000.0)
+    sampler.fast_procfs = fast_procfs
+    busy = [children(sys.executable, "-c", SPIN) for _ in range(2)]
+    sampler.tick()
+    for child in busy:
+        _spend(child.pid, 0.2)
+    top = _rows(sampler.tick())
+    assert all(child.pid in top for child in busy), "the spinners are among the top (hot)"
+    newborn = [children("sleep", "60") for _ in range(3)]
+    zombie = children("sleep", "60")
+
+    def exit_now() -> None:
+        for child in [*busy, *newborn]:
+            child.kill()
+            child.wait()
+        zombie.kill()  # not reaped: a zombie until the fixture waits for it
+        wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE,
+                 what="a zombie")
+
+    sampler.after_listing = exit_now
+    snap = sampler.tick()
+    sampler.after_listing = None
+    gone = {child.pid for child in [*busy, *newborn]}
+    assert not gone & set(_rows(snap)), "exited processes are not listed"
+    assert not gone & set(sampler._procs), "exited processes are forgotten"
+    assert len(snap["processes"]) == 10
+    sampler.tick()
+
+
+def test_what_the_sampler_keeps_is_bounded(children):
+    """Per-process state only for live processes; the turns queue does not grow with
+    processes that came and went; the usernames cache stays under its cap."""
+    sampler = SimulatedSampler(process_refresh=1000.0)
+    sampler.tick()
+    sampler.tick()
+    for _ in range(12):
+        # 30 processes are listed, then exit before they are read: their turns stay queued
+        batch = [children("sleep", "60") for _ in range(30)]
+
+        def exit_now(batch: list[subprocess.Popen[bytes]] = batch) -> None:
+            for child in batch:
+                child.kill()
+                child.wait()
+
+        sampler.after_listing = exit_now
+        sampler.tick()
+        assert not {child.pid for child in batch} & set(sampler._procs)
+        assert len(sampler._turns) <= 2 * len(sampler._procs) + 64
+
+
+def test_the_usernames_cache_is_capped(alice, children):
+    """Rows of two users' processes with room for one username: both rows are right and the
+    cache never holds more than its cap."""
+    sampler = SimulatedSampler(top_n=1000, process_refresh=1000.0)
+    sampler.usernames_max = 1
+    theirs = children("sleep", "60", user=alice.name)
+    for _ in range(3):
+        rows = _rows(sampler.tick())
+        assert len(sampler._usernames) <= 1
+    assert rows[theirs.pid]["user"] == alice.name
+    assert rows[os.getpid()]["user"] == "root"
