@@ -48,6 +48,7 @@ log = logging.getLogger("marco.mux")
 LOCK_WAIT = 2.0            # seconds a new mux waits for an exiting one to let go of the lock
 LOG_LIMIT = 1024 * 1024    # the log is started afresh past this size
 KNOWN_HOMES = 4096         # (agent, token) pairs whose user and home the mux remembers
+KNOWN_HOME_SECONDS = 300.0 # for this long after the answer that named them
 TlsFiles = tuple[str, str, str, str | None]
 
 
@@ -366,11 +367,13 @@ def _as_marco_error(exc: BaseException | None) -> MarcoError:
 class KnownHomes:
     """Whom each (agent, token) ran as and that user's home, from the last answer through this
     mux: a task's `echo ~` is answered from it (ansible_plugins/core/remote_tmp.py). Keyed by
-    a digest of the token (the mux keeps no token); at most `limit`, least recent dropped."""
+    a digest of the token (the mux keeps no token); at most `limit`, least recent dropped, and
+    each for `max_age` seconds (a home changed on the node is seen again by then)."""
 
-    def __init__(self, limit: int = KNOWN_HOMES) -> None:
-        self.limit = limit
-        self._homes: OrderedDict[tuple[str, int, str, str], tuple[str, str]] = OrderedDict()
+    def __init__(self, limit: int = KNOWN_HOMES, max_age: float = KNOWN_HOME_SECONDS) -> None:
+        self.limit, self.max_age = limit, max_age
+        self._homes: OrderedDict[tuple[str, int, str, str], tuple[str, str, float]] = \
+            OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -383,14 +386,17 @@ class KnownHomes:
             return
         key = self._key(target, token)
         with self._lock:
-            self._homes[key] = (user, home)
+            self._homes[key] = (user, home, time.monotonic())
             self._homes.move_to_end(key)
             while len(self._homes) > self.limit:
                 self._homes.popitem(last=False)
 
     def known(self, target: Target, token: str) -> tuple[str, str]:
         with self._lock:
-            return self._homes.get(self._key(target, token), ("", ""))
+            user, home, when = self._homes.get(self._key(target, token), ("", "", 0.0))
+        if time.monotonic() - when > self.max_age:
+            return "", ""
+        return user, home
 
 
 class MuxServer:
