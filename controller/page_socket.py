@@ -5,7 +5,9 @@ set).
 The page authenticates with its login cookie (same origin: Tornado's `check_origin` stays on)
 and then watches the nodes it shows. For each watched node the controller
 - fans out the node's status from one upstream service subscription (`StatusHub`), whatever
-  the number of pages showing it;
+  the number of pages showing it, batched per page: one `statuses` frame per flush interval
+  carries the newest status of every node that sent one (a frame per node per page per second
+  cost the controller as much as the relay did);
 - shares one upstream /v1/stream per (user, node) among the user's pages, opened with a page's
   token (the agent sends a user's socket that user's events only), for the live events
   (started, output, exit);
@@ -20,6 +22,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +60,8 @@ class PageLimits:
     max_pending_bytes: int = 16 << 20   # queued for one page: beyond, it is closed (4408)
     replays_at_once: int = 4            # replays and stops of one page asking agents at once
     replay_lines: int = 1000            # lines one replay answers at most
+    status_flush_seconds: float = 0.25  # statuses of all nodes go to a page at most this often,
+                                        # in one `statuses` frame (the newest of each node)
 
 
 class OutputFeed:
@@ -166,6 +171,7 @@ class PageHub:
 class Watch:
     """One node a page watches: live events held until its hello is sent, its replay order."""
 
+    status: Callable[[str], None]
     held: list[str] | None = field(default_factory=list)
     order: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -182,6 +188,8 @@ class PageSocket(SessionMixin, tornado.websocket.WebSocketHandler):
         self.pending_bytes = 0
         self.closed = False
         self.asking = asyncio.Semaphore(hub.limits.replays_at_once)
+        self.statuses: dict[str, str] = {}  # node -> its newest status, not sent yet
+        self._flush: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
 
     def open(self) -> None:
@@ -274,8 +282,8 @@ class PageSocket(SessionMixin, tornado.websocket.WebSocketHandler):
         if self.ctx.registry.get(node) is None:
             self.gone(node, CLOSE_NO_NODE, "no such node", watched=False)
             return
-        watch = self.watching[node] = Watch()
-        self.hub.status.watch(node, self.send)
+        watch = self.watching[node] = Watch(functools.partial(self.send_status, node))
+        self.hub.status.watch(node, watch.status)
         try:
             hello = await self.hub.join(self, node)
         except MarcoError as error:
@@ -290,10 +298,25 @@ class PageSocket(SessionMixin, tornado.websocket.WebSocketHandler):
         watch.held = None
 
     def unwatch(self, node: str) -> None:
-        if self.watching.pop(node, None) is None:
+        watch = self.watching.pop(node, None)
+        if watch is None:
             return
-        self.hub.status.unwatch(node, self.send)
+        self.statuses.pop(node, None)  # nothing of it after its `gone` or unwatch
+        self.hub.status.unwatch(node, watch.status)
         self.hub.leave(self, node)
+
+    def send_status(self, node: str, message: str) -> None:
+        """Keep `node`'s newest status for the next `statuses` frame."""
+        self.statuses[node] = message
+        if self._flush is None and not self.closed:
+            self._flush = asyncio.get_running_loop().call_later(
+                self.hub.limits.status_flush_seconds, self._send_statuses)
+
+    def _send_statuses(self) -> None:
+        self._flush = None
+        batch, self.statuses = self.statuses, {}
+        if batch:  # the statuses' own text, joined: nothing is encoded again per page
+            self.send('{"type":"statuses","statuses":[' + ",".join(batch.values()) + "]}")
 
     def gone(self, node: str, code: int, reason: str, watched: bool = True) -> None:
         """Tell the page `node` is no longer watched (it may watch it again later)."""
@@ -377,6 +400,8 @@ class PageSocket(SessionMixin, tornado.websocket.WebSocketHandler):
         self.closed = True
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._flush is not None:
+            self._flush.cancel()
         for node in list(self.watching):
             self.unwatch(node)
         if self.user is not None:

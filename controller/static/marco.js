@@ -984,6 +984,10 @@ class PageSocket {
       for (const view of this.watching) this.send({ type: "watch", node: view.node.name });
       return;
     }
+    if (event.type === "statuses") {   // the newest status of each node that sent one
+      for (const status of event.statuses) this.onMessage(status);
+      return;
+    }
     const view = this.app.views.get(event.node);
     if (!view || !this.watching.has(view)) {
       // Late news of a node no longer watched; an error of none: said as a notice.

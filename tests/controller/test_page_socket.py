@@ -48,9 +48,11 @@ class Page:
             message = await asyncio.wait_for(self.ws.read_message(), deadline - time.monotonic())
             assert message is not None, f"page socket closed ({self.ws.close_code}) before {what}"
             event = json.loads(message)
-            self.events.append(event)
-            if match(event):
-                return event
+            # Statuses come batched, one frame for all nodes: kept one by one.
+            for one in event["statuses"] if event["type"] == "statuses" else [event]:
+                self.events.append(one)
+                if match(one):
+                    return one
 
     def lines(self, execution_id: str) -> list[str]:
         return [line for e in self.events if e["type"] == "output" and e["id"] == execution_id
