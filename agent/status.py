@@ -203,6 +203,8 @@ class StatusSampler:
         if mono - self._temperature_at >= self.temperature_ttl:
             self._temperature = _highest_temperature()
             self._temperature_at = mono
+            if self._temperature is None:  # no sensor: ask again only as often as static facts
+                self._temperature_at += max(0.0, self.static_ttl - self.temperature_ttl)
         return self._temperature
 
     # -- counters ----------------------------------------------------------------------------
@@ -235,12 +237,7 @@ class StatusSampler:
         return {"total": sw.total, "used": sw.used, "percent": sw.percent}
 
     def _network(self, mono: float) -> dict[str, Any]:
-        rx = tx = 0
-        skip = self._loopback_ifaces
-        for name, c in psutil.net_io_counters(pernic=True).items():
-            if name not in skip:
-                rx += c.bytes_recv
-                tx += c.bytes_sent
+        rx, tx = self._net_bytes()
         prev, self._net_prev = self._net_prev, (mono, rx, tx)
         rx_rate = tx_rate = 0.0
         if prev is not None and mono > prev[0]:
@@ -248,6 +245,22 @@ class StatusSampler:
             rx_rate = round(max(0, rx - prev[1]) / dt, 1)
             tx_rate = round(max(0, tx - prev[2]) / dt, 1)
         return {"rx_bytes": rx, "tx_bytes": tx, "rx_rate": rx_rate, "tx_rate": tx_rate}
+
+    def _net_bytes(self) -> tuple[int, int]:
+        """Bytes received and sent over non-loopback interfaces, as psutil.net_io_counters()
+        counts them; on Linux parsed from /proc/net/dev directly (a third of psutil's cost)."""
+        skip = self._loopback_ifaces
+        if self._procfs:
+            try:
+                return _proc_net_dev(skip)
+            except (OSError, ValueError, IndexError):
+                pass
+        rx = tx = 0
+        for name, c in psutil.net_io_counters(pernic=True).items():
+            if name not in skip:
+                rx += c.bytes_recv
+                tx += c.bytes_sent
+        return rx, tx
 
     def _scan_processes(self) -> float:
         """List the pids; read new processes, the hot ones and the others' turns (see module).
@@ -264,10 +277,11 @@ class StatusSampler:
         # A process that appeared since the last scan used all its CPU time since then.
         for pid in born:
             procs[pid] = _ProcState(pid, read_at=previous)
-        self._turns.extend(born)
         if read_all or previous is None or self.process_refresh <= 0:
+            self._turns = deque(procs)  # a full reading starts the turns afresh
             self._read(list(procs), mono)
             return mono
+        self._turns.extend(born)
         self._read(born, mono)
         self._read(self._hot, mono)
         self._read(self._next_turns(len(procs) * (mono - previous) / self.process_refresh), mono)
@@ -401,6 +415,21 @@ _LOWEST = (float("-inf"), float("-inf"))
 def _rank_key(state: _ProcState) -> tuple[float, float]:
     """Busiest first: CPU % at the last reading, then accumulated CPU time."""
     return state.cpu_percent, state.cpu_total
+
+
+def _proc_net_dev(skip: frozenset[str]) -> tuple[int, int]:
+    """(received, sent) bytes summed over /proc/net/dev's interfaces not in `skip`."""
+    rx = tx = 0
+    with open("/proc/net/dev", "rb") as f:
+        lines = f.read().splitlines()[2:]  # two header lines
+    for line in lines:
+        colon = line.rfind(b":")
+        if line[:colon].strip().decode(errors="replace") in skip:
+            continue
+        fields = line[colon + 1:].split()
+        rx += int(fields[0])
+        tx += int(fields[8])
+    return rx, tx
 
 
 def _meminfo_swap() -> tuple[int, int]:

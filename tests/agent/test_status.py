@@ -586,10 +586,11 @@ def test_processes_that_exit_in_the_middle_of_a_scan(children, fast_procfs):
     sampler.tick()
 
 
-def test_what_the_sampler_keeps_is_bounded(children):
+@pytest.mark.parametrize("process_refresh", [1000.0, 0.0])
+def test_what_the_sampler_keeps_is_bounded(children, process_refresh):
     """Per-process state only for live processes; the turns queue does not grow with
-    processes that came and went; the usernames cache stays under its cap."""
-    sampler = SimulatedSampler(process_refresh=1000.0)
+    processes that came and went (in turns, or with every process read every second)."""
+    sampler = SimulatedSampler(process_refresh=process_refresh)
     sampler.tick()
     sampler.tick()
     for _ in range(12):
