@@ -6,7 +6,8 @@
 N real agents (their own certificates, mutual TLS) behind one real controller; K pages, real
 WebSocket clients spread over M real Unix users (Bearer tokens, as the page's cookie carries
 them). First today's page: one /relay/NODE socket per node, status subscribed on each; then
-the new one: one /page-socket watching every node. For each: the sockets the pages hold to the
+the new one: one /page-socket watching every node; before both, no page at all (the
+controller's own cost: health checks every 2 s, its default). For each: the sockets the pages hold to the
 controller, the upstream sockets the controller holds to the agents, the controller's and the
 agents' CPU (percent of a core) over `--seconds` once every page has had a status of every
 node, and the status messages the pages received per second.
@@ -65,9 +66,11 @@ class Pages:
     async def _read(self, ws: Socket, page: int, node: str | None) -> None:
         while (message := await ws.read_message()) is not None:
             event = json.loads(message)
-            if event.get("type") == "status":
-                self.received += 1
-                self.seen.add((page, node or event["node"]))
+            # The page socket batches statuses (one `statuses` frame); the relay does not.
+            for one in event["statuses"] if event.get("type") == "statuses" else [event]:
+                if one.get("type") == "status":
+                    self.received += 1
+                    self.seen.add((page, node or one["node"]))
 
     async def open_relay(self, nodes: list[str]) -> None:
         """Today's page: one relay socket per node, status subscribed on each."""
@@ -112,8 +115,11 @@ async def measure(kind: str, controller: ControllerProcess, agents: list[AgentPr
     ports = {agent.port for agent in agents}
     pages = Pages(controller, tokens)
     began = time.monotonic()
-    await (pages.open_relay(nodes) if kind == "relay" else pages.open_page_sockets(nodes))
-    wanted = len(tokens) * len(nodes)
+    if kind == "relay":
+        await pages.open_relay(nodes)
+    elif kind == "page-socket":
+        await pages.open_page_sockets(nodes)
+    wanted = len(tokens) * len(nodes) if kind != "idle" else 0
     while len(pages.seen) < wanted and time.monotonic() - began < 120:
         await asyncio.sleep(0.1)
     ready = time.monotonic() - began
@@ -124,7 +130,7 @@ async def measure(kind: str, controller: ControllerProcess, agents: list[AgentPr
     await asyncio.sleep(seconds)
     elapsed = time.monotonic() - t0
     result = {
-        "kind": kind, "pages": len(tokens), "nodes": len(nodes),
+        "kind": kind, "pages": len(tokens) if kind != "idle" else 0, "nodes": len(nodes),
         "page_sockets": len(pages.sockets), "upstream_sockets": held,
         "all_statuses_after_s": round(ready, 2), "statuses_missing": wanted - len(pages.seen),
         "controller_cpu_percent": round(
@@ -162,7 +168,8 @@ def main() -> None:
         daemons += agents
         nodes = [arg for a in agents for arg in ("--node", f"{a.node_name}={a.host}:{a.port}")]
         controller = ControllerProcess(secret, work, pam_service="login", pki=pki,
-                                       extra_args=["--no-discovery", *nodes])
+                                       extra_args=["--no-discovery", "--health-interval", "2",
+                                                   *nodes])
         daemons.append(controller)
         token = signer.issue(users[0].name)
         deadline = time.monotonic() + 60
@@ -172,7 +179,7 @@ def main() -> None:
             time.sleep(0.2)
         tokens = [signer.issue(users[i % len(users)].name) for i in range(args.pages)]
         results = [asyncio.run(measure(kind, controller, agents, tokens, args.seconds))
-                   for kind in ("relay", "page-socket")]
+                   for kind in ("idle", "relay", "page-socket")]
     finally:
         stop_all(daemons)
         for user in users:
