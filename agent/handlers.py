@@ -6,10 +6,12 @@ JSON error answers at this boundary.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
-from typing import Any, cast
+from collections.abc import Awaitable
+from typing import Any, TypeVar, cast
 
 import tornado.web
 from tornado.http1connection import HTTP1Connection
@@ -397,6 +399,9 @@ class StatusHandler(ApiHandler):
         self.write_json({**snapshot, "runners": mine})
 
 
+_Opened = TypeVar("_Opened", FileWriter, FileReader)
+
+
 @tornado.web.stream_request_body
 class FilesHandler(ApiHandler):
     """PUT /v1/files?path=P&mode=0644&overwrite=true[&mkdir=true] streams the body into place,
@@ -409,6 +414,18 @@ class FilesHandler(ApiHandler):
     reader: FileReader | None = None
     failure: MarcoError | None = None
     client_gone = False
+    opening: asyncio.Future[Any] | None = None
+
+    async def _open(self, start: Awaitable[_Opened]) -> _Opened | None:
+        """The started helper, or None if the client left meanwhile: leaving cancels the
+        start, which kills the helper and closes the agent's ends of its pipes."""
+        self.opening = asyncio.ensure_future(start)
+        try:
+            return await self.opening
+        except asyncio.CancelledError:
+            if self.client_gone and self.opening.cancelled():
+                return None
+            raise
 
     async def prepare(self) -> None:
         if self.request.method != "PUT":
@@ -430,9 +447,10 @@ class FilesHandler(ApiHandler):
             mode = parse_mode(self.get_query_argument("mode", None))
             overwrite = self.bool_argument("overwrite", True)
             mkdir = self.bool_argument("mkdir", False)
-            self.writer = await self.ctx.files.open_writer(user, path, mode, overwrite, mkdir)
-            if self.client_gone:  # the client left while the helper was starting
-                self.writer.abort()
+            self.writer = await self._open(
+                self.ctx.files.open_writer(user, path, mode, overwrite, mkdir))
+            if self.writer is None:  # the client left while the helper was starting
+                self.failure = MarcoError("the client left before the upload started")
         except MarcoError as error:
             # Answer now, before the body moves (clients that sent `Expect: 100-continue` never
             # send it); Tornado then closes the connection, which write_error announces.
@@ -482,6 +500,8 @@ class FilesHandler(ApiHandler):
 
     def on_connection_close(self) -> None:
         self.client_gone = True
+        if self.opening is not None and not self.opening.done():
+            self.opening.cancel()
         if self.writer is not None:
             self.writer.abort()
         if self.reader is not None:
@@ -490,8 +510,10 @@ class FilesHandler(ApiHandler):
     async def get(self) -> None:
         user = self.authenticate()
         path = validate_path(user, self.path_argument())
-        self.reader = await self.ctx.files.open_reader(user, path)
+        self.reader = await self._open(self.ctx.files.open_reader(user, path))
         reader = self.reader
+        if reader is None:  # the client left while the helper was starting
+            return
         self.ctx.audit.record("file.read", user.name, path=path, size=reader.size,
                               client=self.request.remote_ip)
         if self.client_gone:

@@ -5,6 +5,11 @@
 `wait()`, `returncode` and `kill()`. `RunnerHelper` gives them the same over the three pipes the
 agent made: the runner got only the child's ends (agent.runners, op `helper`), the agent keeps
 its own, and the exit and signals go through the runner, never to a pid it reported.
+
+The runner is the user's process: it may keep the pipe ends it received and report `exited`
+whenever it likes. So the agent never waits for EOF from it: once `exited` is reported, what
+the pipes hold is read and the rest is EOF, and `close` (called when the operation is over)
+closes the agent's ends whatever the runner kept.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from .runners import Launched, RunnerDeclined, RunnerDied, RunnerPool
 from .users import UserIdentity
 
 LOST = -signal.SIGKILL  # the returncode of a helper whose runner died before reporting its exit
+DRAIN_MAX = 1024 * 1024  # bytes read from a pipe after the exit report (pipe-max-size's default)
 
 
 class HelperProcess(Protocol):
@@ -39,6 +45,8 @@ class HelperProcess(Protocol):
 
     def kill(self) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class RunnerHelper:
     """A file helper a runner forked: the agent's ends of its pipes and its exit."""
@@ -50,6 +58,7 @@ class RunnerHelper:
         self.stderr: asyncio.StreamReader | None = None
         self.returncode: int | None = None
         self._transports: list[asyncio.BaseTransport] = []
+        self._readers: list[tuple[asyncio.StreamReader, asyncio.ReadTransport]] = []
 
     async def attach(self, stdin_w: int | None, stdout_r: int, stderr_r: int,
                      limit: int) -> None:
@@ -69,8 +78,9 @@ class RunnerHelper:
                 self.stdin = asyncio.StreamWriter(transport, protocol, None, loop)
         except BaseException:
             _close_fds(fds)
-            self._close()
+            self.close()
             raise
+        self.launched.exited.add_done_callback(self._exited)
 
     async def _reader(self, loop: asyncio.AbstractEventLoop, fd: int,
                       limit: int) -> asyncio.StreamReader:
@@ -78,7 +88,19 @@ class RunnerHelper:
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader, loop=loop), open(fd, "rb", buffering=0))
         self._transports.append(transport)
+        self._readers.append((reader, transport))
         return reader
+
+    def _exited(self, _: asyncio.Future[int]) -> None:
+        """The exit report ends the pipes: what they hold now is read, the rest is EOF (a
+        runner that kept the write ends makes no reader wait), and the agent's ends are closed."""
+        for reader, transport in self._readers:
+            if not transport.is_closing():
+                pipe = transport.get_extra_info("pipe")
+                if pipe is not None:
+                    _drain(pipe.fileno(), reader)
+                reader.feed_eof()
+        self.close()
 
     async def wait(self) -> int:
         """The helper's exit code as the runner reported it (LOST if the runner died)."""
@@ -99,11 +121,18 @@ class RunnerHelper:
         agent's waits on them."""
         if self.returncode is None and not self.launched.exited.done():
             self.launched.signal(signal.SIGKILL)
-        self._close()
+        self.close()
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """The operation is over: the agent's ends are closed now (aborted, not flushed), and
+        the runner may count the helper out of its tasks once it reports it ended."""
         for transport in self._transports:
-            transport.close()
+            if isinstance(transport, asyncio.WriteTransport):
+                if not transport.is_closing() or transport.get_write_buffer_size():
+                    transport.abort()  # a close() still flushing waits on the user: dropped
+            elif not transport.is_closing():
+                transport.close()
+        self.launched.release()
 
 
 async def start_helper(pool: RunnerPool, user: UserIdentity, interpreter: str,
@@ -132,8 +161,23 @@ async def start_helper(pool: RunnerPool, user: UserIdentity, interpreter: str,
         await helper.attach(stdin_w, stdout_r, stderr_r, limit)
     except BaseException:
         launched.signal(signal.SIGKILL)
+        launched.release()
         raise
     return helper
+
+
+def _drain(fd: int, reader: asyncio.StreamReader) -> None:
+    """Feed `reader` what the non-blocking pipe `fd` holds now, at most DRAIN_MAX bytes."""
+    left = DRAIN_MAX
+    while left > 0:
+        try:
+            data = os.read(fd, min(left, 65536))
+        except (BlockingIOError, InterruptedError, OSError):
+            return
+        if not data:
+            return
+        reader.feed_data(data)
+        left -= len(data)
 
 
 def _pipes(writes: bool) -> tuple[tuple[int, int, int], tuple[int, ...]]:

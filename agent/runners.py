@@ -106,10 +106,15 @@ class Launched:
     note: str
     exited: asyncio.Future[int]       # the raw wait status; RunnerDied if the runner died
     _signal: Callable[[int], None] = field(default=lambda signum: None, repr=False)
+    _release: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def signal(self, signum: int) -> None:
         """Signal the task's session through the runner (as the user); never os.kill."""
         self._signal(signum)
+
+    def release(self) -> None:
+        """The agent holds nothing of the task any more (a file helper's pipe ends closed)."""
+        self._release()
 
 
 @dataclass
@@ -368,6 +373,7 @@ class Runner:
         self.preload_ms = 0.0
         self.runs = 0
         self.tasks: dict[str, _Task] = {}
+        self.held: set[str] = set()  # file helpers whose pipe ends the agent still holds
         self.dead = False
         self.retiring = False       # no new task: it quits once its tasks end
         self.last_used = time.monotonic()
@@ -488,7 +494,13 @@ class Runner:
         """Started, not ending, and below MAX_HELPER_TASKS tasks: may fork a file helper."""
         return (self.ready is not None and self.ready.done() and not self.dead
                 and not self.retiring and self._sock is not None
-                and len(self.tasks) < MAX_HELPER_TASKS)
+                and self.task_count < MAX_HELPER_TASKS)
+
+    @property
+    def task_count(self) -> int:
+        """Its tasks, and the file helpers it reported ended whose pipe ends the agent still
+        holds: a runner that reports `exited` early frees no room while the agent holds fds."""
+        return len(self.tasks.keys() | self.held)
 
     async def helper(self, helper_id: str, argv: list[str], source: str,
                      fds: tuple[int, int, int]) -> Launched:
@@ -498,8 +510,10 @@ class Runner:
         the runner could not start it."""
         pid, task = await self._fork(
             helper_id, {"op": "helper", "id": helper_id, "argv": argv, "source": source}, fds)
+        self.held.add(helper_id)
         return Launched(pid, f"runner {self.pid}", task.exited,
-                        functools.partial(self.signal_task, helper_id))
+                        functools.partial(self.signal_task, helper_id),
+                        functools.partial(self.held.discard, helper_id))
 
     async def _fork(self, task_id: str, message: dict[str, Any],
                     fds: tuple[int, int, int]) -> tuple[int, _Task]:
@@ -774,7 +788,7 @@ class Runner:
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         return {"user": self.user.name, "pid": self.pid, "python": self.python,
-                "rss": _rss(self.pid), "tasks": len(self.tasks),
+                "rss": _rss(self.pid), "tasks": self.task_count,
                 "idle_s": 0.0 if self.tasks else round(now - self.last_used, 3),
                 "preload_ms": round(self.preload_ms, 1)}
 

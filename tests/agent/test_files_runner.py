@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
-from agent.files import FileReader, FileWriter
+from agent.files import ColdHelper, FileReader, FileWriter
 from marco.client import AgentClient
 from marco.errors import MarcoError
 from marco.tls import ClientTls
@@ -297,11 +297,10 @@ FORGED_READS = {
 }
 
 
-async def _liar(first: str, second: str = "") -> asyncio.subprocess.Process:
+async def _liar(first: str, second: str = "") -> ColdHelper:
     """A real process answering as a lying helper would: `first`, then after EOF `second`."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-S", "-c", LIAR, first, second, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    return await ColdHelper.start(sys.executable, "-I", "-S", "-c", LIAR, first, second,
+                                  stdin=asyncio.subprocess.PIPE)
 
 
 @pytest.mark.parametrize("case", sorted(FORGED_COMMITS))
