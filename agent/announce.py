@@ -268,11 +268,12 @@ class Announcer:
                     await loop.sock_sendto(sock, _name_query(name), (_MDNS_GROUP, _MDNS_PORT))
                     send_at = now + spacing
                 try:
-                    data = await asyncio.wait_for(loop.sock_recv(sock, _MAX_DATAGRAM),
-                                                  min(send_at, end) - now)
+                    data, source = await asyncio.wait_for(
+                        loop.sock_recvfrom(sock, _MAX_DATAGRAM), min(send_at, end) - now)
                 except TimeoutError:
                     continue
-                if _answers_for(data, name):
+                # RFC 6762 6: a response from another port than 5353 is not a responder's.
+                if source[1] == _MDNS_PORT and _answers_for(data, name):
                     return True
         return False
 

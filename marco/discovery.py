@@ -176,8 +176,9 @@ class ZeroconfBrowser:
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        # By service name while it resolves: its lock and how many resolutions hold or await it.
-        self._resolving: dict[str, tuple[asyncio.Lock, int]] = {}
+        # Service names resolving now, each with whether another announcement came meanwhile
+        # (then one more pass follows, however many came: a flood queues nothing).
+        self._resolving: dict[str, bool] = {}
         # Service names a second agent announced while the first still held them (bounded by
         # the names in the registry: each leaves when its node goes away).
         self._contested: set[str] = set()
@@ -232,18 +233,20 @@ class ZeroconfBrowser:
 
     async def _resolve(self, name: str) -> None:
         """Resolve a service announced just now and, once it proves itself, list it: at once,
-        not on the health monitor's tick. One resolution per service name at a time."""
-        lock, users = self._resolving.get(name, (asyncio.Lock(), 0))
-        self._resolving[name] = (lock, users + 1)
+        not on the health monitor's tick. One resolution per service name at a time; the
+        announcements that come while it runs make one more pass, never a queue."""
+        if name in self._resolving:
+            self._resolving[name] = True
+            return
+        self._resolving[name] = False
         try:
-            async with lock:
+            while True:
                 await self._resolve_one(name)
+                if not self._resolving[name]:
+                    break
+                self._resolving[name] = False
         finally:
-            lock, users = self._resolving[name]
-            if users > 1:
-                self._resolving[name] = (lock, users - 1)
-            else:
-                del self._resolving[name]  # bounded by the names resolving right now
+            del self._resolving[name]  # bounded by the names resolving right now
 
     async def _resolve_one(self, name: str) -> None:
         if self._zc is None:
