@@ -48,10 +48,26 @@ def controller_options() -> list[Option]:
                "within the lockout window", kind=int),
         Option("login_lockout", 300, "lockout window in seconds", kind=int),
         *connection_limit_options(),
+        *page_socket_options(),
         *runs_options(),
         Option("state_dir", default_state_dir("marco-controller"), "where revocations and "
                "runs (runs.sqlite3) are kept", metavar="DIR"),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
+    ]
+
+
+def page_socket_options() -> list[Option]:
+    """The bounds of the page's one socket, /page-socket (issue 15)."""
+    return [
+        Option("page_max_nodes", 1000, "nodes one page socket watches at once", kind=int),
+        Option("page_max_per_user", 32, "page sockets of one user open at once (more: closed "
+               "with 4429)", kind=int),
+        Option("page_max_pending_bytes", 16 << 20, "bytes queued for one page socket; beyond, "
+               "it is closed (4408) and the page reconnects", kind=int),
+        Option("page_replays_at_once", 4, "replays and stops of one page asking agents at "
+               "once", kind=int),
+        Option("page_status_flush", 0.25, "seconds between two batches of node statuses to a "
+               "page (the newest status of each node)", kind=float),
     ]
 
 
@@ -149,6 +165,11 @@ class ControllerConfig:
     max_pending_connections_per_address: int
     idle_timeout: float
     max_connections_per_address: int
+    page_max_nodes: int
+    page_max_per_user: int
+    page_max_pending_bytes: int
+    page_replays_at_once: int
+    page_status_flush: float
     runs_retention_days: float
     runs_max_bytes: int
     runs_max_running_per_user: int
@@ -198,7 +219,8 @@ class ControllerConfig:
                     "runs_read_listings_per_user", "runs_downloads_per_user",
                     "runs_search_per_user", "runs_search_hits", "runs_search_query_chars",
                     "runs_search_lines", "runs_search_chars", "runs_search_seconds",
-                    "runs_search_at_once"):
+                    "runs_search_at_once", "page_max_nodes", "page_max_per_user",
+                    "page_max_pending_bytes", "page_replays_at_once", "page_status_flush"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
         # Pages the store gives at most in one read (a listing asks one execution more than a

@@ -38,6 +38,7 @@ from marco.protocol import (
     encode,
 )
 
+from .config import ControllerConfig
 from .context import ControllerContext
 from .session import SessionMixin
 from .status_hub import StatusHub, event_object, tagged
@@ -62,6 +63,14 @@ class PageLimits:
     replay_lines: int = 1000            # lines one replay answers at most
     status_flush_seconds: float = 0.25  # statuses of all nodes go to a page at most this often,
                                         # in one `statuses` frame (the newest of each node)
+
+    @classmethod
+    def of(cls, config: ControllerConfig) -> PageLimits:
+        """The bounds from the controller's settings (page_*)."""
+        return cls(max_nodes=config.page_max_nodes, max_pages_per_user=config.page_max_per_user,
+                   max_pending_bytes=config.page_max_pending_bytes,
+                   replays_at_once=config.page_replays_at_once,
+                   status_flush_seconds=config.page_status_flush)
 
 
 class OutputFeed:
@@ -120,7 +129,7 @@ class PageHub:
 
     def __init__(self, ctx: ControllerContext, limits: PageLimits | None = None) -> None:
         self.ctx = ctx
-        self.limits = limits or PageLimits()
+        self.limits = limits or PageLimits.of(ctx.config)
         self.status = StatusHub(ctx.registry, ctx.connector, ctx.pusher.service_signer)
         self.feeds: dict[tuple[str, str], OutputFeed] = {}
         self.pages: dict[str, set[PageSocket]] = {}

@@ -222,3 +222,21 @@ def test_agent_service_subscription_is_status_only_and_needs_the_controller_cert
             await _service_stream(agent, pki.client_tls()).connect()
 
     asyncio.run(scenario())
+
+
+def test_page_sockets_of_a_user_are_bounded_by_a_setting(
+        start_agent, start_controller, alice: UnixUser) -> None:
+    agent = start_agent(node_name="ps5")
+    nodes = ["--node", f"{agent.node_name}={agent.host}:{agent.port}"]
+    controller = start_controller(extra_args=["--no-discovery", "--page-max-per-user", "1",
+                                              *nodes])
+    cookie = login_cookie(controller, alice)
+
+    async def scenario() -> None:
+        first = await open_page(controller, cookie)
+        await first.until(lambda e: e["type"] == "ready", "ready")
+        second = await open_page(controller, cookie)
+        assert await second.ws.read_message() is None and second.ws.close_code == 4429
+        first.ws.close()
+
+    asyncio.run(scenario())
