@@ -59,7 +59,8 @@ def controller_options() -> list[Option]:
 def page_socket_options() -> list[Option]:
     """The bounds of the page's one socket, /page-socket (issue 15)."""
     return [
-        Option("page_max_nodes", 1000, "nodes one page socket watches at once", kind=int),
+        Option("page_max_nodes", 64, "nodes one page socket watches at once (the page watches "
+               "the rows in sight, at most 64)", kind=int),
         Option("page_max_per_user", 32, "page sockets of one user open at once (more: closed "
                "with 4429)", kind=int),
         Option("page_max_pending_bytes", 16 << 20, "bytes queued for one page socket; beyond, "

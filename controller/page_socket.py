@@ -56,7 +56,7 @@ LIVE_EVENTS = frozenset({"started", "output", "exit"})
 class PageLimits:
     """The page socket's bounds."""
 
-    max_nodes: int = 1000               # nodes one page watches at once
+    max_nodes: int = 64                 # nodes one page watches at once
     max_pages_per_user: int = 32        # page sockets one user holds open at once
     max_pending_bytes: int = 16 << 20   # queued for one page: beyond, it is closed (4408)
     replays_at_once: int = 4            # replays and stops of one page asking agents at once
@@ -133,6 +133,17 @@ class PageHub:
         self.status = StatusHub(ctx.registry, ctx.connector, ctx.pusher.service_signer)
         self.feeds: dict[tuple[str, str], OutputFeed] = {}
         self.pages: dict[str, set[PageSocket]] = {}
+        # A page shares its user's feeds, opened with another page's token: a logout of this
+        # page's own token must close it at once, not when that feed ends.
+        ctx.pusher.on_revoked(self.revalidate)
+
+    def revalidate(self) -> None:
+        """Close every page whose own login was just voided (logout, log out everywhere)."""
+        for pages in list(self.pages.values()):
+            for page in list(pages):
+                if not page.token_valid():
+                    page.close(CLOSE_UNAUTHORIZED, "login expired or logged out")
+                    page._forget()
 
     async def join(self, page: PageSocket, node: str) -> dict[str, Any]:
         """Add `page` to its user's feed of `node`; the `hello` for it: the upstream's own when
@@ -182,6 +193,7 @@ class Watch:
 
     status: Callable[[str], None]
     held: list[str] | None = field(default_factory=list)
+    held_bytes: int = 0
     order: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -344,6 +356,14 @@ class PageSocket(SessionMixin, tornado.websocket.WebSocketHandler):
         if watch is None:
             return
         if watch.held is not None:
+            # Bounded like what waits to be written: a page that cannot take it is closed.
+            watch.held_bytes += len(message)
+            if self.pending_bytes + watch.held_bytes > self.hub.limits.max_pending_bytes:
+                log.warning("closing a page socket of %s: too much held for %s", self.user,
+                            node)
+                self.close(CLOSE_SLOW_CONSUMER, "too slow: reconnect")
+                self._forget()
+                return
             watch.held.append(message)
         else:
             self.send(message)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ class RevocationPusher:
         self.registry = registry
         self.service_signer = service_signer
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._listeners: list[Callable[[], None]] = []
 
     def watch(self) -> None:
         """Push the table to each node that turns alive (it may have missed a revocation)."""
@@ -98,11 +100,21 @@ class RevocationPusher:
             log.warning("could not push the CRL to %s: %s", node.name, error.message)
             return {"ok": False, "message": error.message}
 
+    def on_revoked(self, listener: Callable[[], None]) -> None:
+        """Call `listener` right after any token is voided here (before the nodes hear it):
+        what holds sockets open for a login checks them again."""
+        self._listeners.append(listener)
+
+    def _revoked(self) -> None:
+        for listener in self._listeners:
+            listener()
+
     async def deny(self, token: str) -> dict[str, Any]:
         """Void one token (a plain logout) here and, once pushed, on every live node."""
         assert self.denied is not None and self.signer is not None
         until = self.signer.expires_at(token)
         self.denied.update({token_digest(token): until})
+        self._revoked()
         nodes = self.registry.alive()
         table = {token_digest(token): until}
         results = await asyncio.gather(*(self._push(node, {}, table) for node in nodes))
@@ -118,6 +130,7 @@ class RevocationPusher:
         caller's own among them) are void too."""
         cutoff = float(math.floor(time.time()) + 1)
         self.revocations.update({user: cutoff})
+        self._revoked()
         nodes = self.registry.alive()
         results = await asyncio.gather(*(self._push(node, {user: cutoff}) for node in nodes))
         log.info("%s logged out everywhere (tokens before %s refused)", user, cutoff)

@@ -240,3 +240,44 @@ def test_page_sockets_of_a_user_are_bounded_by_a_setting(
         first.ws.close()
 
     asyncio.run(scenario())
+
+
+def _cookie_token(cookie: str) -> str:
+    """The token inside the login cookie (Tornado's signed value, version 2)."""
+    import base64
+    raw = cookie.split("marco_token=")[1].split(";")[0].strip('"')
+    return base64.b64decode(raw.split("|")[4].split(":", 1)[1]).decode()
+
+
+def test_a_logout_closes_the_page_of_that_login_even_on_a_shared_feed(
+        start_agent, start_controller, alice: UnixUser) -> None:
+    """Two logins of alice: page A opens the (alice, node) output feed with its token, page B
+    joins it. Logging out B's token closes page B at once (review 8: it kept receiving the
+    feed opened with A's token); page A goes on."""
+    agent = start_agent(node_name="ps9")
+    controller = _controller_over(start_controller, agent)
+    node = agent.node_name
+    first = login_cookie(controller, alice)
+    second = wait_for(lambda: (c := login_cookie(controller, alice))
+                      and _cookie_token(c) != _cookie_token(first) and c,
+                      timeout=DEADLINE, what="a second login with its own token")
+
+    async def scenario() -> None:
+        pages = [await open_page(controller, cookie) for cookie in (first, second)]
+        for page in pages:
+            await page.until(lambda e: e["type"] == "ready", "ready")
+            await page.send({"type": "watch", "node": node})
+            await page.until(lambda e: e["type"] == "hello", "hello")
+        status, _ = await asyncio.to_thread(call, controller, "POST", "/api/logout", None,
+                                            _cookie_token(second))
+        assert status == 200
+        # The first login's token: one the test issued now could equal the voided one.
+        execution = await asyncio.to_thread(_run, controller, _cookie_token(first), node,
+                                            "echo after-logout")
+        await pages[0].until(_exit_of(execution), "the exit on the page still logged in")
+        with pytest.raises(AssertionError, match="closed"):
+            await pages[1].until(_exit_of(execution), "nothing on the logged-out page")
+        assert pages[1].ws.close_code == 4401
+        assert pages[1].lines(execution) == []
+
+    asyncio.run(scenario())
