@@ -202,8 +202,12 @@ def test_task_timeout_fails_the_task_and_stops_the_command(
     wait_for(lambda: all(e["state"] != "running"
                          for e in executions(fleet, signer, alice, "Task timeout")),
              what=f"the timed-out task's command stopped on the node: {ran}")
-    stopped = [e for e in executions(fleet, signer, alice, "Task timeout") if e["stopped"]]
-    assert stopped and all(ended_by_the_stop(e) for e in stopped), (ran, stopped)
+    after = executions(fleet, signer, alice, "Task timeout")
+    stopped = [e for e in after if e["stopped"]]
+    # Each as (id, state, rc, signal, via, runner note): what a failure needs to be read.
+    shown = [(e["id"][:8], e["state"], e.get("rc"), e.get("signal"), e.get("via"),
+              e.get("runner_note")) for e in after]
+    assert stopped and all(ended_by_the_stop(e) for e in stopped), shown
 
 
 def test_command_timeout_is_enforced_by_the_agent(played: dict[str, Any], fleet: Fleet,
