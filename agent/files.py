@@ -209,8 +209,7 @@ async def _status_line(process: HelperProcess, seconds: float) -> dict[str, Any]
     except ValueError:  # over the reader's limit with no newline
         _end(process)
         raise MarcoError("file helper failed: status line too long") from None
-    if not line:
-        await _wait(process, seconds)
+    if not line:  # its stderr says why; it ends with it (or is killed once its head is read)
         detail = (await _stderr_head(process, seconds)).decode("utf-8", "replace").strip()
         _end(process)
         last = detail.splitlines()[-1] if detail else "no output"

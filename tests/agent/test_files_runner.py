@@ -15,18 +15,22 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
-from agent.files import ColdHelper, FileReader, FileWriter
+from agent.files import ColdHelper, FileReader, FileService, FileWriter
+from agent.runners import Runner
+from agent.users import UserIdentity, UserResolver
 from marco.client import AgentClient
 from marco.errors import MarcoError
 from marco.tls import ClientTls
 from marco.tokens import SERVICE_MAX_AGE, SERVICE_SALT, TokenSigner, load_secret
+from tests.agent.test_runners import FAKE_HELLO, in_child, pool_of, start_task, until
 from tests.support.agent_process import AgentProcess
 from tests.support.ansiballz_payloads import PIPELINED, module_payload
 from tests.support.pki import TestPki
@@ -377,3 +381,197 @@ def _processes_of(uid: int) -> list[int]:
         if int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] != "Z":
             pids.append(int(name))
     return pids
+
+
+# -- a runner that is the user's, hostile (issue 14, review 8) ---------------------------------
+# A fake runner (the pool's `source` seam, as tests/agent/test_runners.py) that runs modules as
+# a real one would, and whose file helpers misbehave as `MODE` says; it keeps every pipe end the
+# agent hands it for a helper, as a user's runner may.
+
+HOSTILE_LOOP = r'''
+import signal, time
+MODE, REPORT = %(mode)r, %(report)r
+kept, helpers = [], {}
+def helper_child(message, fds):
+    if MODE == "keep":  # the real helper on the agent's pipes
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", message["source"],
+                                  *message["argv"]])
+    if MODE == "long":  # a status line over the agent's limit, no newline, alive
+        os.write(fds[1], b"{" * (300 * 1024))
+    if MODE == "stderr":  # no status line, 8 MiB of stderr
+        os.close(fds[1])
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        written = 0
+        try:
+            while written < 8 * 1024 * 1024:
+                written += os.write(fds[2], b"e" * 65536)
+        except OSError:
+            pass
+        with open(REPORT, "w") as report:
+            report.write(str(written))
+        os._exit(0)
+    if MODE == "early":
+        os._exit(0)
+    time.sleep(3600)
+    os._exit(0)
+while True:
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 8)
+    if not data:
+        break
+    message = json.loads(data)
+    if message["op"] == "quit":
+        sys.exit(0)
+    if message["op"] == "preload":
+        send({"op": "preloaded", "ms": 1.0, "entries": {}})
+    elif message["op"] == "run":
+        for fd in fds:
+            os.close(fd)
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        send({"op": "started", "id": message["id"], "pid": child})
+        send({"op": "exited", "id": message["id"], "status": os.waitpid(child, 0)[1]})
+    elif message["op"] == "helper":
+        child = os.fork()
+        if child == 0:
+            helper_child(message, fds)
+        if MODE == "stderr":  # EOF on stdout when the child closes it
+            for fd in fds:
+                os.close(fd)
+        else:
+            kept.append(fds)  # never closed: the agent must not wait on them
+        send({"op": "started", "id": message["id"], "pid": child})
+        if MODE == "early":  # an exit report at once, the write ends kept
+            send({"op": "exited", "id": message["id"], "status": 0})
+        elif MODE in ("keep", "stderr"):
+            send({"op": "exited", "id": message["id"], "status": os.waitpid(child, 0)[1]})
+        else:
+            helpers[message["id"]] = child
+    elif message["op"] == "signal" and message["id"] in helpers:
+        child = helpers.pop(message["id"])
+        os.kill(child, message["signal"])
+        send({"op": "exited", "id": message["id"], "status": os.waitpid(child, 0)[1]})
+'''
+
+
+TRUE = module_payload("command", {"_raw_params": "true"})
+
+
+def hostile_runner(mode: str, report: str = "") -> str:
+    return FAKE_HELLO + HOSTILE_LOOP % {"mode": mode, "report": report}
+
+
+def agent_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@asynccontextmanager
+async def hostile_files(mode: str, user: UserIdentity, report: str = "",
+                        status_seconds: float = 30.0) -> AsyncIterator[tuple[FileService, Runner]]:
+    """A FileService whose helpers the user's live hostile runner forks, and that runner."""
+    async with pool_of(source=hostile_runner(mode, report)) as pool:
+        await (await start_task(pool, user, TRUE)).ended()  # the runner is live
+        runner = pool.helper_runner(user, os.path.realpath(PYTHON))
+        assert runner is not None
+        yield FileService(UserResolver(), PYTHON, pool, status_seconds), runner
+
+
+def test_a_runner_keeping_the_pipe_ends_leaks_no_fd(alice: UnixUser, open_tmp: Path) -> None:
+    """50 uploads and downloads through a runner that keeps its copies of the pipe ends: each
+    ends (the exit report ends the download's EOF wait) and the agent's fd count stays flat."""
+    user = UserResolver().resolve(alice.name)
+    shutil.chown(open_tmp, alice.name)
+    body = os.urandom(300 * 1024)
+
+    async def scenario() -> None:
+        async with hostile_files("keep", user) as (files, runner):
+            before = agent_fds()
+            for i in range(25):
+                writer = await files.open_writer(user, f"{open_tmp}/f{i}", "0644", True)
+                await writer.write(body)
+                assert (await writer.commit())["size"] == len(body)
+                assert writer.via == "runner"
+            await until(lambda: agent_fds() == before, "the agent's ends closed")
+            for i in range(25):
+                async with asyncio.timeout(30):
+                    reader = await files.open_reader(user, f"{open_tmp}/f{i}")
+                    assert b"".join([c async for c in reader.chunks()]) == body
+            await until(lambda: agent_fds() == before, "the agent's ends closed")
+            assert runner.task_count == 0
+
+    in_child(scenario)
+
+
+def test_an_early_exit_report_ends_the_wait(alice: UnixUser) -> None:
+    """A runner that reports `exited` at once and keeps the write ends: the request ends with
+    the helper's failure instead of waiting for an EOF that never comes."""
+    user = UserResolver().resolve(alice.name)
+
+    async def scenario() -> None:
+        async with hostile_files("early", user) as (files, runner):
+            before = agent_fds()
+            for opening in (files.open_reader(user, "/etc/hostname"),
+                            files.open_writer(user, "/tmp/x", "0644", True)):
+                async with asyncio.timeout(20):
+                    with pytest.raises(MarcoError, match="file helper failed: no output"):
+                        await opening
+            await until(lambda: agent_fds() == before, "the agent's ends closed")
+            assert runner.task_count == 0
+
+    in_child(scenario)
+
+
+def test_a_silent_helper_is_ended_by_the_status_deadline(alice: UnixUser) -> None:
+    """A helper that never writes its status line (its runner keeps the pipe ends, reports no
+    exit): past the status deadline it is killed through the runner and its fds closed."""
+    user = UserResolver().resolve(alice.name)
+
+    async def scenario() -> None:
+        async with hostile_files("silent", user, status_seconds=0.5) as (files, runner):
+            before = agent_fds()
+            async with asyncio.timeout(20):
+                with pytest.raises(MarcoError, match="no status line within 0.5 s"):
+                    await files.open_reader(user, "/etc/hostname")
+            await until(lambda: agent_fds() == before, "the agent's ends closed")
+            await until(lambda: runner.task_count == 0, "the helper killed")
+
+    in_child(scenario)
+
+
+def test_an_over_long_status_line_is_a_clear_error(alice: UnixUser) -> None:
+    """A status line past the reader's limit with no newline: a MarcoError (a 500 that says
+    so), the helper killed, the agent's fds closed."""
+    user = UserResolver().resolve(alice.name)
+
+    async def scenario() -> None:
+        async with hostile_files("long", user) as (files, runner):
+            before = agent_fds()
+            async with asyncio.timeout(20):
+                with pytest.raises(MarcoError) as raised:
+                    await files.open_writer(user, "/tmp/x", "0644", True)
+            assert raised.value.status == 500
+            assert raised.value.message == "file helper failed: status line too long"
+            await until(lambda: agent_fds() == before, "the agent's ends closed")
+            await until(lambda: runner.task_count == 0, "the helper killed")
+
+    in_child(scenario)
+
+
+def test_a_failed_helpers_stderr_is_read_bounded(alice: UnixUser, open_tmp: Path) -> None:
+    """A helper that fails with 8 MiB of stderr: the agent reads a bounded head of it and
+    closes the pipe; the helper gets EPIPE long before its 8 MiB are taken."""
+    user = UserResolver().resolve(alice.name)
+    report = open_tmp / "written"
+    os.chmod(open_tmp, 0o777)
+
+    async def scenario() -> None:
+        async with hostile_files("stderr", user, str(report)) as (files, _):
+            async with asyncio.timeout(20):
+                with pytest.raises(MarcoError, match="file helper failed: e+$"):
+                    await files.open_reader(user, "/etc/hostname")
+
+    in_child(scenario)
+    wait_for(lambda: report.exists() and report.read_text(), what="the helper's count")
+    assert int(report.read_text()) < 2 * 1024 * 1024
