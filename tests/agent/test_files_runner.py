@@ -152,8 +152,8 @@ def test_errors_through_the_runner_are_the_cold_ones(
         lambda c: put(c, b"a", os.path.join(bob.home, "f")),
         lambda c: put(c, b"a", str(tmp_path / "exists"), overwrite=False),
         lambda c: put(c, b"a", str(tmp_path / "dir")),
-        lambda c: put(c, b"a", "~/made/sub/f", mkdir=True),
-        lambda c: put(c, b"a", "~/made/sub/g", mkdir=True),  # it exists now: 409
+        lambda c: put(c, b"a", "~/made-warm/sub/f", mkdir=True),
+        lambda c: put(c, b"a", "~/made-warm/sub/g", mkdir=True),  # it exists now: 409
         lambda c: c.get_file("/nonexistent-dir/f", io.BytesIO()),
         lambda c: c.get_file(os.path.join(bob.home, "f"), io.BytesIO()),
         lambda c: c.get_file(str(tmp_path / "dir"), io.BytesIO()),
@@ -175,7 +175,7 @@ def test_errors_through_the_runner_are_the_cold_ones(
 
 
 def _remove_made(alice: UnixUser) -> None:
-    made = Path(alice.home) / "made"
+    made = Path(alice.home) / "made-warm"  # test_files.py uses ~/made
     (made / "sub" / "f").unlink()
     (made / "sub").rmdir()
     made.rmdir()
@@ -185,11 +185,11 @@ def test_overwrite_false_through_the_runner(agent: AgentProcess, signer: TokenSi
                                             alice: UnixUser) -> None:
     with client(agent, signer, alice.name) as c:
         warm_up(c)
-        first = put(c, b"first", "keep.txt", overwrite=False)
-        again = outcome(lambda: put(c, b"second", "keep.txt", overwrite=False))
+        first = put(c, b"first", "keep-warm.txt", overwrite=False)
+        again = outcome(lambda: put(c, b"second", "keep-warm.txt", overwrite=False))
     assert first["via"] == "runner" and first["size"] == 5
-    assert again == ("Conflict", f"{alice.home}/keep.txt exists and overwrite is false")
-    assert (Path(alice.home) / "keep.txt").read_bytes() == b"first"
+    assert again == ("Conflict", f"{alice.home}/keep-warm.txt exists and overwrite is false")
+    assert (Path(alice.home) / "keep-warm.txt").read_bytes() == b"first"
 
 
 def test_an_aborted_upload_through_the_runner_leaves_nothing(
