@@ -420,21 +420,12 @@ class FilesHandler(ApiHandler):
         """The started helper, or None if the client left meanwhile: leaving cancels the
         start, which kills the helper and closes the agent's ends of its pipes."""
         self.opening = asyncio.ensure_future(start)
-        # Tornado watches for a hang-up only once the request is read: a PUT's body is read
-        # after prepare(), so meanwhile its stream reports it (a GET has Tornado's watch).
-        stream = cast(HTTP1Connection, self.request.connection).stream
-        streaming = self.request.method == "PUT"
-        if streaming:
-            stream.set_close_callback(self.on_connection_close)
         try:
             return await self.opening
         except asyncio.CancelledError:
             if self.client_gone and self.opening.cancelled():
                 return None
             raise
-        finally:
-            if streaming:
-                stream.set_close_callback(None)  # as Tornado has it while it reads a body
 
     async def prepare(self) -> None:
         if self.request.method != "PUT":

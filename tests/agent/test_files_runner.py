@@ -12,11 +12,10 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,7 @@ from tests.agent.test_runners import FAKE_HELLO, in_child, pool_of, start_task, 
 from tests.support.agent_process import AgentProcess
 from tests.support.ansiballz_payloads import PIPELINED, module_payload
 from tests.support.pki import TestPki
-from tests.support.run import RunNames
-from tests.support.users import UnixUser, create_user, remove_user
+from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
 
@@ -577,51 +575,3 @@ def test_a_failed_helpers_stderr_is_read_bounded(alice: UnixUser, open_tmp: Path
     in_child(scenario)
     wait_for(lambda: report.exists() and report.read_text(), what="the helper's count")
     assert int(report.read_text()) < 2 * 1024 * 1024
-
-
-# Loaded by the user's runner (its user site is on): once FLAG exists, the file helper a runner
-# forks hangs before its status line (it never answers), as a user's helper may.
-HANGING_HELPER = '''
-import builtins, os, time
-_compile = builtins.compile
-def compile(source, *args, **kwargs):
-    if (isinstance(source, str) and "one JSON status line first" in source
-            and os.path.exists(%r)):
-        time.sleep(3600)
-    return _compile(source, *args, **kwargs)
-builtins.compile = compile
-'''
-
-
-@pytest.fixture
-def hanger(run: RunNames, open_tmp: Path) -> Iterator[tuple[UnixUser, Path]]:
-    """A user of this test alone whose runner's file helpers hang once the flag exists."""
-    user = create_user(run.user("hanger"))
-    flag = open_tmp / "hang"
-    site = Path(user.home) / ".local/lib/python3.11/site-packages"
-    subprocess.run(["runuser", "-u", user.name, "--", "mkdir", "-p", str(site)], check=True)
-    subprocess.run(["runuser", "-u", user.name, "--", "sh", "-c",
-                    f"cat > {site}/usercustomize.py"],
-                   input=(HANGING_HELPER % str(flag)).encode(), check=True)
-    try:
-        yield user, flag
-    finally:
-        remove_user(user.name)
-
-
-def test_a_client_leaving_while_the_helper_starts_ends_it(
-        agent: AgentProcess, signer: TokenSigner, hanger: tuple[UnixUser, Path]) -> None:
-    """A PUT whose helper never answers, and whose client leaves: the start is cancelled, the
-    helper killed through the runner (its task count back to 0) long before any deadline."""
-    user, flag = hanger
-    with client(agent, signer, user.name) as c:
-        warm_up(c)
-        flag.touch()
-        conn = agent.connection(timeout=60)
-        conn.putrequest("PUT", f"/v1/files?path={_quote(user.home + '/f')}")
-        conn.putheader("Authorization", f"Bearer {signer.issue(user.name)}")
-        conn.putheader("Content-Length", "10")
-        conn.endheaders()
-        wait_for(lambda: c.status()["runners"][0]["tasks"] == 1, what="the helper forked")
-        conn.close()
-        wait_for(lambda: c.status()["runners"][0]["tasks"] == 0, what="the helper ended")
