@@ -115,6 +115,10 @@ def agent_options() -> list[Option]:
                "about 5 us of CPU per process per second)", kind=float),
         Option("helper_python", default_helper_python(),
                "Python used to run file operations as the user", metavar="PATH"),
+        Option("file_helper_seconds", 60.0, "longest a file operation's helper (a user "
+               "process) may take to answer its status line, exit or report an error; past it "
+               "the helper is killed and the request fails (500); must exceed an upload's "
+               "fsync and rename on the slowest disk", kind=float),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
     ]
 
@@ -168,6 +172,7 @@ class AgentConfig:
     runner_preload_seconds: float
     status_process_refresh: float
     helper_python: str
+    file_helper_seconds: float
     log_level: str
 
     @property

@@ -73,7 +73,8 @@ class AgentContext:
             capture_max=config.max_capture_bytes, isolation=isolation, runners=runners)
         return cls(config=config, signer=TokenSigner(secret, config.token_max_age),
                    resolver=resolver, hub=hub, executions=executions,
-                   files=FileService(resolver, config.helper_python, runners),
+                   files=FileService(resolver, config.helper_python, runners,
+                                     status_seconds=config.file_helper_seconds),
                    status=StatusPublisher(StatusSampler(
                        config.node_name, process_refresh=config.status_process_refresh)),
                    audit=audit,

@@ -37,7 +37,7 @@ PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 MAX_ERROR = 4096  # characters of a helper's error message passed on
 MAX_STDERR = 64 * 1024  # bytes of a failed helper's stderr read (the rest is dropped)
-STATUS_SECONDS = 60.0  # longest wait for a helper's status line, exit or stderr
+STATUS_SECONDS = 60.0  # default of the agent's file_helper_seconds (status line, exit, stderr)
 MODE_TEXT = re.compile(r"[0-7]{3,5}")
 _STATUS_ERRORS: dict[int, type[MarcoError]] = {
     400: BadRequest, 403: PermissionDenied, 404: NotFound, 409: Conflict}
