@@ -16,14 +16,12 @@ count against `max_sockets_per_user` as one more user would.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from typing import Any
 
-import tornado.websocket
-
 from marco import protocol
+from marco.bounded_socket import BoundedWebSocket
 from marco.errors import BadRequest, MarcoError, to_body
 from marco.jsonapi import JsonApiMixin
 
@@ -41,7 +39,7 @@ SERVICE_KEY = "\x00controller"
 SERVICE_MESSAGES = ("subscribe", "ping")
 
 
-class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
+class StreamSocket(JsonApiMixin, BoundedWebSocket):
     """One browser or client connection of one user (errors before the upgrade are JSON, like
     the rest of the API)."""
 
@@ -214,33 +212,13 @@ class StreamSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
             self.close(protocol.CLOSE_UNAUTHORIZED, str(error)[:120])
             self._forget()
 
-    def send(self, message: str) -> None:
-        """Queue one message without blocking; close the socket when it falls too far behind."""
-        if self.closed:
-            return
-        size = len(message) if message.isascii() else len(message.encode("utf-8", "replace"))
-        if self.pending_bytes + size > self.ctx.config.max_socket_pending_bytes:
-            # Counted with the message being added: one huge message cannot overshoot the bound.
-            log.warning("closing a slow socket of %s (%d bytes pending, %d more to send)",
-                        self.user.name if self.user else "?", self.pending_bytes, size)
-            self.close(protocol.CLOSE_SLOW_CONSUMER, "too slow: reconnect and replay from seq")
-            self._forget()
-            return
-        try:
-            future = self.write_message(message)
-        except tornado.websocket.WebSocketClosedError:
-            self._forget()
-            return
-        self.pending_bytes += size
-        future.add_done_callback(functools.partial(self._written, size=size))
+    def pending_limit(self) -> int:
+        return self.ctx.config.max_socket_pending_bytes
 
-    def _written(self, future: asyncio.Future[None], *, size: int) -> None:
-        self.pending_bytes -= size
-        if not future.cancelled() and future.exception() is not None:
-            self._forget()
-
-    def on_close(self) -> None:
-        self._forget()
+    def too_slow(self, size: int) -> None:
+        log.warning("closing a slow socket of %s (%d bytes pending, %d more to send)",
+                    self.user.name if self.user else "?", self.pending_bytes, size)
+        self.close(protocol.CLOSE_SLOW_CONSUMER, "too slow: reconnect and replay from seq")
 
     def _forget(self) -> None:
         if self.closed:

@@ -26,8 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import tornado.websocket
-
+from marco.bounded_socket import BoundedWebSocket, message_size
 from marco.client import AgentStream
 from marco.errors import AuthenticationError, BadRequest, MarcoError, TooManySockets, to_body
 from marco.protocol import (
@@ -197,7 +196,7 @@ class Watch:
     order: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-class PageSocket(SessionMixin, tornado.websocket.WebSocketHandler):
+class PageSocket(SessionMixin, BoundedWebSocket):
     """One page's socket: the nodes it watches, their status and its user's output."""
 
     def initialize(self, ctx: ControllerContext, hub: PageHub) -> None:  # type: ignore[override]
@@ -357,7 +356,7 @@ class PageSocket(SessionMixin, tornado.websocket.WebSocketHandler):
             return
         if watch.held is not None:
             # Bounded like what waits to be written: a page that cannot take it is closed.
-            watch.held_bytes += len(message)
+            watch.held_bytes += message_size(message)
             if self.pending_bytes + watch.held_bytes > self.hub.limits.max_pending_bytes:
                 log.warning("closing a page socket of %s: too much held for %s", self.user,
                             node)
@@ -397,31 +396,12 @@ class PageSocket(SessionMixin, tornado.websocket.WebSocketHandler):
 
     # -- sending ----------------------------------------------------------------------------
 
-    def send(self, message: str) -> None:
-        """Queue one message without blocking; close the page when it falls too far behind."""
-        if self.closed:
-            return
-        size = len(message) if message.isascii() else len(message.encode("utf-8", "replace"))
-        if self.pending_bytes + size > self.hub.limits.max_pending_bytes:
-            log.warning("closing a slow page socket of %s", self.user)
-            self.close(CLOSE_SLOW_CONSUMER, "too slow: reconnect")
-            self._forget()
-            return
-        try:
-            future = self.write_message(message)
-        except tornado.websocket.WebSocketClosedError:
-            self._forget()
-            return
-        self.pending_bytes += size
-        future.add_done_callback(functools.partial(self._written, size=size))
+    def pending_limit(self) -> int:
+        return self.hub.limits.max_pending_bytes
 
-    def _written(self, future: asyncio.Future[None], *, size: int) -> None:
-        self.pending_bytes -= size
-        if not future.cancelled() and future.exception() is not None:
-            self._forget()
-
-    def on_close(self) -> None:
-        self._forget()
+    def too_slow(self, size: int) -> None:
+        log.warning("closing a slow page socket of %s", self.user)
+        self.close(CLOSE_SLOW_CONSUMER, "too slow: reconnect")
 
     def _forget(self) -> None:
         if self.closed:
