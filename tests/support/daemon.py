@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from marco.serving import Listening
 from tests.support.paths import ROOT
@@ -100,15 +101,22 @@ class DaemonProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
+        return end_process(self.process, self._log, sig, timeout)
+
+
+def end_process(process: subprocess.Popen[bytes], log: IO[bytes], sig: int = signal.SIGTERM,
+                timeout: float = 15.0) -> int:
+    """Send `sig` to a process still running, wait `timeout` for it (then SIGKILL), close its
+    log; its exit status."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log.close()
+    return process.returncode
 
 
 def stop_all(daemons: Sequence[DaemonProcess]) -> None:

@@ -58,6 +58,7 @@ from marco.tokens import (
     health_proof,
     load_secret,
 )
+from tests.support.daemon import end_process
 from tests.support.paths import ROOT
 from tests.support.waiting import wait_for
 
@@ -463,15 +464,7 @@ class SimulatorProcess:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (goodbyes after the ports close) and wait; SIGKILL past `timeout`."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
+        return end_process(self.process, self._log, timeout=timeout)
 
 
 if __name__ == "__main__":
