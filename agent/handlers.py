@@ -116,6 +116,7 @@ class ExecutionsHandler(ApiHandler):
     its body before it reads the answer)."""
 
     waiting: Execution | None = None  # the ?wait=1 execution this caller waits for
+    hung_up = False  # the caller closed its connection (possibly while its command started)
     failure: MarcoError | None = None  # found while the body arrived; answered after it
     binary = False
     user: UserIdentity | None = None  # a POST's caller, known before its body
@@ -207,6 +208,8 @@ class ExecutionsHandler(ApiHandler):
         try:
             assert execution.done is not None
             self.waiting = execution
+            if self.hung_up:  # gone while the command started: nobody will take the result
+                self.on_connection_close()
             await execution.done
             self.waiting = None
             if self._accepts_frames():
@@ -220,7 +223,10 @@ class ExecutionsHandler(ApiHandler):
 
     def on_connection_close(self) -> None:
         """A ?wait=1 caller that hangs up (an Ansible task `timeout:`, Ctrl-C) takes the
-        result with it: stop the execution as a DELETE would, rather than let it run on."""
+        result with it: stop the execution as a DELETE would, rather than let it run on. A
+        hang-up while the command is still starting is remembered, and acted on once the start
+        is over (the execution is listed, and can run, before then)."""
+        self.hung_up = True
         if self.waiting is not None and self.waiting.running:
             self.ctx.executions.stop(self.waiting.user, self.waiting.id)
 

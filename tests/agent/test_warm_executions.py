@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from marco.agent_api import AgentRequests
 from marco.client import AgentClient
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
@@ -135,6 +136,23 @@ def test_a_stop_during_a_warm_launch_reaches_the_task(
         waiting.join(timeout=30)
     assert answer, "the task ran on after its stop"
     assert answer[0].stopped and answer[0].signal in ("SIGTERM", "SIGKILL"), answer[0]
+
+
+def test_a_caller_hanging_up_during_a_warm_launch_stops_the_task(
+        shared_agent: AgentProcess, signer: TokenSigner, slow_starter: UnixUser) -> None:
+    """A `?wait=1` caller that hangs up while its task's runner is still being launched (the
+    execution is listed, its start not over: an Ansible worker killed then) takes the task
+    with it once the launch is over, as a hang-up later does."""
+    token = signer.issue(slow_starter.name)
+    request = AgentRequests(token).run(PIPELINED, stdin=command_payload("sleep 60"))
+    conn = shared_agent.connection(timeout=30)
+    conn.request(request.method, request.path, body=request.body, headers=request.headers)
+    with client(shared_agent, signer, slow_starter.name) as other:
+        listed = wait_for(lambda: other.executions(), what="the execution being started")
+        conn.close()  # within the runner's 1 s launch
+        ended = wait_for(lambda: (e := other.execution(listed[0]["id"]))["state"] != "running"
+                         and e, timeout=15, what="the hung-up task stopped")
+    assert ended["stopped"] and ended["signal"] in ("SIGTERM", "SIGKILL"), ended
 
 
 def test_a_death_by_a_real_time_signal_ends_the_execution(
