@@ -12,8 +12,9 @@ from pathlib import Path
 
 from tornado.ioloop import PeriodicCallback
 
-from marco.discovery import ZeroconfBrowser, parse_static_node
+from marco.discovery import ZeroconfBrowser
 from marco.errors import MarcoError
+from marco.nodes import parse_static_node
 from marco.protocol import choose_mdns_interfaces, require_loopback
 from marco.serving import Listening, close_server, listen, stop_event_on_signals
 from marco.settings import add_config_argument, add_options, load_settings

@@ -14,7 +14,6 @@ import time
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
-from marco.discovery import NodeRegistry
 from marco.errors import (
     AgentUnreachable,
     AuthenticationError,
@@ -23,6 +22,7 @@ from marco.errors import (
     NotFound,
     TryAgain,
 )
+from marco.nodes import NodeRegistry
 from marco.runs import COUNTS, status_from_stats
 
 from .collector import DEFAULT_LIMITS, CollectLimits, OutputCollector, known

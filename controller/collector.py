@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from marco.client import AsyncAgentClient
-from marco.discovery import NodeRegistry
 from marco.errors import AuthenticationError, MarcoError, TryAgain
+from marco.nodes import NodeRegistry
 
 from .agent_records import AgentExecution, has_ended, of_run, times
 from .connector import AgentConnector

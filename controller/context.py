@@ -9,8 +9,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from marco.discovery import HealthMonitor, NodeRegistry, parse_static_node
 from marco.errors import ConfigError, TryAgain
+from marco.health import HealthMonitor
+from marco.nodes import NodeRegistry, parse_static_node
 from marco.revocations import DeniedTokens, Revocations
 from marco.shells import LoginShells
 from marco.tls import ClientTls, ServerTlsFiles

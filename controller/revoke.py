@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from marco.discovery import Node, NodeRegistry
 from marco.errors import MarcoError
+from marco.nodes import Node, NodeRegistry
 from marco.revocations import DeniedTokens, Revocations, token_digest
 from marco.tls import file_stamps
 from marco.tokens import TokenSigner

@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from marco.discovery import NodeRegistry
 from marco.errors import MarcoError, NotFound
+from marco.nodes import NodeRegistry
 
 from .agent_records import AgentExecution, fit, has_ended, line_count, of_run
 from .connector import AgentConnector

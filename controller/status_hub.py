@@ -17,8 +17,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from marco.discovery import NodeRegistry
 from marco.errors import MarcoError
+from marco.nodes import NodeRegistry
 from marco.protocol import encode
 from marco.tokens import TokenSigner
 

@@ -1,168 +1,29 @@
-"""Live discovery of agents: a zeroconf browser feeding a registry, checked by health probes.
+"""Live discovery of agents: a zeroconf browser feeding the node registry (marco.nodes).
 
-`NodeRegistry` holds what is known (name, address, port, TXT fields, first/last seen, alive).
 `ZeroconfBrowser` adds and updates nodes as agents announce themselves and drops them on a
-goodbye once they no longer answer (anyone on the LAN can send a goodbye). `HealthMonitor`
-probes every node's `/v1/health`: an agent that died without a goodbye (SIGKILL, cable) is
-marked down and leaves the inventory; it comes back when a probe or a new announcement
-succeeds. Static nodes from the config are probed the same way.
+goodbye once they no longer answer (anyone on the LAN can send a goodbye); the health monitor
+(marco.health) checks them afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from marco.client import AsyncAgentClient
-from marco.errors import CertificateRefused, ConfigError, MarcoError
-from marco.protocol import DEFAULT_PORT, SERVICE_TYPE
+from marco.errors import ConfigError
+from marco.health import HealthMonitor
+from marco.nodes import Node, NodeRegistry
+from marco.protocol import SERVICE_TYPE
 from marco.tls import ClientTls
-from marco.tokens import verify_health_proof
 
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_MS = 3000
-HEALTH_TIMEOUT = 2.0
-STATIC_FACTS = ("node", "version", "proto", "os", "arch", "cpus", "groups")
-
-
-@dataclass
-class Node:
-    """One agent as the controller knows it."""
-
-    name: str
-    host: str
-    port: int
-    txt: dict[str, str] = field(default_factory=dict)
-    source: str = "mdns"            # mdns | static
-    service: str | None = None      # the mDNS service name, for goodbyes
-    first_seen: float = field(default_factory=time.time)
-    last_seen: float = field(default_factory=time.time)
-    alive: bool = True
-    error: str | None = None
-
-    def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "host": self.host, "port": self.port, "txt": self.txt,
-                "source": self.source, "first_seen": self.first_seen,
-                "last_seen": self.last_seen, "alive": self.alive, "error": self.error,
-                "groups": [g for g in self.txt.get("groups", "").split(",") if g]}
-
-
-def parse_static_node(spec: str) -> Node:
-    """`HOST:PORT`, `HOST` or `NAME=HOST:PORT` from the config."""
-    name, _, address = spec.rpartition("=")
-    host, sep, port_text = address.rpartition(":") if ":" in address else (address, "", "")
-    if not sep:
-        host, port_text = address, str(DEFAULT_PORT)
-    host = host.strip("[]")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"static node {spec!r}: port must be a number") from None
-    if not host or not 0 < port < 65536:
-        raise ConfigError(f"static node {spec!r}: expected HOST:PORT or NAME=HOST:PORT")
-    return Node(name=name or host, host=host, port=port, source="static")
-
-
-class NodeRegistry:
-    """Every known node by name; listeners hear about each change."""
-
-    def __init__(self) -> None:
-        self._nodes: dict[str, Node] = {}
-        self._listeners: list[Callable[[Node], None]] = []
-
-    def on_change(self, listener: Callable[[Node], None]) -> None:
-        self._listeners.append(listener)
-
-    def _changed(self, node: Node) -> None:
-        for listener in self._listeners:
-            try:
-                listener(node)
-            except Exception:
-                log.exception("node listener failed")
-
-    def all(self) -> list[Node]:
-        return sorted(self._nodes.values(), key=lambda n: n.name)
-
-    def alive(self) -> list[Node]:
-        return [n for n in self.all() if n.alive]
-
-    def get(self, name: str) -> Node | None:
-        return self._nodes.get(name)
-
-    def upsert(self, node: Node) -> Node:
-        """Add a node, or refresh a known one (a new announcement means it is alive).
-
-        An announcement never takes over a name from the config, nor one that another live
-        service holds (first come, first kept; a warning is logged); a service that announces a
-        new name drops its old one.
-        """
-        known = self._nodes.get(node.name)
-        if known is not None and node.source == "mdns" and (
-                known.source == "static" or (known.service != node.service and known.alive)):
-            log.warning("ignoring %s: it announces the node name %r, which %s already has",
-                        node.service, node.name, known.service or "the config")
-            return known
-        if node.service:
-            for other in [n for n in self._nodes.values()
-                          if n.service == node.service and n.name != node.name]:
-                del self._nodes[other.name]
-                other.alive = False
-                log.info("node %s is now called %s", other.name, node.name)
-                self._changed(other)
-        if known is None:
-            self._nodes[node.name] = node
-            log.info("node %s found at %s:%d (%s)", node.name, node.host, node.port, node.source)
-            self._changed(node)
-            return node
-        changed = (known.host, known.port, known.txt, known.alive) != (
-            node.host, node.port, node.txt or known.txt, True)
-        known.host, known.port, known.service = node.host, node.port, node.service or known.service
-        known.txt = node.txt or known.txt
-        known.last_seen, known.alive, known.error = time.time(), True, None
-        if changed:
-            log.info("node %s is up at %s:%d", known.name, known.host, known.port)
-            self._changed(known)
-        return known
-
-    def set_health(self, name: str, alive: bool, error: str | None = None,
-                   details: dict[str, Any] | None = None) -> None:
-        node = self._nodes.get(name)
-        if node is None:
-            return
-        was = node.alive
-        node.alive, node.error = alive, error
-        if alive:
-            node.last_seen = time.time()
-            if details and node.source == "static":  # no TXT record: take the same facts
-                node.txt = {**node.txt, **{key: str(details[key]) for key in STATIC_FACTS
-                                           if key in details}}
-        if was != alive:
-            log.info("node %s is %s%s", name, "up" if alive else "down",
-                     f": {error}" if error else "")
-            self._changed(node)
-
-    def announced_as(self, service: str) -> list[Node]:
-        """The nodes discovered under an mDNS service name."""
-        return [node for node in self._nodes.values()
-                if node.service == service and node.source == "mdns"]
-
-    def remove_service(self, service: str) -> None:
-        """An agent said goodbye: forget it (static nodes stay)."""
-        for name, node in list(self._nodes.items()):
-            if node.service == service and node.source == "mdns":
-                del self._nodes[name]
-                node.alive = False
-                log.info("node %s left", name)
-                self._changed(node)
 
 
 class ZeroconfBrowser:
@@ -298,101 +159,6 @@ class ZeroconfBrowser:
         if self._zc is not None:
             await self._zc.async_close()
         self._browser = self._zc = None
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One health check: `answered` is False when the node did not answer at all (refused,
-    reset, timed out), as opposed to a wrong answer (certificate, secret proof, name)."""
-
-    alive: bool
-    error: str | None = None
-    details: dict[str, Any] | None = None
-    answered: bool = True
-
-
-class HealthMonitor:
-    """Probes every node's /v1/health each `interval` seconds, all nodes concurrently.
-
-    With the cluster's secret keys, every probe carries a fresh challenge that only an agent
-    holding the secret can answer: a machine posing as a node on the LAN fails it and is
-    never offered users' tokens.
-    """
-
-    def __init__(self, registry: NodeRegistry, interval: float,
-                 keys: Sequence[bytes] | None = None, tls: ClientTls | None = None,
-                 failures: int = 1) -> None:
-        self.tls = tls
-        self.registry = registry
-        self.interval = interval
-        self.keys = list(keys or [])
-        # A node is down after `failures` probes in a row that got no answer, so one slow
-        # answer (a busy node, a lost packet) does not drop it from the inventory; a wrong
-        # answer (certificate, secret proof, name) drops it at once.
-        self.failures = max(1, failures)
-        self._missed: dict[str, int] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await self.check_all()
-            await asyncio.sleep(self.interval)
-
-    async def check_all(self) -> None:
-        nodes = self.registry.all()
-        self._missed = {name: count for name, count in self._missed.items()
-                        if self.registry.get(name) is not None}  # forgotten nodes' counts go
-        if nodes:
-            await asyncio.gather(*(self.check(node) for node in nodes))
-
-    async def probe(self, node: Node) -> Probe:
-        """One node's health, the secret proof checked when keys are set."""
-        client = AsyncAgentClient(node.host, node.port, timeout=HEALTH_TIMEOUT, tls=self.tls,
-                                  node=node.name if self.tls is not None else None)
-        nonce = secrets.token_hex(16) if self.keys else None
-        try:
-            details = await client.health(nonce)
-        except CertificateRefused as error:
-            log.warning("refusing %s at %s:%d: %s", node.name, node.host, node.port,
-                        error.message)
-            return Probe(False, str(error))
-        except MarcoError as error:
-            return Probe(False, str(error), answered=False)
-        reported = str(details.get("node", ""))
-        if nonce is not None and not verify_health_proof(self.keys, nonce, reported,
-                                                         details.get("proof")):
-            log.warning("%s:%d answers as node %s without proof of the cluster secret: ignored",
-                        node.host, node.port, node.name)
-            return Probe(False,
-                         "failed the cluster-secret proof (not a Marco agent of this cluster?)")
-        if node.source == "mdns" and reported != node.name:
-            log.warning("%s announces node %s but its agent is %s: ignored", node.service,
-                        node.name, reported)
-            return Probe(False, f"the agent there is {reported!r}")
-        return Probe(True, details=details)
-
-    async def verify(self, node: Node) -> bool:
-        """For the browser: is this newly announced node a real agent of this cluster?"""
-        return (await self.probe(node)).alive
-
-    async def check(self, node: Node) -> None:
-        probe = await self.probe(node)
-        if probe.answered:
-            self._missed.pop(node.name, None)
-        else:
-            missed = self._missed[node.name] = self._missed.get(node.name, 0) + 1
-            if node.alive and missed < self.failures:
-                log.info("%s did not answer its health check (%d in a row, down at %d): %s",
-                         node.name, missed, self.failures, probe.error)
-                return
-        self.registry.set_health(node.name, probe.alive, probe.error, details=probe.details)
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
 
 
 async def browse_once(interfaces: Sequence[str], wait: float = 2.0,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from marco.discovery import HealthMonitor, NodeRegistry, parse_static_node
+from marco.health import HealthMonitor
+from marco.nodes import NodeRegistry, parse_static_node
 from tests.support.agent_process import AgentProcess
 from tests.support.pki import TestPki
 

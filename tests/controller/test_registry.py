@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from marco.discovery import Node, NodeRegistry
 from marco.inventory import build_inventory, group_name
+from marco.nodes import Node, NodeRegistry
 
 
 def _get(registry: NodeRegistry, name: str) -> Node:

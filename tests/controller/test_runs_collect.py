@@ -23,8 +23,8 @@ from controller.collector import CollectLimits, OutputCollector
 from controller.connector import AgentConnector
 from controller.context import collect_limits
 from controller.runstore import Run, RunStoreThread, new_run_id
-from marco.discovery import Node, NodeRegistry
 from marco.errors import ConfigError
+from marco.nodes import Node, NodeRegistry
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
-from marco.discovery import NodeRegistry, ZeroconfBrowser
+from marco.discovery import ZeroconfBrowser
+from marco.nodes import NodeRegistry
 
 
 def test_announcements_during_a_resolution_make_one_more_pass() -> None:

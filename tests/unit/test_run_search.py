@@ -35,8 +35,8 @@ from controller.run_search import (
     shown,
 )
 from controller.runstore import Run, RunStoreThread
-from marco.discovery import NodeRegistry
 from marco.errors import BadRequest, TooManySearches
+from marco.nodes import NodeRegistry
 from tests.unit.test_runstore import make_run
 
 
