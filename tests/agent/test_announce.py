@@ -14,14 +14,23 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
+from zeroconf import (
+    DNSIncoming,
+    DNSOutgoing,
+    DNSQuestionType,
+    DNSService,
+    ServiceStateChange,
+    Zeroconf,
+)
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+from zeroconf.const import _CLASS_IN, _FLAGS_AA, _FLAGS_QR_RESPONSE, _TYPE_SRV
 
 from agent import __version__
 from agent.announce import CLASH_CHECK_SECONDS, Announcement, Announcer, dns_label
@@ -319,5 +328,69 @@ def test_browser_on_loopback_finds_two_agents_and_sees_one_leave(start_agent) ->
                 await browser.async_cancel()
             if zc is not None:
                 await zc.async_close()
+
+    asyncio.run(scenario())
+
+
+class _NameAnswerer:
+    """Another host's mDNS stack on 127.0.0.1:5353 (shared, like every stack here) that answers
+    every one-shot query for `name` by unicast to the asker's port, from port 5353 (a
+    responder, RFC 6762 6.7) or, with `from_5353=False`, from a port of its own (not a
+    responder: RFC 6762 6 says such a response is ignored)."""
+
+    def __init__(self, name: str, from_5353: bool) -> None:
+        self.name, self.answered = name, 0
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.listener.bind(("", 5353))
+        self.listener.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                                 socket.inet_aton("224.0.0.251") + socket.inet_aton("127.0.0.1"))
+        self.listener.setblocking(False)
+        self.sender = self.listener
+        if not from_5353:
+            self.sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sender.bind(("127.0.0.1", 0))
+
+    def answer(self, data: bytes, source: tuple[str, int]) -> None:
+        query = DNSIncoming(data)
+        if source[1] == 5353 or query.is_response() or not any(
+                q.name.lower() == self.name.lower() for q in query.questions):
+            return  # only one-shot queries (from a port other than 5353) for our name
+        response = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA, multicast=False, id_=query.id)
+        response.add_answer_at_time(DNSService(self.name, _TYPE_SRV, _CLASS_IN, 120, 0, 0, 7379,
+                                               "elsewhere.local."), 0)
+        self.sender.sendto(response.packets()[0], source)
+        self.answered += 1
+
+    def close(self) -> None:
+        self.listener.close()
+        self.sender.close()
+
+
+@pytest.mark.parametrize("from_5353", [True, False], ids=["from-5353", "from-another-port"])
+def test_only_answers_from_port_5353_count_as_a_name_clash(from_5353: bool) -> None:
+    """An answer to the one-shot name check counts only when it comes from port 5353: a
+    process answering from another port (anyone on the LAN can) cannot keep an agent from
+    starting. The same answer from 5353 is a clash, so the answer itself is a valid one."""
+    async def scenario() -> None:
+        node = f"t{os.getpid()}-port{int(from_5353)}"
+        announcer = Announcer(Announcement(node, 7379, ()), ["127.0.0.1"])
+        answerer = _NameAnswerer(announcer.build_info().name, from_5353)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(answerer.listener, lambda: answerer.answer(
+            *answerer.listener.recvfrom(9000)))
+        try:
+            if from_5353:
+                with pytest.raises(ConfigError, match="already announced"):
+                    await asyncio.wait_for(announcer.start(), WAIT)
+            else:
+                await asyncio.wait_for(announcer.start(), WAIT)
+                assert announcer.running
+            assert answerer.answered > 0  # the check asked, and got the answer
+        finally:
+            loop.remove_reader(answerer.listener)
+            answerer.close()
+            await announcer.stop()
 
     asyncio.run(scenario())
