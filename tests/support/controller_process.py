@@ -16,7 +16,8 @@ from tests.support.pki import TestPki
 
 class ControllerProcess(DaemonProcess):
     """With `pki`: HTTPS for the web and API, mutual TLS to agents; without: --dev. It binds
-    any free port; its log and state dir are in a fresh controller-* dir under `log_dir`."""
+    any free port; its log and state dir are in a fresh controller-* dir under `log_dir`. With
+    `netns` it runs inside that network namespace (`bind` one of its addresses)."""
 
     module = "controller"
     health_path = "/login"
@@ -24,13 +25,14 @@ class ControllerProcess(DaemonProcess):
     def __init__(self, secret_file: Path, log_dir: Path, pam_service: str,
                  extra_args: Sequence[str] = (), bind: str = "127.0.0.1",
                  mdns_interfaces: Sequence[str] = ("127.0.0.1",),
-                 pki: TestPki | None = None, port: int = 0, home: Path | None = None) -> None:
+                 pki: TestPki | None = None, port: int = 0, home: Path | None = None,
+                 netns: str | None = None) -> None:
         self.pki = pki
         if home is None:  # its log and state dir
             home = Path(tempfile.mkdtemp(prefix="controller-", dir=log_dir))
         self._arguments = dict(secret_file=secret_file, log_dir=log_dir, pam_service=pam_service,
                                extra_args=extra_args, bind=bind,
-                               mdns_interfaces=mdns_interfaces, pki=pki, home=home)
+                               mdns_interfaces=mdns_interfaces, pki=pki, home=home, netns=netns)
         args = ["--bind", bind, "--port", str(port), "--secret-file", str(secret_file),
                 "--state-dir", str(home / "state"),
                 "--pam-service", pam_service, "--log-level", "debug", "--health-interval", "0.5",
@@ -39,7 +41,7 @@ class ControllerProcess(DaemonProcess):
                 *extra_args]
         context = server_trust_context(str(pki.ca_file)) if pki is not None else None
         super().__init__(args, home / "controller.log", bind, home / "state",
-                         ssl_context=context)
+                         netns=netns, ssl_context=context)
 
     def restarted(self) -> ControllerProcess:
         """A new process with everything this one had: state dir, port, options (for restarts
