@@ -17,6 +17,7 @@ from tests.support.controller_process import ControllerProcess
 from tests.support.daemon import stop_all
 from tests.support.names import unique_node_name
 from tests.support.pki import TestPki
+from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 from tests.support.run import RunNames, sweep_leftovers, this_run
 from tests.support.users import UnixUser, create_user, remove_user, require_root
 
