@@ -30,10 +30,10 @@ from marco.client import AgentClient
 from marco.errors import MarcoError
 from marco.tls import ClientTls
 from marco.tokens import SERVICE_MAX_AGE, SERVICE_SALT, TokenSigner, load_secret
-from tests.agent.test_runners import FAKE_HELLO, in_child, pool_of, start_task, until
 from tests.support.agent_process import AgentProcess
 from tests.support.ansiballz_payloads import PIPELINED, module_payload
 from tests.support.pki import TestPki
+from tests.support.runner_harness import FAKE_HELLO, in_child, pool_of, start_task, until
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
