@@ -25,6 +25,7 @@ from .app import make_app
 from .config import DEFAULT_CONFIG_FILE, AgentConfig, agent_options
 from .context import AgentContext
 from .executions import use_pidfd_child_watcher
+from .register import Registrar, check_register_settings
 
 log = logging.getLogger("marco.agent")
 EXPIRE_INTERVAL = 60.0
@@ -88,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 require_loopback(address, "--dev (announcing on --mdns-interface)")
         else:
             tls.context()  # refuse to start with missing or broken TLS files
+        if config.controller:
+            check_register_settings(config)
     except ConfigError as error:
         print(f"marco-agent: {error.message}", file=sys.stderr)
         return 2
@@ -144,6 +147,8 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
         else:
             log.warning("not announcing: --bind %s is a wildcard and no --mdns-interface is set",
                         config.bind)
+    # Registration with a controller mDNS does not reach; announcing stays as configured.
+    registrar = Registrar(config, server.port) if config.controller else None
     stop = stop_event_on_signals()
     if announcer is not None:
         announcer.on_conflict = stop.set  # yielding our name: stop as on SIGTERM, then fail
@@ -154,6 +159,8 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
         if announcer is not None:
             await announcer.start()
             log.info("announced %s on %s", config.node_name, ", ".join(interfaces))
+        if registrar is not None:
+            registrar.start()
         await stop.wait()
         log.info("stopping")
         ctx.executions.closing = True  # no new executions from kept-alive connections
@@ -166,6 +173,8 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
         server.stop()  # running executions get their answers below
         if announcer is not None:
             await announcer.stop()
+        if registrar is not None:
+            await registrar.stop()
         listening.remove(config.state_path)
         await ctx.executions.shutdown()
         await close_server(server)

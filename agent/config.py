@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from marco.errors import ConfigError
 from marco.protocol import DEFAULT_PORT
 from marco.serving import ConnectionLimits, connection_limit_options, port_option
 from marco.settings import Option, default_state_dir
@@ -120,6 +121,23 @@ def agent_options() -> list[Option]:
                "the helper is killed and the request fails (500); must exceed an upload's "
                "fsync and rename on the slowest disk", kind=float),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
+        *register_options(),
+    ]
+
+
+def register_options() -> list[Option]:
+    """Registering with a controller mDNS does not reach (issue 15, agent/register.py)."""
+    return [
+        Option("controller", "", "a controller's URL (https://HOST:PORT) to register with over "
+               "TLS, proved by this node's certificate, for networks mDNS does not reach "
+               "(announcing stays as --announce says)", metavar="URL"),
+        Option("register_every", 10.0, "seconds between two renewals of the registration "
+               "(at most half the controller's registration_ttl)", kind=float),
+        Option("register_retry_max", 60.0, "longest wait between two tries while the "
+               "controller is unreachable (the wait doubles from 1 s)", kind=float),
+        Option("register_address", "", "address the controller reaches this agent at "
+               "(default: the address the controller sees the registration come from)",
+               metavar="ADDR"),
     ]
 
 
@@ -174,6 +192,10 @@ class AgentConfig:
     helper_python: str
     file_helper_seconds: float
     log_level: str
+    controller: str
+    register_every: float
+    register_retry_max: float
+    register_address: str
 
     @property
     def state_path(self) -> Path:
@@ -181,6 +203,9 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         self.connection_limits()  # refuse bad limits at start-up (ConfigError)
+        for key in ("register_every", "register_retry_max"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
 
     def connection_limits(self) -> ConnectionLimits:
         return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address,

@@ -49,9 +49,15 @@ def controller_options() -> list[Option]:
         Option("login_lockout", 300, "lockout window in seconds", kind=int),
         *connection_limit_options(),
         *page_socket_options(),
+        *registration_options(),
         *runs_options(),
+        *shared_options(),
         Option("state_dir", default_state_dir("marco-controller"), "where revocations and "
                "runs (runs.sqlite3) are kept", metavar="DIR"),
+        Option("database", "", "where runs are kept: a postgresql:// URL (libpq's: sslmode, "
+               "passfile, ... are its parameters; controllers may share it), or a SQLite file "
+               "(a path, relative to state_dir, or sqlite:///PATH); empty: "
+               "STATE_DIR/runs.sqlite3", metavar="URL"),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
     ]
 
@@ -69,6 +75,32 @@ def page_socket_options() -> list[Option]:
                "once", kind=int),
         Option("page_status_flush", 0.25, "seconds between two batches of node statuses to a "
                "page (the newest status of each node)", kind=float),
+    ]
+
+
+def registration_options() -> list[Option]:
+    """Agents beyond one LAN registering themselves (issue 15, controller/registration.py)."""
+    return [
+        Option("registration", True, "accept agents that register themselves (marco-agent "
+               "--controller URL) with their node certificate, where mDNS does not reach",
+               flag=True),
+        Option("registration_ttl", 30.0, "seconds a registration lasts unless the agent renews "
+               "it; then the node leaves the inventory", kind=float),
+        Option("registration_max", 2000, "registrations held at once (more: 503, the agent "
+               "tries again later)", kind=int),
+    ]
+
+
+def shared_options() -> list[Option]:
+    """Controllers sharing one PostgreSQL database (issue 15, controller/shared_state.py)."""
+    return [
+        Option("shared_poll", 2.0, "with a PostgreSQL database: seconds between two reads of "
+               "what other controllers wrote (revocations; without shared_listen, run changes "
+               "too)", kind=float),
+        Option("shared_listen", True, "with a PostgreSQL database: LISTEN for other "
+               "controllers' revocations and run changes and act on them at once", flag=True),
+        Option("shared_timeout", 10.0, "with a PostgreSQL database: seconds one exchange of "
+               "revocations, failed logins or run changes with it may take", kind=float),
     ]
 
 
@@ -201,11 +233,24 @@ class ControllerConfig:
     runs_search_seconds: float
     runs_search_at_once: int
     state_dir: str
+    database: str
     log_level: str
+    shared_poll: float
+    shared_listen: bool
+    shared_timeout: float
+    registration: bool
+    registration_ttl: float
+    registration_max: int
 
     def __post_init__(self) -> None:
         self.connection_limits()  # refuse bad limits at start-up (ConfigError)
         self.check_runs_limits()
+        for key in ("shared_poll", "shared_timeout"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
+        for key in ("registration_ttl", "registration_max"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
 
     def check_runs_limits(self) -> None:
         """Every runs bound must be positive: a zero would prune everything or refuse every run."""

@@ -1,7 +1,7 @@
 """The nodes the controller knows: `Node` (name, address, port, TXT fields, first and last
 seen, alive) and `NodeRegistry`, which holds them by name and tells listeners of each change.
-Discovery (marco.discovery), the health monitor (marco.health) and static nodes from the
-config feed it.
+Discovery (marco.discovery), the health monitor (marco.health), static nodes from the
+config and agents registered with the controller (controller.registration) feed it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Node:
     host: str
     port: int
     txt: dict[str, str] = field(default_factory=dict)
-    source: str = "mdns"            # mdns | static
+    source: str = "mdns"            # mdns | static | registered
     service: str | None = None      # the mDNS service name, for goodbyes
     first_seen: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
@@ -56,6 +56,14 @@ def parse_static_node(spec: str) -> Node:
     if not host or not 0 < port < 65536:
         raise ConfigError(f"static node {spec!r}: expected HOST:PORT or NAME=HOST:PORT")
     return Node(name=name or host, host=host, port=port, source="static")
+
+
+_HELD_BY = {"static": "the config", "registered": "a registered agent"}
+
+
+def _holder(node: Node) -> str | None:
+    """Who holds a name: an mDNS service name, or "registered" (a certificate proved it)."""
+    return node.service if node.source == "mdns" else node.source
 
 
 class NodeRegistry:
@@ -92,10 +100,11 @@ class NodeRegistry:
         new name drops its old one.
         """
         known = self._nodes.get(node.name)
-        if known is not None and node.source == "mdns" and (
-                known.source == "static" or (known.service != node.service and known.alive)):
+        if known is not None and node.source != "static" and (
+                known.source == "static" or (_holder(known) != _holder(node) and known.alive)):
             log.warning("ignoring %s: it announces the node name %r, which %s already has",
-                        node.service, node.name, known.service or "the config")
+                        node.service or f"{node.host}:{node.port} ({node.source})", node.name,
+                        known.service or _HELD_BY.get(known.source, known.source))
             return known
         if node.service:
             for other in [n for n in self._nodes.values()
@@ -111,6 +120,8 @@ class NodeRegistry:
             return node
         changed = (known.host, known.port, known.txt, known.alive) != (
             node.host, node.port, node.txt or known.txt, True)
+        if node.source != known.source:  # a down node's name taken by the other way in
+            known.source, known.service = node.source, node.service
         known.host, known.port, known.service = node.host, node.port, node.service or known.service
         known.txt = node.txt or known.txt
         known.last_seen, known.alive, known.error = time.time(), True, None
@@ -128,7 +139,7 @@ class NodeRegistry:
         node.alive, node.error = alive, error
         if alive:
             node.last_seen = time.time()
-            if details and node.source == "static":  # no TXT record: take the same facts
+            if details and node.source != "mdns":  # no TXT record: take the same facts
                 node.txt = {**node.txt, **{key: str(details[key]) for key in STATIC_FACTS
                                            if key in details}}
         if was != alive:
@@ -140,6 +151,17 @@ class NodeRegistry:
         """The nodes discovered under an mDNS service name."""
         return [node for node in self._nodes.values()
                 if node.service == service and node.source == "mdns"]
+
+    def remove(self, name: str, source: str) -> bool:
+        """Forget the node `name` if `source` holds it (a registration ended); whether it did."""
+        node = self._nodes.get(name)
+        if node is None or node.source != source:
+            return False
+        del self._nodes[name]
+        node.alive = False
+        log.info("node %s left (%s)", name, source)
+        self._changed(node)
+        return True
 
     def remove_service(self, service: str) -> None:
         """An agent said goodbye: forget it (static nodes stay)."""
