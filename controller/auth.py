@@ -11,7 +11,9 @@ import logging
 import pwd
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
 
 import pam
 
@@ -32,6 +34,20 @@ def check_pam_service(service: str) -> str:
         raise ConfigError(f"PAM service {service!r} lets root in without a password check; "
                           "use 'login' or a service of your own")
     return service
+
+
+class LoginLimiter(Protocol):
+    """What the login needs of a limiter: this process's `LoginRateLimiter`, or one whose
+    counts live in the database and so count across controllers (controller/shared_state.py)."""
+
+    async def reserve(self, keys: Sequence[str]) -> Any:
+        """Reserve an attempt for each key (its ticket), or raise TooManyAttempts."""
+
+    async def release(self, ticket: Any, failed: bool) -> None:
+        """Close the reserved attempts: record them as failures, or forget them."""
+
+    async def forgive(self, user_key: str) -> None:
+        """A right password: the key's failures are forgotten."""
 
 
 class LoginRateLimiter:
@@ -97,11 +113,21 @@ class LoginRateLimiter:
     def __len__(self) -> int:
         return len(self._failures)
 
+    async def reserve(self, keys: Sequence[str]) -> tuple[str, ...]:
+        self.begin(*keys)
+        return tuple(keys)
+
+    async def release(self, ticket: tuple[str, ...], failed: bool) -> None:
+        self.end(*ticket, failed=failed)
+
+    async def forgive(self, user_key: str) -> None:
+        self.succeeded(user_key)
+
 
 class PamAuthenticator:
     """Checks a user's password with PAM in worker threads, one PAM handle per attempt."""
 
-    def __init__(self, service: str, limiter: LoginRateLimiter,
+    def __init__(self, service: str, limiter: LoginLimiter,
                  shells: LoginShells | None = None, workers: int = 4) -> None:
         self.service = check_pam_service(service)
         self.limiter = limiter
@@ -119,7 +145,7 @@ class PamAuthenticator:
                 or "\0" in username + password:
             raise AuthenticationError("user name and password are required")
         keys = (f"user:{username}", f"addr:{client}")
-        self.limiter.begin(*keys)
+        ticket = await self.limiter.reserve(keys)
         ok = False
         try:
             ok, reason = await asyncio.get_running_loop().run_in_executor(
@@ -129,11 +155,11 @@ class PamAuthenticator:
                 # that the password of this (closed) account is right.
                 ok, reason = False, "the account has no login shell (see login_shells)"
         finally:
-            self.limiter.end(*keys, failed=not ok)
+            await self.limiter.release(ticket, failed=not ok)
         if not ok:
             log.warning("failed login for %r from %s: %s", username, client, reason)
             raise AuthenticationError("wrong user name or password")
-        self.limiter.succeeded(keys[0])
+        await self.limiter.forgive(keys[0])
         log.info("login: %s from %s", username, client)
         return username
 

@@ -7,6 +7,10 @@ alive, they are pushed again. The CRL file is watched, so `marco-controller revo
 beside a running controller reaches every agent within seconds. Pushes are authenticated by
 a short-lived service token (its own salt, so no user token can pass for one) over the
 controller's mutual TLS.
+
+Controllers sharing a database (controller/shared_state.py) write each revocation there too;
+what another controller wrote reaches this one's memory (its pages and API refuse those tokens)
+and is pushed from here as well, to every node this controller sees.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from marco.tls import file_stamps
 from marco.tokens import TokenSigner
 
 from .connector import AgentConnector
+from .shared_state import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +41,9 @@ class RevocationPusher:
     def __init__(self, revocations: Revocations, registry: NodeRegistry,
                  service_signer: TokenSigner, connector: AgentConnector,
                  crl_file: Path | None = None, denied: DeniedTokens | None = None,
-                 signer: TokenSigner | None = None) -> None:
+                 signer: TokenSigner | None = None, shared: SharedState | None = None) -> None:
         self.connector = connector
+        self.shared = shared  # None: this controller's own files only
         self.denied, self.signer = denied, signer
         self.crl_file = crl_file
         self._crl_mtime = self._crl_stamp()
@@ -49,8 +55,17 @@ class RevocationPusher:
         self._listeners: list[Callable[[], None]] = []
 
     def watch(self) -> None:
-        """Push the table to each node that turns alive (it may have missed a revocation)."""
+        """Push the table to each node that turns alive (it may have missed a revocation);
+        follow what other controllers on the same database revoke."""
         self.registry.on_change(self._node_changed)
+        if self.shared is not None:
+            self.shared.follow(self)
+
+    def reloaded(self, revocations: dict[str, float], denied: dict[str, float]) -> None:
+        """Another controller revoked these: refuse them here now, push them to the nodes."""
+        self._revoked()
+        for node in self.registry.alive():
+            self._spawn(self._push(node, revocations, denied))
 
     def _node_changed(self, node: Node) -> None:
         tokens = self.denied.table() if self.denied is not None else {}
@@ -113,10 +128,12 @@ class RevocationPusher:
         """Void one token (a plain logout) here and, once pushed, on every live node."""
         assert self.denied is not None and self.signer is not None
         until = self.signer.expires_at(token)
-        self.denied.update({token_digest(token): until})
-        self._revoked()
-        nodes = self.registry.alive()
         table = {token_digest(token): until}
+        self.denied.update(table)
+        self._revoked()
+        if self.shared is not None:
+            await self.shared.share({}, table)
+        nodes = self.registry.alive()
         results = await asyncio.gather(*(self._push(node, {}, table) for node in nodes))
         return {"nodes": {n.name: r for n, r in zip(nodes, results, strict=True)}}
 
@@ -131,6 +148,8 @@ class RevocationPusher:
         cutoff = float(math.floor(time.time()) + 1)
         self.revocations.update({user: cutoff})
         self._revoked()
+        if self.shared is not None:
+            await self.shared.share({user: cutoff}, {})
         nodes = self.registry.alive()
         results = await asyncio.gather(*(self._push(node, {user: cutoff}) for node in nodes))
         log.info("%s logged out everywhere (tokens before %s refused)", user, cutoff)

@@ -4,12 +4,16 @@ A long poll: an open run page asks for the events after the last one it has and 
 answers as soon as a batch arrives or the run ends, so a task's result reaches its cell as it
 happens rather than at the page's next poll. Each user holds at most `max_per_user` waiting
 requests; beyond that a request answers at once, as without `wait`.
+
+Two controllers on one database (controller/shared_state.py): a change made here is also
+published (`on_change`), and a change another controller published wakes the waits here
+(`wake`), so a run page on one follows a run recorded through the other.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .user_slots import UserSlots
@@ -42,6 +46,11 @@ class RunSignals:
     def __init__(self, max_per_user: int) -> None:
         self.slots = UserSlots(max_per_user)
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}
+        self._publish: Callable[[str], None] | None = None
+
+    def on_change(self, publish: Callable[[str], None]) -> None:
+        """Tell `publish` of every change made here (the other controllers wake on it)."""
+        self._publish = publish
 
     @contextmanager
     def waiter(self, owner: str, run_id: str) -> Iterator[Waiter]:
@@ -63,12 +72,24 @@ class RunSignals:
                         del self._waiting[run_id]
 
     def changed(self, run_id: str) -> None:
-        """The run has new events or has ended: wake everyone waiting for it."""
+        """The run has new events or has ended here: wake everyone waiting for it, here and
+        (published) on the other controllers."""
+        self.wake(run_id)
+        if self._publish is not None:
+            self._publish(run_id)
+
+    def wake(self, run_id: str) -> None:
+        """Wake the requests waiting here for the run (it changed, here or elsewhere)."""
         for future in self._waiting.pop(run_id, ()):
             if not future.done():
                 future.set_result(None)
 
+    def wake_all(self) -> None:
+        """Every waiting request answers now (the controller stops, or changes published
+        elsewhere may have been missed): each reads the store again."""
+        for run_id in list(self._waiting):
+            self.wake(run_id)
+
     def close(self) -> None:
         """The controller stops: every waiting request answers now."""
-        for run_id in list(self._waiting):
-            self.changed(run_id)
+        self.wake_all()

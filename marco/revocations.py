@@ -20,13 +20,16 @@ from .errors import BadRequest
 
 
 class Revocations:
-    """username -> epoch seconds before which that user's tokens are void."""
+    """username -> epoch seconds before which that user's tokens are void; kept in `path`, or
+    in memory only (`path` None: a controller whose database keeps them)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
         self._table: dict[str, float] = {}
 
     def load(self) -> None:
+        if self.path is None:
+            return
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -73,13 +76,16 @@ def token_digest(token: str) -> str:
 
 class DeniedTokens:
     """Single tokens voided by a plain logout: SHA-256 digest -> when the token would have
-    expired anyway (entries are dropped after that, so the list stays small)."""
+    expired anyway (entries are dropped after that, so the list stays small); kept in `path`,
+    or in memory only (`path` None)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
         self._table: dict[str, float] = {}
 
     def load(self) -> None:
+        if self.path is None:
+            return
         try:
             self._table = self._checked(json.loads(self.path.read_text()))
         except FileNotFoundError:
@@ -116,6 +122,8 @@ class DeniedTokens:
         return {d: float(u) for d, u in table.items()}
 
 
-def _save_json(path: Path, data: Any) -> None:
+def _save_json(path: Path | None, data: Any) -> None:
+    if path is None:
+        return
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_atomic(path, json.dumps(data).encode(), 0o600)

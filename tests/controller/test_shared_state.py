@@ -1,0 +1,233 @@
+"""controller/shared_state.py on a real PostgreSQL server: two `PostgresState`s on one
+database stand for two controllers (each with its own connections, as two processes have)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from controller.run_signals import RunSignals
+from controller.shared_state import LocalState, PostgresState, SharedLimits, shared_state
+from marco.errors import TooManyAttempts
+from marco.revocations import token_digest
+
+DIGEST = token_digest("a token of alice")
+pytestmark = pytest.mark.timeout(60)
+
+
+def limits(**changes: Any) -> SharedLimits:
+    values: dict[str, Any] = dict(poll=0.2, listen=True, timeout=5.0, max_failures=3,
+                                  window=60.0)
+    values.update(changes)
+    return SharedLimits(**values)
+
+
+class Heard:
+    """A SharedListener that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.revocations: dict[str, float] = {}
+        self.denied: dict[str, float] = {}
+
+    def reloaded(self, revocations: dict[str, float], denied: dict[str, float]) -> None:
+        self.revocations.update(revocations)
+        self.denied.update(denied)
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
+    """Wait (without blocking the loop) until `predicate()` holds, or fail saying `what`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def two_controllers(url: str, test: Callable[[PostgresState, PostgresState, Heard],
+                                             Awaitable[None]], **changes: Any) -> None:
+    """Run `test(a, b, what b heard)` with two shared states on `url`, both following."""
+
+    async def main() -> None:
+        a, b = PostgresState(url, limits(**changes)), PostgresState(url, limits(**changes))
+        heard = Heard()
+        for state in (a, b):
+            state.open()
+        a.follow(Heard())
+        b.follow(heard)
+        try:
+            await test(a, b, heard)
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("listen", [True, False], ids=["listen", "poll"])
+def test_a_logout_everywhere_on_one_reaches_the_other(postgres_url: str, listen: bool) -> None:
+    async def test(a: PostgresState, b: PostgresState, heard: Heard) -> None:
+        a.revocations.update({"alice": 1000.0})
+        await a.share({"alice": 1000.0}, {})
+        await until(lambda: b.revocations.not_before("alice") == 1000.0, "b to read it")
+        assert heard.revocations == {"alice": 1000.0}  # pushed to b's nodes, pages checked
+
+    two_controllers(postgres_url, test, listen=listen)
+
+
+def test_a_plain_logout_on_one_voids_the_token_on_the_other(postgres_url: str) -> None:
+    async def test(a: PostgresState, b: PostgresState, heard: Heard) -> None:
+        until_ = time.time() + 600
+        a.denied.update({DIGEST: until_})
+        await a.share({}, {DIGEST: until_})
+        await until(lambda: b.denied.denied("a token of alice"), "b to deny it")
+        assert heard.denied == {DIGEST: until_}
+
+    two_controllers(postgres_url, test, listen=True, poll=30.0)  # the notification, not a poll
+
+
+def test_a_controller_started_later_reads_what_was_written(postgres_url: str) -> None:
+    async def test(a: PostgresState, b: PostgresState, heard: Heard) -> None:
+        await a.share({"bob": 2000.0}, {DIGEST: time.time() + 600})
+        late = PostgresState(postgres_url, limits())
+        await asyncio.to_thread(late.open)  # a controller's start-up blocks no one's loop
+        assert late.revocations.not_before("bob") == 2000.0
+        assert late.denied.denied("a token of alice")
+
+    two_controllers(postgres_url, test)
+
+
+def test_an_earlier_time_never_replaces_a_later_one(postgres_url: str) -> None:
+    async def test(a: PostgresState, b: PostgresState, heard: Heard) -> None:
+        await a.share({"alice": 3000.0}, {})
+        await b.share({"alice": 2000.0}, {})
+        await until(lambda: b.revocations.not_before("alice") == 3000.0, "b to take the later")
+        late = PostgresState(postgres_url, limits())
+        await asyncio.to_thread(late.open)
+        assert late.revocations.not_before("alice") == 3000.0
+
+    two_controllers(postgres_url, test)
+
+
+def test_malformed_rows_are_ignored_the_others_still_read(postgres_url: str) -> None:
+    """Anyone with the database's password can write rows: each is checked before use."""
+    async def test(a: PostgresState, b: PostgresState, heard: Heard) -> None:
+        with psycopg.connect(postgres_url, autocommit=True) as connection:
+            connection.execute("INSERT INTO marco_revocations VALUES "
+                               "('', 5, nextval('marco_shared_seq')), "
+                               "('mallory', 'NaN', nextval('marco_shared_seq'))")
+            connection.execute("INSERT INTO marco_denied_tokens VALUES "
+                               "('not-a-digest', %s, nextval('marco_shared_seq'))",
+                               (time.time() + 600,))
+        await a.share({"alice": 1000.0}, {})
+        await until(lambda: b.revocations.not_before("alice") == 1000.0, "b to read alice")
+        assert b.revocations.table() == {"alice": 1000.0}
+        assert b.denied.table() == {}
+
+    two_controllers(postgres_url, test)
+
+
+def test_failed_logins_on_one_lock_the_user_out_on_both(postgres_url: str) -> None:
+    async def test(a: PostgresState, b: PostgresState, heard: Heard) -> None:
+        keys = ("user:alice", "addr:10.0.0.1")
+        for limiter in (a.limiter, b.limiter, a.limiter):  # 3 = max_failures, on both
+            ticket = await limiter.reserve(keys)
+            await limiter.release(ticket, failed=True)
+        with pytest.raises(TooManyAttempts):
+            await b.limiter.reserve(("user:alice", "addr:10.0.0.2"))
+        with pytest.raises(TooManyAttempts):
+            await a.limiter.reserve(("user:bob", "addr:10.0.0.1"))
+        ticket = await b.limiter.reserve(("user:bob", "addr:10.0.0.2"))  # other keys: free
+        await b.limiter.release(ticket, failed=False)
+
+    two_controllers(postgres_url, test)
+
+
+def test_attempts_still_at_pam_count_on_the_other_controller(postgres_url: str) -> None:
+    """A burst of parallel guesses spread over both controllers cannot pass the limit."""
+    async def test(a: PostgresState, b: PostgresState, heard: Heard) -> None:
+        keys = ("user:alice", "addr:10.0.0.1")
+        tickets = [await limiter.reserve(keys) for limiter in (a.limiter, b.limiter, a.limiter)]
+        with pytest.raises(TooManyAttempts):
+            await b.limiter.reserve(keys)
+        for ticket in tickets:  # all three were right: nothing stays counted
+            await a.limiter.release(ticket, failed=False)
+        await b.limiter.release(await b.limiter.reserve(keys), failed=False)
+
+    two_controllers(postgres_url, test)
+
+
+def test_a_right_password_forgives_the_users_failures_everywhere(postgres_url: str) -> None:
+    async def test(a: PostgresState, b: PostgresState, heard: Heard) -> None:
+        for _ in range(2):
+            await a.limiter.release(await a.limiter.reserve(("user:alice",)), failed=True)
+        await b.limiter.forgive("user:alice")
+        for _ in range(3):
+            await a.limiter.release(await a.limiter.reserve(("user:alice",)), failed=True)
+        with pytest.raises(TooManyAttempts):
+            await b.limiter.reserve(("user:alice",))
+
+    two_controllers(postgres_url, test)
+
+
+def test_failures_older_than_the_window_no_longer_count(postgres_url: str) -> None:
+    async def test(a: PostgresState, b: PostgresState, heard: Heard) -> None:
+        await a.limiter.release(await a.limiter.reserve(("user:alice",)), failed=True)
+        with pytest.raises(TooManyAttempts):
+            await b.limiter.reserve(("user:alice",))
+        with psycopg.connect(postgres_url, autocommit=True) as connection:  # a window ago
+            connection.execute("UPDATE marco_login_attempts SET at = at - 61")
+        await b.limiter.release(await b.limiter.reserve(("user:alice",)), failed=False)
+        await a.limiter.sweep()
+        with psycopg.connect(postgres_url, autocommit=True) as connection:
+            left = connection.execute("SELECT count(*) FROM marco_login_attempts").fetchone()
+        assert left == (0,)
+
+    two_controllers(postgres_url, test, max_failures=1)
+
+
+@pytest.mark.parametrize("listen", [True, False], ids=["listen", "poll"])
+def test_a_run_changed_on_one_wakes_its_followers_on_the_other(postgres_url: str,
+                                                                listen: bool) -> None:
+    async def test(a: PostgresState, b: PostgresState, heard: Heard) -> None:
+        here, there = RunSignals(4), RunSignals(4)
+        a.attach_runs(here)
+        b.attach_runs(there)
+        # Listening first: b wakes every wait once when its LISTEN connection comes up.
+        await until(lambda: not listen or b.listening, "b to listen")
+        with there.waiter("alice", "run-1") as waiter:
+            here.changed("run-1")
+            await asyncio.wait_for(waiter.wait(60), 10)  # returns early only when woken
+            assert "run-1" not in there._waiting
+
+    # Listening: no poll within the test's time, so only the notification can wake it.
+    two_controllers(postgres_url, test, listen=listen, poll=60.0 if listen else 0.5)
+
+
+def test_a_database_that_does_not_answer_gets_the_revocation_later(
+        postgres_url: str) -> None:
+    """A logout while the connection is broken is kept and written once it works again."""
+    async def test(a: PostgresState, b: PostgresState, heard: Heard) -> None:
+        real = a.db.url
+        a.db.url = real.replace("/marco_", "/missing_")  # connecting fails from now on
+        await a.db.drop()
+        await a.share({"alice": 1000.0}, {})  # logged, kept
+        assert a._unsaved[0] == {"alice": 1000.0}
+        a.db.url = real
+        await until(lambda: b.revocations.not_before("alice") == 1000.0, "b to read it")
+
+    two_controllers(postgres_url, test)
+
+
+def test_sqlite_selects_the_local_state(tmp_path: Path) -> None:
+    local = shared_state(f"sqlite:///{tmp_path}/runs.sqlite3", tmp_path, limits())
+    assert isinstance(local, LocalState)
+    local.revocations.update({"alice": 1000.0})
+    again = shared_state("", tmp_path, limits())
+    again.open()
+    assert again.revocations.not_before("alice") == 1000.0
