@@ -178,6 +178,10 @@ async def browse_once(interfaces: Sequence[str], wait: float = 2.0,
     finally:
         await browser.stop()
     if check_health:
-        await HealthMonitor(registry, wait, tls=tls).check_all()
+        monitor = HealthMonitor(registry, wait, tls=tls)
+        try:
+            await monitor.check_all()
+        finally:
+            monitor.stop()  # its kept connections
         return registry.all()  # each with `alive` and, when refused, `error`
     return registry.alive()

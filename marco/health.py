@@ -1,6 +1,12 @@
 """Health checks: `HealthMonitor` probes every known node's `/v1/health`. An agent that died
 without a goodbye (SIGKILL, cable) is marked down and leaves the inventory; it comes back when a
 probe or a new announcement succeeds. Static nodes from the config are probed the same way.
+
+Each node's checks go over one kept HTTP/1.1 connection (`HealthConnection`), so a check costs
+a request, not a mutual-TLS handshake (about 2 ms of the controller's CPU each, most of its
+idle cost at 100 nodes). Every check still carries a fresh challenge. A kept connection is
+replaced when it is older than `connection_max_age`, when the node's address changes, and when
+the TLS files change (a new CRL: the agent's certificate is checked against it again).
 """
 
 from __future__ import annotations
@@ -8,19 +14,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from marco.client import AsyncAgentClient
-from marco.errors import CertificateRefused, MarcoError
+from marco.agent_api import AgentRequests, Request, describe, parse_answer
+from marco.errors import AgentUnreachable, CertificateRefused, MarcoError, ProtocolError
 from marco.nodes import Node, NodeRegistry
-from marco.tls import ClientTls
+from marco.tls import ClientTls, describe_tls_error
 from marco.tokens import verify_health_proof
 
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT = 2.0
+HEAD_LIMIT = 16 * 1024   # bytes of a health answer's status line and headers
+BODY_LIMIT = 64 * 1024   # bytes of a health answer's body (the facts are under 1 KiB)
 
 
 @dataclass(frozen=True)
@@ -34,17 +44,103 @@ class Probe:
     answered: bool = True
 
 
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer as `parse_answer` reads it."""
+
+    status: int
+    body: bytes
+    content_type: str | None
+
+
+class HealthConnection:
+    """One HTTP/1.1 connection to an agent, for health checks only: GETs without a body, one
+    at a time, answers with a Content-Length (as Tornado sends them). Opened on first use;
+    after any failure it is closed, never used again."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext | None) -> None:
+        self.host, self.port, self.context = host, port, context
+        self.opened = time.monotonic()
+        self.used = False  # has it carried an answer (then a failure may be its idle close)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    def fits(self, host: str, port: int, context: ssl.SSLContext | None, max_age: float) -> bool:
+        """Can it carry the next check: same address, same TLS context (same CRL), young
+        enough, still open, and of the running loop."""
+        return ((self.host, self.port, self.context) == (host, port, context)
+                and time.monotonic() - self.opened < max_age and not self.closed
+                and self._loop is asyncio.get_running_loop())
+
+    @property
+    def closed(self) -> bool:
+        """Closed, or closed by the agent while idle (its idle timeout, a restart)."""
+        return (self._writer is None or self._writer.is_closing()
+                or self._reader is None or self._reader.at_eof())
+
+    async def get(self, request: Request[Any]) -> Answer:
+        """Send `request` and read its answer (the caller bounds the time)."""
+        if self._writer is None:
+            self._loop = asyncio.get_running_loop()
+            self._reader, self._writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self.context, limit=HEAD_LIMIT)
+        assert self._reader is not None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        head = [f"{request.method} {request.path} HTTP/1.1", f"Host: {host}:{self.port}",
+                *(f"{name}: {value}" for name, value in request.headers.items()), "", ""]
+        self._writer.write("\r\n".join(head).encode("latin-1"))
+        try:
+            status_line, *lines = (await self._reader.readuntil(b"\r\n\r\n")).decode(
+                "latin-1").split("\r\n")
+        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
+            if isinstance(exc, asyncio.IncompleteReadError) and not exc.partial:
+                raise ConnectionResetError("the agent closed the connection") from None
+            raise ProtocolError("the agent's health answer has an oversized or cut head") \
+                from None
+        status, headers = self._parse_head(status_line, lines)
+        length = headers.get("content-length", "")
+        if not length.isdigit() or int(length) > BODY_LIMIT:
+            raise ProtocolError(f"the agent's health answer has a bad length {length[:20]!r}")
+        body = await self._reader.readexactly(int(length))
+        self.used = True
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return Answer(status, body, headers.get("content-type"))
+
+    @staticmethod
+    def _parse_head(status_line: str, lines: list[str]) -> tuple[int, dict[str, str]]:
+        version, _, rest = status_line.partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            raise ProtocolError(f"the agent answered {status_line[:80]!r}")
+        headers = {}
+        for line in lines:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        return int(code), headers
+
+    def close(self) -> None:
+        """Close at once (no TLS goodbye awaited); safe from another loop or after its loop
+        closed (a test's `asyncio.run` per check)."""
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None and self._loop is not None and not self._loop.is_closed():
+            writer.transport.abort()
+
+
 class HealthMonitor:
     """Probes every node's /v1/health each `interval` seconds, all nodes concurrently.
 
     With the cluster's secret keys, every probe carries a fresh challenge that only an agent
     holding the secret can answer: a machine posing as a node on the LAN fails it and is
-    never offered users' tokens.
+    never offered users' tokens. `connection_max_age`: seconds a node's checks share one
+    connection (0: a new connection for each check).
     """
 
     def __init__(self, registry: NodeRegistry, interval: float,
                  keys: Sequence[bytes] | None = None, tls: ClientTls | None = None,
-                 failures: int = 1) -> None:
+                 failures: int = 1, connection_max_age: float = 300.0) -> None:
         self.tls = tls
         self.registry = registry
         self.interval = interval
@@ -53,7 +149,11 @@ class HealthMonitor:
         # answer (a busy node, a lost packet) does not drop it from the inventory; a wrong
         # answer (certificate, secret proof, name) drops it at once.
         self.failures = max(1, failures)
+        self.connection_max_age = connection_max_age
         self._missed: dict[str, int] = {}
+        # One kept connection per node name, bounded by the registry's nodes (check_all
+        # closes those of forgotten nodes).
+        self._kept: dict[str, HealthConnection] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -68,16 +168,24 @@ class HealthMonitor:
         nodes = self.registry.all()
         self._missed = {name: count for name, count in self._missed.items()
                         if self.registry.get(name) is not None}  # forgotten nodes' counts go
+        for name in [name for name in self._kept if self.registry.get(name) is None]:
+            self._kept.pop(name).close()
         if nodes:
             await asyncio.gather(*(self.check(node) for node in nodes))
 
-    async def probe(self, node: Node) -> Probe:
-        """One node's health, the secret proof checked when keys are set."""
-        client = AsyncAgentClient(node.host, node.port, timeout=HEALTH_TIMEOUT, tls=self.tls,
-                                  node=node.name if self.tls is not None else None)
+    @property
+    def kept_connections(self) -> int:
+        """Connections kept open for the next checks (one per node at most)."""
+        return sum(not connection.closed for connection in self._kept.values())
+
+    async def probe(self, node: Node, keep: bool = False) -> Probe:
+        """One node's health, the secret proof checked when keys are set. `keep`: over the
+        node's kept connection (opened if need be, kept if the node proves itself); else over
+        a connection of its own, which shows the agent takes connections now."""
         nonce = secrets.token_hex(16) if self.keys else None
         try:
-            details = await client.health(nonce)
+            details = await self._ask(node, AgentRequests(None, HEALTH_TIMEOUT).health(nonce),
+                                      keep)
         except CertificateRefused as error:
             log.warning("refusing %s at %s:%d: %s", node.name, node.host, node.port,
                         error.message)
@@ -89,20 +197,74 @@ class HealthMonitor:
                                                          details.get("proof")):
             log.warning("%s:%d answers as node %s without proof of the cluster secret: ignored",
                         node.host, node.port, node.name)
+            self._forget(node.name)
             return Probe(False,
                          "failed the cluster-secret proof (not a Marco agent of this cluster?)")
         if node.source == "mdns" and reported != node.name:
             log.warning("%s announces node %s but its agent is %s: ignored", node.service,
                         node.name, reported)
+            self._forget(node.name)
             return Probe(False, f"the agent there is {reported!r}")
         return Probe(True, details=details)
 
+    async def _ask(self, node: Node, request: Request[dict[str, Any]],
+                   keep: bool) -> dict[str, Any]:
+        """`request` to the node within HEALTH_TIMEOUT, over its kept connection when `keep`
+        (one more try on a new connection if a kept one turns out closed: the request is a
+        GET, safe to send again)."""
+        name = node.name if self.tls is not None else node.host
+        what = describe(node.host, node.port, name)
+        context = self.tls.context_for(name) if self.tls is not None else None
+        connection = self._kept.pop(node.name, None) if keep else None
+        if connection is not None and not connection.fits(node.host, node.port, context,
+                                                          self.connection_max_age):
+            connection.close()
+            connection = None
+        connection = connection or HealthConnection(node.host, node.port, context)
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                try:
+                    answer = await connection.get(request)
+                except (OSError, EOFError) as exc:
+                    if not connection.used or isinstance(exc, ssl.SSLError):
+                        raise
+                    connection.close()  # the agent closed it while idle: a new one
+                    connection = HealthConnection(node.host, node.port, context)
+                    answer = await connection.get(request)
+        except BaseException as exc:
+            connection.close()
+            if isinstance(exc, (OSError, EOFError, TimeoutError)):
+                raise self._transport_error(exc, what) from None
+            raise
+        if keep and self.connection_max_age > 0 and not connection.closed:
+            self._kept[node.name] = connection
+        else:
+            connection.close()
+        return parse_answer(request, answer.status, answer.body, answer.content_type)
+
+    def _transport_error(self, exc: BaseException, what: str) -> AgentUnreachable:
+        """A failed connection as a typed error: TLS refusals say why (our own expired
+        certificate first), the rest is unreachable."""
+        refused = describe_tls_error(exc, what)
+        if refused is not None:
+            return (self.tls.expired() if self.tls is not None else None) or refused
+        if isinstance(exc, TimeoutError):
+            return AgentUnreachable(f"{what} timed out")
+        detail = getattr(exc, "strerror", None) or exc or type(exc).__name__
+        return AgentUnreachable(f"cannot reach {what}: {detail}")
+
+    def _forget(self, name: str) -> None:
+        connection = self._kept.pop(name, None)
+        if connection is not None:
+            connection.close()
+
     async def verify(self, node: Node) -> bool:
-        """For the browser: is this newly announced node a real agent of this cluster?"""
+        """For the browser: is this newly announced node a real agent of this cluster? Asked
+        over a new connection: a goodbye is checked by whether the agent still takes them."""
         return (await self.probe(node)).alive
 
     async def check(self, node: Node) -> None:
-        probe = await self.probe(node)
+        probe = await self.probe(node, keep=True)
         if probe.answered:
             self._missed.pop(node.name, None)
         else:
@@ -116,3 +278,6 @@ class HealthMonitor:
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        for connection in self._kept.values():
+            connection.close()
+        self._kept.clear()

@@ -1,26 +1,47 @@
 """The controller's health checks: an agent that does not answer is down only after
-`health_failures` checks in a row; a wrong answer downs it at the first check."""
+`health_failures` checks in a row; a wrong answer downs it at the first check. A node's checks
+share one kept connection, each with a fresh challenge; a new CRL ends it."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
 
 from marco.health import HealthMonitor
 from marco.nodes import NodeRegistry, parse_static_node
+from marco.tokens import load_secret
 from tests.support.agent_process import AgentProcess
 from tests.support.pki import TestPki
 
 
-def checked(monitor: HealthMonitor, registry: NodeRegistry, name: str, times: int) -> list[bool]:
-    """Whether the node is alive after each of `times` checks."""
-    seen = []
-    for _ in range(times):
-        node = registry.get(name)
-        assert node is not None
-        asyncio.run(monitor.check(node))
-        seen.append(node.alive)
-    return seen
+def checked(monitor: HealthMonitor, registry: NodeRegistry, name: str, times: int,
+            between: Callable[[int], None] | None = None) -> list[bool]:
+    """Whether the node is alive after each of `times` checks (one event loop, as in the
+    controller); `between(i)` runs before check i."""
+    async def checks() -> list[bool]:
+        seen = []
+        try:
+            for index in range(times):
+                if between is not None:
+                    between(index)
+                node = registry.get(name)
+                assert node is not None
+                await monitor.check(node)
+                seen.append(node.alive)
+        finally:
+            monitor.stop()
+        return seen
+    return asyncio.run(checks())
+
+
+def connections_to(port: int) -> set[int]:
+    """This process's open TCP connections to `port` on loopback, by local port."""
+    return {c.laddr.port for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}
 
 
 def test_a_silent_node_is_down_after_failures_checks_in_a_row() -> None:
@@ -53,3 +74,55 @@ def test_an_answer_resets_the_count_and_a_wrong_answer_downs_at_once(
     # The agent's certificate names `shared`, not `impostor`: refused, down at the first check.
     registry.set_health("impostor", True)
     assert checked(monitor, registry, "impostor", 1) == [False]
+
+
+def test_a_nodes_checks_share_one_connection_each_with_its_own_proof(
+        shared_agent: AgentProcess, pki: TestPki, secret_file: Path) -> None:
+    registry = NodeRegistry()
+    node = registry.upsert(parse_static_node(f"shared={shared_agent.host}:{shared_agent.port}"))
+    keys = load_secret(secret_file)
+
+    async def probes(max_age: float) -> tuple[list[set[int]], set[str]]:
+        monitor = HealthMonitor(registry, 1, keys=keys, tls=pki.client_tls(),
+                                connection_max_age=max_age)
+        before = connections_to(shared_agent.port)
+        used, proofs = [], set()
+        try:
+            for _ in range(5):
+                probe = await monitor.probe(node, keep=True)
+                assert probe.alive, probe.error
+                assert probe.details is not None
+                proofs.add(probe.details["proof"])
+                await asyncio.sleep(0)  # an aborted socket closes on the loop's next turn
+                used.append(connections_to(shared_agent.port) - before)
+        finally:
+            monitor.stop()
+        return used, proofs
+
+    used, proofs = asyncio.run(probes(300))
+    assert len(used[0]) == 1 and all(ports == used[0] for ports in used), used
+    assert len(proofs) == 5  # a fresh challenge, so a fresh proof, on every check
+    # connection_max_age 0: a connection per check, none left open after it.
+    used, proofs = asyncio.run(probes(0))
+    assert used == [set()] * 5 and len(proofs) == 5
+
+
+def test_a_new_crl_ends_the_kept_connection_of_a_revoked_agent(
+        start_agent: Callable[..., AgentProcess], tmp_path: Path, secret_file: Path) -> None:
+    own = TestPki(tmp_path / "pki")  # revoking must not touch the session's CA
+    agent = start_agent("revoked-soon", pki=own)
+    registry = NodeRegistry()
+    registry.upsert(parse_static_node(f"revoked-soon={agent.host}:{agent.port}"))
+    monitor = HealthMonitor(registry, 1, keys=load_secret(secret_file), tls=own.client_tls())
+    kept: list[int] = []
+
+    def between(index: int) -> None:
+        kept.append(monitor.kept_connections)
+        if index == 2:
+            own.revoke("revoked-soon")  # the controller's CRL file changes
+
+    assert checked(monitor, registry, "revoked-soon", 3, between) == [True, True, False]
+    assert kept == [0, 1, 1]
+    node = registry.get("revoked-soon")
+    assert node is not None and node.error is not None
+    assert "revoked" in node.error, node.error
