@@ -4,32 +4,37 @@ ended runs, never a running one and never the run being written (docs/runs.md "S
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from marco.errors import DiskBudgetExhausted, InsufficientStorage
 
+from .dbapi import Database
 from .records import DAY, RunLimits
+
+# Stored bytes per owner, summed over the runs (a store may keep the sums in a table instead).
+USAGE_OF_RUNS = "SELECT owner, SUM(bytes) FROM runs GROUP BY owner HAVING SUM(bytes) > 0"
 
 
 class Budget:
-    """The byte caps of one store's file; every method runs inside the store's transaction."""
+    """The byte caps of one store's database; every method runs inside the store's
+    transaction."""
 
-    def __init__(self, db: sqlite3.Connection, limits: RunLimits) -> None:
-        self._db, self.limits = db, limits
-        # Stored bytes per owner, kept beside the file so that a charge costs no scan of every
-        # run; None after a rolled back transaction (then read again from the file).
+    def __init__(self, db: Database, limits: RunLimits, usage_sql: str = USAGE_OF_RUNS) -> None:
+        self._db, self.limits, self._usage_sql = db, limits, usage_sql
+        # Stored bytes per owner, kept beside the database so that a charge costs no scan of
+        # every run; None after a rolled back transaction (then read again from the database,
+        # as a store shared with other processes does at each transaction).
         self._usage: dict[str, int] | None = None
 
     def forget(self) -> None:
-        """The transaction rolled back: read the sums from the file again next time."""
+        """The transaction rolled back, or another process may have written: read the sums
+        from the database again next time."""
         self._usage = None
 
     def used(self) -> dict[str, int]:
         """Stored bytes per owner."""
         if self._usage is None:
-            self._usage = {owner: int(size) for owner, size in self._db.execute(
-                "SELECT owner, SUM(bytes) FROM runs GROUP BY owner HAVING SUM(bytes) > 0")}
+            self._usage = {owner: int(size) for owner, size in self._db.execute(self._usage_sql)}
         return self._usage
 
     def charge(self, owner: str, run_id: str, added: int) -> None:

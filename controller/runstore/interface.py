@@ -1,5 +1,4 @@
-"""The run store's interface: what the controller needs of one (SQLite here; a server
-database can implement it later)."""
+"""The run store's interface: what the controller needs of one (SQLite or PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from .records import ExecutionRecord, Run
 
 
 class RunStore(Protocol):
-    """What the controller needs of a run store (SQLite here; a server database later)."""
+    """What the controller needs of a run store (SqliteRunStore, PostgresRunStore)."""
 
     def create(self, run: Run) -> None: ...
     def get(self, owner: str, run_id: str) -> Run | None: ...

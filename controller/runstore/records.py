@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import math
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from marco.errors import BadRequest
 from marco.runs import KINDS, RUN_ID, STATUSES
+
+from .dbapi import Row
 
 MAX_TITLE = 1000
 MAX_META_BYTES = 16 * 1024
@@ -23,6 +24,7 @@ MAX_LIST = 1000
 MAX_NAME = 255  # a host name, an execution or task id
 MAX_HOSTS = 10_000  # hosts of one run
 DAY = 86400.0
+NUL = "\x00"  # no stored text holds one (PostgreSQL's text cannot): refused, never found
 
 
 @dataclass
@@ -111,6 +113,13 @@ def is_time(value: Any) -> bool:
 def check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
         raise BadRequest(f"{what} must be a string of 1 to {MAX_NAME} characters")
+    return check_text(value, what)
+
+
+def check_text(value: str, what: str) -> str:
+    """Text stored as it is (not inside JSON, which escapes it) holds no NUL character."""
+    if NUL in value:
+        raise BadRequest(f"{what} must not hold a NUL character")
     return value
 
 
@@ -164,6 +173,7 @@ def check_run(run: Run) -> None:
         raise BadRequest(f"kind must be one of {', '.join(sorted(KINDS))}")
     if not isinstance(run.title, str) or len(run.title) > MAX_TITLE:
         raise BadRequest(f"the title must be a string of at most {MAX_TITLE} characters")
+    check_text(run.title, "the title")
     check_hosts(run.hosts)
     if not is_time(run.started) or not (run.ended is None or is_time(run.ended)):
         raise BadRequest("started and ended must be numbers (Unix time)")
@@ -180,6 +190,7 @@ def event_row(event: Any, now: float) -> tuple[float, str, str]:
     if not isinstance(event, dict) or not isinstance(event.get("type"), str) \
             or not event["type"]:
         raise BadRequest("each event must be an object with a string type")
+    check_text(event["type"], "an event's type")
     stamp = event.get("time", now)
     if not is_time(stamp):
         raise BadRequest("an event's time must be a number (Unix time)")
@@ -190,7 +201,7 @@ def event_row(event: Any, now: float) -> tuple[float, str, str]:
     return float(stamp), event["type"], text
 
 
-def execution_from_row(row: sqlite3.Row) -> ExecutionRecord:
+def execution_from_row(row: Row) -> ExecutionRecord:
     return ExecutionRecord(host=row["host"], node=row["node"], execution_id=row["execution_id"],
                            task_id=row["task_id"], next_seq=row["next_seq"],
                            archived=bool(row["archived"]), truncated_seq=row["truncated_seq"],
@@ -198,7 +209,7 @@ def execution_from_row(row: sqlite3.Row) -> ExecutionRecord:
                            rc=row["rc"])
 
 
-def run_from_row(row: sqlite3.Row) -> Run:
+def run_from_row(row: Row) -> Run:
     return Run(id=row["id"], owner=row["owner"], kind=row["kind"], title=row["title"],
                hosts=json.loads(row["hosts"]), started=row["started"], ended=row["ended"],
                status=row["status"], stats=json.loads(row["stats"]), meta=json.loads(row["meta"]))

@@ -1,5 +1,5 @@
-"""RunStoreThread: a SqliteRunStore on a thread of its own, so that SQLite is used from one
-thread only and an IOLoop never blocks on disk."""
+"""RunStoreThread: a run store on a thread of its own, so that its connection is used from one
+thread only and an IOLoop never blocks on disk or on the database server."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .location import open_store
 from .records import DEFAULT_LIMITS, RunLimits
 from .schema import DEFAULT_BUSY_TIMEOUT
-from .sqlite import SqliteRunStore
+from .store import SqlRunStore
 
 # The store's methods a caller may ask RunStoreThread for.
 STORE_METHODS = frozenset({"create", "get", "list", "append_events", "events", "update",
@@ -23,15 +24,16 @@ STORE_METHODS = frozenset({"create", "get", "list", "append_events", "events", "
 
 
 class RunStoreThread:
-    """A SqliteRunStore on a thread of its own, for the IOLoop: `await call("get", ...)`."""
+    """A run store on a thread of its own, for the IOLoop: `await call("get", ...)`.
+    `database`: a SQLite file's path or a postgresql:// URL (location.run_database)."""
 
-    def __init__(self, path: Path, limits: RunLimits = DEFAULT_LIMITS,
+    def __init__(self, database: Path | str, limits: RunLimits = DEFAULT_LIMITS,
                  busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
-        """Open the store on its thread (ConfigError here if the file is unusable)."""
+        """Open the store on its thread (ConfigError here if it is unusable)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstore")
         try:
-            self.store: SqliteRunStore = self._executor.submit(
-                SqliteRunStore, path, limits, busy_timeout).result()
+            self.store: SqlRunStore = self._executor.submit(
+                open_store, database, limits, busy_timeout).result()
         except BaseException:
             self._executor.shutdown(wait=True)
             raise

@@ -27,7 +27,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.support.processes import alive
-from tests.support.run import RunNames
+from tests.support.run import this_run
 
 SERVER_USER = "postgres"   # made by Debian's postgresql-common
 ROLE = "marco"             # the unprivileged role the controller connects as
@@ -175,10 +175,12 @@ def sweep_postgres() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(run: RunNames) -> Iterator[PostgresServer]:
-    """One PostgreSQL server for the run (each pytest-xdist worker has its own)."""
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the run (each pytest-xdist worker has its own). The run's
+    tag comes from this_run(), not the `run` fixture, a name some test modules give their
+    own fixtures."""
     sweep_postgres()
-    home = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{run.tag}-pg-"))
+    home = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{this_run().tag}-pg-"))
     server = PostgresServer(home)
     try:
         server.start()

@@ -1,6 +1,7 @@
-"""The run store (controller/runstore/) on a real SQLite file in a temp dir: no daemons, no
-root, milliseconds. Owner isolation, event order, output archiving, the limits and pruning,
-schema migrations, and the thread wrapper an IOLoop uses."""
+"""The run store (controller/runstore/), each behaviour on both stores: a real SQLite file in a
+temp dir, and a fresh database on the run's real PostgreSQL server (tests/support/postgres.py).
+Owner isolation, event order, output archiving, the limits and pruning, SQLite's schema
+migrations (PostgreSQL's: test_runstore_postgres.py), and the thread wrapper an IOLoop uses."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import os
 import random
 import sqlite3
 import stat
-import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.runstore import (
+    DEFAULT_BUSY_TIMEOUT,
     MAX_HOSTS,
     MIGRATIONS,
+    PostgresRunStore,
     Run,
     RunLimits,
     RunStoreThread,
     SqliteRunStore,
+    SqlRunStore,
     migrate,
     new_run_id,
     schema_version,
 )
+from controller.runstore.postgres import placeholders
 from marco.errors import (
     BadRequest,
     ConfigError,
@@ -57,7 +62,7 @@ def make_run(owner: str = "alice", started: float = T0, kind: str = "command",
     return Run(id=run_id, owner=owner, kind=kind, title=title, started=started, **fields)
 
 
-def ended_run(store: SqliteRunStore, owner: str, started: float, **fields: Any) -> Run:
+def ended_run(store: SqlRunStore, owner: str, started: float, **fields: Any) -> Run:
     run = make_run(owner, started, ended=started + 1, status="ok", **fields)
     store.create(run)
     return run
@@ -76,10 +81,68 @@ def output(execution_id: str, lines: list[str], host: str = "n1",
             "events": events, "archived": True}
 
 
-def stored_ids(path: Path) -> set[str]:
-    """The run ids in the file, read past the store (what is really on disk)."""
-    with sqlite3.connect(path) as db:
-        return {row[0] for row in db.execute("SELECT id FROM runs")}
+class SqliteBackend:
+    """Stores on one SQLite file, and that file read past the store."""
+
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.database: Path | str = path
+        self.path = path
+
+    def open(self, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, **limits: Any) -> SqlRunStore:
+        return SqliteRunStore(self.path, RunLimits(**limits), busy_timeout)
+
+    def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """The rows of one query past the store (`?` placeholders); a write is committed."""
+        with closing(sqlite3.connect(self.path)) as db, db:
+            return [tuple(row) for row in db.execute(sql, args).fetchall()]
+
+    def clear(self) -> None:
+        """Nothing stored any more (every store on it closed first)."""
+        for name in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            name.unlink(missing_ok=True)
+
+
+class PostgresBackend:
+    """Stores on one fresh PostgreSQL database, and that database read past the store."""
+
+    name = "postgres"
+
+    def __init__(self, url: str) -> None:
+        self.database: Path | str = url
+        self.url = url
+
+    def open(self, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, **limits: Any) -> SqlRunStore:
+        return PostgresRunStore(self.url, RunLimits(**limits), busy_timeout)
+
+    def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as db:
+            cursor = db.execute(placeholders(sql), args)
+            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+
+    def clear(self) -> None:
+        self.rows("DO $$ BEGIN IF to_regclass('runs') IS NOT NULL THEN "
+                  "TRUNCATE runs, owner_bytes CASCADE; END IF; END $$")
+
+
+Backend = SqliteBackend | PostgresBackend
+BACKENDS = ["sqlite", "postgres"]
+
+
+def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """The store kind the test is parametrized with; PostgreSQL's server starts when first
+    asked for, and each test has a fresh database."""
+    if request.param == "postgres":
+        return PostgresBackend(request.getfixturevalue("postgres_url"))
+    return SqliteBackend(tmp_path / "runs.sqlite3")
+
+
+def stored_ids(backend: Backend) -> set[str]:
+    """The run ids in the database, read past the store (what is really stored)."""
+    return {row[0] for row in backend.rows("SELECT id FROM runs")}
 
 
 @pytest.fixture
@@ -87,9 +150,14 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "runs.sqlite3"
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return open_backend(request, tmp_path)
+
+
 @pytest.fixture
-def store(path: Path) -> Iterator[SqliteRunStore]:
-    opened = SqliteRunStore(path)
+def store(backend: Backend) -> Iterator[SqlRunStore]:
+    opened = backend.open()
     yield opened
     opened.close()
 
@@ -107,8 +175,7 @@ def test_new_run_ids_sort_by_start_second() -> None:
     assert first < second and new_run_id(T0) != first
 
 
-def test_created_run_reads_back_and_the_file_is_private(store: SqliteRunStore,
-                                                        path: Path) -> None:
+def test_created_run_reads_back(store: SqlRunStore) -> None:
     run = make_run(title="ansible-playbook site.yml -l web", kind="playbook",
                    meta={"playbook": "site.yml", "check": False, "note": "é ✓"})
     store.create(run)
@@ -119,13 +186,19 @@ def test_created_run_reads_back_and_the_file_is_private(store: SqliteRunStore,
                              "started": T0, "ended": None, "status": "running", "stats": {},
                              "meta": {"playbook": "site.yml", "check": False, "note": "é ✓"}}
     json.dumps(got.summary())
-    for name in (path, Path(f"{path}-wal")):
-        assert stat.S_IMODE(name.stat().st_mode) == 0o600, name
     with pytest.raises(Conflict):
         store.create(run)
 
 
-def test_list_is_newest_first_filters_and_pages(store: SqliteRunStore) -> None:
+def test_the_sqlite_file_is_private(path: Path) -> None:
+    store = open_store(path)
+    store.create(make_run())
+    for name in (path, Path(f"{path}-wal")):
+        assert stat.S_IMODE(name.stat().st_mode) == 0o600, name
+    store.close()
+
+
+def test_list_is_newest_first_filters_and_pages(store: SqlRunStore) -> None:
     specs = [("command", "ok", "echo one"), ("playbook", "failed", "ansible-playbook Site.yml"),
              ("shell", "running", "uptime"), ("deploy", "ok", "deploy app.tar 100%"),
              ("command", "failed", "false"), ("playbook", "running", "ansible-playbook db.yml")]
@@ -160,7 +233,7 @@ def test_list_is_newest_first_filters_and_pages(store: SqliteRunStore) -> None:
             store.list("alice", **bad)
 
 
-def test_another_owner_sees_nothing_of_a_run(store: SqliteRunStore) -> None:
+def test_another_owner_sees_nothing_of_a_run(store: SqlRunStore) -> None:
     run = make_run()
     store.create(run)
     store.append_events("alice", run.id, [{"type": "play_start", "play": "p"}])
@@ -180,8 +253,26 @@ def test_another_owner_sees_nothing_of_a_run(store: SqliteRunStore) -> None:
     assert len(store.events("alice", run.id)) == 1 and len(store.executions("alice", run.id)) == 1
 
 
+def test_a_nul_is_never_stored_and_looking_for_one_finds_nothing(store: SqlRunStore) -> None:
+    """PostgreSQL's text cannot hold a NUL: both stores refuse one in any text stored as it is
+    (BadRequest, in check_run and add_output's checks), and find nothing for one."""
+    run = make_run()
+    store.create(run)
+    store.add_output("alice", run.id, **output("e1", ["a NUL \x00 in a line is JSON: fine"]))
+    assert store.list("alice", text="\x00") == ([], False)
+    assert store.execution("alice", run.id, "e1\x00") is None
+    assert store.stored_ids("alice", run.id, ["e1", "e1\x00"]) == {"e1"}
+    assert store.executions("alice", run.id, host="n1\x00") == []
+    assert store.executions("alice", run.id, task="\x00") == []
+    assert store.executions("alice", run.id, node="\x00") == []
+    with pytest.raises(NotFound):
+        store.output_page("alice", run.id, "e1\x00")
+    assert store.output_page("alice", run.id, "e1")[0][0]["lines"] == [
+        "a NUL \x00 in a line is JSON: fine"]
+
+
 def test_update_sets_what_is_given_and_a_final_status_ends_the_run(
-        store: SqliteRunStore) -> None:
+        store: SqlRunStore) -> None:
     run = make_run()
     store.create(run)
     updated = store.update("alice", run.id, hosts=["n1", "n2"],
@@ -201,11 +292,12 @@ def test_update_sets_what_is_given_and_a_final_status_ends_the_run(
     assert store.get("alice", run.id) == store.update("alice", run.id)
 
 
-def test_bad_runs_are_refused(store: SqliteRunStore) -> None:
+def test_bad_runs_are_refused(store: SqlRunStore) -> None:
     bads: list[dict[str, Any]] = [
         {"kind": "cron"}, {"status": "lost"}, {"title": "t" * 1001},
         {"meta": {"x": "m" * 16 * 1024}}, {"meta": ["not", "an", "object"]},
-        {"hosts": ["ok", ""]}, {"owner": ""}, {"started": float("inf")}]
+        {"hosts": ["ok", ""]}, {"owner": ""}, {"started": float("inf")},
+        {"title": "a NUL \x00 in it"}, {"hosts": ["n\x00"]}]  # no text column holds a NUL
     for bad in bads:
         run = make_run(**bad)
         with pytest.raises(BadRequest):
@@ -218,8 +310,8 @@ def test_bad_runs_are_refused(store: SqliteRunStore) -> None:
     store.create(make_run(title="t" * 1000, meta={"x": "m" * 16000}))  # at the limits: fine
 
 
-def test_running_runs_are_capped_per_user(path: Path) -> None:
-    store = open_store(path, max_running_per_user=2)
+def test_running_runs_are_capped_per_user(backend: Backend) -> None:
+    store = backend.open(max_running_per_user=2)
     first, second = make_run(), make_run()
     store.create(first)
     store.create(second)
@@ -236,7 +328,7 @@ def test_running_runs_are_capped_per_user(path: Path) -> None:
 # Events
 
 
-def test_events_get_seq_in_order_and_since_reads_the_rest(store: SqliteRunStore) -> None:
+def test_events_get_seq_in_order_and_since_reads_the_rest(store: SqlRunStore) -> None:
     run = make_run()
     store.create(run)
     assert store.events("alice", run.id) == []
@@ -258,7 +350,7 @@ def test_events_get_seq_in_order_and_since_reads_the_rest(store: SqliteRunStore)
     assert store.events("alice", run.id, since=3) == []
 
 
-def test_an_ended_run_refuses_events(store: SqliteRunStore) -> None:
+def test_an_ended_run_refuses_events(store: SqlRunStore) -> None:
     run = make_run()
     store.create(run)
     store.append_events("alice", run.id, [{"type": "recap", "stats": {}}])
@@ -273,13 +365,14 @@ def test_an_ended_run_refuses_events(store: SqliteRunStore) -> None:
     [{"type": "ok"}, {"no": "type"}],
     [{"type": "ok"}, {"type": 3}],
     [{"type": "ok"}, {"type": ""}],
+    [{"type": "ok"}, {"type": "x\x00"}],
     [{"type": "ok"}, {"type": "x", "time": "now"}],
     [{"type": "ok"}, {"type": "x", "value": float("nan")}],
     [{"type": "ok"}, {"type": "x", "blob": "b" * 64 * 1024}],
     [{"type": "ok"}] * 1001,
-], ids=["not-dict", "no-type", "type-not-str", "empty-type", "bad-time", "not-json",
+], ids=["not-dict", "no-type", "type-not-str", "empty-type", "type-nul", "bad-time", "not-json",
         "too-big", "too-many"])
-def test_bad_events_are_refused_and_none_is_stored(store: SqliteRunStore,
+def test_bad_events_are_refused_and_none_is_stored(store: SqlRunStore,
                                                    events: list[dict[str, Any]]) -> None:
     run = make_run()
     store.create(run)
@@ -292,8 +385,8 @@ def test_bad_events_are_refused_and_none_is_stored(store: SqliteRunStore,
 # Output
 
 
-def test_outputs_round_trip_exactly_and_are_compressed(store: SqliteRunStore,
-                                                       path: Path) -> None:
+def test_outputs_round_trip_exactly_and_are_compressed(store: SqlRunStore,
+                                                       backend: Backend) -> None:
     run = make_run()
     store.create(run)
     lines = ["plain", "naïve ✓ 日本語 😀", "tab\tand \\ and \" and \x00", "lone \udcff surrogate",
@@ -311,15 +404,13 @@ def test_outputs_round_trip_exactly_and_are_compressed(store: SqliteRunStore,
     assert [e.execution_id for e in store.executions("alice", run.id, host="n2")] == ["e2"]
     assert store.executions("alice", run.id, host="n3") == []
 
-    with sqlite3.connect(path) as db:
-        blob, size = db.execute("SELECT data, bytes FROM chunks WHERE execution_id = 'e2'"
-                                ).fetchone()
+    [(blob, size)] = backend.rows("SELECT data, bytes FROM chunks WHERE execution_id = 'e2'")
     as_json = len(json.dumps(output("e2", ["the same line, again and again"] * 5000)).encode())
     assert len(blob) == size and size * 20 < as_json
     assert store.executions("alice", run.id, host="n2")[0].bytes == size
 
 
-def test_bad_output_is_refused(store: SqliteRunStore) -> None:
+def test_bad_output_is_refused(store: SqlRunStore) -> None:
     run = make_run()
     store.create(run)
     good: dict[str, Any] = {"host": "n1", "node": "n1", "execution_id": "e1", "task_id": None}
@@ -332,28 +423,31 @@ def test_bad_output_is_refused(store: SqliteRunStore) -> None:
                 {**good, "events": [{"seq": True, "lines": ["x"]}]},
                 {**good, "events": [{"seq": 0, "lines": [1]}]},
                 {**good, "events": [{"seq": 3, "lines": ["x"]}, {"seq": 2, "lines": ["y"]}]},
-                {**good, "events": [line], "truncated_seq": -1}):
+                {**good, "events": [line], "truncated_seq": -1},
+                {**good, "execution_id": "e\x00", "events": []},
+                {**good, "task_id": "t\x00", "events": []}):
         with pytest.raises(BadRequest):
             store.add_output("alice", run.id, **bad)
     assert store.executions("alice", run.id) == []
 
 
-def one_output_size(path: Path) -> int:
-    """What one `noise(4000, n)` output takes stored (all of them take nearly the same)."""
-    probe = SqliteRunStore(path.with_name("probe.sqlite3"))
+def one_output_size(backend: Backend) -> int:
+    """What one `noise(4000, n)` output takes stored (all of them take nearly the same),
+    measured on the backend's database, emptied after."""
+    probe = backend.open()
     run = make_run()
     probe.create(run)
     probe.add_output("alice", run.id, **output("e", [noise(4000, 0)]))
-    with sqlite3.connect(probe.path) as db:
-        size = int(db.execute("SELECT bytes FROM runs").fetchone()[0])
+    [(size,)] = backend.rows("SELECT bytes FROM runs")
     probe.close()
-    return size
+    backend.clear()
+    return int(size)
 
 
 def test_per_user_byte_cap_prunes_their_oldest_ended_runs_never_a_running_one(
-        path: Path) -> None:
-    size = one_output_size(path)
-    store = open_store(path, max_bytes_per_user=int(size * 3.5))
+        backend: Backend) -> None:
+    size = one_output_size(backend)
+    store = backend.open(max_bytes_per_user=int(size * 3.5))
     running = make_run(started=T0)  # the oldest, but running: never pruned
     store.create(running)
     store.add_output("alice", running.id, **output("e0", [noise(4000, 1)]))
@@ -364,26 +458,26 @@ def test_per_user_byte_cap_prunes_their_oldest_ended_runs_never_a_running_one(
 
     latest = ended_run(store, "alice", T0 + 3)
     store.add_output("alice", latest.id, **output("e9", [noise(4000, 9)]))
-    assert stored_ids(path) == {running.id, newer.id, latest.id, bobs.id}  # only `old` went
+    assert stored_ids(backend) == {running.id, newer.id, latest.id, bobs.id}  # only `old` went
 
     store.add_output("alice", latest.id, **output("e10", [noise(4000, 10)]))  # its own run stays
-    assert stored_ids(path) == {running.id, latest.id, bobs.id}
+    assert stored_ids(backend) == {running.id, latest.id, bobs.id}
 
-    before = stored_ids(path)
+    before = stored_ids(backend)
     with pytest.raises(DiskBudgetExhausted) as refused:
         store.add_output("alice", latest.id, **output("e11", [noise(8000, 11)]))
     assert refused.value.status == 507
-    assert stored_ids(path) == before and len(store.executions("alice", latest.id)) == 2
+    assert stored_ids(backend) == before and len(store.executions("alice", latest.id)) == 2
     store.close()
 
 
-def test_a_runs_own_row_counts_against_the_byte_cap(path: Path) -> None:
+def test_a_runs_own_row_counts_against_the_byte_cap(backend: Backend) -> None:
     """Host lists, stats and meta are stored bytes too: huge ones cannot fill the disk."""
-    store = open_store(path, max_bytes_per_user=60_000)
+    store = backend.open(max_bytes_per_user=60_000)
     hosts = [f"host-{n:05d}" for n in range(1000)]  # about 13 kB as JSON
     runs = [ended_run(store, "alice", T0 + n, hosts=hosts) for n in range(8)]
-    assert stored_ids(path) <= {run.id for run in runs[-5:]}  # the oldest went to make room
-    assert runs[-1].id in stored_ids(path)
+    assert stored_ids(backend) <= {run.id for run in runs[-5:]}  # the oldest went to make room
+    assert runs[-1].id in stored_ids(backend)
     with pytest.raises(DiskBudgetExhausted):  # alone larger than the cap
         store.create(make_run(hosts=[f"h{n:06d}" for n in range(MAX_HOSTS)]))
     running = make_run(started=T0 + 100)
@@ -395,8 +489,8 @@ def test_a_runs_own_row_counts_against_the_byte_cap(path: Path) -> None:
     store.close()
 
 
-def test_events_count_against_the_byte_cap(path: Path) -> None:
-    store = open_store(path, max_bytes_per_user=100_000)
+def test_events_count_against_the_byte_cap(backend: Backend) -> None:
+    store = backend.open(max_bytes_per_user=100_000)
     run = make_run()
     store.create(run)
     big = [{"type": "host_result", "result": noise(10_000, n)} for n in range(4)]
@@ -407,9 +501,9 @@ def test_events_count_against_the_byte_cap(path: Path) -> None:
     store.close()
 
 
-def test_total_byte_cap_prunes_anyones_oldest_ended_runs(path: Path) -> None:
-    size = one_output_size(path)
-    store = open_store(path, max_bytes=int(size * 2.5))
+def test_total_byte_cap_prunes_anyones_oldest_ended_runs(backend: Backend) -> None:
+    size = one_output_size(backend)
+    store = backend.open(max_bytes=int(size * 2.5))
     bobs_running = make_run("bob", T0 - 20)
     store.create(bobs_running)
     store.add_output("bob", bobs_running.id, **output("e0", [noise(4000, 0)]))
@@ -418,37 +512,37 @@ def test_total_byte_cap_prunes_anyones_oldest_ended_runs(path: Path) -> None:
 
     alices = ended_run(store, "alice", T0)
     store.add_output("alice", alices.id, **output("e2", [noise(4000, 2)]))
-    assert stored_ids(path) == {bobs_running.id, alices.id}
+    assert stored_ids(backend) == {bobs_running.id, alices.id}
 
     with pytest.raises(InsufficientStorage) as refused:
         store.add_output("alice", alices.id, **output("e3", [noise(8000, 3)]))
     assert not isinstance(refused.value, DiskBudgetExhausted)
-    assert stored_ids(path) == {bobs_running.id, alices.id}
+    assert stored_ids(backend) == {bobs_running.id, alices.id}
     store.close()
 
 
-def test_a_refused_write_leaves_the_accounting_as_it_was(path: Path) -> None:
+def test_a_refused_write_leaves_the_accounting_as_it_was(backend: Backend) -> None:
     """A create refused after it had pruned for `max_per_user` (the id exists) undoes the
     pruning: that run stays, and still counts (the next write over the cap prunes it)."""
-    size = one_output_size(path)
-    store = open_store(path, max_per_user=2, max_bytes_per_user=int(size * 2.5))
+    size = one_output_size(backend)
+    store = backend.open(max_per_user=2, max_bytes_per_user=int(size * 2.5))
     old, latest = ended_run(store, "alice", T0), ended_run(store, "alice", T0 + 1)
     for n, run in enumerate((old, latest)):
         store.add_output("alice", run.id, **output(f"e{n}", [noise(4000, n)]))
     with pytest.raises(Conflict):
         store.create(latest)
-    assert stored_ids(path) == {old.id, latest.id}
+    assert stored_ids(backend) == {old.id, latest.id}
 
     store.add_output("alice", latest.id, **output("e9", [noise(4000, 9)]))
-    assert stored_ids(path) == {latest.id}
+    assert stored_ids(backend) == {latest.id}
     store.close()
 
 
 # Pruning
 
 
-def test_prune_removes_runs_ended_longer_ago_than_the_retention(path: Path) -> None:
-    store = open_store(path, retention_days=90)
+def test_prune_removes_runs_ended_longer_ago_than_the_retention(backend: Backend) -> None:
+    store = backend.open(retention_days=90)
     now = T0 + 200 * DAY
     gone = make_run(started=now - 92 * DAY)
     store.create(gone)
@@ -459,41 +553,41 @@ def test_prune_removes_runs_ended_longer_ago_than_the_retention(path: Path) -> N
     running = make_run(started=T0)  # started long ago, still running
     store.create(running)
     assert store.prune(now) == 1
-    assert stored_ids(path) == {kept.id, running.id}
-    with sqlite3.connect(path) as db:  # its events and outputs went with it
-        assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
-        assert db.execute("SELECT COUNT(*) FROM outputs").fetchone()[0] == 0
+    assert stored_ids(backend) == {kept.id, running.id}
+    # its events and outputs went with it
+    assert backend.rows("SELECT COUNT(*) FROM events") == [(0,)]
+    assert backend.rows("SELECT COUNT(*) FROM outputs") == [(0,)]
     assert store.prune(now) == 0
     store.close()
 
 
-def test_prune_keeps_each_users_newest_max_per_user_runs(path: Path) -> None:
-    store = open_store(path, max_per_user=3)
+def test_prune_keeps_each_users_newest_max_per_user_runs(backend: Backend) -> None:
+    store = backend.open(max_per_user=3)
     runs = [ended_run(store, "alice", T0 + n) for n in range(3)]
     running = make_run(started=T0 - 5)
-    with sqlite3.connect(path) as db:  # a 4th, as if the limit had been higher before
-        db.execute("INSERT INTO runs (id, owner, kind, title, hosts, started, status, stats, "
-                   "meta) VALUES (?, 'alice', 'command', '', '[]', ?, 'running', '{}', '{}')",
-                   (running.id, running.started))
+    # a 4th, as if the limit had been higher before
+    backend.rows("INSERT INTO runs (id, owner, kind, title, hosts, started, status, stats, meta)"
+                 " VALUES (?, 'alice', 'command', '', '[]', ?, 'running', '{}', '{}')",
+                 running.id, running.started)
     bobs = [ended_run(store, "bob", T0 + n) for n in range(2)]
     assert store.prune(T0) == 1
-    assert stored_ids(path) == {running.id, runs[1].id, runs[2].id} | {r.id for r in bobs}
+    assert stored_ids(backend) == {running.id, runs[1].id, runs[2].id} | {r.id for r in bobs}
 
     latest = make_run(started=T0 + 10)
     store.create(latest)  # creating beyond the cap drops the oldest ended run at once
-    assert stored_ids(path) == {running.id, runs[2].id, latest.id} | {r.id for r in bobs}
+    assert stored_ids(backend) == {running.id, runs[2].id, latest.id} | {r.id for r in bobs}
     store.close()
 
 
-def test_prune_applies_lowered_byte_caps(path: Path) -> None:
-    size = one_output_size(path)
-    store = open_store(path)
+def test_prune_applies_lowered_byte_caps(backend: Backend) -> None:
+    size = one_output_size(backend)
+    store = backend.open()
     runs = [ended_run(store, "alice", T0 + n) for n in range(3)]
     for n, run in enumerate(runs):
         store.add_output("alice", run.id, **output(f"e{n}", [noise(4000, n)]))
     store.close()
-    store = open_store(path, max_bytes_per_user=int(size * 1.5))
-    assert store.prune(T0) == 2 and stored_ids(path) == {runs[2].id}
+    store = backend.open(max_bytes_per_user=int(size * 1.5))
+    assert store.prune(T0) == 2 and stored_ids(backend) == {runs[2].id}
     store.close()
 
 
@@ -515,12 +609,12 @@ def test_pruned_runs_give_their_disk_back(path: Path) -> None:
     store.close()
 
 
-def test_interrupt_running_ends_what_a_previous_process_left_running(path: Path) -> None:
-    store = open_store(path)
+def test_interrupt_running_ends_what_a_previous_process_left_running(backend: Backend) -> None:
+    store = backend.open()
     running, done = make_run(), ended_run(store, "alice", T0 + 1)
     store.create(running)
     store.close()
-    store = open_store(path)
+    store = backend.open()
     assert store.interrupt_running(T0 + 60) == 1
     got = store.get("alice", running.id)
     assert got is not None and (got.status, got.ended) == ("interrupted", T0 + 60)
@@ -587,8 +681,8 @@ def test_a_newer_or_foreign_file_is_refused_clearly(path: Path) -> None:
 # The thread an IOLoop uses
 
 
-def test_the_thread_wrapper_serves_an_asyncio_loop(path: Path) -> None:
-    wrapper = RunStoreThread(path, RunLimits(max_running_per_user=1))
+def test_the_thread_wrapper_serves_an_asyncio_loop(backend: Backend) -> None:
+    wrapper = RunStoreThread(backend.database, RunLimits(max_running_per_user=1))
     run = make_run()
 
     async def use() -> None:
@@ -604,8 +698,9 @@ def test_the_thread_wrapper_serves_an_asyncio_loop(path: Path) -> None:
             await wrapper.call("_delete", [run.id])
 
     asyncio.run(use())
-    with pytest.raises(sqlite3.ProgrammingError):  # the connection lives on its own thread
-        wrapper.store.get("alice", run.id)
+    if backend.name == "sqlite":
+        with pytest.raises(sqlite3.ProgrammingError):  # the connection lives on its thread
+            wrapper.store.get("alice", run.id)
     wrapper.close()
     wrapper.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("runstore")]
@@ -631,23 +726,22 @@ operations = st.lists(st.one_of(
 
 @settings(max_examples=150, deadline=None, database=None,
           derandomize=os.environ.get("CI", "").lower() in ("1", "true", "yes"),
-          suppress_health_check=[HealthCheck.too_slow])
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(operations)
 def test_any_operations_keep_lists_newest_first_and_owners_apart(
-        ops: list[tuple[str, str, int]]) -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        store = SqliteRunStore(Path(directory) / "runs.sqlite3",
-                               RunLimits(max_running_per_user=100))
-        owned: dict[str, list[str]] = {owner: [] for owner in OWNERS}
-        try:
-            for op, owner, n in ops:
-                apply(store, owned, op, owner, n)
-                check(store, owned)
-        finally:
-            store.close()
+        backend: Backend, ops: list[tuple[str, str, int]]) -> None:
+    backend.clear()  # each example starts empty; the database is the test's
+    store = backend.open(max_running_per_user=100)
+    owned: dict[str, list[str]] = {owner: [] for owner in OWNERS}
+    try:
+        for op, owner, n in ops:
+            apply(store, owned, op, owner, n)
+            check(store, owned)
+    finally:
+        store.close()
 
 
-def apply(store: SqliteRunStore, owned: dict[str, list[str]], op: str, owner: str,
+def apply(store: SqlRunStore, owned: dict[str, list[str]], op: str, owner: str,
           n: int) -> None:
     """One operation; `append` and `end` act on any owner's run, as a forger would try."""
     every = [run_id for ids in owned.values() for run_id in ids]
@@ -676,7 +770,7 @@ def apply(store: SqliteRunStore, owned: dict[str, list[str]], op: str, owner: st
             assert mine
 
 
-def check(store: SqliteRunStore, owned: dict[str, list[str]]) -> None:
+def check(store: SqlRunStore, owned: dict[str, list[str]]) -> None:
     for owner in OWNERS:
         runs, more = store.list(owner, limit=1000)
         assert [r.id for r in runs] == sorted(owned[owner], reverse=True) and not more
@@ -688,9 +782,9 @@ def check(store: SqliteRunStore, owned: dict[str, list[str]]) -> None:
 # Stale runs and racing ends (issue 12 review)
 
 
-def test_a_running_run_idle_past_the_cutoff_ends_interrupted(path: Path) -> None:
+def test_a_running_run_idle_past_the_cutoff_ends_interrupted(backend: Backend) -> None:
     """Idle means no start and no events since the cutoff; events keep a run alive."""
-    store = open_store(path)
+    store = backend.open()
     idle, busy, done = make_run(started=T0), make_run(started=T0), ended_run(store, "alice", T0)
     store.create(idle)
     store.create(busy)
@@ -719,7 +813,7 @@ def test_a_file_from_before_last_activity_counts_from_each_runs_start(path: Path
     store.close()
 
 
-def test_ending_an_ended_run_is_a_conflict_and_changes_nothing(store: SqliteRunStore) -> None:
+def test_ending_an_ended_run_is_a_conflict_and_changes_nothing(store: SqlRunStore) -> None:
     run = make_run()
     store.create(run)
     first = store.update("alice", run.id, status="ok", ended=T0 + 5,
@@ -733,10 +827,10 @@ def test_ending_an_ended_run_is_a_conflict_and_changes_nothing(store: SqliteRunS
     assert store.update("alice", run.id, hosts=["n1", "n2"]).hosts == ["n1", "n2"]
 
 
-def test_of_two_ends_sent_at_once_exactly_one_wins(path: Path) -> None:
+def test_of_two_ends_sent_at_once_exactly_one_wins(backend: Backend) -> None:
     """Two ends through the thread wrapper at once: one winner, one Conflict."""
     async def race() -> list[Any]:
-        keeper = RunStoreThread(path)
+        keeper = RunStoreThread(backend.database)
         try:
             run = make_run()
             await keeper.call("create", run)

@@ -1,6 +1,7 @@
 """The run store's output, kept as it happens and read in pages (controller/runstore/, schema
-version 3), on a real SQLite file in a temp dir: chunks, overlap and gaps, archiving, paging by
-lines across chunks, the caps, owners, deletion, migration from version 2, and a busy file."""
+version 3), each behaviour on both stores (a SQLite file in a temp dir, a fresh database on
+the run's PostgreSQL server): chunks, overlap and gaps, archiving, paging by lines across
+chunks, the caps, owners, deletion; SQLite's migration from version 2 and a busy file."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from controller.runstore import (
     MIGRATIONS,
     ExecutionRecord,
     Run,
-    RunLimits,
     RunStore,
     RunStoreThread,
     SqliteRunStore,
+    SqlRunStore,
     migrate,
 )
 from marco.errors import (
@@ -34,7 +35,16 @@ from marco.errors import (
     NotFound,
     TryAgain,
 )
-from tests.unit.test_runstore import T0, ended_run, make_run, noise
+from tests.unit.test_runstore import (
+    BACKENDS,
+    T0,
+    Backend,
+    SqliteBackend,
+    ended_run,
+    make_run,
+    noise,
+    open_backend,
+)
 
 Line = tuple[int, str, str]  # (seq, stream, text) of one output line
 
@@ -44,15 +54,20 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "runs.sqlite3"
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return open_backend(request, tmp_path)
+
+
 @pytest.fixture
-def store(path: Path) -> Iterator[SqliteRunStore]:
-    opened = SqliteRunStore(path)
+def store(backend: Backend) -> Iterator[SqlRunStore]:
+    opened = backend.open()
     yield opened
     opened.close()
 
 
 @pytest.fixture
-def run(store: SqliteRunStore) -> Run:
+def run(store: SqlRunStore) -> Run:
     created = make_run()
     store.create(created)
     return created
@@ -76,7 +91,7 @@ def flat(events: list[dict[str, Any]]) -> list[Line]:
             for event in events for n, text in enumerate(event["lines"])]
 
 
-def add(store: SqliteRunStore, run: Run, events: list[dict[str, Any]],
+def add(store: SqlRunStore, run: Run, events: list[dict[str, Any]],
         execution_id: str = "e1", owner: str = "alice", **fields: Any) -> ExecutionRecord:
     fields.setdefault("host", "web1")
     fields.setdefault("node", "node1")
@@ -84,46 +99,44 @@ def add(store: SqliteRunStore, run: Run, events: list[dict[str, Any]],
     return store.add_output(owner, run.id, execution_id=execution_id, events=events, **fields)
 
 
-def chunk_count(path: Path, execution_id: str | None = None) -> int:
-    """Chunk rows in the file (of one execution if given), read past the store."""
-    with sqlite3.connect(path) as db:
-        if execution_id is None:
-            return int(db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
-        return int(db.execute("SELECT COUNT(*) FROM chunks WHERE execution_id = ?",
-                              (execution_id,)).fetchone()[0])
+def chunk_count(backend: Backend, execution_id: str | None = None) -> int:
+    """Chunk rows in the database (of one execution if given), read past the store."""
+    if execution_id is None:
+        return int(backend.rows("SELECT COUNT(*) FROM chunks")[0][0])
+    return int(backend.rows("SELECT COUNT(*) FROM chunks WHERE execution_id = ?",
+                            execution_id)[0][0])
 
 
-def run_bytes(path: Path) -> dict[str, int]:
-    with sqlite3.connect(path) as db:
-        return {row[0]: row[1] for row in db.execute("SELECT id, bytes FROM runs")}
+def run_bytes(backend: Backend) -> dict[str, int]:
+    return {row[0]: int(row[1]) for row in backend.rows("SELECT id, bytes FROM runs")}
 
 
 # Storing
 
 
-def test_the_store_is_a_run_store(store: SqliteRunStore) -> None:
+def test_the_store_is_a_run_store(store: SqlRunStore) -> None:
     typed: RunStore = store  # mypy checks the signatures against the interface
     assert typed is store
 
 
-def test_overlapping_output_is_stored_once(store: SqliteRunStore, run: Run, path: Path) -> None:
+def test_overlapping_output_is_stored_once(store: SqlRunStore, run: Run, backend: Backend) -> None:
     """Collecting again from an older seq (a retry, a second trigger) adds only new lines."""
     record = add(store, run, events_of(0, 10))
     assert (record.next_seq, record.archived, record.node) == (10, False, "node1")
-    size = run_bytes(path)[run.id]
+    size = run_bytes(backend)[run.id]
 
     record = add(store, run, events_of(0, 10))  # the same again: nothing new
-    assert record.next_seq == 10 and chunk_count(path) == 1 and run_bytes(path)[run.id] == size
+    assert record.next_seq == 10 and chunk_count(backend) == 1 and run_bytes(backend)[run.id] == size
 
     record = add(store, run, events_of(5, 10))  # lines 5..14: an event overlaps next_seq
-    assert record.next_seq == 15 and chunk_count(path) == 2
+    assert record.next_seq == 15 and chunk_count(backend) == 2
     events, end = store.output_page("alice", run.id, "e1")
     assert flat(events) == flat(events_of(0, 15)) and end == 15
     assert [e["seq"] for e in events] == [0, 3, 6, 9, 10, 11, 14]  # 8..10 was cut to 10
     assert events[4]["time"] == T0 + 8 and events[4]["id"] == "e1"  # other keys kept
 
 
-def test_a_gap_is_kept_as_a_gap(store: SqliteRunStore, run: Run) -> None:
+def test_a_gap_is_kept_as_a_gap(store: SqlRunStore, run: Run) -> None:
     """Lines the agent no longer has (truncated) leave a gap; pages skip it."""
     add(store, run, events_of(0, 5))
     record = add(store, run, events_of(20, 5), truncated_seq=5)
@@ -136,7 +149,7 @@ def test_a_gap_is_kept_as_a_gap(store: SqliteRunStore, run: Run) -> None:
     assert store.output_page("alice", run.id, "e1", since=99) == ([], 99)
 
 
-def test_an_archived_execution_is_frozen(store: SqliteRunStore, run: Run, path: Path) -> None:
+def test_an_archived_execution_is_frozen(store: SqlRunStore, run: Run, backend: Backend) -> None:
     registered = add(store, run, [])
     assert registered == ExecutionRecord(host="web1", node="node1", execution_id="e1",
                                          task_id="t1", next_seq=0, archived=False,
@@ -145,19 +158,19 @@ def test_an_archived_execution_is_frozen(store: SqliteRunStore, run: Run, path: 
                  task_id=None)  # names stay as first given
     assert (stored.host, stored.node, stored.task_id) == ("web1", "node1", "t1")
     assert stored.archived and stored.next_seq == 4 and stored.bytes > 0
-    size = run_bytes(path)[run.id]
+    size = run_bytes(backend)[run.id]
 
     again = add(store, run, events_of(4, 6), archived=False, truncated_seq=1)
-    assert again == stored and chunk_count(path) == 1 and run_bytes(path)[run.id] == size
+    assert again == stored and chunk_count(backend) == 1 and run_bytes(backend)[run.id] == size
     assert store.executions("alice", run.id) == [stored]
 
 
-def test_an_ended_run_still_takes_output(store: SqliteRunStore) -> None:
+def test_an_ended_run_still_takes_output(store: SqlRunStore) -> None:
     ended = ended_run(store, "alice", T0)
     assert add(store, ended, events_of(0, 3), archived=True).next_seq == 3
 
 
-def test_executions_are_listed_in_order_and_filtered(store: SqliteRunStore, run: Run) -> None:
+def test_executions_are_listed_in_order_and_filtered(store: SqlRunStore, run: Run) -> None:
     add(store, run, [], "e3", host="db1", task_id="t2")
     add(store, run, events_of(0, 2), "e1", host="web1", task_id="t1")
     add(store, run, [], "e2", host="web1", task_id=None)
@@ -169,7 +182,7 @@ def test_executions_are_listed_in_order_and_filtered(store: SqliteRunStore, run:
     assert store.executions("alice", run.id, host="web1", task="t2") == []
 
 
-def test_one_execution_by_id_and_by_node(store: SqliteRunStore, run: Run) -> None:
+def test_one_execution_by_id_and_by_node(store: SqlRunStore, run: Run) -> None:
     add(store, run, events_of(0, 2), "e1", node="node1")
     add(store, run, [], "e2", host="web1", node="delegate1")
     add(store, run, [], "e3", host="db1", node="node1", task_id="t2")
@@ -192,9 +205,12 @@ def test_one_execution_by_id_and_by_node(store: SqliteRunStore, run: Run) -> Non
             store.executions("alice", run.id, **bad)
 
 
-def test_filtered_listings_use_an_index(store: SqliteRunStore, run: Run, path: Path) -> None:
+def test_filtered_listings_use_an_index(path: Path) -> None:
     """A node's, host's or task's executions are found by index, not by scanning the run
-    (tens of thousands of executions each output page or final collection would read)."""
+    (tens of thousands of executions each output page or final collection would read; in
+    PostgreSQL: test_runstore_postgres.py)."""
+    SqliteRunStore(path).close()
+    run = make_run()
     with sqlite3.connect(path) as db:
         for column in ("node", "host", "task_id"):
             plan = " ".join(str(row[-1]) for row in db.execute(
@@ -203,15 +219,15 @@ def test_filtered_listings_use_an_index(store: SqliteRunStore, run: Run, path: P
             assert f"outputs_by_{column.removesuffix('_id')}" in plan, plan
 
 
-def test_a_runs_recorded_nodes(store: SqliteRunStore, run: Run, path: Path) -> None:
+def test_a_runs_recorded_nodes(store: SqlRunStore, run: Run, backend: Backend) -> None:
     """Nodes beyond the run's hosts (delegates) are recorded once each, charged, at most
     MAX_HOSTS per run (a 400 beyond, nothing recorded), and go with the run."""
     assert store.nodes("alice", run.id) == []
-    before = run_bytes(path)[run.id]
+    before = run_bytes(backend)[run.id]
     store.add_nodes("alice", run.id, ["d1", "d2", "d1"])
     store.add_nodes("alice", run.id, ["d2", "d3"])
     assert store.nodes("alice", run.id) == ["d1", "d2", "d3"]
-    assert run_bytes(path)[run.id] - before == 6
+    assert run_bytes(backend)[run.id] - before == 6
     with pytest.raises(NotFound):
         store.add_nodes("bob", run.id, ["d4"])
     with pytest.raises(NotFound):
@@ -225,14 +241,13 @@ def test_a_runs_recorded_nodes(store: SqliteRunStore, run: Run, path: Path) -> N
     store.add_nodes("alice", run.id, ["d1"])  # known ones still pass
     store.update("alice", run.id, status="ok", ended=T0 + 1)
     assert store.prune(T0 + 91 * 86400) == 1  # past the default retention of 90 days
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] == 0
+    assert backend.rows("SELECT COUNT(*) FROM nodes") == [(0,)]
 
 
 # Reading pages
 
 
-def test_pages_cross_chunks_and_count_lines(store: SqliteRunStore, run: Run) -> None:
+def test_pages_cross_chunks_and_count_lines(store: SqlRunStore, run: Run) -> None:
     """Any page equals the same slice of all the lines, whatever chunks and events hold them;
     following `next` reads every line once."""
     rng = random.Random(12)
@@ -263,13 +278,13 @@ def test_pages_cross_chunks_and_count_lines(store: SqliteRunStore, run: Run) -> 
     assert read == lines
 
 
-def test_a_page_is_cut_inside_an_event(store: SqliteRunStore, run: Run) -> None:
+def test_a_page_is_cut_inside_an_event(store: SqlRunStore, run: Run) -> None:
     add(store, run, [{"seq": 0, "stream": "stdout", "lines": ["a", "b", "c", "d", "e"]}])
     events, end = store.output_page("alice", run.id, "e1", since=1, limit=3)
     assert events == [{"seq": 1, "stream": "stdout", "lines": ["b", "c", "d"]}] and end == 4
 
 
-def test_bad_page_arguments_are_refused(store: SqliteRunStore, run: Run) -> None:
+def test_bad_page_arguments_are_refused(store: SqlRunStore, run: Run) -> None:
     add(store, run, events_of(0, 3))
     for since, limit in [(-1, 10), (0, 0), (0, 100_001), (True, 10), (0, 2.5), ("0", 10)]:
         with pytest.raises(BadRequest):
@@ -277,7 +292,7 @@ def test_bad_page_arguments_are_refused(store: SqliteRunStore, run: Run) -> None
     store.output_page("alice", run.id, "e1", 0, 100_000)
 
 
-def test_events_since_and_limit(store: SqliteRunStore, run: Run) -> None:
+def test_events_since_and_limit(store: SqlRunStore, run: Run) -> None:
     store.append_events("alice", run.id, [{"type": "x", "n": n} for n in range(10)])
     assert [e["n"] for e in store.events("alice", run.id, since=3, limit=4)] == [3, 4, 5, 6]
     assert [e["seq"] for e in store.events("alice", run.id, since=8, limit=4)] == [9, 10]
@@ -287,7 +302,7 @@ def test_events_since_and_limit(store: SqliteRunStore, run: Run) -> None:
             store.events("alice", run.id, limit=bad)
 
 
-def test_a_page_of_events_is_bounded_by_count_and_bytes(store: SqliteRunStore, run: Run) -> None:
+def test_a_page_of_events_is_bounded_by_count_and_bytes(store: SqlRunStore, run: Run) -> None:
     """5,000 events of 64 KiB would be 320 MiB in one answer: a page stops at `max_bytes`
     (type and body as stored), always giving one event, and says more follow."""
     store.append_events("alice", run.id, [{"type": "x", "pad": "p" * 1000} for _ in range(10)])
@@ -311,7 +326,7 @@ def test_a_page_of_events_is_bounded_by_count_and_bytes(store: SqliteRunStore, r
         store.events_page("bob", run.id, 0, 10, max_bytes=100)
 
 
-def test_a_seq_beyond_sqlites_integers_is_a_bad_request(store: SqliteRunStore,
+def test_a_seq_beyond_sqlites_integers_is_a_bad_request(store: SqlRunStore,
                                                         run: Run) -> None:
     """Not an OverflowError (a 500) from SQLite."""
     add(store, run, events_of(0, 3))
@@ -328,7 +343,7 @@ def test_a_seq_beyond_sqlites_integers_is_a_bad_request(store: SqliteRunStore,
 # Owners, limits, deletion
 
 
-def test_another_owner_or_run_sees_no_output(store: SqliteRunStore, run: Run) -> None:
+def test_another_owner_or_run_sees_no_output(store: SqlRunStore, run: Run) -> None:
     add(store, run, events_of(0, 3))
     store.mark_swept("alice", run.id, "node1")
     other = make_run()
@@ -347,7 +362,7 @@ def test_another_owner_or_run_sees_no_output(store: SqliteRunStore, run: Run) ->
     assert store.swept("alice", run.id) == {"node1"}
 
 
-def test_swept_nodes(store: SqliteRunStore, run: Run) -> None:
+def test_swept_nodes(store: SqlRunStore, run: Run) -> None:
     assert store.swept("alice", run.id) == set()
     store.mark_swept("alice", run.id, "node1")
     store.mark_swept("alice", run.id, "node1")
@@ -364,19 +379,19 @@ def noisy(first: int, count: int, seed: int) -> list[dict[str, Any]]:
              "lines": [noise(2000, seed * 1000 + n) for n in range(count)]}]
 
 
-def test_output_is_charged_and_over_a_cap_nothing_is_stored(path: Path) -> None:
-    store = SqliteRunStore(path, RunLimits(max_bytes_per_user=35_000, max_bytes=40_000))
+def test_output_is_charged_and_over_a_cap_nothing_is_stored(backend: Backend) -> None:
+    store = backend.open(max_bytes_per_user=35_000, max_bytes=40_000)
     run = make_run()
     store.create(run)
-    before = run_bytes(path)[run.id]
+    before = run_bytes(backend)[run.id]
     record = add(store, run, noisy(0, 5, 1))  # about 12 kB
-    assert run_bytes(path)[run.id] - before >= record.bytes > 9_000
+    assert run_bytes(backend)[run.id] - before >= record.bytes > 9_000
 
     with pytest.raises(DiskBudgetExhausted):
         add(store, run, noisy(5, 14, 2))
     with pytest.raises(DiskBudgetExhausted):  # a new execution is not even registered
         add(store, run, noisy(0, 14, 3), "e2")
-    assert store.executions("alice", run.id) == [record] and chunk_count(path) == 1
+    assert store.executions("alice", run.id) == [record] and chunk_count(backend) == 1
 
     bobs = make_run("bob")
     store.create(bobs)
@@ -388,28 +403,26 @@ def test_output_is_charged_and_over_a_cap_nothing_is_stored(path: Path) -> None:
     store.close()
 
 
-def test_a_deleted_run_takes_its_chunks_and_swept_rows(path: Path) -> None:
-    store = SqliteRunStore(path, RunLimits(max_bytes_per_user=40_000, retention_days=1))
+def test_a_deleted_run_takes_its_chunks_and_swept_rows(backend: Backend) -> None:
+    store = backend.open(max_bytes_per_user=40_000, retention_days=1)
     old = ended_run(store, "alice", T0)
     for n in range(3):
         add(store, old, noisy(n * 5, 5, n))
     store.mark_swept("alice", old.id, "node1")
-    assert chunk_count(path) == 3
+    assert chunk_count(backend) == 3
 
     run = make_run(started=T0 + 10)
     store.create(run)
     add(store, run, noisy(0, 12, 9))  # does not fit beside `old`: old goes, bytes come back
-    assert set(run_bytes(path)) == {run.id} and chunk_count(path) == 1
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT COUNT(*) FROM swept").fetchone()[0] == 0
-        assert db.execute("SELECT COUNT(*) FROM outputs").fetchone()[0] == 1
+    assert set(run_bytes(backend)) == {run.id} and chunk_count(backend) == 1
+    assert backend.rows("SELECT COUNT(*) FROM swept") == [(0,)]
+    assert backend.rows("SELECT COUNT(*) FROM outputs") == [(1,)]
 
     store.mark_swept("alice", run.id, "node1")
     store.update("alice", run.id, status="ok", ended=T0 + 11)
     assert store.prune(T0 + 5 * 86400) == 1
-    assert chunk_count(path) == 0 and run_bytes(path) == {}
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT COUNT(*) FROM swept").fetchone()[0] == 0
+    assert chunk_count(backend) == 0 and run_bytes(backend) == {}
+    assert backend.rows("SELECT COUNT(*) FROM swept") == [(0,)]
     again = make_run(started=T0 + 20)
     store.create(again)
     add(store, again, noisy(0, 15, 10))  # the whole cap is free again
@@ -443,7 +456,8 @@ def version_2_file(path: Path, outputs: list[tuple[str, str, list[Any]]]) -> Run
 def test_a_version_2_file_gives_the_same_output_back(path: Path) -> None:
     events = events_of(0, 40, 7) + events_of(50, 3)
     run = version_2_file(path, [("e1", "web1", events), ("e2", "web2", [])])
-    charged = run_bytes(path)[run.id]
+    sqlite = SqliteBackend(path)
+    charged = run_bytes(sqlite)[run.id]
 
     store = SqliteRunStore(path)
     assert store.output_page("alice", run.id, "e1", 0, 1000) == (events, 53)
@@ -454,7 +468,7 @@ def test_a_version_2_file_gives_the_same_output_back(path: Path) -> None:
     assert (first.host, first.node, first.next_seq, first.archived) == ("web1", "web1", 53, True)
     assert (second.execution_id, second.next_seq, second.bytes) == ("e2", 0, 0)
     empty = len(zlib.compress(b"", 6))  # e2's: it has no chunk, so nothing is charged for it
-    assert run_bytes(path)[run.id] == charged - empty  # e1's bytes are the same, in a chunk
+    assert run_bytes(sqlite)[run.id] == charged - empty  # e1's bytes are the same, in a chunk
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT SUM(LENGTH(data)) FROM outputs").fetchone()[0] == 0
         assert db.execute("SELECT SUM(bytes) FROM chunks").fetchone()[0] == first.bytes
@@ -470,7 +484,7 @@ def test_a_version_2_output_out_of_order_keeps_what_is_in_order(path: Path) -> N
     events, end = store.output_page("alice", run.id, "e1")
     assert events == [bad[0], bad[3]] and end == 3
     record = store.executions("alice", run.id)[0]
-    assert run_bytes(path)[run.id] == 100 + record.bytes  # charged what is stored now
+    assert run_bytes(SqliteBackend(path))[run.id] == 100 + record.bytes  # charged as stored now
     store.close()
 
 
@@ -507,9 +521,9 @@ def test_a_file_locked_by_another_process_is_try_again(path: Path) -> None:
 # The thread
 
 
-def test_the_thread_serves_the_new_calls(path: Path) -> None:
+def test_the_thread_serves_the_new_calls(backend: Backend) -> None:
     async def main() -> None:
-        wrapper = RunStoreThread(path, busy_timeout=0.5)
+        wrapper = RunStoreThread(backend.database, busy_timeout=0.5)
         try:
             run = make_run()
             await wrapper.call("create", run)
