@@ -140,8 +140,10 @@ ROOT_FIXTURES = {"alice", "bob", "carol", "start_agent", "shared_agent", "start_
 NETNS_FIXTURES = {"fleet", "network"}
 SLOW_PLACES = ("tests/load/", "tests/e2e/", "tests/test_packaging.py", "tests/agent/test_fuzz.py")
 # Places whose tests share an expensive module or session fixture (the e2e fleet, the packaging
-# venvs, the browser): under pytest-xdist (`--dist loadgroup`) each runs on one worker.
-ONE_WORKER_PLACES = ("tests/e2e/", "tests/test_packaging.py", "tests/controller/test_web.py",
+# venvs, the browser): under pytest-xdist (`--dist loadgroup`) each runs on one worker. A path
+# matches its first place: the thirty-agent test goes before the rest of tests/e2e/ (no fleet).
+ONE_WORKER_PLACES = ("tests/e2e/test_many_agents.py", "tests/e2e/", "tests/test_packaging.py",
+                     "tests/controller/test_web.py",
                      "tests/controller/test_main_page.py",
                      "tests/controller/test_runs_web.py", "tests/load/")
 
