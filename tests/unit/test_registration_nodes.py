@@ -21,6 +21,8 @@ def test_a_registered_name_never_takes_a_static_or_live_announced_one() -> None:
     assert registry.upsert(registered("rack")).source == "static"
     assert registry.upsert(registered("lan")).source == "mdns"
     assert registry.get("rack").host == "10.0.0.1" and registry.get("lan").host == "10.0.0.6"  # type: ignore[union-attr]
+    registry.set_health("rack", False, "unreachable")  # a static name stays even when down
+    assert registry.upsert(registered("rack")).source == "static"
 
 
 def test_an_announcement_never_takes_a_live_registered_name() -> None:
