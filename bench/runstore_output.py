@@ -1,10 +1,14 @@
 """Run store output: appending a page and reading a page of a 1,000,000-line execution.
 
     .venv/bin/python bench/runstore_output.py [--lines 1000000] [--chunk 20000] [--repeat 20]
+        [--store sqlite|postgres]
 
 One execution of `--lines` lines (events of 100 lines, each line ~60 characters with a
-counter, like a build log) is stored through `SqliteRunStore.add_output` in pages of `--chunk`
-lines (one chunk each), on a real SQLite file in a temp dir. Reported (medians):
+counter, like a build log) is stored through the store's `add_output` in pages of `--chunk`
+lines (one chunk each), on a real SQLite file in a temp dir (`--store sqlite`, the default) or
+in a fresh database of a throwaway PostgreSQL server on this machine (`--store postgres`:
+Debian's server, started as tests/support/postgres.py does, over loopback TCP; as root it runs
+as the `postgres` user). Reported (medians):
 
 - add_output of one `--chunk`-line page (the 50 appends of the default, each a transaction
   with its compression, charge and commit);
@@ -18,18 +22,22 @@ lines (one chunk each), on a real SQLite file in a temp dir. Reported (medians):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller.runstore import RunLimits, SqliteRunStore  # noqa: E402
+from controller.runstore import RunLimits, SqlRunStore, open_store  # noqa: E402
 from controller.runstore.chunks import decode, encode  # noqa: E402
+from tests.support.postgres import PostgresServer  # noqa: E402
+from tests.support.run import this_run  # noqa: E402
 from tests.unit.test_runstore import make_run  # noqa: E402
 
 PER_EVENT = 100
@@ -51,15 +59,31 @@ def ms(seconds: list[float]) -> str:
     return f"{statistics.median(seconds) * 1000:.2f} ms (min {min(seconds) * 1000:.2f})"
 
 
+@contextlib.contextmanager
+def database(kind: str) -> Iterator[Path | str]:
+    """A SQLite file in a temp dir, or a database of a throwaway PostgreSQL server."""
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(tmp) / "runs.sqlite3"
+        return
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix=f"marcotest-{this_run().tag}-pg-")))
+    try:
+        server.start()
+        yield server.url(server.create_database())
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--chunk", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = SqliteRunStore(Path(tmp) / "runs.sqlite3", RunLimits(max_bytes=1 << 40,
-                                                                   max_bytes_per_user=1 << 40))
+    with database(args.store) as where:
+        store: SqlRunStore = open_store(where, RunLimits(max_bytes=1 << 40,
+                                                         max_bytes_per_user=1 << 40))
         run = make_run()
         store.create(run)
         adds = []
@@ -91,6 +115,7 @@ def main() -> None:
         whole.append(time.perf_counter() - start)
     assert len(lines) == 1000
 
+    print(f"store: {args.store}")
     print(f"execution: {args.lines} lines in {len(adds)} chunks of {args.chunk}; "
           f"stored {record.bytes} bytes ({record.bytes / args.lines * 1e6 / 2**20:.1f} MiB "
           f"per 1,000,000 lines)")

@@ -68,23 +68,21 @@ def rows_by_name(cursor: Any) -> Any:
 
 class Connection:
     """The store's one connection, taking `?` placeholders; opened again on the next call
-    after it broke (the server restarted, the network dropped it)."""
+    after it broke (the server restarted, the network dropped it: that call was TryAgain)."""
 
     def __init__(self, url: str, busy_timeout: float) -> None:
         self.url, self.busy_timeout = url, busy_timeout
         self._connection: psycopg.Connection[Any] | None = None
 
     def get(self) -> psycopg.Connection[Any]:
-        if self._connection is None or self._connection.closed:
-            self._connection = connect(self.url, self.busy_timeout, rows_by_name)
-        return self._connection
-
-    def drop_if_broken(self) -> None:
-        """Forget a connection that can no longer be used (the next call opens another)."""
+        """The connection, opened again when the last one broke."""
         if self._connection is not None and (self._connection.broken
                                              or self._connection.closed):
             self._connection.close()
             self._connection = None
+        if self._connection is None:
+            self._connection = connect(self.url, self.busy_timeout, rows_by_name)
+        return self._connection
 
     def close(self) -> None:
         if self._connection is not None:
@@ -140,14 +138,12 @@ class PostgresRunStore(SqlRunStore):
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
         """One write transaction: all of it or nothing, after every other controller's
-        (WRITE_LOCK); the per-owner sums are read afresh."""
-        try:
-            with self._pg.get().transaction():
-                self._pg.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
-                self._budget.forget()
-                yield self._pg
-        finally:
-            self._budget.forget()  # rolled back, or another controller writes next
+        (WRITE_LOCK); the per-owner sums are read afresh (another controller may have
+        written since, or this one rolled back)."""
+        with self._pg.get().transaction():
+            self._pg.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+            self._budget.forget()
+            yield self._pg
 
     @contextmanager
     def _lazy_rows(self, sql: str, args: Sequence[Any], batch: int) -> Iterator[Iterator[Any]]:
@@ -167,7 +163,6 @@ class PostgresRunStore(SqlRunStore):
             return TryAgain("the runs database is busy (another controller holds it)",
                             hint="try again in a moment")
         if isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)):
-            self._pg.drop_if_broken()
             return TryAgain(f"the runs database {self.where} cannot be reached",
                             hint="try again in a moment")
         if isinstance(error, psycopg.DataError):
