@@ -200,6 +200,7 @@ async def serve(ctx: ControllerContext) -> None:
             await browser.stop()
         await close_server(server)
         await ctx.runs.close()
+        await ctx.shared.close()
         ctx.authenticator.close()
 
 

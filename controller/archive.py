@@ -51,7 +51,7 @@ class RunKeeper:
     def __init__(self, store: RunStoreThread, connector: AgentConnector,
                  registry: NodeRegistry, stale_after: float | None = None,
                  collect: CollectLimits = DEFAULT_LIMITS,
-                 signals: RunSignals | None = None) -> None:
+                 signals: RunSignals | None = None, shared: bool = False) -> None:
         self.store = store
         self.connector = connector
         self.registry = registry
@@ -61,14 +61,17 @@ class RunKeeper:
         # A running run idle this long ends as interrupted: the controller's token max age,
         # after which no token of its owner can send to it any more (None: never).
         self.stale_after = stale_after
+        # A store other controllers use too (PostgreSQL): a run left running may be theirs.
+        self.shared = shared
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """At start-up: runs left running by the previous process are interrupted, then the
-        store is pruned to its bounds."""
-        interrupted = await self.store.call("interrupt_running")
+        """At start-up: runs left running by the previous process are interrupted (unless
+        other controllers share the store: those end when stale), then the store is pruned
+        to its bounds."""
+        interrupted = 0 if self.shared else await self.store.call("interrupt_running")
         if interrupted:
             log.info("%d run(s) left running by the previous controller marked interrupted",
                      interrupted)

@@ -18,16 +18,18 @@ from marco.tls import ClientTls, ServerTlsFiles
 from marco.tokens import SERVICE_MAX_AGE, SERVICE_SALT, SecretKeys, TokenSigner
 
 from .archive import RunKeeper
-from .auth import LoginRateLimiter, PamAuthenticator
+from .auth import PamAuthenticator
 from .collector import CollectLimits
 from .config import ControllerConfig
 from .connector import AgentConnector
 from .pki import ClusterPki
+from .registration import Challenges, NodeCertificates, Registrations
 from .revoke import RevocationPusher
 from .run_output import ReadLimits
 from .run_search import SearchSlots
 from .run_signals import RunSignals
-from .runstore import RunLimits, RunStoreThread
+from .runstore import RunLimits, RunStoreThread, run_database
+from .shared_state import SharedLimits, SharedState, is_postgres, shared_state
 from .user_slots import UserSlots
 
 
@@ -59,6 +61,24 @@ def read_limits(config: ControllerConfig) -> ReadLimits:
                       output_lines=config.runs_output_page_lines)
 
 
+def registrations(config: ControllerConfig, secret: SecretKeys, registry: NodeRegistry,
+                  health: HealthMonitor, pki: ClusterPki | None) -> Registrations | None:
+    """The table of agents registering themselves, unless turned off or in --dev mode (no CA
+    to check their certificates)."""
+    if pki is None or not config.registration:
+        return None
+    return Registrations(registry, health.probe, NodeCertificates(pki.ca_file, pki.crl_file),
+                         Challenges(secret[-1], most=4 * config.registration_max),
+                         config.registration_ttl, config.registration_max)
+
+
+def shared_limits(config: ControllerConfig) -> SharedLimits:
+    """The shared state's settings (two controllers on one database: shared_state.py)."""
+    return SharedLimits(poll=config.shared_poll, listen=config.shared_listen,
+                        timeout=config.shared_timeout, max_failures=config.login_max_failures,
+                        window=config.login_lockout)
+
+
 @dataclass
 class ControllerContext:
     """Everything a handler needs; no module-level state."""
@@ -71,6 +91,7 @@ class ControllerContext:
     cookie_secret: dict[int, str]
     revocations: Revocations
     denied: DeniedTokens
+    shared: SharedState  # revocations and failed logins: files, or a database shared
     pusher: RevocationPusher
     connector: AgentConnector
     pki: ClusterPki | None          # None in development mode
@@ -79,21 +100,23 @@ class ControllerContext:
     listings: UserSlots  # a user's listings asking agents at once (run_output.py)
     downloads: UserSlots  # a user's output downloads at once (runs.py)
     searches: SearchSlots  # output searches at once, of a user and in all (run_search.py)
+    registrations: Registrations | None  # agents registering themselves; None: not accepted
 
     @classmethod
     def build(cls, config: ControllerConfig, secret: SecretKeys) -> ControllerContext:
         registry = NodeRegistry()
         for spec in config.node:
             registry.upsert(parse_static_node(spec))
-        limiter = LoginRateLimiter(config.login_max_failures, config.login_lockout)
         # The cookie key is derived from the cluster secret for this one purpose.
         # One cookie key per secret (versions 0..n-1): the newest signs, older cookies still
         # verify, so rotating the secret does not log browser sessions out.
         cookie_secret = {version: hmac.new(key, b"marco-controller-cookie",
                                            hashlib.sha256).hexdigest()
                          for version, key in enumerate(secret)}
-        revocations = Revocations(Path(config.state_dir) / "revocations.json")
-        denied = DeniedTokens(Path(config.state_dir) / "denied-tokens.json")
+        # What other controllers on the same database write too: read before any request.
+        shared = shared_state(config.database, Path(config.state_dir), shared_limits(config))
+        shared.open()
+        revocations, denied = shared.revocations, shared.denied
         pki, web_tls, agent_tls = None, None, None
         if not config.dev:
             pki = ClusterPki(config.pki_dir)
@@ -110,20 +133,24 @@ class ControllerContext:
         pusher = RevocationPusher(revocations, registry,
                                   TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT),
                                   connector, crl_file=pki.crl_file if pki else None,
-                                  denied=denied, signer=signer)
+                                  denied=denied, signer=signer, shared=shared)
         state_dir = Path(config.state_dir)
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the runs file opens now
-        store = RunStoreThread(state_dir / "runs.sqlite3", run_limits(config))
+        store = RunStoreThread(run_database(config.database, state_dir), run_limits(config))
+        signals = RunSignals(config.runs_max_waiting_per_user)
+        shared.attach_runs(signals)  # a run recorded here wakes its followers on the others
         runs = RunKeeper(store, connector, registry, stale_after=config.token_max_age,
-                         collect=collect_limits(config),
-                         signals=RunSignals(config.runs_max_waiting_per_user))
+                         collect=collect_limits(config), signals=signals,
+                         shared=is_postgres(config.database))
+        health = HealthMonitor(registry, config.health_interval, keys=secret, tls=agent_tls,
+                               failures=config.health_failures)
         return cls(config=config, signer=signer, denied=denied, runs=runs,
-                   authenticator=PamAuthenticator(config.pam_service, limiter,
+                   authenticator=PamAuthenticator(config.pam_service, shared.limiter,
                                                   LoginShells(config.login_shells)),
-                   registry=registry,
-                   health=HealthMonitor(registry, config.health_interval, keys=secret,
-                                        tls=agent_tls, failures=config.health_failures),
+                   registry=registry, health=health,
+                   registrations=registrations(config, secret, registry, health, pki),
                    cookie_secret=cookie_secret, revocations=revocations, pusher=pusher,
+                   shared=shared,
                    connector=connector, pki=pki, web_tls=web_tls,
                    listings=UserSlots(config.runs_read_listings_per_user),
                    downloads=UserSlots(config.runs_downloads_per_user),

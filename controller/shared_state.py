@@ -270,6 +270,7 @@ class PostgresState:
         self._publish: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = False  # whether the LISTEN connection is up
+        self.reloads = 0  # reads of the others' changes done so far
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -363,6 +364,7 @@ class PostgresState:
             cursor = await connection.execute(CHANGES, {"seq": self._seq})
             rows = await cursor.fetchall()
         revoked, denied = self._apply(rows)
+        self.reloads += 1
         if (revoked or denied) and self._listener is not None:
             log.info("read from the database: %d user(s) logged out everywhere, %d token(s) "
                      "logged out", len(revoked), len(denied))
