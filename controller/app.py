@@ -6,6 +6,7 @@ from pathlib import Path
 
 import tornado.web
 
+from marco.registration import REGISTER_PATH
 from marco.serving import log_request
 
 from .api import InventoryApi, LogoutApi, NodesApi, RevokeApi, RunApi, SessionApi, TokenApi
@@ -13,6 +14,7 @@ from .context import ControllerContext
 from .deploy import DeployApi
 from .page_socket import PageHub, PageSocket
 from .pages import IndexPage, LoginPage, LogoutPage, RunPage, RunsPage
+from .registration import RegisterApi
 from .relay import RelaySocket
 from .runs import ROUTES as RUN_ROUTES
 
@@ -40,8 +42,10 @@ def make_app(ctx: ControllerContext) -> tornado.web.Application:
     ]
     # The page's one socket (issue 15); its hub holds the status and output feeds it shares.
     page_socket = (r"/page-socket", PageSocket, {"ctx": ctx, "hub": PageHub(ctx)})
+    # Agents beyond one LAN register here (issue 15), authenticated by their certificates.
+    register = (REGISTER_PATH, RegisterApi, {"registrations": ctx.registrations})
     return tornado.web.Application(
-        [(path, handler, {"ctx": ctx}) for path, handler in routes] + [page_socket],
+        [(path, handler, {"ctx": ctx}) for path, handler in routes] + [page_socket, register],
         template_path=str(HERE / "templates"), static_path=str(HERE / "static"),
         cookie_secret=ctx.cookie_secret, key_version=max(ctx.cookie_secret), xsrf_cookies=True,
         login_url="/login",
