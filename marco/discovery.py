@@ -2,7 +2,9 @@
 
 `ZeroconfBrowser` adds and updates nodes as agents announce themselves and drops them on a
 goodbye once they no longer answer (anyone on the LAN can send a goodbye); the health monitor
-(marco.health) checks them afterwards.
+(marco.health) checks them afterwards. A service seen but not listed (its resolution or its
+first health check lost) is resolved again with doubling waits, and a browse query each
+`rebrowse` seconds finds agents whose announcements were all lost (`DiscoveryLimits`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
-from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf
+from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf, current_time_millis
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from marco.errors import ConfigError
@@ -26,14 +29,40 @@ log = logging.getLogger(__name__)
 RESOLVE_TIMEOUT_MS = 3000
 
 
+@dataclass(frozen=True)
+class DiscoveryLimits:
+    """How unlisted services are tried again: `retry_names` service names at most (more are
+    left to their next announcement), first `retry_first` seconds after a failure, the wait
+    doubling up to `retry_longest`; a browse query each `rebrowse` seconds (0: none after
+    zeroconf's own first four), which agents already known do not answer (known answers)."""
+
+    retry_names: int = 1024
+    retry_first: float = 1.0
+    retry_longest: float = 30.0
+    rebrowse: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.retry_names < 0 or not 0 < self.retry_first <= self.retry_longest:
+            raise ConfigError("discovery retries: names must be 0 or more and the first wait "
+                              "positive and at most the longest")
+        if self.rebrowse < 0:
+            raise ConfigError("discovery_rebrowse must be 0 (off) or positive")
+
+
 class ZeroconfBrowser:
     """Browses `_marco._tcp.local.` with QM questions on the given interface addresses."""
 
     def __init__(self, registry: NodeRegistry, interfaces: Sequence[str],
-                 verify: Callable[[Node], Awaitable[bool]] | None = None) -> None:
+                 verify: Callable[[Node], Awaitable[bool]] | None = None,
+                 limits: DiscoveryLimits | None = None) -> None:
         self.registry = registry
         self.interfaces = list(interfaces)
         self.verify = verify
+        self.limits = limits or DiscoveryLimits()
+        # Service names seen but not listed: the tries so far and the next one's timer
+        # (at most `retry_names`; a name leaves once listed or gone).
+        self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}
+        self._rebrowse: asyncio.Task[None] | None = None
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -56,7 +85,19 @@ class ZeroconfBrowser:
                                             handlers=[self._on_change],
                                             question_type=DNSQuestionType.QM)
         self.registry.on_change(self._node_changed)
+        if self.limits.rebrowse > 0:
+            self._rebrowse = asyncio.ensure_future(self._browse_again())
         log.info("browsing for agents on %s", ", ".join(self.interfaces))
+
+    async def _browse_again(self) -> None:
+        """A browse query each `rebrowse` seconds, with the known answers: zeroconf's own
+        queries stop after four unless a record nears its expiry (an hour), so an agent whose
+        announcements were all lost would wait that long."""
+        while True:
+            await asyncio.sleep(self.limits.rebrowse)
+            if self._browser is not None:
+                self._browser.query_scheduler.async_send_ready_queries(
+                    False, current_time_millis(), {SERVICE_TYPE})
 
     def _node_changed(self, node: Node) -> None:
         """A node whose name another agent also announced went away (goodbye, or down): that
@@ -84,6 +125,7 @@ class ZeroconfBrowser:
         """An agent said goodbye. Anyone on the LAN can send one, so with `verify` the node is
         asked first: an agent stops taking connections before its goodbye, and one that still
         proves itself is kept (a forged goodbye, or an agent back already)."""
+        self._retry_done(name)
         if self.verify is not None:
             for node in self.registry.announced_as(name):
                 if await self.verify(node):
@@ -102,37 +144,69 @@ class ZeroconfBrowser:
         self._resolving[name] = False
         try:
             while True:
-                await self._resolve_one(name)
+                settled = await self._resolve_one(name)
                 if not self._resolving[name]:
                     break
                 self._resolving[name] = False
         finally:
             del self._resolving[name]  # bounded by the names resolving right now
+        if settled:
+            self._retry_done(name)
+        else:
+            self._retry_later(name)
 
-    async def _resolve_one(self, name: str) -> None:
-        if self._zc is None:
+    def _retry_later(self, name: str) -> None:
+        """Resolve a service seen but not listed again later, each wait twice the last (up
+        to `retry_longest`), until it is listed or gone: its repeated announcements are
+        identical packets, which zeroconf does not pass on, so nothing else would."""
+        tries, timer = self._retries.pop(name, (0, None))
+        if timer is not None:
+            timer.cancel()
+        if self._loop is None or self._zc is None:
             return
+        if len(self._retries) >= self.limits.retry_names:
+            log.warning("%s is not listed and %d other services wait for another try: left "
+                        "to its next announcement", name, len(self._retries))
+            return
+        wait = min(self.limits.retry_longest, self.limits.retry_first * 2 ** min(tries, 30))
+        (log.warning if tries == 0 else log.debug)(
+            "%s is announced but not listed: trying again in %.1f s", name, wait)
+        self._retries[name] = (tries + 1, self._loop.call_later(
+            wait, self._handle, name, ServiceStateChange.Updated))
+
+    def _retry_done(self, name: str) -> None:
+        """The service is listed, held by another agent's node, or gone: no more tries."""
+        _, timer = self._retries.pop(name, (0, None))
+        if timer is not None:
+            timer.cancel()
+
+    async def _resolve_one(self, name: str) -> bool:
+        """Resolve and check one service: True once settled (listed, or its name held by a
+        live agent elsewhere), False if it may be tried again (not resolved, not proved)."""
+        if self._zc is None:
+            return True
         began = time.monotonic()
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         if not await info.async_request(self._zc.zeroconf, RESOLVE_TIMEOUT_MS,
                                         question_type=DNSQuestionType.QM):
-            log.warning("could not resolve %s", name)
-            return
+            log.info("could not resolve %s", name)
+            return False
         addresses = info.parsed_scoped_addresses()
         if not addresses or info.port is None:
-            return
+            return False
         txt = {k: v or "" for k, v in info.decoded_properties.items()}
         label = name[: -len(SERVICE_TYPE) - 1]
         node = Node(name=txt.get("node") or label, host=addresses[0], port=info.port, txt=txt,
                     source="mdns", service=name)
         resolved = time.monotonic()
         if self.verify is not None and not await self.verify(node):
-            return  # anyone can announce on a LAN; only agents holding the secret are nodes
+            return False  # anyone can announce on a LAN; only agents with the secret are nodes
         if await self._held_elsewhere(node):
-            return
+            return True
         self.registry.upsert(node)
         log.info("listed %s: resolved in %.3f s, proved in %.3f s", node.name,
                   resolved - began, time.monotonic() - resolved)
+        return True
 
     async def _held_elsewhere(self, node: Node) -> bool:
         """Does a live agent at another address still hold this node's name? Two agents
@@ -152,8 +226,10 @@ class ZeroconfBrowser:
         return True
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
+        for task in [*self._tasks, *([self._rebrowse] if self._rebrowse else [])]:
             task.cancel()
+        for name in list(self._retries):
+            self._retry_done(name)
         if self._browser is not None:
             await self._browser.async_cancel()
         if self._zc is not None:

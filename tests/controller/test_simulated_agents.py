@@ -48,3 +48,22 @@ def test_fifty_simulated_agents_are_listed_and_leave_with_their_goodbyes(
     # Goodbyes remove the nodes from the registry (a health failure would only mark them down).
     wait_for(lambda: not wanted & node_names(controller, token), 30,
              "the simulated agents' goodbyes to remove them")
+
+
+def test_an_agent_whose_first_health_check_fails_is_listed_without_announcing_again(
+        start_controller, pki: TestPki, secret_file: Path, signer: TokenSigner, tmp_path: Path,
+        unique_name) -> None:
+    """Its announcement was seen and its proof lost once: the controller tries it again (its
+    repeated announcements are identical packets, which zeroconf does not pass on)."""
+    token = signer.issue("sim-viewer")
+    controller = start_controller()
+    prefix = unique_name("simretry")
+    unlucky = f"{prefix}-1"
+    simulator = SimulatorProcess(pki, secret_file, tmp_path, prefix, 3,
+                                 fail_first_health=[unlucky])
+    try:
+        wait_for(lambda: set(simulator.names) <= set(controller.inventory_hosts(token)), 30,
+                 "the three simulated agents in /api/inventory, the unlucky one too")
+        assert f"failing a health check of {unlucky}" in simulator.log()
+    finally:
+        assert simulator.stop() == 0, simulator.log()

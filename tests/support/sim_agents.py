@@ -18,7 +18,8 @@ Each simulated agent is what the controller sees of an agent and no more:
   measurement). Stopping sends the goodbyes after the ports are closed, as the agent does.
 
 A simulated agent listed in `bad_proof` answers challenges with a wrong key: a real
-controller must never list it. Run it as `python -m tests.support.sim_agents` (see `main`);
+controller must never list it. One listed in `fail_first_health` answers its first health
+check 503 (a check lost once): a controller must still list it, without a new announcement. Run it as `python -m tests.support.sim_agents` (see `main`);
 `SimulatorProcess` starts one for a test or a benchmark and reads its ready file.
 """
 
@@ -84,6 +85,7 @@ class SimSettings:
     address: str = "127.0.0.1"
     per_responder: int = 1
     bad_proof: frozenset[str] = frozenset()
+    fail_first_health: frozenset[str] = frozenset()
     groups: tuple[str, ...] = ()
     status_interval: float = 1.0
 
@@ -114,6 +116,7 @@ class SimNode:
     port: int = 0
     subscribers: set[StreamSocket] = field(default_factory=set)
     sockets: int = 0
+    failures_left: int = 0  # health checks still to answer 503
 
     def facts(self, challenge: str | None) -> dict[str, Any]:
         """What `/v1/health` answers: the agent's facts, the proof when challenged."""
@@ -158,6 +161,11 @@ class HealthHandler(JsonApiMixin, tornado.web.RequestHandler):
 
     def get(self) -> None:
         log.debug("health of %s asked", self.node.name)  # which nodes a controller probes
+        if self.node.failures_left > 0:
+            self.node.failures_left -= 1
+            log.warning("failing a health check of %s (503)", self.node.name)
+            self.write_json({"error": "unavailable", "message": "simulated failure"}, 503)
+            return
         self.write_json(self.node.facts(self.get_query_argument("challenge", None)))
 
 
@@ -282,7 +290,9 @@ class Simulator:
         self.signer = TokenSigner(secret)
         self.service = TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT)
         self.nodes = [SimNode(name, WRONG_KEY if name in settings.bad_proof else secret[-1],
-                              settings.groups) for name in settings.names()]
+                              settings.groups,
+                              failures_left=int(name in settings.fail_first_health))
+                      for name in settings.names()]
         self._servers: list[Any] = []
         self._announcers: list[Announcer] = []
         self._responders: list[tuple[AsyncZeroconf, list[AsyncServiceInfo]]] = []
@@ -397,6 +407,7 @@ def parse_args(argv: Sequence[str] | None) -> SimSettings:
     parser.add_argument("--address", default="127.0.0.1")
     parser.add_argument("--per-responder", type=int, default=1)
     parser.add_argument("--bad-proof", action="append", default=[])
+    parser.add_argument("--fail-first-health", action="append", default=[])
     parser.add_argument("--groups", default="")
     parser.add_argument("--status-interval", type=float, default=1.0)
     parser.add_argument("--log-level", default="warning")
@@ -406,6 +417,7 @@ def parse_args(argv: Sequence[str] | None) -> SimSettings:
     return SimSettings(prefix=args.prefix, count=args.count, secret_file=args.secret_file,
                        pki_dir=args.pki_dir, ready_file=args.ready_file, address=args.address,
                        per_responder=args.per_responder, bad_proof=frozenset(args.bad_proof),
+                       fail_first_health=frozenset(args.fail_first_health),
                        groups=tuple(g for g in args.groups.split(",") if g),
                        status_interval=args.status_interval)
 
@@ -421,7 +433,8 @@ class SimulatorProcess:
 
     def __init__(self, pki: Any, secret_file: Path, work_dir: Path, prefix: str, count: int,
                  per_responder: int = 1, bad_proof: Sequence[str] = (),
-                 extra_args: Sequence[str] = (), ready_timeout: float = 120.0) -> None:
+                 fail_first_health: Sequence[str] = (), extra_args: Sequence[str] = (),
+                 ready_timeout: float = 120.0) -> None:
         names = SimSettings(prefix, count, secret_file, pki.dir, work_dir).names()
         for name in names:
             pki.agent_bundle(name)
@@ -433,7 +446,9 @@ class SimulatorProcess:
                    "--count", str(count), "--secret-file", str(secret_file),
                    "--pki-dir", str(pki.dir), "--ready-file", str(self.ready_file),
                    "--per-responder", str(per_responder),
-                   *[arg for name in bad_proof for arg in ("--bad-proof", name)], *extra_args]
+                   *[arg for name in bad_proof for arg in ("--bad-proof", name)],
+                   *[arg for name in fail_first_health
+                     for arg in ("--fail-first-health", name)], *extra_args]
         self.started = time.time()
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,

@@ -15,9 +15,10 @@ def test_announcements_during_a_resolution_make_one_more_pass() -> None:
     passes: list[str] = []
     release = asyncio.Event()
 
-    async def slow_resolve(name: str) -> None:  # stands in for an unanswered 2 s probe
+    async def slow_resolve(name: str) -> bool:  # stands in for an unanswered 2 s probe
         passes.append(name)
         await release.wait()
+        return True
 
     browser._resolve_one = slow_resolve  # type: ignore[method-assign]
 
