@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tornado.ioloop import PeriodicCallback
 
-from marco.discovery import ZeroconfBrowser
+from marco.discovery import DiscoveryLimits, ZeroconfBrowser
 from marco.errors import MarcoError
 from marco.nodes import parse_static_node
 from marco.protocol import choose_mdns_interfaces, require_loopback
@@ -110,6 +110,13 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> Controller
                                             DEFAULT_CONFIG_FILE))
 
 
+def discovery_limits(config: ControllerConfig) -> DiscoveryLimits:
+    """How the browser tries announced agents not listed yet (checked at start-up)."""
+    return DiscoveryLimits(retry_names=config.discovery_retry_names,
+                           retry_longest=config.discovery_retry_longest,
+                           rebrowse=config.discovery_rebrowse)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -122,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 require_loopback(address, "--dev (browsing on --mdns-interface)")
             for spec in config.node:
                 require_loopback(parse_static_node(spec).host, "--dev (static --node)")
+        discovery_limits(config)
         secret = load_secret(config.secret_file)
         ctx = ControllerContext.build(config, secret)
     except MarcoError as error:
@@ -171,7 +179,8 @@ async def serve(ctx: ControllerContext) -> None:
     if config.discovery:
         interfaces = choose_mdns_interfaces(config.bind, config.mdns_interface)
         if interfaces:
-            browser = ZeroconfBrowser(ctx.registry, interfaces, verify=ctx.health.verify)
+            browser = ZeroconfBrowser(ctx.registry, interfaces, verify=ctx.health.verify,
+                                      limits=discovery_limits(config))
         else:
             log.warning("not browsing: --bind %s is a wildcard and no --mdns-interface is set",
                         config.bind)

@@ -42,6 +42,15 @@ def controller_options() -> list[Option]:
         Option("health_interval", 2.0, "seconds between health checks of each agent", kind=float),
         Option("health_failures", 3, "health checks in a row an agent may leave unanswered "
                "before it is down (a wrong answer downs it at once)", kind=int),
+        Option("health_connection_max_age", 300.0, "seconds one kept connection carries an "
+               "agent's health checks before a new one (0: a new connection for each check)",
+               kind=float),
+        Option("discovery_retry_names", 1024, "announced agents not listed yet (resolution or "
+               "first check lost) tried again at once, most", kind=int),
+        Option("discovery_retry_longest", 30.0, "longest wait in seconds between two tries of an "
+               "announced agent not listed yet (the first is 1 s, then doubling)", kind=float),
+        Option("discovery_rebrowse", 60.0, "seconds between two browse queries for agents "
+               "whose announcements were all lost (0: none)", kind=float),
         Option("deploy_stall_timeout", 30.0, "seconds an agent may take no data during a "
                "deploy before it is dropped (the others go on)", kind=float),
         Option("login_max_failures", 5, "failed logins allowed per user and per client address "
@@ -191,6 +200,10 @@ class ControllerConfig:
     token_max_age: int
     health_interval: float
     health_failures: int
+    health_connection_max_age: float
+    discovery_retry_names: int
+    discovery_retry_longest: float
+    discovery_rebrowse: float
     deploy_stall_timeout: float
     login_max_failures: int
     login_lockout: int

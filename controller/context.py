@@ -143,7 +143,8 @@ class ControllerContext:
                          collect=collect_limits(config), signals=signals,
                          shared=is_postgres(config.database))
         health = HealthMonitor(registry, config.health_interval, keys=secret, tls=agent_tls,
-                               failures=config.health_failures)
+                               failures=config.health_failures,
+                               connection_max_age=config.health_connection_max_age)
         return cls(config=config, signer=signer, denied=denied, runs=runs,
                    authenticator=PamAuthenticator(config.pam_service, shared.limiter,
                                                   LoginShells(config.login_shells)),

@@ -24,7 +24,13 @@ from typing import Any
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError, UnsatisfiableReadError
 
 from marco.agent_api import AgentRequests, Request, describe, parse_answer
-from marco.errors import AgentUnreachable, CertificateRefused, MarcoError, ProtocolError
+from marco.errors import (
+    AgentUnreachable,
+    CertificateRefused,
+    ConfigError,
+    MarcoError,
+    ProtocolError,
+)
 from marco.nodes import Node, NodeRegistry
 from marco.tls import ClientTls, describe_tls_error
 from marco.tokens import verify_health_proof
@@ -182,6 +188,9 @@ class HealthMonitor:
         # answer (a busy node, a lost packet) does not drop it from the inventory; a wrong
         # answer (certificate, secret proof, name) drops it at once.
         self.failures = max(1, failures)
+        if connection_max_age < 0:
+            raise ConfigError("health_connection_max_age must be 0 (a connection per check) "
+                              f"or more, not {connection_max_age}")
         self.connection_max_age = connection_max_age
         self._missed: dict[str, int] = {}
         # One kept connection per node name, bounded by the registry's nodes (check_all
