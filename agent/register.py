@@ -142,6 +142,9 @@ class Registrar:
         self.registered = False
         self._last: tuple[Any, ...] | None = None  # the outcome logged last (log changes only)
         self._task: asyncio.Task[None] | None = None
+        # The exchange under way in its thread: cancelling the task does not stop it, and a
+        # renewal that lands after the deregistration would register the node again.
+        self._exchange: asyncio.Future[dict[str, Any]] | None = None
 
     def _body(self, action: str, nonce: str) -> dict[str, Any]:
         """The signed registration (certificate and key read now: a renewed one applies)."""
@@ -162,7 +165,9 @@ class Registrar:
         delay = FIRST_RETRY
         while True:
             try:
-                answer = await asyncio.to_thread(self._send, "register")
+                self._exchange = asyncio.ensure_future(asyncio.to_thread(self._send,
+                                                                         "register"))
+                answer = await asyncio.shield(self._exchange)
             except (MarcoError, OSError, ValueError) as error:
                 message = error.message if isinstance(error, MarcoError) else str(error)
                 log.warning("cannot register with %s: %s; trying again in %g s",
@@ -203,6 +208,11 @@ class Registrar:
             return
         self._task.cancel()
         self._task = None
+        exchange = self._exchange
+        if exchange is not None:
+            await asyncio.wait([exchange], timeout=TIMEOUT * 2)
+            if exchange.done() and not exchange.cancelled() and exchange.exception() is None:
+                self.registered = True  # it registered just now
         if not self.registered:
             return
         try:

@@ -243,7 +243,7 @@ class Registrations:
         if name not in self._entries or moved:
             log.info("%s registers at %s:%d", name, host, port)
         self._entries[name] = Registration(name, host, port, self._clock() + self.ttl)
-        if self._task is None:
+        if self._task is None or self._task.done():
             self.start()  # the expiry sweep runs on the loop that serves registrations
         answer: dict[str, Any] = {"registered": True, "ttl": self.ttl, "address": host}
         if known is not None and known.alive and (known.host, known.port) == (host, port):

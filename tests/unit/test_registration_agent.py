@@ -1,0 +1,96 @@
+"""The agent's side of registration (issue 15): whom it registers with."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from agent.register import ControllerLink, controller_address
+from marco.errors import AgentUnreachable, ConfigError
+from marco.tls import ServerTlsFiles
+from tests.support.pki import TestPki
+
+
+class Challenge(BaseHTTPRequestHandler):
+    """Answers every request as a controller would answer the challenge request."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._answer()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer()
+
+    def _answer(self) -> None:
+        body = b'{"nonce": "1.2.3", "ttl": 30, "registered": true, "listed": true}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    return TestPki(tmp_path_factory.mktemp("register-agent") / "pki")
+
+
+def serve(cert_file: Path, key_file: Path, ca_file: Path) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Challenge)
+    context = ServerTlsFiles(str(cert_file), str(key_file), str(ca_file),
+                             require_client_cert=False).context()
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def controller_url(pki: TestPki) -> Iterator[str]:
+    """A server with the controller's certificate (OU=controller, names 127.0.0.1)."""
+    yield from serve(pki.controller_cert, pki.controller_key, pki.ca_file)
+
+
+@pytest.fixture
+def impostor_url(pki: TestPki, tmp_path: Path) -> Iterator[str]:
+    """A server with a node certificate of the cluster that names 127.0.0.1 (OU=agent)."""
+    bundle = pki.issue("127.0.0.1", "agent", out_dir=tmp_path / "impostor")
+    yield from serve(bundle.cert_file, bundle.key_file, pki.ca_file)
+
+
+def test_the_agent_registers_with_the_clusters_controller(pki: TestPki,
+                                                          controller_url: str) -> None:
+    link = ControllerLink(controller_url, str(pki.ca_file), str(pki.crl_file))
+    assert link.exchange(lambda nonce: {"nonce": nonce})["listed"] is True
+
+
+def test_a_node_certificate_naming_the_controllers_host_is_not_the_controller(
+        pki: TestPki, impostor_url: str) -> None:
+    link = ControllerLink(impostor_url, str(pki.ca_file), str(pki.crl_file))
+    with pytest.raises(AgentUnreachable, match="not the controller's"):
+        link.exchange(lambda nonce: {"nonce": nonce})
+
+
+def test_a_controller_of_another_cluster_is_refused(tmp_path: Path,
+                                                   controller_url: str) -> None:
+    other = TestPki(tmp_path / "other")
+    link = ControllerLink(controller_url, str(other.ca_file), str(other.crl_file))
+    with pytest.raises(AgentUnreachable, match="not issued by this cluster's CA"):
+        link.exchange(lambda nonce: {"nonce": nonce})
+
+
+def test_the_controller_url_must_be_https_with_a_host() -> None:
+    assert controller_address("https://ctl.example:7380/") == ("ctl.example", 7380)
+    for url in ("http://ctl.example:7380", "https://:7380", "ctl.example", "https://h:99999"):
+        with pytest.raises(ConfigError):
+            controller_address(url)
