@@ -216,7 +216,8 @@ class SqlRunStore:
             args.append(check_status(status))
         if text:
             if not isinstance(text, str) or len(text) > MAX_TITLE:
-                raise BadRequest(f"the text to match is longer than {MAX_TITLE} characters")
+                raise BadRequest(f"the text to match is a string of at most {MAX_TITLE} "
+                                 "characters")
             if NUL in text:  # no title holds one (check_run)
                 return [], False
             where.append(self.TITLE_CONTAINS)
