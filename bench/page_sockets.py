@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import psutil
@@ -40,6 +44,8 @@ from tests.support.run import this_run  # noqa: E402
 from tests.support.users import create_user, remove_user  # noqa: E402
 
 Socket = tornado.websocket.WebSocketClientConnection
+STATUS_MARK = '"type":"status"'  # in each status, as marco.protocol.encode writes it
+OPENING_AT_ONCE = 32  # sockets being opened at once
 
 
 class Pages:
@@ -60,33 +66,55 @@ class Pages:
         self.sockets.append(ws)
         return ws
 
-    def read(self, ws: Socket, page: int, node: str | None) -> None:
-        self._readers.append(asyncio.ensure_future(self._read(ws, page, node)))
+    def read(self, ws: Socket, page: int, nodes: list[str], node: str | None) -> None:
+        self._readers.append(asyncio.ensure_future(self._read(ws, page, nodes, node)))
 
-    async def _read(self, ws: Socket, page: int, node: str | None) -> None:
+    async def _read(self, ws: Socket, page: int, nodes: list[str], node: str | None) -> None:
+        """Count the statuses `ws` brings; parse its frames only until its page had a status of
+        each of its nodes (`node` for a relay socket): the bench's own CPU competes with the
+        controller's on a small machine, and a substring count is much cheaper than JSON."""
+        missing = {node} if node is not None else set(nodes)
         while (message := await ws.read_message()) is not None:
+            count = message.count(STATUS_MARK) if isinstance(message, str) else 0
+            self.received += count
+            if not count or not missing:
+                continue
             event = json.loads(message)
             # The page socket batches statuses (one `statuses` frame); the relay does not.
             for one in event["statuses"] if event.get("type") == "statuses" else [event]:
                 if one.get("type") == "status":
-                    self.received += 1
-                    self.seen.add((page, node or one["node"]))
+                    seen = node or one["node"]
+                    missing.discard(seen)
+                    self.seen.add((page, seen))
+
+    async def each(self, jobs: list[Callable[[], Awaitable[None]]]) -> None:
+        """Run the socket openings, OPENING_AT_ONCE at a time (thousands, one by one, take
+        longer than the measure)."""
+        gate = asyncio.Semaphore(OPENING_AT_ONCE)
+
+        async def one(job: Callable[[], Awaitable[None]]) -> None:
+            async with gate:
+                await job()
+        await asyncio.gather(*(one(job) for job in jobs))
 
     async def open_relay(self, nodes: list[str]) -> None:
         """Today's page: one relay socket per node, status subscribed on each."""
-        for page, token in enumerate(self.tokens):
-            for node in nodes:
-                ws = await self.connect(f"/relay/{node}", token)
-                await ws.write_message(json.dumps({"type": "subscribe", "status": True}))
-                self.read(ws, page, node)
+        async def relay(page: int, token: str, node: str) -> None:
+            ws = await self.connect(f"/relay/{node}", token)
+            await ws.write_message(json.dumps({"type": "subscribe", "status": True}))
+            self.read(ws, page, nodes, node)
+        await self.each([functools.partial(relay, page, token, node)
+                         for page, token in enumerate(self.tokens) for node in nodes])
 
     async def open_page_sockets(self, nodes: list[str]) -> None:
         """The new page: one socket, every node watched over it."""
-        for page, token in enumerate(self.tokens):
+        async def page_socket(page: int, token: str) -> None:
             ws = await self.connect("/page-socket", token)
             for node in nodes:
                 await ws.write_message(json.dumps({"type": "watch", "node": node}))
-            self.read(ws, page, None)
+            self.read(ws, page, nodes, None)
+        await self.each([functools.partial(page_socket, page, token)
+                         for page, token in enumerate(self.tokens)])
 
     async def close(self) -> None:
         for ws in self.sockets:
@@ -145,6 +173,14 @@ async def measure(kind: str, controller: ControllerProcess, agents: list[AgentPr
     return result
 
 
+def raise_on_sigterm() -> None:
+    """SIGTERM (a `timeout`) ends the bench like Ctrl-C: through the `finally` that stops the
+    daemons and removes the users."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, default=10)
@@ -153,6 +189,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    raise_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="page-sockets-"))
     work.chmod(0o755)
     secret = work / "secret"
@@ -169,6 +206,8 @@ def main() -> None:
         nodes = [arg for a in agents for arg in ("--node", f"{a.node_name}={a.host}:{a.port}")]
         controller = ControllerProcess(secret, work, pam_service="login", pki=pki,
                                        extra_args=["--no-discovery", "--health-interval", "2",
+                                                   # every page watches every node
+                                                   "--page-max-nodes", str(max(64, args.agents)),
                                                    *nodes])
         daemons.append(controller)
         token = signer.issue(users[0].name)
