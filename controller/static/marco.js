@@ -24,6 +24,7 @@ const OUTPUT_CHARS = 64 * 1024 * 1024;  // output characters all execution views
                                         // shared out among them (the lines in sight always)
 const SHORT_OUTPUT = 12;           // lines an execution's box shows at their own height
 const ROW_MARGIN = 8;              // table rows rendered above and below those in sight
+const CARDS_AT_ONCE = 100;         // cards shown at first; coming to their end shows as many more
 const VIEW_KEY = "marco-node-view";
 const naturally = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
 
@@ -201,8 +202,9 @@ function followEnd(box) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// One node: its card (status; built once the cards view shows), its row's data, its output
-// pane, its watch over the page's socket (only while the page needs it: see wanted()).
+// One node: its card (status; built once the cards view shows it), its row's data, its output
+// pane (built with its first execution, or at once in a small cluster, where every pane shows),
+// its watch over the page's socket (only while the page needs it: see wanted()).
 class NodeView {
   constructor(app, node) {
     this.app = app;
@@ -212,6 +214,9 @@ class NodeView {
     this.linked = false;           // its hello came: replays and stops may be sent
     this.closed = false;
     this.card = null;
+    this.pane = null;
+    this.link = null;
+    this.linkState = ["not connected", true];   // what its pane's link line says, once built
     this.lastStatus = null;        // the agent's last status snapshot, for the card and the row
     this.cardInSight = false;
     this.rowInSight = false;
@@ -222,7 +227,6 @@ class NodeView {
     this.retryTimer = null;
     this.asked = [];               // replays sent on the open socket, oldest first: {view, read}
     this.forgotten = new Set();    // ids of views dropped: a late replay's lines make none again
-    this.buildPane();
     this.update(node);
   }
 
@@ -275,14 +279,22 @@ class NodeView {
     if (this.lastStatus) this.drawStatus(this.lastStatus);
   }
 
+  // The pane, built on first use (a thousand nodes without output build none) and placed
+  // among the others in the natural order of their names.
+  ensurePane() {
+    if (!this.pane) { this.buildPane(); this.app.placePane(this); }
+    return this.pane;
+  }
+
   buildPane() {
     const pane = el("div", "pane empty");
     pane.id = "pane-" + cssId(this.node.name);
     pane.dataset.node = this.node.name;
     const head = el("div", "pane-head");
     head.appendChild(el("b", "", this.node.name));
-    this.link = el("span", "link-state", "not connected");
+    this.link = el("span", "link-state");
     head.appendChild(this.link);
+    this.setLink(...this.linkState);
     pane.appendChild(head);
     this.list = el("div", "executions");
     stickToBottom(this.list);
@@ -344,6 +356,8 @@ class NodeView {
   }
 
   setLink(text, ok) {
+    this.linkState = [text, ok];
+    if (!this.link) return;
     this.link.textContent = text;
     this.link.classList.toggle("bad", !ok);
   }
@@ -452,6 +466,7 @@ class NodeView {
   execution(id, summary) {
     let view = this.executions.get(id);
     if (!view) {
+      this.ensurePane();
       view = new ExecutionView(this, id, summary || {});
       this.forgotten.delete(id);
       this.executions.set(id, view);
@@ -476,7 +491,7 @@ class NodeView {
     for (const id of this.forgotten) { if (this.forgotten.size <= 1000) break; this.forgotten.delete(id); }
     view.destroy();
     this.executions.delete(view.id);
-    this.pane.classList.toggle("empty", this.executions.size === 0);
+    this.pane?.classList.toggle("empty", this.executions.size === 0);
   }
 
   status(s) {
@@ -1042,7 +1057,11 @@ class OutputBudget {
 class App {
   constructor() {
     this.views = new Map();
+    this.ordered = [];             // the views in the natural order of their names (sc2, sc10)
     this.selected = new Set();     // the chosen nodes' names, shared by the cards and the table
+    this.cardLimit = CARDS_AT_ONCE; // cards shown (those the filter keeps, in order), at most
+    this.cardsShown = new Set();   // the views whose card is in the page now
+    this.shown = [];               // the views the filter keeps, in order
     this.mode = null;              // "cards" or "table"
     this.nodeCount = 0;
     this.sockets = new SocketSlots();
@@ -1056,6 +1075,10 @@ class App {
         const view = this.views.get(entry.target.dataset.node);
         if (view && view.cardInSight !== entry.isIntersecting) { view.cardInSight = entry.isIntersecting; view.reviewSocket(); }
       }
+    });
+    // Coming to the end of the cards shows as many more (the button does it for keyboards).
+    this.moreObserver = new IntersectionObserver((entries) => {
+      if (entries.some((e) => e.isIntersecting)) this.moreCards();
     });
   }
 
@@ -1105,13 +1128,14 @@ class App {
     $("#no-nodes").classList.toggle("hidden", nodes.length > 0);
     $("#node-count").textContent = `${nodes.filter((n) => n.alive).length} up / ${nodes.length}`;
     const seen = new Set();
+    let changed = false;
     for (const node of nodes) {
       seen.add(node.name);
       let view = this.views.get(node.name);
       if (!view) {
         view = new NodeView(this, node);
         this.views.set(node.name, view);
-        $("#panes").appendChild(view.pane);
+        changed = true;
       } else {
         view.update(node);
       }
@@ -1120,12 +1144,17 @@ class App {
       if (!seen.has(name)) {
         view.stop();
         if (view.card) { this.cardObserver.unobserve(view.card); view.card.remove(); }
-        view.pane.remove();
+        this.cardsShown.delete(view);
+        view.pane?.remove();
         this.views.delete(name);
         this.selected.delete(name);
+        changed = true;
       }
     }
+    // Sorted when the nodes change, not on every refresh.
+    if (changed) this.ordered = [...this.views.values()].sort((a, b) => naturally.compare(a.node.name, b.node.name));
     $("#panes").classList.toggle("many", nodes.length > SMALL_CLUSTER);
+    if (nodes.length <= SMALL_CLUSTER) for (const view of this.ordered) view.ensurePane();
     for (const view of this.views.values()) view.reviewSocket();   // the count may have crossed SMALL_CLUSTER
     this.groupChoices(nodes);
     if (this.mode === null) this.setMode(storedMode() || (nodes.length > TABLE_ABOVE ? "table" : "cards"), false);
@@ -1136,8 +1165,18 @@ class App {
   bindNodeTools() {
     $("#view-cards").addEventListener("click", () => this.setMode("cards", true));
     $("#view-table").addEventListener("click", () => this.setMode("table", true));
-    $("#node-search").addEventListener("input", () => this.showNodes());
-    $("#node-group").addEventListener("change", () => this.showNodes());
+    // A new filter shows its first cards again.
+    $("#node-search").addEventListener("input", () => { this.cardLimit = CARDS_AT_ONCE; this.showNodes(); });
+    $("#node-group").addEventListener("change", () => { this.cardLimit = CARDS_AT_ONCE; this.showNodes(); });
+    $("#more-cards").addEventListener("click", () => this.moreCards());
+    this.moreObserver.observe($("#more-cards"));
+  }
+
+  // A node's output pane, among the others in the natural order of their names.
+  placePane(view) {
+    const panes = $("#panes");
+    const next = [...panes.children].find((p) => naturally.compare(p.dataset.node, view.node.name) > 0);
+    panes.insertBefore(view.pane, next || null);
   }
 
   setMode(mode, remember) {
@@ -1150,35 +1189,67 @@ class App {
     this.showNodes();
   }
 
-  matches(view) {
+  // The filter as it is set now, as a test of one view (the search box and the group are read
+  // once, not once per node).
+  filter() {
     const text = $("#node-search").value.trim().toLowerCase(), group = $("#node-group").value;
-    const node = view.node;
-    if (group && !node.groups.includes(group)) return false;
-    return !text || [node.name, node.host, node.txt.os || "", ...node.groups].some((s) => s.toLowerCase().includes(text));
+    return (view) => {
+      const node = view.node;
+      if (group && !node.groups.includes(group)) return false;
+      return !text || [node.name, node.host, node.txt.os || "", ...node.groups].some((s) => s.toLowerCase().includes(text));
+    };
   }
 
-  // The nodes the filter keeps, in the view shown: cards (built on first show) or table rows.
+  // The nodes the filter keeps, in natural order, in the view shown: cards or table rows.
   showNodes() {
-    const all = [...this.views.values()];
-    const shown = all.filter((v) => this.matches(v));
+    const keep = this.filter();
+    const all = this.ordered, shown = all.filter(keep);
     const text = shown.length === all.length ? `${all.length} shown` : `${shown.length} of ${all.length} shown`;
     // Written only when it changes: it is a live region, and the refresh runs every 2 s.
     if ($("#node-shown").textContent !== text) $("#node-shown").textContent = text;
-    if (this.mode === "cards") {
-      const keep = new Set(shown);
-      for (const view of all) {
-        if (!view.card) { $("#nodes").appendChild(view.ensureCard()); this.cardObserver.observe(view.card); }
-        view.card.classList.toggle("hidden", !keep.has(view));
-      }
-    }
+    this.shown = shown;
+    this.showCards(this.mode === "cards" ? shown : []);
     this.table.setRows(this.mode === "table" ? shown : []);
-    this.showTicked();
+    this.showTicked(keep);
+  }
+
+  // The first `cardLimit` cards of those shown (each built on first show), in their order;
+  // cards no longer among them leave the page (their node is no longer in sight).
+  showCards(shown) {
+    const box = $("#nodes"), wanted = shown.slice(0, this.cardLimit);
+    const now = new Set(wanted);
+    for (const view of this.cardsShown) {
+      if (now.has(view)) continue;
+      this.cardObserver.unobserve(view.card);
+      view.card.remove();
+      if (view.cardInSight) { view.cardInSight = false; view.reviewSocket(); }
+    }
+    wanted.forEach((view, i) => {
+      const card = view.ensureCard(), at = box.children[i];
+      if (at !== card) box.insertBefore(card, at || null);
+      if (!this.cardsShown.has(view)) {
+        view.checkbox.checked = this.selected.has(view.node.name);   // ticked while away
+        this.cardObserver.observe(card);
+      }
+    });
+    this.cardsShown = now;
+    const more = $("#more-cards"), left = shown.length - wanted.length;
+    more.classList.toggle("hidden", left <= 0);
+    const label = `Show ${Math.min(left, CARDS_AT_ONCE)} more (${left} not shown yet)`;
+    if (left > 0 && more.textContent !== label) more.textContent = label;
+  }
+
+  // The next CARDS_AT_ONCE cards (the button, or the end of the cards coming into sight).
+  moreCards() {
+    if (this.mode !== "cards" || this.cardLimit >= this.shown.length) return;
+    this.cardLimit += CARDS_AT_ONCE;
+    this.showCards(this.shown);
   }
 
   // How many nodes Run and Deploy act on (the ticked nodes the filter shows), and how many
   // ticked ones the filter hides (left out).
-  showTicked() {
-    const on = this.chosen().length, hidden = this.selected.size - on;
+  showTicked(keep = this.filter()) {
+    const on = this.chosen(keep).length, hidden = this.selected.size - on;
     const text = (on ? `on the ${on} ticked node${on === 1 ? "" : "s"} shown` : "tick nodes above to act on them")
       + (hidden ? `; ${hidden} more ticked but hidden by the filter, left out` : "");
     if ($("#ticked").textContent !== text) $("#ticked").textContent = text;
@@ -1205,17 +1276,21 @@ class App {
     this.showTicked();
   }
 
-  // "all" chooses the nodes the filter shows; "none" clears every choice.
+  // "all" chooses the nodes the filter shows; "none" clears every choice. One pass over the
+  // nodes, then the boxes in the page are set once.
   selectAll(on) {
-    for (const view of this.views.values()) {
-      if (!on || this.matches(view)) this.select(view.node.name, on);
-    }
+    const keep = this.filter();
+    if (on) { for (const view of this.ordered) if (keep(view)) this.selected.add(view.node.name); }
+    else this.selected.clear();
+    for (const view of this.cardsShown) view.checkbox.checked = this.selected.has(view.node.name);
+    this.table.syncChecks();
+    this.showTicked(keep);
   }
 
-  // The nodes Run and Deploy act on: ticked and shown by the filter (a ticked node the
-  // filter hides is not acted on unseen).
-  chosen() {
-    return [...this.views.values()].filter((v) => this.selected.has(v.node.name) && this.matches(v)).map((v) => v.node.name);
+  // The nodes Run and Deploy act on, in natural order: ticked and shown by the filter (a
+  // ticked node the filter hides is not acted on unseen).
+  chosen(keep = this.filter()) {
+    return this.ordered.filter((v) => this.selected.has(v.node.name) && keep(v)).map((v) => v.node.name);
   }
 
   // Notices from the nodes' sockets have their own list: they never push results out.
