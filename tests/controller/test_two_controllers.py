@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from playwright.sync_api import Page, expect
 
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
@@ -18,10 +20,12 @@ from tests.support.controller_process import ControllerProcess
 from tests.support.http import call
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
+from tests.support.web import open_logged_in
 
 Pair = tuple[ControllerProcess, ControllerProcess, str]
 FOLLOW_WAIT = 25  # s a long poll may wait (the default runs_wait_max)
 FOLLOW_DEADLINE = 20.0  # s the test gives a follower on the other controller: less than that
+LIVE_MS = 15_000  # what a page on the other controller gets to show a batch: less than a wait
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -96,6 +100,28 @@ def test_a_run_recorded_through_one_is_listed_and_followed_live_on_the_other(
     assert [event["type"] for event in follower.answer[1]["events"]] == ["task_start"]
 
 
+def test_a_run_page_on_one_shows_the_run_recorded_through_the_other_live(
+        browser: Any, pair: Pair, alice: UnixUser, signer: TokenSigner) -> None:
+    a, b, node = pair
+    token = signer.issue(alice.name)
+    run_id = new_run(a, token, node)
+    send(a, token, run_id, {"type": "play_start", "play": "all", "play_id": "p1"}, task("t1"))
+    page: Page = browser.new_context().new_page()
+    open_logged_in(page, b, alice, f"/runs/{run_id}")
+    expect(page.locator("#run-status")).to_have_text("running")
+    # The page's long poll waits on B after the two events it has ...
+    wait_for(lambda: log_mentions(b, rf"run {run_id}: a read of {alice.name} waits for "
+                                     r"events after 2"), what="the page following on B")
+    # ... and shows A's next batch and the run's end before that wait is over.
+    send(a, token, run_id, {"type": "host_result", "task_id": "t1", "host": node,
+                            "status": "changed", "rc": 0, "duration": 0.1})
+    cell = page.locator(f'tr.grid-task[data-task="t1"] button.cell[data-host="{node}"]')
+    expect(cell).to_have_class(re.compile(r"\bstatus-changed\b"), timeout=LIVE_MS)
+    send(a, token, run_id, {"type": "recap", "stats": {node: {"ok": 1, "changed": 1}}})
+    expect(page.locator("#run-status")).to_have_text("ok", timeout=LIVE_MS)
+    page.context.close()
+
+
 def test_a_logout_on_one_is_refused_by_the_other(pair: Pair, alice: UnixUser,
                                                  signer: TokenSigner) -> None:
     a, b, _ = pair
@@ -139,12 +165,12 @@ def test_stopping_one_loses_nothing(pair: Pair, alice: UnixUser, signer: TokenSi
     assert status == 200 and run["status"] == "ok" and len(run["events"]) == 4
     # A comes back and sees all of it, and B's revocations made while it was down.
     assert call(b, "POST", "/api/revoke", token=signer.issue(alice.name))[0] == 200
-    back = a.restarted()
-    status, run = call(back, "GET", f"/api/runs/{run_id}", token=token)
-    assert status == 401  # logged out everywhere on B while A was down
-    fresh = wait_for(lambda: fresh_token(back, alice), what="a new login on A")
-    status, run = call(back, "GET", f"/api/runs/{run_id}", token=fresh)
-    assert status == 200 and run["status"] == "ok" and len(run["events"]) == 4
+    with restarted(a) as back:
+        status, run = call(back, "GET", f"/api/runs/{run_id}", token=token)
+        assert status == 401  # logged out everywhere on B while A was down
+        fresh = wait_for(lambda: fresh_token(back, alice), what="a new login on A")
+        status, run = call(back, "GET", f"/api/runs/{run_id}", token=fresh)
+        assert status == 200 and run["status"] == "ok" and len(run["events"]) == 4
 
 
 def test_a_run_left_running_survives_the_others_restart(pair: Pair, alice: UnixUser,
@@ -155,10 +181,21 @@ def test_a_run_left_running_survives_the_others_restart(pair: Pair, alice: UnixU
     token = signer.issue(alice.name)
     run_id = new_run(b, token, node)
     a.stop()
-    back = a.restarted()
-    status, run = call(back, "GET", f"/api/runs/{run_id}", token=token)
-    assert status == 200 and run["status"] == "running", run
-    send(back, token, run_id, task("after the restart"))
+    with restarted(a) as back:
+        status, run = call(back, "GET", f"/api/runs/{run_id}", token=token)
+        assert status == 200 and run["status"] == "running", run
+        send(back, token, run_id, task("after the restart"))
+
+
+@contextmanager
+def restarted(controller: ControllerProcess) -> Iterator[ControllerProcess]:
+    """`controller` (stopped) started again, and stopped after the block (the fixture stops
+    only the processes it started)."""
+    back = controller.restarted()
+    try:
+        yield back
+    finally:
+        back.stop()
 
 
 def fresh_token(controller: ControllerProcess, user: UnixUser) -> str | None:
