@@ -93,8 +93,9 @@ def registration_options() -> list[Option]:
         Option("registration", True, "accept agents that register themselves (marco-agent "
                "--controller URL) with their node certificate, where mDNS does not reach",
                flag=True),
-        Option("registration_ttl", 30.0, "seconds a registration lasts unless the agent renews "
-               "it; then the node leaves the inventory", kind=float),
+        Option("registration_ttl", 90.0, "seconds a registration lasts unless the agent renews "
+               "it; then the node is forgotten (a node that stops answering leaves the "
+               "inventory sooner, by its health checks)", kind=float),
         Option("registration_max", 2000, "registrations held at once (more: 503, the agent "
                "tries again later)", kind=int),
     ]
