@@ -68,7 +68,9 @@ async def open_page(controller: ControllerProcess, cookie: str | None) -> Page:
 
 def _controller_over(start_controller, *agents: AgentProcess) -> ControllerProcess:
     nodes = [arg for a in agents for arg in ("--node", f"{a.node_name}={a.host}:{a.port}")]
-    return start_controller(extra_args=["--no-discovery", *nodes])
+    # A connection per health check, closed after it: a kept one would count as an upstream.
+    return start_controller(extra_args=["--no-discovery", "--health-connection-max-age", "0",
+                                        *nodes])
 
 
 def _upstreams(controller: ControllerProcess, agent: AgentProcess) -> int:
