@@ -17,6 +17,7 @@ from typing import IO
 
 from marco.serving import Listening
 from tests.support.paths import ROOT
+from tests.support.run import RUN_VARIABLE, this_run
 from tests.support.waiting import wait_for
 
 
@@ -46,7 +47,9 @@ class DaemonProcess:
             command = ["ip", "netns", "exec", netns, *command]
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=dict(os.environ, **(env or {})), cwd=ROOT, user=user)
+                                        env=dict(os.environ, **(env or {}),
+                                                 **{RUN_VARIABLE: this_run().tag}),
+                                        cwd=ROOT, user=user)
         self.netns = netns
         self.port = self.wait_listening()
         self.wait_healthy()

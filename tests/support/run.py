@@ -9,6 +9,7 @@ runs never share a name, and a later run removes what a dead run left (its pid i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import grp
 import ipaddress
@@ -16,6 +17,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -118,9 +120,35 @@ def _leftover(name: str) -> bool:
     return match is not None and not alive(int(match.group(1), 16))
 
 
+RUN_VARIABLE = "MARCO_TEST_RUN"  # in every daemon a test starts: the tag of its run
+
+
+def _daemons_of_dead_runs() -> list[int]:
+    """Processes whose environment names a run (RUN_VARIABLE) that is gone: daemons a killed
+    test run left behind (their parent, pytest, died without stopping them)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+        prefix = RUN_VARIABLE.encode() + b"="
+        tag = next((v[len(prefix):] for v in environ if v.startswith(prefix)), None)
+        if tag and re.fullmatch(rb"[0-9a-f]+", tag) and not alive(int(tag, 16)):
+            found.append(int(entry.name))
+    return found
+
+
 def sweep_leftovers() -> list[str]:
-    """Remove what dead runs left: users, groups, files, namespaces, bridges; returns them."""
+    """Remove what dead runs left: daemons, users, groups, files, namespaces, bridges;
+    returns them."""
     removed: list[str] = []
+    for daemon in _daemons_of_dead_runs():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon, signal.SIGKILL)
+            removed.append(f"process {daemon}")
     for entry in pwd.getpwall():
         if entry.pw_name.startswith(("marcotest-", "marcoload-")) and _leftover(entry.pw_name):
             remove_user(entry.pw_name)
