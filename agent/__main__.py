@@ -20,7 +20,6 @@ from marco.settings import add_config_argument, add_options, load_settings
 from marco.tls import ServerTlsReloader
 from marco.tokens import DEFAULT_SECRET_FILE, create_secret, load_secret, rotate_secret
 
-from .announce import Announcement, Announcer
 from .app import make_app
 from .config import DEFAULT_CONFIG_FILE, AgentConfig, agent_options
 from .context import AgentContext
@@ -139,6 +138,9 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
         tls_watch.start()
     announcer = None
     if config.announce:
+        # Imported here: zeroconf is a tenth of the agent's start-up CPU, and an agent that
+        # registers with its controller instead (--no-announce) never needs it.
+        from .announce import Announcement, Announcer
         interfaces = choose_mdns_interfaces(config.bind, config.mdns_interface)
         if interfaces:
             announcer = Announcer(Announcement(
