@@ -2,18 +2,20 @@
 
 Usage (root, from the repo root, under the test lock):
 ``flock /tmp/marco-tests.lock .venv/bin/python bench/hundred_agents.py [--agents 100]
-[--forks 50] [--json FILE] [--no-playbook]``
+[--forks 50] [--stagger 0] [--listing-deadline 60] [--json FILE] [--no-playbook]``
 
 N network namespaces on one bridge (tests/support/netns.py), a real controller alone in the
 first one (out of reach of the root namespace's mDNS sockets), and one real `marco-agent` in
 each of the others with its own certificate from the cluster CA, all N started at once (one
-`Popen` after the other, no wait between). Measured:
+`Popen` after the other, no wait between; with `--stagger S`, one every S seconds). Agents not
+listed within `--listing-deadline` are named, stopped and left out of what follows. Measured:
 
 - per agent, from its process's start: serving (its log), announcing (its log), found by the
   controller (the controller's log), listed (seen in `/api/inventory`, polled every 50 ms):
   p50 and max;
 - the mDNS packets sent: UDP datagrams out of every namespace (`/proc/PID/net/snmp` of a
-  process in it; mDNS is their only UDP) from the start to all listed, and 2 s later;
+  process in it; mDNS is their only UDP) from the start to all listed, and 2 s later; and
+  the datagrams the controller's namespace received and dropped for a full socket buffer;
 - each agent's RSS and CPU (user + system) once all are listed, and before the herd one agent
   started alone: its CPU to serving and to listed, and the CPU of importing `agent.__main__`;
 - the page: one `/page-socket` watching all N nodes (the controller runs with
@@ -39,7 +41,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -179,21 +183,23 @@ def inventory(herd: Herd, token: str) -> set[str]:
     return set(herd.controller.inventory_hosts(token))
 
 
-def wait_listed(herd: Herd, agents: list[Agent], token: str,
-                deadline: float = DEADLINE) -> list[Agent]:
-    """Poll /api/inventory until every agent of `agents` is in it (each one's `listed` time)
-    or `deadline` seconds pass; the agents not listed by then."""
-    waiting = {agent.name: agent for agent in agents}
+def wait_listed(herd: Herd, names: set[str], token: str, deadline: float = DEADLINE,
+                stop: threading.Event | None = None) -> dict[str, float]:
+    """Poll /api/inventory until every name of `names` is in it, `deadline` seconds pass or
+    `stop` is set: when each was first seen (wall clock)."""
+    seen: dict[str, float] = {}
     ends = time.monotonic() + deadline
-    while waiting and time.monotonic() < ends:
+    while len(seen) < len(names) and time.monotonic() < ends:
+        if stop is not None and stop.is_set():
+            break
         now = time.time()
-        for name in inventory(herd, token) & set(waiting):
-            waiting.pop(name).listed = now
-        for agent in waiting.values():
-            if agent.process.poll() is not None:
+        for name in inventory(herd, token) & names - set(seen):
+            seen[name] = now
+        for agent in list(herd.agents):  # the herd grows while this polls
+            if agent.name in names and agent.process.poll() is not None:
                 raise RuntimeError(f"agent {agent.name} exited: {agent.log.read_text()[-2000:]}")
         time.sleep(POLL)
-    return list(waiting.values())
+    return seen
 
 
 def import_cpu(samples: int = 5) -> float:
@@ -218,8 +224,10 @@ def solo(herd: Herd, token: str) -> dict[str, float]:
             raise RuntimeError(f"the solo agent did not serve: {agent.log.read_text()[-2000:]}")
         time.sleep(0.01)
     at_serving, _ = cpu_rss(agent.process.pid)
-    if wait_listed(herd, [agent], token):
+    seen = wait_listed(herd, {agent.name}, token)
+    if agent.name not in seen:
         raise RuntimeError(f"the solo agent was not listed within {DEADLINE} s")
+    agent.listed = seen[agent.name]
     at_listed, rss = cpu_rss(agent.process.pid)
     agent.process.send_signal(signal.SIGTERM)
     agent.process.wait(15)
@@ -331,8 +339,9 @@ def playbook(herd: Herd, token: str, forks: int, local: int = 0) -> dict[str, An
             "files": len(list(target.glob("*.txt")))}
 
 
-def herd_phase(herd: Herd, count: int, token: str, deadline: float) -> dict[str, Any]:
-    """Start `count` agents at once; their steps, mDNS packets, CPU and RSS once all are listed
+def herd_phase(herd: Herd, count: int, token: str, deadline: float,
+               stagger: float = 0.0) -> dict[str, Any]:
+    """Start `count` agents at once (or one every `stagger` seconds); their steps, mDNS packets, CPU and RSS once all are listed
     (or `deadline` passed: those not listed by then are named and left out of what follows)."""
     assert herd.controller is not None
     controller_pid = herd.controller.process.pid
@@ -342,10 +351,24 @@ def herd_phase(herd: Herd, count: int, token: str, deadline: float) -> dict[str,
     for name in names:
         herd.pki.agent_bundle(name)  # issued before the clock starts
     load_before = os.getloadavg()[0]
-    agents = [start_agent(herd, name, host) for name, host in zip(names, hosts, strict=True)]
-    spawned = time.time() - agents[0].began
-    unlisted = wait_listed(herd, agents, token, deadline)
-    listed = [agent for agent in agents if agent not in unlisted]
+    agents: list[Agent] = []
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:  # polls while the agents start
+        polling = pool.submit(wait_listed, herd, set(names), token, deadline, stop)
+        try:
+            for name, host in zip(names, hosts, strict=True):
+                agents.append(start_agent(herd, name, host))
+                time.sleep(stagger)  # pacing the starts, when asked: not waiting for anything
+        finally:
+            spawned = time.time() - agents[0].began if agents else 0.0
+            if len(agents) < count:  # a start failed: the poller stops too
+                stop.set()
+        seen = polling.result()
+    listed: list[Agent] = []
+    unlisted: list[Agent] = []
+    for agent in agents:
+        agent.listed = seen.get(agent.name, 0.0)
+        (listed if agent.listed else unlisted).append(agent)
     all_listed = max(agent.listed for agent in listed) - agents[0].began
     usage = [cpu_rss(agent.process.pid) for agent in agents]
     # Fresh namespaces count from 0: what an agent's namespace sent is all the agent sent.
@@ -359,7 +382,7 @@ def herd_phase(herd: Herd, count: int, token: str, deadline: float) -> dict[str,
         agent.process.send_signal(signal.SIGTERM)
         agent.process.wait(15)
     return {
-        "agents": count, "listed": len(listed), "unlisted": sorted(a.name for a in unlisted),
+        "agents": count, "stagger_s": stagger, "listed": len(listed), "unlisted": sorted(a.name for a in unlisted),
         "spawn_all_s": round(spawned, 3), "load_before": load_before,
         "first_start_to_last_listed_s": round(all_listed, 3),
         "steps_from_start_s": steps(herd, listed),
@@ -390,7 +413,8 @@ def bench(herd: Herd, options: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"namespaces_created_s": round(created, 1),
                                "import_cpu_s": round(import_cpu(), 3),
                                "solo": solo(herd, token)}
-    results["herd"] = herd_phase(herd, options.agents, token, options.listing_deadline)
+    results["herd"] = herd_phase(herd, options.agents, token, options.listing_deadline,
+                                 options.stagger)
     print(json.dumps(results, indent=2), file=sys.stderr)
     names = [agent.name for agent in herd.agents if agent.process.poll() is None]
     results["page_all_statuses_s"] = round(asyncio.run(page_sees_all(herd, token, names)), 2)
@@ -408,6 +432,8 @@ def main() -> int:
     parser.add_argument("--forks", type=int, default=50)
     parser.add_argument("--listing-deadline", type=float, default=60.0,
                         help="seconds for the herd to be listed; the rest are left out")
+    parser.add_argument("--stagger", type=float, default=0.0,
+                        help="seconds between two agents' starts (default 0: all at once)")
     parser.add_argument("--no-playbook", action="store_true")
     parser.add_argument("--json", type=Path)
     options = parser.parse_args()
