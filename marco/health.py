@@ -267,10 +267,12 @@ class HealthMonitor:
             async with asyncio.timeout(HEALTH_TIMEOUT):
                 try:
                     answer = await connection.get(request)
-                except (OSError, EOFError) as exc:
-                    if not connection.used or isinstance(exc, ssl.SSLError):
+                except (OSError, EOFError):
+                    if not connection.used:
                         raise
-                    connection.close()  # the agent closed it while idle: a new one
+                    # Closed by the agent while idle (or restarted): a new connection, whose
+                    # handshake shows any refusal of certificates afresh.
+                    connection.close()
                     connection = HealthConnection(node.host, node.port, context)
                     answer = await connection.get(request)
         except BaseException as exc:
