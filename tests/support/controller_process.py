@@ -43,10 +43,12 @@ class ControllerProcess(DaemonProcess):
         super().__init__(args, home / "controller.log", bind, home / "state",
                          netns=netns, ssl_context=context)
 
-    def restarted(self) -> ControllerProcess:
+    def restarted(self, more_args: Sequence[str] = ()) -> ControllerProcess:
         """A new process with everything this one had: state dir, port, options (for restarts
-        after `stop()`); its log starts afresh."""
-        return ControllerProcess(port=self.port, **self._arguments)  # type: ignore[arg-type]
+        after `stop()`), and `more_args` after them; its log starts afresh."""
+        arguments = dict(self._arguments, extra_args=[*self._arguments["extra_args"],  # type: ignore[misc]
+                                                      *more_args])
+        return ControllerProcess(port=self.port, **arguments)  # type: ignore[arg-type]
 
     @property
     def ws_url(self) -> str:
