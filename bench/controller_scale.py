@@ -1,7 +1,8 @@
 """The controller alone against 10, 100 and 1,000 simulated agents (issue 15, item 2).
 
     sudo flock /tmp/marco-tests.lock .venv/bin/python bench/controller_scale.py \
-        [--counts 10,100,1000] [--per-responder 1] [--health-interval 2] [--json FILE]
+        [--counts 10,100,1000] [--per-responder 1] [--health-interval 2] [--json FILE] \
+        [--rmem BYTES] [--controller-arg=--health-connection-max-age=0 ...]
 
 For each count N, in a fresh real controller (default settings but its health interval):
 
@@ -15,6 +16,14 @@ For each count N, in a fresh real controller (default settings but its health in
 - status: `--page-nodes` status subscriptions as a page makes them today (one /relay/NODE
   WebSocket per node, see `RelayPage`), the controller's CPU per status message relayed;
 - goodbye: from SIGTERM of the simulator to all N gone from /api/nodes.
+
+`--rmem BYTES` raises the host's UDP receive buffers (net.core.rmem_default and rmem_max)
+for the bench and restores them after: on loopback every mDNS socket receives every packet,
+and zeroconf's sockets keep the default size (208 KiB), so at 1,000 agents the host drops
+datagrams that a LAN of separate hosts would deliver. `--controller-arg` passes settings to
+the controller (e.g. `--health-connection-max-age=0 --discovery-retry-names=0
+--discovery-rebrowse=0`: a health check per connection and no retries, the behaviour before
+issue 15's fixes).
 
 Needs root (a packet socket). Shares the machine with the tests: take their lock.
 """
@@ -33,6 +42,7 @@ import signal
 import socket
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -256,6 +266,7 @@ class Result:
     listed_max_s: float = 0.0
     listed: int = 0
     listed_after_idle: int = 0
+    retried: int = 0  # services the controller had to resolve again (first tries logged)
     mdns: MdnsCount = field(default_factory=MdnsCount)
     udp_drops: int = 0
     rss_base_mib: float = 0.0
@@ -311,7 +322,8 @@ class Bench:
         controller = ControllerProcess(
             self.secret_file, home, "marco-bench-unused", pki=self.pki,
             extra_args=["--health-interval", str(self.args.health_interval),
-                        "--log-level", self.args.controller_log_level])
+                        "--log-level", self.args.controller_log_level,
+                        *self.args.controller_arg])
         api = Api(controller, self.token)
         fleet = SimFleet()
         try:
@@ -364,11 +376,27 @@ class Bench:
 
     def idle(self, controller: ControllerProcess, fleet: SimFleet, result: Result) -> None:
         time.sleep(self.args.settle)
+        profiler = self.profile(controller.process.pid, result.nodes)
         controller_cpu, *simulators = self.cpu_percent(
             [controller.process.pid, *(sim.process.pid for sim in fleet.processes)])
+        if profiler is not None:
+            profiler.wait()
         result.idle_cpu_percent, result.sim_idle_cpu_percent = controller_cpu, sum(simulators)
         result.listed_after_idle = len(Api.listed_now(controller, self.token, fleet.names))
+        result.retried = controller.log().count("is announced but not listed")
         result.rss_mib = rss_mib(controller.process.pid)
+
+    def profile(self, pid: int, count: int) -> subprocess.Popen[bytes] | None:
+        """With --py-spy DIR: sample the controller over the idle window (py-spy pauses it to
+        sample, so its CPU figure is a little high in that run)."""
+        if self.args.py_spy is None:
+            return None
+        self.args.py_spy.mkdir(parents=True, exist_ok=True)
+        out = self.args.py_spy / f"controller-{count}.txt"
+        return subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record",
+                                 "-p", str(pid), "-d", str(int(self.args.idle_seconds)),
+                                 "-f", "raw", "-o", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def cpu_percent(self, pids: list[int]) -> list[float]:
         """Each process's CPU over `--idle-seconds`, in % of one core."""
@@ -446,6 +474,7 @@ def table(results: list[Result]) -> str:
             ("listed p50 / max (s)", lambda r: f"{r.listed_p50_s:.2f} / {r.listed_max_s:.2f}"),
             ("listed at the deadline / after idle",
              lambda r: f"{r.listed} / {r.listed_after_idle}"),
+            ("services resolved again (not listed at first)", lambda r: f"{r.retried}"),
             ("mDNS packets: queries / answers (KiB)",
              lambda r: f"{r.mdns.queries} / {r.mdns.answers} ({r.mdns.bytes / 1024:.0f})"),
             ("UDP datagrams dropped (full buffers, host)", lambda r: f"{r.udp_drops}"),
@@ -494,9 +523,41 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--discovery-timeout", type=float, default=120.0)
     parser.add_argument("--controller-log-level", default="info")
     parser.add_argument("--sim-log-level", default="warning")
+    parser.add_argument("--rmem", type=int, default=0, metavar="BYTES",
+                        help="raise net.core.rmem_default and rmem_max to BYTES for the bench "
+                             "(restored after); 0: leave them")
+    parser.add_argument("--controller-arg", action="append", default=[], metavar="ARG",
+                        help="a controller argument (repeatable; write --name=value)")
+    parser.add_argument("--py-spy", type=Path, metavar="DIR",
+                        help="profile the controller over the idle window into DIR (raw "
+                             "collapsed stacks, one file per count)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args()
+
+
+RMEM = (Path("/proc/sys/net/core/rmem_max"), Path("/proc/sys/net/core/rmem_default"))
+
+
+class ReceiveBuffers:
+    """The host's default and largest socket receive buffers raised to `size` while in the
+    `with` block (new sockets get the default; zeroconf sets none), then put back."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.saved: list[str] = []
+
+    def __enter__(self) -> ReceiveBuffers:
+        if self.size:
+            self.saved = [path.read_text() for path in RMEM]
+            for path in RMEM:  # rmem_max first: the default may not exceed it
+                path.write_text(str(max(self.size, int(self.saved[0]))
+                                    if path.name == "rmem_max" else self.size))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for path, value in reversed(list(zip(RMEM, self.saved, strict=True))):
+            path.write_text(value)
 
 
 def main() -> int:
@@ -505,6 +566,13 @@ def main() -> int:
         raise SystemExit("run as root (a packet socket counts the mDNS packets)")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the controller inherits it
+    # A SIGTERM (timeout, kill) unwinds: the host's buffers are put back, the daemons stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with ReceiveBuffers(args.rmem):
+        return run_all(args)
+
+
+def run_all(args: argparse.Namespace) -> int:
     results = []
     work = Path(tempfile.mkdtemp(prefix="marco-scale-"))
     os.chmod(work, 0o755)
