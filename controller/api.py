@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from marco.errors import BadRequest, MarcoError, to_body
-from marco.inventory import build_inventory, host_vars
+from marco.inventory import build_inventory, host_vars, natural_key
 
 from .archive import outcome_of
 from .runs import run_url
@@ -58,13 +58,14 @@ class TokenApi(ApiHandler):
 
 
 class NodesApi(ApiHandler):
-    """GET /api/nodes: every known node, alive or not; `tls` is how clients must reach it (the
-    controller's own mode, never what the node announced)."""
+    """GET /api/nodes: every known node, alive or not, in natural order of their names (sc2
+    before sc10); `tls` is how clients must reach it (the controller's own mode, never what
+    the node announced)."""
 
     def get(self) -> None:
         self.require_user()
-        self.write_json({"nodes": [{**n.summary(), "tls": self.agents_tls}
-                                   for n in self.ctx.registry.all()]})
+        nodes = sorted(self.ctx.registry.all(), key=lambda n: natural_key(n.name))
+        self.write_json({"nodes": [{**n.summary(), "tls": self.agents_tls} for n in nodes]})
 
 
 class InventoryApi(ApiHandler):

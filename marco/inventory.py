@@ -7,6 +7,14 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 _GROUP_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple[tuple[str | int, ...], str]:
+    """Sorts names as people count: sc2 before sc10 (runs of digits compare as numbers; split
+    on them, text and numbers alternate, so each place holds one type), then by the name."""
+    parts = _DIGITS.split(name)
+    return tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts)), name
 
 
 class InventoryNode(Protocol):
@@ -58,14 +66,14 @@ def build_inventory(nodes: Iterable[InventoryNode], tls: bool = True) -> dict[st
     """The `--list` JSON: `all`, one group per TXT group and per OS, `_meta.hostvars`."""
     hostvars: dict[str, dict[str, Any]] = {}
     groups: dict[str, list[str]] = {}
-    for node in sorted(nodes, key=lambda n: n.name):
+    for node in sorted(nodes, key=lambda n: natural_key(n.name)):
         hostvars[node.name] = host_vars(node, tls)
         for group in node_groups(node):
             groups.setdefault(group, []).append(node.name)
     inventory: dict[str, Any] = {
         "_meta": {"hostvars": hostvars},
-        "all": {"hosts": sorted(hostvars), "children": sorted(groups)},
+        "all": {"hosts": list(hostvars), "children": sorted(groups, key=natural_key)},
     }
-    for group, hosts in sorted(groups.items()):
+    for group, hosts in sorted(groups.items(), key=lambda item: natural_key(item[0])):
         inventory[group] = {"hosts": hosts}
     return inventory
