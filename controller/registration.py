@@ -116,6 +116,8 @@ class Challenges:
     def __init__(self, key: bytes, most: int, clock: Callable[[], float] = time.time) -> None:
         self._key = hmac.new(key, b"marco-registration-challenge", hashlib.sha256).digest()
         self.most, self._clock = most, clock
+        # Used challenges in the order they were used, each with when it may be forgotten
+        # (the same lifetime for all: the oldest are first to go).
         self._used: dict[str, float] = {}
 
     def _mac(self, text: str) -> str:
@@ -144,7 +146,8 @@ class Challenges:
     def use(self, nonce: str) -> None:
         """Remember a challenge a registration used (refused again until it expires)."""
         now = self._clock()
-        self._used = {n: t for n, t in self._used.items() if t > now}
+        while self._used and next(iter(self._used.values())) <= now:
+            del self._used[next(iter(self._used))]
         if len(self._used) >= self.most:
             raise TryAgain("too many registrations at once; try again in a moment")
         self._used[nonce] = now + CHALLENGE_SECONDS + CLOCK_SKEW

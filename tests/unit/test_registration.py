@@ -204,3 +204,14 @@ def test_malformed_registrations_are_bad_requests(pki, register) -> None:
                     {"address": "controller.example"}, {"node": ""}):
         with pytest.raises(BadRequest):
             send("reg-bad", changed=changed)
+
+
+def test_used_challenges_are_bounded_and_forgotten_once_expired() -> None:
+    clock = Clock()
+    challenges = Challenges(SECRET, most=2, clock=clock)
+    for _ in range(2):
+        challenges.use(challenges.check(challenges.issue()))
+    with pytest.raises(TryAgain):
+        challenges.use(challenges.check(challenges.issue()))
+    clock.now += 40  # the used ones have expired: no longer remembered, room again
+    challenges.use(challenges.check(challenges.issue()))
