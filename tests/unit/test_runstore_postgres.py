@@ -135,6 +135,25 @@ def test_the_database_setting_picks_the_store(tmp_path: Path) -> None:
             run_database(bad, tmp_path)
 
 
+def test_a_silent_server_is_given_up_on_unless_the_url_says_otherwise(postgres_url: str) -> None:
+    """TCP keepalives and a TCP user timeout (libpq's) by default, so that a network cut
+    with no reset ends a call instead of holding the store's thread; the URL's own win."""
+    def options(store: PostgresRunStore) -> dict[str, bytes | None]:
+        return {option.keyword.decode(): option.val
+                for option in store._pg.get().pgconn.info}  # what libpq connected with
+
+    store = PostgresRunStore(postgres_url)
+    assert {key: options(store)[key] for key in ("keepalives_idle", "tcp_user_timeout",
+                                                 "connect_timeout", "application_name")} \
+        == {"keepalives_idle": b"10", "tcp_user_timeout": b"30000", "connect_timeout": b"10",
+            "application_name": b"marco-controller"}
+    store.close()
+    store = PostgresRunStore(f"{postgres_url}?tcp_user_timeout=5000&application_name=mine")
+    assert (options(store)["tcp_user_timeout"], options(store)["application_name"]) == (
+        b"5000", b"mine")
+    store.close()
+
+
 def test_a_dropped_connection_is_try_again_then_opened_again(
         store: PostgresRunStore, postgres_server: PostgresServer, postgres_url: str) -> None:
     """The server ended the connection (a restart, a failover): the call in flight is a 503,
