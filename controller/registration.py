@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 SOURCE = "registered"
 CHALLENGE_SECONDS = 30  # a challenge's lifetime: one exchange, with slack for a slow link
 CLOCK_SKEW = 2  # seconds a challenge may come from the future (two controllers' clocks)
+LIFETIME = CHALLENGE_SECONDS + CLOCK_SKEW  # seconds a used challenge is remembered
+# Registrations one node may make within LIFETIME: an agent renewing every second (the
+# fastest the tests use) with its jitter, and a few retries, stay under it.
+PER_NODE = 48
 
 
 class NodeCertificates:
@@ -111,14 +115,18 @@ def _subject(certificate: x509.Certificate, oid: x509.ObjectIdentifier) -> str |
 class Challenges:
     """Fresh challenges without state: the time, a random part and an HMAC of both under a key
     derived from the cluster secret (two controllers accept each other's). A challenge serves
-    one registration: the ones used are remembered until they expire, at most `most`."""
+    one registration: the ones used are remembered by node name until they expire, at most
+    `per_node` for one name (a node renewing in a loop is refused, no other) and `most` names
+    (every registered node renewing, and as many deregistering or refused, fit)."""
 
-    def __init__(self, key: bytes, most: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, key: bytes, most: int, clock: Callable[[], float] = time.time,
+                 per_node: int = PER_NODE) -> None:
         self._key = hmac.new(key, b"marco-registration-challenge", hashlib.sha256).digest()
-        self.most, self._clock = most, clock
-        # Used challenges in the order they were used, each with when it may be forgotten
-        # (the same lifetime for all: the oldest are first to go).
-        self._used: dict[str, float] = {}
+        self.most, self.per_node, self._clock = most, per_node, clock
+        # Node name: its used challenges, each with when it may be forgotten (one lifetime for
+        # all: the oldest go first). Names in the order of their last use, so the names whose
+        # challenges all expired are the first ones.
+        self._used: dict[str, dict[str, float]] = {}
 
     def _mac(self, text: str) -> str:
         return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()[:32]
@@ -127,8 +135,9 @@ class Challenges:
         text = f"{int(self._clock())}.{secrets.token_hex(8)}"
         return f"{text}.{self._mac(text)}"
 
-    def check(self, nonce: object) -> str:
-        """The challenge if this controller made it recently and it was not used yet."""
+    def check(self, nonce: object, node: str) -> str:
+        """The challenge if this controller made it recently and `node` did not use it yet
+        (a replay is the same node's: the signature covers the name)."""
         stamp_text, _, rest = str(nonce).partition(".")
         random_part, _, mac = rest.partition(".")
         fresh = False
@@ -139,18 +148,36 @@ class Challenges:
         if not fresh:
             raise AuthenticationError("the challenge is not this controller's or has expired",
                                       hint="ask GET /api/register for a new one")
-        if nonce in self._used:
+        if nonce in self._used.get(node, {}):
             raise AuthenticationError("the challenge was used already")
         return str(nonce)
 
-    def use(self, nonce: str) -> None:
-        """Remember a challenge a registration used (refused again until it expires)."""
+    def _forget_expired(self, now: float) -> None:
+        """Drop the names whose newest used challenge expired (oldest names first)."""
+        while self._used:
+            name, used = next(iter(self._used.items()))
+            if next(reversed(used.values())) > now:
+                return
+            del self._used[name]
+
+    def use(self, nonce: str, node: str) -> None:
+        """Remember a challenge `node` used (refused again until it expires); TryAgain when
+        that node registers too often, or too many nodes register at once."""
         now = self._clock()
-        while self._used and next(iter(self._used.values())) <= now:
-            del self._used[next(iter(self._used))]
-        if len(self._used) >= self.most:
+        self._forget_expired(now)
+        used = self._used.get(node, {})
+        while used and next(iter(used.values())) <= now:
+            del used[next(iter(used))]
+        if len(used) >= self.per_node:
+            log.warning("refusing a registration of %s: %d within %d s", node, len(used),
+                        LIFETIME)
+            raise TryAgain(f"node {node!r} registered {len(used)} times within {LIFETIME} s; "
+                           "try again in a moment")
+        if node not in self._used and len(self._used) >= self.most:
             raise TryAgain("too many registrations at once; try again in a moment")
-        self._used[nonce] = now + CHALLENGE_SECONDS + CLOCK_SKEW
+        used[nonce] = now + LIFETIME
+        self._used.pop(node, None)
+        self._used[node] = used  # last used now: the end of the order
 
 
 @dataclass
@@ -224,11 +251,11 @@ class Registrations:
     async def handle(self, body: Any, source: str) -> dict[str, Any]:
         """One registration or deregistration, authenticated, from the address `source`."""
         request = RegistrationRequest.parse(body)
-        nonce = self.challenges.check(request.nonce)
+        nonce = self.challenges.check(request.nonce, request.node)
         certificate = self.certificates.check(request.certificate, request.node)
         if not signature_valid(certificate, request.message(), request.signature):
             raise AuthenticationError("the signature is not by the certificate's key")
-        self.challenges.use(nonce)
+        self.challenges.use(nonce, request.node)
         if request.action == "deregister":
             self.deregister(request.node)
             return {"registered": False}

@@ -208,10 +208,28 @@ def test_malformed_registrations_are_bad_requests(pki, register) -> None:
 
 def test_used_challenges_are_bounded_and_forgotten_once_expired() -> None:
     clock = Clock()
-    challenges = Challenges(SECRET, most=2, clock=clock)
-    for _ in range(2):
-        challenges.use(challenges.check(challenges.issue()))
-    with pytest.raises(TryAgain):
-        challenges.use(challenges.check(challenges.issue()))
+    challenges = Challenges(SECRET, most=2, clock=clock, per_node=2)
+    for node in ("a", "a", "b"):
+        challenges.use(challenges.check(challenges.issue(), node), node)
+    with pytest.raises(TryAgain, match="'a' registered 2 times"):
+        challenges.use(challenges.check(challenges.issue(), "a"), "a")
+    with pytest.raises(TryAgain, match="too many registrations at once"):
+        challenges.use(challenges.check(challenges.issue(), "c"), "c")
     clock.now += 40  # the used ones have expired: no longer remembered, room again
-    challenges.use(challenges.check(challenges.issue()))
+    for node in ("c", "a", "a"):
+        challenges.use(challenges.check(challenges.issue(), node), node)
+
+
+def test_a_node_registering_in_a_loop_does_not_get_another_refused(pki, register) -> None:
+    """One node's key (a compromised node renewing in a loop) fills only its own share of the
+    used challenges: every other node still registers."""
+    registrations = table(pki, Clock())
+    send = register(registrations)
+    accepted = 0
+    with pytest.raises(TryAgain, match="'reg-loop' registered"):
+        for _ in range(200):
+            send("reg-loop")
+            accepted += 1
+    assert accepted >= 40  # an agent renewing every second within a challenge's lifetime
+    for _ in range(3):
+        assert send("reg-other")["registered"]
