@@ -128,16 +128,19 @@ def agent_options() -> list[Option]:
 def register_options() -> list[Option]:
     """Registering with a controller mDNS does not reach (issue 15, agent/register.py)."""
     return [
-        Option("controller", "", "a controller's URL (https://HOST:PORT) to register with over "
+        Option("controller", [], "a controller's URL (https://HOST:PORT) to register with over "
                "TLS, proved by this node's certificate, for networks mDNS does not reach "
-               "(announcing stays as --announce says)", metavar="URL"),
+               "(announcing stays as --announce says); repeatable (comma separated in the "
+               "environment and config file): it registers with each, on its own",
+               repeatable=True, metavar="URL"),
         Option("register_every", 30.0, "seconds between two renewals of the registration "
                "(at most half the controller's registration_ttl; each costs the controller "
                "about 5 ms of CPU)", kind=float),
         Option("register_retry_max", 60.0, "longest wait between two tries while the "
                "controller is unreachable (the wait doubles from 1 s)", kind=float),
         Option("register_address", "", "address the controller reaches this agent at "
-               "(default: the address the controller sees the registration come from)",
+               "(default: the bind address when it is one IP, not a wildcard; else the "
+               "address the controller sees the registration come from)",
                metavar="ADDR"),
     ]
 
@@ -193,7 +196,7 @@ class AgentConfig:
     helper_python: str
     file_helper_seconds: float
     log_level: str
-    controller: str
+    controller: list[str]
     register_every: float
     register_retry_max: float
     register_address: str

@@ -5,7 +5,8 @@ controller's, OU=controller), asks it for a fresh challenge and registers with i
 certificate and a signature by its key (marco.registration); it renews every `register_every`
 seconds, retries with a doubling wait while the controller cannot be reached (the agent serves
 meanwhile), and deregisters when it stops. The controller lists it only after its own health
-check with the secret proof.
+check with the secret proof. With several `--controller` URLs (controllers that do not share
+their registrations), it registers with each on its own, with its own retries.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import random
 import ssl
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,24 @@ log = logging.getLogger(__name__)
 
 TIMEOUT = 5.0  # seconds for one exchange with the controller (connect, challenge, register)
 FIRST_RETRY = 1.0
+JITTER = 0.2  # renewals and retries wait ±20 %: agents started together do not stay in step
+WEB_CERT_HINT = ("; the controller's web port presents a certificate not from the cluster CA "
+                 "(--web-cert?): registration needs the controller's own certificate there")
+
+
+def jittered(seconds: float) -> float:
+    """`seconds` give or take JITTER (not security: spreading agents' renewals in time)."""
+    return seconds * random.uniform(1 - JITTER, 1 + JITTER)
+
+
+def default_register_address(bind: str) -> str:
+    """The address to register by default: the bind address when it is one IP (not a
+    wildcard), else none (the controller takes the address the registration comes from)."""
+    try:
+        address = ipaddress.ip_address(bind)
+    except ValueError:
+        return ""
+    return "" if address.is_unspecified else str(address)
 
 
 def controller_address(url: str) -> tuple[str, int]:
@@ -90,6 +110,8 @@ class ControllerLink:
             return self._ask(connection, "POST", sign(str(nonce)))
         except (OSError, http.client.HTTPException) as exc:
             refused = describe_tls_error(exc, what)
+            if isinstance(exc, ssl.SSLCertVerificationError) and refused is not None:
+                raise type(refused)(refused.message + WEB_CERT_HINT) from None
             if refused is not None:
                 raise refused from None
             raise AgentUnreachable(f"cannot reach {what}: "
@@ -121,7 +143,10 @@ def check_register_settings(config: AgentConfig) -> None:
     """Refuse at start-up what registration cannot work with (ConfigError)."""
     if config.dev:
         raise ConfigError("--controller needs the node's certificate: not with --dev")
-    controller_address(config.controller)
+    for url in config.controller:
+        controller_address(url)
+    if len({url.rstrip("/") for url in config.controller}) != len(config.controller):
+        raise ConfigError("--controller: the same controller is named twice")
     if config.register_address:
         try:
             ipaddress.ip_address(config.register_address)
@@ -131,12 +156,32 @@ def check_register_settings(config: AgentConfig) -> None:
 
 
 class Registrar:
-    """Keeps this agent registered with one controller while it serves."""
+    """Keeps this agent registered with each of its controllers while it serves."""
 
     def __init__(self, config: AgentConfig, port: int) -> None:
         check_register_settings(config)
-        self.link = ControllerLink(config.controller, config.tls_ca, config.tls_crl)
-        self.node, self.port, self.address = config.node_name, port, config.register_address
+        address = config.register_address or default_register_address(config.bind)
+        self.registrations = [
+            ControllerRegistration(ControllerLink(url, config.tls_ca, config.tls_crl),
+                                   config, port, address) for url in config.controller]
+
+    def start(self) -> None:
+        for registration in self.registrations:
+            registration.start()
+
+    async def stop(self) -> None:
+        """Deregister from every controller at once (each waits at most its own time)."""
+        await asyncio.gather(*(registration.stop() for registration in self.registrations))
+
+
+class ControllerRegistration:
+    """Keeps this agent registered with one controller: its own renewals, retries and
+    deregistration."""
+
+    def __init__(self, link: ControllerLink, config: AgentConfig, port: int,
+                 address: str) -> None:
+        self.link = link
+        self.node, self.port, self.address = config.node_name, port, address
         self.cert_file, self.key_file = Path(config.tls_cert), Path(config.tls_key)
         self.every, self.retry_max = config.register_every, config.register_retry_max
         self.registered = False
@@ -170,16 +215,17 @@ class Registrar:
                 answer = await asyncio.shield(self._exchange)
             except (MarcoError, OSError, ValueError) as error:
                 message = error.message if isinstance(error, MarcoError) else str(error)
-                log.warning("cannot register with %s: %s; trying again in %g s",
-                            self.link.url, message, delay)
+                wait = jittered(delay)
+                log.warning("cannot register with %s: %s; trying again in %.1f s",
+                            self.link.url, message, wait)
                 self._last = None
-                await asyncio.sleep(delay)
+                await asyncio.sleep(wait)
                 delay = min(delay * 2, self.retry_max)
                 continue
             delay = FIRST_RETRY
             self.registered = True
             self._report(answer)
-            await asyncio.sleep(self._interval(answer))
+            await asyncio.sleep(jittered(self._interval(answer)))
 
     def _interval(self, answer: dict[str, Any]) -> float:
         """Renew every `register_every` s, and at least twice within the controller's TTL."""

@@ -96,3 +96,27 @@ def test_an_agent_starts_while_the_controller_is_down_and_registers_later(
                      what="the agent registered once the controller is up")
     assert hosts[name]["ansible_port"] == agent.port
     assert f"listed as {name}" in agent.log()
+
+
+def test_an_agent_registers_with_each_of_two_controllers_on_its_own(
+        start_agent, start_controller, signer: TokenSigner, alice: UnixUser,
+        unique_name) -> None:
+    """Controllers do not share registrations: the agent registers with each. One down does
+    not hold up the other, and is registered with once it is up."""
+    first, second = start_controller(), start_controller()
+    second_port = second.port
+    second.stop()
+    name = unique_name("both")
+    agent = start_agent(node_name=name, extra_args=[
+        "--controller", first.url, "--controller", second.url, "--register-retry-max", "1"])
+    token = signer.issue(alice.name)
+    wait_for(lambda: name in first.inventory_hosts(token), what="listed by the first")
+    wait_for(lambda: f"cannot register with {second.url}" in agent.log(),
+             what="the second's failure logged")
+    second = start_controller(port=second_port)
+    hosts = wait_for(lambda: name in (h := second.inventory_hosts(token)) and h,
+                     what="listed by the second once it is up")
+    assert hosts[name]["ansible_port"] == agent.port
+    assert name in first.inventory_hosts(token)
+    agent.stop()  # SIGTERM: it deregisters from both
+    assert name not in nodes_of(first, token) and name not in nodes_of(second, token)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.register import ControllerLink, controller_address
+from agent.__main__ import build_parser, load_config
+from agent.config import AgentConfig
+from agent.register import JITTER, ControllerLink, Registrar, controller_address, jittered
 from marco.errors import AgentUnreachable, ConfigError
 from marco.tls import ServerTlsFiles
 from tests.support.pki import TestPki
@@ -87,6 +89,56 @@ def test_a_controller_of_another_cluster_is_refused(tmp_path: Path,
     link = ControllerLink(controller_url, str(other.ca_file), str(other.crl_file))
     with pytest.raises(AgentUnreachable, match="not issued by this cluster's CA"):
         link.exchange(lambda nonce: {"nonce": nonce})
+
+
+@pytest.fixture
+def web_cert_url(tmp_path: Path) -> Iterator[str]:
+    """A controller's web port with --web-cert: a certificate of another CA (a public one)."""
+    public = TestPki(tmp_path / "public")
+    yield from serve(public.controller_cert, public.controller_key, public.ca_file)
+
+
+def test_a_web_certificate_not_from_the_cluster_ca_is_named_as_the_likely_cause(
+        pki: TestPki, web_cert_url: str) -> None:
+    link = ControllerLink(web_cert_url, str(pki.ca_file), str(pki.crl_file))
+    with pytest.raises(AgentUnreachable, match=r"not from the cluster CA \(--web-cert\?\)"):
+        link.exchange(lambda nonce: {"nonce": nonce})
+
+
+def agent_config(*argv: str, environ: dict[str, str] | None = None) -> AgentConfig:
+    return load_config(build_parser().parse_args(list(argv)), environ or {})
+
+
+def test_the_agent_registers_with_each_controller_named() -> None:
+    urls = ["https://ctl-a.example:7380", "https://ctl-b.example:7380"]
+    by_flags = agent_config("--controller", urls[0], "--controller", urls[1])
+    by_environment = agent_config(environ={"MARCO_CONTROLLER": ",".join(urls)})
+    for config in (by_flags, by_environment):
+        registrar = Registrar(config, 7370)
+        assert [r.link.url for r in registrar.registrations] == urls
+        assert len({id(r) for r in registrar.registrations}) == 2  # each its own retries
+    with pytest.raises(ConfigError, match="named twice"):
+        Registrar(agent_config("--controller", urls[0], "--controller", urls[0] + "/"), 7370)
+
+
+def test_the_registered_address_defaults_to_a_specific_bind_address() -> None:
+    url = "https://ctl.example:7380"
+
+    def address(*argv: str) -> str:
+        registrar = Registrar(agent_config("--controller", url, *argv), 7370)
+        return registrar.registrations[0].address
+
+    assert address("--bind", "10.1.2.3") == "10.1.2.3"
+    assert address("--bind", "fd00::7") == "fd00::7"
+    assert address("--bind", "0.0.0.0") == ""  # a wildcard: where the registration comes from
+    assert address("--bind", "::") == ""
+    assert address("--bind", "10.1.2.3", "--register-address", "192.0.2.9") == "192.0.2.9"
+
+
+def test_renewals_and_retries_wait_with_jitter() -> None:
+    waits = [jittered(30.0) for _ in range(200)]
+    assert all(30 * (1 - JITTER) <= wait <= 30 * (1 + JITTER) for wait in waits)
+    assert min(waits) < 27 and max(waits) > 33  # spread, not 30 s for every agent
 
 
 def test_the_controller_url_must_be_https_with_a_host() -> None:
