@@ -165,6 +165,12 @@ async def serve(ctx: ControllerContext) -> None:
     if tls is None:
         log.warning("DEVELOPMENT MODE (--dev): plain HTTP on loopback, agents without TLS. "
                     "Never use this on a network.")
+    if config.web_cert and ctx.registrations is not None:
+        # Registering agents check this port's certificate against the cluster CA only.
+        log.warning("--web-cert with registration on: agents registering with --controller "
+                    "check this port's certificate against the cluster CA and refuse %s "
+                    "unless the cluster CA issued it (turn registration off with "
+                    "--no-registration, or leave --web-cert unset)", config.web_cert)
     reloader = ServerTlsReloader(server, tls) if tls else None
 
     async def tls_files_changed() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from marco.tls import server_trust_context
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
@@ -120,3 +121,42 @@ def test_an_agent_registers_with_each_of_two_controllers_on_its_own(
     assert name in first.inventory_hosts(token)
     agent.stop()  # SIGTERM: it deregisters from both
     assert name not in nodes_of(first, token) and name not in nodes_of(second, token)
+
+
+class WebCertController(ControllerProcess):
+    """A controller whose web port presents `--web-cert` from another CA (`web_ca`)."""
+
+    def __init__(self, web_ca: Path, **kwargs: Any) -> None:
+        self.web_ca = web_ca
+        super().__init__(**kwargs)
+
+    def wait_healthy(self, timeout: float = 20.0) -> None:
+        self.ssl_context = server_trust_context(str(self.web_ca))  # the browsers' view
+        super().wait_healthy(timeout)
+
+
+def test_web_cert_with_registration_is_named_on_both_sides(
+        start_agent, secret_file: Path, tmp_path: Path, pki: TestPki, pam_service: str,
+        unique_name) -> None:
+    """--web-cert from another CA (a public one for browsers): the controller warns at
+    start-up, and an agent that cannot register there says why."""
+    public = TestPki(tmp_path / "public")
+    controller = WebCertController(
+        public.ca_file, secret_file=secret_file, log_dir=tmp_path, pam_service=pam_service,
+        pki=pki, extra_args=["--web-cert", str(public.controller_cert),
+                             "--web-key", str(public.controller_key)])
+    try:
+        wait_for(lambda: "--web-cert with registration on" in controller.log(),
+                 what="the controller's warning")
+        agent = start_agent(node_name=unique_name("webcert"),
+                            extra_args=["--controller", controller.url])
+        wait_for(lambda: "not from the cluster CA (--web-cert?)" in agent.log(),
+                 what="the agent naming the likely cause")
+    finally:
+        controller.stop()
+    quiet = WebCertController(
+        public.ca_file, secret_file=secret_file, log_dir=tmp_path, pam_service=pam_service,
+        pki=pki, extra_args=["--web-cert", str(public.controller_cert), "--web-key",
+                             str(public.controller_key), "--no-registration"])
+    quiet.stop()
+    assert "--web-cert with registration on" not in quiet.log_path.read_text()
