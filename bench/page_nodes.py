@@ -3,14 +3,14 @@
     sudo flock /tmp/marco-tests.lock .venv/bin/python bench/page_nodes.py \
         [--counts 100,1000] [--rounds 3] [--health-interval 30] [--json FILE]
 
-One process of simulated agents (tests/support/quiet_sims.py: sim_agents' agents, each with its
+One process of simulated agents (tests/support/sim_agents.py, not announced: each with its
 own port and certificate, health with the secret proof, status once a second while watched;
 node i in group rack(i mod 10)) serves the largest count. They are static nodes of the
 controllers' config, never announced: zeroconf on one loopback lists at most ~640 of 1,000
 (bench/README.md, "Controller at scale"), and the page, not discovery, is measured here. One
 real controller per count (HTTPS, mutual TLS to the agents) lists the first N of them, all up
 before the page opens; `--health-interval` is long so the controller's health checks of 1,100
-nodes (a new TLS connection each) do not take the 2 cores from the browser.
+nodes do not take the 2 cores from the browser.
 
 Per count and round, a fresh browser context (Debian's chromium through Playwright, a Bearer
 token as the page's login) at 1280x800:
@@ -51,7 +51,7 @@ from tests.support.controller_process import ControllerProcess  # noqa: E402
 from tests.support.daemon import stop_all  # noqa: E402
 from tests.support.http import call  # noqa: E402
 from tests.support.pki import TestPki  # noqa: E402
-from tests.support.quiet_sims import QuietSimulatorProcess  # noqa: E402
+from tests.support.sim_agents import SimulatorProcess  # noqa: E402
 from tests.support.waiting import wait_for  # noqa: E402
 
 GROUPS = [f"rack{i}" for i in range(10)]
@@ -288,7 +288,9 @@ def main() -> int:
         token = TokenSigner(load_secret(secret_file)).issue("pagebench")
         pki = TestPki(work / "pki")
         began = time.perf_counter()
-        sims = QuietSimulatorProcess(pki, secret_file, work, PREFIX, max(counts), groups=GROUPS)
+        sims = SimulatorProcess(pki, secret_file, work, PREFIX, max(counts),
+                                extra_args=["--no-announce", "--spread-groups",
+                                            "--groups", ",".join(GROUPS)])
         specs = sims.static_nodes()
         controllers: dict[int, ControllerProcess] = {}
         results: dict[int, list[dict[str, Any]]] = {count: [] for count in counts}

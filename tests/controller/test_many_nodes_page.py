@@ -1,6 +1,7 @@
 """The main page over 1,000 nodes (issue 15, item 2), in a real chromium against a real
-controller and 1,000 simulated agents (tests/support/quiet_sims.py: static nodes, each with its
-own port and certificate, health with the secret proof, status while watched): the table keeps
+controller and 1,000 simulated agents (tests/support/sim_agents.py, not announced: static
+nodes, each with its own port and certificate, health with the secret proof, status while
+watched): the table keeps
 a bounded number of rows in the page, every view sorts names naturally (many-2 before many-10),
 search and the group filter narrow it, a selection survives scrolling and is sent in order."""
 
@@ -19,7 +20,7 @@ from playwright.sync_api import Page, expect
 from marco.tokens import TokenSigner
 from tests.support.controller_process import ControllerProcess
 from tests.support.pki import TestPki
-from tests.support.quiet_sims import QuietSimulatorProcess
+from tests.support.sim_agents import SimulatorProcess
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 from tests.support.web import TIMEOUT_MS, open_logged_in
@@ -52,7 +53,9 @@ def thousand(secret_file: Path, pki: TestPki, pam_service: str, signer: TokenSig
     work = tmp_path_factory.mktemp("many")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 ports, inherited
-    simulator = QuietSimulatorProcess(pki, secret_file, work, PREFIX, COUNT, groups=GROUPS)
+    simulator = SimulatorProcess(pki, secret_file, work, PREFIX, COUNT,
+                                 extra_args=["--no-announce", "--spread-groups",
+                                             "--groups", ",".join(GROUPS)])
     controller = None
     try:
         config = work / "controller.toml"

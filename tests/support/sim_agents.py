@@ -7,8 +7,9 @@ Each simulated agent is what the controller sees of an agent and no more:
   (the controller checks that the certificate names the node);
 - `GET /v1/health` with the node's facts and, given a challenge, the secret proof
   (`marco.tokens.health_proof`, as the agent makes it);
-- `/v1/stream`: the `auth` message (a token of the cluster secret), `hello`, and status
-  snapshots once per `status_interval` while subscribed (`{"type": "status", ...}`);
+- `/v1/stream`: the `auth` message (a user's token of the cluster secret, or the controller's
+  service token, as the agent takes for the page sockets' status subscription), `hello`, and
+  status snapshots once per `status_interval` while subscribed (`{"type": "status", ...}`);
 - `PUT /v1/crl` with the controller's service token (answered, not kept);
 - its zeroconf announcement, built by the agent's own `agent.announce` code (same service
   type, instance and host names, TXT record). With `per_responder=1` every simulated agent
@@ -19,8 +20,12 @@ Each simulated agent is what the controller sees of an agent and no more:
 
 A simulated agent listed in `bad_proof` answers challenges with a wrong key: a real
 controller must never list it. One listed in `fail_first_health` answers its first health
-check 503 (a check lost once): a controller must still list it, without a new announcement. Run it as `python -m tests.support.sim_agents` (see `main`);
-`SimulatorProcess` starts one for a test or a benchmark and reads its ready file.
+check 503 (a check lost once): a controller must still list it, without a new announcement.
+With `announce=False` nothing is announced: a controller is given the agents as static nodes
+(`SimulatorProcess.static_nodes()`), so a thousand of them load no one's mDNS on the loopback.
+With `spread_groups`, node i is in `groups[i % len(groups)]` alone (else in all of them).
+Run it as `python -m tests.support.sim_agents` (see `main`); `SimulatorProcess` starts one for
+a test or a benchmark and reads its ready file.
 """
 
 from __future__ import annotations
@@ -88,6 +93,8 @@ class SimSettings:
     fail_first_health: frozenset[str] = frozenset()
     groups: tuple[str, ...] = ()
     status_interval: float = 1.0
+    announce: bool = True
+    spread_groups: bool = False  # node i in groups[i % len(groups)] alone
 
     def __post_init__(self) -> None:
         if not 0 < self.count <= MAX_AGENTS:
@@ -99,6 +106,11 @@ class SimSettings:
 
     def names(self) -> list[str]:
         return [f"{self.prefix}-{index}" for index in range(self.count)]
+
+    def groups_of(self, index: int) -> tuple[str, ...]:
+        if self.spread_groups and self.groups:
+            return (self.groups[index % len(self.groups)],)
+        return self.groups
 
 
 def bundle_dir(pki_dir: Path, node: str) -> Path:
@@ -202,8 +214,8 @@ class StreamSocket(tornado.websocket.WebSocketHandler):
     """/v1/stream as the agent speaks it: auth first (a token of the cluster secret, checked),
     then hello; `subscribe` with status true adds the socket to the node's status sends."""
 
-    def initialize(self, node: SimNode, signer: TokenSigner) -> None:
-        self.node, self.signer = node, signer
+    def initialize(self, node: SimNode, signer: TokenSigner, service: TokenSigner) -> None:
+        self.node, self.signer, self.service = node, signer, service
         self.user: str | None = None
         self.pending = 0
         self.counted = False
@@ -233,12 +245,19 @@ class StreamSocket(tornado.websocket.WebSocketHandler):
     def _authenticate(self, data: dict[str, Any]) -> None:
         token = data.get("token") if data.get("type") == "auth" else None
         try:
-            self.user = self.signer.verify(token if isinstance(token, str) else "")
+            self.user = self._verify(token if isinstance(token, str) else "")
         except AuthenticationError as error:
             self.close(protocol.CLOSE_UNAUTHORIZED, str(error)[:120])
             return
         self.send(protocol.encode({"type": "hello", "user": self.user, "node": self.node.name,
                                    "proto": protocol.PROTOCOL_VERSION, "executions": []}))
+
+    def _verify(self, token: str) -> str:
+        """A user's token, else the controller's service token (its status subscription)."""
+        try:
+            return self.signer.verify(token)
+        except AuthenticationError:
+            return self.service.verify(token)
 
     def send(self, message: str) -> None:
         """Queue without blocking; a socket too far behind is closed, as the agent does."""
@@ -269,7 +288,7 @@ def make_app(node: SimNode, signer: TokenSigner,
     return tornado.web.Application(
         [(r"/v1/health", HealthHandler, args),
          (r"/v1/crl", CrlHandler, {**args, "service": service}),
-         (r"/v1/stream", StreamSocket, {**args, "signer": signer})],
+         (r"/v1/stream", StreamSocket, {**args, "signer": signer, "service": service})],
         default_handler_class=NotFoundHandler, default_handler_args=args,
         websocket_max_message_size=64 * 1024)
 
@@ -290,9 +309,9 @@ class Simulator:
         self.signer = TokenSigner(secret)
         self.service = TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT)
         self.nodes = [SimNode(name, WRONG_KEY if name in settings.bad_proof else secret[-1],
-                              settings.groups,
+                              settings.groups_of(index),
                               failures_left=int(name in settings.fail_first_health))
-                      for name in settings.names()]
+                      for index, name in enumerate(settings.names())]
         self._servers: list[Any] = []
         self._announcers: list[Announcer] = []
         self._responders: list[tuple[AsyncZeroconf, list[AsyncServiceInfo]]] = []
@@ -383,7 +402,8 @@ async def run(settings: SimSettings) -> None:
     simulator.serve()
     try:
         started = time.time()
-        await simulator.announce()
+        if settings.announce:
+            await simulator.announce()
         ready = simulator.ready(started, time.time())
         temporary = settings.ready_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(ready))
@@ -409,6 +429,10 @@ def parse_args(argv: Sequence[str] | None) -> SimSettings:
     parser.add_argument("--bad-proof", action="append", default=[])
     parser.add_argument("--fail-first-health", action="append", default=[])
     parser.add_argument("--groups", default="")
+    parser.add_argument("--spread-groups", action="store_true",
+                        help="node i in the i-th group (mod) alone, not in all of them")
+    parser.add_argument("--no-announce", dest="announce", action="store_false",
+                        help="announce nothing: give the controller static nodes")
     parser.add_argument("--status-interval", type=float, default=1.0)
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
@@ -419,7 +443,8 @@ def parse_args(argv: Sequence[str] | None) -> SimSettings:
                        per_responder=args.per_responder, bad_proof=frozenset(args.bad_proof),
                        fail_first_health=frozenset(args.fail_first_health),
                        groups=tuple(g for g in args.groups.split(",") if g),
-                       status_interval=args.status_interval)
+                       status_interval=args.status_interval, announce=args.announce,
+                       spread_groups=args.spread_groups)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -472,6 +497,11 @@ class SimulatorProcess:
     def nodes(self) -> dict[str, int]:
         nodes: dict[str, int] = self.wait_ready()["nodes"]
         return nodes
+
+    def static_nodes(self, address: str = "127.0.0.1") -> list[str]:
+        """`NAME=HOST:PORT` of every simulated agent, the controller's `node` setting (for a
+        simulator started with `--no-announce`)."""
+        return [f"{name}={address}:{port}" for name, port in self.nodes.items()]
 
     def log(self) -> str:
         self._log.flush()
