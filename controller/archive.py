@@ -102,7 +102,9 @@ class RunKeeper:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.store.close()
+        # Off the loop: closing waits for the calls still queued, each up to the statement
+        # timeout on a stalled database, and the loop keeps serving meanwhile.
+        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run `work` after the answer; its failure is logged, never lost."""

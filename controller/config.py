@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from marco.errors import ConfigError
-from marco.serving import ConnectionLimits, connection_limit_options, port_option
+from marco.serving import (
+    ConnectionLimits,
+    connection_limit_options,
+    port_option,
+    proxy_network,
+)
 from marco.settings import Option, default_state_dir
 from marco.shells import login_shells_option
 from marco.tokens import DEFAULT_MAX_AGE, DEFAULT_SECRET_FILE
@@ -49,6 +54,9 @@ def controller_options() -> list[Option]:
                "first check lost) tried again at once, most", kind=int),
         Option("discovery_retry_longest", 30.0, "longest wait in seconds between two tries of an "
                "announced agent not listed yet (the first is 1 s, then doubling)", kind=float),
+        Option("discovery_retry_tries", 8, "tries of an announced agent not listed yet that "
+               "did not answer (one that answered wrong, certificate or secret proof, is not "
+               "tried again); then it waits for its next announcement", kind=int),
         Option("discovery_rebrowse", 60.0, "seconds between two browse queries for agents "
                "whose announcements were all lost (0: none)", kind=float),
         Option("deploy_stall_timeout", 30.0, "seconds an agent may take no data during a "
@@ -61,6 +69,7 @@ def controller_options() -> list[Option]:
         *registration_options(),
         *runs_options(),
         *shared_options(),
+        *proxy_options(),
         Option("state_dir", default_state_dir("marco-controller"), "where revocations and "
                "runs (runs.sqlite3) are kept", metavar="DIR"),
         Option("database", "", "where runs are kept: a postgresql:// URL (libpq's: sslmode, "
@@ -111,6 +120,24 @@ def shared_options() -> list[Option]:
                "controllers' revocations and run changes and act on them at once", flag=True),
         Option("shared_timeout", 10.0, "with a PostgreSQL database: seconds one exchange of "
                "revocations, failed logins or run changes with it may take", kind=float),
+        Option("runs_statement_timeout", 30.0, "with a PostgreSQL database: seconds one "
+               "statement of the run store may run (then it is cancelled: 503)", kind=float),
+        Option("runs_store_queue", 256, "run store calls waiting at once for its thread (more: "
+               "503 at once, while the database is slow or stalled)", kind=int),
+    ]
+
+
+def proxy_options() -> list[Option]:
+    """Controllers behind a load balancer (issue 15, marco/serving.py `ProxyTrust`)."""
+    return [
+        Option("trusted_proxies", [], "address or network (CIDR) of a load balancer or reverse "
+               "proxy in front of the controller (repeatable): only its requests' "
+               "X-Forwarded-For / X-Real-Ip and X-Forwarded-Proto are believed, and its "
+               "connections are bounded by max_connections alone (not per address)",
+               kind=proxy_network, repeatable=True, metavar="ADDR[/BITS]"),
+        Option("max_connections", ConnectionLimits.max_connections, "connections open at once "
+               "from all addresses together (more are closed at once); the bound on trusted "
+               "proxies' connections", kind=int),
     ]
 
 
@@ -204,6 +231,7 @@ class ControllerConfig:
     health_connection_max_age: float
     discovery_retry_names: int
     discovery_retry_longest: float
+    discovery_retry_tries: int
     discovery_rebrowse: float
     deploy_stall_timeout: float
     login_max_failures: int
@@ -252,14 +280,19 @@ class ControllerConfig:
     shared_poll: float
     shared_listen: bool
     shared_timeout: float
+    runs_statement_timeout: float
+    runs_store_queue: int
     registration: bool
     registration_ttl: float
     registration_max: int
+    trusted_proxies: list[str]
+    max_connections: int
 
     def __post_init__(self) -> None:
         self.connection_limits()  # refuse bad limits at start-up (ConfigError)
         self.check_runs_limits()
-        for key in ("shared_poll", "shared_timeout"):
+        for key in ("shared_poll", "shared_timeout", "runs_statement_timeout",
+                    "runs_store_queue"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
         for key in ("registration_ttl", "registration_max"):
@@ -294,4 +327,5 @@ class ControllerConfig:
 
     def connection_limits(self) -> ConnectionLimits:
         return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address,
-                                self.idle_timeout, self.max_connections_per_address)
+                                self.idle_timeout, self.max_connections_per_address,
+                                self.max_connections, tuple(self.trusted_proxies))

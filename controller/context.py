@@ -136,7 +136,9 @@ class ControllerContext:
                                   denied=denied, signer=signer, shared=shared)
         state_dir = Path(config.state_dir)
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the runs file opens now
-        store = RunStoreThread(run_database(config.database, state_dir), run_limits(config))
+        store = RunStoreThread(run_database(config.database, state_dir), run_limits(config),
+                               statement_timeout=config.runs_statement_timeout,
+                               max_waiting=config.runs_store_queue)
         signals = RunSignals(config.runs_max_waiting_per_user)
         shared.attach_runs(signals)  # a run recorded here wakes its followers on the others
         runs = RunKeeper(store, connector, registry, stale_after=config.token_max_age,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from marco.errors import ConfigError
 
+from .pgschema import DEFAULT_STATEMENT_TIMEOUT
 from .postgres import PostgresRunStore
 from .records import DEFAULT_LIMITS, RunLimits
 from .schema import DEFAULT_BUSY_TIMEOUT
@@ -40,8 +41,10 @@ def run_database(setting: str, state_dir: Path) -> Path | str:
 
 
 def open_store(database: Path | str, limits: RunLimits = DEFAULT_LIMITS,
-               busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> SqlRunStore:
-    """The store for `database` (run_database's answer), opened and migrated."""
+               busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+               statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT) -> SqlRunStore:
+    """The store for `database` (run_database's answer), opened and migrated;
+    `statement_timeout` bounds each statement on a PostgreSQL server."""
     if is_postgres_url(database):
-        return PostgresRunStore(str(database), limits, busy_timeout)
+        return PostgresRunStore(str(database), limits, busy_timeout, statement_timeout)
     return SqliteRunStore(Path(database), limits, busy_timeout)

@@ -27,6 +27,8 @@ CONNECTION_DEFAULTS: dict[str, str | int] = {
     "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
     "tcp_user_timeout": 30_000}
 
+DEFAULT_STATEMENT_TIMEOUT = 30.0  # seconds (the controller's runs_statement_timeout)
+
 Step = str | Callable[[psycopg.Connection[Any]], None]
 
 SCHEMA_TABLE = ("CREATE TABLE IF NOT EXISTS marco_schema (part TEXT PRIMARY KEY, "
@@ -138,17 +140,25 @@ def migrate(connection: psycopg.Connection[Any], where: str,
     return len(migrations)
 
 
-def connect(url: str, busy_timeout: float, row_factory: Any) -> psycopg.Connection[Any]:
+def milliseconds(seconds: float) -> str:
+    """A PostgreSQL duration setting of at least 1 ms (0 would mean no limit)."""
+    return f"{max(1, int(seconds * 1000))}ms"
+
+
+def connect(url: str, busy_timeout: float, row_factory: Any,
+            statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT) -> psycopg.Connection[Any]:
     """A connection in autocommit mode (transactions are explicit), whose statements wait up to
-    `busy_timeout` seconds for a lock (then PostgreSQL cancels them: TryAgain). Any libpq
-    parameter of the URL (sslmode, passfile, options, ...) is kept."""
+    `busy_timeout` seconds for a lock and run at most `statement_timeout` seconds (then
+    PostgreSQL cancels them: TryAgain; a server that stalls mid-query holds the store's thread
+    no longer). Any libpq parameter of the URL (sslmode, passfile, options, ...) is kept."""
     given = conninfo.conninfo_to_dict(url)
     extra = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in given}
     connection = psycopg.connect(conninfo.make_conninfo(url, **extra), autocommit=True,
                                  row_factory=row_factory)
     try:
-        connection.execute("SELECT set_config('lock_timeout', %s, false)",
-                           (f"{max(1, int(busy_timeout * 1000))}ms",))
+        connection.execute("SELECT set_config('lock_timeout', %s, false), "
+                           "set_config('statement_timeout', %s, false)",
+                           (milliseconds(busy_timeout), milliseconds(statement_timeout)))
     except BaseException:
         connection.close()
         raise

@@ -25,7 +25,7 @@ from psycopg import errors as pgerrors
 from marco.errors import BadRequest, ConfigError, InsufficientStorage, MarcoError, TryAgain
 
 from .budget import Budget
-from .pgschema import connect, masked, migrate
+from .pgschema import DEFAULT_STATEMENT_TIMEOUT, connect, masked, migrate
 from .records import DEFAULT_LIMITS, RunLimits
 from .schema import DEFAULT_BUSY_TIMEOUT
 from .store import SqlRunStore
@@ -70,8 +70,10 @@ class Connection:
     """The store's one connection, taking `?` placeholders; opened again on the next call
     after it broke (the server restarted, the network dropped it: that call was TryAgain)."""
 
-    def __init__(self, url: str, busy_timeout: float) -> None:
+    def __init__(self, url: str, busy_timeout: float,
+                 statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT) -> None:
         self.url, self.busy_timeout = url, busy_timeout
+        self.statement_timeout = statement_timeout
         self._connection: psycopg.Connection[Any] | None = None
 
     def get(self) -> psycopg.Connection[Any]:
@@ -81,7 +83,8 @@ class Connection:
             self._connection.close()
             self._connection = None
         if self._connection is None:
-            self._connection = connect(self.url, self.busy_timeout, rows_by_name)
+            self._connection = connect(self.url, self.busy_timeout, rows_by_name,
+                                       self.statement_timeout)
         return self._connection
 
     def close(self) -> None:
@@ -110,14 +113,15 @@ class PostgresRunStore(SqlRunStore):
     NO_LIMIT = None
 
     def __init__(self, url: str, limits: RunLimits = DEFAULT_LIMITS,
-                 busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+                 busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+                 statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT) -> None:
         """Connect and migrate; ConfigError when the server cannot be reached or refuses
         (the message never shows the URL's password). A statement waits up to
-        `busy_timeout` seconds for a lock another connection holds, then the call raises
-        TryAgain."""
+        `busy_timeout` seconds for a lock another connection holds and runs at most
+        `statement_timeout` seconds, then the call raises TryAgain."""
         self.url, self.limits = url, limits
         self.where = masked(url)
-        self._pg = Connection(url, busy_timeout)
+        self._pg = Connection(url, busy_timeout, statement_timeout)
         self._db = self._pg
         self._budget = Budget(self._pg, limits, USAGE_OF_OWNERS)
         self._cursors = itertools.count()

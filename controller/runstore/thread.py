@@ -9,7 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from marco.errors import TryAgain
+
 from .location import open_store
+from .pgschema import DEFAULT_STATEMENT_TIMEOUT
 from .records import DEFAULT_LIMITS, RunLimits
 from .schema import DEFAULT_BUSY_TIMEOUT
 from .store import SqlRunStore
@@ -21,6 +24,7 @@ STORE_METHODS = frozenset({"create", "get", "list", "append_events", "events", "
                            "mark_swept", "swept", "add_nodes", "nodes", "events_page",
                            "prune", "interrupt_running",
                            "interrupt_stale"})
+DEFAULT_MAX_WAITING = 256  # calls queued for the store's thread (the controller's runs_store_queue)
 
 
 class RunStoreThread:
@@ -28,12 +32,18 @@ class RunStoreThread:
     `database`: a SQLite file's path or a postgresql:// URL (location.run_database)."""
 
     def __init__(self, database: Path | str, limits: RunLimits = DEFAULT_LIMITS,
-                 busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
-        """Open the store on its thread (ConfigError here if it is unusable)."""
+                 busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+                 statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
+                 max_waiting: int = DEFAULT_MAX_WAITING) -> None:
+        """Open the store on its thread (ConfigError here if it is unusable). At most
+        `max_waiting` calls wait for (or run on) the thread; more are TryAgain at once, so a
+        stalled database holds a bounded queue, not every run request of the controller."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runstore")
+        self.max_waiting = max_waiting
+        self.waiting = 0  # calls submitted and not yet returned (changed on the loop only)
         try:
             self.store: SqlRunStore = self._executor.submit(
-                open_store, database, limits, busy_timeout).result()
+                open_store, database, limits, busy_timeout, statement_timeout).result()
         except BaseException:
             self._executor.shutdown(wait=True)
             raise
@@ -43,10 +53,17 @@ class RunStoreThread:
         """Run one of the store's methods on its thread and return (or raise) its result."""
         if method_name not in STORE_METHODS:
             raise AttributeError(f"the run store has no method {method_name!r}")
+        if self.waiting >= self.max_waiting:
+            raise TryAgain(f"the run store has {self.waiting} calls waiting (the database is "
+                           "slow or stalled)", hint="try again in a moment")
         method = getattr(self.store, method_name)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor,
-                                          functools.partial(method, *args, **kwargs))
+        self.waiting += 1
+        try:
+            return await loop.run_in_executor(self._executor,
+                                              functools.partial(method, *args, **kwargs))
+        finally:
+            self.waiting -= 1
 
     def close(self) -> None:
         """Close the store on its thread, then stop the thread (pending calls finish first)."""
