@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from marco.errors import BadRequest, MarcoError, to_body
-from marco.inventory import build_inventory, host_vars, natural_key
+from marco.inventory import build_inventory, host_vars
 
 from .archive import outcome_of
 from .runs import run_url
@@ -64,8 +64,8 @@ class NodesApi(ApiHandler):
 
     def get(self) -> None:
         self.require_user()
-        nodes = sorted(self.ctx.registry.all(), key=lambda n: natural_key(n.name))
-        self.write_json({"nodes": [{**n.summary(), "tls": self.agents_tls} for n in nodes]})
+        self.write_json({"nodes": [{**n.summary(), "tls": self.agents_tls}
+                                   for n in self.ctx.registry.all()]})
 
 
 class InventoryApi(ApiHandler):

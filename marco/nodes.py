@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from marco.errors import ConfigError
+from marco.inventory import natural_key
 from marco.protocol import DEFAULT_PORT
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ class NodeRegistry:
                 log.exception("node listener failed")
 
     def all(self) -> list[Node]:
-        return sorted(self._nodes.values(), key=lambda n: n.name)
+        """Every node, in natural order of names (sc2 before sc10)."""
+        return sorted(self._nodes.values(), key=lambda n: natural_key(n.name))
 
     def alive(self) -> list[Node]:
         return [n for n in self.all() if n.alive]

@@ -65,3 +65,12 @@ def test_plain_http_only_to_loopback() -> None:
     assert node_tls(False, "127.0.0.1") is None and node_tls(False, "::1") is None
     with pytest.raises(ConfigError, match="refusing plain HTTP to 192.0.2.10"):
         node_tls(False, "192.0.2.10")
+
+
+def test_nodes_are_listed_in_natural_order() -> None:
+    """sc2 before sc10, whatever order they came in: every listing built on the registry
+    (inventory, the node API, the page) starts from this order."""
+    registry = NodeRegistry()
+    for name in ("sc10", "sc2", "sc1", "Sc3"):
+        registry.upsert(Node(name=name, host="127.0.0.1", port=1, source="static"))
+    assert [node.name for node in registry.all()] == ["sc1", "sc2", "Sc3", "sc10"]
