@@ -1,7 +1,9 @@
 """Daemon lifecycle shared by marco-agent and marco-controller: an HTTP server that bounds
 connections which have not sent a request yet, the `listening.json` file saying where it
 listens (the real port when asked for port 0), waiting for SIGTERM/SIGINT, then closing the
-server's connections within a bound."""
+server's connections within a bound. Behind a load balancer, the proxies listed in
+`ConnectionLimits.trusted_proxies` say who their clients are (X-Forwarded-For, X-Real-Ip,
+X-Forwarded-Proto); nobody else is believed."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import logging
 import signal
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +62,18 @@ class ConnectionLimits:
     max_pending_per_address: int = 512
     idle_timeout: float = 120.0             # a kept-alive connection between requests
     max_connections_per_address: int = 2048  # open at once, pending or not
+    # Open at once from all addresses: what bounds trusted proxies, which carry many clients
+    # each and so are not held to the per-address bounds.
+    max_connections: int = 16384
+    trusted_proxies: tuple[str, ...] = ()  # addresses and networks (CIDR), see `proxy_network`
 
     def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ConfigError(f"max_connections must be at least 1, not {self.max_connections}")
+        try:
+            proxy_networks(self.trusted_proxies)
+        except ValueError as error:
+            raise ConfigError(f"trusted_proxies: {error}") from None
         if not self.handshake_timeout > 0:
             raise ConfigError(f"handshake_timeout must be positive, not {self.handshake_timeout}")
         if not self.idle_timeout > 0:
@@ -191,6 +203,107 @@ class _FirstRequest(httputil.HTTPMessageDelegate):
         self.delegate.on_connection_close()
 
 
+ProxyNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+SCHEMES = ("http", "https")
+
+
+def proxy_network(value: Any) -> str:
+    """A trusted proxy setting: an IP address or a network (CIDR, no host bits set), in its
+    canonical spelling; ValueError otherwise."""
+    return str(ipaddress.ip_network(str(value).strip(), strict=True))
+
+
+def proxy_networks(values: Sequence[str]) -> tuple[ProxyNetwork, ...]:
+    """The networks of `trusted_proxies`; ValueError on a value that is not one."""
+    return tuple(ipaddress.ip_network(str(value).strip(), strict=True) for value in values)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`text` as an IP address (an IPv4-mapped IPv6 one as IPv4, a zone dropped), else None."""
+    try:
+        ip = ipaddress.ip_address(text.strip().split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class ProxyTrust:
+    """Which peers are trusted proxies, and what a request through one says of its client."""
+
+    def __init__(self, networks: Sequence[str]) -> None:
+        self.networks = proxy_networks(networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def trusts(self, address: Any) -> bool:
+        """Whether `address` (a peer's address tuple, or an IP as text) is a trusted proxy."""
+        text = address[0] if isinstance(address, tuple) and address else address
+        ip = _ip(text) if isinstance(text, str) else None
+        return ip is not None and any(ip in network for network in self.networks)
+
+    def client(self, headers: httputil.HTTPHeaders) -> str | None:
+        """The client address a trusted proxy forwarded: in X-Forwarded-For, the right-most
+        entry that is not itself a trusted proxy (the entries left of it come from the client,
+        who can write anything there); without that header, X-Real-Ip. None when neither is
+        there or the entry is not an IP address: the request keeps its peer's address."""
+        entries = [entry for value in headers.get_list("X-Forwarded-For")
+                   for entry in value.split(",") if entry.strip()]
+        if not entries:
+            real = _ip(headers.get("X-Real-Ip", ""))
+            return str(real) if real is not None else None
+        for entry in reversed(entries):
+            ip = _ip(entry)
+            if ip is None:
+                return None
+            if not any(ip in network for network in self.networks):
+                return str(ip)
+        return str(ip)  # proxies all the way: the left-most is the closest to a client
+
+    @staticmethod
+    def scheme(headers: httputil.HTTPHeaders) -> str | None:
+        """The scheme the client used with the proxy (X-Forwarded-Proto, its right-most)."""
+        values = [entry.strip().lower() for value in headers.get_list("X-Forwarded-Proto")
+                  for entry in value.split(",") if entry.strip()]
+        return values[-1] if values and values[-1] in SCHEMES else None
+
+
+class _Forwarded(httputil.HTTPMessageDelegate):
+    """One request from a trusted proxy: the request sees the client address and scheme the
+    proxy forwarded (`request.remote_ip`, `request.protocol`); the connection's own are put
+    back after it, so the next request on the connection is read afresh."""
+
+    def __init__(self, delegate: httputil.HTTPMessageDelegate, context: Any,
+                 trust: ProxyTrust) -> None:
+        self.delegate, self.context, self.trust = delegate, context, trust
+        self.peer = (context.remote_ip, context.protocol)
+
+    def headers_received(self, start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+                         headers: httputil.HTTPHeaders) -> Awaitable[None] | None:
+        client, scheme = self.trust.client(headers), self.trust.scheme(headers)
+        if client is not None:
+            self.context.remote_ip = client
+        if scheme is not None:
+            self.context.protocol = scheme
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+        self._restore()
+
+    def on_connection_close(self) -> None:
+        self.delegate.on_connection_close()
+        self._restore()
+
+    def _restore(self) -> None:
+        self.context.remote_ip, self.context.protocol = self.peer
+
+
 class GuardedHTTPServer(HTTPServer):
     """An HTTPServer that bounds unauthenticated connections (see `ConnectionLimits`).
 
@@ -200,7 +313,12 @@ class GuardedHTTPServer(HTTPServer):
     nothing is closed after `handshake_timeout`. Later requests on a kept-alive connection
     wait at most `idle_timeout` (Tornado's `idle_connection_timeout`), and one address holds
     at most `max_connections_per_address` connections of any kind, so admitted connections
-    left idle or feeding a body slowly cannot pile up either."""
+    left idle or feeding a body slowly cannot pile up either.
+
+    Connections from a trusted proxy carry many clients each: they are not held to the
+    per-address bounds (the proxy bounds its clients), only to `max_connections`, which holds
+    for all connections together, and to the same timeouts. Their requests see the client
+    address and scheme the proxy forwarded (`ProxyTrust`); anyone else's headers are ignored."""
 
     def initialize(self, *args: Any, limits: ConnectionLimits = ConnectionLimits(),
                    **kwargs: Any) -> None:
@@ -212,19 +330,32 @@ class GuardedHTTPServer(HTTPServer):
         self._open: dict[IOStream, str] = {}  # every accepted connection -> its source address
         self._open_per_address: Counter[str] = Counter()
         self._warned: set[str] = set()  # addresses already warned about in this burst
+        self.proxies = ProxyTrust(limits.trusted_proxies)
+
+    def _full(self, peer: str, proxy: bool) -> str | None:
+        """The limit a new connection from `peer` would exceed, or None."""
+        if len(self._open) >= self.limits.max_connections:
+            return "max_connections"
+        if proxy:
+            return None
+        if self._pending_per_address[peer] >= self.limits.max_pending_per_address:
+            return "max_pending_connections_per_address"
+        if self._open_per_address[peer] >= self.limits.max_connections_per_address:
+            return "max_connections_per_address"
+        return None
 
     async def handle_stream(self, stream: IOStream, address: Any) -> None:  # type: ignore[override]
         peer = _peer_address(address)
-        if self._pending_per_address[peer] >= self.limits.max_pending_per_address or \
-                self._open_per_address[peer] >= self.limits.max_connections_per_address:
+        limit = self._full(peer, bool(self.proxies) and self.proxies.trusts(address))
+        if limit is not None:
             # Logged once per burst: a flood would otherwise turn into a flood of log lines.
             if peer not in self._warned:
                 self._warned.add(peer)
-                log.warning("refusing connections from %s: %d already pending (limit "
-                            "max_pending_connections_per_address)", peer,
-                            self.limits.max_pending_per_address)
+                log.warning("refusing connections from %s: %d open, %d of them pending "
+                            "(limit %s)", peer, self._open_per_address[peer],
+                            self._pending_per_address[peer], limit)
             else:
-                log.debug("refused a connection from %s: too many pending", peer)
+                log.debug("refused a connection from %s (%s)", peer, limit)
             stream.close()
             return
         self._open[stream] = peer
@@ -249,6 +380,9 @@ class GuardedHTTPServer(HTTPServer):
     def start_request(self, server_conn: object,
                       request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
         delegate = super().start_request(server_conn, request_conn)
+        context = getattr(request_conn, "context", None)
+        if self.proxies and context is not None and self.proxies.trusts(context.address):
+            delegate = _Forwarded(delegate, context, self.proxies)
         stream = getattr(server_conn, "stream", None)
         if stream is not None and stream in self._pending:
             return _FirstRequest(delegate, lambda: self._release(stream))
