@@ -114,6 +114,7 @@ def discovery_limits(config: ControllerConfig) -> DiscoveryLimits:
     """How the browser tries announced agents not listed yet (checked at start-up)."""
     return DiscoveryLimits(retry_names=config.discovery_retry_names,
                            retry_longest=config.discovery_retry_longest,
+                           retry_tries=config.discovery_retry_tries,
                            rebrowse=config.discovery_rebrowse)
 
 
@@ -185,7 +186,7 @@ async def serve(ctx: ControllerContext) -> None:
     if config.discovery:
         interfaces = choose_mdns_interfaces(config.bind, config.mdns_interface)
         if interfaces:
-            browser = ZeroconfBrowser(ctx.registry, interfaces, verify=ctx.health.verify,
+            browser = ZeroconfBrowser(ctx.registry, interfaces, verify=ctx.health.probe,
                                       limits=discovery_limits(config))
         else:
             log.warning("not browsing: --bind %s is a wildcard and no --mdns-interface is set",

@@ -3,13 +3,17 @@
 `ZeroconfBrowser` adds and updates nodes as agents announce themselves and drops them on a
 goodbye once they no longer answer (anyone on the LAN can send a goodbye); the health monitor
 (marco.health) checks them afterwards. A service seen but not listed (its resolution or its
-first health check lost) is resolved again with doubling waits, and a browse query each
-`rebrowse` seconds finds agents whose announcements were all lost (`DiscoveryLimits`).
+first health check lost) is resolved again with doubling waits, `retry_tries` times at most; one
+that answered wrong (certificate, secret proof, name) is not tried again until it announces
+anew (anyone can announce: a forged service must not have the controller dial it forever). A
+browse query each `rebrowse` seconds finds agents whose announcements were all lost
+(`DiscoveryLimits`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,7 +23,7 @@ from zeroconf import DNSQuestionType, ServiceStateChange, Zeroconf, current_time
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from marco.errors import ConfigError
-from marco.health import HealthMonitor
+from marco.health import HealthMonitor, Probe
 from marco.nodes import Node, NodeRegistry
 from marco.protocol import SERVICE_TYPE
 from marco.tls import ClientTls
@@ -33,27 +37,40 @@ RESOLVE_TIMEOUT_MS = 3000
 class DiscoveryLimits:
     """How unlisted services are tried again: `retry_names` service names at most (more are
     left to their next announcement), first `retry_first` seconds after a failure, the wait
-    doubling up to `retry_longest`; a browse query each `rebrowse` seconds (0: none after
-    zeroconf's own first four), which agents already known do not answer (known answers)."""
+    doubling up to `retry_longest`, `retry_tries` times at most (then left to its next
+    announcement); a browse query each `rebrowse` seconds (0: none after zeroconf's own first
+    four), which agents already known do not answer (known answers)."""
 
     retry_names: int = 1024
     retry_first: float = 1.0
     retry_longest: float = 30.0
     rebrowse: float = 60.0
+    retry_tries: int = 8
 
     def __post_init__(self) -> None:
         if self.retry_names < 0 or not 0 < self.retry_first <= self.retry_longest:
             raise ConfigError("discovery retries: names must be 0 or more and the first wait "
                               "positive and at most the longest")
+        if self.retry_tries < 0:
+            raise ConfigError("discovery_retry_tries must be 0 (no retries) or more")
         if self.rebrowse < 0:
             raise ConfigError("discovery_rebrowse must be 0 (off) or positive")
 
 
+class Outcome(enum.Enum):
+    """What one resolution and check of a service came to."""
+
+    SETTLED = "listed, or its name held by a live agent elsewhere"
+    RETRY = "not resolved or not answered: may be tried again"
+    REFUSED = "answered wrong (certificate, secret proof, name): not tried again"
+
+
 class ZeroconfBrowser:
-    """Browses `_marco._tcp.local.` with QM questions on the given interface addresses."""
+    """Browses `_marco._tcp.local.` with QM questions on the given interface addresses.
+    `verify` checks a node (HealthMonitor.probe: the secret proof over a new connection)."""
 
     def __init__(self, registry: NodeRegistry, interfaces: Sequence[str],
-                 verify: Callable[[Node], Awaitable[bool]] | None = None,
+                 verify: Callable[[Node], Awaitable[Probe]] | None = None,
                  limits: DiscoveryLimits | None = None) -> None:
         self.registry = registry
         self.interfaces = list(interfaces)
@@ -62,6 +79,9 @@ class ZeroconfBrowser:
         # Service names seen but not listed: the tries so far and the next one's timer
         # (at most `retry_names`; a name leaves once listed or gone).
         self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}
+        # Service names no longer tried (a wrong answer, or `retry_tries` spent), oldest
+        # first, at most `retry_names`: a new announcement resolves them once more.
+        self._given_up: dict[str, None] = {}
         self._rebrowse: asyncio.Task[None] | None = None
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
@@ -128,7 +148,7 @@ class ZeroconfBrowser:
         self._retry_done(name)
         if self.verify is not None:
             for node in self.registry.announced_as(name):
-                if await self.verify(node):
+                if (await self.verify(node)).alive:
                     log.warning("a goodbye for node %s came while it still answers: ignored",
                                 node.name)
                     return
@@ -144,14 +164,16 @@ class ZeroconfBrowser:
         self._resolving[name] = False
         try:
             while True:
-                settled = await self._resolve_one(name)
+                outcome = await self._resolve_one(name)
                 if not self._resolving[name]:
                     break
                 self._resolving[name] = False
         finally:
             del self._resolving[name]  # bounded by the names resolving right now
-        if settled:
+        if outcome is Outcome.SETTLED:
             self._retry_done(name)
+        elif outcome is Outcome.REFUSED:
+            self._give_up(name, "it answered wrong")
         else:
             self._retry_later(name)
 
@@ -162,7 +184,10 @@ class ZeroconfBrowser:
         tries, timer = self._retries.pop(name, (0, None))
         if timer is not None:
             timer.cancel()
-        if self._loop is None or self._zc is None:
+        if self._loop is None or self._zc is None or name in self._given_up:
+            return
+        if tries >= self.limits.retry_tries:
+            self._give_up(name, f"{tries} tries")
             return
         if len(self._retries) >= self.limits.retry_names:
             log.warning("%s is not listed and %d other services wait for another try: left "
@@ -179,34 +204,50 @@ class ZeroconfBrowser:
         _, timer = self._retries.pop(name, (0, None))
         if timer is not None:
             timer.cancel()
+        self._given_up.pop(name, None)
 
-    async def _resolve_one(self, name: str) -> bool:
-        """Resolve and check one service: True once settled (listed, or its name held by a
-        live agent elsewhere), False if it may be tried again (not resolved, not proved)."""
+    def _give_up(self, name: str, why: str) -> None:
+        """No more timed tries of this service (`why`): its next announcement only."""
+        _, timer = self._retries.pop(name, (0, None))
+        if timer is not None:
+            timer.cancel()
+        if name not in self._given_up:
+            log.warning("%s is not listed (%s): not tried again until it announces anew",
+                        name, why)
+        self._given_up.pop(name, None)
+        self._given_up[name] = None
+        while len(self._given_up) > self.limits.retry_names:
+            del self._given_up[next(iter(self._given_up))]
+
+    async def _resolve_one(self, name: str) -> Outcome:
+        """Resolve and check one service: settled (listed, or its name held by a live agent
+        elsewhere), refused (a wrong answer), or to be tried again (no resolution, no answer)."""
         if self._zc is None:
-            return True
+            return Outcome.SETTLED
         began = time.monotonic()
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         if not await info.async_request(self._zc.zeroconf, RESOLVE_TIMEOUT_MS,
                                         question_type=DNSQuestionType.QM):
             log.info("could not resolve %s", name)
-            return False
+            return Outcome.RETRY
         addresses = info.parsed_scoped_addresses()
         if not addresses or info.port is None:
-            return False
+            return Outcome.RETRY
         txt = {k: v or "" for k, v in info.decoded_properties.items()}
         label = name[: -len(SERVICE_TYPE) - 1]
         node = Node(name=txt.get("node") or label, host=addresses[0], port=info.port, txt=txt,
                     source="mdns", service=name)
         resolved = time.monotonic()
-        if self.verify is not None and not await self.verify(node):
-            return False  # anyone can announce on a LAN; only agents with the secret are nodes
+        if self.verify is not None:
+            probe = await self.verify(node)
+            if not probe.alive:  # anyone can announce on a LAN; only agents with the secret
+                return Outcome.REFUSED if probe.answered else Outcome.RETRY
         if await self._held_elsewhere(node):
-            return True
+            return Outcome.SETTLED
         self.registry.upsert(node)
         log.info("listed %s: resolved in %.3f s, proved in %.3f s", node.name,
                   resolved - began, time.monotonic() - resolved)
-        return True
+        return Outcome.SETTLED
 
     async def _held_elsewhere(self, node: Node) -> bool:
         """Does a live agent at another address still hold this node's name? Two agents
@@ -216,7 +257,7 @@ class ZeroconfBrowser:
         known = self.registry.get(node.name)
         if known is None or not known.alive or (known.host, known.port) == (node.host, node.port):
             return False
-        if self.verify is None or not await self.verify(known):
+        if self.verify is None or not (await self.verify(known)).alive:
             return False
         log.warning("%s:%d announces node %s, which the agent at %s:%d still holds: ignored "
                     "(two agents with one name?)", node.host, node.port, node.name,
