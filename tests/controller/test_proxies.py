@@ -9,6 +9,10 @@ import json
 import ssl
 from typing import Any
 
+import pytest
+
+from controller.__main__ import build_parser, load_config
+from marco.errors import ConfigError
 from marco.tokens import TokenSigner
 from tests.support.connections import closed_by_peer, health_from, stalled_connection
 from tests.support.controller_process import ControllerProcess
@@ -165,3 +169,13 @@ def test_a_trusted_proxy_is_bounded_by_the_global_cap_not_per_address(start_cont
             return False
 
     wait_for(served, what="a connection served once the others are gone")
+
+
+def test_a_trusted_proxy_must_be_an_address_or_a_network() -> None:
+    """A typo must not widen the trust: host bits in a network, or a name, are refused."""
+    for value in ("10.0.0.1/8", "lb.example.org", "10.0.0.0/33"):
+        with pytest.raises(ConfigError, match="trusted_proxies"):
+            load_config(build_parser().parse_args(["--trusted-proxies", value]), {})
+    config = load_config(build_parser().parse_args(["--trusted-proxies", "10.0.0.5",
+                                                    "--trusted-proxies", "fd00::/64"]), {})
+    assert config.connection_limits().trusted_proxies == ("10.0.0.5/32", "fd00::/64")
