@@ -42,6 +42,10 @@ JITTER = 0.2  # renewals and retries wait ±20 %: agents started together do not
 WEB_CERT_HINT = ("; the controller's web port presents a certificate not from the cluster CA "
                  "(--web-cert?): registration needs the controller's own certificate there")
 
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH: the cluster's own
+# certificate not naming the URL's host is no --web-cert case.
+NAME_MISMATCH = (62, 64)
+
 
 def jittered(seconds: float) -> float:
     """`seconds` give or take JITTER (not security: spreading agents' renewals in time)."""
@@ -110,7 +114,8 @@ class ControllerLink:
             return self._ask(connection, "POST", sign(str(nonce)))
         except (OSError, http.client.HTTPException) as exc:
             refused = describe_tls_error(exc, what)
-            if isinstance(exc, ssl.SSLCertVerificationError) and refused is not None:
+            if (isinstance(exc, ssl.SSLCertVerificationError) and refused is not None
+                    and exc.verify_code not in NAME_MISMATCH):
                 raise type(refused)(refused.message + WEB_CERT_HINT) from None
             if refused is not None:
                 raise refused from None

@@ -105,6 +105,15 @@ def test_a_web_certificate_not_from_the_cluster_ca_is_named_as_the_likely_cause(
         link.exchange(lambda nonce: {"nonce": nonce})
 
 
+def test_the_clusters_certificate_not_naming_the_host_is_no_web_cert_case(
+        pki: TestPki, controller_url: str) -> None:
+    port = controller_url.rsplit(":", 1)[1]
+    link = ControllerLink(f"https://127.1:{port}", str(pki.ca_file), str(pki.crl_file))
+    with pytest.raises(AgentUnreachable, match="mismatch") as refused:
+        link.exchange(lambda nonce: {"nonce": nonce})
+    assert "--web-cert" not in refused.value.message
+
+
 def agent_config(*argv: str, environ: dict[str, str] | None = None) -> AgentConfig:
     return load_config(build_parser().parse_args(list(argv)), environ or {})
 
