@@ -131,10 +131,8 @@ class RevocationPusher:
         table = {token_digest(token): until}
         self.denied.update(table)
         self._revoked()
-        if self.shared is not None:
-            await self.shared.share({}, table)
         nodes = self.registry.alive()
-        results = await asyncio.gather(*(self._push(node, {}, table) for node in nodes))
+        results = await self._push_and_share(nodes, {}, table)
         return {"nodes": {n.name: r for n, r in zip(nodes, results, strict=True)}}
 
     def deny_soon(self, token: str) -> None:
@@ -148,13 +146,21 @@ class RevocationPusher:
         cutoff = float(math.floor(time.time()) + 1)
         self.revocations.update({user: cutoff})
         self._revoked()
-        if self.shared is not None:
-            await self.shared.share({user: cutoff}, {})
         nodes = self.registry.alive()
-        results = await asyncio.gather(*(self._push(node, {user: cutoff}) for node in nodes))
+        results = await self._push_and_share(nodes, {user: cutoff}, {})
         log.info("%s logged out everywhere (tokens before %s refused)", user, cutoff)
         answers = {n.name: r for n, r in zip(nodes, results, strict=True)}
         return {"not_before": cutoff, "nodes": answers}
+
+    async def _push_and_share(self, nodes: list[Node], table: dict[str, float],
+                              tokens: dict[str, float]) -> list[dict[str, Any]]:
+        """Push to the nodes and write to the shared database at once: a database that
+        stalls (up to shared_timeout) delays no agent's push. The nodes' answers."""
+        pushes = asyncio.gather(*(self._push(node, table, tokens) for node in nodes))
+        if self.shared is None:
+            return list(await pushes)
+        results, _ = await asyncio.gather(pushes, self.shared.share(table, tokens))
+        return list(results)
 
     async def _push(self, node: Node, table: dict[str, float],
                     tokens: dict[str, float] | None = None) -> dict[str, Any]:

@@ -142,12 +142,14 @@ class SharedLimits:
 
 class Database:
     """This controller's one connection for the shared state: opened when first needed and
-    again after a failure, one transaction at a time, each within `timeout` seconds."""
+    again after a failure, one transaction at a time, each within `timeout` seconds counted
+    from the call (the wait for the connection's lock included)."""
 
     def __init__(self, url: str, timeout: float) -> None:
         self.url, self.timeout = url, timeout
         self._connection: psycopg.AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
+        self.failures = 0  # transactions that failed on the database so far
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         import psycopg  # the controller's dependency, imported when a database is used
@@ -160,21 +162,40 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A transaction, committed when the block ends; any failure drops the connection
-        (the server rolls back what it had) and raises TryAgain."""
+        (the server rolls back what it had) and raises TryAgain. Callers queued behind a
+        transaction that failed on the database fail at once: the N-th caller of a stalled
+        database waits one timeout, not N."""
         import psycopg
 
-        async with self._lock:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    connection = await self._connect()
-                    yield connection
-                    await connection.commit()
-            except (psycopg.Error, OSError, TimeoutError) as error:
-                await self.drop()
-                raise TryAgain(f"the database did not answer: {error}") from error
-            except BaseException:
-                await self.drop()
-                raise
+        failures = self.failures
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._lock:
+                    if self.failures != failures:
+                        raise TryAgain("the database did not answer the call before this one",
+                                       hint="try again in a moment")
+                    async with self._held() as connection:
+                        yield connection
+        except (psycopg.Error, OSError, TimeoutError) as error:
+            raise TryAgain(f"the database did not answer: {error!r}") from error
+
+    @asynccontextmanager
+    async def _held(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """The connection for one transaction under the lock; a failure on the database (or
+        the deadline's cancellation) counts, and any failure drops the connection."""
+        import psycopg
+
+        try:
+            connection = await self._connect()
+            yield connection
+            await connection.commit()
+        except (psycopg.Error, OSError, asyncio.CancelledError):
+            self.failures += 1
+            await self.drop()
+            raise
+        except BaseException:
+            await self.drop()
+            raise
 
     async def drop(self) -> None:
         connection, self._connection = self._connection, None
