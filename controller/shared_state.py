@@ -14,6 +14,7 @@ notifications, which wake the requests following that run on the other controlle
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import secrets
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from marco.atomic import write_atomic
 from marco.errors import BadRequest, MarcoError, TooManyAttempts, TryAgain
 from marco.revocations import DeniedTokens, Revocations
 
@@ -40,6 +42,8 @@ RUNS_CHANNEL = "marco_runs"      # payload "<controller id> <run id>": that run 
 MAX_UNPUBLISHED_RUNS = 10_000    # run changes waiting to be published; beyond, others poll
 MAX_RUN_ID = 200                 # longer notification payloads are not run ids: ignored
 LOGIN_SWEEP_SECONDS = 60.0       # how often expired failed logins are deleted
+JOURNAL = "unsaved-revocations.json"  # in the state dir: what the database has not taken yet
+LOCAL_FILES = ("revocations.json", "denied-tokens.json")  # a lone controller's (LocalState)
 # Advisory lock keys (the two-int form; the first int is this module's class).
 LOCK_CLASS = 0x6D61  # "ma"
 SCHEMA_LOCK, WRITE_LOCK = 1, 2
@@ -275,8 +279,10 @@ async def _now(connection: psycopg.AsyncConnection[Any]) -> float:
 class PostgresState:
     """The shared state in PostgreSQL tables beside the runs (the same database URL)."""
 
-    def __init__(self, url: str, limits: SharedLimits) -> None:
-        self.url, self.limits = url, limits
+    def __init__(self, url: str, limits: SharedLimits, state_dir: Path | None = None) -> None:
+        """`state_dir`: where revocations the database has not taken yet are journaled (None:
+        memory only)."""
+        self.url, self.limits, self.state_dir = url, limits, state_dir
         self.revocations = Revocations(None)
         self.denied = DeniedTokens(None)
         self.db = Database(url, limits.timeout)
@@ -316,6 +322,69 @@ class PostgresState:
         except psycopg.Error as error:
             raise TryAgain(f"cannot open the shared state in the database: {error}") from error
         self._apply(rows)
+        self._load_journal()
+
+    def _load_journal(self) -> None:
+        """Revocations made here that the database never took (a logout during an outage,
+        then a restart) and, once, a lone controller's files in the state dir (switching to a
+        database): honoured here at once, written to the database by the reload loop."""
+        if self.state_dir is None:
+            return
+        revoked, denied = self._read_journal()
+        imported = []
+        for local in (Revocations(self.state_dir / LOCAL_FILES[0]),
+                      DeniedTokens(self.state_dir / LOCAL_FILES[1])):
+            assert local.path is not None
+            try:
+                local.load()
+            except (ValueError, BadRequest) as error:
+                log.error("%s not imported into the database (unreadable): %s", local.path,
+                          error)
+                continue
+            if local.path.exists():
+                imported.append(local.path)
+                (revoked if isinstance(local, Revocations) else denied).update(local.table())
+        self._remember(revoked, denied)
+        self.revocations.update(revoked)
+        self.denied.update(denied)
+        for path in imported:  # journaled above: nothing is lost if the database is down
+            path.rename(path.with_name(f"{path.name}.imported"))
+            log.warning("%s imported into the database (renamed %s.imported)", path.name,
+                        path.name)
+
+    def _read_journal(self) -> tuple[dict[str, float], dict[str, float]]:
+        assert self.state_dir is not None
+        try:
+            data = json.loads((self.state_dir / JOURNAL).read_text())
+            return (Revocations._checked(data["revocations"]),
+                    DeniedTokens._checked(data["denied"]))
+        except FileNotFoundError:
+            return {}, {}
+        except (ValueError, KeyError, TypeError, BadRequest) as error:
+            log.error("%s is unreadable, ignored: %s", JOURNAL, error)
+            return {}, {}
+
+    def _remember(self, revocations: dict[str, float], denied: dict[str, float]) -> None:
+        """Add to what is to be written to the database, journaled first."""
+        for user, when in revocations.items():
+            self._unsaved[0][user] = max(when, self._unsaved[0].get(user, 0.0))
+        self._unsaved[1].update(denied)
+        self._write_journal()
+
+    def _write_journal(self) -> None:
+        """The unsaved changes on disk (removed when there are none); a journal that cannot
+        be written is logged: this controller holds them in memory still."""
+        if self.state_dir is None:
+            return
+        path = self.state_dir / JOURNAL
+        try:
+            if self._unsaved[0] or self._unsaved[1]:
+                data = {"revocations": self._unsaved[0], "denied": self._unsaved[1]}
+                write_atomic(path, json.dumps(data).encode(), 0o600)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as error:
+            log.error("cannot write %s: %s", path, error)
 
     def attach_runs(self, signals: RunSignals) -> None:
         self._signals = signals
@@ -341,9 +410,7 @@ class PostgresState:
     async def share(self, revocations: dict[str, float], denied: dict[str, float]) -> None:
         """Write changes made here; a database that does not answer has them written later
         (each reload tries again), while this controller and its agents hold them already."""
-        for user, when in revocations.items():
-            self._unsaved[0][user] = max(when, self._unsaved[0].get(user, 0.0))
-        self._unsaved[1].update(denied)
+        self._remember(revocations, denied)
         try:
             await self._save()
         except MarcoError as error:
@@ -356,6 +423,7 @@ class PostgresState:
         denied = {d: until for d, until in self._unsaved[1].items() if until > now}
         if not revocations and not denied:
             self._unsaved[1].clear()
+            self._write_journal()
             return
         async with self.db.transaction() as connection:
             await connection.execute("SELECT pg_advisory_xact_lock(%s, %s)",
@@ -378,6 +446,7 @@ class PostgresState:
                 del self._unsaved[0][user]
         for digest in [*denied, *(d for d, u in self._unsaved[1].items() if u <= now)]:
             self._unsaved[1].pop(digest, None)
+        self._write_journal()
 
     async def reload(self) -> None:
         """Read what was written since the last read; tell the listener what is new here."""
@@ -505,5 +574,5 @@ class PostgresState:
 def shared_state(database: str, state_dir: Path, limits: SharedLimits) -> SharedState:
     """The shared state the database setting selects (not opened yet)."""
     if is_postgres(database):
-        return PostgresState(database, limits)
+        return PostgresState(database, limits, state_dir)
     return LocalState(state_dir, LoginRateLimiter(limits.max_failures, limits.window))

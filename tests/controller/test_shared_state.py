@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from controller.auth import LoginRateLimiter
 from controller.run_signals import RunSignals
 from controller.shared_state import LocalState, PostgresState, SharedLimits, shared_state
 from marco.errors import TooManyAttempts
@@ -226,6 +227,64 @@ def test_a_database_that_does_not_answer_gets_the_revocation_later(
         await until(lambda: b.revocations.not_before("alice") == 1000.0, "b to read it")
 
     two_controllers(postgres_url, test)
+
+
+def test_a_logout_while_the_database_is_down_survives_a_restart(
+        postgres_url: str, tmp_path: Path) -> None:
+    """A plain logout and a log-out-everywhere while the database is down are journaled in the
+    state dir; the controller restarts, the database answers again: the other controller
+    refuses them (review 9 #3; before, they were in memory only and lost)."""
+    until_expiry = time.time() + 3600
+
+    async def down_then_restarted() -> None:
+        a = PostgresState(postgres_url.replace("/marco_", "/missing_"), limits(), tmp_path)
+        await a.share({"alice": 1000.0}, {DIGEST: until_expiry})  # logged, journaled
+        await a.close()
+        again = PostgresState(postgres_url, limits(), tmp_path)
+        again.open()
+        assert again.revocations.not_before("alice") == 1000.0 and again.denied.table()
+        again.follow(Heard())
+        b = PostgresState(postgres_url, limits())
+        b.open()
+        b.follow(Heard())
+        try:
+            await until(lambda: b.revocations.not_before("alice") == 1000.0
+                        and DIGEST in b.denied.table(), "b to read both")
+            await until(lambda: not (tmp_path / "unsaved-revocations.json").exists(),
+                        "the journal to be emptied")
+        finally:
+            await again.close()
+            await b.close()
+
+    asyncio.run(down_then_restarted())
+
+
+def test_a_lone_controllers_revocations_are_imported_once(
+        postgres_url: str, tmp_path: Path) -> None:
+    """Switching to a database: revocations.json and denied-tokens.json of the state dir go
+    into it (review 9 #6; before, they were silently ignored)."""
+    local = LocalState(tmp_path, LoginRateLimiter(3, 60.0))
+    local.revocations.update({"alice": 1000.0})
+    local.denied.update({DIGEST: time.time() + 3600})
+
+    async def switched() -> None:
+        a = PostgresState(postgres_url, limits(), tmp_path)
+        a.open()
+        a.follow(Heard())
+        b = PostgresState(postgres_url, limits())
+        b.open()
+        b.follow(Heard())
+        try:
+            assert a.revocations.not_before("alice") == 1000.0
+            await until(lambda: b.revocations.not_before("alice") == 1000.0
+                        and DIGEST in b.denied.table(), "b to read both")
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(switched())
+    assert not (tmp_path / "revocations.json").exists()
+    assert (tmp_path / "revocations.json.imported").exists()
 
 
 def test_sqlite_selects_the_local_state(tmp_path: Path) -> None:
