@@ -181,6 +181,7 @@ class AgentConfig:
     max_pending_connections_per_address: int
     idle_timeout: float
     max_connections_per_address: int
+    max_connections: int
     stop_grace: float
     login_shells: list[str]
     allowed_origins: list[str]
@@ -213,7 +214,8 @@ class AgentConfig:
 
     def connection_limits(self) -> ConnectionLimits:
         return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address,
-                                self.idle_timeout, self.max_connections_per_address)
+                                self.idle_timeout, self.max_connections_per_address,
+                                self.max_connections)
 
     def tls_files(self) -> ServerTlsFiles | None:
         """The TLS setup to serve with, or None in development mode."""

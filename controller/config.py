@@ -135,9 +135,6 @@ def proxy_options() -> list[Option]:
                "X-Forwarded-For / X-Real-Ip and X-Forwarded-Proto are believed, and its "
                "connections are bounded by max_connections alone (not per address)",
                kind=proxy_network, repeatable=True, metavar="ADDR[/BITS]"),
-        Option("max_connections", ConnectionLimits.max_connections, "connections open at once "
-               "from all addresses together (more are closed at once); the bound on trusted "
-               "proxies' connections", kind=int),
     ]
 
 

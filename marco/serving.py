@@ -168,6 +168,9 @@ def connection_limit_options() -> list[Option]:
         Option("max_connections_per_address", ConnectionLimits.max_connections_per_address,
                "connections one source address may hold open at once, with or without a "
                "request (more are closed at once)", kind=int),
+        Option("max_connections", ConnectionLimits.max_connections, "connections open at once "
+               "from all addresses together (more are closed at once); on the controller, the "
+               "bound on trusted proxies' connections", kind=int),
     ]
 
 

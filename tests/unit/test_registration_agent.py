@@ -155,3 +155,10 @@ def test_the_controller_url_must_be_https_with_a_host() -> None:
     for url in ("http://ctl.example:7380", "https://:7380", "ctl.example", "https://h:99999"):
         with pytest.raises(ConfigError):
             controller_address(url)
+
+
+def test_the_agents_global_connection_cap_is_a_setting() -> None:
+    """max_connections (all addresses together) is the agent's setting too, not a constant."""
+    assert agent_config("--max-connections", "5").connection_limits().max_connections == 5
+    assert agent_config(environ={"MARCO_MAX_CONNECTIONS": "7"}).connection_limits() \
+        .max_connections == 7
