@@ -31,6 +31,7 @@ from marco.revocations import DeniedTokens, Revocations
 
 from .auth import LoginLimiter, LoginRateLimiter
 from .run_signals import RunSignals
+from .runstore.pgschema import check_url
 
 if TYPE_CHECKING:
     import psycopg
@@ -306,6 +307,7 @@ class PostgresState:
         (a blocking connection: the IOLoop does not serve yet)."""
         import psycopg
 
+        check_url(self.url)  # ConfigError, the password masked (libpq's message quotes it)
         try:
             with psycopg.connect(self.url, connect_timeout=max(2, math.ceil(
                     self.limits.timeout))) as connection:

@@ -109,6 +109,17 @@ def masked(url: str) -> str:
         return "the runs database URL (unparsable)"
 
 
+def check_url(url: str) -> dict[str, Any]:
+    """The URL's libpq parameters; ConfigError naming the URL masked when libpq cannot parse
+    it (libpq's own message quotes the bad part, which may be the password)."""
+    try:
+        return conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise ConfigError(f"the database URL {masked(url)} is malformed (libpq cannot parse it)",
+                          hint="a % in the password is written %25; libpq parameters go in "
+                               "the query as ?name=value") from None
+
+
 def schema_version(connection: psycopg.Connection[Any], part: str = PART) -> int:
     row = connection.execute("SELECT version FROM marco_schema WHERE part = %s",
                              (part,)).fetchone()
@@ -151,7 +162,7 @@ def connect(url: str, busy_timeout: float, row_factory: Any,
     `busy_timeout` seconds for a lock and run at most `statement_timeout` seconds (then
     PostgreSQL cancels them: TryAgain; a server that stalls mid-query holds the store's thread
     no longer). Any libpq parameter of the URL (sslmode, passfile, options, ...) is kept."""
-    given = conninfo.conninfo_to_dict(url)
+    given = check_url(url)
     extra = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in given}
     connection = psycopg.connect(conninfo.make_conninfo(url, **extra), autocommit=True,
                                  row_factory=row_factory)

@@ -25,7 +25,7 @@ from psycopg import errors as pgerrors
 from marco.errors import BadRequest, ConfigError, InsufficientStorage, MarcoError, TryAgain
 
 from .budget import Budget
-from .pgschema import DEFAULT_STATEMENT_TIMEOUT, connect, masked, migrate
+from .pgschema import DEFAULT_STATEMENT_TIMEOUT, check_url, connect, masked, migrate
 from .records import DEFAULT_LIMITS, RunLimits
 from .schema import DEFAULT_BUSY_TIMEOUT
 from .store import SqlRunStore
@@ -121,6 +121,7 @@ class PostgresRunStore(SqlRunStore):
         `statement_timeout` seconds, then the call raises TryAgain."""
         self.url, self.limits = url, limits
         self.where = masked(url)
+        check_url(url)  # before any connection: libpq's parse errors quote the password
         self._pg = Connection(url, busy_timeout, statement_timeout)
         self._db = self._pg
         self._budget = Budget(self._pg, limits, USAGE_OF_OWNERS)

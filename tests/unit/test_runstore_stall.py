@@ -1,6 +1,7 @@
 """A run store whose database stalls (issue 15, review 9 #1): a statement ends at the statement
 timeout (PostgreSQL cancels it), calls waiting for the store's one thread are bounded (more are
-TryAgain at once), and closing the store leaves the IOLoop free."""
+TryAgain at once), and closing the store leaves the IOLoop free; a URL libpq cannot parse is
+named masked."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from controller.archive import RunKeeper
 from controller.connector import AgentConnector
 from controller.runstore import PostgresRunStore, RunStoreThread
 from controller.runstore.postgres import WRITE_LOCK
-from marco.errors import TryAgain
+from controller.shared_state import PostgresState, SharedLimits
+from marco.errors import ConfigError, TryAgain
 from marco.nodes import NodeRegistry
 from tests.support.waiting import wait_for
 from tests.unit.test_runstore import make_run
@@ -96,3 +98,18 @@ def test_closing_the_run_keeper_leaves_the_loop_free(tmp_path: Path) -> None:
     finally:
         held.set()
         store.close()
+
+
+BAD_ESCAPE = "postgresql://marco:s3cr%zzet@127.0.0.1:1/runs"  # %zz: not a percent-escape
+
+
+def test_a_malformed_url_is_a_config_error_without_the_password() -> None:
+    """libpq's parse error quotes the bad escape, in the password here (review 9 #5): the
+    run store and the shared state say the URL is malformed, masked."""
+    with pytest.raises(ConfigError, match="malformed") as refused:
+        PostgresRunStore(BAD_ESCAPE)
+    with pytest.raises(ConfigError, match="malformed") as shared:
+        PostgresState(BAD_ESCAPE, SharedLimits(poll=1, listen=False, timeout=1,
+                                               max_failures=3, window=60)).open()
+    for error in (refused.value, shared.value):
+        assert "zz" not in str(error) and "***" in str(error) and "%25" in (error.hint or "")
