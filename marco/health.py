@@ -302,11 +302,6 @@ class HealthMonitor:
         if connection is not None:
             connection.close()
 
-    async def verify(self, node: Node) -> bool:
-        """For the browser: is this newly announced node a real agent of this cluster? Asked
-        over a new connection: a goodbye is checked by whether the agent still takes them."""
-        return (await self.probe(node)).alive
-
     async def check(self, node: Node) -> None:
         probe = await self.probe(node, keep=True)
         if probe.answered:
