@@ -31,7 +31,7 @@ from marco.revocations import DeniedTokens, Revocations
 
 from .auth import LoginLimiter, LoginRateLimiter
 from .run_signals import RunSignals
-from .runstore.pgschema import check_url
+from .runstore.pgschema import CONNECTION_DEFAULTS, check_url
 
 if TYPE_CHECKING:
     import psycopg
@@ -143,6 +143,7 @@ class SharedLimits:
     timeout: float       # shared_timeout: seconds one database exchange may take
     max_failures: int    # login_max_failures
     window: float        # login_lockout
+    heartbeat: float = 15.0  # seconds of LISTEN without a notification before a SELECT 1
 
 
 class Database:
@@ -551,20 +552,38 @@ class PostgresState:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                        self.url, autocommit=True,
-                        connect_timeout=max(2, math.ceil(self.limits.timeout))) as connection:
+                        self._listen_conninfo(), autocommit=True) as connection:
                     for channel in (SHARED_CHANNEL, RUNS_CHANNEL):
                         await connection.execute(f"LISTEN {channel}")
                     delay, self.listening = 0.5, True
                     self._caught_up()
-                    async for note in connection.notifies():
-                        self._notified(note.channel, note.payload)
-            except (psycopg.Error, OSError) as error:
+                    await self._listen(connection)
+            except (psycopg.Error, OSError) as error:  # TimeoutError too: a silent heartbeat
                 log.warning("not listening to the database (again in %.1f s): %s", delay, error)
             finally:
                 self.listening = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.limits.poll * 4)
+
+    def _listen_conninfo(self) -> str:
+        """The URL with TCP keepalives (unless it sets its own): a listener whose server
+        vanished without a reset ends instead of waiting for notifications forever."""
+        from psycopg import conninfo
+
+        given = check_url(self.url)
+        extra = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in given}
+        extra["application_name"] = "marco-controller-listen"
+        extra["connect_timeout"] = max(2, math.ceil(self.limits.timeout))
+        return conninfo.make_conninfo(self.url, **extra)
+
+    async def _listen(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        """Act on notifications; after `heartbeat` seconds without one, a SELECT 1 within
+        shared_timeout proves the connection alive (TimeoutError: it is replaced)."""
+        while True:
+            async for note in connection.notifies(timeout=self.limits.heartbeat):
+                self._notified(note.channel, note.payload)
+            async with asyncio.timeout(self.limits.timeout):
+                await connection.execute("SELECT 1")
 
     def _caught_up(self) -> None:
         assert self._dirty is not None

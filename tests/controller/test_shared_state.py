@@ -294,3 +294,44 @@ def test_sqlite_selects_the_local_state(tmp_path: Path) -> None:
     again = shared_state("", tmp_path, limits())
     again.open()
     assert again.revocations.not_before("alice") == 1000.0
+
+
+def test_a_listener_whose_server_stops_answering_is_replaced(postgres_url: str) -> None:
+    """The LISTEN connection's backend is stopped (SIGSTOP: it holds the socket and answers
+    nothing, like a server cut off without a reset): the heartbeat notices, a new listener
+    comes up (review 9 #7; before, it waited for notifications forever)."""
+    import os
+    import signal
+
+    def listener_pids() -> list[int]:
+        with psycopg.connect(postgres_url, autocommit=True) as db:
+            rows = db.execute("SELECT pid FROM pg_stat_activity WHERE datname = "
+                              "current_database() AND application_name = "
+                              "'marco-controller-listen'").fetchall()
+        return [int(row[0]) for row in rows]
+
+    async def main() -> None:
+        state = PostgresState(postgres_url, limits(heartbeat=0.3, timeout=1.0, poll=60.0))
+        state.open()
+        state.follow(Heard())
+        stopped: list[int] = []
+        try:
+            await until(lambda: state.listening, "the listener")
+            stopped = await asyncio.to_thread(listener_pids)
+            assert len(stopped) == 1
+            os.kill(stopped[0], signal.SIGSTOP)
+
+            async def replaced() -> bool:
+                pids = await asyncio.to_thread(listener_pids)
+                return state.listening and bool(set(pids) - set(stopped))
+
+            deadline = time.monotonic() + 20
+            while not await replaced():
+                assert time.monotonic() < deadline, "the stopped listener was not replaced"
+                await asyncio.sleep(0.1)
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+            await state.close()
+
+    asyncio.run(main())
