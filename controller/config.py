@@ -120,6 +120,9 @@ def shared_options() -> list[Option]:
                "controllers' revocations and run changes and act on them at once", flag=True),
         Option("shared_timeout", 10.0, "with a PostgreSQL database: seconds one exchange of "
                "revocations, failed logins or run changes with it may take", kind=float),
+        Option("shared_clock_margin", 2.0, "with a PostgreSQL database: seconds added to a "
+               "'log out everywhere' cutoff (beyond the later of this clock and the "
+               "database's), for the other controllers' clocks running ahead", kind=float),
         Option("runs_statement_timeout", 30.0, "with a PostgreSQL database: seconds one "
                "statement of the run store may run (then it is cancelled: 503)", kind=float),
         Option("runs_store_queue", 256, "run store calls waiting at once for its thread (more: "
@@ -278,6 +281,7 @@ class ControllerConfig:
     shared_listen: bool
     shared_timeout: float
     runs_statement_timeout: float
+    shared_clock_margin: float
     runs_store_queue: int
     registration: bool
     registration_ttl: float
@@ -292,6 +296,9 @@ class ControllerConfig:
                     "runs_store_queue"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
+        if not 0 <= self.shared_clock_margin <= 60:
+            raise ConfigError("shared_clock_margin must be 0 to 60 seconds "
+                              f"(got {self.shared_clock_margin})")
         for key in ("registration_ttl", "registration_max"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")

@@ -76,7 +76,8 @@ def shared_limits(config: ControllerConfig) -> SharedLimits:
     """The shared state's settings (two controllers on one database: shared_state.py)."""
     return SharedLimits(poll=config.shared_poll, listen=config.shared_listen,
                         timeout=config.shared_timeout, max_failures=config.login_max_failures,
-                        window=config.login_lockout)
+                        window=config.login_lockout,
+                        clock_margin=config.shared_clock_margin)
 
 
 @dataclass
@@ -165,7 +166,8 @@ class ControllerContext:
         everywhere" voids every token of its own second, so a login in that second waits for
         the next one rather than get a token that is void already."""
         cutoff = self.revocations.not_before(user)
-        deadline = time.monotonic() + 2  # the cutoff is at most 1 s ahead; a clock step back
+        # The cutoff is at most 1 s (and a shared database's lead) ahead; a clock step back
+        deadline = time.monotonic() + 2 + self.shared.lead()
         while cutoff is not None and int(time.time()) < cutoff:  # ends here, not in a hang
             if time.monotonic() > deadline:
                 raise TryAgain("the clock went back past a logout; try again in a moment")

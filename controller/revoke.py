@@ -143,7 +143,8 @@ class RevocationPusher:
         """Void every token of `user` issued up to now, on every live node now. Tokens carry
         whole seconds: the cutoff is the next second, so tokens of this very second (the
         caller's own among them) are void too."""
-        cutoff = float(math.floor(time.time()) + 1)
+        now = self.shared.cutoff_now() if self.shared is not None else time.time()
+        cutoff = float(math.floor(now) + 1)
         self.revocations.update({user: cutoff})
         self._revoked()
         nodes = self.registry.alive()

@@ -108,6 +108,13 @@ class SharedState(Protocol):
     async def close(self) -> None:
         """Stop following; close connections."""
 
+    def cutoff_now(self) -> float:
+        """The time a "log out everywhere" cutoff starts from (every token issued up to it,
+        on any controller, is void)."""
+
+    def lead(self) -> float:
+        """Seconds a cutoff may lie ahead of this clock beyond its own second."""
+
 
 class LocalState:
     """One controller alone: revocations in files of the state dir, failures in memory."""
@@ -133,6 +140,12 @@ class LocalState:
     async def close(self) -> None:
         """Nothing to close."""
 
+    def cutoff_now(self) -> float:
+        return time.time()  # one controller: its own clock issues every token
+
+    def lead(self) -> float:
+        return 0.0
+
 
 @dataclass(frozen=True)
 class SharedLimits:
@@ -144,6 +157,7 @@ class SharedLimits:
     max_failures: int    # login_max_failures
     window: float        # login_lockout
     heartbeat: float = 15.0  # seconds of LISTEN without a notification before a SELECT 1
+    clock_margin: float = 2.0  # shared_clock_margin: added to a "log out everywhere" cutoff
 
 
 class Database:
@@ -300,6 +314,8 @@ class PostgresState:
         self._tasks: list[asyncio.Task[None]] = []
         self.listening = False  # whether the LISTEN connection is up
         self.reloads = 0  # reads of the others' changes done so far
+        self.clock = time.time  # this controller's clock (tests give it a skew)
+        self.clock_offset = 0.0  # the database's clock minus this one, at the last read
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -322,6 +338,8 @@ class PostgresState:
                         connection.execute(statement)
                     connection.commit()
                 rows = connection.execute(CHANGES, {"seq": 0}).fetchall()
+                row = connection.execute(NOW).fetchone()
+                self.clock_offset = float(row[0]) - self.clock() if row else 0.0
         except psycopg.Error as error:
             raise TryAgain(f"cannot open the shared state in the database: {error}") from error
         self._apply(rows)
@@ -456,6 +474,7 @@ class PostgresState:
         async with self.db.transaction() as connection:
             cursor = await connection.execute(CHANGES, {"seq": self._seq})
             rows = await cursor.fetchall()
+            self.clock_offset = await _now(connection) - self.clock()
         revoked, denied = self._apply(rows)
         self.reloads += 1
         if (revoked or denied) and self._listener is not None:
@@ -482,6 +501,15 @@ class PostgresState:
         moved = self.revocations.update(revoked)
         added = self.denied.update(denied)
         return {user: revoked[user] for user in moved}, {d: denied[d] for d in added}
+
+    def cutoff_now(self) -> float:
+        """The later of this clock and the database's (as last read: no query, a stalled
+        database delays no logout) plus shared_clock_margin: the other controllers' clocks
+        may run ahead of this one, and their tokens of the last seconds must be void too."""
+        return max(self.clock(), self.clock() + self.clock_offset) + self.limits.clock_margin
+
+    def lead(self) -> float:
+        return max(0.0, self.clock_offset) + self.limits.clock_margin
 
     # -- runs ---------------------------------------------------------------------------------
 

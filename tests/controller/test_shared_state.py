@@ -335,3 +335,32 @@ def test_a_listener_whose_server_stops_answering_is_replaced(postgres_url: str) 
             await state.close()
 
     asyncio.run(main())
+
+
+def test_a_cutoff_on_a_controller_whose_clock_is_behind_voids_the_others_tokens(
+        postgres_url: str, secret_file: Path) -> None:
+    """This controller's clock runs 100 s behind the database's (and the other controller's):
+    its "log out everywhere" cutoff still lies past a token the other issues now (review 9 #4:
+    the cutoff is the later clock plus shared_clock_margin)."""
+    from controller.connector import AgentConnector
+    from controller.revoke import RevocationPusher
+    from marco.nodes import NodeRegistry
+    from marco.revocations import Revocations
+    from marco.tokens import TokenSigner, load_secret
+
+    async def main() -> None:
+        behind = PostgresState(postgres_url, limits(clock_margin=2.0))
+        behind.clock = lambda: time.time() - 100
+        behind.open()
+        try:
+            signer = TokenSigner(load_secret(secret_file))
+            pusher = RevocationPusher(Revocations(None), NodeRegistry(), signer,
+                                      AgentConnector(None), shared=behind)
+            answer = await pusher.revoke("alice")
+            issued_elsewhere = int(time.time())  # a token's whole-second issue time, now
+            assert answer["not_before"] > issued_elsewhere + 1  # void, with the margin
+            assert behind.lead() >= 100
+        finally:
+            await behind.close()
+
+    asyncio.run(main())
