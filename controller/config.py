@@ -50,6 +50,8 @@ def controller_options() -> list[Option]:
         Option("health_connection_max_age", 300.0, "seconds one kept connection carries an "
                "agent's health checks before a new one (0: a new connection for each check)",
                kind=float),
+        Option("health_checks_at_once", 64, "health checks in flight at once (the others wait "
+               "their turn; each answer still has 2 s)", kind=int),
         Option("discovery_retry_names", 1024, "announced agents not listed yet (resolution or "
                "first check lost) tried again at once, most", kind=int),
         Option("discovery_retry_longest", 30.0, "longest wait in seconds between two tries of an "
@@ -229,6 +231,7 @@ class ControllerConfig:
     health_interval: float
     health_failures: int
     health_connection_max_age: float
+    health_checks_at_once: int
     discovery_retry_names: int
     discovery_retry_longest: float
     discovery_retry_tries: int

@@ -147,7 +147,8 @@ class ControllerContext:
                          shared=is_postgres(config.database))
         health = HealthMonitor(registry, config.health_interval, keys=secret, tls=agent_tls,
                                failures=config.health_failures,
-                               connection_max_age=config.health_connection_max_age)
+                               connection_max_age=config.health_connection_max_age,
+                               at_once=config.health_checks_at_once)
         return cls(config=config, signer=signer, denied=denied, runs=runs,
                    authenticator=PamAuthenticator(config.pam_service, shared.limiter,
                                                   LoginShells(config.login_shells)),

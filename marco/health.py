@@ -179,7 +179,8 @@ class HealthMonitor:
 
     def __init__(self, registry: NodeRegistry, interval: float,
                  keys: Sequence[bytes] | None = None, tls: ClientTls | None = None,
-                 failures: int = 1, connection_max_age: float = 300.0) -> None:
+                 failures: int = 1, connection_max_age: float = 300.0,
+                 at_once: int = 64) -> None:
         self.tls = tls
         self.registry = registry
         self.interval = interval
@@ -192,6 +193,11 @@ class HealthMonitor:
             raise ConfigError("health_connection_max_age must be 0 (a connection per check) "
                               f"or more, not {connection_max_age}")
         self.connection_max_age = connection_max_age
+        if at_once < 1:
+            raise ConfigError(f"health_checks_at_once must be at least 1, not {at_once}")
+        # Checks in flight at once: a thousand first checks (each a TLS handshake) started
+        # together on a busy host time out at HEALTH_TIMEOUT and down nodes that are fine.
+        self.at_once = at_once
         self._missed: dict[str, int] = {}
         # One kept connection per node name, bounded by the registry's nodes (check_all
         # closes those of forgotten nodes).
@@ -213,7 +219,13 @@ class HealthMonitor:
         for name in [name for name in self._kept if self.registry.get(name) is None]:
             self._kept.pop(name).close()
         if nodes:
-            await asyncio.gather(*(self.check(node) for node in nodes))
+            slots = asyncio.Semaphore(self.at_once)
+
+            async def check(node: Node) -> None:
+                async with slots:
+                    await self.check(node)
+
+            await asyncio.gather(*(check(node) for node in nodes))
 
     @property
     def kept_connections(self) -> int:

@@ -126,3 +126,37 @@ def test_a_new_crl_ends_the_kept_connection_of_a_revoked_agent(
     node = registry.get("revoked-soon")
     assert node is not None and node.error is not None
     assert "revoked" in node.error, node.error
+
+
+def test_checks_in_flight_are_bounded_by_at_once() -> None:
+    """A round of checks over many nodes keeps at most `at_once` in flight (a thousand first
+    checks at once, each a TLS handshake, time out on a busy host and down healthy nodes);
+    every node is still checked in the round."""
+    async def round_of_checks() -> tuple[int, int, list[bool]]:
+        open_now, peak, accepted = 0, 0, 0
+
+        async def slow_silence(reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+            nonlocal open_now, peak, accepted
+            open_now, accepted = open_now + 1, accepted + 1
+            peak = max(peak, open_now)
+            await asyncio.sleep(0.05)  # then hang up unanswered: a check that got no answer
+            open_now -= 1
+            writer.close()
+
+        server = await asyncio.start_server(slow_silence, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        registry = NodeRegistry()
+        for index in range(12):
+            registry.upsert(parse_static_node(f"n{index}=127.0.0.1:{port}"))
+        monitor = HealthMonitor(registry, 1, failures=1, at_once=3)
+        try:
+            await monitor.check_all()
+        finally:
+            monitor.stop()
+            server.close()
+        return peak, accepted, [node.alive for node in registry.all()]
+
+    peak, accepted, alive = asyncio.run(round_of_checks())
+    assert accepted >= 12 and not any(alive)  # every node was checked (and got no answer)
+    assert 1 <= peak <= 3, peak
