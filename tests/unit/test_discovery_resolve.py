@@ -76,10 +76,13 @@ def test_a_wrong_answer_is_not_tried_again_and_no_answer_only_so_often(
     monitor = HealthMonitor(registry, 1.0, keys=load_secret(secret_file),
                             tls=pki.client_tls())
     checks: Counter[str] = Counter()
+    unanswered: Counter[str] = Counter()
 
     async def probe(node: Node) -> Probe:
         checks[node.name] += 1
-        return await monitor.probe(node)
+        result = await monitor.probe(node)
+        unanswered[node.name] += not result.answered
+        return result
 
     browser = ZeroconfBrowser(registry, ["127.0.0.1"], verify=probe, limits=DiscoveryLimits(
         retry_first=0.05, retry_longest=0.1, retry_tries=3, rebrowse=0))
@@ -98,7 +101,9 @@ def test_a_wrong_answer_is_not_tried_again_and_no_answer_only_so_often(
                              "given up")
             assert checks[forged] == 1 and registry.get(forged) is None
             assert checks[silent] == 1 + 3  # its first check and `retry_tries` more
-            assert checks[unlucky] == 2
+            # Tried again once per check it did not answer. Its one 503 is usually ours; a
+            # controller of another test browsing the same loopback may take it first.
+            assert checks[unlucky] == 1 + unanswered[unlucky] <= 2
             for name in (forged, silent):
                 assert service(name) not in browser._retries  # no timer left to dial it
         finally:
