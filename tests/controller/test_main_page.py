@@ -93,9 +93,14 @@ def test_keyboard_only_deploy(browser: Any, cluster: Any, alice: UnixUser,
     expect(checkbox).to_be_checked()
     tab_to(page, "#tab-shell")
     page.keyboard.press("ArrowRight")
+    # The Deploy tab is chosen and its form shown before Tab moves on (on a busy host the
+    # keys come faster than the page switches panes).
+    expect(page.locator("#tab-deploy")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#deploy-form")).to_be_visible()
     source = tmp_path / "keyboard.txt"
     source.write_text("deployed by keyboard\n")
     page.keyboard.press("Tab")
+    expect(page.locator("#deploy-file")).to_be_focused()
     with page.expect_file_chooser() as chooser:
         page.keyboard.press("Space")
     chooser.value.set_files(str(source))
