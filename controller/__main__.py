@@ -115,7 +115,8 @@ def discovery_limits(config: ControllerConfig) -> DiscoveryLimits:
     return DiscoveryLimits(retry_names=config.discovery_retry_names,
                            retry_longest=config.discovery_retry_longest,
                            retry_tries=config.discovery_retry_tries,
-                           rebrowse=config.discovery_rebrowse)
+                           rebrowse=config.discovery_rebrowse,
+                           receive_buffer=config.discovery_receive_buffer)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

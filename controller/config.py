@@ -61,6 +61,9 @@ def controller_options() -> list[Option]:
                "tried again); then it waits for its next announcement", kind=int),
         Option("discovery_rebrowse", 60.0, "seconds between two browse queries for agents "
                "whose announcements were all lost (0: none)", kind=float),
+        Option("discovery_receive_buffer", 4 * 1024 * 1024, "bytes of receive buffer for "
+               "the mDNS sockets, so a burst of announcements (many agents starting at once) "
+               "is not dropped (0: the system's default)", kind=int),
         Option("deploy_stall_timeout", 30.0, "seconds an agent may take no data during a "
                "deploy before it is dropped (the others go on)", kind=float),
         Option("login_max_failures", 5, "failed logins allowed per user and per client address "
@@ -236,6 +239,7 @@ class ControllerConfig:
     discovery_retry_longest: float
     discovery_retry_tries: int
     discovery_rebrowse: float
+    discovery_receive_buffer: int
     deploy_stall_timeout: float
     login_max_failures: int
     login_lockout: int

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from marco.tls import ClientTls
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_MS = 3000
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux: root may pass rmem_max
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class DiscoveryLimits:
     retry_longest: float = 30.0
     rebrowse: float = 60.0
     retry_tries: int = 8
+    receive_buffer: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.retry_names < 0 or not 0 < self.retry_first <= self.retry_longest:
@@ -55,6 +58,8 @@ class DiscoveryLimits:
             raise ConfigError("discovery_retry_tries must be 0 (no retries) or more")
         if self.rebrowse < 0:
             raise ConfigError("discovery_rebrowse must be 0 (off) or positive")
+        if self.receive_buffer < 0:
+            raise ConfigError("discovery_receive_buffer must be 0 (the system's) or positive")
 
 
 class Outcome(enum.Enum):
@@ -101,6 +106,8 @@ class ZeroconfBrowser:
         except OSError as exc:
             raise ConfigError(f"cannot browse mDNS on {', '.join(self.interfaces)}: "
                               f"{exc.strerror or exc}") from None
+        if self.limits.receive_buffer:
+            grow_receive_buffers(self._zc.zeroconf, self.limits.receive_buffer)
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE,
                                             handlers=[self._on_change],
                                             question_type=DNSQuestionType.QM)
@@ -276,6 +283,27 @@ class ZeroconfBrowser:
         if self._zc is not None:
             await self._zc.async_close()
         self._browser = self._zc = None
+
+
+def grow_receive_buffers(zc: Zeroconf, size: int) -> None:
+    """Give the mDNS sockets a receive buffer of `size` bytes: when many agents start at once
+    their announcements and answers arrive in a burst, and the system's default (about 208 KiB,
+    some 280 datagrams) drops the rest before zeroconf reads them. As root, SO_RCVBUFFORCE
+    passes `net.core.rmem_max`; otherwise the kernel caps the size there."""
+    engine = zc.engine
+    # zeroconf keeps its sockets on the engine and offers no option for their buffers.
+    sockets = [engine._listen_socket, *engine._respond_sockets]  # noqa: SLF001
+    for sock in sockets:
+        if sock is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            except OSError as exc:
+                log.warning("cannot grow the mDNS receive buffer: %s", exc.strerror or exc)
+                return
 
 
 async def browse_once(interfaces: Sequence[str], wait: float = 2.0,

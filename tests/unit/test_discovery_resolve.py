@@ -118,3 +118,25 @@ def test_a_wrong_answer_is_not_tried_again_and_no_answer_only_so_often(
             asyncio.run(scenario(closed.getsockname()[1]))
     finally:
         assert simulator.stop() == 0, simulator.log()
+
+
+def test_the_mdns_sockets_get_the_receive_buffer_asked_for() -> None:
+    """A burst of announcements (a hundred agents starting at once) overflowed the system's
+    default buffer: the browser's sockets take `receive_buffer` (the kernel reports double)."""
+    asked = 3 * 1024 * 1024
+
+    async def buffers(limits: DiscoveryLimits) -> list[int]:
+        browser = ZeroconfBrowser(NodeRegistry(), ["127.0.0.1"], limits=limits)
+        await browser.start()
+        try:
+            assert browser._zc is not None
+            engine = browser._zc.zeroconf.engine
+            sockets = [s for s in [engine._listen_socket, *engine._respond_sockets] if s]
+            return [s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for s in sockets]
+        finally:
+            await browser.stop()
+
+    grown = asyncio.run(buffers(DiscoveryLimits(rebrowse=0, receive_buffer=asked)))
+    assert grown and all(size >= asked for size in grown), grown
+    default = asyncio.run(buffers(DiscoveryLimits(rebrowse=0, receive_buffer=0)))
+    assert all(size < asked for size in default), default
