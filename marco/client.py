@@ -68,6 +68,23 @@ def _transport_error(exc: BaseException, what: str,
     return AgentUnreachable(f"cannot reach {what}: {detail}")
 
 
+def agent_socket_target(host: str, port: int, path: str, tls: ClientTls | None,
+                        node: str | None = None) -> tuple[str, ssl.SSLContext | None, str]:
+    """Where a WebSocket to an agent goes: its ws(s) URL for `path`, the TLS context that
+    presents our certificate and accepts only one naming `node` (default: `host`), and how
+    errors name the agent (shared by AgentStream's and TerminalClient's callers)."""
+    node = node or host
+    context = tls.context_for(node) if tls is not None else None
+    url = base_url(host, port, tls is not None).replace("http", "ws", 1) + path
+    return url, context, describe(host, port, node)
+
+
+def transport_error(exc: BaseException, what: str,
+                    tls: ClientTls | None = None) -> AgentUnreachable:
+    """A failed connection (HTTP or WebSocket) as a typed error (see _transport_error)."""
+    return _transport_error(exc, what, tls)
+
+
 class AgentClient:
     """Synchronous client on one kept-alive HTTP(S) connection (not thread-safe).
 
