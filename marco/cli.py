@@ -8,6 +8,7 @@ many nodes with every line live, list your runs and read their output.
     marco run [--nodes a,b] [--group web] [--cwd DIR] [--json] -- COMMAND ...
     marco runs [--kind K] [--status S] [--search TEXT] [--limit N] [--json]
     marco logs RUN [--follow] [--host H]
+    marco shell NODE [--no-record] [-- COMMAND ...]
     marco --version
 """
 
@@ -42,6 +43,8 @@ from .errors import (
 )
 from .keys import make_user_request
 from .runs import KINDS, RUN_ID, STATUSES, host_failed
+from .shell_cli import add_parser as add_shell_parser
+from .shell_cli import cmd_shell as shell_session
 
 DEFAULT_CONTROLLER = "https://127.0.0.1:7380"
 STOP_WAIT = 10.0  # seconds to wait for the exits after Ctrl-C (the agents' grace is 5 s)
@@ -569,6 +572,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
         time.sleep(FOLLOW_INTERVAL)
 
 
+def cmd_shell(args: argparse.Namespace) -> int:
+    """A terminal on a node (marco/shell_cli.py)."""
+    return shell_session(args, controller_url(args.controller))
+
+
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="marco", description=__doc__.split("\n\n")[0],
@@ -632,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{FOLLOW_INTERVAL:g} s)")
     logs.add_argument("--host", metavar="H", help="only this host's output")
     logs.set_defaults(func=cmd_logs)
+    add_shell_parser(commands).set_defaults(func=cmd_shell)
     return parser
 
 

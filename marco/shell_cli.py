@@ -1,0 +1,426 @@
+"""`marco shell NODE [-- COMMAND]`: a terminal on a node, like `ssh` (docs/terminals.md).
+
+The node is found through the controller (as `marco run` finds it); the terminal goes straight
+to the agent's /v1/terminal over mutual TLS with the `marco login` credentials. With a terminal
+on stdin it is put in raw mode (restored on every way out), its size is the session's and
+follows SIGWINCH; without one the session still runs (80x24 or $COLUMNS x $LINES) and the end
+of stdin is typed as one Ctrl-D. The session is recorded as a run of kind `terminal` through
+the controller's API unless --no-record; a controller that does not take it is said once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import os
+import re
+import signal
+import stat
+import sys
+import termios
+import tty
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from .asciicast import CastRecorder
+from .controller_client import ControllerClient
+from .credentials import find_token, node_tls
+from .errors import AgentUnreachable, MarcoError, UsageError
+from .terminal_client import TerminalClient
+
+EXIT_SHELL_FAILED = 255  # as ssh: marco shell itself failed (not logged in, down, lost)
+DEFAULT_SIZE = (80, 24)
+DEFAULT_TERM = "xterm-256color"
+TERM_NAME = re.compile(r"[A-Za-z0-9._+-]{1,64}")
+READ_CHUNK = 16 * 1024  # bytes of stdin a frame at most
+RECORD_INTERVAL = 0.5  # seconds between two posts of the recording (docs/terminals.md)
+CLOSE_WAIT = 2.0  # seconds to say goodbye to the agent when a signal ends us
+EOF_KEY = b"\x04"  # Ctrl-D: what the end of a non-terminal stdin types (docs/terminals.md)
+ENDED = {  # why the agent ended a session, as the user is told
+    "idle": "no input or output for too long (the node's terminal_idle_timeout)",
+    "expired": "your login expired (marco login)",
+    "logged out": "your token was revoked (logged out; marco login)",
+    "stopping": "the node's agent is shutting down",
+}
+
+
+def clamp(value: int) -> int:
+    return max(1, min(1000, value))
+
+
+def env_size(environ: Mapping[str, str]) -> tuple[int, int]:
+    """$COLUMNS x $LINES when both are numbers, else 80x24."""
+    try:
+        return clamp(int(environ["COLUMNS"])), clamp(int(environ["LINES"]))
+    except (KeyError, ValueError):
+        return DEFAULT_SIZE
+
+
+def term_name(environ: Mapping[str, str]) -> str:
+    """The local $TERM when the agent would take it, else xterm-256color."""
+    given = environ.get("TERM", "")
+    return given if TERM_NAME.fullmatch(given) and given != "dumb" else DEFAULT_TERM
+
+
+def status_of(message: dict[str, Any]) -> int:
+    """The exit status an `exit` message gives, as a shell reports it (128+N for signal N)."""
+    if isinstance(message.get("status"), int):
+        return int(message["status"])
+    name = message.get("signal")
+    try:
+        return 128 + signal.Signals["SIG" + str(name)].value
+    except KeyError:
+        return EXIT_SHELL_FAILED
+
+
+class LocalTerminal:
+    """Our side of the terminal: stdin and stdout as file descriptors, raw mode and the
+    descriptors' flags (restored on the way out), the window size."""
+
+    def __init__(self, stdin: int = 0, stdout: int = 1,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self.stdin, self.stdout = stdin, stdout
+        self.environ = os.environ if environ is None else environ
+        self.is_tty = os.isatty(stdin)
+        self.raw = False
+        self._pollable: dict[int, bool] = {}
+
+    def size(self) -> tuple[int, int]:
+        """(cols, rows): the terminal's, else $COLUMNS x $LINES, else 80x24."""
+        if self.is_tty:
+            try:
+                size = os.get_terminal_size(self.stdin)
+                if size.columns and size.lines:
+                    return clamp(size.columns), clamp(size.lines)
+            except OSError:
+                pass
+        return env_size(self.environ)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Raw mode (on a terminal) and a non-blocking stdout for the session; the modes and
+        flags as they were after it, whatever ends it."""
+        saved_mode = termios.tcgetattr(self.stdin) if self.is_tty else None
+        saved_flags = {fd: fcntl.fcntl(fd, fcntl.F_GETFL) for fd in (self.stdin, self.stdout)}
+        try:
+            if saved_mode is not None:
+                tty.setraw(self.stdin, termios.TCSANOW)
+                self.raw = True
+            if self.pollable(self.stdout):
+                fcntl.fcntl(self.stdout, fcntl.F_SETFL,
+                            saved_flags[self.stdout] | os.O_NONBLOCK)
+            yield
+        finally:
+            for fd, flags in saved_flags.items():
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+            if saved_mode is not None:
+                with contextlib.suppress(termios.error):
+                    termios.tcsetattr(self.stdin, termios.TCSADRAIN, saved_mode)
+            self.raw = False
+
+    def pollable(self, fd: int) -> bool:
+        """Whether the event loop can wait on `fd`: not for files and /dev/null, which never
+        block (epoll refuses them)."""
+        if fd not in self._pollable:
+            mode = os.fstat(fd).st_mode
+            self._pollable[fd] = not (stat.S_ISREG(mode) or (
+                stat.S_ISCHR(mode) and os.path.samestat(os.fstat(fd), os.stat(os.devnull))))
+        return self._pollable[fd]
+
+    async def read(self) -> bytes:
+        """The next bytes typed (b"" at the end of stdin)."""
+        while True:
+            if self.pollable(self.stdin):
+                await self._ready(self.stdin, writer=False)
+            try:
+                return os.read(self.stdin, READ_CHUNK)
+            except BlockingIOError:  # stdin shares stdout's non-blocking open file
+                continue
+            except OSError:  # a terminal hung up
+                return b""
+
+    async def write(self, data: bytes) -> None:
+        """All of `data` to stdout; while the terminal is full, wait (and so read nothing more
+        from the node: the agent pauses the program)."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.stdout, view):]
+            except BlockingIOError:
+                await self._ready(self.stdout, writer=True)
+
+    def say(self, text: str) -> None:
+        """A line to stderr, with the \\r a raw terminal needs."""
+        line = ("\r\n" if self.raw else "\n").join(text.split("\n")) + ("\r\n" if self.raw
+                                                                        else "\n")
+        with contextlib.suppress(OSError):
+            os.write(2, line.encode())
+
+    @staticmethod
+    async def _ready(fd: int, writer: bool) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        (loop.add_writer if writer else loop.add_reader)(fd, wake)
+        try:
+            await ready
+        finally:
+            (loop.remove_writer if writer else loop.remove_reader)(fd)
+
+
+class Recording:
+    """The session kept as a run of kind `terminal` through the controller's API: created once
+    the session started, its `term` events posted every RECORD_INTERVAL s (one post at a
+    time: the recorder batches what comes meanwhile), a recap at the end. The first refusal
+    is said once and ends the recording, never the session."""
+
+    def __init__(self, controller: ControllerClient, node: str, say: Any) -> None:
+        self.controller, self.node, self.say = controller, node, say
+        self.recorder = CastRecorder()
+        self.run_id: str | None = None
+        self.url: str | None = None
+        self.failed = False
+        self._poster: asyncio.Task[None] | None = None
+
+    def output(self, data: bytes) -> None:
+        if not self.failed:
+            self.recorder.output(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        if not self.failed:
+            self.recorder.resize(cols, rows)
+
+    def start(self, started: dict[str, Any], cols: int, rows: int, term: str,
+              command: str | None) -> None:
+        """Create the run and post its events in the background."""
+        self._poster = asyncio.ensure_future(self._post_all(started, cols, rows, term, command))
+
+    async def finish(self, stats: dict[str, int] | None) -> None:
+        """The last events, then a recap with `stats` (or the run finished as interrupted)."""
+        if self._poster is None:
+            return
+        self._poster.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._poster
+        if self.run_id is None or self.failed:
+            return
+        self.recorder.finish()
+        with contextlib.suppress(MarcoError):  # the end is best effort: the run says running
+            await self._post_pending()
+            if stats is None:
+                await asyncio.to_thread(self.controller.call, f"/api/runs/{self.run_id}/finish",
+                                        {"status": "interrupted"})
+            else:
+                await self._post([{"type": "recap", "stats": {self.node: stats}}])
+
+    async def _post_all(self, started: dict[str, Any], cols: int, rows: int, term: str,
+                        command: str | None) -> None:
+        try:
+            title = f"{self.node}: {command}" if command else f"shell on {self.node}"
+            meta = {"node": self.node, "cols": cols, "rows": rows, "term": term,
+                    "shell": started.get("shell"), "command": command,
+                    "session": started.get("session")}
+            run = await asyncio.to_thread(self.controller.call, "/api/runs", {
+                "kind": "terminal", "title": title, "hosts": [self.node], "meta": meta})
+            self.run_id, self.url = run["id"], self.controller.permalink(run["url"])
+            while True:
+                await self._post_pending()
+                await asyncio.sleep(RECORD_INTERVAL)
+        except MarcoError as error:
+            self.failed = True
+            self.say(f"marco: this session is not recorded ({error})")
+
+    async def _post_pending(self) -> None:
+        while (event := self.recorder.flush()) is not None:
+            await self._post([event])
+
+    async def _post(self, events: list[dict[str, Any]]) -> None:
+        assert self.run_id is not None
+        await asyncio.to_thread(self.controller.call, f"/api/runs/{self.run_id}/events",
+                                {"events": events})
+
+
+class ShellSession:
+    """One terminal session between the local terminal and a node's agent."""
+
+    def __init__(self, node: str, client: TerminalClient, terminal: LocalTerminal,
+                 recording: Recording | None, command: str | None) -> None:
+        self.node, self.client, self.terminal = node, client, terminal
+        self.recording, self.command = recording, command
+        self.exit: dict[str, Any] | None = None
+        self.killed_by: int | None = None
+        self.lost: MarcoError | None = None
+
+    async def run(self) -> int:
+        """The session from `open` to its end; the exit status to leave with."""
+        cols, rows = self.terminal.size()
+        term = term_name(self.terminal.environ) if self.terminal.is_tty else DEFAULT_TERM
+        started = await self.client.open(cols, rows, term=term, command=self.command)
+        if self.recording is not None:
+            self.recording.start(started, cols, rows, term, self.command)
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+        assert main is not None
+        handled = self._signals(loop, main)
+        typing = asyncio.ensure_future(self._type())
+        try:
+            await self._show()
+        except asyncio.CancelledError:
+            if self.killed_by is None:
+                raise
+            await self._hang_up()
+        except MarcoError as error:  # an error close, or the connection broke
+            self.lost = error
+        finally:
+            typing.cancel()
+            for signum in handled:
+                loop.remove_signal_handler(signum)
+            self.client.close()
+        return await self._ending()
+
+    def _signals(self, loop: asyncio.AbstractEventLoop, main: asyncio.Task[Any]) -> list[int]:
+        """SIGWINCH resizes; SIGTERM, SIGHUP, SIGINT, SIGQUIT end the session (128+N)."""
+
+        def ended_by(signum: int) -> None:
+            if self.killed_by is None:
+                self.killed_by = signum
+                main.cancel()
+
+        loop.add_signal_handler(signal.SIGWINCH, self._resized)
+        stops = [signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT]
+        for signum in stops:
+            loop.add_signal_handler(signum, ended_by, signum)
+        return [signal.SIGWINCH, *stops]
+
+    def _resized(self) -> None:
+        cols, rows = self.terminal.size()
+        if self.recording is not None:
+            self.recording.resize(cols, rows)
+        asyncio.ensure_future(self._quietly(self.client.resize(cols, rows)))
+
+    async def _type(self) -> None:
+        """stdin to the node, one read in flight; its end typed as one Ctrl-D."""
+        with contextlib.suppress(MarcoError):
+            while data := await self.terminal.read():
+                await self.client.send(data)
+            if not self.terminal.is_tty:
+                await self.client.send(EOF_KEY)
+
+    async def _show(self) -> None:
+        """The node's output to stdout until the session's `exit` or the socket's end."""
+        while (frame := await self.client.read()) is not None:
+            if isinstance(frame, bytes):
+                if self.recording is not None:
+                    self.recording.output(frame)
+                await self.terminal.write(frame)
+            elif frame.get("type") == "exit":
+                self.exit = frame
+
+    async def _hang_up(self) -> None:
+        """A signal ends us: hang up the node's foreground programs, as a closed ssh would."""
+        with contextlib.suppress(MarcoError, asyncio.TimeoutError, OSError):
+            await asyncio.wait_for(self.client.signal("HUP"), CLOSE_WAIT)
+
+    async def _ending(self) -> int:
+        """Tell why the session ended (as ssh does), finish the recording, pick the status."""
+        stats: dict[str, int] | None = None
+        if self.killed_by is not None:
+            status = 128 + self.killed_by
+            self.terminal.say(f"Connection to {self.node} closed "
+                              f"({signal.Signals(self.killed_by).name}).")
+        elif self.exit is None:
+            status = EXIT_SHELL_FAILED
+            why = f": {self.lost}" if self.lost is not None else " by remote host"
+            self.terminal.say(f"Connection to {self.node} closed{why}.")
+        elif self.exit.get("reason", "exited") == "exited":
+            status = status_of(self.exit)
+            stats = {"ok" if status == 0 else "failed": 1, "rc": status}
+            if self.terminal.is_tty:
+                self.terminal.say(f"Connection to {self.node} closed.")
+        else:
+            status = EXIT_SHELL_FAILED
+            stats = {"failed": 1, "rc": status}
+            why = ENDED.get(str(self.exit.get("reason")), str(self.exit.get("reason")))
+            self.terminal.say(f"Connection to {self.node} closed: {why}.")
+        if self.recording is not None:
+            await self.recording.finish(stats)
+        return status
+
+    @staticmethod
+    async def _quietly(call: Any) -> None:
+        with contextlib.suppress(MarcoError, OSError):
+            await call
+
+
+def find_node(client: ControllerClient, name: str) -> dict[str, Any]:
+    """The node as the controller lists it: unknown is a usage error, down is unreachable."""
+    nodes = {node["name"]: node for node in client.nodes()}
+    if name not in nodes:
+        raise UsageError(f"unknown node: {name} (see: marco nodes)")
+    node = nodes[name]
+    if not node["alive"]:
+        why = f" ({node['error']})" if node.get("error") else ""
+        raise AgentUnreachable(f"the controller sees {name} down{why}")
+    return node
+
+
+def run_shell(url: str, args: argparse.Namespace) -> int:
+    """Find the node, connect, and hold the session; the status to exit with."""
+    controller = ControllerClient(url, find_token())
+    node = find_node(controller, args.node)
+    tls = node_tls(node.get("tls", True), node["host"])
+    command = " ".join(args.command) if args.command else None
+    terminal = LocalTerminal()
+    recording = None if args.no_record else Recording(controller, node["name"], terminal.say)
+
+    async def session() -> int:
+        client = TerminalClient.for_node(node["host"], node["port"], controller.token or "",
+                                         tls, node=node["name"])
+        return await ShellSession(node["name"], client, terminal, recording, command).run()
+
+    with terminal.session():
+        return asyncio.run(session())
+
+
+def cmd_shell(args: argparse.Namespace, url: str) -> int:
+    """`marco shell` with the controller at `url`: the remote status; 255 when marco
+    itself failed (as ssh)."""
+    try:
+        return run_shell(url, args)
+    except UsageError:
+        raise
+    except MarcoError as error:
+        hint = f" ({error.hint})" if error.hint else ""
+        print(f"marco: {error}{hint}", file=sys.stderr)
+        return EXIT_SHELL_FAILED
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
+               ) -> argparse.ArgumentParser:
+    """The `shell` subcommand's arguments."""
+    shell = commands.add_parser(
+        "shell", help="a terminal on a node, as you (like ssh)",
+        description="Open a terminal on NODE as your Unix user there: your login shell, or "
+                    "COMMAND in a terminal. Your terminal is put in raw mode (Ctrl-C goes to "
+                    "the node), its size follows yours. Without a terminal on stdin the "
+                    "session still runs (size $COLUMNS x $LINES or 80x24) and the end of stdin "
+                    "is typed as one Ctrl-D.",
+        epilog="exit status: the remote shell's or COMMAND's (128+N when killed by signal "
+               "N); 2 for a usage error or an unknown node; 255 when marco shell itself "
+               "failed (not logged in, node down, refused, connection lost, the session "
+               "ended by the node: idle, login expired, logged out).")
+    shell.add_argument("node", metavar="NODE", help="the node's name (see: marco nodes)")
+    shell.add_argument("--no-record", action="store_true",
+                       help="do not keep this session as a run (recorded by default, "
+                            "unless the controller's terminal_record is off)")
+    shell.add_argument("command", nargs=argparse.REMAINDER,
+                       help="-- COMMAND ...: run this instead of your login shell, as "
+                            "`$SHELL -c` (its words joined by spaces, as ssh does)")
+    return shell
