@@ -5,6 +5,7 @@ Both carry the agents' token; the user is always derived from it (checked with m
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable
 from typing import Any
 
@@ -56,11 +57,19 @@ class BaseHandler(SessionMixin):
 
     def set_default_headers(self) -> None:
         # The page talks to this controller only (API and relay sockets): connect-src 'self'.
+        # xterm.js's renderer makes <style> elements (xterm.js #4445): a nonce new with every
+        # response allows those that style_nonce.js stamps, never inline style in markup.
+        self.style_nonce = secrets.token_urlsafe(18)
         self.set_header("Content-Security-Policy",
                         "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
-                        "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
+                        f"style-src 'self' 'nonce-{self.style_nonce}'; script-src 'self'; "
+                        "frame-ancestors 'none'")
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Referrer-Policy", "same-origin")
+
+    def get_template_namespace(self) -> dict[str, Any]:
+        """The templates' names, with this response's style nonce (base.html's meta)."""
+        return {**super().get_template_namespace(), "style_nonce": self.style_nonce}
 
     def check_xsrf_cookie(self) -> None:
         # A Bearer header cannot be sent cross-site by a browser without CORS: no CSRF there.

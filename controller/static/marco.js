@@ -269,6 +269,11 @@ class NodeView {
     card.appendChild(this.bars);
     this.facts = el("div", "facts");
     card.appendChild(this.facts);
+    this.termButton = el("button", "term-open", "Terminal");
+    this.termButton.type = "button";
+    this.termButton.setAttribute("aria-label", `Open a terminal on ${this.node.name}`);
+    this.termButton.addEventListener("click", () => this.app.openTerminal(this.node.name));
+    card.appendChild(this.termButton);
     const details = el("details", "procs");
     details.appendChild(el("summary", "", "top processes"));
     this.procs = el("table", "proc-table");
@@ -314,6 +319,7 @@ class NodeView {
     const node = this.node;
     this.card.classList.toggle("down", !node.alive);
     this.badge.textContent = node.alive ? (node.txt.os || "up") : "down";
+    this.termButton.disabled = !node.alive;
     const groups = node.groups.length ? ` · groups ${node.groups.join(", ")}` : "";
     this.meta.textContent = `${node.host}:${node.port}${groups}`;
   }
@@ -1322,8 +1328,19 @@ class App {
     this.keepResult(box);
   }
 
+  // A terminal on `name` in the Terminals tab, which is chosen and brought into sight.
+  openTerminal(name) {
+    if (!this.terminals) return;
+    $("#tab-terminals").click();
+    const pane = this.terminals.open(name);
+    pane?.element.scrollIntoView({ block: "nearest" });
+  }
+
   bindForms() {
     bindTabs($("#run-tabs"));
+    // The Terminals tab (terminal.js); its "open on the ticked nodes" acts on those Run would.
+    // The view is window.marcoTerminals (tests read its terminals' buffers from there).
+    if (window.MarcoTerminals) window.marcoTerminals = this.terminals = new window.MarcoTerminals($("#terminals-pane"), () => this.chosen());
     $("#select-all").onclick = () => this.selectAll(true);
     $("#select-none").onclick = () => this.selectAll(false);
 

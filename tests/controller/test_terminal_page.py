@@ -1,0 +1,112 @@
+"""Terminals in the page (issue 16, docs/terminals.md), in a real chromium against a real
+controller (its relay), real agents and real PAM logins: a shell from a node's card, "type
+into all" on three nodes, the replay of a recorded session, all under the page's CSP."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from marco.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
+from tests.support.controller_process import ControllerProcess
+from tests.support.daemon import stop_all
+from tests.support.names import unique_node_name
+from tests.support.pki import TestPki
+from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
+from tests.support.web import TIMEOUT_MS, open_logged_in
+
+# Every CSP violation the page reports, and the console's CSP errors, kept in the page.
+WATCH_CSP = """window.__cspViolations = [];
+document.addEventListener('securitypolicyviolation',
+  (e) => window.__cspViolations.push(`${e.violatedDirective} ${e.blockedURI} ${e.sample}`));"""
+# The rows an xterm.js terminal shows now, from its buffer (what the screen reads).
+ROWS = """(node) => { const view = window.marcoTerminals; if (!view) return null;
+  const pane = view.panes.find((p) => p.node === node); if (!pane || !pane.term) return null;
+  const buffer = pane.term.buffer.active, rows = [];
+  for (let i = 0; i < buffer.length; i++) rows.push(buffer.getLine(i).translateToString(true));
+  return rows; }"""
+
+
+@pytest.fixture(scope="module")
+def trio(secret_file: Path, pki: TestPki, pam_service: str, signer: TokenSigner,
+         alice: UnixUser, tmp_path_factory: pytest.TempPathFactory,
+         ) -> Iterator[tuple[ControllerProcess, list[str]]]:
+    """A controller and three agents it discovered (the type-into-all test needs three)."""
+    workdir = tmp_path_factory.mktemp("terminals")
+    names = sorted(unique_node_name("term") for _ in range(3))
+    daemons: list[AgentProcess | ControllerProcess] = []
+    try:
+        controller = ControllerProcess(secret_file, workdir, pam_service=pam_service, pki=pki)
+        daemons.append(controller)
+        for name in names:
+            daemons.append(AgentProcess(secret_file, workdir / name / "state", node_name=name,
+                                        announce=True, pki=pki))
+        token = signer.issue(alice.name)
+        wait_for(lambda: set(names) <= set(controller.inventory_hosts(token)),
+                 what="the three agents discovered")
+        yield controller, names
+    finally:
+        stop_all(daemons)
+
+
+@pytest.fixture
+def page(browser: Any, trio: tuple[ControllerProcess, list[str]], alice: UnixUser) -> Iterator[Page]:
+    """The main page, logged in as alice, watching for CSP violations from its first script."""
+    controller, _ = trio
+    context = browser.new_context()
+    context.add_init_script(WATCH_CSP)
+    page: Page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    console: list[str] = []
+    page.on("console", lambda m: console.append(m.text) if "Content Security Policy" in m.text else None)
+    open_logged_in(page, controller, alice)
+    yield page
+    assert console == [], console
+    context.close()
+
+
+def violations(page: Page) -> list[str]:
+    return page.evaluate("window.__cspViolations")
+
+
+def rows_of(page: Page, node: str) -> list[str]:
+    return page.evaluate(ROWS, node) or []
+
+
+def wait_rows(page: Page, node: str, pattern: str, what: str) -> list[str]:
+    """Until a row of `node`'s terminal matches `pattern` (a regex, whole row)."""
+    regex = re.compile(pattern)
+    return wait_for(lambda: [r for r in rows_of(page, node) if regex.fullmatch(r.rstrip())],
+                    timeout=TIMEOUT_MS / 1000, what=f"{what} in {node}'s terminal")
+
+
+def open_from_card(page: Page, node: str, connected: bool = True) -> Any:
+    page.get_by_role("button", name=f"Open a terminal on {node}").click()
+    pane = page.locator(f'.term-pane[data-node="{node}"]')
+    expect(pane.locator(".xterm-rows")).to_be_attached()
+    if connected:
+        expect(pane).to_have_attribute("data-state", "connected")
+    return pane
+
+
+def test_terminal_renders_colours_under_the_csp(page: Page, trio: Any) -> None:
+    """xterm.js's renderer styles cells with <style> elements and style attributes: under the
+    page's CSP (no 'unsafe-inline') the nonce shim lets them apply, and nothing is reported."""
+    _, names = trio
+    open_from_card(page, names[0], connected=False)
+    # A palette colour (a class from xterm.js's <style>) and a truecolour (a style attribute).
+    page.evaluate("""() => window.marcoTerminals.panes[0].term.write(
+        '\\x1b[31mpalette\\x1b[0m \\x1b[38;2;0;200;0mtruecolour\\x1b[0m\\r\\n')""")
+    pane = page.locator(f'.term-pane[data-node="{names[0]}"]')
+    palette = pane.locator(".xterm-rows span", has_text="palette")
+    truecolour = pane.locator(".xterm-rows span", has_text="truecolour")
+    expect(palette).to_have_css("color", "rgb(229, 83, 75)")  # the theme's red (terminal.js)
+    expect(truecolour).to_have_css("color", "rgb(0, 200, 0)")
+    assert violations(page) == []
