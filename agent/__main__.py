@@ -166,6 +166,7 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
         await stop.wait()
         log.info("stopping")
         ctx.executions.closing = True  # no new executions from kept-alive connections
+        ctx.terminals.closing = True
     finally:
         expiry.stop()
         if tls_watch:
@@ -178,6 +179,7 @@ async def serve(config: AgentConfig, secret: tuple[bytes, ...]) -> None:
         if registrar is not None:
             await registrar.stop()
         listening.remove(config.state_path)
+        await ctx.terminals.shutdown()  # before the isolation closes under them
         await ctx.executions.shutdown()
         await close_server(server)
         ctx.status.close()

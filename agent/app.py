@@ -20,6 +20,7 @@ from .handlers import (
     StatusHandler,
 )
 from .stream import StreamSocket
+from .terminal_socket import TerminalSocket
 
 EXECUTION_ID = r"([0-9a-f]{32})"
 
@@ -36,6 +37,7 @@ def make_app(ctx: AgentContext) -> tornado.web.Application:
         (r"/v1/revocations", RevocationsHandler),
         (r"/v1/crl", CrlHandler),
         (r"/v1/stream", StreamSocket),
+        (r"/v1/terminal", TerminalSocket),
     ]
     assert all(path.startswith(API_PREFIX) for path, _ in routes)
     return tornado.web.Application(

@@ -122,6 +122,30 @@ def agent_options() -> list[Option]:
                "fsync and rename on the slowest disk", kind=float),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
         *register_options(),
+        *terminal_options(),
+    ]
+
+
+def terminal_options() -> list[Option]:
+    """Interactive terminals, /v1/terminal (issue 16, docs/terminals.md)."""
+    return [
+        Option("terminals", True, "serve interactive terminals on /v1/terminal: a login shell "
+               "(or one command) in a pseudo-terminal as the token's user (--no-terminals: "
+               "every terminal is refused with 4403)", flag=True),
+        Option("terminal_max_per_user", 8, "terminal sessions one user may have on this node, "
+               "attached or detached (more are refused with 4429)", kind=int),
+        Option("terminal_idle_timeout", 3600.0, "a terminal with no input and no output for "
+               "this long ends (seconds; 0: never)", kind=float),
+        Option("terminal_detach_grace", 60.0, "seconds a terminal whose socket closed is kept "
+               "for a reattach before it is hung up", kind=float),
+        Option("terminal_buffer_bytes", 256 * 1024, "terminal output the agent hands to a "
+               "socket before the socket has written it; past it the agent stops reading the "
+               "pty until the writes complete (bytes)", kind=int),
+        Option("terminal_scrollback_bytes", 64 * 1024, "output of a detached terminal kept "
+               "for its reattach; when full, the pty is not read until then (bytes)", kind=int),
+        Option("terminal_input_max_bytes", 1024 * 1024, "input a terminal's pty has not taken "
+               "yet that the agent keeps; past it the socket is closed with 4408 and the "
+               "session detaches (bytes)", kind=int),
     ]
 
 
@@ -201,6 +225,13 @@ class AgentConfig:
     register_every: float
     register_retry_max: float
     register_address: str
+    terminals: bool
+    terminal_max_per_user: int
+    terminal_idle_timeout: float
+    terminal_detach_grace: float
+    terminal_buffer_bytes: int
+    terminal_scrollback_bytes: int
+    terminal_input_max_bytes: int
 
     @property
     def state_path(self) -> Path:
@@ -211,6 +242,16 @@ class AgentConfig:
         for key in ("register_every", "register_retry_max"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
+        self._check_terminal_settings()
+
+    def _check_terminal_settings(self) -> None:
+        """Every terminal bound is a positive number (the idle timeout may be 0: none)."""
+        for key in ("terminal_max_per_user", "terminal_buffer_bytes",
+                    "terminal_scrollback_bytes", "terminal_input_max_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1 (got {getattr(self, key)})")
+        if self.terminal_idle_timeout < 0 or self.terminal_detach_grace < 0:
+            raise ConfigError("terminal_idle_timeout and terminal_detach_grace must be >= 0")
 
     def connection_limits(self) -> ConnectionLimits:
         return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address,

@@ -29,7 +29,17 @@ from .hub import StreamHub
 from .isolation import Isolation, IsolationSettings
 from .runners import RunnerPool, RunnerSettings
 from .status import StatusPublisher, StatusSampler
+from .terminal import TerminalManager, TerminalSettings
 from .users import LoginShells, UserIdentity, UserResolver
+
+
+def terminal_settings(config: AgentConfig) -> TerminalSettings:
+    return TerminalSettings(
+        enabled=config.terminals, max_per_user=config.terminal_max_per_user,
+        idle_timeout=config.terminal_idle_timeout, detach_grace=config.terminal_detach_grace,
+        buffer_bytes=config.terminal_buffer_bytes,
+        scrollback_bytes=config.terminal_scrollback_bytes,
+        input_max_bytes=config.terminal_input_max_bytes)
 
 
 @dataclass
@@ -48,6 +58,7 @@ class AgentContext:
     revocations: Revocations
     service_signer: TokenSigner
     denied: DeniedTokens
+    terminals: TerminalManager
     crl: CrlStore | None = None                       # None in --dev mode (no TLS)
     on_tls_change: Callable[[], object] | None = None  # set by the server: reload TLS now
 
@@ -81,6 +92,7 @@ class AgentContext:
                    secret=secret, revocations=Revocations(config.state_path / "revocations.json"),
                    service_signer=TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT),
                    denied=DeniedTokens(config.state_path / "denied-tokens.json"),
+                   terminals=TerminalManager(terminal_settings(config), isolation, audit),
                    crl=None if config.dev else CrlStore(config.tls_crl, config.tls_ca))
 
     def authenticate(self, token: str | None, client: str = "?") -> UserIdentity:

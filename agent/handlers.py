@@ -371,6 +371,8 @@ class RevocationsHandler(ControllerOnlyHandler):
                 revoke = getattr(socket, "revoke", None)
                 if revoke is not None:
                     revoke()
+        if moved or denied:  # terminals end as the sockets close (docs/terminals.md)
+            self.ctx.terminals.check_tokens(self.ctx.verify)
         self.write_json({"updated": moved, "denied": len(denied)})
 
 
