@@ -371,8 +371,21 @@ def find_node(client: ControllerClient, name: str) -> dict[str, Any]:
     return node
 
 
+def own_options(args: argparse.Namespace) -> None:
+    """The options given after NODE (argparse's REMAINDER kept them in `command`), and the
+    command itself after them and an optional `--`."""
+    words = list(args.command)
+    while words and words[0] != "--" and words[0].startswith("-"):
+        if words[0] != "--no-record":
+            raise UsageError(f"unknown option {words[0]} (a command goes after --)")
+        args.no_record = True
+        words.pop(0)
+    args.command = words[1:] if words[:1] == ["--"] else words
+
+
 def run_shell(url: str, args: argparse.Namespace) -> int:
     """Find the node, connect, and hold the session; the status to exit with."""
+    own_options(args)
     controller = ControllerClient(url, find_token())
     node = find_node(controller, args.node)
     tls = node_tls(node.get("tls", True), node["host"])
@@ -420,7 +433,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     shell.add_argument("--no-record", action="store_true",
                        help="do not keep this session as a run (recorded by default, "
                             "unless the controller's terminal_record is off)")
-    shell.add_argument("command", nargs=argparse.REMAINDER,
-                       help="-- COMMAND ...: run this instead of your login shell, as "
-                            "`$SHELL -c` (its words joined by spaces, as ssh does)")
+    # REMAINDER takes the options after NODE too: own_options reads them.
+    shell.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                       help="run this instead of your login shell, as `$SHELL -c` (its words "
+                            "joined by spaces, as ssh does)")
     return shell

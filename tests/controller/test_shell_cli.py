@@ -1,0 +1,223 @@
+"""`marco shell NODE` (issue 16) in a real pseudo-terminal on the test side, as a real user
+logged in with `marco login`, through a real controller (to find the node and record the run)
+and a real agent (the terminal)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from marco.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
+from tests.support.controller_process import ControllerProcess
+from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
+
+MARCO = Path(sys.executable).parent / "marco"
+WAIT = 30.0  # seconds any one expected output may take on a loaded machine
+
+
+def cli_env(home: Path, controller: ControllerProcess, **more: str) -> dict[str, str]:
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "MARCO_CONTROLLER": controller.url,
+           "TERM": "xterm", **more}
+    if controller.pki is not None:
+        env["MARCO_TLS_CA"] = str(controller.pki.ca_file)
+    return env
+
+
+@pytest.fixture(scope="module")
+def alice_home(one_agent: tuple[ControllerProcess, AgentProcess], alice: UnixUser,
+               tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A HOME where `marco login` stored alice's token and client certificate."""
+    controller, _ = one_agent
+    home = tmp_path_factory.mktemp("alice-home")
+    out = subprocess.run([str(MARCO), "login", "--user", alice.name, "--password-stdin"],
+                         input=alice.password + "\n", capture_output=True, text=True,
+                         env=cli_env(home, controller), timeout=60)
+    assert out.returncode == 0, out.stderr
+    return home
+
+
+class PtyCli:
+    """The CLI with a fresh pseudo-terminal as its stdin, stdout and stderr; the test holds
+    the master side (what a terminal emulator would) and keeps the slave open to read its
+    modes after the CLI exits."""
+
+    def __init__(self, args: list[str], env: dict[str, str], rows: int = 24,
+                 cols: int = 80) -> None:
+        self.master, self.slave = os.openpty()
+        self.set_size(rows, cols)
+        self.mode_before = termios.tcgetattr(self.slave)
+        self.seen = b""
+        self.position = 0  # where the next expect starts looking
+        self.process = subprocess.Popen([str(MARCO), *args], stdin=self.slave,
+                                        stdout=self.slave, stderr=self.slave, env=env,
+                                        start_new_session=True)
+
+    def set_size(self, rows: int, cols: int) -> None:
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def expect(self, pattern: bytes, timeout: float = WAIT) -> re.Match[bytes]:
+        """Read the terminal until `pattern` (a regex) shows after the last match."""
+        deadline = time.monotonic() + timeout
+        while (found := re.compile(pattern).search(self.seen, self.position)) is None:
+            left = deadline - time.monotonic()
+            readable, _, _ = select.select([self.master], [], [], max(left, 0))
+            if not readable:
+                raise AssertionError(f"no {pattern!r} within {timeout} s; the terminal "
+                                     f"showed: {self.seen[self.position:]!r}")
+            self.seen += os.read(self.master, 65536)
+        self.position = found.end()
+        return found
+
+    def wait(self, timeout: float = WAIT) -> int:
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.fixture
+def pty_cli() -> Iterator[Any]:
+    """Factory of PtyCli, all closed (killed if still running) at the end."""
+    started: list[PtyCli] = []
+
+    def start(*args: str, **kwargs: Any) -> PtyCli:
+        cli = PtyCli(list(args), **kwargs)
+        started.append(cli)
+        return cli
+
+    yield start
+    for cli in started:
+        cli.close()
+
+
+def pts_size(pts: str) -> str:
+    """The node's terminal's size as its programs see it (`stty size`: rows cols)."""
+    return subprocess.run(["stty", "-F", pts, "size"], capture_output=True, text=True,
+                          check=False).stdout.strip()
+
+
+def runs_of(controller: ControllerProcess, signer: TokenSigner, user: UnixUser,
+            title: str) -> list[dict[str, Any]]:
+    runs = controller.get_json("/api/runs?limit=200", signer.issue(user.name))["runs"]
+    return [run for run in runs if run["title"] == title]
+
+
+def recorded_output(controller: ControllerProcess, signer: TokenSigner, user: UnixUser,
+                    run_id: str) -> str:
+    run = controller.get_json(f"/api/runs/{run_id}?limit=1000", signer.issue(user.name))
+    return "".join(frame[2] for event in run["events"] if event["type"] == "term"
+                   for frame in event["frames"] if frame[1] == "o")
+
+
+def test_an_interactive_shell_in_a_real_terminal(one_agent, alice: UnixUser, alice_home: Path,
+                                                 signer: TokenSigner, pty_cli) -> None:
+    controller, agent = one_agent
+    node = agent.node_name
+    before = {run["id"] for run in runs_of(controller, signer, alice, f"shell on {node}")}
+    cli = pty_cli("shell", node, env=cli_env(alice_home, controller), rows=24, cols=80)
+    # A login shell as alice on a pseudo-terminal of the node's, in her home.
+    cli.type(b"tty; id -un; pwd; echo ready-$((6*7))\r")
+    pts = cli.expect(rb"(/dev/pts/\d+)").group(1).decode()
+    cli.expect(alice.name.encode())
+    cli.expect(alice.home.encode())
+    cli.expect(b"ready-42")
+    assert pts_size(pts) == "24 80"
+    # Our window grows: the node's terminal follows, and its programs see it.
+    cli.set_size(50, 132)
+    cli.process.send_signal(signal.SIGWINCH)
+    wait_for(lambda: pts_size(pts) == "50 132", what="the resize on the node")
+    cli.type(b"stty size\r")
+    cli.expect(rb"\r50 132\r\n")
+    # Ctrl-C reaches the node's foreground program, not the CLI; the shell goes on.
+    cli.type(b"sleep 100\r")
+    wait_for(lambda: subprocess.run(["pgrep", "-u", alice.name, "-x", "sleep"],
+                                    capture_output=True).returncode == 0,
+             what="sleep running on the node")
+    cli.type(b"\x03")
+    cli.type(b"echo rc-$?\r")
+    cli.expect(b"rc-130")
+    assert cli.process.poll() is None
+    cli.type(b"exit 3\r")
+    assert cli.wait() == 3
+    cli.expect(f"Connection to {node} closed.".encode())
+    # The terminal is left as it was found (raw mode undone).
+    assert termios.tcgetattr(cli.slave) == cli.mode_before
+    # The session is a run of kind terminal, its output recorded, ended with its status.
+    runs = [run for run in runs_of(controller, signer, alice, f"shell on {node}")
+            if run["id"] not in before]
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert run["kind"] == "terminal" and run["hosts"] == [node]
+    assert run["status"] == "failed" and run["stats"][node]["rc"] == 3
+    assert run["meta"]["node"] == node and run["meta"]["cols"] == 80
+    recorded = recorded_output(controller, signer, alice, run["id"])
+    assert "ready-42" in recorded and "50 132" in recorded
+
+
+def test_a_command_gives_its_exit_status(one_agent, alice_home: Path, pty_cli) -> None:
+    controller, agent = one_agent
+    env = cli_env(alice_home, controller)
+    failing = pty_cli("shell", agent.node_name, "--no-record", "--", "false", env=env)
+    assert failing.wait() == 1
+    assert termios.tcgetattr(failing.slave) == failing.mode_before
+    killed = pty_cli("shell", agent.node_name, "--no-record", "--", "kill -TERM $$", env=env)
+    assert killed.wait() == 128 + signal.SIGTERM
+    output = pty_cli("shell", agent.node_name, "--no-record", "--",
+                     "echo out-$((6*7)); test -t 0 && echo on-a-tty", env=env)
+    assert output.wait() == 0
+    output.expect(b"out-42\r\non-a-tty")
+
+
+def test_without_a_terminal_the_end_of_stdin_is_one_ctrl_d(one_agent, alice: UnixUser,
+                                                           alice_home: Path,
+                                                           signer: TokenSigner) -> None:
+    controller, agent = one_agent
+    node = agent.node_name
+    before = {run["id"] for run in runs_of(controller, signer, alice, f"{node}: stty size; cat")}
+    # `cat` reads the piped line, then the Ctrl-D the end of stdin types: the end of its input.
+    out = subprocess.run([str(MARCO), "shell", node, "--no-record", "--", "stty size; cat"],
+                         input="piped-line\n", capture_output=True, text=True,
+                         env=cli_env(alice_home, controller, COLUMNS="100", LINES="30"),
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    # (the terminal echoes the line too, before or after `stty size` ran)
+    assert "30 100\n" in out.stdout and "piped-line" in out.stdout, out.stdout
+    assert "Traceback" not in out.stderr and "Connection" not in out.stderr
+    # --no-record: no run was made.
+    after = {run["id"] for run in runs_of(controller, signer, alice, f"{node}: stty size; cat")}
+    assert after == before
+
+
+def test_clear_errors(one_agent, alice_home: Path, tmp_path: Path) -> None:
+    controller, _ = one_agent
+    unknown = subprocess.run([str(MARCO), "shell", "no-such-node"], capture_output=True,
+                             text=True, env=cli_env(alice_home, controller), timeout=60)
+    assert unknown.returncode == 2, unknown
+    assert unknown.stderr == "marco: unknown node: no-such-node (see: marco nodes)\n"
+    nobody = subprocess.run([str(MARCO), "shell", "anything"], capture_output=True,
+                            text=True, env=cli_env(tmp_path, controller), timeout=60)
+    assert nobody.returncode == 255, nobody
+    assert "no Marco token" in nobody.stderr and "marco login" in nobody.stderr
+    assert "Traceback" not in nobody.stderr
