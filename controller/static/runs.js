@@ -325,7 +325,10 @@ class RunView {
   path(suffix = "") { return `/api/runs/${encodeURIComponent(this.id)}${suffix}`; }
 
   async start() {
-    $(this.playbook ? "#grid-panel" : "#host-panes-panel").classList.remove("hidden");
+    // A terminal run's page shows its recording's player (cast_player.js) instead of panes.
+    const terminal = this.kind === "terminal" && typeof CastPlayer !== "undefined";
+    $(this.playbook ? "#grid-panel" : terminal ? "#cast-panel" : "#host-panes-panel").classList.remove("hidden");
+    if (terminal) new CastPlayer($("#cast-panel"), this.id).start().catch((e) => this.showError(e.message));
     $("#details-close").addEventListener("click", () => this.closeDetails());
     $("#rerun").addEventListener("click", () => this.rerun(this.run.hosts));
     $("#rerun-failed").addEventListener("click", () => this.rerun(failedHosts(this.run)));

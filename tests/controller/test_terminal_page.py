@@ -16,6 +16,7 @@ from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
 from tests.support.daemon import stop_all
+from tests.support.http import call
 from tests.support.names import unique_node_name
 from tests.support.pki import TestPki
 from tests.support.users import UnixUser
@@ -109,4 +110,48 @@ def test_terminal_renders_colours_under_the_csp(page: Page, trio: Any) -> None:
     truecolour = pane.locator(".xterm-rows span", has_text="truecolour")
     expect(palette).to_have_css("color", "rgb(229, 83, 75)")  # the theme's red (terminal.js)
     expect(truecolour).to_have_css("color", "rgb(0, 200, 0)")
+    assert violations(page) == []
+
+
+def screen_rows(page: Page, selector: str) -> list[str]:
+    """The rows xterm.js's DOM renderer shows in `selector` (a player's screen)."""
+    rows = page.locator(f"{selector} .xterm-rows > div").all_text_contents()
+    return [row.replace("\xa0", " ").strip() for row in rows]
+
+
+
+
+
+def test_player_plays_frames_and_resizes(page: Page, trio: Any, signer: TokenSigner,
+                                         alice: UnixUser) -> None:
+    """A terminal run made through the runs API (as `marco shell` records): the player shows
+    its output in order, follows its resize frame, ends, and restarts from the top."""
+    controller, names = trio
+    token = signer.issue(alice.name)
+    meta = {"node": names[0], "cols": 60, "rows": 10, "term": "xterm-256color",
+            "shell": "/bin/bash", "command": None, "session": "s1"}
+    status, run = call(controller, "POST", "/api/runs", {"kind": "terminal", "title": f"shell on {names[0]}",
+                                                          "hosts": [names[0]], "meta": meta}, token)
+    assert status == 201, run
+    frames = [[0.1, "o", "first line\r\n"], [0.3, "o", "\x1b[32msecond\x1b[0m line\r\n"],
+              [0.5, "r", "90x12"], [0.7, "o", "after the resize\r\n"], [30.7, "o", "the end"]]
+    status, answer = call(controller, "POST", f"/api/runs/{run['id']}/events",
+                          {"events": [{"type": "term", "frames": frames}]}, token)
+    assert status == 200, answer
+    status, answer = call(controller, "POST", f"/api/runs/{run['id']}/events",
+                          {"events": [{"type": "recap", "stats": {names[0]: {"ok": 1}}}]}, token)
+    assert status == 200, answer
+    page.goto(controller.url + run["url"])
+    player = page.locator("#cast-panel")
+    # 30.7 s recorded, its 30 s pause played as 2 s (the player's idle cap): ended by 2.7 s.
+    expect(player).to_have_attribute("data-state", "ended")
+    expect(page.locator("#cast-time")).to_have_text("0:02 / 0:02")
+    rows = screen_rows(page, "#cast-screen")
+    assert rows[:4] == ["first line", "second line", "after the resize", "the end"], rows
+    assert len(rows) == 12  # the resize frame's rows
+    page.get_by_role("button", name="Restart").click()
+    expect(player).to_have_attribute("data-state", "playing")
+    expect(player).to_have_attribute("data-state", "ended")
+    assert screen_rows(page, "#cast-screen")[:4] == ["first line", "second line", "after the resize", "the end"]
+    expect(page.locator("#cast-download")).to_have_attribute("href", f"/api/runs/{run['id']}/cast")
     assert violations(page) == []
