@@ -23,7 +23,7 @@ from marco.errors import (
     TryAgain,
 )
 from marco.nodes import NodeRegistry
-from marco.runs import COUNTS, status_from_stats
+from marco.runs import COUNTS, WITHOUT_EXECUTIONS, status_from_stats
 
 from .collector import DEFAULT_LIMITS, CollectLimits, OutputCollector, known
 from .connector import AgentConnector
@@ -143,7 +143,8 @@ class RunKeeper:
         run: Run = await self.store.call("update", owner, run_id, status=status,
                                          ended=time.time(), stats=stats)
         self.signals.changed(run_id)
-        self.spawn(self.collect_finally(run, token))
+        if run.kind not in WITHOUT_EXECUTIONS:  # a terminal run has nothing on the agents
+            self.spawn(self.collect_finally(run, token))
         return run
 
     async def append_events(self, owner: str, run_id: str,

@@ -82,6 +82,19 @@ def controller_options() -> list[Option]:
                "(a path, relative to state_dir, or sqlite:///PATH); empty: "
                "STATE_DIR/runs.sqlite3", metavar="URL"),
         Option("log_level", "info", "debug, info, warning or error", metavar="LEVEL"),
+        *terminal_options(),
+    ]
+
+
+def terminal_options() -> list[Option]:
+    """The terminal relay and its recordings (issue 16, controller/terminal_relay.py)."""
+    return [
+        Option("terminal_record", True, "keep each terminal session of the page as a run of "
+               "kind terminal (asciicast v2)", flag=True),
+        Option("terminal_record_max_bytes", 64 << 20, "output bytes one terminal session "
+               "records at most; then the recording stops (the session goes on)", kind=int),
+        Option("terminal_relays_per_user", 16, "terminals of one user the controller relays "
+               "at once (more: closed with 4429)", kind=int),
     ]
 
 
@@ -295,6 +308,9 @@ class ControllerConfig:
     registration_max: int
     trusted_proxies: list[str]
     max_connections: int
+    terminal_record: bool
+    terminal_record_max_bytes: int
+    terminal_relays_per_user: int
 
     def __post_init__(self) -> None:
         self.connection_limits()  # refuse bad limits at start-up (ConfigError)
@@ -306,7 +322,8 @@ class ControllerConfig:
         if not 0 <= self.shared_clock_margin <= 60:
             raise ConfigError("shared_clock_margin must be 0 to 60 seconds "
                               f"(got {self.shared_clock_margin})")
-        for key in ("registration_ttl", "registration_max"):
+        for key in ("registration_ttl", "registration_max", "terminal_record_max_bytes",
+                    "terminal_relays_per_user"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be greater than 0 (got {getattr(self, key)})")
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from marco.errors import MarcoError, NotFound
 from marco.nodes import NodeRegistry
+from marco.runs import WITHOUT_EXECUTIONS
 
 from .agent_records import AgentExecution, fit, has_ended, line_count, of_run
 from .connector import AgentConnector
@@ -136,7 +137,10 @@ class RunReader:
         executions not stored whole, the run's hosts (just `host` when filtered) and its
         recorded nodes (delegates). A node with executions stored may start another (a
         playbook's next task), and an ended run's node that is not swept may hold some its
-        collection never stored (a controller restart, a refused final collection)."""
+        collection never stored (a controller restart, a refused final collection). None for
+        a kind of run that starts no executions (a terminal's)."""
+        if run.kind in WITHOUT_EXECUTIONS:
+            return []
         recorded: list[str] = await self.store.call("nodes", run.owner, run.id)
         candidates = [host] if host is not None else list(run.hosts)
         names = [*(r.node for r in records if not r.archived), *candidates, *recorded]

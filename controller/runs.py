@@ -10,6 +10,8 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+from marco.asciicast import EVENT_TYPE as TERM
+from marco.asciicast import cast_header, cast_lines, is_frame
 from marco.errors import BadRequest, Conflict, NotFound, TooManyDownloads
 from marco.runs import COUNTS, END_STATUSES, RUN_ID, status_from_stats
 
@@ -30,7 +32,11 @@ from .session import ApiHandler
 
 log = logging.getLogger(__name__)
 
-EVENT_TYPES = ("play_start", "task_start", "host_result", "execution", "recap")
+TERMINAL = "terminal"
+# The events of a terminal run (its frames and its end) and of every other kind.
+TERMINAL_EVENT_TYPES = (TERM, "recap")
+OTHER_EVENT_TYPES = ("play_start", "task_start", "host_result", "execution", "recap")
+EVENT_TYPES = (*OTHER_EVENT_TYPES, TERM)
 
 
 def run_url(run_id: str) -> str:
@@ -77,7 +83,24 @@ def check_events(body: Any) -> list[dict[str, Any]]:
             raise BadRequest("an event's 'host' must be a host name")
         if event["type"] == "recap":
             event["stats"] = check_stats(event.get("stats"))
+        if event["type"] == TERM:
+            check_frames(event.get("frames"))
     return events
+
+
+def check_frames(frames: Any) -> None:
+    """A `term` event's frames: a list of asciicast event lines [time, "o" or "r", text]."""
+    if not isinstance(frames, list) or not all(is_frame(frame) for frame in frames):
+        raise BadRequest("a term event's 'frames' must be a list of [seconds, \"o\" or "
+                         "\"r\", text]")
+
+
+def check_kind_events(kind: str, events: list[dict[str, Any]]) -> None:
+    """Terminal runs take their frames and a recap only; `term` events go to terminal runs."""
+    allowed = TERMINAL_EVENT_TYPES if kind == TERMINAL else OTHER_EVENT_TYPES
+    for event in events:
+        if event["type"] not in allowed:
+            raise BadRequest(f"a {kind} run takes no {event['type']} events")
 
 
 def event_hosts(events: list[dict[str, Any]]) -> list[str]:
@@ -197,6 +220,7 @@ class RunEventsApi(RunsHandler):
         user, token = self.caller()
         events = check_events(self.json_body())
         run = await self.own_run(user, run_id)
+        check_kind_events(run.kind, events)
         if run.ended is not None:
             raise Conflict(f"run {run_id} has ended; it takes no more events")
         # Every host the batch names is checked before anything is stored: a refused batch
@@ -434,6 +458,62 @@ class RunJsonLinesApi(RunDownloadApi):
         return execution_id is None
 
 
+def window(value: Any, default: int) -> int:
+    """A recorded window size (the run's meta, as its client gave it): 1 to 1000."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1000
+    return value if ok else default
+
+
+def text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def run_cast_header(run: Run) -> dict[str, Any]:
+    """The asciicast v2 header of a terminal run: its first window size, start, title, the
+    session's TERM and shell (from its meta)."""
+    meta = run.meta if isinstance(run.meta, dict) else {}
+    return cast_header(window(meta.get("cols"), 80), window(meta.get("rows"), 24),
+                       run.started, run.title, text_or_none(meta.get("term")),
+                       text_or_none(meta.get("shell")))
+
+
+class RunCastApi(RunsHandler):
+    """GET /api/runs/ID/cast: a terminal run's recording as an asciicast v2 file, sent a page
+    of events at a time as it is read (a recording of any size holds one page); 404 for a run
+    of another kind, as for another user's run."""
+
+    async def get(self, run_id: str) -> None:
+        user, _ = self.caller()
+        run = await self.own_run(user, run_id)
+        if run.kind != TERMINAL:
+            raise NotFound(f"run {run_id} is no terminal session: it has no recording")
+        with self.ctx.downloads.admit(user) as admitted:
+            if not admitted:
+                raise TooManyDownloads(
+                    f"{user} has {self.ctx.downloads.per_user} downloads going on",
+                    hint="wait for one to finish")
+            self.set_header("Content-Type", "application/x-asciicast")
+            self.set_header("Content-Disposition",
+                            f'attachment; filename="{file_part(run.id)}.cast"')
+            self.write(json.dumps(run_cast_header(run), ensure_ascii=False) + "\n")
+            await self.send_frames(user, run)
+        self.finish()
+
+    async def send_frames(self, user: str, run: Run) -> None:
+        """Every frame of the run's events, a page of events at a time."""
+        config = self.ctx.config
+        since, more = 0, True
+        while more:
+            events, more = await self.keeper.store.call(
+                "events_page", user, run.id, since=since, limit=config.runs_events_page,
+                max_bytes=config.runs_events_page_bytes)
+            if not events:
+                return
+            self.write("".join(cast_lines(events)).encode("utf-8", "replace"))
+            await self.flush()
+            since = events[-1]["seq"]
+
+
 def run_json(run: Run) -> dict[str, Any]:
     """A run as the API answers it: its summary and its permalink."""
     return {**run.summary(), "url": run_url(run.id)}
@@ -449,4 +529,5 @@ ROUTES = [
     (r"/api/runs/([^/]+)/search", RunSearchApi),
     (r"/api/runs/([^/]+)/output\.txt", RunDownloadApi),
     (r"/api/runs/([^/]+)/output\.jsonl", RunJsonLinesApi),
+    (r"/api/runs/([^/]+)/cast", RunCastApi),
 ]

@@ -7,7 +7,9 @@ import re
 from collections.abc import Mapping
 
 RUN_ID = re.compile(r"r[0-9a-f]{20}")  # "r" + 8 hex of the start second + 12 random
-KINDS = ("playbook", "command", "shell", "deploy")
+KINDS = ("playbook", "command", "shell", "deploy", "terminal")
+# Kinds whose runs start no executions on agents: a terminal run's output is its own events.
+WITHOUT_EXECUTIONS = frozenset({"terminal"})
 STATUSES = ("running", "ok", "failed", "unreachable", "interrupted")
 END_STATUSES = STATUSES[1:]  # every status but running
 COUNTS = ("ok", "changed", "failed", "unreachable", "skipped")  # a host's counts in a recap

@@ -1,0 +1,166 @@
+"""The controller's terminal relay /terminal/NODE and its recordings (issue 16): a real
+controller and agent, real Unix users, a real WebSocket with the login cookie; the recording
+kept as a run of kind `terminal` and downloaded as asciicast v2."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tornado import httpclient, websocket
+
+from marco.tokens import TokenSigner
+from tests.support.agent_process import AgentProcess
+from tests.support.controller_process import ControllerProcess
+from tests.support.http import call
+from tests.support.users import UnixUser
+from tests.support.waiting import wait_for
+
+DEADLINE = 30.0
+
+
+class Terminal:
+    """One browser's terminal socket: the control messages and the output it read."""
+
+    def __init__(self, ws: websocket.WebSocketClientConnection) -> None:
+        self.ws = ws
+        self.messages: list[dict[str, Any]] = []
+        self.output = b""
+
+    async def open(self, cols: int = 80, rows: int = 24, **more: Any) -> dict[str, Any]:
+        await self.send({"type": "open", "cols": cols, "rows": rows, **more})
+        return await self.message("started")
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.ws.write_message(json.dumps(message))
+
+    async def type(self, text: str) -> None:
+        await self.ws.write_message(text.encode(), binary=True)
+
+    async def read(self, deadline: float) -> bool:
+        """One frame kept; False once the socket closed."""
+        frame = await asyncio.wait_for(self.ws.read_message(), deadline - time.monotonic())
+        if frame is None:
+            return False
+        if isinstance(frame, bytes):
+            self.output += frame
+        else:
+            self.messages.append(json.loads(frame))
+        return True
+
+    async def until(self, done: Callable[[], Any], what: str) -> Any:
+        deadline = time.monotonic() + DEADLINE
+        while not (found := done()):
+            assert await self.read(deadline), \
+                f"socket closed ({self.ws.close_code} {self.ws.close_reason}) before {what}"
+        return found
+
+    async def message(self, kind: str) -> dict[str, Any]:
+        return await self.until(lambda: next((m for m in self.messages if m["type"] == kind),
+                                             None), f"a {kind} message")
+
+    async def printed(self, text: str) -> None:
+        await self.until(lambda: text.encode() in self.output, f"{text!r} printed")
+
+    async def closed(self) -> int | None:
+        """Read to the close; its code."""
+        deadline = time.monotonic() + DEADLINE
+        while await self.read(deadline):
+            pass
+        return self.ws.close_code
+
+
+async def connect(controller: ControllerProcess, cookie: str | None, node: str) -> Terminal:
+    headers = {"Cookie": cookie} if cookie else {}
+    ws = await websocket.websocket_connect(httpclient.HTTPRequest(
+        f"{controller.ws_url}/terminal/{node}", headers=headers,
+        ssl_options=controller.ssl_context))
+    return Terminal(ws)
+
+
+def controller_over(start_controller: Callable[..., ControllerProcess], agent: AgentProcess,
+                    *more: str) -> ControllerProcess:
+    return start_controller(extra_args=["--no-discovery", "--node",
+                                        f"{agent.node_name}={agent.host}:{agent.port}", *more])
+
+
+def cast_of(controller: ControllerProcess, token: str, run_id: str) -> tuple[int, Any]:
+    """The status and the lines of a run's .cast download."""
+    conn = controller.connection(timeout=30)
+    conn.request("GET", f"/api/runs/{run_id}/cast", headers={"Authorization": f"Bearer {token}"})
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    if response.status != 200:
+        return response.status, body
+    assert response.getheader("Content-Type") == "application/x-asciicast"
+    assert response.getheader("Content-Disposition") == f'attachment; filename="{run_id}.cast"'
+    return 200, [json.loads(line) for line in body.decode().splitlines()]
+
+
+def output_text(lines: list[Any]) -> str:
+    return "".join(frame[2] for frame in lines[1:] if frame[1] == "o")
+
+
+# -- recorded runs through the API (no terminal needed) --------------------------------------
+
+
+def test_term_events_are_checked_and_a_terminal_run_downloads_as_cast(
+        start_agent, start_controller, alice: UnixUser, bob: UnixUser,
+        signer: TokenSigner) -> None:
+    agent = start_agent(node_name="tr0")
+    controller = controller_over(start_controller, agent)
+    n1 = agent.node_name
+    token, other = signer.issue(alice.name), signer.issue(bob.name)
+    meta = {"node": n1, "cols": 90, "rows": 30, "term": "xterm-256color",
+            "shell": "/bin/bash", "command": None, "session": "s1"}
+    status, run = call(controller, "POST", "/api/runs", {"kind": "terminal", "title":
+                                                         "shell on n1", "hosts": [n1],
+                                                         "meta": meta}, token)
+    assert status == 201, run
+    events = f"/api/runs/{run['id']}/events"
+    for bad in ([[0.1, "i", "typed"]], [[0.1, "o"]], "text", [[-1, "o", "x"]]):
+        status, body = call(controller, "POST", events,
+                            {"events": [{"type": "term", "frames": bad}]}, token)
+        assert status == 400 and "frames" in body["message"], (bad, body)
+    status, body = call(controller, "POST", events, {"events": [
+        {"type": "host_result", "host": n1, "task_id": "t", "status": "ok"}]}, token)
+    assert status == 400 and "terminal run takes no host_result" in body["message"], body
+    status, body = call(controller, "POST", events, {"events": [
+        {"type": "term", "frames": [[0.25, "o", "$ echo $((6*7))\r\n42\r\n"],
+                                    [1.5, "r", "100x40"]]},
+        {"type": "recap", "stats": {n1: {"ok": 1, "rc": 0}}}]}, token)
+    assert status == 200, body
+    assert call(controller, "GET", f"/api/runs/{run['id']}", None, token)[1]["status"] == "ok"
+    status, lines = cast_of(controller, token, run["id"])
+    assert status == 200
+    assert lines[0] == {"version": 2, "width": 90, "height": 30, "timestamp": lines[0]["timestamp"],
+                        "title": "shell on n1",
+                        "env": {"TERM": "xterm-256color", "SHELL": "/bin/bash"}}
+    assert lines[1:] == [[0.25, "o", "$ echo $((6*7))\r\n42\r\n"], [1.5, "r", "100x40"]]
+    assert cast_of(controller, other, run["id"])[0] == 404  # another user's: as missing
+    status, command_run = call(controller, "POST", "/api/runs", {"kind": "command",
+                                                                 "title": "true"}, token)
+    assert cast_of(controller, token, command_run["id"])[0] == 404  # not a terminal's
+    status, body = call(controller, "POST", f"/api/runs/{command_run['id']}/events",
+                        {"events": [{"type": "term", "frames": []}]}, token)
+    assert status == 400 and "command run takes no term" in body["message"], body
+    asks_no_agent(controller, token, run["id"], n1)
+
+
+def asks_no_agent(controller: ControllerProcess, token: str, run_id: str, node: str) -> None:
+    """A terminal run has no executions: its listing asks no agent, and its end collects
+    nothing (a command run on the same node ended after it is collected, and it is not)."""
+    status, body = call(controller, "GET", f"/api/runs/{run_id}/executions", None, token)
+    assert status == 200 and body["executions"] == [], body
+    assert f"run {run_id}: a listing of" not in controller.log()
+    status, later = call(controller, "POST", "/api/runs", {"kind": "command", "title": "later",
+                                                           "hosts": [node]}, token)
+    assert call(controller, "POST", f"/api/runs/{later['id']}/finish", {"status": "ok"},
+                token)[0] == 200
+    wait_for(lambda: f"collecting run {later['id']} on {node}" in controller.log(),
+             what="the later run's final collection")
+    assert f"collecting run {run_id}" not in controller.log()
