@@ -17,6 +17,7 @@ from .pages import IndexPage, LoginPage, LogoutPage, RunPage, RunsPage
 from .registration import RegisterApi
 from .relay import RelaySocket
 from .runs import ROUTES as RUN_ROUTES
+from .terminal_relay import RelayLimits, TerminalRelays, TerminalRelaySocket
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,8 +45,12 @@ def make_app(ctx: ControllerContext) -> tornado.web.Application:
     page_socket = (r"/page-socket", PageSocket, {"ctx": ctx, "hub": PageHub(ctx)})
     # Agents beyond one LAN register here (issue 15), authenticated by their certificates.
     register = (REGISTER_PATH, RegisterApi, {"registrations": ctx.registrations})
+    # Terminals on the nodes (issue 16); the relays held per user.
+    terminal = (r"/terminal/([^/]+)", TerminalRelaySocket,
+                {"ctx": ctx, "relays": TerminalRelays(RelayLimits.of(ctx.config))})
     return tornado.web.Application(
-        [(path, handler, {"ctx": ctx}) for path, handler in routes] + [page_socket, register],
+        [(path, handler, {"ctx": ctx}) for path, handler in routes]
+        + [page_socket, register, terminal],
         template_path=str(HERE / "templates"), static_path=str(HERE / "static"),
         cookie_secret=ctx.cookie_secret, key_version=max(ctx.cookie_secret), xsrf_cookies=True,
         login_url="/login",

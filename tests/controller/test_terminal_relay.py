@@ -15,7 +15,7 @@ from tornado import httpclient, websocket
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
-from tests.support.http import call
+from tests.support.http import call, login_cookie
 from tests.support.users import UnixUser
 from tests.support.waiting import wait_for
 
@@ -164,3 +164,45 @@ def asks_no_agent(controller: ControllerProcess, token: str, run_id: str, node: 
     wait_for(lambda: f"collecting run {later['id']} on {node}" in controller.log(),
              what="the later run's final collection")
     assert f"collecting run {run_id}" not in controller.log()
+
+
+# -- the relay ---------------------------------------------------------------------------------
+
+
+def test_a_shell_through_the_relay_is_recorded_as_a_run(
+        start_agent, start_controller, alice: UnixUser, bob: UnixUser,
+        signer: TokenSigner) -> None:
+    agent = start_agent(node_name="tr1")
+    controller = controller_over(start_controller, agent)
+    node, token = agent.node_name, signer.issue(alice.name)
+    cookie = login_cookie(controller, alice)
+
+    async def session() -> str:
+        term = await connect(controller, cookie, node)
+        started = await term.open(cols=80, rows=24)
+        assert started["shell"] and not started["reattached"]
+        recording = await term.message("recording")
+        assert recording["url"] == f"/runs/{recording['run']}"
+        await term.type("echo $((6*7))\r")
+        await term.printed("42\r\n")
+        await term.send({"type": "resize", "cols": 100, "rows": 33})
+        await term.type("stty size\r")
+        await term.printed("33 100\r\n")
+        await term.type("exit 3\r")
+        exit_message = await term.message("exit")
+        assert exit_message["status"] == 3 and exit_message["reason"] == "exited"
+        assert await term.closed() == 1000
+        return str(recording["run"])
+
+    run_id = asyncio.run(session())
+    status, run = call(controller, "GET", f"/api/runs/{run_id}", None, token)
+    assert status == 200 and run["kind"] == "terminal" and run["title"] == f"shell on {node}"
+    assert run["status"] == "failed" and run["ended"] is not None
+    assert run["stats"][node]["failed"] == 1 and run["stats"][node]["rc"] == 3
+    assert run["meta"]["node"] == node and run["meta"]["cols"] == 80
+    assert [e["type"] for e in run["events"]][-1] == "recap"
+    status, lines = cast_of(controller, token, run_id)
+    assert status == 200 and lines[0]["version"] == 2 and lines[0]["width"] == 80
+    assert "42\r\n" in output_text(lines) and "33 100" in output_text(lines)
+    assert [frame[2] for frame in lines[1:] if frame[1] == "r"] == ["100x33"]
+    assert cast_of(controller, signer.issue(bob.name), run_id)[0] == 404
