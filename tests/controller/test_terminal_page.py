@@ -119,7 +119,76 @@ def screen_rows(page: Page, selector: str) -> list[str]:
     return [row.replace("\xa0", " ").strip() for row in rows]
 
 
+def test_open_from_card_echo_42(page: Page, trio: Any) -> None:
+    """A Terminal button on a card opens a shell on that node as the user: what is typed
+    reaches it and its output shows in the terminal's rows."""
+    _, names = trio
+    pane = open_from_card(page, names[1])
+    expect(pane.locator(".term-state")).to_have_text("connected")
+    page.keyboard.type("echo $((6*7))")
+    page.keyboard.press("Enter")
+    wait_rows(page, names[1], r"42", "the shell's answer 42")
+    page.keyboard.type("whoami")
+    page.keyboard.press("Enter")
+    wait_rows(page, names[1], re.escape(page.locator("#current-user").inner_text()), "whoami")
+    assert violations(page) == []
 
+
+def test_type_into_all_three_nodes(page: Page, trio: Any, alice: UnixUser) -> None:
+    """Ticked in the nodes' view, three terminals open at once; with "Type into all" on (a
+    banner with the count, the panes outlined), one typed line runs in all three sessions."""
+    _, names = trio
+    for name in names:
+        page.get_by_role("checkbox", name=f"Select {name}").check()
+    page.get_by_role("tab", name="Terminals").click()
+    page.get_by_role("button", name="Open terminals on the ticked nodes").click()
+    panes = [page.locator(f'.term-pane[data-node="{name}"]') for name in names]
+    for pane in panes:
+        expect(pane).to_have_attribute("data-state", "connected")
+    switch = page.get_by_role("switch", name="Type into all")
+    expect(switch).to_have_attribute("aria-checked", "false")
+    expect(page.locator("#term-banner")).to_be_hidden()
+    switch.click()
+    expect(switch).to_have_attribute("aria-checked", "true")
+    expect(page.locator("#term-banner")).to_contain_text("all 3 ticked terminals")
+    for pane in panes:
+        expect(pane).to_have_class(re.compile(r"\bterm-ticked\b"))
+    target = Path(alice.home) / f"type-into-all-{names[0]}.txt"
+    panes[0].locator(".xterm").click()
+    page.keyboard.type(f'echo "$MARCO_TERMINAL" >> {target}; echo all-$((40+2))')
+    page.keyboard.press("Enter")
+    for name in names:
+        wait_rows(page, name, r"all-42", "the line typed into all")
+    sessions = wait_for(lambda: target.exists() and len(target.read_text().split()) == 3 and target.read_text().split(),
+                        what="three sessions' lines in the file")
+    assert len(set(sessions)) == 3, sessions  # three shells, one line each
+    target.unlink()
+    assert violations(page) == []
+
+
+def test_replay_a_recorded_session(page: Page, trio: Any) -> None:
+    """A session in the page is recorded: its pane links the run, whose page plays the
+    recording back (instant) and offers the asciicast download."""
+    _, names = trio
+    pane = open_from_card(page, names[2])
+    page.keyboard.type("echo recorded-$((3*5))")
+    page.keyboard.press("Enter")
+    wait_rows(page, names[2], r"recorded-15", "the recorded line")
+    page.keyboard.type("exit 3")
+    page.keyboard.press("Enter")
+    expect(pane).to_have_attribute("data-state", "ended")
+    expect(pane.locator(".term-state")).to_have_text("ended (status 3)")
+    link = pane.get_by_role("link", name=re.compile("Recording of the terminal"))
+    href = link.get_attribute("href")
+    assert href and href.startswith("/runs/"), href
+    page.goto(page.url.rstrip("/") + href)
+    expect(page.locator("#run-kind")).to_have_text("terminal")
+    page.get_by_label("Speed").select_option("0")  # instant
+    wait_for(lambda: "recorded-15" in screen_rows(page, "#cast-screen"),
+             what="the recorded line in the player")
+    expect(page.locator("#cast-panel")).to_have_attribute("data-state", "ended")
+    expect(page.locator("#cast-download")).to_have_attribute("href", f"/api/runs/{href.split('/')[-1]}/cast")
+    assert violations(page) == []
 
 
 def test_player_plays_frames_and_resizes(page: Page, trio: Any, signer: TokenSigner,
@@ -154,4 +223,25 @@ def test_player_plays_frames_and_resizes(page: Page, trio: Any, signer: TokenSig
     expect(player).to_have_attribute("data-state", "ended")
     assert screen_rows(page, "#cast-screen")[:4] == ["first line", "second line", "after the resize", "the end"]
     expect(page.locator("#cast-download")).to_have_attribute("href", f"/api/runs/{run['id']}/cast")
+    assert violations(page) == []
+
+
+def test_reconnect_reattaches_the_same_session(page: Page, trio: Any) -> None:
+    """A socket lost under the terminal leaves it detached with what happened said in the pane;
+    Reconnect within the agent's grace time gets the same shell back (its variable kept)."""
+    _, names = trio
+    pane = open_from_card(page, names[0])
+    page.keyboard.type("KEPT=still-$((2+3))")
+    page.keyboard.press("Enter")
+    wait_rows(page, names[0], r".*KEPT=still-\$\(\(2\+3\)\)", "the typed assignment")
+    # The connection drops under the page (as a network failure would drop it).
+    page.evaluate("() => window.marcoTerminals.panes[0].socket.close(4000, 'dropped')")
+    expect(pane).to_have_attribute("data-state", "detached")
+    expect(pane.get_by_role("alert")).to_contain_text("Disconnected")
+    pane.get_by_role("button", name=re.compile("^Reconnect")).click()
+    expect(pane.locator(".term-state")).to_have_text("connected (reattached)")
+    pane.locator(".xterm").click()
+    page.keyboard.type("echo $KEPT")
+    page.keyboard.press("Enter")
+    wait_rows(page, names[0], r"still-5", "the variable set before the drop")
     assert violations(page) == []
