@@ -408,7 +408,8 @@ def bench(herd: Herd, options: argparse.Namespace) -> dict[str, Any]:
         herd.secret, herd.work, pam_service="login", bind=host.address,
         mdns_interfaces=[host.address], pki=herd.pki, netns=host.name,
         extra_args=["--log-level", "info", "--health-interval", "2",
-                    "--page-max-nodes", str(max(options.agents, 64))])
+                    "--page-max-nodes", str(max(options.agents, 64)),
+                    "--discovery-receive-buffer", str(options.receive_buffer)])
     token = herd.signer.issue(herd.user.name)
     results: dict[str, Any] = {"namespaces_created_s": round(created, 1),
                                "import_cpu_s": round(import_cpu(), 3),
@@ -435,6 +436,8 @@ def main() -> int:
     parser.add_argument("--stagger", type=float, default=0.0,
                         help="seconds between two agents' starts (default 0: all at once)")
     parser.add_argument("--no-playbook", action="store_true")
+    parser.add_argument("--receive-buffer", type=int, default=4 * 1024 * 1024,
+                        help="the controller's --discovery-receive-buffer (0: the system's)")
     parser.add_argument("--json", type=Path)
     options = parser.parse_args()
     if os.geteuid() != 0:
