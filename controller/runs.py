@@ -12,7 +12,7 @@ from typing import Any
 
 from marco.asciicast import EVENT_TYPE as TERM
 from marco.asciicast import cast_header, cast_lines, is_frame
-from marco.errors import BadRequest, Conflict, NotFound, TooManyDownloads
+from marco.errors import BadRequest, Conflict, NotFound, PermissionDenied, TooManyDownloads
 from marco.runs import COUNTS, END_STATUSES, RUN_ID, status_from_stats
 
 from .archive import RunKeeper
@@ -159,6 +159,9 @@ class RunsApi(RunsHandler):
     async def post(self) -> None:
         user, _ = self.caller()
         kind, title, hosts, meta = check_new_run(self.json_body())
+        if kind == TERMINAL and not self.ctx.config.terminal_record:  # marco shell's recording
+            raise PermissionDenied("terminal recording is off on this controller "
+                                   "(terminal_record)")
         run = await self.keeper.create(user, kind, title, hosts, meta)
         self.write_json({"id": run.id, "url": run_url(run.id)}, 201)
 

@@ -36,6 +36,7 @@ DEFAULT_TERM = "xterm-256color"
 TERM_NAME = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 READ_CHUNK = 16 * 1024  # bytes of stdin a frame at most
 RECORD_INTERVAL = 0.5  # seconds between two posts of the recording (docs/terminals.md)
+FINISH_WAIT = 30.0  # seconds the end of a recording may take before we leave without it
 CLOSE_WAIT = 2.0  # seconds to say goodbye to the agent when a signal ends us
 EOF_KEY = b"\x04"  # Ctrl-D: what the end of a non-terminal stdin types (docs/terminals.md)
 ENDED = {  # why the agent ended a session, as the user is told
@@ -65,14 +66,18 @@ def term_name(environ: Mapping[str, str]) -> str:
 
 
 def status_of(message: dict[str, Any]) -> int:
-    """The exit status an `exit` message gives, as a shell reports it (128+N for signal N)."""
-    if isinstance(message.get("status"), int):
-        return int(message["status"])
+    """The exit status an `exit` message gives, as a shell reports it: 128+N when signal N
+    killed it (the signal wins: a status beside it may be Python's -N), else the status."""
     name = message.get("signal")
-    try:
-        return 128 + signal.Signals["SIG" + str(name)].value
-    except KeyError:
-        return EXIT_SHELL_FAILED
+    if name:
+        try:
+            return 128 + signal.Signals["SIG" + str(name)].value
+        except KeyError:
+            return EXIT_SHELL_FAILED
+    status = message.get("status")
+    if isinstance(status, int) and 0 <= status <= 255:
+        return status
+    return EXIT_SHELL_FAILED
 
 
 class LocalTerminal:
@@ -188,6 +193,7 @@ class Recording:
         self.url: str | None = None
         self.failed = False
         self._poster: asyncio.Task[None] | None = None
+        self._ending = asyncio.Event()
 
     def output(self, data: bytes) -> None:
         if not self.failed:
@@ -203,12 +209,17 @@ class Recording:
         self._poster = asyncio.ensure_future(self._post_all(started, cols, rows, term, command))
 
     async def finish(self, stats: dict[str, int] | None) -> None:
-        """The last events, then a recap with `stats` (or the run finished as interrupted)."""
+        """The last events, then a recap with `stats` (or the run finished as interrupted).
+        The post in flight is waited for (a run created meanwhile is ended too), at most
+        FINISH_WAIT s."""
         if self._poster is None:
             return
-        self._poster.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._poster
+        self._ending.set()
+        try:
+            await asyncio.wait_for(self._poster, FINISH_WAIT)
+        except TimeoutError:
+            self.say("marco: the controller did not take the end of the recording in time")
+            return
         if self.run_id is None or self.failed:
             return
         self.recorder.finish()
@@ -230,9 +241,10 @@ class Recording:
             run = await asyncio.to_thread(self.controller.call, "/api/runs", {
                 "kind": "terminal", "title": title, "hosts": [self.node], "meta": meta})
             self.run_id, self.url = run["id"], self.controller.permalink(run["url"])
-            while True:
+            while not self._ending.is_set():
                 await self._post_pending()
-                await asyncio.sleep(RECORD_INTERVAL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ending.wait(), RECORD_INTERVAL)
         except MarcoError as error:
             self.failed = True
             self.say(f"marco: this session is not recorded ({error})")
@@ -259,27 +271,33 @@ class ShellSession:
         self.lost: MarcoError | None = None
 
     async def run(self) -> int:
-        """The session from `open` to its end; the exit status to leave with."""
-        cols, rows = self.terminal.size()
-        term = term_name(self.terminal.environ) if self.terminal.is_tty else DEFAULT_TERM
-        started = await self.client.open(cols, rows, term=term, command=self.command)
-        if self.recording is not None:
-            self.recording.start(started, cols, rows, term, self.command)
+        """The session from `open` to its end; the exit status to leave with. The signals
+        are ours from the start: one during the connection still restores the terminal."""
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
         assert main is not None
         handled = self._signals(loop, main)
-        typing = asyncio.ensure_future(self._type())
+        typing: asyncio.Future[None] | None = None
         try:
+            cols, rows = self.terminal.size()
+            term = term_name(self.terminal.environ)
+            started = await self.client.open(cols, rows, term=term, command=self.command)
+            if self.recording is not None:
+                self.recording.start(started, cols, rows, term, self.command)
+            typing = asyncio.ensure_future(self._type())
             await self._show()
         except asyncio.CancelledError:
             if self.killed_by is None:
                 raise
-            await self._hang_up()
+            if self.client.started is not None:
+                await self._hang_up()
         except MarcoError as error:  # an error close, or the connection broke
+            if self.client.started is None:
+                raise  # not connected: cmd_shell says why
             self.lost = error
         finally:
-            typing.cancel()
+            if typing is not None:
+                typing.cancel()
             for signum in handled:
                 loop.remove_signal_handler(signum)
             self.client.close()

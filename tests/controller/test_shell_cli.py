@@ -221,3 +221,29 @@ def test_clear_errors(one_agent, alice_home: Path, tmp_path: Path) -> None:
     assert nobody.returncode == 255, nobody
     assert "no Marco token" in nobody.stderr and "marco login" in nobody.stderr
     assert "Traceback" not in nobody.stderr
+
+
+def test_a_controller_that_does_not_record_is_said_once(start_controller, start_agent,
+                                                        unique_name, alice: UnixUser,
+                                                        signer: TokenSigner,
+                                                        tmp_path: Path) -> None:
+    controller = start_controller(extra_args=["--no-terminal-record"])
+    agent = start_agent(unique_name("node"), announce=True)
+    wait_for(lambda: agent.node_name in controller.inventory_hosts(signer.issue(alice.name)),
+             what="the agent discovered")
+    env = cli_env(tmp_path, controller)
+    login = subprocess.run([str(MARCO), "login", "--user", alice.name, "--password-stdin"],
+                           input=alice.password + "\n", capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert login.returncode == 0, login.stderr
+    out = subprocess.run([str(MARCO), "shell", agent.node_name, "--",
+                          "echo rec-$((6*7)); echo rec-done"],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env,
+                         timeout=60)
+    # The session went on to its end; the refusal was said once, with its reason.
+    assert out.returncode == 0, out.stderr
+    assert "rec-42" in out.stdout and "rec-done" in out.stdout
+    assert out.stderr.count("not recorded") == 1, out.stderr
+    assert "terminal recording is off on this controller" in out.stderr
+    assert runs_of(controller, signer, alice,
+                   f"{agent.node_name}: echo rec-$((6*7)); echo rec-done") == []
