@@ -9,6 +9,7 @@ import os
 import re
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -247,3 +248,20 @@ def test_a_controller_that_does_not_record_is_said_once(start_controller, start_
     assert "terminal recording is off on this controller" in out.stderr
     assert runs_of(controller, signer, alice,
                    f"{agent.node_name}: echo rec-$((6*7)); echo rec-done") == []
+
+
+def test_a_node_that_is_down_is_one_clear_line(start_controller, alice: UnixUser,
+                                               signer: TokenSigner, tmp_path: Path) -> None:
+    with socket.socket() as closed:  # bound, never listening: every connection is refused
+        closed.bind(("127.0.0.1", 0))
+        controller = start_controller(extra_args=[
+            "--node", f"gone=127.0.0.1:{closed.getsockname()[1]}"])
+        token = signer.issue(alice.name)
+        wait_for(lambda: [node for node in controller.get_json("/api/nodes", token)["nodes"]
+                          if node["name"] == "gone" and not node["alive"]
+                          and node.get("error")], what="the controller to see gone down")
+        out = subprocess.run([str(MARCO), "shell", "gone"], capture_output=True, text=True,
+                             env=cli_env(tmp_path, controller, MARCO_TOKEN=token), timeout=60)
+    assert out.returncode == 255, out
+    assert out.stderr.startswith("marco: the controller sees gone down (")
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
