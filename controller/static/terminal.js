@@ -120,7 +120,7 @@ class TerminalPane {
     this.fit = new FitAddon.FitAddon();
     this.term.loadAddon(this.fit);
     this.term.open(this.body);
-    this.term.textarea?.setAttribute("aria-label", `Terminal input on ${this.node}`);
+    this.term.textarea?.setAttribute("aria-label", `Terminal input on ${this.node} (Ctrl+Shift+L leaves it)`);
     this.term.attachCustomKeyEventHandler((e) => this.key(e));
     this.term.onData((data) => this.manager.typed(this, this.encoder.encode(data)));
     // Mouse reports in some modes are bytes, not text: one char per byte.
@@ -138,12 +138,14 @@ class TerminalPane {
     try { this.fit.fit(); } catch (e) { /* not rendered yet: the next resize fits it */ }
   }
 
-  // Ctrl+Shift+C copies the selection; Ctrl+Shift+V is left to the browser, whose paste
-  // event xterm.js turns into input (bracketed when the program asked for it).
+  // Ctrl+Shift+C copies the selection; Ctrl+Shift+V (xterm.js leaves it to the browser) pastes
+  // through the paste event, which xterm.js turns into input (bracketed when the program asked
+  // for it). The terminal
+  // takes Tab for the shell, so Ctrl+Shift+L leaves it for the pane's buttons (keyboard users).
   key(e) {
     if (e.type !== "keydown" || !e.ctrlKey || !e.shiftKey) return true;
     if (e.code === "KeyC") { e.preventDefault(); this.copy(); return false; }
-    if (e.code === "KeyV") return false;
+    if (e.code === "KeyL") { e.preventDefault(); this.copyButton.focus(); return false; }
     return true;
   }
 

@@ -245,3 +245,29 @@ def test_reconnect_reattaches_the_same_session(page: Page, trio: Any) -> None:
     page.keyboard.press("Enter")
     wait_rows(page, names[0], r"still-5", "the variable set before the drop")
     assert violations(page) == []
+
+
+def test_copy_paste_and_keyboard_exit(page: Page, trio: Any) -> None:
+    """Ctrl+Shift+C copies the terminal's selection to the clipboard, Ctrl+Shift+V pastes the
+    clipboard into the shell, and Ctrl+Shift+L leaves the terminal for its pane's buttons."""
+    _, names = trio
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    pane = open_from_card(page, names[1])
+    page.keyboard.type("echo copy-$((7*6))")
+    page.keyboard.press("Enter")
+    wait_rows(page, names[1], r"copy-42", "the line to copy")
+    page.evaluate("""(node) => { const pane = window.marcoTerminals.panes.find((p) => p.node === node);
+        const buffer = pane.term.buffer.active;
+        for (let i = 0; i < buffer.length; i++)
+          if (buffer.getLine(i).translateToString(true) === 'copy-42') pane.term.selectLines(i, i); }""", names[1])
+    page.keyboard.press("Control+Shift+KeyC")
+    wait_for(lambda: page.evaluate("navigator.clipboard.readText()").strip() == "copy-42",
+             what="the selection in the clipboard")
+    page.evaluate("navigator.clipboard.writeText('echo pasted-$((9*9))')")
+    page.keyboard.press("Control+Shift+KeyV")
+    page.keyboard.press("Enter")
+    wait_rows(page, names[1], r"pasted-81", "the pasted command's output")
+    page.keyboard.press("Control+Shift+KeyL")
+    expect(pane.get_by_role("button", name=re.compile("^Copy the selection"))).to_be_focused()
+    page.keyboard.press("Tab")
+    expect(pane.get_by_role("button", name=re.compile("^Close the terminal"))).to_be_focused()
