@@ -428,8 +428,7 @@ def cmd_shell(args: argparse.Namespace, url: str) -> int:
     except UsageError:
         raise
     except MarcoError as error:
-        hint = f" ({error.hint})" if error.hint else ""
-        print(f"marco: {error}{hint}", file=sys.stderr)
+        print(f"marco: {error}", file=sys.stderr)  # its hint is part of it
         return EXIT_SHELL_FAILED
 
 

@@ -221,6 +221,8 @@ def test_clear_errors(one_agent, alice_home: Path, tmp_path: Path) -> None:
                             text=True, env=cli_env(tmp_path, controller), timeout=60)
     assert nobody.returncode == 255, nobody
     assert "no Marco token" in nobody.stderr and "marco login" in nobody.stderr
+    assert nobody.stderr.startswith("marco: ") and nobody.stderr.count("\n") == 1
+    assert nobody.stderr.count("marco login") == 1, nobody.stderr
     assert "Traceback" not in nobody.stderr
 
 
