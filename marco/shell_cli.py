@@ -230,6 +230,7 @@ class Recording:
                                         {"status": "interrupted"})
             else:
                 await self._post([{"type": "recap", "stats": {self.node: stats}}])
+            self.say(f"recorded as run {self.run_id}  {self.url}")
 
     async def _post_all(self, started: dict[str, Any], cols: int, rows: int, term: str,
                         command: str | None) -> None:

@@ -170,6 +170,7 @@ def test_an_interactive_shell_in_a_real_terminal(one_agent, alice: UnixUser, ali
             if run["id"] not in before]
     assert len(runs) == 1, runs
     run = runs[0]
+    cli.expect(f"recorded as run {run['id']}  {controller.url}/runs/{run['id']}".encode())
     assert run["kind"] == "terminal" and run["hosts"] == [node]
     assert run["status"] == "failed" and run["stats"][node]["rc"] == 3
     assert run["meta"]["node"] == node and run["meta"]["cols"] == 80
