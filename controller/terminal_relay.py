@@ -247,7 +247,9 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         self.upstream: TerminalClient | None = None
         self.recording: Recording | None = None
         self.gone = False  # the browser's socket closed
+        self.upstream_ended = False  # the agent's socket closed (or broke)
         self._opening = False
+        self._left = False
         self._pump: asyncio.Task[None] | None = None
         self._deadline: asyncio.TimerHandle | None = None
 
@@ -329,7 +331,7 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         if self.user is not None:
             self.relays.release(self.user)
             self.user = None
-        if self._pump is not None and not self._pump.done():
+        if self.upstream is not None:
             self.relays.spawn(self.leave())
 
     # -- the agent's side -------------------------------------------------------------------
@@ -366,8 +368,6 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         await self.send(encode(started))
         await self.start_recording(request, started)
         self._pump = self.relays.spawn(self.relay_down())
-        if self.gone:  # the browser left while the recording started
-            self.relays.spawn(self.leave())
 
     async def start_recording(self, request: OpenRequest, started: dict[str, Any]) -> None:
         """The session's run, when recording is on; a store that refuses it (caps, busy)
@@ -407,11 +407,14 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
                 else:
                     await self.write_message(encode(item))
             code = self.upstream.close_code or 1000
+            self.upstream_ended = True
         except MarcoError as error:
+            self.upstream_ended = True
             code = upstream_code(self.upstream)
             message = f"the terminal on {self.node} ended: {error.message}"
         except tornado.websocket.WebSocketClosedError:
-            code = 1001  # the browser left: `leave` detaches the session
+            code = 1001
+            self.relays.spawn(self.leave())  # the browser left: the session is detached
         if self.recording is not None and self.token_value is not None:
             await self.recording.end(self.upstream.exit, self.token_value)
         if self.gone:
@@ -426,9 +429,13 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         the recording (the pump does, as interrupted, when the agent closes after the detach;
         an agent that does not close within DETACH_SECONDS is closed on)."""
         assert self.upstream is not None
+        if self._left:
+            return
+        self._left = True
         try:
-            await asyncio.wait_for(self.upstream.detach(), DETACH_SECONDS)
-            if self._pump is not None:
+            if not self.upstream_ended:
+                await asyncio.wait_for(self.upstream.detach(), DETACH_SECONDS)
+            if self._pump is not None and not self._pump.done():
                 await asyncio.wait([self._pump], timeout=DETACH_SECONDS)
         except (MarcoError, TimeoutError) as error:
             log.info("terminal on %s not detached: %s", self.node, error)

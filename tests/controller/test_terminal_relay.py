@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 from tornado import httpclient, websocket
 
 from marco.tokens import TokenSigner
@@ -99,6 +100,13 @@ def cast_of(controller: ControllerProcess, token: str, run_id: str) -> tuple[int
     assert response.getheader("Content-Type") == "application/x-asciicast"
     assert response.getheader("Content-Disposition") == f'attachment; filename="{run_id}.cast"'
     return 200, [json.loads(line) for line in body.decode().splitlines()]
+
+
+def upstreams(controller: ControllerProcess, agent: AgentProcess) -> int:
+    """The controller's established TCP connections to the agent's port."""
+    process = psutil.Process(controller.process.pid)
+    return sum(1 for c in process.net_connections("tcp")
+               if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == agent.port)
 
 
 def output_text(lines: list[Any]) -> str:
@@ -206,3 +214,157 @@ def test_a_shell_through_the_relay_is_recorded_as_a_run(
     assert "42\r\n" in output_text(lines) and "33 100" in output_text(lines)
     assert [frame[2] for frame in lines[1:] if frame[1] == "r"] == ["100x33"]
     assert cast_of(controller, signer.issue(bob.name), run_id)[0] == 404
+
+
+def test_recording_off_makes_no_run(start_agent, start_controller, alice: UnixUser,
+                                    signer: TokenSigner) -> None:
+    agent = start_agent(node_name="tr2")
+    controller = controller_over(start_controller, agent, "--no-terminal-record")
+    cookie = login_cookie(controller, alice)
+
+    async def session() -> Terminal:
+        term = await connect(controller, cookie, agent.node_name)
+        await term.open()
+        await term.type("echo $((6*7)); exit\r")
+        await term.printed("42\r\n")
+        assert await term.closed() == 1000
+        return term
+
+    term = asyncio.run(session())
+    assert [m["type"] for m in term.messages] == ["started", "exit"]
+    status, body = call(controller, "GET", "/api/runs?kind=terminal", None,
+                        signer.issue(alice.name))
+    assert status == 200 and body["runs"] == []
+
+
+def test_what_cannot_be_opened_is_said_before_the_close(
+        start_agent, start_controller, alice: UnixUser) -> None:
+    agent = start_agent(node_name="tr3")
+    controller = controller_over(start_controller, agent)
+    cookie = login_cookie(controller, alice)
+
+    async def refusals() -> None:
+        term = await connect(controller, cookie, "no-such-node")
+        assert await term.closed() == 4404
+        assert term.messages == [{"type": "error", "code": 4404, "message":
+                                  "no node named 'no-such-node' is known to the controller"}]
+        term = await connect(controller, None, agent.node_name)  # not logged in
+        assert await term.closed() == 4401
+        assert term.messages[0]["code"] == 4401 and "log in" in term.messages[0]["message"]
+        term = await connect(controller, cookie, agent.node_name)
+        await term.send({"type": "open", "cols": 80, "rows": 24, "session": "s-unknown"})
+        assert await term.closed() == 4404  # the agent's own code
+        [error] = term.messages
+        assert error["type"] == "error" and error["code"] == 4404
+        assert error["message"].startswith(f"the agent on {agent.node_name} refused")
+        term = await connect(controller, cookie, agent.node_name)
+        await term.send({"type": "open", "cols": 0, "rows": 24})
+        assert await term.closed() == 4400
+        assert "cols" in term.messages[0]["message"]
+
+    asyncio.run(refusals())
+
+
+def test_relays_per_user_are_bounded(start_agent, start_controller, alice: UnixUser,
+                                     bob: UnixUser) -> None:
+    agent = start_agent(node_name="tr4")
+    controller = controller_over(start_controller, agent, "--terminal-relays-per-user", "1")
+    cookie = login_cookie(controller, alice)
+
+    async def scenario() -> None:
+        first = await connect(controller, cookie, agent.node_name)
+        await first.open()
+        second = await connect(controller, cookie, agent.node_name)
+        assert await second.closed() == 4429
+        assert second.messages[0]["code"] == 4429
+        assert "1 terminals of yours are open" in second.messages[0]["message"]
+        other = await connect(controller, login_cookie(controller, bob), agent.node_name)
+        await other.open()  # another user's count is their own
+        await first.type("exit\r")
+        assert await first.closed() == 1000
+        # Its slot is free once the controller has seen the close.
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            third = await connect(controller, cookie, agent.node_name)
+            await third.send({"type": "open", "cols": 80, "rows": 24})
+            if await third.read(deadline) and third.messages[0]["type"] == "started":
+                break
+            assert third.messages[0]["code"] == 4429 and time.monotonic() < deadline
+        other.ws.close()
+        third.ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_closing_the_browser_detaches_the_session(start_agent, start_controller,
+                                                  alice: UnixUser, signer: TokenSigner) -> None:
+    agent = start_agent(node_name="tr5")
+    # A connection per health check, closed after it: a kept one would count as an upstream.
+    controller = controller_over(start_controller, agent, "--health-connection-max-age", "0")
+    cookie, token = login_cookie(controller, alice), signer.issue(alice.name)
+
+    def run_of(run_id: str) -> dict[str, Any]:
+        return call(controller, "GET", f"/api/runs/{run_id}", None, token)[1]
+
+    async def leave() -> tuple[str, str]:
+        term = await connect(controller, cookie, agent.node_name)
+        started = await term.open()
+        run_id = (await term.message("recording"))["run"]
+        await term.type("KEPT=$((6*7))\r")
+        term.ws.close()
+        return started["session"], run_id
+
+    session, first = asyncio.run(leave())
+    wait_for(lambda: upstreams(controller, agent) == 0, what="the agent's socket closed")
+    assert wait_for(lambda: run_of(first)["ended"] is not None, what="the first run's end")
+    assert run_of(first)["status"] == "interrupted"
+
+    async def back() -> str:
+        term = await connect(controller, cookie, agent.node_name)
+        started = await term.open(session=session)
+        assert started["reattached"] and started["session"] == session
+        run_id = (await term.message("recording"))["run"]
+        await term.type("echo $KEPT; exit 0\r")
+        await term.printed("42\r\n")
+        assert await term.closed() == 1000
+        return str(run_id)
+
+    second = asyncio.run(back())
+    assert second != first and run_of(second)["status"] == "ok"
+    assert run_of(second)["stats"][agent.node_name] == {
+        "ok": 1, "changed": 0, "failed": 0, "unreachable": 0, "skipped": 0, "rc": 0}
+
+
+def test_a_slow_browser_slows_the_program_not_the_controller(
+        start_agent, start_controller, alice: UnixUser) -> None:
+    """`yes` in a terminal whose browser stops reading: `yes` stops writing (the pty is
+    full: the agent stopped reading it, the relay read no more of the agent) and the
+    controller's memory stays within a bound meanwhile."""
+    agent = start_agent(node_name="tr6")
+    controller = controller_over(start_controller, agent)
+    cookie = login_cookie(controller, alice)
+    process = psutil.Process(controller.process.pid)
+
+    async def scenario() -> None:
+        term = await connect(controller, cookie, agent.node_name)
+        started = await term.open()
+        await term.message("recording")
+        before = process.memory_info().rss
+        await term.type("yes\r")
+        await term.printed("y\r\ny\r\n")  # from now on the browser reads nothing
+        shell = psutil.Process(started["pid"])
+        yes = wait_for(lambda: next((p for p in shell.children() if p.name() == "yes"), None),
+                       what="yes running")
+        written = [-1]
+
+        def stalled() -> bool:
+            grown = process.memory_info().rss - before
+            assert grown < 64 << 20, f"the controller grew by {grown} bytes"
+            now = yes.io_counters().write_chars
+            still, written[0] = now == written[0], now
+            return still
+
+        wait_for(stalled, timeout=60, interval=0.5, what="yes blocked on the full terminal")
+        term.ws.close()
+
+    asyncio.run(scenario())
