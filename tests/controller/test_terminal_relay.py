@@ -368,3 +368,35 @@ def test_a_slow_browser_slows_the_program_not_the_controller(
         term.ws.close()
 
     asyncio.run(scenario())
+
+
+def test_a_recording_is_written_as_it_goes_and_stops_at_its_cap(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner) -> None:
+    agent = start_agent(node_name="tr7")
+    controller = controller_over(start_controller, agent, "--terminal-record-max-bytes", "2000")
+    cookie, token = login_cookie(controller, alice), signer.issue(alice.name)
+
+    def recorded(run_id: str) -> str:
+        events = call(controller, "GET", f"/api/runs/{run_id}", None, token)[1]["events"]
+        return "".join(f[2] for e in events if e["type"] == "term" for f in e["frames"])
+
+    async def session() -> str:
+        term = await connect(controller, cookie, agent.node_name)
+        await term.open()
+        run_id = str((await term.message("recording"))["run"])
+        await term.type("echo $((6*7))\r")
+        await term.printed("42\r\n")
+        # Kept while the session goes on (a batch is due 0.5 s after the last one).
+        wait_for(lambda: "42\r\n" in recorded(run_id), what="the 42 recorded")
+        await term.type("seq 1 3000; exit\r")
+        await term.printed("\r\n3000\r\n")  # the session goes on past the cap
+        assert await term.closed() == 1000
+        return run_id
+
+    run_id = asyncio.run(session())
+    status, lines = cast_of(controller, token, run_id)
+    assert status == 200
+    text = output_text(lines)
+    assert "42\r\n" in text and "\r\n3000\r\n" not in text
+    assert text.endswith("\r\n[marco: recording stopped at 2000 bytes]\r\n")
+    assert call(controller, "GET", f"/api/runs/{run_id}", None, token)[1]["status"] == "ok"
