@@ -168,4 +168,6 @@ class TerminalClient:
         try:
             await self._ws.write_message(message, binary=binary)
         except websocket.WebSocketClosedError:
-            raise AgentUnreachable(f"the terminal on {self.what} is closed") from None
+            # Closed by the agent with a code: the code's error, as `read` would raise it.
+            error = close_error(self._ws.close_code, self._ws.close_reason or "", self.what)
+            raise error or AgentUnreachable(f"the terminal on {self.what} is closed") from None

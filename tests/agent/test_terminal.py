@@ -21,6 +21,7 @@ from marco.errors import (
     NotFound,
     PermissionDenied,
     TooManySockets,
+    TryAgain,
 )
 from marco.revocations import token_digest
 from marco.terminal_client import TerminalClient
@@ -128,6 +129,27 @@ def test_a_command_runs_as_the_user_in_a_pty_of_theirs(agent: AgentProcess, sign
     assert f"\n{alice.name}\r\n{alice.home}\r\n" in output
     assert f"term=vt100 id={started['session']}" in output
     assert end == {"type": "exit", "status": 0, "signal": None, "reason": "exited"}
+
+
+@pytest.fixture
+def sh_user(run: RunNames) -> Iterator[UnixUser]:
+    """A user whose login shell is /bin/sh (dash), which, unlike bash, does not take a
+    controlling terminal by itself."""
+    user = create_user(run.user("sh"))
+    subprocess.run(["usermod", "--shell", "/bin/sh", user.name], check=True)
+    yield user
+    remove_user(user.name)
+
+
+def test_the_pty_is_the_controlling_terminal(agent: AgentProcess, signer: TokenSigner,
+                                             sh_user: UnixUser) -> None:
+    async def scenario() -> str:
+        client = terminal(agent, signer.issue(sh_user.name))
+        started = await client.open(80, 24, command="(exec 3</dev/tty) && echo controlling=yes")
+        assert started["shell"] == "/bin/sh"
+        return (await read_to_exit(client))[0]
+
+    assert "controlling=yes" in run(scenario())
 
 
 def test_stty_size_follows_a_resize(agent: AgentProcess, signer: TokenSigner,
@@ -374,3 +396,67 @@ def test_the_audit_log_has_start_and_end_without_the_command(
     assert isinstance(end["duration"], float) and end["duration"] >= 0
     assert end["bytes_out"] > 0
     assert "secret-$((40+2))" not in (agent.state_dir / "audit.log").read_text()
+
+
+def test_a_terminal_ends_when_its_token_expires(start_agent: Callable[..., AgentProcess],
+                                                signer: TokenSigner, alice: UnixUser) -> None:
+    agent = start_agent(extra_args=["--token-max-age", "3"])
+
+    async def scenario() -> dict[str, Any]:
+        client = terminal(agent, signer.issue(alice.name))
+        await client.open(80, 24)
+        return (await read_to_exit(client))[1]
+
+    assert run(scenario())["reason"] == "expired"
+
+
+def test_a_detached_session_ends_after_the_grace(start_agent: Callable[..., AgentProcess],
+                                                 signer: TokenSigner, alice: UnixUser) -> None:
+    agent = start_agent(extra_args=["--terminal-detach-grace", "1"])
+
+    async def scenario() -> str:
+        client = terminal(agent, signer.issue(alice.name))
+        session = str((await client.open(80, 24))["session"])
+        client.close()  # a lost connection detaches as `detach` does
+        return session
+
+    session = run(scenario())
+    wait_for(lambda: [e for e in audit_events(agent) if e.get("session") == session
+                      and e["event"] == "terminal_end" and e["reason"] == "detached"],
+             what="the detached session to end")
+    with pytest.raises(NotFound):
+        run(terminal(agent, signer.issue(alice.name)).open(80, 24, session=session))
+
+
+def test_input_the_pty_does_not_take_is_bounded(start_agent: Callable[..., AgentProcess],
+                                                signer: TokenSigner, alice: UnixUser) -> None:
+    agent = start_agent(extra_args=["--terminal-input-max-bytes", "65536"])
+
+    async def scenario() -> None:
+        client = terminal(agent, signer.issue(alice.name))
+        await client.open(80, 24, command="sleep 100")  # never reads its terminal
+        with pytest.raises(TryAgain):  # from a send after the close, or from the read
+            for _ in range(64):
+                await client.send(b"x" * 4096)
+            await drain(client)
+        assert client.close_code == 4408
+
+    run(scenario())
+
+
+def test_stopping_the_agent_ends_its_terminals(start_agent: Callable[..., AgentProcess],
+                                               signer: TokenSigner, alice: UnixUser) -> None:
+    agent = start_agent()
+
+    async def scenario() -> dict[str, Any]:
+        client = terminal(agent, signer.issue(alice.name))
+        await client.open(80, 24, command="trap '' HUP; sleep 100")  # ignores the hang-up
+        await wait_async(lambda: processes_of(alice.uid, "sleep"), "sleep to run")
+        stopping = asyncio.get_running_loop().run_in_executor(None, agent.stop)
+        _, end = await read_to_exit(client)
+        await stopping
+        return end
+
+    end = run(scenario())
+    assert end["reason"] == "stopping" and end["signal"] == "KILL", end
+    assert not processes_of(alice.uid, "sleep")
