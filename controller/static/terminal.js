@@ -19,7 +19,8 @@ const CLOSE_REASONS = {
   4403: "refused (no login shell on the node, or terminals are off there)",
   4404: "no such session (it ended, or is not yours)",
   4408: "too much input was waiting for the node",
-  4429: "too many terminals open on that node",
+  4429: "too many terminals open on that node, or through the controller",
+  4502: "the node's agent could not be reached, or its connection broke",
 };
 const EXIT_REASONS = {
   exited: "the shell ended",

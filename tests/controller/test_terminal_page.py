@@ -271,3 +271,52 @@ def test_copy_paste_and_keyboard_exit(page: Page, trio: Any) -> None:
     expect(pane.get_by_role("button", name=re.compile("^Copy the selection"))).to_be_focused()
     page.keyboard.press("Tab")
     expect(pane.get_by_role("button", name=re.compile("^Close the terminal"))).to_be_focused()
+
+
+def test_reconnect_past_the_grace_opens_a_new_session_and_says_so(page: Page, trio: Any) -> None:
+    """A reattach the agent answers "no such session" (its grace time passed) opens a new
+    session at once, and the pane says it is a new one."""
+    _, names = trio
+    pane = open_from_card(page, names[2])
+    page.evaluate("() => window.marcoTerminals.panes[0].socket.close(4000, 'dropped')")
+    expect(pane).to_have_attribute("data-state", "detached")
+    # As if the grace time had passed: the agent knows no such session any more.
+    page.evaluate("() => { window.marcoTerminals.panes[0].session = 'gone-session-0'; }")
+    pane.get_by_role("button", name=re.compile("^Reconnect")).click()
+    expect(pane.locator(".term-state")).to_have_text("connected")
+    expect(pane.get_by_role("alert")).to_contain_text("this is a new one")
+    pane.locator(".xterm").click()
+    page.keyboard.type("echo new-$((50+5))")
+    page.keyboard.press("Enter")
+    wait_rows(page, names[2], r"new-55", "the new session's answer")
+
+
+def test_unknown_node_says_what_happened(page: Page, trio: Any) -> None:
+    """The relay's error (no such node) is said in the pane, which offers to try again."""
+    page.get_by_role("tab", name="Terminals").click()
+    page.evaluate("() => window.marcoTerminals.open('no-such-node-here')")
+    pane = page.locator('.term-pane[data-node="no-such-node-here"]')
+    expect(pane).to_have_attribute("data-state", "ended")
+    expect(pane.get_by_role("alert")).to_contain_text("no node named 'no-such-node-here'")
+    expect(pane.get_by_role("button", name=re.compile("^Try again"))).to_be_visible()
+
+
+def test_the_window_size_follows_the_pane(page: Page, trio: Any) -> None:
+    """The terminal is fitted to its pane and the shell's window size follows it: `stty size`
+    says the terminal's rows and columns, before and after the page is made narrower."""
+    _, names = trio
+    page.set_viewport_size({"width": 1400, "height": 900})
+    open_from_card(page, names[0])
+
+    def stty_matches(tag: str) -> None:
+        cols, rows = page.evaluate("() => [window.marcoTerminals.panes[0].term.cols, window.marcoTerminals.panes[0].term.rows]")
+        page.keyboard.type(f"echo {tag} $(stty size)")
+        page.keyboard.press("Enter")
+        wait_rows(page, names[0], rf"{tag} {rows} {cols}", f"stty size {rows} {cols}")
+
+    stty_matches("wide")
+    wide = page.evaluate("() => window.marcoTerminals.panes[0].term.cols")
+    page.set_viewport_size({"width": 700, "height": 900})
+    wait_for(lambda: page.evaluate("() => window.marcoTerminals.panes[0].term.cols") < wide,
+             what="the terminal refitted narrower")
+    stty_matches("narrow")
