@@ -141,8 +141,8 @@ def test_an_interactive_shell_in_a_real_terminal(one_agent, alice: UnixUser, ali
     # A login shell as alice on a pseudo-terminal of the node's, in her home.
     cli.type(b"tty; id -un; pwd; echo ready-$((6*7))\r")
     pts = cli.expect(rb"(/dev/pts/\d+)").group(1).decode()
-    cli.expect(alice.name.encode())
-    cli.expect(alice.home.encode())
+    cli.expect(re.escape(alice.name.encode()))
+    cli.expect(re.escape(alice.home.encode()))
     cli.expect(b"ready-42")
     assert pts_size(pts) == "24 80"
     # Our window grows: the node's terminal follows, and its programs see it.
@@ -162,7 +162,7 @@ def test_an_interactive_shell_in_a_real_terminal(one_agent, alice: UnixUser, ali
     assert cli.process.poll() is None
     cli.type(b"exit 3\r")
     assert cli.wait() == 3
-    cli.expect(f"Connection to {node} closed.".encode())
+    cli.expect(re.escape(f"Connection to {node} closed.".encode()))
     # The terminal is left as it was found (raw mode undone).
     assert termios.tcgetattr(cli.slave) == cli.mode_before
     # The session is a run of kind terminal, its output recorded, ended with its status.
@@ -170,7 +170,8 @@ def test_an_interactive_shell_in_a_real_terminal(one_agent, alice: UnixUser, ali
             if run["id"] not in before]
     assert len(runs) == 1, runs
     run = runs[0]
-    cli.expect(f"recorded as run {run['id']}  {controller.url}/runs/{run['id']}".encode())
+    cli.expect(re.escape(
+        f"recorded as run {run['id']}  {controller.url}/runs/{run['id']}".encode()))
     assert run["kind"] == "terminal" and run["hosts"] == [node]
     assert run["status"] == "failed" and run["stats"][node]["rc"] == 3
     assert run["meta"]["node"] == node and run["meta"]["cols"] == 80
@@ -190,6 +191,24 @@ def test_a_command_gives_its_exit_status(one_agent, alice_home: Path, pty_cli) -
                      "echo out-$((6*7)); test -t 0 && echo on-a-tty", env=env)
     assert output.wait() == 0
     output.expect(b"out-42\r\non-a-tty")
+
+
+def test_sigterm_restores_the_terminal_and_hangs_up(one_agent, alice: UnixUser,
+                                                     alice_home: Path, pty_cli) -> None:
+    controller, agent = one_agent
+    cli = pty_cli("shell", agent.node_name, "--no-record", "--",
+                  "echo up-$((6*7)); sleep 101", env=cli_env(alice_home, controller))
+    cli.expect(b"up-42")
+    sleeping = ["pgrep", "-u", alice.name, "-f", "^sleep 101$"]
+    wait_for(lambda: subprocess.run(sleeping, capture_output=True).returncode == 0,
+             what="sleep running on the node")
+    cli.process.send_signal(signal.SIGTERM)
+    assert cli.wait() == 128 + signal.SIGTERM
+    assert termios.tcgetattr(cli.slave) == cli.mode_before
+    cli.expect(re.escape(f"Connection to {agent.node_name} closed (SIGTERM).".encode()))
+    # The node's foreground programs were hung up, as when an ssh client is killed.
+    wait_for(lambda: subprocess.run(sleeping, capture_output=True).returncode == 1,
+             what="the node's sleep hung up")
 
 
 def test_without_a_terminal_the_end_of_stdin_is_one_ctrl_d(one_agent, alice: UnixUser,
