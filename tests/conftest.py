@@ -145,6 +145,7 @@ SLOW_PLACES = ("tests/load/", "tests/e2e/", "tests/test_packaging.py", "tests/ag
 ONE_WORKER_PLACES = ("tests/e2e/test_many_agents.py", "tests/e2e/", "tests/test_packaging.py",
                      "tests/controller/test_web.py",
                      "tests/controller/test_main_page.py",
+                     "tests/controller/test_terminal_page.py",  # three agents and a browser
                      "tests/controller/test_many_nodes_page.py",  # 1,000 simulated agents
                      "tests/controller/test_runs_web.py", "tests/load/")
 
