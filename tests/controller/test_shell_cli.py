@@ -287,3 +287,23 @@ def test_a_node_that_is_down_is_one_clear_line(start_controller, alice: UnixUser
     assert out.returncode == 255, out
     assert out.stderr.startswith("marco: the controller sees gone down (")
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_the_node_ending_the_session_is_said_as_ssh_does(start_controller, start_agent,
+                                                         unique_name, alice: UnixUser,
+                                                         signer: TokenSigner, tmp_path: Path,
+                                                         pty_cli) -> None:
+    controller = start_controller()
+    agent = start_agent(unique_name("node"), announce=True,
+                        extra_args=["--terminal-idle-timeout", "1"])
+    token = signer.issue(alice.name)
+    wait_for(lambda: agent.node_name in controller.inventory_hosts(token),
+             what="the agent discovered")
+    cli = pty_cli("shell", agent.node_name, "--no-record", "--", "echo idle-$((6*7)); sleep 60",
+                  env=cli_env(tmp_path, controller, MARCO_TOKEN=token, **controller.pki.client_env()))
+    cli.expect(b"idle-42")
+    # Nothing typed, nothing written: the agent ends it for idleness, and the CLI says so.
+    assert cli.wait() == 255
+    cli.expect(re.escape(f"Connection to {agent.node_name} closed: no input or output for too "
+                         "long (the node's terminal_idle_timeout).".encode()))
+    assert termios.tcgetattr(cli.slave) == cli.mode_before
