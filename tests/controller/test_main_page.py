@@ -67,12 +67,17 @@ def test_run_tabs_are_a_tablist_the_arrow_keys_move_in(browser: Any, cluster: An
     expect(shell).to_have_attribute("aria-selected", "false")
     expect(deploy_panel).to_be_visible()
     expect(shell_panel).to_be_hidden()
+    terminals = tablist.get_by_role("tab", name="Terminals")  # the last tab (issue 16)
+    page.keyboard.press("ArrowRight")
+    expect(terminals).to_be_focused()
     page.keyboard.press("ArrowRight")  # wraps round
     expect(shell).to_be_focused()
     page.keyboard.press("End")
-    expect(deploy).to_be_focused()
+    expect(terminals).to_be_focused()
     page.keyboard.press("Home")
     expect(shell).to_be_focused()
+    page.keyboard.press("ArrowLeft")  # wraps round backwards
+    expect(terminals).to_have_attribute("aria-selected", "true")
     page.keyboard.press("ArrowLeft")
     expect(deploy).to_have_attribute("aria-selected", "true")
     page.keyboard.press("Tab")
