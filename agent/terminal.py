@@ -213,8 +213,9 @@ class TerminalSession:
         loop = asyncio.get_running_loop()
         master, slave = os.openpty()
         try:
-            os.fchown(slave, self.user.uid, _tty_gid(self.user.gid))
-            os.fchmod(slave, 0o620)
+            if os.geteuid() == 0:  # else devpts made it ours already (a one-user agent)
+                os.fchown(slave, self.user.uid, _tty_gid(self.user.gid))
+                os.fchmod(slave, 0o620)
             window_size(master, self.request.cols, self.request.rows)
             os.set_blocking(master, False)
             env = self.user.clean_environment()
@@ -374,15 +375,17 @@ class TerminalSession:
         self.pending -= size
         self._update_reading()
 
-    def _send_text(self, message: str) -> None:
+    def _send_text(self, message: str) -> asyncio.Future[None] | None:
+        """Queue a control message; its write's future, or None when the socket is gone."""
         if self.peer is None:
-            return
+            return None
         try:
-            future = self.peer.write_message(message)
+            future: asyncio.Future[None] = self.peer.write_message(message)
         except Exception:
             self.detach(self.peer)
-            return
+            return None
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
 
     def _may_read(self) -> bool:
         if self.eof or self.reason is not None or self.master < 0:
@@ -466,11 +469,15 @@ class TerminalSession:
             self.isolation.signal(self.isolation_id, signal.SIGKILL)
         self.isolation.finished(self.isolation_id)
         status, killed = self._status()
-        if self.peer is not None:
-            self._send_text(protocol.encode({"type": "exit", "status": status, "signal": killed,
-                                             "reason": self.reason}))
-            self.peer.close(protocol.CLOSE_NORMAL, self.reason or "exited")
-            self.peer = None
+        peer = self.peer
+        sent = self._send_text(protocol.encode({"type": "exit", "status": status,
+                                                "signal": killed, "reason": self.reason}))
+        if peer is not None and sent is not None:
+            # Closed once the output before it is written: tornado gives a closing socket
+            # 5 s to finish, which a slow client's last buffer of output may need.
+            reason = self.reason or "exited"
+            sent.add_done_callback(lambda _: peer.close(protocol.CLOSE_NORMAL, reason))
+        self.peer = None
         duration = round(time.time() - self.started, 3)
         if self.audit is not None:
             self.audit.record("terminal_end", self.user.name, session=self.id,
