@@ -43,7 +43,9 @@ class CastPlayer {
   path(query) { return `/api/runs/${encodeURIComponent(this.runId)}${query}`; }
 
   async start() {
+    this.say("Loading the recording…");
     const meta = await this.read(0);
+    this.say(null);
     const size = castSize(`${meta.cols}x${meta.rows}`) || { cols: 80, rows: 24 };
     this.size = size;
     this.term = new Terminal({ cols: size.cols, rows: size.rows, disableStdin: true, scrollback: 5000,
