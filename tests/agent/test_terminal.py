@@ -266,9 +266,11 @@ def test_only_the_owner_can_reattach(agent: AgentProcess, signer: TokenSigner, a
     async def scenario() -> None:
         first = terminal(agent, signer.issue(alice.name))
         session = (await first.open(80, 24))["session"]
-        await first.send(b"sleep 1; echo later-$((2+3))\n")
+        marker = Path(alice.home) / f"detached-{session}"
+        await first.send(f"sleep 1; echo later-$((2+3)); touch {marker}\n".encode())
         await first.detach()
         await drain(first)
+        await wait_async(marker.exists, "output while detached")  # kept in the scrollback
         with pytest.raises(NotFound):
             await terminal(agent, signer.issue(bob.name)).open(80, 24, session=session)
         with pytest.raises(NotFound):
@@ -460,3 +462,18 @@ def test_stopping_the_agent_ends_its_terminals(start_agent: Callable[..., AgentP
     end = run(scenario())
     assert end["reason"] == "stopping" and end["signal"] == "KILL", end
     assert not processes_of(alice.uid, "sleep")
+
+
+def test_terminal_sockets_count_against_the_socket_cap(start_agent: Callable[..., AgentProcess],
+                                                       signer: TokenSigner,
+                                                       alice: UnixUser) -> None:
+    agent = start_agent(extra_args=["--max-sockets-per-user", "1"])
+
+    async def scenario() -> None:
+        await terminal(agent, signer.issue(alice.name)).open(80, 24)
+        second = terminal(agent, signer.issue(alice.name))
+        with pytest.raises(TooManySockets):
+            await second.open(80, 24)
+        assert second.close_code == 4429
+
+    run(scenario())
