@@ -75,6 +75,7 @@ class TerminalPane {
     pane.setAttribute("aria-label", `Terminal on ${this.node}`);
     const head = termEl("div", "term-head");
     const tick = termEl("label", "term-tick");
+    tick.title = "Include this terminal in Type into all";
     this.tick = termEl("input");
     this.tick.type = "checkbox";
     this.tick.checked = true;
