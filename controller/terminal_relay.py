@@ -25,7 +25,7 @@ from typing import Any
 import tornado.websocket
 
 from marco.asciicast import CastRecorder
-from marco.errors import MarcoError
+from marco.errors import BadRequest, MarcoError
 from marco.protocol import CLOSE_BAD_MESSAGE, CLOSE_UNAUTHORIZED, encode
 from marco.runs import COUNTS, status_from_stats
 from marco.terminal_client import TerminalClient
@@ -197,10 +197,13 @@ class Recording:
         await self.write(final=True)
         node = self.run.hosts[0]
         stats = recap_stats(node, exit_message) if exit_message is not None else None
-        try:
-            if stats is not None:
+        if stats is not None:
+            try:
                 await self.keeper.append_events(self.run.owner, self.run.id,
                                                 [{"type": "recap", "stats": stats}])
+            except MarcoError as error:  # the run still ends, its stats with it
+                log.warning("terminal run %s: recap not kept: %s", self.run.id, error.message)
+        try:
             await self.keeper.finish(self.run.owner, self.run.id,
                                      status_from_stats(stats) if stats else "interrupted",
                                      token, stats)
@@ -223,9 +226,7 @@ class Recording:
             except MarcoError as error:
                 log.warning("terminal run %s: recording stopped: %s", self.run.id,
                             error.message)
-                self.recorder.stopped = True
-                while self.recorder.flush() is not None:
-                    pass
+                self.recorder.discard()
 
     async def _tick(self) -> None:
         """Batches held for their time are written though no more output comes."""
@@ -307,7 +308,7 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         elif kind == "signal" and isinstance(data.get("signal"), str):
             try:
                 await self.upstream.signal(data["signal"])
-            except MarcoError as error:  # an unknown signal (BadRequest)
+            except BadRequest as error:  # not a signal the agent sends
                 raise ValueError(error.message) from None
         elif kind == "detach":
             await self.upstream.detach()
@@ -381,6 +382,8 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         except MarcoError as error:
             log.warning("terminal of %s on %s not recorded: %s", self.user, self.node,
                         error.message)
+            await self.send(encode({"type": "recording", "run": None, "url": None,
+                                    "message": f"not recorded: {error.message}"}))
             return
         run_id = self.recording.run.id
         await self.send(encode({"type": "recording", "run": run_id, "url": f"/runs/{run_id}"}))

@@ -84,6 +84,12 @@ class CastRecorder:
             self.stopped = True
             self._add_text(STOPPED.format(self.recorded))
 
+    def discard(self) -> None:
+        """Record no more and drop the frames held (the store refused them)."""
+        self.stopped = True
+        self._frames.clear()
+        self.pending_bytes = 0
+
     def finish(self) -> None:
         """The session ended: a sequence left incomplete becomes U+FFFD."""
         if not self.stopped:

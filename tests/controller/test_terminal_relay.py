@@ -400,3 +400,37 @@ def test_a_recording_is_written_as_it_goes_and_stops_at_its_cap(
     assert "42\r\n" in text and "\r\n3000\r\n" not in text
     assert text.endswith("\r\n[marco: recording stopped at 2000 bytes]\r\n")
     assert call(controller, "GET", f"/api/runs/{run_id}", None, token)[1]["status"] == "ok"
+
+
+def test_a_store_that_refuses_leaves_the_terminal_going(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner) -> None:
+    """Past the running runs cap a terminal is not recorded (and says so); past the user's
+    bytes cap its recording stops, once; both sessions go on, and the recorded run still
+    ends with the exit status."""
+    agent = start_agent(node_name="tr8")
+    controller = controller_over(start_controller, agent, "--runs-max-running-per-user", "1",
+                                 "--runs-max-bytes-per-user", "4000")
+    cookie, token = login_cookie(controller, alice), signer.issue(alice.name)
+
+    async def sessions() -> str:
+        first = await connect(controller, cookie, agent.node_name)
+        await first.open()
+        run_id = str((await first.message("recording"))["run"])
+        second = await connect(controller, cookie, agent.node_name)
+        await second.open()
+        unrecorded = await second.message("recording")
+        assert unrecorded["run"] is None and unrecorded["url"] is None
+        assert unrecorded["message"].startswith("not recorded: ")
+        await second.type("echo $((6*7)); exit\r")
+        await second.printed("42\r\n")
+        assert await second.closed() == 1000
+        await first.type("seq 1 5000; exit 0\r")
+        await first.printed("\r\n5000\r\n")
+        assert await first.closed() == 1000
+        return run_id
+
+    run_id = asyncio.run(sessions())
+    run = call(controller, "GET", f"/api/runs/{run_id}", None, token)[1]
+    assert run["status"] == "ok" and run["stats"][agent.node_name]["rc"] == 0, run
+    assert "5000" not in output_text(cast_of(controller, token, run_id)[1])
+    assert controller.log().count(f"terminal run {run_id}: recording stopped") == 1
