@@ -91,8 +91,9 @@ class TerminalClient:
 
     async def open(self, cols: int, rows: int, term: str = "xterm-256color",
                    command: str | None = None, session: str | None = None,
-                   timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
-        """Connect, start (or reattach to `session`) and return the agent's `started`."""
+                   timeout: float = DEFAULT_TIMEOUT, echo: bool = True) -> dict[str, Any]:
+        """Connect, start (or reattach to `session`) and return the agent's `started`;
+        `echo=False` starts the pty with echo off (input not typed by a person)."""
         try:
             self._ws = await websocket.websocket_connect(
                 httpclient.HTTPRequest(self.url, connect_timeout=timeout,
@@ -101,7 +102,8 @@ class TerminalClient:
         except (OSError, httpclient.HTTPClientError) as exc:
             raise transport_error(exc, self.what, self.tls) from None
         await self._send_text({"type": "open", "token": self.token, "cols": cols, "rows": rows,
-                               "term": term, "command": command, "session": session})
+                               "term": term, "command": command, "session": session,
+                               "echo": echo})
         try:
             first = await asyncio.wait_for(self.read(), timeout)
         except TimeoutError:
