@@ -357,7 +357,9 @@ class TerminalSession:
 
     def _send_output(self, data: bytes) -> None:
         peer = self.peer
-        assert peer is not None
+        if peer is None:  # it went away while this was being sent: kept for a reattach
+            self.scrollback += data
+            return
         try:
             future = peer.write_message(data, binary=True)
         except Exception:  # closed under us (WebSocketClosedError): keep it for a reattach
