@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
+import pytest
 from tornado import httpclient, websocket
 
 from marco.tokens import TokenSigner
@@ -261,6 +262,12 @@ def test_what_cannot_be_opened_is_said_before_the_close(
         await term.send({"type": "open", "cols": 0, "rows": 24})
         assert await term.closed() == 4400
         assert "cols" in term.messages[0]["message"]
+        with pytest.raises(httpclient.HTTPClientError) as refused:  # another site's page
+            await websocket.websocket_connect(httpclient.HTTPRequest(
+                f"{controller.ws_url}/terminal/{agent.node_name}",
+                headers={"Cookie": cookie, "Origin": "https://elsewhere.example"},
+                ssl_options=controller.ssl_context))
+        assert refused.value.code == 403
 
     asyncio.run(refusals())
 
