@@ -24,17 +24,16 @@ from typing import Any
 
 import tornado.websocket
 
-from marco.asciicast import CastRecorder
+from marco.asciicast import CastRecorder, run_title, with_command
 from marco.errors import BadRequest, MarcoError
 from marco.protocol import CLOSE_BAD_MESSAGE, CLOSE_UNAUTHORIZED, encode
 from marco.runs import COUNTS, status_from_stats
 from marco.terminal_client import TerminalClient
 
-from .api import with_command
 from .archive import RunKeeper
 from .config import ControllerConfig
 from .context import ControllerContext
-from .runstore import MAX_TITLE, Run
+from .runstore import Run
 from .session import SessionMixin
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ OPEN_SECONDS = 10.0        # the browser's `open` comes within this, as the agen
 DETACH_SECONDS = 5.0       # a detach that takes longer is given up (the agent's grace runs)
 TERM_NAME = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 MAX_COMMAND = 64 * 1024
-TITLE_COMMAND = 200        # characters of a command in a run's title
 
 
 @dataclass(frozen=True)
@@ -144,13 +142,6 @@ def recap_stats(node: str, exit_message: dict[str, Any]) -> dict[str, dict[str, 
         rc = None if number is None else 128 + int(number)
     counts = {**dict.fromkeys(COUNTS, 0), "ok" if rc == 0 else "failed": 1}
     return {node: counts if rc is None else {**counts, "rc": rc}}
-
-
-def run_title(node: str, command: str | None) -> str:
-    if command is None:
-        return f"shell on {node}"
-    cut = command if len(command) <= TITLE_COMMAND else command[:TITLE_COMMAND - 1] + "…"
-    return f"{node}: {cut}"[:MAX_TITLE]
 
 
 class Recording:
