@@ -3,9 +3,11 @@
 The node is found through the controller (as `marco run` finds it); the terminal goes straight
 to the agent's /v1/terminal over mutual TLS with the `marco login` credentials. With a terminal
 on stdin it is put in raw mode (restored on every way out), its size is the session's and
-follows SIGWINCH; without one the session still runs (80x24 or $COLUMNS x $LINES) and the end
-of stdin is typed as one Ctrl-D. The session is recorded as a run of kind `terminal` through
-the controller's API unless --no-record; a controller that does not take it is said once.
+follows SIGWINCH; without one the session still runs (80x24 or $COLUMNS x $LINES, the node's
+echo off: input not typed by a person is not shown, nor recorded) and the end of stdin is
+typed as Ctrl-D (two after a partial last line). The session is recorded as a run of kind
+`terminal` through the controller's API unless --no-record, its output slowed to the pace
+of the upload past a bounded backlog; a controller that does not take it is said once.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import signal
 import stat
 import sys
 import termios
+import threading
 import tty
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .asciicast import CastRecorder
+from .asciicast import CastRecorder, run_title, with_command
 from .controller_client import ControllerClient
 from .credentials import find_token, node_tls
 from .errors import AgentUnreachable, MarcoError, UsageError
@@ -36,14 +39,18 @@ DEFAULT_TERM = "xterm-256color"
 TERM_NAME = re.compile(r"[A-Za-z0-9._+-]{1,64}")
 READ_CHUNK = 16 * 1024  # bytes of stdin a frame at most
 RECORD_INTERVAL = 0.5  # seconds between two posts of the recording (docs/terminals.md)
+POST_EVENTS = 32  # term events (32 KiB each at most) one post carries: the API takes 1,000
+BACKLOG_BYTES = 1 << 20  # frames waiting to be posted past which the session's output waits
 FINISH_WAIT = 30.0  # seconds the end of a recording may take before we leave without it
 CLOSE_WAIT = 2.0  # seconds to say goodbye to the agent when a signal ends us
 EOF_KEY = b"\x04"  # Ctrl-D: what the end of a non-terminal stdin types (docs/terminals.md)
+LINE_ENDS = (b"\n", b"\r", EOF_KEY)  # a last byte after which one Ctrl-D is the end of input
 ENDED = {  # why the agent ended a session, as the user is told
     "idle": "no input or output for too long (the node's terminal_idle_timeout)",
     "expired": "your login expired (marco login)",
     "logged out": "your token was revoked (logged out; marco login)",
     "stopping": "the node's agent is shutting down",
+    "detached": "it was left detached past the node's terminal_detach_grace",
 }
 
 
@@ -91,6 +98,8 @@ class LocalTerminal:
         self.is_tty = os.isatty(stdin)
         self.raw = False
         self._pollable: dict[int, bool] = {}
+        self._saved_mode: list[Any] | None = None  # what `session` changed, until `restore`
+        self._saved_flags: dict[int, int] = {}
 
     def size(self) -> tuple[int, int]:
         """(cols, rows): the terminal's, else $COLUMNS x $LINES, else 80x24."""
@@ -106,25 +115,32 @@ class LocalTerminal:
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """Raw mode (on a terminal) and a non-blocking stdout for the session; the modes and
-        flags as they were after it, whatever ends it."""
-        saved_mode = termios.tcgetattr(self.stdin) if self.is_tty else None
-        saved_flags = {fd: fcntl.fcntl(fd, fcntl.F_GETFL) for fd in (self.stdin, self.stdout)}
+        flags as they were after it, whatever ends it (`restore` may come sooner)."""
+        self._saved_mode = termios.tcgetattr(self.stdin) if self.is_tty else None
+        self._saved_flags = {fd: fcntl.fcntl(fd, fcntl.F_GETFL)
+                             for fd in (self.stdin, self.stdout)}
         try:
-            if saved_mode is not None:
+            if self._saved_mode is not None:
                 tty.setraw(self.stdin, termios.TCSANOW)
                 self.raw = True
             if self.pollable(self.stdout):
                 fcntl.fcntl(self.stdout, fcntl.F_SETFL,
-                            saved_flags[self.stdout] | os.O_NONBLOCK)
+                            self._saved_flags[self.stdout] | os.O_NONBLOCK)
             yield
         finally:
-            for fd, flags in saved_flags.items():
-                with contextlib.suppress(OSError):
-                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-            if saved_mode is not None:
-                with contextlib.suppress(termios.error):
-                    termios.tcsetattr(self.stdin, termios.TCSADRAIN, saved_mode)
-            self.raw = False
+            self.restore()
+
+    def restore(self) -> None:
+        """The modes and flags as `session` found them (once: later calls do nothing)."""
+        for fd, flags in self._saved_flags.items():
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        self._saved_flags = {}
+        if self._saved_mode is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self.stdin, termios.TCSADRAIN, self._saved_mode)
+            self._saved_mode = None
+        self.raw = False
 
     def pollable(self, fd: int) -> bool:
         """Whether the event loop can wait on `fd`: not for files and /dev/null, which never
@@ -182,22 +198,36 @@ class LocalTerminal:
 
 class Recording:
     """The session kept as a run of kind `terminal` through the controller's API: created once
-    the session started, its `term` events posted every RECORD_INTERVAL s (one post at a
-    time: the recorder batches what comes meanwhile), a recap at the end. The first refusal
-    is said once and ends the recording, never the session."""
+    the session started, its `term` events posted by one background task, several a request,
+    every RECORD_INTERVAL s or as soon as a batch is full; a recap at the end. Output waits
+    while more than BACKLOG_BYTES of frames wait to be posted, so a fast program is slowed to
+    the controller's pace (as the relay does) instead of growing this process. The first
+    refusal is said once and ends the recording, never the session."""
 
     def __init__(self, controller: ControllerClient, node: str, say: Any) -> None:
         self.controller, self.node, self.say = controller, node, say
+        # The controller does not publish its terminal_record_max_bytes: the recorder's
+        # default cap is the setting's default (64 MiB).
         self.recorder = CastRecorder()
         self.run_id: str | None = None
         self.url: str | None = None
         self.failed = False
+        self.stats: dict[str, int] | None = None
         self._poster: asyncio.Task[None] | None = None
         self._ending = asyncio.Event()
+        self._full = asyncio.Event()     # a batch is full: post it now
+        self._posted = asyncio.Event()   # a post completed (or the poster ended)
 
-    def output(self, data: bytes) -> None:
-        if not self.failed:
-            self.recorder.output(data)
+    async def output(self, data: bytes) -> None:
+        """Bytes the session wrote; waits while the backlog is over BACKLOG_BYTES."""
+        if self.failed:
+            return
+        self.recorder.output(data)
+        if self.recorder.pending_bytes >= self.recorder.event_bytes:
+            self._full.set()
+        while self.recorder.pending_bytes > BACKLOG_BYTES and self._posting():
+            self._posted.clear()
+            await self._posted.wait()
 
     def resize(self, cols: int, rows: int) -> None:
         if not self.failed:
@@ -210,54 +240,111 @@ class Recording:
 
     async def finish(self, stats: dict[str, int] | None) -> None:
         """The last events, then a recap with `stats` (or the run finished as interrupted).
-        The post in flight is waited for (a run created meanwhile is ended too), at most
-        FINISH_WAIT s."""
+        The poster is waited for (a run created meanwhile is ended too), at most FINISH_WAIT
+        s; the backlog it has left is at most BACKLOG_BYTES."""
         if self._poster is None:
             return
+        self.stats = stats
         self._ending.set()
         try:
             await asyncio.wait_for(self._poster, FINISH_WAIT)
         except TimeoutError:
             self.say("marco: the controller did not take the end of the recording in time")
             return
-        if self.run_id is None or self.failed:
-            return
-        self.recorder.finish()
-        with contextlib.suppress(MarcoError):  # the end is best effort: the run says running
-            await self._post_pending()
-            if stats is None:
-                await asyncio.to_thread(self.controller.call, f"/api/runs/{self.run_id}/finish",
-                                        {"status": "interrupted"})
-            else:
-                await self._post([{"type": "recap", "stats": {self.node: stats}}])
+        if self.run_id is not None and not self.failed:
             self.say(f"recorded as run {self.run_id}  {self.url}")
+
+    def _posting(self) -> bool:
+        return self._poster is not None and not self._poster.done() and not self.failed
 
     async def _post_all(self, started: dict[str, Any], cols: int, rows: int, term: str,
                         command: str | None) -> None:
         try:
-            title = f"{self.node}: {command}" if command else f"shell on {self.node}"
-            meta = {"node": self.node, "cols": cols, "rows": rows, "term": term,
-                    "shell": started.get("shell"), "command": command,
-                    "session": started.get("session")}
-            run = await asyncio.to_thread(self.controller.call, "/api/runs", {
-                "kind": "terminal", "title": title, "hosts": [self.node], "meta": meta})
-            self.run_id, self.url = run["id"], self.controller.permalink(run["url"])
+            await self._create(started, cols, rows, term, command)
             while not self._ending.is_set():
                 await self._post_pending()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._ending.wait(), RECORD_INTERVAL)
+                await self._next_batch()
+            self.recorder.finish()
+            await self._post_pending()
+            await self._end()
         except MarcoError as error:
             self.failed = True
+            self.recorder.discard()
             self.say(f"marco: this session is not recorded ({error})")
+        finally:
+            self._posted.set()  # an output waiting for room goes on
+
+    async def _create(self, started: dict[str, Any], cols: int, rows: int, term: str,
+                      command: str | None) -> None:
+        meta: dict[str, Any] = {"node": self.node, "cols": cols, "rows": rows, "term": term,
+                                "shell": started.get("shell"), "command": None,
+                                "session": started.get("session")}
+        if command is not None:  # kept whole when it fits the run's meta, as the relay does
+            meta = with_command(meta, command)
+        run = await self._call("/api/runs", {
+            "kind": "terminal", "title": run_title(self.node, command), "hosts": [self.node],
+            "meta": meta})
+        self.run_id, self.url = run["id"], self.controller.permalink(run["url"])
+
+    async def _next_batch(self) -> None:
+        """Until a batch is full, the session ends, or RECORD_INTERVAL s passed."""
+        wakers = [asyncio.ensure_future(self._full.wait()),
+                  asyncio.ensure_future(self._ending.wait())]
+        try:
+            await asyncio.wait(wakers, timeout=RECORD_INTERVAL,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waker in wakers:
+                waker.cancel()
+        self._full.clear()
+
+    async def _end(self) -> None:
+        """The recap (or the run finished as interrupted, without one)."""
+        if self.stats is None:
+            await self._call(f"/api/runs/{self.run_id}/finish", {"status": "interrupted"})
+        else:
+            await self._post([{"type": "recap", "stats": {self.node: self.stats}}])
 
     async def _post_pending(self) -> None:
-        while (event := self.recorder.flush()) is not None:
-            await self._post([event])
+        """Every frame held, POST_EVENTS events a request."""
+        while True:
+            events: list[dict[str, Any]] = []
+            while len(events) < POST_EVENTS and (event := self.recorder.flush()) is not None:
+                events.append(event)
+            if not events:
+                return
+            await self._post(events)
+            self._posted.set()
 
     async def _post(self, events: list[dict[str, Any]]) -> None:
         assert self.run_id is not None
-        await asyncio.to_thread(self.controller.call, f"/api/runs/{self.run_id}/events",
-                                {"events": events})
+        await self._call(f"/api/runs/{self.run_id}/events", {"events": events})
+
+    async def _call(self, path: str, body: Any) -> Any:
+        """One controller call in a daemon thread: the session never waits for the HTTP
+        client, and a call cut short by a signal does not hold up the exit (asyncio's own
+        executor would be joined at the end, for up to the call's timeout)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if answer.done():
+                return
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                answer.set_result(result)
+
+        def call() -> None:
+            try:
+                result, error = self.controller.call(path, body), None
+            except BaseException as failure:  # handed to the awaiting task, whatever it is
+                result, error = None, failure
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=call, name="marco-shell-record", daemon=True).start()
+        return await answer
 
 
 class ShellSession:
@@ -270,19 +357,38 @@ class ShellSession:
         self.exit: dict[str, Any] | None = None
         self.killed_by: int | None = None
         self.lost: MarcoError | None = None
+        self.ending = False  # the session is over: the recording ends
 
     async def run(self) -> int:
         """The session from `open` to its end; the exit status to leave with. The signals
-        are ours from the start: one during the connection still restores the terminal."""
+        are ours from the start (one during the connection still restores the terminal) to
+        the very end (one during the recording's end leaves at once, with 128+N)."""
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
         assert main is not None
         handled = self._signals(loop, main)
+        try:
+            await self._session(main)
+            return await self._ending()
+        except asyncio.CancelledError:
+            if self.killed_by is None or not self.ending:
+                raise
+            self.terminal.say(f"marco: the end of the recording was cut short "
+                              f"({signal.Signals(self.killed_by).name})")
+            return 128 + self.killed_by
+        finally:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
+
+    async def _session(self, main: asyncio.Task[Any]) -> None:
+        """Open the terminal, then stdin to it and its output to stdout until it ends."""
         typing: asyncio.Future[None] | None = None
         try:
             cols, rows = self.terminal.size()
             term = term_name(self.terminal.environ)
-            started = await self.client.open(cols, rows, term=term, command=self.command)
+            # Input not typed by a person is not echoed: a piped password never shows.
+            started = await self.client.open(cols, rows, term=term, command=self.command,
+                                             echo=self.terminal.is_tty)
             if self.recording is not None:
                 self.recording.start(started, cols, rows, term, self.command)
             typing = asyncio.ensure_future(self._type())
@@ -290,6 +396,7 @@ class ShellSession:
         except asyncio.CancelledError:
             if self.killed_by is None:
                 raise
+            main.uncancel()  # the signal's cancel is handled here
             if self.client.started is not None:
                 await self._hang_up()
         except MarcoError as error:  # an error close, or the connection broke
@@ -299,17 +406,15 @@ class ShellSession:
         finally:
             if typing is not None:
                 typing.cancel()
-            for signum in handled:
-                loop.remove_signal_handler(signum)
             self.client.close()
-        return await self._ending()
 
     def _signals(self, loop: asyncio.AbstractEventLoop, main: asyncio.Task[Any]) -> list[int]:
-        """SIGWINCH resizes; SIGTERM, SIGHUP, SIGINT, SIGQUIT end the session (128+N)."""
+        """SIGWINCH resizes; SIGTERM, SIGHUP, SIGINT, SIGQUIT end the session (128+N), and
+        while the recording ends, end that too."""
 
         def ended_by(signum: int) -> None:
-            if self.killed_by is None:
-                self.killed_by = signum
+            if self.killed_by is None or self.ending:
+                self.killed_by = self.killed_by or signum
                 main.cancel()
 
         loop.add_signal_handler(signal.SIGWINCH, self._resized)
@@ -325,19 +430,23 @@ class ShellSession:
         asyncio.ensure_future(self._quietly(self.client.resize(cols, rows)))
 
     async def _type(self) -> None:
-        """stdin to the node, one read in flight; its end typed as one Ctrl-D."""
+        """stdin to the node, one read in flight. Without a terminal, its end is typed as
+        Ctrl-D: one ends input at the start of a line; after a partial line the first only
+        hands the line over, so a second one is typed."""
         with contextlib.suppress(MarcoError):
+            last = b"\n"
             while data := await self.terminal.read():
                 await self.client.send(data)
+                last = data[-1:]
             if not self.terminal.is_tty:
-                await self.client.send(EOF_KEY)
+                await self.client.send(EOF_KEY if last in LINE_ENDS else EOF_KEY * 2)
 
     async def _show(self) -> None:
         """The node's output to stdout until the session's `exit` or the socket's end."""
         while (frame := await self.client.read()) is not None:
             if isinstance(frame, bytes):
                 if self.recording is not None:
-                    self.recording.output(frame)
+                    await self.recording.output(frame)
                 await self.terminal.write(frame)
             elif frame.get("type") == "exit":
                 self.exit = frame
@@ -348,7 +457,11 @@ class ShellSession:
             await asyncio.wait_for(self.client.signal("HUP"), CLOSE_WAIT)
 
     async def _ending(self) -> int:
-        """Tell why the session ended (as ssh does), finish the recording, pick the status."""
+        """Tell why the session ended (as ssh does), finish the recording, pick the status.
+        The terminal is restored first: the recording's end needs no raw mode, and a signal
+        meanwhile leaves it as it was found."""
+        self.ending = True
+        self.terminal.restore()
         stats: dict[str, int] | None = None
         if self.killed_by is not None:
             status = 128 + self.killed_by
@@ -441,8 +554,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         description="Open a terminal on NODE as your Unix user there: your login shell, or "
                     "COMMAND in a terminal. Your terminal is put in raw mode (Ctrl-C goes to "
                     "the node), its size follows yours. Without a terminal on stdin the "
-                    "session still runs (size $COLUMNS x $LINES or 80x24) and the end of stdin "
-                    "is typed as one Ctrl-D.",
+                    "session still runs (size $COLUMNS x $LINES or 80x24, the node's echo "
+                    "off) and the end of stdin is typed as Ctrl-D (two after a last line "
+                    "without a newline).",
         epilog="exit status: the remote shell's or COMMAND's (128+N when killed by signal "
                "N); 2 for a usage error or an unknown node; 255 when marco shell itself "
                "failed (not logged in, node down, refused, connection lost, the session "

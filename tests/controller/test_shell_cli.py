@@ -4,6 +4,7 @@ and a real agent (the terminal)."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import re
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,9 @@ from typing import Any
 
 import pytest
 
+from marco.asciicast import run_title
+from marco.controller_client import ControllerClient
+from marco.shell_cli import BACKLOG_BYTES, Recording
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
@@ -307,3 +312,142 @@ def test_the_node_ending_the_session_is_said_as_ssh_does(start_controller, start
     cli.expect(re.escape(f"Connection to {agent.node_name} closed: no input or output for too "
                          "long (the node's terminal_idle_timeout).".encode()))
     assert termios.tcgetattr(cli.slave) == cli.mode_before
+
+
+def new_runs(controller: ControllerProcess, signer: TokenSigner, user: UnixUser, title: str,
+             before: set[str]) -> list[dict[str, Any]]:
+    return [run for run in runs_of(controller, signer, user, title) if run["id"] not in before]
+
+
+def measured(args: list[str], env: dict[str, str], timeout: float = 120.0) -> tuple[int, int]:
+    """Run the CLI with stdin and stdout on /dev/null: its exit status and its peak RSS
+    (KiB, from wait4: this one process's own)."""
+    process = subprocess.Popen([str(MARCO), *args], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    watchdog = threading.Timer(timeout, process.kill)  # a hang fails the test, not the run
+    watchdog.start()
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+    finally:
+        watchdog.cancel()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.stderr is not None
+    errors = process.stderr.read().decode()
+    process.stderr.close()
+    assert "Traceback" not in errors and "not recorded" not in errors, errors
+    return process.returncode, usage.ru_maxrss
+
+
+def test_stdin_without_a_final_newline_ends(one_agent, alice_home: Path) -> None:
+    controller, agent = one_agent
+    for given, count in (("abc", "3"), ("abc\n", "4")):
+        out = subprocess.run([str(MARCO), "shell", agent.node_name, "--no-record", "--",
+                              "wc -c"], input=given, capture_output=True, text=True,
+                             env=cli_env(alice_home, controller), timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.replace("abc", "").split() == [count], out.stdout
+
+
+def test_a_long_command_is_recorded(one_agent, alice: UnixUser, alice_home: Path,
+                                    signer: TokenSigner) -> None:
+    controller, agent = one_agent
+    node = agent.node_name
+    command = "echo long-$((6*7)) " + "x" * 1200
+    title = run_title(node, command)
+    before = {run["id"] for run in runs_of(controller, signer, alice, title)}
+    out = subprocess.run([str(MARCO), "shell", node, "--", command], stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, env=cli_env(alice_home, controller),
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "not recorded" not in out.stderr and "long-42" in out.stdout, out.stderr
+    runs = new_runs(controller, signer, alice, title, before)
+    assert len(runs) == 1, runs
+    assert len(title) <= 1000 and runs[0]["meta"]["command"] == command
+    assert runs[0]["status"] == "ok"
+
+
+def test_sigterm_while_the_recording_ends_restores_the_terminal(one_agent, alice: UnixUser,
+                                                                alice_home: Path,
+                                                                signer: TokenSigner,
+                                                                pty_cli) -> None:
+    controller, agent = one_agent
+    node = agent.node_name
+    command = "echo up-$((6*7)); read line; echo bye-$line"
+    before = {run["id"] for run in runs_of(controller, signer, alice, f"{node}: {command}")}
+    cli = pty_cli("shell", node, "--", command, env=cli_env(alice_home, controller))
+    cli.expect(b"up-42")
+    wait_for(lambda: new_runs(controller, signer, alice, f"{node}: {command}", before),
+             what="the session's run created")
+    # The controller stops answering: the recording's end waits on it.
+    os.kill(controller.process.pid, signal.SIGSTOP)
+    try:
+        cli.type(b"now\r")
+        cli.expect(re.escape(f"Connection to {node} closed.".encode()))
+        # Still waiting on the controller, the terminal is already as it was found.
+        assert cli.process.poll() is None
+        assert termios.tcgetattr(cli.slave) == cli.mode_before
+        cli.process.send_signal(signal.SIGTERM)
+        assert cli.wait() == 128 + signal.SIGTERM
+        assert termios.tcgetattr(cli.slave) == cli.mode_before
+        cli.expect(b"the end of the recording was cut short \\(SIGTERM\\)")
+    finally:
+        os.kill(controller.process.pid, signal.SIGCONT)
+
+
+def test_the_recording_keeps_the_cli_small(one_agent, alice: UnixUser, alice_home: Path,
+                                           signer: TokenSigner) -> None:
+    controller, agent = one_agent
+    node = agent.node_name
+    command = "yes | head -c 40000000; echo"  # 60 MB through the terminal (\r\n), < the cap
+    env = cli_env(alice_home, controller)
+    before = {run["id"] for run in runs_of(controller, signer, alice, f"{node}: {command}")}
+    status, unrecorded = measured(["shell", node, "--no-record", "--", command], env)
+    assert status == 0
+    status, recorded = measured(["shell", node, "--", command], env)
+    assert status == 0
+    # Output waits for the upload past a bounded backlog: a few MiB more at most, not a
+    # share of the output's size (as before: one event a request, unbounded: +33 MiB).
+    assert recorded < unrecorded + 12 * 1024, (recorded, unrecorded)
+    runs = new_runs(controller, signer, alice, f"{node}: {command}", before)
+    assert len(runs) == 1 and runs[0]["status"] == "ok", runs
+
+
+def test_output_waits_for_the_upload_past_a_bounded_backlog(one_agent, alice: UnixUser,
+                                                            signer: TokenSigner) -> None:
+    """In-process against the real controller, stopped (SIGSTOP) so that nothing is
+    posted: output fed to the recording stops at the backlog's bound, then goes on, and
+    all of it arrives in order, several events a request, once the controller answers."""
+    controller, agent = one_agent
+    node = agent.node_name
+    client = ControllerClient(controller.url, signer.issue(alice.name),
+                              ca=str(controller.pki.ca_file))
+    chunk = b"y" * 65536
+    said: list[str] = []
+
+    async def feed(recording: Recording, chunks: int) -> None:
+        for _ in range(chunks):
+            await recording.output(chunk)
+
+    async def session() -> tuple[Recording, bool, int]:
+        recording = Recording(client, node, said.append)
+        os.kill(controller.process.pid, signal.SIGSTOP)
+        try:
+            recording.start({"shell": "/bin/sh", "session": "s"}, 80, 24, "xterm", "bounded")
+            feeder = asyncio.ensure_future(feed(recording, 32))  # 2 MiB
+            for _ in range(20):  # turns of the loop, no time: the feeder blocks or ends
+                await asyncio.sleep(0)
+            blocked, held = not feeder.done(), recording.recorder.pending_bytes
+        finally:
+            os.kill(controller.process.pid, signal.SIGCONT)
+        await asyncio.wait_for(feeder, WAIT)
+        await recording.finish({"ok": 1, "rc": 0})
+        return recording, blocked, held
+
+    recording, blocked, held = asyncio.run(session())
+    assert blocked and held <= BACKLOG_BYTES + 2 * len(chunk), held
+    assert recording.run_id is not None and said == [
+        f"recorded as run {recording.run_id}  {recording.url}"], said
+    run = controller.get_json(f"/api/runs/{recording.run_id}?limit=1000",
+                              signer.issue(alice.name))
+    assert run["status"] == "ok"
+    assert recorded_output(controller, signer, alice, recording.run_id) == "y" * 32 * 65536
