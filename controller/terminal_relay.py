@@ -3,12 +3,14 @@ to a terminal on a node. The browser never holds an agent token: it logs in with
 (same origin: Tornado's `check_origin` stays on), sends the agent's `open` message without
 `token`, and the relay opens the agent's /v1/terminal with the user's own token.
 
-Frames pass unchanged both ways; the relay adds `recording` (the run that keeps the session)
-and `error` (what went wrong, just before it closes). It reads the next frame of the agent
-only once the browser's write of the previous one has completed, so a slow browser slows the
-agent (and so the program), never the controller's memory. When the browser leaves, the
-session is detached (the agent keeps it for its grace time); when the agent's socket ends,
-the browser's is closed with the same code.
+Binary frames pass unchanged both ways; of the agent's text messages only `started` and
+`exit` reach the browser (an agent never speaks for the relay). The relay adds its own
+`recording` (the run that keeps the session, or that it stopped) and `error` (what went
+wrong, just before it closes). It reads the next frame of the agent only while the browser's
+socket holds less than WRITE_AHEAD bytes not yet written, so a slow browser slows the agent
+(and so the program), never the controller's memory. When the browser leaves, the session is
+detached (the agent keeps it for its grace time); when the agent's socket ends, the
+browser's is closed with the same code.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import json
 import logging
 import re
 import signal
-from collections.abc import Coroutine
+import traceback
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +45,10 @@ log = logging.getLogger(__name__)
 CLOSE_NO_NODE = 4404       # the controller knows no such node
 CLOSE_LIMIT = 4429         # terminal_relays_per_user reached
 CLOSE_UNREACHABLE = 4502   # the node's agent could not be reached, or its connection broke
+CLOSE_TAKEN_OVER = 4409    # the agent gave the session to another socket of the same user
+CLOSE_RELAY_FAILED = 1011  # the relay itself failed (a bug): said, logged, the session detached
+FORWARDED = ("started", "exit")  # the agent's text messages the browser gets
+WRITE_AHEAD = 256 * 1024   # bytes the browser's socket may hold unwritten before the pump waits
 OPEN_SECONDS = 10.0        # the browser's `open` comes within this, as the agent asks of us
 DETACH_SECONDS = 5.0       # a detach that takes longer is given up (the agent's grace runs)
 TERM_NAME = re.compile(r"[A-Za-z0-9._+-]{1,64}")
@@ -147,17 +155,22 @@ def recap_stats(node: str, exit_message: dict[str, Any]) -> dict[str, dict[str, 
 class Recording:
     """One session kept as a run of kind `terminal`: frames batched by a `CastRecorder`,
     written every 0.5 s (sooner when a batch is full), the run ended with a recap. A store
-    that refuses a batch stops the recording (logged); the session goes on."""
+    that refuses or fails a batch stops the recording (logged, and `stopped` is told why);
+    the session goes on."""
 
-    def __init__(self, keeper: RunKeeper, run: Run, recorder: CastRecorder) -> None:
+    def __init__(self, keeper: RunKeeper, run: Run, recorder: CastRecorder,
+                 stopped: Callable[[str], None]) -> None:
         self.keeper, self.run, self.recorder = keeper, run, recorder
+        self.stopped = stopped
         self.writing = asyncio.Lock()
         self.ended = False
+        self.failed = False  # the store refused or failed a batch: nothing more is written
         self._ticker = asyncio.ensure_future(self._tick())
 
     @classmethod
     async def start(cls, keeper: RunKeeper, user: str, node: str, request: OpenRequest,
-                    started: dict[str, Any], max_bytes: int) -> Recording:
+                    started: dict[str, Any], max_bytes: int,
+                    stopped: Callable[[str], None]) -> Recording:
         """A new running run for the session `started` describes."""
         meta: dict[str, Any] = {
             "node": node, "cols": request.cols, "rows": request.rows, "term": request.term,
@@ -166,12 +179,14 @@ class Recording:
             meta = with_command(meta, request.command)
         run = await keeper.create(user, "terminal", run_title(node, request.command), [node],
                                   meta)
-        return cls(keeper, run, CastRecorder(max_bytes=max_bytes))
+        return cls(keeper, run, CastRecorder(max_bytes=max_bytes), stopped)
 
     async def output(self, data: bytes) -> None:
+        if self.failed:
+            return
         self.recorder.output(data)
-        if self.recorder.due():  # a full batch: written before the next frame is read
-            await self.write(final=False)
+        if self.recorder.pending_bytes >= self.recorder.event_bytes:
+            await self.write(final=False)  # a full batch: written before the next frame is read
 
     async def resize(self, cols: int, rows: int) -> None:
         self.recorder.resize(cols, rows)
@@ -179,7 +194,8 @@ class Recording:
     async def end(self, exit_message: dict[str, Any] | None, token: str) -> None:
         """The last frames, then a recap from the exit message (ok for status 0), or, when
         the session was left without one (the browser went, the agent's socket broke), the
-        run ends as interrupted. Once."""
+        run ends as interrupted. Once; a store that fails here leaves the run as it is
+        (logged): the session is over either way."""
         if self.ended:
             return
         self.ended = True
@@ -189,39 +205,50 @@ class Recording:
         node = self.run.hosts[0]
         stats = recap_stats(node, exit_message) if exit_message is not None else None
         if stats is not None:
-            try:
-                await self.keeper.append_events(self.run.owner, self.run.id,
-                                                [{"type": "recap", "stats": stats}])
-            except MarcoError as error:  # the run still ends, its stats with it
-                log.warning("terminal run %s: recap not kept: %s", self.run.id, error.message)
-        try:
-            await self.keeper.finish(self.run.owner, self.run.id,
-                                     status_from_stats(stats) if stats else "interrupted",
-                                     token, stats)
-        except MarcoError as error:
-            log.warning("terminal run %s not ended: %s", self.run.id, error.message)
+            await self._store("recap not kept", self.keeper.append_events(
+                self.run.owner, self.run.id, [{"type": "recap", "stats": stats}]))
+        await self._store("not ended", self.keeper.finish(
+            self.run.owner, self.run.id, status_from_stats(stats) if stats else "interrupted",
+            token, stats))
 
     async def write(self, final: bool) -> None:
         """Store the batches due now (all of them when `final`)."""
         async with self.writing:
             events: list[dict[str, Any]] = []
-            while self.recorder.due() or (final and self.recorder.pending_bytes):
+            while not self.failed and (self.recorder.due()
+                                       or (final and self.recorder.pending_bytes)):
                 event = self.recorder.flush()
                 if event is None:
                     break
                 events.append(event)
             if not events:
                 return
-            try:
-                await self.keeper.append_events(self.run.owner, self.run.id, events)
-            except MarcoError as error:
-                log.warning("terminal run %s: recording stopped: %s", self.run.id,
-                            error.message)
+            refused = await self._store("recording stopped", self.keeper.append_events(
+                self.run.owner, self.run.id, events))
+            if refused is not None:
+                self.failed = True
                 self.recorder.discard()
+                self.stopped(refused)
+
+    async def _store(self, what: str, call: Coroutine[Any, Any, Any]) -> str | None:
+        """Await one call of the store: None when it was done, else why not, for the user.
+        A refusal (a MarcoError) says its message; a failure (anything else: a bug, a broken
+        database) is logged by type and place only, as its text may quote the output."""
+        try:
+            await call
+        except MarcoError as error:
+            log.warning("terminal run %s: %s: %s", self.run.id, what, error.message)
+            return error.message
+        except Exception as error:  # noqa: BLE001 (the recording is optional, the terminal is not)
+            place = traceback.extract_tb(error.__traceback__)[-1]
+            log.error("terminal run %s: %s: the run store failed (%s at %s:%s)", self.run.id,
+                      what, type(error).__name__, place.filename, place.lineno)
+            return "the run store failed"
+        return None
 
     async def _tick(self) -> None:
         """Batches held for their time are written though no more output comes."""
-        while True:
+        while not self.failed:
             await asyncio.sleep(self.recorder.flush_seconds)
             await self.write(final=False)
 
@@ -243,6 +270,8 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         self._opening = False
         self._left = False
         self._pump: asyncio.Task[None] | None = None
+        self._unwritten: deque[tuple[asyncio.Future[None], int]] = deque()  # frames sent down
+        self._unwritten_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None
 
     # -- the browser's side -----------------------------------------------------------------
@@ -369,7 +398,8 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         try:
             self.recording = await Recording.start(self.ctx.runs, self.user, self.node,
                                                    request, started,
-                                                   self.relays.limits.record_max_bytes)
+                                                   self.relays.limits.record_max_bytes,
+                                                   self.recording_stopped)
         except MarcoError as error:
             log.warning("terminal of %s on %s not recorded: %s", self.user, self.node,
                         error.message)
@@ -379,6 +409,19 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         run_id = self.recording.run.id
         await self.send(encode({"type": "recording", "run": run_id, "url": f"/runs/{run_id}"}))
 
+    def recording_stopped(self, why: str) -> None:
+        """Tell the page that the session's recording stopped (what is kept stays readable);
+        the terminal goes on."""
+        if self.gone or self.recording is None:
+            return
+        run_id = self.recording.run.id
+        try:
+            self.write_message(encode({"type": "recording", "run": run_id,
+                                       "url": f"/runs/{run_id}", "stopped": True,
+                                       "message": f"recording stopped: {why}"}))
+        except tornado.websocket.WebSocketClosedError:
+            pass
+
     async def send(self, message: str | bytes) -> None:
         """One frame to the browser, awaited until written (a closed browser: nothing)."""
         try:
@@ -387,36 +430,72 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
             pass
 
     async def relay_down(self) -> None:
-        """The agent's frames to the browser, one written before the next is read; then the
-        recording's end and the browser's close with the agent's code. Ends when the agent's
-        socket does (the session ended, or was detached) or the browser's does."""
+        """The agent's frames to the browser; then the recording's end and the browser's
+        close with the agent's code. Ends when the agent's socket does (the session ended,
+        was detached or taken over) or the browser's does. Whatever stops it, the recording
+        ends and the browser's socket closes (whose close detaches the session)."""
         assert self.upstream is not None
-        code, message = CLOSE_UNREACHABLE, ""
+        code, message = CLOSE_RELAY_FAILED, f"the relay of the terminal on {self.node} failed"
+        try:
+            code, message = await self.pump()
+        finally:  # also after a bug in the pump (then logged by TerminalRelays._done)
+            self.forget_unwritten()
+            if self.recording is not None and self.token_value is not None:
+                await self.recording.end(self.upstream.exit, self.token_value)
+            if not self.gone:
+                if code in (1000, 1001) and not message:
+                    self.close(code)
+                else:
+                    self.fail(code, message or f"the terminal on {self.node} closed ({code})")
+
+    async def pump(self) -> tuple[int, str]:
+        """Relay until a socket ends: the close code for the browser, and what to say."""
+        assert self.upstream is not None
         try:
             while (item := await self.upstream.read()) is not None:
                 if isinstance(item, bytes):
                     if self.recording is not None:
                         await self.recording.output(item)
-                    await self.write_message(item, binary=True)
-                else:
-                    await self.write_message(encode(item))
-            code = self.upstream.close_code or 1000
+                    await self.send_down(item)
+                elif item.get("type") in FORWARDED:
+                    await self.send_down(encode(item))
+                else:  # an agent never speaks for the relay (recording, error): dropped
+                    log.info("terminal on %s: the agent's %.40r message not passed on",
+                             self.node, item.get("type"))
             self.upstream_ended = True
+            return self.upstream.close_code or 1000, ""
         except MarcoError as error:
             self.upstream_ended = True
             code = upstream_code(self.upstream)
-            message = f"the terminal on {self.node} ended: {error.message}"
+            if code == CLOSE_TAKEN_OVER:
+                return code, (f"the session on {self.node} was taken over by another "
+                              "connection of yours")
+            return code, f"the terminal on {self.node} ended: {error.message}"
         except tornado.websocket.WebSocketClosedError:
-            code = 1001
             self.relays.spawn(self.leave())  # the browser left: the session is detached
-        if self.recording is not None and self.token_value is not None:
-            await self.recording.end(self.upstream.exit, self.token_value)
-        if self.gone:
-            return
-        if code in (1000, 1001) and not message:
-            self.close(code)
-        else:
-            self.fail(code, message or f"the terminal on {self.node} closed ({code})")
+            return 1001, ""
+
+    async def send_down(self, frame: str | bytes) -> None:
+        """One frame to the browser, not waited for while the frames not yet written to its
+        socket hold less than WRITE_AHEAD bytes: past that the pump waits for the oldest
+        (and so reads no more of the agent: backpressure), without a round of the loop for
+        every frame. A browser that went raises WebSocketClosedError, here or at a wait."""
+        written = self.write_message(frame, binary=isinstance(frame, bytes))
+        self._unwritten.append((written, len(frame)))
+        self._unwritten_bytes += len(frame)
+        while self._unwritten and (self._unwritten[0][0].done()
+                                   or self._unwritten_bytes >= WRITE_AHEAD):
+            oldest, size = self._unwritten.popleft()
+            self._unwritten_bytes -= size
+            await oldest
+
+    def forget_unwritten(self) -> None:
+        """The pump ended: the frames still being written are not waited for (their
+        failure, the browser gone, is no news)."""
+        for written, _ in self._unwritten:
+            written.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._unwritten.clear()
+        self._unwritten_bytes = 0
 
     async def leave(self) -> None:
         """The browser left: detach the session (the agent keeps it for its grace time), end

@@ -5,15 +5,20 @@ kept as a run of kind `terminal` and downloaded as asciicast v2."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
 
 import psutil
 import pytest
-from tornado import httpclient, websocket
+from tornado import httpclient, web, websocket
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
+from marco.protocol import TERMINAL_PATH
 from marco.tokens import TokenSigner
 from tests.support.agent_process import AgentProcess
 from tests.support.controller_process import ControllerProcess
@@ -441,3 +446,94 @@ def test_a_store_that_refuses_leaves_the_terminal_going(
     assert run["status"] == "ok" and run["stats"][agent.node_name]["rc"] == 0, run
     assert "5000" not in output_text(cast_of(controller, token, run_id)[1])
     assert controller.log().count(f"terminal run {run_id}: recording stopped") == 1
+
+
+class RogueTerminal(websocket.WebSocketHandler):
+    """A node's /v1/terminal that speaks for the relay: besides `started`, output and `exit`
+    it sends `recording` and `error` messages of its own, and one of a made-up type."""
+
+    async def on_message(self, message: str | bytes) -> None:
+        if not isinstance(message, str) or json.loads(message).get("type") != "open":
+            return
+        for text in ({"type": "started", "session": "s-rogue", "shell": "/bin/sh", "pid": 1,
+                      "reattached": False},
+                     {"type": "recording", "run": "r-evil", "url": "/\\evil.example/x"},
+                     {"type": "error", "code": 4404, "message": "spoofed by the node"},
+                     {"type": "surprise"}):
+            await self.write_message(json.dumps(text))
+        await self.write_message(b"rogue output\r\n", binary=True)
+        await self.write_message(json.dumps({"type": "exit", "status": 0, "signal": None,
+                                             "reason": "exited"}))
+        self.close(1000)
+
+
+def test_only_the_agents_started_and_exit_reach_the_browser(
+        start_controller, alice: UnixUser, signer: TokenSigner) -> None:
+    """A node (here a rogue one, on a --dev cluster where anything may announce itself)
+    cannot speak for the relay: its recording, error and unknown messages are dropped; the
+    browser gets its started, output and exit, and the relay's own recording message."""
+
+    async def scenario() -> tuple[Terminal, str]:
+        [sock] = bind_sockets(0, "127.0.0.1")
+        server = HTTPServer(web.Application([(TERMINAL_PATH, RogueTerminal)]))
+        server.add_sockets([sock])
+        port = sock.getsockname()[1]
+        controller = start_controller(pki=None, extra_args=[
+            "--no-discovery", "--node", f"rogue=127.0.0.1:{port}"])
+        try:
+            term = await connect(controller, login_cookie(controller, alice), "rogue")
+            await term.open()
+            await term.printed("rogue output")
+            assert await term.closed() == 1000
+            return term, controller.log()
+        finally:
+            server.stop()
+
+    term, log = asyncio.run(scenario())
+    kinds = [m["type"] for m in term.messages]
+    assert kinds == ["started", "recording", "exit"], term.messages
+    [recording] = [m for m in term.messages if m["type"] == "recording"]
+    assert recording["run"] != "r-evil" and recording["url"] == f"/runs/{recording['run']}"
+    assert "'surprise' message not passed on" in log
+
+
+def test_a_failing_run_store_stops_the_recording_not_the_terminal(
+        start_agent, start_controller, alice: UnixUser, signer: TokenSigner) -> None:
+    """The run store failing under a recording (its events table gone: not a refusal of the
+    error ladder but a database error): the recording stops and the page is told, the
+    failure is logged without the output, the terminal goes on, and its run still ends with
+    the exit status."""
+    agent = start_agent(node_name="tr9")
+    controller = controller_over(start_controller, agent)
+    cookie, token = login_cookie(controller, alice), signer.issue(alice.name)
+    database = controller.state_dir / "runs.sqlite3"
+
+    def events_table(name: str, to: str) -> None:
+        with contextlib.closing(sqlite3.connect(database, timeout=30)) as db:
+            db.execute(f"ALTER TABLE {name} RENAME TO {to}")
+            db.commit()
+
+    async def session() -> str:
+        term = await connect(controller, cookie, agent.node_name)
+        await term.open()
+        run_id = str((await term.message("recording"))["run"])
+        events_table("events", "events_away")  # every write of events fails from now on
+        await term.type("echo secret-$((6*7)); seq 1 2000\r")
+        stopped = await term.until(lambda: next((m for m in term.messages
+                                                 if m.get("stopped")), None), "the stop")
+        assert stopped == {"type": "recording", "run": run_id, "url": f"/runs/{run_id}",
+                           "stopped": True, "message": "recording stopped: the run store failed"}
+        await term.type("echo still-$((40+2)); exit 0\r")
+        await term.printed("still-42\r\n")
+        assert (await term.message("exit"))["status"] == 0
+        assert await term.closed() == 1000
+        return run_id
+
+    run_id = asyncio.run(session())
+    events_table("events_away", "events")
+    run = call(controller, "GET", f"/api/runs/{run_id}", None, token)[1]
+    assert run["status"] == "ok" and run["stats"][agent.node_name]["rc"] == 0, run
+    log = controller.log()
+    assert f"terminal run {run_id}: recording stopped: the run store failed " \
+           "(OperationalError at " in log
+    assert "secret-42" not in log
