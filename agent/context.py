@@ -92,7 +92,8 @@ class AgentContext:
                    secret=secret, revocations=Revocations(config.state_path / "revocations.json"),
                    service_signer=TokenSigner(secret, SERVICE_MAX_AGE, salt=SERVICE_SALT),
                    denied=DeniedTokens(config.state_path / "denied-tokens.json"),
-                   terminals=TerminalManager(terminal_settings(config), isolation, audit),
+                   terminals=TerminalManager(terminal_settings(config), isolation,
+                                             resolver, audit),
                    crl=None if config.dev else CrlStore(config.tls_crl, config.tls_ca))
 
     def authenticate(self, token: str | None, client: str = "?") -> UserIdentity:

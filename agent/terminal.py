@@ -49,7 +49,7 @@ from marco.errors import (
 from marco.shells import DEFAULT_SHELL
 
 from .isolation import Isolation, popen_setup
-from .users import UserIdentity
+from .users import UserIdentity, UserResolver
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,10 @@ class TerminalSession:
 
     def __init__(self, user: UserIdentity, token: str, request: OpenRequest,
                  settings: TerminalSettings, isolation: Isolation, audit: Audit | None,
-                 on_over: Callable[[TerminalSession], None]) -> None:
+                 on_over: Callable[[TerminalSession], None],
+                 identity: dict[str, Any]) -> None:
         self.id = secrets.token_hex(16)
+        self.identity = identity  # Popen's user, group, extra_groups (UserResolver)
         self.user, self.token, self.request = user, token, request
         self.settings, self.isolation, self.audit = settings, isolation, audit
         self.on_over = on_over
@@ -229,7 +231,7 @@ class TerminalSession:
                     stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
                     close_fds=True, preexec_fn=functools.partial(
                         _child_setup, setup, os.fsencode(self.user.home)),
-                    **self._identity())
+                    **self.identity)
         except BaseException:
             os.close(master)
             raise
@@ -240,12 +242,6 @@ class TerminalSession:
         self.expire_at(expires_at)
         self._arm_idle()
         self._update_reading()
-
-    def _identity(self) -> dict[str, Any]:
-        if os.geteuid() != 0:
-            return {}  # a non-root agent is the user already (UserResolver)
-        return {"user": self.user.uid, "group": self.user.gid,
-                "extra_groups": list(self.user.groups)}
 
     def started_message(self, reattached: bool) -> dict[str, Any]:
         return {"type": "started", "session": self.id, "shell": self.shell, "pid": self.pid,
@@ -568,8 +564,9 @@ class TerminalManager:
     """Every terminal session of the agent; one per agent (AgentContext)."""
 
     def __init__(self, settings: TerminalSettings, isolation: Isolation,
-                 audit: Audit | None = None) -> None:
+                 resolver: UserResolver, audit: Audit | None = None) -> None:
         self.settings, self.isolation, self.audit = settings, isolation, audit
+        self.resolver = resolver
         self.sessions: dict[str, TerminalSession] = {}
         self.closing = False
 
@@ -590,7 +587,7 @@ class TerminalManager:
             raise TooManySockets(f"{held} of your terminals are open on this node (the limit "
                                  f"is terminal_max_per_user = {self.settings.max_per_user})")
         session = TerminalSession(user, token, request, self.settings, self.isolation,
-                                  self.audit, self._forget)
+                                  self.audit, self._forget, self.resolver.popen_identity(user))
         self.sessions[session.id] = session  # counted while it starts
         try:
             await session.spawn(expires_at)

@@ -436,7 +436,10 @@ def test_input_the_pty_does_not_take_is_bounded(start_agent: Callable[..., Agent
 
     async def scenario() -> None:
         client = terminal(agent, signer.issue(alice.name))
-        await client.open(80, 24, command="sleep 100")  # never reads its terminal
+        # Never reads its terminal; raw and without echo, so the pty neither drops an overlong
+        # line (canonical mode does) nor echoes it (the echo would be read as output).
+        await client.open(80, 24, command="stty raw -echo; echo ready; sleep 100")
+        await read_until(client, "ready")
         with pytest.raises(TryAgain):  # from a send after the close, or from the read
             for _ in range(64):
                 await client.send(b"x" * 4096)
