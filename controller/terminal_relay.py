@@ -6,11 +6,11 @@ to a terminal on a node. The browser never holds an agent token: it logs in with
 Binary frames pass unchanged both ways; of the agent's text messages only `started` and
 `exit` reach the browser (an agent never speaks for the relay). The relay adds its own
 `recording` (the run that keeps the session, or that it stopped) and `error` (what went
-wrong, just before it closes). It reads the next frame of the agent only while the browser's
-socket holds less than WRITE_AHEAD bytes not yet written, so a slow browser slows the agent
-(and so the program), never the controller's memory. When the browser leaves, the session is
-detached (the agent keeps it for its grace time); when the agent's socket ends, the
-browser's is closed with the same code.
+wrong, just before it closes). It reads the next frame of the agent only once the browser's
+socket took the previous one, so a slow browser slows the agent (and so the program), never
+the controller's memory. When the browser leaves, the session is detached (the agent keeps
+it for its grace time); when the agent's socket ends, the browser's is closed with the same
+code.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import logging
 import re
 import signal
 import traceback
-from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +47,9 @@ CLOSE_UNREACHABLE = 4502   # the node's agent could not be reached, or its conne
 CLOSE_TAKEN_OVER = 4409    # the agent gave the session to another socket of the same user
 CLOSE_RELAY_FAILED = 1011  # the relay itself failed (a bug): said, logged, the session detached
 FORWARDED = ("started", "exit")  # the agent's text messages the browser gets
-WRITE_AHEAD = 256 * 1024   # bytes the browser's socket may hold unwritten before the pump waits
+RECORD_HOLD_BYTES = 16 * 1024  # output given to the recorder in pieces of about this much...
+RECORD_HOLD_SECONDS = 0.02     # ...or after this long (a frame's time is that late at most)
+RECORD_BEHIND = 256 * 1024     # frames held for the store past which the pump waits for it
 OPEN_SECONDS = 10.0        # the browser's `open` comes within this, as the agent asks of us
 DETACH_SECONDS = 5.0       # a detach that takes longer is given up (the agent's grace runs)
 TERM_NAME = re.compile(r"[A-Za-z0-9._+-]{1,64}")
@@ -165,6 +166,11 @@ class Recording:
         self.writing = asyncio.Lock()
         self.ended = False
         self.failed = False  # the store refused or failed a batch: nothing more is written
+        # Output held for the recorder, so that it frames (and the store checks) one piece
+        # per RECORD_HOLD_BYTES, not one per agent frame; given to it within RECORD_HOLD_SECONDS.
+        self._held = bytearray()
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._writer: asyncio.Future[None] | None = None  # full batches being stored
         self._ticker = asyncio.ensure_future(self._tick())
 
     @classmethod
@@ -182,13 +188,35 @@ class Recording:
         return cls(keeper, run, CastRecorder(max_bytes=max_bytes), stopped)
 
     async def output(self, data: bytes) -> None:
-        if self.failed:
+        if self.failed or self.recorder.stopped:
             return
-        self.recorder.output(data)
-        if self.recorder.pending_bytes >= self.recorder.event_bytes:
-            await self.write(final=False)  # a full batch: written before the next frame is read
+        self._held += data
+        if len(self._held) < RECORD_HOLD_BYTES:
+            if self._hold_timer is None:
+                self._hold_timer = asyncio.get_running_loop().call_later(
+                    RECORD_HOLD_SECONDS, self._release)
+            return
+        self._release()
+        if self.recorder.pending_bytes < self.recorder.event_bytes:
+            return
+        # Full batches are stored while the terminal goes on; only a store RECORD_BEHIND
+        # bytes behind makes the pump wait (a slow store slows the terminal, not memory).
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self.write(final=False))
+        if self.recorder.pending_bytes >= RECORD_BEHIND:
+            await self._writer
+
+    def _release(self) -> None:
+        """The held output to the recorder (stamped now: at most RECORD_HOLD_SECONDS late)."""
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if self._held:
+            self.recorder.output(bytes(self._held))
+            self._held.clear()
 
     async def resize(self, cols: int, rows: int) -> None:
+        self._release()  # the output before it stays before it
         self.recorder.resize(cols, rows)
 
     async def end(self, exit_message: dict[str, Any] | None, token: str) -> None:
@@ -200,6 +228,9 @@ class Recording:
             return
         self.ended = True
         self._ticker.cancel()
+        if self._writer is not None:
+            await self._writer
+        self._release()
         self.recorder.finish()
         await self.write(final=True)
         node = self.run.hosts[0]
@@ -270,8 +301,6 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         self._opening = False
         self._left = False
         self._pump: asyncio.Task[None] | None = None
-        self._unwritten: deque[tuple[asyncio.Future[None], int]] = deque()  # frames sent down
-        self._unwritten_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None
 
     # -- the browser's side -----------------------------------------------------------------
@@ -439,7 +468,6 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
         try:
             code, message = await self.pump()
         finally:  # also after a bug in the pump (then logged by TerminalRelays._done)
-            self.forget_unwritten()
             if self.recording is not None and self.token_value is not None:
                 await self.recording.end(self.upstream.exit, self.token_value)
             if not self.gone:
@@ -476,26 +504,10 @@ class TerminalRelaySocket(SessionMixin, tornado.websocket.WebSocketHandler):
             return 1001, ""
 
     async def send_down(self, frame: str | bytes) -> None:
-        """One frame to the browser, not waited for while the frames not yet written to its
-        socket hold less than WRITE_AHEAD bytes: past that the pump waits for the oldest
-        (and so reads no more of the agent: backpressure), without a round of the loop for
-        every frame. A browser that went raises WebSocketClosedError, here or at a wait."""
-        written = self.write_message(frame, binary=isinstance(frame, bytes))
-        self._unwritten.append((written, len(frame)))
-        self._unwritten_bytes += len(frame)
-        while self._unwritten and (self._unwritten[0][0].done()
-                                   or self._unwritten_bytes >= WRITE_AHEAD):
-            oldest, size = self._unwritten.popleft()
-            self._unwritten_bytes -= size
-            await oldest
-
-    def forget_unwritten(self) -> None:
-        """The pump ended: the frames still being written are not waited for (their
-        failure, the browser gone, is no news)."""
-        for written, _ in self._unwritten:
-            written.add_done_callback(lambda done: done.cancelled() or done.exception())
-        self._unwritten.clear()
-        self._unwritten_bytes = 0
+        """One frame to the browser, awaited until its socket took it (the kernel's buffer),
+        so the pump reads no more of the agent until then: backpressure. (Not awaiting up to
+        256 KiB ahead measured no faster: the kernel's buffer already does that.)"""
+        await self.write_message(frame, binary=isinstance(frame, bytes))
 
     async def leave(self) -> None:
         """The browser left: detach the session (the agent keeps it for its grace time), end
