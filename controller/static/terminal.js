@@ -19,6 +19,7 @@ const CLOSE_REASONS = {
   4403: "refused (no login shell on the node, or terminals are off there)",
   4404: "no such session (it ended, or is not yours)",
   4408: "too much input was waiting for the node",
+  4409: "the session was taken over by another connection of yours",
   4429: "too many terminals open on that node, or through the controller",
   4502: "the node's agent could not be reached, or its connection broke",
 };
@@ -28,7 +29,10 @@ const EXIT_REASONS = {
   expired: "the login expired",
   "logged out": "logged out",
   stopping: "the agent stopped",
+  detached: "left detached past the node's grace time",
 };
+// The close code of a session another connection of the same user reattached to.
+const TAKEN_OVER = 4409;
 
 const termEl = (tag, cls, text) => {
   const e = document.createElement(tag);
@@ -51,6 +55,16 @@ function termOptions(extra = {}) {
     theme: TERM_THEME,
     ...extra,
   };
+}
+
+// `url` as a path of this site's run pages (/runs/...), or null: a recording link never leads
+// elsewhere, whatever the message says ("//host", "/\\host" and "https:" URLs are refused).
+function sameSiteRun(url) {
+  if (typeof url !== "string" || !url) return null;
+  let parsed;
+  try { parsed = new URL(url, location.href); } catch (e) { return null; }
+  if (parsed.origin !== location.origin || !parsed.pathname.startsWith("/runs/")) return null;
+  return parsed.pathname + parsed.search + parsed.hash;
 }
 
 // One terminal pane: its xterm.js, its socket to the relay, its state line.
@@ -205,10 +219,12 @@ class TerminalPane {
     this.sendJson({ type: "resize", cols: this.term.cols, rows: this.term.rows });
   }
 
-  // The recording's run: only a path on this site becomes a link.
+  // The recording's run (or why there is none, or why it stopped): only a run's page on
+  // this site becomes a link.
   recorded(message) {
-    const url = String(message.url || "");
-    if (!url.startsWith("/") || url.startsWith("//")) return;
+    if (typeof message.message === "string") this.say(message.message.slice(0, 300));
+    const url = sameSiteRun(message.url);
+    if (!url) return;
     this.recording.href = url;
     this.recording.textContent = "recording";
     this.recording.setAttribute("aria-label", `Recording of the terminal on ${this.node} (opens its run)`);
@@ -225,6 +241,15 @@ class TerminalPane {
       this.reconnectButton.textContent = "New session";
       this.reconnectButton.setAttribute("aria-label", `New session: the terminal on ${this.node}`);
       this.session = null;
+      this.reconnectButton.classList.remove("hidden");
+      return;
+    }
+    if (event.code === TAKEN_OVER && this.session) {
+      // The same session is open in another tab or window of this user now: it goes on there.
+      this.setState("detached", "taken over");
+      this.say("This session was taken over by another connection of yours (another tab or window). Reconnect takes it back here.");
+      this.reconnectButton.textContent = "Reconnect";
+      this.reconnectButton.setAttribute("aria-label", `Reconnect: the terminal on ${this.node}`);
       this.reconnectButton.classList.remove("hidden");
       return;
     }

@@ -320,3 +320,23 @@ def test_the_window_size_follows_the_pane(page: Page, trio: Any) -> None:
     wait_for(lambda: page.evaluate("() => window.marcoTerminals.panes[0].term.cols") < wide,
              what="the terminal refitted narrower")
     stty_matches("narrow")
+
+
+def test_a_recording_link_only_leads_to_this_sites_runs(page: Page, trio: Any) -> None:
+    """The pane links a recording only to a run page of this site, whatever the message's
+    url says (a backslash, a scheme or a dot segment that would lead elsewhere)."""
+    _, names = trio
+    pane = open_from_card(page, names[1])
+    link = pane.locator(".term-recording")
+    for url in ("/\\evil.example/runs/x", "//evil.example/runs/x", "https://evil.example/runs/x",
+                "javascript:alert(1)//runs/", "/runs/../login", "/login"):
+        page.evaluate("""([node, url]) => { const pane = window.marcoTerminals.panes.find((p) => p.node === node);
+            pane.recording.classList.add('hidden'); pane.recording.removeAttribute('href');
+            pane.recorded({ type: 'recording', run: 'r', url }); }""", [names[1], url])
+        expect(link).to_be_hidden()
+        assert link.get_attribute("href") is None, url
+    page.evaluate("""(node) => window.marcoTerminals.panes.find((p) => p.node === node)
+        .recorded({ type: 'recording', run: 'r-1', url: '/runs/r-1', stopped: true,
+                    message: 'recording stopped: the run store failed' })""", names[1])
+    expect(link).to_have_attribute("href", "/runs/r-1")
+    expect(pane.get_by_role("alert")).to_have_text("recording stopped: the run store failed")
