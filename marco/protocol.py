@@ -25,8 +25,9 @@ CLOSE_SLOW_CONSUMER = 4408
 CLOSE_BAD_MESSAGE = 4400
 CLOSE_TOO_MANY_SOCKETS = 4429
 CLOSE_NO_SESSION = 4404        # /v1/terminal: no such (detached) session of this user
-CLOSE_INPUT_BACKLOG = 4408     # /v1/terminal: input the pty did not take passed its bound
+CLOSE_INPUT_BACKLOG = 4408     # /v1/terminal: input the pty took nothing of for too long
 CLOSE_NORMAL = 1000
+CLOSE_TAKEN_OVER = 4409        # /v1/terminal: the same user's reattach took the session
 TERMINAL_PATH = "/v1/terminal"
 
 _WILDCARDS = {"", "0.0.0.0", "::", "*"}

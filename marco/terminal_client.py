@@ -24,6 +24,7 @@ from .errors import (
     AgentUnreachable,
     AuthenticationError,
     BadRequest,
+    Conflict,
     MarcoError,
     NotFound,
     PermissionDenied,
@@ -40,7 +41,13 @@ CLOSE_ERRORS: dict[int, type[MarcoError]] = {
     protocol.CLOSE_FORBIDDEN: PermissionDenied,
     protocol.CLOSE_NO_SESSION: NotFound,
     protocol.CLOSE_INPUT_BACKLOG: TryAgain,  # the session detached: reattach to it
+    protocol.CLOSE_TAKEN_OVER: Conflict,     # another socket of the user took the session
     protocol.CLOSE_TOO_MANY_SOCKETS: TooManySockets,
+}
+# An HTTP answer instead of the upgrade, by its status (a proxy's, or an agent's refusal).
+UPGRADE_ERRORS: dict[int, type[MarcoError]] = {
+    400: BadRequest, 401: AuthenticationError, 403: PermissionDenied, 404: NotFound,
+    429: TooManySockets, 502: AgentUnreachable, 503: AgentUnreachable, 504: AgentUnreachable,
 }
 # Closes that are no error: normal, going away (the agent stops), none given.
 NORMAL_CLOSES = (1000, 1001, 1005)
@@ -58,6 +65,16 @@ def close_error(code: int | None, reason: str, what: str) -> MarcoError | None:
     if code is None:  # no close frame: the connection itself broke
         return AgentUnreachable(f"the connection to {what} was lost")
     return ProtocolError(f"terminal closed by {what} with code {code}: {reason}")
+
+
+def upgrade_error(status: int, what: str) -> MarcoError:
+    """The error of an HTTP answer where the WebSocket upgrade was expected, by its status
+    only: 404 is an agent without /v1/terminal (older than terminals)."""
+    if status == 404:
+        return NotFound(f"{what} has no terminals ({protocol.TERMINAL_PATH} answered 404)",
+                        "its agent is older than terminals: upgrade it")
+    error_class = UPGRADE_ERRORS.get(status, ProtocolError)
+    return error_class(f"{what} answered HTTP {status} instead of opening the terminal")
 
 
 class TerminalClient:
@@ -99,7 +116,11 @@ class TerminalClient:
                 httpclient.HTTPRequest(self.url, connect_timeout=timeout,
                                        request_timeout=timeout, ssl_options=self.ssl_context),
                 max_message_size=MAX_FRAME)
-        except (OSError, httpclient.HTTPClientError) as exc:
+        except httpclient.HTTPClientError as exc:
+            if exc.response is not None:  # an answer, not a failed connection (599)
+                raise upgrade_error(exc.code, self.what) from None
+            raise transport_error(exc, self.what, self.tls) from None
+        except OSError as exc:
             raise transport_error(exc, self.what, self.tls) from None
         await self._send_text({"type": "open", "token": self.token, "cols": cols, "rows": rows,
                                "term": term, "command": command, "session": session,
