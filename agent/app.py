@@ -43,6 +43,8 @@ def make_app(ctx: AgentContext) -> tornado.web.Application:
     return tornado.web.Application(
         [(path, handler, {"ctx": ctx}) for path, handler in routes],
         default_handler_class=NotFoundHandler, default_handler_args={"ctx": ctx},
-        websocket_ping_interval=30, websocket_ping_timeout=60,
+        # Tornado cuts a timeout longer than the interval: the config refuses one instead.
+        websocket_ping_interval=ctx.config.websocket_ping_interval,
+        websocket_ping_timeout=ctx.config.websocket_ping_timeout,
         websocket_max_message_size=1024 * 1024, log_function=log_request,
     )

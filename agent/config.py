@@ -144,8 +144,17 @@ def terminal_options() -> list[Option]:
         Option("terminal_scrollback_bytes", 64 * 1024, "output of a detached terminal kept "
                "for its reattach; when full, the pty is not read until then (bytes)", kind=int),
         Option("terminal_input_max_bytes", 1024 * 1024, "input a terminal's pty has not taken "
-               "yet that the agent keeps; past it the socket is closed with 4408 and the "
-               "session detaches (bytes)", kind=int),
+               "yet that the agent keeps; past it the agent reads no more of the socket until "
+               "the program has read some (the client's sends wait) (bytes)", kind=int),
+        Option("terminal_input_stall", 60.0, "seconds a terminal's full input backlog may "
+               "wait without the program reading any of it; then the socket is closed with "
+               "4408 and the session detaches (0: wait for ever)", kind=float),
+        Option("websocket_ping_interval", 30.0, "seconds between the agent's pings on a "
+               "WebSocket (/v1/stream, /v1/terminal); 0: none", kind=float),
+        Option("websocket_ping_timeout", 30.0, "seconds a ping's pong may take before the "
+               "socket is closed as dead (at most websocket_ping_interval; a terminal whose "
+               "client has output before the ping unread is kept: flow control); 0: never",
+               kind=float),
     ]
 
 
@@ -232,6 +241,9 @@ class AgentConfig:
     terminal_buffer_bytes: int
     terminal_scrollback_bytes: int
     terminal_input_max_bytes: int
+    terminal_input_stall: float
+    websocket_ping_interval: float
+    websocket_ping_timeout: float
 
     @property
     def state_path(self) -> Path:
@@ -250,8 +262,17 @@ class AgentConfig:
                     "terminal_scrollback_bytes", "terminal_input_max_bytes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1 (got {getattr(self, key)})")
-        if self.terminal_idle_timeout < 0 or self.terminal_detach_grace < 0:
-            raise ConfigError("terminal_idle_timeout and terminal_detach_grace must be >= 0")
+        if self.terminal_idle_timeout < 0 or self.terminal_detach_grace < 0 \
+                or self.terminal_input_stall < 0:
+            raise ConfigError("terminal_idle_timeout, terminal_detach_grace and "
+                              "terminal_input_stall must be >= 0")
+        if not 0 <= self.websocket_ping_timeout <= self.websocket_ping_interval \
+                and self.websocket_ping_interval > 0:
+            raise ConfigError("websocket_ping_timeout must be from 0 to websocket_ping_interval "
+                              f"({self.websocket_ping_interval}; got "
+                              f"{self.websocket_ping_timeout})")
+        if self.websocket_ping_interval < 0:
+            raise ConfigError("websocket_ping_interval must be >= 0")
 
     def connection_limits(self) -> ConnectionLimits:
         return ConnectionLimits(self.handshake_timeout, self.max_pending_connections_per_address,

@@ -99,6 +99,7 @@ class OpenRequest:
     term: str = "xterm-256color"
     command: str | None = None
     session: str | None = None
+    echo: bool = True
 
     @classmethod
     def from_message(cls, data: dict[str, Any]) -> OpenRequest:
@@ -121,12 +122,23 @@ class OpenRequest:
         if session is not None and (not isinstance(session, str)
                                     or not SESSION_ID.fullmatch(session)):
             raise NotFound("no such terminal session")  # the answer for any id not yours
-        return cls(cols, rows, term, command, session)
+        echo = data.get("echo", True)
+        if not isinstance(echo, bool):
+            raise BadRequest("echo must be true or false")
+        return cls(cols, rows, term, command, session, echo)
 
 
 def window_size(fd: int, cols: int, rows: int) -> None:
     """TIOCSWINSZ on the pty: the foreground group gets SIGWINCH."""
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def echo_off(fd: int) -> None:
+    """Clear ECHO on the pty (`stty -echo`): input not typed by a person is not shown back,
+    nor recorded as output."""
+    attrs = termios.tcgetattr(fd)
+    attrs[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
 def signal_name(returncode: int) -> str:
@@ -198,6 +210,8 @@ class TerminalSession:
         self.scrollback = bytearray()
         self.input = bytearray()
         self.bytes_out = self.bytes_in = 0
+        self.bytes_taken = 0         # input the pty took (progress of a full backlog)
+        self._room: asyncio.Future[None] | None = None  # done when the backlog has room
         self.reading = self.writing = False
         self.eof = False
         self.returncode: int | None = None
@@ -219,9 +233,14 @@ class TerminalSession:
                 os.fchown(slave, self.user.uid, _tty_gid(self.user.gid))
                 os.fchmod(slave, 0o620)
             window_size(master, self.request.cols, self.request.rows)
+            if not self.request.echo:
+                echo_off(slave)
             os.set_blocking(master, False)
             env = self.user.clean_environment()
-            env.update(TERM=self.request.term, MARCO_TERMINAL=self.id)
+            # MARCO_EXECUTION_ID is what the subreaper finds a session's leftovers by, also
+            # those that left its session (setsid); cgroups find them by their cgroup.
+            env.update(TERM=self.request.term, MARCO_TERMINAL=self.id,
+                       MARCO_EXECUTION_ID=self.isolation_id)
             argv = ([self.shell, "-c", self.request.command] if self.request.command is not None
                     else ["-" + os.path.basename(self.shell)])
             with self.isolation.spawning_fds(self.isolation_id, self.user) as (procs_fd, nproc):
@@ -239,6 +258,10 @@ class TerminalSession:
             os.close(slave)
         self.master, self.pid = master, transport.get_pid()
         self.isolation.started(self.isolation_id, self.pid)
+        if self.reason is not None:  # ended while it started (logout, the agent stops)
+            self._close_master()     # the hang-up
+            self._kill()             # and no grace: nobody ever saw this terminal
+            return
         self.expire_at(expires_at)
         self._arm_idle()
         self._update_reading()
@@ -250,15 +273,20 @@ class TerminalSession:
     # -- sockets ------------------------------------------------------------------------------
 
     def attach(self, peer: Peer, reattached: bool) -> None:
-        """Give the session to `peer`: `started`, what the scrollback kept, then live output."""
+        """Give the session to `peer`: `started`, what the scrollback kept, then live output.
+        A socket that had it (the same user's, whose connection may be dead) is closed 4409."""
         if self.peer is not None and self.peer is not peer:
-            self.peer.close(protocol.CLOSE_NORMAL, "reattached elsewhere")
+            self.peer.close(protocol.CLOSE_TAKEN_OVER, "taken over by another connection")
+            self._room_now()  # its input wait ends: the new socket's input comes next
         self._cancel("detach")
         self.peer, self.pending = peer, 0
         self.generation += 1
         self._send_text(protocol.encode(self.started_message(reattached)))
         kept, self.scrollback = bytes(self.scrollback), bytearray()
         for start in range(0, len(kept), READ_CHUNK):
+            if self.peer is not peer:  # the socket went while this was sent: the rest
+                self.scrollback += kept[start:]  # after the chunk _send_output kept
+                break
             self._send_output(kept[start:start + READ_CHUNK])
         self._update_reading()
 
@@ -268,6 +296,7 @@ class TerminalSession:
             return
         self.peer, self.pending = None, 0
         self.generation += 1
+        self._room_now()
         if self.reason is None:
             self._timers["detach"] = asyncio.get_running_loop().call_later(
                 self.settings.detach_grace, self.end, "detached")
@@ -281,15 +310,31 @@ class TerminalSession:
 
     # -- input --------------------------------------------------------------------------------
 
-    def write_input(self, data: bytes) -> bool:
-        """Queue `data` for the pty; False when the backlog passed its bound."""
+    def write_input(self, data: bytes) -> None:
+        """Queue `data` for the pty (the socket then waits for `input_room` while the backlog
+        is past its bound, so the client's input is held back by TCP, not here)."""
         if self.reason is not None:
-            return True
+            return
         self.bytes_in += len(data)
         self.last_activity = time.monotonic()
         self.input += data
         self._write_some()
-        return len(self.input) <= self.settings.input_max_bytes
+
+    def input_full(self) -> bool:
+        """More input waits for the pty than `input_max_bytes` (a live session's)."""
+        return self.reason is None and len(self.input) > self.settings.input_max_bytes
+
+    def input_room(self) -> asyncio.Future[None]:
+        """Done once the backlog is within its bound, the session ended or its socket left."""
+        if self._room is None or self._room.done():
+            self._room = asyncio.get_running_loop().create_future()
+        if not self.input_full():
+            self._room.set_result(None)
+        return self._room
+
+    def _room_now(self) -> None:
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
 
     def resize(self, cols: int, rows: int) -> None:
         if self.reason is None:
@@ -317,6 +362,9 @@ class TerminalSession:
                 self.input.clear()
                 break
             del self.input[:written]
+            self.bytes_taken += written
+        if not self.input_full():
+            self._room_now()
         want = bool(self.input)
         if want != self.writing:
             loop = asyncio.get_running_loop()
@@ -329,14 +377,9 @@ class TerminalSession:
     def _readable(self) -> None:
         room = READ_CHUNK if self.peer is not None else \
             self.settings.scrollback_bytes - len(self.scrollback)
-        try:
-            data = os.read(self.master, max(min(room, READ_CHUNK), 1))
-        except BlockingIOError:
+        data = self._read_burst(max(min(room, READ_CHUNK), 1))
+        if data is None:
             return
-        except OSError as exc:  # EIO: every slave fd is closed
-            if exc.errno != errno.EIO:
-                log.warning("terminal %s: reading the pty failed: %s", self.id, exc.strerror)
-            data = b""
         if not data:
             self.eof = True
             self._update_reading()
@@ -350,6 +393,26 @@ class TerminalSession:
         else:
             self.scrollback += data
         self._update_reading()
+
+    def _read_burst(self, limit: int) -> bytes | None:
+        """Up to `limit` bytes of what the pty holds now, as one frame: a pty read gives at
+        most a few KiB, so it reads again until EAGAIN or `limit`. None: nothing there yet;
+        b"": the end (every slave fd is closed)."""
+        data = bytearray()
+        while len(data) < limit:
+            try:
+                chunk = os.read(self.master, limit - len(data))
+            except BlockingIOError:
+                break
+            except OSError as exc:  # EIO: every slave fd is closed
+                if exc.errno != errno.EIO:
+                    log.warning("terminal %s: reading the pty failed: %s", self.id,
+                                exc.strerror)
+                chunk = b""
+            if not chunk:  # the end: what came before it first, the end at the next read
+                return bytes(data) if data else b""
+            data += chunk
+        return bytes(data) if data else None
 
     def _send_output(self, data: bytes) -> None:
         peer = self.peer
@@ -430,6 +493,7 @@ class TerminalSession:
         self.reason = reason
         for name in ("idle", "expiry", "detach", "linger"):
             self._cancel(name)
+        self._room_now()
         self._close_master()
         if self.exited:
             self._finish()
@@ -582,7 +646,7 @@ class TerminalManager:
         """A new session as `user`, attached to `peer` (TooManySockets past the cap)."""
         if self.closing:
             raise ShuttingDown("the agent is shutting down")
-        held = len(self.of_user(user.name))
+        held = sum(1 for s in self.of_user(user.name) if s.reason is None)  # ended: going
         if held >= self.settings.max_per_user:
             raise TooManySockets(f"{held} of your terminals are open on this node (the limit "
                                  f"is terminal_max_per_user = {self.settings.max_per_user})")
@@ -595,23 +659,39 @@ class TerminalManager:
             del self.sessions[session.id]
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise MarcoError(f"cannot start the terminal: {reason}") from None
-        if self.audit is not None:
-            command = request.command
-            self.audit.record("terminal_start", user.name, session=session.id,
-                              shell=session.shell, command_sha256=hashlib.sha256(
-                                  command.encode("utf-8", "surrogatepass")).hexdigest()
-                              if command is not None else None,
-                              pid=session.pid, peer=client, cols=request.cols, rows=request.rows)
+        self._audit_start(session, client)
+        if session.reason is not None:  # ended while it started: hung up and killed already
+            if session.reason == "stopping":
+                raise ShuttingDown("the agent is shutting down")
+            raise AuthenticationError(f"the terminal ended as it started ({session.reason})")
         log.info("terminal %s started for %s (pid %s)", session.id, user.name, session.pid)
         session.attach(peer, reattached=False)
         return session
 
+    def _audit_start(self, session: TerminalSession, client: str) -> None:
+        """`terminal_start`: the command's SHA-256 only (the plain digest, as executions'
+        audit records have it), never its text."""
+        request = session.request
+        if self.audit is not None:
+            command = request.command
+            self.audit.record("terminal_start", session.user.name, session=session.id,
+                              shell=session.shell, command_sha256=hashlib.sha256(
+                                  command.encode("utf-8", "surrogatepass")).hexdigest()
+                              if command is not None else None,
+                              pid=session.pid, peer=client, cols=request.cols, rows=request.rows)
+
+    def owned(self, user: UserIdentity, session_id: str) -> TerminalSession:
+        """The user's own live session; another user's id is NotFound as well."""
+        session = self.sessions.get(session_id)
+        if session is None or session.user.name != user.name or session.reason is not None \
+                or session.pid is None:
+            raise NotFound("no such terminal session")
+        return session
+
     def reattach(self, user: UserIdentity, session_id: str, expires_at: float, token: str,
                  peer: Peer) -> TerminalSession:
-        """The user's own session, given to `peer`; another user's id is NotFound as well."""
-        session = self.sessions.get(session_id)
-        if session is None or session.user.name != user.name or session.reason is not None:
-            raise NotFound("no such terminal session")
+        """The user's own session, given to `peer` (a socket that had it is closed 4409)."""
+        session = self.owned(user, session_id)
         session.token = token
         session.expire_at(expires_at)
         session.attach(peer, reattached=True)

@@ -5,6 +5,12 @@ token, sent within AUTH_TIMEOUT of the upgrade. Then binary frames are the pty's
 ways and small JSON text frames the control messages. Closing the socket without `detach`
 detaches the session as well (it is kept for `terminal_detach_grace`). Errors before the
 upgrade are JSON, like the rest of the API.
+
+Input is flow-controlled through TCP: while more input waits for the pty than
+`terminal_input_max_bytes`, `on_message` does not return, and Tornado reads the socket's next
+message only after it did. Keepalive is the socket's own (not Tornado's ping timeout): a client
+that does not read its output answers no ping while that output waits before the ping, which
+is flow control, not death; only a missing pong with nothing unread before the ping closes.
 """
 
 from __future__ import annotations
@@ -64,6 +70,19 @@ class TerminalSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         self.session: TerminalSession | None = None
         self.opening = False
         self._auth_timer: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._frames_sent = 0     # frames written to this socket
+        self._frames_read = 0     # ... of which a pong proved the client read
+        self._ping_mark = 0       # frames sent before the ping in flight
+        self._ponged = True
+
+    @property
+    def ping_interval(self) -> float | None:
+        return 0  # Tornado's pings off: _ping does them (see the module's docstring)
+
+    @property
+    def ping_timeout(self) -> float | None:
+        return 0
 
     def check_origin(self, origin: str) -> bool:
         return self.ctx.origin_allowed(origin)
@@ -75,13 +94,61 @@ class TerminalSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
 
     def open(self, *args: str, **kwargs: str) -> None:
         self.set_nodelay(True)
-        self._auth_timer = asyncio.get_running_loop().call_later(
+        loop = asyncio.get_running_loop()
+        self._auth_timer = loop.call_later(
             AUTH_TIMEOUT, self._refuse, protocol.CLOSE_UNAUTHORIZED, "authentication timed out")
+        if self.ctx.config.websocket_ping_interval > 0:
+            self._keepalive = loop.call_later(self.ctx.config.websocket_ping_interval,
+                                              self._ping)
+
+    def write_message(self, message: str | bytes | dict[str, Any],
+                      binary: bool = False) -> asyncio.Future[None]:
+        self._frames_sent += 1
+        return super().write_message(message, binary)
+
+    # -- keepalive ----------------------------------------------------------------------------
+
+    def _ping(self) -> None:
+        """A ping; `websocket_ping_timeout` later, _check_pong looks for its pong."""
+        config = self.ctx.config
+        self._keepalive = None
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            return
+        self._ponged, self._ping_mark = False, self._frames_sent
+        try:
+            self.ping()
+        except tornado.websocket.WebSocketClosedError:
+            return
+        self._keepalive = asyncio.get_running_loop().call_later(
+            config.websocket_ping_timeout or config.websocket_ping_interval, self._check_pong)
+
+    def on_pong(self, data: bytes) -> None:
+        self._ponged, self._frames_read = True, self._ping_mark
+
+    def _check_pong(self) -> None:
+        """No pong and nothing unread before the ping: the client is gone. Unread output
+        holds the ping back (a client that stops reading, TCP full): kept, as a stopped
+        terminal is; a dead peer's connection then ends by TCP's own timeouts."""
+        config = self.ctx.config
+        self._keepalive = None
+        unread = self._ping_mark > self._frames_read
+        if not self._ponged and not unread and config.websocket_ping_timeout > 0:
+            self.close(CLOSE_GOING_AWAY, "ping timed out")
+            return
+        wait = max(config.websocket_ping_interval - config.websocket_ping_timeout, 0)
+        self._keepalive = asyncio.get_running_loop().call_later(wait, self._ping)
+
+    # -- messages -----------------------------------------------------------------------------
 
     async def on_message(self, message: str | bytes) -> None:
         session = self.session
         if session is not None:
-            self._in_session(session, message)
+            if session.peer is not self:  # taken over, or detached: not this socket's now
+                return
+            if isinstance(message, bytes):
+                await self._input(session, message)
+            else:
+                self._control_text(session, message)
         elif not self.opening:
             self.opening = True
             await self._start_session(message)
@@ -105,6 +172,8 @@ class TerminalSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
             request = OpenRequest.from_message(data)
             expires_at = self.ctx.signer.expires_at(token)
             if request.session is not None:
+                taken = self.ctx.terminals.owned(user, request.session).peer is not None
+                self._check_sockets(user.name, replacing=taken)
                 self.session = self.ctx.terminals.reattach(user, request.session, expires_at,
                                                            token, self)
             else:
@@ -119,20 +188,34 @@ class TerminalSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         if self.ws_connection is None:  # closed while the shell started: detached
             self.session.detach(self)
 
-    def _check_sockets(self, username: str) -> None:
-        """A terminal's socket counts against max_sockets_per_user with /v1/stream's."""
-        held = self.ctx.hub.count(username) + self.ctx.terminals.attached(username)
+    def _check_sockets(self, username: str, replacing: bool = False) -> None:
+        """A terminal's socket counts against max_sockets_per_user with /v1/stream's (a
+        reattach too; one that takes a session over replaces that session's socket)."""
+        held = self.ctx.hub.count(username) + self.ctx.terminals.attached(username) - replacing
         cap = self.ctx.config.max_sockets_per_user
         if held >= cap:
             raise TooManySockets(f"{held} of your sockets are open here (the limit is {cap})")
 
-    def _in_session(self, session: TerminalSession, message: str | bytes) -> None:
-        if isinstance(message, bytes):
-            if not session.write_input(message):
-                self.close(protocol.CLOSE_INPUT_BACKLOG,
-                           "input backlog: the terminal does not take input this fast")
-                session.detach(self)
-            return
+    async def _input(self, session: TerminalSession, data: bytes) -> None:
+        """Bytes for the pty; returns once the backlog is within its bound again (the next
+        message waits in TCP meanwhile). A pty that takes nothing for terminal_input_stall
+        seconds (a program that never reads) closes the socket with 4408: the session
+        detaches, so a reattach or its grace decides, and no socket waits for ever."""
+        session.write_input(data)
+        stall = self.ctx.config.terminal_input_stall or None
+        while session.input_full() and session.peer is self:
+            taken = session.bytes_taken
+            try:
+                await asyncio.wait_for(asyncio.shield(session.input_room()), stall)
+            except TimeoutError:
+                if session.bytes_taken == taken and session.peer is self:
+                    self.close(protocol.CLOSE_INPUT_BACKLOG,
+                               "input stalled: the terminal took none of it for "
+                               f"{self.ctx.config.terminal_input_stall:g} s")
+                    session.detach(self)
+                    return
+
+    def _control_text(self, session: TerminalSession, message: str) -> None:
         try:
             data = protocol.decode(message)
             self._control(session, data if isinstance(data, dict) else {})
@@ -159,5 +242,7 @@ class TerminalSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
     def on_close(self) -> None:
         if self._auth_timer is not None:
             self._auth_timer.cancel()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if self.session is not None:
             self.session.detach(self)

@@ -15,9 +15,15 @@ from typing import Any
 
 import pytest
 
+from agent.isolation import Isolation, IsolationSettings
+from agent.terminal import OpenRequest, TerminalManager, TerminalSettings
+from agent.users import UserResolver
+from marco import protocol
+from marco.client import agent_socket_target
 from marco.errors import (
     AuthenticationError,
     BadRequest,
+    Conflict,
     NotFound,
     PermissionDenied,
     TooManySockets,
@@ -432,21 +438,205 @@ def test_a_detached_session_ends_after_the_grace(start_agent: Callable[..., Agen
 
 def test_input_the_pty_does_not_take_is_bounded(start_agent: Callable[..., AgentProcess],
                                                 signer: TokenSigner, alice: UnixUser) -> None:
-    agent = start_agent(extra_args=["--terminal-input-max-bytes", "65536"])
+    """A program that never reads: the client's sends wait (TCP), the agent keeps at most
+    terminal_input_max_bytes and one message, and after terminal_input_stall with nothing
+    taken the socket closes 4408 and the session detaches (still there to reattach)."""
+    agent = start_agent(extra_args=["--terminal-input-max-bytes", "65536",
+                                    "--terminal-input-stall", "1"])
+    offered = 64 * 1024 * 1024  # far more than every buffer on the way holds
 
-    async def scenario() -> None:
+    async def scenario() -> int:
         client = terminal(agent, signer.issue(alice.name))
-        # Never reads its terminal; raw and without echo, so the pty neither drops an overlong
-        # line (canonical mode does) nor echoes it (the echo would be read as output).
-        await client.open(80, 24, command="stty raw -echo; echo ready; sleep 100")
+        # Raw and without echo, so the pty neither drops an overlong line (canonical mode
+        # does) nor echoes it back.
+        started = await client.open(80, 24, command="stty raw -echo; echo ready; sleep 100")
         await read_until(client, "ready")
+        sent = 0
         with pytest.raises(TryAgain):  # from a send after the close, or from the read
-            for _ in range(64):
-                await client.send(b"x" * 4096)
+            while sent < offered:
+                await client.send(b"x" * 65536)
+                sent += 65536
             await drain(client)
-        assert client.close_code == 4408
+        assert client.close_code == protocol.CLOSE_INPUT_BACKLOG
+        again = terminal(agent, signer.issue(alice.name))
+        assert (await again.open(80, 24, session=started["session"]))["reattached"] is True
+        await again.signal("KILL")
+        await read_to_exit(again)
+        return sent
+
+    assert run(scenario()) < offered
+
+
+def test_input_faster_than_the_program_reads_arrives_whole(
+        start_agent: Callable[..., AgentProcess], signer: TokenSigner, alice: UnixUser) -> None:
+    """4 MiB sent at once through a 64 KiB input bound: flow-controlled, not refused."""
+    agent = start_agent(extra_args=["--terminal-input-max-bytes", "65536"])
+    size = 4 * 1024 * 1024
+
+    async def scenario() -> tuple[str, dict[str, Any]]:
+        client = terminal(agent, signer.issue(alice.name))
+        await client.open(80, 24, command=f"stty raw -echo; echo ready; head -c {size} | wc -c")
+        await read_until(client, "ready")
+        chunk = b"0123456789abcdef" * 1000
+        for start in range(0, size, len(chunk)):
+            await client.send(chunk[:size - start])
+        return await read_to_exit(client, timeout=120)
+
+    output, end = run(scenario())
+    assert f"{size}\n" in output and end["status"] == 0, (output[-200:], end)
+
+
+def test_echo_off_does_not_show_the_input(agent: AgentProcess, signer: TokenSigner,
+                                          alice: UnixUser) -> None:
+    async def scenario() -> tuple[str, dict[str, Any]]:
+        client = terminal(agent, signer.issue(alice.name))
+        await client.open(80, 24, command='read line; echo "got-${#line}"', echo=False)
+        await client.send(b"hunter2\n")
+        return await read_to_exit(client)
+
+    output, end = run(scenario())
+    assert "got-7" in output and "hunter2" not in output and end["status"] == 0, output
+
+
+def test_a_reattach_takes_an_attached_session_over(agent: AgentProcess, signer: TokenSigner,
+                                                   alice: UnixUser) -> None:
+    async def scenario() -> None:
+        first = terminal(agent, signer.issue(alice.name))
+        session = (await first.open(80, 24))["session"]
+        second = terminal(agent, signer.issue(alice.name))
+        assert (await second.open(80, 24, session=session))["reattached"] is True
+        with pytest.raises(Conflict):
+            await drain(first)
+        assert first.close_code == protocol.CLOSE_TAKEN_OVER
+        await second.send(b"echo taken-$((6*7))\n")
+        await read_until(second, "taken-42")
+        await second.send(b"exit\n")
+        assert (await read_to_exit(second))[1]["reason"] == "exited"
 
     run(scenario())
+
+
+def test_a_reattach_counts_against_the_socket_cap(start_agent: Callable[..., AgentProcess],
+                                                  signer: TokenSigner, alice: UnixUser) -> None:
+    agent = start_agent(extra_args=["--max-sockets-per-user", "1"])
+
+    async def scenario() -> None:
+        first = terminal(agent, signer.issue(alice.name))
+        detached = (await first.open(80, 24))["session"]
+        await first.detach()
+        await drain(first)
+        attached = (await terminal(agent, signer.issue(alice.name)).open(80, 24))["session"]
+        third = terminal(agent, signer.issue(alice.name))
+        with pytest.raises(TooManySockets):  # a second socket, as a new open would be
+            await third.open(80, 24, session=detached)
+        assert third.close_code == protocol.CLOSE_TOO_MANY_SOCKETS
+        # Taking the attached one over replaces its socket: no more sockets than before.
+        taker = terminal(agent, signer.issue(alice.name))
+        assert (await taker.open(80, 24, session=attached))["reattached"] is True
+
+    run(scenario())
+
+
+def test_an_http_answer_instead_of_the_upgrade_is_said(agent: AgentProcess,
+                                                       signer: TokenSigner,
+                                                       alice: UnixUser) -> None:
+    """An agent without /v1/terminal answers 404 to the upgrade: NotFound saying so (by the
+    status), not 'unreachable'."""
+    url, context, what = agent_socket_target(agent.host, agent.port, "/v1/no-terminal-here",
+                                             agent.tls, agent.node_name)
+    client = TerminalClient(url, signer.issue(alice.name), context, what, agent.tls)
+    with pytest.raises(NotFound) as raised:
+        run(client.open(80, 24))
+    assert raised.value.hint and "upgrade" in raised.value.hint
+
+
+def test_leftovers_that_leave_the_session_die_with_it_without_cgroups(
+        start_agent: Callable[..., AgentProcess], signer: TokenSigner, alice: UnixUser) -> None:
+    """With --cgroups off the subreaper finds a session's processes by its session and by
+    MARCO_EXECUTION_ID=terminal-ID: one that left the session (setsid) dies with it too."""
+    agent = start_agent(extra_args=["--cgroups", "off"])
+    marker = f"sleep 77{agent.port}"
+
+    def leftovers() -> list[str]:
+        out = subprocess.run(["pgrep", "-u", str(alice.uid), "-f", marker],
+                             capture_output=True, text=True)
+        return out.stdout.split()
+
+    async def scenario() -> dict[str, Any]:
+        client = terminal(agent, signer.issue(alice.name))
+        await client.open(80, 24, command=f"setsid -f {marker}; echo forked; exit 0")
+        return (await read_to_exit(client))[1]
+
+    try:
+        assert run(scenario())["status"] == 0
+        wait_for(lambda: not leftovers(), what="the setsid'd sleep to be killed")
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", str(alice.uid), "-f", marker], check=False)
+
+
+def test_a_client_that_stops_reading_is_not_dropped(start_agent: Callable[..., AgentProcess],
+                                                    signer: TokenSigner,
+                                                    alice: UnixUser) -> None:
+    """Its output held back by flow control, the client answers no ping (its pong is behind
+    the unread output): the agent keeps it, as a stopped terminal. Pings every 1 s, 1 s for
+    the pong: Tornado's ping timeout dropped it after about 2 s."""
+    agent = start_agent(extra_args=["--websocket-ping-interval", "1",
+                                    "--websocket-ping-timeout", "1"])
+
+    async def scenario() -> dict[str, Any]:
+        client = terminal(agent, signer.issue(alice.name))
+        await client.open(80, 24, command="yes")
+        await read_until(client, "y\r\ny\r\n")
+        await asyncio.sleep(5)  # not reading for several ping intervals: what is tested
+        await read_until(client, "y\r\n" * 1000)  # still flowing
+        await client.signal("INT")
+        return (await read_to_exit(client))[1]
+
+    assert run(scenario())["signal"] == "INT"
+
+
+class UnusedPeer:
+    """The socket of a session that must never be attached (it ends while it starts)."""
+
+    def write_message(self, message: str | bytes, binary: bool = False) -> Any:
+        raise AssertionError(f"an ended session was attached: {message!r:.80}")
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        raise AssertionError("an ended session closed a socket")
+
+
+def test_a_session_ended_while_it_starts_is_hung_up_and_not_attached(alice: UnixUser,
+                                                                     bob: UnixUser) -> None:
+    """A logout while the shell is still being started (in this process: the session is
+    registered, its Popen done, its start not yet answered): the start fails, the pty is
+    closed, the program killed at once (it ignores the hang-up), the session forgotten."""
+    marker = "sleep 7713"
+
+    async def scenario() -> None:
+        manager = TerminalManager(TerminalSettings(), Isolation(IsolationSettings("off", 0, 0)),
+                                  UserResolver())
+        user = manager.resolver.resolve(alice.name)
+        starting = asyncio.create_task(manager.start(
+            user, "token", time.time() + 3600,
+            OpenRequest(80, 24, command=f"trap '' HUP; {marker}"), UnusedPeer(), "test"))
+        await asyncio.sleep(0)  # one step of the start: up to its wait for the new process
+        (session,) = manager.sessions.values()
+        assert session.pid is None, "the start was not caught while it starts"
+
+        def refuse(token: str) -> None:
+            raise AuthenticationError("logged out")
+
+        manager.check_tokens(refuse)
+        with pytest.raises(AuthenticationError):
+            await starting
+        assert session.master == -1 and session.reason == "logged out"
+        await asyncio.wait_for(asyncio.shield(session.done), READ_TIMEOUT)
+        assert not manager.sessions and session.returncode is not None
+
+    try:
+        run(scenario())
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", str(alice.uid), "-f", marker], check=False)
 
 
 def test_stopping_the_agent_ends_its_terminals(start_agent: Callable[..., AgentProcess],
