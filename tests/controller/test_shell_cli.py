@@ -338,6 +338,24 @@ def measured(args: list[str], env: dict[str, str], timeout: float = 120.0) -> tu
     return process.returncode, usage.ru_maxrss
 
 
+def test_piped_input_is_not_echoed_into_the_recording(one_agent, alice: UnixUser,
+                                                      alice_home: Path,
+                                                      signer: TokenSigner) -> None:
+    controller, agent = one_agent
+    node = agent.node_name
+    command = "sleep 1; read -s p; echo got-${#p}"  # the secret arrives before read -s
+    before = {run["id"] for run in runs_of(controller, signer, alice, f"{node}: {command}")}
+    out = subprocess.run([str(MARCO), "shell", node, "--", command],
+                         input="hunter2-secret\n", capture_output=True, text=True,
+                         env=cli_env(alice_home, controller), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "got-14" in out.stdout and "hunter2" not in out.stdout, out.stdout
+    runs = new_runs(controller, signer, alice, f"{node}: {command}", before)
+    assert len(runs) == 1, runs
+    recorded = recorded_output(controller, signer, alice, runs[0]["id"])
+    assert "got-14" in recorded and "hunter2" not in recorded, recorded
+
+
 def test_stdin_without_a_final_newline_ends(one_agent, alice_home: Path) -> None:
     controller, agent = one_agent
     for given, count in (("abc", "3"), ("abc\n", "4")):
