@@ -29,7 +29,7 @@ import tornado.websocket
 
 from marco.asciicast import CastRecorder, run_title, with_command
 from marco.errors import BadRequest, MarcoError
-from marco.protocol import CLOSE_BAD_MESSAGE, CLOSE_UNAUTHORIZED, encode
+from marco.protocol import CLOSE_BAD_MESSAGE, CLOSE_TAKEN_OVER, CLOSE_UNAUTHORIZED, encode
 from marco.runs import COUNTS, status_from_stats
 from marco.terminal_client import TerminalClient
 
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 CLOSE_NO_NODE = 4404       # the controller knows no such node
 CLOSE_LIMIT = 4429         # terminal_relays_per_user reached
 CLOSE_UNREACHABLE = 4502   # the node's agent could not be reached, or its connection broke
-CLOSE_TAKEN_OVER = 4409    # the agent gave the session to another socket of the same user
 CLOSE_RELAY_FAILED = 1011  # the relay itself failed (a bug): said, logged, the session detached
 FORWARDED = ("started", "exit")  # the agent's text messages the browser gets
 RECORD_HOLD_BYTES = 16 * 1024  # output given to the recorder in pieces of about this much...

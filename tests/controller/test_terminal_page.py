@@ -340,3 +340,34 @@ def test_a_recording_link_only_leads_to_this_sites_runs(page: Page, trio: Any) -
                     message: 'recording stopped: the run store failed' })""", names[1])
     expect(link).to_have_attribute("href", "/runs/r-1")
     expect(pane.get_by_role("alert")).to_have_text("recording stopped: the run store failed")
+
+
+def test_a_session_taken_over_elsewhere_says_so_and_takes_it_back(page: Page, trio: Any) -> None:
+    """Another connection of the same user (another tab) reattaches to the pane's session:
+    the pane says it was taken over and offers Reconnect, which takes the session back."""
+    _, names = trio
+    pane = open_from_card(page, names[2])
+    page.keyboard.type("KEPT=back-$((4+4))")
+    page.keyboard.press("Enter")
+    wait_rows(page, names[2], r".*KEPT=back-\$\(\(4\+4\)\)", "the typed assignment")
+    # Another tab of the same user: its own socket to the relay, reattaching to the session.
+    page.evaluate("""(node) => new Promise((resolve) => {
+        const pane = window.marcoTerminals.panes.find((p) => p.node === node);
+        const other = new WebSocket(pane.url());
+        window.__otherTab = other;
+        other.onopen = () => other.send(JSON.stringify({ type: 'open', cols: 80, rows: 24,
+                                                         session: pane.session }));
+        other.onmessage = (e) => { if (typeof e.data === 'string' && JSON.parse(e.data).type === 'started') resolve(); };
+    })""", names[2])
+    expect(pane).to_have_attribute("data-state", "detached")
+    expect(pane.locator(".term-state")).to_have_text("taken over")
+    expect(pane.get_by_role("alert")).to_contain_text("taken over by another connection of yours")
+    pane.get_by_role("button", name=re.compile("^Reconnect")).click()
+    expect(pane.locator(".term-state")).to_have_text("connected (reattached)")
+    wait_for(lambda: page.evaluate("window.__otherTab.readyState") == 3,
+             what="the other tab's socket closed (taken back)")
+    pane.locator(".xterm").click()
+    page.keyboard.type("echo $KEPT")
+    page.keyboard.press("Enter")
+    wait_rows(page, names[2], r"back-8", "the variable set before the takeover")
+    assert violations(page) == []

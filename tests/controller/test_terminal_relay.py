@@ -537,3 +537,29 @@ def test_a_failing_run_store_stops_the_recording_not_the_terminal(
     assert f"terminal run {run_id}: recording stopped: the run store failed " \
            "(OperationalError at " in log
     assert "secret-42" not in log
+
+
+def test_a_session_taken_over_is_said_to_the_browser_it_left(
+        start_agent, start_controller, alice: UnixUser) -> None:
+    """The same user's reattach from another browser takes the session over: the first
+    browser is told so and closed with the agent's 4409, the second goes on in the shell."""
+    agent = start_agent(node_name="tr10")
+    controller = controller_over(start_controller, agent)
+    cookie = login_cookie(controller, alice)
+
+    async def scenario() -> Terminal:
+        first = await connect(controller, cookie, agent.node_name)
+        started = await first.open()
+        await first.type("KEPT=$((6*7))\r")
+        second = await connect(controller, cookie, agent.node_name)
+        assert (await second.open(session=started["session"]))["reattached"]
+        assert await first.closed() == 4409
+        await second.type("echo taken-$KEPT; exit\r")
+        await second.printed("taken-42\r\n")
+        assert await second.closed() == 1000
+        return first
+
+    first = asyncio.run(scenario())
+    assert first.messages[-1] == {"type": "error", "code": 4409, "message":
+                                  f"the session on {agent.node_name} was taken over by another "
+                                  "connection of yours"}
