@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from marco.errors import BadRequest, MarcoError, to_body
 from marco.inventory import build_inventory, host_vars
+from marco.runs import with_command
 
 from .archive import outcome_of
 from .runs import run_url
-from .runstore import MAX_META_BYTES, MAX_TITLE
+from .runstore import MAX_TITLE
 from .session import ApiHandler
 
 COMMAND_RUN_KINDS = ("command", "shell")  # the kinds of run POST /api/run makes
@@ -80,17 +80,6 @@ class InventoryApi(ApiHandler):
         node = self.ctx.registry.get(host)
         self.write_json(host_vars(node, self.agents_tls) if node is not None and node.alive
                         else {})
-
-
-def with_command(meta: dict[str, Any], command: str) -> dict[str, Any]:
-    """`meta` with the full `command` (re-run runs it, not the title cut to MAX_TITLE), when
-    that still fits the run's meta limit; else `meta` alone (the title keeps its start)."""
-    fuller = {**meta, "command": command}
-    try:
-        size = len(json.dumps(fuller, ensure_ascii=False, separators=(",", ":")).encode())
-    except UnicodeEncodeError:  # a lone surrogate: the store would refuse it
-        return meta
-    return fuller if size <= MAX_META_BYTES else meta
 
 
 def chosen_nodes(ctx: Any, names: Any) -> list[Any]:

@@ -21,8 +21,9 @@ from marco.chunks import Coalescer
 from marco.client import AsyncAgentClient
 from marco.errors import BadRequest, MarcoError, UploadAborted, to_body
 from marco.modes import parse_mode
+from marco.runs import with_command
 
-from .api import chosen_nodes, with_command
+from .api import chosen_nodes
 from .archive import outcome_of
 from .runs import run_url
 from .runstore import MAX_TITLE, Run

@@ -27,10 +27,10 @@ from typing import Any
 
 import tornado.websocket
 
-from marco.asciicast import CastRecorder, run_title, with_command
+from marco.asciicast import CastRecorder, run_title
 from marco.errors import BadRequest, MarcoError
 from marco.protocol import CLOSE_BAD_MESSAGE, CLOSE_TAKEN_OVER, CLOSE_UNAUTHORIZED, encode
-from marco.runs import COUNTS, status_from_stats
+from marco.runs import COUNTS, status_from_stats, with_command
 from marco.terminal_client import TerminalClient
 
 from .archive import RunKeeper

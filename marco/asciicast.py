@@ -12,17 +12,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from marco.runs import MAX_TITLE
+
 FLUSH_SECONDS = 0.5               # a batch of frames is due this long after the last one
 EVENT_FRAMES_BYTES = 32 * 1024    # frames of one event, as JSON, at most
 DEFAULT_MAX_BYTES = 64 << 20      # output bytes one session records (terminal_record_max_bytes)
 EVENT_TYPE = "term"
 FRAME_KINDS = ("o", "r")          # output, resize: input is never recorded
 STOPPED = "\r\n[marco: recording stopped at {} bytes]\r\n"
-# The run store's bounds (controller/runstore/records.py: MAX_TITLE, MAX_META_BYTES), which
-# the relay and `marco shell` keep a terminal run within; TITLE_COMMAND: a command's share.
-RUN_TITLE_MAX = 1000
-RUN_META_MAX_BYTES = 16 * 1024
-TITLE_COMMAND = 200
+TITLE_COMMAND = 200  # characters of a command in a terminal run's title
 
 Frame = list[Any]  # [seconds since the start, "o" or "r", text]
 
@@ -147,22 +145,11 @@ class CastRecorder:
 
 def run_title(node: str, command: str | None) -> str:
     """A terminal run's title: `shell on NODE`, or `NODE: COMMAND` with the command cut to
-    TITLE_COMMAND characters (the store takes RUN_TITLE_MAX)."""
+    TITLE_COMMAND characters (the store takes MAX_TITLE)."""
     if command is None:
         return f"shell on {node}"
     cut = command if len(command) <= TITLE_COMMAND else command[:TITLE_COMMAND - 1] + "…"
-    return f"{node}: {cut}"[:RUN_TITLE_MAX]
-
-
-def with_command(meta: dict[str, Any], command: str) -> dict[str, Any]:
-    """`meta` with the full `command` when that still fits the run's meta bound
-    (RUN_META_MAX_BYTES as JSON); else `meta` alone (the title keeps the command's start)."""
-    fuller = {**meta, "command": command}
-    try:
-        size = len(json.dumps(fuller, ensure_ascii=False, separators=(",", ":")).encode())
-    except UnicodeEncodeError:  # a lone surrogate: the store would refuse it
-        return meta
-    return fuller if size <= RUN_META_MAX_BYTES else meta
+    return f"{node}: {cut}"[:MAX_TITLE]
 
 
 def cast_header(width: int, height: int, timestamp: float, title: str, term: str | None,

@@ -27,10 +27,11 @@ import tty
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .asciicast import CastRecorder, run_title, with_command
+from .asciicast import CastRecorder, run_title
 from .controller_client import ControllerClient
 from .credentials import find_token, node_tls
 from .errors import AgentUnreachable, MarcoError, UsageError
+from .runs import with_command
 from .terminal_client import TerminalClient
 
 EXIT_SHELL_FAILED = 255  # as ssh: marco shell itself failed (not logged in, down, lost)

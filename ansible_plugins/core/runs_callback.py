@@ -34,15 +34,14 @@ from marco.cli import controller_url
 from marco.controller_client import call_controller
 from marco.credentials import find_token
 from marco.errors import AgentUnreachable, Conflict, MarcoError
-from marco.runs import status_from_stats
+from marco.runs import MAX_META_BYTES, status_from_stats
+from marco.runs import MAX_TITLE as MAX_TITLE_CHARS
 
 from .connection import RUN_VARIABLE
 
 MAX_MSG_CHARS = 2000            # a result's short message (docs/runs.md)
 MAX_EVENT_BYTES = 64 * 1024     # an event as JSON, result included (the controller's limit)
-MAX_TITLE_CHARS = 1000
 MAX_NAME_CHARS = 1000           # a play's or task's name, a module's name: cut with "…"
-MAX_META_BYTES = 16 * 1024      # a run's meta as JSON (the controller's limit)
 MAX_BATCH_EVENTS = 1000         # events per POST (the controller's limit)
 MAX_BATCH_BYTES = 1024 * 1024   # and at most about this much JSON per POST
 CUT_VALUE_CHARS = 4096          # what is left of a large value in a result cut to fit

@@ -11,12 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from marco.errors import BadRequest
-from marco.runs import KINDS, RUN_ID, STATUSES
+from marco.runs import KINDS, MAX_META_BYTES, MAX_TITLE, RUN_ID, STATUSES
 
 from .dbapi import Row
 
-MAX_TITLE = 1000
-MAX_META_BYTES = 16 * 1024
 MAX_EVENTS_PER_CALL = 1000
 MAX_EVENTS_READ = 100_000  # events one read of a run's events gives at most
 MAX_EVENT_BYTES = 64 * 1024
