@@ -75,6 +75,10 @@ class TerminalSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         self._frames_read = 0     # ... of which a pong proved the client read
         self._ping_mark = 0       # frames sent before the ping in flight
         self._ponged = True
+        # Input waiting for room in the pty: Tornado reads nothing more of the socket until
+        # it is taken, pongs included, so no pong is no sign of a dead client meanwhile
+        # (terminal_input_stall bounds a program that takes none of it).
+        self._holding_input = False
 
     @property
     def ping_interval(self) -> float | None:
@@ -127,12 +131,14 @@ class TerminalSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
 
     def _check_pong(self) -> None:
         """No pong and nothing unread before the ping: the client is gone. Unread output
-        holds the ping back (a client that stops reading, TCP full): kept, as a stopped
-        terminal is; a dead peer's connection then ends by TCP's own timeouts."""
+        holds the ping back (a client that stops reading, TCP full), and so does its input
+        held for room in the pty (its pong waits behind it): kept, as a stopped terminal is;
+        a dead peer's connection then ends by TCP's own timeouts."""
         config = self.ctx.config
         self._keepalive = None
         unread = self._ping_mark > self._frames_read
-        if not self._ponged and not unread and config.websocket_ping_timeout > 0:
+        excused = unread or self._holding_input
+        if not self._ponged and not excused and config.websocket_ping_timeout > 0:
             self.close(CLOSE_GOING_AWAY, "ping timed out")
             return
         wait = max(config.websocket_ping_interval - config.websocket_ping_timeout, 0)
@@ -203,6 +209,14 @@ class TerminalSocket(JsonApiMixin, tornado.websocket.WebSocketHandler):
         detaches, so a reattach or its grace decides, and no socket waits for ever."""
         session.write_input(data)
         stall = self.ctx.config.terminal_input_stall or None
+        self._holding_input = session.input_full()
+        try:
+            await self._wait_for_room(session, stall)
+        finally:
+            self._holding_input = False
+
+    async def _wait_for_room(self, session: TerminalSession, stall: float | None) -> None:
+        """Wait while the input backlog is past its bound (see _input)."""
         while session.input_full() and session.peer is self:
             taken = session.bytes_taken
             try:

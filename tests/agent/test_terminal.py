@@ -595,6 +595,33 @@ def test_a_client_that_stops_reading_is_not_dropped(start_agent: Callable[..., A
     assert run(scenario())["signal"] == "INT"
 
 
+def test_piped_input_to_a_slow_silent_reader_is_not_dropped(
+        start_agent: Callable[..., AgentProcess], signer: TokenSigner, alice: UnixUser) -> None:
+    """A program that takes its input slowly and prints nothing (`mysql < dump.sql`): while
+    the agent holds input for room in the pty, Tornado reads nothing more of the socket, the
+    client's pongs included; that is no dead client (review 10b: closed 1001 after 2 s)."""
+    agent = start_agent(extra_args=["--terminal-input-max-bytes", "65536",
+                                    "--websocket-ping-interval", "1",
+                                    "--websocket-ping-timeout", "1"])
+    size = 1024 * 1024
+
+    async def scenario() -> tuple[str, int | None]:
+        client = terminal(agent, signer.issue(alice.name))
+        await client.open(80, 24, echo=False, command=(
+            "stty raw -echo; echo ready; i=0; "
+            f"while [ $i -lt {size // 8192} ]; do head -c 8192 >/dev/null; sleep 0.1; "
+            "i=$((i+1)); done; echo all-read"))
+        await read_until(client, "ready")
+        await asyncio.sleep(3)  # the pongs of the pings so far are in: nothing is unread
+        chunk = b"x" * 16384
+        for _ in range(size // len(chunk)):
+            await client.send(chunk)  # waits while the agent holds input back
+        return await read_until(client, "all-read", timeout=60), client.close_code
+
+    text, code = run(scenario())
+    assert "all-read" in text and code is None
+
+
 class UnusedPeer:
     """The socket of a session that must never be attached (it ends while it starts)."""
 
