@@ -272,6 +272,12 @@ class Recording:
             self.failed = True
             self.recorder.discard()
             self.say(f"marco: this session is not recorded ({error})")
+        except Exception as error:  # noqa: BLE001 (the recording is optional, the shell is not)
+            # A broken answer (http.client.IncompleteRead, a malformed body): the recording
+            # stops as for a refusal, so output does not wait for a poster that is gone.
+            self.failed = True
+            self.recorder.discard()
+            self.say(f"marco: this session is not recorded ({type(error).__name__})")
         finally:
             self._posted.set()  # an output waiting for room goes on
 
