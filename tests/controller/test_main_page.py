@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from marco.tokens import TokenSigner
 from tests.support.controller_process import ControllerProcess
@@ -106,8 +107,17 @@ def test_keyboard_only_deploy(browser: Any, cluster: Any, alice: UnixUser,
     source.write_text("deployed by keyboard\n")
     page.keyboard.press("Tab")
     expect(page.locator("#deploy-file")).to_be_focused()
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Space")
+    # Space on the focused file input opens the chooser; under CI load headless Chromium
+    # once let it pass without one (20 s): press again, as a person would.
+    for tries_left in (2, 1, 0):
+        try:
+            with page.expect_file_chooser(timeout=7000) as chooser:
+                page.keyboard.press("Space")
+            break
+        except PlaywrightTimeout:
+            if not tries_left:
+                raise
+            expect(page.locator("#deploy-file")).to_be_focused()
     chooser.value.set_files(str(source))
     expect(page.locator("#drop-label")).to_contain_text("Chosen: keyboard.txt")
     page.keyboard.press("Tab")
